@@ -1,0 +1,284 @@
+//! A segment's bytes: a fixed-size region (a shared file mapping, or heap memory in
+//! the simulated storage) that is written append-only behind a frontier.
+//!
+//! This is the only module of the crate with `unsafe` code. The soundness argument is
+//! simple and local: bytes below the frontier are never written again, and shared
+//! slices are only handed out for bytes below the frontier; the single writer gets a
+//! mutable slice of the bytes at or above the frontier, and only one at a time.
+
+use std::cell::Cell;
+use std::rc::Rc;
+
+use memmap2::MmapRaw;
+
+/// Bytes at the start of every segment, holding [`SegmentHeader`].
+pub const SEGMENT_HEADER_BYTES: usize = 64;
+const SEGMENT_MAGIC: [u8; 8] = *b"GNTSEG01";
+
+/// What a segment says about itself in its first [`SEGMENT_HEADER_BYTES`] bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    /// The shard whose writer created the segment (its only writer, ever).
+    pub shard: u16,
+    /// The segment's sequence number within its shard; names the file.
+    pub seq: u64,
+    /// Capacity in bytes, header included; the file is preallocated to this size.
+    pub len: u64,
+    /// Wall-clock creation time, for operators.
+    pub created_unix_ms: u64,
+}
+
+impl SegmentHeader {
+    /// Encodes the header: magic, fields (little endian), then a CRC32C of all of it.
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_BYTES] {
+        let mut out = [0u8; SEGMENT_HEADER_BYTES];
+        out[0..8].copy_from_slice(&SEGMENT_MAGIC);
+        out[8..10].copy_from_slice(&self.shard.to_le_bytes());
+        out[16..24].copy_from_slice(&self.seq.to_le_bytes());
+        out[24..32].copy_from_slice(&self.len.to_le_bytes());
+        out[32..40].copy_from_slice(&self.created_unix_ms.to_le_bytes());
+        let crc = crc32c::crc32c(&out[0..60]);
+        out[60..64].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes and checks a header; the error says what is wrong with it.
+    pub fn decode(bytes: &[u8]) -> Result<SegmentHeader, &'static str> {
+        if bytes.len() < SEGMENT_HEADER_BYTES {
+            return Err("shorter than a segment header");
+        }
+        let bytes = &bytes[..SEGMENT_HEADER_BYTES];
+        if bytes[0..8] != SEGMENT_MAGIC {
+            return Err("bad segment magic");
+        }
+        let stored = u32::from_le_bytes(bytes[60..64].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&bytes[0..60]) != stored {
+            return Err("segment header checksum mismatch");
+        }
+        let u64_at = |at: usize| u64::from_le_bytes(bytes[at..at + 8].try_into().expect("8 bytes"));
+        Ok(SegmentHeader {
+            shard: u16::from_le_bytes([bytes[8], bytes[9]]),
+            seq: u64_at(16),
+            len: u64_at(24),
+            created_unix_ms: u64_at(32),
+        })
+    }
+}
+
+/// Heap memory standing in for a mapped file in the simulated storage. Shared
+/// between the segment and the simulated disk, which reads it when it "crashes".
+#[derive(Debug)]
+pub(crate) struct HeapBytes {
+    ptr: *mut u8,
+    len: usize,
+}
+
+/// Heap segments are aligned like a page, as a mapping would be, so that rkyv's
+/// alignment checks see the same thing in simulation as on disk.
+const HEAP_ALIGN: usize = 4096;
+
+impl HeapBytes {
+    fn layout(len: usize) -> std::alloc::Layout {
+        std::alloc::Layout::from_size_align(len.max(1), HEAP_ALIGN).expect("segment layout")
+    }
+
+    pub(crate) fn zeroed(len: usize) -> Rc<HeapBytes> {
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(Self::layout(len)) };
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(Self::layout(len));
+        }
+        Rc::new(HeapBytes { ptr, len })
+    }
+
+    pub(crate) fn from_slice(bytes: &[u8]) -> Rc<HeapBytes> {
+        let heap = HeapBytes::zeroed(bytes.len());
+        // SAFETY: `heap` owns `bytes.len()` fresh bytes that nothing else references.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), heap.ptr, bytes.len()) };
+        heap
+    }
+}
+
+impl Drop for HeapBytes {
+    fn drop(&mut self) {
+        // SAFETY: frees exactly the allocation made in `zeroed`, with its layout.
+        unsafe { std::alloc::dealloc(self.ptr, Self::layout(self.len)) };
+    }
+}
+
+#[derive(Debug)]
+#[expect(
+    dead_code,
+    reason = "the variants only own the memory that `Segment::ptr` points into"
+)]
+enum Memory {
+    /// A shared, writable (or read-only, for inspection) mapping of a segment file.
+    Map(MmapRaw),
+    Heap(Rc<HeapBytes>),
+}
+
+/// One segment's memory plus its write frontier.
+#[derive(Debug)]
+pub struct Segment {
+    seq: u64,
+    /// Owns the memory behind `ptr` (unmapped or freed when the segment drops).
+    _owner: Memory,
+    ptr: *mut u8,
+    len: usize,
+    /// Bytes below this offset are immutable and may be read; the writer appends here.
+    frontier: Cell<usize>,
+    /// Set while the writer holds the mutable tail, to refuse a second one.
+    tail_out: Cell<bool>,
+    writable: bool,
+}
+
+impl Segment {
+    pub(crate) fn from_map(seq: u64, map: MmapRaw, writable: bool, frontier: usize) -> Segment {
+        let (ptr, len) = (map.as_mut_ptr(), map.len());
+        Segment::new(seq, Memory::Map(map), ptr, len, writable, frontier)
+    }
+
+    pub(crate) fn from_heap(seq: u64, heap: Rc<HeapBytes>, frontier: usize) -> Segment {
+        let (ptr, len) = (heap.ptr, heap.len);
+        Segment::new(seq, Memory::Heap(heap), ptr, len, true, frontier)
+    }
+
+    fn new(
+        seq: u64,
+        mem: Memory,
+        ptr: *mut u8,
+        len: usize,
+        writable: bool,
+        frontier: usize,
+    ) -> Self {
+        assert!(
+            frontier <= len,
+            "frontier {frontier} past segment end {len}"
+        );
+        Segment {
+            seq,
+            _owner: mem,
+            ptr,
+            len,
+            frontier: Cell::new(frontier),
+            tail_out: Cell::new(false),
+            writable,
+        }
+    }
+
+    /// The segment's sequence number within its shard.
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Capacity in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True for a zero-capacity segment (never created by the spool).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Offset of the first byte not yet written in this process.
+    pub fn frontier(&self) -> usize {
+        self.frontier.get()
+    }
+
+    /// Bytes still free for appends.
+    pub fn remaining(&self) -> usize {
+        self.len - self.frontier.get()
+    }
+
+    /// Immutable bytes `[offset, offset + len)`; they must lie below the frontier.
+    pub fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+        let end = offset.checked_add(len).expect("range overflows");
+        assert!(
+            end <= self.frontier.get(),
+            "read of {offset}+{len} past frontier"
+        );
+        // SAFETY: the range is inside the live allocation (frontier <= len) and below
+        // the frontier, which no writer touches again (see module docs).
+        unsafe { std::slice::from_raw_parts(self.ptr.add(offset), len) }
+    }
+
+    /// Everything below the frontier.
+    pub fn written(&self) -> &[u8] {
+        self.bytes(0, self.frontier.get())
+    }
+
+    /// Gives `write` the free tail `[frontier, len)`; `write` returns how many bytes it
+    /// filled (or an error, filling nothing), and the frontier moves past them.
+    pub(crate) fn append_with<R, E>(
+        &self,
+        write: impl FnOnce(usize, &mut [u8]) -> Result<(usize, R), E>,
+    ) -> Result<R, E> {
+        assert!(self.writable, "append to read-only segment {}", self.seq);
+        assert!(
+            !self.tail_out.replace(true),
+            "second writer on segment {}",
+            self.seq
+        );
+        let at = self.frontier.get();
+        // SAFETY: `[at, len)` is inside the allocation, nobody holds a shared slice of
+        // it (slices stop at the frontier) and `tail_out` makes this the only mutable one.
+        let tail = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), self.len - at) };
+        let result = write(at, tail);
+        self.tail_out.set(false);
+        let (used, value) = result?;
+        assert!(used <= self.len - at, "writer claims more than the tail");
+        self.frontier.set(at + used);
+        Ok(value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_round_trips_and_detects_damage() {
+        let header = SegmentHeader {
+            shard: 3,
+            seq: 42,
+            len: 1 << 20,
+            created_unix_ms: 7,
+        };
+        let mut bytes = header.encode();
+        assert_eq!(SegmentHeader::decode(&bytes), Ok(header));
+        bytes[17] ^= 0x10;
+        assert_eq!(
+            SegmentHeader::decode(&bytes),
+            Err("segment header checksum mismatch")
+        );
+        assert_eq!(SegmentHeader::decode(&[0u8; 64]), Err("bad segment magic"));
+        assert_eq!(
+            SegmentHeader::decode(&[0u8; 10]),
+            Err("shorter than a segment header")
+        );
+    }
+
+    #[test]
+    fn appends_move_the_frontier_and_reads_stop_at_it() {
+        let segment = Segment::from_heap(1, HeapBytes::zeroed(128), 0);
+        let got: Result<(), ()> = segment.append_with(|at, tail| {
+            assert_eq!(at, 0);
+            tail[..5].copy_from_slice(b"hello");
+            Ok((5, ()))
+        });
+        got.unwrap();
+        assert_eq!(segment.written(), b"hello");
+        assert_eq!(segment.remaining(), 123);
+        let failed: Result<(), &str> = segment.append_with(|_, _| Err("nope"));
+        assert_eq!(failed, Err("nope"));
+        assert_eq!(segment.frontier(), 5);
+    }
+
+    #[test]
+    #[should_panic(expected = "past frontier")]
+    fn reading_past_the_frontier_is_a_bug() {
+        let segment = Segment::from_heap(1, HeapBytes::zeroed(16), 4);
+        let _ = segment.bytes(2, 4);
+    }
+}

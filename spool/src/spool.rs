@@ -1,0 +1,849 @@
+//! One shard's spool: the single writer of its segments, its group commit, its index of
+//! live messages and its space management.
+//!
+//! ## Group commit
+//! An append copies the record into the active segment's mapping (no system call) and
+//! joins the open *epoch*. The committer task closes the open epoch, fdatasyncs the
+//! segments it touched through io_uring and resolves it: every waiter of that epoch is
+//! told "durable" (or the sync's error) at once. Appends keep landing in the next epoch
+//! while a sync is in flight, so batches form by themselves under load and a lone
+//! append waits for one sync and at most `commit_window_us` more.
+//!
+//! ## Space
+//! Segments are deleted oldest first, and only when no live message is in them: that
+//! one rule makes it safe to drop their updates and tombstones too (every record they
+//! refer to is in an older segment, already gone, or superseded by a newer copy). A few
+//! long-lived messages would pin everything behind them, so when sealed segments hold
+//! far more bytes than the live set, the oldest segment's live messages are copied
+//! forward (with their current retry state) and the segment is deleted.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, HashMap};
+use std::future::{Future, poll_fn};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use crate::error::SpoolError;
+use crate::id::{IdGenerator, MessageId};
+use crate::record::{
+    ArchivedMessageRecord, ArchivedUpdateRecord, MessageRecord, Payload, Record, TombstoneRecord,
+    UpdateRecord,
+};
+use crate::recovery::{
+    IndexEntry, RecordLoc, RecoveryReport, SegmentReport, payload_at, rebuild, scan_segment,
+};
+use crate::segment::{SEGMENT_HEADER_BYTES, Segment};
+use crate::storage::{Storage, now_unix_ms};
+
+/// Tunables of one shard's spool. Every bound is named with its unit last.
+#[derive(Debug, Clone)]
+pub struct SpoolConfig {
+    /// The shard this spool belongs to (stamped in ids and segment headers).
+    pub shard: u16,
+    /// Capacity of an ordinary segment. A record larger than this gets a segment of
+    /// its own, sized to fit.
+    pub segment_bytes: usize,
+    /// The largest record accepted (message size plus envelope and metadata).
+    pub record_bytes_max: usize,
+    /// How long the committer waits for more appends before syncing a batch that is
+    /// below both batch bounds. 0: sync as soon as the previous sync returned.
+    pub commit_window_us: u64,
+    /// A batch with this many records is synced without waiting out the window.
+    pub commit_batch_records_max: usize,
+    /// A batch with this many bytes is synced without waiting out the window.
+    pub commit_batch_bytes_max: usize,
+    /// [`Spool::write`] waits while more than this many bytes are appended but not yet
+    /// durable (back-pressure on the page cache and on ack latency).
+    pub unsynced_bytes_max: usize,
+    /// Sealed segments may hold this many percent more bytes than the live messages
+    /// (plus two segments of slack) before the oldest one is compacted.
+    pub space_overhead_percent_max: u32,
+    /// Period of the background maintenance (deleting and compacting segments).
+    pub maintenance_interval_ms: u64,
+}
+
+impl SpoolConfig {
+    /// Defaults for `shard`.
+    pub fn for_shard(shard: u16) -> SpoolConfig {
+        SpoolConfig {
+            shard,
+            ..SpoolConfig::default()
+        }
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            shard: 0,
+            segment_bytes: 64 << 20,
+            record_bytes_max: 256 << 20,
+            commit_window_us: 0,
+            commit_batch_records_max: 4096,
+            commit_batch_bytes_max: 32 << 20,
+            unsynced_bytes_max: 128 << 20,
+            space_overhead_percent_max: 100,
+            maintenance_interval_ms: 250,
+        }
+    }
+}
+
+/// Proof of an append: await it with [`Spool::durable`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[must_use = "an append is not durable until its ticket is awaited"]
+pub struct Ticket {
+    epoch: u64,
+}
+
+/// Retry state of a message, as the newest record says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryState {
+    pub attempts: u32,
+    pub due_unix_ms: u64,
+    pub queue: String,
+    pub done: Vec<u32>,
+}
+
+impl RetryState {
+    fn of_message(m: &ArchivedMessageRecord) -> RetryState {
+        RetryState {
+            attempts: m.attempts.to_native(),
+            due_unix_ms: m.due_unix_ms.to_native(),
+            queue: m.queue.to_string(),
+            done: m.done.iter().map(|d| d.to_native()).collect(),
+        }
+    }
+
+    fn of_update(u: &ArchivedUpdateRecord) -> RetryState {
+        RetryState {
+            attempts: u.attempts.to_native(),
+            due_unix_ms: u.due_unix_ms.to_native(),
+            queue: u.queue.to_string(),
+            done: u.done.iter().map(|d| d.to_native()).collect(),
+        }
+    }
+}
+
+/// A live message's record, read in place from the segment mapping (zero copy).
+#[derive(Debug, Clone)]
+pub struct MessageRef {
+    segment: Rc<Segment>,
+    loc: RecordLoc,
+}
+
+impl MessageRef {
+    /// The archived message: envelope, metadata and body, borrowed from the mapping.
+    pub fn get(&self) -> &ArchivedMessageRecord {
+        match payload_at(&self.segment, self.loc) {
+            Ok(Payload::Message(m)) => m,
+            Ok(_) => unreachable!("index points a message at a non-message record"),
+            // The bytes were valid when appended or recovered and nothing writes below a
+            // frontier; only an outside process scribbling on the file can get here.
+            Err(bad) => panic!(
+                "spool record {:?} changed under its mapping: {}",
+                self.loc,
+                bad.describe()
+            ),
+        }
+    }
+
+    /// Where the record is.
+    pub fn loc(&self) -> RecordLoc {
+        self.loc
+    }
+}
+
+/// A message found live at recovery.
+#[derive(Debug, Clone)]
+pub struct LiveMessage {
+    pub id: MessageId,
+    pub message: MessageRef,
+    pub state: RetryState,
+}
+
+/// What [`Spool::open`] recovered.
+#[derive(Debug)]
+pub struct Recovered {
+    /// Live messages in id (≈ arrival) order.
+    pub live: Vec<LiveMessage>,
+    pub report: RecoveryReport,
+}
+
+/// What a maintenance pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct MaintenanceReport {
+    pub segments_deleted: u64,
+    pub messages_copied: u64,
+    pub bytes_copied: u64,
+}
+
+/// Counters for metrics and benchmarks.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SpoolStats {
+    pub appends: u64,
+    pub syncs: u64,
+    pub sync_failures: u64,
+    pub segments: u64,
+    pub live_messages: u64,
+    pub live_bytes: u64,
+    pub sealed_bytes: u64,
+}
+
+#[derive(Debug)]
+struct SegmentInfo {
+    segment: Rc<Segment>,
+    live_messages: u64,
+    live_bytes: u64,
+}
+
+#[derive(Debug)]
+struct State {
+    segments: BTreeMap<u64, SegmentInfo>,
+    /// The segment appends go to; `None` until the first append (or after a failure).
+    active: Option<u64>,
+    next_seq: u64,
+    index: HashMap<MessageId, IndexEntry>,
+    ids: IdGenerator,
+    live_bytes: u64,
+    // The open epoch: what the next sync will cover.
+    epoch_records: usize,
+    epoch_bytes: usize,
+    epoch_segments: Vec<Rc<Segment>>,
+    /// Messages first written in the open epoch: tombstoned if its sync fails.
+    epoch_new_messages: Vec<MessageId>,
+    stats: SpoolStats,
+}
+
+struct Commit {
+    /// Appends join this epoch.
+    open_epoch: Cell<u64>,
+    /// Every epoch up to this one is resolved.
+    done_epoch: Cell<u64>,
+    /// Resolved epochs whose sync failed (one entry per failed sync).
+    failed: RefCell<BTreeMap<u64, SpoolError>>,
+    /// Bytes appended but not yet covered by a finished sync.
+    unsynced_bytes: Cell<usize>,
+    healthy: Cell<bool>,
+    /// A sync that must run even with nothing appended (probing after a failure).
+    probe: Cell<bool>,
+    closing: Cell<bool>,
+    stopped: Cell<bool>,
+    committer: Cell<Option<Waker>>,
+    waiters: RefCell<Vec<Waker>>,
+}
+
+impl std::fmt::Debug for Commit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Commit")
+            .field("open_epoch", &self.open_epoch.get())
+            .field("done_epoch", &self.done_epoch.get())
+            .field("healthy", &self.healthy.get())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct Inner<S: Storage> {
+    storage: S,
+    config: SpoolConfig,
+    state: RefCell<State>,
+    commit: Commit,
+}
+
+/// One shard's spool. A cheap handle (`Rc`); not `Send`: it lives on its shard's core.
+#[derive(Debug)]
+pub struct Spool<S: Storage> {
+    inner: Rc<Inner<S>>,
+}
+
+impl<S: Storage> Clone for Spool<S> {
+    fn clone(&self) -> Self {
+        Spool {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<S: Storage + 'static> Spool<S> {
+    /// Recovers the shard from `storage` and returns the spool with its live set.
+    /// Appends go to new segments; recovered ones are only read, then deleted or
+    /// compacted by maintenance.
+    pub fn open(storage: S, config: SpoolConfig) -> Result<(Spool<S>, Recovered), SpoolError> {
+        assert!(
+            config.segment_bytes > SEGMENT_HEADER_BYTES,
+            "segment_bytes too small"
+        );
+        assert!(
+            config.segment_bytes < u32::MAX as usize,
+            "segment offsets must fit u32"
+        );
+        let seqs = storage.list()?;
+        let mut segments = Vec::with_capacity(seqs.len());
+        let mut unopenable = Vec::new();
+        for &seq in &seqs {
+            match storage.open(seq) {
+                Ok(segment) => segments.push(segment),
+                Err(SpoolError::BadSegment { seq, reason }) => unopenable.push((seq, reason)),
+                Err(err) => return Err(err),
+            }
+        }
+        let mut rebuilt = rebuild(&segments);
+        for (seq, reason) in unopenable {
+            rebuilt
+                .report
+                .segments
+                .push(SegmentReport::unusable(seq, reason));
+        }
+        let mut infos = BTreeMap::new();
+        // Reports of unopenable segments come last, after one report per opened segment.
+        for (segment, report) in segments.iter().zip(&rebuilt.report.segments) {
+            // A segment with a damaged header is left alone on disk for the operator.
+            if report.unusable.is_none() {
+                let info = SegmentInfo {
+                    segment: segment.clone(),
+                    live_messages: 0,
+                    live_bytes: 0,
+                };
+                infos.insert(segment.seq(), info);
+            }
+        }
+        let mut live_bytes = 0;
+        let mut live = Vec::with_capacity(rebuilt.index.len());
+        for (&id, entry) in &rebuilt.index {
+            let info = infos
+                .get_mut(&entry.msg.seq)
+                .expect("indexed segment is open");
+            info.live_messages += 1;
+            info.live_bytes += u64::from(entry.msg.len);
+            live_bytes += u64::from(entry.msg.len);
+            let message = MessageRef {
+                segment: info.segment.clone(),
+                loc: entry.msg,
+            };
+            let state = match entry.update {
+                Some(loc) => match payload_at(&infos[&loc.seq].segment, loc) {
+                    Ok(Payload::Update(u)) => RetryState::of_update(u),
+                    other => unreachable!("index update points at {other:?}"),
+                },
+                None => RetryState::of_message(message.get()),
+            };
+            live.push(LiveMessage { id, message, state });
+        }
+        live.sort_unstable_by_key(|m| m.id);
+        let state = State {
+            segments: infos,
+            active: None,
+            next_seq: seqs.last().map_or(1, |s| s + 1),
+            index: rebuilt.index,
+            ids: IdGenerator::new(config.shard, rebuilt.newest_id, fastrand::u32(..)),
+            live_bytes,
+            epoch_records: 0,
+            epoch_bytes: 0,
+            epoch_segments: Vec::new(),
+            epoch_new_messages: Vec::new(),
+            stats: SpoolStats::default(),
+        };
+        let spool = Spool {
+            inner: Rc::new(Inner {
+                storage,
+                config,
+                state: RefCell::new(state),
+                commit: Commit {
+                    open_epoch: Cell::new(1),
+                    done_epoch: Cell::new(0),
+                    failed: RefCell::new(BTreeMap::new()),
+                    unsynced_bytes: Cell::new(0),
+                    healthy: Cell::new(true),
+                    probe: Cell::new(false),
+                    closing: Cell::new(false),
+                    stopped: Cell::new(false),
+                    committer: Cell::new(None),
+                    waiters: RefCell::new(Vec::new()),
+                },
+            }),
+        };
+        Ok((
+            spool,
+            Recovered {
+                live,
+                report: rebuilt.report,
+            },
+        ))
+    }
+
+    /// The storage underneath (tests use it to inject faults).
+    pub fn storage(&self) -> &S {
+        &self.inner.storage
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &SpoolConfig {
+        &self.inner.config
+    }
+
+    /// A fresh message id for this shard.
+    pub fn next_id(&self) -> MessageId {
+        self.inner.state.borrow_mut().ids.next(now_unix_ms())
+    }
+
+    /// False after a failed sync, until a sync succeeds again.
+    pub fn is_healthy(&self) -> bool {
+        self.inner.commit.healthy.get()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> SpoolStats {
+        let state = self.inner.state.borrow();
+        let mut stats = state.stats.clone();
+        stats.segments = state.segments.len() as u64;
+        stats.live_messages = state.index.len() as u64;
+        stats.live_bytes = state.live_bytes;
+        stats.sealed_bytes = sealed_bytes(&state);
+        stats
+    }
+
+    /// The live message `id`, read in place.
+    pub fn get(&self, id: MessageId) -> Option<MessageRef> {
+        let state = self.inner.state.borrow();
+        let entry = state.index.get(&id)?;
+        let segment = state.segments[&entry.msg.seq].segment.clone();
+        Some(MessageRef {
+            segment,
+            loc: entry.msg,
+        })
+    }
+
+    /// Appends a new message. Durable once the ticket resolves.
+    pub fn append_message(&self, message: &MessageRecord) -> Result<Ticket, SpoolError> {
+        self.append(Record::Message(message), true)
+    }
+
+    /// Appends new retry state for a live message.
+    pub fn append_update(&self, update: &UpdateRecord) -> Result<Ticket, SpoolError> {
+        self.append(Record::Update(update), true)
+    }
+
+    /// Appends the end of a live message; its space becomes reclaimable.
+    pub fn append_tombstone(&self, id: MessageId) -> Result<Ticket, SpoolError> {
+        self.append(Record::Tombstone(&TombstoneRecord { id }), true)
+    }
+
+    /// Waits until the append behind `ticket` is durable, or its sync failed.
+    pub fn durable(
+        &self,
+        ticket: Ticket,
+    ) -> impl Future<Output = Result<(), SpoolError>> + 'static {
+        let inner = self.inner.clone();
+        poll_fn(move |cx| {
+            let commit = &inner.commit;
+            if commit.done_epoch.get() >= ticket.epoch {
+                return Poll::Ready(match commit.failed.borrow().get(&ticket.epoch) {
+                    Some(err) => Err(err.duplicate()),
+                    None => Ok(()),
+                });
+            }
+            if commit.stopped.get() {
+                return Poll::Ready(Err(SpoolError::Unhealthy));
+            }
+            commit.waiters.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        })
+    }
+
+    /// Appends a record and waits until it is durable, first waiting while too many
+    /// bytes are unsynced. This is what the engine calls before it says 250.
+    pub async fn write(&self, record: Record<'_>) -> Result<(), SpoolError> {
+        while self.inner.commit.unsynced_bytes.get() > self.inner.config.unsynced_bytes_max {
+            let open = Ticket {
+                epoch: self.inner.commit.open_epoch.get(),
+            };
+            // Its result belongs to other appenders; we only wait for room.
+            let _ = self.durable(open).await;
+        }
+        let ticket = self.append(record, true)?;
+        self.durable(ticket).await
+    }
+
+    fn append(&self, record: Record<'_>, external: bool) -> Result<Ticket, SpoolError> {
+        let inner = &*self.inner;
+        let commit = &inner.commit;
+        if external && (!commit.healthy.get() || commit.closing.get()) {
+            return Err(SpoolError::Unhealthy);
+        }
+        let bound = record.len_bound();
+        if bound > inner.config.record_bytes_max {
+            return Err(SpoolError::RecordTooLarge {
+                bytes: bound,
+                max: inner.config.record_bytes_max,
+            });
+        }
+        let mut state = inner.state.borrow_mut();
+        let id = record.id();
+        if !matches!(record, Record::Message(_)) && !state.index.contains_key(&id) {
+            // Refused before anything is written: an update or tombstone for a message
+            // that is not live (finished twice, or never spooled here).
+            return Err(SpoolError::UnknownMessage {
+                id,
+                kind: record.kind().name(),
+            });
+        }
+        let loc = self.write_record(&mut state, record, bound)?;
+        let segment = state.segments[&loc.seq].segment.clone();
+        match record {
+            Record::Message(_) => {
+                let old = state.index.insert(
+                    id,
+                    IndexEntry {
+                        msg: loc,
+                        update: None,
+                    },
+                );
+                if let Some(old) = old {
+                    forget(&mut state, old.msg);
+                } else if external {
+                    state.epoch_new_messages.push(id);
+                }
+                let info = state.segments.get_mut(&loc.seq).expect("active segment");
+                info.live_messages += 1;
+                info.live_bytes += u64::from(loc.len);
+                state.live_bytes += u64::from(loc.len);
+            }
+            Record::Update(_) => {
+                state.index.get_mut(&id).expect("checked above").update = Some(loc);
+            }
+            Record::Tombstone(_) => {
+                let old = state.index.remove(&id).expect("checked above");
+                forget(&mut state, old.msg);
+            }
+        }
+        state.stats.appends += 1;
+        state.epoch_records += 1;
+        state.epoch_bytes += loc.len as usize;
+        if !state
+            .epoch_segments
+            .last()
+            .is_some_and(|s| Rc::ptr_eq(s, &segment))
+        {
+            state.epoch_segments.push(segment);
+        }
+        commit
+            .unsynced_bytes
+            .set(commit.unsynced_bytes.get() + loc.len as usize);
+        if let Some(waker) = commit.committer.take() {
+            waker.wake();
+        }
+        Ok(Ticket {
+            epoch: commit.open_epoch.get(),
+        })
+    }
+
+    /// Serializes `record` into the active segment, rotating (or creating a segment
+    /// sized for an oversized record) when it does not fit.
+    fn write_record(
+        &self,
+        state: &mut State,
+        record: Record<'_>,
+        bound: usize,
+    ) -> Result<RecordLoc, SpoolError> {
+        let inner = &*self.inner;
+        for _attempt in 0..2 {
+            let fits = state
+                .active
+                .is_some_and(|seq| state.segments[&seq].segment.remaining() >= bound);
+            if !fits {
+                let len = inner
+                    .config
+                    .segment_bytes
+                    .max((SEGMENT_HEADER_BYTES + bound).next_multiple_of(4096));
+                let seq = state.next_seq;
+                let segment = inner.storage.create(seq, inner.config.shard, len)?;
+                state.next_seq += 1;
+                state.segments.insert(
+                    seq,
+                    SegmentInfo {
+                        segment,
+                        live_messages: 0,
+                        live_bytes: 0,
+                    },
+                );
+                state.active = Some(seq);
+            }
+            let seq = state.active.expect("active segment");
+            let segment = &state.segments[&seq].segment;
+            let written = segment.append_with(|at, tail| match record.write_into(tail, seq, at) {
+                Some(len) => Ok((
+                    len,
+                    RecordLoc {
+                        seq,
+                        offset: at as u32,
+                        len: len as u32,
+                    },
+                )),
+                None => Err(()),
+            });
+            match written {
+                Ok(loc) => return Ok(loc),
+                // The bound was an underestimate; seal this segment and try a new one.
+                Err(()) => state.active = None,
+            }
+        }
+        unreachable!("record of at most {bound} bytes did not fit in a fresh segment")
+    }
+
+    /// The committer: closes and syncs epochs until [`Spool::close`]. Spawn it once on
+    /// the shard's executor.
+    pub async fn run_committer(self) {
+        let inner = &*self.inner;
+        let commit = &inner.commit;
+        loop {
+            let work = poll_fn(|cx| {
+                let pending = inner.state.borrow().epoch_records > 0 || commit.probe.get();
+                if pending {
+                    Poll::Ready(true)
+                } else if commit.closing.get() {
+                    Poll::Ready(false)
+                } else {
+                    commit.committer.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                }
+            })
+            .await;
+            if !work {
+                break;
+            }
+            let (below_bounds, window) = {
+                let state = inner.state.borrow();
+                let below = state.epoch_records < inner.config.commit_batch_records_max
+                    && state.epoch_bytes < inner.config.commit_batch_bytes_max;
+                (below, inner.config.commit_window_us)
+            };
+            if below_bounds && window > 0 && !commit.closing.get() {
+                glommio::timer::sleep(Duration::from_micros(window)).await;
+            }
+            self.commit_epoch().await;
+        }
+        commit.stopped.set(true);
+        wake_all(commit);
+    }
+
+    async fn commit_epoch(&self) {
+        let inner = &*self.inner;
+        let commit = &inner.commit;
+        let epoch = commit.open_epoch.get();
+        commit.open_epoch.set(epoch + 1);
+        commit.probe.set(false);
+        let (segments, new_messages, bytes) = {
+            let mut state = inner.state.borrow_mut();
+            state.epoch_records = 0;
+            let bytes = std::mem::take(&mut state.epoch_bytes);
+            let mut segments = std::mem::take(&mut state.epoch_segments);
+            if segments.is_empty() {
+                // A probe: sync the active segment (creating one if needed) to learn
+                // whether the disk works again.
+                if let Some(seq) = state.active {
+                    segments.push(state.segments[&seq].segment.clone());
+                }
+            }
+            (
+                segments,
+                std::mem::take(&mut state.epoch_new_messages),
+                bytes,
+            )
+        };
+        let mut result = Ok(());
+        for segment in &segments {
+            if let Err(err) = inner.storage.sync(segment).await {
+                result = Err(err);
+                break;
+            }
+        }
+        let mut state = inner.state.borrow_mut();
+        state.stats.syncs += 1;
+        match result {
+            Ok(()) => commit.healthy.set(true),
+            Err(err) => {
+                tracing::error!(epoch, error = %err, "spool sync failed; unacknowledged messages are abandoned");
+                state.stats.sync_failures += 1;
+                commit.healthy.set(false);
+                commit.failed.borrow_mut().insert(epoch, err);
+                // Never trust the file whose sync failed again: seal it. Tombstone what
+                // the failed batch wrote, so no restart delivers a message whose sender
+                // was told to try again; the next sync doubles as a health probe.
+                state.active = None;
+                drop(state);
+                for id in new_messages {
+                    let live = self.inner.state.borrow().index.contains_key(&id);
+                    if live
+                        && self
+                            .append(Record::Tombstone(&TombstoneRecord { id }), false)
+                            .is_err()
+                    {
+                        break;
+                    }
+                }
+                commit.probe.set(true);
+                state = inner.state.borrow_mut();
+            }
+        }
+        drop(state);
+        commit
+            .unsynced_bytes
+            .set(commit.unsynced_bytes.get().saturating_sub(bytes));
+        commit.done_epoch.set(epoch);
+        wake_all(commit);
+    }
+
+    /// Stops taking appends, makes everything appended durable and stops the committer.
+    pub async fn close(&self) {
+        let commit = &self.inner.commit;
+        commit.closing.set(true);
+        if let Some(waker) = commit.committer.take() {
+            waker.wake();
+        }
+        poll_fn(|cx| {
+            if commit.stopped.get() {
+                Poll::Ready(())
+            } else {
+                commit.waiters.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await;
+    }
+
+    /// Deletes dead segments (oldest first) and compacts the oldest one while sealed
+    /// segments hold too much more than the live set.
+    pub async fn maintain(&self) -> Result<MaintenanceReport, SpoolError> {
+        let mut report = MaintenanceReport::default();
+        loop {
+            let (head, dead, over) = {
+                let state = self.inner.state.borrow();
+                let Some((&head, info)) = state.segments.iter().next() else {
+                    break;
+                };
+                if state.active == Some(head) {
+                    break;
+                }
+                (
+                    head,
+                    info.live_messages == 0,
+                    self.over_space_budget(&state),
+                )
+            };
+            if !dead {
+                if !over {
+                    break;
+                }
+                let (copied, bytes) = self.copy_forward(head).await?;
+                report.messages_copied += copied;
+                report.bytes_copied += bytes;
+                let state = self.inner.state.borrow();
+                if state
+                    .segments
+                    .get(&head)
+                    .is_some_and(|i| i.live_messages > 0)
+                {
+                    // Something new landed there meanwhile (it cannot: head is sealed),
+                    // or a copy failed; try again next pass.
+                    break;
+                }
+            }
+            self.inner.storage.remove(head).await?;
+            self.inner.state.borrow_mut().segments.remove(&head);
+            report.segments_deleted += 1;
+        }
+        Ok(report)
+    }
+
+    fn over_space_budget(&self, state: &State) -> bool {
+        let slack = 2 * self.inner.config.segment_bytes as u64;
+        let allowed = state.live_bytes
+            * (100 + u64::from(self.inner.config.space_overhead_percent_max))
+            / 100;
+        sealed_bytes(state) > allowed + slack
+    }
+
+    /// Copies the live messages of segment `seq` to the active segment with their
+    /// current retry state, and waits until the copies are durable.
+    async fn copy_forward(&self, seq: u64) -> Result<(u64, u64), SpoolError> {
+        let segment = self.inner.state.borrow().segments[&seq].segment.clone();
+        let mut copies = Vec::new();
+        {
+            let state = self.inner.state.borrow();
+            scan_segment(&segment, |loc, payload| {
+                let Payload::Message(m) = payload else { return };
+                let id = MessageId::from(&m.id);
+                let Some(entry) = state.index.get(&id).filter(|e| e.msg == loc) else {
+                    return;
+                };
+                // Compaction is off the hot path: an owned copy per moved message is fine.
+                let mut copy: MessageRecord = rkyv::deserialize::<_, rkyv::rancor::Error>(m)
+                    .expect("validated record deserializes");
+                if let Some(update) = entry.update {
+                    if let Ok(Payload::Update(u)) =
+                        payload_at(&state.segments[&update.seq].segment, update)
+                    {
+                        let s = RetryState::of_update(u);
+                        (copy.attempts, copy.due_unix_ms, copy.queue, copy.done) =
+                            (s.attempts, s.due_unix_ms, s.queue, s.done);
+                    }
+                }
+                copies.push(copy);
+            });
+        }
+        let mut last = None;
+        let (mut count, mut bytes) = (0, 0);
+        for copy in &copies {
+            // A message ended while we were copying is skipped.
+            if !self.inner.state.borrow().index.contains_key(&copy.id) {
+                continue;
+            }
+            let ticket = self.append(Record::Message(copy), false)?;
+            last = Some(ticket);
+            count += 1;
+            bytes += copy.body.len() as u64;
+        }
+        if let Some(ticket) = last {
+            self.durable(ticket).await?;
+        }
+        Ok((count, bytes))
+    }
+
+    /// Runs [`Spool::maintain`] every `maintenance_interval_ms` until the spool closes.
+    pub async fn run_maintenance(self) {
+        let period = Duration::from_millis(self.inner.config.maintenance_interval_ms);
+        while !self.inner.commit.closing.get() {
+            glommio::timer::sleep(period).await;
+            if let Err(err) = self.maintain().await {
+                tracing::warn!(error = %err, "spool maintenance failed; will retry");
+            }
+        }
+    }
+}
+
+/// Drops a superseded or finished message copy from its segment's live counts.
+fn forget(state: &mut State, loc: RecordLoc) {
+    if let Some(info) = state.segments.get_mut(&loc.seq) {
+        info.live_messages -= 1;
+        info.live_bytes -= u64::from(loc.len);
+    }
+    state.live_bytes -= u64::from(loc.len);
+}
+
+fn sealed_bytes(state: &State) -> u64 {
+    state
+        .segments
+        .iter()
+        .filter(|(seq, _)| Some(**seq) != state.active)
+        // Files are preallocated: a sealed segment occupies its whole capacity.
+        .map(|(_, info)| info.segment.len() as u64)
+        .sum()
+}
+
+fn wake_all(commit: &Commit) {
+    let waiters = std::mem::take(&mut *commit.waiters.borrow_mut());
+    for waker in waiters {
+        waker.wake();
+    }
+}

@@ -1,0 +1,46 @@
+//! Where segments live: the [`Storage`] trait, the real implementation on files
+//! ([`FileStorage`]) and a simulated disk that injects faults ([`SimStorage`]).
+//!
+//! Everything above this trait (writer, group commit, recovery, compaction) is the same
+//! code in production and in fault-injection tests.
+
+mod file;
+mod sim;
+
+use std::future::Future;
+use std::rc::Rc;
+
+pub use file::FileStorage;
+pub use sim::{CrashMode, SimStorage};
+
+use crate::error::SpoolError;
+use crate::segment::Segment;
+
+/// A shard's set of segments on some medium.
+pub trait Storage {
+    /// The sequence numbers of the segments present, ascending.
+    fn list(&self) -> Result<Vec<u64>, SpoolError>;
+
+    /// Creates segment `seq` with `len` bytes of preallocated capacity, its header
+    /// already written and durable. A full disk is [`SpoolError::NoSpace`]; nothing is
+    /// left behind on failure.
+    fn create(&self, seq: u64, shard: u16, len: usize) -> Result<Rc<Segment>, SpoolError>;
+
+    /// Opens segment `seq` for reading its whole capacity (recovery, inspection).
+    fn open(&self, seq: u64) -> Result<Rc<Segment>, SpoolError>;
+
+    /// Makes every byte written to `segment` so far durable (fdatasync). May be called
+    /// while appends continue; those are not covered.
+    fn sync(&self, segment: &Segment) -> impl Future<Output = Result<(), SpoolError>>;
+
+    /// Deletes segment `seq`; mappings already handed out stay readable.
+    fn remove(&self, seq: u64) -> impl Future<Output = Result<(), SpoolError>>;
+}
+
+/// Wall-clock unix milliseconds.
+pub(crate) fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
