@@ -26,8 +26,8 @@ pub const RECORD_HEADER_BYTES: usize = 24;
 /// Every record starts at a multiple of this (rkyv's payload alignment).
 pub const RECORD_ALIGN: usize = 8;
 
-const _: () = assert!(RECORD_HEADER_BYTES % RECORD_ALIGN == 0);
-const _: () = assert!(crate::segment::SEGMENT_HEADER_BYTES % RECORD_ALIGN == 0);
+const _: () = assert!(RECORD_HEADER_BYTES.is_multiple_of(RECORD_ALIGN));
+const _: () = assert!(crate::segment::SEGMENT_HEADER_BYTES.is_multiple_of(RECORD_ALIGN));
 
 /// What a record holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

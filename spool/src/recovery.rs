@@ -132,22 +132,42 @@ pub fn scan_segment(
     report
 }
 
-/// The first offset at or after `from` (aligned) holding a fully valid record.
+/// The first offset at or after `from` (aligned) holding a fully valid record. Jumps
+/// between occurrences of the record magic, so unwritten space costs a SIMD scan.
 fn next_valid_record(bytes: &[u8], seq: u64, from: usize) -> Option<usize> {
-    let magic = RECORD_MAGIC.to_le_bytes();
-    let mut pos = from.next_multiple_of(RECORD_ALIGN);
-    while pos + RECORD_HEADER_BYTES <= bytes.len() {
-        if bytes[pos..pos + 4] == magic && read_record(&bytes[pos..], seq, pos).is_ok() {
-            return Some(pos);
-        }
-        pos += RECORD_ALIGN;
+    let from = from.next_multiple_of(RECORD_ALIGN);
+    if from >= bytes.len() {
+        return None;
     }
-    None
+    let magic = RECORD_MAGIC.to_le_bytes();
+    memchr::memmem::find_iter(&bytes[from..], &magic)
+        .map(|at| from + at)
+        .filter(|pos| pos % RECORD_ALIGN == 0 && pos + RECORD_HEADER_BYTES <= bytes.len())
+        .find(|&pos| read_record(&bytes[pos..], seq, pos).is_ok())
 }
 
 /// Length of `bytes` up to and including its last non-zero byte.
 fn written_len(bytes: &[u8]) -> usize {
-    bytes.iter().rposition(|&b| b != 0).map_or(0, |i| i + 1)
+    // Word at a time: this runs over the unwritten tail of every segment.
+    let words = bytes.len() / 8;
+    let tail_nonzero = bytes[words * 8..].iter().rposition(|&b| b != 0);
+    if let Some(i) = tail_nonzero {
+        return words * 8 + i + 1;
+    }
+    let last_word = bytes[..words * 8]
+        .chunks_exact(8)
+        .rposition(|w| u64::from_ne_bytes(w.try_into().expect("8 bytes")) != 0);
+    match last_word {
+        Some(w) => {
+            w * 8
+                + bytes[w * 8..w * 8 + 8]
+                    .iter()
+                    .rposition(|&b| b != 0)
+                    .expect("non-zero word")
+                + 1
+        }
+        None => 0,
+    }
 }
 
 /// Where a live message's current state comes from.
@@ -244,4 +264,24 @@ pub(crate) fn rebuild(segments: &[Rc<Segment>]) -> Rebuilt {
 pub(crate) fn payload_at(segment: &Segment, loc: RecordLoc) -> Result<Payload<'_>, BadRecord> {
     let bytes = segment.bytes(loc.offset as usize, loc.len as usize);
     read_record(bytes, loc.seq, loc.offset as usize).map(|(payload, _)| payload)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn written_len_finds_the_last_non_zero_byte() {
+        let check = |bytes: &[u8], want: usize| assert_eq!(written_len(bytes), want, "{bytes:?}");
+        check(&[], 0);
+        check(&[0; 20], 0);
+        check(&[1], 1);
+        let mut b = [0u8; 21];
+        b[3] = 9;
+        check(&b, 4);
+        b[17] = 1;
+        check(&b, 18);
+        b[20] = 1;
+        check(&b, 21);
+    }
 }

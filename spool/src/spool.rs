@@ -46,6 +46,10 @@ pub struct SpoolConfig {
     pub segment_bytes: usize,
     /// The largest record accepted (message size plus envelope and metadata).
     pub record_bytes_max: usize,
+    /// Room a new message must leave free in the active segment. Updates and
+    /// tombstones may use it, so that when the disk is full and no segment can be
+    /// created, messages can still be finished — which is what frees space.
+    pub control_reserve_bytes: usize,
     /// How long the committer waits for more appends before syncing a batch that is
     /// below both batch bounds. 0: sync as soon as the previous sync returned.
     pub commit_window_us: u64,
@@ -61,6 +65,8 @@ pub struct SpoolConfig {
     pub space_overhead_percent_max: u32,
     /// Period of the background maintenance (deleting and compacting segments).
     pub maintenance_interval_ms: u64,
+    /// After a failed sync, how long the committer waits before probing the disk again.
+    pub sync_retry_interval_ms: u64,
 }
 
 impl SpoolConfig {
@@ -79,12 +85,14 @@ impl Default for SpoolConfig {
             shard: 0,
             segment_bytes: 64 << 20,
             record_bytes_max: 256 << 20,
+            control_reserve_bytes: 1 << 20,
             commit_window_us: 0,
             commit_batch_records_max: 4096,
             commit_batch_bytes_max: 32 << 20,
             unsynced_bytes_max: 128 << 20,
             space_overhead_percent_max: 100,
             maintenance_interval_ms: 250,
+            sync_retry_interval_ms: 100,
         }
     }
 }
@@ -210,8 +218,12 @@ struct State {
     epoch_records: usize,
     epoch_bytes: usize,
     epoch_segments: Vec<Rc<Segment>>,
-    /// Messages first written in the open epoch: tombstoned if its sync fails.
-    epoch_new_messages: Vec<MessageId>,
+    /// Messages first written in the open epoch, and abandon-tombstones written in it:
+    /// if its sync fails, all of these are (again) to be tombstoned.
+    epoch_abandon_on_failure: Vec<MessageId>,
+    /// Messages whose append was refused by a failed sync and whose tombstone is not
+    /// yet durable. Bounded by what the failed batches held.
+    abandoned: Vec<MessageId>,
     stats: SpoolStats,
 }
 
@@ -341,7 +353,8 @@ impl<S: Storage + 'static> Spool<S> {
             epoch_records: 0,
             epoch_bytes: 0,
             epoch_segments: Vec::new(),
-            epoch_new_messages: Vec::new(),
+            epoch_abandon_on_failure: Vec::new(),
+            abandoned: Vec::new(),
             stats: SpoolStats::default(),
         };
         let spool = Spool {
@@ -416,17 +429,17 @@ impl<S: Storage + 'static> Spool<S> {
 
     /// Appends a new message. Durable once the ticket resolves.
     pub fn append_message(&self, message: &MessageRecord) -> Result<Ticket, SpoolError> {
-        self.append(Record::Message(message), true)
+        self.append(Record::Message(message))
     }
 
     /// Appends new retry state for a live message.
     pub fn append_update(&self, update: &UpdateRecord) -> Result<Ticket, SpoolError> {
-        self.append(Record::Update(update), true)
+        self.append(Record::Update(update))
     }
 
     /// Appends the end of a live message; its space becomes reclaimable.
     pub fn append_tombstone(&self, id: MessageId) -> Result<Ticket, SpoolError> {
-        self.append(Record::Tombstone(&TombstoneRecord { id }), true)
+        self.append(Record::Tombstone(&TombstoneRecord { id }))
     }
 
     /// Waits until the append behind `ticket` is durable, or its sync failed.
@@ -461,14 +474,14 @@ impl<S: Storage + 'static> Spool<S> {
             // Its result belongs to other appenders; we only wait for room.
             let _ = self.durable(open).await;
         }
-        let ticket = self.append(record, true)?;
+        let ticket = self.append(record)?;
         self.durable(ticket).await
     }
 
-    fn append(&self, record: Record<'_>, external: bool) -> Result<Ticket, SpoolError> {
+    fn append(&self, record: Record<'_>) -> Result<Ticket, SpoolError> {
         let inner = &*self.inner;
         let commit = &inner.commit;
-        if external && (!commit.healthy.get() || commit.closing.get()) {
+        if !commit.healthy.get() || commit.closing.get() {
             return Err(SpoolError::Unhealthy);
         }
         let bound = record.len_bound();
@@ -489,7 +502,6 @@ impl<S: Storage + 'static> Spool<S> {
             });
         }
         let loc = self.write_record(&mut state, record, bound)?;
-        let segment = state.segments[&loc.seq].segment.clone();
         match record {
             Record::Message(_) => {
                 let old = state.index.insert(
@@ -501,8 +513,8 @@ impl<S: Storage + 'static> Spool<S> {
                 );
                 if let Some(old) = old {
                     forget(&mut state, old.msg);
-                } else if external {
-                    state.epoch_new_messages.push(id);
+                } else {
+                    state.epoch_abandon_on_failure.push(id);
                 }
                 let info = state.segments.get_mut(&loc.seq).expect("active segment");
                 info.live_messages += 1;
@@ -517,15 +529,25 @@ impl<S: Storage + 'static> Spool<S> {
                 forget(&mut state, old.msg);
             }
         }
+        self.note_append(&mut state, loc);
+        Ok(Ticket {
+            epoch: commit.open_epoch.get(),
+        })
+    }
+
+    /// Adds an appended record to the open epoch and wakes the committer.
+    fn note_append(&self, state: &mut State, loc: RecordLoc) {
+        let commit = &self.inner.commit;
         state.stats.appends += 1;
         state.epoch_records += 1;
         state.epoch_bytes += loc.len as usize;
+        let segment = &state.segments[&loc.seq].segment;
         if !state
             .epoch_segments
             .last()
-            .is_some_and(|s| Rc::ptr_eq(s, &segment))
+            .is_some_and(|s| Rc::ptr_eq(s, segment))
         {
-            state.epoch_segments.push(segment);
+            state.epoch_segments.push(segment.clone());
         }
         commit
             .unsynced_bytes
@@ -533,45 +555,77 @@ impl<S: Storage + 'static> Spool<S> {
         if let Some(waker) = commit.committer.take() {
             waker.wake();
         }
-        Ok(Ticket {
-            epoch: commit.open_epoch.get(),
-        })
     }
 
     /// Serializes `record` into the active segment, rotating (or creating a segment
-    /// sized for an oversized record) when it does not fit.
+    /// sized for an oversized record) when it does not fit. If no segment can be
+    /// created, the active one stays active for the records that still fit.
     fn write_record(
         &self,
         state: &mut State,
         record: Record<'_>,
         bound: usize,
     ) -> Result<RecordLoc, SpoolError> {
+        let reserve = match record {
+            Record::Message(_) => self.control_reserve(),
+            Record::Update(_) | Record::Tombstone(_) => 0,
+        };
+        let fits = state
+            .active
+            .is_some_and(|seq| state.segments[&seq].segment.remaining() >= bound + reserve);
+        if !fits {
+            self.rotate(state, bound + reserve)?;
+        }
+        if let Some(loc) = self.try_write(state, record) {
+            return Ok(loc);
+        }
+        // The bound was an underestimate (a bug, but not worth losing mail over).
+        tracing::warn!(
+            bound,
+            kind = record.kind().name(),
+            "record outgrew its length bound"
+        );
+        self.rotate(state, 2 * bound + reserve)?;
+        Ok(self
+            .try_write(state, record)
+            .expect("record fits a fresh segment twice its bound"))
+    }
+
+    /// The reserve in force: the configured one, but never more than an eighth of a
+    /// segment, so that it cannot make every message need a segment of its own.
+    fn control_reserve(&self) -> usize {
+        self.inner
+            .config
+            .control_reserve_bytes
+            .min(self.inner.config.segment_bytes / 8)
+    }
+
+    fn rotate(&self, state: &mut State, room: usize) -> Result<(), SpoolError> {
         let inner = &*self.inner;
-        for _attempt in 0..2 {
-            let fits = state
-                .active
-                .is_some_and(|seq| state.segments[&seq].segment.remaining() >= bound);
-            if !fits {
-                let len = inner
-                    .config
-                    .segment_bytes
-                    .max((SEGMENT_HEADER_BYTES + bound).next_multiple_of(4096));
-                let seq = state.next_seq;
-                let segment = inner.storage.create(seq, inner.config.shard, len)?;
-                state.next_seq += 1;
-                state.segments.insert(
-                    seq,
-                    SegmentInfo {
-                        segment,
-                        live_messages: 0,
-                        live_bytes: 0,
-                    },
-                );
-                state.active = Some(seq);
-            }
-            let seq = state.active.expect("active segment");
-            let segment = &state.segments[&seq].segment;
-            let written = segment.append_with(|at, tail| match record.write_into(tail, seq, at) {
+        let len = inner
+            .config
+            .segment_bytes
+            .max((SEGMENT_HEADER_BYTES + room).next_multiple_of(4096));
+        let seq = state.next_seq;
+        let segment = inner.storage.create(seq, inner.config.shard, len)?;
+        state.next_seq += 1;
+        state.segments.insert(
+            seq,
+            SegmentInfo {
+                segment,
+                live_messages: 0,
+                live_bytes: 0,
+            },
+        );
+        state.active = Some(seq);
+        Ok(())
+    }
+
+    fn try_write(&self, state: &State, record: Record<'_>) -> Option<RecordLoc> {
+        let seq = state.active?;
+        state.segments[&seq]
+            .segment
+            .append_with(|at, tail| match record.write_into(tail, seq, at) {
                 Some(len) => Ok((
                     len,
                     RecordLoc {
@@ -581,14 +635,8 @@ impl<S: Storage + 'static> Spool<S> {
                     },
                 )),
                 None => Err(()),
-            });
-            match written {
-                Ok(loc) => return Ok(loc),
-                // The bound was an underestimate; seal this segment and try a new one.
-                Err(()) => state.active = None,
-            }
-        }
-        unreachable!("record of at most {bound} bytes did not fit in a fresh segment")
+            })
+            .ok()
     }
 
     /// The committer: closes and syncs epochs until [`Spool::close`]. Spawn it once on
@@ -618,8 +666,16 @@ impl<S: Storage + 'static> Spool<S> {
                     && state.epoch_bytes < inner.config.commit_batch_bytes_max;
                 (below, inner.config.commit_window_us)
             };
-            if below_bounds && window > 0 && !commit.closing.get() {
+            if commit.probe.get() {
+                // The last sync failed: give the disk (or the operator) a moment.
+                let pause = inner.config.sync_retry_interval_ms;
+                glommio::timer::sleep(Duration::from_millis(pause)).await;
+            } else if below_bounds && window > 0 && !commit.closing.get() {
                 glommio::timer::sleep(Duration::from_micros(window)).await;
+            }
+            if commit.closing.get() && commit.probe.get() && inner.state.borrow().epoch_records == 0
+            {
+                break;
             }
             self.commit_epoch().await;
         }
@@ -630,24 +686,26 @@ impl<S: Storage + 'static> Spool<S> {
     async fn commit_epoch(&self) {
         let inner = &*self.inner;
         let commit = &inner.commit;
+        if commit.probe.replace(false) {
+            // After a failure: tombstone what was abandoned (into a fresh segment, since
+            // the failed one is sealed) so that this sync both probes the disk and makes
+            // the abandonment durable.
+            if let Err(err) = self.write_abandon_tombstones() {
+                tracing::error!(error = %err, "spool still failing; cannot write abandon tombstones");
+                commit.probe.set(true);
+                return;
+            }
+        }
         let epoch = commit.open_epoch.get();
         commit.open_epoch.set(epoch + 1);
-        commit.probe.set(false);
-        let (segments, new_messages, bytes) = {
+        let (segments, abandon_on_failure, bytes) = {
             let mut state = inner.state.borrow_mut();
             state.epoch_records = 0;
             let bytes = std::mem::take(&mut state.epoch_bytes);
-            let mut segments = std::mem::take(&mut state.epoch_segments);
-            if segments.is_empty() {
-                // A probe: sync the active segment (creating one if needed) to learn
-                // whether the disk works again.
-                if let Some(seq) = state.active {
-                    segments.push(state.segments[&seq].segment.clone());
-                }
-            }
+            let segments = std::mem::take(&mut state.epoch_segments);
             (
                 segments,
-                std::mem::take(&mut state.epoch_new_messages),
+                std::mem::take(&mut state.epoch_abandon_on_failure),
                 bytes,
             )
         };
@@ -667,23 +725,18 @@ impl<S: Storage + 'static> Spool<S> {
                 state.stats.sync_failures += 1;
                 commit.healthy.set(false);
                 commit.failed.borrow_mut().insert(epoch, err);
-                // Never trust the file whose sync failed again: seal it. Tombstone what
-                // the failed batch wrote, so no restart delivers a message whose sender
-                // was told to try again; the next sync doubles as a health probe.
+                // Never append to the file whose sync failed again: seal it. What the
+                // failed batch wrote is not acknowledged, so it must not be delivered
+                // after a restart either: drop it from the index now and tombstone it
+                // in the probe sync that follows.
                 state.active = None;
-                drop(state);
-                for id in new_messages {
-                    let live = self.inner.state.borrow().index.contains_key(&id);
-                    if live
-                        && self
-                            .append(Record::Tombstone(&TombstoneRecord { id }), false)
-                            .is_err()
-                    {
-                        break;
+                for id in abandon_on_failure {
+                    if let Some(entry) = state.index.remove(&id) {
+                        forget(&mut state, entry.msg);
                     }
+                    state.abandoned.push(id);
                 }
                 commit.probe.set(true);
-                state = inner.state.borrow_mut();
             }
         }
         drop(state);
@@ -692,6 +745,35 @@ impl<S: Storage + 'static> Spool<S> {
             .set(commit.unsynced_bytes.get().saturating_sub(bytes));
         commit.done_epoch.set(epoch);
         wake_all(commit);
+    }
+
+    /// Writes a tombstone for every abandoned message into the open epoch, starting a
+    /// segment if none is active (so a probe always has something real to sync).
+    fn write_abandon_tombstones(&self) -> Result<(), SpoolError> {
+        let mut state = self.inner.state.borrow_mut();
+        let state = &mut *state;
+        if state.active.is_none() {
+            self.rotate(state, 0)?;
+        }
+        let abandoned = std::mem::take(&mut state.abandoned);
+        for (i, &id) in abandoned.iter().enumerate() {
+            let record = Record::Tombstone(&TombstoneRecord { id });
+            match self.write_record(state, record, record.len_bound()) {
+                Ok(loc) => self.note_append(state, loc),
+                Err(err) => {
+                    state.abandoned.extend_from_slice(&abandoned[i..]);
+                    return Err(err);
+                }
+            }
+            state.epoch_abandon_on_failure.push(id);
+        }
+        if state.epoch_segments.is_empty() {
+            let active = state.active.expect("rotated above");
+            state
+                .epoch_segments
+                .push(state.segments[&active].segment.clone());
+        }
+        Ok(())
     }
 
     /// Stops taking appends, makes everything appended durable and stops the committer.
@@ -716,13 +798,16 @@ impl<S: Storage + 'static> Spool<S> {
     /// segments hold too much more than the live set.
     pub async fn maintain(&self) -> Result<MaintenanceReport, SpoolError> {
         let mut report = MaintenanceReport::default();
+        // Only segments that existed when the pass began: copies made by this pass land
+        // in newer ones, so the pass always ends.
+        let seq_end = self.inner.state.borrow().next_seq;
         loop {
             let (head, dead, over) = {
                 let state = self.inner.state.borrow();
                 let Some((&head, info)) = state.segments.iter().next() else {
                     break;
                 };
-                if state.active == Some(head) {
+                if state.active == Some(head) || head >= seq_end {
                     break;
                 }
                 (
@@ -744,8 +829,7 @@ impl<S: Storage + 'static> Spool<S> {
                     .get(&head)
                     .is_some_and(|i| i.live_messages > 0)
                 {
-                    // Something new landed there meanwhile (it cannot: head is sealed),
-                    // or a copy failed; try again next pass.
+                    // A message was updated or copied concurrently; try next pass.
                     break;
                 }
             }
@@ -765,12 +849,17 @@ impl<S: Storage + 'static> Spool<S> {
     }
 
     /// Copies the live messages of segment `seq` to the active segment with their
-    /// current retry state, and waits until the copies are durable.
+    /// current retry state. The index moves to a copy only once the copy is durable,
+    /// so a failed sync leaves the original authoritative and the segment in place.
     async fn copy_forward(&self, seq: u64) -> Result<(u64, u64), SpoolError> {
         let segment = self.inner.state.borrow().segments[&seq].segment.clone();
-        let mut copies = Vec::new();
+        // (original, its update at copy time, the copy's location)
+        let mut moved: Vec<(MessageId, IndexEntry, RecordLoc)> = Vec::new();
+        let mut last = None;
         {
-            let state = self.inner.state.borrow();
+            let mut state = self.inner.state.borrow_mut();
+            let state = &mut *state;
+            let mut copies = Vec::new();
             scan_segment(&segment, |loc, payload| {
                 let Payload::Message(m) = payload else { return };
                 let id = MessageId::from(&m.id);
@@ -780,32 +869,51 @@ impl<S: Storage + 'static> Spool<S> {
                 // Compaction is off the hot path: an owned copy per moved message is fine.
                 let mut copy: MessageRecord = rkyv::deserialize::<_, rkyv::rancor::Error>(m)
                     .expect("validated record deserializes");
-                if let Some(update) = entry.update {
-                    if let Ok(Payload::Update(u)) =
-                        payload_at(&state.segments[&update.seq].segment, update)
-                    {
-                        let s = RetryState::of_update(u);
-                        (copy.attempts, copy.due_unix_ms, copy.queue, copy.done) =
-                            (s.attempts, s.due_unix_ms, s.queue, s.done);
-                    }
+                let update = entry
+                    .update
+                    .map(|at| payload_at(&state.segments[&at.seq].segment, at));
+                if let Some(Ok(Payload::Update(u))) = update {
+                    let s = RetryState::of_update(u);
+                    (copy.attempts, copy.due_unix_ms, copy.queue, copy.done) =
+                        (s.attempts, s.due_unix_ms, s.queue, s.done);
                 }
-                copies.push(copy);
+                copies.push((*entry, copy));
             });
+            for (entry, copy) in &copies {
+                let record = Record::Message(copy);
+                let loc = self.write_record(state, record, record.len_bound())?;
+                self.note_append(state, loc);
+                last = Some(Ticket {
+                    epoch: self.inner.commit.open_epoch.get(),
+                });
+                moved.push((copy.id, *entry, loc));
+            }
         }
-        let mut last = None;
+        let Some(ticket) = last else {
+            return Ok((0, 0));
+        };
+        self.durable(ticket).await?;
+        let mut state = self.inner.state.borrow_mut();
         let (mut count, mut bytes) = (0, 0);
-        for copy in &copies {
-            // A message ended while we were copying is skipped.
-            if !self.inner.state.borrow().index.contains_key(&copy.id) {
+        for (id, original, copy) in moved {
+            let Some(entry) = state.index.get_mut(&id) else {
+                continue;
+            };
+            if entry.msg != original.msg {
                 continue;
             }
-            let ticket = self.append(Record::Message(copy), false)?;
-            last = Some(ticket);
+            entry.msg = copy;
+            // An update appended after the copy is newer than it and stays.
+            if entry.update == original.update {
+                entry.update = None;
+            }
+            forget(&mut state, original.msg);
+            let info = state.segments.get_mut(&copy.seq).expect("copy segment");
+            info.live_messages += 1;
+            info.live_bytes += u64::from(copy.len);
+            state.live_bytes += u64::from(copy.len);
             count += 1;
-            bytes += copy.body.len() as u64;
-        }
-        if let Some(ticket) = last {
-            self.durable(ticket).await?;
+            bytes += u64::from(copy.len);
         }
         Ok((count, bytes))
     }

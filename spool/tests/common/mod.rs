@@ -24,16 +24,19 @@ pub fn start<S: Storage + 'static>(spool: &Spool<S>) {
 }
 
 /// A deterministic body for `id` of `len` bytes, so that integrity can be checked
-/// from the id alone.
+/// from the id alone. Every line names the id and its own number, so a shifted,
+/// truncated or swapped region does not compare equal.
 pub fn body_for(id: MessageId, len: usize) -> Vec<u8> {
-    let mut rng = fastrand::Rng::with_seed(id.hi ^ id.lo.rotate_left(17));
-    let mut body = b"Subject: test\r\n\r\n".to_vec();
+    let mut body = Vec::with_capacity(len + 64);
+    body.extend_from_slice(b"Subject: test\r\n\r\n");
+    let mut line = 0u32;
     while body.len() < len {
-        body.push(b'a' + rng.u8(..26));
-        if rng.u8(..64) == 0 {
-            body.extend_from_slice(b"\r\n");
-        }
+        body.extend_from_slice(
+            format!("{id} line {line:08} of the body, with padding\r\n").as_bytes(),
+        );
+        line += 1;
     }
+    body.truncate(len);
     body
 }
 
