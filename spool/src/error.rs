@@ -44,6 +44,10 @@ pub enum SpoolError {
         kind: &'static str,
     },
 
+    /// Another process (a running gannetd) holds the shard directory.
+    #[error("spool directory {} is in use by another process (is gannetd running?)", dir.display())]
+    Locked { dir: std::path::PathBuf },
+
     /// A segment file that cannot be used at all (its header is damaged).
     #[error("spool segment {seq} is unusable: {reason}")]
     BadSegment { seq: u64, reason: String },
@@ -80,6 +84,7 @@ impl SpoolError {
                 reason: reason.clone(),
             },
             SpoolError::UnknownMessage { id, kind } => SpoolError::UnknownMessage { id: *id, kind },
+            SpoolError::Locked { dir } => SpoolError::Locked { dir: dir.clone() },
         }
     }
 }

@@ -149,7 +149,7 @@ fn repeated_sigkill_never_loses_an_acknowledged_record() {
             }
         }
 
-        let storage = FileStorage::read_only(dir.path().join("spool"));
+        let storage = FileStorage::read_only(dir.path().join("spool")).unwrap();
         let (_, recovered) = Spool::open(storage, config()).unwrap();
         assert_eq!(
             recovered.report.corrupt_regions(),

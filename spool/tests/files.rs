@@ -167,6 +167,7 @@ fn disk_use_follows_the_live_set_despite_long_lived_messages() {
         );
         assert_eq!(stats.live_messages, keep.len() as u64);
         spool.close().await;
+        drop(spool); // releases the directory lock
         let (_, recovered) = Spool::open(FileStorage::open_dir(&path).unwrap(), config).unwrap();
         assert_eq!(
             recovered.live.iter().map(|m| m.id).collect::<Vec<_>>(),
@@ -211,4 +212,24 @@ fn a_spool_directory_holding_junk_is_reported_not_fatal() {
         assert_eq!(spool.get(msg.id).unwrap().loc().seq, 3);
         spool.close().await;
     });
+}
+
+#[test]
+fn a_shard_directory_has_one_writer_and_no_reader_while_it_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = FileStorage::open_dir(dir.path()).unwrap();
+    let second = FileStorage::open_dir(dir.path()).unwrap_err();
+    assert!(
+        second.to_string().contains("is in use by another process"),
+        "{second}"
+    );
+    assert!(FileStorage::read_only(dir.path()).is_err());
+    drop(first);
+    let reader = FileStorage::read_only(dir.path()).unwrap();
+    assert!(FileStorage::read_only(dir.path()).is_ok(), "readers share");
+    assert!(
+        FileStorage::open_dir(dir.path()).is_err(),
+        "no writer while read"
+    );
+    drop(reader);
 }

@@ -23,11 +23,17 @@ use super::{Storage, now_unix_ms};
 use crate::error::SpoolError;
 use crate::segment::{SEGMENT_HEADER_BYTES, Segment, SegmentHeader};
 
+/// The lock file in every shard directory: the writer holds an exclusive `flock` on
+/// it for as long as it runs; inspection takes a shared one.
+pub const LOCK_FILE_NAME: &str = "LOCK";
+
 /// One shard's segment directory.
 #[derive(Debug)]
 pub struct FileStorage {
     dir: PathBuf,
     read_only: bool,
+    /// Holds the directory's flock (released when the storage drops).
+    _lock: Option<File>,
     /// io_uring handles for fdatasync, opened lazily inside the executor.
     uring_files: RefCell<HashMap<u64, Rc<BufferedFile>>>,
     /// The std files behind the mappings, kept for dup() and fallbacks.
@@ -40,22 +46,31 @@ pub fn segment_file_name(seq: u64) -> String {
 }
 
 impl FileStorage {
-    /// Storage in `dir`, created if missing.
+    /// Storage in `dir`, created if missing, locked against a second writer.
     pub fn open_dir(dir: impl Into<PathBuf>) -> Result<FileStorage, SpoolError> {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|e| SpoolError::io("creating directory", 0, e))?;
-        Ok(FileStorage::new(dir, false))
+        let lock = lock(&dir, libc::LOCK_EX)?;
+        Ok(FileStorage::new(dir, false, Some(lock)))
     }
 
-    /// Storage in `dir` for inspection: never writes, maps read-only.
-    pub fn read_only(dir: impl Into<PathBuf>) -> FileStorage {
-        FileStorage::new(dir.into(), true)
+    /// Storage in `dir` for inspection: never writes, maps read-only, and refuses a
+    /// directory that a running writer holds.
+    pub fn read_only(dir: impl Into<PathBuf>) -> Result<FileStorage, SpoolError> {
+        let dir = dir.into();
+        let lock = if dir.join(LOCK_FILE_NAME).exists() {
+            Some(lock(&dir, libc::LOCK_SH)?)
+        } else {
+            None
+        };
+        Ok(FileStorage::new(dir, true, lock))
     }
 
-    fn new(dir: PathBuf, read_only: bool) -> FileStorage {
+    fn new(dir: PathBuf, read_only: bool, lock: Option<File>) -> FileStorage {
         FileStorage {
             dir,
             read_only,
+            _lock: lock,
             uring_files: RefCell::new(HashMap::new()),
             files: RefCell::new(HashMap::new()),
         }
@@ -159,6 +174,29 @@ impl FileStorage {
         self.uring_files.borrow_mut().insert(seq, file.clone());
         Ok(file)
     }
+}
+
+/// Takes `flock(mode)` on the directory's lock file without waiting.
+fn lock(dir: &Path, mode: libc::c_int) -> Result<File, SpoolError> {
+    let path = dir.join(LOCK_FILE_NAME);
+    let file = OpenOptions::new()
+        .read(true)
+        .write(mode == libc::LOCK_EX)
+        .create(mode == libc::LOCK_EX)
+        .truncate(false)
+        .open(&path)
+        .map_err(|e| SpoolError::io("locking", 0, e))?;
+    // SAFETY: plain FFI call on a descriptor we own.
+    if unsafe { libc::flock(file.as_raw_fd(), mode | libc::LOCK_NB) } != 0 {
+        let err = io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Err(SpoolError::Locked {
+                dir: dir.to_path_buf(),
+            });
+        }
+        return Err(SpoolError::io("locking", 0, err));
+    }
+    Ok(file)
 }
 
 impl Storage for FileStorage {

@@ -10,7 +10,7 @@ mod sim;
 use std::future::Future;
 use std::rc::Rc;
 
-pub use file::FileStorage;
+pub use file::{FileStorage, LOCK_FILE_NAME, segment_file_name};
 pub use sim::{CrashMode, SimStorage};
 
 use crate::error::SpoolError;
