@@ -37,10 +37,9 @@ pub fn shard_dirs(path: &Path) -> Result<Vec<(u16, PathBuf)>> {
     for entry in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {
         let entry = entry?;
         let name = entry.file_name();
-        if let Some(shard) = name.to_str().and_then(|n| n.parse::<u16>().ok()) {
-            if entry.path().is_dir() {
-                shards.push((shard, entry.path()));
-            }
+        let shard = name.to_str().and_then(|n| n.parse::<u16>().ok());
+        if let Some(shard) = shard.filter(|_| entry.path().is_dir()) {
+            shards.push((shard, entry.path()));
         }
     }
     shards.sort();
