@@ -1,1 +1,537 @@
-fn main() {}
+//! spool-bench: group commit against the naive and raw baselines, side by side.
+//!
+//! For 1, 16, 64 and 256 concurrent appenders, on one shard and on every shard, it
+//! appends 10 KiB messages for a fixed time with:
+//! - `gannet`: the spool (memcpy into the mapping, one fdatasync per batch);
+//! - `naive`: the same bytes, but every appender fdatasyncs its own message (what an
+//!   MTA that syncs each queue file pays, e.g. Postfix).
+//!
+//! It also measures `raw`, the same volume written sequentially with one fdatasync at
+//! the end (the disk's limit), and times recovery of 1 million small records.
+//!
+//! Prints one JSON line per case and appends a markdown report to bench/RESULTS.md.
+
+use std::cell::{Cell, RefCell};
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+use clap::Parser;
+use gannet_spool::{FileStorage, MessageRecord, Record, Spool, SpoolConfig};
+use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
+use hdrhistogram::Histogram;
+
+#[derive(Debug, Parser)]
+#[command(
+    about = "gannet spool benchmark: group commit vs naive per-message fdatasync vs raw disk"
+)]
+struct Args {
+    /// Directory for the spool files (on the disk you want to measure).
+    #[arg(long, default_value = "bench/out/spool")]
+    dir: PathBuf,
+    /// Seconds per case.
+    #[arg(long, default_value_t = 3.0)]
+    seconds: f64,
+    /// Message body size in bytes.
+    #[arg(long, default_value_t = 10 * 1024)]
+    body_bytes: usize,
+    /// Appender counts to run.
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64,256")]
+    appenders: Vec<usize>,
+    /// Shards for the "all shards" cases (default: every core).
+    #[arg(long)]
+    shards: Option<usize>,
+    /// Records for the recovery measurement (0 to skip).
+    #[arg(long, default_value_t = 1_000_000)]
+    recovery_records: usize,
+    /// Markdown report to append to ("" for none).
+    #[arg(long, default_value = "bench/RESULTS.md")]
+    results: String,
+}
+
+/// One measured case.
+#[derive(Debug, Clone)]
+struct CaseResult {
+    system: &'static str,
+    shards: usize,
+    appenders: usize,
+    msgs: u64,
+    seconds: f64,
+    bytes: u64,
+    hist: Histogram<u64>,
+    flushes: u64,
+    cpu_seconds: f64,
+}
+
+impl CaseResult {
+    fn msgs_per_s(&self) -> f64 {
+        self.msgs as f64 / self.seconds
+    }
+
+    fn json(&self) -> serde_json::Value {
+        let q = |p: f64| {
+            if self.hist.is_empty() {
+                0
+            } else {
+                self.hist.value_at_quantile(p)
+            }
+        };
+        serde_json::json!({
+            "system": self.system,
+            "shards": self.shards,
+            "appenders_per_shard": self.appenders,
+            "msgs": self.msgs,
+            "msgs_per_s": self.msgs_per_s().round(),
+            "mb_per_s": (self.bytes as f64 / self.seconds / 1e6 * 10.0).round() / 10.0,
+            "ack_latency_us_p50": q(0.5),
+            "ack_latency_us_p99": q(0.99),
+            "ack_latency_us_p999": q(0.999),
+            "flushes_per_msg": (self.flushes as f64 / self.msgs.max(1) as f64 * 1000.0).round() / 1000.0,
+            "cpu_s_per_1000_msgs": (self.cpu_seconds / self.msgs.max(1) as f64 * 1000.0 * 1e4).round() / 1e4,
+        })
+    }
+}
+
+/// Flush requests completed by the block device holding `dir` (field 16 of its stat).
+fn device_flushes(dir: &Path) -> u64 {
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return 0;
+    };
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/../stat")))
+        .unwrap_or_default();
+    stat.split_whitespace()
+        .nth(15)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0)
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+fn message(spool: &Spool<FileStorage>, body: &[u8]) -> MessageRecord {
+    MessageRecord {
+        id: spool.next_id(),
+        sender: "bench@example.test".into(),
+        recipients: vec!["rcpt@example.net".into()],
+        meta: vec![],
+        queue: "example.net".into(),
+        attempts: 0,
+        due_unix_ms: 0,
+        received_unix_ms: 0,
+        done: vec![],
+        body: body.to_vec(),
+    }
+}
+
+/// Per-shard outcome of one case.
+struct ShardOutcome {
+    msgs: u64,
+    bytes: u64,
+    hist: Histogram<u64>,
+}
+
+fn run_case(
+    args: &Args,
+    system: &'static str,
+    shards: usize,
+    appenders: usize,
+) -> Result<CaseResult> {
+    let case_dir = args.dir.join(format!("{system}-{shards}x{appenders}"));
+    let _ = std::fs::remove_dir_all(&case_dir);
+    std::fs::create_dir_all(&case_dir)?;
+    let duration = Duration::from_secs_f64(args.seconds);
+    let body_bytes = args.body_bytes;
+    let flushes0 = device_flushes(&case_dir);
+    let cpu0 = cpu_seconds();
+    let started = Instant::now();
+    let dir = case_dir.clone();
+    let outcomes: Vec<ShardOutcome> =
+        LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, None))
+            .on_all_shards(move || {
+                let dir = dir.clone();
+                async move {
+                    let shard = glommio::executor().id() as u16;
+                    let shard_dir = dir.join(shard.to_string());
+                    match system {
+                        "gannet" => {
+                            gannet_shard(shard, &shard_dir, appenders, body_bytes, duration).await
+                        }
+                        _ => naive_shard(&shard_dir, appenders, body_bytes, duration).await,
+                    }
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("starting executors: {e}"))?
+            .join_all()
+            .into_iter()
+            .map(|r| r.map_err(|e| anyhow::anyhow!("shard failed: {e:?}")))
+            .collect::<Result<_>>()?;
+    let seconds = started
+        .elapsed()
+        .as_secs_f64()
+        .min(args.seconds.max(0.001) + 1.0);
+    let mut hist = Histogram::<u64>::new(3)?;
+    let (mut msgs, mut bytes) = (0, 0);
+    for outcome in &outcomes {
+        hist.add(&outcome.hist)?;
+        msgs += outcome.msgs;
+        bytes += outcome.bytes;
+    }
+    let result = CaseResult {
+        system,
+        shards,
+        appenders,
+        msgs,
+        seconds: seconds.min(args.seconds).max(args.seconds * 0.5),
+        bytes,
+        hist,
+        flushes: device_flushes(&case_dir).saturating_sub(flushes0),
+        cpu_seconds: cpu_seconds() - cpu0,
+    };
+    let _ = std::fs::remove_dir_all(&case_dir);
+    Ok(result)
+}
+
+async fn gannet_shard(
+    shard: u16,
+    dir: &Path,
+    appenders: usize,
+    body_bytes: usize,
+    duration: Duration,
+) -> ShardOutcome {
+    let config = SpoolConfig {
+        segment_bytes: 256 << 20,
+        ..SpoolConfig::for_shard(shard)
+    };
+    let (spool, _) =
+        Spool::open(FileStorage::open_dir(dir).expect("spool dir"), config).expect("open");
+    glommio::spawn_local(spool.clone().run_committer()).detach();
+    let body = Rc::new(vec![b'x'; body_bytes]);
+    let hist = Rc::new(RefCell::new(Histogram::<u64>::new(3).expect("histogram")));
+    let count = Rc::new(Cell::new(0u64));
+    let bytes = Rc::new(Cell::new(0u64));
+    let deadline = Instant::now() + duration;
+    let tasks: Vec<_> = (0..appenders)
+        .map(|_| {
+            let (spool, body, hist, count, bytes) = (
+                spool.clone(),
+                body.clone(),
+                hist.clone(),
+                count.clone(),
+                bytes.clone(),
+            );
+            glommio::spawn_local(async move {
+                while Instant::now() < deadline {
+                    let msg = message(&spool, &body);
+                    let t = Instant::now();
+                    spool.write(Record::Message(&msg)).await.expect("append");
+                    let _ = hist.borrow_mut().record(t.elapsed().as_micros() as u64);
+                    count.set(count.get() + 1);
+                    bytes.set(bytes.get() + body.len() as u64);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await;
+    }
+    spool.close().await;
+    let hist = hist.borrow().clone();
+    ShardOutcome {
+        msgs: count.get(),
+        bytes: bytes.get(),
+        hist,
+    }
+}
+
+/// The same bytes, one fdatasync (through io_uring) per message.
+async fn naive_shard(
+    dir: &Path,
+    appenders: usize,
+    body_bytes: usize,
+    duration: Duration,
+) -> ShardOutcome {
+    std::fs::create_dir_all(dir).expect("dir");
+    let path = dir.join("naive.dat");
+    let file_len: u64 = 4 << 30;
+    {
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .expect("file");
+        // SAFETY: FFI call on an owned descriptor.
+        unsafe { libc::posix_fallocate(f.as_raw_fd(), 0, file_len as libc::off_t) };
+        f.sync_all().expect("sync");
+    }
+    let file = Rc::new(glommio::io::BufferedFile::open(&path).await.expect("open"));
+    let std_file = Rc::new(OpenOptions::new().write(true).open(&path).expect("open"));
+    let record = Rc::new(vec![b'x'; body_bytes + 256]);
+    let hist = Rc::new(RefCell::new(Histogram::<u64>::new(3).expect("histogram")));
+    let count = Rc::new(Cell::new(0u64));
+    let offset = Rc::new(Cell::new(0u64));
+    let deadline = Instant::now() + duration;
+    let tasks: Vec<_> = (0..appenders)
+        .map(|_| {
+            let (file, std_file, record, hist, count, offset) = (
+                file.clone(),
+                std_file.clone(),
+                record.clone(),
+                hist.clone(),
+                count.clone(),
+                offset.clone(),
+            );
+            glommio::spawn_local(async move {
+                while Instant::now() < deadline {
+                    let at = offset.get();
+                    offset.set((at + record.len() as u64) % (file_len - record.len() as u64));
+                    let t = Instant::now();
+                    // The write itself is a page-cache copy, like the spool's memcpy.
+                    std_file.write_all_at(&record, at).expect("write");
+                    file.fdatasync().await.expect("fdatasync");
+                    let _ = hist.borrow_mut().record(t.elapsed().as_micros() as u64);
+                    count.set(count.get() + 1);
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await;
+    }
+    let hist = hist.borrow().clone();
+    let msgs = count.get();
+    ShardOutcome {
+        msgs,
+        bytes: msgs * body_bytes as u64,
+        hist,
+    }
+}
+
+/// Sequential writes of `bytes` in 1 MiB chunks and one fdatasync: the disk's limit.
+fn raw_limit(dir: &Path, bytes: u64) -> Result<(f64, u64)> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join("raw.dat");
+    let mut file = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&path)?;
+    let chunk = vec![b'x'; 1 << 20];
+    let flushes0 = device_flushes(dir);
+    let t = Instant::now();
+    let mut written = 0;
+    while written < bytes {
+        file.write_all(&chunk)?;
+        written += chunk.len() as u64;
+    }
+    file.sync_data()?;
+    let seconds = t.elapsed().as_secs_f64();
+    let flushes = device_flushes(dir).saturating_sub(flushes0);
+    std::fs::remove_file(&path)?;
+    Ok((written as f64 / seconds, flushes))
+}
+
+/// Writes `records` small messages with the spool, then times recovery of them.
+fn recovery(args: &Args, records: usize) -> Result<(f64, u64, u64)> {
+    let dir = args.dir.join("recovery");
+    let _ = std::fs::remove_dir_all(&dir);
+    let shard_dir = dir.join("0");
+    let write_dir = shard_dir.clone();
+    glommio::LocalExecutorBuilder::new(glommio::Placement::Unbound)
+        .make()
+        .map_err(|e| anyhow::anyhow!("starting executor: {e}"))?
+        .run(async move {
+            let (spool, _) = Spool::open(
+                FileStorage::open_dir(&write_dir).expect("dir"),
+                SpoolConfig::for_shard(0),
+            )
+            .expect("open");
+            glommio::spawn_local(spool.clone().run_committer()).detach();
+            let body = b"Subject: r\r\n\r\nsmall\r\n".to_vec();
+            let mut last = None;
+            for _ in 0..records {
+                let msg = message(&spool, &body);
+                last = Some(spool.append_message(&msg).expect("append"));
+            }
+            if let Some(ticket) = last {
+                spool.durable(ticket).await.expect("durable");
+            }
+            spool.close().await;
+        });
+    let t = Instant::now();
+    let (_, recovered) = Spool::open(
+        FileStorage::open_dir(&shard_dir)?,
+        SpoolConfig::for_shard(0),
+    )?;
+    let seconds = t.elapsed().as_secs_f64();
+    let disk: u64 = std::fs::read_dir(&shard_dir)?
+        .map(|e| {
+            e.map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+                .unwrap_or(0)
+        })
+        .sum();
+    let live = recovered.live.len() as u64;
+    drop(recovered);
+    std::fs::remove_dir_all(&dir)?;
+    Ok((seconds, live, disk))
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
+}
+
+fn command_output(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.dir)?;
+    let all_shards = args.shards.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let mut results = Vec::new();
+    let mut shard_counts = vec![1];
+    if all_shards > 1 {
+        shard_counts.push(all_shards);
+    }
+    for &shards in &shard_counts {
+        for &appenders in &args.appenders {
+            // Alternate the systems so that drift of the machine hits both alike.
+            for system in ["gannet", "naive"] {
+                let result = run_case(&args, system, shards, appenders)?;
+                println!("{}", result.json());
+                results.push(result);
+            }
+        }
+    }
+    let gannet_bytes = results
+        .iter()
+        .filter(|r| r.system == "gannet")
+        .map(|r| r.bytes)
+        .max()
+        .unwrap_or(1 << 30);
+    let (raw_bytes_per_s, raw_flushes) =
+        raw_limit(&args.dir, gannet_bytes.clamp(256 << 20, 2 << 30))?;
+    let raw_msgs_per_s = raw_bytes_per_s / args.body_bytes as f64;
+    println!(
+        "{}",
+        serde_json::json!({"system": "raw", "mb_per_s": (raw_bytes_per_s / 1e6).round(), "msgs_per_s": raw_msgs_per_s.round(), "flushes": raw_flushes})
+    );
+    let recovery = if args.recovery_records > 0 {
+        let (seconds, live, disk) = recovery(&args, args.recovery_records)?;
+        println!(
+            "{}",
+            serde_json::json!({"recovery_records": live, "recovery_s": (seconds * 1000.0).round() / 1000.0, "spool_bytes": disk})
+        );
+        Some((seconds, live, disk))
+    } else {
+        None
+    };
+
+    let mut md = String::new();
+    use std::fmt::Write as _;
+    let rev = command_output("git", &["rev-parse", "--short", "HEAD"]);
+    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let command: Vec<String> = std::env::args().collect();
+    writeln!(
+        md,
+        "\n## Spool: group commit vs per-message fdatasync vs raw disk — {date}\n"
+    )?;
+    writeln!(md, "- command: `{}`", command.join(" "))?;
+    writeln!(
+        md,
+        "- machine: {}; disk under `{}`",
+        machine(),
+        args.dir.display()
+    )?;
+    writeln!(
+        md,
+        "- revision: {rev}; {} byte bodies, {} s per case\n",
+        args.body_bytes, args.seconds
+    )?;
+    writeln!(
+        md,
+        "| shards | appenders/shard | gannet msgs/s | naive msgs/s | gannet/naive | gannet/raw | gannet MB/s | ack p50/p99/p99.9 µs | flushes/msg gannet / naive | CPU s per 1000 msgs gannet / naive |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
+    for pair in results.chunks(2) {
+        let (g, n) = (&pair[0], &pair[1]);
+        let gj = g.json();
+        let nj = n.json();
+        writeln!(
+            md,
+            "| {} | {} | {:.0} | {:.0} | {:.1}× | {:.0}% | {} | {}/{}/{} | {} / {} | {} / {} |",
+            g.shards,
+            g.appenders,
+            g.msgs_per_s(),
+            n.msgs_per_s(),
+            g.msgs_per_s() / n.msgs_per_s().max(1e-9),
+            100.0 * g.msgs_per_s() / raw_msgs_per_s,
+            gj["mb_per_s"],
+            gj["ack_latency_us_p50"],
+            gj["ack_latency_us_p99"],
+            gj["ack_latency_us_p999"],
+            gj["flushes_per_msg"],
+            nj["flushes_per_msg"],
+            gj["cpu_s_per_1000_msgs"],
+            nj["cpu_s_per_1000_msgs"],
+        )?;
+    }
+    writeln!(
+        md,
+        "\nraw disk: {:.0} MB/s sequential write + one fdatasync = {:.0} msgs/s of {} bytes.",
+        raw_bytes_per_s / 1e6,
+        raw_msgs_per_s,
+        args.body_bytes
+    )?;
+    if let Some((seconds, live, disk)) = recovery {
+        writeln!(
+            md,
+            "\nrecovery: {live} records ({:.0} MB of segments) recovered in {seconds:.2} s (page cache warm).",
+            disk as f64 / 1e6
+        )?;
+    }
+    print!("{md}");
+    if !args.results.is_empty() {
+        let mut file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&args.results)?;
+        file.write_all(md.as_bytes())?;
+    }
+    let _ = std::fs::remove_dir_all(&args.dir);
+    Ok(())
+}

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what the tests need, then format, lint and tests.
+# Used by .ci/run; safe to run beside a running gannetd (tests use ephemeral ports and
+# their own temporary directories).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n== %s\n' "$*"; }
+
+step "test peers"
+# The spool and daemon tests need nothing beyond cargo. SMTP peers (postfix's
+# smtp-sink, swaks, python aiosmtpd/dkimpy, dnsmasq) are installed here as the tests
+# that use them land.
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -D warnings"
+cargo clippy --workspace --all-targets -- -D warnings
+
+step "cargo test"
+cargo test --workspace
+
+step "benchmark smoke run (keeps bench/ working; figures are not recorded)"
+cargo run --quiet -p gannet-bench --bin spool-bench -- \
+  --seconds 0.2 --appenders 1,8 --shards 2 --recovery-records 2000 \
+  --dir "${TMPDIR:-/tmp}/gannet-bench-smoke.$$" --results "" >/dev/null
+
+echo "all checks passed"
