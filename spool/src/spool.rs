@@ -63,6 +63,9 @@ pub struct SpoolConfig {
     /// Sealed segments may hold this many percent more bytes than the live messages
     /// (plus two segments of slack) before the oldest one is compacted.
     pub space_overhead_percent_max: u32,
+    /// Syncs that may run at once (capped by the storage's slots). Overlapping syncs
+    /// let the device work on one batch while the previous one flushes.
+    pub commit_syncs_in_flight_max: usize,
     /// Period of the background maintenance (deleting and compacting segments).
     pub maintenance_interval_ms: u64,
     /// After a failed sync, how long the committer waits before probing the disk again.
@@ -91,6 +94,7 @@ impl Default for SpoolConfig {
             commit_batch_bytes_max: 32 << 20,
             unsynced_bytes_max: 128 << 20,
             space_overhead_percent_max: 100,
+            commit_syncs_in_flight_max: 4,
             maintenance_interval_ms: 250,
             sync_retry_interval_ms: 100,
         }
@@ -192,10 +196,22 @@ pub struct SpoolStats {
     pub appends: u64,
     pub syncs: u64,
     pub sync_failures: u64,
+    /// The most syncs that were in flight at once.
+    pub syncs_in_flight_max: u64,
     pub segments: u64,
     pub live_messages: u64,
     pub live_bytes: u64,
     pub sealed_bytes: u64,
+}
+
+/// An epoch closed for syncing.
+#[derive(Debug)]
+struct ClosedEpoch {
+    epoch: u64,
+    bytes: usize,
+    segments: Vec<Rc<Segment>>,
+    /// Messages to abandon if the epoch fails (new ones, and abandon-tombstoned ones).
+    abandon_on_failure: Vec<MessageId>,
 }
 
 #[derive(Debug)]
@@ -232,8 +248,15 @@ struct Commit {
     open_epoch: Cell<u64>,
     /// Every epoch up to this one is resolved.
     done_epoch: Cell<u64>,
-    /// Resolved epochs whose sync failed (one entry per failed sync).
+    /// Resolved epochs whose sync failed (one entry per failed epoch).
     failed: RefCell<BTreeMap<u64, SpoolError>>,
+    /// Epochs whose sync finished (true: it succeeded) but that wait for an earlier
+    /// epoch: epochs resolve strictly in order.
+    finished: RefCell<BTreeMap<u64, bool>>,
+    /// Syncs running now.
+    in_flight: Cell<usize>,
+    /// The newest epoch that failed; a success after it makes the spool healthy.
+    last_failed: Cell<u64>,
     /// Bytes appended but not yet covered by a finished sync.
     unsynced_bytes: Cell<usize>,
     healthy: Cell<bool>,
@@ -366,6 +389,9 @@ impl<S: Storage + 'static> Spool<S> {
                     open_epoch: Cell::new(1),
                     done_epoch: Cell::new(0),
                     failed: RefCell::new(BTreeMap::new()),
+                    finished: RefCell::new(BTreeMap::new()),
+                    in_flight: Cell::new(0),
+                    last_failed: Cell::new(0),
                     unsynced_bytes: Cell::new(0),
                     healthy: Cell::new(true),
                     probe: Cell::new(false),
@@ -639,17 +665,23 @@ impl<S: Storage + 'static> Spool<S> {
             .ok()
     }
 
-    /// The committer: closes and syncs epochs until [`Spool::close`]. Spawn it once on
-    /// the shard's executor.
+    /// The committer: closes epochs and starts their syncs — several at once, each on
+    /// its own sync slot — until [`Spool::close`]. Spawn it once on the shard's
+    /// executor.
     pub async fn run_committer(self) {
         let inner = &*self.inner;
         let commit = &inner.commit;
+        let slots = inner
+            .config
+            .commit_syncs_in_flight_max
+            .clamp(1, inner.storage.sync_slots());
         loop {
             let work = poll_fn(|cx| {
                 let pending = inner.state.borrow().epoch_records > 0 || commit.probe.get();
-                if pending {
+                let in_flight = commit.in_flight.get();
+                if pending && in_flight < slots {
                     Poll::Ready(true)
-                } else if commit.closing.get() {
+                } else if commit.closing.get() && !pending && in_flight == 0 {
                     Poll::Ready(false)
                 } else {
                     commit.committer.set(Some(cx.waker().clone()));
@@ -660,91 +692,140 @@ impl<S: Storage + 'static> Spool<S> {
             if !work {
                 break;
             }
-            let (below_bounds, window) = {
-                let state = inner.state.borrow();
-                let below = state.epoch_records < inner.config.commit_batch_records_max
-                    && state.epoch_bytes < inner.config.commit_batch_bytes_max;
-                (below, inner.config.commit_window_us)
-            };
             if commit.probe.get() {
-                // The last sync failed: give the disk (or the operator) a moment.
-                let pause = inner.config.sync_retry_interval_ms;
-                glommio::timer::sleep(Duration::from_millis(pause)).await;
-            } else if below_bounds && window > 0 && !commit.closing.get() {
-                glommio::timer::sleep(Duration::from_micros(window)).await;
+                // The last sync failed: give the disk (or the operator) a moment, then
+                // tombstone what was abandoned (into a fresh segment): that sync both
+                // probes the disk and makes the abandonment durable.
+                if !commit.closing.get() {
+                    let pause = inner.config.sync_retry_interval_ms;
+                    glommio::timer::sleep(Duration::from_millis(pause)).await;
+                }
+                if let Err(err) = self.write_abandon_tombstones() {
+                    tracing::error!(error = %err, "spool still failing; cannot write abandon tombstones");
+                    if commit.closing.get() {
+                        // Shutting down: the messages stay abandoned in memory only; a
+                        // restart may deliver them (at least once, never lost).
+                        commit.probe.set(false);
+                    }
+                    continue;
+                }
+                commit.probe.set(false);
+            } else if inner.config.commit_window_us > 0 && !commit.closing.get() {
+                let below_bounds = {
+                    let state = inner.state.borrow();
+                    state.epoch_records < inner.config.commit_batch_records_max
+                        && state.epoch_bytes < inner.config.commit_batch_bytes_max
+                };
+                if below_bounds {
+                    glommio::timer::sleep(Duration::from_micros(inner.config.commit_window_us))
+                        .await;
+                }
             }
-            if commit.closing.get() && commit.probe.get() && inner.state.borrow().epoch_records == 0
-            {
-                break;
-            }
-            self.commit_epoch().await;
+            let closed = self.close_epoch();
+            commit.in_flight.set(commit.in_flight.get() + 1);
+            let mut state = inner.state.borrow_mut();
+            let peak = &mut state.stats.syncs_in_flight_max;
+            *peak = (*peak).max(commit.in_flight.get() as u64);
+            drop(state);
+            let slot = (closed.epoch % slots as u64) as usize;
+            glommio::spawn_local(self.clone().sync_epoch(closed, slot)).detach();
         }
         commit.stopped.set(true);
         wake_all(commit);
     }
 
-    async fn commit_epoch(&self) {
-        let inner = &*self.inner;
-        let commit = &inner.commit;
-        if commit.probe.replace(false) {
-            // After a failure: tombstone what was abandoned (into a fresh segment, since
-            // the failed one is sealed) so that this sync both probes the disk and makes
-            // the abandonment durable.
-            if let Err(err) = self.write_abandon_tombstones() {
-                tracing::error!(error = %err, "spool still failing; cannot write abandon tombstones");
-                commit.probe.set(true);
-                return;
-            }
-        }
+    /// Closes the open epoch (opening the next) and takes its bookkeeping.
+    fn close_epoch(&self) -> ClosedEpoch {
+        let commit = &self.inner.commit;
         let epoch = commit.open_epoch.get();
         commit.open_epoch.set(epoch + 1);
-        let (segments, abandon_on_failure, bytes) = {
-            let mut state = inner.state.borrow_mut();
-            state.epoch_records = 0;
-            let bytes = std::mem::take(&mut state.epoch_bytes);
-            let segments = std::mem::take(&mut state.epoch_segments);
-            (
-                segments,
-                std::mem::take(&mut state.epoch_abandon_on_failure),
-                bytes,
-            )
-        };
+        let mut state = self.inner.state.borrow_mut();
+        state.epoch_records = 0;
+        ClosedEpoch {
+            epoch,
+            bytes: std::mem::take(&mut state.epoch_bytes),
+            segments: std::mem::take(&mut state.epoch_segments),
+            abandon_on_failure: std::mem::take(&mut state.epoch_abandon_on_failure),
+        }
+    }
+
+    async fn sync_epoch(self, closed: ClosedEpoch, slot: usize) {
         let mut result = Ok(());
-        for segment in &segments {
-            if let Err(err) = inner.storage.sync(segment).await {
+        for segment in &closed.segments {
+            if let Err(err) = self.inner.storage.sync(segment, slot).await {
                 result = Err(err);
                 break;
             }
         }
-        let mut state = inner.state.borrow_mut();
-        state.stats.syncs += 1;
-        match result {
-            Ok(()) => commit.healthy.set(true),
-            Err(err) => {
-                tracing::error!(epoch, error = %err, "spool sync failed; unacknowledged messages are abandoned");
-                state.stats.sync_failures += 1;
-                commit.healthy.set(false);
-                commit.failed.borrow_mut().insert(epoch, err);
-                // Never append to the file whose sync failed again: seal it. What the
-                // failed batch wrote is not acknowledged, so it must not be delivered
-                // after a restart either: drop it from the index now and tombstone it
-                // in the probe sync that follows.
-                state.active = None;
-                for id in abandon_on_failure {
-                    if let Some(entry) = state.index.remove(&id) {
-                        forget(&mut state, entry.msg);
-                    }
-                    state.abandoned.push(id);
-                }
-                commit.probe.set(true);
-            }
+        let commit = &self.inner.commit;
+        commit.in_flight.set(commit.in_flight.get() - 1);
+        self.inner.state.borrow_mut().stats.syncs += 1;
+        if let Err(err) = result {
+            tracing::error!(epoch = closed.epoch, error = %err, "spool sync failed; its messages are not acknowledged");
+            self.inner.state.borrow_mut().stats.sync_failures += 1;
+            // What was appended while this sync ran may have been in the write-back
+            // that failed, and the kernel has marked those pages clean: a later sync
+            // would report success for data that is gone. So the open epoch fails too,
+            // and the segment is sealed; nothing is appended to it again.
+            self.inner.state.borrow_mut().active = None;
+            let open = self.close_epoch();
+            let reason = format!("written while a sync of the same segment failed ({err})");
+            let seq = open.segments.first().map_or(0, |s| s.seq());
+            self.finish_epoch(closed, Err(err));
+            self.finish_epoch(open, Err(SpoolError::SyncFailed { seq, reason }));
+        } else {
+            self.finish_epoch(closed, Ok(()));
         }
-        drop(state);
+        self.resolve_in_order();
+        if let Some(waker) = commit.committer.take() {
+            waker.wake();
+        }
+    }
+
+    /// Records an epoch's outcome; failed epochs abandon the messages they held.
+    fn finish_epoch(&self, closed: ClosedEpoch, result: Result<(), SpoolError>) {
+        let commit = &self.inner.commit;
         commit
             .unsynced_bytes
-            .set(commit.unsynced_bytes.get().saturating_sub(bytes));
-        commit.done_epoch.set(epoch);
-        wake_all(commit);
+            .set(commit.unsynced_bytes.get().saturating_sub(closed.bytes));
+        let ok = result.is_ok();
+        if let Err(err) = result {
+            let mut state = self.inner.state.borrow_mut();
+            let state = &mut *state;
+            for id in closed.abandon_on_failure {
+                if let Some(entry) = state.index.remove(&id) {
+                    forget(state, entry.msg);
+                }
+                state.abandoned.push(id);
+            }
+            commit.healthy.set(false);
+            commit.probe.set(true);
+            commit
+                .last_failed
+                .set(commit.last_failed.get().max(closed.epoch));
+            commit.failed.borrow_mut().insert(closed.epoch, err);
+        }
+        commit.finished.borrow_mut().insert(closed.epoch, ok);
+    }
+
+    /// Moves `done_epoch` over every finished epoch that has no unfinished one before
+    /// it, and wakes the waiters.
+    fn resolve_in_order(&self) {
+        let commit = &self.inner.commit;
+        let mut finished = commit.finished.borrow_mut();
+        let mut advanced = false;
+        while let Some(ok) = finished.remove(&(commit.done_epoch.get() + 1)) {
+            let epoch = commit.done_epoch.get() + 1;
+            commit.done_epoch.set(epoch);
+            if ok && epoch > commit.last_failed.get() {
+                commit.healthy.set(true);
+            }
+            advanced = true;
+        }
+        drop(finished);
+        if advanced {
+            wake_all(commit);
+        }
     }
 
     /// Writes a tombstone for every abandoned message into the open epoch, starting a

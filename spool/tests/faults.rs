@@ -28,6 +28,17 @@ async fn append_acked(spool: &Spool<SimStorage>, count: usize, body_len: usize) 
     ids
 }
 
+/// Waits (bounded) for the probe sync after a failure to restore health.
+async fn wait_healthy(spool: &Spool<SimStorage>) {
+    for _ in 0..200 {
+        if spool.is_healthy() {
+            return;
+        }
+        glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    panic!("spool did not become healthy: {:?}", spool.stats());
+}
+
 fn live_ids(recovered: &gannet_spool::Recovered) -> Vec<MessageId> {
     recovered.live.iter().map(|m| m.id).collect()
 }
@@ -200,13 +211,7 @@ fn a_failed_sync_is_never_acknowledged_and_the_spool_recovers() {
         // The failed message is abandoned (tombstoned), and once the probe sync that
         // follows succeeds, the spool takes appends again.
         assert!(spool.get(doomed.id).is_none());
-        for _ in 0..100 {
-            if spool.is_healthy() {
-                break;
-            }
-            glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
-        }
-        assert!(spool.is_healthy());
+        wait_healthy(&spool).await;
         let after = append_acked(&spool, 1, 400).await;
         spool.close().await;
         let (_, recovered) = Spool::open(storage.crash(CrashMode::Clean), config()).unwrap();
@@ -269,5 +274,91 @@ fn oversized_records_get_a_segment_of_their_own_and_too_large_ones_are_refused()
         spool.close().await;
         let (_, recovered) = Spool::open(storage.crash(CrashMode::Clean), config).unwrap();
         assert_eq!(live_ids(&recovered), big);
+    });
+}
+
+#[test]
+fn what_was_appended_during_a_failed_sync_is_not_acknowledged_by_a_later_one() {
+    common::run(|| async {
+        let storage = SimStorage::new(11);
+        // Syncs take a few scheduler turns, so appends land while one is in flight;
+        // one sync at a time keeps the second append in the open epoch meanwhile.
+        storage.set_sync_yields(4);
+        let config = SpoolConfig {
+            commit_syncs_in_flight_max: 1,
+            ..config()
+        };
+        let (spool, _) = Spool::open(storage.clone(), config.clone()).unwrap();
+        common::start(&spool);
+        let kept = append_acked(&spool, 1, 300).await;
+        storage.fail_syncs(1);
+        let first = common::message(spool.next_id(), 300, 1);
+        let first_ticket = spool.append_message(&first).unwrap();
+        // Let the committer close the epoch and start its (failing) sync.
+        glommio::executor().yield_task_queue_now().await;
+        let during = common::message(spool.next_id(), 300, 1);
+        let during_ticket = spool.append_message(&during).unwrap();
+        assert_ne!(
+            first_ticket, during_ticket,
+            "the second append must be in the next epoch"
+        );
+        assert!(spool.durable(first_ticket).await.is_err());
+        // Its own sync would succeed, but its bytes were written beside a failed
+        // write-back: it must not be acknowledged.
+        let err = spool.durable(during_ticket).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("written while a sync of the same segment failed"),
+            "{err}"
+        );
+        assert!(spool.get(first.id).is_none() && spool.get(during.id).is_none());
+        wait_healthy(&spool).await;
+        let after = append_acked(&spool, 1, 300).await;
+        spool.close().await;
+        let (_, recovered) = Spool::open(storage.crash(CrashMode::Clean), config).unwrap();
+        assert_eq!(live_ids(&recovered), [kept, after].concat());
+    });
+}
+
+#[test]
+fn overlapping_syncs_acknowledge_only_what_is_durable() {
+    common::run(|| async {
+        let storage = SimStorage::new(12);
+        storage.set_sync_yields(3);
+        let (spool, _) = Spool::open(storage.clone(), config()).unwrap();
+        common::start(&spool);
+        let tasks: Vec<_> = (0..12)
+            .map(|i| {
+                let spool = spool.clone();
+                glommio::spawn_local(async move {
+                    let mut ids = Vec::new();
+                    for _ in 0..5 {
+                        for _ in 0..i {
+                            glommio::executor().yield_task_queue_now().await;
+                        }
+                        let msg = common::message(spool.next_id(), 200, 1);
+                        spool
+                            .durable(spool.append_message(&msg).unwrap())
+                            .await
+                            .unwrap();
+                        ids.push(msg.id);
+                    }
+                    ids
+                })
+            })
+            .collect();
+        let mut acked = Vec::new();
+        for task in tasks {
+            acked.extend(task.await);
+        }
+        let stats = spool.stats();
+        assert!(
+            stats.syncs_in_flight_max > 1,
+            "syncs never overlapped: {stats:?}"
+        );
+        // Crash without closing: everything acknowledged was durable when it was acked.
+        let (_, recovered) = Spool::open(storage.crash(CrashMode::Clean), config()).unwrap();
+        acked.sort();
+        assert_eq!(live_ids(&recovered), acked);
     });
 }

@@ -23,6 +23,10 @@ use super::{Storage, now_unix_ms};
 use crate::error::SpoolError;
 use crate::segment::{SEGMENT_HEADER_BYTES, Segment, SegmentHeader};
 
+/// Syncs of one segment that may be in flight at once, each through its own open
+/// file description (so that each sees every write-back error, see `Storage::sync`).
+pub const SYNC_SLOTS: usize = 4;
+
 /// The lock file in every shard directory: the writer holds an exclusive `flock` on
 /// it for as long as it runs; inspection takes a shared one.
 pub const LOCK_FILE_NAME: &str = "LOCK";
@@ -34,10 +38,12 @@ pub struct FileStorage {
     read_only: bool,
     /// Holds the directory's flock (released when the storage drops).
     _lock: Option<File>,
-    /// io_uring handles for fdatasync, opened lazily inside the executor.
-    uring_files: RefCell<HashMap<u64, Rc<BufferedFile>>>,
-    /// The std files behind the mappings, kept for dup() and fallbacks.
-    files: RefCell<HashMap<u64, File>>,
+    /// io_uring handles for fdatasync, per (segment, slot), wrapped lazily inside the
+    /// executor around a dup of the slot's descriptor.
+    uring_files: RefCell<HashMap<(u64, usize), Rc<BufferedFile>>>,
+    /// Per segment created in this run: one open file description per sync slot,
+    /// opened right after creation, before any record is written.
+    sync_files: RefCell<HashMap<u64, Vec<File>>>,
 }
 
 /// `00000000000000000042.seg`: fixed width, so names sort like numbers.
@@ -72,7 +78,7 @@ impl FileStorage {
             read_only,
             _lock: lock,
             uring_files: RefCell::new(HashMap::new()),
-            files: RefCell::new(HashMap::new()),
+            sync_files: RefCell::new(HashMap::new()),
         }
     }
 
@@ -152,26 +158,30 @@ impl FileStorage {
         )))
     }
 
-    fn uring_file(&self, seq: u64) -> Result<Rc<BufferedFile>, SpoolError> {
-        if let Some(file) = self.uring_files.borrow().get(&seq) {
+    fn uring_file(&self, seq: u64, slot: usize) -> Result<Rc<BufferedFile>, SpoolError> {
+        if let Some(file) = self.uring_files.borrow().get(&(seq, slot)) {
             return Ok(file.clone());
         }
-        let files = self.files.borrow();
-        let std_file = files.get(&seq).ok_or_else(|| {
+        let files = self.sync_files.borrow();
+        let slot_file = files.get(&seq).and_then(|f| f.get(slot)).ok_or_else(|| {
             SpoolError::io(
                 "syncing",
                 seq,
                 io::Error::other("segment is not open for writing"),
             )
         })?;
-        let dup = std_file
+        // dup() shares the open file description, and with it the write-back error
+        // state this slot must see.
+        let dup = slot_file
             .try_clone()
             .map_err(|e| SpoolError::io("duplicating", seq, e))?;
         let fd = std::os::fd::IntoRawFd::into_raw_fd(dup);
         // SAFETY: `fd` is a fresh descriptor from try_clone that nothing else owns; the
         // BufferedFile takes it over and closes it.
         let file = Rc::new(unsafe { BufferedFile::from_raw_fd(fd) });
-        self.uring_files.borrow_mut().insert(seq, file.clone());
+        self.uring_files
+            .borrow_mut()
+            .insert((seq, slot), file.clone());
         Ok(file)
     }
 }
@@ -224,8 +234,14 @@ impl Storage for FileStorage {
     fn create(&self, seq: u64, shard: u16, len: usize) -> Result<Rc<Segment>, SpoolError> {
         assert!(!self.read_only, "create on read-only storage");
         let file = self.create_file(seq, shard, len)?;
+        let path = self.segment_path(seq);
+        let mut slots = Vec::with_capacity(SYNC_SLOTS);
+        for _ in 0..SYNC_SLOTS {
+            let slot = OpenOptions::new().write(true).open(&path);
+            slots.push(slot.map_err(|e| SpoolError::io("opening sync slots of", seq, e))?);
+        }
         let segment = self.map(seq, &file, len, SEGMENT_HEADER_BYTES)?;
-        self.files.borrow_mut().insert(seq, file);
+        self.sync_files.borrow_mut().insert(seq, slots);
         Ok(segment)
     }
 
@@ -251,9 +267,13 @@ impl Storage for FileStorage {
         Ok(segment)
     }
 
-    async fn sync(&self, segment: &Segment) -> Result<(), SpoolError> {
+    fn sync_slots(&self) -> usize {
+        SYNC_SLOTS
+    }
+
+    async fn sync(&self, segment: &Segment, slot: usize) -> Result<(), SpoolError> {
         let seq = segment.seq();
-        let file = self.uring_file(seq)?;
+        let file = self.uring_file(seq, slot % SYNC_SLOTS)?;
         file.fdatasync().await.map_err(|e| SpoolError::SyncFailed {
             seq,
             reason: e.to_string(),
@@ -261,10 +281,12 @@ impl Storage for FileStorage {
     }
 
     async fn remove(&self, seq: u64) -> Result<(), SpoolError> {
-        self.files.borrow_mut().remove(&seq);
-        let uring = self.uring_files.borrow_mut().remove(&seq);
-        if let Some(file) = uring.and_then(|f| Rc::try_unwrap(f).ok()) {
-            let _ = file.close().await;
+        self.sync_files.borrow_mut().remove(&seq);
+        for slot in 0..SYNC_SLOTS {
+            let uring = self.uring_files.borrow_mut().remove(&(seq, slot));
+            if let Some(file) = uring.and_then(|f| Rc::try_unwrap(f).ok()) {
+                let _ = file.close().await;
+            }
         }
         glommio::io::remove(self.segment_path(seq))
             .await

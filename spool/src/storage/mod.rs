@@ -29,9 +29,16 @@ pub trait Storage {
     /// Opens segment `seq` for reading its whole capacity (recovery, inspection).
     fn open(&self, seq: u64) -> Result<Rc<Segment>, SpoolError>;
 
+    /// How many syncs of one segment may be in flight at once: `sync` calls with
+    /// different `slot`s (below this) may overlap.
+    fn sync_slots(&self) -> usize;
+
     /// Makes every byte written to `segment` so far durable (fdatasync). May be called
-    /// while appends continue; those are not covered.
-    fn sync(&self, segment: &Segment) -> impl Future<Output = Result<(), SpoolError>>;
+    /// while appends continue; those are not covered. Each slot must report every
+    /// write-back error that happens after the segment was created, independently of
+    /// the other slots (on Linux: one open file description per slot, opened before
+    /// any data was written — errors are reported once per description).
+    fn sync(&self, segment: &Segment, slot: usize) -> impl Future<Output = Result<(), SpoolError>>;
 
     /// Deletes segment `seq`; mappings already handed out stay readable.
     fn remove(&self, seq: u64) -> impl Future<Output = Result<(), SpoolError>>;

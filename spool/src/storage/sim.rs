@@ -43,6 +43,9 @@ struct Disk {
     space_bytes_max: Option<u64>,
     lose_syncs: u32,
     fail_syncs: u32,
+    /// Each sync yields to the executor this many times before it completes, so that
+    /// appends can land while it is "in flight".
+    sync_yields: u32,
     syncs: u64,
 }
 
@@ -62,6 +65,7 @@ impl SimStorage {
                 space_bytes_max: None,
                 lose_syncs: 0,
                 fail_syncs: 0,
+                sync_yields: 0,
                 syncs: 0,
             })),
         }
@@ -80,6 +84,11 @@ impl SimStorage {
     /// The next `count` syncs fail with an I/O error and persist nothing.
     pub fn fail_syncs(&self, count: u32) {
         self.disk.borrow_mut().fail_syncs = count;
+    }
+
+    /// Makes each sync yield `count` times before completing (syncs take "time").
+    pub fn set_sync_yields(&self, count: u32) {
+        self.disk.borrow_mut().sync_yields = count;
     }
 
     /// How many syncs were asked for (successful, lost or failed).
@@ -124,6 +133,7 @@ impl SimStorage {
                 space_bytes_max: disk.space_bytes_max,
                 lose_syncs: 0,
                 fail_syncs: 0,
+                sync_yields: 0,
                 syncs: 0,
             })),
         }
@@ -206,7 +216,15 @@ impl Storage for SimStorage {
         Ok(segment)
     }
 
-    async fn sync(&self, segment: &Segment) -> Result<(), SpoolError> {
+    fn sync_slots(&self) -> usize {
+        4
+    }
+
+    async fn sync(&self, segment: &Segment, _slot: usize) -> Result<(), SpoolError> {
+        let yields = self.disk.borrow().sync_yields;
+        for _ in 0..yields {
+            yield_now().await;
+        }
         let mut disk = self.disk.borrow_mut();
         disk.syncs += 1;
         let seq = segment.seq();
@@ -236,6 +254,21 @@ impl Storage for SimStorage {
         self.disk.borrow_mut().segments.remove(&seq);
         Ok(())
     }
+}
+
+/// Gives other tasks a turn once.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
 }
 
 #[cfg(test)]
