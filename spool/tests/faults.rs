@@ -14,6 +14,14 @@ fn config() -> SpoolConfig {
     }
 }
 
+/// A simulated disk and a started spool on it.
+fn sim_spool(seed: u64) -> (SimStorage, Spool<SimStorage>) {
+    let storage = SimStorage::new(seed);
+    let (spool, _) = Spool::open(storage.clone(), config()).unwrap();
+    common::start(&spool);
+    (storage, spool)
+}
+
 /// Appends `count` messages and waits for each to be durable.
 async fn append_acked(spool: &Spool<SimStorage>, count: usize, body_len: usize) -> Vec<MessageId> {
     let mut ids = Vec::new();
@@ -82,9 +90,7 @@ fn torn_writes_are_cut_off_and_reported() {
 #[test]
 fn a_lost_fdatasync_loses_only_that_batch_and_recovery_stays_consistent() {
     common::run(|| async {
-        let storage = SimStorage::new(7);
-        let (spool, _) = Spool::open(storage.clone(), config()).unwrap();
-        common::start(&spool);
+        let (storage, spool) = sim_spool(7);
         let kept = append_acked(&spool, 2, 500).await;
         storage.lose_syncs(1);
         let lost = append_acked(&spool, 1, 500).await;
@@ -129,9 +135,7 @@ fn a_bit_flip_in_a_record_is_skipped_and_reported() {
 #[test]
 fn a_damaged_segment_header_makes_only_that_segment_unusable() {
     common::run(|| async {
-        let storage = SimStorage::new(4);
-        let (spool, _) = Spool::open(storage.clone(), config()).unwrap();
-        common::start(&spool);
+        let (storage, spool) = sim_spool(4);
         // Enough to fill several 16 KiB segments.
         let ids = append_acked(&spool, 12, 4000).await;
         let first_seq = spool.get(ids[0]).unwrap().loc().seq;
@@ -199,9 +203,7 @@ fn a_full_disk_is_an_error_and_space_comes_back_after_tombstones() {
 #[test]
 fn a_failed_sync_is_never_acknowledged_and_the_spool_recovers() {
     common::run(|| async {
-        let storage = SimStorage::new(6);
-        let (spool, _) = Spool::open(storage.clone(), config()).unwrap();
-        common::start(&spool);
+        let (storage, spool) = sim_spool(6);
         let kept = append_acked(&spool, 2, 400).await;
         storage.fail_syncs(1);
         let doomed = common::message(spool.next_id(), 400, 1);

@@ -220,41 +220,20 @@ async fn gannet_shard(
         Spool::open(FileStorage::open_dir(dir).expect("spool dir"), config).expect("open");
     glommio::spawn_local(spool.clone().run_committer()).detach();
     let body = Rc::new(vec![b'x'; body_bytes]);
-    let hist = Rc::new(RefCell::new(Histogram::<u64>::new(3).expect("histogram")));
-    let count = Rc::new(Cell::new(0u64));
-    let bytes = Rc::new(Cell::new(0u64));
-    let deadline = Instant::now() + duration;
-    let tasks: Vec<_> = (0..appenders)
-        .map(|_| {
-            let (spool, body, hist, count, bytes) = (
-                spool.clone(),
-                body.clone(),
-                hist.clone(),
-                count.clone(),
-                bytes.clone(),
-            );
-            glommio::spawn_local(async move {
-                while Instant::now() < deadline {
-                    let msg = message(&spool, &body);
-                    let t = Instant::now();
-                    spool.write(Record::Message(&msg)).await.expect("append");
-                    let _ = hist.borrow_mut().record(t.elapsed().as_micros() as u64);
-                    count.set(count.get() + 1);
-                    bytes.set(bytes.get() + body.len() as u64);
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        task.await;
-    }
+    let outcome = drive(appenders, duration, {
+        let spool = spool.clone();
+        move || {
+            let (spool, body) = (spool.clone(), body.clone());
+            async move {
+                let msg = message(&spool, &body);
+                spool.write(Record::Message(&msg)).await.expect("append");
+                body.len() as u64
+            }
+        }
+    })
+    .await;
     spool.close().await;
-    let hist = hist.borrow().clone();
-    ShardOutcome {
-        msgs: count.get(),
-        bytes: bytes.get(),
-        hist,
-    }
+    outcome
 }
 
 /// The same bytes, one fdatasync (through io_uring) per message.
@@ -281,30 +260,48 @@ async fn naive_shard(
     let file = Rc::new(glommio::io::BufferedFile::open(&path).await.expect("open"));
     let std_file = Rc::new(OpenOptions::new().write(true).open(&path).expect("open"));
     let record = Rc::new(vec![b'x'; body_bytes + 256]);
+    let offset = Rc::new(Cell::new(0u64));
+    drive(appenders, duration, move || {
+        let (file, std_file, record, offset) = (
+            file.clone(),
+            std_file.clone(),
+            record.clone(),
+            offset.clone(),
+        );
+        async move {
+            let at = offset.get();
+            offset.set((at + record.len() as u64) % (file_len - record.len() as u64));
+            // The write itself is a page-cache copy, like the spool's memcpy.
+            std_file.write_all_at(&record, at).expect("write");
+            file.fdatasync().await.expect("fdatasync");
+            body_bytes as u64
+        }
+    })
+    .await
+}
+
+/// Runs `appenders` concurrent loops of `op` (one acknowledged message each, returning
+/// its body bytes) until `duration` has passed, timing each `op`.
+async fn drive<F, Fut>(appenders: usize, duration: Duration, op: F) -> ShardOutcome
+where
+    F: Fn() -> Fut + 'static,
+    Fut: std::future::Future<Output = u64> + 'static,
+{
+    let op = Rc::new(op);
     let hist = Rc::new(RefCell::new(Histogram::<u64>::new(3).expect("histogram")));
     let count = Rc::new(Cell::new(0u64));
-    let offset = Rc::new(Cell::new(0u64));
+    let bytes = Rc::new(Cell::new(0u64));
     let deadline = Instant::now() + duration;
     let tasks: Vec<_> = (0..appenders)
         .map(|_| {
-            let (file, std_file, record, hist, count, offset) = (
-                file.clone(),
-                std_file.clone(),
-                record.clone(),
-                hist.clone(),
-                count.clone(),
-                offset.clone(),
-            );
+            let (op, hist, count, bytes) = (op.clone(), hist.clone(), count.clone(), bytes.clone());
             glommio::spawn_local(async move {
                 while Instant::now() < deadline {
-                    let at = offset.get();
-                    offset.set((at + record.len() as u64) % (file_len - record.len() as u64));
                     let t = Instant::now();
-                    // The write itself is a page-cache copy, like the spool's memcpy.
-                    std_file.write_all_at(&record, at).expect("write");
-                    file.fdatasync().await.expect("fdatasync");
+                    let n = op().await;
                     let _ = hist.borrow_mut().record(t.elapsed().as_micros() as u64);
                     count.set(count.get() + 1);
+                    bytes.set(bytes.get() + n);
                 }
             })
         })
@@ -313,10 +310,9 @@ async fn naive_shard(
         task.await;
     }
     let hist = hist.borrow().clone();
-    let msgs = count.get();
     ShardOutcome {
-        msgs,
-        bytes: msgs * body_bytes as u64,
+        msgs: count.get(),
+        bytes: bytes.get(),
         hist,
     }
 }
