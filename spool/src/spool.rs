@@ -602,7 +602,7 @@ impl<S: Storage + 'static> Spool<S> {
         if !fits {
             self.rotate(state, bound + reserve)?;
         }
-        if let Some(loc) = self.try_write(state, record) {
+        if let Some(loc) = self.try_write(state, record, bound)? {
             return Ok(loc);
         }
         // The bound was an underestimate (a bug, but not worth losing mail over).
@@ -612,9 +612,8 @@ impl<S: Storage + 'static> Spool<S> {
             "record outgrew its length bound"
         );
         self.rotate(state, 2 * bound + reserve)?;
-        Ok(self
-            .try_write(state, record)
-            .expect("record fits a fresh segment twice its bound"))
+        let loc = self.try_write(state, record, 2 * bound)?;
+        Ok(loc.expect("record fits a fresh segment twice its bound"))
     }
 
     /// The reserve in force: the configured one, but never more than an eighth of a
@@ -647,22 +646,31 @@ impl<S: Storage + 'static> Spool<S> {
         Ok(())
     }
 
-    fn try_write(&self, state: &State, record: Record<'_>) -> Option<RecordLoc> {
-        let seq = state.active?;
+    /// Writes `record` at the active segment's frontier within `room` bytes: `Ok(None)`
+    /// when it does not fit (or there is no active segment).
+    fn try_write(
+        &self,
+        state: &State,
+        record: Record<'_>,
+        room: usize,
+    ) -> Result<Option<RecordLoc>, SpoolError> {
+        let Some(seq) = state.active else {
+            return Ok(None);
+        };
         state.segments[&seq]
             .segment
-            .append_with(|at, tail| match record.write_into(tail, seq, at) {
-                Some(len) => Ok((
+            .append_with(room, |at, tail| {
+                let len = record.write_into(tail, seq, at)?;
+                Some((
                     len,
                     RecordLoc {
                         seq,
                         offset: at as u32,
                         len: len as u32,
                     },
-                )),
-                None => Err(()),
+                ))
             })
-            .ok()
+            .map_err(|e| SpoolError::io("writing", seq, e))
     }
 
     /// The committer: closes epochs and starts their syncs — several at once, each on

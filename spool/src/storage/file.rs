@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use glommio::io::BufferedFile;
-use memmap2::MmapOptions;
+use memmap2::{MmapOptions, MmapRaw};
 
 use super::{Storage, now_unix_ms};
 use crate::error::SpoolError;
@@ -137,25 +137,13 @@ impl FileStorage {
         Ok(file)
     }
 
-    fn map(
-        &self,
-        seq: u64,
-        file: &File,
-        len: usize,
-        frontier: usize,
-    ) -> Result<Rc<Segment>, SpoolError> {
-        let map = if self.read_only {
+    fn map(&self, seq: u64, file: &File, len: usize) -> Result<MmapRaw, SpoolError> {
+        if self.read_only {
             MmapOptions::new().len(len).map_raw_read_only(file)
         } else {
             MmapOptions::new().len(len).map_raw(file)
         }
-        .map_err(|e| SpoolError::io("mapping", seq, e))?;
-        Ok(Rc::new(Segment::from_map(
-            seq,
-            map,
-            !self.read_only,
-            frontier,
-        )))
+        .map_err(|e| SpoolError::io("mapping", seq, e))
     }
 
     fn uring_file(&self, seq: u64, slot: usize) -> Result<Rc<BufferedFile>, SpoolError> {
@@ -240,9 +228,14 @@ impl Storage for FileStorage {
             let slot = OpenOptions::new().write(true).open(&path);
             slots.push(slot.map_err(|e| SpoolError::io("opening sync slots of", seq, e))?);
         }
-        let segment = self.map(seq, &file, len, SEGMENT_HEADER_BYTES)?;
+        let map = self.map(seq, &file, len)?;
         self.sync_files.borrow_mut().insert(seq, slots);
-        Ok(segment)
+        Ok(Rc::new(Segment::from_map(
+            seq,
+            map,
+            Some(file),
+            SEGMENT_HEADER_BYTES,
+        )))
     }
 
     fn open(&self, seq: u64) -> Result<Rc<Segment>, SpoolError> {
@@ -263,8 +256,8 @@ impl Storage for FileStorage {
             });
         }
         // The whole file is readable; recovered segments are never appended to.
-        let segment = self.map(seq, &file, len, len)?;
-        Ok(segment)
+        let map = self.map(seq, &file, len)?;
+        Ok(Rc::new(Segment::from_map(seq, map, None, len)))
     }
 
     fn sync_slots(&self) -> usize {
