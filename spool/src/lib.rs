@@ -1,8 +1,8 @@
 //! gannet's durable spool.
 //!
 //! Each shard owns a directory of fixed-size, preallocated segment files, maps them and
-//! appends records (message, update, tombstone) to the newest one. Appends are memcpy
-//! into the mapping; durability comes from group commit — one fdatasync through
+//! appends records (message, update, tombstone) to the newest one. An append is one
+//! `pwrite` into the page cache; durability comes from group commit — one fdatasync through
 //! io_uring for every batch of appends — and an append is reported durable only after
 //! the sync that covers it returned. At start-up a shard recovers its live messages,
 //! with their exact retry state, from its segments; afterwards the engine never reads

@@ -1,5 +1,7 @@
 //! A segment's bytes: a fixed-size region (a shared file mapping, or heap memory in
-//! the simulated storage) that is written append-only behind a frontier.
+//! the simulated storage) that is written append-only behind a frontier. File
+//! segments are written with `pwrite` (the mapping shows the same page cache); heap
+//! segments directly.
 //!
 //! This is the only module of the crate with `unsafe` code. The soundness argument is
 //! simple and local: bytes below the frontier are never written again, and shared

@@ -2,8 +2,8 @@
 //! live messages and its space management.
 //!
 //! ## Group commit
-//! An append copies the record into the active segment's mapping (no system call) and
-//! joins the open *epoch*. The committer task closes the open epoch, fdatasyncs the
+//! An append serializes the record and writes it (one `pwrite` into the page cache) at
+//! the active segment's frontier, and joins the open *epoch*. The committer task closes the open epoch, fdatasyncs the
 //! segments it touched through io_uring and resolves it: every waiter of that epoch is
 //! told "durable" (or the sync's error) at once. Appends keep landing in the next epoch
 //! while a sync is in flight, so batches form by themselves under load and a lone

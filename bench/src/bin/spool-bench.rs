@@ -2,7 +2,7 @@
 //!
 //! For 1, 16, 64 and 256 concurrent appenders, on one shard and on every shard, it
 //! appends 10 KiB messages for a fixed time with:
-//! - `gannet`: the spool (memcpy into the mapping, one fdatasync per batch);
+//! - `gannet`: the spool (a pwrite per record, one fdatasync per batch);
 //! - `naive`: the same bytes, but every appender fdatasyncs its own message (what an
 //!   MTA that syncs each queue file pays, e.g. Postfix).
 //!
@@ -271,7 +271,7 @@ async fn naive_shard(
         async move {
             let at = offset.get();
             offset.set((at + record.len() as u64) % (file_len - record.len() as u64));
-            // The write itself is a page-cache copy, like the spool's memcpy.
+            // The write itself is a page-cache copy, as in the spool.
             std_file.write_all_at(&record, at).expect("write");
             file.fdatasync().await.expect("fdatasync");
             body_bytes as u64

@@ -1,11 +1,11 @@
 //! Segments as preallocated files in one directory per shard, mapped shared.
 //!
 //! Creating a segment costs an `fallocate`, an `fsync` of the file and one of the
-//! directory (about 1–2 ms here, once per segment): after that, appends are memcpy into
-//! the mapping and each group commit is one `fdatasync` issued through io_uring, which
-//! never blocks the executor thread. Preallocation also means a write into the mapping
-//! can never meet a full disk (which would be SIGBUS): disk-full is seen, as an error,
-//! only when a segment is created.
+//! directory (about 1–2 ms here, once per segment): after that, an append is one
+//! `pwrite` into the page cache, reads go through the shared mapping of the same pages,
+//! and each group commit is one `fdatasync` issued through io_uring, which never blocks
+//! the executor thread. Preallocation means a write can never meet a full disk halfway
+//! through a segment: disk-full is seen, as an error, only when a segment is created.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
