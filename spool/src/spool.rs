@@ -53,9 +53,10 @@ pub struct SpoolConfig {
     /// How long the committer waits for more appends before syncing a batch that is
     /// below both batch bounds. 0: sync as soon as the previous sync returned.
     pub commit_window_us: u64,
-    /// A batch with this many records is synced without waiting out the window.
+    /// Records in one batch (one sync) at most. A full batch is closed at once: it
+    /// skips the window and waits for a sync slot as it is.
     pub commit_batch_records_max: usize,
-    /// A batch with this many bytes is synced without waiting out the window.
+    /// Bytes in one batch at most (the batch that crosses it is closed at once).
     pub commit_batch_bytes_max: usize,
     /// [`Spool::write`] waits while more than this many bytes are appended but not yet
     /// durable (back-pressure on the page cache and on ack latency).
@@ -198,6 +199,8 @@ pub struct SpoolStats {
     pub sync_failures: u64,
     /// The most syncs that were in flight at once.
     pub syncs_in_flight_max: u64,
+    /// The most records one sync covered.
+    pub batch_records_max_seen: u64,
     pub segments: u64,
     pub live_messages: u64,
     pub live_bytes: u64,
@@ -255,6 +258,9 @@ struct Commit {
     finished: RefCell<BTreeMap<u64, bool>>,
     /// Syncs running now.
     in_flight: Cell<usize>,
+    /// Epochs closed because they reached a batch bound while every sync slot was
+    /// busy; synced in order before the open epoch.
+    ready: RefCell<std::collections::VecDeque<ClosedEpoch>>,
     /// The newest epoch that failed; a success after it makes the spool healthy.
     last_failed: Cell<u64>,
     /// Bytes appended but not yet covered by a finished sync.
@@ -391,6 +397,7 @@ impl<S: Storage + 'static> Spool<S> {
                     failed: RefCell::new(BTreeMap::new()),
                     finished: RefCell::new(BTreeMap::new()),
                     in_flight: Cell::new(0),
+                    ready: RefCell::new(std::collections::VecDeque::new()),
                     last_failed: Cell::new(0),
                     unsynced_bytes: Cell::new(0),
                     healthy: Cell::new(true),
@@ -578,6 +585,15 @@ impl<S: Storage + 'static> Spool<S> {
         commit
             .unsynced_bytes
             .set(commit.unsynced_bytes.get() + loc.len as usize);
+        let config = &self.inner.config;
+        if state.epoch_records >= config.commit_batch_records_max
+            || state.epoch_bytes >= config.commit_batch_bytes_max
+        {
+            // The batch is full: close it now, so that it waits for a sync slot as it
+            // is and later appends start the next batch.
+            let closed = self.close_epoch_in(state);
+            commit.ready.borrow_mut().push_back(closed);
+        }
         if let Some(waker) = commit.committer.take() {
             waker.wake();
         }
@@ -685,7 +701,9 @@ impl<S: Storage + 'static> Spool<S> {
             .clamp(1, inner.storage.sync_slots());
         loop {
             let work = poll_fn(|cx| {
-                let pending = inner.state.borrow().epoch_records > 0 || commit.probe.get();
+                let pending = inner.state.borrow().epoch_records > 0
+                    || !commit.ready.borrow().is_empty()
+                    || commit.probe.get();
                 let in_flight = commit.in_flight.get();
                 if pending && in_flight < slots {
                     Poll::Ready(true)
@@ -729,7 +747,11 @@ impl<S: Storage + 'static> Spool<S> {
                         .await;
                 }
             }
-            let closed = self.close_epoch();
+            let queued = commit.ready.borrow_mut().pop_front();
+            let closed = match queued {
+                Some(closed) => closed,
+                None => self.close_epoch(),
+            };
             commit.in_flight.set(commit.in_flight.get() + 1);
             let mut state = inner.state.borrow_mut();
             let peak = &mut state.stats.syncs_in_flight_max;
@@ -744,11 +766,18 @@ impl<S: Storage + 'static> Spool<S> {
 
     /// Closes the open epoch (opening the next) and takes its bookkeeping.
     fn close_epoch(&self) -> ClosedEpoch {
+        self.close_epoch_in(&mut self.inner.state.borrow_mut())
+    }
+
+    /// Closes the open epoch (opening the next). The vectors it takes are allocated
+    /// again by the next epoch: a few allocations per batch, none per message.
+    fn close_epoch_in(&self, state: &mut State) -> ClosedEpoch {
         let commit = &self.inner.commit;
         let epoch = commit.open_epoch.get();
         commit.open_epoch.set(epoch + 1);
-        let mut state = self.inner.state.borrow_mut();
-        state.epoch_records = 0;
+        let records = std::mem::take(&mut state.epoch_records) as u64;
+        let seen = &mut state.stats.batch_records_max_seen;
+        *seen = (*seen).max(records);
         ClosedEpoch {
             epoch,
             bytes: std::mem::take(&mut state.epoch_bytes),
@@ -773,14 +802,22 @@ impl<S: Storage + 'static> Spool<S> {
             self.inner.state.borrow_mut().stats.sync_failures += 1;
             // What was appended while this sync ran may have been in the write-back
             // that failed, and the kernel has marked those pages clean: a later sync
-            // would report success for data that is gone. So the open epoch fails too,
-            // and the segment is sealed; nothing is appended to it again.
+            // would report success for data that is gone. So every batch closed but not
+            // yet synced, and the open epoch, fail too; the segment is sealed and
+            // nothing is appended to it again.
             self.inner.state.borrow_mut().active = None;
+            let queued: Vec<ClosedEpoch> = commit.ready.borrow_mut().drain(..).collect();
             let open = self.close_epoch();
             let reason = format!("written while a sync of the same segment failed ({err})");
-            let seq = open.segments.first().map_or(0, |s| s.seq());
+            let seq = closed.segments.last().map_or(0, |s| s.seq());
             self.finish_epoch(closed, Err(err));
-            self.finish_epoch(open, Err(SpoolError::SyncFailed { seq, reason }));
+            for epoch in queued.into_iter().chain([open]) {
+                let err = SpoolError::SyncFailed {
+                    seq,
+                    reason: reason.clone(),
+                };
+                self.finish_epoch(epoch, Err(err));
+            }
         } else {
             self.finish_epoch(closed, Ok(()));
         }

@@ -364,3 +364,44 @@ fn overlapping_syncs_acknowledge_only_what_is_durable() {
         assert_eq!(live_ids(&recovered), acked);
     });
 }
+
+#[test]
+fn batches_are_bounded_while_syncs_are_busy() {
+    common::run(|| async {
+        let storage = SimStorage::new(13);
+        storage.set_sync_yields(20);
+        let config = SpoolConfig {
+            commit_batch_records_max: 3,
+            commit_syncs_in_flight_max: 1,
+            ..config()
+        };
+        let (spool, _) = Spool::open(storage.clone(), config.clone()).unwrap();
+        common::start(&spool);
+        let tasks: Vec<_> = (0..20)
+            .map(|_| {
+                let spool = spool.clone();
+                glommio::spawn_local(async move {
+                    let msg = common::message(spool.next_id(), 100, 1);
+                    spool
+                        .durable(spool.append_message(&msg).unwrap())
+                        .await
+                        .unwrap();
+                    msg.id
+                })
+            })
+            .collect();
+        let mut acked = Vec::new();
+        for task in tasks {
+            acked.push(task.await);
+        }
+        let stats = spool.stats();
+        assert!(stats.batch_records_max_seen <= 3, "{stats:?}");
+        assert!(
+            stats.syncs >= 7,
+            "20 records in batches of at most 3: {stats:?}"
+        );
+        let (_, recovered) = Spool::open(storage.crash(CrashMode::Clean), config).unwrap();
+        acked.sort();
+        assert_eq!(live_ids(&recovered), acked);
+    });
+}
