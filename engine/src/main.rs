@@ -1,24 +1,49 @@
 //! gannetd: the gannet mail transfer agent.
 //!
-//! Today it starts one executor per core, recovers each shard's spool and keeps it
-//! (committer and maintenance) until SIGTERM or SIGINT. SMTP and HTTP ingress, the
-//! configuration file and delivery arrive with the engine issues that follow.
+//! Starts one executor per core; each accepts SMTP (with STARTTLS, AUTH and policy),
+//! makes every accepted message durable in its spool before replying 250, records
+//! events and serves Prometheus metrics. Delivery arrives with the next issue.
 
+mod auth;
+mod clock;
+mod config;
+mod events;
+mod http;
+mod ingress;
+mod metrics;
+mod policy;
 mod runtime;
+mod shard;
+mod tls;
 
+use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
 
+use crate::config::Config;
+
 /// gannet mail transfer agent daemon.
 #[derive(Debug, Parser)]
 #[command(name = "gannetd", version, about)]
 struct Cli {
-    /// Directory for the spool and other state (created if missing).
-    #[arg(long, default_value = "data")]
-    data_dir: PathBuf,
-    /// Number of shards (one executor pinned per core); default: every core.
+    /// Configuration file (TOML). Without it, the embedded default is used.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Print the documented default configuration and exit.
+    #[arg(long, exclusive = true)]
+    print_default_config: bool,
+    /// Check a configuration file, print what is wrong with it, and exit.
+    #[arg(long, value_name = "FILE", exclusive = true)]
+    check_config: Option<PathBuf>,
+    /// Read a password on standard input and print its hash for `smtp.users`.
+    #[arg(long, exclusive = true)]
+    hash_password: bool,
+    /// Overrides `server.data_dir`.
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Overrides `server.shards` (executors, one pinned per core).
     #[arg(long)]
     shards: Option<usize>,
     /// Log filter, e.g. `info` or `gannet_spool=debug` (overrides RUST_LOG).
@@ -28,6 +53,35 @@ struct Cli {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if cli.print_default_config {
+        print!("{}", config::DEFAULT_TOML);
+        return ExitCode::SUCCESS;
+    }
+    if let Some(path) = &cli.check_config {
+        return match Config::load(path) {
+            Ok(_) => {
+                println!("{}: ok", path.display());
+                ExitCode::SUCCESS
+            }
+            Err(err) => {
+                eprintln!("gannetd: {err}");
+                ExitCode::from(2)
+            }
+        };
+    }
+    if cli.hash_password {
+        let mut password = String::new();
+        if std::io::stdin().read_to_string(&mut password).is_err() {
+            eprintln!("gannetd: cannot read the password from standard input");
+            return ExitCode::from(2);
+        }
+        let password = password.trim_end_matches(['\r', '\n']);
+        println!(
+            "{}",
+            auth::PasswordHash::new(password, auth::ITERATIONS_DEFAULT)
+        );
+        return ExitCode::SUCCESS;
+    }
     let filter = cli
         .log
         .clone()
@@ -38,16 +92,24 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let shards = cli.shards.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let options = runtime::Options {
-        data_dir: cli.data_dir,
-        shards,
+    let config = match &cli.config {
+        Some(path) => Config::load(path),
+        None => Ok(Config::embedded_default()),
     };
-    match runtime::run(options) {
+    let mut config = match config {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("gannetd: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Some(dir) = cli.data_dir {
+        config.server.data_dir = dir;
+    }
+    if let Some(shards) = cli.shards {
+        config.server.shards = shards;
+    }
+    match runtime::run(config.resolve()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");

@@ -31,7 +31,13 @@ pub fn shard_dirs(path: &Path) -> Result<Vec<(u16, PathBuf)>> {
         }))
     };
     if is_shard(path)? {
-        return Ok(vec![(0, path.to_path_buf())]);
+        // A shard directory is named by its number (`<data_dir>/spool/<shard>`).
+        let shard = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(|n| n.parse::<u16>().ok())
+            .unwrap_or(0);
+        return Ok(vec![(shard, path.to_path_buf())]);
     }
     let mut shards = Vec::new();
     for entry in std::fs::read_dir(path).with_context(|| format!("reading {}", path.display()))? {

@@ -1,79 +1,312 @@
-//! The runtime: one glommio executor per shard, pinned one per core, each owning its
-//! shard of the spool. This folder is the only place in the engine that knows glommio.
+//! The runtime: one glommio executor per shard, pinned one per core. Each shard owns
+//! its spool and event log and listens on every configured address (SO_REUSEPORT, so
+//! the kernel spreads connections over the shards). This folder is the only place in
+//! the engine that creates executors or binds listeners; [`io`] adapts glommio's
+//! sockets for the protocol code.
 
-use std::path::PathBuf;
+pub mod io;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use gannet_spool::{FileStorage, Spool, SpoolConfig};
+use glommio::net::TcpListener;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
-/// How the daemon runs.
-#[derive(Debug, Clone)]
-pub struct Options {
-    pub data_dir: PathBuf,
-    pub shards: usize,
+use crate::auth::Credentials;
+use crate::config::Config;
+use crate::events::EventLog;
+use crate::ingress::smtp::message::MetaHeaders;
+use crate::metrics::ShardMetrics;
+use crate::policy::rules::RulesPolicy;
+use crate::shard::{SessionLimits, Shard, Shared};
+
+/// How often a shard looks at the process's stop flag.
+const SHUTDOWN_POLL_MS: u64 = 50;
+/// How often a shard writes its buffered events out.
+const EVENTS_FLUSH_MS: u64 = 100;
+/// How long shutdown waits for sessions in the middle of a transaction.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How long start-up waits for every shard to be listening.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The addresses a shard binds, resolved (port 0 replaced by the port chosen).
+#[derive(Debug, Clone, Default)]
+struct Addresses {
+    smtp: Vec<SocketAddr>,
+    smtps: Vec<SocketAddr>,
+    http: Vec<SocketAddr>,
 }
 
-/// How often a shard looks at the shutdown flag.
-const SHUTDOWN_POLL_MS: u64 = 50;
-
-/// Runs every shard until SIGTERM or SIGINT, then closes each spool (everything
-/// appended becomes durable) and returns.
-pub fn run(options: Options) -> Result<()> {
-    if options.shards == 0 || options.shards > usize::from(u16::MAX) {
-        return Err(anyhow!(
-            "shards must be between 1 and {}, got {}",
-            u16::MAX,
-            options.shards
-        ));
+/// Runs every shard until SIGTERM or SIGINT, then stops accepting, lets transactions
+/// in progress finish, syncs each spool and returns.
+pub fn run(config: Config) -> Result<()> {
+    let shards = config.server.shards;
+    if shards == 0 || shards > usize::from(u16::MAX) {
+        return Err(anyhow!("server.shards must be between 1 and {}, got {shards}", u16::MAX));
     }
-    let spool_dir = options.data_dir.join("spool");
-    std::fs::create_dir_all(&spool_dir)
-        .with_context(|| format!("creating {}", spool_dir.display()))?;
+    let data_dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    let tls = crate::tls::server_config(
+        &config.smtp.tls_cert,
+        &config.smtp.tls_key,
+        &data_dir,
+        &config.server.hostname,
+    )?;
+    let (addresses, placeholders) = reserve(&config)?;
+    let shared = Arc::new(Shared {
+        credentials: Credentials::new(
+            config
+                .smtp
+                .users
+                .iter()
+                .map(|u| (u.name.clone(), u.password_hash.clone())),
+        ),
+        tls: Some(tls),
+        policy: Box::new(RulesPolicy::new(&config.policy)),
+        meta_headers: MetaHeaders {
+            tenant: config.policy.tenant_header.clone(),
+            campaign: config.policy.campaign_header.clone(),
+            pool: config.policy.pool_header.clone(),
+        },
+        metrics: (0..shards).map(|_| Arc::new(ShardMetrics::default())).collect(),
+        sessions: Arc::new(SessionLimits::new(
+            config.smtp.sessions_max.usize(),
+            u32::try_from(config.smtp.sessions_per_ip_max.get()).unwrap_or(u32::MAX),
+        )),
+        config,
+    });
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
     }
-    tracing::info!(shards = options.shards, data_dir = %options.data_dir.display(), "gannetd starting");
-    let placement = PoolPlacement::MaxSpread(options.shards, None);
+    tracing::info!(shards, data_dir = %data_dir.display(), "gannetd starting");
+    let listening = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicBool::new(false));
     // Shards are numbered 0..n in start order (glommio's executor ids are process-wide
-    // and need not start at 0); the number names the shard's spool directory.
+    // and need not start at 0); the number names the shard's directories.
     let next_shard = Arc::new(AtomicUsize::new(0));
-    let handles = LocalExecutorPoolBuilder::new(placement)
+    let handles = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, None))
         .on_all_shards({
-            let stop = stop.clone();
+            let (stop, listening, failed) = (stop.clone(), listening.clone(), failed.clone());
+            let addresses = addresses.clone();
             move || {
-                let shard = next_shard.fetch_add(1, Ordering::Relaxed) as u16;
-                shard_main(shard, spool_dir.clone(), stop.clone())
+                let id = next_shard.fetch_add(1, Ordering::Relaxed) as u16;
+                let started = ShardStart {
+                    id,
+                    shared: shared.clone(),
+                    addresses: addresses.clone(),
+                    stop: stop.clone(),
+                    listening: listening.clone(),
+                };
+                let failed = failed.clone();
+                async move {
+                    let result = shard_main(started).await;
+                    if result.is_err() {
+                        failed.store(true, Ordering::Release);
+                    }
+                    result
+                }
             }
         })
-        .map_err(|e| anyhow!("starting {} executors: {e}", options.shards))?;
-    let mut failed = Vec::new();
+        .map_err(|e| anyhow!("starting {shards} executors: {e}"))?;
+    let deadline = Instant::now() + START_TIMEOUT;
+    while listening.load(Ordering::Acquire) < shards
+        && !failed.load(Ordering::Acquire)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drop(placeholders);
+    if listening.load(Ordering::Acquire) == shards {
+        write_listeners(&data_dir, &addresses)?;
+        tracing::info!(smtp = ?addresses.smtp, smtps = ?addresses.smtps, http = ?addresses.http, "gannetd ready");
+    } else {
+        stop.store(true, Ordering::Release);
+    }
+    let mut errors = Vec::new();
     for result in handles.join_all() {
         match result {
             Ok(Ok(())) => {}
-            Ok(Err(err)) => failed.push(format!("{err:#}")),
-            Err(err) => failed.push(format!("executor died: {err:?}")),
+            Ok(Err(err)) => errors.push(format!("{err:#}")),
+            Err(err) => errors.push(format!("executor died: {err:?}")),
         }
     }
-    if !failed.is_empty() {
-        return Err(anyhow!("{}", failed.join("; ")));
+    let _ = std::fs::remove_file(data_dir.join(LISTENERS_FILE));
+    if !errors.is_empty() {
+        return Err(anyhow!("{}", errors.join("; ")));
     }
     tracing::info!("gannetd stopped");
     Ok(())
 }
 
-async fn shard_main(shard: u16, spool_dir: PathBuf, stop: Arc<AtomicBool>) -> Result<()> {
-    let dir = spool_dir.join(shard.to_string());
-    let storage = FileStorage::open_dir(&dir).with_context(|| format!("shard {shard}"))?;
-    let (spool, recovered) = Spool::open(storage, SpoolConfig::for_shard(shard))
-        .with_context(|| format!("recovering shard {shard}"))?;
+const LISTENERS_FILE: &str = "listeners.json";
+
+/// Tells operators and tests which ports were chosen (useful with port 0).
+fn write_listeners(data_dir: &Path, addresses: &Addresses) -> Result<()> {
+    let text = serde_json::json!({
+        "pid": std::process::id(),
+        "smtp": addresses.smtp,
+        "smtps": addresses.smtps,
+        "http": addresses.http,
+    })
+    .to_string();
+    let tmp = data_dir.join(format!("{LISTENERS_FILE}.tmp"));
+    std::fs::write(&tmp, text).context("writing listeners.json")?;
+    std::fs::rename(&tmp, data_dir.join(LISTENERS_FILE)).context("writing listeners.json")?;
+    Ok(())
+}
+
+/// Resolves every listen address to a concrete port and holds it with a bound (not
+/// listening) SO_REUSEPORT socket until the shards have bound theirs. A port already
+/// in use by anyone is an error: the probe binds without SO_REUSEPORT first, so two
+/// daemons never silently share a port.
+fn reserve(config: &Config) -> Result<(Addresses, Vec<socket2::Socket>)> {
+    let mut placeholders = Vec::new();
+    let mut resolve = |key: &str, list: &[crate::config::Listen]| -> Result<Vec<SocketAddr>> {
+        let mut out = Vec::new();
+        for listen in list {
+            let probe = std::net::TcpListener::bind(listen.0)
+                .with_context(|| format!("{key}: cannot listen on {}", listen.0))?;
+            let addr = probe.local_addr()?;
+            drop(probe);
+            let domain = socket2::Domain::for_address(addr);
+            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
+            socket.set_reuse_port(true)?;
+            socket
+                .bind(&addr.into())
+                .with_context(|| format!("{key}: cannot bind {addr}"))?;
+            placeholders.push(socket);
+            out.push(addr);
+        }
+        Ok(out)
+    };
+    let addresses = Addresses {
+        smtp: resolve("smtp.listen", &config.smtp.listen)?,
+        smtps: resolve("smtp.tls_listen", &config.smtp.tls_listen)?,
+        http: resolve("http.listen", &config.http.listen)?,
+    };
+    Ok((addresses, placeholders))
+}
+
+/// What a shard's executor starts with.
+struct ShardStart {
+    id: u16,
+    shared: Arc<Shared>,
+    addresses: Addresses,
+    stop: Arc<AtomicBool>,
+    listening: Arc<AtomicUsize>,
+}
+
+async fn shard_main(start: ShardStart) -> Result<()> {
+    let ShardStart {
+        id,
+        shared,
+        addresses,
+        stop,
+        listening,
+    } = start;
+    let config = &shared.config;
+    let data_dir = &config.server.data_dir;
+    let spool = open_spool(id, &data_dir.join("spool"), config)?;
+    let events = EventLog::open(
+        &data_dir.join("events").join(id.to_string()),
+        config.events.file_bytes_max.get(),
+        config.events.files_kept.usize(),
+    )
+    .with_context(|| format!("shard {id}: opening the event log"))?;
+    glommio::spawn_local(spool.clone().run_committer()).detach();
+    glommio::spawn_local(spool.clone().run_maintenance()).detach();
+    let shard = Rc::new(Shard {
+        id,
+        metrics: shared.metrics[usize::from(id)].clone(),
+        shared: shared.clone(),
+        spool,
+        events: std::cell::RefCell::new(events),
+        shutdown: io::Shutdown::default(),
+        sessions_active: std::cell::Cell::new(0),
+        auth_cache: Default::default(),
+    });
+    let bind = |addr: &SocketAddr| {
+        TcpListener::bind(addr).map_err(|e| anyhow!("shard {id}: listening on {addr}: {e}"))
+    };
+    let mut tasks = Vec::new();
+    for addr in &addresses.smtp {
+        let listener = bind(addr)?;
+        tasks.push(glommio::spawn_local(crate::ingress::smtp::serve(shard.clone(), listener, false)));
+    }
+    for addr in &addresses.smtps {
+        let listener = bind(addr)?;
+        tasks.push(glommio::spawn_local(crate::ingress::smtp::serve(shard.clone(), listener, true)));
+    }
+    for addr in &addresses.http {
+        let listener = bind(addr)?;
+        tasks.push(glommio::spawn_local(crate::http::serve(shard.clone(), listener)));
+    }
+    listening.fetch_add(1, Ordering::AcqRel);
+    let flusher = glommio::spawn_local({
+        let shard = shard.clone();
+        async move {
+            while !shard.shutdown.is_raised() {
+                io::sleep(Duration::from_millis(EVENTS_FLUSH_MS)).await;
+                flush_events(&shard);
+            }
+        }
+    });
+    tracing::info!(shard = id, "shard ready");
+    while !stop.load(Ordering::Acquire) {
+        io::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
+    }
+    // Stop accepting; idle sessions are told 421 at once, sessions in a transaction
+    // finish it (their message is spooled and acknowledged) before they see it.
+    shard.shutdown.raise();
+    for task in tasks {
+        task.await;
+    }
+    let grace = Instant::now() + SHUTDOWN_GRACE;
+    while shard.sessions_active.get() > 0 && Instant::now() < grace {
+        io::sleep(Duration::from_millis(10)).await;
+    }
+    if shard.sessions_active.get() > 0 {
+        tracing::warn!(shard = id, sessions = shard.sessions_active.get(), "stopping with sessions still open; their unacknowledged messages are dropped");
+    }
+    flusher.await;
+    flush_events(&shard);
+    shard.spool.close().await;
+    tracing::info!(shard = id, "shard stopped; spool synced");
+    Ok(())
+}
+
+fn flush_events(shard: &Shard) {
+    let mut events = shard.events.borrow_mut();
+    events.flush();
+    shard
+        .metrics
+        .events_dropped_total
+        .store(events.dropped, Ordering::Relaxed);
+}
+
+fn open_spool(id: u16, spool_dir: &Path, config: &Config) -> Result<Spool<FileStorage>> {
+    let dir: PathBuf = spool_dir.join(id.to_string());
+    let storage = FileStorage::open_dir(&dir).with_context(|| format!("shard {id}"))?;
+    let spool_config = SpoolConfig {
+        segment_bytes: config.spool.segment_bytes.usize(),
+        commit_window_us: config.spool.commit_window_us.get(),
+        // A message plus its envelope must fit one record.
+        record_bytes_max: config.smtp.message_bytes_max.usize() * 2 + (1 << 20),
+        ..SpoolConfig::for_shard(id)
+    };
+    let (spool, recovered) =
+        Spool::open(storage, spool_config).with_context(|| format!("recovering shard {id}"))?;
     let report = &recovered.report;
     tracing::info!(
-        shard,
+        shard = id,
         live = recovered.live.len(),
         records = report.records,
         segments = report.segments.len(),
@@ -83,19 +316,8 @@ async fn shard_main(shard: u16, spool_dir: PathBuf, stop: Arc<AtomicBool>) -> Re
         "spool recovered"
     );
     for segment in report.segments.iter().filter(|s| !s.is_clean()) {
-        tracing::warn!(shard, seq = segment.seq, unusable = ?segment.unusable, torn_bytes = segment.torn_bytes,
+        tracing::warn!(shard = id, seq = segment.seq, unusable = ?segment.unusable, torn_bytes = segment.torn_bytes,
             corrupt = segment.corrupt.len(), "damaged spool segment (see gannet-spool verify)");
     }
-    glommio::spawn_local(spool.clone().run_committer()).detach();
-    glommio::spawn_local(spool.clone().run_maintenance()).detach();
-    tracing::info!(
-        shard,
-        "shard ready (SMTP and HTTP ingress are not built yet)"
-    );
-    while !stop.load(Ordering::Relaxed) {
-        glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
-    }
-    spool.close().await;
-    tracing::info!(shard, "shard stopped; spool synced");
-    Ok(())
+    Ok(spool)
 }

@@ -1,0 +1,210 @@
+//! Events: every disposition of a message is a record in its shard's event log.
+//!
+//! Each shard appends JSON lines to `<data_dir>/events/<shard>/events.jsonl` through
+//! its own buffer (no sharing between shards) and rotates the file by size, keeping a
+//! bounded number of old files (`events.<unix_ms>.jsonl`). The buffer is written out
+//! by [`EventLog::flush`], which the shard calls on a short timer and at shutdown;
+//! events never travel through the mail queues.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+/// One event, serialised as a JSON object with a `type` field (SparkPost-style names).
+#[derive(Debug, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Event<'a> {
+    /// A message was accepted and is durable in the spool.
+    Reception {
+        timestamp_ms: u64,
+        message_id: String,
+        shard: u16,
+        sender: &'a str,
+        rcpt_to: &'a [String],
+        msg_size: usize,
+        peer: String,
+        helo: &'a str,
+        protocol: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tls: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        auth_user: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tenant: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        campaign_id: Option<&'a str>,
+        ip_pool: &'a str,
+        queue: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        subject: Option<&'a str>,
+    },
+    /// A policy phase (or a limit) refused a session, a recipient or a message.
+    PolicyRejection {
+        timestamp_ms: u64,
+        shard: u16,
+        phase: &'a str,
+        peer: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        sender: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rcpt_to: Option<&'a str>,
+        reply: String,
+    },
+}
+
+/// A shard's event log file.
+#[derive(Debug)]
+pub struct EventLog {
+    dir: PathBuf,
+    file: File,
+    /// Bytes in the current file, written or buffered.
+    file_bytes: u64,
+    file_bytes_max: u64,
+    files_kept: usize,
+    /// Serialised events not yet written.
+    buffer: Vec<u8>,
+    /// Events lost because serialising or writing failed (reported as a metric).
+    pub dropped: u64,
+}
+
+const CURRENT: &str = "events.jsonl";
+
+impl EventLog {
+    pub fn open(dir: &Path, file_bytes_max: u64, files_kept: usize) -> std::io::Result<EventLog> {
+        std::fs::create_dir_all(dir)?;
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(CURRENT))?;
+        let file_bytes = file.metadata()?.len();
+        Ok(EventLog {
+            dir: dir.to_path_buf(),
+            file,
+            file_bytes,
+            file_bytes_max,
+            files_kept,
+            buffer: Vec::with_capacity(64 << 10),
+            dropped: 0,
+        })
+    }
+
+    /// Adds an event to the buffer.
+    pub fn record(&mut self, event: &Event<'_>) {
+        let before = self.buffer.len();
+        if serde_json::to_writer(&mut self.buffer, event).is_err() {
+            self.buffer.truncate(before);
+            self.dropped += 1;
+            return;
+        }
+        self.buffer.push(b'\n');
+    }
+
+    /// Writes the buffer out, rotating first when the file would pass its size bound.
+    /// This is a buffered `write` into the page cache; event logs are not fsynced
+    /// (the spool is the durable record of a message, events are its history).
+    pub fn flush(&mut self) {
+        if self.buffer.is_empty() {
+            return;
+        }
+        if self.file_bytes > 0 && self.file_bytes + self.buffer.len() as u64 > self.file_bytes_max {
+            if let Err(err) = self.rotate() {
+                tracing::warn!(dir = %self.dir.display(), "event log rotation failed: {err}");
+            }
+        }
+        match self.file.write_all(&self.buffer) {
+            Ok(()) => self.file_bytes += self.buffer.len() as u64,
+            Err(err) => {
+                let lost = self.buffer.iter().filter(|b| **b == b'\n').count() as u64;
+                self.dropped += lost;
+                tracing::warn!(dir = %self.dir.display(), lost, "event log write failed: {err}");
+            }
+        }
+        self.buffer.clear();
+    }
+
+    fn rotate(&mut self) -> std::io::Result<()> {
+        let now = crate::clock::unix_ms();
+        let mut rotated = self.dir.join(format!("events.{now}.jsonl"));
+        let mut n = 0;
+        while rotated.exists() {
+            n += 1;
+            rotated = self.dir.join(format!("events.{now}-{n}.jsonl"));
+        }
+        std::fs::rename(self.dir.join(CURRENT), &rotated)?;
+        self.file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join(CURRENT))?;
+        self.file_bytes = 0;
+        let mut old: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("events.") && n != CURRENT)
+            })
+            .collect();
+        old.sort_by_key(|p| rotated_stamp(p));
+        while old.len() > self.files_kept {
+            std::fs::remove_file(old.remove(0))?;
+        }
+        Ok(())
+    }
+}
+
+/// (unix_ms, n) of `events.<unix_ms>[-n].jsonl`, for ordering rotated files.
+fn rotated_stamp(path: &Path) -> (u64, u64) {
+    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+    let stem = name
+        .strip_prefix("events.")
+        .and_then(|s| s.strip_suffix(".jsonl"))
+        .unwrap_or("");
+    let (ms, n) = stem.split_once('-').unwrap_or((stem, "0"));
+    (ms.parse().unwrap_or(0), n.parse().unwrap_or(0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rejection(reply: &str) -> Event<'_> {
+        Event::PolicyRejection {
+            timestamp_ms: 1,
+            shard: 0,
+            phase: "rcpt_to",
+            peer: "127.0.0.1".into(),
+            sender: Some("a@b.test"),
+            rcpt_to: None,
+            reply: reply.into(),
+        }
+    }
+
+    #[test]
+    fn writes_json_lines_and_rotates_by_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut log = EventLog::open(dir.path(), 4096, 2).unwrap();
+        let reply = "x".repeat(1000);
+        for _ in 0..20 {
+            log.record(&rejection(&reply));
+            log.flush();
+        }
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names.len(), 3, "current + 2 kept: {names:?}");
+        for name in names {
+            let text = std::fs::read_to_string(dir.path().join(&name)).unwrap();
+            assert!(text.len() <= 4096 + 1100, "{name}: {}", text.len());
+            for line in text.lines() {
+                let v: serde_json::Value = serde_json::from_str(line).unwrap();
+                assert_eq!(v["type"], "policy_rejection");
+                assert_eq!(v["sender"], "a@b.test");
+                assert!(v.get("rcpt_to").is_none());
+            }
+        }
+    }
+}

@@ -1,0 +1,3 @@
+//! Ingress: the ways mail enters gannet (SMTP today; the HTTP injection API later).
+
+pub mod smtp;

@@ -1,0 +1,71 @@
+//! RCPT TO (RFC 5321 4.1.1.3): relay control, the recipient limit and the rcpt_to
+//! policy phase. No RCPT parameters are offered (DSN is not advertised).
+
+use super::super::address::{parse_params, parse_path, split_path};
+use super::super::reply::{self};
+use super::super::session::Session;
+use super::Next;
+use super::mail::strip_prefix_ci;
+use crate::metrics::ShardMetrics;
+use crate::policy::Verdict;
+
+pub(super) fn apply(session: &mut Session, args: &str) -> Next {
+    let next = check(session, args);
+    if let Next::Reply(reply) = &next
+        && !reply.is_positive()
+    {
+        ShardMetrics::add(&session.shard.metrics.smtp_recipients_rejected_total, 1);
+    }
+    next
+}
+
+fn check(session: &mut Session, args: &str) -> Next {
+    let Some(tx) = &session.tx else {
+        return Next::Reply(reply::NEED_MAIL);
+    };
+    let Some(rest) = strip_prefix_ci(args, "TO:") else {
+        return Next::Reply(reply::SYNTAX);
+    };
+    let (path, params) = match split_path(rest) {
+        Ok(parts) => parts,
+        Err(reply) => return Next::Reply(reply),
+    };
+    let recipient = match parse_path(path, false) {
+        Ok(recipient) => recipient,
+        Err(reply) => return Next::Reply(reply),
+    };
+    match parse_params(params) {
+        Ok(params) if params.is_empty() => {}
+        Ok(_) => return Next::Reply(reply::BAD_PARAM),
+        Err(reply) => return Next::Reply(reply),
+    }
+    if !recipient.is_ascii() && !tx.smtputf8 {
+        return Next::Reply(reply::NEED_SMTPUTF8);
+    }
+    if tx.recipients.len() >= session.config().smtp.recipients_max.usize() {
+        return Next::Reply(reply::TOO_MANY_RECIPIENTS);
+    }
+    let client = session.client();
+    let verdict = session
+        .shard
+        .shared
+        .policy
+        .rcpt_to(&client, &tx.sender.text, &recipient.text);
+    let relay_ok = match verdict {
+        Verdict::Reject(reply) => {
+            let sender = tx.sender.text.clone();
+            session.policy_rejection("rcpt_to", Some(&sender), Some(&recipient.text), &reply);
+            return Next::Reply(reply);
+        }
+        Verdict::Accept => true,
+        Verdict::Continue => session.relay_from_network || session.auth_user.is_some(),
+    };
+    if !relay_ok {
+        let sender = tx.sender.text.clone();
+        session.policy_rejection("rcpt_to", Some(&sender), Some(&recipient.text), &reply::RELAY_DENIED);
+        return Next::Reply(reply::RELAY_DENIED);
+    }
+    let tx = session.tx.as_mut().expect("checked above");
+    tx.recipients.push(recipient.text);
+    Next::Reply(reply::RECIPIENT_OK)
+}

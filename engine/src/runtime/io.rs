@@ -1,0 +1,159 @@
+//! Glommio IO adapters for the protocol code: a connection that is plain TCP or TLS,
+//! reads and writes bounded by a deadline, and the shard's shutdown signal.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::io;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use glommio::net::TcpStream;
+
+/// A client connection.
+#[derive(Debug)]
+pub enum Conn {
+    Plain(TcpStream),
+    Tls(Box<futures_rustls::server::TlsStream<TcpStream>>),
+    /// Only while a TLS handshake owns the stream.
+    Gone,
+}
+
+impl Conn {
+    /// The negotiated TLS session, if any.
+    pub fn tls_session(&self) -> Option<&rustls::ServerConnection> {
+        match self {
+            Conn::Tls(s) => Some(s.get_ref().1),
+            _ => None,
+        }
+    }
+
+    /// Reads what is available (at least one byte, or 0 at end of stream) within `limit`.
+    pub async fn read(&mut self, buf: &mut [u8], limit: Duration) -> io::Result<usize> {
+        let read = async {
+            match self {
+                Conn::Plain(s) => s.read(buf).await,
+                Conn::Tls(s) => s.read(buf).await,
+                Conn::Gone => Err(io::ErrorKind::NotConnected.into()),
+            }
+        };
+        deadline(read, limit).await
+    }
+
+    pub async fn write_all(&mut self, bytes: &[u8], limit: Duration) -> io::Result<()> {
+        let write = async {
+            match self {
+                Conn::Plain(s) => s.write_all(bytes).await,
+                Conn::Tls(s) => {
+                    s.write_all(bytes).await?;
+                    s.flush().await
+                }
+                Conn::Gone => Err(io::ErrorKind::NotConnected.into()),
+            }
+        };
+        deadline(write, limit).await
+    }
+
+    /// Runs the server side of a TLS handshake on a plain connection.
+    pub async fn start_tls(
+        &mut self,
+        config: Arc<rustls::ServerConfig>,
+        limit: Duration,
+    ) -> io::Result<()> {
+        let Conn::Plain(stream) = std::mem::replace(self, Conn::Gone) else {
+            return Err(io::Error::other("TLS is already active"));
+        };
+        let acceptor = futures_rustls::TlsAcceptor::from(config);
+        let tls = deadline(acceptor.accept(stream), limit).await?;
+        *self = Conn::Tls(Box::new(tls));
+        Ok(())
+    }
+
+    pub async fn close(&mut self) {
+        match self {
+            Conn::Plain(s) => {
+                let _ = s.close().await;
+            }
+            Conn::Tls(s) => {
+                let _ = s.close().await;
+            }
+            Conn::Gone => {}
+        }
+    }
+}
+
+/// `fut`, or a `TimedOut` error after `limit`.
+pub async fn deadline<T>(
+    fut: impl Future<Output = io::Result<T>>,
+    limit: Duration,
+) -> io::Result<T> {
+    futures_lite::future::or(fut, async {
+        glommio::timer::sleep(limit).await;
+        Err(io::ErrorKind::TimedOut.into())
+    })
+    .await
+}
+
+/// Waits `d` on the current executor.
+pub async fn sleep(d: Duration) {
+    glommio::timer::sleep(d).await;
+}
+
+/// A shard's "stop now" flag, which tasks can await.
+#[derive(Debug, Default)]
+pub struct Shutdown {
+    raised: Cell<bool>,
+    next_waiter: Cell<u64>,
+    /// One slot per pending [`Shutdown::wait`] future, removed when it is dropped, so
+    /// that a long session awaiting many commands does not pile up wakers.
+    waiters: RefCell<HashMap<u64, Waker>>,
+}
+
+impl Shutdown {
+    pub fn raise(&self) {
+        self.raised.set(true);
+        for (_, waker) in self.waiters.borrow_mut().drain() {
+            waker.wake();
+        }
+    }
+
+    pub fn is_raised(&self) -> bool {
+        self.raised.get()
+    }
+
+    /// Resolves once [`Shutdown::raise`] was called.
+    pub fn wait(&self) -> ShutdownWait<'_> {
+        let id = self.next_waiter.get();
+        self.next_waiter.set(id + 1);
+        ShutdownWait { shutdown: self, id }
+    }
+}
+
+/// The future of [`Shutdown::wait`].
+#[derive(Debug)]
+pub struct ShutdownWait<'a> {
+    shutdown: &'a Shutdown,
+    id: u64,
+}
+
+impl Future for ShutdownWait<'_> {
+    type Output = ();
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.shutdown.raised.get() {
+            return Poll::Ready(());
+        }
+        self.shutdown
+            .waiters
+            .borrow_mut()
+            .insert(self.id, cx.waker().clone());
+        Poll::Pending
+    }
+}
+
+impl Drop for ShutdownWait<'_> {
+    fn drop(&mut self) {
+        self.shutdown.waiters.borrow_mut().remove(&self.id);
+    }
+}

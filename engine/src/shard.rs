@@ -1,0 +1,123 @@
+//! What a shard's tasks share: [`Shared`] is the read-only state of the whole
+//! process (configuration, TLS, credentials, policy, every shard's metrics, the
+//! session counters), [`Shard`] is one core's own state (spool, event log).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+
+use gannet_spool::{FileStorage, Spool};
+
+use crate::auth::Credentials;
+use crate::config::Config;
+use crate::events::{Event, EventLog};
+use crate::ingress::smtp::message::MetaHeaders;
+use crate::metrics::ShardMetrics;
+use crate::policy::Policy;
+use crate::runtime::io::Shutdown;
+
+/// Process-wide state, built before the executors start and never written after.
+#[derive(Debug)]
+pub struct Shared {
+    pub config: Config,
+    pub credentials: Credentials,
+    /// None only if TLS could not be set up (then STARTTLS is not offered).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    pub policy: Box<dyn Policy + Send + Sync>,
+    pub meta_headers: MetaHeaders,
+    /// Every shard's metrics, indexed by shard number.
+    pub metrics: Vec<Arc<ShardMetrics>>,
+    pub sessions: Arc<SessionLimits>,
+}
+
+/// Session counts across all shards: the total and, per client address, an
+/// approximate count in hashed buckets. Both are lock-free; a bucket collision can
+/// only make the per-address limit stricter, never looser.
+#[derive(Debug)]
+pub struct SessionLimits {
+    total: AtomicUsize,
+    per_ip: Box<[AtomicU32]>,
+    total_max: usize,
+    per_ip_max: u32,
+}
+
+const IP_BUCKETS: usize = 4096;
+
+impl SessionLimits {
+    pub fn new(total_max: usize, per_ip_max: u32) -> SessionLimits {
+        SessionLimits {
+            total: AtomicUsize::new(0),
+            per_ip: (0..IP_BUCKETS).map(|_| AtomicU32::new(0)).collect(),
+            total_max,
+            per_ip_max,
+        }
+    }
+
+    fn bucket(&self, ip: IpAddr) -> &AtomicU32 {
+        let hash = match ip {
+            IpAddr::V4(v4) => crc32c::crc32c(&v4.octets()),
+            IpAddr::V6(v6) => crc32c::crc32c(&v6.octets()),
+        };
+        &self.per_ip[hash as usize % IP_BUCKETS]
+    }
+
+    /// Counts a new session from `ip`, or says which limit it would pass.
+    pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Result<SessionSlot, &'static str> {
+        if self.total.fetch_add(1, Ordering::AcqRel) >= self.total_max {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err("sessions_max");
+        }
+        let bucket = self.bucket(ip);
+        if bucket.fetch_add(1, Ordering::AcqRel) >= self.per_ip_max {
+            bucket.fetch_sub(1, Ordering::AcqRel);
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err("sessions_per_ip_max");
+        }
+        Ok(SessionSlot {
+            limits: self.clone(),
+            ip,
+        })
+    }
+}
+
+/// A counted session; dropping it gives the slot back.
+#[derive(Debug)]
+pub struct SessionSlot {
+    limits: Arc<SessionLimits>,
+    ip: IpAddr,
+}
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.limits.bucket(self.ip).fetch_sub(1, Ordering::AcqRel);
+        self.limits.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// One core's state. Lives in an `Rc` on its executor and never crosses cores.
+#[derive(Debug)]
+pub struct Shard {
+    pub id: u16,
+    pub shared: Arc<Shared>,
+    pub spool: Spool<FileStorage>,
+    pub events: RefCell<EventLog>,
+    pub metrics: Arc<ShardMetrics>,
+    pub shutdown: Shutdown,
+    /// Sessions running on this shard (shutdown waits for them).
+    pub sessions_active: Cell<usize>,
+    /// user → SHA-256(user, password) of the last successful AUTH on this shard, so
+    /// that a client logging in again pays one hash instead of a PBKDF2 run.
+    pub auth_cache: RefCell<HashMap<String, [u8; 32]>>,
+}
+
+impl Shard {
+    pub fn event(&self, event: &Event<'_>) {
+        self.events.borrow_mut().record(event);
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.shared.config
+    }
+}
