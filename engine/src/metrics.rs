@@ -86,7 +86,10 @@ mod tests {
 
     #[test]
     fn renders_every_shard() {
-        let shards = vec![Arc::new(ShardMetrics::default()), Arc::new(ShardMetrics::default())];
+        let shards = vec![
+            Arc::new(ShardMetrics::default()),
+            Arc::new(ShardMetrics::default()),
+        ];
         ShardMetrics::add(&shards[1].smtp_messages_accepted_total, 3);
         let text = render(&shards);
         assert!(text.contains("# TYPE gannet_smtp_messages_accepted_total counter\n"));

@@ -25,12 +25,24 @@ pub fn server_config(
     };
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| anyhow!("smtp.tls_cert: cannot read certificates from {}: {e}", cert.display()))?;
+        .map_err(|e| {
+            anyhow!(
+                "smtp.tls_cert: cannot read certificates from {}: {e}",
+                cert.display()
+            )
+        })?;
     if chain.is_empty() {
-        return Err(anyhow!("smtp.tls_cert: no certificate in {}", cert.display()));
+        return Err(anyhow!(
+            "smtp.tls_cert: no certificate in {}",
+            cert.display()
+        ));
     }
-    let key = PrivateKeyDer::from_pem_file(&key)
-        .map_err(|e| anyhow!("smtp.tls_key: cannot read a private key from {}: {e}", key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&key).map_err(|e| {
+        anyhow!(
+            "smtp.tls_key: cannot read a private key from {}: {e}",
+            key.display()
+        )
+    })?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -41,7 +53,10 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-fn generated_pair(data_dir: &Path, hostname: &str) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
+fn generated_pair(
+    data_dir: &Path,
+    hostname: &str,
+) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
     let dir = data_dir.join("tls");
     let cert = dir.join("self-signed.crt");
     let key = dir.join("self-signed.key");
@@ -52,7 +67,8 @@ fn generated_pair(data_dir: &Path, hostname: &str) -> Result<(std::path::PathBuf
     let pair = rcgen::generate_simple_self_signed(vec![hostname.to_string()])
         .context("generating a self-signed certificate")?;
     write_private(&key, pair.signing_key.serialize_pem().as_bytes())?;
-    std::fs::write(&cert, pair.cert.pem()).with_context(|| format!("writing {}", cert.display()))?;
+    std::fs::write(&cert, pair.cert.pem())
+        .with_context(|| format!("writing {}", cert.display()))?;
     tracing::info!(cert = %cert.display(), "generated a self-signed TLS certificate for {hostname}");
     Ok((cert, key))
 }

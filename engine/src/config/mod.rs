@@ -368,12 +368,10 @@ impl Config {
         if self.smtp.listen.is_empty() && self.smtp.tls_listen.is_empty() {
             return Err((
                 "smtp.listen".into(),
-                "no SMTP listener: give smtp.listen or smtp.tls_listen at least one address"
-                    .into(),
+                "no SMTP listener: give smtp.listen or smtp.tls_listen at least one address".into(),
             ));
         }
-        if self.smtp.tls_cert.as_os_str().is_empty() != self.smtp.tls_key.as_os_str().is_empty()
-        {
+        if self.smtp.tls_cert.as_os_str().is_empty() != self.smtp.tls_key.as_os_str().is_empty() {
             return Err((
                 "smtp.tls_cert".into(),
                 "tls_cert and tls_key must be given together (or both left empty for a generated self-signed pair)".into(),
@@ -559,7 +557,10 @@ mod tests {
         .unwrap();
         assert_eq!(config.smtp.listen.len(), 2);
         assert_eq!(config.smtp.recipients_max.get(), 100);
-        assert_eq!(config.smtp.message_bytes_max, SmtpConfig::default().message_bytes_max);
+        assert_eq!(
+            config.smtp.message_bytes_max,
+            SmtpConfig::default().message_bytes_max
+        );
         assert_eq!(config.policy.tenant_pools["acme"], "warm");
         assert_eq!(config.policy.rules[0].phase, Phase::RcptTo);
     }

@@ -89,7 +89,11 @@ mod tests {
 
     fn check(cidr: &str, ip: &str, expected: bool) {
         let cidr: Cidr = cidr.parse().unwrap();
-        assert_eq!(cidr.contains(ip.parse().unwrap()), expected, "{cidr} ∋ {ip}");
+        assert_eq!(
+            cidr.contains(ip.parse().unwrap()),
+            expected,
+            "{cidr} ∋ {ip}"
+        );
     }
 
     #[test]
@@ -110,7 +114,14 @@ mod tests {
 
     #[test]
     fn bad_forms() {
-        for bad in ["", "10.0.0.0/33", "::/129", "10.0.0/8", "example.com", "10.0.0.0/x"] {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0/8",
+            "example.com",
+            "10.0.0.0/x",
+        ] {
             assert!(bad.parse::<Cidr>().is_err(), "{bad}");
         }
     }

@@ -42,7 +42,14 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) {
         let head_end = memchr::memmem::find(&buf[..len], b"\r\n\r\n");
         let Some(head_end) = head_end else {
             if len == buf.len() {
-                let _ = respond(&mut conn, 431, "application/json", &error_json("request head too large"), false).await;
+                let _ = respond(
+                    &mut conn,
+                    431,
+                    "application/json",
+                    &error_json("request head too large"),
+                    false,
+                )
+                .await;
                 break;
             }
             match conn.read(&mut buf[len..], IDLE_TIMEOUT).await {
@@ -56,9 +63,18 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) {
         let parsed = request.parse(&buf[..head_end + 4]);
         let (status, content_type, body, keep_alive) = match parsed {
             Ok(httparse::Status::Complete(_)) => route(&shard, &request),
-            _ => (400, "application/json", error_json("malformed HTTP request"), false),
+            _ => (
+                400,
+                "application/json",
+                error_json("malformed HTTP request"),
+                false,
+            ),
         };
-        if respond(&mut conn, status, content_type, &body, keep_alive).await.is_err() || !keep_alive {
+        if respond(&mut conn, status, content_type, &body, keep_alive)
+            .await
+            .is_err()
+            || !keep_alive
+        {
             break;
         }
         buf.copy_within(head_end + 4..len, 0);
@@ -72,15 +88,19 @@ fn route(shard: &Shard, request: &httparse::Request<'_, '_>) -> (u16, &'static s
         (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
             || h.name.eq_ignore_ascii_case("transfer-encoding")
     });
-    let close = request
-        .headers
-        .iter()
-        .any(|h| h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close"));
+    let close = request.headers.iter().any(|h| {
+        h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close")
+    });
     let keep_alive = request.version == Some(1) && !close && !has_body;
     let method = request.method.unwrap_or("");
     let path = request.path.unwrap_or("").split('?').next().unwrap_or("");
     if has_body {
-        return (413, "application/json", error_json("request bodies are not accepted here"), false);
+        return (
+            413,
+            "application/json",
+            error_json("request bodies are not accepted here"),
+            false,
+        );
     }
     match (method, path) {
         ("GET", "/metrics") => (
@@ -89,9 +109,24 @@ fn route(shard: &Shard, request: &httparse::Request<'_, '_>) -> (u16, &'static s
             crate::metrics::render(&shard.shared.metrics),
             keep_alive,
         ),
-        ("GET", "/health") => (200, "application/json", "{\"status\":\"ok\"}".into(), keep_alive),
-        (_, "/metrics" | "/health") => (405, "application/json", error_json("method not allowed"), keep_alive),
-        _ => (404, "application/json", error_json("no such endpoint"), keep_alive),
+        ("GET", "/health") => (
+            200,
+            "application/json",
+            "{\"status\":\"ok\"}".into(),
+            keep_alive,
+        ),
+        (_, "/metrics" | "/health") => (
+            405,
+            "application/json",
+            error_json("method not allowed"),
+            keep_alive,
+        ),
+        _ => (
+            404,
+            "application/json",
+            error_json("no such endpoint"),
+            keep_alive,
+        ),
     }
 }
 
@@ -100,7 +135,13 @@ fn error_json(message: &str) -> String {
     serde_json::json!({ "errors": [{ "message": message }] }).to_string()
 }
 
-async fn respond(conn: &mut Conn, status: u16, content_type: &str, body: &str, keep_alive: bool) -> std::io::Result<()> {
+async fn respond(
+    conn: &mut Conn,
+    status: u16,
+    content_type: &str,
+    body: &str,
+    keep_alive: bool,
+) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",

@@ -76,7 +76,12 @@ pub trait Policy: std::fmt::Debug {
     fn set_binding(&self, client: &Client<'_>, draft: &Draft<'_>) -> String;
 
     /// The last look before the message is spooled (DKIM signing will run here).
-    fn final_validation(&self, _client: &Client<'_>, _draft: &Draft<'_>, _body: &mut Vec<u8>) -> Verdict {
+    fn final_validation(
+        &self,
+        _client: &Client<'_>,
+        _draft: &Draft<'_>,
+        _body: &mut Vec<u8>,
+    ) -> Verdict {
         Verdict::Continue
     }
 }

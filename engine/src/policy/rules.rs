@@ -67,11 +67,9 @@ impl RulesPolicy {
             return match (rule.action, &rule.reply) {
                 (Action::Accept, _) => Verdict::Accept,
                 (_, Some(reply)) => Verdict::Reject(Reply::configured(reply.code, &reply.text)),
-                (Action::Reject, None) => Verdict::Reject(Reply::fixed(
-                    550,
-                    "5.7.1",
-                    "rejected by policy",
-                )),
+                (Action::Reject, None) => {
+                    Verdict::Reject(Reply::fixed(550, "5.7.1", "rejected by policy"))
+                }
                 (Action::Tempfail, None) => Verdict::Reject(Reply::fixed(
                     451,
                     "4.7.1",
@@ -142,7 +140,11 @@ mod tests {
     use crate::config::Config;
 
     fn policy(rules: &str) -> RulesPolicy {
-        let config = Config::parse(&format!("[policy]\ntenant_pools = {{ acme = \"warm\" }}\nrules = [{rules}]\n"), "t").unwrap();
+        let config = Config::parse(
+            &format!("[policy]\ntenant_pools = {{ acme = \"warm\" }}\nrules = [{rules}]\n"),
+            "t",
+        )
+        .unwrap();
         RulesPolicy::new(&config.policy)
     }
 
@@ -175,7 +177,10 @@ mod tests {
         assert_eq!(p.mail_from(&c, "x@notspam.test"), Verdict::Continue);
         assert_eq!(p.rcpt_to(&c, "", "x@BOUNCES.test"), Verdict::Accept);
         assert!(matches!(p.rcpt_to(&c, "", "x@b.test"), Verdict::Reject(r) if r.code == 550));
-        assert_eq!(p.rcpt_to(&client("127.0.0.1"), "", "x@b.test"), Verdict::Continue);
+        assert_eq!(
+            p.rcpt_to(&client("127.0.0.1"), "", "x@b.test"),
+            Verdict::Continue
+        );
         let recipients = ["a@c.test".to_string()];
         let mut draft = Draft {
             sender: "s@a.test",

@@ -48,7 +48,10 @@ struct Addresses {
 pub fn run(config: Config) -> Result<()> {
     let shards = config.server.shards;
     if shards == 0 || shards > usize::from(u16::MAX) {
-        return Err(anyhow!("server.shards must be between 1 and {}, got {shards}", u16::MAX));
+        return Err(anyhow!(
+            "server.shards must be between 1 and {}, got {shards}",
+            u16::MAX
+        ));
     }
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
@@ -75,7 +78,9 @@ pub fn run(config: Config) -> Result<()> {
             campaign: config.policy.campaign_header.clone(),
             pool: config.policy.pool_header.clone(),
         },
-        metrics: (0..shards).map(|_| Arc::new(ShardMetrics::default())).collect(),
+        metrics: (0..shards)
+            .map(|_| Arc::new(ShardMetrics::default()))
+            .collect(),
         sessions: Arc::new(SessionLimits::new(
             config.smtp.sessions_max.usize(),
             u32::try_from(config.smtp.sessions_per_ip_max.get()).unwrap_or(u32::MAX),
@@ -239,15 +244,26 @@ async fn shard_main(start: ShardStart) -> Result<()> {
     let mut tasks = Vec::new();
     for addr in &addresses.smtp {
         let listener = bind(addr)?;
-        tasks.push(glommio::spawn_local(crate::ingress::smtp::serve(shard.clone(), listener, false)));
+        tasks.push(glommio::spawn_local(crate::ingress::smtp::serve(
+            shard.clone(),
+            listener,
+            false,
+        )));
     }
     for addr in &addresses.smtps {
         let listener = bind(addr)?;
-        tasks.push(glommio::spawn_local(crate::ingress::smtp::serve(shard.clone(), listener, true)));
+        tasks.push(glommio::spawn_local(crate::ingress::smtp::serve(
+            shard.clone(),
+            listener,
+            true,
+        )));
     }
     for addr in &addresses.http {
         let listener = bind(addr)?;
-        tasks.push(glommio::spawn_local(crate::http::serve(shard.clone(), listener)));
+        tasks.push(glommio::spawn_local(crate::http::serve(
+            shard.clone(),
+            listener,
+        )));
     }
     listening.fetch_add(1, Ordering::AcqRel);
     let flusher = glommio::spawn_local({
@@ -274,7 +290,11 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         io::sleep(Duration::from_millis(10)).await;
     }
     if shard.sessions_active.get() > 0 {
-        tracing::warn!(shard = id, sessions = shard.sessions_active.get(), "stopping with sessions still open; their unacknowledged messages are dropped");
+        tracing::warn!(
+            shard = id,
+            sessions = shard.sessions_active.get(),
+            "stopping with sessions still open; their unacknowledged messages are dropped"
+        );
     }
     flusher.await;
     flush_events(&shard);

@@ -38,9 +38,9 @@ pub fn split_path(args: &str) -> Result<(&str, &str), Reply> {
     if !args.starts_with('<') {
         return Err(Reply::fixed(501, "5.1.7", "address must be enclosed in <>"));
     }
-    let close = args
-        .find('>')
-        .ok_or(Reply::fixed(501, "5.1.7", "address must be enclosed in <>"))?;
+    let close =
+        args.find('>')
+            .ok_or(Reply::fixed(501, "5.1.7", "address must be enclosed in <>"))?;
     let path = &args[1..close];
     let rest = &args[close + 1..];
     if !rest.is_empty() && !rest.starts_with(' ') {
@@ -156,9 +156,7 @@ pub fn parse_params(params: &str) -> Result<Vec<(String, Option<&str>)>, Reply> 
             None => (param, None),
         };
         if key.is_empty()
-            || !key
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            || !key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
             || value.is_some_and(|v| v.is_empty() || v.bytes().any(|b| !(33..127).contains(&b)))
         {
             return Err(reply::SYNTAX);
@@ -173,12 +171,15 @@ mod tests {
     use super::*;
 
     fn check(args: &str, expected: Result<(&str, &str), u16>) {
-        let got = split_path(args).and_then(|(path, rest)| {
-            parse_path(path, true).map(|a| (a, rest.to_string()))
-        });
+        let got = split_path(args)
+            .and_then(|(path, rest)| parse_path(path, true).map(|a| (a, rest.to_string())));
         match (got, expected) {
             (Ok((addr, rest)), Ok((text, params))) => {
-                assert_eq!((addr.text.as_str(), rest.as_str()), (text, params), "{args}")
+                assert_eq!(
+                    (addr.text.as_str(), rest.as_str()),
+                    (text, params),
+                    "{args}"
+                )
             }
             (Err(reply), Err(code)) => assert_eq!(reply.code, code, "{args}"),
             (got, expected) => panic!("{args}: got {got:?}, expected {expected:?}"),
@@ -189,11 +190,17 @@ mod tests {
     fn paths() {
         check("<a@b.test>", Ok(("a@b.test", "")));
         check(" <a@b.test>", Ok(("a@b.test", "")));
-        check("<a@b.test> SIZE=10 BODY=8BITMIME", Ok(("a@b.test", "SIZE=10 BODY=8BITMIME")));
+        check(
+            "<a@b.test> SIZE=10 BODY=8BITMIME",
+            Ok(("a@b.test", "SIZE=10 BODY=8BITMIME")),
+        );
         check("<>", Ok(("", "")));
         check("<\"a b\"@b.test>", Ok(("\"a b\"@b.test", "")));
         check("<@r1.test,@r2.test:a@b.test>", Ok(("a@b.test", "")));
-        check("<first.last+tag@sub.b-c.test>", Ok(("first.last+tag@sub.b-c.test", "")));
+        check(
+            "<first.last+tag@sub.b-c.test>",
+            Ok(("first.last+tag@sub.b-c.test", "")),
+        );
         check("<a@[192.0.2.1]>", Ok(("a@[192.0.2.1]", "")));
         check("<a@[IPv6:2001:db8::1]>", Ok(("a@[IPv6:2001:db8::1]", "")));
         check("<ü@bücher.test>", Ok(("ü@bücher.test", "")));
@@ -219,7 +226,10 @@ mod tests {
     fn params() {
         assert_eq!(
             parse_params("size=10 SMTPUTF8").unwrap(),
-            vec![("SIZE".to_string(), Some("10")), ("SMTPUTF8".to_string(), None)]
+            vec![
+                ("SIZE".to_string(), Some("10")),
+                ("SMTPUTF8".to_string(), None)
+            ]
         );
         assert!(parse_params("SIZE=").is_err());
         assert!(parse_params("=1").is_err());

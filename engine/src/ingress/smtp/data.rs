@@ -116,8 +116,8 @@ impl Scanner {
                     i += 1;
                 }
                 _ => {
-                    let run_end = memchr::memchr2(b'\r', b'\n', &input[i..])
-                        .map_or(input.len(), |n| i + n);
+                    let run_end =
+                        memchr::memchr2(b'\r', b'\n', &input[i..]).map_or(input.len(), |n| i + n);
                     let run = &input[i..run_end];
                     if memchr::memchr(0, run).is_some() {
                         self.violations.nul = true;
@@ -245,7 +245,10 @@ mod tests {
 
         let mut scanner = Scanner::data(1000, 5, false);
         let mut out = Vec::new();
-        assert_eq!(scanner.feed(b"abc\r\ndef\r\n.\r\n", &mut out), Scan::End(13));
+        assert_eq!(
+            scanner.feed(b"abc\r\ndef\r\n.\r\n", &mut out),
+            Scan::End(13)
+        );
         assert!(scanner.violations.too_big);
         assert_eq!(scanner.seen_bytes, 10);
 

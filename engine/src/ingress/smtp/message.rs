@@ -34,7 +34,11 @@ struct Fields {
 }
 
 fn bad_header(line: usize, why: &str) -> Reply {
-    Reply::new(554, "5.6.0", format!("malformed header on line {line}: {why}"))
+    Reply::new(
+        554,
+        "5.6.0",
+        format!("malformed header on line {line}: {why}"),
+    )
 }
 
 fn scan_fields(body: &[u8], meta: &MetaHeaders) -> Result<Fields, Reply> {
@@ -75,7 +79,8 @@ fn scan_fields(body: &[u8], meta: &MetaHeaders) -> Result<Fields, Reply> {
     };
     while pos < body.len() {
         line_no += 1;
-        let line_end = memchr::memmem::find(&body[pos..], b"\r\n").map_or(body.len(), |n| pos + n + 2);
+        let line_end =
+            memchr::memmem::find(&body[pos..], b"\r\n").map_or(body.len(), |n| pos + n + 2);
         let line = &body[pos..line_end];
         let content = line.strip_suffix(b"\r\n").unwrap_or(line);
         if content.is_empty() {
@@ -138,12 +143,21 @@ pub struct Trace<'a> {
 }
 
 /// Builds the message to spool from the received `body`.
-pub fn prepare(body: &[u8], meta: &MetaHeaders, trace: &Trace<'_>) -> Result<(Vec<u8>, Lifted), Reply> {
+pub fn prepare(
+    body: &[u8],
+    meta: &MetaHeaders,
+    trace: &Trace<'_>,
+) -> Result<(Vec<u8>, Lifted), Reply> {
     let fields = scan_fields(body, meta)?;
     let mut received = String::with_capacity(256);
     received.push_str("Received: from ");
     received.push_str(trace.helo);
-    received.push_str(&format!(" ({})\r\n\tby {} (gannet) with {}", ip_literal(trace.peer_ip), trace.hostname, trace.protocol));
+    received.push_str(&format!(
+        " ({})\r\n\tby {} (gannet) with {}",
+        ip_literal(trace.peer_ip),
+        trace.hostname,
+        trace.protocol
+    ));
     if let Some(tls) = trace.tls {
         received.push_str(&format!("\r\n\t(using {tls})"));
     }
@@ -251,7 +265,10 @@ mod tests {
     fn dates() {
         assert_eq!(rfc5322_date(0), "Thu, 1 Jan 1970 00:00:00 +0000");
         assert_eq!(rfc5322_date(951_782_400), "Tue, 29 Feb 2000 00:00:00 +0000");
-        assert_eq!(rfc5322_date(1_795_487_257), "Tue, 24 Nov 2026 02:27:37 +0000");
+        assert_eq!(
+            rfc5322_date(1_795_487_257),
+            "Tue, 24 Nov 2026 02:27:37 +0000"
+        );
     }
 
     #[test]
@@ -271,7 +288,11 @@ mod tests {
     fn keeps_existing_message_id_and_handles_headers_only() {
         let (out, lifted) = prepare(b"Message-Id: <x@y>\r\nSubject: s", &meta(), &trace()).unwrap();
         assert!(lifted.has_message_id);
-        assert!(String::from_utf8(out).unwrap().ends_with("\r\nMessage-Id: <x@y>\r\nSubject: s\r\n"));
+        assert!(
+            String::from_utf8(out)
+                .unwrap()
+                .ends_with("\r\nMessage-Id: <x@y>\r\nSubject: s\r\n")
+        );
     }
 
     #[test]

@@ -22,13 +22,10 @@ use crate::shard::Shard;
 /// Accepts connections until shutdown; `implicit_tls` starts TLS before the greeting.
 pub async fn serve(shard: Rc<Shard>, listener: TcpListener, implicit_tls: bool) {
     loop {
-        let accepted = futures_lite::future::or(
-            async { Some(listener.accept().await) },
-            async {
-                shard.shutdown.wait().await;
-                None
-            },
-        )
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            shard.shutdown.wait().await;
+            None
+        })
         .await;
         let stream = match accepted {
             None => return,

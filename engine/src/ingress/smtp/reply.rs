@@ -120,8 +120,11 @@ pub const TOO_MANY_SESSIONS: Reply =
 pub const TLS_UNAVAILABLE: Reply = Reply::fixed(454, "4.7.0", "TLS not available");
 pub const ALREADY_TLS: Reply = Reply::fixed(503, "5.5.1", "TLS already active");
 pub const AUTH_FAILED: Reply = Reply::fixed(535, "5.7.8", "authentication credentials invalid");
-pub const AUTH_NEEDS_TLS: Reply =
-    Reply::fixed(538, "5.7.11", "encryption required for requested authentication mechanism");
+pub const AUTH_NEEDS_TLS: Reply = Reply::fixed(
+    538,
+    "5.7.11",
+    "encryption required for requested authentication mechanism",
+);
 pub const AUTH_CANCELLED: Reply = Reply::fixed(501, "5.0.0", "authentication cancelled");
 pub const AUTH_BAD_MECHANISM: Reply =
     Reply::fixed(504, "5.5.4", "unrecognized authentication mechanism");

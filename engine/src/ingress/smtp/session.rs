@@ -119,7 +119,12 @@ impl Session {
 
     fn protocol(&self) -> &'static str {
         let utf8 = self.tx.as_ref().is_some_and(|tx| tx.smtputf8);
-        match (utf8, self.esmtp, self.tls.is_some(), self.auth_user.is_some()) {
+        match (
+            utf8,
+            self.esmtp,
+            self.tls.is_some(),
+            self.auth_user.is_some(),
+        ) {
             (_, false, _, _) => "SMTP",
             (false, true, false, false) => "ESMTP",
             (false, true, true, false) => "ESMTPS",
@@ -250,11 +255,18 @@ async fn serve(s: &mut Session, w: &mut Wire) -> Result<(), End> {
         let line = match read_line(s, w).await? {
             Line::Command(line) => line,
             Line::TooLong => {
-                count_bad(s, w, &mut bad_commands, bad_commands_max, reply::LINE_TOO_LONG)?;
+                count_bad(
+                    s,
+                    w,
+                    &mut bad_commands,
+                    bad_commands_max,
+                    reply::LINE_TOO_LONG,
+                )?;
                 continue;
             }
             Line::BadBytes => {
-                let reply = Reply::fixed(500, "5.5.2", "command contains a NUL byte or invalid UTF-8");
+                let reply =
+                    Reply::fixed(500, "5.5.2", "command contains a NUL byte or invalid UTF-8");
                 count_bad(s, w, &mut bad_commands, bad_commands_max, reply)?;
                 continue;
             }
@@ -397,11 +409,10 @@ async fn fill_data(s: &Session, w: &mut Wire) -> Result<(), End> {
 
 fn body_capacity(s: &Session) -> usize {
     let max = s.config().smtp.message_bytes_max.usize();
-    let declared = s
-        .tx
-        .as_ref()
-        .and_then(|tx| tx.declared_size)
-        .map_or(16 << 10, |n| n as usize);
+    let declared =
+        s.tx.as_ref()
+            .and_then(|tx| tx.declared_size)
+            .map_or(16 << 10, |n| n as usize);
     declared.min(max)
 }
 
@@ -441,9 +452,14 @@ async fn read_bdat(s: &mut Session, w: &mut Wire, size: usize, last: bool) -> Re
         )
     };
     let capacity = body_capacity(s);
-    let tx = s.tx.as_mut().expect("BDAT is only run inside a transaction");
+    let tx =
+        s.tx.as_mut()
+            .expect("BDAT is only run inside a transaction");
     let (mut scanner, mut body) = tx.bdat.take().unwrap_or_else(|| {
-        (Scanner::bdat(line_max, size_max, normalize), Vec::with_capacity(capacity))
+        (
+            Scanner::bdat(line_max, size_max, normalize),
+            Vec::with_capacity(capacity),
+        )
     });
     let mut remaining = size;
     loop {
@@ -518,7 +534,9 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     let now_ms = unix_ms();
     let protocol = s.protocol();
     let client = s.client();
-    let tx = s.tx.as_ref().expect("a message is only read inside a transaction");
+    let tx =
+        s.tx.as_ref()
+            .expect("a message is only read inside a transaction");
     let single = (tx.recipients.len() == 1).then(|| tx.recipients[0].as_str());
     let trace = Trace {
         helo: client.helo.unwrap_or(""),
@@ -594,7 +612,10 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     }
     let metrics = &shard.metrics;
     ShardMetrics::add(&metrics.smtp_messages_accepted_total, 1);
-    ShardMetrics::add(&metrics.smtp_recipients_accepted_total, tx.recipients.len() as u64);
+    ShardMetrics::add(
+        &metrics.smtp_recipients_accepted_total,
+        tx.recipients.len() as u64,
+    );
     ShardMetrics::add(&metrics.smtp_message_bytes_total, size as u64);
     shard.event(&Event::Reception {
         timestamp_ms: now_ms,
@@ -641,7 +662,12 @@ async fn start_tls(s: &mut Session, w: &mut Wire) -> Result<(), End> {
         tracing::info!(peer = %s.peer, "dropping connection: data pipelined after STARTTLS");
         return Err(End::Disconnected);
     }
-    let config = s.shard.shared.tls.clone().expect("STARTTLS is only offered with TLS");
+    let config = s
+        .shard
+        .shared
+        .tls
+        .clone()
+        .expect("STARTTLS is only offered with TLS");
     if let Err(err) = w.conn.start_tls(config, WRITE_TIMEOUT).await {
         tracing::debug!(peer = %s.peer, "TLS handshake failed: {err}");
         return Err(End::Disconnected);
@@ -657,7 +683,11 @@ async fn start_tls(s: &mut Session, w: &mut Wire) -> Result<(), End> {
 }
 
 /// Sends a 334 challenge and reads the client's base64 response.
-async fn challenge(s: &Session, w: &mut Wire, text: &'static str) -> Result<Result<Vec<u8>, Reply>, End> {
+async fn challenge(
+    s: &Session,
+    w: &mut Wire,
+    text: &'static str,
+) -> Result<Result<Vec<u8>, Reply>, End> {
     w.queue(&Reply::fixed(334, "", text));
     match read_line(s, w).await? {
         Line::Command(line) => Ok(verbs::auth_decode(&line)),
@@ -665,7 +695,12 @@ async fn challenge(s: &Session, w: &mut Wire, text: &'static str) -> Result<Resu
     }
 }
 
-async fn auth(s: &mut Session, w: &mut Wire, mechanism: Mechanism, initial: Option<String>) -> Result<Reply, End> {
+async fn auth(
+    s: &mut Session,
+    w: &mut Wire,
+    mechanism: Mechanism,
+    initial: Option<String>,
+) -> Result<Reply, End> {
     let initial = initial.map(|i| verbs::auth_decode(&i));
     let (user, password) = match mechanism {
         Mechanism::Plain => {
@@ -721,7 +756,10 @@ fn verify(s: &Session, user: &str, password: &[u8]) -> bool {
         return true;
     }
     if s.shard.shared.credentials.verify(user, password) {
-        s.shard.auth_cache.borrow_mut().insert(user.to_string(), digest);
+        s.shard
+            .auth_cache
+            .borrow_mut()
+            .insert(user.to_string(), digest);
         return true;
     }
     false

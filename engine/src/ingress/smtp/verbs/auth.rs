@@ -26,7 +26,11 @@ pub(super) fn apply(session: &mut Session, args: &str) -> Next {
         return Next::Reply(reply::ALREADY_AUTH);
     }
     if session.tx.is_some() {
-        return Next::Reply(Reply::fixed(503, "5.5.1", "AUTH is not permitted during a mail transaction"));
+        return Next::Reply(Reply::fixed(
+            503,
+            "5.5.1",
+            "AUTH is not permitted during a mail transaction",
+        ));
     }
     let mut words = args.split(' ').filter(|w| !w.is_empty());
     let mechanism = match words.next() {

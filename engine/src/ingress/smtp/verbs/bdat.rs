@@ -24,7 +24,9 @@ pub(super) fn apply(session: &mut Session, args: &str) -> Next {
     }
     let refuse = match &session.tx {
         None => Some(reply::NEED_MAIL),
-        Some(tx) if tx.recipients.is_empty() => Some(Reply::fixed(554, "5.5.1", "no valid recipients")),
+        Some(tx) if tx.recipients.is_empty() => {
+            Some(Reply::fixed(554, "5.5.1", "no valid recipients"))
+        }
         Some(_) => None,
     };
     match refuse {

@@ -11,7 +11,11 @@ use crate::policy::Verdict;
 pub(super) fn apply(session: &mut Session, args: &str, extended: bool) -> Next {
     let name = args.trim();
     if name.is_empty() || name.len() > 255 || name.bytes().any(|b| !(33..127).contains(&b)) {
-        return Next::Reply(Reply::fixed(501, "5.5.4", "EHLO/HELO needs a host name or address literal"));
+        return Next::Reply(Reply::fixed(
+            501,
+            "5.5.4",
+            "EHLO/HELO needs a host name or address literal",
+        ));
     }
     session.tx = None;
     session.helo = Some(name.to_string());
@@ -26,7 +30,10 @@ pub(super) fn apply(session: &mut Session, args: &str, extended: bool) -> Next {
         return Next::Reply(Reply::new(250, "", format!("{hostname} greets {name}")));
     }
     let smtp = &session.config().smtp;
-    let mut text = format!("{hostname} greets {name}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nCHUNKING", smtp.message_bytes_max.get());
+    let mut text = format!(
+        "{hostname} greets {name}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nCHUNKING",
+        smtp.message_bytes_max.get()
+    );
     if session.tls.is_none() && session.shard.shared.tls.is_some() {
         text.push_str("\nSTARTTLS");
     }

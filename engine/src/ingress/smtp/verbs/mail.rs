@@ -43,12 +43,17 @@ pub(super) fn apply(session: &mut Session, args: &str) -> Next {
         match (key.as_str(), value) {
             ("SIZE", Some(v)) => match v.parse::<u64>() {
                 Ok(n) if n > size_max => {
-                    return Next::Reply(Reply::fixed(552, "5.3.4", "message size exceeds fixed maximum message size"));
+                    return Next::Reply(Reply::fixed(
+                        552,
+                        "5.3.4",
+                        "message size exceeds fixed maximum message size",
+                    ));
                 }
                 Ok(n) => declared_size = Some(n),
                 Err(_) => return Next::Reply(reply::SYNTAX),
             },
-            ("BODY", Some(v)) if v.eq_ignore_ascii_case("7BIT") || v.eq_ignore_ascii_case("8BITMIME") => {}
+            ("BODY", Some(v))
+                if v.eq_ignore_ascii_case("7BIT") || v.eq_ignore_ascii_case("8BITMIME") => {}
             ("SMTPUTF8", None) => smtputf8 = true,
             ("AUTH", Some(_)) => {}
             _ => return Next::Reply(reply::BAD_PARAM),
@@ -57,7 +62,12 @@ pub(super) fn apply(session: &mut Session, args: &str) -> Next {
     if !sender.is_ascii() && !smtputf8 {
         return Next::Reply(reply::NEED_SMTPUTF8);
     }
-    if let Verdict::Reject(reply) = session.shard.shared.policy.mail_from(&session.client(), &sender.text) {
+    if let Verdict::Reject(reply) = session
+        .shard
+        .shared
+        .policy
+        .mail_from(&session.client(), &sender.text)
+    {
         session.policy_rejection("mail_from", Some(&sender.text), None, &reply);
         return Next::Reply(reply);
     }
@@ -68,5 +78,6 @@ pub(super) fn apply(session: &mut Session, args: &str) -> Next {
 /// `args` without a case-insensitive `prefix`.
 pub(super) fn strip_prefix_ci<'a>(args: &'a str, prefix: &str) -> Option<&'a str> {
     let head = args.get(..prefix.len())?;
-    head.eq_ignore_ascii_case(prefix).then(|| &args[prefix.len()..])
+    head.eq_ignore_ascii_case(prefix)
+        .then(|| &args[prefix.len()..])
 }

@@ -62,7 +62,12 @@ fn check(session: &mut Session, args: &str) -> Next {
     };
     if !relay_ok {
         let sender = tx.sender.text.clone();
-        session.policy_rejection("rcpt_to", Some(&sender), Some(&recipient.text), &reply::RELAY_DENIED);
+        session.policy_rejection(
+            "rcpt_to",
+            Some(&sender),
+            Some(&recipient.text),
+            &reply::RELAY_DENIED,
+        );
         return Next::Reply(reply::RELAY_DENIED);
     }
     let tx = session.tx.as_mut().expect("checked above");

@@ -1,0 +1,284 @@
+//! Shared helpers of the engine's integration tests: a gannetd process on ephemeral
+//! loopback ports with its own data directory, a raw SMTP client that speaks bytes,
+//! and a reader for what the daemon spooled.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A running gannetd. Stopped (SIGTERM, then SIGKILL) when dropped.
+pub struct Daemon {
+    pub child: Child,
+    pub dir: tempfile::TempDir,
+    pub smtp: SocketAddr,
+    pub smtps: Option<SocketAddr>,
+    pub http: SocketAddr,
+    /// Everything the daemon logged so far.
+    pub log: Arc<Mutex<Vec<String>>>,
+}
+
+/// A config with every listener on an ephemeral loopback port, plus `extra` TOML
+/// (whole sections; `[smtp]` keys go in `smtp_extra`).
+pub fn config_text(data_dir: &Path, smtp_extra: &str, extra: &str) -> String {
+    format!(
+        "[server]\nhostname = \"gannet.test\"\ndata_dir = \"{}\"\nshards = 2\n\
+         [smtp]\nlisten = [\"127.0.0.1:0\"]\ntls_listen = [\"127.0.0.1:0\"]\n{smtp_extra}\n\
+         [http]\nlisten = [\"127.0.0.1:0\"]\n{extra}\n",
+        data_dir.join("data").display()
+    )
+}
+
+impl Daemon {
+    /// Starts gannetd with `config_text(dir, smtp_extra, extra)` and waits until it
+    /// listens.
+    pub fn start(smtp_extra: &str, extra: &str) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let text = config_text(dir.path(), smtp_extra, extra);
+        Daemon::start_in(dir, &text)
+    }
+
+    /// Starts gannetd on `config` inside `dir` (which it keeps).
+    pub fn start_in(dir: tempfile::TempDir, config: &str) -> Daemon {
+        let path = dir.path().join("gannetd.toml");
+        std::fs::write(&path, config).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gannetd"))
+            .args(["--config", path.to_str().unwrap(), "--log", "info"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn({
+            let log = log.clone();
+            move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    log.lock().unwrap().push(line);
+                }
+            }
+        });
+        let listeners = dir.path().join("data/listeners.json");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let text = loop {
+            if let Ok(text) = std::fs::read_to_string(&listeners) {
+                break text;
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!("gannetd exited with {status}: {:#?}", log.lock().unwrap());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gannetd did not start: {:#?}",
+                log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let addr = |key: &str| -> Option<SocketAddr> {
+            v[key].as_array()?.first()?.as_str()?.parse().ok()
+        };
+        Daemon {
+            smtp: addr("smtp").unwrap(),
+            smtps: addr("smtps"),
+            http: addr("http").unwrap(),
+            child,
+            dir,
+            log,
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    pub fn connect(&self) -> Client {
+        Client::connect(self.smtp)
+    }
+
+    /// SIGTERM, then waits for a clean exit.
+    pub fn stop(&mut self) {
+        // SAFETY: signalling the child this test started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "gannetd exit: {status}: {:#?}",
+                    self.log.lock().unwrap()
+                );
+                return;
+            }
+            assert!(Instant::now() < deadline, "gannetd did not stop");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL: no chance to sync or clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The events the shards logged (after a stop, or after the flush interval).
+    pub fn events(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for shard in ["0", "1"] {
+            let path = self
+                .data_dir()
+                .join("events")
+                .join(shard)
+                .join("events.jsonl");
+            if let Ok(text) = std::fs::read_to_string(path) {
+                out.extend(text.lines().map(|l| serde_json::from_str(l).unwrap()));
+            }
+        }
+        out
+    }
+
+    /// GETs a path from the HTTP listener: (status, body).
+    pub fn http_get(&self, path: &str) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.http).unwrap();
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut text = String::new();
+        stream.read_to_string(&mut text).unwrap();
+        let status = text[9..12].parse().unwrap();
+        let body = text.split_once("\r\n\r\n").unwrap().1.to_string();
+        (status, body)
+    }
+
+    /// A counter summed over shards from /metrics.
+    pub fn metric(&self, name: &str) -> u64 {
+        let (_, body) = self.http_get("/metrics");
+        body.lines()
+            .filter(|l| l.starts_with(&format!("gannet_{name}{{")))
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A spooled message as recovered from disk.
+#[derive(Debug, Clone)]
+pub struct Spooled {
+    pub id: String,
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub meta: Vec<(String, String)>,
+    pub queue: String,
+    pub body: Vec<u8>,
+}
+
+/// Every live message in a (stopped) daemon's spool.
+pub fn spooled(data_dir: &Path) -> Vec<Spooled> {
+    let mut out = Vec::new();
+    for (shard, dir) in gannet_tools::spool_inspect::shard_dirs(&data_dir.join("spool")).unwrap() {
+        let recovered = gannet_tools::spool_inspect::recover_shard(shard, &dir).unwrap();
+        for live in recovered.live {
+            let m = live.message.get();
+            out.push(Spooled {
+                id: gannet_spool::MessageId::from(&m.id).to_string(),
+                sender: m.sender.to_string(),
+                recipients: m.recipients.iter().map(|r| r.to_string()).collect(),
+                meta: m
+                    .meta
+                    .iter()
+                    .map(|kv| (kv.0.to_string(), kv.1.to_string()))
+                    .collect(),
+                queue: m.queue.to_string(),
+                body: m.body.to_vec(),
+            });
+        }
+    }
+    out
+}
+
+/// A raw SMTP client: sends bytes, reads whole replies.
+pub struct Client {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    pub fn connect(addr: SocketAddr) -> Client {
+        Client::from_stream(TcpStream::connect(addr).unwrap())
+    }
+
+    pub fn from_stream(stream: TcpStream) -> Client {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    pub fn send(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    /// Sends bytes, tolerating a connection the server already closed.
+    pub fn send_lossy(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes);
+    }
+
+    /// The next complete reply (all its lines), or None at end of stream.
+    pub fn reply(&mut self) -> Option<String> {
+        let mut lines = String::new();
+        loop {
+            while let Some(lf) = self.buf.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=lf).collect();
+                let line = String::from_utf8(line).unwrap();
+                lines.push_str(&line);
+                if line.len() < 4 || line.as_bytes()[3] == b' ' {
+                    return Some(lines);
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return if lines.is_empty() { None } else { Some(lines) },
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return None,
+                Err(e) => panic!("reading a reply: {e} (so far {lines:?})"),
+            }
+        }
+    }
+
+    /// Expects a reply whose last line starts with `prefix`.
+    pub fn expect(&mut self, prefix: &str) -> String {
+        let reply = self
+            .reply()
+            .unwrap_or_else(|| panic!("connection closed, expected {prefix:?}"));
+        let last = reply.trim_end().lines().last().unwrap_or("");
+        assert!(
+            last.starts_with(prefix),
+            "expected {prefix:?}, got {reply:?}"
+        );
+        reply
+    }
+
+    /// Expects the server to close the connection (after any remaining replies).
+    pub fn expect_closed(&mut self) {
+        if let Some(reply) = self.reply() {
+            panic!("expected the connection to close, got {reply:?}");
+        }
+    }
+}
