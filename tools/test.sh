@@ -8,9 +8,19 @@ cd "$(dirname "$0")/.."
 step() { printf '\n== %s\n' "$*"; }
 
 step "test peers"
-# The spool and daemon tests need nothing beyond cargo. SMTP peers (postfix's
-# smtp-sink, swaks, python aiosmtpd/dkimpy, dnsmasq) are installed here as the tests
-# that use them land.
+# Real SMTP peers the tests talk to: swaks (with TLS support) and Python's smtplib;
+# postfix for smtp-sink/smtp-source (benchmarks). Installed only when missing.
+need=()
+command -v swaks >/dev/null || need+=(swaks)
+perl -MIO::Socket::SSL -e1 2>/dev/null || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
+[ -x /usr/sbin/smtp-sink ] || need+=(postfix)
+command -v python3 >/dev/null || need+=(python3)
+if [ ${#need[@]} -gt 0 ]; then
+  echo "installing: ${need[*]}"
+  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+  install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"; }
+  install >/dev/null || { apt-get update -q >/dev/null && install >/dev/null; }
+fi
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

@@ -196,7 +196,7 @@ impl<'de> Deserialize<'de> for ReplyText {
         if !(400..600).contains(&code)
             || !class_ok
             || !shape_ok
-            || text.bytes().any(|b| b < 0x20 || b > 0x7e)
+            || text.bytes().any(|b| !(0x20..=0x7e).contains(&b))
         {
             return Err(bad());
         }

@@ -108,10 +108,11 @@ impl EventLog {
         if self.buffer.is_empty() {
             return;
         }
-        if self.file_bytes > 0 && self.file_bytes + self.buffer.len() as u64 > self.file_bytes_max {
-            if let Err(err) = self.rotate() {
-                tracing::warn!(dir = %self.dir.display(), "event log rotation failed: {err}");
-            }
+        if self.file_bytes > 0
+            && self.file_bytes + self.buffer.len() as u64 > self.file_bytes_max
+            && let Err(err) = self.rotate()
+        {
+            tracing::warn!(dir = %self.dir.display(), "event log rotation failed: {err}");
         }
         match self.file.write_all(&self.buffer) {
             Ok(()) => self.file_bytes += self.buffer.len() as u64,

@@ -60,7 +60,7 @@ impl RulesPolicy {
                 continue;
             }
             if let Some(over) = rule.size_bytes_over
-                && !size.is_some_and(|s| s > over)
+                && size.is_none_or(|s| s <= over)
             {
                 continue;
             }

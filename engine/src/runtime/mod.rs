@@ -56,6 +56,7 @@ pub fn run(config: Config) -> Result<()> {
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
+    remove_stale_listeners(&data_dir);
     let tls = crate::tls::server_config(
         &config.smtp.tls_cert,
         &config.smtp.tls_key,
@@ -129,7 +130,8 @@ pub fn run(config: Config) -> Result<()> {
         std::thread::sleep(Duration::from_millis(2));
     }
     drop(placeholders);
-    if listening.load(Ordering::Acquire) == shards {
+    let ready = listening.load(Ordering::Acquire) == shards;
+    if ready {
         write_listeners(&data_dir, &addresses)?;
         tracing::info!(smtp = ?addresses.smtp, smtps = ?addresses.smtps, http = ?addresses.http, "gannetd ready");
     } else {
@@ -143,7 +145,9 @@ pub fn run(config: Config) -> Result<()> {
             Err(err) => errors.push(format!("executor died: {err:?}")),
         }
     }
-    let _ = std::fs::remove_file(data_dir.join(LISTENERS_FILE));
+    if ready {
+        let _ = std::fs::remove_file(data_dir.join(LISTENERS_FILE));
+    }
     if !errors.is_empty() {
         return Err(anyhow!("{}", errors.join("; ")));
     }
@@ -152,6 +156,25 @@ pub fn run(config: Config) -> Result<()> {
 }
 
 const LISTENERS_FILE: &str = "listeners.json";
+
+/// A daemon that was killed leaves its listeners file behind; it must not be read as
+/// this one's. A file whose process still runs is left alone (that daemon holds the
+/// spool, and this one will stop when it finds the spool locked).
+fn remove_stale_listeners(data_dir: &Path) {
+    let path = data_dir.join(LISTENERS_FILE);
+    let Ok(text) = std::fs::read_to_string(&path) else {
+        return;
+    };
+    let pid = serde_json::from_str::<serde_json::Value>(&text)
+        .ok()
+        .and_then(|v| v["pid"].as_u64());
+    if let Some(pid) = pid
+        && Path::new(&format!("/proc/{pid}")).exists()
+    {
+        return;
+    }
+    let _ = std::fs::remove_file(path);
+}
 
 /// Tells operators and tests which ports were chosen (useful with port 0).
 fn write_listeners(data_dir: &Path, addresses: &Addresses) -> Result<()> {

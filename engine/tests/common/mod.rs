@@ -44,10 +44,23 @@ impl Daemon {
 
     /// Starts gannetd on `config` inside `dir` (which it keeps).
     pub fn start_in(dir: tempfile::TempDir, config: &str) -> Daemon {
+        Daemon::start_with(dir, config, |_| {})
+    }
+
+    /// Like [`Daemon::start_in`], with a chance to adjust the command first.
+    pub fn start_with(
+        dir: tempfile::TempDir,
+        config: &str,
+        adjust: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let path = dir.path().join("gannetd.toml");
         std::fs::write(&path, config).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_gannetd"))
-            .args(["--config", path.to_str().unwrap(), "--log", "info"])
+        // A daemon killed earlier leaves its file behind.
+        let _ = std::fs::remove_file(dir.path().join("data/listeners.json"));
+        let mut command = Command::new(env!("CARGO_BIN_EXE_gannetd"));
+        command.args(["--config", path.to_str().unwrap(), "--log", "info"]);
+        adjust(&mut command);
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
