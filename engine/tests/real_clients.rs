@@ -19,24 +19,6 @@ fn require(program: &str) {
     );
 }
 
-fn hash_password(password: &str) -> String {
-    use std::io::Write;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_gannetd"))
-        .arg("--hash-password")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(password.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 fn swaks(args: &[&str]) -> (bool, String) {
     let out = Command::new("swaks").args(args).output().unwrap();
     let text =
@@ -48,7 +30,7 @@ fn swaks(args: &[&str]) -> (bool, String) {
 fn swaks_and_smtplib_deliver_into_the_spool() {
     require("swaks");
     require("python3");
-    let hash = hash_password("s3cret");
+    let hash = common::hash_password("s3cret");
     let mut daemon = Daemon::start(
         &format!("users = [{{ name = \"app\", password_hash = \"{hash}\" }}]\n"),
         "",

@@ -88,28 +88,9 @@ const TRANSACTION: &str = "
     < 250 2.1.5
 ";
 
-fn hash_password(password: &str) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gannetd"))
-        .arg("--hash-password")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(password.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
-}
-
 #[test]
 fn protocol_with_relay_from_loopback() {
-    let hash = hash_password("pw");
+    let hash = common::hash_password("pw");
     let mut daemon = Daemon::start(
         &format!(
             "message_bytes_max = 20000\nrecipients_max = 100\nbad_commands_max = 10\n\
@@ -355,30 +336,13 @@ fn protocol_with_relay_from_loopback() {
             < 221 2.0.0
             <closed
         ".into()),
-        ("too many bad commands", "
-            > FOO
-            < 500
-            > FOO
-            < 500
-            > FOO
-            < 500
-            > FOO
-            < 500
-            > FOO
-            < 500
-            > FOO
-            < 500
-            > FOO
-            < 500
-            > FOO
-            < 500
-            > FOO
-            < 500
+        ("too many bad commands", format!("
+            {}
             > FOO
             < 500 5.5.1
             < 421 4.7.0
             <closed
-        ".into()),
+        ", "> FOO\n< 500 5.5.1\n".repeat(9))),
         ("STARTTLS with arguments", "
             > EHLO c.test
             < 250
@@ -468,7 +432,7 @@ fn protocol_with_relay_from_loopback() {
 
 #[test]
 fn relay_control_auth_and_policy_rules() {
-    let hash = hash_password("s3cret");
+    let hash = common::hash_password("s3cret");
     let daemon = Daemon::start(
         &format!(
             "relay_from = [\"10.0.0.0/8\"]\nauth_requires_tls = false\n\
@@ -628,4 +592,33 @@ fn relay_control_auth_and_policy_rules() {
     let mut client = Client::from_stream(socket.into());
     client.expect("554 5.7.1 no service for you");
     client.expect_closed();
+}
+
+#[test]
+fn session_limits_and_timeouts() {
+    let daemon = Daemon::start(
+        "sessions_per_ip_max = 2\ncommand_timeout_secs = 1\ndata_timeout_secs = 1\n",
+        "",
+    );
+    let mut first = daemon.connect();
+    first.expect("220");
+    let mut second = daemon.connect();
+    second.expect("220");
+    let mut third = daemon.connect();
+    third.expect("421 4.7.0 too many connections");
+    third.expect_closed();
+
+    // An idle client is dropped after command_timeout_secs, freeing its slot.
+    first.expect("421 4.4.2");
+    first.expect_closed();
+    let mut fourth = daemon.connect();
+    fourth.expect("220");
+
+    // A client that stalls inside DATA is dropped after data_timeout_secs.
+    run_on(&mut fourth, "stall in data", &format!("{TRANSACTION}\n> DATA\n< 354\n>> Subject: slow\\r\\n"));
+    fourth.expect("421 4.4.2");
+    fourth.expect_closed();
+    drop(second);
+    assert_eq!(daemon.metric("smtp_messages_accepted_total"), 0);
+    assert!(daemon.metric("smtp_sessions_refused_total") >= 1);
 }

@@ -15,13 +15,14 @@ use std::cell::{Cell, RefCell};
 use std::fs::OpenOptions;
 use std::io::Write as _;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 use clap::Parser;
+use gannet_bench::{command_output, cpu_seconds, device_flushes, machine};
 use gannet_spool::{FileStorage, MessageRecord, Record, Spool, SpoolConfig};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 use hdrhistogram::Histogram;
@@ -95,31 +96,6 @@ impl CaseResult {
             "cpu_s_per_1000_msgs": (self.cpu_seconds / self.msgs.max(1) as f64 * 1000.0 * 1e4).round() / 1e4,
         })
     }
-}
-
-/// Flush requests completed by the block device holding `dir` (field 16 of its stat).
-fn device_flushes(dir: &Path) -> u64 {
-    let Ok(meta) = std::fs::metadata(dir) else {
-        return 0;
-    };
-    let dev = meta.dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat"))
-        .or_else(|_| std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/../stat")))
-        .unwrap_or_default();
-    stat.split_whitespace()
-        .nth(15)
-        .and_then(|f| f.parse().ok())
-        .unwrap_or(0)
-}
-
-fn cpu_seconds() -> f64 {
-    // SAFETY: getrusage writes into the struct we pass.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: RUSAGE_SELF with a valid pointer.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
-    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 fn message(spool: &Spool<FileStorage>, body: &[u8]) -> MessageRecord {
@@ -415,30 +391,6 @@ fn recovery(args: &Args, records: usize) -> Result<RecoveryTimes> {
         live,
         disk_bytes,
     })
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown cpu".into());
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
-}
-
-fn command_output(cmd: &str, args: &[&str]) -> String {
-    std::process::Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
 }
 
 fn main() -> Result<()> {

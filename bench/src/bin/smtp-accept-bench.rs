@@ -1,0 +1,541 @@
+//! smtp-accept-bench: SMTP acceptance with a durable ack, side by side.
+//!
+//! The same load — N messages of a given size, S concurrent sessions, a new
+//! connection per message — is offered to:
+//! - `sink`: postfix's smtp-sink, which stores nothing (the direct source→sink pipe:
+//!   the limit of this machine with no MTA in the way);
+//! - `gannet`: gannetd, which says 250 only after the message is fdatasynced;
+//! - `postfix`: Postfix with delivery deferred, so it only accepts and queues (it
+//!   fsyncs every queue file).
+//!
+//! Two drivers offer the load: postfix's smtp-source (an independent client) and a
+//! client built in here that also measures the accept latency (end of data → 250).
+//! A last pass offers gannet half of its peak rate and reports the latency there.
+//! For every run it reports msgs/s, the ratio to the direct pipe, server CPU seconds
+//! per 1000 messages and device flushes per message, and appends a markdown report to
+//! bench/RESULTS.md.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Parser;
+use gannet_bench::{
+    append_results, command_output, device_flushes, free_port, machine, tree_cpu_seconds,
+};
+use hdrhistogram::Histogram;
+
+#[derive(Debug, Parser)]
+#[command(
+    about = "SMTP acceptance with durable ack: gannet vs postfix vs the direct source→sink pipe"
+)]
+struct Args {
+    /// Messages per run.
+    #[arg(long, default_value_t = 50_000)]
+    messages: u64,
+    /// Concurrent sessions.
+    #[arg(long, default_value_t = 50)]
+    sessions: u64,
+    /// Message size in bytes.
+    #[arg(long, default_value_t = 10_240)]
+    size: usize,
+    /// Systems to run, in order.
+    #[arg(long, value_delimiter = ',', default_value = "sink,gannet,postfix")]
+    systems: Vec<String>,
+    /// Drivers to use.
+    #[arg(long, value_delimiter = ',', default_value = "smtp-source,builtin")]
+    drivers: Vec<String>,
+    /// The gannetd binary.
+    #[arg(long, default_value = "target/release/gannetd")]
+    gannetd: PathBuf,
+    /// Scratch directory for gannet's data (on the disk being measured).
+    #[arg(long, default_value = "/tmp/gannet-smtp-bench")]
+    dir: PathBuf,
+    /// Messages for the half-load latency pass (0 skips it).
+    #[arg(long, default_value_t = 20_000)]
+    half_load_messages: u64,
+    /// Markdown report appended here ("" to skip).
+    #[arg(long, default_value = "bench/RESULTS.md")]
+    results: String,
+}
+
+/// One system under test, started on a loopback port.
+struct Server {
+    name: &'static str,
+    port: u16,
+    /// The process tree whose CPU is counted.
+    pid: u32,
+    child: Option<Child>,
+}
+
+impl Server {
+    fn stop(mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling a child we started.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    child.kill()?;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            child.wait()?;
+        }
+        if self.name == "postfix" {
+            run_quiet("postsuper", &["-d", "ALL"])?;
+            run_quiet("postfix", &["stop"])?;
+        }
+        Ok(())
+    }
+}
+
+fn run_quiet(cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn wait_for_port(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn start_sink() -> Result<Server> {
+    let port = free_port();
+    let child = Command::new("/usr/sbin/smtp-sink")
+        .args(["-u", "nobody", &format!("127.0.0.1:{port}"), "1000"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting smtp-sink (install postfix)")?;
+    wait_for_port(port)?;
+    Ok(Server {
+        name: "sink",
+        port,
+        pid: child.id(),
+        child: Some(child),
+    })
+}
+
+fn start_gannet(args: &Args) -> Result<Server> {
+    let _ = std::fs::remove_dir_all(&args.dir);
+    std::fs::create_dir_all(&args.dir)?;
+    let config = format!(
+        "[server]\nhostname = \"bench.test\"\ndata_dir = \"{}\"\n\
+         [smtp]\nlisten = [\"127.0.0.1:0\"]\nsessions_per_ip_max = 100000\nsessions_max = 100000\n\
+         [http]\nlisten = [\"127.0.0.1:0\"]\n",
+        args.dir.join("data").display()
+    );
+    let path = args.dir.join("gannetd.toml");
+    std::fs::write(&path, config)?;
+    let child = Command::new(&args.gannetd)
+        .args(["--config", path.to_str().unwrap(), "--log", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", args.gannetd.display()))?;
+    let listeners = args.dir.join("data/listeners.json");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        if let Ok(text) = std::fs::read_to_string(&listeners) {
+            break text;
+        }
+        if Instant::now() > deadline {
+            bail!("gannetd did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let addr: SocketAddr = v["smtp"][0].as_str().unwrap_or("").parse()?;
+    Ok(Server {
+        name: "gannet",
+        port: addr.port(),
+        pid: child.id(),
+        child: Some(child),
+    })
+}
+
+/// Configures the system Postfix to accept on a free port and only queue (delivery
+/// deferred), then starts it.
+fn start_postfix(args: &Args) -> Result<Server> {
+    if !Path::new("/usr/sbin/postfix").exists() {
+        bail!("postfix is not installed");
+    }
+    let port = free_port();
+    std::fs::copy("/usr/share/postfix/main.cf.debian", "/etc/postfix/main.cf")?;
+    let settings = [
+        "inet_interfaces = loopback-only".to_string(),
+        "inet_protocols = ipv4".into(),
+        "mydestination =".into(),
+        "mynetworks = 127.0.0.0/8".into(),
+        "smtpd_relay_restrictions = permit_mynetworks, reject".into(),
+        "relayhost = [127.0.0.1]:9".into(),
+        "defer_transports = smtp".into(),
+        "maillog_file = /var/log/postfix.log".into(),
+        "smtp_tls_security_level = none".into(),
+        "smtpd_tls_security_level = none".into(),
+        "compatibility_level = 3.6".into(),
+        "alias_maps =".into(),
+        "alias_database =".into(),
+        format!("default_process_limit = {}", args.sessions * 2 + 10),
+        "smtpd_client_connection_count_limit = 0".into(),
+        "smtpd_client_connection_rate_limit = 0".into(),
+        format!("message_size_limit = {}", (args.size * 4).max(10 << 20)),
+    ];
+    let mut postconf = vec!["-e"];
+    postconf.extend(settings.iter().map(String::as_str));
+    run_quiet("postconf", &postconf)?;
+    let master = std::fs::read_to_string("/usr/share/postfix/master.cf.dist")
+        .or_else(|_| std::fs::read_to_string("/etc/postfix/master.cf"))?;
+    let master: String = master
+        .lines()
+        .map(|l| {
+            if l.starts_with("smtp ") && l.contains(" inet ") {
+                l.replacen("smtp ", &format!("{port} "), 1)
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write("/etc/postfix/master.cf", master + "\n")?;
+    let _ = run_quiet("postfix", &["stop"]);
+    run_quiet("postfix", &["start"])?;
+    wait_for_port(port)?;
+    let pid: u32 = std::fs::read_to_string("/var/spool/postfix/pid/master.pid")?
+        .trim()
+        .parse()?;
+    Ok(Server {
+        name: "postfix",
+        port,
+        pid,
+        child: None,
+    })
+}
+
+/// What one run measured.
+#[derive(Debug)]
+struct Run {
+    system: &'static str,
+    driver: &'static str,
+    messages: u64,
+    errors: u64,
+    seconds: f64,
+    server_cpu_s: f64,
+    flushes: u64,
+    /// End of data → 250, microseconds (built-in driver only).
+    accept: Option<Histogram<u64>>,
+}
+
+impl Run {
+    fn msgs_per_s(&self) -> f64 {
+        self.messages as f64 / self.seconds
+    }
+
+    fn json(&self, pipe: Option<f64>) -> serde_json::Value {
+        let q = |q: f64| self.accept.as_ref().map(|h| h.value_at_quantile(q));
+        serde_json::json!({
+            "system": self.system, "driver": self.driver, "messages": self.messages,
+            "errors": self.errors, "msgs_per_s": self.msgs_per_s().round(),
+            "of_direct_pipe": pipe.map(|p| (self.msgs_per_s() / p * 1000.0).round() / 1000.0),
+            "server_cpu_s_per_1000_msgs": (self.server_cpu_s / self.messages.max(1) as f64 * 1000.0 * 1e4).round() / 1e4,
+            "flushes_per_msg": (self.flushes as f64 / self.messages.max(1) as f64 * 1e3).round() / 1e3,
+            "accept_latency_us_p50": q(0.5), "accept_latency_us_p99": q(0.99),
+        })
+    }
+}
+
+fn smtp_source(args: &Args, port: u16) -> Result<u64> {
+    let out = Command::new("/usr/sbin/smtp-source")
+        .args([
+            "-s",
+            &args.sessions.to_string(),
+            "-m",
+            &args.messages.to_string(),
+            "-l",
+            &args.size.to_string(),
+            "-f",
+            "bench@source.test",
+            "-t",
+            "rcpt@sink.test",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .output()
+        .context("running smtp-source (install postfix)")?;
+    if !out.status.success() {
+        bail!(
+            "smtp-source failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // smtp-source stops at the first error, so a success is every message accepted.
+    Ok(0)
+}
+
+/// The message the built-in driver sends: headers and 76-column lines up to `size`.
+fn message(size: usize) -> Vec<u8> {
+    let mut m =
+        b"From: <bench@source.test>\r\nTo: <rcpt@sink.test>\r\nSubject: benchmark\r\n\r\n".to_vec();
+    let line = [b'x'; 76];
+    while m.len() + 78 <= size {
+        m.extend_from_slice(&line);
+        m.extend_from_slice(b"\r\n");
+    }
+    m.extend_from_slice(b".\r\n");
+    m
+}
+
+fn read_reply(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<u16> {
+    loop {
+        if let Some(lf) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=lf).collect();
+            if line.len() >= 4 && line[3] == b'-' {
+                continue;
+            }
+            let code = std::str::from_utf8(&line[..3.min(line.len())])?.parse()?;
+            return Ok(code);
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            bail!("connection closed");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// One message on a new connection; returns the accept latency in µs.
+fn transaction(port: u16, body: &[u8]) -> Result<u64> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    let mut buf = Vec::with_capacity(1024);
+    let mut step = |s: &mut TcpStream, cmd: &[u8], want: u16| -> Result<()> {
+        if !cmd.is_empty() {
+            s.write_all(cmd)?;
+        }
+        let code = read_reply(s, &mut buf)?;
+        if code != want {
+            bail!("expected {want}, got {code}");
+        }
+        Ok(())
+    };
+    step(&mut s, b"", 220)?;
+    step(&mut s, b"EHLO bench.test\r\n", 250)?;
+    step(&mut s, b"MAIL FROM:<bench@source.test>\r\n", 250)?;
+    step(&mut s, b"RCPT TO:<rcpt@sink.test>\r\n", 250)?;
+    step(&mut s, b"DATA\r\n", 354)?;
+    s.write_all(&body[..body.len() - 3])?;
+    let t0 = Instant::now();
+    step(&mut s, b".\r\n", 250)?;
+    let accept = t0.elapsed().as_micros() as u64;
+    s.write_all(b"QUIT\r\n")?;
+    Ok(accept)
+}
+
+/// The built-in driver: `sessions` threads, each a new connection per message. With
+/// `rate`, messages start on a fixed schedule (open loop) instead of back to back.
+fn builtin(
+    args: &Args,
+    port: u16,
+    messages: u64,
+    rate: Option<f64>,
+) -> Result<(u64, Histogram<u64>)> {
+    let next = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let body = Arc::new(message(args.size));
+    let start = Instant::now();
+    let workers: Vec<_> = (0..args.sessions)
+        .map(|_| {
+            let (next, errors, body) = (next.clone(), errors.clone(), body.clone());
+            std::thread::spawn(move || {
+                let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).unwrap();
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= messages {
+                        break;
+                    }
+                    if let Some(rate) = rate {
+                        let due = start + Duration::from_secs_f64(n as f64 / rate);
+                        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                            std::thread::sleep(wait);
+                        }
+                    }
+                    match transaction(port, &body) {
+                        Ok(us) => {
+                            let _ = hist.record(us.max(1));
+                        }
+                        Err(_) => {
+                            errors.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                }
+                hist
+            })
+        })
+        .collect();
+    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for worker in workers {
+        hist.add(
+            worker
+                .join()
+                .map_err(|_| anyhow!("a driver thread panicked"))?,
+        )?;
+    }
+    Ok((errors.load(Ordering::Relaxed), hist))
+}
+
+fn measure(
+    args: &Args,
+    server: &Server,
+    driver: &'static str,
+    messages: u64,
+    rate: Option<f64>,
+) -> Result<Run> {
+    let disk = if args.dir.exists() {
+        args.dir.clone()
+    } else {
+        PathBuf::from("/")
+    };
+    let cpu0 = tree_cpu_seconds(server.pid);
+    let flushes0 = device_flushes(&disk);
+    let t0 = Instant::now();
+    let (errors, accept) = match driver {
+        "smtp-source" => (smtp_source(args, server.port)?, None),
+        _ => {
+            let (errors, hist) = builtin(args, server.port, messages, rate)?;
+            (errors, Some(hist))
+        }
+    };
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(Run {
+        system: server.name,
+        driver,
+        messages,
+        errors,
+        seconds,
+        server_cpu_s: tree_cpu_seconds(server.pid) - cpu0,
+        flushes: device_flushes(&disk) - flushes0,
+        accept,
+    })
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let mut runs: Vec<Run> = Vec::new();
+    for system in &args.systems {
+        let server = match system.as_str() {
+            "sink" => start_sink()?,
+            "gannet" => start_gannet(&args)?,
+            "postfix" => start_postfix(&args)?,
+            other => bail!("unknown system {other}"),
+        };
+        for driver in &args.drivers {
+            let driver: &'static str = if driver == "smtp-source" {
+                "smtp-source"
+            } else {
+                "builtin"
+            };
+            let run = measure(&args, &server, driver, args.messages, None)?;
+            let pipe = runs
+                .iter()
+                .find(|r| r.system == "sink" && r.driver == driver)
+                .map(Run::msgs_per_s);
+            println!("{}", run.json(pipe));
+            runs.push(run);
+        }
+        if server.name == "gannet" && args.half_load_messages > 0 {
+            let peak = runs
+                .iter()
+                .filter(|r| r.system == "gannet")
+                .map(Run::msgs_per_s)
+                .fold(0.0, f64::max);
+            let mut run = measure(
+                &args,
+                &server,
+                "builtin",
+                args.half_load_messages,
+                Some(peak / 2.0),
+            )?;
+            run.driver = "builtin at half peak";
+            println!("{}", run.json(None));
+            runs.push(run);
+        }
+        server.stop()?;
+    }
+    let _ = std::fs::remove_dir_all(&args.dir);
+
+    let mut md = String::new();
+    use std::fmt::Write as _;
+    let rev = command_output("git", &["rev-parse", "--short", "HEAD"]);
+    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let command: Vec<String> = std::env::args().collect();
+    writeln!(md, "\n## SMTP acceptance with durable ack — {date}\n")?;
+    writeln!(md, "- command: `{}`", command.join(" "))?;
+    writeln!(md, "- machine: {}", machine())?;
+    writeln!(
+        md,
+        "- revision: {rev}; {} messages of {} bytes per run, {} concurrent sessions, a new connection per message; load generators run on the same 2 cores",
+        args.messages, args.size, args.sessions
+    )?;
+    writeln!(
+        md,
+        "- sink = postfix smtp-sink (stores nothing: the direct source→sink pipe); gannet = gannetd, 250 after fdatasync (group commit); postfix = Postfix with delivery deferred (fsync per message)\n"
+    )?;
+    writeln!(
+        md,
+        "| system | driver | msgs/s | × direct pipe | server CPU s / 1000 msgs | device flushes / msg | accept p50 / p99 µs | errors |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    for run in &runs {
+        let j = run.json(
+            runs.iter()
+                .find(|r| r.system == "sink" && r.driver == run.driver)
+                .map(Run::msgs_per_s),
+        );
+        let latency = match &run.accept {
+            Some(h) => format!(
+                "{} / {}",
+                h.value_at_quantile(0.5),
+                h.value_at_quantile(0.99)
+            ),
+            None => "—".into(),
+        };
+        writeln!(
+            md,
+            "| {} | {} | {:.0} | {} | {} | {} | {latency} | {} |",
+            run.system,
+            run.driver,
+            run.msgs_per_s(),
+            j["of_direct_pipe"]
+                .as_f64()
+                .map_or("—".into(), |r| format!("{:.0}%", r * 100.0)),
+            j["server_cpu_s_per_1000_msgs"],
+            j["flushes_per_msg"],
+            run.errors,
+        )?;
+    }
+    print!("{md}");
+    append_results(&args.results, &md)?;
+    Ok(())
+}

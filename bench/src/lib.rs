@@ -1,0 +1,121 @@
+//! Helpers shared by gannet's benchmarks: what machine this is, what the disk and the
+//! processes under test did (device flushes, CPU seconds), and the report header.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+
+/// Flush requests completed by the block device holding `dir` (field 16 of its stat).
+pub fn device_flushes(dir: &Path) -> u64 {
+    let Ok(meta) = std::fs::metadata(dir) else {
+        return 0;
+    };
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/../stat")))
+        .unwrap_or_default();
+    stat.split_whitespace()
+        .nth(15)
+        .and_then(|f| f.parse().ok())
+        .unwrap_or(0)
+}
+
+/// CPU seconds (user + system) this process used so far.
+pub fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: RUSAGE_SELF with a valid pointer.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(usage.ru_utime) + tv(usage.ru_stime)
+}
+
+/// (pid, ppid, utime + stime, cutime + cstime) of a process, in clock ticks.
+fn proc_stat(pid: u32) -> Option<(u32, u32, u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name is in parentheses and may contain spaces.
+    let rest = &text[text.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let num = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    // Fields after the name, 0-based: state(0) ppid(1) … utime(11) stime(12) cutime(13) cstime(14).
+    Some((
+        pid,
+        num(1)? as u32,
+        num(11)? + num(12)?,
+        num(13)? + num(14)?,
+    ))
+}
+
+/// CPU seconds used by the process tree under `root`: the root with its reaped
+/// children, plus every live descendant.
+pub fn tree_cpu_seconds(root: u32) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let all: Vec<(u32, u32, u64, u64)> = std::fs::read_dir("/proc")
+        .map(|dir| {
+            dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+                .filter_map(proc_stat)
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut total = 0u64;
+    let mut frontier = vec![root];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(pid) = frontier.pop() {
+        if !seen.insert(pid) {
+            continue;
+        }
+        if let Some(p) = all.iter().find(|p| p.0 == pid) {
+            total += p.2 + if pid == root { p.3 } else { 0 };
+        }
+        frontier.extend(all.iter().filter(|p| p.1 == pid).map(|p| p.0));
+    }
+    total as f64 / ticks
+}
+
+/// "2 cores (model), Linux x.y".
+pub fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown cpu".into());
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
+}
+
+/// A command's standard output, trimmed ("" if it cannot run).
+pub fn command_output(cmd: &str, args: &[&str]) -> String {
+    std::process::Command::new(cmd)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Appends `text` to the results file (skipped when `path` is empty).
+pub fn append_results(path: &str, text: &str) -> std::io::Result<()> {
+    use std::io::Write as _;
+    if path.is_empty() {
+        return Ok(());
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?
+        .write_all(text.as_bytes())
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; good enough for a benchmark).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
