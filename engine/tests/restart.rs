@@ -81,3 +81,33 @@ fn acknowledged_messages_survive_sigkill() {
         assert!(body.ends_with(&format!("\r\n\r\nbody {tag}\r\n")), "{body}");
     }
 }
+
+/// SIGTERM while a client is inside DATA: the transaction finishes (250, durable),
+/// the client is then told 421, idle sessions are told 421 at once, and the daemon
+/// exits cleanly with the message in its spool.
+#[test]
+fn sigterm_lets_transactions_in_progress_finish() {
+    let mut daemon = Daemon::start("", "");
+    let mut idle = daemon.connect();
+    idle.expect("220");
+    let mut busy = daemon.connect();
+    busy.expect("220");
+    busy.send(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<c@d.test>\r\nDATA\r\n");
+    for code in ["250", "250", "250", "354"] {
+        busy.expect(code);
+    }
+    busy.send(b"Subject: in flight\r\n\r\nfirst half\r\n");
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
+    idle.expect("421 4.3.2");
+    idle.expect_closed();
+    busy.send(b"second half\r\n.\r\n");
+    busy.expect("250 2.0.0 OK queued as");
+    busy.send(b"NOOP\r\n");
+    busy.expect("421 4.3.2");
+    busy.expect_closed();
+    daemon.stop();
+    let spooled = common::spooled(&daemon.data_dir());
+    assert_eq!(spooled.len(), 1);
+    assert!(spooled[0].body.ends_with(b"first half\r\nsecond half\r\n"));
+}
