@@ -615,7 +615,11 @@ fn session_limits_and_timeouts() {
     fourth.expect("220");
 
     // A client that stalls inside DATA is dropped after data_timeout_secs.
-    run_on(&mut fourth, "stall in data", &format!("{TRANSACTION}\n> DATA\n< 354\n>> Subject: slow\\r\\n"));
+    run_on(
+        &mut fourth,
+        "stall in data",
+        &format!("{TRANSACTION}\n> DATA\n< 354\n>> Subject: slow\\r\\n"),
+    );
     fourth.expect("421 4.4.2");
     fourth.expect_closed();
     drop(second);

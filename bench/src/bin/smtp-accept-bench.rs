@@ -10,7 +10,8 @@
 //!
 //! Two drivers offer the load: postfix's smtp-source (an independent client) and a
 //! client built in here that also measures the accept latency (end of data → 250).
-//! A last pass offers gannet half of its peak rate and reports the latency there.
+//! A fixed-rate pass offers every system half of the first system's (gannet's) peak
+//! rate and reports the latency there.
 //! For every run it reports msgs/s, the ratio to the direct pipe, server CPU seconds
 //! per 1000 messages and device flushes per message, and appends a markdown report to
 //! bench/RESULTS.md.
@@ -44,9 +45,14 @@ struct Args {
     /// Message size in bytes.
     #[arg(long, default_value_t = 10_240)]
     size: usize,
-    /// Systems to run, in order.
-    #[arg(long, value_delimiter = ',', default_value = "sink,gannet,postfix")]
+    /// Systems to run, in order. The first system's peak sets the rate of the
+    /// fixed-rate passes, which every system gets.
+    #[arg(long, value_delimiter = ',', default_value = "gannet,sink,postfix")]
     systems: Vec<String>,
+    /// gannetd shard counts to run (0: one per core). With the load generator on the
+    /// same machine, fewer shards than cores leave it a core.
+    #[arg(long, value_delimiter = ',', default_value = "1,0")]
+    gannet_shards: Vec<usize>,
     /// Drivers to use.
     #[arg(long, value_delimiter = ',', default_value = "smtp-source,builtin")]
     drivers: Vec<String>,
@@ -66,7 +72,7 @@ struct Args {
 
 /// One system under test, started on a loopback port.
 struct Server {
-    name: &'static str,
+    name: String,
     port: u16,
     /// The process tree whose CPU is counted.
     pid: u32,
@@ -130,18 +136,18 @@ fn start_sink() -> Result<Server> {
         .context("starting smtp-sink (install postfix)")?;
     wait_for_port(port)?;
     Ok(Server {
-        name: "sink",
+        name: "sink".into(),
         port,
         pid: child.id(),
         child: Some(child),
     })
 }
 
-fn start_gannet(args: &Args) -> Result<Server> {
+fn start_gannet(args: &Args, shards: usize) -> Result<Server> {
     let _ = std::fs::remove_dir_all(&args.dir);
     std::fs::create_dir_all(&args.dir)?;
     let config = format!(
-        "[server]\nhostname = \"bench.test\"\ndata_dir = \"{}\"\n\
+        "[server]\nhostname = \"bench.test\"\ndata_dir = \"{}\"\nshards = {shards}\n\
          [smtp]\nlisten = [\"127.0.0.1:0\"]\nsessions_per_ip_max = 100000\nsessions_max = 100000\n\
          [http]\nlisten = [\"127.0.0.1:0\"]\n",
         args.dir.join("data").display()
@@ -167,8 +173,13 @@ fn start_gannet(args: &Args) -> Result<Server> {
     };
     let v: serde_json::Value = serde_json::from_str(&text)?;
     let addr: SocketAddr = v["smtp"][0].as_str().unwrap_or("").parse()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shards = if shards == 0 { cores } else { shards };
     Ok(Server {
-        name: "gannet",
+        name: format!(
+            "gannet ({shards} shard{})",
+            if shards == 1 { "" } else { "s" }
+        ),
         port: addr.port(),
         pid: child.id(),
         child: Some(child),
@@ -226,7 +237,7 @@ fn start_postfix(args: &Args) -> Result<Server> {
         .trim()
         .parse()?;
     Ok(Server {
-        name: "postfix",
+        name: "postfix".into(),
         port,
         pid,
         child: None,
@@ -236,7 +247,7 @@ fn start_postfix(args: &Args) -> Result<Server> {
 /// What one run measured.
 #[derive(Debug)]
 struct Run {
-    system: &'static str,
+    system: String,
     driver: &'static str,
     messages: u64,
     errors: u64,
@@ -429,7 +440,7 @@ fn measure(
     };
     let seconds = t0.elapsed().as_secs_f64();
     Ok(Run {
-        system: server.name,
+        system: server.name.clone(),
         driver,
         messages,
         errors,
@@ -440,13 +451,29 @@ fn measure(
     })
 }
 
+/// The direct pipe's rate with the same driver.
+fn pipe_rate(runs: &[Run], driver: &str) -> Option<f64> {
+    runs.iter()
+        .find(|r| r.system == "sink" && r.driver == driver)
+        .map(Run::msgs_per_s)
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let mut runs: Vec<Run> = Vec::new();
+    let mut fixed_rate: Option<f64> = None;
+    let mut plan: Vec<(String, usize)> = Vec::new();
     for system in &args.systems {
+        if system == "gannet" {
+            plan.extend(args.gannet_shards.iter().map(|s| (system.clone(), *s)));
+        } else {
+            plan.push((system.clone(), 0));
+        }
+    }
+    for (system, shards) in &plan {
         let server = match system.as_str() {
             "sink" => start_sink()?,
-            "gannet" => start_gannet(&args)?,
+            "gannet" => start_gannet(&args, *shards)?,
             "postfix" => start_postfix(&args)?,
             other => bail!("unknown system {other}"),
         };
@@ -457,27 +484,25 @@ fn main() -> Result<()> {
                 "builtin"
             };
             let run = measure(&args, &server, driver, args.messages, None)?;
-            let pipe = runs
-                .iter()
-                .find(|r| r.system == "sink" && r.driver == driver)
-                .map(Run::msgs_per_s);
-            println!("{}", run.json(pipe));
+            println!("{}", run.json(pipe_rate(&runs, driver)));
             runs.push(run);
         }
-        if server.name == "gannet" && args.half_load_messages > 0 {
-            let peak = runs
-                .iter()
-                .filter(|r| r.system == "gannet")
-                .map(Run::msgs_per_s)
-                .fold(0.0, f64::max);
+        if args.half_load_messages > 0 {
+            let rate = *fixed_rate.get_or_insert_with(|| {
+                runs.iter()
+                    .filter(|r| r.system == server.name)
+                    .map(Run::msgs_per_s)
+                    .fold(0.0, f64::max)
+                    / 2.0
+            });
             let mut run = measure(
                 &args,
                 &server,
                 "builtin",
                 args.half_load_messages,
-                Some(peak / 2.0),
+                Some(rate),
             )?;
-            run.driver = "builtin at half peak";
+            run.driver = "builtin, fixed rate";
             println!("{}", run.json(None));
             runs.push(run);
         }
@@ -498,6 +523,13 @@ fn main() -> Result<()> {
         "- revision: {rev}; {} messages of {} bytes per run, {} concurrent sessions, a new connection per message; load generators run on the same 2 cores",
         args.messages, args.size, args.sessions
     )?;
+    if let Some(rate) = fixed_rate {
+        writeln!(
+            md,
+            "- fixed rate: {rate:.0} msgs/s offered to every system (half of the first system's peak), {} messages",
+            args.half_load_messages
+        )?;
+    }
     writeln!(
         md,
         "- sink = postfix smtp-sink (stores nothing: the direct source→sink pipe); gannet = gannetd, 250 after fdatasync (group commit); postfix = Postfix with delivery deferred (fsync per message)\n"
@@ -508,11 +540,7 @@ fn main() -> Result<()> {
     )?;
     writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     for run in &runs {
-        let j = run.json(
-            runs.iter()
-                .find(|r| r.system == "sink" && r.driver == run.driver)
-                .map(Run::msgs_per_s),
-        );
+        let j = run.json(pipe_rate(&runs, run.driver));
         let latency = match &run.accept {
             Some(h) => format!(
                 "{} / {}",

@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// 0: one per available core.
     pub shards: usize,
+    /// How long an idle executor spins before it parks in io_uring (microseconds).
+    pub spin_before_park_us: Bounded<0, 100_000>,
 }
 
 impl Default for ServerConfig {
@@ -47,6 +49,7 @@ impl Default for ServerConfig {
             hostname: String::new(),
             data_dir: PathBuf::from("data"),
             shards: 0,
+            spin_before_park_us: Bounded(0),
         }
     }
 }

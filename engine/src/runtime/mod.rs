@@ -98,7 +98,9 @@ pub fn run(config: Config) -> Result<()> {
     // Shards are numbered 0..n in start order (glommio's executor ids are process-wide
     // and need not start at 0); the number names the shard's directories.
     let next_shard = Arc::new(AtomicUsize::new(0));
+    let spin = Duration::from_micros(shared.config.server.spin_before_park_us.get());
     let handles = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, None))
+        .spin_before_park(spin)
         .on_all_shards({
             let (stop, listening, failed) = (stop.clone(), listening.clone(), failed.clone());
             let addresses = addresses.clone();
