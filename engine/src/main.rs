@@ -14,6 +14,7 @@ mod metrics;
 mod policy;
 mod runtime;
 mod shard;
+mod storage;
 mod tls;
 
 use std::io::Read as _;

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
-use gannet_spool::{FileStorage, Spool};
+use gannet_spool::Spool;
 
 use crate::auth::Credentials;
 use crate::config::Config;
@@ -17,6 +17,7 @@ use crate::ingress::smtp::message::MetaHeaders;
 use crate::metrics::ShardMetrics;
 use crate::policy::Policy;
 use crate::runtime::io::Shutdown;
+use crate::storage::ShardStorage;
 
 /// Process-wide state, built before the executors start and never written after.
 #[derive(Debug)]
@@ -101,7 +102,7 @@ impl Drop for SessionSlot {
 pub struct Shard {
     pub id: u16,
     pub shared: Arc<Shared>,
-    pub spool: Spool<FileStorage>,
+    pub spool: Spool<ShardStorage>,
     pub events: RefCell<EventLog>,
     pub metrics: Arc<ShardMetrics>,
     pub shutdown: Shutdown,

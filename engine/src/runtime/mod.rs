@@ -25,6 +25,7 @@ use crate::ingress::smtp::message::MetaHeaders;
 use crate::metrics::ShardMetrics;
 use crate::policy::rules::RulesPolicy;
 use crate::shard::{SessionLimits, Shard, Shared};
+use crate::storage::ShardStorage;
 
 /// How often a shard looks at the process's stop flag.
 const SHUTDOWN_POLL_MS: u64 = 50;
@@ -337,7 +338,7 @@ fn flush_events(shard: &Shard) {
         .store(events.dropped, Ordering::Relaxed);
 }
 
-fn open_spool(id: u16, spool_dir: &Path, config: &Config) -> Result<Spool<FileStorage>> {
+fn open_spool(id: u16, spool_dir: &Path, config: &Config) -> Result<Spool<ShardStorage>> {
     let dir: PathBuf = spool_dir.join(id.to_string());
     let storage = FileStorage::open_dir(&dir).with_context(|| format!("shard {id}"))?;
     let spool_config = SpoolConfig {
@@ -347,8 +348,8 @@ fn open_spool(id: u16, spool_dir: &Path, config: &Config) -> Result<Spool<FileSt
         record_bytes_max: config.smtp.message_bytes_max.usize() * 2 + (1 << 20),
         ..SpoolConfig::for_shard(id)
     };
-    let (spool, recovered) =
-        Spool::open(storage, spool_config).with_context(|| format!("recovering shard {id}"))?;
+    let (spool, recovered) = Spool::open(ShardStorage::File(storage), spool_config)
+        .with_context(|| format!("recovering shard {id}"))?;
     let report = &recovered.report;
     tracing::info!(
         shard = id,

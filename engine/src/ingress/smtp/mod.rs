@@ -10,6 +10,9 @@ pub mod reply;
 pub mod session;
 pub mod verbs;
 
+#[cfg(test)]
+mod tests;
+
 use std::rc::Rc;
 use std::time::Duration;
 

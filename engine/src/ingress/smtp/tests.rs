@@ -1,0 +1,175 @@
+//! In-process tests of the SMTP server over a real loopback socket, on a spool whose
+//! disk is simulated, so that fdatasync can be made to fail under a live session.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use gannet_spool::{SimStorage, Spool, SpoolConfig};
+use glommio::net::{TcpListener, TcpStream};
+
+use crate::auth::Credentials;
+use crate::config::Config;
+use crate::events::EventLog;
+use crate::ingress::smtp::message::MetaHeaders;
+use crate::metrics::ShardMetrics;
+use crate::policy::rules::RulesPolicy;
+use crate::runtime::io::Shutdown;
+use crate::shard::{SessionLimits, Shard, Shared};
+use crate::storage::ShardStorage;
+
+fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
+    let mut config = Config::default();
+    config.server.hostname = "gannet.test".into();
+    let storage = ShardStorage::Sim(SimStorage::new(7));
+    let spool_config = SpoolConfig {
+        sync_retry_interval_ms: 50,
+        ..SpoolConfig::for_shard(0)
+    };
+    let (spool, _) = Spool::open(storage, spool_config).unwrap();
+    glommio::spawn_local(spool.clone().run_committer()).detach();
+    let shared = Arc::new(Shared {
+        credentials: Credentials::new([]),
+        tls: None,
+        policy: Box::new(RulesPolicy::new(&config.policy)),
+        meta_headers: MetaHeaders {
+            tenant: "X-Gannet-Tenant".into(),
+            campaign: "X-Gannet-Campaign".into(),
+            pool: "X-Gannet-Pool".into(),
+        },
+        metrics: vec![Arc::new(ShardMetrics::default())],
+        sessions: Arc::new(SessionLimits::new(100, 100)),
+        config,
+    });
+    Rc::new(Shard {
+        id: 0,
+        metrics: shared.metrics[0].clone(),
+        shared,
+        spool,
+        events: RefCell::new(EventLog::open(events_dir, 1 << 20, 1).unwrap()),
+        shutdown: Shutdown::default(),
+        sessions_active: Cell::new(0),
+        auth_cache: Default::default(),
+    })
+}
+
+/// Sends `bytes` and returns the next complete reply (all lines), "" at end of stream.
+async fn say(stream: &mut TcpStream, bytes: &[u8]) -> String {
+    if !bytes.is_empty() {
+        stream.write_all(bytes).await.unwrap();
+    }
+    let mut reply = Vec::new();
+    let mut byte = [0u8; 1];
+    loop {
+        match stream.read(&mut byte).await {
+            Ok(1) => reply.push(byte[0]),
+            _ => return String::from_utf8(reply).unwrap(),
+        }
+        if reply.ends_with(b"\r\n") {
+            let last = reply[..reply.len() - 2]
+                .rsplit(|b| *b == b'\n')
+                .next()
+                .unwrap_or(&[]);
+            if last.len() >= 4 && last[3] == b' ' {
+                return String::from_utf8(reply).unwrap();
+            }
+        }
+    }
+}
+
+/// Runs a transaction up to the reply after the message data.
+async fn transaction(stream: &mut TcpStream) -> String {
+    assert!(
+        say(stream, b"MAIL FROM:<a@b.test>\r\n")
+            .await
+            .starts_with("250")
+    );
+    assert!(
+        say(stream, b"RCPT TO:<c@d.test>\r\n")
+            .await
+            .starts_with("250")
+    );
+    assert!(say(stream, b"DATA\r\n").await.starts_with("354"));
+    say(stream, b"Subject: x\r\n\r\nbody\r\n.\r\n").await
+}
+
+async fn connect(addr: std::net::SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    assert!(say(&mut stream, b"").await.starts_with("220 gannet.test"));
+    assert!(
+        say(&mut stream, b"EHLO c.test\r\n")
+            .await
+            .starts_with("250")
+    );
+    stream
+}
+
+#[test]
+fn failed_sync_is_451_then_421_until_the_disk_recovers() {
+    let dir = tempfile::tempdir().unwrap();
+    let events = dir.path().to_path_buf();
+    glommio::LocalExecutorBuilder::default()
+        .spawn(move || async move {
+            let shard = shard(&events);
+            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            glommio::spawn_local(super::serve(shard.clone(), listener, false)).detach();
+            let ShardStorage::Sim(sim) = shard.spool.storage() else {
+                unreachable!()
+            };
+
+            let mut client = connect(addr).await;
+            assert!(
+                transaction(&mut client)
+                    .await
+                    .starts_with("250 2.0.0 OK queued as")
+            );
+
+            // The sync covering the next message fails: it is refused with 451, the
+            // session goes on, and while the spool is unhealthy MAIL gets 421.
+            sim.fail_syncs(1_000_000);
+            let reply = transaction(&mut client).await;
+            assert!(reply.starts_with("451 4.3.0"), "{reply}");
+            let reply = say(&mut client, b"MAIL FROM:<a@b.test>\r\n").await;
+            assert!(reply.starts_with("421 4.3.0"), "{reply}");
+            assert_eq!(
+                say(&mut client, b"").await,
+                "",
+                "the session ends after 421"
+            );
+            assert!(!shard.spool.is_healthy());
+
+            // Once syncs succeed again the probe restores the spool.
+            sim.fail_syncs(0);
+            for _ in 0..100 {
+                if shard.spool.is_healthy() {
+                    break;
+                }
+                glommio::timer::sleep(Duration::from_millis(20)).await;
+            }
+            assert!(shard.spool.is_healthy());
+            let mut client = connect(addr).await;
+            assert!(
+                transaction(&mut client)
+                    .await
+                    .starts_with("250 2.0.0 OK queued as")
+            );
+            let m = &shard.metrics;
+            assert_eq!(
+                m.smtp_messages_accepted_total
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                2
+            );
+            assert_eq!(
+                m.smtp_spool_failures_total
+                    .load(std::sync::atomic::Ordering::Relaxed),
+                1
+            );
+            shard.shutdown.raise();
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
