@@ -56,6 +56,9 @@ struct Args {
     /// Drivers to use.
     #[arg(long, value_delimiter = ',', default_value = "smtp-source,builtin")]
     drivers: Vec<String>,
+    /// Extra `[server]` keys for gannetd, e.g. "spin_before_park_us = 50".
+    #[arg(long, default_value = "")]
+    gannet_server_extra: String,
     /// The gannetd binary.
     #[arg(long, default_value = "target/release/gannetd")]
     gannetd: PathBuf,
@@ -147,10 +150,11 @@ fn start_gannet(args: &Args, shards: usize) -> Result<Server> {
     let _ = std::fs::remove_dir_all(&args.dir);
     std::fs::create_dir_all(&args.dir)?;
     let config = format!(
-        "[server]\nhostname = \"bench.test\"\ndata_dir = \"{}\"\nshards = {shards}\n\
+        "[server]\nhostname = \"bench.test\"\ndata_dir = \"{}\"\nshards = {shards}\n{}\n\
          [smtp]\nlisten = [\"127.0.0.1:0\"]\nsessions_per_ip_max = 100000\nsessions_max = 100000\n\
          [http]\nlisten = [\"127.0.0.1:0\"]\n",
-        args.dir.join("data").display()
+        args.dir.join("data").display(),
+        args.gannet_server_extra
     );
     let path = args.dir.join("gannetd.toml");
     std::fs::write(&path, config)?;

@@ -41,6 +41,8 @@ pub struct ServerConfig {
     pub shards: usize,
     /// How long an idle executor spins before it parks in io_uring (microseconds).
     pub spin_before_park_us: Bounded<0, 100_000>,
+    /// Pin each executor to its own core (false: the kernel schedules them).
+    pub pin_cores: bool,
 }
 
 impl Default for ServerConfig {
@@ -50,6 +52,7 @@ impl Default for ServerConfig {
             data_dir: PathBuf::from("data"),
             shards: 0,
             spin_before_park_us: Bounded(0),
+            pin_cores: true,
         }
     }
 }

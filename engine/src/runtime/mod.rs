@@ -100,7 +100,12 @@ pub fn run(config: Config) -> Result<()> {
     // and need not start at 0); the number names the shard's directories.
     let next_shard = Arc::new(AtomicUsize::new(0));
     let spin = Duration::from_micros(shared.config.server.spin_before_park_us.get());
-    let handles = LocalExecutorPoolBuilder::new(PoolPlacement::MaxSpread(shards, None))
+    let placement = if shared.config.server.pin_cores {
+        PoolPlacement::MaxSpread(shards, None)
+    } else {
+        PoolPlacement::Unbound(shards)
+    };
+    let handles = LocalExecutorPoolBuilder::new(placement)
         .spin_before_park(spin)
         .on_all_shards({
             let (stop, listening, failed) = (stop.clone(), listening.clone(), failed.clone());
