@@ -7,6 +7,7 @@
 mod auth;
 mod clock;
 mod config;
+mod delivery;
 mod events;
 mod http;
 mod ingress;

@@ -16,6 +16,8 @@ use glommio::net::TcpStream;
 pub enum Conn {
     Plain(TcpStream),
     Tls(Box<futures_rustls::server::TlsStream<TcpStream>>),
+    /// The client side of TLS (outbound delivery).
+    TlsClient(Box<futures_rustls::client::TlsStream<TcpStream>>),
     /// Only while a TLS handshake owns the stream.
     Gone,
 }
@@ -35,6 +37,7 @@ impl Conn {
             match self {
                 Conn::Plain(s) => s.read(buf).await,
                 Conn::Tls(s) => s.read(buf).await,
+                Conn::TlsClient(s) => s.read(buf).await,
                 Conn::Gone => Err(io::ErrorKind::NotConnected.into()),
             }
         };
@@ -46,6 +49,10 @@ impl Conn {
             match self {
                 Conn::Plain(s) => s.write_all(bytes).await,
                 Conn::Tls(s) => {
+                    s.write_all(bytes).await?;
+                    s.flush().await
+                }
+                Conn::TlsClient(s) => {
                     s.write_all(bytes).await?;
                     s.flush().await
                 }
@@ -70,12 +77,75 @@ impl Conn {
         Ok(())
     }
 
+    /// Opens a TCP connection to `addr`, from `source` when given (binding a source
+    /// address needs bind-before-connect, which runs on glommio's blocking-call thread;
+    /// without one the connect is an io_uring operation).
+    pub async fn connect(
+        addr: std::net::SocketAddr,
+        source: Option<std::net::IpAddr>,
+        limit: Duration,
+    ) -> io::Result<Conn> {
+        let stream = match source {
+            None => TcpStream::connect_timeout(addr, limit)
+                .await
+                .map_err(io::Error::from)?,
+            Some(source) => {
+                let socket = glommio::executor()
+                    .spawn_blocking(move || -> io::Result<socket2::Socket> {
+                        let socket = socket2::Socket::new(
+                            socket2::Domain::for_address(addr),
+                            socket2::Type::STREAM,
+                            None,
+                        )?;
+                        socket.bind(&std::net::SocketAddr::new(source, 0).into())?;
+                        socket.connect_timeout(&addr.into(), limit)?;
+                        socket.set_nonblocking(true)?;
+                        Ok(socket)
+                    })
+                    .await?;
+                let fd = std::os::fd::IntoRawFd::into_raw_fd(socket);
+                // SAFETY: `fd` is a connected TCP socket whose ownership into_raw_fd just
+                // gave up; glommio's TcpStream takes it over and closes it.
+                unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        Ok(Conn::Plain(stream))
+    }
+
+    /// Runs the client side of a TLS handshake on a plain connection.
+    pub async fn start_tls_client(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        server_name: rustls::pki_types::ServerName<'static>,
+        limit: Duration,
+    ) -> io::Result<()> {
+        let Conn::Plain(stream) = std::mem::replace(self, Conn::Gone) else {
+            return Err(io::Error::other("TLS is already active"));
+        };
+        let connector = futures_rustls::TlsConnector::from(config);
+        let tls = deadline(connector.connect(server_name, stream), limit).await?;
+        *self = Conn::TlsClient(Box::new(tls));
+        Ok(())
+    }
+
+    /// The negotiated client TLS session, if any.
+    pub fn tls_client_session(&self) -> Option<&rustls::ClientConnection> {
+        match self {
+            Conn::TlsClient(s) => Some(s.get_ref().1),
+            _ => None,
+        }
+    }
+
     pub async fn close(&mut self) {
         match self {
             Conn::Plain(s) => {
                 let _ = s.close().await;
             }
             Conn::Tls(s) => {
+                let _ = s.close().await;
+            }
+            Conn::TlsClient(s) => {
                 let _ = s.close().await;
             }
             Conn::Gone => {}

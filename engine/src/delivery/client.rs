@@ -1,0 +1,641 @@
+//! The SMTP client: one connection to one destination host, reused for many
+//! messages. It reads the banner, says EHLO (HELO if refused), upgrades with STARTTLS
+//! as the mode asks, and sends each message with PIPELINING when offered, returning
+//! the reply to every recipient.
+//!
+//! The client never sends a bare CR or LF: the body's line endings are made CRLF as it
+//! is dot-stuffed, and the end of data is always `<CRLF>.<CRLF>`. After STARTTLS it
+//! refuses a server that sent anything beyond the 220 (response injection).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use crate::runtime::io::Conn;
+
+/// When to use STARTTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    Disabled,
+    /// Use it when offered, accepting any certificate; fall back to plaintext when not.
+    Opportunistic,
+    /// Refuse to deliver unless STARTTLS succeeds with a certificate valid for the host.
+    Required,
+}
+
+/// Timeouts per SMTP phase.
+#[derive(Debug, Clone, Copy)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub banner: Duration,
+    pub ehlo: Duration,
+    pub starttls: Duration,
+    pub mail: Duration,
+    pub rcpt: Duration,
+    pub data: Duration,
+    /// From the end of data to the final reply.
+    pub data_done: Duration,
+}
+
+impl Default for Timeouts {
+    /// RFC 5321 4.5.3.2's minimums, shortened for connect, banner and EHLO.
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(30),
+            banner: Duration::from_secs(60),
+            ehlo: Duration::from_secs(60),
+            starttls: Duration::from_secs(60),
+            mail: Duration::from_secs(300),
+            rcpt: Duration::from_secs(300),
+            data: Duration::from_secs(120),
+            data_done: Duration::from_secs(600),
+        }
+    }
+}
+
+/// What the client is told to do.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    pub ehlo_name: String,
+    pub source: Option<IpAddr>,
+    pub tls: TlsMode,
+    pub timeouts: Timeouts,
+}
+
+/// One reply from the server: its code and its text lines (codes removed), joined by
+/// newlines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub code: u16,
+    pub text: String,
+}
+
+impl Response {
+    /// A reply made up locally for a failure that had no server reply.
+    pub fn local(code: u16, text: impl Into<String>) -> Response {
+        Response {
+            code,
+            text: text.into(),
+        }
+    }
+
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    /// The enhanced status code at the start of the text, if any (RFC 3463).
+    pub fn enhanced(&self) -> Option<&str> {
+        let first = self.text.split(' ').next()?;
+        let mut parts = first.split('.');
+        let ok = parts.next().is_some_and(|c| matches!(c, "2" | "4" | "5"))
+            && parts.next().is_some_and(|p| {
+                !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())
+            })
+            && parts.next().is_some_and(|p| {
+                !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())
+            })
+            && parts.next().is_none();
+        ok.then_some(first)
+    }
+}
+
+impl std::fmt::Display for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.code, self.text.replace('\n', " / "))
+    }
+}
+
+/// Why a connection or a transaction failed as a whole.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to {addr} failed: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("timeout waiting for the {phase} reply")]
+    Timeout { phase: &'static str },
+    #[error("connection lost during {phase}: {source}")]
+    Io {
+        phase: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("protocol error during {phase}: {detail}")]
+    Protocol { phase: &'static str, detail: String },
+    /// The server refused the session itself (banner, EHLO, STARTTLS).
+    #[error("{phase} refused: {response}")]
+    Refused {
+        phase: &'static str,
+        response: Response,
+    },
+    #[error("TLS is required but {0}")]
+    TlsRequired(String),
+}
+
+impl ClientError {
+    /// The reply that stands for this failure, for per-recipient outcomes and events.
+    pub fn response(&self) -> Response {
+        match self {
+            ClientError::Refused { response, .. } => response.clone(),
+            ClientError::TlsRequired(_) => Response::local(451, format!("4.7.5 {self}")),
+            _ => Response::local(451, format!("4.4.2 {self}")),
+        }
+    }
+}
+
+/// What the server said to one transaction.
+#[derive(Debug, Clone)]
+pub struct Transaction {
+    pub mail: Response,
+    /// One per recipient, in order (empty if MAIL was refused).
+    pub rcpt: Vec<Response>,
+    /// The reply after the data (None if no recipient was accepted or DATA failed).
+    pub data: Option<Response>,
+}
+
+impl Transaction {
+    /// The reply that decides recipient `i`'s fate.
+    pub fn outcome(&self, i: usize) -> &Response {
+        if !self.mail.is_positive() {
+            return &self.mail;
+        }
+        match (&self.rcpt[i], &self.data) {
+            (rcpt, _) if !rcpt.is_positive() => rcpt,
+            (_, Some(data)) => data,
+            (rcpt, None) => rcpt,
+        }
+    }
+}
+
+/// What EHLO offered.
+#[derive(Debug, Default, Clone)]
+pub struct Extensions {
+    pub pipelining: bool,
+    pub size: Option<u64>,
+    pub eight_bit_mime: bool,
+    pub smtputf8: bool,
+    pub starttls: bool,
+}
+
+impl Extensions {
+    fn parse(ehlo: &Response) -> Extensions {
+        let mut ext = Extensions::default();
+        for line in ehlo.text.lines().skip(1) {
+            let mut words = line.split_whitespace();
+            let keyword = words.next().unwrap_or("").to_ascii_uppercase();
+            match keyword.as_str() {
+                "PIPELINING" => ext.pipelining = true,
+                "SIZE" => ext.size = Some(words.next().and_then(|n| n.parse().ok()).unwrap_or(0)),
+                "8BITMIME" => ext.eight_bit_mime = true,
+                "SMTPUTF8" => ext.smtputf8 = true,
+                "STARTTLS" => ext.starttls = true,
+                _ => {}
+            }
+        }
+        ext
+    }
+}
+
+/// An open SMTP connection, ready for MAIL.
+#[derive(Debug)]
+pub struct Session {
+    conn: Conn,
+    input: Vec<u8>,
+    /// Scratch for commands and the dot-stuffed body, reused across messages.
+    output: Vec<u8>,
+    pub extensions: Extensions,
+    /// "TLSv1.3 with cipher …" when TLS is active.
+    pub tls: Option<String>,
+    timeouts: Timeouts,
+}
+
+/// Largest reply accepted (all lines).
+const REPLY_BYTES_MAX: usize = 64 << 10;
+
+impl Session {
+    /// Connects, reads the banner, greets, and negotiates TLS as `options.tls` says.
+    /// `server_name` is the host name the certificate must match in `Required` mode.
+    pub async fn connect(
+        addr: SocketAddr,
+        server_name: &str,
+        options: &ClientOptions,
+        tls: &super::tls::ClientTls,
+    ) -> Result<Session, ClientError> {
+        let t = options.timeouts;
+        let conn = Conn::connect(addr, options.source, t.connect)
+            .await
+            .map_err(|source| ClientError::Connect { addr, source })?;
+        let mut session = Session {
+            conn,
+            input: Vec::with_capacity(4096),
+            output: Vec::with_capacity(16 << 10),
+            extensions: Extensions::default(),
+            tls: None,
+            timeouts: t,
+        };
+        let banner = session.read_response("banner", t.banner).await?;
+        if banner.code != 220 {
+            return Err(ClientError::Refused {
+                phase: "banner",
+                response: banner,
+            });
+        }
+        session.greet(&options.ehlo_name).await?;
+        let want_tls = match options.tls {
+            TlsMode::Disabled => false,
+            TlsMode::Opportunistic => session.extensions.starttls,
+            TlsMode::Required => {
+                if !session.extensions.starttls {
+                    return Err(ClientError::TlsRequired(
+                        "the server does not offer STARTTLS".into(),
+                    ));
+                }
+                true
+            }
+        };
+        if want_tls {
+            session
+                .command(b"STARTTLS\r\n", "STARTTLS", t.starttls)
+                .await?;
+            let reply = session.read_response("STARTTLS", t.starttls).await?;
+            if reply.code != 220 {
+                if options.tls == TlsMode::Required {
+                    return Err(ClientError::TlsRequired(format!(
+                        "STARTTLS was refused: {reply}"
+                    )));
+                }
+                // Opportunistic: carry on in plaintext, as the server allows.
+                return Ok(session);
+            }
+            if !session.input.is_empty() {
+                return Err(ClientError::Protocol {
+                    phase: "STARTTLS",
+                    detail: "the server sent data after its 220 (response injection)".into(),
+                });
+            }
+            let config = match options.tls {
+                TlsMode::Required => tls.verified.clone(),
+                _ => tls.opportunistic.clone(),
+            };
+            let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
+                .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
+            session
+                .conn
+                .start_tls_client(config, name, t.starttls)
+                .await
+                .map_err(|e| match options.tls {
+                    TlsMode::Required => {
+                        ClientError::TlsRequired(format!("the TLS handshake failed: {e}"))
+                    }
+                    _ => ClientError::Io {
+                        phase: "STARTTLS",
+                        source: e,
+                    },
+                })?;
+            session.tls = session.conn.tls_client_session().map(describe);
+            session.greet(&options.ehlo_name).await?;
+        }
+        Ok(session)
+    }
+
+    async fn greet(&mut self, ehlo_name: &str) -> Result<(), ClientError> {
+        let t = self.timeouts.ehlo;
+        self.command(format!("EHLO {ehlo_name}\r\n").as_bytes(), "EHLO", t)
+            .await?;
+        let reply = self.read_response("EHLO", t).await?;
+        if reply.code == 250 {
+            self.extensions = Extensions::parse(&reply);
+            return Ok(());
+        }
+        self.command(format!("HELO {ehlo_name}\r\n").as_bytes(), "HELO", t)
+            .await?;
+        let reply = self.read_response("HELO", t).await?;
+        if reply.code != 250 {
+            return Err(ClientError::Refused {
+                phase: "HELO",
+                response: reply,
+            });
+        }
+        self.extensions = Extensions::default();
+        Ok(())
+    }
+
+    /// Sends one message to `recipients`. Transport failures are errors (the caller
+    /// retries every recipient); server refusals are in the returned transaction.
+    pub async fn send(
+        &mut self,
+        sender: &str,
+        recipients: &[&str],
+        body: &[u8],
+    ) -> Result<Transaction, ClientError> {
+        let t = self.timeouts;
+        let utf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
+        if utf8 && !self.extensions.smtputf8 {
+            let refusal = Response::local(
+                550,
+                "5.6.7 the server does not offer SMTPUTF8, which this message's addresses need",
+            );
+            return Ok(Transaction {
+                rcpt: vec![refusal.clone(); recipients.len()],
+                mail: refusal,
+                data: None,
+            });
+        }
+        let mut mail = format!("MAIL FROM:<{sender}>");
+        if self.extensions.size.is_some() {
+            mail.push_str(&format!(" SIZE={}", body.len()));
+        }
+        if self.extensions.eight_bit_mime && !body.is_ascii() {
+            mail.push_str(" BODY=8BITMIME");
+        }
+        if utf8 {
+            mail.push_str(" SMTPUTF8");
+        }
+        mail.push_str("\r\n");
+        let pipelined = self.extensions.pipelining;
+        self.output.clear();
+        self.output.extend_from_slice(mail.as_bytes());
+        if pipelined {
+            for rcpt in recipients {
+                self.output
+                    .extend_from_slice(format!("RCPT TO:<{rcpt}>\r\n").as_bytes());
+            }
+            self.output.extend_from_slice(b"DATA\r\n");
+        }
+        self.flush_output("MAIL", t.mail).await?;
+        let mail_reply = self.read_response("MAIL", t.mail).await?;
+        let mut rcpt_replies = Vec::with_capacity(recipients.len());
+        for rcpt in recipients {
+            if !pipelined {
+                if !mail_reply.is_positive() {
+                    break;
+                }
+                self.command(format!("RCPT TO:<{rcpt}>\r\n").as_bytes(), "RCPT", t.rcpt)
+                    .await?;
+            }
+            rcpt_replies.push(self.read_response("RCPT", t.rcpt).await?);
+        }
+        let any_accepted =
+            mail_reply.is_positive() && rcpt_replies.iter().any(Response::is_positive);
+        let data_reply = if pipelined {
+            Some(self.read_response("DATA", t.data).await?)
+        } else if any_accepted {
+            self.command(b"DATA\r\n", "DATA", t.data).await?;
+            Some(self.read_response("DATA", t.data).await?)
+        } else {
+            None
+        };
+        let mut transaction = Transaction {
+            mail: mail_reply,
+            rcpt: rcpt_replies,
+            data: None,
+        };
+        match data_reply {
+            Some(reply) if reply.code == 354 => {
+                if !any_accepted {
+                    // RFC 2920 3.1: DATA was accepted although no recipient was; end
+                    // the empty message and forget the transaction.
+                    self.command(b".\r\n", "DATA", t.data_done).await?;
+                    let _ = self.read_response("DATA", t.data_done).await?;
+                } else {
+                    self.output.clear();
+                    dot_stuff(body, &mut self.output);
+                    self.flush_output("DATA", t.data).await?;
+                    transaction.data = Some(self.read_response("end of data", t.data_done).await?);
+                }
+            }
+            Some(reply) => {
+                if any_accepted {
+                    transaction.data = Some(reply);
+                }
+                self.reset().await?;
+            }
+            None => self.reset().await?,
+        }
+        Ok(transaction)
+    }
+
+    async fn reset(&mut self) -> Result<(), ClientError> {
+        self.command(b"RSET\r\n", "RSET", self.timeouts.mail)
+            .await?;
+        let reply = self.read_response("RSET", self.timeouts.mail).await?;
+        if reply.code != 250 {
+            return Err(ClientError::Protocol {
+                phase: "RSET",
+                detail: reply.to_string(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Says QUIT (waiting briefly for the reply) and closes.
+    pub async fn quit(mut self) {
+        if self
+            .command(b"QUIT\r\n", "QUIT", Duration::from_secs(5))
+            .await
+            .is_ok()
+        {
+            let _ = self.read_response("QUIT", Duration::from_secs(5)).await;
+        }
+        self.conn.close().await;
+    }
+
+    async fn command(
+        &mut self,
+        bytes: &[u8],
+        phase: &'static str,
+        limit: Duration,
+    ) -> Result<(), ClientError> {
+        self.output.clear();
+        self.output.extend_from_slice(bytes);
+        self.flush_output(phase, limit).await
+    }
+
+    async fn flush_output(
+        &mut self,
+        phase: &'static str,
+        limit: Duration,
+    ) -> Result<(), ClientError> {
+        let result = self.conn.write_all(&self.output, limit).await;
+        self.output.clear();
+        result.map_err(|e| io_error(phase, e))
+    }
+
+    async fn read_response(
+        &mut self,
+        phase: &'static str,
+        limit: Duration,
+    ) -> Result<Response, ClientError> {
+        let mut lines: Vec<String> = Vec::new();
+        let mut code = None;
+        loop {
+            while let Some(lf) = memchr::memchr(b'\n', &self.input) {
+                let raw: Vec<u8> = self.input.drain(..=lf).collect();
+                let line = String::from_utf8_lossy(&raw);
+                let line = line.trim_end_matches(['\r', '\n']);
+                let bad = || ClientError::Protocol {
+                    phase,
+                    detail: format!("malformed reply line {line:?}"),
+                };
+                if line.len() < 3 || !line.as_bytes()[..3].iter().all(u8::is_ascii_digit) {
+                    return Err(bad());
+                }
+                let this: u16 = line[..3].parse().map_err(|_| bad())?;
+                if *code.get_or_insert(this) != this {
+                    return Err(bad());
+                }
+                let sep = line.as_bytes().get(3).copied().unwrap_or(b' ');
+                lines.push(line.get(4..).unwrap_or("").to_string());
+                match sep {
+                    b' ' => {
+                        return Ok(Response {
+                            code: this,
+                            text: lines.join("\n"),
+                        });
+                    }
+                    b'-' => {}
+                    _ => return Err(bad()),
+                }
+            }
+            if self.input.len() > REPLY_BYTES_MAX {
+                return Err(ClientError::Protocol {
+                    phase,
+                    detail: "reply too long".into(),
+                });
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self
+                .conn
+                .read(&mut chunk, limit)
+                .await
+                .map_err(|e| io_error(phase, e))?;
+            if n == 0 {
+                return Err(ClientError::Io {
+                    phase,
+                    source: std::io::ErrorKind::UnexpectedEof.into(),
+                });
+            }
+            self.input.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+fn io_error(phase: &'static str, e: std::io::Error) -> ClientError {
+    if e.kind() == std::io::ErrorKind::TimedOut {
+        ClientError::Timeout { phase }
+    } else {
+        ClientError::Io { phase, source: e }
+    }
+}
+
+fn describe(conn: &rustls::ClientConnection) -> String {
+    let version = match conn.protocol_version() {
+        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
+        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
+        Some(other) => format!("{other:?}"),
+        None => "TLS".to_string(),
+    };
+    match conn.negotiated_cipher_suite() {
+        Some(suite) => format!("{version} with cipher {:?}", suite.suite()),
+        None => version,
+    }
+}
+
+/// Appends `body` dot-stuffed, with every line ending made CRLF, followed by the end
+/// of data (`.` alone on a line).
+pub fn dot_stuff(body: &[u8], out: &mut Vec<u8>) {
+    out.reserve(body.len() + body.len() / 64 + 5);
+    let mut line_start = true;
+    let mut i = 0;
+    while i < body.len() {
+        let b = body[i];
+        if line_start && b == b'.' {
+            out.push(b'.');
+        }
+        match b {
+            b'\r' if body.get(i + 1) == Some(&b'\n') => {
+                out.extend_from_slice(b"\r\n");
+                i += 2;
+                line_start = true;
+                continue;
+            }
+            b'\r' | b'\n' => {
+                out.extend_from_slice(b"\r\n");
+                line_start = true;
+            }
+            _ => {
+                let end = memchr::memchr2(b'\r', b'\n', &body[i..]).map_or(body.len(), |n| i + n);
+                out.extend_from_slice(&body[i..end]);
+                line_start = false;
+                i = end;
+                continue;
+            }
+        }
+        i += 1;
+    }
+    if !line_start {
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b".\r\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dot_stuffing_and_line_endings() {
+        let check = |body: &[u8], expected: &[u8]| {
+            let mut out = Vec::new();
+            dot_stuff(body, &mut out);
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(expected)
+            );
+        };
+        check(b"", b".\r\n");
+        check(b"a\r\n", b"a\r\n.\r\n");
+        check(b"a", b"a\r\n.\r\n");
+        check(
+            b".a\r\n..\r\n.\r\nb.\r\n",
+            b"..a\r\n...\r\n..\r\nb.\r\n.\r\n",
+        );
+        // Never a bare CR or LF on the wire, and a smuggling sequence is defused.
+        check(b"a\n.\r\nb\r.\rc", b"a\r\n..\r\nb\r\n..\r\nc\r\n.\r\n");
+    }
+
+    #[test]
+    fn outcomes_per_recipient() {
+        let ok = Response::local(250, "2.1.5 ok");
+        let no = Response::local(550, "5.1.1 no such user");
+        let t = Transaction {
+            mail: Response::local(250, "2.1.0 ok"),
+            rcpt: vec![ok.clone(), no.clone()],
+            data: Some(Response::local(250, "2.0.0 queued")),
+        };
+        assert_eq!(t.outcome(0).code, 250);
+        assert_eq!(t.outcome(0).text, "2.0.0 queued");
+        assert_eq!(t.outcome(1), &no);
+        assert_eq!(no.enhanced(), Some("5.1.1"));
+        assert_eq!(Response::local(250, "ok").enhanced(), None);
+        let refused = Transaction {
+            mail: Response::local(451, "4.3.0 later"),
+            rcpt: vec![],
+            data: None,
+        };
+        assert_eq!(refused.outcome(0).code, 451);
+    }
+
+    #[test]
+    fn extensions() {
+        let ehlo = Response::local(
+            250,
+            "mx.test greets\nPIPELINING\nSIZE 1000\n8BITMIME\nsmtputf8\nSTARTTLS",
+        );
+        let ext = Extensions::parse(&ehlo);
+        assert!(ext.pipelining && ext.eight_bit_mime && ext.smtputf8 && ext.starttls);
+        assert_eq!(ext.size, Some(1000));
+    }
+}

@@ -1,0 +1,216 @@
+//! The SMTP client against servers nobody on this project wrote: Python's aiosmtpd
+//! (content checks, STARTTLS, per-recipient refusals, SMTPUTF8) and postfix's
+//! smtp-sink (PIPELINING). Both are installed by tools/test.sh.
+
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::client::{ClientError, ClientOptions, Session, Timeouts, TlsMode};
+use super::tls::ClientTls;
+
+/// A peer process, stopped by PID when dropped.
+struct Peer(Child);
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        // SAFETY: signalling a child this test started.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+fn python() -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python3");
+    assert!(
+        path.exists(),
+        "{} is missing; tools/test.sh creates it with aiosmtpd",
+        path.display()
+    );
+    path
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Starts aiosmtpd on a free port, storing messages in `out`; with TLS when
+/// `cert_dir` is given (a self-signed pair is generated there).
+fn aiosmtpd(out: &Path, cert_dir: Option<&Path>) -> (Peer, u16) {
+    let port = free_port();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/aiosmtpd_sink.py");
+    let mut command = Command::new(python());
+    command.arg(script).arg(port.to_string()).arg(out);
+    if let Some(dir) = cert_dir {
+        let pair = rcgen::generate_simple_self_signed(vec!["sink.test".to_string()]).unwrap();
+        std::fs::write(dir.join("cert.pem"), pair.cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), pair.signing_key.serialize_pem()).unwrap();
+        command
+            .arg("--tls")
+            .arg(dir.join("cert.pem"))
+            .arg(dir.join("key.pem"));
+    }
+    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    (Peer(child), port)
+}
+
+fn options(tls: TlsMode) -> ClientOptions {
+    ClientOptions {
+        ehlo_name: "gannet.test".into(),
+        source: Some("127.0.0.1".parse().unwrap()),
+        tls,
+        timeouts: Timeouts {
+            connect: Duration::from_secs(10),
+            ..Timeouts::default()
+        },
+    }
+}
+
+fn received(out: &Path, n: usize) -> serde_json::Value {
+    let text = std::fs::read_to_string(out.join(format!("{n}.json"))).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn run<F: Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
+    glommio::LocalExecutorBuilder::default()
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+#[test]
+fn delivers_to_aiosmtpd_with_starttls_and_per_recipient_results() {
+    let out = tempfile::tempdir().unwrap();
+    let certs = tempfile::tempdir().unwrap();
+    let (_peer, port) = aiosmtpd(out.path(), Some(certs.path()));
+    let out_path = out.path().to_path_buf();
+    run(move || async move {
+        let tls = ClientTls::new();
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut session =
+            Session::connect(addr, "sink.test", &options(TlsMode::Opportunistic), &tls)
+                .await
+                .unwrap();
+        assert!(
+            session.tls.as_deref().unwrap_or("").starts_with("TLSv1."),
+            "{:?}",
+            session.tls
+        );
+        let body = "Subject: t\r\n\r\n.leading dot\r\n..two\r\n.\r\nhéllo\r\n".as_bytes();
+        let t = session
+            .send(
+                "s@b.test",
+                &["ok@d.test", "tempfail@d.test", "permfail@d.test"],
+                body,
+            )
+            .await
+            .unwrap();
+        assert_eq!(t.outcome(0).code, 250, "{t:?}");
+        assert_eq!(t.outcome(1).code, 451, "{t:?}");
+        assert_eq!(t.outcome(2).code, 550, "{t:?}");
+        assert_eq!(t.outcome(2).enhanced(), Some("5.1.1"));
+        // The connection is reused for the next message, here with SMTPUTF8.
+        let t = session
+            .send("ü@b.test", &["ö@d.test"], b"Subject: u\r\n\r\nx\r\n")
+            .await
+            .unwrap();
+        assert_eq!(t.outcome(0).code, 250, "{t:?}");
+        // No recipient accepted: nothing is sent, and the session stays usable.
+        let t = session
+            .send("s@b.test", &["permfail@d.test"], b"x\r\n")
+            .await
+            .unwrap();
+        assert_eq!((t.outcome(0).code, t.data.is_none()), (550, true));
+        session.quit().await;
+
+        let first = received(&out_path, 1);
+        assert_eq!(first["mail_from"], "s@b.test");
+        assert_eq!(first["rcpt_tos"], serde_json::json!(["ok@d.test"]));
+        assert_eq!(first["tls"], true);
+        assert_eq!(latin1_bytes(first["data"].as_str().unwrap()), body);
+        assert!(
+            first["mail_options"].to_string().contains("BODY=8BITMIME"),
+            "{first}"
+        );
+        let second = received(&out_path, 2);
+        assert!(
+            second["mail_options"].to_string().contains("SMTPUTF8"),
+            "{second}"
+        );
+        assert!(!out_path.join("3.json").exists());
+
+        // Required TLS refuses a certificate that no root vouches for.
+        let err = Session::connect(addr, "sink.test", &options(TlsMode::Required), &tls)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::TlsRequired(_)), "{err}");
+        assert_eq!(err.response().code, 451);
+        // Disabled TLS stays in plaintext.
+        let session = Session::connect(addr, "sink.test", &options(TlsMode::Disabled), &tls)
+            .await
+            .unwrap();
+        assert!(session.tls.is_none());
+        session.quit().await;
+    });
+}
+
+/// aiosmtpd's content, stored as latin-1 text (one char per byte), as bytes.
+fn latin1_bytes(text: &str) -> Vec<u8> {
+    text.chars().map(|c| c as u8).collect()
+}
+
+#[test]
+fn pipelines_with_smtp_sink_and_reports_connection_failures() {
+    let port = free_port();
+    let child = Command::new("/usr/sbin/smtp-sink")
+        .args(["-u", "nobody", &format!("127.0.0.1:{port}"), "100"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("smtp-sink (postfix) is installed by tools/test.sh");
+    let _peer = Peer(child);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    run(move || async move {
+        let tls = ClientTls::new();
+        let addr = format!("127.0.0.1:{port}").parse().unwrap();
+        let mut session = Session::connect(addr, "sink.test", &options(TlsMode::Disabled), &tls)
+            .await
+            .unwrap();
+        assert!(session.extensions.pipelining);
+        for _ in 0..3 {
+            let t = session
+                .send(
+                    "s@b.test",
+                    &["a@d.test", "b@d.test"],
+                    b"Subject: p\r\n\r\nbody\r\n",
+                )
+                .await
+                .unwrap();
+            assert!(
+                t.outcome(0).is_positive() && t.outcome(1).is_positive(),
+                "{t:?}"
+            );
+        }
+        session.quit().await;
+
+        // Nothing listens on a fresh port: a connect error, transient for the caller.
+        let closed = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let err = Session::connect(closed, "x", &options(TlsMode::Opportunistic), &tls)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ClientError::Connect { .. }), "{err}");
+        assert_eq!(err.response().code, 451);
+    });
+}

@@ -1,0 +1,76 @@
+"""An SMTP server nobody on this project wrote (aiosmtpd), for delivery tests.
+
+Usage: aiosmtpd_sink.py PORT OUT_DIR [--tls CERT KEY]
+Stores each message as OUT_DIR/<n>.json ({"mail_from", "rcpt_tos", "mail_options",
+"data" (latin-1), "tls"}). Recipients whose local part is `tempfail` get 451 and
+`permfail` get 550 at RCPT. Prints "ready" once listening; stops on SIGTERM.
+"""
+import asyncio
+import json
+import os
+import signal
+import ssl
+import sys
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP
+
+
+class Handler:
+    def __init__(self, out_dir):
+        self.out_dir = out_dir
+        self.count = 0
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        local = address.split("@")[0]
+        if local == "tempfail":
+            return "451 4.2.0 mailbox busy, try later"
+        if local == "permfail":
+            return "550 5.1.1 no such user"
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server, session, envelope):
+        self.count += 1
+        record = {
+            "mail_from": envelope.mail_from,
+            "rcpt_tos": envelope.rcpt_tos,
+            "mail_options": envelope.mail_options,
+            "data": envelope.original_content.decode("latin-1"),
+            "tls": session.ssl is not None,
+        }
+        path = os.path.join(self.out_dir, f"{self.count}.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(record, f)
+        os.rename(path + ".tmp", path)
+        return "250 2.0.0 stored"
+
+
+def main():
+    port, out_dir = int(sys.argv[1]), sys.argv[2]
+    tls_context = None
+    if len(sys.argv) > 3 and sys.argv[3] == "--tls":
+        tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls_context.load_cert_chain(sys.argv[4], sys.argv[5])
+    handler = Handler(out_dir)
+    controller = Controller(
+        handler,
+        hostname="127.0.0.1",
+        port=port,
+        tls_context=tls_context,
+        require_starttls=False,
+        enable_SMTPUTF8=True,
+        decode_data=False,
+        server_hostname="sink.test",
+    )
+    controller.start()
+    print("ready", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.new_event_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.run_until_complete(stop.wait())
+    controller.stop()
+
+
+if __name__ == "__main__":
+    main()
