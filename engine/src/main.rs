@@ -13,6 +13,7 @@ mod http;
 mod ingress;
 mod metrics;
 mod policy;
+mod queue;
 mod runtime;
 mod shard;
 mod storage;
@@ -48,9 +49,34 @@ struct Cli {
     /// Overrides `server.shards` (executors, one pinned per core).
     #[arg(long)]
     shards: Option<usize>,
+    /// A static route, `domain=host:port[,host:port…]` (`*` for every other domain);
+    /// repeatable, added to `delivery.routes`.
+    #[arg(long, value_name = "ROUTE")]
+    route: Vec<String>,
     /// Log filter, e.g. `info` or `gannet_spool=debug` (overrides RUST_LOG).
     #[arg(long)]
     log: Option<String>,
+}
+
+/// `domain=host:port[,host:port…]`.
+fn parse_route(text: &str) -> Result<(String, Vec<config::Listen>), String> {
+    let (domain, hosts) = text
+        .split_once('=')
+        .ok_or("expected domain=host:port[,host:port…]")?;
+    let domain = domain.trim();
+    if domain.is_empty() {
+        return Err("the domain is empty".into());
+    }
+    let hosts = hosts
+        .split(',')
+        .map(|h| {
+            h.trim()
+                .parse()
+                .map(config::Listen)
+                .map_err(|_| format!("`{h}` is not host:port (an IP address and a port)"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok((domain.to_ascii_lowercase(), hosts))
 }
 
 fn main() -> ExitCode {
@@ -110,6 +136,17 @@ fn main() -> ExitCode {
     }
     if let Some(shards) = cli.shards {
         config.server.shards = shards;
+    }
+    for route in &cli.route {
+        match parse_route(route) {
+            Ok((domain, hosts)) => {
+                config.delivery.routes.insert(domain, hosts);
+            }
+            Err(err) => {
+                eprintln!("gannetd: --route {route:?}: {err}");
+                return ExitCode::from(2);
+            }
+        }
     }
     match runtime::run(config.resolve()) {
         Ok(()) => ExitCode::SUCCESS,

@@ -48,6 +48,18 @@ metrics! {
     smtp_starttls_injection_total: "counter",
     /// AUTH attempts that failed.
     smtp_auth_failures_total: "counter",
+    /// Recipients delivered (2xx from the destination).
+    delivery_delivered_total: "counter",
+    /// Recipient attempts that failed temporarily (retried later).
+    delivery_transient_failures_total: "counter",
+    /// Recipients bounced (5xx).
+    delivery_bounced_total: "counter",
+    /// Recipients expired at max_age.
+    delivery_expired_total: "counter",
+    /// Message parts waiting for their retry time.
+    queue_scheduled_parts: "gauge",
+    /// Message parts due and waiting for a connection.
+    queue_ready_parts: "gauge",
     /// Events lost because the event log could not be written.
     events_dropped_total: "counter",
 }

@@ -26,6 +26,8 @@ pub struct Shared {
     pub credentials: Credentials,
     /// None only if TLS could not be set up (then STARTTLS is not offered).
     pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// Client TLS for delivery (built once; each shard's dispatcher clones the Arcs).
+    pub client_tls: crate::delivery::tls::ClientTls,
     pub policy: Box<dyn Policy + Send + Sync>,
     pub meta_headers: MetaHeaders,
     /// Every shard's metrics, indexed by shard number.
@@ -108,6 +110,7 @@ pub struct Shard {
     pub shutdown: Shutdown,
     /// Sessions running on this shard (shutdown waits for them).
     pub sessions_active: Cell<usize>,
+    pub dispatcher: crate::delivery::dispatcher::Dispatcher,
     /// user → SHA-256(user, password) of the last successful AUTH on this shard, so
     /// that a client logging in again pays one hash instead of a PBKDF2 run.
     pub auth_cache: RefCell<HashMap<String, [u8; 32]>>,

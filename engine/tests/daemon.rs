@@ -128,6 +128,22 @@ fn bad_config_and_arguments_are_refused_precisely() {
         "{out:?}"
     );
 
+    for (route, needle) in [
+        ("example.test", "expected domain=host:port"),
+        ("=127.0.0.1:25", "the domain is empty"),
+        (
+            "example.test=mx.example.test:25",
+            "`mx.example.test:25` is not host:port",
+        ),
+    ] {
+        let out = gannetd(&["--config", path.to_str().unwrap(), "--route", route]);
+        assert_eq!(out.status.code(), Some(2), "{route}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains(needle),
+            "{out:?}"
+        );
+    }
+
     let out = gannetd(&["--no-such-flag"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unexpected argument '--no-such-flag'"));

@@ -152,7 +152,7 @@ fn start_gannet(args: &Args, shards: usize) -> Result<Server> {
     let config = format!(
         "[server]\nhostname = \"bench.test\"\ndata_dir = \"{}\"\nshards = {shards}\n{}\n\
          [smtp]\nlisten = [\"127.0.0.1:0\"]\nsessions_per_ip_max = 100000\nsessions_max = 100000\n\
-         [http]\nlisten = [\"127.0.0.1:0\"]\n",
+         [http]\nlisten = [\"127.0.0.1:0\"]\n[delivery]\nsuspended = true\n",
         args.dir.join("data").display(),
         args.gannet_server_extra
     );

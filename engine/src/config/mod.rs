@@ -29,6 +29,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub spool: SpoolSection,
     pub events: EventsConfig,
+    pub delivery: DeliveryConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -255,6 +256,50 @@ impl Default for EventsConfig {
         EventsConfig {
             file_bytes_max: Bounded(64 << 20),
             files_kept: Bounded(8),
+        }
+    }
+}
+
+/// Outbound delivery: routes, retry schedule, connection behaviour.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Name given in EHLO; empty: `server.hostname`.
+    pub ehlo_name: String,
+    pub tls: crate::delivery::client::TlsMode,
+    /// First retry after this long; each later one waits twice as long as the last.
+    pub retry_interval_secs: Bounded<1, 31_536_000>,
+    pub max_retry_interval_secs: Bounded<1, 31_536_000>,
+    /// A message older than this is expired (bounced) instead of retried.
+    pub max_age_secs: Bounded<1, 31_536_000>,
+    /// Connections at once to one destination site.
+    pub connection_limit: Bounded<1, 10_000>,
+    /// Messages sent over one connection before it is closed.
+    pub max_deliveries_per_connection: Bounded<1, 1_000_000>,
+    /// Recipients per SMTP transaction.
+    pub max_recipients_per_batch: Bounded<1, 100_000>,
+    /// Static routes: a domain, or `*` for every other domain, to the hosts to deliver
+    /// to in order of preference (`host:port`). Domains without a route wait for MX
+    /// resolution, which the delivery issue adds.
+    pub routes: BTreeMap<String, Vec<Listen>>,
+    /// Accept and queue, but make no delivery attempts (like Postfix's
+    /// defer_transports): for maintenance windows and ingress-only benchmarks.
+    pub suspended: bool,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            ehlo_name: String::new(),
+            tls: crate::delivery::client::TlsMode::Opportunistic,
+            retry_interval_secs: Bounded(1200),
+            max_retry_interval_secs: Bounded(43_200),
+            max_age_secs: Bounded(604_800),
+            connection_limit: Bounded(32),
+            max_deliveries_per_connection: Bounded(1024),
+            max_recipients_per_batch: Bounded(100),
+            routes: BTreeMap::new(),
+            suspended: false,
         }
     }
 }

@@ -1,9 +1,9 @@
-//! Delivery: the SMTP client ([`client`]) and its TLS ([`tls`]). The queues that feed
-//! it, routing and shaping are built on these (the delivery issue); until they land
-//! the client is exercised only by its tests against real servers.
-#![cfg_attr(not(test), allow(dead_code))]
+//! Delivery: the shard's delivery loop ([`dispatcher`]), the SMTP client
+//! ([`client`]) and its TLS ([`tls`]), and bounce classification ([`bounce`]).
 
+pub mod bounce;
 pub mod client;
+pub mod dispatcher;
 pub mod tls;
 
 #[cfg(test)]

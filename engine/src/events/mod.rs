@@ -40,6 +40,14 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Option::is_none")]
         subject: Option<&'a str>,
     },
+    /// A recipient was accepted by the destination (2xx).
+    Delivery(Outcome<'a>),
+    /// A recipient failed temporarily (4xx, or no connection) and will be retried.
+    TransientFailure(Outcome<'a>),
+    /// A recipient failed permanently (5xx); `bounce_class` says why.
+    Bounce(Outcome<'a>),
+    /// A recipient was still undelivered at max_age and is given up.
+    Expiration(Outcome<'a>),
     /// A policy phase (or a limit) refused a session, a recipient or a message.
     PolicyRejection {
         timestamp_ms: u64,
@@ -52,6 +60,37 @@ pub enum Event<'a> {
         rcpt_to: Option<&'a str>,
         reply: String,
     },
+}
+
+/// What happened to one recipient in one delivery attempt.
+#[derive(Debug, Serialize)]
+pub struct Outcome<'a> {
+    pub timestamp_ms: u64,
+    pub shard: u16,
+    pub message_id: String,
+    pub sender: &'a str,
+    pub rcpt_to: &'a str,
+    pub queue: &'a str,
+    /// The destination site (its hosts); empty when there was no route.
+    pub site: &'a str,
+    /// The host that answered, if a connection was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
+    /// The reply, `code text`.
+    pub response: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bounce_class: Option<u16>,
+    pub num_retries: u32,
+    /// Milliseconds since reception.
+    pub queue_time: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_pool: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub campaign_id: Option<&'a str>,
 }
 
 /// A shard's event log file.

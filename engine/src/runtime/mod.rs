@@ -20,6 +20,7 @@ use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
 use crate::auth::Credentials;
 use crate::config::Config;
+use crate::delivery::dispatcher::Dispatcher;
 use crate::events::EventLog;
 use crate::ingress::smtp::message::MetaHeaders;
 use crate::metrics::ShardMetrics;
@@ -74,6 +75,7 @@ pub fn run(config: Config) -> Result<()> {
                 .map(|u| (u.name.clone(), u.password_hash.clone())),
         ),
         tls: Some(tls),
+        client_tls: crate::delivery::tls::ClientTls::new(),
         policy: Box::new(RulesPolicy::new(&config.policy)),
         meta_headers: MetaHeaders {
             tenant: config.policy.tenant_header.clone(),
@@ -250,7 +252,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
     } = start;
     let config = &shared.config;
     let data_dir = &config.server.data_dir;
-    let spool = open_spool(id, &data_dir.join("spool"), config)?;
+    let (spool, recovered) = open_spool(id, &data_dir.join("spool"), config)?;
     let events = EventLog::open(
         &data_dir.join("events").join(id.to_string()),
         config.events.file_bytes_max.get(),
@@ -267,8 +269,40 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         events: std::cell::RefCell::new(events),
         shutdown: io::Shutdown::default(),
         sessions_active: std::cell::Cell::new(0),
+        dispatcher: Dispatcher::new(config, shared.client_tls.clone()),
         auth_cache: Default::default(),
     });
+    // Every live message goes back to its queue with its exact retry state.
+    let requeued = recovered.live.len();
+    for live in recovered.live {
+        let m = live.message.get();
+        let message = crate::queue::Message {
+            id: live.id,
+            sender: m.sender.to_string(),
+            recipients: m.recipients.iter().map(|r| r.to_string()).collect(),
+            meta: m
+                .meta
+                .iter()
+                .map(|kv| (kv.0.to_string(), kv.1.to_string()))
+                .collect(),
+            queue: live.state.queue.clone(),
+            received_ms: m.received_unix_ms.to_native(),
+            attempts: live.state.attempts,
+            done: live.state.done.clone(),
+            open_parts: 0,
+        };
+        shard
+            .dispatcher
+            .enqueue(&shard, message, live.state.due_unix_ms);
+    }
+    if requeued > 0 {
+        tracing::info!(
+            shard = id,
+            messages = requeued,
+            "recovered messages queued for delivery"
+        );
+    }
+    glommio::spawn_local(crate::delivery::dispatcher::run(shard.clone())).detach();
     let bind = |addr: &SocketAddr| {
         TcpListener::bind(addr).map_err(|e| anyhow!("shard {id}: listening on {addr}: {e}"))
     };
@@ -317,14 +351,24 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         task.await;
     }
     let grace = Instant::now() + SHUTDOWN_GRACE;
-    while shard.sessions_active.get() > 0 && Instant::now() < grace {
+    let busy = |shard: &Shard| {
+        shard.sessions_active.get() > 0
+            || shard
+                .dispatcher
+                .queues
+                .borrow()
+                .ready
+                .values()
+                .any(|q| q.connections > 0)
+    };
+    while busy(&shard) && Instant::now() < grace {
         io::sleep(Duration::from_millis(10)).await;
     }
-    if shard.sessions_active.get() > 0 {
+    if busy(&shard) {
         tracing::warn!(
             shard = id,
             sessions = shard.sessions_active.get(),
-            "stopping with sessions still open; their unacknowledged messages are dropped"
+            "stopping with sessions or deliveries still open; unacknowledged messages are dropped, unfinished deliveries retried after restart"
         );
     }
     flusher.await;
@@ -343,7 +387,11 @@ fn flush_events(shard: &Shard) {
         .store(events.dropped, Ordering::Relaxed);
 }
 
-fn open_spool(id: u16, spool_dir: &Path, config: &Config) -> Result<Spool<ShardStorage>> {
+fn open_spool(
+    id: u16,
+    spool_dir: &Path,
+    config: &Config,
+) -> Result<(Spool<ShardStorage>, gannet_spool::Recovered)> {
     let dir: PathBuf = spool_dir.join(id.to_string());
     let storage = FileStorage::open_dir(&dir).with_context(|| format!("shard {id}"))?;
     let spool_config = SpoolConfig {
@@ -370,5 +418,5 @@ fn open_spool(id: u16, spool_dir: &Path, config: &Config) -> Result<Spool<ShardS
         tracing::warn!(shard = id, seq = segment.seq, unusable = ?segment.unusable, torn_bytes = segment.torn_bytes,
             corrupt = segment.corrupt.len(), "damaged spool segment (see gannet-spool verify)");
     }
-    Ok(spool)
+    Ok((spool, recovered))
 }

@@ -33,6 +33,7 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
     let shared = Arc::new(Shared {
         credentials: Credentials::new([]),
         tls: None,
+        client_tls: crate::delivery::tls::ClientTls::new(),
         policy: Box::new(RulesPolicy::new(&config.policy)),
         meta_headers: MetaHeaders {
             tenant: "X-Gannet-Tenant".into(),
@@ -43,7 +44,10 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
         sessions: Arc::new(SessionLimits::new(100, 100)),
         config,
     });
+    let dispatcher =
+        crate::delivery::dispatcher::Dispatcher::new(&shared.config, shared.client_tls.clone());
     Rc::new(Shard {
+        dispatcher,
         id: 0,
         metrics: shared.metrics[0].clone(),
         shared,

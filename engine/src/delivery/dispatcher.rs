@@ -1,0 +1,458 @@
+//! The shard's delivery loop: the queue maintainer moves due parts to their site's
+//! ready queue and opens connections (up to `connection_limit` per site); each
+//! connection takes parts from its ready queue, sends them, and settles every
+//! recipient — Delivery, Bounce, Expiration or TransientFailure with a retry — in
+//! memory, in the spool (update or tombstone) and in the event log.
+//!
+//! Today a message is delivered by the shard that received it; routing to the core
+//! that owns the destination site comes with the cross-core hop (delivery issue).
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use gannet_spool::{Spool, UpdateRecord};
+
+use super::bounce;
+use super::client::{ClientOptions, Response, Session, Timeouts};
+use super::tls::ClientTls;
+use crate::clock::unix_ms;
+use crate::config::Config;
+use crate::events::{Event, Outcome};
+use crate::metrics::ShardMetrics;
+use crate::queue::{self, Message, Part, Queues, Routes, Site};
+use crate::shard::Shard;
+use crate::storage::ShardStorage;
+
+/// A shard's delivery state.
+#[derive(Debug)]
+pub struct Dispatcher {
+    pub queues: RefCell<Queues>,
+    routes: Routes,
+    options: ClientOptions,
+    tls: ClientTls,
+    retry_interval_s: u64,
+    max_retry_interval_s: u64,
+    max_age_ms: u64,
+    connection_limit: usize,
+    max_deliveries_per_connection: usize,
+    max_recipients_per_batch: usize,
+    suspended: bool,
+    wake: Wake,
+}
+
+/// Wakes the maintainer (a single waiter).
+#[derive(Debug, Default)]
+struct Wake {
+    raised: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Wake {
+    fn raise(&self) {
+        self.raised.set(true);
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.raised.replace(false) {
+                Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+impl Dispatcher {
+    pub fn new(config: &Config, tls: ClientTls) -> Dispatcher {
+        let d = &config.delivery;
+        let routes = d
+            .routes
+            .iter()
+            .map(|(domain, hosts)| (domain.clone(), hosts.iter().map(|h| h.0).collect()))
+            .collect();
+        let ehlo_name = if d.ehlo_name.is_empty() {
+            config.server.hostname.clone()
+        } else {
+            d.ehlo_name.clone()
+        };
+        Dispatcher {
+            queues: RefCell::new(Queues::default()),
+            routes: Routes::new(&routes),
+            options: ClientOptions {
+                ehlo_name,
+                source: None,
+                tls: d.tls,
+                timeouts: Timeouts::default(),
+            },
+            tls,
+            retry_interval_s: d.retry_interval_secs.get(),
+            max_retry_interval_s: d.max_retry_interval_secs.get(),
+            max_age_ms: d.max_age_secs.get() * 1000,
+            connection_limit: d.connection_limit.usize(),
+            max_deliveries_per_connection: d.max_deliveries_per_connection.usize(),
+            max_recipients_per_batch: d.max_recipients_per_batch.usize(),
+            suspended: d.suspended,
+            wake: Wake::default(),
+        }
+    }
+
+    /// Queues a message (just received, or recovered) for delivery at `due_ms`.
+    pub fn enqueue(&self, shard: &Shard, message: Message, due_ms: u64) {
+        let message = Rc::new(RefCell::new(message));
+        let parts = queue::split(&message, &self.routes, due_ms);
+        if parts.is_empty() {
+            // Every recipient was finished before a crash lost the tombstone.
+            finish(shard, &message.borrow());
+            return;
+        }
+        let now = unix_ms();
+        let mut queues = self.queues.borrow_mut();
+        for part in parts {
+            queues.push(part, now);
+        }
+        drop(queues);
+        self.wake.raise();
+    }
+}
+
+/// The queue maintainer: runs until shutdown.
+pub async fn run(shard: Rc<Shard>) {
+    let d = &shard.dispatcher;
+    if d.suspended {
+        tracing::info!(
+            shard = shard.id,
+            "delivery is suspended (delivery.suspended); messages stay queued"
+        );
+        shard.shutdown.wait().await;
+        return;
+    }
+    while !shard.shutdown.is_raised() {
+        let now = unix_ms();
+        let mut to_open: Vec<Rc<Site>> = Vec::new();
+        {
+            let mut queues = d.queues.borrow_mut();
+            queues.promote(now);
+            for ready in queues.ready.values_mut() {
+                let wanted = ready.parts.len().min(d.connection_limit);
+                while ready.connections < wanted {
+                    ready.connections += 1;
+                    to_open.push(ready.site.clone());
+                }
+            }
+        }
+        for site in to_open {
+            glommio::spawn_local(connection(shard.clone(), site)).detach();
+        }
+        let next = {
+            let queues = d.queues.borrow();
+            let m = &shard.metrics;
+            m.queue_scheduled_parts.store(
+                queues.scheduled_len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            m.queue_ready_parts.store(
+                queues.ready_len() as u64,
+                std::sync::atomic::Ordering::Relaxed,
+            );
+            queues.next_due()
+        };
+        let sleep_ms = next.map_or(1000, |due| due.saturating_sub(unix_ms()).clamp(1, 1000));
+        futures_lite::future::or(
+            d.wake.wait(),
+            futures_lite::future::or(
+                crate::runtime::io::sleep(Duration::from_millis(sleep_ms)),
+                shard.shutdown.wait(),
+            ),
+        )
+        .await;
+    }
+}
+
+/// Takes the next ready part of `site`.
+fn next_part(shard: &Shard, site: &Site) -> Option<Part> {
+    shard
+        .dispatcher
+        .queues
+        .borrow_mut()
+        .ready
+        .get_mut(&site.name)
+        .and_then(|q| q.parts.pop_front())
+}
+
+/// One connection's life: connect (hosts in preference order), send ready parts,
+/// quit. A connection failure fails the parts that are ready for the site now.
+async fn connection(shard: Rc<Shard>, site: Rc<Site>) {
+    let d = &shard.dispatcher;
+    let mut session = None;
+    let mut failure = Response::local(
+        451,
+        "4.4.4 no route to this domain (MX resolution is not built yet)",
+    );
+    for host in &site.hosts {
+        match Session::connect(*host, &host.ip().to_string(), &d.options, &d.tls).await {
+            Ok(s) => {
+                session = Some((s, *host));
+                break;
+            }
+            Err(err) => failure = err.response(),
+        }
+    }
+    match session {
+        None => {
+            while let Some(part) = next_part(&shard, &site) {
+                let results = part.rcpts.iter().map(|i| (*i, failure.clone())).collect();
+                settle(&shard, part, results, None, None);
+            }
+        }
+        Some((mut session, host)) => {
+            let mut sent = 0;
+            let mut broken = false;
+            while sent < d.max_deliveries_per_connection && !broken {
+                let Some(part) = next_part(&shard, &site) else {
+                    break;
+                };
+                let (id, sender, recipients) = {
+                    let m = part.message.borrow();
+                    let recipients: Vec<String> = part
+                        .rcpts
+                        .iter()
+                        .map(|i| m.recipients[*i as usize].clone())
+                        .collect();
+                    (m.id, m.sender.clone(), recipients)
+                };
+                // The body is read in place from the spool's mapping.
+                let Some(stored) = shard.spool.get(id) else {
+                    tracing::error!(shard = shard.id, %id, "a queued message is missing from the spool; dropping it from the queue");
+                    continue;
+                };
+                let body = stored.get().body.as_slice();
+                let mut results = Vec::with_capacity(part.rcpts.len());
+                for (chunk, indices) in recipients
+                    .chunks(d.max_recipients_per_batch)
+                    .zip(part.rcpts.chunks(d.max_recipients_per_batch))
+                {
+                    let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+                    match session.send(&sender, &refs, body).await {
+                        Ok(t) => results.extend(
+                            indices
+                                .iter()
+                                .enumerate()
+                                .map(|(k, i)| (*i, t.outcome(k).clone())),
+                        ),
+                        Err(err) => {
+                            let response = err.response();
+                            results.extend(indices.iter().map(|i| (*i, response.clone())));
+                            broken = true;
+                        }
+                    }
+                }
+                settle(&shard, part, results, Some(host), session.tls.as_deref());
+                sent += 1;
+            }
+            if !broken {
+                session.quit().await;
+            }
+        }
+    }
+    if let Some(q) = d.queues.borrow_mut().ready.get_mut(&site.name) {
+        q.connections -= 1;
+    }
+    d.wake.raise();
+}
+
+/// Applies one attempt's replies to a part's recipients.
+fn settle(
+    shard: &Shard,
+    mut part: Part,
+    results: Vec<(u32, Response)>,
+    peer: Option<std::net::SocketAddr>,
+    tls: Option<&str>,
+) {
+    let d = &shard.dispatcher;
+    let now = unix_ms();
+    let message = part.message.clone();
+    let mut m = message.borrow_mut();
+    let mut pending = Vec::new();
+    let expired = now.saturating_sub(m.received_ms) >= d.max_age_ms;
+    for (i, response) in &results {
+        let kind = if response.is_positive() {
+            Kind::Delivery
+        } else if response.code >= 500 {
+            Kind::Bounce
+        } else if expired {
+            Kind::Expiration
+        } else {
+            pending.push(*i);
+            Kind::TransientFailure
+        };
+        if kind != Kind::TransientFailure {
+            m.done.push(*i);
+        }
+        let attempt = Attempt {
+            site: &part.site,
+            peer,
+            tls,
+            retries: part.attempts,
+            now,
+        };
+        record(shard, &m, *i, &attempt, response, kind);
+    }
+    if pending.is_empty() {
+        m.open_parts -= 1;
+        if m.open_parts == 0 {
+            finish(shard, &m);
+        } else {
+            persist(&shard.spool, &m, now, shard.id);
+        }
+        return;
+    }
+    part.attempts += 1;
+    m.attempts = m.attempts.max(part.attempts);
+    part.rcpts = pending;
+    part.due_ms = queue::next_due_ms(
+        now,
+        part.attempts,
+        d.retry_interval_s,
+        d.max_retry_interval_s,
+        fastrand::u64(0..=1000),
+    );
+    persist(&shard.spool, &m, part.due_ms, shard.id);
+    drop(m);
+    d.queues.borrow_mut().push(part, now);
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Delivery,
+    TransientFailure,
+    Bounce,
+    Expiration,
+}
+
+/// What is known about one delivery attempt of a part.
+struct Attempt<'a> {
+    site: &'a Site,
+    peer: Option<std::net::SocketAddr>,
+    tls: Option<&'a str>,
+    /// Attempts made for this part before this one.
+    retries: u32,
+    now: u64,
+}
+
+fn record(
+    shard: &Shard,
+    m: &Message,
+    rcpt: u32,
+    attempt: &Attempt<'_>,
+    response: &Response,
+    kind: Kind,
+) {
+    let Attempt {
+        site,
+        peer,
+        tls,
+        retries,
+        now,
+    } = *attempt;
+    let outcome = Outcome {
+        timestamp_ms: now,
+        shard: shard.id,
+        message_id: m.id.to_string(),
+        sender: &m.sender,
+        rcpt_to: &m.recipients[rcpt as usize],
+        queue: &m.queue,
+        site: &site.name,
+        peer: peer.map(|p| p.to_string()),
+        response: response.to_string(),
+        bounce_class: match kind {
+            Kind::Bounce => Some(bounce::classify(response)),
+            _ => None,
+        },
+        num_retries: retries,
+        queue_time: now.saturating_sub(m.received_ms),
+        tls,
+        ip_pool: m.meta("pool"),
+        tenant: m.meta("tenant"),
+        campaign_id: m.meta("campaign"),
+    };
+    let metrics = &shard.metrics;
+    let (event, counter) = match kind {
+        Kind::Delivery => (Event::Delivery(outcome), &metrics.delivery_delivered_total),
+        Kind::TransientFailure => (
+            Event::TransientFailure(outcome),
+            &metrics.delivery_transient_failures_total,
+        ),
+        Kind::Bounce => (Event::Bounce(outcome), &metrics.delivery_bounced_total),
+        Kind::Expiration => (Event::Expiration(outcome), &metrics.delivery_expired_total),
+    };
+    ShardMetrics::add(counter, 1);
+    shard.event(&event);
+}
+
+/// New retry state for a message that still has recipients to try.
+fn persist(spool: &Spool<ShardStorage>, m: &Message, due_ms: u64, shard: u16) {
+    let update = UpdateRecord {
+        id: m.id,
+        attempts: m.attempts,
+        due_unix_ms: due_ms,
+        queue: m.queue.clone(),
+        done: m.done.clone(),
+    };
+    watch(spool, spool.append_update(&update), shard, "update");
+}
+
+/// Every recipient is finished: the message leaves the spool.
+fn finish(shard: &Shard, m: &Message) {
+    watch(
+        &shard.spool,
+        shard.spool.append_tombstone(m.id),
+        shard.id,
+        "tombstone",
+    );
+}
+
+/// Awaits an update or tombstone in the background. Losing one is not losing mail:
+/// after a crash the message is retried from its last durable state (at worst a
+/// recipient is delivered twice), so the delivery path does not wait for the sync.
+fn watch(
+    spool: &Spool<ShardStorage>,
+    ticket: Result<gannet_spool::Ticket, gannet_spool::SpoolError>,
+    shard: u16,
+    what: &'static str,
+) {
+    match ticket {
+        Ok(ticket) => {
+            let durable = spool.durable(ticket);
+            glommio::spawn_local(async move {
+                if let Err(err) = durable.await {
+                    tracing::warn!(shard, "spool {what} not durable: {err}");
+                }
+            })
+            .detach();
+        }
+        Err(err) => tracing::warn!(shard, "spool {what} failed: {err}"),
+    }
+}
+
+/// Builds the in-memory message for a record just spooled.
+pub fn message_from_record(record: &gannet_spool::MessageRecord) -> Message {
+    Message {
+        id: record.id,
+        sender: record.sender.clone(),
+        recipients: record.recipients.clone(),
+        meta: record.meta.clone(),
+        queue: record.queue.clone(),
+        received_ms: record.received_unix_ms,
+        attempts: record.attempts,
+        done: record.done.clone(),
+        open_parts: 0,
+    }
+}

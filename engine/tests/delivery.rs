@@ -1,0 +1,245 @@
+//! Mail injected over SMTP leaves through gannet's SMTP client to a server nobody on
+//! this project wrote (aiosmtpd), with every outcome an event: delivery, bounce with
+//! its class, transient failure with retries, and messages recovered after a restart
+//! delivered from their last state.
+
+mod common;
+
+use std::io::BufRead;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::Daemon;
+
+struct Sink {
+    child: Child,
+    port: u16,
+    out: tempfile::TempDir,
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        // SAFETY: signalling a child this test started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn sink() -> Sink {
+    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python3");
+    assert!(
+        python.exists(),
+        "tools/test.sh creates target/pyenv with aiosmtpd"
+    );
+    let out = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let mut child = Command::new(python)
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/peers/aiosmtpd_sink.py"
+        ))
+        .arg(port.to_string())
+        .arg(out.path())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    Sink { child, port, out }
+}
+
+impl Sink {
+    fn messages(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for n in 1.. {
+            match std::fs::read_to_string(self.out.path().join(format!("{n}.json"))) {
+                Ok(text) => out.push(serde_json::from_str(&text).unwrap()),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+}
+
+fn delivery_config(routes: &str) -> String {
+    format!(
+        "[delivery]\nretry_interval_secs = 1\nmax_retry_interval_secs = 1\nroutes = {{ {routes} }}\n"
+    )
+}
+
+/// Waits until `done` holds for the daemon's events.
+fn wait_events(
+    daemon: &Daemon,
+    what: &str,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = daemon.events();
+        if done(&events) {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {events:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn of<'a>(events: &'a [serde_json::Value], kind: &str, rcpt: &str) -> Vec<&'a serde_json::Value> {
+    events
+        .iter()
+        .filter(|e| e["type"] == kind && e["rcpt_to"] == rcpt)
+        .collect()
+}
+
+fn inject(daemon: &Daemon, recipients: &[&str], body: &str) -> String {
+    let mut client = daemon.connect();
+    client.expect("220");
+    client.send(b"EHLO c.test\r\nMAIL FROM:<s@b.test>\r\n");
+    client.expect("250");
+    client.expect("250");
+    for rcpt in recipients {
+        client.send(format!("RCPT TO:<{rcpt}>\r\n").as_bytes());
+        client.expect("250");
+    }
+    client.send(b"DATA\r\n");
+    client.expect("354");
+    client.send(body.as_bytes());
+    let reply = client.expect("250 2.0.0 OK queued as ");
+    client.send(b"QUIT\r\n");
+    reply.trim_end().rsplit(' ').next().unwrap().to_string()
+}
+
+#[test]
+fn relays_with_per_recipient_outcomes_and_retries() {
+    let sink = sink();
+    let mut daemon = Daemon::start(
+        "",
+        &delivery_config(&format!("\"d.test\" = [\"127.0.0.1:{}\"]", sink.port)),
+    );
+    let id = inject(
+        &daemon,
+        &[
+            "ok1@d.test",
+            "ok2@d.test",
+            "permfail@d.test",
+            "tempfail@d.test",
+            "x@nowhere.test",
+        ],
+        "Subject: relay\r\nX-Gannet-Tenant: acme\r\n\r\n..leading dot\r\nline\r\n...\r\n.\r\n",
+    );
+    let events = wait_events(&daemon, "outcomes and two retries", |e| {
+        of(e, "delivery", "ok2@d.test").len() == 1
+            && of(e, "bounce", "permfail@d.test").len() == 1
+            && of(e, "transient_failure", "tempfail@d.test").len() >= 2
+            && of(e, "transient_failure", "x@nowhere.test").len() >= 2
+    });
+    let delivered = of(&events, "delivery", "ok1@d.test");
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0]["message_id"], id);
+    assert_eq!(delivered[0]["tenant"], "acme");
+    assert_eq!(delivered[0]["site"], format!("127.0.0.1:{}", sink.port));
+    assert!(
+        delivered[0]["response"]
+            .as_str()
+            .unwrap()
+            .starts_with("250 2.0.0")
+    );
+    let bounce = of(&events, "bounce", "permfail@d.test")[0];
+    assert_eq!(bounce["bounce_class"], 10);
+    assert!(
+        bounce["response"]
+            .as_str()
+            .unwrap()
+            .starts_with("550 5.1.1")
+    );
+    let retries: Vec<u64> = of(&events, "transient_failure", "tempfail@d.test")
+        .iter()
+        .map(|e| e["num_retries"].as_u64().unwrap())
+        .collect();
+    assert!(retries.windows(2).all(|w| w[1] > w[0]), "{retries:?}");
+    let no_route = of(&events, "transient_failure", "x@nowhere.test")[0];
+    assert!(
+        no_route["response"].as_str().unwrap().contains("no route"),
+        "{no_route}"
+    );
+
+    // The sink got one transaction with the two good recipients and the content intact.
+    let messages = sink.messages();
+    assert_eq!(messages.len(), 1, "{messages:#?}");
+    assert_eq!(
+        messages[0]["rcpt_tos"],
+        serde_json::json!(["ok1@d.test", "ok2@d.test"])
+    );
+    let data = messages[0]["data"].as_str().unwrap();
+    assert!(data.starts_with("Received: from c.test"), "{data}");
+    assert!(
+        data.ends_with("\r\n\r\n.leading dot\r\nline\r\n..\r\n"),
+        "{data:?}"
+    );
+    assert!(!data.contains("X-Gannet-Tenant"));
+
+    // The spool keeps the message with its three finished recipients and its retries.
+    daemon.stop();
+    let spooled = common::spooled(&daemon.data_dir());
+    assert_eq!(spooled.len(), 1);
+}
+
+#[test]
+fn messages_recovered_after_a_restart_are_delivered() {
+    let sink = sink();
+    let dead = free_port();
+    let mut daemon = Daemon::start(
+        "",
+        &delivery_config(&format!("\"d.test\" = [\"127.0.0.1:{dead}\"]")),
+    );
+    let id = inject(
+        &daemon,
+        &["a@d.test", "b@d.test"],
+        "Subject: later\r\n\r\nbody\r\n.\r\n",
+    );
+    wait_events(&daemon, "a failed connection", |e| {
+        !of(e, "transient_failure", "b@d.test").is_empty()
+    });
+    daemon.kill();
+
+    // Restart with the route pointing at a live server: the recovered message goes out.
+    let dir = std::mem::replace(&mut daemon.dir, tempfile::tempdir().unwrap());
+    let config = common::config_text(
+        dir.path(),
+        "",
+        &delivery_config(&format!("\"d.test\" = [\"127.0.0.1:{}\"]", sink.port)),
+    );
+    let mut restarted = Daemon::start_in(dir, &config);
+    let events = wait_events(&restarted, "delivery after restart", |e| {
+        of(e, "delivery", "b@d.test").len() == 1
+    });
+    assert_eq!(of(&events, "delivery", "a@d.test")[0]["message_id"], id);
+    let messages = sink.messages();
+    assert_eq!(messages.len(), 1);
+    assert!(
+        messages[0]["data"]
+            .as_str()
+            .unwrap()
+            .ends_with("\r\n\r\nbody\r\n")
+    );
+    restarted.stop();
+    assert!(
+        common::spooled(&restarted.data_dir()).is_empty(),
+        "the delivered message was tombstoned"
+    );
+}
