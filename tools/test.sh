@@ -8,12 +8,14 @@ cd "$(dirname "$0")/.."
 step() { printf '\n== %s\n' "$*"; }
 
 step "test peers"
-# Real SMTP peers the tests talk to: swaks (with TLS support) and Python's smtplib;
-# postfix for smtp-sink/smtp-source (benchmarks). Installed only when missing.
+# Real peers the tests talk to: swaks (with TLS support) and Python's smtplib as SMTP
+# clients; postfix's smtp-sink/smtp-source; dnsmasq as the DNS server for MX tests.
+# Installed only when missing.
 need=()
 command -v swaks >/dev/null || need+=(swaks)
 perl -MIO::Socket::SSL -e1 2>/dev/null || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
 [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
+command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then

@@ -8,6 +8,7 @@ mod auth;
 mod clock;
 mod config;
 mod delivery;
+mod dns;
 mod events;
 mod http;
 mod ingress;

@@ -79,6 +79,49 @@ fn delivery_config(routes: &str) -> String {
     )
 }
 
+/// A real DNS server (dnsmasq) on a loopback port: mx.test has the MX mx1.mx.test at
+/// 127.0.0.1, null.test does not exist (NXDOMAIN, as every unknown name under .test).
+struct Dns {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Dns {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dns() -> Dns {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("dnsmasq")
+        .args([
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            &format!("--port={port}"),
+            "--local=/test/",
+            "--local-ttl=60",
+            "--mx-host=mx.test,mx1.mx.test,10",
+            "--host-record=mx1.mx.test,127.0.0.1",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq is installed by tools/test.sh");
+    std::thread::sleep(Duration::from_millis(300));
+    Dns { child, port }
+}
+
 /// Waits until `done` holds for the daemon's events.
 fn wait_events(
     daemon: &Daemon,
@@ -127,10 +170,13 @@ fn inject(daemon: &Daemon, recipients: &[&str], body: &str) -> String {
 #[test]
 fn relays_with_per_recipient_outcomes_and_retries() {
     let sink = sink();
-    let mut daemon = Daemon::start(
-        "",
-        &delivery_config(&format!("\"d.test\" = [\"127.0.0.1:{}\"]", sink.port)),
-    );
+    let dns = dns();
+    let config = delivery_config(&format!("\"d.test\" = [\"127.0.0.1:{}\"]", sink.port))
+        + &format!(
+            "dns_server = \"127.0.0.1:{}\"\nsmtp_port = {}\n",
+            dns.port, sink.port
+        );
+    let mut daemon = Daemon::start("", &config);
     let id = inject(
         &daemon,
         &[
@@ -139,6 +185,7 @@ fn relays_with_per_recipient_outcomes_and_retries() {
             "permfail@d.test",
             "tempfail@d.test",
             "x@nowhere.test",
+            "m@mx.test",
         ],
         "Subject: relay\r\nX-Gannet-Tenant: acme\r\n\r\n..leading dot\r\nline\r\n...\r\n.\r\n",
     );
@@ -146,7 +193,8 @@ fn relays_with_per_recipient_outcomes_and_retries() {
         of(e, "delivery", "ok2@d.test").len() == 1
             && of(e, "bounce", "permfail@d.test").len() == 1
             && of(e, "transient_failure", "tempfail@d.test").len() >= 2
-            && of(e, "transient_failure", "x@nowhere.test").len() >= 2
+            && of(e, "bounce", "x@nowhere.test").len() == 1
+            && of(e, "delivery", "m@mx.test").len() == 1
     });
     let delivered = of(&events, "delivery", "ok1@d.test");
     assert_eq!(delivered.len(), 1);
@@ -172,20 +220,35 @@ fn relays_with_per_recipient_outcomes_and_retries() {
         .map(|e| e["num_retries"].as_u64().unwrap())
         .collect();
     assert!(retries.windows(2).all(|w| w[1] > w[0]), "{retries:?}");
-    let no_route = of(&events, "transient_failure", "x@nowhere.test")[0];
+    let nxdomain = of(&events, "bounce", "x@nowhere.test")[0];
     assert!(
-        no_route["response"].as_str().unwrap().contains("no route"),
-        "{no_route}"
+        nxdomain["response"]
+            .as_str()
+            .unwrap()
+            .starts_with("550 5.1.2"),
+        "{nxdomain}"
+    );
+    assert_eq!(nxdomain["bounce_class"], 10);
+    // mx.test went to its MX host, a site of its own.
+    assert_eq!(
+        of(&events, "delivery", "m@mx.test")[0]["site"],
+        "mx1.mx.test"
     );
 
-    // The sink got one transaction with the two good recipients and the content intact.
+    // The sink got the two good d.test recipients in one transaction and m@mx.test in
+    // another (another site), with the content intact.
     let messages = sink.messages();
-    assert_eq!(messages.len(), 1, "{messages:#?}");
-    assert_eq!(
-        messages[0]["rcpt_tos"],
-        serde_json::json!(["ok1@d.test", "ok2@d.test"])
-    );
-    let data = messages[0]["data"].as_str().unwrap();
+    assert_eq!(messages.len(), 2, "{messages:#?}");
+    let find = |rcpts: serde_json::Value| {
+        messages
+            .iter()
+            .find(|m| m["rcpt_tos"] == rcpts)
+            .unwrap_or_else(|| panic!("{rcpts} in {messages:#?}"))
+    };
+    find(serde_json::json!(["m@mx.test"]));
+    let data = find(serde_json::json!(["ok1@d.test", "ok2@d.test"]))["data"]
+        .as_str()
+        .unwrap();
     assert!(data.starts_with("Received: from c.test"), "{data}");
     assert!(
         data.ends_with("\r\n\r\n.leading dot\r\nline\r\n..\r\n"),

@@ -279,9 +279,14 @@ pub struct DeliveryConfig {
     /// Recipients per SMTP transaction.
     pub max_recipients_per_batch: Bounded<1, 100_000>,
     /// Static routes: a domain, or `*` for every other domain, to the hosts to deliver
-    /// to in order of preference (`host:port`). Domains without a route wait for MX
-    /// resolution, which the delivery issue adds.
+    /// to in order of preference (`host:port`). Domains without a route go to their
+    /// MX hosts.
     pub routes: BTreeMap<String, Vec<Listen>>,
+    /// Port of the MX hosts (25; tests point it at a sink).
+    pub smtp_port: Bounded<1, 65535>,
+    /// DNS server (`ip` or `ip:port`); empty: the first nameserver of /etc/resolv.conf.
+    pub dns_server: String,
+    pub dns_timeout_secs: Bounded<1, 60>,
     /// Accept and queue, but make no delivery attempts (like Postfix's
     /// defer_transports): for maintenance windows and ingress-only benchmarks.
     pub suspended: bool,
@@ -299,6 +304,9 @@ impl Default for DeliveryConfig {
             max_deliveries_per_connection: Bounded(1024),
             max_recipients_per_batch: Bounded(100),
             routes: BTreeMap::new(),
+            smtp_port: Bounded(25),
+            dns_server: String::new(),
+            dns_timeout_secs: Bounded(5),
             suspended: false,
         }
     }
@@ -416,6 +424,15 @@ impl Config {
 
     /// Checks that span several keys.
     fn check(&self) -> Result<(), (String, String)> {
+        if !self.delivery.dns_server.is_empty() && self.dns_server().is_none() {
+            return Err((
+                "delivery.dns_server".into(),
+                format!(
+                    "`{}` is not an IP address or ip:port",
+                    self.delivery.dns_server
+                ),
+            ));
+        }
         if self.smtp.listen.is_empty() && self.smtp.tls_listen.is_empty() {
             return Err((
                 "smtp.listen".into(),
@@ -480,6 +497,16 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// The configured DNS server (port 53 unless given), if one is configured.
+    pub fn dns_server(&self) -> Option<SocketAddr> {
+        let text = self.delivery.dns_server.trim();
+        text.parse::<SocketAddr>().ok().or_else(|| {
+            text.parse::<std::net::IpAddr>()
+                .ok()
+                .map(|ip| SocketAddr::new(ip, 53))
+        })
     }
 
     /// Applies the defaults that depend on the machine.

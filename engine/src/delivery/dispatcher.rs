@@ -39,6 +39,10 @@ pub struct Dispatcher {
     max_deliveries_per_connection: usize,
     max_recipients_per_batch: usize,
     suspended: bool,
+    resolver: crate::dns::Resolver,
+    smtp_port: u16,
+    /// Domains being resolved, with the parts waiting for the answer.
+    resolving: RefCell<std::collections::HashMap<String, Vec<Part>>>,
     wake: Wake,
 }
 
@@ -100,6 +104,15 @@ impl Dispatcher {
             max_deliveries_per_connection: d.max_deliveries_per_connection.usize(),
             max_recipients_per_batch: d.max_recipients_per_batch.usize(),
             suspended: d.suspended,
+            resolver: crate::dns::Resolver::new(
+                config
+                    .dns_server()
+                    .or_else(crate::dns::Resolver::system_server)
+                    .unwrap_or_else(|| "127.0.0.1:53".parse().expect("literal")),
+                Duration::from_secs(d.dns_timeout_secs.get()),
+            ),
+            smtp_port: u16::try_from(d.smtp_port.get()).unwrap_or(25),
+            resolving: RefCell::new(std::collections::HashMap::new()),
             wake: Wake::default(),
         }
     }
@@ -107,7 +120,7 @@ impl Dispatcher {
     /// Queues a message (just received, or recovered) for delivery at `due_ms`.
     pub fn enqueue(&self, shard: &Shard, message: Message, due_ms: u64) {
         let message = Rc::new(RefCell::new(message));
-        let parts = queue::split(&message, &self.routes, due_ms);
+        let parts = queue::split(&message, due_ms);
         if parts.is_empty() {
             // Every recipient was finished before a crash lost the tombstone.
             finish(shard, &message.borrow());
@@ -137,9 +150,25 @@ pub async fn run(shard: Rc<Shard>) {
     while !shard.shutdown.is_raised() {
         let now = unix_ms();
         let mut to_open: Vec<Rc<Site>> = Vec::new();
+        let mut to_resolve: Vec<String> = Vec::new();
         {
             let mut queues = d.queues.borrow_mut();
             queues.promote(now);
+            // Due parts get their site: a static route, or an MX lookup (one per domain
+            // at a time; parts of a domain being resolved wait for that answer).
+            let unresolved = std::mem::take(&mut queues.unresolved);
+            let mut resolving = d.resolving.borrow_mut();
+            for mut part in unresolved {
+                if let Some(site) = d.routes.site(&part.domain) {
+                    part.site = Some(site);
+                    queues.push(part, now);
+                } else if let Some(waiting) = resolving.get_mut(&part.domain) {
+                    waiting.push(part);
+                } else {
+                    to_resolve.push(part.domain.clone());
+                    resolving.insert(part.domain.clone(), vec![part]);
+                }
+            }
             for ready in queues.ready.values_mut() {
                 let wanted = ready.parts.len().min(d.connection_limit);
                 while ready.connections < wanted {
@@ -150,6 +179,9 @@ pub async fn run(shard: Rc<Shard>) {
         }
         for site in to_open {
             glommio::spawn_local(connection(shard.clone(), site)).detach();
+        }
+        for domain in to_resolve {
+            glommio::spawn_local(resolve(shard.clone(), domain)).detach();
         }
         let next = {
             let queues = d.queues.borrow();
@@ -176,6 +208,83 @@ pub async fn run(shard: Rc<Shard>) {
     }
 }
 
+/// Resolves a domain's site and moves the parts waiting for it on: to the site's
+/// ready queue, or settled with the failure (a bounce for NXDOMAIN or null MX, a
+/// transient failure for a DNS error).
+async fn resolve(shard: Rc<Shard>, domain: String) {
+    let d = &shard.dispatcher;
+    let result = resolve_site(&d.resolver, &domain, d.smtp_port).await;
+    let waiting = d.resolving.borrow_mut().remove(&domain).unwrap_or_default();
+    let now = unix_ms();
+    for mut part in waiting {
+        match &result {
+            Ok(site) => {
+                part.site = Some(site.clone());
+                d.queues.borrow_mut().push(part, now);
+            }
+            Err(response) => {
+                let results = part.rcpts.iter().map(|i| (*i, response.clone())).collect();
+                settle(&shard, part, results, None, None);
+            }
+        }
+    }
+    d.wake.raise();
+}
+
+/// The site of a domain from DNS: MX hosts (or the implicit MX) and their addresses.
+async fn resolve_site(
+    resolver: &crate::dns::Resolver,
+    domain: &str,
+    port: u16,
+) -> Result<Rc<Site>, Response> {
+    use crate::dns::Mx;
+    let groups = match resolver.mx(domain).await {
+        Ok(Mx::Hosts(groups)) => groups,
+        Ok(Mx::NxDomain) => {
+            return Err(Response::local(
+                550,
+                format!("5.1.2 domain {domain} does not exist (NXDOMAIN)"),
+            ));
+        }
+        Ok(Mx::NoMail) => {
+            return Err(Response::local(
+                556,
+                format!("5.1.10 domain {domain} accepts no mail (null MX)"),
+            ));
+        }
+        Err(err) => return Err(Response::local(451, format!("4.4.3 {err}"))),
+    };
+    let mut hosts = Vec::new();
+    let mut host_names = Vec::new();
+    let mut last_error = None;
+    for name in groups.iter().flatten() {
+        match resolver.addresses(name).await {
+            Ok(addresses) => {
+                for ip in addresses {
+                    hosts.push(std::net::SocketAddr::new(ip, port));
+                    host_names.push(name.clone());
+                }
+            }
+            Err(err) => last_error = Some(err),
+        }
+    }
+    if hosts.is_empty() {
+        let why = last_error.map_or_else(
+            || "no MX host has an address".to_string(),
+            |e| e.to_string(),
+        );
+        return Err(Response::local(
+            451,
+            format!("4.4.4 cannot reach {domain}: {why}"),
+        ));
+    }
+    Ok(Rc::new(Site {
+        name: crate::dns::site_name(&groups),
+        hosts,
+        host_names,
+    }))
+}
+
 /// Takes the next ready part of `site`.
 fn next_part(shard: &Shard, site: &Site) -> Option<Part> {
     shard
@@ -192,12 +301,9 @@ fn next_part(shard: &Shard, site: &Site) -> Option<Part> {
 async fn connection(shard: Rc<Shard>, site: Rc<Site>) {
     let d = &shard.dispatcher;
     let mut session = None;
-    let mut failure = Response::local(
-        451,
-        "4.4.4 no route to this domain (MX resolution is not built yet)",
-    );
-    for host in &site.hosts {
-        match Session::connect(*host, &host.ip().to_string(), &d.options, &d.tls).await {
+    let mut failure = Response::local(451, "4.4.4 the route has no hosts");
+    for (host, name) in site.hosts.iter().zip(&site.host_names) {
+        match Session::connect(*host, name, &d.options, &d.tls).await {
             Ok(s) => {
                 session = Some((s, *host));
                 break;
@@ -297,7 +403,7 @@ fn settle(
             m.done.push(*i);
         }
         let attempt = Attempt {
-            site: &part.site,
+            site: part.site.as_deref(),
             peer,
             tls,
             retries: part.attempts,
@@ -317,6 +423,8 @@ fn settle(
     part.attempts += 1;
     m.attempts = m.attempts.max(part.attempts);
     part.rcpts = pending;
+    // The next attempt looks the site up again (DNS may have changed).
+    part.site = None;
     part.due_ms = queue::next_due_ms(
         now,
         part.attempts,
@@ -339,7 +447,8 @@ enum Kind {
 
 /// What is known about one delivery attempt of a part.
 struct Attempt<'a> {
-    site: &'a Site,
+    /// None when the site could not be resolved.
+    site: Option<&'a Site>,
     peer: Option<std::net::SocketAddr>,
     tls: Option<&'a str>,
     /// Attempts made for this part before this one.
@@ -369,7 +478,7 @@ fn record(
         sender: &m.sender,
         rcpt_to: &m.recipients[rcpt as usize],
         queue: &m.queue,
-        site: &site.name,
+        site: site.map_or("", |s| s.name.as_str()),
         peer: peer.map(|p| p.to_string()),
         response: response.to_string(),
         bounce_class: match kind {

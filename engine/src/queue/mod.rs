@@ -51,18 +51,22 @@ impl Message {
 /// Where a site's mail goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Site {
-    /// The site's name: its hosts, sorted and joined (so that domains served by the
-    /// same hosts share one ready queue), or `""` when there is no route.
+    /// The site's name: its hosts grouped by preference and sorted (so that domains
+    /// served by the same hosts share one ready queue).
     pub name: String,
-    /// Hosts in order of preference.
+    /// Addresses in order of preference.
     pub hosts: Vec<SocketAddr>,
+    /// The host name behind each address (the MX name, or the address itself for a
+    /// static route): what a certificate must match when TLS is required.
+    pub host_names: Vec<String>,
 }
 
-/// Static routes: domain → hosts, with `*` as the fallback.
+/// Static routes: domain → hosts, with `*` as the fallback. Domains without a route
+/// are resolved through DNS (MX).
 #[derive(Debug, Default)]
 pub struct Routes {
-    by_domain: BTreeMap<String, Site>,
-    fallback: Option<Site>,
+    by_domain: BTreeMap<String, Rc<Site>>,
+    fallback: Option<Rc<Site>>,
 }
 
 impl Routes {
@@ -70,10 +74,11 @@ impl Routes {
         let site = |hosts: &Vec<SocketAddr>| {
             let mut names: Vec<String> = hosts.iter().map(ToString::to_string).collect();
             names.sort();
-            Site {
+            Rc::new(Site {
                 name: names.join(","),
                 hosts: hosts.clone(),
-            }
+                host_names: hosts.iter().map(|h| h.ip().to_string()).collect(),
+            })
         };
         let mut out = Routes::default();
         for (domain, hosts) in routes {
@@ -87,25 +92,24 @@ impl Routes {
         out
     }
 
-    /// The site for a recipient domain; a site with no hosts when there is no route.
-    pub fn site(&self, domain: &str) -> Site {
-        let domain = domain.to_ascii_lowercase();
+    /// The static route of a recipient domain, if it has one.
+    pub fn site(&self, domain: &str) -> Option<Rc<Site>> {
         self.by_domain
-            .get(&domain)
+            .get(&domain.to_ascii_lowercase())
             .or(self.fallback.as_ref())
             .cloned()
-            .unwrap_or(Site {
-                name: String::new(),
-                hosts: Vec::new(),
-            })
     }
 }
 
-/// A message's pending recipients for one site.
+/// A message's pending recipients in one domain.
 #[derive(Debug)]
 pub struct Part {
     pub message: Rc<RefCell<Message>>,
-    pub site: Rc<Site>,
+    /// The recipients' domain, lower-case.
+    pub domain: String,
+    /// Where the part goes; resolved when it becomes due (routes or MX), cleared
+    /// when it is rescheduled so that the next attempt sees current DNS.
+    pub site: Option<Rc<Site>>,
     /// Recipient indices into the message, not yet finished.
     pub rcpts: Vec<u32>,
     /// Attempts made for this part.
@@ -113,9 +117,9 @@ pub struct Part {
     pub due_ms: u64,
 }
 
-/// Splits a message's unfinished recipients into parts by site.
-pub fn split(message: &Rc<RefCell<Message>>, routes: &Routes, due_ms: u64) -> Vec<Part> {
-    let mut by_site: HashMap<String, (Site, Vec<u32>)> = HashMap::new();
+/// Splits a message's unfinished recipients into parts by domain.
+pub fn split(message: &Rc<RefCell<Message>>, due_ms: u64) -> Vec<Part> {
+    let mut by_domain: BTreeMap<String, Vec<u32>> = BTreeMap::new();
     {
         let m = message.borrow();
         for (i, rcpt) in m.recipients.iter().enumerate() {
@@ -124,20 +128,19 @@ pub fn split(message: &Rc<RefCell<Message>>, routes: &Routes, due_ms: u64) -> Ve
                 continue;
             }
             let domain = rcpt.rsplit_once('@').map_or("", |(_, d)| d);
-            let site = routes.site(domain);
-            by_site
-                .entry(site.name.clone())
-                .or_insert_with(|| (site, Vec::new()))
-                .1
+            by_domain
+                .entry(domain.to_ascii_lowercase())
+                .or_default()
                 .push(i);
         }
     }
     let attempts = message.borrow().attempts;
-    let parts: Vec<Part> = by_site
-        .into_values()
-        .map(|(site, rcpts)| Part {
+    let parts: Vec<Part> = by_domain
+        .into_iter()
+        .map(|(domain, rcpts)| Part {
             message: message.clone(),
-            site: Rc::new(site),
+            domain,
+            site: None,
             rcpts,
             attempts,
             due_ms,
@@ -166,14 +169,16 @@ pub fn next_due_ms(
     now_ms + base_ms + base_ms / 10 * jitter.min(1000) / 1000
 }
 
-/// The scheduled queue (parts waiting for their due time) and the ready queues (per
-/// site, parts due now). Bounded by memory only for now; `max_ready` and the timer
-/// wheel come with the delivery issue.
+/// The scheduled queue (parts waiting for their due time), parts due but not yet
+/// resolved to a site, and the ready queues (per site, parts due now). Bounded by
+/// memory only for now; `max_ready` and the timer wheel come with the delivery issue.
 #[derive(Debug, Default)]
 pub struct Queues {
     scheduled: BinaryHeap<Reverse<(u64, u64)>>,
     waiting: HashMap<u64, Part>,
     next_seq: u64,
+    /// Due parts whose site is not known yet.
+    pub unresolved: Vec<Part>,
     pub ready: HashMap<String, ReadyQueue>,
 }
 
@@ -186,10 +191,14 @@ pub struct ReadyQueue {
 }
 
 impl Queues {
-    /// Adds a part: to its site's ready queue when due, else to the scheduled queue.
+    /// Adds a part: to its site's ready queue when due (or to `unresolved` when its
+    /// site is not known yet), else to the scheduled queue.
     pub fn push(&mut self, part: Part, now_ms: u64) {
         if part.due_ms <= now_ms {
-            let site = part.site.clone();
+            let Some(site) = part.site.clone() else {
+                self.unresolved.push(part);
+                return;
+            };
             self.ready
                 .entry(site.name.clone())
                 .or_insert_with(|| ReadyQueue {
@@ -233,7 +242,7 @@ impl Queues {
     }
 
     pub fn ready_len(&self) -> usize {
-        self.ready.values().map(|q| q.parts.len()).sum()
+        self.ready.values().map(|q| q.parts.len()).sum::<usize>() + self.unresolved.len()
     }
 }
 
@@ -270,34 +279,25 @@ mod tests {
     }
 
     #[test]
-    fn parts_group_recipients_by_site_and_skip_finished_ones() {
-        let m = message(&[
-            "x@a.test",
-            "done@a.test",
-            "y@B.TEST",
-            "z@c.test",
-            "w@nowhere.test",
-        ]);
-        let mut parts = split(&m, &routes(), 0);
-        parts.sort_by(|a, b| a.site.name.cmp(&b.site.name));
+    fn parts_group_recipients_by_domain_and_skip_finished_ones() {
+        let m = message(&["x@a.test", "done@a.test", "y@A.TEST", "z@c.test"]);
+        let parts = split(&m, 0);
         let summary: Vec<(&str, Vec<u32>)> = parts
             .iter()
-            .map(|p| (p.site.name.as_str(), p.rcpts.clone()))
+            .map(|p| (p.domain.as_str(), p.rcpts.clone()))
             .collect();
+        assert_eq!(summary, vec![("a.test", vec![0, 2]), ("c.test", vec![3])]);
+        assert_eq!(m.borrow().open_parts, 2);
+        let r = routes();
+        assert_eq!(r.site("B.test").unwrap().name, "127.0.0.1:25");
+        let c = r.site("c.test").unwrap();
+        assert_eq!(c.name, "127.0.0.1:26,127.0.0.2:25");
         assert_eq!(
-            summary,
-            vec![
-                ("", vec![4]),
-                ("127.0.0.1:25", vec![0, 2]),
-                ("127.0.0.1:26,127.0.0.2:25", vec![3]),
-            ]
-        );
-        assert_eq!(
-            parts[2].site.hosts[0],
+            c.hosts[0],
             "127.0.0.2:25".parse::<SocketAddr>().unwrap(),
             "preference order kept"
         );
-        assert_eq!(m.borrow().open_parts, 3);
+        assert!(r.site("nowhere.test").is_none());
     }
 
     #[test]
@@ -317,8 +317,10 @@ mod tests {
     fn scheduled_parts_become_ready_when_due() {
         let mut q = Queues::default();
         let m = message(&["x@a.test", "done@a.test", "z@c.test"]);
-        for (i, mut part) in split(&m, &routes(), 0).into_iter().enumerate() {
+        let r = routes();
+        for (i, mut part) in split(&m, 0).into_iter().enumerate() {
             part.due_ms = 100 * (i as u64 + 1);
+            part.site = r.site(&part.domain);
             q.push(part, 50);
         }
         assert_eq!(

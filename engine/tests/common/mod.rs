@@ -23,12 +23,19 @@ pub struct Daemon {
 }
 
 /// A config with every listener on an ephemeral loopback port, plus `extra` TOML
-/// (whole sections; `[smtp]` keys go in `smtp_extra`).
+/// (whole sections; `[smtp]` keys go in `smtp_extra`). Unless `extra` configures
+/// delivery, delivery is suspended: ingress tests then find every accepted message
+/// in the spool, whatever DNS this machine has.
 pub fn config_text(data_dir: &Path, smtp_extra: &str, extra: &str) -> String {
+    let delivery = if extra.contains("[delivery]") {
+        ""
+    } else {
+        "[delivery]\nsuspended = true\n"
+    };
     format!(
         "[server]\nhostname = \"gannet.test\"\ndata_dir = \"{}\"\nshards = 2\n\
          [smtp]\nlisten = [\"127.0.0.1:0\"]\ntls_listen = [\"127.0.0.1:0\"]\n{smtp_extra}\n\
-         [http]\nlisten = [\"127.0.0.1:0\"]\n{extra}\n",
+         [http]\nlisten = [\"127.0.0.1:0\"]\n{extra}\n{delivery}",
         data_dir.join("data").display()
     )
 }

@@ -1,0 +1,341 @@
+//! DNS for delivery: MX and address lookups with hickory-proto messages over glommio
+//! UDP (TCP when the answer is truncated), a per-shard cache that honours TTLs and
+//! caches negative answers, and the site name of a domain.
+//!
+//! `hickory-resolver` is not used: it needs tokio. This module builds queries and
+//! reads answers itself; what it asks of the server is only recursion.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+use hickory_proto::rr::{Name, RData, RecordType};
+
+use crate::runtime::io::deadline;
+
+/// How long a negative answer (NXDOMAIN, no data) is cached when the server gives no
+/// SOA minimum.
+const NEGATIVE_TTL_SECS: u64 = 300;
+/// Bounds on any cached TTL. The floor keeps a name with a zero TTL from being asked
+/// again for every message queued to it.
+const TTL_SECS_MAX: u64 = 86_400;
+const TTL_SECS_MIN: u64 = 5;
+/// Largest UDP answer read (EDNS is not requested; 512 is the classic limit, a
+/// larger buffer is harmless).
+const UDP_BYTES_MAX: usize = 4096;
+
+/// Why a lookup did not give an answer (a temporary condition: retry later).
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum DnsError {
+    #[error("DNS server {server} did not answer in time")]
+    Timeout { server: SocketAddr },
+    #[error("DNS server {server} answered {code}")]
+    Server { server: SocketAddr, code: String },
+    #[error("DNS query failed: {0}")]
+    Io(String),
+    #[error("DNS answer could not be read: {0}")]
+    Malformed(String),
+    #[error("`{0}` is not a valid domain name")]
+    BadName(String),
+}
+
+/// The final answer to one question.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    Records(Vec<RData>),
+    NxDomain,
+    NoData,
+}
+
+#[derive(Debug)]
+struct Cached {
+    expires_ms: u64,
+    answer: Answer,
+}
+
+/// An MX lookup's meaning for delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mx {
+    /// Exchanges grouped by preference (lowest first), names sorted in a group.
+    Hosts(Vec<Vec<String>>),
+    /// The domain publishes "no mail" (RFC 7505 null MX).
+    NoMail,
+    /// The domain does not exist.
+    NxDomain,
+}
+
+/// A shard's resolver.
+#[derive(Debug)]
+pub struct Resolver {
+    server: SocketAddr,
+    timeout: Duration,
+    cache: RefCell<HashMap<(String, RecordType), Cached>>,
+}
+
+impl Resolver {
+    pub fn new(server: SocketAddr, timeout: Duration) -> Resolver {
+        Resolver {
+            server,
+            timeout,
+            cache: RefCell::new(HashMap::new()),
+        }
+    }
+
+    /// The first `nameserver` of /etc/resolv.conf (port 53), if any.
+    pub fn system_server() -> Option<SocketAddr> {
+        let text = std::fs::read_to_string("/etc/resolv.conf").ok()?;
+        text.lines()
+            .filter_map(|l| l.trim().strip_prefix("nameserver"))
+            .filter_map(|ip| ip.trim().parse::<IpAddr>().ok())
+            .map(|ip| SocketAddr::new(ip, 53))
+            .next()
+    }
+
+    /// MX of `domain`, with the implicit MX (the domain itself) when it has none.
+    pub async fn mx(&self, domain: &str) -> Result<Mx, DnsError> {
+        Ok(mx_meaning(
+            self.lookup(domain, RecordType::MX).await?,
+            domain,
+        ))
+    }
+}
+
+/// What an MX answer means for delivery to `domain`.
+fn mx_meaning(answer: Answer, domain: &str) -> Mx {
+    let records = match answer {
+        Answer::NxDomain => return Mx::NxDomain,
+        Answer::NoData => return Mx::Hosts(vec![vec![domain.to_ascii_lowercase()]]),
+        Answer::Records(records) => records,
+    };
+    let mut mx: Vec<(u16, String)> = records
+        .into_iter()
+        .filter_map(|r| match r {
+            RData::MX(mx) => Some((mx.preference, mx.exchange.to_ascii())),
+            _ => None,
+        })
+        .map(|(p, name)| (p, name.trim_end_matches('.').to_ascii_lowercase()))
+        .collect();
+    if mx.len() == 1 && mx[0].1.is_empty() {
+        return Mx::NoMail;
+    }
+    mx.retain(|(_, name)| !name.is_empty());
+    if mx.is_empty() {
+        return Mx::Hosts(vec![vec![domain.to_ascii_lowercase()]]);
+    }
+    mx.sort();
+    let mut groups: Vec<(u16, Vec<String>)> = Vec::new();
+    for (pref, name) in mx {
+        match groups.last_mut() {
+            Some((p, names)) if *p == pref => names.push(name),
+            _ => groups.push((pref, vec![name])),
+        }
+    }
+    Mx::Hosts(groups.into_iter().map(|(_, names)| names).collect())
+}
+
+impl Resolver {
+    /// The addresses of `host` (A, then AAAA). Empty if it has none.
+    pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
+        if let Ok(ip) = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            return Ok(vec![ip]);
+        }
+        let mut out = Vec::new();
+        for rtype in [RecordType::A, RecordType::AAAA] {
+            if let Answer::Records(records) = self.lookup(host, rtype).await? {
+                out.extend(records.into_iter().filter_map(|r| match r {
+                    RData::A(a) => Some(IpAddr::V4(a.0)),
+                    RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                    _ => None,
+                }));
+            }
+        }
+        Ok(out)
+    }
+
+    async fn lookup(&self, name: &str, rtype: RecordType) -> Result<Answer, DnsError> {
+        let key = (name.to_ascii_lowercase(), rtype);
+        let now = crate::clock::unix_ms();
+        if let Some(cached) = self.cache.borrow().get(&key)
+            && cached.expires_ms > now
+        {
+            return Ok(cached.answer.clone());
+        }
+        let (answer, ttl) = self.query(&key.0, rtype).await?;
+        self.cache.borrow_mut().insert(
+            key,
+            Cached {
+                expires_ms: now + ttl.clamp(TTL_SECS_MIN, TTL_SECS_MAX) * 1000,
+                answer: answer.clone(),
+            },
+        );
+        Ok(answer)
+    }
+
+    /// One question to the server: the answer and how long it may be cached.
+    async fn query(&self, name: &str, rtype: RecordType) -> Result<(Answer, u64), DnsError> {
+        let fqdn = Name::from_ascii(format!("{}.", name.trim_end_matches('.')))
+            .map_err(|_| DnsError::BadName(name.to_string()))?;
+        let id: u16 = fastrand::u16(..);
+        let mut message = Message::new(id, MessageType::Query, OpCode::Query);
+        message.metadata.recursion_desired = true;
+        message.add_query(Query::query(fqdn, rtype));
+        let bytes = message
+            .to_vec()
+            .map_err(|e| DnsError::Malformed(e.to_string()))?;
+        let mut response = self.udp(&bytes, id).await?;
+        if response.metadata.truncation {
+            response = self.tcp(&bytes, id).await?;
+        }
+        interpret(response, rtype, self.server)
+    }
+
+    async fn udp(&self, query: &[u8], id: u16) -> Result<Message, DnsError> {
+        let bind: SocketAddr = if self.server.is_ipv4() {
+            "0.0.0.0:0".parse().expect("literal")
+        } else {
+            "[::]:0".parse().expect("literal")
+        };
+        let socket =
+            glommio::net::UdpSocket::bind(bind).map_err(|e| DnsError::Io(e.to_string()))?;
+        let io = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::TimedOut => DnsError::Timeout {
+                server: self.server,
+            },
+            _ => DnsError::Io(e.to_string()),
+        };
+        deadline(
+            async {
+                socket
+                    .send_to(query, self.server)
+                    .await
+                    .map_err(std::io::Error::from)
+            },
+            self.timeout,
+        )
+        .await
+        .map_err(io)?;
+        let mut buf = vec![0u8; UDP_BYTES_MAX];
+        loop {
+            let (n, from) = deadline(
+                async {
+                    socket
+                        .recv_from(&mut buf)
+                        .await
+                        .map_err(std::io::Error::from)
+                },
+                self.timeout,
+            )
+            .await
+            .map_err(io)?;
+            if from != self.server {
+                continue;
+            }
+            match Message::from_vec(&buf[..n]) {
+                // A stray or spoofed answer with another id is ignored.
+                Ok(m) if m.metadata.id == id => return Ok(m),
+                Ok(_) => continue,
+                Err(e) => return Err(DnsError::Malformed(e.to_string())),
+            }
+        }
+    }
+
+    async fn tcp(&self, query: &[u8], id: u16) -> Result<Message, DnsError> {
+        let io = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::TimedOut => DnsError::Timeout {
+                server: self.server,
+            },
+            _ => DnsError::Io(e.to_string()),
+        };
+        let exchange = async {
+            let mut stream = glommio::net::TcpStream::connect(self.server)
+                .await
+                .map_err(std::io::Error::from)?;
+            let mut framed = (query.len() as u16).to_be_bytes().to_vec();
+            framed.extend_from_slice(query);
+            stream.write_all(&framed).await?;
+            let mut len = [0u8; 2];
+            stream.read_exact(&mut len).await?;
+            let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+            stream.read_exact(&mut buf).await?;
+            Ok(buf)
+        };
+        let buf = deadline(exchange, self.timeout).await.map_err(io)?;
+        let m = Message::from_vec(&buf).map_err(|e| DnsError::Malformed(e.to_string()))?;
+        if m.metadata.id != id {
+            return Err(DnsError::Malformed(
+                "answer id does not match the query".into(),
+            ));
+        }
+        Ok(m)
+    }
+}
+
+/// Reads a response: records of the asked type, NXDOMAIN, or no data; with the TTL
+/// to cache it for. Server failures are errors (never cached).
+fn interpret(
+    response: Message,
+    rtype: RecordType,
+    server: SocketAddr,
+) -> Result<(Answer, u64), DnsError> {
+    let negative_ttl = response
+        .authorities
+        .iter()
+        .find_map(|r| match &r.data {
+            RData::SOA(soa) => Some(u64::from(soa.minimum.min(r.ttl))),
+            _ => None,
+        })
+        .unwrap_or(NEGATIVE_TTL_SECS);
+    match response.metadata.response_code {
+        ResponseCode::NoError => {}
+        ResponseCode::NXDomain => return Ok((Answer::NxDomain, negative_ttl)),
+        code => {
+            return Err(DnsError::Server {
+                server,
+                code: code.to_string(),
+            });
+        }
+    }
+    let records: Vec<(u32, RData)> = response
+        .answers
+        .into_iter()
+        .filter(|r| r.record_type() == rtype)
+        .map(|r| (r.ttl, r.data))
+        .collect();
+    if records.is_empty() {
+        return Ok((Answer::NoData, negative_ttl));
+    }
+    let ttl = records
+        .iter()
+        .map(|(ttl, _)| u64::from(*ttl))
+        .min()
+        .unwrap_or(0);
+    Ok((
+        Answer::Records(records.into_iter().map(|(_, d)| d).collect()),
+        ttl,
+    ))
+}
+
+/// The site name of an MX set: host names sorted within each preference group, groups
+/// in preference order — so every domain served by the same MXes shares one ready
+/// queue.
+pub fn site_name(groups: &[Vec<String>]) -> String {
+    groups
+        .iter()
+        .map(|g| {
+            let mut g = g.clone();
+            g.sort();
+            g.join(",")
+        })
+        .collect::<Vec<_>>()
+        .join("|")
+}
+
+#[cfg(test)]
+mod tests;

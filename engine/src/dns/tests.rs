@@ -1,0 +1,154 @@
+//! The resolver against dnsmasq (a real DNS server on a loopback port), and the
+//! meaning of MX answers that dnsmasq cannot serve (null MX).
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use hickory_proto::rr::rdata::MX;
+use hickory_proto::rr::{Name, RData};
+
+use super::{Answer, DnsError, Mx, Resolver, mx_meaning, site_name};
+
+struct Dnsmasq(Child);
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn dnsmasq(port: u16) -> Dnsmasq {
+    let child = Command::new("dnsmasq")
+        .args([
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            &format!("--port={port}"),
+            "--local=/test/",
+            "--local-ttl=300",
+            "--neg-ttl=300",
+            "--mx-host=a.test,mx1.a.test,10",
+            "--mx-host=a.test,mx2.a.test,10",
+            "--mx-host=a.test,backup.a.test,20",
+            "--mx-host=b.test,mx2.a.test,10",
+            "--mx-host=b.test,mx1.a.test,10",
+            "--mx-host=b.test,backup.a.test,20",
+            "--host-record=mx1.a.test,127.0.0.2",
+            "--host-record=mx2.a.test,127.0.0.3,::1",
+            "--host-record=backup.a.test,127.0.0.4",
+            "--host-record=c.test,127.0.0.5",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("dnsmasq is installed by tools/test.sh");
+    Dnsmasq(child)
+}
+
+fn run<F: Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
+    glommio::LocalExecutorBuilder::default()
+        .spawn(f)
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
+#[test]
+fn mx_addresses_site_names_and_cache_against_dnsmasq() {
+    let port = free_udp_port();
+    let mut server = Some(dnsmasq(port));
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    // dnsmasq needs a moment to bind.
+    std::thread::sleep(Duration::from_millis(300));
+    run(move || async move {
+        let r = Resolver::new(addr, Duration::from_secs(2));
+        let a = r.mx("a.test").await.unwrap();
+        let hosts = vec![
+            vec!["mx1.a.test".to_string(), "mx2.a.test".to_string()],
+            vec!["backup.a.test".to_string()],
+        ];
+        assert_eq!(a, Mx::Hosts(hosts.clone()));
+        // b.test lists the same MXes in another order: the same site.
+        let Mx::Hosts(b) = r.mx("B.TEST").await.unwrap() else {
+            panic!()
+        };
+        assert_eq!(site_name(&b), site_name(&hosts));
+        assert_eq!(site_name(&hosts), "mx1.a.test,mx2.a.test|backup.a.test");
+        // No MX: the domain itself (implicit MX); unknown: NXDOMAIN.
+        assert_eq!(
+            r.mx("c.test").await.unwrap(),
+            Mx::Hosts(vec![vec!["c.test".to_string()]])
+        );
+        assert_eq!(r.mx("nowhere.test").await.unwrap(), Mx::NxDomain);
+        assert_eq!(
+            r.addresses("mx1.a.test").await.unwrap(),
+            vec!["127.0.0.2".parse::<std::net::IpAddr>().unwrap()]
+        );
+        assert_eq!(
+            r.addresses("mx2.a.test").await.unwrap(),
+            vec![
+                "127.0.0.3".parse::<std::net::IpAddr>().unwrap(),
+                "::1".parse().unwrap()
+            ]
+        );
+        assert_eq!(
+            r.addresses("[127.0.0.9]").await.unwrap(),
+            vec!["127.0.0.9".parse::<std::net::IpAddr>().unwrap()]
+        );
+        drop(server.take());
+        // Answers (positive and negative) are served from the cache afterwards.
+        assert_eq!(r.mx("a.test").await.unwrap(), Mx::Hosts(hosts));
+        assert_eq!(r.mx("nowhere.test").await.unwrap(), Mx::NxDomain);
+        // A question the cache cannot answer now times out: a temporary failure.
+        let err = r.mx("new.test").await.unwrap_err();
+        assert!(
+            matches!(err, DnsError::Timeout { .. } | DnsError::Io(_)),
+            "{err}"
+        );
+        assert!(matches!(
+            r.mx("bad..name").await.unwrap_err(),
+            DnsError::BadName(_)
+        ));
+    });
+}
+
+#[test]
+fn null_mx_and_empty_exchanges() {
+    let mx = |pref, name: &str| RData::MX(MX::new(pref, Name::from_ascii(name).unwrap()));
+    assert_eq!(
+        mx_meaning(Answer::Records(vec![mx(0, ".")]), "x.test"),
+        Mx::NoMail
+    );
+    assert_eq!(
+        mx_meaning(
+            Answer::Records(vec![
+                mx(20, "B.x.test."),
+                mx(10, "a.x.test."),
+                mx(20, "a2.x.test.")
+            ]),
+            "x.test"
+        ),
+        Mx::Hosts(vec![
+            vec!["a.x.test".into()],
+            vec!["a2.x.test".into(), "b.x.test".into()]
+        ])
+    );
+    assert_eq!(
+        mx_meaning(Answer::NoData, "X.test"),
+        Mx::Hosts(vec![vec!["x.test".into()]])
+    );
+}
