@@ -80,7 +80,8 @@ fn delivery_config(routes: &str) -> String {
 }
 
 /// A real DNS server (dnsmasq) on a loopback port: mx.test has the MX mx1.mx.test at
-/// 127.0.0.1, null.test does not exist (NXDOMAIN, as every unknown name under .test).
+/// 127.0.0.1; fo.test a dead preferred MX and a live backup; every other name under
+/// .test does not exist (NXDOMAIN).
 struct Dns {
     child: Child,
     port: u16,
@@ -113,6 +114,11 @@ fn dns() -> Dns {
             "--local-ttl=60",
             "--mx-host=mx.test,mx1.mx.test,10",
             "--host-record=mx1.mx.test,127.0.0.1",
+            // fo.test: the preferred MX refuses connections, the backup answers.
+            "--mx-host=fo.test,dead.fo.test,10",
+            "--mx-host=fo.test,live.fo.test,20",
+            "--host-record=dead.fo.test,127.0.0.2",
+            "--host-record=live.fo.test,127.0.0.1",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -186,6 +192,7 @@ fn relays_with_per_recipient_outcomes_and_retries() {
             "tempfail@d.test",
             "x@nowhere.test",
             "m@mx.test",
+            "f@fo.test",
         ],
         "Subject: relay\r\nX-Gannet-Tenant: acme\r\n\r\n..leading dot\r\nline\r\n...\r\n.\r\n",
     );
@@ -195,6 +202,7 @@ fn relays_with_per_recipient_outcomes_and_retries() {
             && of(e, "transient_failure", "tempfail@d.test").len() >= 2
             && of(e, "bounce", "x@nowhere.test").len() == 1
             && of(e, "delivery", "m@mx.test").len() == 1
+            && of(e, "delivery", "f@fo.test").len() == 1
     });
     let delivered = of(&events, "delivery", "ok1@d.test");
     assert_eq!(delivered.len(), 1);
@@ -238,7 +246,7 @@ fn relays_with_per_recipient_outcomes_and_retries() {
     // The sink got the two good d.test recipients in one transaction and m@mx.test in
     // another (another site), with the content intact.
     let messages = sink.messages();
-    assert_eq!(messages.len(), 2, "{messages:#?}");
+    assert_eq!(messages.len(), 3, "{messages:#?}");
     let find = |rcpts: serde_json::Value| {
         messages
             .iter()
@@ -246,6 +254,11 @@ fn relays_with_per_recipient_outcomes_and_retries() {
             .unwrap_or_else(|| panic!("{rcpts} in {messages:#?}"))
     };
     find(serde_json::json!(["m@mx.test"]));
+    // MX failover: the preferred host refused, the backup took the message.
+    let failover = of(&events, "delivery", "f@fo.test")[0];
+    assert_eq!(failover["site"], "dead.fo.test|live.fo.test");
+    assert_eq!(failover["peer"], format!("127.0.0.1:{}", sink.port));
+    find(serde_json::json!(["f@fo.test"]));
     let data = find(serde_json::json!(["ok1@d.test", "ok2@d.test"]))["data"]
         .as_str()
         .unwrap();
