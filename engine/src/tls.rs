@@ -87,8 +87,9 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// "TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256", for Received headers and events.
-pub fn describe(conn: &rustls::ServerConnection) -> String {
+/// "TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256", for Received headers and events;
+/// for either side of a connection.
+pub fn describe(conn: &rustls::CommonState) -> String {
     let version = match conn.protocol_version() {
         Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
         Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),

@@ -294,7 +294,10 @@ impl Session {
                         source: e,
                     },
                 })?;
-            session.tls = session.conn.tls_client_session().map(describe);
+            session.tls = session
+                .conn
+                .tls_client_session()
+                .map(|c| crate::tls::describe(c));
             session.greet(&options.ehlo_name).await?;
         }
         Ok(session)
@@ -527,19 +530,6 @@ fn io_error(phase: &'static str, e: std::io::Error) -> ClientError {
         ClientError::Timeout { phase }
     } else {
         ClientError::Io { phase, source: e }
-    }
-}
-
-fn describe(conn: &rustls::ClientConnection) -> String {
-    let version = match conn.protocol_version() {
-        Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3".to_string(),
-        Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2".to_string(),
-        Some(other) => format!("{other:?}"),
-        None => "TLS".to_string(),
-    };
-    match conn.negotiated_cipher_suite() {
-        Some(suite) => format!("{version} with cipher {:?}", suite.suite()),
-        None => version,
     }
 }
 

@@ -216,7 +216,7 @@ pub async fn run(shard: Rc<Shard>, conn: Conn, peer: SocketAddr) {
         .iter()
         .any(|n| n.contains(peer.ip()));
     let line_max = shard.config().smtp.command_line_bytes_max.usize();
-    let tls = conn.tls_session().map(crate::tls::describe);
+    let tls = conn.tls_session().map(|c| crate::tls::describe(c));
     let mut session = Session {
         shard,
         peer,
@@ -677,7 +677,7 @@ async fn start_tls(s: &mut Session, w: &mut Wire) -> Result<(), End> {
         return Err(End::Disconnected);
     }
     ShardMetrics::add(&s.shard.metrics.smtp_tls_handshakes_total, 1);
-    s.tls = w.conn.tls_session().map(crate::tls::describe);
+    s.tls = w.conn.tls_session().map(|c| crate::tls::describe(c));
     // RFC 3207 4.2: forget everything learned before TLS.
     s.helo = None;
     s.esmtp = false;
