@@ -12,6 +12,7 @@ mod dns;
 mod events;
 mod http;
 mod ingress;
+mod mesh;
 mod metrics;
 mod policy;
 mod queue;

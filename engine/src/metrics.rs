@@ -56,6 +56,10 @@ metrics! {
     delivery_bounced_total: "counter",
     /// Recipients expired at max_age.
     delivery_expired_total: "counter",
+    /// Parts handed to the shard that owns their site.
+    mesh_handoffs_total: "counter",
+    /// Parts delivered by their own shard because the owner's inbox was full.
+    mesh_inbox_full_total: "counter",
     /// Message parts waiting for their retry time.
     queue_scheduled_parts: "gauge",
     /// Message parts due and waiting for a connection.

@@ -30,6 +30,8 @@ pub struct Shared {
     pub client_tls: crate::delivery::tls::ClientTls,
     pub policy: Box<dyn Policy + Send + Sync>,
     pub meta_headers: MetaHeaders,
+    /// The shards' inboxes (parts handed to the owner of their site, and reports).
+    pub mesh: crate::mesh::Mesh,
     /// Every shard's metrics, indexed by shard number.
     pub metrics: Vec<Arc<ShardMetrics>>,
     pub sessions: Arc<SessionLimits>,

@@ -119,6 +119,23 @@ fn dns() -> Dns {
             "--mx-host=fo.test,live.fo.test,20",
             "--host-record=dead.fo.test,127.0.0.2",
             "--host-record=live.fo.test,127.0.0.1",
+            // h0.test … h7.test: eight sites (one MX name each), spread over the shards.
+            "--mx-host=h0.test,mx0.hop.test,10",
+            "--host-record=mx0.hop.test,127.0.0.1",
+            "--mx-host=h1.test,mx1.hop.test,10",
+            "--host-record=mx1.hop.test,127.0.0.1",
+            "--mx-host=h2.test,mx2.hop.test,10",
+            "--host-record=mx2.hop.test,127.0.0.1",
+            "--mx-host=h3.test,mx3.hop.test,10",
+            "--host-record=mx3.hop.test,127.0.0.1",
+            "--mx-host=h4.test,mx4.hop.test,10",
+            "--host-record=mx4.hop.test,127.0.0.1",
+            "--mx-host=h5.test,mx5.hop.test,10",
+            "--host-record=mx5.hop.test,127.0.0.1",
+            "--mx-host=h6.test,mx6.hop.test,10",
+            "--host-record=mx6.hop.test,127.0.0.1",
+            "--mx-host=h7.test,mx7.hop.test,10",
+            "--host-record=mx7.hop.test,127.0.0.1",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -317,5 +334,41 @@ fn messages_recovered_after_a_restart_are_delivered() {
     assert!(
         common::spooled(&restarted.data_dir()).is_empty(),
         "the delivered message was tombstoned"
+    );
+}
+
+/// A site is delivered by the shard that owns it: a message whose domains' sites are
+/// owned by both shards crosses the core mesh, is delivered by the owner, and the
+/// outcome comes back to the shard that spooled it (events, tombstone).
+#[test]
+fn parts_cross_to_the_shard_that_owns_their_site() {
+    let sink = sink();
+    let dns = dns();
+    let config = delivery_config("")
+        + &format!(
+            "dns_server = \"127.0.0.1:{}\"\nsmtp_port = {}\n",
+            dns.port, sink.port
+        );
+    let mut daemon = Daemon::start("", &config);
+    let recipients: Vec<String> = (0..8).map(|i| format!("r@h{i}.test")).collect();
+    let refs: Vec<&str> = recipients.iter().map(String::as_str).collect();
+    let id = inject(&daemon, &refs, "Subject: spread\r\n\r\nbody\r\n.\r\n");
+    let events = wait_events(&daemon, "eight deliveries", |e| {
+        recipients.iter().all(|r| of(e, "delivery", r).len() == 1)
+    });
+    assert!(
+        daemon.metric("mesh_handoffs_total") >= 1,
+        "no part crossed the mesh"
+    );
+    for r in &recipients {
+        let e = of(&events, "delivery", r)[0];
+        assert_eq!(e["message_id"], id);
+        assert!(e["site"].as_str().unwrap().ends_with(".hop.test"), "{e}");
+    }
+    assert_eq!(sink.messages().len(), 8);
+    daemon.stop();
+    assert!(
+        common::spooled(&daemon.data_dir()).is_empty(),
+        "the home shard tombstoned the message"
     );
 }

@@ -9,6 +9,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
@@ -43,6 +44,9 @@ pub struct Dispatcher {
     smtp_port: u16,
     /// Domains being resolved, with the parts waiting for the answer.
     resolving: RefCell<std::collections::HashMap<String, Vec<Part>>>,
+    /// Parts handed to the shard that owns their site, by token, until it reports.
+    handed: RefCell<std::collections::HashMap<u64, Part>>,
+    next_token: Cell<u64>,
     wake: Wake,
 }
 
@@ -113,6 +117,8 @@ impl Dispatcher {
             ),
             smtp_port: u16::try_from(d.smtp_port.get()).unwrap_or(25),
             resolving: RefCell::new(std::collections::HashMap::new()),
+            handed: RefCell::new(std::collections::HashMap::new()),
+            next_token: Cell::new(0),
             wake: Wake::default(),
         }
     }
@@ -151,6 +157,7 @@ pub async fn run(shard: Rc<Shard>) {
         let now = unix_ms();
         let mut to_open: Vec<Rc<Site>> = Vec::new();
         let mut to_resolve: Vec<String> = Vec::new();
+        let mut to_place: Vec<Part> = Vec::new();
         {
             let mut queues = d.queues.borrow_mut();
             queues.promote(now);
@@ -161,7 +168,7 @@ pub async fn run(shard: Rc<Shard>) {
             for mut part in unresolved {
                 if let Some(site) = d.routes.site(&part.domain) {
                     part.site = Some(site);
-                    queues.push(part, now);
+                    to_place.push(part);
                 } else if let Some(waiting) = resolving.get_mut(&part.domain) {
                     waiting.push(part);
                 } else {
@@ -170,18 +177,27 @@ pub async fn run(shard: Rc<Shard>) {
                 }
             }
             for ready in queues.ready.values_mut() {
-                let wanted = ready.parts.len().min(d.connection_limit);
+                let wanted = ready.len().min(d.connection_limit);
                 while ready.connections < wanted {
                     ready.connections += 1;
                     to_open.push(ready.site.clone());
                 }
             }
         }
+        // Every connection counted above must be started, and every domain marked as
+        // resolving must be resolved, before anything else.
         for site in to_open {
             glommio::spawn_local(connection(shard.clone(), site)).detach();
         }
         for domain in to_resolve {
             glommio::spawn_local(resolve(shard.clone(), domain)).detach();
+        }
+        if !to_place.is_empty() {
+            for part in to_place {
+                place(&shard, part, now);
+            }
+            // Placed parts may have filled a local ready queue: look again at once.
+            continue;
         }
         let next = {
             let queues = d.queues.borrow();
@@ -220,7 +236,7 @@ async fn resolve(shard: Rc<Shard>, domain: String) {
         match &result {
             Ok(site) => {
                 part.site = Some(site.clone());
-                d.queues.borrow_mut().push(part, now);
+                place(&shard, part, now);
             }
             Err(response) => {
                 let results = part.rcpts.iter().map(|i| (*i, response.clone())).collect();
@@ -285,15 +301,157 @@ async fn resolve_site(
     }))
 }
 
-/// Takes the next ready part of `site`.
-fn next_part(shard: &Shard, site: &Site) -> Option<Part> {
-    shard
-        .dispatcher
-        .queues
-        .borrow_mut()
-        .ready
-        .get_mut(&site.name)
-        .and_then(|q| q.parts.pop_front())
+/// Puts a part whose site is known where it is delivered: this shard's ready queue
+/// when the site is ours, else the inbox of the shard that owns the site. A full
+/// inbox means the owner is behind; the part is then delivered here instead of
+/// waiting (the site's limits are per shard, so this can exceed them briefly).
+fn place(shard: &Shard, part: Part, now: u64) {
+    let d = &shard.dispatcher;
+    let site = part.site.clone().expect("placed parts have a site");
+    let mesh = &shard.shared.mesh;
+    let owner = crate::mesh::owner(&site.name, mesh.shards());
+    if owner == shard.id {
+        d.queues.borrow_mut().push(part, now);
+        return;
+    }
+    let token = d.next_token.get();
+    d.next_token.set(token + 1);
+    let handoff = {
+        let m = part.message.borrow();
+        let Some(stored) = shard.spool.get(m.id) else {
+            drop(m);
+            d.queues.borrow_mut().push(part, now);
+            return;
+        };
+        crate::mesh::Handoff {
+            from: shard.id,
+            token,
+            sender: m.sender.clone(),
+            recipients: part
+                .rcpts
+                .iter()
+                .map(|i| m.recipients[*i as usize].clone())
+                .collect(),
+            // The one copy of the body a hop costs (the mapping stays on this shard).
+            body: Arc::new(stored.get().body.to_vec()),
+            site: crate::mesh::SiteSpec {
+                name: site.name.clone(),
+                hosts: site.hosts.clone(),
+                host_names: site.host_names.clone(),
+            },
+        }
+    };
+    match mesh.send(owner, crate::mesh::Note::Handoff(Box::new(handoff))) {
+        Ok(()) => {
+            ShardMetrics::add(&shard.metrics.mesh_handoffs_total, 1);
+            d.handed.borrow_mut().insert(token, part);
+        }
+        Err(_) => {
+            ShardMetrics::add(&shard.metrics.mesh_inbox_full_total, 1);
+            d.queues.borrow_mut().push(part, now);
+        }
+    }
+}
+
+/// The shard's inbox: parts handed over by other shards (to deliver) and reports of
+/// parts this shard handed over (to settle).
+pub async fn inbox(shard: Rc<Shard>) {
+    let d = &shard.dispatcher;
+    let mut notes = Vec::with_capacity(INBOX_BATCH);
+    while !shard.shutdown.is_raised() {
+        futures_lite::future::or(
+            shard.shared.mesh.receive(shard.id, &mut notes, INBOX_BATCH),
+            shard.shutdown.wait(),
+        )
+        .await;
+        for note in notes.drain(..) {
+            match note {
+                crate::mesh::Note::Handoff(h) => {
+                    let site = Rc::new(Site {
+                        name: h.site.name.clone(),
+                        hosts: h.site.hosts.clone(),
+                        host_names: h.site.host_names.clone(),
+                    });
+                    d.queues.borrow_mut().push_remote(site, *h);
+                    d.wake.raise();
+                }
+                crate::mesh::Note::Report(r) => {
+                    let Some(part) = d.handed.borrow_mut().remove(&r.token) else {
+                        continue;
+                    };
+                    let results = part.rcpts.iter().copied().zip(r.results).collect();
+                    settle(&shard, part, results, r.peer, r.tls.as_deref());
+                }
+            }
+        }
+    }
+}
+
+/// Notes taken from the inbox at a time.
+const INBOX_BATCH: usize = 64;
+
+/// Sends a report home, retrying while the home inbox is full (a report must not be
+/// lost: the home shard holds the part until it hears back).
+async fn report_home(shard: &Shard, to: u16, report: crate::mesh::Report) {
+    let mut note = crate::mesh::Note::Report(report);
+    loop {
+        match shard.shared.mesh.send(to, note) {
+            Ok(()) => return,
+            Err(back) => {
+                note = back;
+                if shard.shutdown.is_raised() {
+                    return;
+                }
+                crate::runtime::io::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+}
+
+/// Work a connection can take from a ready queue.
+enum Work {
+    Local(Part),
+    Remote(crate::mesh::Handoff),
+}
+
+/// Takes the next ready work of `site`: this shard's parts first.
+fn next_work(shard: &Shard, site: &Site) -> Option<Work> {
+    let mut queues = shard.dispatcher.queues.borrow_mut();
+    let q = queues.ready.get_mut(&site.name)?;
+    if let Some(part) = q.parts.pop_front() {
+        return Some(Work::Local(part));
+    }
+    q.remote.pop_front().map(Work::Remote)
+}
+
+/// Sends one message to `recipients` over `session` in batches; one reply per
+/// recipient, and whether the connection broke.
+async fn deliver(
+    session: &mut Session,
+    batch_max: usize,
+    sender: &str,
+    recipients: &[String],
+    body: &[u8],
+) -> (Vec<Response>, bool) {
+    let mut results = Vec::with_capacity(recipients.len());
+    for chunk in recipients.chunks(batch_max) {
+        let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
+        match session.send(sender, &refs, body).await {
+            Ok(t) => results.extend((0..chunk.len()).map(|k| t.outcome(k).clone())),
+            Err(err) => {
+                let response = err.response();
+                results.extend(chunk.iter().map(|_| response.clone()));
+                return (pad(results, recipients.len(), &response), true);
+            }
+        }
+    }
+    (results, false)
+}
+
+/// Fills the replies of recipients never tried (after a broken connection).
+fn pad(mut results: Vec<Response>, len: usize, response: &Response) -> Vec<Response> {
+    results.resize(len, response.clone());
+    results
 }
 
 /// One connection's life: connect (hosts in preference order), send ready parts,
@@ -313,54 +471,79 @@ async fn connection(shard: Rc<Shard>, site: Rc<Site>) {
     }
     match session {
         None => {
-            while let Some(part) = next_part(&shard, &site) {
-                let results = part.rcpts.iter().map(|i| (*i, failure.clone())).collect();
-                settle(&shard, part, results, None, None);
+            while let Some(work) = next_work(&shard, &site) {
+                match work {
+                    Work::Local(part) => {
+                        let results = part.rcpts.iter().map(|i| (*i, failure.clone())).collect();
+                        settle(&shard, part, results, None, None);
+                    }
+                    Work::Remote(h) => {
+                        let report = crate::mesh::Report {
+                            token: h.token,
+                            results: vec![failure.clone(); h.recipients.len()],
+                            peer: None,
+                            tls: None,
+                        };
+                        report_home(&shard, h.from, report).await;
+                    }
+                }
             }
         }
         Some((mut session, host)) => {
             let mut sent = 0;
             let mut broken = false;
             while sent < d.max_deliveries_per_connection && !broken {
-                let Some(part) = next_part(&shard, &site) else {
+                let Some(work) = next_work(&shard, &site) else {
                     break;
                 };
-                let (id, sender, recipients) = {
-                    let m = part.message.borrow();
-                    let recipients: Vec<String> = part
-                        .rcpts
-                        .iter()
-                        .map(|i| m.recipients[*i as usize].clone())
-                        .collect();
-                    (m.id, m.sender.clone(), recipients)
-                };
-                // The body is read in place from the spool's mapping.
-                let Some(stored) = shard.spool.get(id) else {
-                    tracing::error!(shard = shard.id, %id, "a queued message is missing from the spool; dropping it from the queue");
-                    continue;
-                };
-                let body = stored.get().body.as_slice();
-                let mut results = Vec::with_capacity(part.rcpts.len());
-                for (chunk, indices) in recipients
-                    .chunks(d.max_recipients_per_batch)
-                    .zip(part.rcpts.chunks(d.max_recipients_per_batch))
-                {
-                    let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-                    match session.send(&sender, &refs, body).await {
-                        Ok(t) => results.extend(
-                            indices
+                match work {
+                    Work::Local(part) => {
+                        let (id, sender, recipients) = {
+                            let m = part.message.borrow();
+                            let recipients: Vec<String> = part
+                                .rcpts
                                 .iter()
-                                .enumerate()
-                                .map(|(k, i)| (*i, t.outcome(k).clone())),
-                        ),
-                        Err(err) => {
-                            let response = err.response();
-                            results.extend(indices.iter().map(|i| (*i, response.clone())));
-                            broken = true;
-                        }
+                                .map(|i| m.recipients[*i as usize].clone())
+                                .collect();
+                            (m.id, m.sender.clone(), recipients)
+                        };
+                        // The body is read in place from the spool's mapping.
+                        let Some(stored) = shard.spool.get(id) else {
+                            tracing::error!(shard = shard.id, %id, "a queued message is missing from the spool; dropping it from the queue");
+                            continue;
+                        };
+                        let body = stored.get().body.as_slice();
+                        let (replies, failed) = deliver(
+                            &mut session,
+                            d.max_recipients_per_batch,
+                            &sender,
+                            &recipients,
+                            body,
+                        )
+                        .await;
+                        broken = failed;
+                        let results = part.rcpts.iter().copied().zip(replies).collect();
+                        settle(&shard, part, results, Some(host), session.tls.as_deref());
+                    }
+                    Work::Remote(h) => {
+                        let (replies, failed) = deliver(
+                            &mut session,
+                            d.max_recipients_per_batch,
+                            &h.sender,
+                            &h.recipients,
+                            &h.body,
+                        )
+                        .await;
+                        broken = failed;
+                        let report = crate::mesh::Report {
+                            token: h.token,
+                            results: replies,
+                            peer: Some(host),
+                            tls: session.tls.clone(),
+                        };
+                        report_home(&shard, h.from, report).await;
                     }
                 }
-                settle(&shard, part, results, Some(host), session.tls.as_deref());
                 sent += 1;
             }
             if !broken {

@@ -186,8 +186,26 @@ pub struct Queues {
 #[derive(Debug)]
 pub struct ReadyQueue {
     pub site: Rc<Site>,
+    /// Parts of messages this shard spooled.
     pub parts: VecDeque<Part>,
+    /// Parts other shards handed to this one, the owner of the site.
+    pub remote: VecDeque<crate::mesh::Handoff>,
     pub connections: usize,
+}
+
+impl ReadyQueue {
+    fn new(site: Rc<Site>) -> ReadyQueue {
+        ReadyQueue {
+            site,
+            parts: VecDeque::new(),
+            remote: VecDeque::new(),
+            connections: 0,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.parts.len() + self.remote.len()
+    }
 }
 
 impl Queues {
@@ -201,11 +219,7 @@ impl Queues {
             };
             self.ready
                 .entry(site.name.clone())
-                .or_insert_with(|| ReadyQueue {
-                    site,
-                    parts: VecDeque::new(),
-                    connections: 0,
-                })
+                .or_insert_with(|| ReadyQueue::new(site))
                 .parts
                 .push_back(part);
         } else {
@@ -214,6 +228,15 @@ impl Queues {
             self.scheduled.push(Reverse((part.due_ms, seq)));
             self.waiting.insert(seq, part);
         }
+    }
+
+    /// Adds a part handed over by another shard to its site's ready queue.
+    pub fn push_remote(&mut self, site: Rc<Site>, handoff: crate::mesh::Handoff) {
+        self.ready
+            .entry(site.name.clone())
+            .or_insert_with(|| ReadyQueue::new(site))
+            .remote
+            .push_back(handoff);
     }
 
     /// Moves every part due at `now_ms` to its ready queue; returns how many moved.
@@ -242,7 +265,7 @@ impl Queues {
     }
 
     pub fn ready_len(&self) -> usize {
-        self.ready.values().map(|q| q.parts.len()).sum::<usize>() + self.unresolved.len()
+        self.ready.values().map(ReadyQueue::len).sum::<usize>() + self.unresolved.len()
     }
 }
 

@@ -28,6 +28,8 @@ use crate::policy::rules::RulesPolicy;
 use crate::shard::{SessionLimits, Shard, Shared};
 use crate::storage::ShardStorage;
 
+/// Notes that may wait in one shard's inbox (handoffs and reports).
+const MESH_INBOX_NOTES_MAX: usize = 16_384;
 /// How often a shard looks at the process's stop flag.
 const SHUTDOWN_POLL_MS: u64 = 50;
 /// How often a shard writes its buffered events out.
@@ -85,6 +87,7 @@ pub fn run(config: Config) -> Result<()> {
         metrics: (0..shards)
             .map(|_| Arc::new(ShardMetrics::default()))
             .collect(),
+        mesh: crate::mesh::Mesh::new(shards, MESH_INBOX_NOTES_MAX),
         sessions: Arc::new(SessionLimits::new(
             config.smtp.sessions_max.usize(),
             u32::try_from(config.smtp.sessions_per_ip_max.get()).unwrap_or(u32::MAX),
@@ -303,6 +306,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         );
     }
     glommio::spawn_local(crate::delivery::dispatcher::run(shard.clone())).detach();
+    glommio::spawn_local(crate::delivery::dispatcher::inbox(shard.clone())).detach();
     let bind = |addr: &SocketAddr| {
         TcpListener::bind(addr).map_err(|e| anyhow!("shard {id}: listening on {addr}: {e}"))
     };

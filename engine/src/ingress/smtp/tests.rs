@@ -41,6 +41,7 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
             pool: "X-Gannet-Pool".into(),
         },
         metrics: vec![Arc::new(ShardMetrics::default())],
+        mesh: crate::mesh::Mesh::new(1, 16),
         sessions: Arc::new(SessionLimits::new(100, 100)),
         config,
     });
