@@ -735,16 +735,17 @@ fn watch(
 }
 
 /// Builds the in-memory message for a record just spooled.
-pub fn message_from_record(record: &gannet_spool::MessageRecord) -> Message {
+/// Its fields move; the body is dropped (delivery reads it from the spool mapping).
+pub fn message_from_record(record: gannet_spool::MessageRecord) -> Message {
     Message {
         id: record.id,
-        sender: record.sender.clone(),
-        recipients: record.recipients.clone(),
-        meta: record.meta.clone(),
-        queue: record.queue.clone(),
+        sender: record.sender,
+        recipients: record.recipients,
+        meta: record.meta,
+        queue: record.queue,
         received_ms: record.received_unix_ms,
         attempts: record.attempts,
-        done: record.done.clone(),
+        done: record.done,
         open_parts: 0,
     }
 }

@@ -586,7 +586,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     }
     meta.push(("peer".to_string(), s.peer.ip().to_string()));
     let size = prepared.len();
-    let mut record = MessageRecord {
+    let record = MessageRecord {
         id,
         sender: tx.sender.text.clone(),
         recipients: tx.recipients.clone(),
@@ -610,9 +610,9 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
             };
         }
     }
-    // Delivery reads the body from the spool's mapping; the heap copy goes now.
-    drop(std::mem::take(&mut record.body));
-    let message = crate::delivery::dispatcher::message_from_record(&record);
+    // The envelope moves into the queue; delivery reads the body from the spool's
+    // mapping, so the heap copy is dropped here.
+    let message = crate::delivery::dispatcher::message_from_record(record);
     shard.dispatcher.enqueue(&shard, message, now_ms);
     let metrics = &shard.metrics;
     ShardMetrics::add(&metrics.smtp_messages_accepted_total, 1);
