@@ -1,25 +1,6 @@
-//! gannetd: the gannet mail transfer agent.
-//!
-//! Starts one executor per core; each accepts SMTP (with STARTTLS, AUTH and policy),
-//! makes every accepted message durable in its spool before replying 250, records
-//! events and serves Prometheus metrics. Delivery arrives with the next issue.
+//! gannetd: the gannet mail transfer agent (the command line; the engine is the
+//! `gannet_engine` library).
 
-mod auth;
-mod clock;
-mod config;
-mod delivery;
-mod dns;
-mod events;
-mod http;
-mod ingress;
-mod mesh;
-mod metrics;
-mod policy;
-mod queue;
-mod runtime;
-mod shard;
-mod storage;
-mod tls;
 
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -27,7 +8,8 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::config::Config;
+use gannet_engine::config::{self, Config};
+use gannet_engine::{auth, runtime};
 
 /// gannet mail transfer agent daemon.
 #[derive(Debug, Parser)]

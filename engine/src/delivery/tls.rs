@@ -41,6 +41,12 @@ impl ClientTls {
     }
 }
 
+impl Default for ClientTls {
+    fn default() -> Self {
+        ClientTls::new()
+    }
+}
+
 /// Accepts any certificate but still checks the handshake signatures, so the session
 /// is at least encrypted to whoever holds the presented key.
 #[derive(Debug)]

@@ -206,6 +206,10 @@ impl ReadyQueue {
     pub fn len(&self) -> usize {
         self.parts.len() + self.remote.len()
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 impl Queues {

@@ -1,0 +1,21 @@
+//! The gannet engine: one executor per core accepts mail over ESMTP, makes it durable
+//! in the shard's spool before acknowledging it, and delivers it over SMTP from the
+//! shard that owns the destination site. `gannetd` (src/main.rs) is its command line;
+//! benchmarks link the library to measure its parts. ARCHITECTURE.md maps the code.
+
+pub mod auth;
+pub mod clock;
+pub mod config;
+pub mod delivery;
+pub mod dns;
+pub mod events;
+pub mod http;
+pub mod ingress;
+pub mod mesh;
+pub mod metrics;
+pub mod policy;
+pub mod queue;
+pub mod runtime;
+pub mod shard;
+pub mod storage;
+pub mod tls;
