@@ -43,6 +43,7 @@ step "benchmark smoke run (keeps bench/ working; figures are not recorded)"
 cargo run --quiet -p gannet-bench --bin spool-bench -- \
   --seconds 0.2 --appenders 1,8 --shards 2 --recovery-records 2000 \
   --dir "${TMPDIR:-/tmp}/gannet-bench-smoke.$$" --results "" >/dev/null
+cargo run --quiet -p gannet-bench --bin hop-bench -- --round-trips 200 --parts 5000 --results "" >/dev/null
 cargo run --quiet -p gannet-bench --bin smtp-accept-bench -- \
   --messages 300 --sessions 8 --systems sink,gannet --half-load-messages 100 \
   --gannetd target/debug/gannetd --dir "${TMPDIR:-/tmp}/gannet-smtp-smoke.$$" --results "" >/dev/null

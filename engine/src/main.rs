@@ -1,7 +1,6 @@
 //! gannetd: the gannet mail transfer agent (the command line; the engine is the
 //! `gannet_engine` library).
 
-
 use std::io::Read as _;
 use std::path::PathBuf;
 use std::process::ExitCode;
