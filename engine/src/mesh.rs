@@ -38,6 +38,9 @@ pub struct Handoff {
     /// One copy of the body per hop: the spool mapping cannot leave its shard.
     pub body: Arc<Vec<u8>>,
     pub site: SiteSpec,
+    /// The egress source drawn for this attempt (by name; every shard has the same
+    /// configuration).
+    pub egress: String,
 }
 
 /// The outcome of a handed-off part, for the shard that spooled the message.

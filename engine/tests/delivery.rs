@@ -372,3 +372,48 @@ fn parts_cross_to_the_shard_that_owns_their_site() {
         "the home shard tombstoned the message"
     );
 }
+
+/// A message bound to a pool leaves from that pool's source address with its EHLO
+/// name; others leave from the default source.
+#[test]
+fn egress_pools_bind_their_source_address() {
+    let sink = sink();
+    let config = delivery_config(&format!("\"d.test\" = [\"127.0.0.1:{}\"]", sink.port))
+        + "sources = { lo2 = { source_ip = \"127.0.0.2\", ehlo_name = \"out2.test\" } }\n\
+           pools = { second = [{ source = \"lo2\", weight = 1 }] }\n";
+    let daemon = Daemon::start("", &config);
+    inject(
+        &daemon,
+        &["a@d.test"],
+        "Subject: pooled\r\nX-Gannet-Pool: second\r\n\r\nx\r\n.\r\n",
+    );
+    inject(&daemon, &["b@d.test"], "Subject: plain\r\n\r\ny\r\n.\r\n");
+    let events = wait_events(&daemon, "two deliveries", |e| {
+        of(e, "delivery", "a@d.test").len() == 1 && of(e, "delivery", "b@d.test").len() == 1
+    });
+    let pooled = of(&events, "delivery", "a@d.test")[0];
+    assert_eq!(
+        (
+            pooled["egress_source"].as_str(),
+            pooled["sending_ip"].as_str()
+        ),
+        (Some("lo2"), Some("127.0.0.2"))
+    );
+    assert_eq!(pooled["ip_pool"], "second");
+    let messages = sink.messages();
+    let by_rcpt = |r: &str| messages.iter().find(|m| m["rcpt_tos"][0] == r).unwrap();
+    assert_eq!(
+        (
+            by_rcpt("a@d.test")["peer"].as_str(),
+            by_rcpt("a@d.test")["helo"].as_str()
+        ),
+        (Some("127.0.0.2"), Some("out2.test"))
+    );
+    assert_eq!(
+        (
+            by_rcpt("b@d.test")["peer"].as_str(),
+            by_rcpt("b@d.test")["helo"].as_str()
+        ),
+        (Some("127.0.0.1"), Some("gannet.test"))
+    );
+}

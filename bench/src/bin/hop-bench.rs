@@ -55,6 +55,7 @@ fn handoff(token: u64, body: &[u8]) -> Note {
             hosts: vec![],
             host_names: vec![],
         },
+        egress: "default".into(),
     }))
 }
 

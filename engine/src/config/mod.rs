@@ -282,6 +282,13 @@ pub struct DeliveryConfig {
     /// to in order of preference (`host:port`). Domains without a route go to their
     /// MX hosts.
     pub routes: BTreeMap<String, Vec<Listen>>,
+    /// Egress sources by name: the local address to send from and the EHLO name.
+    /// A source named `default` (no binding, the default EHLO name) always exists.
+    pub sources: BTreeMap<String, EgressSource>,
+    /// Egress pools by name: weighted sources. The set_binding phase names a message's
+    /// pool; the source is drawn per attempt by weight. A pool named `default` holding
+    /// the `default` source exists unless configured.
+    pub pools: BTreeMap<String, Vec<PoolMember>>,
     /// Port of the MX hosts (25; tests point it at a sink).
     pub smtp_port: Bounded<1, 65535>,
     /// DNS server (`ip` or `ip:port`); empty: the first nameserver of /etc/resolv.conf.
@@ -304,12 +311,37 @@ impl Default for DeliveryConfig {
             max_deliveries_per_connection: Bounded(1024),
             max_recipients_per_batch: Bounded(100),
             routes: BTreeMap::new(),
+            sources: BTreeMap::new(),
+            pools: BTreeMap::new(),
             smtp_port: Bounded(25),
             dns_server: String::new(),
             dns_timeout_secs: Bounded(5),
             suspended: false,
         }
     }
+}
+
+/// An egress source.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressSource {
+    /// Local address to bind before connecting; empty: the kernel chooses.
+    pub source_ip: String,
+    /// EHLO name for connections from this source; empty: `delivery.ehlo_name`.
+    pub ehlo_name: String,
+}
+
+/// A source in a pool, with its weight.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolMember {
+    pub source: String,
+    #[serde(default = "one")]
+    pub weight: Bounded<1, 1_000_000>,
+}
+
+fn one() -> Bounded<1, 1_000_000> {
+    Bounded(1)
 }
 
 /// A listener address (`ip:port`).
@@ -424,6 +456,53 @@ impl Config {
 
     /// Checks that span several keys.
     fn check(&self) -> Result<(), (String, String)> {
+        for (name, source) in &self.delivery.sources {
+            if !source.source_ip.is_empty() && source.source_ip.parse::<std::net::IpAddr>().is_err()
+            {
+                return Err((
+                    format!("delivery.sources.{name}.source_ip"),
+                    format!("`{}` is not an IP address", source.source_ip),
+                ));
+            }
+        }
+        for (name, members) in &self.delivery.pools {
+            if members.is_empty() {
+                return Err((
+                    format!("delivery.pools.{name}"),
+                    "a pool needs at least one source".into(),
+                ));
+            }
+            for member in members {
+                if member.source != "default" && !self.delivery.sources.contains_key(&member.source)
+                {
+                    return Err((
+                        format!("delivery.pools.{name}"),
+                        format!(
+                            "source `{}` is not defined in delivery.sources",
+                            member.source
+                        ),
+                    ));
+                }
+            }
+        }
+        let pool_known = |pool: &str| pool == "default" || self.delivery.pools.contains_key(pool);
+        if !pool_known(&self.policy.default_pool) {
+            return Err((
+                "policy.default_pool".into(),
+                format!(
+                    "pool `{}` is not defined in delivery.pools",
+                    self.policy.default_pool
+                ),
+            ));
+        }
+        for (tenant, pool) in &self.policy.tenant_pools {
+            if !pool_known(pool) {
+                return Err((
+                    "policy.tenant_pools".into(),
+                    format!("tenant `{tenant}`: pool `{pool}` is not defined in delivery.pools"),
+                ));
+            }
+        }
         if !self.delivery.dns_server.is_empty() && self.dns_server().is_none() {
             return Err((
                 "delivery.dns_server".into(),
@@ -530,19 +609,25 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, column)
 }
 
-/// The span of the line that sets the last component of a dotted key, if it is found.
+/// The span of the line that sets a dotted key: its last component if a line sets it,
+/// else the nearest enclosing key that a line sets (an inline table).
 fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
-    let last = key.rsplit('.').next()?.split('[').next()?;
-    let mut offset = 0;
-    for line in text.split_inclusive('\n') {
-        let trimmed = line.trim_start();
-        if trimmed.starts_with(last) && trimmed[last.len()..].trim_start().starts_with('=') {
-            let start = offset + (line.len() - trimmed.len());
-            return Some(start..start + last.len());
+    key.rsplit('.').find_map(|part| {
+        let name = part.split('[').next()?;
+        let mut offset = 0;
+        for line in text.split_inclusive('\n') {
+            let trimmed = line.trim_start();
+            if !name.is_empty()
+                && trimmed.starts_with(name)
+                && trimmed[name.len()..].trim_start().starts_with('=')
+            {
+                let start = offset + (line.len() - trimmed.len());
+                return Some(start..start + name.len());
+            }
+            offset += line.len();
         }
-        offset += line.len();
-    }
-    None
+        None
+    })
 }
 
 fn machine_hostname() -> String {
@@ -619,6 +704,22 @@ mod tests {
             &["t.toml:2:", "policy.rules[0].phase", "later"],
         );
         check_err(
+            "[delivery]\npools = { warm = [{ source = \"nope\" }] }\n",
+            &[
+                "t.toml:2:",
+                "delivery.pools.warm",
+                "source `nope` is not defined",
+            ],
+        );
+        check_err(
+            "[delivery]\nsources = { a = { source_ip = \"10.0.0\" } }\n",
+            &["delivery.sources.a.source_ip", "not an IP address"],
+        );
+        check_err(
+            "[policy]\ndefault_pool = \"warm\"\n",
+            &["t.toml:2:", "policy.default_pool", "`warm` is not defined"],
+        );
+        check_err(
             "[[smtp.users]]\nname = \"a\"\npassword_hash = \"plain\"\n",
             &["t.toml:3:", "smtp.users[0].password_hash"],
         );
@@ -628,6 +729,7 @@ mod tests {
     fn good_file_overrides_some_keys() {
         let config = Config::parse(
             "[smtp]\nlisten = [\"127.0.0.1:0\", \"[::1]:0\"]\nrecipients_max = 100\n\
+             [delivery]\npools = { warm = [{ source = \"default\" }] }\n\
              [policy]\ntenant_pools = { acme = \"warm\" }\n\
              rules = [{ phase = \"rcpt_to\", recipient_domains = [\"b.test\"], action = \"accept\" }]\n",
             "t",

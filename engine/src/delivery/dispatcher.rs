@@ -47,6 +47,10 @@ pub struct Dispatcher {
     /// Parts handed to the shard that owns their site, by token, until it reports.
     handed: RefCell<std::collections::HashMap<u64, Part>>,
     next_token: Cell<u64>,
+    /// Egress sources by name (always holding `default`).
+    sources: std::collections::HashMap<String, Rc<queue::Egress>>,
+    /// Egress pools by name: sources with their weights (always holding `default`).
+    pools: std::collections::HashMap<String, Vec<(Rc<queue::Egress>, u32)>>,
     wake: Wake,
 }
 
@@ -91,7 +95,38 @@ impl Dispatcher {
         } else {
             d.ehlo_name.clone()
         };
+        let mut sources: std::collections::HashMap<String, Rc<queue::Egress>> = d
+            .sources
+            .iter()
+            .map(|(name, s)| {
+                let egress = queue::Egress {
+                    name: name.clone(),
+                    source_ip: s.source_ip.parse().ok(),
+                    ehlo_name: (!s.ehlo_name.is_empty()).then(|| s.ehlo_name.clone()),
+                };
+                (name.clone(), Rc::new(egress))
+            })
+            .collect();
+        sources
+            .entry("default".into())
+            .or_insert_with(|| Rc::new(queue::Egress::default_source()));
+        let mut pools: std::collections::HashMap<String, Vec<(Rc<queue::Egress>, u32)>> = d
+            .pools
+            .iter()
+            .map(|(name, members)| {
+                let members = members
+                    .iter()
+                    .filter_map(|m| Some((sources.get(&m.source)?.clone(), m.weight.get() as u32)))
+                    .collect();
+                (name.clone(), members)
+            })
+            .collect();
+        pools
+            .entry("default".into())
+            .or_insert_with(|| vec![(sources["default"].clone(), 1)]);
         Dispatcher {
+            sources,
+            pools,
             queues: RefCell::new(Queues::default()),
             routes: Routes::new(&routes),
             options: ClientOptions {
@@ -121,6 +156,22 @@ impl Dispatcher {
             next_token: Cell::new(0),
             wake: Wake::default(),
         }
+    }
+
+    /// Draws a source from `pool` by weight (the default pool for an unknown name).
+    fn choose_source(&self, pool: Option<&str>) -> Rc<queue::Egress> {
+        let members = pool
+            .and_then(|p| self.pools.get(p))
+            .unwrap_or_else(|| &self.pools["default"]);
+        let total: u64 = members.iter().map(|(_, w)| u64::from(*w)).sum();
+        let mut pick = fastrand::u64(0..total.max(1));
+        for (source, weight) in members {
+            if pick < u64::from(*weight) {
+                return source.clone();
+            }
+            pick -= u64::from(*weight);
+        }
+        members[0].0.clone()
     }
 
     /// Queues a message (just received, or recovered) for delivery at `due_ms`.
@@ -155,7 +206,7 @@ pub async fn run(shard: Rc<Shard>) {
     }
     while !shard.shutdown.is_raised() {
         let now = unix_ms();
-        let mut to_open: Vec<Rc<Site>> = Vec::new();
+        let mut to_open: Vec<String> = Vec::new();
         let mut to_resolve: Vec<String> = Vec::new();
         let mut to_place: Vec<Part> = Vec::new();
         {
@@ -176,18 +227,18 @@ pub async fn run(shard: Rc<Shard>) {
                     resolving.insert(part.domain.clone(), vec![part]);
                 }
             }
-            for ready in queues.ready.values_mut() {
+            for (key, ready) in queues.ready.iter_mut() {
                 let wanted = ready.len().min(d.connection_limit);
                 while ready.connections < wanted {
                     ready.connections += 1;
-                    to_open.push(ready.site.clone());
+                    to_open.push(key.clone());
                 }
             }
         }
         // Every connection counted above must be started, and every domain marked as
         // resolving must be resolved, before anything else.
-        for site in to_open {
-            glommio::spawn_local(connection(shard.clone(), site)).detach();
+        for key in to_open {
+            glommio::spawn_local(connection(shard.clone(), key)).detach();
         }
         for domain in to_resolve {
             glommio::spawn_local(resolve(shard.clone(), domain)).detach();
@@ -305,9 +356,11 @@ async fn resolve_site(
 /// when the site is ours, else the inbox of the shard that owns the site. A full
 /// inbox means the owner is behind; the part is then delivered here instead of
 /// waiting (the site's limits are per shard, so this can exceed them briefly).
-fn place(shard: &Shard, part: Part, now: u64) {
+fn place(shard: &Shard, mut part: Part, now: u64) {
     let d = &shard.dispatcher;
     let site = part.site.clone().expect("placed parts have a site");
+    let egress = d.choose_source(part.message.borrow().meta("pool"));
+    part.egress = Some(egress.clone());
     let mesh = &shard.shared.mesh;
     let owner = crate::mesh::owner(&site.name, mesh.shards());
     if owner == shard.id {
@@ -339,6 +392,7 @@ fn place(shard: &Shard, part: Part, now: u64) {
                 hosts: site.hosts.clone(),
                 host_names: site.host_names.clone(),
             },
+            egress: egress.name.clone(),
         }
     };
     match mesh.send(owner, crate::mesh::Note::Handoff(Box::new(handoff))) {
@@ -372,7 +426,12 @@ pub async fn inbox(shard: Rc<Shard>) {
                         hosts: h.site.hosts.clone(),
                         host_names: h.site.host_names.clone(),
                     });
-                    d.queues.borrow_mut().push_remote(site, *h);
+                    let egress = d
+                        .sources
+                        .get(&h.egress)
+                        .unwrap_or_else(|| &d.sources["default"])
+                        .clone();
+                    d.queues.borrow_mut().push_remote(site, egress, *h);
                     d.wake.raise();
                 }
                 crate::mesh::Note::Report(r) => {
@@ -414,10 +473,10 @@ enum Work {
     Remote(crate::mesh::Handoff),
 }
 
-/// Takes the next ready work of `site`: this shard's parts first.
-fn next_work(shard: &Shard, site: &Site) -> Option<Work> {
+/// Takes the next ready work of a ready queue: this shard's parts first.
+fn next_work(shard: &Shard, key: &str) -> Option<Work> {
     let mut queues = shard.dispatcher.queues.borrow_mut();
-    let q = queues.ready.get_mut(&site.name)?;
+    let q = queues.ready.get_mut(key)?;
     if let Some(part) = q.parts.pop_front() {
         return Some(Work::Local(part));
     }
@@ -456,12 +515,29 @@ fn pad(mut results: Vec<Response>, len: usize, response: &Response) -> Vec<Respo
 
 /// One connection's life: connect (hosts in preference order), send ready parts,
 /// quit. A connection failure fails the parts that are ready for the site now.
-async fn connection(shard: Rc<Shard>, site: Rc<Site>) {
+async fn connection(shard: Rc<Shard>, key: String) {
     let d = &shard.dispatcher;
+    let Some((site, egress)) = d
+        .queues
+        .borrow()
+        .ready
+        .get(&key)
+        .map(|q| (q.site.clone(), q.egress.clone()))
+    else {
+        return;
+    };
+    let options = ClientOptions {
+        source: egress.source_ip,
+        ehlo_name: egress
+            .ehlo_name
+            .clone()
+            .unwrap_or_else(|| d.options.ehlo_name.clone()),
+        ..d.options.clone()
+    };
     let mut session = None;
     let mut failure = Response::local(451, "4.4.4 the route has no hosts");
     for (host, name) in site.hosts.iter().zip(&site.host_names) {
-        match Session::connect(*host, name, &d.options, &d.tls).await {
+        match Session::connect(*host, name, &options, &d.tls).await {
             Ok(s) => {
                 session = Some((s, *host));
                 break;
@@ -471,7 +547,7 @@ async fn connection(shard: Rc<Shard>, site: Rc<Site>) {
     }
     match session {
         None => {
-            while let Some(work) = next_work(&shard, &site) {
+            while let Some(work) = next_work(&shard, &key) {
                 match work {
                     Work::Local(part) => {
                         let results = part.rcpts.iter().map(|i| (*i, failure.clone())).collect();
@@ -493,7 +569,7 @@ async fn connection(shard: Rc<Shard>, site: Rc<Site>) {
             let mut sent = 0;
             let mut broken = false;
             while sent < d.max_deliveries_per_connection && !broken {
-                let Some(work) = next_work(&shard, &site) else {
+                let Some(work) = next_work(&shard, &key) else {
                     break;
                 };
                 match work {
@@ -551,7 +627,7 @@ async fn connection(shard: Rc<Shard>, site: Rc<Site>) {
             }
         }
     }
-    if let Some(q) = d.queues.borrow_mut().ready.get_mut(&site.name) {
+    if let Some(q) = d.queues.borrow_mut().ready.get_mut(&key) {
         q.connections -= 1;
     }
     d.wake.raise();
@@ -586,6 +662,7 @@ fn settle(
             m.done.push(*i);
         }
         let attempt = Attempt {
+            egress: part.egress.as_deref(),
             site: part.site.as_deref(),
             peer,
             tls,
@@ -630,6 +707,7 @@ enum Kind {
 
 /// What is known about one delivery attempt of a part.
 struct Attempt<'a> {
+    egress: Option<&'a queue::Egress>,
     /// None when the site could not be resolved.
     site: Option<&'a Site>,
     peer: Option<std::net::SocketAddr>,
@@ -648,6 +726,7 @@ fn record(
     kind: Kind,
 ) {
     let Attempt {
+        egress,
         site,
         peer,
         tls,
@@ -662,6 +741,8 @@ fn record(
         rcpt_to: &m.recipients[rcpt as usize],
         queue: &m.queue,
         site: site.map_or("", |s| s.name.as_str()),
+        egress_source: egress.map(|e| e.name.as_str()),
+        sending_ip: egress.and_then(|e| e.source_ip).map(|ip| ip.to_string()),
         peer: peer.map(|p| p.to_string()),
         response: response.to_string(),
         bounce_class: match kind {

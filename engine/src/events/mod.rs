@@ -73,6 +73,11 @@ pub struct Outcome<'a> {
     pub queue: &'a str,
     /// The destination site (its hosts); empty when there was no route.
     pub site: &'a str,
+    /// The egress source the attempt used, and its address when it binds one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub egress_source: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sending_ip: Option<String>,
     /// The host that answered, if a connection was made.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,

@@ -141,7 +141,7 @@ mod tests {
 
     fn policy(rules: &str) -> RulesPolicy {
         let config = Config::parse(
-            &format!("[policy]\ntenant_pools = {{ acme = \"warm\" }}\nrules = [{rules}]\n"),
+            &format!("[delivery]\npools = {{ warm = [{{ source = \"default\" }}] }}\n[policy]\ntenant_pools = {{ acme = \"warm\" }}\nrules = [{rules}]\n"),
             "t",
         )
         .unwrap();

@@ -61,6 +61,31 @@ pub struct Site {
     pub host_names: Vec<String>,
 }
 
+/// Where connections come from: an egress source of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Egress {
+    pub name: String,
+    pub source_ip: Option<std::net::IpAddr>,
+    /// None: the dispatcher's EHLO name.
+    pub ehlo_name: Option<String>,
+}
+
+impl Egress {
+    /// The source every configuration has: no binding, the default EHLO name.
+    pub fn default_source() -> Egress {
+        Egress {
+            name: "default".into(),
+            source_ip: None,
+            ehlo_name: None,
+        }
+    }
+}
+
+/// The name of a ready queue: `egress_source->site_name`.
+pub fn ready_key(egress: &Egress, site: &Site) -> String {
+    format!("{}->{}", egress.name, site.name)
+}
+
 /// Static routes: domain → hosts, with `*` as the fallback. Domains without a route
 /// are resolved through DNS (MX).
 #[derive(Debug, Default)]
@@ -110,6 +135,8 @@ pub struct Part {
     /// Where the part goes; resolved when it becomes due (routes or MX), cleared
     /// when it is rescheduled so that the next attempt sees current DNS.
     pub site: Option<Rc<Site>>,
+    /// The source the next attempt uses, drawn from the message's pool when placed.
+    pub egress: Option<Rc<Egress>>,
     /// Recipient indices into the message, not yet finished.
     pub rcpts: Vec<u32>,
     /// Attempts made for this part.
@@ -141,6 +168,7 @@ pub fn split(message: &Rc<RefCell<Message>>, due_ms: u64) -> Vec<Part> {
             message: message.clone(),
             domain,
             site: None,
+            egress: None,
             rcpts,
             attempts,
             due_ms,
@@ -179,6 +207,7 @@ pub struct Queues {
     next_seq: u64,
     /// Due parts whose site is not known yet.
     pub unresolved: Vec<Part>,
+    /// Ready queues by name (`egress_source->site_name`).
     pub ready: HashMap<String, ReadyQueue>,
 }
 
@@ -186,6 +215,7 @@ pub struct Queues {
 #[derive(Debug)]
 pub struct ReadyQueue {
     pub site: Rc<Site>,
+    pub egress: Rc<Egress>,
     /// Parts of messages this shard spooled.
     pub parts: VecDeque<Part>,
     /// Parts other shards handed to this one, the owner of the site.
@@ -194,9 +224,10 @@ pub struct ReadyQueue {
 }
 
 impl ReadyQueue {
-    fn new(site: Rc<Site>) -> ReadyQueue {
+    fn new(site: Rc<Site>, egress: Rc<Egress>) -> ReadyQueue {
         ReadyQueue {
             site,
+            egress,
             parts: VecDeque::new(),
             remote: VecDeque::new(),
             connections: 0,
@@ -221,9 +252,13 @@ impl Queues {
                 self.unresolved.push(part);
                 return;
             };
+            let egress = part
+                .egress
+                .clone()
+                .unwrap_or_else(|| Rc::new(Egress::default_source()));
             self.ready
-                .entry(site.name.clone())
-                .or_insert_with(|| ReadyQueue::new(site))
+                .entry(ready_key(&egress, &site))
+                .or_insert_with(|| ReadyQueue::new(site, egress))
                 .parts
                 .push_back(part);
         } else {
@@ -235,10 +270,15 @@ impl Queues {
     }
 
     /// Adds a part handed over by another shard to its site's ready queue.
-    pub fn push_remote(&mut self, site: Rc<Site>, handoff: crate::mesh::Handoff) {
+    pub fn push_remote(
+        &mut self,
+        site: Rc<Site>,
+        egress: Rc<Egress>,
+        handoff: crate::mesh::Handoff,
+    ) {
         self.ready
-            .entry(site.name.clone())
-            .or_insert_with(|| ReadyQueue::new(site))
+            .entry(ready_key(&egress, &site))
+            .or_insert_with(|| ReadyQueue::new(site, egress))
             .remote
             .push_back(handoff);
     }

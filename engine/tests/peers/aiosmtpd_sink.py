@@ -2,7 +2,7 @@
 
 Usage: aiosmtpd_sink.py PORT OUT_DIR [--tls CERT KEY]
 Stores each message as OUT_DIR/<n>.json ({"mail_from", "rcpt_tos", "mail_options",
-"data" (latin-1), "tls"}). Recipients whose local part is `tempfail` get 451 and
+"data" (latin-1), "tls", "peer" (client address), "helo"}). Recipients whose local part is `tempfail` get 451 and
 `permfail` get 550 at RCPT. Prints "ready" once listening; stops on SIGTERM.
 """
 import asyncio
@@ -38,6 +38,8 @@ class Handler:
             "mail_options": envelope.mail_options,
             "data": envelope.original_content.decode("latin-1"),
             "tls": session.ssl is not None,
+            "peer": session.peer[0],
+            "helo": session.host_name,
         }
         path = os.path.join(self.out_dir, f"{self.count}.json")
         with open(path + ".tmp", "w") as f:
