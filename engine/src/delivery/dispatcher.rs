@@ -438,7 +438,11 @@ pub async fn inbox(shard: Rc<Shard>) {
                     let Some(part) = d.handed.borrow_mut().remove(&r.token) else {
                         continue;
                     };
-                    let results = part.rcpts.iter().copied().zip(r.results).collect();
+                    // One reply per recipient; a short report (never expected) leaves
+                    // the missing recipients to be retried rather than forgotten.
+                    let missing = Response::local(451, "4.3.0 no result from the owner shard");
+                    let replies = pad(r.results, part.rcpts.len(), &missing);
+                    let results = part.rcpts.iter().copied().zip(replies).collect();
                     settle(&shard, part, results, r.peer, r.tls.as_deref());
                 }
             }
