@@ -28,7 +28,13 @@ fn free_udp_port() -> u16 {
 }
 
 fn dnsmasq(port: u16) -> Dnsmasq {
+    // big.test has 60 addresses: over 512 octets, so the UDP answer is truncated and
+    // the resolver must ask again over TCP.
+    let big: Vec<String> = (1..=60)
+        .map(|i| format!("--host-record=big.test,127.0.1.{i}"))
+        .collect();
     let child = Command::new("dnsmasq")
+        .args(&big)
         .args([
             "--no-daemon",
             "--conf-file=/dev/null",
@@ -109,6 +115,9 @@ fn mx_addresses_site_names_and_cache_against_dnsmasq() {
             r.addresses("[127.0.0.9]").await.unwrap(),
             vec!["127.0.0.9".parse::<std::net::IpAddr>().unwrap()]
         );
+        // A truncated UDP answer is asked again over TCP and read whole.
+        let big = r.addresses("big.test").await.unwrap();
+        assert_eq!(big.len(), 60, "{big:?}");
         drop(server.take());
         // Answers (positive and negative) are served from the cache afterwards.
         assert_eq!(r.mx("a.test").await.unwrap(), Mx::Hosts(hosts));
