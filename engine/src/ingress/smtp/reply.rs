@@ -44,13 +44,19 @@ impl Reply {
         self.code < 400
     }
 
-    /// Appends the reply, one line per line of text, to `out`.
+    /// Appends the reply, one line per line of text, to `out`. Several replies go out
+    /// per message, so this allocates nothing beyond growing `out`.
     pub fn encode(&self, out: &mut Vec<u8>) {
-        let lines: Vec<&str> = self.text.split('\n').collect();
-        for (i, line) in lines.iter().enumerate() {
-            let sep = if i + 1 == lines.len() { ' ' } else { '-' };
-            out.extend_from_slice(self.code.to_string().as_bytes());
-            out.push(sep as u8);
+        let code = [
+            b'0' + (self.code / 100 % 10) as u8,
+            b'0' + (self.code / 10 % 10) as u8,
+            b'0' + (self.code % 10) as u8,
+        ];
+        let mut lines = self.text.split('\n').peekable();
+        while let Some(line) = lines.next() {
+            let sep = if lines.peek().is_none() { b' ' } else { b'-' };
+            out.extend_from_slice(&code);
+            out.push(sep);
             if !self.enhanced.is_empty() {
                 out.extend_from_slice(self.enhanced.as_bytes());
                 out.push(b' ');
