@@ -19,3 +19,7 @@ pub mod runtime;
 pub mod shard;
 pub mod storage;
 pub mod tls;
+
+#[cfg(test)]
+#[path = "../tests/peers/support.rs"]
+mod test_peers;

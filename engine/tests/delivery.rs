@@ -5,59 +5,27 @@
 
 mod common;
 
-use std::io::BufRead;
-use std::path::Path;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::Daemon;
+use common::peers::{Peer, aiosmtpd, dnsmasq, free_port, free_udp_port};
 
+/// aiosmtpd on a free port, with the directory it stores messages in.
 struct Sink {
-    child: Child,
+    /// Declared before `out` so the server stops before its directory goes.
+    _peer: Peer,
     port: u16,
     out: tempfile::TempDir,
 }
 
-impl Drop for Sink {
-    fn drop(&mut self) {
-        // SAFETY: signalling a child this test started.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn sink() -> Sink {
-    let python = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python3");
-    assert!(
-        python.exists(),
-        "tools/test.sh creates target/pyenv with aiosmtpd"
-    );
     let out = tempfile::tempdir().unwrap();
-    let port = free_port();
-    let mut child = Command::new(python)
-        .arg(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/tests/peers/aiosmtpd_sink.py"
-        ))
-        .arg(port.to_string())
-        .arg(out.path())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
-    Sink { child, port, out }
+    let (peer, port) = aiosmtpd(out.path(), None);
+    Sink {
+        _peer: peer,
+        port,
+        out,
+    }
 }
 
 impl Sink {
@@ -83,66 +51,44 @@ fn delivery_config(routes: &str) -> String {
 /// 127.0.0.1; fo.test a dead preferred MX and a live backup; every other name under
 /// .test does not exist (NXDOMAIN).
 struct Dns {
-    child: Child,
+    _peer: Peer,
     port: u16,
 }
 
-impl Drop for Dns {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn dns() -> Dns {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let child = Command::new("dnsmasq")
-        .args([
-            "--no-daemon",
-            "--conf-file=/dev/null",
-            "--pid-file=",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            &format!("--port={port}"),
-            "--local=/test/",
-            "--local-ttl=60",
-            "--mx-host=mx.test,mx1.mx.test,10",
-            "--host-record=mx1.mx.test,127.0.0.1",
-            // fo.test: the preferred MX refuses connections, the backup answers.
-            "--mx-host=fo.test,dead.fo.test,10",
-            "--mx-host=fo.test,live.fo.test,20",
-            "--host-record=dead.fo.test,127.0.0.2",
-            "--host-record=live.fo.test,127.0.0.1",
-            // h0.test … h7.test: eight sites (one MX name each), spread over the shards.
-            "--mx-host=h0.test,mx0.hop.test,10",
-            "--host-record=mx0.hop.test,127.0.0.1",
-            "--mx-host=h1.test,mx1.hop.test,10",
-            "--host-record=mx1.hop.test,127.0.0.1",
-            "--mx-host=h2.test,mx2.hop.test,10",
-            "--host-record=mx2.hop.test,127.0.0.1",
-            "--mx-host=h3.test,mx3.hop.test,10",
-            "--host-record=mx3.hop.test,127.0.0.1",
-            "--mx-host=h4.test,mx4.hop.test,10",
-            "--host-record=mx4.hop.test,127.0.0.1",
-            "--mx-host=h5.test,mx5.hop.test,10",
-            "--host-record=mx5.hop.test,127.0.0.1",
-            "--mx-host=h6.test,mx6.hop.test,10",
-            "--host-record=mx6.hop.test,127.0.0.1",
-            "--mx-host=h7.test,mx7.hop.test,10",
-            "--host-record=mx7.hop.test,127.0.0.1",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dnsmasq is installed by tools/test.sh");
-    std::thread::sleep(Duration::from_millis(300));
-    Dns { child, port }
+    let port = free_udp_port();
+    let records = [
+        "--local-ttl=60",
+        "--mx-host=mx.test,mx1.mx.test,10",
+        "--host-record=mx1.mx.test,127.0.0.1",
+        // fo.test: the preferred MX refuses connections, the backup answers.
+        "--mx-host=fo.test,dead.fo.test,10",
+        "--mx-host=fo.test,live.fo.test,20",
+        "--host-record=dead.fo.test,127.0.0.2",
+        "--host-record=live.fo.test,127.0.0.1",
+        // h0.test … h7.test: eight sites (one MX name each), spread over the shards.
+        "--mx-host=h0.test,mx0.hop.test,10",
+        "--host-record=mx0.hop.test,127.0.0.1",
+        "--mx-host=h1.test,mx1.hop.test,10",
+        "--host-record=mx1.hop.test,127.0.0.1",
+        "--mx-host=h2.test,mx2.hop.test,10",
+        "--host-record=mx2.hop.test,127.0.0.1",
+        "--mx-host=h3.test,mx3.hop.test,10",
+        "--host-record=mx3.hop.test,127.0.0.1",
+        "--mx-host=h4.test,mx4.hop.test,10",
+        "--host-record=mx4.hop.test,127.0.0.1",
+        "--mx-host=h5.test,mx5.hop.test,10",
+        "--host-record=mx5.hop.test,127.0.0.1",
+        "--mx-host=h6.test,mx6.hop.test,10",
+        "--host-record=mx6.hop.test,127.0.0.1",
+        "--mx-host=h7.test,mx7.hop.test,10",
+        "--host-record=mx7.hop.test,127.0.0.1",
+    ]
+    .map(String::from);
+    Dns {
+        _peer: dnsmasq(port, &records),
+        port,
+    }
 }
 
 /// Waits until `done` holds for the daemon's events.

@@ -2,66 +2,25 @@
 //! (content checks, STARTTLS, per-recipient refusals, SMTPUTF8) and postfix's
 //! smtp-sink (PIPELINING). Both are installed by tools/test.sh.
 
-use std::io::BufRead;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::client::{ClientError, ClientOptions, Session, Timeouts, TlsMode};
 use super::tls::ClientTls;
+use crate::test_peers::{Peer, free_port};
 
-/// A peer process, stopped by PID when dropped.
-struct Peer(Child);
-
-impl Drop for Peer {
-    fn drop(&mut self) {
-        // SAFETY: signalling a child this test started.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
-    }
-}
-
-fn python() -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python3");
-    assert!(
-        path.exists(),
-        "{} is missing; tools/test.sh creates it with aiosmtpd",
-        path.display()
-    );
-    path
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// Starts aiosmtpd on a free port, storing messages in `out`; with TLS when
-/// `cert_dir` is given (a self-signed pair is generated there).
+/// Starts aiosmtpd, with STARTTLS on a self-signed pair generated in `cert_dir` when
+/// one is given.
 fn aiosmtpd(out: &Path, cert_dir: Option<&Path>) -> (Peer, u16) {
-    let port = free_port();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/aiosmtpd_sink.py");
-    let mut command = Command::new(python());
-    command.arg(script).arg(port.to_string()).arg(out);
-    if let Some(dir) = cert_dir {
-        let pair = rcgen::generate_simple_self_signed(vec!["sink.test".to_string()]).unwrap();
-        std::fs::write(dir.join("cert.pem"), pair.cert.pem()).unwrap();
-        std::fs::write(dir.join("key.pem"), pair.signing_key.serialize_pem()).unwrap();
-        command
-            .arg("--tls")
-            .arg(dir.join("cert.pem"))
-            .arg(dir.join("key.pem"));
-    }
-    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
-    (Peer(child), port)
+    let Some(dir) = cert_dir else {
+        return crate::test_peers::aiosmtpd(out, None);
+    };
+    let pair = rcgen::generate_simple_self_signed(vec!["sink.test".to_string()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, pair.cert.pem()).unwrap();
+    std::fs::write(&key, pair.signing_key.serialize_pem()).unwrap();
+    crate::test_peers::aiosmtpd(out, Some((&cert, &key)))
 }
 
 fn options(tls: TlsMode) -> ClientOptions {

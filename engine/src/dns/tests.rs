@@ -2,49 +2,22 @@
 //! meaning of MX answers that dnsmasq cannot serve (null MX).
 
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use hickory_proto::rr::rdata::MX;
 use hickory_proto::rr::{Name, RData};
 
 use super::{Answer, DnsError, Mx, Resolver, mx_meaning, site_name};
+use crate::test_peers::{Peer, free_udp_port};
 
-struct Dnsmasq(Child);
-
-impl Drop for Dnsmasq {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn dnsmasq(port: u16) -> Dnsmasq {
+fn dnsmasq(port: u16) -> Peer {
     // big.test has 60 addresses: over 512 octets, so the UDP answer is truncated and
     // the resolver must ask again over TCP.
-    let big: Vec<String> = (1..=60)
+    let mut records: Vec<String> = (1..=60)
         .map(|i| format!("--host-record=big.test,127.0.1.{i}"))
         .collect();
-    let child = Command::new("dnsmasq")
-        .args(&big)
-        .args([
-            "--no-daemon",
-            "--conf-file=/dev/null",
-            "--pid-file=",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            &format!("--port={port}"),
-            "--local=/test/",
+    records.extend(
+        [
             "--local-ttl=300",
             "--neg-ttl=300",
             "--mx-host=a.test,mx1.a.test,10",
@@ -57,12 +30,10 @@ fn dnsmasq(port: u16) -> Dnsmasq {
             "--host-record=mx2.a.test,127.0.0.3,::1",
             "--host-record=backup.a.test,127.0.0.4",
             "--host-record=c.test,127.0.0.5",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dnsmasq is installed by tools/test.sh");
-    Dnsmasq(child)
+        ]
+        .map(String::from),
+    );
+    crate::test_peers::dnsmasq(port, &records)
 }
 
 fn run<F: Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
@@ -78,8 +49,6 @@ fn mx_addresses_site_names_and_cache_against_dnsmasq() {
     let port = free_udp_port();
     let mut server = Some(dnsmasq(port));
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    // dnsmasq needs a moment to bind.
-    std::thread::sleep(Duration::from_millis(300));
     run(move || async move {
         let r = Resolver::new(addr, Duration::from_secs(2));
         let a = r.mx("a.test").await.unwrap();

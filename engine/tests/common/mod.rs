@@ -4,6 +4,9 @@
 
 #![allow(dead_code)]
 
+#[path = "../peers/support.rs"]
+pub mod peers;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
