@@ -8,27 +8,7 @@ cd "$(dirname "$0")/.."
 step() { printf '\n== %s\n' "$*"; }
 
 step "test peers"
-# Real peers the tests talk to: swaks (with TLS support) and Python's smtplib as SMTP
-# clients; postfix's smtp-sink/smtp-source; dnsmasq as the DNS server for MX tests.
-# Installed only when missing.
-need=()
-command -v swaks >/dev/null || need+=(swaks)
-perl -MIO::Socket::SSL -e1 2>/dev/null || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
-[ -x /usr/sbin/smtp-sink ] || need+=(postfix)
-command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
-command -v python3 >/dev/null || need+=(python3)
-python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
-if [ ${#need[@]} -gt 0 ]; then
-  echo "installing: ${need[*]}"
-  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-  install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"; }
-  install >/dev/null || { apt-get update -q >/dev/null && install >/dev/null; }
-fi
-# Python peers (aiosmtpd as an independent SMTP server) in a venv under target/.
-if ! target/pyenv/bin/python3 -c 'import aiosmtpd' 2>/dev/null; then
-  python3 -m venv target/pyenv
-  target/pyenv/bin/pip install -q aiosmtpd==1.4.6
-fi
+tools/install-peers.sh
 
 step "cargo fmt --check"
 cargo fmt --all -- --check

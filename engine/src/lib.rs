@@ -11,6 +11,7 @@ pub mod dns;
 pub mod events;
 pub mod http;
 pub mod ingress;
+pub mod live;
 pub mod mesh;
 pub mod metrics;
 pub mod policy;

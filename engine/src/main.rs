@@ -62,6 +62,27 @@ fn parse_route(text: &str) -> Result<(String, Vec<config::Listen>), String> {
     Ok((domain.to_ascii_lowercase(), hosts))
 }
 
+/// The configuration: the file (or the embedded default) with the command line's
+/// overrides.
+fn load(cli: &Cli) -> Result<Config, String> {
+    let mut config = match &cli.config {
+        Some(path) => Config::load(path).map_err(|e| e.to_string())?,
+        None => Config::embedded_default(),
+    };
+    if let Some(dir) = &cli.data_dir {
+        config.server.data_dir = dir.clone();
+    }
+    if let Some(shards) = cli.shards {
+        config.server.shards = shards;
+    }
+    for route in &cli.route {
+        let (domain, hosts) =
+            parse_route(route).map_err(|err| format!("--route {route:?}: {err}"))?;
+        config.delivery.routes.insert(domain, hosts);
+    }
+    Ok(config)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if cli.print_default_config {
@@ -103,35 +124,17 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let config = match &cli.config {
-        Some(path) => Config::load(path),
-        None => Ok(Config::embedded_default()),
-    };
-    let mut config = match config {
+    let config = match load(&cli) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("gannetd: {err}");
             return ExitCode::from(2);
         }
     };
-    if let Some(dir) = cli.data_dir {
-        config.server.data_dir = dir;
-    }
-    if let Some(shards) = cli.shards {
-        config.server.shards = shards;
-    }
-    for route in &cli.route {
-        match parse_route(route) {
-            Ok((domain, hosts)) => {
-                config.delivery.routes.insert(domain, hosts);
-            }
-            Err(err) => {
-                eprintln!("gannetd: --route {route:?}: {err}");
-                return ExitCode::from(2);
-            }
-        }
-    }
-    match runtime::run(config.resolve()) {
+    // SIGHUP reads the file again (with the same command-line overrides); what can
+    // change while running is applied, the rest is reported as needing a restart.
+    let reload: runtime::Reload = Box::new(move || load(&cli).map(Config::resolve));
+    match runtime::run(config.resolve(), reload) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");

@@ -51,6 +51,9 @@ pub struct Report {
     pub results: Vec<Response>,
     pub peer: Option<SocketAddr>,
     pub tls: Option<String>,
+    /// The owner's ready queue was full (max_ready): nothing was tried, and the part
+    /// is delayed rather than failed.
+    pub delayed: bool,
 }
 
 #[derive(Debug)]
@@ -58,6 +61,8 @@ pub enum Note {
     /// Boxed to keep notes small in the channel's slots (a hop allocates anyway).
     Handoff(Box<Handoff>),
     Report(Report),
+    /// The live settings changed: look at them now rather than at the next round.
+    Wake,
 }
 
 #[derive(Debug)]
@@ -150,6 +155,7 @@ mod tests {
             results: vec![],
             peer: None,
             tls: None,
+            delayed: false,
         })
     }
 

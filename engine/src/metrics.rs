@@ -56,6 +56,8 @@ metrics! {
     delivery_bounced_total: "counter",
     /// Recipients expired at max_age.
     delivery_expired_total: "counter",
+    /// Recipient attempts put off untried (ready queue full, queue suspended).
+    delivery_delayed_total: "counter",
     /// Parts handed to the shard that owns their site.
     mesh_handoffs_total: "counter",
     /// Parts delivered by their own shard because the owner's inbox was full.
@@ -64,6 +66,8 @@ metrics! {
     queue_scheduled_parts: "gauge",
     /// Message parts due and waiting for a connection.
     queue_ready_parts: "gauge",
+    /// Message parts held by a suspension of their scheduled queue.
+    queue_held_parts: "gauge",
     /// Events lost because the event log could not be written.
     events_dropped_total: "counter",
 }

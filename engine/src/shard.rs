@@ -35,6 +35,8 @@ pub struct Shared {
     /// Every shard's metrics, indexed by shard number.
     pub metrics: Vec<Arc<ShardMetrics>>,
     pub sessions: Arc<SessionLimits>,
+    /// Shaping and suspensions, changeable while running.
+    pub live: crate::live::Live,
 }
 
 /// Session counts across all shards: the total and, per client address, an

@@ -74,6 +74,7 @@ async fn owner(mesh: Arc<Mesh>, expected: u64, echo: bool) {
                         results: vec![Response::local(250, "2.0.0 ok")],
                         peer: None,
                         tls: None,
+                        delayed: false,
                     });
                     while let Err(back) = mesh.send(0, report) {
                         report = back;

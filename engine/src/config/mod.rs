@@ -5,6 +5,7 @@
 //! Unknown keys and bad values are errors that name the key path and the line.
 
 pub mod net;
+pub mod shaping;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -218,12 +219,18 @@ impl<'de> Deserialize<'de> for ReplyText {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: Vec<Listen>,
+    /// Networks allowed to use the admin API (queue suspensions).
+    pub admin_from: Vec<Cidr>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: vec![Listen("127.0.0.1:8000".parse().expect("literal"))],
+            admin_from: vec![
+                "127.0.0.0/8".parse().expect("literal"),
+                "::1/128".parse().expect("literal"),
+            ],
         }
     }
 }
@@ -272,12 +279,12 @@ pub struct DeliveryConfig {
     pub max_retry_interval_secs: Bounded<1, 31_536_000>,
     /// A message older than this is expired (bounced) instead of retried.
     pub max_age_secs: Bounded<1, 31_536_000>,
-    /// Connections at once to one destination site.
-    pub connection_limit: Bounded<1, 10_000>,
-    /// Messages sent over one connection before it is closed.
-    pub max_deliveries_per_connection: Bounded<1, 1_000_000>,
-    /// Recipients per SMTP transaction.
-    pub max_recipients_per_batch: Bounded<1, 100_000>,
+    /// Shaping of every ready queue (`egress_source->site_name`): connections,
+    /// rates, batch sizes, timeouts per SMTP phase. What is left out keeps its
+    /// built-in default.
+    pub shaping: shaping::Knobs,
+    /// Provider rules: shaping for the sites whose MX hosts end in a suffix.
+    pub providers: shaping::Providers,
     /// Static routes: a domain, or `*` for every other domain, to the hosts to deliver
     /// to in order of preference (`host:port`). Domains without a route go to their
     /// MX hosts.
@@ -307,9 +314,8 @@ impl Default for DeliveryConfig {
             retry_interval_secs: Bounded(1200),
             max_retry_interval_secs: Bounded(43_200),
             max_age_secs: Bounded(604_800),
-            connection_limit: Bounded(32),
-            max_deliveries_per_connection: Bounded(1024),
-            max_recipients_per_batch: Bounded(100),
+            shaping: shaping::Knobs::builtin(),
+            providers: BTreeMap::new(),
             routes: BTreeMap::new(),
             sources: BTreeMap::new(),
             pools: BTreeMap::new(),
@@ -481,6 +487,22 @@ impl Config {
                             "source `{}` is not defined in delivery.sources",
                             member.source
                         ),
+                    ));
+                }
+            }
+        }
+        for (name, provider) in &self.delivery.providers {
+            if provider.mx_suffix.iter().all(|s| s.trim().is_empty()) {
+                return Err((
+                    format!("delivery.providers.{name}.mx_suffix"),
+                    "a provider rule needs at least one MX suffix".into(),
+                ));
+            }
+            for source in &provider.sources {
+                if source != "default" && !self.delivery.sources.contains_key(source) {
+                    return Err((
+                        format!("delivery.providers.{name}.sources"),
+                        format!("source `{source}` is not defined in delivery.sources"),
                     ));
                 }
             }

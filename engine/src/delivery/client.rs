@@ -24,7 +24,7 @@ pub enum TlsMode {
 }
 
 /// Timeouts per SMTP phase.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
     pub connect: Duration,
     pub banner: Duration,

@@ -1,11 +1,13 @@
-//! The shard's delivery loop: the queue maintainer moves due parts to their site's
-//! ready queue and opens connections (up to `connection_limit` per site); each
-//! connection takes parts from its ready queue, sends them, and settles every
-//! recipient — Delivery, Bounce, Expiration or TransientFailure with a retry — in
-//! memory, in the spool (update or tombstone) and in the event log.
-//!
-//! Today a message is delivered by the shard that received it; routing to the core
-//! that owns the destination site comes with the cross-core hop (delivery issue).
+//! The shard's delivery loop. The queue maintainer takes due parts from the timer
+//! wheel, holds those whose scheduled queue is suspended, finds each one's site
+//! (static route or MX) and egress source, and puts it in the ready queue
+//! `egress_source->site_name` of the shard that owns the site (here, or over the
+//! mesh); it opens connections within each ready queue's shaping (connection_limit,
+//! max_connection_rate). Each connection takes parts within max_message_rate, sends
+//! them, and the shard that spooled the message settles every recipient — Delivery,
+//! Bounce, Expiration or TransientFailure with a retry, or Delayed when a full
+//! ready queue (max_ready) or a suspension put it off — in memory, in the spool
+//! (update or tombstone) and in the event log.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
@@ -17,6 +19,7 @@ use gannet_spool::{Spool, UpdateRecord};
 
 use super::bounce;
 use super::client::{ClientOptions, Response, Session, Timeouts};
+use super::shaping::ShapingTable;
 use super::tls::ClientTls;
 use crate::clock::unix_ms;
 use crate::config::Config;
@@ -36,10 +39,9 @@ pub struct Dispatcher {
     retry_interval_s: u64,
     max_retry_interval_s: u64,
     max_age_ms: u64,
-    connection_limit: usize,
-    max_deliveries_per_connection: usize,
-    max_recipients_per_batch: usize,
     suspended: bool,
+    /// The generation of the live settings last applied.
+    live_generation: Cell<u64>,
     resolver: crate::dns::Resolver,
     smtp_port: u16,
     /// Domains being resolved, with the parts waiting for the answer.
@@ -127,7 +129,10 @@ impl Dispatcher {
         Dispatcher {
             sources,
             pools,
-            queues: RefCell::new(Queues::default()),
+            queues: RefCell::new(Queues::new(
+                unix_ms(),
+                Arc::new(ShapingTable::new(&config.delivery)),
+            )),
             routes: Routes::new(&routes),
             options: ClientOptions {
                 ehlo_name,
@@ -139,10 +144,8 @@ impl Dispatcher {
             retry_interval_s: d.retry_interval_secs.get(),
             max_retry_interval_s: d.max_retry_interval_secs.get(),
             max_age_ms: d.max_age_secs.get() * 1000,
-            connection_limit: d.connection_limit.usize(),
-            max_deliveries_per_connection: d.max_deliveries_per_connection.usize(),
-            max_recipients_per_batch: d.max_recipients_per_batch.usize(),
             suspended: d.suspended,
+            live_generation: Cell::new(0),
             resolver: crate::dns::Resolver::new(
                 config
                     .dns_server()
@@ -183,15 +186,41 @@ impl Dispatcher {
             finish(shard, &message.borrow());
             return;
         }
-        let now = unix_ms();
         let mut queues = self.queues.borrow_mut();
         for part in parts {
-            queues.push(part, now);
+            queues.schedule(part);
         }
         drop(queues);
         self.wake.raise();
     }
+
+    /// Applies the live settings (shaping, suspensions) if they changed.
+    fn refresh_live(&self, live: &crate::live::Live, now: u64) {
+        let generation = live.generation();
+        if generation == self.live_generation.get() {
+            return;
+        }
+        self.live_generation.set(generation);
+        let state = live.snapshot();
+        let mut queues = self.queues.borrow_mut();
+        queues.set_shaping(state.shaping.clone());
+        queues.set_suspensions(state.suspensions.clone(), now);
+    }
+
+    /// The retry time of a part put off without an attempt.
+    fn delay_due(&self, attempts: u32, now: u64) -> u64 {
+        queue::next_due_ms(
+            now,
+            attempts.max(1),
+            self.retry_interval_s,
+            self.max_retry_interval_s,
+            fastrand::u64(0..=1000),
+        )
+    }
 }
+
+/// How often idle ready queues are forgotten.
+const FORGET_IDLE_MS: u64 = 10_000;
 
 /// The queue maintainer: runs until shutdown.
 pub async fn run(shard: Rc<Shard>) {
@@ -204,20 +233,36 @@ pub async fn run(shard: Rc<Shard>) {
         shard.shutdown.wait().await;
         return;
     }
+    let mut last_forget = unix_ms();
     while !shard.shutdown.is_raised() {
         let now = unix_ms();
+        let now_us = now * 1000;
+        d.refresh_live(&shard.shared.live, now);
         let mut to_open: Vec<String> = Vec::new();
         let mut to_resolve: Vec<String> = Vec::new();
         let mut to_place: Vec<Part> = Vec::new();
+        // The earliest time something must be looked at again, besides the wheel.
+        let mut wake_at = now + 1000;
         {
             let mut queues = d.queues.borrow_mut();
             queues.promote(now);
-            // Due parts get their site: a static route, or an MX lookup (one per domain
-            // at a time; parts of a domain being resolved wait for that answer).
-            let unresolved = std::mem::take(&mut queues.unresolved);
+            if let Some(expiry) = queues.release(now) {
+                wake_at = wake_at.min(expiry);
+            }
+            // Due parts: held when their scheduled queue is suspended, else they get
+            // their site: a static route, or an MX lookup (one per domain at a time;
+            // parts of a domain being resolved wait for that answer).
+            let due = std::mem::take(&mut queues.due);
             let mut resolving = d.resolving.borrow_mut();
-            for mut part in unresolved {
-                if let Some(site) = d.routes.site(&part.domain) {
+            for mut part in due {
+                if let Some(s) = queues.suspension(&part, now) {
+                    let why = Response::local(
+                        451,
+                        format!("4.4.5 queue suspended ({}): {}", s.id, s.reason),
+                    );
+                    delayed(&shard, &part, &why, now);
+                    queues.hold(part);
+                } else if let Some(site) = d.routes.site(&part.domain) {
                     part.site = Some(site);
                     to_place.push(part);
                 } else if let Some(waiting) = resolving.get_mut(&part.domain) {
@@ -227,12 +272,25 @@ pub async fn run(shard: Rc<Shard>) {
                     resolving.insert(part.domain.clone(), vec![part]);
                 }
             }
+            // Connections within each queue's shaping.
             for (key, ready) in queues.ready.iter_mut() {
-                let wanted = ready.len().min(d.connection_limit);
+                if ready.throttled_until_ms > now {
+                    wake_at = wake_at.min(ready.throttled_until_ms);
+                    continue;
+                }
+                let wanted = ready.len().min(ready.shaping.connection_limit);
                 while ready.connections < wanted {
+                    if let Err(wait) = ready.connects.acquire(now_us) {
+                        wake_at = wake_at.min(now + wait.as_millis() as u64 + 1);
+                        break;
+                    }
                     ready.connections += 1;
                     to_open.push(key.clone());
                 }
+            }
+            if now.saturating_sub(last_forget) >= FORGET_IDLE_MS {
+                queues.forget_idle(now);
+                last_forget = now;
             }
         }
         // Every connection counted above must be started, and every domain marked as
@@ -253,17 +311,15 @@ pub async fn run(shard: Rc<Shard>) {
         let next = {
             let queues = d.queues.borrow();
             let m = &shard.metrics;
-            m.queue_scheduled_parts.store(
-                queues.scheduled_len() as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            m.queue_ready_parts.store(
-                queues.ready_len() as u64,
-                std::sync::atomic::Ordering::Relaxed,
-            );
-            queues.next_due()
+            let gauge = |g: &std::sync::atomic::AtomicU64, v: usize| {
+                g.store(v as u64, std::sync::atomic::Ordering::Relaxed)
+            };
+            gauge(&m.queue_scheduled_parts, queues.scheduled_len());
+            gauge(&m.queue_ready_parts, queues.ready_len());
+            gauge(&m.queue_held_parts, queues.held_len());
+            queues.next_due().map_or(wake_at, |due| due.min(wake_at))
         };
-        let sleep_ms = next.map_or(1000, |due| due.saturating_sub(unix_ms()).clamp(1, 1000));
+        let sleep_ms = next.saturating_sub(unix_ms()).clamp(1, 1000);
         futures_lite::future::or(
             d.wake.wait(),
             futures_lite::future::or(
@@ -364,7 +420,7 @@ fn place(shard: &Shard, mut part: Part, now: u64) {
     let mesh = &shard.shared.mesh;
     let owner = crate::mesh::owner(&site.name, mesh.shards());
     if owner == shard.id {
-        d.queues.borrow_mut().push(part, now);
+        push_ready(shard, part, now);
         return;
     }
     let token = d.next_token.get();
@@ -373,7 +429,7 @@ fn place(shard: &Shard, mut part: Part, now: u64) {
         let m = part.message.borrow();
         let Some(stored) = shard.spool.get(m.id) else {
             drop(m);
-            d.queues.borrow_mut().push(part, now);
+            push_ready(shard, part, now);
             return;
         };
         crate::mesh::Handoff {
@@ -402,8 +458,47 @@ fn place(shard: &Shard, mut part: Part, now: u64) {
         }
         Err(_) => {
             ShardMetrics::add(&shard.metrics.mesh_inbox_full_total, 1);
-            d.queues.borrow_mut().push(part, now);
+            push_ready(shard, part, now);
         }
+    }
+}
+
+/// Puts a part in this shard's ready queue, or delays it when the queue is full.
+fn push_ready(shard: &Shard, part: Part, now: u64) {
+    let refused = shard.dispatcher.queues.borrow_mut().push_ready(part);
+    if let Err(part) = refused {
+        delay(shard, part, now);
+    }
+}
+
+/// The reply recorded for a part put off because its ready queue was full.
+fn ready_queue_full() -> Response {
+    Response::local(451, "4.4.5 ready queue full (max_ready); delayed")
+}
+
+/// Returns a part whose ready queue was full to the scheduled queue, untried.
+fn delay(shard: &Shard, mut part: Part, now: u64) {
+    let d = &shard.dispatcher;
+    delayed(shard, &part, &ready_queue_full(), now);
+    part.due_ms = d.delay_due(part.attempts, now);
+    part.site = None;
+    part.egress = None;
+    d.queues.borrow_mut().schedule(part);
+}
+
+/// Records a Delayed event for each recipient of a part.
+fn delayed(shard: &Shard, part: &Part, response: &Response, now: u64) {
+    let m = part.message.borrow();
+    let attempt = Attempt {
+        egress: part.egress.as_deref(),
+        site: part.site.as_deref(),
+        peer: None,
+        tls: None,
+        retries: part.attempts,
+        now,
+    };
+    for i in &part.rcpts {
+        record(shard, &m, *i, &attempt, response, Kind::Delayed);
     }
 }
 
@@ -431,13 +526,34 @@ pub async fn inbox(shard: Rc<Shard>) {
                         .get(&h.egress)
                         .unwrap_or_else(|| &d.sources["default"])
                         .clone();
-                    d.queues.borrow_mut().push_remote(site, egress, *h);
+                    let refused = d.queues.borrow_mut().push_remote(site, egress, h);
+                    if let Err(h) = refused {
+                        // Full: the home shard delays the part. Sent from a task, as
+                        // this one must keep draining the inbox meanwhile.
+                        let report = crate::mesh::Report {
+                            token: h.token,
+                            results: Vec::new(),
+                            peer: None,
+                            tls: None,
+                            delayed: true,
+                        };
+                        let (home, shard) = (h.from, shard.clone());
+                        glommio::spawn_local(async move {
+                            report_home(&shard, home, report).await;
+                        })
+                        .detach();
+                    }
                     d.wake.raise();
                 }
+                crate::mesh::Note::Wake => d.wake.raise(),
                 crate::mesh::Note::Report(r) => {
                     let Some(part) = d.handed.borrow_mut().remove(&r.token) else {
                         continue;
                     };
+                    if r.delayed {
+                        delay(&shard, part, unix_ms());
+                        continue;
+                    }
                     // One reply per recipient; a short report (never expected) leaves
                     // the missing recipients to be retried rather than forgotten.
                     let missing = Response::local(451, "4.3.0 no result from the owner shard");
@@ -474,17 +590,52 @@ async fn report_home(shard: &Shard, to: u16, report: crate::mesh::Report) {
 /// Work a connection can take from a ready queue.
 enum Work {
     Local(Part),
-    Remote(crate::mesh::Handoff),
+    Remote(Box<crate::mesh::Handoff>),
 }
 
-/// Takes the next ready work of a ready queue: this shard's parts first.
-fn next_work(shard: &Shard, key: &str) -> Option<Work> {
+/// What a connection may do next.
+enum Next {
+    Work(Work),
+    /// The queue has work, but max_message_rate says to wait this long.
+    Wait(Duration),
+    Done,
+}
+
+/// A connection waits for the message rate in place when the wait is this short;
+/// longer, it closes and the maintainer opens one when the rate allows.
+const RATE_WAIT_IN_PLACE: Duration = Duration::from_secs(2);
+
+/// Takes the next work of a ready queue (this shard's parts first) if its message
+/// rate allows.
+fn next_work(shard: &Shard, key: &str, rated: bool) -> Next {
     let mut queues = shard.dispatcher.queues.borrow_mut();
-    let q = queues.ready.get_mut(key)?;
-    if let Some(part) = q.parts.pop_front() {
-        return Some(Work::Local(part));
+    let Some(q) = queues.ready.get_mut(key) else {
+        return Next::Done;
+    };
+    if q.is_empty() {
+        return Next::Done;
     }
-    q.remote.pop_front().map(Work::Remote)
+    if rated && let Err(wait) = q.messages.acquire(unix_ms() * 1000) {
+        return Next::Wait(wait);
+    }
+    match q.parts.pop_front() {
+        Some(part) => Next::Work(Work::Local(part)),
+        None => q
+            .remote
+            .pop_front()
+            .map_or(Next::Done, |h| Next::Work(Work::Remote(h))),
+    }
+}
+
+/// The shaping a connection follows (read again per message: it may change live).
+fn shaping_of(shard: &Shard, key: &str) -> Option<super::shaping::Shaping> {
+    shard
+        .dispatcher
+        .queues
+        .borrow()
+        .ready
+        .get(key)
+        .map(|q| q.shaping)
 }
 
 /// Sends one message to `recipients` over `session` in batches; one reply per
@@ -521,12 +672,12 @@ fn pad(mut results: Vec<Response>, len: usize, response: &Response) -> Vec<Respo
 /// quit. A connection failure fails the parts that are ready for the site now.
 async fn connection(shard: Rc<Shard>, key: String) {
     let d = &shard.dispatcher;
-    let Some((site, egress)) = d
+    let Some((site, egress, shaping)) = d
         .queues
         .borrow()
         .ready
         .get(&key)
-        .map(|q| (q.site.clone(), q.egress.clone()))
+        .map(|q| (q.site.clone(), q.egress.clone(), q.shaping))
     else {
         return;
     };
@@ -536,6 +687,7 @@ async fn connection(shard: Rc<Shard>, key: String) {
             .ehlo_name
             .clone()
             .unwrap_or_else(|| d.options.ehlo_name.clone()),
+        timeouts: shaping.timeouts,
         ..d.options.clone()
     };
     let mut session = None;
@@ -551,7 +703,7 @@ async fn connection(shard: Rc<Shard>, key: String) {
     }
     match session {
         None => {
-            while let Some(work) = next_work(&shard, &key) {
+            while let Next::Work(work) = next_work(&shard, &key, false) {
                 match work {
                     Work::Local(part) => {
                         let results = part.rcpts.iter().map(|i| (*i, failure.clone())).collect();
@@ -563,6 +715,7 @@ async fn connection(shard: Rc<Shard>, key: String) {
                             results: vec![failure.clone(); h.recipients.len()],
                             peer: None,
                             tls: None,
+                            delayed: false,
                         };
                         report_home(&shard, h.from, report).await;
                     }
@@ -572,9 +725,33 @@ async fn connection(shard: Rc<Shard>, key: String) {
         Some((mut session, host)) => {
             let mut sent = 0;
             let mut broken = false;
-            while sent < d.max_deliveries_per_connection && !broken {
-                let Some(work) = next_work(&shard, &key) else {
+            while !broken {
+                let Some(shaping) = shaping_of(&shard, &key) else {
                     break;
+                };
+                if sent >= shaping.max_deliveries_per_connection {
+                    break;
+                }
+                let work = match next_work(&shard, &key, true) {
+                    Next::Work(work) => work,
+                    Next::Done => break,
+                    Next::Wait(wait) if wait <= RATE_WAIT_IN_PLACE => {
+                        futures_lite::future::or(
+                            crate::runtime::io::sleep(wait),
+                            shard.shutdown.wait(),
+                        )
+                        .await;
+                        if shard.shutdown.is_raised() {
+                            break;
+                        }
+                        continue;
+                    }
+                    Next::Wait(wait) => {
+                        if let Some(q) = d.queues.borrow_mut().ready.get_mut(&key) {
+                            q.throttled_until_ms = unix_ms() + wait.as_millis() as u64;
+                        }
+                        break;
+                    }
                 };
                 match work {
                     Work::Local(part) => {
@@ -595,7 +772,7 @@ async fn connection(shard: Rc<Shard>, key: String) {
                         let body = stored.get().body.as_slice();
                         let (replies, failed) = deliver(
                             &mut session,
-                            d.max_recipients_per_batch,
+                            shaping.max_recipients_per_batch,
                             &sender,
                             &recipients,
                             body,
@@ -608,7 +785,7 @@ async fn connection(shard: Rc<Shard>, key: String) {
                     Work::Remote(h) => {
                         let (replies, failed) = deliver(
                             &mut session,
-                            d.max_recipients_per_batch,
+                            shaping.max_recipients_per_batch,
                             &h.sender,
                             &h.recipients,
                             &h.body,
@@ -620,6 +797,7 @@ async fn connection(shard: Rc<Shard>, key: String) {
                             results: replies,
                             peer: Some(host),
                             tls: session.tls.clone(),
+                            delayed: false,
                         };
                         report_home(&shard, h.from, report).await;
                     }
@@ -698,7 +876,7 @@ fn settle(
     );
     persist(&shard.spool, &m, part.due_ms, shard.id);
     drop(m);
-    d.queues.borrow_mut().push(part, now);
+    d.queues.borrow_mut().schedule(part);
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -707,6 +885,7 @@ enum Kind {
     TransientFailure,
     Bounce,
     Expiration,
+    Delayed,
 }
 
 /// What is known about one delivery attempt of a part.
@@ -769,6 +948,7 @@ fn record(
         ),
         Kind::Bounce => (Event::Bounce(outcome), &metrics.delivery_bounced_total),
         Kind::Expiration => (Event::Expiration(outcome), &metrics.delivery_expired_total),
+        Kind::Delayed => (Event::Delayed(outcome), &metrics.delivery_delayed_total),
     };
     ShardMetrics::add(counter, 1);
     shard.event(&event);

@@ -4,6 +4,7 @@
 pub mod bounce;
 pub mod client;
 pub mod dispatcher;
+pub mod shaping;
 pub mod tls;
 
 #[cfg(test)]

@@ -48,6 +48,9 @@ pub enum Event<'a> {
     Bounce(Outcome<'a>),
     /// A recipient was still undelivered at max_age and is given up.
     Expiration(Outcome<'a>),
+    /// A recipient's attempt was put off without being tried (its ready queue was
+    /// full, or its scheduled queue is suspended); not counted as a retry.
+    Delayed(Outcome<'a>),
     /// A policy phase (or a limit) refused a session, a recipient or a message.
     PolicyRejection {
         timestamp_ms: u64,

@@ -1,6 +1,9 @@
-//! The HTTP listener: Prometheus `/metrics` and `/health` today; the injection and
-//! admin APIs (with hyper) arrive with the HTTP API issue. Requests are parsed with
-//! httparse; HTTP/1.1 keep-alive is honoured; bodies are refused.
+//! The HTTP listener: Prometheus `/metrics`, `/health` and the admin API for queue
+//! suspensions ([`admin`], from `http.admin_from` networks only); the injection API
+//! (with hyper) arrives with the HTTP API issue. Requests are parsed with httparse;
+//! HTTP/1.1 keep-alive is honoured; bodies need a Content-Length and are bounded.
+
+pub mod admin;
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -12,6 +15,8 @@ use crate::shard::Shard;
 
 /// Largest request head accepted.
 const HEAD_BYTES_MAX: usize = 16 << 10;
+/// Largest request body accepted (admin requests are small JSON objects).
+const BODY_BYTES_MAX: usize = 64 << 10;
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
@@ -35,21 +40,16 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
 }
 
 async fn connection(shard: Rc<Shard>, stream: TcpStream) {
+    let peer = stream.peer_addr().ok().map(|a| a.ip());
     let mut conn = Conn::Plain(stream);
-    let mut buf = vec![0u8; HEAD_BYTES_MAX];
+    let mut buf = vec![0u8; HEAD_BYTES_MAX + BODY_BYTES_MAX];
     let mut len = 0;
     loop {
-        let head_end = memchr::memmem::find(&buf[..len], b"\r\n\r\n");
+        let head_end = memchr::memmem::find(&buf[..len.min(HEAD_BYTES_MAX)], b"\r\n\r\n");
         let Some(head_end) = head_end else {
-            if len == buf.len() {
-                let _ = respond(
-                    &mut conn,
-                    431,
-                    "application/json",
-                    &error_json("request head too large"),
-                    false,
-                )
-                .await;
+            if len >= HEAD_BYTES_MAX {
+                let reply = admin::error(431, "request head too large", "");
+                let _ = respond(&mut conn, reply.into(), false).await;
                 break;
             }
             match conn.read(&mut buf[len..], IDLE_TIMEOUT).await {
@@ -58,96 +58,176 @@ async fn connection(shard: Rc<Shard>, stream: TcpStream) {
             }
             continue;
         };
+        let body_start = head_end + 4;
         let mut headers = [httparse::EMPTY_HEADER; 32];
         let mut request = httparse::Request::new(&mut headers);
-        let parsed = request.parse(&buf[..head_end + 4]);
-        let (status, content_type, body, keep_alive) = match parsed {
-            Ok(httparse::Status::Complete(_)) => route(&shard, &request),
-            _ => (
-                400,
-                "application/json",
-                error_json("malformed HTTP request"),
-                false,
-            ),
-        };
-        if respond(&mut conn, status, content_type, &body, keep_alive)
-            .await
-            .is_err()
-            || !keep_alive
-        {
+        let parsed = request.parse(&buf[..body_start]);
+        if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
+            let reply = admin::error(400, "malformed HTTP request", "");
+            let _ = respond(&mut conn, reply.into(), false).await;
             break;
         }
-        buf.copy_within(head_end + 4..len, 0);
-        len -= head_end + 4;
+        let head = Head::of(&request);
+        let Some(body_len) = head.body_len else {
+            let reply = admin::error(
+                411,
+                "a request body needs a valid Content-Length (chunked bodies are not accepted)",
+                "",
+            );
+            let _ = respond(&mut conn, reply.into(), false).await;
+            break;
+        };
+        if body_len > BODY_BYTES_MAX {
+            let reply = admin::error(
+                413,
+                "request body too large",
+                &format!("at most {BODY_BYTES_MAX} bytes"),
+            );
+            let _ = respond(&mut conn, reply.into(), false).await;
+            break;
+        }
+        let end = body_start + body_len;
+        let mut complete = true;
+        while len < end {
+            match conn.read(&mut buf[len..], IDLE_TIMEOUT).await {
+                Ok(0) | Err(_) => {
+                    complete = false;
+                    break;
+                }
+                Ok(n) => len += n,
+            }
+        }
+        if !complete {
+            break;
+        }
+        let reply = route(&shard, &head, &buf[body_start..end], peer);
+        if respond(&mut conn, reply, head.keep_alive).await.is_err() || !head.keep_alive {
+            break;
+        }
+        buf.copy_within(end..len, 0);
+        len -= end;
     }
     conn.close().await;
 }
 
-fn route(shard: &Shard, request: &httparse::Request<'_, '_>) -> (u16, &'static str, String, bool) {
-    let has_body = request.headers.iter().any(|h| {
-        (h.name.eq_ignore_ascii_case("content-length") && h.value != b"0")
-            || h.name.eq_ignore_ascii_case("transfer-encoding")
-    });
-    let close = request.headers.iter().any(|h| {
-        h.name.eq_ignore_ascii_case("connection") && h.value.eq_ignore_ascii_case(b"close")
-    });
-    let keep_alive = request.version == Some(1) && !close && !has_body;
-    let method = request.method.unwrap_or("");
-    let path = request.path.unwrap_or("").split('?').next().unwrap_or("");
-    if has_body {
-        return (
-            413,
-            "application/json",
-            error_json("request bodies are not accepted here"),
-            false,
-        );
-    }
-    match (method, path) {
-        ("GET", "/metrics") => (
-            200,
-            "text/plain; version=0.0.4",
-            crate::metrics::render(&shard.shared.metrics),
-            keep_alive,
-        ),
-        ("GET", "/health") => (
-            200,
-            "application/json",
-            "{\"status\":\"ok\"}".into(),
-            keep_alive,
-        ),
-        (_, "/metrics" | "/health") => (
-            405,
-            "application/json",
-            error_json("method not allowed"),
-            keep_alive,
-        ),
-        _ => (
-            404,
-            "application/json",
-            error_json("no such endpoint"),
-            keep_alive,
-        ),
-    }
-}
-
-/// SparkPost's error shape, which the HTTP API issue keeps.
-fn error_json(message: &str) -> String {
-    serde_json::json!({ "errors": [{ "message": message }] }).to_string()
-}
-
-async fn respond(
-    conn: &mut Conn,
-    status: u16,
-    content_type: &str,
-    body: &str,
+/// What a request's head says.
+struct Head {
+    method: String,
+    path: String,
     keep_alive: bool,
-) -> std::io::Result<()> {
+    /// None: a body whose length is not known (chunked, or a bad Content-Length).
+    body_len: Option<usize>,
+    content_type: Option<String>,
+}
+
+impl Head {
+    fn of(request: &httparse::Request<'_, '_>) -> Head {
+        let header = |name: &str| {
+            request
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(name))
+                .map(|h| String::from_utf8_lossy(h.value).trim().to_string())
+        };
+        let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let body_len = match (header("transfer-encoding"), header("content-length")) {
+            (Some(_), _) => None,
+            (None, None) => Some(0),
+            (None, Some(v)) => v.parse().ok(),
+        };
+        Head {
+            method: request.method.unwrap_or("").to_string(),
+            path: request
+                .path
+                .unwrap_or("")
+                .split('?')
+                .next()
+                .unwrap_or("")
+                .to_string(),
+            keep_alive: request.version == Some(1) && !close,
+            body_len,
+            content_type: header("content-type"),
+        }
+    }
+}
+
+/// A reply with its content type.
+struct Response {
+    status: u16,
+    content_type: &'static str,
+    body: String,
+}
+
+impl From<admin::Reply> for Response {
+    fn from((status, body): admin::Reply) -> Response {
+        Response {
+            status,
+            content_type: "application/json",
+            body,
+        }
+    }
+}
+
+const SUSPEND: &str = "/api/admin/suspend/v1";
+
+fn route(shard: &Shard, head: &Head, body: &[u8], peer: Option<std::net::IpAddr>) -> Response {
+    let shared = &shard.shared;
+    let method = head.method.as_str();
+    match (method, head.path.as_str()) {
+        ("GET", "/metrics") => Response {
+            status: 200,
+            content_type: "text/plain; version=0.0.4",
+            body: crate::metrics::render(&shared.metrics),
+        },
+        ("GET", "/health") => (200, "{\"status\":\"ok\"}".to_string()).into(),
+        (_, SUSPEND) => {
+            let allowed =
+                peer.is_some_and(|ip| shared.config.http.admin_from.iter().any(|c| c.contains(ip)));
+            if !allowed {
+                return admin::error(
+                    403,
+                    "forbidden",
+                    "the admin API is open to http.admin_from networks only",
+                )
+                .into();
+            }
+            let json = head
+                .content_type
+                .as_deref()
+                .is_some_and(|t| t.starts_with("application/json"));
+            match method {
+                "GET" => admin::list(shared).into(),
+                "POST" | "DELETE" if !json => admin::error(
+                    415,
+                    "unsupported media type",
+                    "the body must be application/json",
+                )
+                .into(),
+                "POST" => admin::suspend(shared, body).into(),
+                "DELETE" => admin::resume(shared, body).into(),
+                _ => admin::error(405, "method not allowed", "").into(),
+            }
+        }
+        (_, "/metrics" | "/health") => admin::error(405, "method not allowed", "").into(),
+        _ => admin::error(404, "no such endpoint", "").into(),
+    }
+}
+
+async fn respond(conn: &mut Conn, response: Response, keep_alive: bool) -> std::io::Result<()> {
+    let Response {
+        status,
+        content_type,
+        body,
+    } = response;
     let reason = match status {
         200 => "OK",
         400 => "Bad Request",
+        403 => "Forbidden",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        411 => "Length Required",
         413 => "Payload Too Large",
+        415 => "Unsupported Media Type",
         431 => "Request Header Fields Too Large",
         _ => "Error",
     };

@@ -10,13 +10,18 @@
 //! Nothing here does I/O or reads the clock: the dispatcher passes `now`, so the retry
 //! schedule is tested with plain numbers.
 
+pub mod wheel;
+
 use std::cell::RefCell;
-use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::Arc;
 
 use gannet_spool::MessageId;
+
+use crate::delivery::shaping::{QueueName, Shaping, ShapingTable, Suspension, Throttle};
+use wheel::Wheel;
 
 /// A message in memory.
 #[derive(Debug)]
@@ -197,21 +202,24 @@ pub fn next_due_ms(
     now_ms + base_ms + base_ms / 10 * jitter.min(1000) / 1000
 }
 
-/// The scheduled queue (parts waiting for their due time), parts due but not yet
-/// resolved to a site, and the ready queues (per site, parts due now). Bounded by
-/// memory only for now; `max_ready` and the timer wheel come with the delivery issue.
-#[derive(Debug, Default)]
+/// The shard's queues: the scheduled queue (a timer wheel of parts waiting for their
+/// due time), parts due but not yet placed (`due`: their site is looked up, their
+/// scheduled queue's suspensions checked), parts held by a suspension, and the ready
+/// queues (per egress source and site, parts due now) with their shaping.
+#[derive(Debug)]
 pub struct Queues {
-    scheduled: BinaryHeap<Reverse<(u64, u64)>>,
-    waiting: HashMap<u64, Part>,
-    next_seq: u64,
+    scheduled: Wheel<Part>,
     /// Due parts whose site is not known yet.
-    pub unresolved: Vec<Part>,
+    pub due: Vec<Part>,
+    /// Due parts whose scheduled queue is suspended.
+    held: Vec<Part>,
+    suspensions: Vec<Suspension>,
+    shaping: Arc<ShapingTable>,
     /// Ready queues by name (`egress_source->site_name`).
     pub ready: HashMap<String, ReadyQueue>,
 }
 
-/// One site's ready queue and its connections.
+/// One ready queue: its parts, its connections and its shaping.
 #[derive(Debug)]
 pub struct ReadyQueue {
     pub site: Rc<Site>,
@@ -219,19 +227,40 @@ pub struct ReadyQueue {
     /// Parts of messages this shard spooled.
     pub parts: VecDeque<Part>,
     /// Parts other shards handed to this one, the owner of the site.
-    pub remote: VecDeque<crate::mesh::Handoff>,
+    pub remote: VecDeque<Box<crate::mesh::Handoff>>,
     pub connections: usize,
+    pub shaping: Shaping,
+    /// max_message_rate: one token per message sent.
+    pub messages: Throttle,
+    /// max_connection_rate: one token per connection opened.
+    pub connects: Throttle,
+    /// No connection is opened before this (unix ms): the message rate said to wait.
+    pub throttled_until_ms: u64,
 }
 
 impl ReadyQueue {
-    fn new(site: Rc<Site>, egress: Rc<Egress>) -> ReadyQueue {
+    fn new(site: Rc<Site>, egress: Rc<Egress>, table: &ShapingTable) -> ReadyQueue {
+        let shaping = table.resolve(&egress.name, site.host_names.iter().map(String::as_str));
         ReadyQueue {
             site,
             egress,
             parts: VecDeque::new(),
             remote: VecDeque::new(),
             connections: 0,
+            shaping,
+            messages: Throttle::new(shaping.max_message_rate),
+            connects: Throttle::new(shaping.max_connection_rate),
+            throttled_until_ms: 0,
         }
+    }
+
+    fn reshape(&mut self, table: &ShapingTable) {
+        self.shaping = table.resolve(
+            &self.egress.name,
+            self.site.host_names.iter().map(String::as_str),
+        );
+        self.messages.set_rate(self.shaping.max_message_rate);
+        self.connects.set_rate(self.shaping.max_connection_rate);
     }
 
     pub fn len(&self) -> usize {
@@ -241,75 +270,155 @@ impl ReadyQueue {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    fn is_full(&self) -> bool {
+        self.len() >= self.shaping.max_ready
+    }
+}
+
+/// The scheduled queue a part belongs to: `campaign:tenant@domain`.
+pub fn queue_name<'a>(message: &'a Message, domain: &'a str) -> QueueName<'a> {
+    QueueName {
+        campaign: message.meta("campaign"),
+        tenant: message.meta("tenant"),
+        domain,
+    }
 }
 
 impl Queues {
-    /// Adds a part: to its site's ready queue when due (or to `unresolved` when its
-    /// site is not known yet), else to the scheduled queue.
-    pub fn push(&mut self, part: Part, now_ms: u64) {
-        if part.due_ms <= now_ms {
-            let Some(site) = part.site.clone() else {
-                self.unresolved.push(part);
-                return;
-            };
-            let egress = part
-                .egress
-                .clone()
-                .unwrap_or_else(|| Rc::new(Egress::default_source()));
-            self.ready
-                .entry(ready_key(&egress, &site))
-                .or_insert_with(|| ReadyQueue::new(site, egress))
-                .parts
-                .push_back(part);
-        } else {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            self.scheduled.push(Reverse((part.due_ms, seq)));
-            self.waiting.insert(seq, part);
+    pub fn new(now_ms: u64, shaping: Arc<ShapingTable>) -> Queues {
+        Queues {
+            scheduled: Wheel::new(now_ms),
+            due: Vec::new(),
+            held: Vec::new(),
+            suspensions: Vec::new(),
+            shaping,
+            ready: HashMap::new(),
         }
     }
 
-    /// Adds a part handed over by another shard to its site's ready queue.
+    /// Adds a part to the scheduled queue, or to `due` when it is due.
+    pub fn schedule(&mut self, part: Part) {
+        if let Err(part) = self.scheduled.insert(part.due_ms, part) {
+            self.due.push(part);
+        }
+    }
+
+    /// Moves every part due at `now_ms` to `due`.
+    pub fn promote(&mut self, now_ms: u64) {
+        self.scheduled.advance(now_ms, &mut self.due);
+    }
+
+    /// The suspension holding a part's scheduled queue, if any.
+    pub fn suspension(&self, part: &Part, now_ms: u64) -> Option<&Suspension> {
+        if self.suspensions.is_empty() {
+            return None;
+        }
+        let m = part.message.borrow();
+        let queue = queue_name(&m, &part.domain);
+        self.suspensions.iter().find(|s| s.holds(&queue, now_ms))
+    }
+
+    /// Keeps a part until its scheduled queue's suspension ends.
+    pub fn hold(&mut self, part: Part) {
+        self.held.push(part);
+    }
+
+    /// Replaces the suspensions; held parts no longer suspended become due.
+    pub fn set_suspensions(&mut self, suspensions: Vec<Suspension>, now_ms: u64) {
+        self.suspensions = suspensions;
+        self.release(now_ms);
+    }
+
+    /// Makes held parts whose suspension ended due; returns when the next active
+    /// suspension expires.
+    pub fn release(&mut self, now_ms: u64) -> Option<u64> {
+        self.suspensions.retain(|s| s.expires_unix_ms > now_ms);
+        let held = std::mem::take(&mut self.held);
+        for part in held {
+            if self.suspension(&part, now_ms).is_some() {
+                self.held.push(part);
+            } else {
+                self.due.push(part);
+            }
+        }
+        self.suspensions.iter().map(|s| s.expires_unix_ms).min()
+    }
+
+    /// Applies new shaping to every ready queue (rates keep what was spent).
+    pub fn set_shaping(&mut self, shaping: Arc<ShapingTable>) {
+        for q in self.ready.values_mut() {
+            q.reshape(&shaping);
+        }
+        self.shaping = shaping;
+    }
+
+    fn ready_queue(&mut self, site: Rc<Site>, egress: Rc<Egress>) -> &mut ReadyQueue {
+        let shaping = &self.shaping;
+        self.ready
+            .entry(ready_key(&egress, &site))
+            .or_insert_with(|| ReadyQueue::new(site, egress, shaping))
+    }
+
+    /// Adds a due part with a site to its ready queue; a full queue (max_ready) gives
+    /// it back.
+    pub fn push_ready(&mut self, part: Part) -> Result<(), Part> {
+        let site = part.site.clone().expect("ready parts have a site");
+        let egress = part
+            .egress
+            .clone()
+            .unwrap_or_else(|| Rc::new(Egress::default_source()));
+        let q = self.ready_queue(site, egress);
+        if q.is_full() {
+            return Err(part);
+        }
+        q.parts.push_back(part);
+        Ok(())
+    }
+
+    /// Adds a part handed over by another shard to its site's ready queue; a full
+    /// queue gives it back.
     pub fn push_remote(
         &mut self,
         site: Rc<Site>,
         egress: Rc<Egress>,
-        handoff: crate::mesh::Handoff,
-    ) {
-        self.ready
-            .entry(ready_key(&egress, &site))
-            .or_insert_with(|| ReadyQueue::new(site, egress))
-            .remote
-            .push_back(handoff);
-    }
-
-    /// Moves every part due at `now_ms` to its ready queue; returns how many moved.
-    pub fn promote(&mut self, now_ms: u64) -> usize {
-        let mut moved = 0;
-        while let Some(Reverse((due, seq))) = self.scheduled.peek().copied() {
-            if due > now_ms {
-                break;
-            }
-            self.scheduled.pop();
-            if let Some(part) = self.waiting.remove(&seq) {
-                self.push(part, now_ms);
-                moved += 1;
-            }
+        handoff: Box<crate::mesh::Handoff>,
+    ) -> Result<(), Box<crate::mesh::Handoff>> {
+        let q = self.ready_queue(site, egress);
+        if q.is_full() {
+            return Err(handoff);
         }
-        moved
+        q.remote.push_back(handoff);
+        Ok(())
     }
 
-    /// When the earliest scheduled part is due.
+    /// Forgets ready queues with nothing to do whose rate limits have recovered.
+    pub fn forget_idle(&mut self, now_ms: u64) {
+        let now_us = now_ms * 1000;
+        self.ready.retain(|_, q| {
+            !q.is_empty()
+                || q.connections > 0
+                || !q.messages.wait(now_us).is_zero()
+                || !q.connects.wait(now_us).is_zero()
+        });
+    }
+
+    /// When the scheduled queue next has a part due (a lower bound).
     pub fn next_due(&self) -> Option<u64> {
-        self.scheduled.peek().map(|Reverse((due, _))| *due)
+        self.scheduled.next_deadline()
     }
 
+    /// Parts in the scheduled queue, held ones included.
     pub fn scheduled_len(&self) -> usize {
-        self.waiting.len()
+        self.scheduled.len() + self.held.len()
+    }
+
+    pub fn held_len(&self) -> usize {
+        self.held.len()
     }
 
     pub fn ready_len(&self) -> usize {
-        self.ready.values().map(ReadyQueue::len).sum::<usize>() + self.unresolved.len()
+        self.ready.values().map(ReadyQueue::len).sum::<usize>() + self.due.len()
     }
 }
 
@@ -381,28 +490,78 @@ mod tests {
     }
 
     #[test]
-    fn scheduled_parts_become_ready_when_due() {
-        let mut q = Queues::default();
-        let m = message(&["x@a.test", "done@a.test", "z@c.test"]);
+    fn scheduled_parts_become_due_in_time_and_ready_queues_are_bounded() {
+        let table = Arc::new(ShapingTable::new(&crate::config::DeliveryConfig {
+            shaping: crate::config::shaping::Knobs {
+                max_ready: Some(crate::config::Bounded(1)),
+                ..Default::default()
+            },
+            ..Default::default()
+        }));
+        let mut q = Queues::new(50, table);
+        let m = message(&["x@a.test", "done@a.test", "z@c.test", "w@b.test"]);
         let r = routes();
         for (i, mut part) in split(&m, 0).into_iter().enumerate() {
             part.due_ms = 100 * (i as u64 + 1);
             part.site = r.site(&part.domain);
-            q.push(part, 50);
+            q.schedule(part);
         }
-        assert_eq!(
-            (q.scheduled_len(), q.ready_len(), q.next_due()),
-            (2, 0, Some(100))
-        );
-        assert_eq!(q.promote(150), 1);
-        assert_eq!(
-            (q.scheduled_len(), q.ready_len(), q.next_due()),
-            (1, 1, Some(200))
-        );
-        assert_eq!(q.promote(1000), 1);
-        assert_eq!(
-            (q.scheduled_len(), q.ready_len(), q.next_due()),
-            (0, 2, None)
-        );
+        assert_eq!((q.scheduled_len(), q.ready_len()), (3, 0));
+        let next = q.next_due().expect("scheduled");
+        assert!((50..=100).contains(&next), "a lower bound of 100: {next}");
+        q.promote(99);
+        assert_eq!(q.due.len(), 0);
+        q.promote(150);
+        assert_eq!((q.scheduled_len(), q.due.len()), (2, 1));
+        q.promote(1000);
+        assert_eq!((q.scheduled_len(), q.due.len(), q.next_due()), (0, 3, None));
+        // a.test and b.test share a site: the second is refused by max_ready = 1.
+        let mut due = std::mem::take(&mut q.due);
+        due.sort_by(|a, b| a.domain.cmp(&b.domain));
+        let mut refused = Vec::new();
+        for part in due {
+            if let Err(part) = q.push_ready(part) {
+                refused.push(part.domain);
+            }
+        }
+        assert_eq!(refused, vec!["b.test".to_string()]);
+        assert_eq!(q.ready.len(), 2);
+        assert_eq!(q.ready_len(), 2);
+    }
+
+    #[test]
+    fn suspended_parts_are_held_until_the_suspension_is_lifted_or_expires() {
+        let mut q = Queues::new(0, Arc::new(ShapingTable::new(&Default::default())));
+        let m = message(&["x@a.test", "done@a.test", "z@c.test"]);
+        m.borrow_mut().meta.push(("tenant".into(), "acme".into()));
+        let suspension = Suspension {
+            id: "s".into(),
+            domain: Some("a.test".into()),
+            tenant: Some("acme".into()),
+            campaign: None,
+            queue_names: vec![],
+            reason: "test".into(),
+            expires_unix_ms: 500,
+        };
+        q.set_suspensions(vec![suspension.clone()], 0);
+        for part in split(&m, 0) {
+            if q.suspension(&part, 0).is_some() {
+                q.hold(part);
+            } else {
+                q.schedule(part);
+            }
+        }
+        assert_eq!((q.held_len(), q.due.len()), (1, 1));
+        assert_eq!(q.release(100), Some(500));
+        assert_eq!(q.held_len(), 1);
+        assert_eq!(q.release(500), None, "expired");
+        assert_eq!((q.held_len(), q.due.len()), (0, 2));
+        let part = q.due.pop().unwrap();
+        q.set_suspensions(vec![suspension], 0);
+        let held = q.suspension(&part, 0).is_some();
+        assert!(held == (part.domain == "a.test"));
+        q.hold(part);
+        q.set_suspensions(vec![], 0);
+        assert_eq!((q.held_len(), q.due.len()), (0, 2), "lifted");
     }
 }

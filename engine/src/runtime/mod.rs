@@ -47,9 +47,13 @@ struct Addresses {
     http: Vec<SocketAddr>,
 }
 
+/// Reads the configuration again (for SIGHUP).
+pub type Reload = Box<dyn Fn() -> std::result::Result<Config, String> + Send>;
+
 /// Runs every shard until SIGTERM or SIGINT, then stops accepting, lets transactions
-/// in progress finish, syncs each spool and returns.
-pub fn run(config: Config) -> Result<()> {
+/// in progress finish, syncs each spool and returns. SIGHUP calls `reload` and applies
+/// what can change while running (traffic shaping).
+pub fn run(config: Config, reload: Reload) -> Result<()> {
     let shards = config.server.shards;
     if shards == 0 || shards > usize::from(u16::MAX) {
         return Err(anyhow!(
@@ -88,12 +92,16 @@ pub fn run(config: Config) -> Result<()> {
             .map(|_| Arc::new(ShardMetrics::default()))
             .collect(),
         mesh: crate::mesh::Mesh::new(shards, MESH_INBOX_NOTES_MAX),
+        live: crate::live::Live::new(crate::delivery::shaping::ShapingTable::new(
+            &config.delivery,
+        )),
         sessions: Arc::new(SessionLimits::new(
             config.smtp.sessions_max.usize(),
             u32::try_from(config.smtp.sessions_per_ip_max.get()).unwrap_or(u32::MAX),
         )),
         config,
     });
+    let shared_for_reload = shared.clone();
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
@@ -150,8 +158,13 @@ pub fn run(config: Config) -> Result<()> {
     } else {
         stop.store(true, Ordering::Release);
     }
+    let finished = Arc::new(AtomicBool::new(false));
+    let reloader = spawn_reloader(shared_for_reload, reload, finished.clone())?;
     let mut errors = Vec::new();
-    for result in handles.join_all() {
+    let results = handles.join_all();
+    finished.store(true, Ordering::Release);
+    let _ = reloader.join();
+    for result in results {
         match result {
             Ok(Ok(())) => {}
             Ok(Err(err)) => errors.push(format!("{err:#}")),
@@ -166,6 +179,66 @@ pub fn run(config: Config) -> Result<()> {
     }
     tracing::info!("gannetd stopped");
     Ok(())
+}
+
+/// Watches for SIGHUP until `finished`, then reloads the configuration.
+fn spawn_reloader(
+    shared: Arc<Shared>,
+    reload: Reload,
+    finished: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let hup = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
+        .context("installing the SIGHUP handler")?;
+    std::thread::Builder::new()
+        .name("gannet-reload".into())
+        .spawn(move || {
+            while !finished.load(Ordering::Acquire) {
+                std::thread::sleep(Duration::from_millis(50));
+                if hup.swap(false, Ordering::AcqRel) {
+                    match reload() {
+                        Ok(config) => apply_reload(&shared, &config),
+                        Err(err) => tracing::error!(
+                            "SIGHUP: the configuration was not reloaded (the running one stays): {err}"
+                        ),
+                    }
+                }
+            }
+        })
+        .context("starting the reload thread")
+}
+
+/// Applies a reloaded configuration's live parts (shaping and provider rules) and
+/// names the sections whose changes wait for a restart.
+fn apply_reload(shared: &Shared, config: &Config) {
+    let running = &shared.config;
+    let shaping = crate::delivery::shaping::ShapingTable::new(&config.delivery);
+    shared
+        .live
+        .update(|state| state.shaping = Arc::new(shaping));
+    for shard in 0..shared.mesh.shards() {
+        let _ = shared.mesh.send(shard as u16, crate::mesh::Note::Wake);
+    }
+    let mut rest = config.clone();
+    rest.delivery.shaping = running.delivery.shaping.clone();
+    rest.delivery.providers = running.delivery.providers.clone();
+    let mut pending = Vec::new();
+    macro_rules! compare {
+        ($($section:ident),*) => {
+            $(if rest.$section != running.$section {
+                pending.push(stringify!($section));
+            })*
+        };
+    }
+    compare!(server, smtp, policy, http, spool, events, delivery);
+    if pending.is_empty() {
+        tracing::info!("SIGHUP: configuration reloaded (delivery shaping and providers applied)");
+    } else {
+        tracing::warn!(
+            sections = pending.join(", "),
+            "SIGHUP: delivery shaping and providers applied; changes to these sections need a restart"
+        );
+    }
 }
 
 const LISTENERS_FILE: &str = "listeners.json";

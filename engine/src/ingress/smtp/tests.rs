@@ -43,6 +43,9 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
         metrics: vec![Arc::new(ShardMetrics::default())],
         mesh: crate::mesh::Mesh::new(1, 16),
         sessions: Arc::new(SessionLimits::new(100, 100)),
+        live: crate::live::Live::new(crate::delivery::shaping::ShapingTable::new(
+            &config.delivery,
+        )),
         config,
     });
     let dispatcher =

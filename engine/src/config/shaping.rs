@@ -1,0 +1,174 @@
+//! Traffic shaping in the configuration: the knobs of a ready queue
+//! (`egress_source->site_name`), their defaults, and provider rules that change them
+//! for sites whose MX hosts end in a suffix. These can be changed while gannetd runs
+//! (SIGHUP reloads them from the configuration file).
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::Deserialize;
+
+use super::Bounded;
+
+/// Shaping knobs. Every one is optional: the defaults fill what `delivery.shaping`
+/// leaves out, and a provider rule sets only what it names.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Knobs {
+    /// Connections at once from one egress source to one site.
+    pub connection_limit: Option<Bounded<1, 10_000>>,
+    /// Messages sent over one connection before it is closed.
+    pub max_deliveries_per_connection: Option<Bounded<1, 1_000_000>>,
+    /// Recipients per SMTP transaction.
+    pub max_recipients_per_batch: Option<Bounded<1, 100_000>>,
+    /// Messages per time unit to the site (`"100/s"`, `"2000/min"`, `"50000/h"`,
+    /// `"unlimited"`), with bursts up to the count.
+    pub max_message_rate: Option<Rate>,
+    /// New connections per time unit to the site.
+    pub max_connection_rate: Option<Rate>,
+    /// Parts waiting in the ready queue; past it, a part is delayed (returned to its
+    /// scheduled queue with a Delayed event).
+    pub max_ready: Option<Bounded<1, 100_000_000>>,
+    /// Timeouts per SMTP phase, in seconds.
+    pub connect_timeout_secs: Option<Bounded<1, 3600>>,
+    pub banner_timeout_secs: Option<Bounded<1, 3600>>,
+    pub ehlo_timeout_secs: Option<Bounded<1, 3600>>,
+    pub starttls_timeout_secs: Option<Bounded<1, 3600>>,
+    pub mail_from_timeout_secs: Option<Bounded<1, 3600>>,
+    pub rcpt_to_timeout_secs: Option<Bounded<1, 3600>>,
+    pub data_timeout_secs: Option<Bounded<1, 3600>>,
+    /// From the end of the message to the final reply.
+    pub data_dot_timeout_secs: Option<Bounded<1, 3600>>,
+}
+
+impl Knobs {
+    /// The defaults (documented in default.toml).
+    pub fn builtin() -> Knobs {
+        Knobs {
+            connection_limit: Some(Bounded(32)),
+            max_deliveries_per_connection: Some(Bounded(1024)),
+            max_recipients_per_batch: Some(Bounded(100)),
+            max_message_rate: Some(Rate::Unlimited),
+            max_connection_rate: Some(Rate::Unlimited),
+            max_ready: Some(Bounded(1_000_000)),
+            connect_timeout_secs: Some(Bounded(30)),
+            banner_timeout_secs: Some(Bounded(60)),
+            ehlo_timeout_secs: Some(Bounded(60)),
+            starttls_timeout_secs: Some(Bounded(60)),
+            mail_from_timeout_secs: Some(Bounded(300)),
+            rcpt_to_timeout_secs: Some(Bounded(300)),
+            data_timeout_secs: Some(Bounded(120)),
+            data_dot_timeout_secs: Some(Bounded(600)),
+        }
+    }
+}
+
+/// A rule for the sites of one provider.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Provider {
+    /// The rule applies to a site when one of its MX host names ends with one of these
+    /// (case-insensitive; e.g. `".google.com"`).
+    pub mx_suffix: Vec<String>,
+    /// Only for these egress sources; empty: every source.
+    pub sources: Vec<String>,
+    pub shaping: Knobs,
+}
+
+/// Providers by name; every matching rule applies, in name order.
+pub type Providers = BTreeMap<String, Provider>;
+
+/// A rate: `count` per `per_ms` milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rate {
+    Unlimited,
+    Per { count: u64, per_ms: u64 },
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Rate, String> {
+        let bad = || {
+            format!(
+                "`{text}` is not a rate such as \"100/s\", \"2000/min\", \"50000/h\", \"1000000/d\" or \"unlimited\""
+            )
+        };
+        let text = text.trim();
+        if text.eq_ignore_ascii_case("unlimited") {
+            return Ok(Rate::Unlimited);
+        }
+        let (count, unit) = text.split_once('/').ok_or_else(bad)?;
+        let count: u64 = count.trim().parse().map_err(|_| bad())?;
+        let per_ms = match unit.trim().to_ascii_lowercase().as_str() {
+            "s" | "sec" | "second" => 1000,
+            "m" | "min" | "minute" => 60_000,
+            "h" | "hr" | "hour" => 3_600_000,
+            "d" | "day" => 86_400_000,
+            _ => return Err(bad()),
+        };
+        if count == 0 || count > 1_000_000_000 {
+            return Err(format!(
+                "`{text}`: the count must be between 1 and 1000000000"
+            ));
+        }
+        Ok(Rate::Per { count, per_ms })
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rate::Unlimited => f.write_str("unlimited"),
+            Rate::Per { count, per_ms } => {
+                let unit = match per_ms {
+                    1000 => "s",
+                    60_000 => "min",
+                    3_600_000 => "h",
+                    _ => "d",
+                };
+                write!(f, "{count}/{unit}")
+            }
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Rate, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_in_every_unit_and_bad_ones_say_why() {
+        assert_eq!(
+            "100/s".parse(),
+            Ok(Rate::Per {
+                count: 100,
+                per_ms: 1000
+            })
+        );
+        assert_eq!(
+            " 20 / min".parse(),
+            Ok(Rate::Per {
+                count: 20,
+                per_ms: 60_000
+            })
+        );
+        assert_eq!(
+            "5/H".parse::<Rate>().unwrap().to_string(),
+            "5/h".to_string()
+        );
+        assert_eq!("Unlimited".parse(), Ok(Rate::Unlimited));
+        for bad in ["", "10", "10/week", "x/s", "0/s", "-1/s", "/s"] {
+            let err = bad.parse::<Rate>().unwrap_err();
+            assert!(err.contains(bad.trim()), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! Traffic shaping and suspension, as data: the knobs resolved for one ready queue,
+//! the GCRA throttles that enforce its rates, and the administrative suspensions of
+//! scheduled queues. Nothing here does I/O or reads the clock.
+
+use std::time::Duration;
+
+use crate::config::DeliveryConfig;
+use crate::config::shaping::{Knobs, Provider, Rate};
+
+use super::client::Timeouts;
+
+/// The shaping of one ready queue (`egress_source->site_name`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shaping {
+    pub connection_limit: usize,
+    pub max_deliveries_per_connection: usize,
+    pub max_recipients_per_batch: usize,
+    pub max_message_rate: Rate,
+    pub max_connection_rate: Rate,
+    pub max_ready: usize,
+    pub timeouts: Timeouts,
+}
+
+impl Shaping {
+    /// `base` with what `knobs` sets.
+    fn with(mut self, knobs: &Knobs) -> Shaping {
+        let secs = |k: Option<crate::config::Bounded<1, 3600>>, d: Duration| {
+            k.map_or(d, |v| Duration::from_secs(v.get()))
+        };
+        if let Some(v) = knobs.connection_limit {
+            self.connection_limit = v.usize();
+        }
+        if let Some(v) = knobs.max_deliveries_per_connection {
+            self.max_deliveries_per_connection = v.usize();
+        }
+        if let Some(v) = knobs.max_recipients_per_batch {
+            self.max_recipients_per_batch = v.usize();
+        }
+        if let Some(v) = knobs.max_ready {
+            self.max_ready = v.usize();
+        }
+        self.max_message_rate = knobs.max_message_rate.unwrap_or(self.max_message_rate);
+        self.max_connection_rate = knobs
+            .max_connection_rate
+            .unwrap_or(self.max_connection_rate);
+        let t = &mut self.timeouts;
+        t.connect = secs(knobs.connect_timeout_secs, t.connect);
+        t.banner = secs(knobs.banner_timeout_secs, t.banner);
+        t.ehlo = secs(knobs.ehlo_timeout_secs, t.ehlo);
+        t.starttls = secs(knobs.starttls_timeout_secs, t.starttls);
+        t.mail = secs(knobs.mail_from_timeout_secs, t.mail);
+        t.rcpt = secs(knobs.rcpt_to_timeout_secs, t.rcpt);
+        t.data = secs(knobs.data_timeout_secs, t.data);
+        t.data_done = secs(knobs.data_dot_timeout_secs, t.data_done);
+        self
+    }
+}
+
+/// The shaping configuration: the defaults and the provider rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ShapingTable {
+    default: Shaping,
+    /// (lower-case suffixes without a trailing dot, sources, knobs), in name order.
+    providers: Vec<(Vec<String>, Vec<String>, Knobs)>,
+}
+
+impl ShapingTable {
+    pub fn new(config: &DeliveryConfig) -> ShapingTable {
+        let builtin = Shaping {
+            connection_limit: 0,
+            max_deliveries_per_connection: 0,
+            max_recipients_per_batch: 0,
+            max_message_rate: Rate::Unlimited,
+            max_connection_rate: Rate::Unlimited,
+            max_ready: 0,
+            timeouts: Timeouts::default(),
+        }
+        .with(&Knobs::builtin());
+        let providers = config
+            .providers
+            .values()
+            .map(
+                |Provider {
+                     mx_suffix,
+                     sources,
+                     shaping,
+                 }| {
+                    let suffixes = mx_suffix
+                        .iter()
+                        .map(|s| s.trim().trim_end_matches('.').to_ascii_lowercase())
+                        .filter(|s| !s.is_empty())
+                        .collect();
+                    (suffixes, sources.clone(), shaping.clone())
+                },
+            )
+            .collect();
+        ShapingTable {
+            default: builtin.with(&config.shaping),
+            providers,
+        }
+    }
+
+    /// The shaping of the queue from `source` to the site served by `hosts`.
+    pub fn resolve<'a>(
+        &self,
+        source: &str,
+        hosts: impl Iterator<Item = &'a str> + Clone,
+    ) -> Shaping {
+        let mut shaping = self.default;
+        for (suffixes, sources, knobs) in &self.providers {
+            if !sources.is_empty() && !sources.iter().any(|s| s == source) {
+                continue;
+            }
+            let matches = hosts.clone().any(|host| {
+                let host = host.trim_end_matches('.');
+                suffixes
+                    .iter()
+                    .any(|suffix| ends_with_ignore_case(host, suffix))
+            });
+            if matches {
+                shaping = shaping.with(knobs);
+            }
+        }
+        shaping
+    }
+}
+
+fn ends_with_ignore_case(text: &str, suffix: &str) -> bool {
+    text.len() >= suffix.len()
+        && text.as_bytes()[text.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
+}
+
+/// A rate limit as a generic cell rate algorithm: one emission interval per event,
+/// bursts up to the rate's count. Times in microseconds.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Throttle {
+    /// Theoretical arrival time of the next event.
+    tat_us: u64,
+    emission_us: u64,
+    tolerance_us: u64,
+    unlimited: bool,
+}
+
+impl Throttle {
+    pub fn new(rate: Rate) -> Throttle {
+        let mut t = Throttle::default();
+        t.set_rate(rate);
+        t
+    }
+
+    /// Changes the rate, keeping what has been spent.
+    pub fn set_rate(&mut self, rate: Rate) {
+        match rate {
+            Rate::Unlimited => self.unlimited = true,
+            Rate::Per { count, per_ms } => {
+                let per_us = per_ms * 1000;
+                self.unlimited = false;
+                self.emission_us = (per_us / count).max(1);
+                self.tolerance_us = per_us.saturating_sub(self.emission_us);
+            }
+        }
+    }
+
+    /// How long until an event may pass (zero: now).
+    pub fn wait(&self, now_us: u64) -> Duration {
+        if self.unlimited {
+            return Duration::ZERO;
+        }
+        let tat = self.tat_us.max(now_us);
+        Duration::from_micros((tat - now_us).saturating_sub(self.tolerance_us))
+    }
+
+    /// Counts an event at `now_us` if it may pass now.
+    pub fn acquire(&mut self, now_us: u64) -> Result<(), Duration> {
+        let wait = self.wait(now_us);
+        if !wait.is_zero() {
+            return Err(wait);
+        }
+        if !self.unlimited {
+            self.tat_us = self.tat_us.max(now_us) + self.emission_us;
+        }
+        Ok(())
+    }
+}
+
+/// An administrative suspension of scheduled queues: their parts stay queued until
+/// it is lifted or expires.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Suspension {
+    pub id: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub campaign: Option<String>,
+    /// Exact scheduled queue names; when given, they alone decide.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub queue_names: Vec<String>,
+    pub reason: String,
+    pub expires_unix_ms: u64,
+}
+
+impl Suspension {
+    /// Whether the suspension holds the scheduled queue of a part at `now_ms`.
+    pub fn holds(&self, queue: &QueueName<'_>, now_ms: u64) -> bool {
+        if now_ms >= self.expires_unix_ms {
+            return false;
+        }
+        if !self.queue_names.is_empty() {
+            return self.queue_names.iter().any(|n| queue.equals(n));
+        }
+        let field = |want: &Option<String>, have: Option<&str>| {
+            want.as_deref()
+                .is_none_or(|w| have.is_some_and(|h| h.eq_ignore_ascii_case(w)))
+        };
+        field(&self.domain, Some(queue.domain))
+            && field(&self.tenant, queue.tenant)
+            && field(&self.campaign, queue.campaign)
+    }
+}
+
+/// A scheduled queue's name in parts: `campaign:tenant@domain`, campaign and tenant
+/// optional.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueName<'a> {
+    pub campaign: Option<&'a str>,
+    pub tenant: Option<&'a str>,
+    pub domain: &'a str,
+}
+
+impl QueueName<'_> {
+    fn equals(&self, name: &str) -> bool {
+        let (campaign, rest) = match name.split_once(':') {
+            Some((c, rest)) => (Some(c), rest),
+            None => (None, name),
+        };
+        let (tenant, domain) = match rest.rsplit_once('@') {
+            Some((t, d)) => (Some(t), d),
+            None => (None, rest),
+        };
+        campaign == self.campaign
+            && tenant == self.tenant
+            && domain.eq_ignore_ascii_case(self.domain)
+    }
+}
+
+impl std::fmt::Display for QueueName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if let Some(c) = self.campaign {
+            write!(f, "{c}:")?;
+        }
+        if let Some(t) = self.tenant {
+            write!(f, "{t}@")?;
+        }
+        f.write_str(self.domain)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+
+    fn table(toml: &str) -> ShapingTable {
+        let config = Config::parse(toml, "t.toml").expect("config");
+        ShapingTable::new(&config.delivery)
+    }
+
+    #[test]
+    fn provider_rules_apply_over_the_defaults_by_mx_suffix_and_source() {
+        let t = table(
+            r#"
+[delivery]
+sources = { ip2 = { source_ip = "127.0.0.2" } }
+[delivery.shaping]
+connection_limit = 8
+max_message_rate = "100/s"
+data_dot_timeout_secs = 100
+[delivery.providers.big]
+mx_suffix = [".Big.Example."]
+shaping = { connection_limit = 2, max_message_rate = "unlimited", connect_timeout_secs = 5 }
+[delivery.providers.big-ip2]
+mx_suffix = ["big.example"]
+sources = ["ip2"]
+shaping = { max_ready = 10 }
+"#,
+        );
+        let plain = t.resolve("default", ["mx.small.example"].into_iter());
+        assert_eq!(plain.connection_limit, 8);
+        assert_eq!(
+            plain.max_message_rate,
+            Rate::Per {
+                count: 100,
+                per_ms: 1000
+            }
+        );
+        assert_eq!(plain.max_deliveries_per_connection, 1024, "builtin default");
+        assert_eq!(plain.timeouts.data_done, Duration::from_secs(100));
+        assert_eq!(plain.timeouts.connect, Duration::from_secs(30));
+        let big = t.resolve(
+            "default",
+            ["mx1.other.test", "MX2.big.example."].into_iter(),
+        );
+        assert_eq!(big.connection_limit, 2);
+        assert_eq!(big.max_message_rate, Rate::Unlimited);
+        assert_eq!(big.timeouts.connect, Duration::from_secs(5));
+        assert_eq!(big.timeouts.data_done, Duration::from_secs(100));
+        assert_eq!(big.max_ready, 1_000_000);
+        let big2 = t.resolve("ip2", ["mx.big.example"].into_iter());
+        assert_eq!((big2.connection_limit, big2.max_ready), (2, 10));
+        let not_suffix = t.resolve("ip2", ["mx.notbig.example.org"].into_iter());
+        assert_eq!(not_suffix.connection_limit, 8);
+    }
+
+    #[test]
+    fn the_throttle_allows_a_burst_then_one_per_interval() {
+        let mut t = Throttle::new(Rate::Per {
+            count: 5,
+            per_ms: 1000,
+        });
+        for _ in 0..5 {
+            t.acquire(0).expect("burst");
+        }
+        assert_eq!(t.acquire(0), Err(Duration::from_millis(200)));
+        assert_eq!(t.acquire(199_999), Err(Duration::from_micros(1)));
+        t.acquire(200_000).expect("one interval later");
+        assert!(t.acquire(200_000).is_err());
+        // Idle time refills the burst, but never beyond it.
+        for _ in 0..5 {
+            t.acquire(10_000_000).expect("refilled");
+        }
+        assert!(t.acquire(10_000_000).is_err());
+        t.set_rate(Rate::Unlimited);
+        t.acquire(10_000_000).expect("unlimited");
+        // Tightened live: the spent allowance is kept.
+        t.set_rate(Rate::Per {
+            count: 1,
+            per_ms: 60_000,
+        });
+        assert!(t.acquire(10_000_000).is_err());
+    }
+
+    #[test]
+    fn suspensions_match_by_fields_or_exact_queue_names_until_they_expire() {
+        let s = |domain: Option<&str>, tenant: Option<&str>, names: &[&str]| Suspension {
+            id: "1".into(),
+            domain: domain.map(Into::into),
+            tenant: tenant.map(Into::into),
+            campaign: None,
+            queue_names: names.iter().map(|n| n.to_string()).collect(),
+            reason: "test".into(),
+            expires_unix_ms: 1000,
+        };
+        let q = QueueName {
+            campaign: Some("spring"),
+            tenant: Some("acme"),
+            domain: "a.test",
+        };
+        assert_eq!(q.to_string(), "spring:acme@a.test");
+        assert!(s(Some("A.test"), None, &[]).holds(&q, 0));
+        assert!(s(None, Some("acme"), &[]).holds(&q, 0));
+        assert!(!s(None, Some("other"), &[]).holds(&q, 0));
+        assert!(!s(Some("b.test"), None, &[]).holds(&q, 0));
+        assert!(s(None, None, &[]).holds(&q, 999), "everything");
+        assert!(!s(None, None, &[]).holds(&q, 1000), "expired");
+        assert!(s(Some("b.test"), None, &["x@y.test", "spring:acme@a.test"]).holds(&q, 0));
+        assert!(!s(None, None, &["acme@a.test"]).holds(&q, 0));
+        let plain = QueueName {
+            campaign: None,
+            tenant: None,
+            domain: "a.test",
+        };
+        assert!(s(None, None, &["a.test"]).holds(&plain, 0));
+        assert!(!s(None, Some("acme"), &[]).holds(&plain, 0));
+    }
+}

@@ -1,0 +1,243 @@
+//! The admin API for scheduled-queue suspensions, shaped like KumoMTA's
+//! (`/api/admin/suspend/v1`): POST defines one, GET lists them, DELETE lifts one.
+//! Suspensions are live settings shared by every shard; a change wakes each shard's
+//! maintainer through its inbox.
+
+use std::fmt::Write as _;
+
+use serde::Deserialize;
+
+use crate::clock::unix_ms;
+use crate::delivery::shaping::Suspension;
+use crate::shard::Shared;
+
+/// The reply: status and JSON body.
+pub type Reply = (u16, String);
+
+/// How long a suspension lasts when the request does not say (KumoMTA's default).
+const DEFAULT_DURATION_SECS: u64 = 300;
+/// The longest suspension accepted: a year.
+const MAX_DURATION_SECS: u64 = 365 * 86_400;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SuspendRequest {
+    domain: Option<String>,
+    tenant: Option<String>,
+    campaign: Option<String>,
+    #[serde(default)]
+    queue_names: Vec<String>,
+    reason: String,
+    /// `"90s"`, `"5m"`, `"2h"`, `"1d"`, `"1h30m"`, or a number of seconds.
+    duration: Option<DurationText>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum DurationText {
+    Seconds(u64),
+    Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResumeRequest {
+    id: String,
+}
+
+/// An error in SparkPost's shape (`description` left out when empty).
+pub fn error(status: u16, message: &str, description: &str) -> Reply {
+    let mut detail = serde_json::json!({ "message": message });
+    if !description.is_empty() {
+        detail["description"] = description.into();
+    }
+    (
+        status,
+        serde_json::json!({ "errors": [detail] }).to_string(),
+    )
+}
+
+fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reply> {
+    let mut de = serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(&mut de).map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let description = if path == "." || path.is_empty() {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        };
+        error(400, "invalid request body", &description)
+    })
+}
+
+/// POST: defines a suspension and returns its id.
+pub fn suspend(shared: &Shared, body: &[u8]) -> Reply {
+    let request: SuspendRequest = match parse(body) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    if request.reason.trim().is_empty() {
+        return error(400, "invalid request body", "reason: must not be empty");
+    }
+    let secs = match &request.duration {
+        None => DEFAULT_DURATION_SECS,
+        Some(DurationText::Seconds(s)) => *s,
+        Some(DurationText::Text(t)) => match parse_duration(t) {
+            Some(s) => s,
+            None => {
+                return error(
+                    400,
+                    "invalid request body",
+                    &format!(
+                        "duration: `{t}` is not a duration such as \"90s\", \"5m\", \"2h\", \"1d\" or \"1h30m\""
+                    ),
+                );
+            }
+        },
+    };
+    if secs == 0 || secs > MAX_DURATION_SECS {
+        return error(
+            400,
+            "invalid request body",
+            &format!("duration: must be between 1 second and {MAX_DURATION_SECS} seconds"),
+        );
+    }
+    let lower = |v: Option<String>| v.map(|s| s.trim().to_ascii_lowercase());
+    let suspension = Suspension {
+        id: new_id(),
+        domain: lower(request.domain),
+        tenant: request.tenant,
+        campaign: request.campaign,
+        queue_names: request.queue_names,
+        reason: request.reason,
+        expires_unix_ms: unix_ms() + secs * 1000,
+    };
+    let id = suspension.id.clone();
+    tracing::info!(?suspension, "queue suspension defined");
+    shared
+        .live
+        .update(|state| state.suspensions.push(suspension));
+    wake_all(shared);
+    (200, serde_json::json!({ "id": id }).to_string())
+}
+
+/// GET: the active suspensions, each with the time it has left.
+pub fn list(shared: &Shared) -> Reply {
+    let now = unix_ms();
+    let state = shared.live.snapshot();
+    let list: Vec<serde_json::Value> = state
+        .suspensions
+        .iter()
+        .filter(|s| s.expires_unix_ms > now)
+        .map(|s| {
+            let mut v = serde_json::to_value(s).unwrap_or_default();
+            v["duration"] = format!("{}s", (s.expires_unix_ms - now).div_ceil(1000)).into();
+            v
+        })
+        .collect();
+    (200, serde_json::Value::Array(list).to_string())
+}
+
+/// DELETE: lifts a suspension by id.
+pub fn resume(shared: &Shared, body: &[u8]) -> Reply {
+    let request: ResumeRequest = match parse(body) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    let now = unix_ms();
+    let found = shared.live.update(|state| {
+        let found = state
+            .suspensions
+            .iter()
+            .any(|s| s.id == request.id && s.expires_unix_ms > now);
+        state
+            .suspensions
+            .retain(|s| s.id != request.id && s.expires_unix_ms > now);
+        found
+    });
+    if !found {
+        return error(
+            404,
+            "no such suspension",
+            &format!("id `{}` is not an active suspension", request.id),
+        );
+    }
+    tracing::info!(id = request.id, "queue suspension lifted");
+    wake_all(shared);
+    (200, "{}".into())
+}
+
+/// Tells every shard to look at the live settings now.
+fn wake_all(shared: &Shared) {
+    for shard in 0..shared.mesh.shards() {
+        // A full inbox is a busy shard: it looks at the settings within a round.
+        let _ = shared.mesh.send(shard as u16, crate::mesh::Note::Wake);
+    }
+}
+
+/// A random id in the UUID text form.
+fn new_id() -> String {
+    let (a, b) = (fastrand::u64(..), fastrand::u64(..));
+    let mut id = String::with_capacity(36);
+    let hex = format!("{a:016x}{b:016x}");
+    for (i, c) in hex.chars().enumerate() {
+        if matches!(i, 8 | 12 | 16 | 20) {
+            id.push('-');
+        }
+        let _ = write!(id, "{c}");
+    }
+    id
+}
+
+/// `"90s"`, `"5m"`, `"2h"`, `"1d"`, `"1h30m"` (units s, m, h, d), or plain seconds.
+pub fn parse_duration(text: &str) -> Option<u64> {
+    let text = text.trim();
+    if let Ok(secs) = text.parse::<u64>() {
+        return Some(secs);
+    }
+    let mut total = 0u64;
+    let mut number = String::new();
+    for c in text.chars() {
+        if c.is_ascii_digit() {
+            number.push(c);
+            continue;
+        }
+        let unit = match c {
+            's' => 1,
+            'm' => 60,
+            'h' => 3600,
+            'd' => 86_400,
+            _ => return None,
+        };
+        let n: u64 = number.parse().ok()?;
+        number.clear();
+        total = total.checked_add(n.checked_mul(unit)?)?;
+    }
+    number.is_empty().then_some(total).filter(|t| *t > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse_in_units_and_bad_ones_do_not() {
+        assert_eq!(parse_duration("90"), Some(90));
+        assert_eq!(parse_duration("90s"), Some(90));
+        assert_eq!(parse_duration("5m"), Some(300));
+        assert_eq!(parse_duration("1h30m"), Some(5400));
+        assert_eq!(parse_duration("2d"), Some(172_800));
+        for bad in ["", "m", "5x", "5m3", "1.5h", "-5m"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn ids_look_like_uuids() {
+        let id = new_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(id.matches('-').count(), 4);
+        assert_ne!(id, new_id());
+    }
+}
