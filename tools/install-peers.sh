@@ -7,6 +7,7 @@ cd "$(dirname "$0")/.."
 # Installed only when missing.
 need=()
 command -v swaks >/dev/null || need+=(swaks)
+command -v curl >/dev/null || need+=(curl)
 perl -MIO::Socket::SSL -e1 2>/dev/null || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
 [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)

@@ -922,7 +922,14 @@ fn record(
         message_id: m.id.to_string(),
         sender: &m.sender,
         rcpt_to: &m.recipients[rcpt as usize],
-        queue: &m.queue,
+        queue: {
+            let rcpt = &m.recipients[rcpt as usize];
+            let domain = rcpt
+                .rsplit_once('@')
+                .map_or("", |(_, d)| d)
+                .to_ascii_lowercase();
+            queue::queue_name(m, &domain).to_string()
+        },
         site: site.map_or("", |s| s.name.as_str()),
         egress_source: egress.map(|e| e.name.as_str()),
         sending_ip: egress.and_then(|e| e.source_ip).map(|ip| ip.to_string()),

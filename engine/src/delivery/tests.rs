@@ -3,7 +3,6 @@
 //! smtp-sink (PIPELINING). Both are installed by tools/test.sh.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use super::client::{ClientError, ClientOptions, Session, Timeouts, TlsMode};
@@ -132,15 +131,7 @@ fn latin1_bytes(text: &str) -> Vec<u8> {
 #[test]
 fn pipelines_with_smtp_sink_and_reports_connection_failures() {
     let port = free_port();
-    let child = Command::new("/usr/sbin/smtp-sink")
-        .args(["-u", "nobody", &format!("127.0.0.1:{port}"), "100"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("smtp-sink (postfix) is installed by tools/test.sh");
-    let _peer = Peer(child);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    let _peer = crate::test_peers::smtp_sink(port, &[]);
     run(move || async move {
         let tls = ClientTls::new();
         let addr = format!("127.0.0.1:{port}").parse().unwrap();

@@ -73,7 +73,8 @@ pub struct Outcome<'a> {
     pub message_id: String,
     pub sender: &'a str,
     pub rcpt_to: &'a str,
-    pub queue: &'a str,
+    /// The recipient's scheduled queue, `campaign:tenant@domain`.
+    pub queue: String,
     /// The destination site (its hosts); empty when there was no route.
     pub site: &'a str,
     /// The egress source the attempt used, and its address when it binds one.

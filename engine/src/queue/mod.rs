@@ -261,6 +261,8 @@ impl ReadyQueue {
         );
         self.messages.set_rate(self.shaping.max_message_rate);
         self.connects.set_rate(self.shaping.max_connection_rate);
+        // The maintainer works out the wait again under the new rate.
+        self.throttled_until_ms = 0;
     }
 
     pub fn len(&self) -> usize {

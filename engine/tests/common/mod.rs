@@ -6,6 +6,7 @@
 
 #[path = "../peers/support.rs"]
 pub mod peers;
+pub mod relay;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};

@@ -37,6 +37,23 @@ pub fn free_udp_port() -> u16 {
         .port()
 }
 
+/// Postfix's smtp-sink on `port`, with its extra arguments (e.g. `-d dir/msg.` to
+/// keep each transaction in a file); waits until it accepts connections.
+pub fn smtp_sink(port: u16, extra: &[&str]) -> Peer {
+    let child = Command::new("/usr/sbin/smtp-sink")
+        .args(["-u", "nobody"])
+        .args(extra)
+        .args([&format!("127.0.0.1:{port}"), "100"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("smtp-sink (postfix) is installed by tools/install-peers.sh");
+    let peer = Peer(child);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    peer
+}
+
 /// The venv's Python, which has aiosmtpd (tools/test.sh creates it).
 pub fn python() -> PathBuf {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/pyenv/bin/python3");

@@ -1,0 +1,144 @@
+//! Helpers of the relay tests: an aiosmtpd sink, a dnsmasq with MX records, SMTP
+//! injection, and waiting for events.
+
+use std::time::{Duration, Instant};
+
+use super::Daemon;
+use super::peers::{Peer, aiosmtpd, dnsmasq, free_udp_port};
+
+/// aiosmtpd on a free port, with the directory it stores messages in.
+pub struct Sink {
+    /// Declared before `out` so the server stops before its directory goes.
+    _peer: Peer,
+    pub port: u16,
+    pub out: tempfile::TempDir,
+}
+
+pub fn sink() -> Sink {
+    let out = tempfile::tempdir().unwrap();
+    let (peer, port) = aiosmtpd(out.path(), None);
+    Sink {
+        _peer: peer,
+        port,
+        out,
+    }
+}
+
+impl Sink {
+    pub fn messages(&self) -> Vec<serde_json::Value> {
+        let mut out = Vec::new();
+        for n in 1.. {
+            match std::fs::read_to_string(self.out.path().join(format!("{n}.json"))) {
+                Ok(text) => out.push(serde_json::from_str(&text).unwrap()),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+}
+
+pub fn delivery_config(routes: &str) -> String {
+    format!(
+        "[delivery]\nretry_interval_secs = 1\nmax_retry_interval_secs = 1\nroutes = {{ {routes} }}\n"
+    )
+}
+
+/// A real DNS server (dnsmasq) on a loopback port: mx.test has the MX mx1.mx.test at
+/// 127.0.0.1; fo.test a dead preferred MX and a live backup; every other name under
+/// .test does not exist (NXDOMAIN).
+pub struct Dns {
+    _peer: Peer,
+    pub port: u16,
+}
+
+pub fn dns() -> Dns {
+    let port = free_udp_port();
+    let records = [
+        "--local-ttl=60",
+        "--mx-host=mx.test,mx1.mx.test,10",
+        "--host-record=mx1.mx.test,127.0.0.1",
+        // fo.test: the preferred MX refuses connections, the backup answers.
+        "--mx-host=fo.test,dead.fo.test,10",
+        "--mx-host=fo.test,live.fo.test,20",
+        "--host-record=dead.fo.test,127.0.0.2",
+        "--host-record=live.fo.test,127.0.0.1",
+        // h0.test … h7.test: eight sites (one MX name each), spread over the shards.
+        "--mx-host=h0.test,mx0.hop.test,10",
+        "--host-record=mx0.hop.test,127.0.0.1",
+        "--mx-host=h1.test,mx1.hop.test,10",
+        "--host-record=mx1.hop.test,127.0.0.1",
+        "--mx-host=h2.test,mx2.hop.test,10",
+        "--host-record=mx2.hop.test,127.0.0.1",
+        "--mx-host=h3.test,mx3.hop.test,10",
+        "--host-record=mx3.hop.test,127.0.0.1",
+        "--mx-host=h4.test,mx4.hop.test,10",
+        "--host-record=mx4.hop.test,127.0.0.1",
+        "--mx-host=h5.test,mx5.hop.test,10",
+        "--host-record=mx5.hop.test,127.0.0.1",
+        "--mx-host=h6.test,mx6.hop.test,10",
+        "--host-record=mx6.hop.test,127.0.0.1",
+        "--mx-host=h7.test,mx7.hop.test,10",
+        "--host-record=mx7.hop.test,127.0.0.1",
+        // sh1.test and sh2.test share one MX: one site.
+        "--mx-host=sh1.test,mx.shared.test,10",
+        "--mx-host=sh2.test,mx.shared.test,10",
+        "--host-record=mx.shared.test,127.0.0.1",
+        // rated.test: an MX under .rated.test, for provider rules.
+        "--mx-host=rated.test,mx1.rated.test,10",
+        "--host-record=mx1.rated.test,127.0.0.1",
+    ]
+    .map(String::from);
+    Dns {
+        _peer: dnsmasq(port, &records),
+        port,
+    }
+}
+
+/// Waits until `done` holds for the daemon's events.
+pub fn wait_events(
+    daemon: &Daemon,
+    what: &str,
+    done: impl Fn(&[serde_json::Value]) -> bool,
+) -> Vec<serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let events = daemon.events();
+        if done(&events) {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}: {events:#?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn of<'a>(
+    events: &'a [serde_json::Value],
+    kind: &str,
+    rcpt: &str,
+) -> Vec<&'a serde_json::Value> {
+    events
+        .iter()
+        .filter(|e| e["type"] == kind && e["rcpt_to"] == rcpt)
+        .collect()
+}
+
+pub fn inject(daemon: &Daemon, recipients: &[&str], body: &str) -> String {
+    let mut client = daemon.connect();
+    client.expect("220");
+    client.send(b"EHLO c.test\r\nMAIL FROM:<s@b.test>\r\n");
+    client.expect("250");
+    client.expect("250");
+    for rcpt in recipients {
+        client.send(format!("RCPT TO:<{rcpt}>\r\n").as_bytes());
+        client.expect("250");
+    }
+    client.send(b"DATA\r\n");
+    client.expect("354");
+    client.send(body.as_bytes());
+    let reply = client.expect("250 2.0.0 OK queued as ");
+    client.send(b"QUIT\r\n");
+    reply.trim_end().rsplit(' ').next().unwrap().to_string()
+}
