@@ -8,7 +8,6 @@ mod common;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -39,8 +38,8 @@ fn read_reply(reader: &mut BufReader<TcpStream>) -> std::io::Result<String> {
     }
 }
 
-/// Sends one connection's worth of messages from `next`; returns how far it got (a
-/// message whose 250 was not read is sent again on the next connection).
+/// Sends one connection's worth of messages from `seqs`, advancing it past each
+/// acknowledged one (a message whose 250 was not read is sent again next time).
 fn session(
     addr: SocketAddr,
     seqs: &mut std::ops::Range<usize>,
