@@ -28,4 +28,9 @@ cargo run --quiet -p gannet-bench --bin smtp-accept-bench -- \
   --messages 300 --sessions 8 --systems sink,gannet --half-load-messages 100 \
   --gannetd target/debug/gannetd --dir "${TMPDIR:-/tmp}/gannet-smtp-smoke.$$" --results "" >/dev/null
 
+cargo run --quiet -p gannet-bench --bin relay-bench -- \
+  --messages 300 --sessions 8 --domains 4 --systems pipe,gannet --gannet-shards 0 \
+  --queued-messages 200 --timeout-secs 120 \
+  --gannetd target/debug/gannetd --dir "${TMPDIR:-/tmp}/gannet-relay-smoke.$$" --results "" >/dev/null
+
 echo "all checks passed"

@@ -17,18 +17,17 @@
 //! bench/RESULTS.md.
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
-use gannet_bench::{
-    append_results, command_output, device_flushes, free_port, machine, tree_cpu_seconds,
-};
+use gannet_bench::servers::{self, Server};
+use gannet_bench::{append_results, command_output, device_flushes, machine, tree_cpu_seconds};
 use hdrhistogram::Histogram;
 
 #[derive(Debug, Parser)]
@@ -73,179 +72,30 @@ struct Args {
     results: String,
 }
 
-/// One system under test, started on a loopback port.
-struct Server {
-    name: String,
-    port: u16,
-    /// The process tree whose CPU is counted.
-    pid: u32,
-    child: Option<Child>,
-}
-
-impl Server {
-    fn stop(mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            // SAFETY: signalling a child we started.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while child.try_wait()?.is_none() {
-                if Instant::now() > deadline {
-                    child.kill()?;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            child.wait()?;
-        }
-        if self.name == "postfix" {
-            run_quiet("postsuper", &["-d", "ALL"])?;
-            run_quiet("postfix", &["stop"])?;
-        }
-        Ok(())
-    }
-}
-
-fn run_quiet(cmd: &str, args: &[&str]) -> Result<()> {
-    let out = Command::new(cmd)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {cmd}"))?;
-    if !out.status.success() {
-        bail!(
-            "{cmd} {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(())
-}
-
-fn wait_for_port(port: u16) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("nothing listens on port {port}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
 fn start_sink() -> Result<Server> {
-    let port = free_port();
-    let child = Command::new("/usr/sbin/smtp-sink")
-        .args(["-u", "nobody", &format!("127.0.0.1:{port}"), "1000"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting smtp-sink (install postfix)")?;
-    wait_for_port(port)?;
-    Ok(Server {
-        name: "sink".into(),
-        port,
-        pid: child.id(),
-        child: Some(child),
-    })
+    servers::smtp_sink(&[], Stdio::null())
 }
 
 fn start_gannet(args: &Args, shards: usize) -> Result<Server> {
-    let _ = std::fs::remove_dir_all(&args.dir);
-    std::fs::create_dir_all(&args.dir)?;
-    let config = format!(
-        "[server]\nhostname = \"bench.test\"\ndata_dir = \"{}\"\nshards = {shards}\n{}\n\
-         [smtp]\nlisten = [\"127.0.0.1:0\"]\nsessions_per_ip_max = 100000\nsessions_max = 100000\n\
-         [http]\nlisten = [\"127.0.0.1:0\"]\n[delivery]\nsuspended = true\n",
-        args.dir.join("data").display(),
-        args.gannet_server_extra
-    );
-    let path = args.dir.join("gannetd.toml");
-    std::fs::write(&path, config)?;
-    let child = Command::new(&args.gannetd)
-        .args(["--config", path.to_str().unwrap(), "--log", "warn"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", args.gannetd.display()))?;
-    let listeners = args.dir.join("data/listeners.json");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let text = loop {
-        if let Ok(text) = std::fs::read_to_string(&listeners) {
-            break text;
-        }
-        if Instant::now() > deadline {
-            bail!("gannetd did not start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let v: serde_json::Value = serde_json::from_str(&text)?;
-    let addr: SocketAddr = v["smtp"][0].as_str().unwrap_or("").parse()?;
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let shards = if shards == 0 { cores } else { shards };
-    Ok(Server {
-        name: format!(
-            "gannet ({shards} shard{})",
-            if shards == 1 { "" } else { "s" }
-        ),
-        port: addr.port(),
-        pid: child.id(),
-        child: Some(child),
-    })
+    servers::gannetd(
+        &args.gannetd,
+        &args.dir,
+        shards,
+        &args.gannet_server_extra,
+        "[delivery]\nsuspended = true\n",
+    )
 }
 
-/// Configures the system Postfix to accept on a free port and only queue (delivery
-/// deferred), then starts it.
+/// The system Postfix accepting on a free port and only queueing (delivery deferred).
 fn start_postfix(args: &Args) -> Result<Server> {
-    if !Path::new("/usr/sbin/postfix").exists() {
-        bail!("postfix is not installed");
-    }
-    let port = free_port();
-    std::fs::copy("/usr/share/postfix/main.cf.debian", "/etc/postfix/main.cf")?;
-    let settings = [
-        "inet_interfaces = loopback-only".to_string(),
-        "inet_protocols = ipv4".into(),
-        "mydestination =".into(),
-        "mynetworks = 127.0.0.0/8".into(),
-        "smtpd_relay_restrictions = permit_mynetworks, reject".into(),
-        "relayhost = [127.0.0.1]:9".into(),
-        "defer_transports = smtp".into(),
-        "maillog_file = /var/log/postfix.log".into(),
-        "smtp_tls_security_level = none".into(),
-        "smtpd_tls_security_level = none".into(),
-        "compatibility_level = 3.6".into(),
-        "alias_maps =".into(),
-        "alias_database =".into(),
-        format!("default_process_limit = {}", args.sessions * 2 + 10),
-        "smtpd_client_connection_count_limit = 0".into(),
-        "smtpd_client_connection_rate_limit = 0".into(),
-        format!("message_size_limit = {}", (args.size * 4).max(10 << 20)),
-    ];
-    let mut postconf = vec!["-e"];
-    postconf.extend(settings.iter().map(String::as_str));
-    run_quiet("postconf", &postconf)?;
-    let master = std::fs::read_to_string("/usr/share/postfix/master.cf.dist")
-        .or_else(|_| std::fs::read_to_string("/etc/postfix/master.cf"))?;
-    let master: String = master
-        .lines()
-        .map(|l| {
-            if l.starts_with("smtp ") && l.contains(" inet ") {
-                l.replacen("smtp ", &format!("{port} "), 1)
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    std::fs::write("/etc/postfix/master.cf", master + "\n")?;
-    let _ = run_quiet("postfix", &["stop"]);
-    run_quiet("postfix", &["start"])?;
-    wait_for_port(port)?;
-    let pid: u32 = std::fs::read_to_string("/var/spool/postfix/pid/master.pid")?
-        .trim()
-        .parse()?;
-    Ok(Server {
-        name: "postfix".into(),
-        port,
-        pid,
-        child: None,
-    })
+    servers::postfix(
+        args.sessions,
+        args.size * 4,
+        &[
+            "relayhost = [127.0.0.1]:9".into(),
+            "defer_transports = smtp".into(),
+        ],
+    )
 }
 
 /// What one run measured.

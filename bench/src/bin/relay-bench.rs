@@ -1,0 +1,427 @@
+//! relay-bench: end-to-end relay, side by side.
+//!
+//! N messages of a given size, injected by postfix's smtp-source (an independent
+//! client; one process per destination domain, a new connection per message, S
+//! sessions in all), relayed over SMTP to postfix's smtp-sink, timed from the first
+//! injection to the last message counted at the sink:
+//! - `pipe`: smtp-source straight to smtp-sink (the limit: no MTA in the way);
+//! - `gannet`: gannetd, durable before 250, MX records for the domains served by a
+//!   real dnsmasq (each domain its own MX host name, so its own site), delivering to
+//!   the sink.
+//!
+//! - `postfix`: the system Postfix as a relay, a transport map sending every domain to
+//!   the sink.
+//!
+//! For every run it reports msgs/s, the ratio to the pipe, the server's CPU per
+//! message and its peak RSS; for gannet also the memory per queued message (delivery
+//! suspended, N messages queued). The report is appended to bench/RESULTS.md.
+
+use std::io::Read;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use gannet_bench::servers::{self, Server};
+use gannet_bench::{append_results, command_output, machine, tree_cpu_seconds};
+
+#[derive(Debug, Parser)]
+#[command(about = "End-to-end relay: gannet vs postfix vs the direct source→sink pipe")]
+struct Args {
+    /// Messages per run.
+    #[arg(long, default_value_t = 100_000)]
+    messages: u64,
+    /// Concurrent injecting sessions in all (a new connection per message).
+    #[arg(long, default_value_t = 50)]
+    sessions: u64,
+    /// Message size in bytes.
+    #[arg(long, default_value_t = 10_240)]
+    size: usize,
+    /// Destination domains (one smtp-source process each).
+    #[arg(long, default_value_t = 20)]
+    domains: u64,
+    /// Systems to run, in order.
+    #[arg(long, value_delimiter = ',', default_value = "gannet,pipe,postfix")]
+    systems: Vec<String>,
+    /// gannetd shard counts to run (0: one per core).
+    #[arg(long, value_delimiter = ',', default_value = "1,0")]
+    gannet_shards: Vec<usize>,
+    /// The gannetd binary.
+    #[arg(long, default_value = "target/release/gannetd")]
+    gannetd: PathBuf,
+    /// Scratch directory for gannet's data.
+    #[arg(long, default_value = "/tmp/gannet-relay-bench")]
+    dir: PathBuf,
+    /// Messages queued (delivery suspended) to measure gannet's memory per queued
+    /// message (0 skips it).
+    #[arg(long, default_value_t = 50_000)]
+    queued_messages: u64,
+    /// Give up on a run after this long.
+    #[arg(long, default_value_t = 1800)]
+    timeout_secs: u64,
+    /// Markdown report appended here ("" to skip).
+    #[arg(long, default_value = "bench/RESULTS.md")]
+    results: String,
+}
+
+/// smtp-sink with its `-c` counter read live: how many messages it has received.
+struct CountingSink {
+    server: Server,
+    received: Arc<AtomicU64>,
+    /// When the count first reached each target asked for (set by the reader).
+    reached: Arc<Mutex<Option<(u64, Instant)>>>,
+}
+
+impl CountingSink {
+    fn start() -> Result<CountingSink> {
+        let mut server = servers::smtp_sink(&["-c"], Stdio::piped())?;
+        let mut stdout = server
+            .child
+            .as_mut()
+            .and_then(|c| c.stdout.take())
+            .context("smtp-sink's output")?;
+        let received = Arc::new(AtomicU64::new(0));
+        let reached: Arc<Mutex<Option<(u64, Instant)>>> = Arc::new(Mutex::new(None));
+        std::thread::spawn({
+            let (received, reached) = (received.clone(), reached.clone());
+            move || {
+                // Counter lines end in '\r': "sess=1 quit=1 mesg=2".
+                let mut buf = [0u8; 4096];
+                let mut line = Vec::new();
+                while let Ok(n) = stdout.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    for b in &buf[..n] {
+                        if *b != b'\r' {
+                            line.push(*b);
+                            continue;
+                        }
+                        let text = String::from_utf8_lossy(&line);
+                        if let Some(m) = text
+                            .split("mesg=")
+                            .nth(1)
+                            .and_then(|m| m.trim().parse::<u64>().ok())
+                        {
+                            received.store(m, Ordering::Release);
+                            let mut r = reached.lock().unwrap_or_else(|e| e.into_inner());
+                            if let Some((target, at)) = r.as_mut()
+                                && m >= *target
+                                && *target != u64::MAX
+                            {
+                                *at = Instant::now();
+                                *target = u64::MAX;
+                            }
+                        }
+                        line.clear();
+                    }
+                }
+            }
+        });
+        Ok(CountingSink {
+            server,
+            received,
+            reached,
+        })
+    }
+
+    /// Waits until the sink has `count` more messages than `base`; returns when it got
+    /// the last one.
+    fn wait_for(&self, base: u64, count: u64, timeout: Duration) -> Result<Instant> {
+        let target = base + count;
+        *self.reached.lock().unwrap_or_else(|e| e.into_inner()) = Some((target, Instant::now()));
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some((u64::MAX, at)) = *self.reached.lock().unwrap_or_else(|e| e.into_inner()) {
+                return Ok(at);
+            }
+            if self.received.load(Ordering::Acquire) >= target {
+                // Reached before the target was set.
+                return Ok(Instant::now());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the sink got {} of {count} messages in {timeout:?}",
+                    self.received.load(Ordering::Acquire) - base
+                );
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+}
+
+/// Runs one smtp-source per domain, splitting the messages and sessions; waits for
+/// all of them.
+fn inject(args: &Args, port: u16, messages: u64) -> Result<()> {
+    let domains = args.domains.max(1);
+    let mut children = Vec::new();
+    for d in 0..domains {
+        let share = |total: u64| total / domains + u64::from(d < total % domains);
+        let (m, s) = (share(messages), share(args.sessions).max(1));
+        if m == 0 {
+            continue;
+        }
+        let child = Command::new("/usr/sbin/smtp-source")
+            .args([
+                "-s",
+                &s.to_string(),
+                "-m",
+                &m.to_string(),
+                "-l",
+                &args.size.to_string(),
+                "-f",
+                "bench@source.test",
+                "-t",
+                &format!("rcpt@d{d}.test"),
+                &format!("127.0.0.1:{port}"),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("running smtp-source (install postfix)")?;
+        children.push(child);
+    }
+    for child in children {
+        let out = child.wait_with_output()?;
+        if !out.status.success() {
+            bail!(
+                "smtp-source failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A field of /proc/PID/status in kB.
+fn status_kb(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// What one run measured.
+#[derive(Debug)]
+struct Run {
+    system: String,
+    seconds: f64,
+    injected_s: f64,
+    server_cpu_s: f64,
+    peak_rss_kb: Option<u64>,
+}
+
+impl Run {
+    fn rate(&self, messages: u64) -> f64 {
+        messages as f64 / self.seconds
+    }
+}
+
+fn dns_records(domains: u64) -> Vec<String> {
+    (0..domains)
+        .flat_map(|d| {
+            [
+                format!("--mx-host=d{d}.test,mx{d}.bench.test,10"),
+                format!("--host-record=mx{d}.bench.test,127.0.0.1"),
+            ]
+        })
+        .collect()
+}
+
+fn gannet_delivery(dns_port: u16, sink_port: u16) -> String {
+    format!(
+        "[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\nsmtp_port = {sink_port}\ntls = \"disabled\"\n"
+    )
+}
+
+fn relay_run(
+    args: &Args,
+    system: &str,
+    shards: usize,
+    sink: &CountingSink,
+    dns_port: u16,
+) -> Result<Run> {
+    let sink_port = sink.server.port;
+    let server = match system {
+        "pipe" => None,
+        "gannet" => Some(servers::gannetd(
+            &args.gannetd,
+            &args.dir,
+            shards,
+            "",
+            &gannet_delivery(dns_port, sink_port),
+        )?),
+        "postfix" => {
+            let transport: Vec<String> = (0..args.domains)
+                .map(|d| format!("d{d}.test=smtp:[127.0.0.1]:{sink_port}"))
+                .collect();
+            Some(servers::postfix(
+                args.sessions,
+                args.size * 4,
+                &[
+                    format!("transport_maps = inline:{{{}}}", transport.join(", ")),
+                    "default_destination_concurrency_limit = 50".into(),
+                ],
+            )?)
+        }
+        other => bail!("unknown system {other}"),
+    };
+    let (name, port, pid) = match &server {
+        Some(s) => (s.name.clone(), s.port, Some(s.pid)),
+        None => (
+            "pipe (smtp-source → smtp-sink)".to_string(),
+            sink_port,
+            None,
+        ),
+    };
+    let base = sink.received.load(Ordering::Acquire);
+    let cpu0 = pid.map_or(0.0, tree_cpu_seconds);
+    let t0 = Instant::now();
+    inject(args, port, args.messages)?;
+    let injected_s = t0.elapsed().as_secs_f64();
+    let last = sink.wait_for(base, args.messages, Duration::from_secs(args.timeout_secs))?;
+    let seconds = last.duration_since(t0).as_secs_f64();
+    let server_cpu_s = pid.map_or(0.0, tree_cpu_seconds) - cpu0;
+    let peak_rss_kb = match (&server, system) {
+        (Some(s), "gannet") => Some(status_kb(s.pid, "VmHWM:")),
+        _ => None,
+    };
+    if let Some(server) = server {
+        server.stop()?;
+    }
+    Ok(Run {
+        system: name,
+        seconds,
+        injected_s,
+        server_cpu_s,
+        peak_rss_kb,
+    })
+}
+
+/// gannet's memory per queued message: delivery suspended, `n` messages injected.
+/// (anonymous kB per message, file-backed kB per message: the spool's mapped pages)
+fn queued_memory(args: &Args) -> Result<(f64, f64)> {
+    let server = servers::gannetd(
+        &args.gannetd,
+        &args.dir,
+        0,
+        "",
+        "[delivery]\nsuspended = true\n",
+    )?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (anon0, file0) = (
+        status_kb(server.pid, "RssAnon:"),
+        status_kb(server.pid, "RssFile:"),
+    );
+    inject(args, server.port, args.queued_messages)?;
+    std::thread::sleep(Duration::from_millis(300));
+    let (anon1, file1) = (
+        status_kb(server.pid, "RssAnon:"),
+        status_kb(server.pid, "RssFile:"),
+    );
+    server.stop()?;
+    let n = args.queued_messages.max(1) as f64;
+    Ok((
+        (anon1.saturating_sub(anon0)) as f64 * 1024.0 / n,
+        (file1.saturating_sub(file0)) as f64 * 1024.0 / n,
+    ))
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let sink = CountingSink::start()?;
+    let (dns, dns_port) = servers::dnsmasq(&dns_records(args.domains))?;
+    let mut runs = Vec::new();
+    for system in &args.systems {
+        let shard_counts: Vec<usize> = if system == "gannet" {
+            args.gannet_shards.clone()
+        } else {
+            vec![0]
+        };
+        for shards in shard_counts {
+            let run = relay_run(&args, system, shards, &sink, dns_port)?;
+            println!(
+                "{}",
+                serde_json::json!({
+                    "system": run.system, "messages": args.messages,
+                    "seconds": (run.seconds * 1000.0).round() / 1000.0,
+                    "msgs_per_s": run.rate(args.messages).round(),
+                    "injection_seconds": (run.injected_s * 1000.0).round() / 1000.0,
+                    "server_cpu_ms_per_msg": run.server_cpu_s * 1000.0 / args.messages as f64,
+                    "peak_rss_kb": run.peak_rss_kb,
+                })
+            );
+            runs.push(run);
+        }
+    }
+    let queued = if args.queued_messages > 0 && args.systems.iter().any(|s| s == "gannet") {
+        Some(queued_memory(&args)?)
+    } else {
+        None
+    };
+    sink.server.stop()?;
+    dns.stop()?;
+    let _ = std::fs::remove_dir_all(&args.dir);
+
+    use std::fmt::Write as _;
+    let mut md = String::new();
+    let rev = command_output("git", &["rev-parse", "--short", "HEAD"]);
+    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let command: Vec<String> = std::env::args().collect();
+    writeln!(md, "\n## End-to-end relay — {date}\n")?;
+    writeln!(md, "- command: `{}`", command.join(" "))?;
+    writeln!(md, "- machine: {}", machine())?;
+    writeln!(
+        md,
+        "- revision: {rev}; {} messages of {} bytes to {} domains, injected by smtp-source ({} sessions in all, a new connection per message), relayed to postfix's smtp-sink; timed from the first injection to the last message at the sink; load generator, relay and sink share the machine's cores",
+        args.messages, args.size, args.domains, args.sessions
+    )?;
+    writeln!(
+        md,
+        "- gannet: 250 after fdatasync, MX from dnsmasq (one site per domain); postfix: relay with a transport map to the sink (fsync per queue file)\n"
+    )?;
+    writeln!(
+        md,
+        "| system | msgs/s end to end | × pipe | injection done (s) | last delivery (s) | server CPU ms / msg | peak RSS MiB |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    let pipe = runs
+        .iter()
+        .find(|r| r.system.starts_with("pipe"))
+        .map(|r| r.rate(args.messages));
+    for run in &runs {
+        let ratio = pipe.map_or("—".into(), |p| {
+            format!("{:.0}%", run.rate(args.messages) / p * 100.0)
+        });
+        let cpu = if run.system.starts_with("pipe") {
+            "—".to_string()
+        } else {
+            format!("{:.3}", run.server_cpu_s * 1000.0 / args.messages as f64)
+        };
+        writeln!(
+            md,
+            "| {} | {:.0} | {ratio} | {:.1} | {:.1} | {cpu} | {} |",
+            run.system,
+            run.rate(args.messages),
+            run.injected_s,
+            run.seconds,
+            run.peak_rss_kb
+                .map_or("—".into(), |kb| format!("{:.0}", kb as f64 / 1024.0)),
+        )?;
+    }
+    if let Some((anon, file)) = queued {
+        writeln!(
+            md,
+            "\nMemory per queued message (gannet, delivery suspended, {} messages queued): {anon:.0} bytes anonymous (the envelope in memory), {file:.0} bytes of mapped spool pages resident (the body, in the page cache).",
+            args.queued_messages
+        )?;
+    }
+    print!("{md}");
+    append_results(&args.results, &md)?;
+    Ok(())
+}

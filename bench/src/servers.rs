@@ -1,0 +1,238 @@
+//! The systems the benchmarks start on loopback ports: postfix's smtp-sink, gannetd,
+//! the system Postfix, dnsmasq. Each is stopped by its PID (Postfix with its own
+//! `postfix stop`).
+
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::free_port;
+
+/// One system under test, started on a loopback port.
+#[derive(Debug)]
+pub struct Server {
+    pub name: String,
+    pub port: u16,
+    /// The process tree whose CPU is counted.
+    pub pid: u32,
+    pub child: Option<Child>,
+}
+
+impl Server {
+    pub fn stop(mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            // SAFETY: signalling a child we started.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while child.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    child.kill()?;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            child.wait()?;
+        }
+        if self.name == "postfix" {
+            run_quiet("postsuper", &["-d", "ALL"])?;
+            run_quiet("postfix", &["stop"])?;
+        }
+        Ok(())
+    }
+}
+
+pub fn run_quiet(cmd: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {cmd}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd} {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+pub fn wait_for_port(port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on port {port}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// postfix's smtp-sink on a free port with `extra` arguments; its standard output is
+/// `stdout` (piped for `-c` counters).
+pub fn smtp_sink(extra: &[&str], stdout: Stdio) -> Result<Server> {
+    let port = free_port();
+    let child = Command::new("/usr/sbin/smtp-sink")
+        .args(["-u", "nobody"])
+        .args(extra)
+        .args([&format!("127.0.0.1:{port}"), "1000"])
+        .stdout(stdout)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting smtp-sink (install postfix)")?;
+    wait_for_port(port)?;
+    Ok(Server {
+        name: "sink".into(),
+        port,
+        pid: child.id(),
+        child: Some(child),
+    })
+}
+
+/// gannetd on a fresh data directory under `dir`, with `[server]` keys `server_extra`
+/// and further sections `rest`; returns once it listens (SMTP on a free port).
+pub fn gannetd(
+    binary: &Path,
+    dir: &Path,
+    shards: usize,
+    server_extra: &str,
+    rest: &str,
+) -> Result<Server> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let config = format!(
+        "[server]\nhostname = \"bench.test\"\ndata_dir = \"{}\"\nshards = {shards}\n{server_extra}\n\
+         [smtp]\nlisten = [\"127.0.0.1:0\"]\nsessions_per_ip_max = 100000\nsessions_max = 100000\n\
+         [http]\nlisten = [\"127.0.0.1:0\"]\n{rest}\n",
+        dir.join("data").display(),
+    );
+    let path = dir.join("gannetd.toml");
+    std::fs::write(&path, config)?;
+    let child = Command::new(binary)
+        .args([
+            "--config",
+            path.to_str().unwrap_or_default(),
+            "--log",
+            "warn",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let listeners = dir.join("data/listeners.json");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let text = loop {
+        if let Ok(text) = std::fs::read_to_string(&listeners) {
+            break text;
+        }
+        if Instant::now() > deadline {
+            bail!("gannetd did not start");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let addr: SocketAddr = v["smtp"][0].as_str().unwrap_or("").parse()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let shards = if shards == 0 { cores } else { shards };
+    Ok(Server {
+        name: format!(
+            "gannet ({shards} shard{})",
+            if shards == 1 { "" } else { "s" }
+        ),
+        port: addr.port(),
+        pid: child.id(),
+        child: Some(child),
+    })
+}
+
+/// Configures the system Postfix to accept on a free loopback port with `settings`
+/// (postconf lines) over a loopback-only base, then starts it.
+pub fn postfix(sessions: u64, message_size_limit: usize, settings: &[String]) -> Result<Server> {
+    if !Path::new("/usr/sbin/postfix").exists() {
+        bail!("postfix is not installed");
+    }
+    let port = free_port();
+    std::fs::copy("/usr/share/postfix/main.cf.debian", "/etc/postfix/main.cf")?;
+    let mut all = vec![
+        "inet_interfaces = loopback-only".to_string(),
+        "inet_protocols = ipv4".into(),
+        "mydestination =".into(),
+        "mynetworks = 127.0.0.0/8".into(),
+        "smtpd_relay_restrictions = permit_mynetworks, reject".into(),
+        "maillog_file = /var/log/postfix.log".into(),
+        "smtp_tls_security_level = none".into(),
+        "smtpd_tls_security_level = none".into(),
+        "compatibility_level = 3.6".into(),
+        "alias_maps =".into(),
+        "alias_database =".into(),
+        format!("default_process_limit = {}", sessions * 2 + 10),
+        "smtpd_client_connection_count_limit = 0".into(),
+        "smtpd_client_connection_rate_limit = 0".into(),
+        format!("message_size_limit = {}", message_size_limit.max(10 << 20)),
+    ];
+    all.extend(settings.iter().cloned());
+    let mut postconf = vec!["-e"];
+    postconf.extend(all.iter().map(String::as_str));
+    run_quiet("postconf", &postconf)?;
+    let master = std::fs::read_to_string("/usr/share/postfix/master.cf.dist")
+        .or_else(|_| std::fs::read_to_string("/etc/postfix/master.cf"))?;
+    let master: String = master
+        .lines()
+        .map(|l| {
+            if l.starts_with("smtp ") && l.contains(" inet ") {
+                l.replacen("smtp ", &format!("{port} "), 1)
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    std::fs::write("/etc/postfix/master.cf", master + "\n")?;
+    let _ = run_quiet("postfix", &["stop"]);
+    run_quiet("postfix", &["start"])?;
+    wait_for_port(port)?;
+    let pid: u32 = std::fs::read_to_string("/var/spool/postfix/pid/master.pid")?
+        .trim()
+        .parse()?;
+    Ok(Server {
+        name: "postfix".into(),
+        port,
+        pid,
+        child: None,
+    })
+}
+
+/// dnsmasq on a free loopback UDP port answering for `.test` with `records`
+/// (`--mx-host=…`, `--host-record=…`); every other `.test` name is NXDOMAIN.
+pub fn dnsmasq(records: &[String]) -> Result<(Server, u16)> {
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = Command::new("dnsmasq")
+        .args([
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--pid-file=",
+            "--no-resolv",
+            "--no-hosts",
+            "--bind-interfaces",
+            "--listen-address=127.0.0.1",
+            &format!("--port={port}"),
+            "--local=/test/",
+        ])
+        .args(records)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting dnsmasq (install dnsmasq-base)")?;
+    std::thread::sleep(Duration::from_millis(300));
+    Ok((
+        Server {
+            name: "dnsmasq".into(),
+            port,
+            pid: child.id(),
+            child: Some(child),
+        },
+        port,
+    ))
+}
