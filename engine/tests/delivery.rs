@@ -51,8 +51,19 @@ fn relays_with_per_recipient_outcomes_and_retries() {
             .unwrap()
             .starts_with("250 2.0.0")
     );
+    assert_eq!(delivered[0]["response_code"], 250);
+    assert_eq!(delivered[0]["enhanced_code"], "2.0.0");
+    assert!(delivered[0]["msg_size"].as_u64().unwrap() > 50);
+    assert_eq!(delivered[0]["queue"], "acme@d.test");
     let bounce = of(&events, "bounce", "permfail@d.test")[0];
     assert_eq!(bounce["bounce_class"], 10);
+    assert_eq!(
+        (
+            bounce["response_code"].as_u64(),
+            bounce["enhanced_code"].as_str()
+        ),
+        (Some(550), Some("5.1.1"))
+    );
     assert!(
         bounce["response"]
             .as_str()

@@ -341,10 +341,17 @@ fn domains_sharing_mx_hosts_are_one_site_delivered_to_smtp_sink() {
             dns.port
         );
     let daemon = Daemon::start("", &config);
-    inject(
-        &daemon,
-        &["a@sh1.test", "b@sh2.test"],
-        "Subject: shared\r\n\r\nx\r\n.\r\n",
+    // Injected by swaks.
+    let out = Command::new("swaks")
+        .args(["--server", &daemon.smtp.to_string(), "--helo", "c.test"])
+        .args(["--from", "s@b.test", "--to", "a@sh1.test,b@sh2.test"])
+        .args(["--header", "Subject: shared", "--body", "x"])
+        .output()
+        .expect("swaks is installed by tools/install-peers.sh");
+    let transcript = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && transcript.contains("<-  250 2.0.0 OK queued as "),
+        "{transcript}"
     );
     let events = wait_events(&daemon, "two deliveries", |e| {
         of(e, "delivery", "a@sh1.test").len() == 1 && of(e, "delivery", "b@sh2.test").len() == 1

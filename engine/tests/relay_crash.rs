@@ -101,7 +101,10 @@ fn client(target: Target, mut seqs: std::ops::Range<usize>, acked: Arc<Mutex<Vec
 fn delivered(dumps: &std::path::Path) -> HashMap<usize, usize> {
     let mut seen = HashMap::new();
     for entry in std::fs::read_dir(dumps).unwrap() {
-        let bytes = std::fs::read(entry.unwrap().path()).unwrap();
+        // smtp-sink may rename or still be writing a file: it is read on a later scan.
+        let Ok(bytes) = std::fs::read(entry.unwrap().path()) else {
+            continue;
+        };
         let text = String::from_utf8_lossy(&bytes);
         if let Some(rest) = text.split("\nSubject: seq ").nth(1) {
             let seq: usize = rest.split_whitespace().next().unwrap().parse().unwrap();

@@ -79,6 +79,17 @@ impl Response {
         }
     }
 
+    /// The enhanced status code (RFC 3463) the text starts with, if any.
+    pub fn enhanced_code(&self) -> Option<&str> {
+        let first = self.text.split_whitespace().next()?;
+        let mut parts = first.split('.');
+        let class = parts.next()?;
+        let ok = matches!(class, "2" | "4" | "5")
+            && parts.clone().count() == 2
+            && parts.all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+        ok.then_some(first)
+    }
+
     pub fn is_positive(&self) -> bool {
         (200..400).contains(&self.code)
     }
@@ -574,6 +585,29 @@ pub fn dot_stuff(body: &[u8], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn enhanced_codes_are_found_only_when_well_formed() {
+        let code = |text: &str| {
+            Response::local(550, text)
+                .enhanced_code()
+                .map(str::to_string)
+        };
+        assert_eq!(code("5.1.1 no such user"), Some("5.1.1".into()));
+        assert_eq!(code("4.7.28 rate limited"), Some("4.7.28".into()));
+        assert_eq!(code("2.0.0"), Some("2.0.0".into()));
+        for bad in [
+            "",
+            "no such user",
+            "5.1 x",
+            "6.1.1 x",
+            "5.1.1.1 x",
+            "5.a.1 x",
+            "5.1.1234 x",
+        ] {
+            assert_eq!(code(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn dot_stuffing_and_line_endings() {

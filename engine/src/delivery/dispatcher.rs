@@ -935,6 +935,9 @@ fn record(
         sending_ip: egress.and_then(|e| e.source_ip).map(|ip| ip.to_string()),
         peer: peer.map(|p| p.to_string()),
         response: response.to_string(),
+        response_code: response.code,
+        enhanced_code: response.enhanced_code(),
+        msg_size: m.size,
         bounce_class: match kind {
             Kind::Bounce => Some(bounce::classify(response)),
             _ => None,
@@ -1016,6 +1019,7 @@ pub fn message_from_record(record: gannet_spool::MessageRecord) -> Message {
         meta: record.meta,
         queue: record.queue,
         received_ms: record.received_unix_ms,
+        size: record.body.len(),
         attempts: record.attempts,
         done: record.done,
         open_parts: 0,

@@ -87,6 +87,12 @@ pub struct Outcome<'a> {
     pub peer: Option<String>,
     /// The reply, `code text`.
     pub response: String,
+    /// Its code, and its enhanced status code (RFC 3463) when it has one.
+    pub response_code: u16,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enhanced_code: Option<&'a str>,
+    /// The message's size in bytes.
+    pub msg_size: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bounce_class: Option<u16>,
     pub num_retries: u32,

@@ -32,6 +32,8 @@ pub struct Message {
     pub meta: Vec<(String, String)>,
     pub queue: String,
     pub received_ms: u64,
+    /// The message's size in bytes (the body as spooled, headers included).
+    pub size: usize,
     /// Delivery attempts made (the highest of any part).
     pub attempts: u32,
     /// Finished recipients (delivered, bounced or expired), by index.
@@ -436,6 +438,7 @@ mod tests {
             meta: vec![],
             queue: "d.test".into(),
             received_ms: 0,
+            size: 10,
             attempts: 0,
             done: vec![1],
             open_parts: 0,

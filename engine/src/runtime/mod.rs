@@ -363,6 +363,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
                 .collect(),
             queue: live.state.queue.clone(),
             received_ms: m.received_unix_ms.to_native(),
+            size: m.body.len(),
             attempts: live.state.attempts,
             done: live.state.done.clone(),
             open_parts: 0,

@@ -1,10 +1,12 @@
-//! Helpers of the relay tests: an aiosmtpd sink, a dnsmasq with MX records, SMTP
-//! injection, and waiting for events.
+//! Helpers of the relay tests: an aiosmtpd sink, a dnsmasq with MX records, injection
+//! with Python's smtplib, and waiting for events.
 
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use super::Daemon;
-use super::peers::{Peer, aiosmtpd, dnsmasq, free_udp_port};
+use super::peers::{Peer, aiosmtpd, dnsmasq, free_udp_port, python};
 
 /// aiosmtpd on a free port, with the directory it stores messages in.
 pub struct Sink {
@@ -125,20 +127,56 @@ pub fn of<'a>(
         .collect()
 }
 
-pub fn inject(daemon: &Daemon, recipients: &[&str], body: &str) -> String {
-    let mut client = daemon.connect();
-    client.expect("220");
-    client.send(b"EHLO c.test\r\nMAIL FROM:<s@b.test>\r\n");
-    client.expect("250");
-    client.expect("250");
-    for rcpt in recipients {
-        client.send(format!("RCPT TO:<{rcpt}>\r\n").as_bytes());
-        client.expect("250");
-    }
-    client.send(b"DATA\r\n");
-    client.expect("354");
-    client.send(body.as_bytes());
-    let reply = client.expect("250 2.0.0 OK queued as ");
-    client.send(b"QUIT\r\n");
+/// Python's smtplib sending one message (read on standard input) and printing the
+/// final reply.
+const SMTPLIB_SEND: &str = r#"
+import smtplib, sys
+port, sender, rcpts = int(sys.argv[1]), sys.argv[2], sys.argv[3:]
+body = sys.stdin.buffer.read()
+with smtplib.SMTP("127.0.0.1", port) as s:
+    s.ehlo("c.test")
+    s.mail(sender)
+    for r in rcpts:
+        code, text = s.rcpt(r)
+        assert code == 250, (r, code, text)
+    code, text = s.data(body)
+    print(code, text.decode())
+"#;
+
+/// Injects a message with Python's smtplib (an independent client) and returns its
+/// queue id. `data` is the DATA payload as it travels (dot-stuffed, ending in
+/// `.\r\n`); smtplib is given the message itself and does the stuffing.
+pub fn inject(daemon: &Daemon, recipients: &[&str], data: &str) -> String {
+    let payload = data
+        .strip_suffix(".\r\n")
+        .expect("a DATA payload ends with .CRLF");
+    let message: String = payload
+        .split_inclusive("\r\n")
+        .map(|line| line.strip_prefix('.').unwrap_or(line))
+        .collect();
+    let mut child = Command::new(python())
+        .arg("-c")
+        .arg(SMTPLIB_SEND)
+        .arg(daemon.smtp.port().to_string())
+        .arg("s@b.test")
+        .args(recipients)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(message.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let reply = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && reply.starts_with("250 2.0.0 OK queued as "),
+        "smtplib: {reply} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     reply.trim_end().rsplit(' ').next().unwrap().to_string()
 }
