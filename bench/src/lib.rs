@@ -3,6 +3,10 @@
 
 pub mod servers;
 
+/// The engine tests' peer helpers (dnsmasq, smtp-sink, aiosmtpd), shared.
+#[path = "../../engine/tests/peers/support.rs"]
+pub mod peers;
+
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 

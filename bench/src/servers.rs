@@ -203,36 +203,11 @@ pub fn postfix(sessions: u64, message_size_limit: usize, settings: &[String]) ->
 }
 
 /// dnsmasq on a free loopback UDP port answering for `.test` with `records`
-/// (`--mx-host=…`, `--host-record=…`); every other `.test` name is NXDOMAIN.
-pub fn dnsmasq(records: &[String]) -> Result<(Server, u16)> {
+/// (`--mx-host=…`, `--host-record=…`); every other `.test` name is NXDOMAIN. Stopped
+/// when the returned peer is dropped.
+pub fn dnsmasq(records: &[String]) -> Result<(crate::peers::Peer, u16)> {
     let port = std::net::UdpSocket::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
-    let child = Command::new("dnsmasq")
-        .args([
-            "--no-daemon",
-            "--conf-file=/dev/null",
-            "--pid-file=",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            &format!("--port={port}"),
-            "--local=/test/",
-        ])
-        .args(records)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting dnsmasq (install dnsmasq-base)")?;
-    std::thread::sleep(Duration::from_millis(300));
-    Ok((
-        Server {
-            name: "dnsmasq".into(),
-            port,
-            pid: child.id(),
-            child: Some(child),
-        },
-        port,
-    ))
+    Ok((crate::peers::dnsmasq(port, records), port))
 }

@@ -9,8 +9,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::Daemon;
-use common::peers::{free_port, smtp_sink};
-use common::relay::{delivery_config, dns, inject, of, sink, wait_events};
+use common::peers::free_port;
+use common::relay::{delivery_config, dns, dumping_smtp_sink, inject, of, sink, wait_events};
 
 /// curl against the daemon's HTTP listener: (status, body).
 fn curl(daemon: &Daemon, method: &str, path: &str, body: Option<(&str, &str)>) -> (u16, String) {
@@ -324,16 +324,7 @@ fn messages_expire_at_max_age() {
 /// connection's worth of work) delivered to postfix's smtp-sink.
 #[test]
 fn domains_sharing_mx_hosts_are_one_site_delivered_to_smtp_sink() {
-    let port = free_port();
-    let dumps = tempfile::tempdir().unwrap();
-    // smtp-sink writes its dumps as the user `nobody`.
-    std::fs::set_permissions(
-        dumps.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
-    let template = format!("{}/msg.", dumps.path().display());
-    let _sink = smtp_sink(port, &["-d", &template]);
+    let (_sink, port, dumps) = dumping_smtp_sink();
     let dns = dns();
     let config = delivery_config("")
         + &format!(

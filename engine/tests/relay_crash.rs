@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Daemon;
-use common::peers::{free_port, smtp_sink};
+use common::relay::dumping_smtp_sink;
 
 const MESSAGES: usize = 20_000;
 const CLIENTS: usize = 8;
@@ -116,16 +116,7 @@ fn delivered(dumps: &std::path::Path) -> HashMap<usize, usize> {
 
 #[test]
 fn a_killed_relay_delivers_every_acknowledged_message_after_restart() {
-    let port = free_port();
-    let dumps = tempfile::tempdir().unwrap();
-    // smtp-sink writes its dumps as the user `nobody`.
-    std::fs::set_permissions(
-        dumps.path(),
-        std::os::unix::fs::PermissionsExt::from_mode(0o777),
-    )
-    .unwrap();
-    let template = format!("{}/m.", dumps.path().display());
-    let _sink = smtp_sink(port, &["-d", &template]);
+    let (_sink, port, dumps) = dumping_smtp_sink();
     let config = format!(
         "[delivery]\nretry_interval_secs = 1\nmax_retry_interval_secs = 2\nroutes = {{ \"*\" = [\"127.0.0.1:{port}\"] }}\n"
     );

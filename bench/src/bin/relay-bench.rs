@@ -365,7 +365,7 @@ fn main() -> Result<()> {
         None
     };
     sink.server.stop()?;
-    dns.stop()?;
+    drop(dns);
     let _ = std::fs::remove_dir_all(&args.dir);
 
     use std::fmt::Write as _;

@@ -199,22 +199,24 @@ impl Drop for Daemon {
     }
 }
 
-/// A password hash made by `gannetd --hash-password`, for `smtp.users`.
-pub fn hash_password(password: &str) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gannetd"))
-        .arg("--hash-password")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
+/// Runs `command` with `input` on its standard input; its output and status.
+pub fn run_with_input(command: &mut Command, input: &[u8]) -> std::process::Output {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(password.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+/// A password hash made by `gannetd --hash-password`, for `smtp.users`.
+pub fn hash_password(password: &str) -> String {
+    let out = run_with_input(
+        Command::new(env!("CARGO_BIN_EXE_gannetd")).arg("--hash-password"),
+        password.as_bytes(),
+    );
     assert!(out.status.success());
     String::from_utf8(out.stdout).unwrap().trim().to_string()
 }

@@ -1,8 +1,7 @@
 //! Helpers of the relay tests: an aiosmtpd sink, a dnsmasq with MX records, injection
 //! with Python's smtplib, and waiting for events.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::Daemon;
@@ -127,6 +126,22 @@ pub fn of<'a>(
         .collect()
 }
 
+/// postfix's smtp-sink on a free port, dumping each transaction to a file in the
+/// directory returned.
+pub fn dumping_smtp_sink() -> (Peer, u16, tempfile::TempDir) {
+    let port = super::peers::free_port();
+    let dumps = tempfile::tempdir().unwrap();
+    // smtp-sink writes its dumps as the user `nobody`.
+    std::fs::set_permissions(
+        dumps.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let template = format!("{}/m.", dumps.path().display());
+    let peer = super::peers::smtp_sink(port, &["-d", &template]);
+    (peer, port, dumps)
+}
+
 /// Python's smtplib sending one message (read on standard input) and printing the
 /// final reply.
 const SMTPLIB_SEND: &str = r#"
@@ -154,24 +169,15 @@ pub fn inject(daemon: &Daemon, recipients: &[&str], data: &str) -> String {
         .split_inclusive("\r\n")
         .map(|line| line.strip_prefix('.').unwrap_or(line))
         .collect();
-    let mut child = Command::new(python())
-        .arg("-c")
-        .arg(SMTPLIB_SEND)
-        .arg(daemon.smtp.port().to_string())
-        .arg("s@b.test")
-        .args(recipients)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(message.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = super::run_with_input(
+        Command::new(python())
+            .arg("-c")
+            .arg(SMTPLIB_SEND)
+            .arg(daemon.smtp.port().to_string())
+            .arg("s@b.test")
+            .args(recipients),
+        message.as_bytes(),
+    );
     let reply = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && reply.starts_with("250 2.0.0 OK queued as "),

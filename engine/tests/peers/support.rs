@@ -1,6 +1,7 @@
-//! Starting the real peers the tests talk to (aiosmtpd, dnsmasq) on free loopback
-//! ports, and stopping them by PID. Shared by the engine's unit tests (included from
-//! `src/lib.rs`) and its integration tests (included from `tests/common`).
+//! Starting the real peers the tests talk to (aiosmtpd, dnsmasq, smtp-sink) on free
+//! loopback ports, and stopping them by PID. Shared by the engine's unit tests
+//! (included from `src/lib.rs`), its integration tests (included from
+//! `tests/common`) and the benchmarks (included from `bench/src/lib.rs`).
 
 #![allow(dead_code)]
 
