@@ -49,6 +49,9 @@ struct Args {
     /// gannetd shard counts to run (0: one per core).
     #[arg(long, value_delimiter = ',', default_value = "1,0")]
     gannet_shards: Vec<usize>,
+    /// Extra `[server]` keys for gannetd, e.g. "spin_before_park_us = 50".
+    #[arg(long, default_value = "")]
+    gannet_server_extra: String,
     /// The gannetd binary.
     #[arg(long, default_value = "target/release/gannetd")]
     gannetd: PathBuf,
@@ -213,6 +216,8 @@ struct Run {
     seconds: f64,
     injected_s: f64,
     server_cpu_s: f64,
+    /// The sink's CPU in the run: what receiving the messages costs a minimal server.
+    sink_cpu_s: f64,
     peak_rss_kb: Option<u64>,
 }
 
@@ -253,7 +258,7 @@ fn relay_run(
             &args.gannetd,
             &args.dir,
             shards,
-            "",
+            &args.gannet_server_extra,
             &gannet_delivery(dns_port, sink_port),
         )?),
         "postfix" => {
@@ -281,12 +286,14 @@ fn relay_run(
     };
     let base = sink.received.load(Ordering::Acquire);
     let cpu0 = pid.map_or(0.0, tree_cpu_seconds);
+    let sink_cpu0 = tree_cpu_seconds(sink.server.pid);
     let t0 = Instant::now();
     inject(args, port, args.messages)?;
     let injected_s = t0.elapsed().as_secs_f64();
     let last = sink.wait_for(base, args.messages, Duration::from_secs(args.timeout_secs))?;
     let seconds = last.duration_since(t0).as_secs_f64();
     let server_cpu_s = pid.map_or(0.0, tree_cpu_seconds) - cpu0;
+    let sink_cpu_s = tree_cpu_seconds(sink.server.pid) - sink_cpu0;
     let peak_rss_kb = match (&server, system) {
         (Some(s), "gannet") => Some(status_kb(s.pid, "VmHWM:")),
         _ => None,
@@ -299,6 +306,7 @@ fn relay_run(
         seconds,
         injected_s,
         server_cpu_s,
+        sink_cpu_s,
         peak_rss_kb,
     })
 }
@@ -353,6 +361,7 @@ fn main() -> Result<()> {
                     "msgs_per_s": run.rate(args.messages).round(),
                     "injection_seconds": (run.injected_s * 1000.0).round() / 1000.0,
                     "server_cpu_ms_per_msg": run.server_cpu_s * 1000.0 / args.messages as f64,
+                    "sink_cpu_ms_per_msg": run.sink_cpu_s * 1000.0 / args.messages as f64,
                     "peak_rss_kb": run.peak_rss_kb,
                 })
             );
@@ -387,9 +396,9 @@ fn main() -> Result<()> {
     )?;
     writeln!(
         md,
-        "| system | msgs/s end to end | × pipe | injection done (s) | last delivery (s) | server CPU ms / msg | peak RSS MiB |"
+        "| system | msgs/s end to end | × pipe | injection done (s) | last delivery (s) | server CPU ms / msg | sink CPU ms / msg | peak RSS MiB |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
     let pipe = runs
         .iter()
         .find(|r| r.system.starts_with("pipe"))
@@ -405,11 +414,12 @@ fn main() -> Result<()> {
         };
         writeln!(
             md,
-            "| {} | {:.0} | {ratio} | {:.1} | {:.1} | {cpu} | {} |",
+            "| {} | {:.0} | {ratio} | {:.1} | {:.1} | {cpu} | {:.3} | {} |",
             run.system,
             run.rate(args.messages),
             run.injected_s,
             run.seconds,
+            run.sink_cpu_s * 1000.0 / args.messages as f64,
             run.peak_rss_kb
                 .map_or("—".into(), |kb| format!("{:.0}", kb as f64 / 1024.0)),
         )?;
