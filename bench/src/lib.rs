@@ -1,7 +1,9 @@
 //! Helpers shared by gannet's benchmarks: what machine this is, what the disk and the
 //! processes under test did (device flushes, CPU seconds), and the report header.
 
+pub mod mail;
 pub mod servers;
+pub mod sink;
 
 /// The engine tests' peer helpers (dnsmasq, smtp-sink, aiosmtpd), shared.
 #[path = "../../engine/tests/peers/support.rs"]

@@ -1,0 +1,354 @@
+//! The load generator and the smart sink as processes: their counts agree with each
+//! other and with postfix's smtp-sink, the sink's fault injection produces the
+//! configured percentages, special local parts always fail, latency is applied, and
+//! bad arguments and configuration files are refused with the key named.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A running gannet-sink; stopped (SIGTERM) when dropped.
+struct Sink {
+    child: Child,
+    smtp: SocketAddr,
+    http: SocketAddr,
+}
+
+impl Sink {
+    fn start(args: &[&str]) -> Sink {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_gannet-sink"))
+            .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.as_mut().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        Sink {
+            smtp: v["smtp"].as_str().unwrap().parse().unwrap(),
+            http: v["http"].as_str().unwrap().parse().unwrap(),
+            child,
+        }
+    }
+
+    /// The counters, over HTTP (with curl).
+    fn counts(&self) -> serde_json::Value {
+        let out = Command::new("curl")
+            .args(["-sS", &format!("http://{}/", self.http)])
+            .output()
+            .unwrap();
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// Stops the sink; the counters it prints at exit.
+    fn stop(mut self) -> serde_json::Value {
+        // SAFETY: signalling the child this test started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let mut text = String::new();
+        self.child
+            .stdout
+            .take()
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
+        self.child.wait().unwrap();
+        serde_json::from_str(text.trim()).unwrap()
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        // SAFETY: signalling the child this test started (gone already is harmless).
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+fn blast(server: SocketAddr, args: &[&str]) -> serde_json::Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_gannet-blast"))
+        .args(["--server", &server.to_string(), "--json-only"])
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+#[test]
+fn blast_and_sink_agree_on_counts() {
+    let sink = Sink::start(&[]);
+    let result = blast(
+        sink.smtp,
+        &[
+            "--messages",
+            "2000",
+            "--concurrency",
+            "16",
+            "--recipients",
+            "3",
+            "--domains",
+            "a.test:3,b.test:1",
+            "--size",
+            "1k:50,20k:50",
+            "--per-connection",
+            "10",
+        ],
+    );
+    assert_eq!(result["messages_sent"], 2000, "{result}");
+    assert_eq!(result["recipients_accepted"], 6000);
+    assert_eq!(result["errors"], serde_json::json!({}));
+    let live = sink.counts();
+    let counts = sink.stop();
+    assert_eq!(live, counts, "HTTP and exit counters agree");
+    assert_eq!(counts["messages"], 2000);
+    assert_eq!(counts["intact"], 2000, "{counts}");
+    assert_eq!(counts["damaged"], 0);
+    // 10 messages per connection; each worker's last connection may carry fewer.
+    let sessions = counts["sessions"].as_u64().unwrap();
+    assert!((200..=216).contains(&sessions), "{sessions}");
+    let domains = &counts["domains"];
+    let accepted = |d: &str| domains[d]["rcpt_accepted"].as_u64().unwrap();
+    assert_eq!(accepted("a.test") + accepted("b.test"), 6000);
+    // 3:1 weights, within a generous tolerance.
+    let share = accepted("a.test") as f64 / 6000.0;
+    assert!((0.70..0.80).contains(&share), "{share}");
+    // Pipelining off, STARTTLS refused by this sink: the run reports the error code.
+    let sink = Sink::start(&[]);
+    let plain = blast(
+        sink.smtp,
+        &["--messages", "50", "--concurrency", "2", "--no-pipelining"],
+    );
+    assert_eq!(plain["messages_sent"], 50);
+    let tls = blast(
+        sink.smtp,
+        &["--messages", "5", "--concurrency", "1", "--starttls"],
+    );
+    assert_eq!(tls["messages_sent"], 0);
+    assert_eq!(tls["errors"]["502"], 5, "{tls}");
+    assert_eq!(sink.stop()["messages"], 50);
+}
+
+#[test]
+fn blast_and_postfix_smtp_sink_agree_on_counts() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut sink = Command::new("/usr/sbin/smtp-sink")
+        .args(["-c", "-u", "nobody", &format!("127.0.0.1:{port}"), "100"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("smtp-sink is installed by tools/install-peers.sh");
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    while std::net::TcpStream::connect(addr).is_err() {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let result = blast(
+        addr,
+        &[
+            "--messages",
+            "1500",
+            "--concurrency",
+            "8",
+            "--per-connection",
+            "5",
+        ],
+    );
+    assert_eq!(result["messages_sent"], 1500);
+    std::thread::sleep(Duration::from_millis(200));
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(sink.id() as i32, libc::SIGTERM) };
+    let mut text = String::new();
+    sink.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut text)
+        .unwrap();
+    sink.wait().unwrap();
+    let last = text.rsplit('\r').find(|l| l.contains("mesg=")).unwrap();
+    assert!(last.trim().ends_with("mesg=1500"), "{last}");
+}
+
+#[test]
+fn fault_injection_gives_the_configured_percentages() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("sink.toml");
+    std::fs::write(
+        &config,
+        "[domains.\"f.test\"]\ntempfail_percent = 10\npermfail_percent = 5\ndrop_in_data_percent = 10\n\
+         [domains.\"slow.test\"]\nlatency_ms = { rcpt = 30 }\n",
+    )
+    .unwrap();
+    let sink = Sink::start(&["--config", config.to_str().unwrap()]);
+    let n = 4000u64;
+    let result = blast(
+        sink.smtp,
+        &[
+            "--messages",
+            &n.to_string(),
+            "--concurrency",
+            "16",
+            "--domains",
+            "f.test",
+            "--size",
+            "1k",
+        ],
+    );
+    let counts = sink.counts();
+    let f = &counts["domains"]["f.test"];
+    let pct = |v: &serde_json::Value, of: u64| v.as_u64().unwrap() as f64 * 100.0 / of as f64;
+    let temp = pct(&f["rcpt_tempfailed"], n);
+    let perm = pct(&f["rcpt_permfailed"], n);
+    assert!((7.5..12.5).contains(&temp), "tempfail {temp}%: {counts}");
+    assert!((3.0..7.0).contains(&perm), "permfail {perm}%: {counts}");
+    let data_tx = f["rcpt_accepted"].as_u64().unwrap();
+    let dropped = pct(&f["dropped"], data_tx);
+    assert!(
+        (7.5..12.5).contains(&dropped),
+        "dropped {dropped}%: {counts}"
+    );
+    assert_eq!(
+        f["messages"].as_u64().unwrap() + f["dropped"].as_u64().unwrap(),
+        data_tx
+    );
+    // The generator saw the same refusals (by code) and the drops (as closed).
+    let errors = &result["errors"];
+    let by_class = |class: char| -> u64 {
+        errors
+            .as_object()
+            .unwrap()
+            .iter()
+            .filter(|(k, _)| k.starts_with(class))
+            .map(|(_, v)| v.as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!(
+        by_class('4'),
+        f["rcpt_tempfailed"].as_u64().unwrap(),
+        "{result}"
+    );
+    assert_eq!(
+        by_class('5'),
+        f["rcpt_permfailed"].as_u64().unwrap(),
+        "{result}"
+    );
+    assert_eq!(errors["closed"], f["dropped"], "{result}");
+    assert_eq!(result["messages_sent"], f["messages"]);
+
+    // Latency per phase is applied (a lower bound: three RCPTs wait 30 ms each).
+    let slow = blast(
+        sink.smtp,
+        &[
+            "--messages",
+            "4",
+            "--concurrency",
+            "1",
+            "--domains",
+            "slow.test",
+            "--recipients",
+            "3",
+        ],
+    );
+    assert!(
+        slow["latency_ms"]["p50"].as_f64().unwrap() >= 90.0,
+        "{slow}"
+    );
+
+    // tempfail@ and permfail@ always fail, whatever the domain (Python's smtplib).
+    let script = format!(
+        "import smtplib\ns = smtplib.SMTP('127.0.0.1', {})\nprint(s.rcpt('x@a.test') if s.mail('s@t.test') else '')\n\
+         print(s.rcpt('tempfail@a.test')[0], s.rcpt('permfail@a.test')[0])\ns.quit()\n",
+        sink.smtp.port()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let codes = text.lines().last().unwrap_or("");
+    let (t, p) = codes.split_once(' ').unwrap();
+    assert!(t.starts_with('4') && p.starts_with('5'), "{text}");
+}
+
+#[test]
+fn bad_arguments_and_configs_are_refused_with_the_key_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "[default]\ntempfail_percent = 150\n",
+            "default.tempfail_percent",
+        ),
+        ("[default]\nbogus = 1\n", "bogus"),
+        (
+            "[responses]\npermfail = [\"250 ok\"]\n",
+            "responses.permfail",
+        ),
+    ];
+    for (text, needle) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_gannet-sink"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--config",
+                path.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(needle),
+            "{text}: {err}"
+        );
+    }
+    let blast_err = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_gannet-blast"))
+            .args(["--server", "127.0.0.1:9"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+    assert!(blast_err(&["--size", "10q"]).contains("10q"));
+    assert!(blast_err(&["--domains", "a.test:0"]).contains("a.test:0"));
+    assert!(blast_err(&["--concurrency", "0"]).contains("--concurrency"));
+    // Nothing listening: every message is a counted connect error, not a crash.
+    let out = Command::new(env!("CARGO_BIN_EXE_gannet-blast"))
+        .args([
+            "--server",
+            "127.0.0.1:9",
+            "--messages",
+            "3",
+            "--concurrency",
+            "1",
+            "--json-only",
+        ])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            v["messages_failed"].as_u64(),
+            v["errors"]["connect"].as_u64()
+        ),
+        (Some(3), Some(3))
+    );
+}
+
+#[test]
+fn the_example_config_is_valid() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/sink.example.toml");
+    let config = gannet_bench::sink::SinkConfig::load(std::path::Path::new(path)).unwrap();
+    assert_eq!(config.rule("backpressure.test").latency_ms.rcpt, 20);
+}
