@@ -1,6 +1,8 @@
 //! Helpers shared by gannet's benchmarks: what machine this is, what the disk and the
 //! processes under test did (device flushes, CPU seconds), and the report header.
 
+pub mod charts;
+pub mod harness;
 pub mod mail;
 pub mod servers;
 pub mod sink;

@@ -352,3 +352,88 @@ fn the_example_config_is_valid() {
     let config = gannet_bench::sink::SinkConfig::load(std::path::Path::new(path)).unwrap();
     assert_eq!(config.rule("backpressure.test").latency_ms.rcpt, 20);
 }
+
+/// The harness end to end at a tiny scale: gannet and the pipe, two scenarios, a
+/// report with both systems and the charts.
+#[test]
+fn the_harness_runs_tiny_scenarios_end_to_end() {
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_gannet-blast"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let gannetd = bin_dir.join("gannetd");
+    if !gannetd.exists() {
+        let profile = if bin_dir.ends_with("release") {
+            vec!["--release"]
+        } else {
+            vec![]
+        };
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "gannet-engine", "--bin", "gannetd"])
+            .args(profile)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let results = dir.path().join("RESULTS.md");
+    let charts = dir.path().join("charts");
+    let out = Command::new(env!("CARGO_BIN_EXE_gannet-bench"))
+        .args([
+            "--scenarios",
+            "durable-accept,relay",
+            "--systems",
+            "gannet,pipe",
+        ])
+        .args(["--repetitions", "2", "--scale", "1000"])
+        .args(["--gannetd", gannetd.to_str().unwrap()])
+        .args(["--scratch", dir.path().join("scratch").to_str().unwrap()])
+        .args([
+            "--results",
+            results.to_str().unwrap(),
+            "--charts",
+            charts.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // One JSON line per run: 2 scenarios × 2 systems × 2 repetitions, alternating.
+    let runs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(runs.len(), 8);
+    assert_eq!(
+        (runs[0]["system"].as_str(), runs[2]["system"].as_str()),
+        (Some("gannet"), Some("pipe"))
+    );
+    for run in &runs {
+        assert_eq!(run["sent"], 50, "{run}");
+        if run["scenario"] == "relay" {
+            assert_eq!(run["delivered"], 50, "{run}");
+        }
+    }
+    let report = std::fs::read_to_string(&results).unwrap();
+    for needle in [
+        "### durable-accept",
+        "### relay",
+        "| gannet |",
+        "| pipe |",
+        "100 / 100",
+    ] {
+        assert!(report.contains(needle), "{needle}: {report}");
+    }
+    for chart in [
+        "relay-throughput.svg",
+        "relay-latency.svg",
+        "durable-accept-latency.svg",
+    ] {
+        let svg = std::fs::read_to_string(charts.join(chart)).unwrap();
+        assert!(svg.starts_with("<svg") && svg.contains("gannet"), "{chart}");
+    }
+}

@@ -1,0 +1,252 @@
+//! gannet-bench: one command that runs the named scenarios against gannet and its
+//! peers with identical load — gannet-blast injecting, gannet-sink receiving — with
+//! the systems' order rotating between repetitions, and writes a markdown report
+//! (medians, min–max, ratios, CPU and peak RSS) to bench/RESULTS.md and SVG charts
+//! (throughput over time, latency distribution) next to it.
+//!
+//! Systems: `gannet`; `postfix` (the system Postfix as a relay with a transport map to
+//! the sink, or accepting only with delivery deferred); `pipe` (the generator straight
+//! into the sink: the limit). Every process started is stopped by its PID.
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use gannet_bench::harness::{self, Run, Tools, median_range};
+use gannet_bench::{append_results, charts, command_output, machine};
+
+#[derive(Debug, Parser)]
+#[command(about = "Side-by-side benchmark scenarios: gannet vs Postfix vs the direct pipe")]
+struct Args {
+    /// Scenarios to run (durable-accept, relay, backpressure, many-domains, large).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "durable-accept,relay,backpressure,many-domains,large"
+    )]
+    scenarios: Vec<String>,
+    /// Systems to compare.
+    #[arg(long, value_delimiter = ',', default_value = "gannet,postfix,pipe")]
+    systems: Vec<String>,
+    /// Runs of each system per scenario (the order rotates each time).
+    #[arg(long, default_value_t = 3)]
+    repetitions: u64,
+    /// Divide every scenario's message count by this (1: full scale).
+    #[arg(long, default_value_t = 1)]
+    scale: u64,
+    /// The gannetd binary.
+    #[arg(long, default_value = "target/release/gannetd")]
+    gannetd: PathBuf,
+    /// Scratch directory (gannet's data, Postfix's transport map).
+    #[arg(long, default_value = "/tmp/gannet-bench")]
+    scratch: PathBuf,
+    /// Markdown report appended here ("" to skip).
+    #[arg(long, default_value = "bench/RESULTS.md")]
+    results: String,
+    /// Directory for the SVG charts ("" to skip).
+    #[arg(long, default_value = "bench/charts")]
+    charts: String,
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let here = std::env::current_exe()?
+        .parent()
+        .context("the binary's directory")?
+        .to_path_buf();
+    let tools = Tools {
+        gannetd: args.gannetd.clone(),
+        blast: here.join("gannet-blast"),
+        sink: here.join("gannet-sink"),
+        scratch: args.scratch.clone(),
+    };
+    for tool in [&tools.gannetd, &tools.blast, &tools.sink] {
+        if !tool.exists() {
+            bail!("{} is missing: cargo build --release first", tool.display());
+        }
+    }
+    let all = harness::scenarios(args.scale);
+    let mut chosen = Vec::new();
+    for name in &args.scenarios {
+        match all.iter().find(|s| s.name == name) {
+            Some(s) => chosen.push(s.clone()),
+            None => bail!("unknown scenario `{name}`"),
+        }
+    }
+    let mut runs: Vec<Run> = Vec::new();
+    for scenario in &chosen {
+        for rep in 0..args.repetitions {
+            // Alternate: each repetition starts with the next system.
+            let n = args.systems.len();
+            for k in 0..n {
+                let system = &args.systems[(k + rep as usize) % n];
+                let run = harness::run(scenario, system, rep, &tools)
+                    .with_context(|| format!("{} on {system}", scenario.name))?;
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "scenario": run.scenario, "system": run.system, "repetition": rep,
+                        "msgs_per_s": run.rate.round(), "sent": run.sent, "delivered": run.delivered,
+                        "seconds": run.seconds, "cpu_s": run.cpu_s, "peak_rss_kb": run.peak_rss_kb,
+                        "blast": run.blast,
+                    })
+                );
+                runs.push(run);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&args.scratch);
+    let md = report(&args, &chosen, &runs)?;
+    print!("{md}");
+    append_results(&args.results, &md)?;
+    Ok(())
+}
+
+fn report(args: &Args, scenarios: &[harness::Scenario], runs: &[Run]) -> Result<String> {
+    let mut md = String::new();
+    let rev = command_output("git", &["rev-parse", "--short", "HEAD"]);
+    let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
+    let command: Vec<String> = std::env::args().collect();
+    writeln!(md, "\n## gannet-bench — {date}\n")?;
+    writeln!(md, "- command: `{}`", command.join(" "))?;
+    writeln!(md, "- machine: {}", machine())?;
+    writeln!(
+        md,
+        "- revision: {rev}; {} repetitions per system, order rotating; load by gannet-blast (a new connection per message), received by gannet-sink; generator, system and sink share the machine's cores",
+        args.repetitions
+    )?;
+    writeln!(
+        md,
+        "- gannet: 250 after fdatasync, one shard per core; postfix: the system Postfix (relay via a transport map to the sink, or delivery deferred for durable-accept); pipe: generator → sink directly"
+    )?;
+    for scenario in scenarios {
+        let of = |system: &str| -> Vec<&Run> {
+            runs.iter()
+                .filter(|r| r.scenario == scenario.name && r.system == system)
+                .collect()
+        };
+        let med =
+            |system: &str| median_range(&of(system).iter().map(|r| r.rate).collect::<Vec<_>>()).0;
+        writeln!(
+            md,
+            "\n### {} — {} ({} messages of {}, {} sessions, {} domains)\n",
+            scenario.name,
+            scenario.what,
+            scenario.messages,
+            scenario.size,
+            scenario.concurrency,
+            scenario.domains
+        )?;
+        writeln!(
+            md,
+            "| system | msgs/s median (min–max) | × pipe | gannet ÷ system | transaction p50 / p99 ms | CPU s / 1000 msgs | peak RSS MiB | delivered / sent (all runs) | errors |"
+        )?;
+        writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
+        let pipe = med("pipe");
+        let gannet = med("gannet");
+        for system in &args.systems {
+            let rs = of(system);
+            if rs.is_empty() {
+                continue;
+            }
+            let (m, lo, hi) = median_range(&rs.iter().map(|r| r.rate).collect::<Vec<_>>());
+            let lat = |q: &str| {
+                median_range(
+                    &rs.iter()
+                        .filter_map(|r| r.blast["latency_ms"][q].as_f64())
+                        .collect::<Vec<_>>(),
+                )
+                .0
+            };
+            let cpu = median_range(
+                &rs.iter()
+                    .map(|r| r.cpu_s * 1000.0 / r.sent.max(1) as f64)
+                    .collect::<Vec<_>>(),
+            )
+            .0;
+            let rss = median_range(
+                &rs.iter()
+                    .map(|r| r.peak_rss_kb as f64 / 1024.0)
+                    .collect::<Vec<_>>(),
+            )
+            .0;
+            let ratio = |a: f64, b: f64| {
+                if a > 0.0 && b > 0.0 {
+                    format!("{:.2}", a / b)
+                } else {
+                    "—".into()
+                }
+            };
+            let errors: u64 = rs
+                .iter()
+                .filter_map(|r| r.blast["errors"].as_object())
+                .flat_map(|e| e.values().filter_map(serde_json::Value::as_u64))
+                .sum();
+            let (delivered, sent): (u64, u64) = rs
+                .iter()
+                .fold((0, 0), |(d, s), r| (d + r.delivered, s + r.sent));
+            let native = *system == "pipe";
+            writeln!(
+                md,
+                "| {system} | {m:.0} ({lo:.0}–{hi:.0}) | {} | {} | {:.2} / {:.2} | {} | {} | {} | {errors} |",
+                ratio(m, pipe),
+                if *system == "gannet" {
+                    "—".into()
+                } else {
+                    ratio(gannet, m)
+                },
+                lat("p50"),
+                lat("p99"),
+                if native {
+                    "—".into()
+                } else {
+                    format!("{cpu:.3}")
+                },
+                if native {
+                    "—".into()
+                } else {
+                    format!("{rss:.0}")
+                },
+                if scenario.relay {
+                    format!("{delivered} / {sent}")
+                } else {
+                    format!("— / {sent}")
+                },
+            )?;
+        }
+        if !args.charts.is_empty() {
+            let dir = PathBuf::from(&args.charts);
+            std::fs::create_dir_all(&dir)?;
+            let first: Vec<&Run> = runs
+                .iter()
+                .filter(|r| r.scenario == scenario.name && r.repetition == 0)
+                .collect();
+            let tp = dir.join(format!("{}-throughput.svg", scenario.name));
+            let lat = dir.join(format!("{}-latency.svg", scenario.name));
+            if scenario.relay {
+                charts::throughput(
+                    &tp,
+                    &format!("{}: messages/s at the sink", scenario.name),
+                    &first,
+                )?;
+                writeln!(
+                    md,
+                    "\n![throughput]({})",
+                    tp.strip_prefix("bench").unwrap_or(&tp).display()
+                )?;
+            }
+            charts::latency(
+                &lat,
+                &format!("{}: transaction latency", scenario.name),
+                &first,
+            )?;
+            writeln!(
+                md,
+                "![latency]({})",
+                lat.strip_prefix("bench").unwrap_or(&lat).display()
+            )?;
+        }
+    }
+    Ok(md)
+}

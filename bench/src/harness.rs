@@ -1,0 +1,383 @@
+//! The benchmark harness: named scenarios run against gannet and its peers with the
+//! same load (gannet-blast into the system, the system relaying to gannet-sink),
+//! systems alternating between repetitions, and what each run measured.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use crate::servers::{self, Server};
+use crate::tree_cpu_seconds;
+
+/// A scenario: the load and what the sink does.
+#[derive(Debug, Clone)]
+pub struct Scenario {
+    pub name: &'static str,
+    pub what: &'static str,
+    /// Relays deliver to the sink; otherwise systems only accept (durably).
+    pub relay: bool,
+    pub messages: u64,
+    pub concurrency: u64,
+    pub size: &'static str,
+    /// Destination domains d0.test … (weights equal).
+    pub domains: u64,
+    /// gannet-sink arguments (faults, latency).
+    pub sink_args: &'static [&'static str],
+}
+
+/// The scenarios at full scale; `scale` divides the message counts (tests use tiny
+/// runs).
+pub fn scenarios(scale: u64) -> Vec<Scenario> {
+    let n = |m: u64| (m / scale.max(1)).max(20);
+    vec![
+        Scenario {
+            name: "durable-accept",
+            what: "ingress only: 10 KiB messages, a new connection per message, acknowledged once durable",
+            relay: false,
+            messages: n(50_000),
+            concurrency: 50,
+            size: "10k",
+            domains: 20,
+            sink_args: &[],
+        },
+        Scenario {
+            name: "relay",
+            what: "inject → deliver: 10 KiB messages to 20 domains, timed to the last message at the sink",
+            relay: true,
+            messages: n(50_000),
+            concurrency: 50,
+            size: "10k",
+            domains: 20,
+            sink_args: &[],
+        },
+        Scenario {
+            name: "backpressure",
+            what: "relay while the sink answers 5% of recipients 4xx, 1% 5xx, with 20 ms latency per phase",
+            relay: true,
+            messages: n(20_000),
+            concurrency: 50,
+            size: "10k",
+            domains: 20,
+            sink_args: &[
+                "--tempfail-percent",
+                "5",
+                "--permfail-percent",
+                "1",
+                "--latency-ms",
+                "20",
+            ],
+        },
+        Scenario {
+            name: "many-domains",
+            what: "relay to 10,000 domains (each its own MX host for gannet)",
+            relay: true,
+            messages: n(50_000),
+            concurrency: 50,
+            size: "10k",
+            domains: 10_000.min(n(50_000)),
+            sink_args: &[],
+        },
+        Scenario {
+            name: "large",
+            what: "relay of 100 KiB messages",
+            relay: true,
+            messages: n(10_000),
+            concurrency: 50,
+            size: "100k",
+            domains: 20,
+            sink_args: &[],
+        },
+    ]
+}
+
+/// Where the harness finds its tools and keeps its scratch data.
+#[derive(Debug, Clone)]
+pub struct Tools {
+    pub gannetd: PathBuf,
+    pub blast: PathBuf,
+    pub sink: PathBuf,
+    pub scratch: PathBuf,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub scenario: &'static str,
+    pub system: String,
+    pub repetition: u64,
+    /// Messages accepted by the system (the generator's count).
+    pub sent: u64,
+    /// Messages the sink received (relay scenarios).
+    pub delivered: u64,
+    /// Accepted (durable-accept) or delivered (relay) messages per second.
+    pub rate: f64,
+    pub seconds: f64,
+    /// The generator's result (latency percentiles, errors).
+    pub blast: serde_json::Value,
+    pub cpu_s: f64,
+    pub peak_rss_kb: u64,
+    /// (seconds since start, messages at the sink or accepted so far).
+    pub timeline: Vec<(f64, u64)>,
+}
+
+/// A running gannet-sink.
+struct Sink {
+    child: Child,
+    smtp: std::net::SocketAddr,
+    http: std::net::SocketAddr,
+}
+
+impl Sink {
+    fn start(tools: &Tools, args: &[&str]) -> Result<Sink> {
+        let mut child = Command::new(&tools.sink)
+            .args(["--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", tools.sink.display()))?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().context("sink output")?),
+            &mut line,
+        )?;
+        let v: serde_json::Value = serde_json::from_str(&line).context("sink start line")?;
+        Ok(Sink {
+            smtp: v["smtp"].as_str().unwrap_or("").parse()?,
+            http: v["http"].as_str().unwrap_or("").parse()?,
+            child,
+        })
+    }
+
+    /// Messages received so far.
+    fn received(&self) -> Result<u64> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.http)?;
+        s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: serde_json::Value = serde_json::from_str(body)?;
+        Ok(v["messages"].as_u64().unwrap_or(0))
+    }
+
+    fn stop(mut self) {
+        // SAFETY: signalling the child we started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let _ = self.child.wait();
+    }
+}
+
+/// Peak resident memory of a process tree, sampled (kB).
+fn tree_rss_kb(root: u32) -> u64 {
+    let mut total = 0;
+    let mut frontier = vec![root];
+    let mut seen = std::collections::HashSet::new();
+    while let Some(pid) = frontier.pop() {
+        if !seen.insert(pid) {
+            continue;
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .unwrap_or(0);
+        if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+            frontier.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    total
+}
+
+/// Starts `system` for `scenario`, accepting on a loopback port and relaying to the
+/// sink (or only accepting).
+fn start_system(
+    system: &str,
+    scenario: &Scenario,
+    sink: &Sink,
+    tools: &Tools,
+    dns_port: Option<u16>,
+) -> Result<Option<Server>> {
+    let sink_port = sink.smtp.port();
+    let dir = tools.scratch.join("gannet");
+    Ok(match system {
+        "pipe" => None,
+        "gannet" => {
+            let delivery = if !scenario.relay {
+                "[delivery]\nsuspended = true\n".to_string()
+            } else if let Some(dns) = dns_port {
+                format!(
+                    "[delivery]\ndns_server = \"127.0.0.1:{dns}\"\nsmtp_port = {sink_port}\ntls = \"disabled\"\n"
+                )
+            } else {
+                format!(
+                    "[delivery]\ntls = \"disabled\"\nroutes = {{ \"*\" = [\"127.0.0.1:{sink_port}\"] }}\n"
+                )
+            };
+            Some(servers::gannetd(&tools.gannetd, &dir, 0, "", &delivery)?)
+        }
+        "postfix" => {
+            let settings = if scenario.relay {
+                let map = tools.scratch.join("transport");
+                std::fs::create_dir_all(&tools.scratch)?;
+                std::fs::write(&map, format!("* smtp:[127.0.0.1]:{sink_port}\n"))?;
+                vec![
+                    format!("transport_maps = texthash:{}", map.display()),
+                    "default_destination_concurrency_limit = 50".into(),
+                ]
+            } else {
+                vec![
+                    "relayhost = [127.0.0.1]:9".into(),
+                    "defer_transports = smtp".into(),
+                ]
+            };
+            Some(servers::postfix(
+                scenario.concurrency,
+                200 << 10,
+                &settings,
+            )?)
+        }
+        other => bail!("unknown system `{other}` (gannet, postfix, pipe)"),
+    })
+}
+
+/// Runs one scenario on one system.
+pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) -> Result<Run> {
+    let sink = Sink::start(tools, scenario.sink_args)?;
+    // gannet finds many-domains' sites through DNS (one MX host per domain).
+    let dns = if system == "gannet" && scenario.name == "many-domains" {
+        let records: Vec<String> = (0..scenario.domains)
+            .flat_map(|d| {
+                [
+                    format!("--mx-host=d{d}.test,mx{d}.bench.test,10"),
+                    format!("--host-record=mx{d}.bench.test,127.0.0.1"),
+                ]
+            })
+            .collect();
+        Some(servers::dnsmasq(&records)?)
+    } else {
+        None
+    };
+    let server = start_system(system, scenario, &sink, tools, dns.as_ref().map(|d| d.1))?;
+    let target = server.as_ref().map_or(sink.smtp.port(), |s| s.port);
+    let pid = server.as_ref().map(|s| s.pid);
+    let cpu0 = pid.map_or(0.0, tree_cpu_seconds);
+    let start = Instant::now();
+    let mut blast = Command::new(&tools.blast)
+        .args(["--server", &format!("127.0.0.1:{target}"), "--json-only"])
+        .args(["--messages", &scenario.messages.to_string()])
+        .args(["--concurrency", &scenario.concurrency.to_string()])
+        .args([
+            "--size",
+            scenario.size,
+            "--domain-count",
+            &scenario.domains.to_string(),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", tools.blast.display()))?;
+    // Sample progress (the sink's count for relays) until the generator is done and,
+    // for relays, until the sink stops receiving.
+    let mut timeline = Vec::new();
+    let mut peak_rss_kb = 0;
+    let mut blast_done = None;
+    let mut last_change = (Instant::now(), u64::MAX);
+    let deadline = start + Duration::from_secs(3600);
+    loop {
+        let at = start.elapsed().as_secs_f64();
+        let received = sink.received().unwrap_or(0);
+        if let Some(pid) = pid {
+            peak_rss_kb = peak_rss_kb.max(tree_rss_kb(pid));
+        }
+        if received != last_change.1 {
+            last_change = (Instant::now(), received);
+        }
+        timeline.push((at, received));
+        if blast_done.is_none() && blast.try_wait()?.is_some() {
+            blast_done = Some(start.elapsed());
+        }
+        if let Some(done) = blast_done {
+            let quiet = last_change.0.elapsed() > Duration::from_secs(2);
+            let sent_all = !scenario.relay || received >= scenario.messages;
+            if !scenario.relay
+                || sent_all
+                || quiet
+                || start.elapsed() > done + Duration::from_secs(600)
+            {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{} on {system} did not finish in an hour", scenario.name);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let out = blast.wait_with_output()?;
+    let result: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("gannet-blast result")?;
+    let cpu_s = pid.map_or(0.0, tree_cpu_seconds) - cpu0;
+    let sent = result["messages_sent"].as_u64().unwrap_or(0);
+    let delivered = sink.received().unwrap_or(0);
+    let (rate, seconds) = if scenario.relay && system != "pipe" {
+        // To the last message at the sink.
+        let last = timeline
+            .iter()
+            .find(|(_, n)| *n >= delivered)
+            .map_or(0.0, |(t, _)| *t);
+        (delivered as f64 / last.max(1e-3), last)
+    } else {
+        let s = result["seconds"].as_f64().unwrap_or(1.0);
+        (sent as f64 / s.max(1e-3), s)
+    };
+    if !scenario.relay {
+        // The accept timeline is the generator's; keep the sink's empty samples out.
+        timeline.clear();
+    }
+    if let Some(server) = server {
+        server.stop()?;
+    }
+    sink.stop();
+    drop(dns);
+    let _ = std::fs::remove_dir_all(tools.scratch.join("gannet"));
+    Ok(Run {
+        scenario: scenario.name,
+        system: system.to_string(),
+        repetition,
+        sent,
+        delivered,
+        rate,
+        seconds,
+        blast: result,
+        cpu_s,
+        peak_rss_kb,
+        timeline,
+    })
+}
+
+/// The median and the range of some numbers.
+pub fn median_range(values: &[f64]) -> (f64, f64, f64) {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mid = if v.is_empty() {
+        0.0
+    } else if v.len() % 2 == 1 {
+        v[v.len() / 2]
+    } else {
+        (v[v.len() / 2 - 1] + v[v.len() / 2]) / 2.0
+    };
+    (mid, *v.first().unwrap_or(&0.0), *v.last().unwrap_or(&0.0))
+}
+
+/// Whether a path's parent exists (for output files).
+pub fn ensure_parent(path: &Path) -> Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    Ok(())
+}
