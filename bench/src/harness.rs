@@ -99,6 +99,8 @@ pub struct Tools {
     pub blast: PathBuf,
     pub sink: PathBuf,
     pub scratch: PathBuf,
+    /// Where Haraka is (or gets) installed with npm.
+    pub haraka: PathBuf,
 }
 
 /// What one run measured.
@@ -243,8 +245,32 @@ fn start_system(
                 &settings,
             )?)
         }
-        other => bail!("unknown system `{other}` (gannet, postfix, pipe)"),
+        "haraka" => {
+            if !scenario.relay {
+                bail!(
+                    "haraka forwards at queue time and keeps no durable queue: relay scenarios only"
+                );
+            }
+            let domains: Vec<String> = (0..scenario.domains)
+                .map(|d| format!("d{d}.test"))
+                .collect();
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            Some(servers::haraka(
+                &tools.haraka,
+                &tools.scratch.join("haraka"),
+                sink_port,
+                &domains,
+                cores,
+            )?)
+        }
+        other => bail!("unknown system `{other}` (gannet, postfix, haraka, pipe)"),
     })
+}
+
+/// Whether a system takes part in a scenario (Haraka has no durable queue to accept
+/// into).
+pub fn applies(system: &str, scenario: &Scenario) -> bool {
+    system != "haraka" || scenario.relay
 }
 
 /// Runs one scenario on one system.

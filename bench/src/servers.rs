@@ -211,3 +211,69 @@ pub fn dnsmasq(records: &[String]) -> Result<(crate::peers::Peer, u16)> {
         .port();
     Ok((crate::peers::dnsmasq(port, records), port))
 }
+
+/// Haraka (Node.js) installed under `install` (`npm install Haraka@3.3.4` when
+/// missing), configured in `dir` to accept mail for `domains` and forward it at queue
+/// time to `sink_port` (queue/smtp_forward), with `nodes` worker processes.
+pub fn haraka(
+    install: &Path,
+    dir: &Path,
+    sink_port: u16,
+    domains: &[String],
+    nodes: usize,
+) -> Result<Server> {
+    let bin = install.join("node_modules/.bin/haraka");
+    if !bin.exists() {
+        std::fs::create_dir_all(install)?;
+        let status = Command::new("npm")
+            .args([
+                "install",
+                "--no-audit",
+                "--no-fund",
+                "--silent",
+                "Haraka@3.3.4",
+            ])
+            .current_dir(install)
+            .stdout(Stdio::null())
+            .status()
+            .context("running npm (install nodejs and npm)")?;
+        if !status.success() {
+            bail!("npm install Haraka@3.3.4 failed");
+        }
+    }
+    let _ = std::fs::remove_dir_all(dir);
+    run_quiet(
+        bin.to_str().unwrap_or_default(),
+        &["-i", dir.to_str().unwrap_or_default()],
+    )?;
+    let port = free_port();
+    let config = dir.join("config");
+    std::fs::write(
+        config.join("smtp.ini"),
+        format!("listen=127.0.0.1:{port}\nnodes={nodes}\ninactivity_timeout=300\n"),
+    )?;
+    std::fs::write(
+        config.join("plugins"),
+        "rcpt_to.in_host_list\nqueue/smtp_forward\n",
+    )?;
+    std::fs::write(config.join("host_list"), domains.join("\n") + "\n")?;
+    std::fs::write(
+        config.join("smtp_forward.ini"),
+        format!("host=127.0.0.1\nport={sink_port}\nenable_tls=false\nmax_connections=1000\n"),
+    )?;
+    std::fs::write(config.join("log.ini"), "[main]\nlevel=warn\n")?;
+    std::fs::write(config.join("databytes"), "52428800\n")?;
+    let child = Command::new(&bin)
+        .args(["-c", dir.to_str().unwrap_or_default()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting haraka")?;
+    wait_for_port(port)?;
+    Ok(Server {
+        name: "haraka".into(),
+        port,
+        pid: child.id(),
+        child: Some(child),
+    })
+}

@@ -5,8 +5,10 @@
 //! (throughput over time, latency distribution) next to it.
 //!
 //! Systems: `gannet`; `postfix` (the system Postfix as a relay with a transport map to
-//! the sink, or accepting only with delivery deferred); `pipe` (the generator straight
-//! into the sink: the limit). Every process started is stopped by its PID.
+//! the sink, or accepting only with delivery deferred); `haraka` (Haraka with
+//! queue/smtp_forward to the sink, relay scenarios only: it keeps no durable queue);
+//! `pipe` (the generator straight into the sink: the limit). Every process started is
+//! stopped by its PID.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -27,7 +29,11 @@ struct Args {
     )]
     scenarios: Vec<String>,
     /// Systems to compare.
-    #[arg(long, value_delimiter = ',', default_value = "gannet,postfix,pipe")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "gannet,postfix,haraka,pipe"
+    )]
     systems: Vec<String>,
     /// Runs of each system per scenario (the order rotates each time).
     #[arg(long, default_value_t = 3)]
@@ -41,6 +47,9 @@ struct Args {
     /// Scratch directory (gannet's data, Postfix's transport map).
     #[arg(long, default_value = "/tmp/gannet-bench")]
     scratch: PathBuf,
+    /// Where Haraka is installed (npm install Haraka@3.3.4 when missing).
+    #[arg(long, default_value = "target/haraka")]
+    haraka: PathBuf,
     /// Markdown report appended here ("" to skip).
     #[arg(long, default_value = "bench/RESULTS.md")]
     results: String,
@@ -60,6 +69,7 @@ fn main() -> Result<()> {
         blast: here.join("gannet-blast"),
         sink: here.join("gannet-sink"),
         scratch: args.scratch.clone(),
+        haraka: args.haraka.clone(),
     };
     for tool in [&tools.gannetd, &tools.blast, &tools.sink] {
         if !tool.exists() {
@@ -81,6 +91,9 @@ fn main() -> Result<()> {
             let n = args.systems.len();
             for k in 0..n {
                 let system = &args.systems[(k + rep as usize) % n];
+                if !harness::applies(system, scenario) {
+                    continue;
+                }
                 let run = harness::run(scenario, system, rep, &tools)
                     .with_context(|| format!("{} on {system}", scenario.name))?;
                 println!(
@@ -118,7 +131,7 @@ fn report(args: &Args, scenarios: &[harness::Scenario], runs: &[Run]) -> Result<
     )?;
     writeln!(
         md,
-        "- gannet: 250 after fdatasync, one shard per core; postfix: the system Postfix (relay via a transport map to the sink, or delivery deferred for durable-accept); pipe: generator → sink directly"
+        "- gannet: 250 after fdatasync, one shard per core; postfix: the system Postfix (relay via a transport map to the sink, or delivery deferred for durable-accept); haraka: Haraka 3.3.4, one worker per core, queue/smtp_forward to the sink (250 after the sink accepted; relay scenarios only); pipe: generator → sink directly"
     )?;
     for scenario in scenarios {
         let of = |system: &str| -> Vec<&Run> {
