@@ -163,8 +163,10 @@ impl Sink {
         let v: serde_json::Value = serde_json::from_str(body)?;
         Ok(v["messages"].as_u64().unwrap_or(0))
     }
+}
 
-    fn stop(mut self) {
+impl Drop for Sink {
+    fn drop(&mut self) {
         // SAFETY: signalling the child we started.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let _ = self.child.wait();
@@ -368,7 +370,7 @@ pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) ->
     if let Some(server) = server {
         server.stop()?;
     }
-    sink.stop();
+    drop(sink);
     drop(dns);
     let _ = std::fs::remove_dir_all(tools.scratch.join("gannet"));
     Ok(Run {

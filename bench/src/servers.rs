@@ -22,7 +22,13 @@ pub struct Server {
 }
 
 impl Server {
+    /// Stops the system (SIGTERM, then SIGKILL after 30 s; Postfix with
+    /// `postfix stop` after its queue is emptied).
     pub fn stop(mut self) -> Result<()> {
+        self.shut_down()
+    }
+
+    fn shut_down(&mut self) -> Result<()> {
         if let Some(mut child) = self.child.take() {
             // SAFETY: signalling a child we started.
             unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
@@ -36,10 +42,18 @@ impl Server {
             child.wait()?;
         }
         if self.name == "postfix" {
+            self.name.clear();
             run_quiet("postsuper", &["-d", "ALL"])?;
             run_quiet("postfix", &["stop"])?;
         }
         Ok(())
+    }
+}
+
+/// A benchmark that fails half-way still stops what it started.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.shut_down();
     }
 }
 

@@ -357,24 +357,7 @@ fn the_example_config_is_valid() {
 /// report with both systems and the charts.
 #[test]
 fn the_harness_runs_tiny_scenarios_end_to_end() {
-    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_gannet-blast"))
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    let gannetd = bin_dir.join("gannetd");
-    if !gannetd.exists() {
-        let profile = if bin_dir.ends_with("release") {
-            vec!["--release"]
-        } else {
-            vec![]
-        };
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "gannet-engine", "--bin", "gannetd"])
-            .args(profile)
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
+    let gannetd = gannetd();
     let dir = tempfile::tempdir().unwrap();
     let results = dir.path().join("RESULTS.md");
     let charts = dir.path().join("charts");
@@ -436,4 +419,112 @@ fn the_harness_runs_tiny_scenarios_end_to_end() {
         let svg = std::fs::read_to_string(charts.join(chart)).unwrap();
         assert!(svg.starts_with("<svg") && svg.contains("gannet"), "{chart}");
     }
+}
+
+/// The gannetd binary of this build profile (built if the workspace has not yet).
+fn gannetd() -> std::path::PathBuf {
+    let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_gannet-blast"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let gannetd = bin_dir.join("gannetd");
+    if !gannetd.exists() {
+        let profile = if bin_dir.ends_with("release") {
+            vec!["--release"]
+        } else {
+            vec![]
+        };
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "gannet-engine", "--bin", "gannetd"])
+            .args(profile)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    gannetd
+}
+
+/// STARTTLS and AUTH PLAIN against gannetd (which offers both); a wrong password is
+/// counted as 535 per message, and no AUTH from a network without relay rights as 550.
+#[test]
+fn blast_uses_starttls_and_auth_with_gannetd() {
+    let gannetd = gannetd();
+    let hash = run_with_input(Command::new(&gannetd).arg("--hash-password"), b"s3cret");
+    let hash = String::from_utf8(hash).unwrap().trim().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gannetd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nhostname = \"gannet.test\"\ndata_dir = \"{}\"\nshards = 1\n\
+             [smtp]\nlisten = [\"127.0.0.1:0\"]\nrelay_from = []\n\
+             users = [{{ name = \"app\", password_hash = \"{hash}\" }}]\n\
+             [http]\nlisten = [\"127.0.0.1:0\"]\n[delivery]\nsuspended = true\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let mut daemon = Command::new(&gannetd)
+        .args(["--config", config.to_str().unwrap(), "--log", "warn"])
+        .spawn()
+        .unwrap();
+    let listeners = dir.path().join("data/listeners.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !listeners.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gannetd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&listeners).unwrap()).unwrap();
+    let smtp: SocketAddr = v["smtp"][0].as_str().unwrap().parse().unwrap();
+    let ok = blast(
+        smtp,
+        &[
+            "--messages",
+            "40",
+            "--concurrency",
+            "4",
+            "--starttls",
+            "--auth",
+            "app:s3cret",
+        ],
+    );
+    let bad = blast(
+        smtp,
+        &[
+            "--messages",
+            "3",
+            "--concurrency",
+            "1",
+            "--starttls",
+            "--auth",
+            "app:wrong",
+        ],
+    );
+    let anonymous = blast(
+        smtp,
+        &["--messages", "2", "--concurrency", "1", "--starttls"],
+    );
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    daemon.wait().unwrap();
+    assert_eq!(ok["messages_sent"], 40, "{ok}");
+    assert_eq!(bad["errors"]["535"], 3, "{bad}");
+    assert_eq!(anonymous["errors"]["550"], 2, "{anonymous}");
+}
+
+fn run_with_input(command: &mut Command, input: &[u8]) -> Vec<u8> {
+    use std::io::Write;
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(input).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    out.stdout
 }

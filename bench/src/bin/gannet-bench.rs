@@ -71,6 +71,22 @@ fn main() -> Result<()> {
         scratch: args.scratch.clone(),
         haraka: args.haraka.clone(),
     };
+    // Peers the systems need (Postfix, dnsmasq), installed when missing.
+    let missing = !std::path::Path::new("/usr/sbin/postfix").exists()
+        || std::process::Command::new("dnsmasq")
+            .arg("--version")
+            .output()
+            .is_err();
+    if missing {
+        let status = std::process::Command::new("tools/install-peers.sh")
+            .status()
+            .context(
+                "running tools/install-peers.sh (run gannet-bench from the repository root)",
+            )?;
+        if !status.success() {
+            bail!("tools/install-peers.sh failed");
+        }
+    }
     for tool in [&tools.gannetd, &tools.blast, &tools.sink] {
         if !tool.exists() {
             bail!("{} is missing: cargo build --release first", tool.display());

@@ -106,7 +106,20 @@ pub fn dnsmasq(port: u16, records: &[String]) -> Peer {
         .stderr(Stdio::null())
         .spawn()
         .expect("dnsmasq is installed by tools/test.sh");
-    // dnsmasq binds after it starts; give it a moment before the first query.
-    std::thread::sleep(Duration::from_millis(300));
+    // dnsmasq binds after it starts: wait until its socket is in the kernel's UDP
+    // table (a query sent earlier would be lost and time out).
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !udp_bound(port) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     Peer(child)
+}
+
+/// Whether some socket is bound to UDP `port` on 127.0.0.1 (from /proc/net/udp).
+fn udp_bound(port: u16) -> bool {
+    let wanted = format!("0100007F:{port:04X}");
+    std::fs::read_to_string("/proc/net/udp")
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.split_whitespace().nth(1) == Some(wanted.as_str()))
 }
