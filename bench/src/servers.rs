@@ -220,10 +220,7 @@ pub fn postfix(sessions: u64, message_size_limit: usize, settings: &[String]) ->
 /// (`--mx-host=…`, `--host-record=…`); every other `.test` name is NXDOMAIN. Stopped
 /// when the returned peer is dropped.
 pub fn dnsmasq(records: &[String]) -> Result<(crate::peers::Peer, u16)> {
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    Ok((crate::peers::dnsmasq(port, records), port))
+    Ok(crate::peers::dnsmasq(records))
 }
 
 /// Haraka (Node.js) installed under `install` (`npm install Haraka@3.3.4` when

@@ -8,9 +8,9 @@ use hickory_proto::rr::rdata::MX;
 use hickory_proto::rr::{Name, RData};
 
 use super::{Answer, DnsError, Mx, Resolver, mx_meaning, site_name};
-use crate::test_peers::{Peer, free_udp_port};
+use crate::test_peers::Peer;
 
-fn dnsmasq(port: u16) -> Peer {
+fn dnsmasq() -> (Peer, u16) {
     // big.test has 60 addresses: over 512 octets, so the UDP answer is truncated and
     // the resolver must ask again over TCP.
     let mut records: Vec<String> = (1..=60)
@@ -33,7 +33,7 @@ fn dnsmasq(port: u16) -> Peer {
         ]
         .map(String::from),
     );
-    crate::test_peers::dnsmasq(port, &records)
+    crate::test_peers::dnsmasq(&records)
 }
 
 fn run<F: Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static) {
@@ -46,8 +46,8 @@ fn run<F: Future<Output = ()> + 'static>(f: impl FnOnce() -> F + Send + 'static)
 
 #[test]
 fn mx_addresses_site_names_and_cache_against_dnsmasq() {
-    let port = free_udp_port();
-    let mut server = Some(dnsmasq(port));
+    let (server, port) = dnsmasq();
+    let mut server = Some(server);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     run(move || async move {
         let r = Resolver::new(addr, Duration::from_secs(2));

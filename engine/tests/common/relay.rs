@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::Daemon;
-use super::peers::{Peer, aiosmtpd, dnsmasq, free_udp_port, python};
+use super::peers::{Peer, aiosmtpd, dnsmasq, python};
 
 /// aiosmtpd on a free port, with the directory it stores messages in.
 pub struct Sink {
@@ -53,7 +53,6 @@ pub struct Dns {
 }
 
 pub fn dns() -> Dns {
-    let port = free_udp_port();
     let records = [
         "--local-ttl=60",
         "--mx-host=mx.test,mx1.mx.test,10",
@@ -89,10 +88,8 @@ pub fn dns() -> Dns {
         "--host-record=mx1.rated.test,127.0.0.1",
     ]
     .map(String::from);
-    Dns {
-        _peer: dnsmasq(port, &records),
-        port,
-    }
+    let (peer, port) = dnsmasq(&records);
+    Dns { _peer: peer, port }
 }
 
 /// Waits until `done` holds for the daemon's events.

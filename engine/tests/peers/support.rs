@@ -85,41 +85,64 @@ pub fn aiosmtpd(out: &Path, tls: Option<(&Path, &Path)>) -> (Peer, u16) {
     (Peer(child), port)
 }
 
-/// Starts dnsmasq on 127.0.0.1:`port`, answering for `.test` only (every name not in
-/// `records` is NXDOMAIN), with `records` as extra options (`--mx-host=…`,
-/// `--host-record=…`, TTLs).
-pub fn dnsmasq(port: u16, records: &[String]) -> Peer {
-    let child = Command::new("dnsmasq")
-        .args([
-            "--no-daemon",
-            "--conf-file=/dev/null",
-            "--pid-file=",
-            "--no-resolv",
-            "--no-hosts",
-            "--bind-interfaces",
-            "--listen-address=127.0.0.1",
-            &format!("--port={port}"),
-            "--local=/test/",
-        ])
-        .args(records)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("dnsmasq is installed by tools/test.sh");
-    // dnsmasq binds after it starts: wait until its socket is in the kernel's UDP
-    // table (a query sent earlier would be lost and time out).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !udp_bound(port) && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
+/// Starts dnsmasq on a free loopback port, answering for `.test` only (every name
+/// not in `records` is NXDOMAIN), with `records` as extra options (`--mx-host=…`,
+/// `--host-record=…`, TTLs); returns once it answers queries, with its port. A port
+/// taken meanwhile by another process (dnsmasq then exits) is replaced by another.
+pub fn dnsmasq(records: &[String]) -> (Peer, u16) {
+    for _ in 0..20 {
+        let port = free_udp_port();
+        let child = Command::new("dnsmasq")
+            .args([
+                "--no-daemon",
+                "--conf-file=/dev/null",
+                "--pid-file=",
+                "--no-resolv",
+                "--no-hosts",
+                "--bind-interfaces",
+                "--listen-address=127.0.0.1",
+                &format!("--port={port}"),
+                "--local=/test/",
+            ])
+            .args(records)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("dnsmasq is installed by tools/install-peers.sh");
+        let mut peer = Peer(child);
+        if dns_answers(port, &mut peer) {
+            return (peer, port);
+        }
     }
-    Peer(child)
+    panic!("dnsmasq did not start on any of 20 ports");
 }
 
-/// Whether some socket is bound to UDP `port` on 127.0.0.1 (from /proc/net/udp).
-fn udp_bound(port: u16) -> bool {
-    let wanted = format!("0100007F:{port:04X}");
-    std::fs::read_to_string("/proc/net/udp")
-        .unwrap_or_default()
-        .lines()
-        .any(|l| l.split_whitespace().nth(1) == Some(wanted.as_str()))
+/// Whether the dnsmasq of `peer` answers a query on `port` within 10 s (false as
+/// soon as it has exited).
+fn dns_answers(port: u16, peer: &mut Peer) -> bool {
+    // A query for probe.test, type A, class IN.
+    let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
+    for label in ["probe", "test"] {
+        query.push(label.len() as u8);
+        query.extend_from_slice(label.as_bytes());
+    }
+    query.extend_from_slice(&[0, 0, 1, 0, 1]);
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("a UDP socket");
+    let _ = socket.set_read_timeout(Some(Duration::from_millis(100)));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < deadline {
+        if peer.0.try_wait().ok().flatten().is_some() {
+            return false;
+        }
+        let _ = socket.send_to(&query, ("127.0.0.1", port));
+        let mut answer = [0u8; 512];
+        if let Ok((n, _)) = socket.recv_from(&mut answer)
+            && n >= 2
+            && answer[..2] == [0x12, 0x34]
+        {
+            // Bound on UDP; TCP is bound by then too, or dnsmasq has exited.
+            return peer.0.try_wait().ok().flatten().is_none();
+        }
+    }
+    false
 }
