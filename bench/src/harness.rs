@@ -144,6 +144,8 @@ impl Sink {
             &mut std::io::BufReader::new(child.stdout.as_mut().context("sink output")?),
             &mut line,
         )?;
+        // The sink prints its counters at exit too; nobody reads them here.
+        drop(child.stdout.take());
         let v: serde_json::Value = serde_json::from_str(&line).context("sink start line")?;
         Ok(Sink {
             smtp: v["smtp"].as_str().unwrap_or("").parse()?,
@@ -156,7 +158,7 @@ impl Sink {
     fn received(&self) -> Result<u64> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(self.http)?;
-        s.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+        s.write_all(b"GET /total HTTP/1.0\r\n\r\n")?;
         let mut text = String::new();
         s.read_to_string(&mut text)?;
         let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);

@@ -106,6 +106,14 @@ fn blast_and_sink_agree_on_counts() {
     assert_eq!(result["recipients_accepted"], 6000);
     assert_eq!(result["errors"], serde_json::json!({}));
     let live = sink.counts();
+    let total = Command::new("curl")
+        .args(["-sS", &format!("http://{}/total", sink.http)])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&total.stdout),
+        "{\"messages\":2000}"
+    );
     let counts = sink.stop();
     assert_eq!(live, counts, "HTTP and exit counters agree");
     assert_eq!(counts["messages"], 2000);

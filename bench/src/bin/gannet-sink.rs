@@ -3,7 +3,8 @@
 //! percentage of 4xx/5xx with realistic provider texts, latency per phase, dropping
 //! the connection in DATA; `tempfail@` and `permfail@` always fail), counts what it
 //! received (per domain, per reply code), checks each message's digest header, serves
-//! its counters as JSON over HTTP and prints them when stopped (SIGTERM/SIGINT).
+//! its counters as JSON over HTTP (`GET /total`: the message count alone) and prints
+//! them when stopped (SIGTERM/SIGINT).
 //!
 //! On start it prints one JSON line: `{"smtp":"ip:port","http":"ip:port"}`.
 
@@ -129,8 +130,10 @@ fn main() -> Result<()> {
     while !stop.load(Ordering::Acquire) {
         std::thread::sleep(Duration::from_millis(50));
     }
-    println!("{}", serde_json::to_string(&merged(&counts))?);
-    std::io::stdout().flush()?;
+    // Whoever started the sink may have stopped reading its output: not an error.
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", serde_json::to_string(&merged(&counts))?);
+    let _ = out.flush();
     std::process::exit(0);
 }
 
@@ -142,14 +145,24 @@ fn merged(counts: &[Mutex<Counts>]) -> Counts {
     all
 }
 
-/// Answers every HTTP request with the counters.
+/// Answers HTTP requests: `GET /total` with the number of messages received (cheap
+/// enough to poll), any other path with every counter.
 fn serve_http(listener: std::net::TcpListener, counts: Arc<Vec<Mutex<Counts>>>) {
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
         let mut head = [0u8; 4096];
-        let _ = stream.read(&mut head);
-        let body = serde_json::to_string(&merged(&counts)).unwrap_or_default();
+        let n = stream.read(&mut head).unwrap_or(0);
+        let total = head[..n].starts_with(b"GET /total ");
+        let body = if total {
+            let messages: u64 = counts
+                .iter()
+                .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).messages)
+                .sum();
+            serde_json::json!({ "messages": messages }).to_string()
+        } else {
+            serde_json::to_string(&merged(&counts)).unwrap_or_default()
+        };
         let _ = write!(
             stream,
             "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",

@@ -25,6 +25,8 @@ const TTL_SECS_MAX: u64 = 86_400;
 const TTL_SECS_MIN: u64 = 5;
 /// Largest UDP answer read (EDNS is not requested; 512 is the classic limit, a
 /// larger buffer is harmless).
+/// Sends of a UDP query within the timeout.
+const UDP_TRIES: u32 = 3;
 const UDP_BYTES_MAX: usize = 4096;
 
 /// Why a lookup did not give an answer (a temporary condition: retry later).
@@ -210,40 +212,52 @@ impl Resolver {
             },
             _ => DnsError::Io(e.to_string()),
         };
-        deadline(
-            async {
-                socket
-                    .send_to(query, self.server)
-                    .await
-                    .map_err(std::io::Error::from)
-            },
-            self.timeout,
-        )
-        .await
-        .map_err(io)?;
+        // UDP may lose the query or the answer (a busy server drops what overflows
+        // its socket): the query is sent again, UDP_TRIES times within the timeout.
+        let per_try = self.timeout / UDP_TRIES;
         let mut buf = vec![0u8; UDP_BYTES_MAX];
-        loop {
-            let (n, from) = deadline(
+        for attempt in 1..=UDP_TRIES {
+            deadline(
                 async {
                     socket
-                        .recv_from(&mut buf)
+                        .send_to(query, self.server)
                         .await
                         .map_err(std::io::Error::from)
                 },
-                self.timeout,
+                per_try,
             )
             .await
             .map_err(io)?;
-            if from != self.server {
-                continue;
-            }
-            match Message::from_vec(&buf[..n]) {
-                // A stray or spoofed answer with another id is ignored.
-                Ok(m) if m.metadata.id == id => return Ok(m),
-                Ok(_) => continue,
-                Err(e) => return Err(DnsError::Malformed(e.to_string())),
+            let answer = deadline(
+                async {
+                    loop {
+                        let (n, from) = socket
+                            .recv_from(&mut buf)
+                            .await
+                            .map_err(std::io::Error::from)?;
+                        if from != self.server {
+                            continue;
+                        }
+                        match Message::from_vec(&buf[..n]) {
+                            // A stray or spoofed answer with another id is ignored.
+                            Ok(m) if m.metadata.id == id => return Ok(Ok(m)),
+                            Ok(_) => continue,
+                            Err(e) => return Ok(Err(DnsError::Malformed(e.to_string()))),
+                        }
+                    }
+                },
+                per_try,
+            )
+            .await;
+            match answer {
+                Ok(result) => return result,
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && attempt < UDP_TRIES => {}
+                Err(e) => return Err(io(e)),
             }
         }
+        Err(DnsError::Timeout {
+            server: self.server,
+        })
     }
 
     async fn tcp(&self, query: &[u8], id: u16) -> Result<Message, DnsError> {

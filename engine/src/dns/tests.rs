@@ -130,3 +130,41 @@ fn null_mx_and_empty_exchanges() {
         Mx::Hosts(vec![vec!["x.test".into()]])
     );
 }
+
+/// A lost UDP query is sent again: a relay in front of dnsmasq drops the first
+/// datagram it gets, and the lookup still succeeds within the timeout.
+#[test]
+fn a_lost_udp_query_is_sent_again() {
+    let (server, port) = dnsmasq();
+    let relay = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    relay
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let forwarded = std::thread::spawn(move || {
+        let upstream = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        upstream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut buf = [0u8; 4096];
+        let mut seen = 0;
+        while let Ok((n, client)) = relay.recv_from(&mut buf) {
+            seen += 1;
+            if seen == 1 {
+                continue; // lost
+            }
+            upstream.send_to(&buf[..n], ("127.0.0.1", port)).unwrap();
+            let (m, _) = upstream.recv_from(&mut buf).unwrap();
+            relay.send_to(&buf[..m], client).unwrap();
+            return seen;
+        }
+        seen
+    });
+    run(move || async move {
+        let r = Resolver::new(relay_addr, Duration::from_secs(3));
+        let a = r.mx("a.test").await.unwrap();
+        assert!(matches!(a, Mx::Hosts(_)), "{a:?}");
+    });
+    assert_eq!(forwarded.join().unwrap(), 2, "the query was sent twice");
+    drop(server);
+}
