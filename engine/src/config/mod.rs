@@ -301,6 +301,9 @@ pub struct DeliveryConfig {
     /// DNS server (`ip` or `ip:port`); empty: the first nameserver of /etc/resolv.conf.
     pub dns_server: String,
     pub dns_timeout_secs: Bounded<1, 60>,
+    /// Destination lookups in flight at once per shard; more wait their turn (a burst
+    /// of new domains must not flood the resolver into dropping queries).
+    pub dns_lookups_max: Bounded<1, 100_000>,
     /// Accept and queue, but make no delivery attempts (like Postfix's
     /// defer_transports): for maintenance windows and ingress-only benchmarks.
     pub suspended: bool,
@@ -322,6 +325,7 @@ impl Default for DeliveryConfig {
             smtp_port: Bounded(25),
             dns_server: String::new(),
             dns_timeout_secs: Bounded(5),
+            dns_lookups_max: Bounded(64),
             suspended: false,
         }
     }

@@ -43,6 +43,8 @@ pub struct Dispatcher {
     /// The generation of the live settings last applied.
     live_generation: Cell<u64>,
     resolver: crate::dns::Resolver,
+    /// Bounds the lookups in flight (`dns_lookups_max`).
+    lookups: glommio::sync::Semaphore,
     smtp_port: u16,
     /// Domains being resolved, with the parts waiting for the answer.
     resolving: RefCell<std::collections::HashMap<String, Vec<Part>>>,
@@ -154,6 +156,7 @@ impl Dispatcher {
                 Duration::from_secs(d.dns_timeout_secs.get()),
             ),
             smtp_port: u16::try_from(d.smtp_port.get()).unwrap_or(25),
+            lookups: glommio::sync::Semaphore::new(d.dns_lookups_max.get()),
             resolving: RefCell::new(std::collections::HashMap::new()),
             handed: RefCell::new(std::collections::HashMap::new()),
             next_token: Cell::new(0),
@@ -336,7 +339,10 @@ pub async fn run(shard: Rc<Shard>) {
 /// transient failure for a DNS error).
 async fn resolve(shard: Rc<Shard>, domain: String) {
     let d = &shard.dispatcher;
-    let result = resolve_site(&d.resolver, &domain, d.smtp_port).await;
+    let result = {
+        let _permit = d.lookups.acquire_permit(1).await;
+        resolve_site(&d.resolver, &domain, d.smtp_port).await
+    };
     let waiting = d.resolving.borrow_mut().remove(&domain).unwrap_or_default();
     let now = unix_ms();
     for mut part in waiting {
