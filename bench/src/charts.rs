@@ -4,6 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Result, anyhow};
+use plotters::coord::types::RangedCoordf64;
 use plotters::prelude::*;
 
 use crate::harness::Run;
@@ -65,25 +66,7 @@ pub fn throughput(path: &Path, title: &str, runs: &[&Run]) -> Result<()> {
         .y_desc("messages/s at the sink")
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
-    for (i, (name, points)) in series.iter().enumerate() {
-        let color = COLORS[i % COLORS.len()];
-        chart
-            .draw_series(LineSeries::new(
-                points.iter().copied(),
-                color.stroke_width(2),
-            ))
-            .map_err(|e| anyhow!("{e}"))?
-            .label(*name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-    }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.8))
-        .border_style(BLACK)
-        .draw()
-        .map_err(|e| anyhow!("{e}"))?;
+    lines(&mut chart, &series)?;
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
@@ -135,6 +118,19 @@ pub fn latency(path: &Path, title: &str, runs: &[&Run]) -> Result<()> {
         .y_desc("transaction latency, ms (log)")
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
+    lines(&mut chart, &series)?;
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// Draws one labelled line per series, and the legend.
+fn lines<'a, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
+    series: &[(&str, Vec<(f64, f64)>)],
+) -> Result<()>
+where
+    Y: Ranged<ValueType = f64>,
+{
     for (i, (name, points)) in series.iter().enumerate() {
         let color = COLORS[i % COLORS.len()];
         chart
@@ -154,6 +150,5 @@ pub fn latency(path: &Path, title: &str, runs: &[&Run]) -> Result<()> {
         .border_style(BLACK)
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
