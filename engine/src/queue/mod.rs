@@ -216,6 +216,9 @@ pub struct Queues {
     /// Due parts whose scheduled queue is suspended.
     held: Vec<Part>,
     suspensions: Vec<Suspension>,
+    /// When the earliest suspension expires (u64::MAX: none); held parts are looked
+    /// at again only then or when the suspensions change, not every round.
+    next_expiry_ms: u64,
     shaping: Arc<ShapingTable>,
     /// Ready queues by name (`egress_source->site_name`).
     pub ready: HashMap<String, ReadyQueue>,
@@ -296,6 +299,7 @@ impl Queues {
             due: Vec::new(),
             held: Vec::new(),
             suspensions: Vec::new(),
+            next_expiry_ms: u64::MAX,
             shaping,
             ready: HashMap::new(),
         }
@@ -331,12 +335,20 @@ impl Queues {
     /// Replaces the suspensions; held parts no longer suspended become due.
     pub fn set_suspensions(&mut self, suspensions: Vec<Suspension>, now_ms: u64) {
         self.suspensions = suspensions;
-        self.release(now_ms);
+        self.reevaluate(now_ms);
     }
 
     /// Makes held parts whose suspension ended due; returns when the next active
-    /// suspension expires.
+    /// suspension expires. Cheap when no suspension has expired since the last call.
     pub fn release(&mut self, now_ms: u64) -> Option<u64> {
+        if now_ms < self.next_expiry_ms {
+            return (self.next_expiry_ms != u64::MAX).then_some(self.next_expiry_ms);
+        }
+        self.reevaluate(now_ms)
+    }
+
+    /// Drops expired suspensions and checks every held part against the rest.
+    fn reevaluate(&mut self, now_ms: u64) -> Option<u64> {
         self.suspensions.retain(|s| s.expires_unix_ms > now_ms);
         let held = std::mem::take(&mut self.held);
         for part in held {
@@ -346,7 +358,9 @@ impl Queues {
                 self.due.push(part);
             }
         }
-        self.suspensions.iter().map(|s| s.expires_unix_ms).min()
+        let next = self.suspensions.iter().map(|s| s.expires_unix_ms).min();
+        self.next_expiry_ms = next.unwrap_or(u64::MAX);
+        next
     }
 
     /// Applies new shaping to every ready queue (rates keep what was spent).
