@@ -19,8 +19,9 @@ if [ ${#need[@]} -gt 0 ]; then
   install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"; }
   install >/dev/null || { apt-get update -q >/dev/null && install >/dev/null; }
 fi
-# Python peers (aiosmtpd as an independent SMTP server) in a venv under target/.
-if ! target/pyenv/bin/python3 -c 'import aiosmtpd' 2>/dev/null; then
-  python3 -m venv target/pyenv
-  target/pyenv/bin/pip install -q aiosmtpd==1.4.6
+# Python peers in a venv under target/: aiosmtpd (an independent SMTP server) and
+# SparkPost's official client library (the HTTP API's real client).
+if ! target/pyenv/bin/python3 -c 'import aiosmtpd, sparkpost' 2>/dev/null; then
+  [ -x target/pyenv/bin/python3 ] || python3 -m venv target/pyenv
+  target/pyenv/bin/pip install -q aiosmtpd==1.4.6 sparkpost==1.3.10
 fi

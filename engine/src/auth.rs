@@ -187,3 +187,115 @@ mod tests {
         }
     }
 }
+
+/// The SHA-256 of an API key, written as 64 hex digits. API keys are long random
+/// strings, so one hash (no salt, no stretching) keeps them safe at rest.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyDigest(pub [u8; 32]);
+
+impl std::fmt::Debug for KeyDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyDigest({})", self)
+    }
+}
+
+impl std::fmt::Display for KeyDigest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for b in self.0 {
+            write!(f, "{b:02x}")?;
+        }
+        Ok(())
+    }
+}
+
+impl KeyDigest {
+    pub fn of(key: &str) -> KeyDigest {
+        let digest = ring::digest::digest(&ring::digest::SHA256, key.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest.as_ref());
+        KeyDigest(out)
+    }
+}
+
+impl std::str::FromStr for KeyDigest {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<KeyDigest, String> {
+        let s = s.trim();
+        if s.len() != 64 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(
+                "expected the SHA-256 of the key as 64 hex digits (gannetd --hash-api-key)".into(),
+            );
+        }
+        let mut out = [0u8; 32];
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).map_err(|e| e.to_string())?;
+        }
+        Ok(KeyDigest(out))
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for KeyDigest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<KeyDigest, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Who an API request comes from.
+#[derive(Debug, Clone)]
+pub struct ApiIdentity {
+    pub name: String,
+    pub tenant: Option<String>,
+}
+
+/// The injection API's keys, by digest.
+#[derive(Debug, Default)]
+pub struct ApiKeys {
+    keys: HashMap<KeyDigest, ApiIdentity>,
+}
+
+impl ApiKeys {
+    pub fn new(keys: &[crate::config::ApiKey]) -> ApiKeys {
+        ApiKeys {
+            keys: keys
+                .iter()
+                .map(|k| {
+                    (
+                        k.key_sha256,
+                        ApiIdentity {
+                            name: k.name.clone(),
+                            tenant: k.tenant.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+
+    /// The identity behind an `Authorization` header value: the key itself,
+    /// `Bearer KEY`, or `Basic base64(KEY:)` (SparkPost's forms).
+    pub fn identify(&self, authorization: &str) -> Option<&ApiIdentity> {
+        use base64::Engine as _;
+        let value = authorization.trim();
+        let key = if let Some(token) = value.strip_prefix("Bearer ") {
+            token.trim().to_string()
+        } else if let Some(basic) = value.strip_prefix("Basic ") {
+            let basic = basic.trim();
+            match base64::engine::general_purpose::STANDARD.decode(basic) {
+                Ok(decoded) => {
+                    let text = String::from_utf8(decoded).ok()?;
+                    text.split(':').next().unwrap_or("").to_string()
+                }
+                // "Basic KEY" with the key not encoded, as SparkPost also accepts.
+                Err(_) => basic.to_string(),
+            }
+        } else {
+            value.to_string()
+        };
+        if key.is_empty() {
+            return None;
+        }
+        self.keys.get(&KeyDigest::of(&key))
+    }
+}

@@ -9,6 +9,7 @@ pub mod config;
 pub mod delivery;
 pub mod dns;
 pub mod events;
+pub mod generate;
 pub mod http;
 pub mod ingress;
 pub mod live;

@@ -26,6 +26,9 @@ struct Cli {
     /// Read a password on standard input and print its hash for `smtp.users`.
     #[arg(long, exclusive = true)]
     hash_password: bool,
+    /// Read an API key on standard input and print its SHA-256 for `http.api_keys`.
+    #[arg(long, exclusive = true)]
+    hash_api_key: bool,
     /// Overrides `server.data_dir`.
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -100,6 +103,18 @@ fn main() -> ExitCode {
                 ExitCode::from(2)
             }
         };
+    }
+    if cli.hash_api_key {
+        let mut key = String::new();
+        if std::io::stdin().read_to_string(&mut key).is_err() {
+            eprintln!("gannetd: cannot read the key from standard input");
+            return ExitCode::from(2);
+        }
+        println!(
+            "{}",
+            auth::KeyDigest::of(key.trim_end_matches(['\r', '\n']))
+        );
+        return ExitCode::SUCCESS;
     }
     if cli.hash_password {
         let mut password = String::new();

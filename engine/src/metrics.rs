@@ -48,6 +48,18 @@ metrics! {
     smtp_starttls_injection_total: "counter",
     /// AUTH attempts that failed.
     smtp_auth_failures_total: "counter",
+    /// HTTP requests answered, and those answered with a 4xx or 5xx status.
+    http_requests_total: "counter",
+    http_requests_failed_total: "counter",
+    /// Transmissions accepted over the HTTP API.
+    http_transmissions_total: "counter",
+    /// Recipients accepted in transmissions, and recipients refused (bad address).
+    http_recipients_accepted_total: "counter",
+    http_recipients_rejected_total: "counter",
+    /// Messages generated from transmissions and spooled.
+    http_messages_generated_total: "counter",
+    /// Recipients whose message could not be generated (generation_failure).
+    http_generation_failures_total: "counter",
     /// Recipients delivered (2xx from the destination).
     delivery_delivered_total: "counter",
     /// Recipient attempts that failed temporarily (retried later).

@@ -24,6 +24,8 @@ use crate::storage::ShardStorage;
 pub struct Shared {
     pub config: Config,
     pub credentials: Credentials,
+    /// Keys of the HTTP injection API.
+    pub api_keys: crate::auth::ApiKeys,
     /// None only if TLS could not be set up (then STARTTLS is not offered).
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Client TLS for delivery (built once; each shard's dispatcher clones the Arcs).
@@ -114,6 +116,8 @@ pub struct Shard {
     pub shutdown: Shutdown,
     /// Sessions running on this shard (shutdown waits for them).
     pub sessions_active: Cell<usize>,
+    /// HTTP requests being handled on this shard.
+    pub http_in_flight: Cell<usize>,
     pub dispatcher: crate::delivery::dispatcher::Dispatcher,
     /// user → SHA-256(user, password) of the last successful AUTH on this shard, so
     /// that a client logging in again pays one hash instead of a PBKDF2 run.

@@ -1,7 +1,8 @@
-//! TLS for the SMTP server (STARTTLS and implicit TLS) with rustls and ring.
+//! TLS for the SMTP server (STARTTLS and implicit TLS) and the HTTPS listeners, with
+//! rustls and ring.
 //!
 //! The certificate and key come from the configuration; when neither is given, a
-//! self-signed pair for the hostname is generated once into `<data_dir>/tls/` and
+//! self-signed pair for the hostname (and localhost, 127.0.0.1) is generated once into `<data_dir>/tls/` and
 //! reused on later starts, so that the default configuration offers STARTTLS.
 
 use std::path::Path;
@@ -64,8 +65,12 @@ fn generated_pair(
         return Ok((cert, key));
     }
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let pair = rcgen::generate_simple_self_signed(vec![hostname.to_string()])
-        .context("generating a self-signed certificate")?;
+    let pair = rcgen::generate_simple_self_signed(vec![
+        hostname.to_string(),
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+    ])
+    .context("generating a self-signed certificate")?;
     write_private(&key, pair.signing_key.serialize_pem().as_bytes())?;
     std::fs::write(&cert, pair.cert.pem())
         .with_context(|| format!("writing {}", cert.display()))?;

@@ -25,7 +25,10 @@ fn starts_holds_its_spool_and_stops_on_sigterm() {
     );
     let (status, body) = daemon.http_get("/nowhere");
     assert_eq!(status, 404);
-    assert_eq!(body, "{\"errors\":[{\"message\":\"no such endpoint\"}]}");
+    assert_eq!(
+        body,
+        "{\"errors\":[{\"code\":\"1101\",\"description\":\"no endpoint at /nowhere\",\"message\":\"invalid URI\"}]}"
+    );
 
     // A second daemon on the same data directory is refused with a precise error.
     let config = common::config_text(daemon.dir.path(), "", "");

@@ -219,18 +219,41 @@ impl<'de> Deserialize<'de> for ReplyText {
 #[serde(default, deny_unknown_fields)]
 pub struct HttpConfig {
     pub listen: Vec<Listen>,
+    /// HTTPS listeners (the certificate and key of `smtp.tls_cert`/`smtp.tls_key`).
+    pub tls_listen: Vec<Listen>,
     /// Networks allowed to use the admin API (queue suspensions).
     pub admin_from: Vec<Cidr>,
+    /// Keys for the injection API (`Authorization` header); none: injection is off.
+    pub api_keys: Vec<ApiKey>,
+    /// Largest request body (a transmission with its recipients), bytes.
+    pub request_bytes_max: Bounded<1024, { 1 << 30 }>,
+    /// Requests handled at once per shard; more get 503.
+    pub requests_in_flight_max: Bounded<1, 100_000>,
+}
+
+/// An injection API key: a name, the SHA-256 of the key (never the key), and the
+/// tenant its mail belongs to.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiKey {
+    pub name: String,
+    pub key_sha256: crate::auth::KeyDigest,
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: vec![Listen("127.0.0.1:8000".parse().expect("literal"))],
+            tls_listen: Vec::new(),
             admin_from: vec![
                 "127.0.0.0/8".parse().expect("literal"),
                 "::1/128".parse().expect("literal"),
             ],
+            api_keys: Vec::new(),
+            request_bytes_max: Bounded(32 << 20),
+            requests_in_flight_max: Bounded(256),
         }
     }
 }

@@ -959,6 +959,13 @@ fn record(
         ip_pool: m.meta("pool"),
         tenant: m.meta("tenant"),
         campaign_id: m.meta("campaign"),
+        transmission_id: m.meta("transmission_id"),
+        rcpt_meta: m
+            .meta("rcpt_meta")
+            .and_then(|j| serde_json::from_str(j).ok()),
+        rcpt_tags: m
+            .meta("rcpt_tags")
+            .and_then(|j| serde_json::from_str(j).ok()),
     };
     let metrics = &shard.metrics;
     let (event, counter) = match kind {

@@ -11,6 +11,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
+use serde_json::value::RawValue;
 
 /// One event, serialised as a JSON object with a `type` field (SparkPost-style names).
 #[derive(Debug, Serialize)]
@@ -39,6 +40,48 @@ pub enum Event<'a> {
         queue: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         subject: Option<&'a str>,
+    },
+    /// A message generated from an HTTP transmission is durable and queued.
+    Injection {
+        timestamp_ms: u64,
+        shard: u16,
+        message_id: String,
+        transmission_id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        campaign_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        template_id: Option<&'a str>,
+        rcpt_to: &'a str,
+        msg_from: &'a str,
+        subject: &'a str,
+        msg_size: usize,
+        ip_pool: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tenant: Option<&'a str>,
+        queue: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rcpt_meta: Option<&'a RawValue>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rcpt_tags: Option<&'a RawValue>,
+        /// A sandbox transmission is generated and evented but never queued.
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        sandbox: bool,
+    },
+    /// A recipient of a transmission for whom no message could be generated.
+    GenerationFailure {
+        timestamp_ms: u64,
+        shard: u16,
+        transmission_id: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        campaign_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        template_id: Option<&'a str>,
+        rcpt_to: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        rcpt_meta: Option<&'a serde_json::Map<String, serde_json::Value>>,
+        #[serde(skip_serializing_if = "<[String]>::is_empty")]
+        rcpt_tags: &'a [String],
+        reason: &'a str,
     },
     /// A recipient was accepted by the destination (2xx).
     Delivery(Outcome<'a>),
@@ -106,6 +149,14 @@ pub struct Outcome<'a> {
     pub tenant: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub campaign_id: Option<&'a str>,
+    /// For messages generated from a transmission: its id, the recipient's metadata
+    /// and tags.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transmission_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rcpt_meta: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rcpt_tags: Option<&'a RawValue>,
 }
 
 /// A shard's event log file.

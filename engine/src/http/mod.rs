@@ -1,25 +1,42 @@
-//! The HTTP listener: Prometheus `/metrics`, `/health` and the admin API for queue
-//! suspensions ([`admin`], from `http.admin_from` networks only); the injection API
-//! (with hyper) arrives with the HTTP API issue. Requests are parsed with httparse;
-//! HTTP/1.1 keep-alive is honoured; bodies need a Content-Length and are bounded.
+//! The HTTP and HTTPS listeners of every shard: hyper's HTTP/1.1 server
+//! (keep-alive) over glommio sockets (`runtime::http_io`), one task per connection.
+//!
+//! - `GET /metrics` (Prometheus), `GET /health`;
+//! - the admin API ([`admin`]: queue suspensions), from `http.admin_from` networks;
+//! - the injection API, with a key from `http.api_keys`: SparkPost's Transmissions
+//!   API ([`transmissions`]).
+//!
+//! Request bodies are bounded by `http.request_bytes_max` (413) and requests in
+//! flight per shard by `http.requests_in_flight_max` (503). Every error is JSON in
+//! SparkPost's shape: `{"errors":[{"message","description","code"}]}`.
 
 pub mod admin;
+pub mod transmissions;
 
+use std::convert::Infallible;
+use std::net::IpAddr;
 use std::rc::Rc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use glommio::net::{TcpListener, TcpStream};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, StatusCode};
 
-use crate::runtime::io::Conn;
+use crate::auth::ApiIdentity;
+use crate::metrics::ShardMetrics;
+use crate::runtime::http_io::{self, HyperIo};
 use crate::shard::Shard;
 
-/// Largest request head accepted.
-const HEAD_BYTES_MAX: usize = 16 << 10;
-/// Largest request body accepted (admin requests are small JSON objects).
-const BODY_BYTES_MAX: usize = 64 << 10;
-const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+/// A connection that sends nothing for this long is closed.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request head hyper buffers.
+const HEAD_BYTES_MAX: usize = 64 << 10;
 
-pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
+/// Serves HTTP (or HTTPS when `tls`) on `listener` until shutdown.
+pub async fn serve(shard: Rc<Shard>, listener: TcpListener, tls: bool) {
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             shard.shutdown.wait().await;
@@ -29,7 +46,7 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
         match accepted {
             None => return,
             Some(Ok(stream)) => {
-                glommio::spawn_local(connection(shard.clone(), stream)).detach();
+                glommio::spawn_local(accepted_connection(shard.clone(), stream, tls)).detach();
             }
             Some(Err(err)) => {
                 tracing::warn!(shard = shard.id, "http accept failed: {err}");
@@ -39,148 +56,213 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener) {
     }
 }
 
-async fn connection(shard: Rc<Shard>, stream: TcpStream) {
+async fn accepted_connection(shard: Rc<Shard>, stream: TcpStream, tls: bool) {
     let peer = stream.peer_addr().ok().map(|a| a.ip());
-    let mut conn = Conn::Plain(stream);
-    let mut buf = vec![0u8; HEAD_BYTES_MAX + BODY_BYTES_MAX];
-    let mut len = 0;
-    loop {
-        let head_end = memchr::memmem::find(&buf[..len.min(HEAD_BYTES_MAX)], b"\r\n\r\n");
-        let Some(head_end) = head_end else {
-            if len >= HEAD_BYTES_MAX {
-                let reply = admin::error(431, "request head too large", "");
-                let _ = respond(&mut conn, reply.into(), false).await;
-                break;
-            }
-            match conn.read(&mut buf[len..], IDLE_TIMEOUT).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => len += n,
-            }
-            continue;
-        };
-        let body_start = head_end + 4;
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut request = httparse::Request::new(&mut headers);
-        let parsed = request.parse(&buf[..body_start]);
-        if !matches!(parsed, Ok(httparse::Status::Complete(_))) {
-            let reply = admin::error(400, "malformed HTTP request", "");
-            let _ = respond(&mut conn, reply.into(), false).await;
-            break;
-        }
-        let head = Head::of(&request);
-        let Some(body_len) = head.body_len else {
-            let reply = admin::error(
-                411,
-                "a request body needs a valid Content-Length (chunked bodies are not accepted)",
-                "",
-            );
-            let _ = respond(&mut conn, reply.into(), false).await;
-            break;
-        };
-        if body_len > BODY_BYTES_MAX {
-            let reply = admin::error(
-                413,
-                "request body too large",
-                &format!("at most {BODY_BYTES_MAX} bytes"),
-            );
-            let _ = respond(&mut conn, reply.into(), false).await;
-            break;
-        }
-        let end = body_start + body_len;
-        let mut complete = true;
-        while len < end {
-            match conn.read(&mut buf[len..], IDLE_TIMEOUT).await {
-                Ok(0) | Err(_) => {
-                    complete = false;
-                    break;
-                }
-                Ok(n) => len += n,
-            }
-        }
-        if !complete {
-            break;
-        }
-        let reply = route(&shard, &head, &buf[body_start..end], peer);
-        if respond(&mut conn, reply, head.keep_alive).await.is_err() || !head.keep_alive {
-            break;
-        }
-        buf.copy_within(end..len, 0);
-        len -= end;
+    http_io::no_delay(&stream);
+    if !tls {
+        return connection(shard, HyperIo::new(stream, IDLE_TIMEOUT), peer).await;
     }
-    conn.close().await;
+    let Some(config) = shard.shared.tls.clone() else {
+        return;
+    };
+    match http_io::accept_tls(stream, config, TLS_HANDSHAKE_TIMEOUT).await {
+        Ok(stream) => connection(shard, HyperIo::new(stream, IDLE_TIMEOUT), peer).await,
+        Err(err) => tracing::debug!(shard = shard.id, "https handshake failed: {err}"),
+    }
 }
 
-/// What a request's head says.
-struct Head {
-    method: String,
-    path: String,
-    keep_alive: bool,
-    /// None: a body whose length is not known (chunked, or a bad Content-Length).
-    body_len: Option<usize>,
-    content_type: Option<String>,
-}
-
-impl Head {
-    fn of(request: &httparse::Request<'_, '_>) -> Head {
-        let header = |name: &str| {
-            request
-                .headers
-                .iter()
-                .find(|h| h.name.eq_ignore_ascii_case(name))
-                .map(|h| String::from_utf8_lossy(h.value).trim().to_string())
-        };
-        let close = header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        let body_len = match (header("transfer-encoding"), header("content-length")) {
-            (Some(_), _) => None,
-            (None, None) => Some(0),
-            (None, Some(v)) => v.parse().ok(),
-        };
-        Head {
-            method: request.method.unwrap_or("").to_string(),
-            path: request
-                .path
-                .unwrap_or("")
-                .split('?')
-                .next()
-                .unwrap_or("")
-                .to_string(),
-            keep_alive: request.version == Some(1) && !close,
-            body_len,
-            content_type: header("content-type"),
+async fn connection<S>(shard: Rc<Shard>, io: HyperIo<S>, peer: Option<IpAddr>)
+where
+    S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + 'static,
+{
+    let service = {
+        let shard = shard.clone();
+        hyper::service::service_fn(move |request| {
+            let shard = shard.clone();
+            async move { Ok::<_, Infallible>(handle(shard, request, peer).await) }
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.keep_alive(true).max_buf_size(HEAD_BYTES_MAX);
+    let conn = builder.serve_connection(io, service);
+    let mut conn = std::pin::pin!(conn);
+    let served = futures_lite::future::or(async { Some(conn.as_mut().await) }, async {
+        shard.shutdown.wait().await;
+        None
+    })
+    .await;
+    match served {
+        Some(Err(err)) if !err.is_incomplete_message() => {
+            tracing::debug!(shard = shard.id, "http connection: {err}");
+        }
+        Some(_) => {}
+        None => {
+            // Shutting down: finish the request in progress, then close.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
         }
     }
 }
 
-/// A reply with its content type.
-struct Response {
-    status: u16,
-    content_type: &'static str,
-    body: String,
+/// A reply before it becomes a hyper response.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub content_type: &'static str,
+    pub body: String,
 }
 
-impl From<admin::Reply> for Response {
-    fn from((status, body): admin::Reply) -> Response {
-        Response {
+impl Reply {
+    pub fn json(status: u16, body: String) -> Reply {
+        Reply {
             status,
             content_type: "application/json",
             body,
         }
     }
+
+    /// An error in SparkPost's shape (`code` and `description` left out when empty).
+    pub fn error(status: u16, code: &str, message: &str, description: &str) -> Reply {
+        let mut detail = serde_json::json!({ "message": message });
+        if !description.is_empty() {
+            detail["description"] = description.into();
+        }
+        if !code.is_empty() {
+            detail["code"] = code.into();
+        }
+        Reply::json(
+            status,
+            serde_json::json!({ "errors": [detail] }).to_string(),
+        )
+    }
+}
+
+impl From<admin::Reply> for Reply {
+    fn from((status, body): admin::Reply) -> Reply {
+        Reply::json(status, body)
+    }
+}
+
+/// Decrements the shard's in-flight count when the request is done.
+struct InFlight<'a>(&'a Shard);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.http_in_flight.set(self.0.http_in_flight.get() - 1);
+    }
+}
+
+async fn handle(
+    shard: Rc<Shard>,
+    request: Request<Incoming>,
+    peer: Option<IpAddr>,
+) -> hyper::Response<Full<Bytes>> {
+    let metrics = &shard.metrics;
+    ShardMetrics::add(&metrics.http_requests_total, 1);
+    let reply = if shard.http_in_flight.get() >= shard.config().http.requests_in_flight_max.usize()
+    {
+        Reply::error(503, "", "too many requests in flight", "try again shortly")
+    } else {
+        shard.http_in_flight.set(shard.http_in_flight.get() + 1);
+        let _in_flight = InFlight(&shard);
+        let (head, body) = request.into_parts();
+        match read_body(&shard, &head, body).await {
+            Ok(body) => route(&shard, &head, &body, peer).await,
+            Err(reply) => reply,
+        }
+    };
+    if reply.status >= 400 {
+        ShardMetrics::add(&metrics.http_requests_failed_total, 1);
+    }
+    let mut response = hyper::Response::new(Full::new(Bytes::from(reply.body)));
+    *response.status_mut() =
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(reply.content_type),
+    );
+    response
+}
+
+/// The whole body, within `http.request_bytes_max`.
+async fn read_body(
+    shard: &Shard,
+    head: &hyper::http::request::Parts,
+    body: Incoming,
+) -> Result<Bytes, Reply> {
+    let max = shard.config().http.request_bytes_max.usize();
+    let too_large = || {
+        Reply::error(
+            413,
+            "",
+            "request body too large",
+            &format!("at most {max} bytes (http.request_bytes_max)"),
+        )
+    };
+    let declared = head
+        .headers
+        .get(hyper::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(too_large()),
+        Err(err) => Err(Reply::error(
+            400,
+            "",
+            "request body could not be read",
+            &err.to_string(),
+        )),
+    }
 }
 
 const SUSPEND: &str = "/api/admin/suspend/v1";
+const TRANSMISSIONS: &str = "/api/v1/transmissions";
 
-fn route(shard: &Shard, head: &Head, body: &[u8], peer: Option<std::net::IpAddr>) -> Response {
+async fn route(
+    shard: &Rc<Shard>,
+    head: &hyper::http::request::Parts,
+    body: &[u8],
+    peer: Option<IpAddr>,
+) -> Reply {
     let shared = &shard.shared;
-    let method = head.method.as_str();
-    match (method, head.path.as_str()) {
-        ("GET", "/metrics") => Response {
+    let method = &head.method;
+    // "/something is equivalent to /something/" (SparkPost).
+    let path = head.uri.path();
+    let path = if path.len() > 1 {
+        path.trim_end_matches('/')
+    } else {
+        path
+    };
+    let json = head
+        .headers
+        .get(hyper::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| {
+            t.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("application/json")
+        });
+    let not_json = || {
+        Reply::error(
+            415,
+            "",
+            "unsupported media type",
+            "the body must be application/json",
+        )
+    };
+    match path {
+        "/metrics" if method == Method::GET => Reply {
             status: 200,
             content_type: "text/plain; version=0.0.4",
             body: crate::metrics::render(&shared.metrics),
         },
-        ("GET", "/health") => (200, "{\"status\":\"ok\"}".to_string()).into(),
-        (_, SUSPEND) => {
+        "/health" if method == Method::GET => Reply::json(200, "{\"status\":\"ok\"}".to_string()),
+        "/metrics" | "/health" => method_not_allowed(),
+        SUSPEND => {
             let allowed =
                 peer.is_some_and(|ip| shared.config.http.admin_from.iter().any(|c| c.contains(ip)));
             if !allowed {
@@ -191,52 +273,90 @@ fn route(shard: &Shard, head: &Head, body: &[u8], peer: Option<std::net::IpAddr>
                 )
                 .into();
             }
-            let json = head
-                .content_type
-                .as_deref()
-                .is_some_and(|t| t.starts_with("application/json"));
-            match method {
-                "GET" => admin::list(shared).into(),
-                "POST" | "DELETE" if !json => admin::error(
-                    415,
-                    "unsupported media type",
-                    "the body must be application/json",
-                )
-                .into(),
-                "POST" => admin::suspend(shared, body).into(),
-                "DELETE" => admin::resume(shared, body).into(),
-                _ => admin::error(405, "method not allowed", "").into(),
+            match *method {
+                Method::GET => admin::list(shared).into(),
+                Method::POST | Method::DELETE if !json => not_json(),
+                Method::POST => admin::suspend(shared, body).into(),
+                Method::DELETE => admin::resume(shared, body).into(),
+                _ => method_not_allowed(),
             }
         }
-        (_, "/metrics" | "/health") => admin::error(405, "method not allowed", "").into(),
-        _ => admin::error(404, "no such endpoint", "").into(),
+        TRANSMISSIONS => {
+            let identity = match authorize(shard, head) {
+                Ok(identity) => identity,
+                Err(reply) => return reply,
+            };
+            match *method {
+                Method::POST if !json => not_json(),
+                Method::POST => transmissions::create(shard, &identity, peer, body).await,
+                _ => method_not_allowed(),
+            }
+        }
+        _ => Reply::error(
+            404,
+            "1101",
+            "invalid URI",
+            &format!("no endpoint at {path}"),
+        ),
     }
 }
 
-async fn respond(conn: &mut Conn, response: Response, keep_alive: bool) -> std::io::Result<()> {
-    let Response {
-        status,
-        content_type,
-        body,
-    } = response;
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        403 => "Forbidden",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        415 => "Unsupported Media Type",
-        431 => "Request Header Fields Too Large",
-        _ => "Error",
-    };
-    let connection = if keep_alive { "keep-alive" } else { "close" };
-    let head = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: {connection}\r\n\r\n",
-        body.len()
-    );
-    let mut out = head.into_bytes();
-    out.extend_from_slice(body.as_bytes());
-    conn.write_all(&out, IDLE_TIMEOUT).await
+fn method_not_allowed() -> Reply {
+    Reply::error(405, "1102", "invalid HTTP method", "")
+}
+
+/// The API key's identity, or 401.
+fn authorize(shard: &Shard, head: &hyper::http::request::Parts) -> Result<ApiIdentity, Reply> {
+    let header = head
+        .headers
+        .get(hyper::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    match header.and_then(|h| shard.shared.api_keys.identify(h)) {
+        Some(identity) => Ok(identity.clone()),
+        None => Err(Reply::error(
+            401,
+            "",
+            "Unauthorized.",
+            "a valid API key is needed in the Authorization header (http.api_keys)",
+        )),
+    }
+}
+
+/// Parses a JSON body: malformed JSON is 400, a value of the wrong type 422; both
+/// name where the problem is.
+pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reply> {
+    if std::str::from_utf8(body).is_err() {
+        return Err(Reply::error(400, "1305", "Input Data not UTF8 encoded", ""));
+    }
+    let mut de = serde_json::Deserializer::from_slice(body);
+    let value = serde_path_to_error::deserialize(&mut de);
+    if value.is_ok()
+        && let Err(err) = de.end()
+    {
+        return Err(Reply::error(
+            400,
+            "1300",
+            "invalid data format/type",
+            &format!("Problems parsing request as json: {err}"),
+        ));
+    }
+    value.map_err(|err| {
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let description = if path == "." || path.is_empty() {
+            inner.to_string()
+        } else {
+            format!("{path}: {inner}")
+        };
+        if inner.is_data() {
+            Reply::error(422, "1300", "invalid data format/type", &description)
+        } else {
+            Reply::error(
+                400,
+                "1300",
+                "invalid data format/type",
+                &format!("Problems parsing request as json: {description}"),
+            )
+        }
+    })
 }

@@ -440,6 +440,21 @@ impl Queues {
     }
 }
 
+/// `campaign:tenant@domain`, with absent parts left out (KumoMTA's queue naming).
+pub fn scheduled_queue(campaign: Option<&str>, tenant: Option<&str>, domain: &str) -> String {
+    let mut queue = String::new();
+    if let Some(campaign) = campaign {
+        queue.push_str(campaign);
+        queue.push(':');
+    }
+    if let Some(tenant) = tenant {
+        queue.push_str(tenant);
+        queue.push('@');
+    }
+    queue.push_str(&domain.to_ascii_lowercase());
+    queue
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

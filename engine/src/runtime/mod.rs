@@ -4,6 +4,7 @@
 //! the engine that creates executors or binds listeners; [`io`] adapts glommio's
 //! sockets for the protocol code.
 
+pub mod http_io;
 pub mod io;
 
 use std::net::SocketAddr;
@@ -45,6 +46,7 @@ struct Addresses {
     smtp: Vec<SocketAddr>,
     smtps: Vec<SocketAddr>,
     http: Vec<SocketAddr>,
+    https: Vec<SocketAddr>,
 }
 
 /// Reads the configuration again (for SIGHUP).
@@ -73,6 +75,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     )?;
     let (addresses, placeholders) = reserve(&config)?;
     let shared = Arc::new(Shared {
+        api_keys: crate::auth::ApiKeys::new(&config.http.api_keys),
         credentials: Credentials::new(
             config
                 .smtp
@@ -154,7 +157,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     let ready = listening.load(Ordering::Acquire) == shards;
     if ready {
         write_listeners(&data_dir, &addresses)?;
-        tracing::info!(smtp = ?addresses.smtp, smtps = ?addresses.smtps, http = ?addresses.http, "gannetd ready");
+        tracing::info!(smtp = ?addresses.smtp, smtps = ?addresses.smtps, http = ?addresses.http, https = ?addresses.https, "gannetd ready");
     } else {
         stop.store(true, Ordering::Release);
     }
@@ -269,6 +272,7 @@ fn write_listeners(data_dir: &Path, addresses: &Addresses) -> Result<()> {
         "smtp": addresses.smtp,
         "smtps": addresses.smtps,
         "http": addresses.http,
+        "https": addresses.https,
     })
     .to_string();
     let tmp = data_dir.join(format!("{LISTENERS_FILE}.tmp"));
@@ -305,6 +309,7 @@ fn reserve(config: &Config) -> Result<(Addresses, Vec<socket2::Socket>)> {
         smtp: resolve("smtp.listen", &config.smtp.listen)?,
         smtps: resolve("smtp.tls_listen", &config.smtp.tls_listen)?,
         http: resolve("http.listen", &config.http.listen)?,
+        https: resolve("http.tls_listen", &config.http.tls_listen)?,
     };
     Ok((addresses, placeholders))
 }
@@ -345,13 +350,30 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         events: std::cell::RefCell::new(events),
         shutdown: io::Shutdown::default(),
         sessions_active: std::cell::Cell::new(0),
+        http_in_flight: std::cell::Cell::new(0),
         dispatcher: Dispatcher::new(config, shared.client_tls.clone()),
         auth_cache: Default::default(),
     });
     // Every live message goes back to its queue with its exact retry state.
-    let requeued = recovered.live.len();
+    let mut requeued = 0;
+    let mut jobs = Vec::new();
     for live in recovered.live {
         let m = live.message.get();
+        let is_job = m
+            .meta
+            .iter()
+            .any(|kv| kv.0.as_str() == "kind" && kv.1.as_str() == crate::generate::JOB_KIND);
+        if is_job {
+            // A transmission not fully generated: resume after its last checkpoint.
+            match crate::generate::recover(live.id, &m.body) {
+                Ok(job) => jobs.push((job, live.id, live.state.attempts as usize)),
+                Err(err) => {
+                    tracing::error!(shard = id, job = %live.id, "transmission cannot be resumed: {err}")
+                }
+            }
+            continue;
+        }
+        requeued += 1;
         let message = crate::queue::Message {
             id: live.id,
             sender: m.sender.to_string(),
@@ -378,6 +400,16 @@ async fn shard_main(start: ShardStart) -> Result<()> {
             messages = requeued,
             "recovered messages queued for delivery"
         );
+    }
+    for (job, job_id, from) in jobs {
+        tracing::info!(shard = id, transmission = %job_id, from, "resuming transmission generation");
+        glommio::spawn_local(crate::generate::run_job(
+            shard.clone(),
+            Rc::new(job),
+            Some(job_id),
+            from,
+        ))
+        .detach();
     }
     glommio::spawn_local(crate::delivery::dispatcher::run(shard.clone())).detach();
     glommio::spawn_local(crate::delivery::dispatcher::inbox(shard.clone())).detach();
@@ -406,6 +438,15 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         tasks.push(glommio::spawn_local(crate::http::serve(
             shard.clone(),
             listener,
+            false,
+        )));
+    }
+    for addr in &addresses.https {
+        let listener = bind(addr)?;
+        tasks.push(glommio::spawn_local(crate::http::serve(
+            shard.clone(),
+            listener,
+            true,
         )));
     }
     listening.fetch_add(1, Ordering::AcqRel);

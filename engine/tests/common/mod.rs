@@ -22,6 +22,7 @@ pub struct Daemon {
     pub smtp: SocketAddr,
     pub smtps: Option<SocketAddr>,
     pub http: SocketAddr,
+    pub https: Option<SocketAddr>,
     /// Everything the daemon logged so far.
     pub log: Arc<Mutex<Vec<String>>>,
 }
@@ -110,6 +111,7 @@ impl Daemon {
             smtp: addr("smtp").unwrap(),
             smtps: addr("smtps"),
             http: addr("http").unwrap(),
+            https: addr("https"),
             child,
             dir,
             log,
@@ -327,4 +329,38 @@ impl Client {
             panic!("expected the connection to close, got {reply:?}");
         }
     }
+}
+
+/// curl against the daemon's HTTP listener with extra headers: (status, body).
+pub fn curl(
+    daemon: &Daemon,
+    method: &str,
+    path: &str,
+    headers: &[&str],
+    body: Option<(&str, &[u8])>,
+) -> (u16, String) {
+    let url = format!("http://{}{path}", daemon.http);
+    let mut command = Command::new("curl");
+    command.args(["-sS", "-X", method, "-w", "\n%{http_code}", &url]);
+    for header in headers {
+        command.args(["-H", header]);
+    }
+    let input = match body {
+        Some((content_type, body)) => {
+            command.args([
+                "-H",
+                &format!("content-type: {content_type}"),
+                "--data-binary",
+                "@-",
+            ]);
+            body
+        }
+        None => &[],
+    };
+    let out = run_with_input(&mut command, input);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, status) = text
+        .rsplit_once('\n')
+        .unwrap_or_else(|| panic!("curl: {}", String::from_utf8_lossy(&out.stderr)));
+    (status.parse().unwrap(), body.to_string())
 }

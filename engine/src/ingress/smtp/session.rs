@@ -569,7 +569,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     if let Verdict::Reject(reply) = policy.final_validation(&client, &draft, &mut prepared) {
         return reply;
     }
-    let queue = scheduled_queue(
+    let queue = crate::queue::scheduled_queue(
         lifted.campaign.as_deref(),
         lifted.tenant.as_deref(),
         crate::policy::domain_of(&tx.recipients[0]),
@@ -640,21 +640,6 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
         subject: lifted.subject.as_deref(),
     });
     Reply::new(250, "2.0.0", format!("OK queued as {id_text}"))
-}
-
-/// `campaign:tenant@domain`, with absent parts left out (KumoMTA's queue naming).
-fn scheduled_queue(campaign: Option<&str>, tenant: Option<&str>, domain: &str) -> String {
-    let mut queue = String::new();
-    if let Some(campaign) = campaign {
-        queue.push_str(campaign);
-        queue.push(':');
-    }
-    if let Some(tenant) = tenant {
-        queue.push_str(tenant);
-        queue.push('@');
-    }
-    queue.push_str(&domain.to_ascii_lowercase());
-    queue
 }
 
 async fn start_tls(s: &mut Session, w: &mut Wire) -> Result<(), End> {

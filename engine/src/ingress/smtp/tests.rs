@@ -31,6 +31,7 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
     let (spool, _) = Spool::open(storage, spool_config).unwrap();
     glommio::spawn_local(spool.clone().run_committer()).detach();
     let shared = Arc::new(Shared {
+        api_keys: Default::default(),
         credentials: Credentials::new([]),
         tls: None,
         client_tls: crate::delivery::tls::ClientTls::new(),
@@ -58,6 +59,7 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
         spool,
         events: RefCell::new(EventLog::open(events_dir, 1 << 20, 1).unwrap()),
         shutdown: Shutdown::default(),
+        http_in_flight: Default::default(),
         sessions_active: Cell::new(0),
         auth_cache: Default::default(),
     })

@@ -1,0 +1,254 @@
+//! `POST /api/v1/transmissions`: SparkPost's Transmissions API.
+//!
+//! The request is checked and its content compiled before anything is spooled, so
+//! a bad template or field is a 4xx with nothing queued. Recipients with a bad
+//! address are counted as rejected and the others accepted, as SparkPost reports
+//! it; no good recipient at all is a 422. One recipient is generated, spooled and
+//! queued inside the request; more are spooled as one job and generated after the
+//! response (see `generate`).
+
+use std::net::IpAddr;
+use std::rc::Rc;
+
+use gannet_spool::{MessageRecord, Record, SpoolError};
+
+use super::{Reply, parse_json};
+use crate::auth::ApiIdentity;
+use crate::clock::unix_ms;
+use crate::generate::content::valid_email;
+use crate::generate::transmission::{Recipients, Refusal, Spec, parse_start_time};
+use crate::generate::{JOB_KIND, Job, Stored};
+use crate::metrics::ShardMetrics;
+use crate::policy::{Client, Draft};
+use crate::shard::Shard;
+
+impl From<Refusal> for Reply {
+    fn from(r: Refusal) -> Reply {
+        Reply::error(r.status, r.code, r.message, &r.description)
+    }
+}
+
+fn spool_error(err: &SpoolError) -> Reply {
+    match err {
+        SpoolError::RecordTooLarge { .. } => Reply::error(
+            413,
+            "",
+            "transmission too large",
+            "the transmission does not fit in one spool record",
+        ),
+        SpoolError::Unhealthy => Reply::error(
+            503,
+            "",
+            "spool unavailable",
+            "the spool cannot take mail now; try again later",
+        ),
+        other => Reply::error(500, "", "spool write failed", &other.to_string()),
+    }
+}
+
+pub async fn create(
+    shard: &Rc<Shard>,
+    identity: &ApiIdentity,
+    peer: Option<IpAddr>,
+    body: &[u8],
+) -> Reply {
+    let spec: Spec = match parse_json(body) {
+        Ok(spec) => spec,
+        Err(reply) => return reply,
+    };
+    match prepare(shard, identity, peer, spec) {
+        Ok((job, rejected)) => submit(shard, job, rejected).await,
+        Err(refusal) => refusal.into(),
+    }
+}
+
+/// Checks a transmission and compiles it into a job; also returns how many
+/// recipients were rejected.
+fn prepare(
+    shard: &Shard,
+    identity: &ApiIdentity,
+    peer: Option<IpAddr>,
+    mut spec: Spec,
+) -> Result<(Job, usize), Refusal> {
+    let config = shard.config();
+    let now_ms = unix_ms();
+    let recipients = match spec.recipients.take() {
+        None => return Err(Refusal::missing("recipients is required")),
+        Some(Recipients::Inline(list)) => list,
+        Some(Recipients::Stored { list_id }) => {
+            return Err(Refusal {
+                status: 422,
+                code: "1300",
+                message: "invalid data format/type",
+                description: format!("recipient list {list_id:?} does not exist"),
+            });
+        }
+    };
+    if recipients.is_empty() {
+        return Err(Refusal::missing("at least one recipient is required"));
+    }
+    let Some(content_spec) = &spec.content else {
+        return Err(Refusal::missing("content object or template_id required"));
+    };
+    if let Some(template_id) = &content_spec.template_id {
+        return Err(Refusal {
+            status: 422,
+            code: "1300",
+            message: "invalid data format/type",
+            description: format!("template {template_id:?} does not exist"),
+        });
+    }
+    let substitute = spec.options.perform_substitutions.unwrap_or(true);
+    let content = content_spec.compile(substitute)?;
+    for (field, path) in [(&spec.return_path, "return_path")] {
+        if let Some(address) = field
+            && !valid_email(address)
+        {
+            return Err(Refusal::invalid(format!(
+                "{path}: {address:?} is not an email address"
+            )));
+        }
+    }
+    let due_ms = match spec.options.start_time.as_deref() {
+        None => now_ms,
+        Some(text) => match parse_start_time(text) {
+            Some(ms) => ms.max(now_ms),
+            None => {
+                return Err(Refusal::invalid(format!(
+                    "options.start_time: {text:?} is not a date and time (YYYY-MM-DDTHH:MM:SS with Z or an offset)"
+                )));
+            }
+        },
+    };
+    if let Some(pool) = &spec.options.ip_pool
+        && !config.delivery.pools.contains_key(pool)
+    {
+        return Err(Refusal::invalid(format!(
+            "options.ip_pool: no egress pool named {pool:?} (delivery.pools)"
+        )));
+    }
+    let total = recipients.len();
+    let mut accepted = Vec::with_capacity(total);
+    for (i, rcpt) in recipients.into_iter().enumerate() {
+        let email = rcpt.address.parts().0;
+        let return_path_ok = rcpt.return_path.as_deref().is_none_or(valid_email);
+        if valid_email(email) && return_path_ok {
+            accepted.push(rcpt);
+        } else if total == 1 {
+            return Err(Refusal::invalid(format!(
+                "recipients[{i}]: {email:?} is not an email address"
+            )));
+        }
+    }
+    let rejected = total - accepted.len();
+    if accepted.is_empty() {
+        return Err(Refusal::invalid("no recipient has a valid email address"));
+    }
+    let tenant = identity.tenant.clone();
+    let campaign = spec.campaign_id.clone();
+    let pool = shard.shared.policy.set_binding(
+        &Client {
+            ip: peer.unwrap_or(IpAddr::from([127, 0, 0, 1])),
+            helo: None,
+            tls: false,
+            auth_user: Some(&identity.name),
+        },
+        &Draft {
+            sender: spec.return_path.as_deref().unwrap_or(""),
+            recipients: &[],
+            size_bytes: 0,
+            tenant: tenant.as_deref(),
+            campaign: campaign.as_deref(),
+            requested_pool: spec.options.ip_pool.as_deref(),
+        },
+    );
+    let sandbox = spec.options.sandbox.unwrap_or(false);
+    spec.recipients = Some(Recipients::Inline(accepted));
+    Ok((
+        Job {
+            id: shard.spool.next_id().to_string(),
+            stored: Stored {
+                spec,
+                pool,
+                tenant,
+                template_id: None,
+                due_ms,
+                received_ms: now_ms,
+            },
+            content,
+            sandbox,
+        },
+        rejected,
+    ))
+}
+
+fn accepted_reply(job: &Job, accepted: usize, rejected: usize) -> Reply {
+    Reply::json(
+        200,
+        serde_json::json!({
+            "results": {
+                "total_rejected_recipients": rejected,
+                "total_accepted_recipients": accepted,
+                "id": job.id,
+            }
+        })
+        .to_string(),
+    )
+}
+
+async fn submit(shard: &Rc<Shard>, mut job: Job, rejected: usize) -> Reply {
+    let metrics = &shard.metrics;
+    let count = job.recipients().len();
+    ShardMetrics::add(&metrics.http_recipients_rejected_total, rejected as u64);
+    if count == 1 || job.sandbox {
+        // Generated inside the request: the reply says whether it was spooled.
+        return match job.generate(shard, 0..count).await {
+            Ok(generated) => {
+                ShardMetrics::add(&metrics.http_transmissions_total, 1);
+                ShardMetrics::add(&metrics.http_recipients_accepted_total, generated as u64);
+                accepted_reply(&job, generated, rejected + count - generated)
+            }
+            Err(err) => spool_error(&err),
+        };
+    }
+    let job_id = shard.spool.next_id();
+    job.id = job_id.to_string();
+    let body = match serde_json::to_vec(&job.stored) {
+        Ok(body) => body,
+        Err(err) => {
+            return Reply::error(
+                500,
+                "",
+                "transmission could not be stored",
+                &err.to_string(),
+            );
+        }
+    };
+    let record = MessageRecord {
+        id: job_id,
+        sender: String::new(),
+        recipients: Vec::new(),
+        meta: vec![("kind".to_string(), JOB_KIND.to_string())],
+        queue: JOB_KIND.to_string(),
+        attempts: 0,
+        due_unix_ms: job.stored.due_ms,
+        received_unix_ms: job.stored.received_ms,
+        done: Vec::new(),
+        body,
+    };
+    if let Err(err) = shard.spool.write(Record::Message(&record)).await {
+        return spool_error(&err);
+    }
+    drop(record);
+    ShardMetrics::add(&metrics.http_transmissions_total, 1);
+    ShardMetrics::add(&metrics.http_recipients_accepted_total, count as u64);
+    let reply = accepted_reply(&job, count, rejected);
+    glommio::spawn_local(crate::generate::run_job(
+        shard.clone(),
+        Rc::new(job),
+        Some(job_id),
+        0,
+    ))
+    .detach();
+    reply
+}

@@ -1,0 +1,645 @@
+//! The HTTP injection API end to end: SparkPost's official Python client sends
+//! transmissions over HTTPS; curl sends the bad requests; messages arrive at an
+//! aiosmtpd sink and are taken apart by Python's email parser.
+
+mod common;
+
+use std::process::Command;
+
+use common::relay::{delivery_config, of, sink, wait_events};
+use common::{Daemon, curl, run_with_input};
+use serde_json::{Value, json};
+
+const KEY: &str = "gannet-test-key-5c1e0b7f2a9d4e61";
+
+fn key_config() -> String {
+    format!(
+        "api_keys = [{{ name = \"tests\", key_sha256 = \"{}\", tenant = \"acme\" }}]\ntls_listen = [\"127.0.0.1:0\"]\n",
+        gannet_engine::auth::KeyDigest::of(KEY)
+    )
+}
+
+/// A daemon with the test key whose mail for x.test and y.test goes to `port`.
+fn daemon(port: u16, http_extra: &str) -> Daemon {
+    let routes =
+        format!("\"x.test\" = [\"127.0.0.1:{port}\"], \"y.test\" = [\"127.0.0.1:{port}\"]");
+    Daemon::start(
+        "",
+        &format!("{}{http_extra}\n{}", key_config(), delivery_config(&routes)),
+    )
+}
+
+fn parse(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// POSTs JSON with the test key.
+fn post(daemon: &Daemon, path: &str, body: &Value) -> (u16, Value) {
+    let (status, text) = curl(
+        daemon,
+        "POST",
+        path,
+        &[&format!("Authorization: {KEY}")],
+        Some(("application/json", body.to_string().as_bytes())),
+    );
+    (status, parse(&text))
+}
+
+/// Runs a Python script that uses SparkPost's client library against the daemon's
+/// HTTPS listener (trusting its generated certificate); returns what it printed as
+/// JSON.
+fn sparkpost_client(daemon: &Daemon, script: &str) -> Value {
+    let https = daemon.https.expect("an https listener");
+    let prelude = format!(
+        "import json, sys\nfrom sparkpost import SparkPost\nsp = SparkPost(api_key={KEY:?}, base_uri='127.0.0.1:{}')\n",
+        https.port()
+    );
+    let out = run_with_input(
+        Command::new(common::peers::python())
+            .arg("-c")
+            .arg(format!("{prelude}{script}"))
+            .env(
+                "REQUESTS_CA_BUNDLE",
+                daemon.data_dir().join("tls/self-signed.crt"),
+            ),
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "python: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Python's email parser on a received message: headers, and each leaf part's
+/// content type, disposition, filename, content id and decoded text.
+const DISSECT: &str = r#"
+import email, email.policy, json, sys
+msg = email.message_from_bytes(sys.stdin.buffer.read(), policy=email.policy.default)
+def tree(part):
+    if part.is_multipart():
+        return {"type": part.get_content_type(), "parts": [tree(p) for p in part.iter_parts()]}
+    payload = part.get_payload(decode=True)
+    text = payload.decode("utf-8") if part.get_content_maintype() == "text" else None
+    return {"type": part.get_content_type(), "disposition": part.get_content_disposition(),
+            "filename": part.get_filename(), "cid": part.get("Content-ID"),
+            "text": text, "bytes": len(payload)}
+print(json.dumps({"headers": {k: str(v) for k, v in msg.items()}, "body": tree(msg)}))
+"#;
+
+fn dissect(data: &str) -> Value {
+    let out = run_with_input(
+        Command::new(common::peers::python()).arg("-c").arg(DISSECT),
+        &data.chars().map(|c| c as u8).collect::<Vec<u8>>(),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    parse(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Waits for `n` messages at the sink, keyed by recipient.
+fn received(sink: &common::relay::Sink, n: usize) -> std::collections::BTreeMap<String, Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let messages = sink.messages();
+        if messages.len() >= n {
+            return messages
+                .into_iter()
+                .map(|m| (m["rcpt_tos"][0].as_str().unwrap().to_string(), m))
+                .collect();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} messages arrived",
+            messages.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn sparkpost_client_sends_inline_content_merged_per_recipient() {
+    let sink = sink();
+    let daemon = daemon(sink.port, "");
+    let result = sparkpost_client(
+        &daemon,
+        r#"
+r = sp.transmissions.send(
+    recipients=[
+        {"address": {"email": "ann@x.test", "name": "Ann Lee"},
+         "substitution_data": {"first": "Ann", "items": ["tea", "<cake>"]},
+         "tags": ["vip"], "metadata": {"uid": 1}},
+        {"address": "bob@y.test", "metadata": {"uid": 2}},
+        "carol@x.test",
+    ],
+    from_email="Shop <shop@s.test>",
+    subject="Hello {{ first or 'friend' }}",
+    text="Hi {{ first or 'friend' }}, uid {{ uid }}.",
+    html="<p>Hi {{ first or 'friend' }}</p><ul>{{ each items }}<li>{{ loop_var }}</li>{{ end }}</ul>",
+    campaign="spring-sale",
+    metadata={"source": "tests"},
+    substitution_data={"first": "friend"},
+    custom_headers={"X-Campaign-Note": "note for {{ first }}"},
+)
+print(json.dumps(r))
+"#,
+    );
+    assert_eq!(result["total_accepted_recipients"], 3, "{result}");
+    assert_eq!(result["total_rejected_recipients"], 0, "{result}");
+    let transmission = result["id"].as_str().unwrap().to_string();
+
+    let messages = received(&sink, 3);
+    let ann = dissect(messages["ann@x.test"]["data"].as_str().unwrap());
+    assert_eq!(messages["ann@x.test"]["mail_from"], "shop@s.test");
+    assert_eq!(ann["headers"]["Subject"], "Hello Ann");
+    assert_eq!(ann["headers"]["From"], "Shop <shop@s.test>");
+    assert_eq!(ann["headers"]["To"], "Ann Lee <ann@x.test>");
+    assert_eq!(ann["headers"]["X-Campaign-Note"], "note for Ann");
+    assert_eq!(ann["body"]["type"], "multipart/alternative");
+    let parts = ann["body"]["parts"].as_array().unwrap();
+    assert_eq!(parts[0]["type"], "text/plain");
+    assert_eq!(
+        parts[0]["text"].as_str().unwrap().trim_end(),
+        "Hi Ann, uid 1."
+    );
+    assert_eq!(parts[1]["type"], "text/html");
+    assert_eq!(
+        parts[1]["text"].as_str().unwrap().trim_end(),
+        "<p>Hi Ann</p><ul><li>tea</li><li>&lt;cake&gt;</li></ul>"
+    );
+    // bob: the transmission's substitution data is the default; his metadata fills uid.
+    let bob = dissect(messages["bob@y.test"]["data"].as_str().unwrap());
+    assert_eq!(bob["headers"]["Subject"], "Hello friend");
+    assert_eq!(
+        bob["body"]["parts"][0]["text"].as_str().unwrap().trim_end(),
+        "Hi friend, uid 2."
+    );
+    let carol = dissect(messages["carol@x.test"]["data"].as_str().unwrap());
+    assert_eq!(
+        carol["body"]["parts"][0]["text"]
+            .as_str()
+            .unwrap()
+            .trim_end(),
+        "Hi friend, uid ."
+    );
+
+    // Every message has an injection and a delivery event carrying the transmission,
+    // campaign, recipient metadata and tags.
+    let events = wait_events(&daemon, "three deliveries", |e| {
+        e.iter().filter(|e| e["type"] == "delivery").count() == 3
+    });
+    for rcpt in ["ann@x.test", "bob@y.test", "carol@x.test"] {
+        for kind in ["injection", "delivery"] {
+            let found = of(&events, kind, rcpt);
+            assert_eq!(found.len(), 1, "{kind} {rcpt}: {events:#?}");
+            assert_eq!(found[0]["transmission_id"], transmission.as_str());
+            assert_eq!(found[0]["campaign_id"], "spring-sale");
+            assert_eq!(found[0]["tenant"], "acme");
+            assert_eq!(found[0]["rcpt_meta"]["source"], "tests");
+        }
+    }
+    let ann_delivery = of(&events, "delivery", "ann@x.test")[0];
+    assert_eq!(ann_delivery["rcpt_tags"], json!(["vip"]));
+    assert_eq!(ann_delivery["rcpt_meta"]["uid"], 1);
+    assert_eq!(
+        of(&events, "injection", "ann@x.test")[0]["subject"],
+        "Hello Ann"
+    );
+    assert_eq!(daemon.metric("http_messages_generated_total"), 3);
+}
+
+#[test]
+fn one_recipient_with_attachments_inline_images_and_amp() {
+    let sink = sink();
+    let daemon = daemon(sink.port, "");
+    let png = [0x89u8, b'P', b'N', b'G', 0, 1, 2, 3, 255];
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(png);
+    let body = json!({
+        "recipients": [{"address": {"email": "dee@x.test", "name": "Dée Ünïcode"}}],
+        "return_path": "bounces@s.test",
+        "content": {
+            "from": {"email": "news@s.test", "name": "Nouvelles"},
+            "subject": "Prix spéciaux pour {{ who }}",
+            "reply_to": "help@s.test",
+            "text": "Bonjour {{ who }} — ça va?",
+            "html": "<p>Bonjour {{ who }}</p><img src=\"cid:logo.png\">",
+            "amp_html": "<!doctype html><html ⚡4email><body>{{ who }}</body></html>",
+            "attachments": [{"name": "report.bin", "type": "application/octet-stream", "data": b64}],
+            "inline_images": [{"name": "logo.png", "type": "image/png", "data": b64}]
+        },
+        "substitution_data": {"who": "Dée"}
+    });
+    let (status, reply) = post(&daemon, "/api/v1/transmissions", &body);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["results"]["total_accepted_recipients"], 1);
+
+    let messages = received(&sink, 1);
+    let message = &messages["dee@x.test"];
+    assert_eq!(message["mail_from"], "bounces@s.test");
+    let m = dissect(message["data"].as_str().unwrap());
+    assert_eq!(m["headers"]["Subject"], "Prix spéciaux pour Dée");
+    assert_eq!(m["headers"]["To"], "Dée Ünïcode <dee@x.test>");
+    assert_eq!(m["headers"]["Reply-To"], "help@s.test");
+    assert!(
+        m["headers"]["Message-ID"]
+            .as_str()
+            .unwrap()
+            .ends_with("@gannet.test>"),
+        "{m}"
+    );
+    assert!(m["headers"].get("Date").is_some());
+    // mixed [ alternative [ text, amp, related [ html, image ] ], attachment ]
+    let body = &m["body"];
+    assert_eq!(body["type"], "multipart/mixed", "{m}");
+    let alternative = &body["parts"][0];
+    assert_eq!(alternative["type"], "multipart/alternative");
+    assert_eq!(alternative["parts"][0]["type"], "text/plain");
+    assert_eq!(
+        alternative["parts"][0]["text"].as_str().unwrap().trim_end(),
+        "Bonjour Dée — ça va?"
+    );
+    assert_eq!(alternative["parts"][1]["type"], "text/x-amp-html");
+    let related = &alternative["parts"][2];
+    assert_eq!(related["type"], "multipart/related");
+    assert_eq!(related["parts"][0]["type"], "text/html");
+    assert!(
+        related["parts"][0]["text"]
+            .as_str()
+            .unwrap()
+            .contains("<p>Bonjour Dée</p>")
+    );
+    assert_eq!(related["parts"][1]["type"], "image/png");
+    assert_eq!(related["parts"][1]["cid"], "<logo.png>");
+    assert_eq!(related["parts"][1]["bytes"], png.len());
+    let attachment = &body["parts"][1];
+    assert_eq!(attachment["disposition"], "attachment");
+    assert_eq!(attachment["filename"], "report.bin");
+    assert_eq!(attachment["bytes"], png.len());
+}
+
+#[test]
+fn rfc822_content_with_substitutions_and_a_scheduled_start() {
+    let sink = sink();
+    let daemon = daemon(sink.port, "");
+    let start_ms = gannet_engine::clock::unix_ms() + 2_000;
+    let secs = start_ms / 1000 + 1;
+    let body = json!({
+        "options": {"start_time": rfc3339(secs)},
+        "recipients": [{"address": "eve@x.test", "substitution_data": {"code": "A1"}}],
+        "content": {"email_rfc822": "From: Shop <shop@s.test>\nTo: eve@x.test\nSubject: code {{code}}\n\nYour code is {{code}}.\n"}
+    });
+    let (status, reply) = post(&daemon, "/api/v1/transmissions", &body);
+    assert_eq!(status, 200, "{reply}");
+    let messages = received(&sink, 1);
+    let data = messages["eve@x.test"]["data"].as_str().unwrap();
+    assert!(data.contains("Subject: code A1\r\n"), "{data}");
+    assert!(data.contains("Your code is A1.\r\n"), "{data}");
+    assert_eq!(messages["eve@x.test"]["mail_from"], "shop@s.test");
+    let events = wait_events(&daemon, "the delivery", |e| {
+        !of(e, "delivery", "eve@x.test").is_empty()
+    });
+    let delivery = of(&events, "delivery", "eve@x.test")[0];
+    assert!(
+        delivery["timestamp_ms"].as_u64().unwrap() >= secs * 1000,
+        "delivered before start_time: {delivery}"
+    );
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for unix seconds.
+fn rfc3339(secs: u64) -> String {
+    let out = Command::new("date")
+        .args(["-u", "-d", &format!("@{secs}"), "+%Y-%m-%dT%H:%M:%SZ"])
+        .output()
+        .unwrap();
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+#[test]
+fn a_recipient_whose_rendering_fails_does_not_stop_the_others() {
+    let sink = sink();
+    let daemon = daemon(sink.port, "");
+    let body = json!({
+        "recipients": [
+            {"address": "ok1@x.test", "substitution_data": {"items": ["a"]}},
+            {"address": "bad@x.test", "substitution_data": {"items": "not a list"}, "tags": ["t"]},
+            {"address": "not an address"},
+            {"address": "ok2@x.test"}
+        ],
+        "content": {"from": "s@s.test", "subject": "s", "text": "{{ each items }}{{ loop_var }}{{ end }}!"}
+    });
+    let (status, reply) = post(&daemon, "/api/v1/transmissions", &body);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["results"]["total_accepted_recipients"], 3, "{reply}");
+    assert_eq!(reply["results"]["total_rejected_recipients"], 1, "{reply}");
+    let messages = received(&sink, 2);
+    assert!(messages.contains_key("ok1@x.test") && messages.contains_key("ok2@x.test"));
+    let events = wait_events(&daemon, "the generation failure", |e| {
+        !of(e, "generation_failure", "bad@x.test").is_empty()
+    });
+    let failure = of(&events, "generation_failure", "bad@x.test")[0];
+    assert!(
+        failure["reason"]
+            .as_str()
+            .unwrap()
+            .contains("each needs an array"),
+        "{failure}"
+    );
+    assert_eq!(failure["rcpt_tags"], json!(["t"]));
+    assert_eq!(daemon.metric("http_generation_failures_total"), 1);
+}
+
+#[test]
+fn bad_requests_get_sparkpost_errors_and_queue_nothing() {
+    let daemon = daemon(1, "request_bytes_max = 4096\n");
+    let path = "/api/v1/transmissions";
+    let good = json!({
+        "recipients": [{"address": "a@x.test"}],
+        "content": {"from": "s@s.test", "subject": "s", "text": "t"}
+    });
+    let with = |pointer: &str, value: Value| {
+        let mut body = good.clone();
+        let (parent, key) = pointer.rsplit_once('/').unwrap();
+        match body.pointer_mut(parent).unwrap() {
+            Value::Object(map) => {
+                map.insert(key.to_string(), value);
+            }
+            Value::Array(items) => items[key.parse::<usize>().unwrap()] = value,
+            other => panic!("{pointer} in {other}"),
+        }
+        body.to_string()
+    };
+    let auth = format!("Authorization: {KEY}");
+    let basic = {
+        use base64::Engine as _;
+        format!(
+            "Authorization: Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{KEY}:"))
+        )
+    };
+    // The good request is accepted with each accepted form of the key.
+    for header in [
+        auth.as_str(),
+        basic.as_str(),
+        &format!("Authorization: Bearer {KEY}"),
+    ] {
+        let (status, text) = curl(
+            &daemon,
+            "POST",
+            path,
+            &[header],
+            Some(("application/json", good.to_string().as_bytes())),
+        );
+        assert_eq!(status, 200, "{header}: {text}");
+    }
+    let big = "x".repeat(5000);
+    // (headers, content type, body, status, code, words the description must contain)
+    type Case<'a> = (Vec<&'a str>, &'a str, String, u16, &'a str, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            vec![],
+            "application/json",
+            good.to_string(),
+            401,
+            "",
+            "API key",
+        ),
+        (
+            vec!["Authorization: wrong-key"],
+            "application/json",
+            good.to_string(),
+            401,
+            "",
+            "API key",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            "{\"recipients\": [".into(),
+            400,
+            "1300",
+            "parsing request as json",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            "[1, 2]".into(),
+            422,
+            "1300",
+            "invalid type",
+        ),
+        (
+            vec![&auth],
+            "text/plain",
+            good.to_string(),
+            415,
+            "",
+            "application/json",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            big.clone(),
+            413,
+            "",
+            "4096",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/recipients", json!("a@x.test")),
+            422,
+            "1300",
+            "recipients",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/content/subject", json!(5)),
+            422,
+            "1300",
+            "content.subject",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/content", json!({"template_id": "nope"})),
+            422,
+            "1300",
+            "\"nope\" does not exist",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/recipients", json!({"list_id": "nope"})),
+            422,
+            "1300",
+            "\"nope\" does not exist",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/recipients", json!([])),
+            422,
+            "1400",
+            "recipient",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/recipients", json!([{"address": "no-at-sign"}])),
+            422,
+            "1300",
+            "not an email address",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with(
+                "/recipients",
+                json!([{"address": "a b@x.test"}, {"address": "@x"}]),
+            ),
+            422,
+            "1300",
+            "no recipient",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/content/from", json!("not-an-address")),
+            422,
+            "1300",
+            "content.from",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/content/subject", Value::Null),
+            422,
+            "1400",
+            "content.subject",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/content/text", json!("{{ if x }}open")),
+            422,
+            "3000",
+            "part text: line 1: if without end",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/content/text", json!("a\nb {{ x ")),
+            422,
+            "3000",
+            "line 2",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/content", json!({"from": "s@s.test", "subject": "s"})),
+            422,
+            "1400",
+            "text, html or amp_html",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/content", json!({"email_rfc822": "x", "subject": "s"})),
+            422,
+            "1301",
+            "email_rfc822",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/content/headers", json!({"Bad Name": "v"})),
+            422,
+            "1300",
+            "header name",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/content/headers", json!({"X-A": "v\r\nBcc: evil@x.test"})),
+            422,
+            "1300",
+            "one line",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with(
+                "/content/attachments",
+                json!([{"name": "a", "type": "text/plain", "data": "!!"}]),
+            ),
+            422,
+            "1300",
+            "base64",
+        ),
+        (
+            vec![&auth],
+            "application/json",
+            with("/recipients/0/return_path", json!(1)),
+            422,
+            "1300",
+            "return_path",
+        ),
+    ];
+    for (headers, content_type, body, status, code, words) in &cases {
+        let (got, text) = curl(
+            &daemon,
+            "POST",
+            path,
+            headers,
+            Some((content_type, body.as_bytes())),
+        );
+        let reply = parse(&text);
+        let error = &reply["errors"][0];
+        assert_eq!(got, *status, "{body}: {text}");
+        assert!(error["message"].is_string(), "{text}");
+        if !code.is_empty() {
+            assert_eq!(error["code"], *code, "{body}: {text}");
+        }
+        let described = format!(
+            "{} {}",
+            error["message"].as_str().unwrap(),
+            error["description"].as_str().unwrap_or("")
+        );
+        assert!(described.contains(words), "{body}: {text} lacks {words:?}");
+    }
+    // Bad start time, unknown pool, wrong method, unknown endpoint.
+    let mut body = good.clone();
+    body["options"] = json!({"start_time": "tomorrow"});
+    assert_eq!(post(&daemon, path, &body).0, 422);
+    body["options"] = json!({"ip_pool": "nope"});
+    let (status, reply) = post(&daemon, path, &body);
+    assert_eq!(status, 422, "{reply}");
+    assert!(
+        reply["errors"][0]["description"]
+            .as_str()
+            .unwrap()
+            .contains("ip_pool")
+    );
+    let (status, text) = curl(&daemon, "GET", path, &[&auth], None);
+    assert_eq!(
+        (status, parse(&text)["errors"][0]["code"].as_str()),
+        (405, Some("1102")),
+        "{text}"
+    );
+    let (status, text) = curl(&daemon, "GET", "/api/v1/nothing", &[&auth], None);
+    assert_eq!(
+        (status, parse(&text)["errors"][0]["code"].as_str()),
+        (404, Some("1101")),
+        "{text}"
+    );
+    // Only the three good requests were generated; the shard kept serving.
+    assert_eq!(daemon.metric("http_messages_generated_total"), 3);
+    assert_eq!(daemon.http_get("/health").0, 200);
+}
