@@ -60,6 +60,10 @@ metrics! {
     http_messages_generated_total: "counter",
     /// Recipients whose message could not be generated (generation_failure).
     http_generation_failures_total: "counter",
+    /// Transmissions spooled and still being generated, and their recipients not yet
+    /// generated.
+    http_generation_jobs: "gauge",
+    http_generation_pending_recipients: "gauge",
     /// Recipients delivered (2xx from the destination).
     delivery_delivered_total: "counter",
     /// Recipient attempts that failed temporarily (retried later).

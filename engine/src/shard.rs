@@ -26,6 +26,8 @@ pub struct Shared {
     pub credentials: Credentials,
     /// Keys of the HTTP injection API.
     pub api_keys: crate::auth::ApiKeys,
+    /// Stored templates and recipient lists.
+    pub store: Arc<crate::generate::store::Store>,
     /// None only if TLS could not be set up (then STARTTLS is not offered).
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Client TLS for delivery (built once; each shard's dispatcher clones the Arcs).

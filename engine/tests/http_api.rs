@@ -643,3 +643,296 @@ fn bad_requests_get_sparkpost_errors_and_queue_nothing() {
     assert_eq!(daemon.metric("http_messages_generated_total"), 3);
     assert_eq!(daemon.http_get("/health").0, 200);
 }
+
+#[test]
+fn sparkpost_client_uses_stored_templates_and_recipient_lists_which_survive_restart() {
+    let sink = sink();
+    let mut daemon = daemon(sink.port, "");
+    let result = sparkpost_client(
+        &daemon,
+        r#"
+out = {}
+out["create"] = sp.templates.create(id="welcome", name="Welcome", from_email="Shop <shop@s.test>",
+    subject="Welcome {{ name }}", text="Hello {{ name }}, plan {{ plan or 'basic' }}",
+    html="<p>Hello {{ name }}</p>", published=True)
+out["update"] = sp.templates.update("welcome", subject="Draft {{ name }}")
+out["draft"] = sp.templates.get("welcome", draft=True)
+out["published"] = sp.templates.get("welcome", draft=False)
+out["preview"] = sp.templates.preview("welcome", {"name": "Zed"}, draft=True)
+out["list"] = sp.recipient_lists.create(id="vips", name="VIPs", recipients=[
+    {"address": {"email": "v1@x.test", "name": "Vee"}, "substitution_data": {"name": "Vee", "plan": "gold"}},
+    {"address": "v2@y.test", "substitution_data": {"name": "Wu"}},
+    {"address": "not an address"}])
+out["by_list"] = sp.transmissions.send(recipient_list="vips", template="welcome", campaign="c1")
+out["draft_send"] = sp.transmissions.send(recipients=["dee@x.test"], template="welcome",
+    use_draft_template=True, substitution_data={"name": "Dee"})
+out["templates"] = sp.templates.list()
+out["lists"] = sp.recipient_lists.list()
+out["got_list"] = sp.recipient_lists.get("vips", show_recipients=True)
+print(json.dumps(out))
+"#,
+    );
+    assert_eq!(result["create"]["id"], "welcome", "{result}");
+    assert_eq!(result["draft"]["content"]["subject"], "Draft {{ name }}");
+    assert_eq!(
+        result["published"]["content"]["subject"],
+        "Welcome {{ name }}"
+    );
+    assert_eq!(result["published"]["has_draft"], true);
+    assert_eq!(result["preview"]["subject"], "Draft Zed");
+    assert_eq!(result["preview"]["text"], "Hello Zed, plan basic");
+    assert_eq!(result["preview"]["from"]["email"], "shop@s.test");
+    assert_eq!(result["list"]["total_accepted_recipients"], 2);
+    assert_eq!(result["list"]["total_rejected_recipients"], 1);
+    assert_eq!(result["by_list"]["total_accepted_recipients"], 2);
+    assert_eq!(result["draft_send"]["total_accepted_recipients"], 1);
+    assert_eq!(result["templates"][0]["id"], "welcome");
+    assert_eq!(result["lists"][0]["total_accepted_recipients"], 2);
+    assert_eq!(
+        result["got_list"]["recipients"].as_array().unwrap().len(),
+        2
+    );
+
+    let messages = received(&sink, 3);
+    let text = |rcpt: &str| {
+        let m = dissect(messages[rcpt]["data"].as_str().unwrap());
+        let subject = m["headers"]["Subject"].as_str().unwrap().to_string();
+        let text = m["body"]["parts"][0]["text"]
+            .as_str()
+            .unwrap()
+            .trim_end()
+            .to_string();
+        (subject, text)
+    };
+    assert_eq!(
+        text("v1@x.test"),
+        ("Welcome Vee".into(), "Hello Vee, plan gold".into())
+    );
+    assert_eq!(
+        text("v2@y.test"),
+        ("Welcome Wu".into(), "Hello Wu, plan basic".into())
+    );
+    assert_eq!(
+        text("dee@x.test"),
+        ("Draft Dee".into(), "Hello Dee, plan basic".into())
+    );
+    let events = wait_events(&daemon, "three injections", |e| {
+        e.iter().filter(|e| e["type"] == "injection").count() == 3
+    });
+    assert_eq!(
+        of(&events, "injection", "v1@x.test")[0]["template_id"],
+        "welcome"
+    );
+
+    // Bad forms: a template that does not parse names its part and line; ids taken,
+    // unknown and invalid; a list with no good address.
+    let auth = format!("Authorization: {KEY}");
+    let cases = [
+        (
+            "POST",
+            "/api/v1/templates",
+            json!({"name": "t", "content": {"from": "a@s.test", "subject": "s", "html": "<p>\n{{ if x }}"}}),
+            422,
+            "part html: line 2",
+        ),
+        (
+            "POST",
+            "/api/v1/templates",
+            json!({"id": "welcome", "name": "t", "content": {"from": "a@s.test", "subject": "s", "text": "t"}}),
+            409,
+            "already exists",
+        ),
+        (
+            "POST",
+            "/api/v1/templates",
+            json!({"id": "../x", "name": "t", "content": {"from": "a@s.test", "subject": "s", "text": "t"}}),
+            422,
+            "id",
+        ),
+        (
+            "POST",
+            "/api/v1/templates",
+            json!({"name": "t"}),
+            422,
+            "content",
+        ),
+        (
+            "PUT",
+            "/api/v1/templates/welcome",
+            json!({"content": {"text": "{{ each }}"}}),
+            422,
+            "part text",
+        ),
+        (
+            "PUT",
+            "/api/v1/templates/nope",
+            json!({"name": "x"}),
+            404,
+            "does not exist",
+        ),
+        (
+            "POST",
+            "/api/v1/templates/nope/preview",
+            json!({}),
+            404,
+            "does not exist",
+        ),
+        (
+            "POST",
+            "/api/v1/recipient-lists",
+            json!({"id": "l", "recipients": [{"address": "bad"}]}),
+            422,
+            "no recipient",
+        ),
+        (
+            "POST",
+            "/api/v1/recipient-lists",
+            json!({"id": "vips", "recipients": [{"address": "a@x.test"}]}),
+            409,
+            "already exists",
+        ),
+        (
+            "POST",
+            "/api/v1/recipient-lists",
+            json!({"id": "l", "recipients": []}),
+            422,
+            "at least one",
+        ),
+        (
+            "DELETE",
+            "/api/v1/recipient-lists/nope",
+            json!({}),
+            404,
+            "does not exist",
+        ),
+    ];
+    for (method, path, body, status, words) in cases {
+        let (got, text) = curl(
+            &daemon,
+            method,
+            path,
+            &[&auth],
+            Some(("application/json", body.to_string().as_bytes())),
+        );
+        assert_eq!(got, status, "{method} {path} {body}: {text}");
+        assert!(
+            text.contains(words),
+            "{method} {path}: {text} lacks {words:?}"
+        );
+    }
+    // A failed update changed nothing.
+    let (_, text) = curl(
+        &daemon,
+        "GET",
+        "/api/v1/templates/welcome?draft=true",
+        &[&auth],
+        None,
+    );
+    assert_eq!(
+        parse(&text)["results"]["content"]["subject"],
+        "Draft {{ name }}"
+    );
+
+    // Both survive a restart; deleting them is durable too.
+    daemon.stop();
+    let dir = std::mem::replace(&mut daemon.dir, tempfile::tempdir().unwrap());
+    let config = std::fs::read_to_string(dir.path().join("gannetd.toml")).unwrap();
+    let daemon = Daemon::start_in(dir, &config);
+    let (status, text) = curl(&daemon, "GET", "/api/v1/templates/welcome", &[&auth], None);
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(
+        parse(&text)["results"]["content"]["subject"],
+        "Draft {{ name }}"
+    );
+    let (status, text) = curl(
+        &daemon,
+        "GET",
+        "/api/v1/recipient-lists/vips",
+        &[&auth],
+        None,
+    );
+    assert_eq!(
+        (
+            status,
+            parse(&text)["results"]["total_accepted_recipients"].as_u64()
+        ),
+        (200, Some(2)),
+        "{text}"
+    );
+    for path in ["/api/v1/templates/welcome", "/api/v1/recipient-lists/vips"] {
+        assert_eq!(curl(&daemon, "DELETE", path, &[&auth], None).0, 200);
+        assert_eq!(curl(&daemon, "GET", path, &[&auth], None).0, 404);
+    }
+}
+
+#[test]
+fn a_large_transmission_is_acknowledged_then_generated_and_survives_a_crash() {
+    // Delivery stays suspended: every generated message is found in the spool.
+    let mut daemon = Daemon::start("", &key_config());
+    let n = 3000;
+    let recipients: Vec<Value> = (0..n)
+        .map(|i| json!({"address": format!("r{i}@x.test"), "substitution_data": {"i": i}}))
+        .collect();
+    let body = json!({
+        "recipients": recipients,
+        "content": {"from": "s@s.test", "subject": "n {{ i }}", "text": "number {{ i }}"}
+    });
+    let (status, reply) = post(&daemon, "/api/v1/transmissions", &body);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["results"]["total_accepted_recipients"], n);
+    // Killed at once: the job is durable, generation may be anywhere.
+    daemon.kill();
+    let dir = std::mem::replace(&mut daemon.dir, tempfile::tempdir().unwrap());
+    let config = std::fs::read_to_string(dir.path().join("gannetd.toml")).unwrap();
+    let mut daemon = Daemon::start_in(dir, &config);
+    let resumed = daemon
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|l| l.contains("resuming transmission generation"));
+    eprintln!("generation resumed after the crash: {resumed}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while daemon.metric("http_generation_jobs") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "generation did not finish"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(daemon.metric("http_generation_pending_recipients"), 0);
+    daemon.stop();
+    // Every recipient has a message with its own substitution (a batch in flight at
+    // the crash may have been generated twice); the job itself is gone.
+    let spooled = common::spooled(&daemon.data_dir());
+    let mut seen = std::collections::BTreeSet::new();
+    for s in &spooled {
+        assert_eq!(
+            s.recipients.len(),
+            1,
+            "a job record is still live: {:?}",
+            s.meta
+        );
+        let i: usize = s.recipients[0]
+            .trim_start_matches('r')
+            .split('@')
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap();
+        let text = String::from_utf8_lossy(&s.body);
+        assert!(text.contains(&format!("Subject: n {i}\r\n")), "{text}");
+        seen.insert(i);
+    }
+    assert_eq!(
+        seen.len(),
+        n,
+        "{} of {n} recipients have a message",
+        seen.len()
+    );
+    assert!(
+        spooled.len() <= n + 256,
+        "{} messages for {n} recipients",
+        spooled.len()
+    );
+}

@@ -176,6 +176,56 @@ impl Content {
     }
 }
 
+impl Content {
+    /// Every part rendered for `scope`, as the templates API's preview shows it.
+    pub fn preview(&self, scope: Scope<'_>) -> Result<serde_json::Value, RenderError> {
+        use serde_json::{Map, Value};
+        let Content::Parts(p) = self else {
+            let Content::Rfc822(template) = self else {
+                unreachable!()
+            };
+            return Ok(serde_json::json!({ "email_rfc822": template.render_to_string(scope)? }));
+        };
+        let mut out = Map::new();
+        let mut from = Map::new();
+        from.insert(
+            "email".into(),
+            header("from.email", &p.from_email, scope)?.into(),
+        );
+        if let Some(name) = &p.from_name {
+            from.insert("name".into(), header("from.name", name, scope)?.into());
+        }
+        out.insert("from".into(), Value::Object(from));
+        out.insert(
+            "subject".into(),
+            header("subject", &p.subject, scope)?.into(),
+        );
+        if let Some(reply_to) = &p.reply_to {
+            out.insert(
+                "reply_to".into(),
+                header("reply_to", reply_to, scope)?.into(),
+            );
+        }
+        for (key, part) in [
+            ("text", &p.text),
+            ("html", &p.html),
+            ("amp_html", &p.amp_html),
+        ] {
+            if let Some(template) = part {
+                out.insert(key.into(), template.render_to_string(scope)?.into());
+            }
+        }
+        if !p.headers.is_empty() {
+            let mut headers = Map::new();
+            for (name, template) in &p.headers {
+                headers.insert(name.clone(), header(name, template, scope)?.into());
+            }
+            out.insert("headers".into(), Value::Object(headers));
+        }
+        Ok(Value::Object(out))
+    }
+}
+
 /// Renders a header value, refusing line breaks (header injection).
 fn header(part: &str, template: &Template, scope: Scope<'_>) -> Result<String, RenderError> {
     let value = template.render_to_string(scope)?;

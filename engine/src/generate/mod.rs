@@ -11,6 +11,7 @@
 //! its last batch.
 
 pub mod content;
+pub mod store;
 pub mod template;
 pub mod transmission;
 
@@ -268,11 +269,34 @@ pub fn rcpt_meta(
     merged
 }
 
-/// Generates a spooled job from recipient `from` on, checkpointing after each batch,
-/// then ends the job. Runs as its own task on the shard that spooled (or recovered) it.
-pub async fn run_job(shard: Rc<Shard>, job: Rc<Job>, record: Option<MessageId>, from: usize) {
+/// Starts generating a spooled job from recipient `from` on, as its own task on the
+/// shard that spooled (or recovered) it.
+pub fn start_job(shard: &Rc<Shard>, job: Job, record: MessageId, from: usize) {
+    let pending = job.recipients().len().saturating_sub(from) as u64;
+    let metrics = &shard.metrics;
+    ShardMetrics::add(&metrics.http_generation_jobs, 1);
+    ShardMetrics::add(&metrics.http_generation_pending_recipients, pending);
+    glommio::spawn_local(run_job(shard.clone(), job, record, from)).detach();
+}
+
+/// Generates a job from recipient `from` on, checkpointing after each batch, then
+/// ends the job.
+async fn run_job(shard: Rc<Shard>, job: Job, record: MessageId, from: usize) {
     let total = job.recipients().len();
     let mut next = from;
+    // However the task ends, the job and what is left of it leave the gauges.
+    let left = Rc::new(std::cell::Cell::new(total - from));
+    let _gauges = Finally({
+        let metrics = shard.metrics.clone();
+        let left = left.clone();
+        move || {
+            ShardMetrics::sub(&metrics.http_generation_jobs, 1);
+            ShardMetrics::sub(
+                &metrics.http_generation_pending_recipients,
+                left.get() as u64,
+            );
+        }
+    });
     while next < total && !shard.shutdown.is_raised() {
         let end = (next + BATCH).min(total);
         if let Err(err) = job.generate(&shard, next..end).await {
@@ -281,33 +305,34 @@ pub async fn run_job(shard: Rc<Shard>, job: Rc<Job>, record: Option<MessageId>, 
             tracing::error!(shard = shard.id, transmission = %job.id, "generation stopped: {err}");
             return;
         }
+        ShardMetrics::sub(
+            &shard.metrics.http_generation_pending_recipients,
+            (end - next) as u64,
+        );
+        left.set(total - end);
         next = end;
-        if let Some(id) = record {
-            let update = UpdateRecord {
-                id,
-                attempts: next as u32,
-                due_unix_ms: job.stored.due_ms,
-                queue: JOB_KIND.to_string(),
-                done: Vec::new(),
-            };
-            // Durable with the next batch's commit; losing it regenerates one batch.
-            if let Err(err) = shard.spool.append_update(&update) {
-                tracing::error!(shard = shard.id, transmission = %job.id, "job checkpoint failed: {err}");
-                return;
-            }
+        let update = UpdateRecord {
+            id: record,
+            attempts: next as u32,
+            due_unix_ms: job.stored.due_ms,
+            queue: JOB_KIND.to_string(),
+            done: Vec::new(),
+        };
+        // Durable with the next batch's commit; losing it regenerates one batch.
+        if let Err(err) = shard.spool.append_update(&update) {
+            tracing::error!(shard = shard.id, transmission = %job.id, "job checkpoint failed: {err}");
+            return;
         }
         glommio::yield_if_needed().await;
     }
     if next < total {
         return; // shutting down: the job resumes at start-up
     }
-    if let Some(id) = record
-        && let Err(err) = shard
-            .spool
-            .write(gannet_spool::Record::Tombstone(
-                &gannet_spool::TombstoneRecord { id },
-            ))
-            .await
+    let tombstone = gannet_spool::TombstoneRecord { id: record };
+    if let Err(err) = shard
+        .spool
+        .write(gannet_spool::Record::Tombstone(&tombstone))
+        .await
     {
         tracing::warn!(shard = shard.id, transmission = %job.id, "job tombstone failed: {err}");
     }
@@ -331,4 +356,13 @@ pub fn recover(id: MessageId, body: &[u8]) -> Result<Job, String> {
         stored,
         content,
     })
+}
+
+/// Runs a closure when dropped (however the task ends).
+struct Finally<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Finally<F> {
+    fn drop(&mut self) {
+        (self.0)();
+    }
 }

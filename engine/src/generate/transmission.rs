@@ -471,14 +471,7 @@ pub fn parse_start_time(text: &str) -> Option<u64> {
     if h > 23 || min > 59 || !(0.0..61.0).contains(&sec) {
         return None;
     }
-    // Days since the epoch (Howard Hinnant's algorithm).
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    let days = era * 146_097 + doe - 719_468;
+    let days = crate::clock::days_from_civil(y, m as u32, day as u32);
     let secs = days * 86_400 + h * 3600 + min * 60 - offset_secs;
     let ms = secs * 1000 + (sec * 1000.0) as i64;
     u64::try_from(ms).ok()

@@ -11,6 +11,8 @@
 //! SparkPost's shape: `{"errors":[{"message","description","code"}]}`.
 
 pub mod admin;
+pub mod recipient_lists;
+pub mod templates;
 pub mod transmissions;
 
 use std::convert::Infallible;
@@ -221,6 +223,8 @@ async fn read_body(
 
 const SUSPEND: &str = "/api/admin/suspend/v1";
 const TRANSMISSIONS: &str = "/api/v1/transmissions";
+const TEMPLATES: &str = "/api/v1/templates";
+const RECIPIENT_LISTS: &str = "/api/v1/recipient-lists";
 
 async fn route(
     shard: &Rc<Shard>,
@@ -292,6 +296,33 @@ async fn route(
                 _ => method_not_allowed(),
             }
         }
+        _ if path.starts_with(TEMPLATES) || path.starts_with(RECIPIENT_LISTS) => {
+            if let Err(reply) = authorize(shard, head) {
+                return reply;
+            }
+            if !body.is_empty() && !json {
+                return not_json();
+            }
+            let query = head.uri.query().unwrap_or("");
+            if let Some(rest) = path
+                .strip_prefix(TEMPLATES)
+                .filter(|r| r.is_empty() || r.starts_with('/'))
+            {
+                templates::handle(shard, method, rest, query, body).await
+            } else if let Some(rest) = path
+                .strip_prefix(RECIPIENT_LISTS)
+                .filter(|r| r.is_empty() || r.starts_with('/'))
+            {
+                recipient_lists::handle(shard, method, rest, query, body).await
+            } else {
+                Reply::error(
+                    404,
+                    "1101",
+                    "invalid URI",
+                    &format!("no endpoint at {path}"),
+                )
+            }
+        }
         _ => Reply::error(
             404,
             "1101",
@@ -299,6 +330,19 @@ async fn route(
             &format!("no endpoint at {path}"),
         ),
     }
+}
+
+/// A `true`/`false` query parameter (None when absent or anything else).
+pub fn query_flag(query: &str, name: &str) -> Option<bool> {
+    query.split('&').find_map(|pair| {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        (key == name).then_some(())?;
+        match value {
+            "true" => Some(true),
+            "false" => Some(false),
+            _ => None,
+        }
+    })
 }
 
 fn method_not_allowed() -> Reply {

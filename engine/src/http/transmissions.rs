@@ -16,7 +16,8 @@ use super::{Reply, parse_json};
 use crate::auth::ApiIdentity;
 use crate::clock::unix_ms;
 use crate::generate::content::valid_email;
-use crate::generate::transmission::{Recipients, Refusal, Spec, parse_start_time};
+use crate::generate::store::TemplateOptions;
+use crate::generate::transmission::{ContentSpec, Recipients, Refusal, Spec, parse_start_time};
 use crate::generate::{JOB_KIND, Job, Stored};
 use crate::metrics::ShardMetrics;
 use crate::policy::{Client, Draft};
@@ -75,29 +76,36 @@ fn prepare(
     let recipients = match spec.recipients.take() {
         None => return Err(Refusal::missing("recipients is required")),
         Some(Recipients::Inline(list)) => list,
-        Some(Recipients::Stored { list_id }) => {
-            return Err(Refusal {
-                status: 422,
-                code: "1300",
-                message: "invalid data format/type",
-                description: format!("recipient list {list_id:?} does not exist"),
-            });
-        }
+        Some(Recipients::Stored { list_id }) => match shard.shared.store.list(&list_id) {
+            // One copy per transmission: the job must hold its recipients even if the
+            // list changes while it is generated.
+            Some(list) => list.recipients.clone(),
+            None => {
+                return Err(Refusal::invalid(format!(
+                    "recipient list {list_id:?} does not exist"
+                )));
+            }
+        },
     };
     if recipients.is_empty() {
         return Err(Refusal::missing("at least one recipient is required"));
     }
-    let Some(content_spec) = &spec.content else {
+    let Some(given) = spec.content.take() else {
         return Err(Refusal::missing("content object or template_id required"));
     };
-    if let Some(template_id) = &content_spec.template_id {
-        return Err(Refusal {
-            status: 422,
-            code: "1300",
-            message: "invalid data format/type",
-            description: format!("template {template_id:?} does not exist"),
-        });
-    }
+    let template_id = given.template_id.clone();
+    spec.content = Some(match &template_id {
+        None => given,
+        Some(id) => {
+            let (content, options) = stored_template(shard, id, given)?;
+            let o = &mut spec.options;
+            o.open_tracking = o.open_tracking.or(options.open_tracking);
+            o.click_tracking = o.click_tracking.or(options.click_tracking);
+            o.transactional = o.transactional.or(options.transactional);
+            content
+        }
+    });
+    let content_spec = spec.content.as_ref().expect("set above");
     let substitute = spec.options.perform_substitutions.unwrap_or(true);
     let content = content_spec.compile(substitute)?;
     for (field, path) in [(&spec.return_path, "return_path")] {
@@ -171,7 +179,7 @@ fn prepare(
                 spec,
                 pool,
                 tenant,
-                template_id: None,
+                template_id,
                 due_ms,
                 received_ms: now_ms,
             },
@@ -180,6 +188,40 @@ fn prepare(
         },
         rejected,
     ))
+}
+
+/// The content of a stored template for a transmission (its published version, or
+/// its draft with `use_draft_template`), with the fields the transmission gives
+/// beside `template_id` (from, subject, reply_to, headers) taking precedence; and
+/// the template's options, the defaults for the transmission's.
+fn stored_template(
+    shard: &Shard,
+    id: &str,
+    given: ContentSpec,
+) -> Result<(ContentSpec, TemplateOptions), Refusal> {
+    let Some(template) = shard.shared.store.template(id) else {
+        return Err(Refusal::invalid(format!("template {id:?} does not exist")));
+    };
+    let draft = given.use_draft_template.unwrap_or(false);
+    let version = if draft {
+        &template.draft
+    } else {
+        &template.published
+    };
+    let Some(version) = version else {
+        let which = if draft {
+            "a draft"
+        } else {
+            "a published version (use_draft_template to send the draft)"
+        };
+        return Err(Refusal::invalid(format!("template {id:?} has no {which}")));
+    };
+    let mut content = version.content.clone();
+    content.from = given.from.or(content.from);
+    content.subject = given.subject.or(content.subject);
+    content.reply_to = given.reply_to.or(content.reply_to);
+    content.headers = given.headers.or(content.headers);
+    Ok((content, version.options.clone()))
 }
 
 fn accepted_reply(job: &Job, accepted: usize, rejected: usize) -> Reply {
@@ -243,12 +285,6 @@ async fn submit(shard: &Rc<Shard>, mut job: Job, rejected: usize) -> Reply {
     ShardMetrics::add(&metrics.http_transmissions_total, 1);
     ShardMetrics::add(&metrics.http_recipients_accepted_total, count as u64);
     let reply = accepted_reply(&job, count, rejected);
-    glommio::spawn_local(crate::generate::run_job(
-        shard.clone(),
-        Rc::new(job),
-        Some(job_id),
-        0,
-    ))
-    .detach();
+    crate::generate::start_job(shard, job, job_id, 0);
     reply
 }

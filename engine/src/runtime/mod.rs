@@ -76,6 +76,10 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     let (addresses, placeholders) = reserve(&config)?;
     let shared = Arc::new(Shared {
         api_keys: crate::auth::ApiKeys::new(&config.http.api_keys),
+        store: Arc::new(
+            crate::generate::store::Store::open(&data_dir)
+                .with_context(|| format!("opening stored templates in {}", data_dir.display()))?,
+        ),
         credentials: Credentials::new(
             config
                 .smtp
@@ -403,13 +407,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
     }
     for (job, job_id, from) in jobs {
         tracing::info!(shard = id, transmission = %job_id, from, "resuming transmission generation");
-        glommio::spawn_local(crate::generate::run_job(
-            shard.clone(),
-            Rc::new(job),
-            Some(job_id),
-            from,
-        ))
-        .detach();
+        crate::generate::start_job(&shard, job, job_id, from);
     }
     glommio::spawn_local(crate::delivery::dispatcher::run(shard.clone())).detach();
     glommio::spawn_local(crate::delivery::dispatcher::inbox(shard.clone())).detach();

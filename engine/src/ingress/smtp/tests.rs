@@ -32,6 +32,7 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
     glommio::spawn_local(spool.clone().run_committer()).detach();
     let shared = Arc::new(Shared {
         api_keys: Default::default(),
+        store: Arc::new(crate::generate::store::Store::open(events_dir).unwrap()),
         credentials: Credentials::new([]),
         tls: None,
         client_tls: crate::delivery::tls::ClientTls::new(),
