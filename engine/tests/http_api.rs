@@ -936,3 +936,150 @@ fn a_large_transmission_is_acknowledged_then_generated_and_survives_a_crash() {
         spooled.len()
     );
 }
+
+#[test]
+fn kumo_inject_api_with_jinja_builder_content_and_deferred_generation() {
+    let sink = sink();
+    let daemon = daemon(sink.port, "");
+    let path = "/api/inject/v1";
+    // Builder content, generated inside the request: one recipient's rendering
+    // fails (division by zero), one address is bad; the others arrive.
+    let body = json!({
+        "envelope_sender": "bounce@s.test",
+        "recipients": [
+            {"email": "k1@x.test", "name": "Kay One", "substitutions": {"name": "Kay", "n": 2}},
+            {"email": "k2@y.test", "substitutions": {"n": 0}},
+            {"email": "bad address"},
+            {"email": "k3@x.test"}
+        ],
+        "substitutions": {"name": "friend", "n": 1, "shop": "<Shop & Co>"},
+        "content": {
+            "from": {"email": "news@s.test", "name": "{{ shop }}"},
+            "subject": "Hi {{ name }} ({{ 10 // n }})",
+            "text_body": "Hello {{ name }} from {{ shop }}{% for i in range(2) %} {{ i }}{% endfor %}",
+            "html_body": "<p>Hello {{ name }} from {{ shop }}</p>",
+            "headers": {"X-Tag": "t-{{ name }}"},
+            "attachments": [{"data": "plain text file", "content_type": "text/plain", "file_name": "a.txt"}]
+        }
+    });
+    let (status, reply) = post(&daemon, path, &body);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["success_count"], 2, "{reply}");
+    assert_eq!(reply["fail_count"], 2, "{reply}");
+    let failed: Vec<&str> = reply["failed_recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert!(
+        failed.contains(&"bad address") && failed.contains(&"k2@y.test"),
+        "{reply}"
+    );
+    assert!(reply["errors"].to_string().contains("k2@y.test"), "{reply}");
+
+    let messages = received(&sink, 2);
+    assert_eq!(messages["k1@x.test"]["mail_from"], "bounce@s.test");
+    let k1 = dissect(messages["k1@x.test"]["data"].as_str().unwrap());
+    assert_eq!(k1["headers"]["Subject"], "Hi Kay (5)");
+    assert_eq!(k1["headers"]["To"], "Kay One <k1@x.test>");
+    assert_eq!(k1["headers"]["X-Tag"], "t-Kay");
+    assert_eq!(k1["headers"]["From"], "\"<Shop & Co>\" <news@s.test>");
+    let alternative = &k1["body"]["parts"][0];
+    assert_eq!(
+        alternative["parts"][0]["text"].as_str().unwrap().trim_end(),
+        "Hello Kay from <Shop & Co> 0 1"
+    );
+    assert_eq!(
+        alternative["parts"][1]["text"].as_str().unwrap().trim_end(),
+        "<p>Hello Kay from &lt;Shop &amp; Co&gt;</p>"
+    );
+    assert_eq!(k1["body"]["parts"][1]["filename"], "a.txt");
+    assert_eq!(k1["body"]["parts"][1]["text"], "plain text file");
+    let k3 = dissect(messages["k3@x.test"]["data"].as_str().unwrap());
+    assert_eq!(k3["headers"]["Subject"], "Hi friend (10)");
+
+    // An RFC 822 template, generated after the reply.
+    let recipients: Vec<Value> = (0..300)
+        .map(|i| json!({"email": format!("d{i}@y.test"), "substitutions": {"i": i}}))
+        .collect();
+    let body = json!({
+        "envelope_sender": "bounce@s.test",
+        "recipients": recipients,
+        "content": "From: s@s.test\nSubject: number {{ i }}\n\nbody {{ i }}\n",
+        "deferred_generation": true
+    });
+    let (status, reply) = post(&daemon, path, &body);
+    assert_eq!(
+        (status, reply["success_count"].as_u64()),
+        (200, Some(300)),
+        "{reply}"
+    );
+    let messages = received(&sink, 302);
+    let d7 = messages["d7@y.test"]["data"].as_str().unwrap();
+    assert!(
+        d7.contains("Subject: number 7\r\n") && d7.contains("body 7\r\n"),
+        "{d7}"
+    );
+
+    // Static: nothing is substituted. Bad forms are refused whole.
+    let body = json!({
+        "envelope_sender": "bounce@s.test",
+        "recipients": [{"email": "st@x.test"}],
+        "content": "From: s@s.test\nSubject: {{ kept }}\n\nx\n",
+        "template_dialect": "Static"
+    });
+    assert_eq!(post(&daemon, path, &body).1["success_count"], 1);
+    let messages = received(&sink, 303);
+    assert!(
+        messages["st@x.test"]["data"]
+            .as_str()
+            .unwrap()
+            .contains("Subject: {{ kept }}")
+    );
+    let base = json!({"envelope_sender": "b@s.test", "recipients": [{"email": "a@x.test"}], "content": "Subject: x\n\ny\n"});
+    let with = |key: &str, value: Value| {
+        let mut body = base.clone();
+        body[key] = value;
+        body
+    };
+    let cases = [
+        (
+            with("template_dialect", json!("Handlebars")),
+            422,
+            "Handlebars",
+        ),
+        (
+            with("content", json!("Subject: {% if %}\n\nx")),
+            422,
+            "line 1",
+        ),
+        (
+            with(
+                "content",
+                json!({"subject": "s", "text_body": "t", "from": {"email": "f@s.test"}, "bogus": 1}),
+            ),
+            422,
+            "bogus",
+        ),
+        (with("content", json!(5)), 422, "RFC 822"),
+        (
+            with("envelope_sender", json!("not an address")),
+            422,
+            "return_path",
+        ),
+        (with("recipients", json!([])), 422, "recipient"),
+        (with("recipients", json!("a@x.test")), 422, "recipients"),
+    ];
+    for (body, status, words) in cases {
+        let (got, text) = curl(
+            &daemon,
+            "POST",
+            path,
+            &[&format!("Authorization: Bearer {KEY}")],
+            Some(("application/json", body.to_string().as_bytes())),
+        );
+        assert_eq!(got, status, "{body}: {text}");
+        assert!(text.contains(words), "{body}: {text} lacks {words:?}");
+    }
+}

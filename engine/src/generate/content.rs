@@ -46,23 +46,49 @@ pub struct Inline {
     pub inline_images: Vec<Binary>,
 }
 
+/// The template language of a transmission's parts.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dialect {
+    /// SparkPost's (`generate::template`).
+    #[default]
+    SparkPost,
+    /// Jinja via minijinja (KumoMTA's inject API); HTML parts are auto-escaped.
+    Jinja,
+}
+
+/// One compiled part.
 #[derive(Debug)]
-pub enum Content {
-    Parts(Box<Parts>),
-    /// A whole message given as RFC 822 text; substitutions apply to all of it.
-    Rfc822(Template),
+enum Part {
+    SparkPost(Template),
+    /// The name of a template in the content's Jinja environment.
+    Jinja(String),
+}
+
+/// Compiled content: its parts and, for Jinja, the environment that holds them.
+#[derive(Debug)]
+pub struct Content {
+    body: Body,
+    jinja: minijinja::Environment<'static>,
 }
 
 #[derive(Debug)]
-pub struct Parts {
-    from_name: Option<Template>,
-    from_email: Template,
-    subject: Template,
-    reply_to: Option<Template>,
-    headers: Vec<(String, Template)>,
-    text: Option<Template>,
-    html: Option<Template>,
-    amp_html: Option<Template>,
+enum Body {
+    Parts(Box<Parts>),
+    /// A whole message given as RFC 822 text; substitutions apply to all of it.
+    Rfc822(Part),
+}
+
+#[derive(Debug)]
+struct Parts {
+    from_name: Option<Part>,
+    from_email: Part,
+    subject: Part,
+    reply_to: Option<Part>,
+    headers: Vec<(String, Part)>,
+    text: Option<Part>,
+    html: Option<Part>,
+    amp_html: Option<Part>,
     attachments: Vec<Binary>,
     inline_images: Vec<Binary>,
 }
@@ -93,63 +119,143 @@ pub struct Generated {
     pub body: Vec<u8>,
 }
 
-fn compile(part: &str, source: &str, flavor: Flavor) -> Result<Template, PartError> {
-    Template::parse(source, flavor).map_err(|error| PartError {
-        part: part.to_string(),
-        error,
-    })
+/// Compiles the parts of one content in one dialect.
+struct Compiler {
+    dialect: Dialect,
+    substitute: bool,
+    jinja: minijinja::Environment<'static>,
 }
 
-fn compile_opt(
-    part: &str,
-    source: Option<&str>,
-    flavor: Flavor,
-) -> Result<Option<Template>, PartError> {
-    source.map(|s| compile(part, s, flavor)).transpose()
+impl Compiler {
+    fn new(dialect: Dialect, substitute: bool) -> Compiler {
+        Compiler {
+            dialect,
+            substitute,
+            jinja: minijinja::Environment::new(),
+        }
+    }
+
+    fn part(&mut self, name: &str, source: &str, flavor: Flavor) -> Result<Part, PartError> {
+        // With perform_substitutions off, every part is its literal text.
+        if !self.substitute {
+            return Ok(Part::SparkPost(Template::literal(source)));
+        }
+        let failed = |line: usize, message: String| PartError {
+            part: name.to_string(),
+            error: ParseError { line, message },
+        };
+        match self.dialect {
+            Dialect::SparkPost => Template::parse(source, flavor)
+                .map(Part::SparkPost)
+                .map_err(|e| failed(e.line, e.message)),
+            Dialect::Jinja => {
+                // The extension turns minijinja's HTML auto-escaping on.
+                let key = match flavor {
+                    Flavor::Html => format!("{name}.html"),
+                    Flavor::Text => name.to_string(),
+                };
+                self.jinja
+                    .add_template_owned(key.clone(), source.to_string())
+                    .map_err(|e| {
+                        failed(
+                            e.line().unwrap_or(1),
+                            e.detail().unwrap_or(&e.to_string()).to_string(),
+                        )
+                    })?;
+                Ok(Part::Jinja(key))
+            }
+        }
+    }
+
+    fn opt(
+        &mut self,
+        name: &str,
+        source: Option<&str>,
+        flavor: Flavor,
+    ) -> Result<Option<Part>, PartError> {
+        source.map(|s| self.part(name, s, flavor)).transpose()
+    }
 }
 
 impl Content {
-    pub fn compile_inline(inline: Inline, substitute: bool) -> Result<Content, PartError> {
-        // With perform_substitutions off, every part is its literal text.
-        let c = |part: &str, text: &str, flavor| {
-            if substitute {
-                compile(part, text, flavor)
-            } else {
-                Ok(Template::literal(text))
-            }
-        };
-        let co =
-            |part: &str, text: Option<&str>, flavor| text.map(|t| c(part, t, flavor)).transpose();
-        Ok(Content::Parts(Box::new(Parts {
-            from_name: co("from.name", inline.from_name.as_deref(), Flavor::Text)?,
-            from_email: c("from.email", &inline.from_email, Flavor::Text)?,
-            subject: c("subject", &inline.subject, Flavor::Text)?,
-            reply_to: co("reply_to", inline.reply_to.as_deref(), Flavor::Text)?,
-            headers: inline
-                .headers
-                .iter()
-                .map(|(name, value)| {
-                    Ok((
-                        name.clone(),
-                        c(&format!("headers.{name}"), value, Flavor::Text)?,
-                    ))
-                })
-                .collect::<Result<_, PartError>>()?,
-            text: co("text", inline.text.as_deref(), Flavor::Text)?,
-            html: co("html", inline.html.as_deref(), Flavor::Html)?,
-            amp_html: co("amp_html", inline.amp_html.as_deref(), Flavor::Html)?,
+    pub fn compile_inline(
+        inline: Inline,
+        substitute: bool,
+        dialect: Dialect,
+    ) -> Result<Content, PartError> {
+        let mut c = Compiler::new(dialect, substitute);
+        let mut headers = Vec::with_capacity(inline.headers.len());
+        for (name, value) in &inline.headers {
+            headers.push((
+                name.clone(),
+                c.part(&format!("headers.{name}"), value, Flavor::Text)?,
+            ));
+        }
+        let parts = Parts {
+            from_name: c.opt("from.name", inline.from_name.as_deref(), Flavor::Text)?,
+            from_email: c.part("from.email", &inline.from_email, Flavor::Text)?,
+            subject: c.part("subject", &inline.subject, Flavor::Text)?,
+            reply_to: c.opt("reply_to", inline.reply_to.as_deref(), Flavor::Text)?,
+            headers,
+            text: c.opt("text", inline.text.as_deref(), Flavor::Text)?,
+            html: c.opt("html", inline.html.as_deref(), Flavor::Html)?,
+            amp_html: c.opt("amp_html", inline.amp_html.as_deref(), Flavor::Html)?,
             attachments: inline.attachments,
             inline_images: inline.inline_images,
-        })))
+        };
+        Ok(Content {
+            body: Body::Parts(Box::new(parts)),
+            jinja: c.jinja,
+        })
     }
 
-    pub fn compile_rfc822(source: &str, substitute: bool) -> Result<Content, PartError> {
-        let template = if substitute {
-            compile_opt("email_rfc822", Some(source), Flavor::Text)?.expect("some")
-        } else {
-            Template::literal(source)
-        };
-        Ok(Content::Rfc822(template))
+    pub fn compile_rfc822(
+        source: &str,
+        substitute: bool,
+        dialect: Dialect,
+    ) -> Result<Content, PartError> {
+        let mut c = Compiler::new(dialect, substitute);
+        let part = c.part("email_rfc822", source, Flavor::Text)?;
+        Ok(Content {
+            body: Body::Rfc822(part),
+            jinja: c.jinja,
+        })
+    }
+
+    fn render(&self, part: &Part, scope: Scope<'_>) -> Result<String, RenderError> {
+        match part {
+            Part::SparkPost(template) => template.render_to_string(scope),
+            Part::Jinja(key) => {
+                let template = self
+                    .jinja
+                    .get_template(key)
+                    .map_err(|e| RenderError(e.to_string()))?;
+                template
+                    .render(minijinja::value::Value::from(minijinja::value::Serde(
+                        scope,
+                    )))
+                    .map_err(|e| RenderError(format!("{}: {}", key.trim_end_matches(".html"), e)))
+            }
+        }
+    }
+
+    /// Renders a header value, refusing line breaks (header injection).
+    fn header(&self, name: &str, part: &Part, scope: Scope<'_>) -> Result<String, RenderError> {
+        let value = self.render(part, scope)?;
+        if value.contains(['\r', '\n']) {
+            return Err(RenderError(format!(
+                "{name} contains a line break after substitution"
+            )));
+        }
+        Ok(value)
+    }
+
+    fn render_opt(
+        &self,
+        part: &Option<Part>,
+        scope: Scope<'_>,
+    ) -> Result<Option<String>, RenderError> {
+        part.as_ref().map(|p| self.render(p, scope)).transpose()
     }
 
     /// Renders the message for one recipient.
@@ -159,10 +265,10 @@ impl Content {
         scope: Scope<'_>,
         stamp: Stamp<'_>,
     ) -> Result<Generated, RenderError> {
-        match self {
-            Content::Parts(parts) => parts.generate(rcpt, scope, stamp),
-            Content::Rfc822(template) => {
-                let text = template.render_to_string(scope)?;
+        match &self.body {
+            Body::Parts(parts) => self.generate_parts(parts, rcpt, scope, stamp),
+            Body::Rfc822(part) => {
+                let text = self.render(part, scope)?;
                 let body = crlf(text.as_bytes());
                 let from_email = header_address(&body, "from").unwrap_or_default();
                 let subject = header_value(&body, "subject").unwrap_or_default();
@@ -174,36 +280,34 @@ impl Content {
             }
         }
     }
-}
 
-impl Content {
     /// Every part rendered for `scope`, as the templates API's preview shows it.
     pub fn preview(&self, scope: Scope<'_>) -> Result<serde_json::Value, RenderError> {
         use serde_json::{Map, Value};
-        let Content::Parts(p) = self else {
-            let Content::Rfc822(template) = self else {
-                unreachable!()
-            };
-            return Ok(serde_json::json!({ "email_rfc822": template.render_to_string(scope)? }));
+        let p = match &self.body {
+            Body::Parts(p) => p,
+            Body::Rfc822(part) => {
+                return Ok(serde_json::json!({ "email_rfc822": self.render(part, scope)? }));
+            }
         };
         let mut out = Map::new();
         let mut from = Map::new();
         from.insert(
             "email".into(),
-            header("from.email", &p.from_email, scope)?.into(),
+            self.header("from.email", &p.from_email, scope)?.into(),
         );
         if let Some(name) = &p.from_name {
-            from.insert("name".into(), header("from.name", name, scope)?.into());
+            from.insert("name".into(), self.header("from.name", name, scope)?.into());
         }
         out.insert("from".into(), Value::Object(from));
         out.insert(
             "subject".into(),
-            header("subject", &p.subject, scope)?.into(),
+            self.header("subject", &p.subject, scope)?.into(),
         );
         if let Some(reply_to) = &p.reply_to {
             out.insert(
                 "reply_to".into(),
-                header("reply_to", reply_to, scope)?.into(),
+                self.header("reply_to", reply_to, scope)?.into(),
             );
         }
         for (key, part) in [
@@ -211,75 +315,51 @@ impl Content {
             ("html", &p.html),
             ("amp_html", &p.amp_html),
         ] {
-            if let Some(template) = part {
-                out.insert(key.into(), template.render_to_string(scope)?.into());
+            if let Some(rendered) = self.render_opt(part, scope)? {
+                out.insert(key.into(), rendered.into());
             }
         }
         if !p.headers.is_empty() {
             let mut headers = Map::new();
-            for (name, template) in &p.headers {
-                headers.insert(name.clone(), header(name, template, scope)?.into());
+            for (name, part) in &p.headers {
+                headers.insert(name.clone(), self.header(name, part, scope)?.into());
             }
             out.insert("headers".into(), Value::Object(headers));
         }
         Ok(Value::Object(out))
     }
-}
 
-/// Renders a header value, refusing line breaks (header injection).
-fn header(part: &str, template: &Template, scope: Scope<'_>) -> Result<String, RenderError> {
-    let value = template.render_to_string(scope)?;
-    if value.contains(['\r', '\n']) {
-        return Err(RenderError(format!(
-            "{part} contains a line break after substitution"
-        )));
-    }
-    Ok(value)
-}
-
-impl Parts {
-    fn generate(
+    fn generate_parts(
         &self,
+        parts: &Parts,
         rcpt: Rcpt<'_>,
         scope: Scope<'_>,
         stamp: Stamp<'_>,
     ) -> Result<Generated, RenderError> {
-        let from_email = header("from.email", &self.from_email, scope)?;
+        let from_email = self.header("from.email", &parts.from_email, scope)?;
         if !valid_email(&from_email) {
             return Err(RenderError(format!(
                 "from.email {from_email:?} is not an email address"
             )));
         }
-        let from_name = self
+        let from_name = parts
             .from_name
             .as_ref()
-            .map(|t| header("from.name", t, scope))
+            .map(|p| self.header("from.name", p, scope))
             .transpose()?;
-        let subject = header("subject", &self.subject, scope)?;
-        let reply_to = self
+        let subject = self.header("subject", &parts.subject, scope)?;
+        let reply_to = parts
             .reply_to
             .as_ref()
-            .map(|t| header("reply_to", t, scope))
+            .map(|p| self.header("reply_to", p, scope))
             .transpose()?;
-        let mut custom = Vec::with_capacity(self.headers.len());
-        for (name, template) in &self.headers {
-            custom.push((name.as_str(), header(name, template, scope)?));
+        let mut custom = Vec::with_capacity(parts.headers.len());
+        for (name, part) in &parts.headers {
+            custom.push((name.as_str(), self.header(name, part, scope)?));
         }
-        let text = self
-            .text
-            .as_ref()
-            .map(|t| t.render_to_string(scope))
-            .transpose()?;
-        let html = self
-            .html
-            .as_ref()
-            .map(|t| t.render_to_string(scope))
-            .transpose()?;
-        let amp = self
-            .amp_html
-            .as_ref()
-            .map(|t| t.render_to_string(scope))
-            .transpose()?;
+        let text = self.render_opt(&parts.text, scope)?;
+        let html = self.render_opt(&parts.html, scope)?;
+        let amp = self.render_opt(&parts.amp_html, scope)?;
 
         let mut builder = MessageBuilder::new()
             .from(Address::new_address(
@@ -314,11 +394,11 @@ impl Parts {
         }
         if let Some(html) = html {
             let html = MimePart::new("text/html; charset=utf-8", html);
-            if self.inline_images.is_empty() {
+            if parts.inline_images.is_empty() {
                 alternatives.push(html);
             } else {
                 let mut related = vec![html];
-                for image in &self.inline_images {
+                for image in &parts.inline_images {
                     related.push(
                         MimePart::new(image.content_type.as_str(), image.data.as_slice())
                             .inline()
@@ -333,9 +413,9 @@ impl Parts {
         } else {
             MimePart::new("multipart/alternative", alternatives)
         };
-        if !self.attachments.is_empty() {
+        if !parts.attachments.is_empty() {
             let mut mixed = vec![body];
-            for file in &self.attachments {
+            for file in &parts.attachments {
                 mixed.push(
                     MimePart::new(file.content_type.as_str(), file.data.as_slice())
                         .attachment(file.name.as_str()),

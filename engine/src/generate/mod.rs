@@ -167,25 +167,30 @@ impl Job {
     }
 
     /// Generates recipients `range`, spools them in one group commit and queues them.
-    /// Returns how many were generated (failures are evented and skipped).
+    /// Returns the recipients that got no message, with why (each also evented as a
+    /// generation_failure).
     pub async fn generate(
         &self,
         shard: &Rc<Shard>,
         range: std::ops::Range<usize>,
-    ) -> Result<usize, SpoolError> {
+    ) -> Result<Vec<(usize, String)>, SpoolError> {
         let now_ms = unix_ms();
         let mut batch = Vec::with_capacity(range.len());
+        let mut failures = Vec::new();
         for i in range {
             match self.render(shard, i, now_ms) {
                 Ok(rendered) => batch.push(rendered),
-                Err(reason) => self.failed(shard, i, &reason, now_ms),
+                Err(reason) => {
+                    self.failed(shard, i, &reason, now_ms);
+                    failures.push((i, reason));
+                }
             }
         }
         if self.sandbox {
             for (record, subject) in &batch {
                 self.injected(shard, record, subject);
             }
-            return Ok(batch.len());
+            return Ok(failures);
         }
         let mut tickets = Vec::with_capacity(batch.len());
         for (record, _) in &batch {
@@ -205,7 +210,7 @@ impl Job {
             &shard.metrics.http_messages_generated_total,
             generated as u64,
         );
-        Ok(generated)
+        Ok(failures)
     }
 
     fn injected(&self, shard: &Shard, record: &MessageRecord, subject: &str) {

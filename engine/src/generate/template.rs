@@ -109,6 +109,23 @@ pub struct Scope<'a> {
     pub layers: &'a [&'a Map<String, Value>],
 }
 
+/// A scope serializes as one object: the union of its layers, the first layer
+/// that has a name winning (how Jinja templates see substitution data).
+impl serde::Serialize for Scope<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = s.serialize_map(None)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            for (key, value) in layer.iter() {
+                if !self.layers[..i].iter().any(|l| l.contains_key(key)) {
+                    map.serialize_entry(key, value)?;
+                }
+            }
+        }
+        map.end()
+    }
+}
+
 impl Template {
     pub fn parse(source: &str, flavor: Flavor) -> Result<Template, ParseError> {
         let mut parser = Parser {

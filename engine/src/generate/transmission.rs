@@ -7,7 +7,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use super::content::{Binary, Content, Inline, PartError, valid_email};
+use super::content::{Binary, Content, Dialect, Inline, PartError, valid_email};
 
 /// The request body of `POST /api/v1/transmissions`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -263,6 +263,10 @@ pub struct ContentSpec {
     pub use_draft_template: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email_rfc822: Option<String>,
+    /// The template language of the parts (gannet's own field: KumoMTA's inject
+    /// API sends Jinja); SparkPost's when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dialect: Option<Dialect>,
 }
 
 fn files_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<FileSpec>, D::Error> {
@@ -333,7 +337,8 @@ impl ContentSpec {
                     "email_rfc822 cannot be combined with inline content fields",
                 ));
             }
-            return Content::compile_rfc822(rfc822, substitute).map_err(template_refusal);
+            return Content::compile_rfc822(rfc822, substitute, self.dialect.unwrap_or_default())
+                .map_err(template_refusal);
         }
         let Some(from) = &self.from else {
             return Err(Refusal::missing("content.from is required"));
@@ -392,7 +397,8 @@ impl ContentSpec {
             attachments: decode_files("attachments", &self.attachments)?,
             inline_images: decode_files("inline_images", &self.inline_images)?,
         };
-        Content::compile_inline(inline, substitute).map_err(template_refusal)
+        Content::compile_inline(inline, substitute, self.dialect.unwrap_or_default())
+            .map_err(template_refusal)
     }
 }
 

@@ -4,13 +4,15 @@
 //! - `GET /metrics` (Prometheus), `GET /health`;
 //! - the admin API ([`admin`]: queue suspensions), from `http.admin_from` networks;
 //! - the injection API, with a key from `http.api_keys`: SparkPost's Transmissions
-//!   API ([`transmissions`]).
+//!   API ([`transmissions`]) with stored [`templates`] and [`recipient_lists`], and
+//!   KumoMTA's [`inject`] API.
 //!
 //! Request bodies are bounded by `http.request_bytes_max` (413) and requests in
 //! flight per shard by `http.requests_in_flight_max` (503). Every error is JSON in
 //! SparkPost's shape: `{"errors":[{"message","description","code"}]}`.
 
 pub mod admin;
+pub mod inject;
 pub mod recipient_lists;
 pub mod templates;
 pub mod transmissions;
@@ -224,6 +226,7 @@ async fn read_body(
 const SUSPEND: &str = "/api/admin/suspend/v1";
 const TRANSMISSIONS: &str = "/api/v1/transmissions";
 const TEMPLATES: &str = "/api/v1/templates";
+const INJECT: &str = "/api/inject/v1";
 const RECIPIENT_LISTS: &str = "/api/v1/recipient-lists";
 
 async fn route(
@@ -293,6 +296,17 @@ async fn route(
             match *method {
                 Method::POST if !json => not_json(),
                 Method::POST => transmissions::create(shard, &identity, peer, body).await,
+                _ => method_not_allowed(),
+            }
+        }
+        INJECT => {
+            let identity = match authorize(shard, head) {
+                Ok(identity) => identity,
+                Err(reply) => return reply,
+            };
+            match *method {
+                Method::POST if !json => not_json(),
+                Method::POST => inject::inject(shard, &identity, peer, body).await,
                 _ => method_not_allowed(),
             }
         }

@@ -249,6 +249,7 @@ fn merge(base: &ContentSpec, update: ContentSpec) -> ContentSpec {
         template_id: update.template_id,
         use_draft_template: None,
         email_rfc822: update.email_rfc822.or_else(|| base.email_rfc822.clone()),
+        dialect: None,
     }
 }
 

@@ -10,7 +10,7 @@
 use std::net::IpAddr;
 use std::rc::Rc;
 
-use gannet_spool::{MessageRecord, Record, SpoolError};
+use gannet_spool::{MessageId, MessageRecord, Record, SpoolError};
 
 use super::{Reply, parse_json};
 use crate::auth::ApiIdentity;
@@ -58,19 +58,19 @@ pub async fn create(
         Err(reply) => return reply,
     };
     match prepare(shard, identity, peer, spec) {
-        Ok((job, rejected)) => submit(shard, job, rejected).await,
+        Ok((job, rejected)) => submit(shard, job, rejected.len()).await,
         Err(refusal) => refusal.into(),
     }
 }
 
 /// Checks a transmission and compiles it into a job; also returns how many
-/// recipients were rejected.
-fn prepare(
+/// recipients were rejected (their addresses).
+pub fn prepare(
     shard: &Shard,
     identity: &ApiIdentity,
     peer: Option<IpAddr>,
     mut spec: Spec,
-) -> Result<(Job, usize), Refusal> {
+) -> Result<(Job, Vec<String>), Refusal> {
     let config = shard.config();
     let now_ms = unix_ms();
     let recipients = match spec.recipients.take() {
@@ -137,18 +137,21 @@ fn prepare(
     }
     let total = recipients.len();
     let mut accepted = Vec::with_capacity(total);
+    let mut rejected = Vec::new();
     for (i, rcpt) in recipients.into_iter().enumerate() {
         let email = rcpt.address.parts().0;
         let return_path_ok = rcpt.return_path.as_deref().is_none_or(valid_email);
         if valid_email(email) && return_path_ok {
             accepted.push(rcpt);
-        } else if total == 1 {
+            continue;
+        }
+        rejected.push(email.to_string());
+        if total == 1 {
             return Err(Refusal::invalid(format!(
                 "recipients[{i}]: {email:?} is not an email address"
             )));
         }
     }
-    let rejected = total - accepted.len();
     if accepted.is_empty() {
         return Err(Refusal::invalid("no recipient has a valid email address"));
     }
@@ -245,7 +248,8 @@ async fn submit(shard: &Rc<Shard>, mut job: Job, rejected: usize) -> Reply {
     if count == 1 || job.sandbox {
         // Generated inside the request: the reply says whether it was spooled.
         return match job.generate(shard, 0..count).await {
-            Ok(generated) => {
+            Ok(failures) => {
+                let generated = count - failures.len();
                 ShardMetrics::add(&metrics.http_transmissions_total, 1);
                 ShardMetrics::add(&metrics.http_recipients_accepted_total, generated as u64);
                 accepted_reply(&job, generated, rejected + count - generated)
@@ -253,19 +257,30 @@ async fn submit(shard: &Rc<Shard>, mut job: Job, rejected: usize) -> Reply {
             Err(err) => spool_error(&err),
         };
     }
+    let job_id = match spool_job(shard, &mut job).await {
+        Ok(id) => id,
+        Err(reply) => return reply,
+    };
+    ShardMetrics::add(&metrics.http_transmissions_total, 1);
+    ShardMetrics::add(&metrics.http_recipients_accepted_total, count as u64);
+    let reply = accepted_reply(&job, count, rejected);
+    crate::generate::start_job(shard, job, job_id, 0);
+    reply
+}
+
+/// Spools a job record (the transmission, to be generated after the reply); the
+/// job takes the record's id.
+pub async fn spool_job(shard: &Shard, job: &mut Job) -> Result<MessageId, Reply> {
     let job_id = shard.spool.next_id();
     job.id = job_id.to_string();
-    let body = match serde_json::to_vec(&job.stored) {
-        Ok(body) => body,
-        Err(err) => {
-            return Reply::error(
-                500,
-                "",
-                "transmission could not be stored",
-                &err.to_string(),
-            );
-        }
-    };
+    let body = serde_json::to_vec(&job.stored).map_err(|err| {
+        Reply::error(
+            500,
+            "",
+            "transmission could not be stored",
+            &err.to_string(),
+        )
+    })?;
     let record = MessageRecord {
         id: job_id,
         sender: String::new(),
@@ -278,13 +293,8 @@ async fn submit(shard: &Rc<Shard>, mut job: Job, rejected: usize) -> Reply {
         done: Vec::new(),
         body,
     };
-    if let Err(err) = shard.spool.write(Record::Message(&record)).await {
-        return spool_error(&err);
+    match shard.spool.write(Record::Message(&record)).await {
+        Ok(()) => Ok(job_id),
+        Err(err) => Err(spool_error(&err)),
     }
-    drop(record);
-    ShardMetrics::add(&metrics.http_transmissions_total, 1);
-    ShardMetrics::add(&metrics.http_recipients_accepted_total, count as u64);
-    let reply = accepted_reply(&job, count, rejected);
-    crate::generate::start_job(shard, job, job_id, 0);
-    reply
 }
