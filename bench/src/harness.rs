@@ -25,7 +25,13 @@ pub struct Scenario {
     pub domains: u64,
     /// gannet-sink arguments (faults, latency).
     pub sink_args: &'static [&'static str],
+    /// Injected over HTTP as single-recipient transmissions (gannet only: the peers
+    /// have no injection API).
+    pub http: bool,
 }
+
+/// The API key the harness gives gannet for HTTP scenarios.
+const HTTP_KEY: &str = "harness-key-93b1c07e";
 
 /// The scenarios at full scale; `scale` divides the message counts (tests use tiny
 /// runs).
@@ -41,6 +47,7 @@ pub fn scenarios(scale: u64) -> Vec<Scenario> {
             size: "10k",
             domains: 20,
             sink_args: &[],
+            http: false,
         },
         Scenario {
             name: "relay",
@@ -51,6 +58,7 @@ pub fn scenarios(scale: u64) -> Vec<Scenario> {
             size: "10k",
             domains: 20,
             sink_args: &[],
+            http: false,
         },
         Scenario {
             name: "backpressure",
@@ -68,6 +76,7 @@ pub fn scenarios(scale: u64) -> Vec<Scenario> {
                 "--latency-ms",
                 "20",
             ],
+            http: false,
         },
         Scenario {
             name: "many-domains",
@@ -78,6 +87,7 @@ pub fn scenarios(scale: u64) -> Vec<Scenario> {
             size: "10k",
             domains: 10_000.min(n(50_000)),
             sink_args: &[],
+            http: false,
         },
         Scenario {
             name: "large",
@@ -88,6 +98,18 @@ pub fn scenarios(scale: u64) -> Vec<Scenario> {
             size: "100k",
             domains: 20,
             sink_args: &[],
+            http: false,
+        },
+        Scenario {
+            name: "http-inject",
+            what: "inject → deliver: single-recipient SparkPost transmissions (3 KiB text) over HTTP, 100 per keep-alive connection, to 20 domains",
+            relay: true,
+            messages: n(50_000),
+            concurrency: 50,
+            size: "3k",
+            domains: 20,
+            sink_args: &[],
+            http: true,
         },
     ]
 }
@@ -226,7 +248,21 @@ fn start_system(
                     "[delivery]\ntls = \"disabled\"\nroutes = {{ \"*\" = [\"127.0.0.1:{sink_port}\"] }}\n"
                 )
             };
-            Some(servers::gannetd(&tools.gannetd, &dir, 0, "", &delivery)?)
+            let keys = if scenario.http {
+                format!(
+                    "api_keys = [{{ name = \"harness\", key_sha256 = \"{}\" }}]\n",
+                    gannet_engine::auth::KeyDigest::of(HTTP_KEY)
+                )
+            } else {
+                String::new()
+            };
+            Some(servers::gannetd(
+                &tools.gannetd,
+                &dir,
+                0,
+                "",
+                &format!("{keys}{delivery}"),
+            )?)
         }
         "postfix" => {
             let settings = if scenario.relay {
@@ -272,8 +308,11 @@ fn start_system(
 }
 
 /// Whether a system takes part in a scenario (Haraka has no durable queue to accept
-/// into).
+/// into; only gannet has an HTTP injection API).
 pub fn applies(system: &str, scenario: &Scenario) -> bool {
+    if scenario.http {
+        return system == "gannet";
+    }
     system != "haraka" || scenario.relay
 }
 
@@ -295,13 +334,23 @@ pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) ->
         None
     };
     let server = start_system(system, scenario, &sink, tools, dns.as_ref().map(|d| d.1))?;
-    let target = server.as_ref().map_or(sink.smtp.port(), |s| s.port);
+    let target = match &server {
+        Some(s) if scenario.http => s.http_port,
+        Some(s) => s.port,
+        None => sink.smtp.port(),
+    };
+    let http_args: &[&str] = if scenario.http {
+        &["--http", "--api-key", HTTP_KEY, "--per-connection", "100"]
+    } else {
+        &[]
+    };
     let pid = server.as_ref().map(|s| s.pid);
     let cpu0 = pid.map_or(0.0, tree_cpu_seconds);
     let start = Instant::now();
     let mut blast = Command::new(&tools.blast)
         .args(["--server", &format!("127.0.0.1:{target}"), "--json-only"])
         .args(["--messages", &scenario.messages.to_string()])
+        .args(http_args)
         .args(["--concurrency", &scenario.concurrency.to_string()])
         .args([
             "--size",

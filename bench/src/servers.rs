@@ -16,6 +16,8 @@ use crate::free_port;
 pub struct Server {
     pub name: String,
     pub port: u16,
+    /// The HTTP injection port (gannet only; 0 for the others).
+    pub http_port: u16,
     /// The process tree whose CPU is counted.
     pub pid: u32,
     pub child: Option<Child>,
@@ -96,6 +98,7 @@ pub fn smtp_sink(extra: &[&str], stdout: Stdio) -> Result<Server> {
         .context("starting smtp-sink (install postfix)")?;
     wait_for_port(port)?;
     Ok(Server {
+        http_port: 0,
         name: "sink".into(),
         port,
         pid: child.id(),
@@ -146,9 +149,11 @@ pub fn gannetd(
     };
     let v: serde_json::Value = serde_json::from_str(&text)?;
     let addr: SocketAddr = v["smtp"][0].as_str().unwrap_or("").parse()?;
+    let http: SocketAddr = v["http"][0].as_str().unwrap_or("").parse()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let shards = if shards == 0 { cores } else { shards };
     Ok(Server {
+        http_port: http.port(),
         name: format!(
             "gannet ({shards} shard{})",
             if shards == 1 { "" } else { "s" }
@@ -209,6 +214,7 @@ pub fn postfix(sessions: u64, message_size_limit: usize, settings: &[String]) ->
         .trim()
         .parse()?;
     Ok(Server {
+        http_port: 0,
         name: "postfix".into(),
         port,
         pid,
@@ -282,6 +288,7 @@ pub fn haraka(
         .context("starting haraka")?;
     wait_for_port(port)?;
     Ok(Server {
+        http_port: 0,
         name: "haraka".into(),
         port,
         pid: child.id(),

@@ -361,8 +361,8 @@ fn the_example_config_is_valid() {
     assert_eq!(config.rule("backpressure.test").latency_ms.rcpt, 20);
 }
 
-/// The harness end to end at a tiny scale: gannet and the pipe, two scenarios, a
-/// report with both systems and the charts.
+/// The harness end to end at a tiny scale: gannet and the pipe, three scenarios
+/// (one over HTTP), a report with both systems and the charts.
 #[test]
 fn the_harness_runs_tiny_scenarios_end_to_end() {
     let gannetd = gannetd();
@@ -372,7 +372,7 @@ fn the_harness_runs_tiny_scenarios_end_to_end() {
     let out = Command::new(env!("CARGO_BIN_EXE_gannet-bench"))
         .args([
             "--scenarios",
-            "durable-accept,relay",
+            "durable-accept,relay,http-inject",
             "--systems",
             "gannet,pipe",
         ])
@@ -392,20 +392,21 @@ fn the_harness_runs_tiny_scenarios_end_to_end() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // One JSON line per run: 2 scenarios × 2 systems × 2 repetitions, alternating.
+    // One JSON line per run: 2 scenarios × 2 systems × 2 repetitions, alternating,
+    // and HTTP injection (gannet only) twice.
     let runs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(runs.len(), 8);
+    assert_eq!(runs.len(), 10);
     assert_eq!(
         (runs[0]["system"].as_str(), runs[2]["system"].as_str()),
         (Some("gannet"), Some("pipe"))
     );
     for run in &runs {
         assert_eq!(run["sent"], 50, "{run}");
-        if run["scenario"] == "relay" {
+        if run["scenario"] != "durable-accept" {
             assert_eq!(run["delivered"], 50, "{run}");
         }
     }
@@ -413,6 +414,7 @@ fn the_harness_runs_tiny_scenarios_end_to_end() {
     for needle in [
         "### durable-accept",
         "### relay",
+        "### http-inject",
         "| gannet |",
         "| pipe |",
         "100 / 100",
@@ -459,35 +461,14 @@ fn blast_uses_starttls_and_auth_with_gannetd() {
     let gannetd = gannetd();
     let hash = run_with_input(Command::new(&gannetd).arg("--hash-password"), b"s3cret");
     let hash = String::from_utf8(hash).unwrap().trim().to_string();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("gannetd.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "[server]\nhostname = \"gannet.test\"\ndata_dir = \"{}\"\nshards = 1\n\
-             [smtp]\nlisten = [\"127.0.0.1:0\"]\nrelay_from = []\n\
-             users = [{{ name = \"app\", password_hash = \"{hash}\" }}]\n\
-             [http]\nlisten = [\"127.0.0.1:0\"]\n[delivery]\nsuspended = true\n",
-            dir.path().join("data").display()
+    let (dir, mut daemon, listeners) = start_gannetd(
+        &gannetd,
+        &format!(
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\nrelay_from = []\n\
+             users = [{{ name = \"app\", password_hash = \"{hash}\" }}]\n"
         ),
-    )
-    .unwrap();
-    let mut daemon = Command::new(&gannetd)
-        .args(["--config", config.to_str().unwrap(), "--log", "warn"])
-        .spawn()
-        .unwrap();
-    let listeners = dir.path().join("data/listeners.json");
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !listeners.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "gannetd did not start"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&listeners).unwrap()).unwrap();
-    let smtp: SocketAddr = v["smtp"][0].as_str().unwrap().parse().unwrap();
+    );
+    let smtp: SocketAddr = listeners["smtp"][0].as_str().unwrap().parse().unwrap();
     let ok = blast(
         smtp,
         &[
@@ -519,9 +500,101 @@ fn blast_uses_starttls_and_auth_with_gannetd() {
     // SAFETY: signalling the child this test started.
     unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
     daemon.wait().unwrap();
+    drop(dir);
     assert_eq!(ok["messages_sent"], 40, "{ok}");
     assert_eq!(bad["errors"]["535"], 3, "{bad}");
     assert_eq!(anonymous["errors"]["550"], 2, "{anonymous}");
+}
+
+/// gannetd (one shard, delivery suspended) with `sections` (an `[smtp]` section at
+/// least, then anything); returns its directory, process and listeners.
+fn start_gannetd(
+    gannetd: &std::path::Path,
+    sections: &str,
+) -> (tempfile::TempDir, std::process::Child, serde_json::Value) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gannetd.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nhostname = \"gannet.test\"\ndata_dir = \"{}\"\nshards = 1\n{sections}\n\
+             [delivery]\nsuspended = true\n",
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    let daemon = Command::new(gannetd)
+        .args(["--config", config.to_str().unwrap(), "--log", "warn"])
+        .spawn()
+        .unwrap();
+    let listeners = dir.path().join("data/listeners.json");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !listeners.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gannetd did not start"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let v = serde_json::from_str(&std::fs::read_to_string(&listeners).unwrap()).unwrap();
+    (dir, daemon, v)
+}
+
+/// HTTP injection: gannet-blast POSTs transmissions (two recipients each, several
+/// per keep-alive connection); its counts agree with gannetd's, and a wrong key is
+/// counted as 401 per request.
+#[test]
+fn blast_injects_transmissions_over_http() {
+    let gannetd = gannetd();
+    let key = "blast-test-key-41f0";
+    let digest = run_with_input(Command::new(&gannetd).arg("--hash-api-key"), key.as_bytes());
+    let digest = String::from_utf8(digest).unwrap().trim().to_string();
+    let (dir, mut daemon, listeners) = start_gannetd(
+        &gannetd,
+        &format!(
+            "[smtp]\nlisten = [\"127.0.0.1:0\"]\n[http]\nlisten = [\"127.0.0.1:0\"]\n\
+             api_keys = [{{ name = \"blast\", key_sha256 = \"{digest}\" }}]\n"
+        ),
+    );
+    let http: SocketAddr = listeners["http"][0].as_str().unwrap().parse().unwrap();
+    let common = [
+        "--http",
+        "--concurrency",
+        "4",
+        "--per-connection",
+        "10",
+        "--size",
+        "2k",
+    ];
+    let ok = blast(
+        http,
+        &[
+            &common[..],
+            &["--messages", "60", "--recipients", "2", "--api-key", key],
+        ]
+        .concat(),
+    );
+    let bad = blast(
+        http,
+        &[&common[..], &["--messages", "5", "--api-key", "wrong"]].concat(),
+    );
+    let metrics = Command::new("curl")
+        .args(["-sS", &format!("http://{http}/metrics")])
+        .output()
+        .unwrap();
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    daemon.wait().unwrap();
+    drop(dir);
+    assert_eq!(ok["messages_sent"], 60, "{ok}");
+    assert_eq!(ok["recipients_accepted"], 120, "{ok}");
+    assert_eq!(bad["errors"]["401"], 5, "{bad}");
+    let generated: u64 = String::from_utf8_lossy(&metrics.stdout)
+        .lines()
+        .filter(|l| l.starts_with("gannet_http_messages_generated_total{"))
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum();
+    assert_eq!(generated, 120);
 }
 
 fn run_with_input(command: &mut Command, input: &[u8]) -> Vec<u8> {

@@ -56,8 +56,9 @@ metrics! {
     /// Recipients accepted in transmissions, and recipients refused (bad address).
     http_recipients_accepted_total: "counter",
     http_recipients_rejected_total: "counter",
-    /// Messages generated from transmissions and spooled.
+    /// Messages generated from transmissions and spooled, and their bytes.
     http_messages_generated_total: "counter",
+    http_message_bytes_total: "counter",
     /// Recipients whose message could not be generated (generation_failure).
     http_generation_failures_total: "counter",
     /// Transmissions spooled and still being generated, and their recipients not yet

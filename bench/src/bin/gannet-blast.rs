@@ -21,7 +21,7 @@ use gannet_bench::mail::{Weighted, message, parse_size};
 use hdrhistogram::Histogram;
 
 #[derive(Debug, Parser)]
-#[command(about = "SMTP load generator")]
+#[command(about = "SMTP and HTTP (SparkPost transmissions) load generator")]
 struct Args {
     /// The server to inject into.
     #[arg(long, default_value = "127.0.0.1:2025")]
@@ -71,6 +71,14 @@ struct Args {
     /// Print only the JSON line (no progress bar, no summary).
     #[arg(long)]
     json_only: bool,
+    /// Inject over HTTP instead: each message is a SparkPost transmission (inline
+    /// text content with a substitution per recipient) POSTed to --server, which is
+    /// then an HTTP listener; --per-connection requests share a keep-alive connection.
+    #[arg(long)]
+    http: bool,
+    /// The API key for --http (the Authorization header); also GANNET_API_KEY.
+    #[arg(long, env = "GANNET_API_KEY", default_value = "")]
+    api_key: String,
 }
 
 /// What the workers share.
@@ -219,6 +227,9 @@ impl Client {
             input: Vec::with_capacity(4096),
             pipelining: false,
         };
+        if args.http {
+            return Ok(c);
+        }
         c.expect(220)?;
         c.send(b"EHLO blast.test\r\n")?;
         let mut ehlo = c.expect(250)?;
@@ -244,6 +255,93 @@ impl Client {
             c.expect(235)?;
         }
         Ok(c)
+    }
+
+    /// One HTTP transmission; the number of recipients accepted. The connection is
+    /// kept unless the server closes it.
+    fn transmission(&mut self, shared: &Shared, seq: u64) -> Result<(u64, bool), Failure> {
+        let args = &shared.args;
+        let recipients: Vec<serde_json::Value> = (0..args.recipients)
+            .map(|k| {
+                let domain = shared.domains.pick(fastrand::u64(..));
+                serde_json::json!({
+                    "address": format!("u{seq}-{k}@{domain}"),
+                    "substitution_data": {"n": seq, "k": k},
+                })
+            })
+            .collect();
+        let size = *shared.sizes.pick(fastrand::u64(..));
+        let message = message(seq, size, &args.from, "x@x.test");
+        let head_end = memchr::memmem::find(&message, b"\r\n\r\n").map_or(0, |i| i + 4);
+        let text = String::from_utf8_lossy(&message[head_end..]);
+        let body = serde_json::json!({
+            "recipients": recipients,
+            "content": {
+                "from": args.from,
+                "subject": "blast {{ n }}",
+                "text": format!("Recipient {{{{ k }}}} of {{{{ n }}}}\r\n{text}"),
+            },
+        })
+        .to_string();
+        let request = format!(
+            "POST /api/v1/transmissions HTTP/1.1\r\nhost: {}\r\nauthorization: {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+            args.server,
+            args.api_key,
+            body.len()
+        );
+        self.send(request.as_bytes())?;
+        let (status, keep, reply) = self.http_response()?;
+        if status != 200 {
+            return Err(Failure::Reply(status));
+        }
+        let reply: serde_json::Value =
+            serde_json::from_slice(&reply).map_err(|_| Failure::Io("bad json"))?;
+        let accepted = reply["results"]["total_accepted_recipients"]
+            .as_u64()
+            .ok_or(Failure::Io("bad json"))?;
+        Ok((accepted, keep))
+    }
+
+    /// Reads an HTTP response: status, whether the connection stays open, body.
+    fn http_response(&mut self) -> Result<(u16, bool, Vec<u8>), Failure> {
+        loop {
+            if let Some(end) = memchr::memmem::find(&self.input, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.input[..end]).to_ascii_lowercase();
+                let status = head
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|s| s.parse().ok())
+                    .ok_or(Failure::Io("bad http"))?;
+                let header = |name: &str| {
+                    head.lines()
+                        .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_string()))
+                };
+                let length: usize = header("content-length:")
+                    .and_then(|v| v.parse().ok())
+                    .ok_or(Failure::Io("no content-length"))?;
+                let keep = header("connection:").is_none_or(|v| v != "close");
+                while self.input.len() < end + 4 + length {
+                    self.fill()?;
+                }
+                let body = self.input[end + 4..end + 4 + length].to_vec();
+                self.input.drain(..end + 4 + length);
+                return Ok((status, keep, body));
+            }
+            self.fill()?;
+        }
+    }
+
+    fn fill(&mut self) -> Result<(), Failure> {
+        let mut chunk = [0u8; 8192];
+        let n = self
+            .stream
+            .read(&mut chunk)
+            .map_err(|_| Failure::Io("read"))?;
+        if n == 0 {
+            return Err(Failure::Io("closed"));
+        }
+        self.input.extend_from_slice(&chunk[..n]);
+        Ok(())
     }
 
     /// One transaction; the number of recipients accepted.
@@ -319,6 +417,7 @@ fn worker(shared: Arc<Shared>) -> Histogram<u64> {
     let mut hist = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("bounds");
     let mut client: Option<(Client, u64)> = None;
     while let Some(seq) = shared.take() {
+        let mut used_up = false;
         let (mut c, used) = match client.take() {
             Some(c) => c,
             None => match Client::connect(&shared) {
@@ -330,7 +429,17 @@ fn worker(shared: Arc<Shared>) -> Histogram<u64> {
             },
         };
         let t0 = Instant::now();
-        match c.transaction(&shared, seq) {
+        let outcome = if shared.args.http {
+            c.transmission(&shared, seq).map(|(accepted, keep)| {
+                if !keep {
+                    used_up = true;
+                }
+                accepted
+            })
+        } else {
+            c.transaction(&shared, seq)
+        };
+        match outcome {
             Ok(accepted) => {
                 let _ = hist.record(t0.elapsed().as_micros().max(1) as u64);
                 if accepted > 0 {
@@ -341,9 +450,9 @@ fn worker(shared: Arc<Shared>) -> Histogram<u64> {
                 } else {
                     shared.failed.fetch_add(1, Ordering::Relaxed);
                 }
-                if used + 1 < shared.args.per_connection {
+                if used + 1 < shared.args.per_connection && !used_up {
                     client = Some((c, used + 1));
-                } else {
+                } else if !shared.args.http {
                     let _ = c.send(b"QUIT\r\n");
                     let _ = c.reply();
                 }
@@ -351,7 +460,9 @@ fn worker(shared: Arc<Shared>) -> Histogram<u64> {
             Err(f) => record_failure(&shared, f),
         }
     }
-    if let Some((mut c, _)) = client {
+    if let Some((mut c, _)) = client
+        && !shared.args.http
+    {
         let _ = c.send(b"QUIT\r\n");
         let _ = c.reply();
     }
@@ -376,6 +487,9 @@ fn main() -> Result<()> {
     let args = Args::parse();
     if args.concurrency == 0 || args.recipients == 0 || args.per_connection == 0 {
         bail!("--concurrency, --recipients and --per-connection must be at least 1");
+    }
+    if args.http && (args.starttls || args.auth.is_some()) {
+        bail!("--http sends plain HTTP with --api-key; --starttls and --auth are for SMTP");
     }
     let sizes = Weighted::parse(&args.size, parse_size).context("--size")?;
     let domains = match args.domain_count {

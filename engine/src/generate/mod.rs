@@ -200,6 +200,8 @@ impl Job {
             shard.spool.durable(ticket).await?;
         }
         let generated = batch.len();
+        let bytes: usize = batch.iter().map(|(r, _)| r.body.len()).sum();
+        ShardMetrics::add(&shard.metrics.http_message_bytes_total, bytes as u64);
         for (record, subject) in batch {
             self.injected(shard, &record, &subject);
             let due = record.due_unix_ms;
