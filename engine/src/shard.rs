@@ -120,6 +120,8 @@ pub struct Shard {
     pub sessions_active: Cell<usize>,
     /// HTTP requests being handled on this shard.
     pub http_in_flight: Cell<usize>,
+    /// Transmissions being generated from this shard's spool.
+    pub generation: crate::generate::Coordinator,
     pub dispatcher: crate::delivery::dispatcher::Dispatcher,
     /// user → SHA-256(user, password) of the last successful AUTH on this shard, so
     /// that a client logging in again pays one hash instead of a PBKDF2 run.

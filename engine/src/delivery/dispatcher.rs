@@ -552,6 +552,22 @@ pub async fn inbox(shard: Rc<Shard>) {
                     d.wake.raise();
                 }
                 crate::mesh::Note::Wake => d.wake.raise(),
+                crate::mesh::Note::Generate(g) => {
+                    let shard = shard.clone();
+                    glommio::spawn_local(async move {
+                        let ok = crate::generate::generate_chunk(&shard, &g.job, g.chunk).await;
+                        let done = crate::mesh::Note::Generated {
+                            key: g.key,
+                            chunk: g.chunk,
+                            ok,
+                        };
+                        send_home(&shard, g.home, done).await;
+                    })
+                    .detach();
+                }
+                crate::mesh::Note::Generated { key, chunk, ok } => {
+                    shard.generation.chunk_done(key, chunk, ok);
+                }
                 crate::mesh::Note::Report(r) => {
                     let Some(part) = d.handed.borrow_mut().remove(&r.token) else {
                         continue;
@@ -578,7 +594,11 @@ const INBOX_BATCH: usize = 64;
 /// Sends a report home, retrying while the home inbox is full (a report must not be
 /// lost: the home shard holds the part until it hears back).
 async fn report_home(shard: &Shard, to: u16, report: crate::mesh::Report) {
-    let mut note = crate::mesh::Note::Report(report);
+    send_home(shard, to, crate::mesh::Note::Report(report)).await;
+}
+
+/// Sends a note that must not be lost, retrying while the inbox is full.
+async fn send_home(shard: &Shard, to: u16, mut note: crate::mesh::Note) {
     loop {
         match shard.shared.mesh.send(to, note) {
             Ok(()) => return,

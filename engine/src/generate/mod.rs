@@ -16,6 +16,7 @@ pub mod template;
 pub mod transmission;
 
 use std::rc::Rc;
+use std::sync::Arc;
 
 use gannet_spool::{MessageId, MessageRecord, SpoolError, UpdateRecord};
 use serde::{Deserialize, Serialize};
@@ -276,64 +277,167 @@ pub fn rcpt_meta(
     merged
 }
 
-/// Starts generating a spooled job from recipient `from` on, as its own task on the
-/// shard that spooled (or recovered) it.
-pub fn start_job(shard: &Rc<Shard>, job: Job, record: MessageId, from: usize) {
-    let pending = job.recipients().len().saturating_sub(from) as u64;
-    let metrics = &shard.metrics;
-    ShardMetrics::add(&metrics.http_generation_jobs, 1);
-    ShardMetrics::add(&metrics.http_generation_pending_recipients, pending);
-    glommio::spawn_local(run_job(shard.clone(), job, record, from)).detach();
+/// Where a spooled job stands: recipients `[0, prefix)` are generated, and so are the
+/// chunks in `done` (numbers of `BATCH`-recipient chunks past the prefix, finished out
+/// of order by other shards). Stored in the job's Update record as `attempts` and
+/// `done`.
+#[derive(Debug, Clone, Default)]
+pub struct Progress {
+    pub prefix: usize,
+    pub done: Vec<u32>,
 }
 
-/// Generates a job from recipient `from` on, checkpointing after each batch, then
-/// ends the job.
-async fn run_job(shard: Rc<Shard>, job: Job, record: MessageId, from: usize) {
+impl Progress {
+    /// The chunks still to generate.
+    fn todo(&self, total: usize) -> impl Iterator<Item = u32> + '_ {
+        let chunks = total.div_ceil(BATCH) as u32;
+        ((self.prefix / BATCH) as u32..chunks).filter(|c| !self.done.contains(c))
+    }
+}
+
+/// The jobs a shard coordinates, by number, with the channel on which chunks report
+/// back (from this shard's own tasks and, through the inbox, from other shards).
+#[derive(Debug, Default)]
+pub struct Coordinator {
+    next: std::cell::Cell<u64>,
+    jobs: std::cell::RefCell<
+        std::collections::HashMap<
+            u64,
+            Rc<glommio::channels::local_channel::LocalSender<(u32, bool)>>,
+        >,
+    >,
+}
+
+impl Coordinator {
+    /// Called by the inbox when another shard finished a chunk of job `key`.
+    pub fn chunk_done(&self, key: u64, chunk: u32, ok: bool) {
+        if let Some(tx) = self.jobs.borrow().get(&key) {
+            let _ = tx.try_send((chunk, ok));
+        }
+    }
+}
+
+/// Starts generating a spooled job, as its own task on the shard that spooled (or
+/// recovered) it.
+pub fn start_job(shard: &Rc<Shard>, job: Job, record: MessageId, progress: Progress) {
+    let pending: usize = progress
+        .todo(job.recipients().len())
+        .map(|c| chunk_range(c, job.recipients().len()).len())
+        .sum();
+    let metrics = &shard.metrics;
+    ShardMetrics::add(&metrics.http_generation_jobs, 1);
+    ShardMetrics::add(&metrics.http_generation_pending_recipients, pending as u64);
+    glommio::spawn_local(run_job(shard.clone(), Arc::new(job), record, progress)).detach();
+}
+
+/// Chunks in flight per shard: one rendering while another waits for its commit.
+const CHUNKS_IN_FLIGHT_PER_SHARD: usize = 2;
+
+fn chunk_range(chunk: u32, total: usize) -> std::ops::Range<usize> {
+    let start = chunk as usize * BATCH;
+    start..(start + BATCH).min(total)
+}
+
+/// Generates a job's remaining chunks, spread over every shard (chunk `c` to shard
+/// `c mod shards`, or here when that shard's inbox is full), checkpointing as chunks
+/// finish, then ends the job. Each shard spools and queues the messages it
+/// generates, so the work of a large transmission uses every core.
+async fn run_job(shard: Rc<Shard>, job: Arc<Job>, record: MessageId, progress: Progress) {
     let total = job.recipients().len();
-    let mut next = from;
+    let mut finished: std::collections::BTreeSet<u32> = progress.done.iter().copied().collect();
+    let mut prefix = (progress.prefix / BATCH) as u32;
+    let mut todo: std::collections::VecDeque<u32> = progress.todo(total).collect();
+    let coordinator = &shard.generation;
+    let key = coordinator.next.get();
+    coordinator.next.set(key + 1);
+    let (tx, rx) = glommio::channels::local_channel::new_unbounded();
+    let tx = Rc::new(tx);
+    coordinator.jobs.borrow_mut().insert(key, tx.clone());
     // However the task ends, the job and what is left of it leave the gauges.
-    let left = Rc::new(std::cell::Cell::new(total - from));
+    let left = Rc::new(std::cell::Cell::new(
+        todo.iter()
+            .map(|&c| chunk_range(c, total).len())
+            .sum::<usize>(),
+    ));
     let _gauges = Finally({
-        let metrics = shard.metrics.clone();
+        let shard = shard.clone();
         let left = left.clone();
         move || {
-            ShardMetrics::sub(&metrics.http_generation_jobs, 1);
+            shard.generation.jobs.borrow_mut().remove(&key);
+            ShardMetrics::sub(&shard.metrics.http_generation_jobs, 1);
             ShardMetrics::sub(
-                &metrics.http_generation_pending_recipients,
+                &shard.metrics.http_generation_pending_recipients,
                 left.get() as u64,
             );
         }
     });
-    while next < total && !shard.shutdown.is_raised() {
-        let end = (next + BATCH).min(total);
-        if let Err(err) = job.generate(&shard, next..end).await {
-            // The spool refused or failed a sync: nothing of this batch is queued, and
-            // the job stays in the spool to resume from its last checkpoint on restart.
-            tracing::error!(shard = shard.id, transmission = %job.id, "generation stopped: {err}");
-            return;
+    let shards = shard.shared.mesh.shards();
+    let window = shards * CHUNKS_IN_FLIGHT_PER_SHARD;
+    let mut in_flight = 0;
+    let mut failed = false;
+    loop {
+        while !failed && in_flight < window && !shard.shutdown.is_raised() {
+            let Some(chunk) = todo.pop_front() else { break };
+            in_flight += 1;
+            let to = (chunk as usize % shards) as u16;
+            if to != shard.id {
+                let note = crate::mesh::Note::Generate(Box::new(crate::mesh::GenerateChunk {
+                    home: shard.id,
+                    key,
+                    job: job.clone(),
+                    chunk,
+                }));
+                if shard.shared.mesh.send(to, note).is_ok() {
+                    continue;
+                }
+            }
+            let (job, shard, tx) = (job.clone(), shard.clone(), tx.clone());
+            glommio::spawn_local(async move {
+                let ok = generate_chunk(&shard, &job, chunk).await;
+                let _ = tx.try_send((chunk, ok));
+            })
+            .detach();
         }
-        ShardMetrics::sub(
-            &shard.metrics.http_generation_pending_recipients,
-            (end - next) as u64,
-        );
-        left.set(total - end);
-        next = end;
+        if in_flight == 0 {
+            break;
+        }
+        let Some((chunk, ok)) = futures_lite::future::or(rx.recv(), async {
+            shard.shutdown.wait().await;
+            None
+        })
+        .await
+        else {
+            return; // shutting down: the job resumes at start-up
+        };
+        in_flight -= 1;
+        if !ok {
+            // Nothing of that chunk is queued; the job stays in the spool and resumes
+            // from its checkpoint on restart. Chunks in flight are let finish.
+            failed = true;
+            continue;
+        }
+        let n = chunk_range(chunk, total).len();
+        ShardMetrics::sub(&shard.metrics.http_generation_pending_recipients, n as u64);
+        left.set(left.get() - n);
+        finished.insert(chunk);
+        while finished.remove(&prefix) {
+            prefix += 1;
+        }
         let update = UpdateRecord {
             id: record,
-            attempts: next as u32,
+            attempts: (prefix as usize * BATCH).min(total) as u32,
             due_unix_ms: job.stored.due_ms,
             queue: JOB_KIND.to_string(),
-            done: Vec::new(),
+            done: finished.iter().copied().collect(),
         };
-        // Durable with the next batch's commit; losing it regenerates one batch.
+        // Durable with the next commit; losing it regenerates a few chunks.
         if let Err(err) = shard.spool.append_update(&update) {
             tracing::error!(shard = shard.id, transmission = %job.id, "job checkpoint failed: {err}");
-            return;
+            failed = true;
         }
-        glommio::yield_if_needed().await;
     }
-    if next < total {
-        return; // shutting down: the job resumes at start-up
+    if failed || !todo.is_empty() {
+        return;
     }
     let tombstone = gannet_spool::TombstoneRecord { id: record };
     if let Err(err) = shard
@@ -344,6 +448,20 @@ async fn run_job(shard: Rc<Shard>, job: Job, record: MessageId, from: usize) {
         tracing::warn!(shard = shard.id, transmission = %job.id, "job tombstone failed: {err}");
     }
     tracing::debug!(shard = shard.id, transmission = %job.id, recipients = total, "transmission generated");
+}
+
+/// Generates one chunk of a job on this shard; false if the spool refused it.
+pub async fn generate_chunk(shard: &Rc<Shard>, job: &Job, chunk: u32) -> bool {
+    match job
+        .generate(shard, chunk_range(chunk, job.recipients().len()))
+        .await
+    {
+        Ok(_) => true,
+        Err(err) => {
+            tracing::error!(shard = shard.id, transmission = %job.id, chunk, "generation failed: {err}");
+            false
+        }
+    }
 }
 
 /// Rebuilds a job from its spool record (at start-up).

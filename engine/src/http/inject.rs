@@ -258,7 +258,7 @@ pub async fn inject(
         };
         ShardMetrics::add(&metrics.http_transmissions_total, 1);
         ShardMetrics::add(&metrics.http_recipients_accepted_total, count as u64);
-        crate::generate::start_job(shard, job, job_id, 0);
+        crate::generate::start_job(shard, job, job_id, Default::default());
         return reply(count, &failed, &errors);
     }
     let mut success = 0;

@@ -264,7 +264,7 @@ async fn submit(shard: &Rc<Shard>, mut job: Job, rejected: usize) -> Reply {
     ShardMetrics::add(&metrics.http_transmissions_total, 1);
     ShardMetrics::add(&metrics.http_recipients_accepted_total, count as u64);
     let reply = accepted_reply(&job, count, rejected);
-    crate::generate::start_job(shard, job, job_id, 0);
+    crate::generate::start_job(shard, job, job_id, Default::default());
     reply
 }
 

@@ -355,6 +355,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         shutdown: io::Shutdown::default(),
         sessions_active: std::cell::Cell::new(0),
         http_in_flight: std::cell::Cell::new(0),
+        generation: Default::default(),
         dispatcher: Dispatcher::new(config, shared.client_tls.clone()),
         auth_cache: Default::default(),
     });
@@ -370,7 +371,13 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         if is_job {
             // A transmission not fully generated: resume after its last checkpoint.
             match crate::generate::recover(live.id, &m.body) {
-                Ok(job) => jobs.push((job, live.id, live.state.attempts as usize)),
+                Ok(job) => {
+                    let progress = crate::generate::Progress {
+                        prefix: live.state.attempts as usize,
+                        done: live.state.done.clone(),
+                    };
+                    jobs.push((job, live.id, progress));
+                }
                 Err(err) => {
                     tracing::error!(shard = id, job = %live.id, "transmission cannot be resumed: {err}")
                 }
@@ -405,9 +412,9 @@ async fn shard_main(start: ShardStart) -> Result<()> {
             "recovered messages queued for delivery"
         );
     }
-    for (job, job_id, from) in jobs {
-        tracing::info!(shard = id, transmission = %job_id, from, "resuming transmission generation");
-        crate::generate::start_job(&shard, job, job_id, from);
+    for (job, job_id, progress) in jobs {
+        tracing::info!(shard = id, transmission = %job_id, from = progress.prefix, "resuming transmission generation");
+        crate::generate::start_job(&shard, job, job_id, progress);
     }
     glommio::spawn_local(crate::delivery::dispatcher::run(shard.clone())).detach();
     glommio::spawn_local(crate::delivery::dispatcher::inbox(shard.clone())).detach();

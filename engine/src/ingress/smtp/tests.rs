@@ -61,6 +61,7 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
         events: RefCell::new(EventLog::open(events_dir, 1 << 20, 1).unwrap()),
         shutdown: Shutdown::default(),
         http_in_flight: Default::default(),
+        generation: Default::default(),
         sessions_active: Cell::new(0),
         auth_cache: Default::default(),
     })
