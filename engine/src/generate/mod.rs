@@ -295,17 +295,15 @@ impl Progress {
     }
 }
 
+/// Where a job's chunks report: (chunk, spooled).
+type ChunkSender = glommio::channels::local_channel::LocalSender<(u32, bool)>;
+
 /// The jobs a shard coordinates, by number, with the channel on which chunks report
 /// back (from this shard's own tasks and, through the inbox, from other shards).
 #[derive(Debug, Default)]
 pub struct Coordinator {
     next: std::cell::Cell<u64>,
-    jobs: std::cell::RefCell<
-        std::collections::HashMap<
-            u64,
-            Rc<glommio::channels::local_channel::LocalSender<(u32, bool)>>,
-        >,
-    >,
+    jobs: std::cell::RefCell<std::collections::HashMap<u64, Rc<ChunkSender>>>,
 }
 
 impl Coordinator {
