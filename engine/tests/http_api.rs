@@ -867,8 +867,9 @@ print(json.dumps(out))
 
 #[test]
 fn a_large_transmission_is_acknowledged_then_generated_and_survives_a_crash() {
-    // Delivery stays suspended: every generated message is found in the spool.
-    let mut daemon = Daemon::start("", &key_config());
+    // Delivery stays suspended: every generated message is found in the spool. The
+    // transmission is spooled as three jobs of 1,000 recipients.
+    let mut daemon = Daemon::start("", &format!("{}job_recipients_max = 1000\n", key_config()));
     let n = 3000;
     let recipients: Vec<Value> = (0..n)
         .map(|i| json!({"address": format!("r{i}@x.test"), "substitution_data": {"i": i}}))
@@ -902,8 +903,8 @@ fn a_large_transmission_is_acknowledged_then_generated_and_survives_a_crash() {
     }
     assert_eq!(daemon.metric("http_generation_pending_recipients"), 0);
     daemon.stop();
-    // Every recipient has a message with its own substitution (a batch in flight at
-    // the crash may have been generated twice); the job itself is gone.
+    // Every recipient has a message with its own substitution (chunks in flight at
+    // the crash may have been generated twice); the jobs themselves are gone.
     let spooled = common::spooled(&daemon.data_dir());
     let mut seen = std::collections::BTreeSet::new();
     for s in &spooled {
@@ -930,8 +931,11 @@ fn a_large_transmission_is_acknowledged_then_generated_and_survives_a_crash() {
         "{} of {n} recipients have a message",
         seen.len()
     );
+    // Duplicates are bounded by the chunks in flight at the crash (2 per shard of
+    // 256 recipients, possibly done on the other shard before the home shard synced
+    // its checkpoint) and one more whose checkpoint was not yet synced.
     assert!(
-        spooled.len() <= n + 256,
+        spooled.len() <= n + 5 * 256,
         "{} messages for {n} recipients",
         spooled.len()
     );

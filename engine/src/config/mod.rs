@@ -229,6 +229,8 @@ pub struct HttpConfig {
     pub request_bytes_max: Bounded<1024, { 1 << 30 }>,
     /// Requests handled at once per shard; more get 503.
     pub requests_in_flight_max: Bounded<1, 100_000>,
+    /// Recipients per job record of a transmission generated after its reply.
+    pub job_recipients_max: Bounded<1, 1_000_000>,
 }
 
 /// An injection API key: a name, the SHA-256 of the key (never the key), and the
@@ -254,6 +256,7 @@ impl Default for HttpConfig {
             api_keys: Vec::new(),
             request_bytes_max: Bounded(32 << 20),
             requests_in_flight_max: Bounded(256),
+            job_recipients_max: Bounded(10_000),
         }
     }
 }

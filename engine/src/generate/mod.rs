@@ -39,6 +39,11 @@ pub const JOB_KIND: &str = "transmission";
 /// What a job record's body holds.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Stored {
+    /// The transmission this job is (part of): a large one is spooled as several
+    /// jobs of at most `http.job_recipients_max` recipients, so that no record grows
+    /// past what a spool segment holds and a resumed job re-reads a bounded record.
+    #[serde(default)]
+    pub transmission_id: String,
     pub spec: Spec,
     pub pool: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -49,12 +54,29 @@ pub struct Stored {
     pub received_ms: u64,
 }
 
+impl Stored {
+    /// Everything but the request itself (for the jobs of one transmission).
+    pub fn clone_without_spec(&self) -> Stored {
+        Stored {
+            transmission_id: self.transmission_id.clone(),
+            spec: Spec::default(),
+            pool: self.pool.clone(),
+            tenant: self.tenant.clone(),
+            template_id: self.template_id.clone(),
+            due_ms: self.due_ms,
+            received_ms: self.received_ms,
+        }
+    }
+}
+
 /// A transmission ready to generate: its recipients inline and its content compiled.
 #[derive(Debug)]
 pub struct Job {
+    /// The transmission id (what events and the API reply say).
     pub id: String,
     pub stored: Stored,
-    pub content: Content,
+    /// Shared by the jobs of one transmission.
+    pub content: Arc<Content>,
     pub sandbox: bool,
 }
 
@@ -315,17 +337,43 @@ impl Coordinator {
     }
 }
 
-/// Starts generating a spooled job, as its own task on the shard that spooled (or
-/// recovered) it.
-pub fn start_job(shard: &Rc<Shard>, job: Job, record: MessageId, progress: Progress) {
-    let pending: usize = progress
-        .todo(job.recipients().len())
-        .map(|c| chunk_range(c, job.recipients().len()).len())
-        .sum();
+/// Starts generating spooled jobs one after the other, as one task on the shard
+/// that spooled (or recovered) them.
+pub fn start_jobs(shard: &Rc<Shard>, jobs: Vec<(Job, MessageId, Progress)>) {
     let metrics = &shard.metrics;
-    ShardMetrics::add(&metrics.http_generation_jobs, 1);
-    ShardMetrics::add(&metrics.http_generation_pending_recipients, pending as u64);
-    glommio::spawn_local(run_job(shard.clone(), Arc::new(job), record, progress)).detach();
+    for (job, _, progress) in &jobs {
+        let total = job.recipients().len();
+        let pending: usize = progress
+            .todo(total)
+            .map(|c| chunk_range(c, total).len())
+            .sum();
+        ShardMetrics::add(&metrics.http_generation_jobs, 1);
+        ShardMetrics::add(&metrics.http_generation_pending_recipients, pending as u64);
+    }
+    let shard = shard.clone();
+    glommio::spawn_local(async move {
+        let mut jobs = jobs.into_iter();
+        for (job, record, progress) in jobs.by_ref() {
+            if shard.shutdown.is_raised() {
+                break;
+            }
+            run_job(shard.clone(), Arc::new(job), record, progress).await;
+        }
+        // Jobs not started (shutting down) leave the gauges; they resume at start-up.
+        for (job, _, progress) in jobs {
+            let total = job.recipients().len();
+            let pending: usize = progress
+                .todo(total)
+                .map(|c| chunk_range(c, total).len())
+                .sum();
+            ShardMetrics::sub(&shard.metrics.http_generation_jobs, 1);
+            ShardMetrics::sub(
+                &shard.metrics.http_generation_pending_recipients,
+                pending as u64,
+            );
+        }
+    })
+    .detach();
 }
 
 /// Chunks in flight per shard: one rendering while another waits for its commit.
@@ -474,10 +522,14 @@ pub fn recover(id: MessageId, body: &[u8]) -> Result<Job, String> {
         .compile(substitute)
         .map_err(|r| r.description)?;
     Ok(Job {
-        id: id.to_string(),
+        id: if stored.transmission_id.is_empty() {
+            id.to_string()
+        } else {
+            stored.transmission_id.clone()
+        },
         sandbox: false,
         stored,
-        content,
+        content: Arc::new(content),
     })
 }
 

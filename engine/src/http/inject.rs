@@ -16,7 +16,7 @@ use std::rc::Rc;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::transmissions::{prepare, spool_job};
+use super::transmissions::{prepare, spool_jobs};
 use super::{Reply, parse_json};
 use crate::auth::ApiIdentity;
 use crate::generate::content::Dialect;
@@ -240,7 +240,7 @@ pub async fn inject(
         Ok(converted) => converted,
         Err(refusal) => return refused(refusal),
     };
-    let (mut job, mut failed) = match prepare(shard, identity, peer, spec) {
+    let (job, mut failed) = match prepare(shard, identity, peer, spec) {
         Ok(prepared) => prepared,
         Err(refusal) => return refused(refusal),
     };
@@ -252,13 +252,13 @@ pub async fn inject(
     ShardMetrics::add(&metrics.http_recipients_rejected_total, failed.len() as u64);
     let count = job.recipients().len();
     if deferred {
-        let job_id = match spool_job(shard, &mut job).await {
-            Ok(id) => id,
+        let jobs = match spool_jobs(shard, job).await {
+            Ok(jobs) => jobs,
             Err(reply) => return reply,
         };
         ShardMetrics::add(&metrics.http_transmissions_total, 1);
         ShardMetrics::add(&metrics.http_recipients_accepted_total, count as u64);
-        crate::generate::start_job(shard, job, job_id, Default::default());
+        crate::generate::start_jobs(shard, jobs);
         return reply(count, &failed, &errors);
     }
     let mut success = 0;

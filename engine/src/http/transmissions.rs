@@ -10,7 +10,7 @@
 use std::net::IpAddr;
 use std::rc::Rc;
 
-use gannet_spool::{MessageId, MessageRecord, Record, SpoolError};
+use gannet_spool::{MessageId, MessageRecord, SpoolError};
 
 use super::{Reply, parse_json};
 use crate::auth::ApiIdentity;
@@ -175,10 +175,12 @@ pub fn prepare(
     );
     let sandbox = spec.options.sandbox.unwrap_or(false);
     spec.recipients = Some(Recipients::Inline(accepted));
+    let transmission_id = shard.spool.next_id().to_string();
     Ok((
         Job {
-            id: shard.spool.next_id().to_string(),
+            id: transmission_id.clone(),
             stored: Stored {
+                transmission_id,
                 spec,
                 pool,
                 tenant,
@@ -186,7 +188,7 @@ pub fn prepare(
                 due_ms,
                 received_ms: now_ms,
             },
-            content,
+            content: std::sync::Arc::new(content),
             sandbox,
         },
         rejected,
@@ -241,7 +243,7 @@ fn accepted_reply(job: &Job, accepted: usize, rejected: usize) -> Reply {
     )
 }
 
-async fn submit(shard: &Rc<Shard>, mut job: Job, rejected: usize) -> Reply {
+async fn submit(shard: &Rc<Shard>, job: Job, rejected: usize) -> Reply {
     let metrics = &shard.metrics;
     let count = job.recipients().len();
     ShardMetrics::add(&metrics.http_recipients_rejected_total, rejected as u64);
@@ -257,44 +259,91 @@ async fn submit(shard: &Rc<Shard>, mut job: Job, rejected: usize) -> Reply {
             Err(err) => spool_error(&err),
         };
     }
-    let job_id = match spool_job(shard, &mut job).await {
-        Ok(id) => id,
+    let jobs = match spool_jobs(shard, job).await {
+        Ok(jobs) => jobs,
         Err(reply) => return reply,
     };
     ShardMetrics::add(&metrics.http_transmissions_total, 1);
     ShardMetrics::add(&metrics.http_recipients_accepted_total, count as u64);
-    let reply = accepted_reply(&job, count, rejected);
-    crate::generate::start_job(shard, job, job_id, Default::default());
+    let reply = accepted_reply(&jobs[0].0, count, rejected);
+    crate::generate::start_jobs(shard, jobs);
     reply
 }
 
-/// Spools a job record (the transmission, to be generated after the reply); the
-/// job takes the record's id.
-pub async fn spool_job(shard: &Shard, job: &mut Job) -> Result<MessageId, Reply> {
-    let job_id = shard.spool.next_id();
-    job.id = job_id.to_string();
-    let body = serde_json::to_vec(&job.stored).map_err(|err| {
-        Reply::error(
-            500,
-            "",
-            "transmission could not be stored",
-            &err.to_string(),
-        )
-    })?;
-    let record = MessageRecord {
-        id: job_id,
-        sender: String::new(),
-        recipients: Vec::new(),
-        meta: vec![("kind".to_string(), JOB_KIND.to_string())],
-        queue: JOB_KIND.to_string(),
-        attempts: 0,
-        due_unix_ms: job.stored.due_ms,
-        received_unix_ms: job.stored.received_ms,
-        done: Vec::new(),
-        body,
+/// Spools a transmission to be generated after the reply: one job record per
+/// `http.job_recipients_max` recipients, all in one commit. Returns the jobs with their
+/// record ids, ready for `start_jobs`.
+pub async fn spool_jobs(
+    shard: &Shard,
+    job: Job,
+) -> Result<Vec<(Job, MessageId, crate::generate::Progress)>, Reply> {
+    let Job {
+        id,
+        mut stored,
+        content,
+        sandbox,
+    } = job;
+    let recipients = match stored.spec.recipients.take() {
+        Some(Recipients::Inline(list)) => list,
+        _ => Vec::new(),
     };
-    match shard.spool.write(Record::Message(&record)).await {
-        Ok(()) => Ok(job_id),
-        Err(err) => Err(spool_error(&err)),
+    let per_job = shard.config().http.job_recipients_max.usize();
+    let mut recipients = recipients.into_iter();
+    let mut jobs = Vec::new();
+    let mut tickets = Vec::new();
+    loop {
+        // Each recipient moves once, into its job.
+        let part: Vec<_> = recipients.by_ref().take(per_job).collect();
+        if part.is_empty() {
+            break;
+        }
+        let mut spec = stored.spec.clone();
+        spec.recipients = Some(Recipients::Inline(part));
+        let part_stored = Stored {
+            spec,
+            ..stored.clone_without_spec()
+        };
+        let record_id = shard.spool.next_id();
+        let body = serde_json::to_vec(&part_stored).map_err(|err| {
+            Reply::error(
+                500,
+                "",
+                "transmission could not be stored",
+                &err.to_string(),
+            )
+        })?;
+        let record = MessageRecord {
+            id: record_id,
+            sender: String::new(),
+            recipients: Vec::new(),
+            meta: vec![("kind".to_string(), JOB_KIND.to_string())],
+            queue: JOB_KIND.to_string(),
+            attempts: 0,
+            due_unix_ms: part_stored.due_ms,
+            received_unix_ms: part_stored.received_ms,
+            done: Vec::new(),
+            body,
+        };
+        tickets.push(
+            shard
+                .spool
+                .append_message(&record)
+                .map_err(|e| spool_error(&e))?,
+        );
+        let part_job = Job {
+            id: id.clone(),
+            stored: part_stored,
+            content: content.clone(),
+            sandbox,
+        };
+        jobs.push((part_job, record_id, crate::generate::Progress::default()));
     }
+    for ticket in tickets {
+        shard
+            .spool
+            .durable(ticket)
+            .await
+            .map_err(|e| spool_error(&e))?;
+    }
+    Ok(jobs)
 }

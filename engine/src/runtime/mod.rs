@@ -412,9 +412,11 @@ async fn shard_main(start: ShardStart) -> Result<()> {
             "recovered messages queued for delivery"
         );
     }
-    for (job, job_id, progress) in jobs {
+    for (_, job_id, progress) in &jobs {
         tracing::info!(shard = id, transmission = %job_id, from = progress.prefix, "resuming transmission generation");
-        crate::generate::start_job(&shard, job, job_id, progress);
+    }
+    if !jobs.is_empty() {
+        crate::generate::start_jobs(&shard, jobs);
     }
     glommio::spawn_local(crate::delivery::dispatcher::run(shard.clone())).detach();
     glommio::spawn_local(crate::delivery::dispatcher::inbox(shard.clone())).detach();
