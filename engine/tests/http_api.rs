@@ -329,7 +329,7 @@ fn a_recipient_whose_rendering_fails_does_not_stop_the_others() {
             {"address": "ok1@x.test", "substitution_data": {"items": ["a"]}},
             {"address": "bad@x.test", "substitution_data": {"items": "not a list"}, "tags": ["t"]},
             {"address": "not an address"},
-            {"address": "ok2@x.test"}
+            {"address": {"email": "ok2@x.test", "header_to": "\"The Team\" <team@x.test>"}}
         ],
         "content": {"from": "s@s.test", "subject": "s", "text": "{{ each items }}{{ loop_var }}{{ end }}!"}
     });
@@ -339,6 +339,9 @@ fn a_recipient_whose_rendering_fails_does_not_stop_the_others() {
     assert_eq!(reply["results"]["total_rejected_recipients"], 1, "{reply}");
     let messages = received(&sink, 2);
     assert!(messages.contains_key("ok1@x.test") && messages.contains_key("ok2@x.test"));
+    // header_to shows another address in To (SparkPost's CC and BCC).
+    let ok2 = dissect(messages["ok2@x.test"]["data"].as_str().unwrap());
+    assert_eq!(ok2["headers"]["To"], "The Team <team@x.test>");
     let events = wait_events(&daemon, "the generation failure", |e| {
         !of(e, "generation_failure", "bad@x.test").is_empty()
     });
@@ -1086,4 +1089,65 @@ fn kumo_inject_api_with_jinja_builder_content_and_deferred_generation() {
         assert_eq!(got, status, "{body}: {text}");
         assert!(text.contains(words), "{body}: {text} lacks {words:?}");
     }
+}
+
+/// Requests in flight per shard are bounded: with `requests_in_flight_max = 1` on one
+/// shard, a request whose body is still arriving holds the only slot and the next
+/// gets 503 (monitoring excepted); once it completes, requests are served again.
+#[test]
+fn requests_past_the_in_flight_bound_get_503() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::config_text(
+        dir.path(),
+        "",
+        &format!("{}requests_in_flight_max = 1\n", key_config()),
+    );
+    config = config.replace("shards = 2", "shards = 1");
+    let daemon = Daemon::start_in(dir, &config);
+    let body = json!({
+        "recipients": [{"address": "a@x.test"}],
+        "content": {"from": "s@s.test", "subject": "s", "text": "t"}
+    })
+    .to_string();
+    let mut slow = std::net::TcpStream::connect(daemon.http).unwrap();
+    let head = format!(
+        "POST /api/v1/transmissions HTTP/1.1\r\nhost: x\r\nauthorization: {KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    slow.write_all(head.as_bytes()).unwrap();
+    slow.write_all(&body.as_bytes()[..10]).unwrap();
+    // The slow request is being read; another one is refused, while monitoring is
+    // still answered.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (status, text) = post_raw(&daemon, &body);
+        if status == 503 {
+            assert!(text.contains("too many requests in flight"), "{text}");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never 503: {status} {text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(curl(&daemon, "GET", "/health", &[], None).0, 200);
+    slow.write_all(&body.as_bytes()[10..]).unwrap();
+    let mut reply = [0u8; 512];
+    let n = slow.read(&mut reply).unwrap();
+    let reply = String::from_utf8_lossy(&reply[..n]);
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    drop(slow);
+    assert_eq!(post_raw(&daemon, &body).0, 200);
+}
+
+fn post_raw(daemon: &Daemon, body: &str) -> (u16, String) {
+    curl(
+        daemon,
+        "POST",
+        "/api/v1/transmissions",
+        &[&format!("Authorization: {KEY}")],
+        Some(("application/json", body.as_bytes())),
+    )
 }

@@ -163,8 +163,10 @@ async fn handle(
 ) -> hyper::Response<Full<Bytes>> {
     let metrics = &shard.metrics;
     ShardMetrics::add(&metrics.http_requests_total, 1);
-    let reply = if shard.http_in_flight.get() >= shard.config().http.requests_in_flight_max.usize()
-    {
+    // Monitoring stays answerable under load: /metrics and /health are not counted.
+    let monitoring = matches!(request.uri().path(), "/metrics" | "/health");
+    let full = shard.http_in_flight.get() >= shard.config().http.requests_in_flight_max.usize();
+    let reply = if full && !monitoring {
         Reply::error(503, "", "too many requests in flight", "try again shortly")
     } else {
         shard.http_in_flight.set(shard.http_in_flight.get() + 1);
