@@ -190,15 +190,7 @@ impl Client {
                     .ok_or(Failure::Io("bad reply"))?;
                 return Ok((code, text));
             }
-            let mut chunk = [0u8; 8192];
-            let n = self
-                .stream
-                .read(&mut chunk)
-                .map_err(|_| Failure::Io("read"))?;
-            if n == 0 {
-                return Err(Failure::Io("closed"));
-            }
-            self.input.extend_from_slice(&chunk[..n]);
+            self.fill()?;
         }
     }
 

@@ -238,6 +238,28 @@ impl Job {
         Ok(failures)
     }
 
+    /// Generates every recipient now, batch by batch (inside a request). Returns the
+    /// recipients that got no message with why, and, if the spool stopped it, where:
+    /// recipients from that index on got nothing either.
+    pub async fn generate_all(
+        &self,
+        shard: &Rc<Shard>,
+    ) -> (Vec<(usize, String)>, Option<(usize, SpoolError)>) {
+        let total = self.recipients().len();
+        let mut failures = Vec::new();
+        for start in (0..total).step_by(BATCH) {
+            match self
+                .generate(shard, start..(start + BATCH).min(total))
+                .await
+            {
+                Ok(more) => failures.extend(more),
+                Err(err) => return (failures, Some((start, err))),
+            }
+            glommio::yield_if_needed().await;
+        }
+        (failures, None)
+    }
+
     fn injected(&self, shard: &Shard, record: &MessageRecord, subject: &str) {
         shard.event(&Event::Injection {
             timestamp_ms: record.received_unix_ms,

@@ -60,13 +60,7 @@ pub fn error(status: u16, message: &str, description: &str) -> Reply {
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reply> {
     let mut de = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut de).map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        let description = if path == "." || path.is_empty() {
-            inner.to_string()
-        } else {
-            format!("{path}: {inner}")
-        };
+        let (_, description) = super::describe_json_error(err);
         error(400, "invalid request body", &description)
     })
 }

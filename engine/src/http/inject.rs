@@ -26,9 +26,6 @@ use crate::generate::transmission::{
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
 
-/// Recipients generated and committed together when generating inside the request.
-const BATCH: usize = 256;
-
 #[derive(Debug, Deserialize)]
 struct InjectRequest {
     envelope_sender: String,
@@ -261,27 +258,20 @@ pub async fn inject(
         crate::generate::start_jobs(shard, jobs);
         return reply(count, &failed, &errors);
     }
-    let mut success = 0;
-    for start in (0..count).step_by(BATCH) {
-        let end = (start + BATCH).min(count);
-        match job.generate(shard, start..end).await {
-            Ok(failures) => {
-                success += end - start - failures.len();
-                for (i, reason) in failures {
-                    let email = job.recipients()[i].address.parts().0.to_string();
-                    errors.push(format!("{email}: {reason}"));
-                    failed.push(email);
-                }
-            }
-            Err(err) => {
-                // Nothing of this batch or after it was queued.
-                for rcpt in &job.recipients()[start..] {
-                    failed.push(rcpt.address.parts().0.to_string());
-                }
-                errors.push(format!("spool: {err}"));
-                break;
-            }
+    let (failures, stopped) = job.generate_all(shard).await;
+    let end = stopped.as_ref().map_or(count, |(at, _)| *at);
+    let success = end - failures.len();
+    for (i, reason) in failures {
+        let email = job.recipients()[i].address.parts().0.to_string();
+        errors.push(format!("{email}: {reason}"));
+        failed.push(email);
+    }
+    if let Some((at, err)) = stopped {
+        // Nothing from that batch on was queued.
+        for rcpt in &job.recipients()[at..] {
+            failed.push(rcpt.address.parts().0.to_string());
         }
+        errors.push(format!("spool: {err}"));
     }
     ShardMetrics::add(&metrics.http_transmissions_total, 1);
     ShardMetrics::add(&metrics.http_recipients_accepted_total, success as u64);

@@ -290,25 +290,17 @@ async fn route(
                 _ => method_not_allowed(),
             }
         }
-        TRANSMISSIONS => {
+        TRANSMISSIONS | INJECT => {
             let identity = match authorize(shard, head) {
                 Ok(identity) => identity,
                 Err(reply) => return reply,
             };
             match *method {
                 Method::POST if !json => not_json(),
+                Method::POST if path == INJECT => {
+                    inject::inject(shard, &identity, peer, body).await
+                }
                 Method::POST => transmissions::create(shard, &identity, peer, body).await,
-                _ => method_not_allowed(),
-            }
-        }
-        INJECT => {
-            let identity = match authorize(shard, head) {
-                Ok(identity) => identity,
-                Err(reply) => return reply,
-            };
-            match *method {
-                Method::POST if !json => not_json(),
-                Method::POST => inject::inject(shard, &identity, peer, body).await,
                 _ => method_not_allowed(),
             }
         }
@@ -382,6 +374,21 @@ fn authorize(shard: &Shard, head: &hyper::http::request::Parts) -> Result<ApiIde
     }
 }
 
+/// A JSON error with the path of the value it is about (`content.subject: invalid
+/// type …`).
+pub fn describe_json_error(
+    err: serde_path_to_error::Error<serde_json::Error>,
+) -> (serde_json::Error, String) {
+    let path = err.path().to_string();
+    let inner = err.into_inner();
+    let description = if path == "." || path.is_empty() {
+        inner.to_string()
+    } else {
+        format!("{path}: {inner}")
+    };
+    (inner, description)
+}
+
 /// Parses a JSON body: malformed JSON is 400, a value of the wrong type 422; both
 /// name where the problem is.
 pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reply> {
@@ -401,13 +408,7 @@ pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Re
         ));
     }
     value.map_err(|err| {
-        let path = err.path().to_string();
-        let inner = err.into_inner();
-        let description = if path == "." || path.is_empty() {
-            inner.to_string()
-        } else {
-            format!("{path}: {inner}")
-        };
+        let (inner, description) = describe_json_error(err);
         if inner.is_data() {
             Reply::error(422, "1300", "invalid data format/type", &description)
         } else {

@@ -249,14 +249,14 @@ async fn submit(shard: &Rc<Shard>, job: Job, rejected: usize) -> Reply {
     ShardMetrics::add(&metrics.http_recipients_rejected_total, rejected as u64);
     if count == 1 || job.sandbox {
         // Generated inside the request: the reply says whether it was spooled.
-        return match job.generate(shard, 0..count).await {
-            Ok(failures) => {
+        return match job.generate_all(shard).await {
+            (failures, None) => {
                 let generated = count - failures.len();
                 ShardMetrics::add(&metrics.http_transmissions_total, 1);
                 ShardMetrics::add(&metrics.http_recipients_accepted_total, generated as u64);
                 accepted_reply(&job, generated, rejected + count - generated)
             }
-            Err(err) => spool_error(&err),
+            (_, Some((_, err))) => spool_error(&err),
         };
     }
     let jobs = match spool_jobs(shard, job).await {
