@@ -65,6 +65,11 @@ metrics! {
     /// generated.
     http_generation_jobs: "gauge",
     http_generation_pending_recipients: "gauge",
+    /// Opens and clicks recorded by the tracking endpoints, and requests for them
+    /// with a token that did not verify.
+    tracking_opens_total: "counter",
+    tracking_clicks_total: "counter",
+    tracking_bad_tokens_total: "counter",
     /// Recipients delivered (2xx from the destination).
     delivery_delivered_total: "counter",
     /// Recipient attempts that failed temporarily (retried later).

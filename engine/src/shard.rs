@@ -28,6 +28,10 @@ pub struct Shared {
     pub api_keys: crate::auth::ApiKeys,
     /// Stored templates and recipient lists.
     pub store: Arc<crate::generate::store::Store>,
+    /// Signs and checks engagement tracking tokens.
+    pub tracking_key: crate::generate::tracking::TrackingKey,
+    /// `http.tracking_base_url`, or the default made from the first HTTP listener.
+    pub tracking_base_url: String,
     /// None only if TLS could not be set up (then STARTTLS is not offered).
     pub tls: Option<Arc<rustls::ServerConfig>>,
     /// Client TLS for delivery (built once; each shard's dispatcher clones the Arcs).

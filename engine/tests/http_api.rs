@@ -1151,3 +1151,98 @@ fn post_raw(daemon: &Daemon, body: &str) -> (u16, String) {
         Some(("application/json", body.as_bytes())),
     )
 }
+
+#[test]
+fn open_and_click_tracking_rewrite_html_and_record_events() {
+    let sink = sink();
+    let daemon = daemon(sink.port, "");
+    let body = json!({
+        "options": {"open_tracking": true, "click_tracking": true},
+        "campaign_id": "tracked",
+        "recipients": [{"address": "t1@x.test", "substitution_data": {"id": "a b&c"}}],
+        "content": {
+            "from": "s@s.test",
+            "subject": "s",
+            "text": "plain https://x.test/kept",
+            "html": "<html><body><a href=\"https://shop.test/p?id={{ id }}\">buy</a> <a href=\"mailto:h@s.test\">mail</a></body></html>"
+        }
+    });
+    let (status, reply) = post(&daemon, "/api/v1/transmissions", &body);
+    assert_eq!(status, 200, "{reply}");
+    let messages = received(&sink, 1);
+    let m = dissect(messages["t1@x.test"]["data"].as_str().unwrap());
+    let html = m["body"]["parts"][1]["text"].as_str().unwrap().to_string();
+    let text = m["body"]["parts"][0]["text"].as_str().unwrap();
+    assert!(
+        text.contains("https://x.test/kept"),
+        "text parts are not rewritten: {text}"
+    );
+    assert!(html.contains("href=\"mailto:h@s.test\""), "{html}");
+    let base = format!("http://{}", daemon.http);
+    let url_after = |marker: &str| -> String {
+        let at = html
+            .find(&format!("{base}{marker}"))
+            .unwrap_or_else(|| panic!("{marker} in {html}"));
+        html[at + base.len()..]
+            .split('"')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let click = url_after("/c/");
+    let open = url_after("/o/");
+
+    // The click redirects to the link with its substitution; the pixel is a GIF.
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-A",
+            "TestAgent/1.0",
+            "-w",
+            "%{http_code} %{redirect_url}",
+        ])
+        .arg(format!("{base}{click}"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "302 https://shop.test/p?id=a%20b%26c"
+    );
+    let out = Command::new("curl")
+        .args(["-sS", "-w", "\n%{http_code} %{content_type}"])
+        .arg(format!("{base}{open}"))
+        .output()
+        .unwrap();
+    assert!(out.stdout.starts_with(b"GIF89a"), "{:?}", out.stdout);
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("200 image/gif"));
+    // A forged or altered token is not found and records nothing.
+    let mut forged = click.clone();
+    forged.push('A');
+    assert_eq!(curl(&daemon, "GET", &forged, &[], None).0, 404);
+    assert_eq!(curl(&daemon, "GET", "/c/AAAA", &[], None).0, 404);
+
+    let events = wait_events(&daemon, "open and click", |e| {
+        !of(e, "click", "t1@x.test").is_empty() && !of(e, "open", "t1@x.test").is_empty()
+    });
+    let delivery = wait_events(&daemon, "delivery", |e| {
+        !of(e, "delivery", "t1@x.test").is_empty()
+    });
+    let message_id = &of(&delivery, "delivery", "t1@x.test")[0]["message_id"];
+    let clicked = of(&events, "click", "t1@x.test");
+    assert_eq!(clicked.len(), 1, "{events:#?}");
+    assert_eq!(
+        clicked[0]["target_link_url"],
+        "https://shop.test/p?id=a%20b%26c"
+    );
+    assert_eq!(clicked[0]["user_agent"], "TestAgent/1.0");
+    assert_eq!(clicked[0]["campaign_id"], "tracked");
+    assert_eq!(clicked[0]["transmission_id"], reply["results"]["id"]);
+    assert_eq!(&clicked[0]["message_id"], message_id);
+    assert_eq!(
+        &of(&events, "open", "t1@x.test")[0]["message_id"],
+        message_id
+    );
+    assert_eq!(daemon.metric("tracking_bad_tokens_total"), 2);
+}

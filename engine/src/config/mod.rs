@@ -231,6 +231,12 @@ pub struct HttpConfig {
     pub requests_in_flight_max: Bounded<1, 100_000>,
     /// Recipients per job record of a transmission generated after its reply.
     pub job_recipients_max: Bounded<1, 1_000_000>,
+    /// Where recipients' mail clients reach the tracking endpoints (`/o/…`, `/c/…`);
+    /// empty: `http://` and the first `listen` address.
+    pub tracking_base_url: String,
+    /// Open and click tracking for transmissions that do not say.
+    pub open_tracking_default: bool,
+    pub click_tracking_default: bool,
 }
 
 /// An injection API key: a name, the SHA-256 of the key (never the key), and the
@@ -257,6 +263,9 @@ impl Default for HttpConfig {
             request_bytes_max: Bounded(32 << 20),
             requests_in_flight_max: Bounded(256),
             job_recipients_max: Bounded(10_000),
+            tracking_base_url: String::new(),
+            open_tracking_default: false,
+            click_tracking_default: false,
         }
     }
 }

@@ -83,6 +83,10 @@ pub enum Event<'a> {
         rcpt_tags: &'a [String],
         reason: &'a str,
     },
+    /// A recipient's mail client loaded the open pixel.
+    Open(Engagement<'a>),
+    /// A recipient followed a tracked link.
+    Click(Engagement<'a>),
     /// A recipient was accepted by the destination (2xx).
     Delivery(Outcome<'a>),
     /// A recipient failed temporarily (4xx, or no connection) and will be retried.
@@ -106,6 +110,26 @@ pub enum Event<'a> {
         rcpt_to: Option<&'a str>,
         reply: String,
     },
+}
+
+/// An open or a click, from the signed token of the pixel or link.
+#[derive(Debug, Serialize)]
+pub struct Engagement<'a> {
+    pub timestamp_ms: u64,
+    pub shard: u16,
+    pub message_id: &'a str,
+    pub rcpt_to: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub transmission_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub campaign_id: &'a str,
+    /// The link followed (clicks).
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub target_link_url: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_address: Option<String>,
 }
 
 /// What happened to one recipient in one delivery attempt.

@@ -14,6 +14,7 @@ use mail_builder::headers::text::Text;
 use mail_builder::mime::MimePart;
 
 use super::template::{Flavor, ParseError, RenderError, Scope, Template};
+use super::tracking::Track;
 
 /// A template that failed to compile, with the part it is in (`subject`, `html`, …).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -258,15 +259,16 @@ impl Content {
         part.as_ref().map(|p| self.render(p, scope)).transpose()
     }
 
-    /// Renders the message for one recipient.
+    /// Renders the message for one recipient (with its HTML tracked when `track`).
     pub fn generate(
         &self,
         rcpt: Rcpt<'_>,
         scope: Scope<'_>,
         stamp: Stamp<'_>,
+        track: Option<Track<'_>>,
     ) -> Result<Generated, RenderError> {
         match &self.body {
-            Body::Parts(parts) => self.generate_parts(parts, rcpt, scope, stamp),
+            Body::Parts(parts) => self.generate_parts(parts, rcpt, scope, stamp, track),
             Body::Rfc822(part) => {
                 let text = self.render(part, scope)?;
                 let body = crlf(text.as_bytes());
@@ -335,6 +337,7 @@ impl Content {
         rcpt: Rcpt<'_>,
         scope: Scope<'_>,
         stamp: Stamp<'_>,
+        track: Option<Track<'_>>,
     ) -> Result<Generated, RenderError> {
         let from_email = self.header("from.email", &parts.from_email, scope)?;
         if !valid_email(&from_email) {
@@ -358,7 +361,10 @@ impl Content {
             custom.push((name.as_str(), self.header(name, part, scope)?));
         }
         let text = self.render_opt(&parts.text, scope)?;
-        let html = self.render_opt(&parts.html, scope)?;
+        let mut html = self.render_opt(&parts.html, scope)?;
+        if let (Some(track), Some(rendered)) = (track, &html) {
+            html = Some(track.apply(rendered));
+        }
         let amp = self.render_opt(&parts.amp_html, scope)?;
 
         let mut builder = MessageBuilder::new()

@@ -13,6 +13,7 @@
 pub mod content;
 pub mod store;
 pub mod template;
+pub mod tracking;
 pub mod transmission;
 
 use std::rc::Rc;
@@ -121,7 +122,25 @@ impl Job {
         let scope = Scope { layers: &layers };
         let (email, name, header_to) = rcpt.address.parts();
         let id = shard.spool.next_id();
-        let message_id = format!("{id}@{}", shard.config().server.hostname);
+        let id_text = id.to_string();
+        let message_id = format!("{id_text}@{}", shard.config().server.hostname);
+        let options = &spec.options;
+        let http = &shard.config().http;
+        let open = options.open_tracking.unwrap_or(http.open_tracking_default);
+        let click = options
+            .click_tracking
+            .unwrap_or(http.click_tracking_default);
+        let track = (open || click).then(|| tracking::Track {
+            key: &shard.shared.tracking_key,
+            base_url: &shard.shared.tracking_base_url,
+            open,
+            click,
+            // The queue id, as every later event names the message.
+            message_id: &id_text,
+            rcpt_to: email,
+            transmission_id: &self.id,
+            campaign_id: self.campaign().unwrap_or(""),
+        });
         let generated = self
             .content
             .generate(
@@ -135,6 +154,7 @@ impl Job {
                     message_id: &message_id,
                     unix_secs: now_ms / 1000,
                 },
+                track,
             )
             .map_err(|e| e.0)?;
         let sender = rcpt

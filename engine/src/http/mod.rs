@@ -15,6 +15,7 @@ pub mod admin;
 pub mod inject;
 pub mod recipient_lists;
 pub mod templates;
+pub mod tracking;
 pub mod transmissions;
 
 use std::convert::Infallible;
@@ -113,7 +114,9 @@ where
 pub struct Reply {
     pub status: u16,
     pub content_type: &'static str,
-    pub body: String,
+    pub body: Bytes,
+    /// A redirect's target.
+    pub location: Option<String>,
 }
 
 impl Reply {
@@ -121,7 +124,8 @@ impl Reply {
         Reply {
             status,
             content_type: "application/json",
-            body,
+            body: body.into(),
+            location: None,
         }
     }
 
@@ -180,7 +184,15 @@ async fn handle(
     if reply.status >= 400 {
         ShardMetrics::add(&metrics.http_requests_failed_total, 1);
     }
-    let mut response = hyper::Response::new(Full::new(Bytes::from(reply.body)));
+    let mut response = hyper::Response::new(Full::new(reply.body));
+    if let Some(location) = reply
+        .location
+        .and_then(|l| hyper::header::HeaderValue::from_str(&l).ok())
+    {
+        response
+            .headers_mut()
+            .insert(hyper::header::LOCATION, location);
+    }
     *response.status_mut() =
         StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     response.headers_mut().insert(
@@ -267,10 +279,17 @@ async fn route(
         "/metrics" if method == Method::GET => Reply {
             status: 200,
             content_type: "text/plain; version=0.0.4",
-            body: crate::metrics::render(&shared.metrics),
+            body: crate::metrics::render(&shared.metrics).into(),
+            location: None,
         },
         "/health" if method == Method::GET => Reply::json(200, "{\"status\":\"ok\"}".to_string()),
         "/metrics" | "/health" => method_not_allowed(),
+        _ if path.starts_with("/o/") || path.starts_with("/c/") => match *method {
+            Method::GET | Method::HEAD => {
+                tracking::hit(shard, &path[3..], path.as_bytes()[1] == b'c', head, peer)
+            }
+            _ => method_not_allowed(),
+        },
         SUSPEND => {
             let allowed =
                 peer.is_some_and(|ip| shared.config.http.admin_from.iter().any(|c| c.contains(ip)));

@@ -76,6 +76,16 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     let (addresses, placeholders) = reserve(&config)?;
     let shared = Arc::new(Shared {
         api_keys: crate::auth::ApiKeys::new(&config.http.api_keys),
+        tracking_key: crate::generate::tracking::TrackingKey::load_or_create(&data_dir)
+            .with_context(|| format!("the tracking key in {}", data_dir.display()))?,
+        tracking_base_url: if config.http.tracking_base_url.is_empty() {
+            addresses
+                .http
+                .first()
+                .map_or(String::new(), |a| format!("http://{a}"))
+        } else {
+            config.http.tracking_base_url.clone()
+        },
         store: Arc::new(
             crate::generate::store::Store::open(&data_dir)
                 .with_context(|| format!("opening stored templates in {}", data_dir.display()))?,

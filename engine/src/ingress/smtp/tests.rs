@@ -32,6 +32,10 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
     glommio::spawn_local(spool.clone().run_committer()).detach();
     let shared = Arc::new(Shared {
         api_keys: Default::default(),
+        tracking_key: crate::generate::tracking::TrackingKey::new(
+            b"test tracking key, 32 bytes long",
+        ),
+        tracking_base_url: String::new(),
         store: Arc::new(crate::generate::store::Store::open(events_dir).unwrap()),
         credentials: Credentials::new([]),
         tls: None,

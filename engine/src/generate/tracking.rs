@@ -1,0 +1,302 @@
+//! Engagement tracking: an open pixel added to the HTML of a generated message and
+//! its links rewritten to pass through gannet, each carrying a signed token.
+//!
+//! A token is `base64url(payload ‖ tag)`: the payload names the message, recipient,
+//! transmission and campaign (and, for a click, the link), fields separated by NUL;
+//! the tag is the first 16 bytes of HMAC-SHA256 over the payload with the daemon's
+//! tracking key (`<data_dir>/tracking.key`, made at first start). The endpoints
+//! (`http/tracking.rs`) trust only tokens whose tag verifies, so nobody can forge
+//! events or turn the redirect into an open redirector.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
+use ring::hmac;
+
+const TAG_BYTES: usize = 16;
+
+/// What a token says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tracked {
+    pub kind: Kind,
+    pub message_id: String,
+    pub rcpt_to: String,
+    pub transmission_id: String,
+    pub campaign_id: String,
+    /// The link a click goes to (empty for an open).
+    pub url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Open,
+    Click,
+}
+
+/// The daemon's tracking key.
+#[derive(Debug)]
+pub struct TrackingKey {
+    key: hmac::Key,
+}
+
+impl TrackingKey {
+    pub fn new(secret: &[u8]) -> TrackingKey {
+        TrackingKey {
+            key: hmac::Key::new(hmac::HMAC_SHA256, secret),
+        }
+    }
+
+    /// Loads `<data_dir>/tracking.key`, creating it (32 random bytes, mode 0600) the
+    /// first time.
+    pub fn load_or_create(data_dir: &std::path::Path) -> std::io::Result<TrackingKey> {
+        use std::io::Write as _;
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = data_dir.join("tracking.key");
+        match std::fs::read(&path) {
+            Ok(secret) if secret.len() >= 32 => return Ok(TrackingKey::new(&secret)),
+            Ok(_) => {
+                return Err(std::io::Error::other(format!(
+                    "{} is shorter than 32 bytes",
+                    path.display()
+                )));
+            }
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            Err(_) => {}
+        }
+        let mut secret = [0u8; 32];
+        ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
+            .map_err(|_| std::io::Error::other("no randomness for the tracking key"))?;
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)?;
+        file.write_all(&secret)?;
+        file.sync_all()?;
+        Ok(TrackingKey::new(&secret))
+    }
+
+    pub fn token(&self, t: &Tracked) -> String {
+        let kind = match t.kind {
+            Kind::Open => "o",
+            Kind::Click => "c",
+        };
+        let payload = [
+            kind,
+            &t.message_id,
+            &t.rcpt_to,
+            &t.transmission_id,
+            &t.campaign_id,
+            &t.url,
+        ]
+        .join("\0");
+        let tag = hmac::sign(&self.key, payload.as_bytes());
+        let mut bytes = payload.into_bytes();
+        bytes.extend_from_slice(&tag.as_ref()[..TAG_BYTES]);
+        B64.encode(bytes)
+    }
+
+    /// The token's content, if its tag verifies.
+    pub fn open(&self, token: &str) -> Option<Tracked> {
+        let bytes = B64.decode(token).ok()?;
+        if bytes.len() <= TAG_BYTES {
+            return None;
+        }
+        let (payload, tag) = bytes.split_at(bytes.len() - TAG_BYTES);
+        let expected = hmac::sign(&self.key, payload);
+        // Every byte compared whatever differs, so that a tag cannot be guessed byte
+        // by byte from timings.
+        let differ = expected.as_ref()[..TAG_BYTES]
+            .iter()
+            .zip(tag)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if differ != 0 {
+            return None;
+        }
+        let text = std::str::from_utf8(payload).ok()?;
+        let fields: Vec<&str> = text.split('\0').collect();
+        let [kind, message_id, rcpt_to, transmission_id, campaign_id, url] = fields[..] else {
+            return None;
+        };
+        Some(Tracked {
+            kind: match kind {
+                "o" => Kind::Open,
+                "c" => Kind::Click,
+                _ => return None,
+            },
+            message_id: message_id.into(),
+            rcpt_to: rcpt_to.into(),
+            transmission_id: transmission_id.into(),
+            campaign_id: campaign_id.into(),
+            url: url.into(),
+        })
+    }
+}
+
+/// What to track in one message.
+#[derive(Debug, Clone, Copy)]
+pub struct Track<'a> {
+    pub key: &'a TrackingKey,
+    /// Where the tracking endpoints are reached, e.g. `https://t.example.com`.
+    pub base_url: &'a str,
+    pub open: bool,
+    pub click: bool,
+    pub message_id: &'a str,
+    pub rcpt_to: &'a str,
+    pub transmission_id: &'a str,
+    pub campaign_id: &'a str,
+}
+
+impl Track<'_> {
+    fn tracked(&self, kind: Kind, url: &str) -> Tracked {
+        Tracked {
+            kind,
+            message_id: self.message_id.into(),
+            rcpt_to: self.rcpt_to.into(),
+            transmission_id: self.transmission_id.into(),
+            campaign_id: self.campaign_id.into(),
+            url: url.into(),
+        }
+    }
+
+    /// The HTML with its http(s) links rewritten (click tracking) and the open pixel
+    /// added before `</body>` or at the end (open tracking).
+    pub fn apply(&self, html: &str) -> String {
+        let mut out = String::with_capacity(html.len() + 512);
+        let base = self.base_url.trim_end_matches('/');
+        if self.click {
+            rewrite_links(html, &mut out, |url| {
+                format!(
+                    "{base}/c/{}",
+                    self.key.token(&self.tracked(Kind::Click, url))
+                )
+            });
+        } else {
+            out.push_str(html);
+        }
+        if self.open {
+            let pixel = format!(
+                "<img src=\"{base}/o/{}\" width=\"1\" height=\"1\" border=\"0\" alt=\"\" style=\"height:1px !important;width:1px !important;border-width:0 !important;margin:0 !important;padding:0 !important\">",
+                self.key.token(&self.tracked(Kind::Open, ""))
+            );
+            let at = find_ascii_ci(&out, "</body>").unwrap_or(out.len());
+            out.insert_str(at, &pixel);
+        }
+        out
+    }
+}
+
+/// The first position of `needle` (ASCII, any case) in `hay`.
+fn find_ascii_ci(hay: &str, needle: &str) -> Option<usize> {
+    let (h, n) = (hay.as_bytes(), needle.as_bytes());
+    (0..h.len().saturating_sub(n.len() - 1)).find(|&i| h[i..i + n.len()].eq_ignore_ascii_case(n))
+}
+
+/// Copies `html` to `out`, passing the value of every `href="http…"` (or `'…'`)
+/// through `rewrite`. Other links (mailto:, anchors, relative) are left alone; so is
+/// a link marked `data-msys-clicktrack="0"` before its href.
+fn rewrite_links(html: &str, out: &mut String, rewrite: impl Fn(&str) -> String) {
+    let mut rest = html;
+    while let Some(at) = find_ascii_ci(rest, "href") {
+        let after = &rest[at + 4..];
+        let trimmed = after.trim_start();
+        let Some(value) = trimmed.strip_prefix('=') else {
+            out.push_str(&rest[..at + 4]);
+            rest = after;
+            continue;
+        };
+        let value = value.trim_start();
+        let quote = match value.chars().next() {
+            Some(q @ ('"' | '\'')) => q,
+            _ => {
+                out.push_str(&rest[..at + 4]);
+                rest = after;
+                continue;
+            }
+        };
+        let start = rest.len() - value.len() + 1;
+        let Some(len) = rest[start..].find(quote) else {
+            break;
+        };
+        let url = &rest[start..start + len];
+        let tag_start = rest[..at].rfind('<').unwrap_or(0);
+        let opted_out = rest[tag_start..at].contains("data-msys-clicktrack=\"0\"");
+        let trackable = url.len() > 7
+            && (url[..7].eq_ignore_ascii_case("http://")
+                || url
+                    .get(..8)
+                    .is_some_and(|s| s.eq_ignore_ascii_case("https://")));
+        out.push_str(&rest[..start]);
+        if trackable && !opted_out {
+            // The URL as the browser would follow it: entities in attributes decoded.
+            out.push_str(&rewrite(&url.replace("&amp;", "&")));
+        } else {
+            out.push_str(url);
+        }
+        rest = &rest[start + len..];
+    }
+    out.push_str(rest);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn track(key: &TrackingKey, open: bool, click: bool) -> Track<'_> {
+        Track {
+            key,
+            base_url: "https://t.test/",
+            open,
+            click,
+            message_id: "m1",
+            rcpt_to: "a@x.test",
+            transmission_id: "t1",
+            campaign_id: "c1",
+        }
+    }
+
+    #[test]
+    fn tokens_round_trip_and_refuse_tampering() {
+        let key = TrackingKey::new(b"0123456789abcdef0123456789abcdef");
+        let t = track(&key, true, true).tracked(Kind::Click, "https://x.test/a?b=c");
+        let token = key.token(&t);
+        assert_eq!(key.open(&token), Some(t));
+        let mut bytes = B64.decode(&token).unwrap();
+        bytes[3] ^= 1;
+        assert_eq!(key.open(&B64.encode(&bytes)), None);
+        assert_eq!(key.open("not base64!"), None);
+        assert_eq!(key.open(""), None);
+        let other = TrackingKey::new(b"another key, another key, another");
+        assert_eq!(other.open(&token), None);
+    }
+
+    #[test]
+    fn links_are_rewritten_and_the_pixel_added() {
+        let key = TrackingKey::new(b"0123456789abcdef0123456789abcdef");
+        let html = "<html><BODY><a href=\"https://x.test/a?b=1&amp;c=2\">A</a> <a HREF = 'http://y.test/'>B</a> \
+                    <a href=\"mailto:z@x.test\">M</a> <a href=\"#top\">T</a> \
+                    <a data-msys-clicktrack=\"0\" href=\"https://keep.test/\">K</a></BODY></html>";
+        let out = track(&key, true, true).apply(html);
+        let tokens: Vec<&str> = out
+            .match_indices("https://t.test/c/")
+            .map(|(i, _)| &out[i + 17..])
+            .collect();
+        assert_eq!(tokens.len(), 2, "{out}");
+        let first = key
+            .open(tokens[0].split(['"', '\'']).next().unwrap())
+            .unwrap();
+        assert_eq!(first.url, "https://x.test/a?b=1&c=2");
+        let second = key
+            .open(tokens[1].split(['"', '\'']).next().unwrap())
+            .unwrap();
+        assert_eq!(second.url, "http://y.test/");
+        assert!(out.contains("href=\"mailto:z@x.test\"") && out.contains("href=\"#top\""));
+        assert!(out.contains("href=\"https://keep.test/\""));
+        let pixel = out.find("https://t.test/o/").unwrap();
+        assert!(pixel < out.find("</BODY>").unwrap());
+        // Open only: links untouched; no body tag: the pixel goes at the end.
+        let out = track(&key, true, false).apply("<p><a href=\"https://x.test/\">x</a></p>");
+        assert!(
+            out.starts_with("<p><a href=\"https://x.test/\">x</a></p><img src=\"https://t.test/o/")
+        );
+    }
+}
