@@ -1157,14 +1157,14 @@ fn open_and_click_tracking_rewrite_html_and_record_events() {
     let sink = sink();
     let daemon = daemon(sink.port, "");
     let body = json!({
-        "options": {"open_tracking": true, "click_tracking": true},
+        "options": {"open_tracking": true, "click_tracking": true, "inline_css": true},
         "campaign_id": "tracked",
         "recipients": [{"address": "t1@x.test", "substitution_data": {"id": "a b&c"}}],
         "content": {
             "from": "s@s.test",
             "subject": "s",
             "text": "plain https://x.test/kept",
-            "html": "<html><body><a href=\"https://shop.test/p?id={{ id }}\">buy</a> <a href=\"mailto:h@s.test\">mail</a></body></html>"
+            "html": "<html><head><style>a { color: red }</style></head><body><a href=\"https://shop.test/p?id={{ id }}\">buy</a> <a href=\"mailto:h@s.test\">mail</a></body></html>"
         }
     });
     let (status, reply) = post(&daemon, "/api/v1/transmissions", &body);
@@ -1178,6 +1178,8 @@ fn open_and_click_tracking_rewrite_html_and_record_events() {
         "text parts are not rewritten: {text}"
     );
     assert!(html.contains("href=\"mailto:h@s.test\""), "{html}");
+    // inline_css moved the style sheet's rule onto the links.
+    assert!(html.contains("style=\"color: red;\""), "{html}");
     let base = format!("http://{}", daemon.http);
     let url_after = |marker: &str| -> String {
         let at = html

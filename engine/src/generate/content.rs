@@ -71,6 +71,9 @@ enum Part {
 pub struct Content {
     body: Body,
     jinja: minijinja::Environment<'static>,
+    /// Move the rules of `<style>` elements into `style` attributes of the HTML after
+    /// substitution (SparkPost's `inline_css`), for clients that ignore style sheets.
+    pub inline_css: bool,
 }
 
 #[derive(Debug)]
@@ -207,6 +210,7 @@ impl Content {
         Ok(Content {
             body: Body::Parts(Box::new(parts)),
             jinja: c.jinja,
+            inline_css: false,
         })
     }
 
@@ -220,6 +224,7 @@ impl Content {
         Ok(Content {
             body: Body::Rfc822(part),
             jinja: c.jinja,
+            inline_css: false,
         })
     }
 
@@ -362,6 +367,16 @@ impl Content {
         }
         let text = self.render_opt(&parts.text, scope)?;
         let mut html = self.render_opt(&parts.html, scope)?;
+        if let (true, Some(rendered)) = (self.inline_css, &html) {
+            let inliner = css_inline::CSSInliner::options()
+                .load_remote_stylesheets(false)
+                .build();
+            html = Some(
+                inliner
+                    .inline(rendered)
+                    .map_err(|e| RenderError(format!("inline_css: {e}")))?,
+            );
+        }
         if let (Some(track), Some(rendered)) = (track, &html) {
             html = Some(track.apply(rendered));
         }

@@ -556,13 +556,14 @@ pub async fn generate_chunk(shard: &Rc<Shard>, job: &Job, chunk: u32) -> bool {
 pub fn recover(id: MessageId, body: &[u8]) -> Result<Job, String> {
     let stored: Stored = serde_json::from_slice(body).map_err(|e| format!("job record: {e}"))?;
     let substitute = stored.spec.options.perform_substitutions.unwrap_or(true);
-    let content = stored
+    let mut content = stored
         .spec
         .content
         .as_ref()
         .ok_or("job record without content")?
         .compile(substitute)
         .map_err(|r| r.description)?;
+    content.inline_css = stored.spec.options.inline_css.unwrap_or(false);
     Ok(Job {
         id: if stored.transmission_id.is_empty() {
             id.to_string()

@@ -107,7 +107,8 @@ pub fn prepare(
     });
     let content_spec = spec.content.as_ref().expect("set above");
     let substitute = spec.options.perform_substitutions.unwrap_or(true);
-    let content = content_spec.compile(substitute)?;
+    let mut content = content_spec.compile(substitute)?;
+    content.inline_css = spec.options.inline_css.unwrap_or(false);
     for (field, path) in [(&spec.return_path, "return_path")] {
         if let Some(address) = field
             && !valid_email(address)
