@@ -1248,3 +1248,39 @@ fn open_and_click_tracking_rewrite_html_and_record_events() {
     );
     assert_eq!(daemon.metric("tracking_bad_tokens_total"), 2);
 }
+
+/// A sandbox transmission is generated and evented (so templates can be tried on
+/// real data) but nothing is spooled or sent.
+#[test]
+fn sandbox_transmissions_are_generated_but_never_queued() {
+    let sink = sink();
+    let daemon = daemon(sink.port, "");
+    let body = json!({
+        "options": {"sandbox": true},
+        "recipients": [
+            {"address": "s1@x.test", "substitution_data": {"n": 1}},
+            {"address": "s2@x.test", "substitution_data": {"n": 2}}
+        ],
+        "content": {"from": "s@s.test", "subject": "try {{ n }}", "text": "t"}
+    });
+    let (status, reply) = post(&daemon, "/api/v1/transmissions", &body);
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["results"]["total_accepted_recipients"], 2);
+    let events = wait_events(&daemon, "two injections", |e| {
+        e.iter().filter(|e| e["type"] == "injection").count() == 2
+    });
+    let s2 = of(&events, "injection", "s2@x.test")[0];
+    assert_eq!(s2["sandbox"], true);
+    assert_eq!(s2["subject"], "try 2");
+    // Nothing queued: a real message sent afterwards is the only one to arrive.
+    let real = json!({
+        "recipients": [{"address": "real@x.test"}],
+        "content": {"from": "s@s.test", "subject": "real", "text": "t"}
+    });
+    assert_eq!(post(&daemon, "/api/v1/transmissions", &real).0, 200);
+    let messages = received(&sink, 1);
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(sink.messages().len(), 1);
+    assert!(messages.contains_key("real@x.test"));
+    assert_eq!(daemon.metric("http_messages_generated_total"), 1);
+}
