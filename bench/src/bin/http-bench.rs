@@ -323,9 +323,13 @@ fn main() -> Result<()> {
         ));
     }
     md.push_str(&format!(
-        "\nGenerated messages averaged {:.0} bytes; the SMTP and single-request runs send messages of that size. Goal: ≥ 50,000 generated recipients/s — {}.\n",
+        "\nGenerated messages averaged {:.0} bytes; the SMTP and single-request runs send messages of that size. Goal (for 100,000 recipients): ≥ 50,000 generated recipients/s{}.\n",
         merges.iter().map(|m| m.mean_size).sum::<f64>() / merges.len() as f64,
-        if merge_rate >= 50_000.0 { "met" } else { "not met" },
+        match (args.recipients, merge_rate >= 50_000.0) {
+            (100_000, true) => " — met",
+            (100_000, false) => " — not met",
+            _ => "",
+        },
     ));
     print!("{md}");
     append_results(&args.results, &md)?;
