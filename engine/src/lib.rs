@@ -7,6 +7,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod delivery;
+pub mod dkim;
 pub mod dns;
 pub mod events;
 pub mod generate;
