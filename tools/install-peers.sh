@@ -11,6 +11,7 @@ command -v curl >/dev/null || need+=(curl)
 perl -MIO::Socket::SSL -e1 2>/dev/null || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
 [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+command -v openssl >/dev/null || need+=(openssl)
 command -v python3 >/dev/null || need+=(python3)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
@@ -19,9 +20,10 @@ if [ ${#need[@]} -gt 0 ]; then
   install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"; }
   install >/dev/null || { apt-get update -q >/dev/null && install >/dev/null; }
 fi
-# Python peers in a venv under target/: aiosmtpd (an independent SMTP server) and
-# SparkPost's official client library (the HTTP API's real client).
-if ! target/pyenv/bin/python3 -c 'import aiosmtpd, sparkpost' 2>/dev/null; then
+# Python peers in a venv under target/: aiosmtpd (an independent SMTP server),
+# SparkPost's official client library (the HTTP API's real client) and dkimpy with
+# PyNaCl (an independent DKIM verifier, RSA and Ed25519).
+if ! target/pyenv/bin/python3 -c 'import aiosmtpd, sparkpost, dkim, nacl' 2>/dev/null; then
   [ -x target/pyenv/bin/python3 ] || python3 -m venv target/pyenv
-  target/pyenv/bin/pip install -q aiosmtpd==1.4.6 sparkpost==1.3.10
+  target/pyenv/bin/pip install -q aiosmtpd==1.4.6 sparkpost==1.3.10 dkimpy==1.1.8 pynacl==1.5.0
 fi

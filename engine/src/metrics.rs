@@ -70,6 +70,9 @@ metrics! {
     tracking_opens_total: "counter",
     tracking_clicks_total: "counter",
     tracking_bad_tokens_total: "counter",
+    /// DKIM signatures made, and messages refused or failed for want of one.
+    dkim_signatures_total: "counter",
+    dkim_failures_total: "counter",
     /// Recipients delivered (2xx from the destination).
     delivery_delivered_total: "counter",
     /// Recipient attempts that failed temporarily (retried later).

@@ -28,6 +28,8 @@ pub struct Shared {
     pub api_keys: crate::auth::ApiKeys,
     /// Stored templates and recipient lists.
     pub store: Arc<crate::generate::store::Store>,
+    /// DKIM keys, loaded at start-up.
+    pub dkim: crate::dkim::Signers,
     /// Signs and checks engagement tracking tokens.
     pub tracking_key: crate::generate::tracking::TrackingKey,
     /// `http.tracking_base_url`, or the default made from the first HTTP listener.

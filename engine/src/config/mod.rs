@@ -4,6 +4,7 @@
 //!
 //! Unknown keys and bad values are errors that name the key path and the line.
 
+pub mod dkim;
 pub mod net;
 pub mod shaping;
 
@@ -31,6 +32,7 @@ pub struct Config {
     pub spool: SpoolSection,
     pub events: EventsConfig,
     pub delivery: DeliveryConfig,
+    pub dkim: dkim::DkimConfig,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]

@@ -8,12 +8,14 @@
 
 pub mod canon;
 pub mod keys;
+pub mod signers;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use ring::signature::{Ed25519KeyPair, RsaKeyPair};
 
 pub use canon::Canon;
+pub use signers::{DkimFailure, Signers};
 
 /// A private key.
 #[derive(Debug)]

@@ -157,6 +157,23 @@ impl Job {
                 track,
             )
             .map_err(|e| e.0)?;
+        // DKIM, once per generated message.
+        let body = match shard.shared.dkim.sign(
+            &generated.body,
+            self.stored.tenant.as_deref(),
+            now_ms / 1000,
+        ) {
+            Ok(None) => generated.body,
+            Ok(Some(mut signed)) => {
+                ShardMetrics::add(&shard.metrics.dkim_signatures_total, 1);
+                signed.extend_from_slice(&generated.body);
+                signed
+            }
+            Err(err) => {
+                ShardMetrics::add(&shard.metrics.dkim_failures_total, 1);
+                return Err(err.to_string());
+            }
+        };
         let sender = rcpt
             .return_path
             .as_deref()
@@ -203,7 +220,7 @@ impl Job {
                 due_unix_ms: self.stored.due_ms,
                 received_unix_ms: now_ms,
                 done: Vec::new(),
-                body: generated.body,
+                body,
             },
             generated.subject,
         ))

@@ -76,6 +76,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     let (addresses, placeholders) = reserve(&config)?;
     let shared = Arc::new(Shared {
         api_keys: crate::auth::ApiKeys::new(&config.http.api_keys),
+        dkim: crate::dkim::Signers::load(&config.dkim).map_err(|e| anyhow!("{e}"))?,
         tracking_key: crate::generate::tracking::TrackingKey::load_or_create(&data_dir)
             .with_context(|| format!("the tracking key in {}", data_dir.display()))?,
         tracking_base_url: if config.http.tracking_base_url.is_empty() {

@@ -569,6 +569,29 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     if let Verdict::Reject(reply) = policy.final_validation(&client, &draft, &mut prepared) {
         return reply;
     }
+    // DKIM, once per message whatever its recipients, as the last change to it.
+    match shard
+        .shared
+        .dkim
+        .sign(&prepared, lifted.tenant.as_deref(), now_ms / 1000)
+    {
+        Ok(None) => {}
+        Ok(Some(mut signed)) => {
+            ShardMetrics::add(&shard.metrics.dkim_signatures_total, 1);
+            signed.extend_from_slice(&prepared);
+            prepared = signed;
+        }
+        Err(err) => {
+            ShardMetrics::add(&shard.metrics.dkim_failures_total, 1);
+            tracing::warn!(shard = shard.id, peer = %s.peer, "message not signed: {err}");
+            return match err {
+                crate::dkim::DkimFailure::NoKey(_) => Reply::new(550, "5.7.1", err.to_string()),
+                crate::dkim::DkimFailure::Sign(_) => {
+                    Reply::new(451, "4.3.0", "DKIM signing failed; try again later")
+                }
+            };
+        }
+    }
     let queue = crate::queue::scheduled_queue(
         lifted.campaign.as_deref(),
         lifted.tenant.as_deref(),

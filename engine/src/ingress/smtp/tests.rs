@@ -32,6 +32,7 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
     glommio::spawn_local(spool.clone().run_committer()).detach();
     let shared = Arc::new(Shared {
         api_keys: Default::default(),
+        dkim: crate::dkim::Signers::load(&Default::default()).unwrap(),
         tracking_key: crate::generate::tracking::TrackingKey::new(
             b"test tracking key, 32 bytes long",
         ),

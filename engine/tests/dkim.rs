@@ -1,0 +1,352 @@
+//! DKIM end to end: messages injected over SMTP (Python's smtplib) and HTTP pass
+//! through gannet to an aiosmtpd sink, and every signature they carry is verified by
+//! dkimpy (an independent implementation) with the public keys served from its
+//! `dnsfunc` — RSA (2048 and 3072 bits, made by openssl) and Ed25519 (made by ring),
+//! every canonicalization pair, over-signing, 8-bit bodies, long folded headers,
+//! empty bodies and trailing blank lines.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use base64::Engine as _;
+use common::relay::{delivery_config, inject, sink};
+use common::{Client, Daemon, run_with_input};
+use serde_json::{Value, json};
+
+const KEY: &str = "dkim-test-key-0c51";
+
+struct Keys {
+    dir: tempfile::TempDir,
+}
+
+impl Keys {
+    fn new() -> Keys {
+        let dir = tempfile::tempdir().unwrap();
+        let ed = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
+            .unwrap();
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            base64::engine::general_purpose::STANDARD.encode(ed.as_ref())
+        );
+        std::fs::write(dir.path().join("ed25519.pem"), pem).unwrap();
+        for bits in [2048, 3072] {
+            let out = Command::new("openssl")
+                .args(["genpkey", "-algorithm", "RSA", "-pkeyopt"])
+                .arg(format!("rsa_keygen_bits:{bits}"))
+                .arg("-out")
+                .arg(dir.path().join(format!("rsa{bits}.pem")))
+                .output()
+                .expect("openssl is installed by tools/install-peers.sh");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Keys { dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(format!("{name}.pem"))
+    }
+}
+
+/// (domain, selector, key file, header canon, body canon, extra TOML)
+type KeySpec<'a> = (&'a str, &'a str, &'a str, &'a str, &'a str, &'a str);
+
+const KEYS: &[KeySpec] = &[
+    ("rr.test", "r", "rsa2048", "relaxed", "relaxed", ""),
+    ("rr.test", "e", "ed25519", "relaxed", "relaxed", ""),
+    ("ss.test", "r", "rsa2048", "simple", "simple", ""),
+    ("ss.test", "e", "ed25519", "simple", "simple", ""),
+    (
+        "rs.test",
+        "e",
+        "ed25519",
+        "relaxed",
+        "simple",
+        "oversign = [\"from\", \"subject\", \"to\"], ",
+    ),
+    ("sr.test", "r", "rsa3072", "simple", "relaxed", ""),
+    (
+        "esp.test",
+        "esp",
+        "ed25519",
+        "relaxed",
+        "relaxed",
+        "tenants = [\"acme\"], ",
+    ),
+];
+
+fn dkim_config(keys: &Keys, mode: &str) -> String {
+    let entries: Vec<String> = KEYS
+        .iter()
+        .map(|(domain, selector, file, h, b, extra)| {
+            format!(
+                "{{ domain = \"{domain}\", selector = \"{selector}\", key_file = \"{}\", header_canonicalization = \"{h}\", body_canonicalization = \"{b}\", {extra}}}",
+                keys.path(file).display()
+            )
+            .replace(", }", " }")
+        })
+        .collect();
+    format!(
+        "[dkim]\nmode = \"{mode}\"\nkeys = [\n{}\n]\n",
+        entries.join(",\n")
+    )
+}
+
+/// The TXT records dkimpy looks up: `selector._domainkey.domain.` → record.
+fn dns_records(keys: &Keys) -> Value {
+    let mut records = serde_json::Map::new();
+    for (domain, selector, file, ..) in KEYS {
+        let key = gannet_engine::dkim::keys::load(&keys.path(file)).unwrap();
+        records.insert(
+            format!("{selector}._domainkey.{domain}."),
+            key.dns_record().into(),
+        );
+    }
+    Value::Object(records)
+}
+
+/// dkimpy verifies every DKIM-Signature of a message: [{d, s, a, c, ok}].
+const VERIFY: &str = r#"
+import json, sys, dkim
+records = json.loads(sys.argv[1])
+message = sys.stdin.buffer.read()
+def dnsfunc(name, timeout=5):
+    return records.get(name.decode()).encode()
+out = []
+count = len([1 for line in message.split(b"\r\n") if line.lower().startswith(b"dkim-signature:")])
+for i in range(count):
+    v = dkim.DKIM(message)
+    ok = v.verify(idx=i, dnsfunc=dnsfunc)
+    tags = dict(v.signature_fields)
+    out.append({"d": tags[b"d"].decode(), "s": tags[b"s"].decode(), "a": tags[b"a"].decode(),
+                "c": tags.get(b"c", b"simple/simple").decode(), "ok": bool(ok)})
+print(json.dumps(out))
+"#;
+
+fn verify(records: &Value, message: &[u8]) -> Vec<Value> {
+    let out = run_with_input(
+        Command::new(common::peers::python())
+            .arg("-c")
+            .arg(VERIFY)
+            .arg(records.to_string()),
+        message,
+    );
+    assert!(
+        out.status.success(),
+        "dkimpy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+fn received(sink: &common::relay::Sink, n: usize) -> Vec<Value> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let messages = sink.messages();
+        if messages.len() >= n {
+            return messages;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {n} arrived",
+            messages.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+fn data(message: &Value) -> Vec<u8> {
+    message["data"]
+        .as_str()
+        .unwrap()
+        .chars()
+        .map(|c| c as u8)
+        .collect()
+}
+
+#[test]
+fn every_signature_combination_verifies_with_dkimpy() {
+    let keys = Keys::new();
+    let records = dns_records(&keys);
+    let sink = sink();
+    let digest = gannet_engine::auth::KeyDigest::of(KEY);
+    let routes = format!("\"x.test\" = [\"127.0.0.1:{}\"]", sink.port);
+    let daemon = Daemon::start(
+        "",
+        &format!(
+            "api_keys = [{{ name = \"t\", key_sha256 = \"{digest}\", tenant = \"acme\" }}]\n{}\n{}",
+            delivery_config(&routes),
+            dkim_config(&keys, "optional")
+        ),
+    );
+    let long = "word ".repeat(120);
+    // (From domain, recipient, the message as DATA carries it)
+    let cases: Vec<(&str, &str, String)> = vec![
+        (
+            "rr.test",
+            "eightbit@x.test",
+            "From: A <a@rr.test>\r\nTo: eightbit@x.test\r\nSubject: Grüße\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\nGrüße aus Köln — ça va?\r\n.\r\n".into(),
+        ),
+        (
+            "ss.test",
+            "folded@x.test",
+            format!("From: a@ss.test\r\nTo: folded@x.test\r\nSubject: a subject\r\n folded over\r\n\tthree lines\r\nX-Long: {long}\r\n\r\nbody  with   spaces \r\n.\r\n"),
+        ),
+        (
+            "rs.test",
+            "empty@x.test",
+            "From: a@rs.test\r\nTo: empty@x.test\r\nSubject: empty body\r\n\r\n.\r\n".into(),
+        ),
+        (
+            "sr.test",
+            "trailing@x.test",
+            "From: a@sub.sr.test\r\nTo: trailing@x.test\r\nSubject: trailing\r\n\r\nbody\r\n\r\n\r\n\r\n.\r\n".into(),
+        ),
+        (
+            "esp.test",
+            "tenant@x.test",
+            "From: a@nokey.test\r\nTo: tenant@x.test\r\nSubject: tenant\r\nX-Gannet-Tenant: acme\r\n\r\nsigned by the ESP\r\n.\r\n".into(),
+        ),
+    ];
+    for (_, rcpt, message) in &cases {
+        inject(&daemon, &[rcpt], message);
+    }
+    // One over HTTP, signed per generated message (tenant acme, From rr.test).
+    let body = json!({
+        "recipients": [{"address": "http@x.test"}],
+        "content": {"from": "news@rr.test", "subject": "über", "text": "hällo", "html": "<p>hällo</p>"}
+    });
+    let (status, reply) = common::curl(
+        &daemon,
+        "POST",
+        "/api/v1/transmissions",
+        &[&format!("Authorization: {KEY}")],
+        Some(("application/json", body.to_string().as_bytes())),
+    );
+    assert_eq!(status, 200, "{reply}");
+
+    let messages = received(&sink, cases.len() + 1);
+    let by_rcpt = |rcpt: &str| {
+        messages
+            .iter()
+            .find(|m| m["rcpt_tos"][0] == rcpt)
+            .unwrap_or_else(|| panic!("{rcpt} missing"))
+    };
+    // Every signature expected for each message is there and verifies.
+    // (recipient, [(d=, s=, c=)])
+    type Expected<'a> = (&'a str, Vec<(&'a str, &'a str, &'a str)>);
+    let expect: Vec<Expected> = vec![
+        (
+            "eightbit@x.test",
+            vec![
+                ("rr.test", "r", "relaxed/relaxed"),
+                ("rr.test", "e", "relaxed/relaxed"),
+            ],
+        ),
+        (
+            "folded@x.test",
+            vec![
+                ("ss.test", "r", "simple/simple"),
+                ("ss.test", "e", "simple/simple"),
+            ],
+        ),
+        ("empty@x.test", vec![("rs.test", "e", "relaxed/simple")]),
+        ("trailing@x.test", vec![("sr.test", "r", "simple/relaxed")]),
+        (
+            "tenant@x.test",
+            vec![("esp.test", "esp", "relaxed/relaxed")],
+        ),
+        (
+            "http@x.test",
+            vec![
+                ("rr.test", "r", "relaxed/relaxed"),
+                ("rr.test", "e", "relaxed/relaxed"),
+                ("esp.test", "esp", "relaxed/relaxed"),
+            ],
+        ),
+    ];
+    for (rcpt, signatures) in expect {
+        let message = data(by_rcpt(rcpt));
+        let results = verify(&records, &message);
+        assert_eq!(results.len(), signatures.len(), "{rcpt}: {results:?}");
+        for (d, s, c) in signatures {
+            let found = results
+                .iter()
+                .find(|r| r["d"] == d && r["s"] == s)
+                .unwrap_or_else(|| panic!("{rcpt}: no {s}._domainkey.{d} in {results:?}"));
+            assert_eq!(found["c"], c, "{rcpt}");
+            assert_eq!(
+                found["ok"],
+                true,
+                "{rcpt}: {found} did not verify:\n{}",
+                String::from_utf8_lossy(&message)
+            );
+        }
+    }
+    // Over-signing: a Subject added in transit breaks the rs.test signature.
+    let mut tampered = b"Subject: added later\r\n".to_vec();
+    tampered.extend_from_slice(&data(by_rcpt("empty@x.test")));
+    assert_eq!(verify(&records, &tampered)[0]["ok"], false);
+    assert_eq!(daemon.metric("dkim_signatures_total"), 6);
+}
+
+#[test]
+fn required_signing_refuses_mail_no_key_signs() {
+    let keys = Keys::new();
+    let daemon = Daemon::start("", &dkim_config(&keys, "required"));
+    let mut client = Client::connect(daemon.smtp);
+    client.expect("220");
+    client.send(b"EHLO c.test\r\nMAIL FROM:<a@nokey.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n");
+    client.expect("250");
+    client.expect("250");
+    client.expect("250");
+    client.expect("354");
+    client.send(b"From: a@nokey.test\r\nSubject: x\r\n\r\nx\r\n.\r\n");
+    let reply = client.expect("550 5.7.1");
+    assert!(reply.contains("nokey.test"), "{reply}");
+    // A signed domain is accepted on the same connection.
+    client.send(b"MAIL FROM:<a@rr.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n");
+    client.expect("250");
+    client.expect("250");
+    client.expect("354");
+    client.send(b"From: a@rr.test\r\nSubject: x\r\n\r\nx\r\n.\r\n");
+    client.expect("250 2.0.0");
+    assert_eq!(daemon.metric("dkim_failures_total"), 1);
+}
+
+#[test]
+fn an_unusable_key_stops_the_start_with_its_file_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.pem");
+    std::fs::write(
+        &bad,
+        "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+    )
+    .unwrap();
+    let config = common::config_text(
+        dir.path(),
+        "",
+        &format!(
+            "[dkim]\nkeys = [{{ domain = \"a.test\", selector = \"s\", key_file = \"{}\" }}]\n",
+            bad.display()
+        ),
+    );
+    let path = dir.path().join("g.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gannetd"))
+        .args(["--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dkim.keys[0].key_file") && err.contains("bad.pem"),
+        "{err}"
+    );
+}
