@@ -1,0 +1,153 @@
+//! `gannet-dkim keygen`: makes a DKIM key pair for gannet's `[dkim] keys` and prints
+//! the DNS TXT record that publishes its public key.
+//!
+//! Ed25519 keys are made with ring, RSA keys with the `rsa` crate (ring cannot make
+//! RSA keys). The private key is written as PKCS#8 PEM, readable by its owner only.
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as B64;
+use clap::{Parser, Subcommand, ValueEnum};
+use ring::signature::KeyPair as _;
+
+#[derive(Debug, Parser)]
+#[command(version, about = "DKIM keys for gannet")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Algorithm {
+    Ed25519,
+    Rsa,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Make a key pair: writes <out>/<domain>.<selector>.pem and prints the TXT record
+    /// and the `[dkim] keys` entry.
+    Keygen {
+        /// The signing domain (d=).
+        #[arg(long)]
+        domain: String,
+        /// The selector (s=).
+        #[arg(long)]
+        selector: String,
+        #[arg(long, value_enum, default_value = "rsa")]
+        algorithm: Algorithm,
+        /// RSA key size (2048 to 4096; gannet signs with ring, which takes no less).
+        #[arg(long, default_value_t = 2048)]
+        bits: usize,
+        /// Directory for the private key.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+}
+
+/// (PKCS#8 DER of the private key, k=, p=)
+fn generate(algorithm: Algorithm, bits: usize) -> Result<(Vec<u8>, &'static str, String), String> {
+    match algorithm {
+        Algorithm::Ed25519 => {
+            let rng = ring::rand::SystemRandom::new();
+            let pkcs8 =
+                ring::signature::Ed25519KeyPair::generate_pkcs8(&rng).map_err(|e| e.to_string())?;
+            let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+                .map_err(|e| e.to_string())?;
+            Ok((
+                pkcs8.as_ref().to_vec(),
+                "ed25519",
+                B64.encode(pair.public_key().as_ref()),
+            ))
+        }
+        Algorithm::Rsa => {
+            use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey};
+            if !(2048..=4096).contains(&bits) {
+                return Err(format!(
+                    "--bits {bits}: gannet signs with RSA keys of 2048 to 4096 bits"
+                ));
+            }
+            let key =
+                rsa::RsaPrivateKey::new(&mut rand_core::OsRng, bits).map_err(|e| e.to_string())?;
+            let der = key.to_pkcs8_der().map_err(|e| e.to_string())?;
+            let public = key
+                .to_public_key()
+                .to_public_key_der()
+                .map_err(|e| e.to_string())?;
+            Ok((
+                der.as_bytes().to_vec(),
+                "rsa",
+                B64.encode(public.as_bytes()),
+            ))
+        }
+    }
+}
+
+/// A TXT record value as quoted strings of at most 255 bytes (RFC 1035's limit).
+fn txt_strings(value: &str) -> String {
+    value
+        .as_bytes()
+        .chunks(255)
+        .map(|c| format!("\"{}\"", String::from_utf8_lossy(c)))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn keygen(
+    domain: &str,
+    selector: &str,
+    algorithm: Algorithm,
+    bits: usize,
+    out: &std::path::Path,
+) -> Result<(), String> {
+    let (pkcs8, k, p) = generate(algorithm, bits)?;
+    let path = out.join(format!("{domain}.{selector}.pem"));
+    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for line in B64.encode(&pkcs8).as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END PRIVATE KEY-----\n");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    file.write_all(pem.as_bytes())
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let record = format!("v=DKIM1; k={k}; p={p}");
+    println!(
+        "{selector}._domainkey.{domain}. IN TXT {}",
+        txt_strings(&record)
+    );
+    println!();
+    println!("# [dkim] keys entry:");
+    println!(
+        "{{ domain = \"{domain}\", selector = \"{selector}\", key_file = \"{}\" }}",
+        path.display()
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match Cli::parse().command {
+        Command::Keygen {
+            domain,
+            selector,
+            algorithm,
+            bits,
+            out,
+        } => match keygen(&domain, &selector, algorithm, bits, &out) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("gannet-dkim: {e}");
+                ExitCode::from(2)
+            }
+        },
+    }
+}
