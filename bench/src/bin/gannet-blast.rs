@@ -53,6 +53,10 @@ struct Args {
     /// Envelope sender.
     #[arg(long, default_value = "blast@blast.test")]
     from: String,
+    /// Instead of --from: senders in this many domains, blast@f0.test … (message n
+    /// from domain n mod count), e.g. to exercise one DKIM key per sending domain.
+    #[arg(long)]
+    from_domain_count: Option<u64>,
     /// Messages per connection before it is closed (1: a new connection per message).
     #[arg(long, default_value_t = 1)]
     per_connection: u64,
@@ -343,8 +347,12 @@ impl Client {
             .map(|k| format!("u{seq}-{k}@{}", shared.domains.pick(fastrand::u64(..))))
             .collect();
         let size = *shared.sizes.pick(fastrand::u64(..));
-        let body = message(seq, size, &args.from, &rcpts[0]);
-        let mail = format!("MAIL FROM:<{}>\r\n", args.from);
+        let from = match args.from_domain_count {
+            Some(n) => format!("blast@f{}.test", seq % n.max(1)),
+            None => args.from.clone(),
+        };
+        let body = message(seq, size, &from, &rcpts[0]);
+        let mail = format!("MAIL FROM:<{from}>\r\n");
         let mut accepted = 0;
         if self.pipelining {
             let mut batch = mail.into_bytes();

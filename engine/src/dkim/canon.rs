@@ -147,24 +147,44 @@ pub fn body(canon: Canon, body: &[u8], sink: &mut impl FnMut(&[u8])) {
             if body.is_empty() {
                 return;
             }
+            // Runs of lines that relaxed canonicalization leaves as they are (no tab,
+            // no double space, no space before the line end) are hashed in one piece;
+            // only the other lines are rewritten.
             let mut line_buf = Vec::with_capacity(1024);
+            let mut clean_from = 0;
+            let mut at = 0;
             for line in body.split_inclusive(|&b| b == b'\n') {
                 let content = line.strip_suffix(b"\r\n").unwrap_or(line);
-                line_buf.clear();
-                let mut pending_space = false;
-                for &b in content {
-                    if matches!(b, b' ' | b'\t') {
-                        pending_space = true;
-                    } else {
-                        if pending_space {
-                            line_buf.push(b' ');
-                            pending_space = false;
-                        }
-                        line_buf.push(b);
+                let ends_crlf = content.len() != line.len();
+                let clean = ends_crlf
+                    && !content.ends_with(b" ")
+                    && memchr::memchr(b'\t', content).is_none()
+                    && memchr::memmem::find(content, b"  ").is_none();
+                if !clean {
+                    if clean_from < at {
+                        sink(&body[clean_from..at]);
                     }
+                    line_buf.clear();
+                    let mut pending_space = false;
+                    for &b in content {
+                        if matches!(b, b' ' | b'\t') {
+                            pending_space = true;
+                        } else {
+                            if pending_space {
+                                line_buf.push(b' ');
+                                pending_space = false;
+                            }
+                            line_buf.push(b);
+                        }
+                    }
+                    line_buf.extend_from_slice(b"\r\n");
+                    sink(&line_buf);
+                    clean_from = at + line.len();
                 }
-                line_buf.extend_from_slice(b"\r\n");
-                sink(&line_buf);
+                at += line.len();
+            }
+            if clean_from < at {
+                sink(&body[clean_from..at]);
             }
         }
     }
@@ -192,6 +212,12 @@ mod tests {
         assert_eq!(body_of(Canon::Relaxed, b"\r\n \r\n"), b"");
         assert_eq!(body_of(Canon::Simple, b"no crlf"), b"no crlf\r\n");
         assert_eq!(body_of(Canon::Relaxed, b"x  \t\r\n  \r\n"), b"x\r\n");
+        // Clean lines pass through in runs around the rewritten ones.
+        assert_eq!(
+            body_of(Canon::Relaxed, b"a b\r\nc  d\r\ne\r\nf\t\r\ng"),
+            b"a b\r\nc d\r\ne\r\nf\r\ng\r\n"
+        );
+        assert_eq!(body_of(Canon::Relaxed, b" lead\r\n"), b" lead\r\n");
     }
 
     #[test]
