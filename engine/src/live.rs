@@ -1,6 +1,6 @@
-//! Settings that change while gannetd runs: the traffic shaping (reloaded from the
-//! configuration file on SIGHUP) and the administrative suspensions of scheduled
-//! queues (the admin HTTP API). They are kept behind one mutex with a generation
+//! Settings that change while gannetd runs: the traffic shaping and the DKIM keys
+//! (reloaded from the configuration file on SIGHUP) and the administrative
+//! suspensions of scheduled queues (the admin HTTP API). They are kept behind one mutex with a generation
 //! number; a shard reads the number (one atomic load per maintainer round) and takes
 //! the lock only when it changed, so the delivery path never waits on it.
 
@@ -20,15 +20,17 @@ pub struct Live {
 pub struct LiveState {
     pub shaping: Arc<ShapingTable>,
     pub suspensions: Vec<Suspension>,
+    pub dkim: Arc<crate::dkim::Signers>,
 }
 
 impl Live {
-    pub fn new(shaping: ShapingTable) -> Live {
+    pub fn new(shaping: ShapingTable, dkim: crate::dkim::Signers) -> Live {
         Live {
             generation: AtomicU64::new(0),
             state: Mutex::new(Arc::new(LiveState {
                 shaping: Arc::new(shaping),
                 suspensions: Vec::new(),
+                dkim: Arc::new(dkim),
             })),
         }
     }
@@ -62,7 +64,10 @@ mod tests {
 
     #[test]
     fn updates_are_published_with_a_new_generation() {
-        let live = Live::new(ShapingTable::new(&Default::default()));
+        let live = Live::new(
+            ShapingTable::new(&Default::default()),
+            crate::dkim::Signers::load(&Default::default()).unwrap(),
+        );
         let before = live.snapshot();
         assert_eq!(live.generation(), 0);
         live.update(|s| {

@@ -28,8 +28,6 @@ pub struct Shared {
     pub api_keys: crate::auth::ApiKeys,
     /// Stored templates and recipient lists.
     pub store: Arc<crate::generate::store::Store>,
-    /// DKIM keys, loaded at start-up.
-    pub dkim: crate::dkim::Signers,
     /// Signs and checks engagement tracking tokens.
     pub tracking_key: crate::generate::tracking::TrackingKey,
     /// `http.tracking_base_url`, or the default made from the first HTTP listener.
@@ -128,6 +126,8 @@ pub struct Shard {
     pub http_in_flight: Cell<usize>,
     /// Transmissions being generated from this shard's spool.
     pub generation: crate::generate::Coordinator,
+    /// The DKIM keys as of a generation of the live settings.
+    pub dkim: RefCell<(u64, Arc<crate::dkim::Signers>)>,
     pub dispatcher: crate::delivery::dispatcher::Dispatcher,
     /// user → SHA-256(user, password) of the last successful AUTH on this shard, so
     /// that a client logging in again pays one hash instead of a PBKDF2 run.
@@ -135,6 +135,18 @@ pub struct Shard {
 }
 
 impl Shard {
+    /// The current DKIM keys: one atomic load per call, the live settings' lock only
+    /// after a reload.
+    pub fn dkim(&self) -> Arc<crate::dkim::Signers> {
+        let live = &self.shared.live;
+        let generation = live.generation();
+        let mut cached = self.dkim.borrow_mut();
+        if cached.0 != generation {
+            *cached = (generation, live.snapshot().dkim.clone());
+        }
+        cached.1.clone()
+    }
+
     pub fn event(&self, event: &Event<'_>) {
         self.events.borrow_mut().record(event);
     }

@@ -350,3 +350,92 @@ fn an_unusable_key_stops_the_start_with_its_file_named() {
         "{err}"
     );
 }
+
+/// Keys are reloaded on SIGHUP without a restart: a key added to the file signs the
+/// next message; a file whose key cannot be loaded keeps the running keys.
+#[test]
+fn keys_are_reloaded_on_sighup() {
+    let keys = Keys::new();
+    let records = dns_records(&keys);
+    let sink = sink();
+    let routes = format!("\"x.test\" = [\"127.0.0.1:{}\"]", sink.port);
+    let only_rr = format!(
+        "[dkim]\nkeys = [{{ domain = \"rr.test\", selector = \"e\", key_file = \"{}\" }}]\n",
+        keys.path("ed25519").display()
+    );
+    let daemon = Daemon::start("", &format!("{}\n{only_rr}", delivery_config(&routes)));
+    let path = daemon.dir.path().join("gannetd.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let hup = |daemon: &Daemon, needle: &str, count: usize| {
+        // SAFETY: signalling the daemon this test started.
+        unsafe { libc::kill(daemon.child.id() as i32, libc::SIGHUP) };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while daemon
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+            < count
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no {needle:?} in the log"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    };
+    let message = |from: &str, rcpt: &str| {
+        format!("From: {from}\r\nTo: {rcpt}\r\nSubject: reload\r\n\r\nbody\r\n.\r\n")
+    };
+    inject(
+        &daemon,
+        &["before@x.test"],
+        &message("a@ss.test", "before@x.test"),
+    );
+    // ss.test gets a key; the running daemon signs with it after SIGHUP.
+    let with_ss = text.replace(
+        "keys = [{",
+        &format!(
+            "keys = [{{ domain = \"ss.test\", selector = \"r\", key_file = \"{}\" }}, {{",
+            keys.path("rsa2048").display()
+        ),
+    );
+    std::fs::write(&path, &with_ss).unwrap();
+    hup(&daemon, "SIGHUP: configuration reloaded", 1);
+    inject(
+        &daemon,
+        &["after@x.test"],
+        &message("a@ss.test", "after@x.test"),
+    );
+    // A key file that cannot be loaded: the reload keeps the running keys.
+    let broken = with_ss.replace(
+        &keys.path("ed25519").display().to_string(),
+        "/nonexistent.pem",
+    );
+    std::fs::write(&path, broken).unwrap();
+    hup(&daemon, "DKIM keys not reloaded", 1);
+    inject(
+        &daemon,
+        &["kept@x.test"],
+        &message("a@rr.test", "kept@x.test"),
+    );
+
+    let messages = received(&sink, 3);
+    let of = |rcpt: &str| data(messages.iter().find(|m| m["rcpt_tos"][0] == rcpt).unwrap());
+    assert!(
+        verify(&records, &of("before@x.test")).is_empty(),
+        "no key for ss.test yet"
+    );
+    let after = verify(&records, &of("after@x.test"));
+    assert_eq!(
+        (after.len(), &after[0]["d"], &after[0]["ok"]),
+        (1, &json!("ss.test"), &json!(true))
+    );
+    let kept = verify(&records, &of("kept@x.test"));
+    assert_eq!(
+        (kept.len(), &kept[0]["d"], &kept[0]["ok"]),
+        (1, &json!("rr.test"), &json!(true))
+    );
+}

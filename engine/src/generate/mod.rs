@@ -158,7 +158,7 @@ impl Job {
             )
             .map_err(|e| e.0)?;
         // DKIM, once per generated message.
-        let body = match shard.shared.dkim.sign(
+        let body = match shard.dkim().sign(
             &generated.body,
             self.stored.tenant.as_deref(),
             now_ms / 1000,

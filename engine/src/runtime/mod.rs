@@ -76,7 +76,6 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     let (addresses, placeholders) = reserve(&config)?;
     let shared = Arc::new(Shared {
         api_keys: crate::auth::ApiKeys::new(&config.http.api_keys),
-        dkim: crate::dkim::Signers::load(&config.dkim).map_err(|e| anyhow!("{e}"))?,
         tracking_key: crate::generate::tracking::TrackingKey::load_or_create(&data_dir)
             .with_context(|| format!("the tracking key in {}", data_dir.display()))?,
         tracking_base_url: if config.http.tracking_base_url.is_empty() {
@@ -110,9 +109,10 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
             .map(|_| Arc::new(ShardMetrics::default()))
             .collect(),
         mesh: crate::mesh::Mesh::new(shards, MESH_INBOX_NOTES_MAX),
-        live: crate::live::Live::new(crate::delivery::shaping::ShapingTable::new(
-            &config.delivery,
-        )),
+        live: crate::live::Live::new(
+            crate::delivery::shaping::ShapingTable::new(&config.delivery),
+            crate::dkim::Signers::load(&config.dkim).map_err(|e| anyhow!("{e}"))?,
+        ),
         sessions: Arc::new(SessionLimits::new(
             config.smtp.sessions_max.usize(),
             u32::try_from(config.smtp.sessions_per_ip_max.get()).unwrap_or(u32::MAX),
@@ -231,15 +231,32 @@ fn spawn_reloader(
 fn apply_reload(shared: &Shared, config: &Config) {
     let running = &shared.config;
     let shaping = crate::delivery::shaping::ShapingTable::new(&config.delivery);
-    shared
-        .live
-        .update(|state| state.shaping = Arc::new(shaping));
+    // Keys are read and parsed here, on the reload thread; shards pick the new set
+    // up by generation with their next message. A key that cannot be loaded keeps
+    // the running keys.
+    let dkim = match crate::dkim::Signers::load(&config.dkim) {
+        Ok(signers) => Some(Arc::new(signers)),
+        Err(err) => {
+            tracing::error!("SIGHUP: DKIM keys not reloaded (the running ones stay): {err}");
+            None
+        }
+    };
+    let dkim_applied = dkim.is_some();
+    shared.live.update(|state| {
+        state.shaping = Arc::new(shaping);
+        if let Some(dkim) = dkim {
+            state.dkim = dkim;
+        }
+    });
     for shard in 0..shared.mesh.shards() {
         let _ = shared.mesh.send(shard as u16, crate::mesh::Note::Wake);
     }
     let mut rest = config.clone();
     rest.delivery.shaping = running.delivery.shaping.clone();
     rest.delivery.providers = running.delivery.providers.clone();
+    if dkim_applied {
+        rest.dkim = running.dkim.clone();
+    }
     let mut pending = Vec::new();
     macro_rules! compare {
         ($($section:ident),*) => {
@@ -248,13 +265,15 @@ fn apply_reload(shared: &Shared, config: &Config) {
             })*
         };
     }
-    compare!(server, smtp, policy, http, spool, events, delivery);
+    compare!(server, smtp, policy, http, spool, events, delivery, dkim);
     if pending.is_empty() {
-        tracing::info!("SIGHUP: configuration reloaded (delivery shaping and providers applied)");
+        tracing::info!(
+            "SIGHUP: configuration reloaded (delivery shaping, providers and DKIM keys applied)"
+        );
     } else {
         tracing::warn!(
             sections = pending.join(", "),
-            "SIGHUP: delivery shaping and providers applied; changes to these sections need a restart"
+            "SIGHUP: delivery shaping and providers (and DKIM keys, if they loaded) applied; changes to these sections need a restart"
         );
     }
 }
@@ -366,6 +385,10 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         shutdown: io::Shutdown::default(),
         sessions_active: std::cell::Cell::new(0),
         http_in_flight: std::cell::Cell::new(0),
+        dkim: std::cell::RefCell::new((
+            shared.live.generation(),
+            shared.live.snapshot().dkim.clone(),
+        )),
         generation: Default::default(),
         dispatcher: Dispatcher::new(config, shared.client_tls.clone()),
         auth_cache: Default::default(),

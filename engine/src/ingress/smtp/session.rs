@@ -571,8 +571,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     }
     // DKIM, once per message whatever its recipients, as the last change to it.
     match shard
-        .shared
-        .dkim
+        .dkim()
         .sign(&prepared, lifted.tenant.as_deref(), now_ms / 1000)
     {
         Ok(None) => {}

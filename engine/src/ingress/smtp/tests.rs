@@ -32,7 +32,6 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
     glommio::spawn_local(spool.clone().run_committer()).detach();
     let shared = Arc::new(Shared {
         api_keys: Default::default(),
-        dkim: crate::dkim::Signers::load(&Default::default()).unwrap(),
         tracking_key: crate::generate::tracking::TrackingKey::new(
             b"test tracking key, 32 bytes long",
         ),
@@ -50,9 +49,10 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
         metrics: vec![Arc::new(ShardMetrics::default())],
         mesh: crate::mesh::Mesh::new(1, 16),
         sessions: Arc::new(SessionLimits::new(100, 100)),
-        live: crate::live::Live::new(crate::delivery::shaping::ShapingTable::new(
-            &config.delivery,
-        )),
+        live: crate::live::Live::new(
+            crate::delivery::shaping::ShapingTable::new(&config.delivery),
+            crate::dkim::Signers::load(&Default::default()).unwrap(),
+        ),
         config,
     });
     let dispatcher =
@@ -66,6 +66,10 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
         events: RefCell::new(EventLog::open(events_dir, 1 << 20, 1).unwrap()),
         shutdown: Shutdown::default(),
         http_in_flight: Default::default(),
+        dkim: RefCell::new((
+            shared.live.generation(),
+            shared.live.snapshot().dkim.clone(),
+        )),
         generation: Default::default(),
         sessions_active: Cell::new(0),
         auth_cache: Default::default(),
