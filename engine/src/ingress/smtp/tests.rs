@@ -57,6 +57,10 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
     });
     let dispatcher =
         crate::delivery::dispatcher::Dispatcher::new(&shared.config, shared.client_tls.clone());
+    let dkim = (
+        shared.live.generation(),
+        shared.live.snapshot().dkim.clone(),
+    );
     Rc::new(Shard {
         dispatcher,
         id: 0,
@@ -66,10 +70,7 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
         events: RefCell::new(EventLog::open(events_dir, 1 << 20, 1).unwrap()),
         shutdown: Shutdown::default(),
         http_in_flight: Default::default(),
-        dkim: RefCell::new((
-            shared.live.generation(),
-            shared.live.snapshot().dkim.clone(),
-        )),
+        dkim: RefCell::new(dkim),
         generation: Default::default(),
         sessions_active: Cell::new(0),
         auth_cache: Default::default(),
