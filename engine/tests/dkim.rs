@@ -69,7 +69,14 @@ const KEYS: &[KeySpec] = &[
         "simple",
         "oversign = [\"from\", \"subject\", \"to\"], ",
     ),
-    ("sr.test", "r", "rsa3072", "simple", "relaxed", ""),
+    (
+        "sr.test",
+        "r",
+        "rsa3072",
+        "simple",
+        "relaxed",
+        "body_length = true, ",
+    ),
     (
         "esp.test",
         "esp",
@@ -294,6 +301,9 @@ fn every_signature_combination_verifies_with_dkimpy() {
     tampered.extend_from_slice(&data(by_rcpt("empty@x.test")));
     assert_eq!(verify(&records, &tampered)[0]["ok"], false);
     assert_eq!(daemon.metric("dkim_signatures_total"), 6);
+    // l= where the key asks for it (sr.test): the relaxed body "body\r\n".
+    let trailing = String::from_utf8_lossy(&data(by_rcpt("trailing@x.test"))).replace("\r\n", "");
+    assert!(trailing.contains(" l=6;"), "{trailing}");
 }
 
 #[test]

@@ -105,6 +105,7 @@ fn sign_rate(key: Key, n: u64) -> Result<f64> {
             .to_vec(),
         oversign: Vec::new(),
         expire_secs: None,
+        body_length: false,
     };
     let message = gannet_bench::mail::message(1, 10_240, "a@bench.test", "b@x.test");
     let start = Instant::now();

@@ -28,6 +28,8 @@ pub struct DkimConfig {
     pub oversign: Vec<String>,
     /// `x=`: signatures expire this long after signing; 0: no `x=`.
     pub expiration_secs: u64,
+    /// `l=`: sign the body's length (lets content be appended; off by default).
+    pub body_length: bool,
     pub keys: Vec<DkimKey>,
 }
 
@@ -57,6 +59,7 @@ impl Default for DkimConfig {
             .to_vec(),
             oversign: Vec::new(),
             expiration_secs: 0,
+            body_length: false,
             keys: Vec::new(),
         }
     }
@@ -80,4 +83,5 @@ pub struct DkimKey {
     pub header_canonicalization: Option<Canon>,
     pub body_canonicalization: Option<Canon>,
     pub oversign: Option<Vec<String>>,
+    pub body_length: Option<bool>,
 }

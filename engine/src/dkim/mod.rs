@@ -47,6 +47,9 @@ pub struct Signer {
     pub oversign: Vec<String>,
     /// `x=` this long after `t=`; None: no expiry.
     pub expire_secs: Option<u64>,
+    /// Add `l=` (the length of the signed body). Off by default: it lets anyone
+    /// append content that still verifies.
+    pub body_length: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -93,7 +96,7 @@ impl Signer {
             return Err(SignError::NoFrom);
         }
         let names = self.signed_names(&fields);
-        let bh = body_hash(self.body_canon, body);
+        let (bh, body_len) = body_hash_len(self.body_canon, body);
         let mut tags = vec![
             "v=1".to_string(),
             format!("a={}", self.key.algorithm()),
@@ -104,6 +107,9 @@ impl Signer {
         ];
         if let Some(expire) = self.expire_secs {
             tags.push(format!("x={}", now_secs + expire));
+        }
+        if self.body_length {
+            tags.push(format!("l={body_len}"));
         }
         tags.push(format!("h={}", names.join(":")));
         tags.push(format!("bh={bh}"));
@@ -196,9 +202,18 @@ impl Signer {
 
 /// `bh=`: the base64 SHA-256 of the canonicalized body.
 pub fn body_hash(canon: Canon, body: &[u8]) -> String {
+    body_hash_len(canon, body).0
+}
+
+/// `bh=` and the canonicalized body's length (`l=`).
+fn body_hash_len(canon: Canon, body: &[u8]) -> (String, usize) {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    canon::body(canon, body, &mut |chunk| ctx.update(chunk));
-    B64.encode(ctx.finish().as_ref())
+    let mut len = 0;
+    canon::body(canon, body, &mut |chunk| {
+        len += chunk.len();
+        ctx.update(chunk);
+    });
+    (B64.encode(ctx.finish().as_ref()), len)
 }
 
 #[cfg(test)]

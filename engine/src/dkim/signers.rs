@@ -49,6 +49,7 @@ impl Signers {
                 headers: lower(&config.headers),
                 oversign: lower(k.oversign.as_deref().unwrap_or(&config.oversign)),
                 expire_secs: (config.expiration_secs > 0).then_some(config.expiration_secs),
+                body_length: k.body_length.unwrap_or(config.body_length),
             });
             if signer.domain.is_empty() || signer.selector.is_empty() {
                 return Err(format!(

@@ -30,6 +30,7 @@ fn rfc_signer() -> Signer {
             .to_vec(),
         oversign: ["from", "subject", "date"].map(String::from).to_vec(),
         expire_secs: None,
+        body_length: false,
     }
 }
 
@@ -79,6 +80,7 @@ b=";
 fn signature_fields_are_folded_and_name_every_tag() {
     let mut signer = rfc_signer();
     signer.expire_secs = Some(86_400);
+    signer.body_length = true;
     let field = signer.sign(RFC_MESSAGE, 1_700_000_000).unwrap();
     assert!(field.starts_with("DKIM-Signature: v=1; a=ed25519-sha256; c=relaxed/relaxed;"));
     assert!(field.ends_with("\r\n"));
@@ -91,6 +93,7 @@ fn signature_fields_are_folded_and_name_every_tag() {
         " s=brisbane;",
         " t=1700000000;",
         " x=1700086400;",
+        " l=54;",
         " h=from:from:to:subject:subject:date:date:message-id;",
         " bh=2jUSOH9NhtVGCQWNr9BrIAPreKQjO6Sn7XIkfJVOzv8=;",
     ] {
