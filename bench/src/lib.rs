@@ -129,3 +129,40 @@ pub fn free_port() -> u16 {
         .map(|a| a.port())
         .expect("a free loopback port")
 }
+
+/// What one gannet-blast run against a server measured.
+#[derive(Debug, Clone, Copy)]
+pub struct BlastRun {
+    pub rate: f64,
+    pub p50: f64,
+    pub p99: f64,
+    /// The server's CPU per accepted message, milliseconds.
+    pub cpu_ms_per_msg: f64,
+}
+
+/// Runs a prepared gannet-blast `command` (with `--json-only`) against `server`,
+/// stops the server, and checks that all `messages` were accepted.
+pub fn blast_against(
+    command: &mut std::process::Command,
+    server: servers::Server,
+    messages: u64,
+) -> anyhow::Result<BlastRun> {
+    use anyhow::Context as _;
+    let cpu0 = tree_cpu_seconds(server.pid);
+    let out = command.output().context("running gannet-blast")?;
+    let cpu = tree_cpu_seconds(server.pid) - cpu0;
+    server.stop()?;
+    let result: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("gannet-blast result")?;
+    let sent = result["messages_sent"].as_f64().unwrap_or(0.0);
+    if sent as u64 != messages {
+        anyhow::bail!("gannet-blast: {result}");
+    }
+    let latency = |q: &str| result["latency_ms"][q].as_f64().unwrap_or(0.0);
+    Ok(BlastRun {
+        rate: result["msgs_per_s"].as_f64().unwrap_or(0.0),
+        p50: latency("p50"),
+        p99: latency("p99"),
+        cpu_ms_per_msg: cpu * 1000.0 / sent,
+    })
+}

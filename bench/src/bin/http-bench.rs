@@ -198,7 +198,6 @@ struct Blast {
 fn blast(args: &Args, http: bool, size: usize) -> Result<Blast> {
     let (server, http_addr, smtp_addr) = start(args)?;
     let target = if http { http_addr } else { smtp_addr };
-    let cpu0 = tree_cpu_seconds(server.pid);
     let mut command = Command::new(&args.blast);
     command.args([
         "--server",
@@ -216,21 +215,12 @@ fn blast(args: &Args, http: bool, size: usize) -> Result<Blast> {
     if http {
         command.args(["--http", "--api-key", KEY]);
     }
-    let out = command
-        .output()
-        .with_context(|| format!("running {}", args.blast.display()))?;
-    let cpu = tree_cpu_seconds(server.pid) - cpu0;
-    server.stop()?;
-    let result: Value = serde_json::from_slice(&out.stdout).context("gannet-blast result")?;
-    let sent = result["messages_sent"].as_f64().unwrap_or(0.0);
-    if sent as u64 != args.messages {
-        bail!("gannet-blast: {result}");
-    }
+    let run = gannet_bench::blast_against(&mut command, server, args.messages)?;
     Ok(Blast {
-        rate: result["msgs_per_s"].as_f64().unwrap_or(0.0),
-        p50: result["latency_ms"]["p50"].as_f64().unwrap_or(0.0),
-        p99: result["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
-        cpu_ms_per_msg: cpu * 1000.0 / sent,
+        rate: run.rate,
+        p50: run.p50,
+        p99: run.p99,
+        cpu_ms_per_msg: run.cpu_ms_per_msg,
     })
 }
 
