@@ -328,6 +328,13 @@ fn required_signing_refuses_mail_no_key_signs() {
     client.send(b"From: a@rr.test\r\nSubject: x\r\n\r\nx\r\n.\r\n");
     client.expect("250 2.0.0");
     assert_eq!(daemon.metric("dkim_failures_total"), 1);
+    // The refusal is an event too.
+    let events = common::relay::wait_events(&daemon, "the policy rejection", |e| {
+        e.iter().any(|e| e["type"] == "policy_rejection")
+    });
+    let rejection = events.iter().find(|e| e["type"] == "policy_rejection").unwrap();
+    assert_eq!(rejection["phase"], "data");
+    assert!(rejection["reply"].as_str().unwrap().starts_with("550 5.7.1"), "{rejection}");
 }
 
 #[test]
