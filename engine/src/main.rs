@@ -94,10 +94,17 @@ fn main() -> ExitCode {
     }
     if let Some(path) = &cli.check_config {
         return match Config::load(path) {
-            Ok(_) => {
-                println!("{}: ok", path.display());
-                ExitCode::SUCCESS
-            }
+            // The DKIM keys are read too: a key that cannot be used is a config error.
+            Ok(config) => match gannet_engine::dkim::Signers::load(&config.dkim) {
+                Ok(_) => {
+                    println!("{}: ok", path.display());
+                    ExitCode::SUCCESS
+                }
+                Err(err) => {
+                    eprintln!("gannetd: {}: {err}", path.display());
+                    ExitCode::from(2)
+                }
+            },
             Err(err) => {
                 eprintln!("gannetd: {err}");
                 ExitCode::from(2)

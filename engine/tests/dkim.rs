@@ -332,13 +332,22 @@ fn required_signing_refuses_mail_no_key_signs() {
     let events = common::relay::wait_events(&daemon, "the policy rejection", |e| {
         e.iter().any(|e| e["type"] == "policy_rejection")
     });
-    let rejection = events.iter().find(|e| e["type"] == "policy_rejection").unwrap();
+    let rejection = events
+        .iter()
+        .find(|e| e["type"] == "policy_rejection")
+        .unwrap();
     assert_eq!(rejection["phase"], "data");
-    assert!(rejection["reply"].as_str().unwrap().starts_with("550 5.7.1"), "{rejection}");
+    assert!(
+        rejection["reply"]
+            .as_str()
+            .unwrap()
+            .starts_with("550 5.7.1"),
+        "{rejection}"
+    );
 }
 
 #[test]
-fn an_unusable_key_stops_the_start_with_its_file_named() {
+fn an_unusable_key_stops_the_start_and_fails_the_check_with_its_file_named() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.pem");
     std::fs::write(
@@ -356,16 +365,18 @@ fn an_unusable_key_stops_the_start_with_its_file_named() {
     );
     let path = dir.path().join("g.toml");
     std::fs::write(&path, config).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_gannetd"))
-        .args(["--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.contains("dkim.keys[0].key_file") && err.contains("bad.pem"),
-        "{err}"
-    );
+    for flag in ["--config", "--check-config"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_gannetd"))
+            .args([flag, path.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("dkim.keys[0].key_file") && err.contains("bad.pem"),
+            "{flag}: {err}"
+        );
+    }
 }
 
 /// Keys are reloaded on SIGHUP without a restart: a key added to the file signs the
