@@ -178,19 +178,7 @@ impl Store {
         id: &str,
         change: impl FnOnce(Option<&StoredTemplate>) -> Result<Option<StoredTemplate>, E>,
     ) -> Result<Result<(), E>, std::io::Error> {
-        let _writing = lock(&self.writing);
-        let current = self.template(id);
-        let next = match change(current.as_deref()) {
-            Ok(next) => next,
-            Err(e) => return Ok(Err(e)),
-        };
-        self.persist(Kind::Template, id, next.as_ref())?;
-        let mut state = lock(&self.state);
-        match next {
-            Some(item) => state.templates.insert(id.to_string(), Arc::new(item)),
-            None => state.templates.remove(id),
-        };
-        Ok(Ok(()))
+        self.change(Kind::Template, id, |s| &mut s.templates, change)
     }
 
     /// Like [`Store::change_template`], for recipient lists.
@@ -199,17 +187,30 @@ impl Store {
         id: &str,
         change: impl FnOnce(Option<&StoredList>) -> Result<Option<StoredList>, E>,
     ) -> Result<Result<(), E>, std::io::Error> {
+        self.change(Kind::List, id, |s| &mut s.lists, change)
+    }
+
+    /// One change at a time: read the current item, let `change` decide, write the
+    /// file, then publish the new item in `map` of the state.
+    fn change<T: Serialize, E>(
+        &self,
+        kind: Kind,
+        id: &str,
+        map: impl Fn(&mut State) -> &mut BTreeMap<String, Arc<T>>,
+        change: impl FnOnce(Option<&T>) -> Result<Option<T>, E>,
+    ) -> Result<Result<(), E>, std::io::Error> {
         let _writing = lock(&self.writing);
-        let current = self.list(id);
+        let current = map(&mut lock(&self.state)).get(id).cloned();
         let next = match change(current.as_deref()) {
             Ok(next) => next,
             Err(e) => return Ok(Err(e)),
         };
-        self.persist(Kind::List, id, next.as_ref())?;
+        self.persist(kind, id, next.as_ref())?;
         let mut state = lock(&self.state);
+        let items = map(&mut state);
         match next {
-            Some(item) => state.lists.insert(id.to_string(), Arc::new(item)),
-            None => state.lists.remove(id),
+            Some(item) => items.insert(id.to_string(), Arc::new(item)),
+            None => items.remove(id),
         };
         Ok(Ok(()))
     }
