@@ -359,6 +359,23 @@ async fn route(
     }
 }
 
+/// Runs a change of the template and list store on glommio's blocking-call thread
+/// (it writes and fsyncs a file); an I/O error is a 500 saying `what` was not stored.
+pub async fn blocking_store_change(
+    what: &'static str,
+    change: impl FnOnce() -> std::io::Result<Result<(), Reply>> + Send + 'static,
+) -> Result<(), Reply> {
+    match glommio::executor().spawn_blocking(change).await {
+        Ok(result) => result,
+        Err(err) => Err(Reply::error(
+            500,
+            "",
+            &format!("{what} could not be stored"),
+            &err.to_string(),
+        )),
+    }
+}
+
 /// A `true`/`false` query parameter (None when absent or anything else).
 pub fn query_flag(query: &str, name: &str) -> Option<bool> {
     query.split('&').find_map(|pair| {

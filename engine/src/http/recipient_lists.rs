@@ -103,19 +103,7 @@ async fn store_change(
     change: impl FnOnce(Option<&StoredList>) -> Result<Option<StoredList>, Reply> + Send + 'static,
 ) -> Result<(), Reply> {
     let store = shard.shared.store.clone();
-    let result = glommio::executor()
-        .spawn_blocking(move || store.change_list(&id, change))
-        .await;
-    match result {
-        Ok(Ok(())) => Ok(()),
-        Ok(Err(reply)) => Err(reply),
-        Err(err) => Err(Reply::error(
-            500,
-            "",
-            "recipient list could not be stored",
-            &err.to_string(),
-        )),
-    }
+    super::blocking_store_change("recipient list", move || store.change_list(&id, change)).await
 }
 
 async fn create(shard: &Rc<Shard>, body: &[u8]) -> Reply {

@@ -119,13 +119,10 @@ async fn store_change(
 ) -> Reply {
     let store = shard.shared.store.clone();
     let done_id = id.clone();
-    let result = glommio::executor()
-        .spawn_blocking(move || store.change_template(&id, change))
-        .await;
-    match result {
-        Ok(Ok(())) => Reply::json(200, json!({ "results": { "id": done_id } }).to_string()),
-        Ok(Err(reply)) => reply,
-        Err(err) => Reply::error(500, "", "template could not be stored", &err.to_string()),
+    match super::blocking_store_change("template", move || store.change_template(&id, change)).await
+    {
+        Ok(()) => Reply::json(200, json!({ "results": { "id": done_id } }).to_string()),
+        Err(reply) => reply,
     }
 }
 
