@@ -12,10 +12,10 @@ use std::rc::Rc;
 use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
-use super::templates::not_found;
+use super::templates::{check_id, conflict, not_found};
 use super::{Reply, parse_json, query_flag};
 use crate::generate::content::valid_email;
-use crate::generate::store::{StoredList, id_from_name, valid_id};
+use crate::generate::store::{StoredList, id_from_name};
 use crate::generate::transmission::{RecipientSpec, Refusal};
 use crate::shard::Shard;
 
@@ -116,11 +116,8 @@ async fn create(shard: &Rc<Shard>, body: &[u8]) -> Reply {
         (None, Some(name)) => id_from_name(name),
         (None, None) => shard.spool.next_id().to_string(),
     };
-    if !valid_id(&id) {
-        return Refusal::invalid(format!(
-            "id {id:?}: letters, digits, '-', '_' and '.', at most 64"
-        ))
-        .into();
+    if let Err(reply) = check_id(&id) {
+        return reply;
     }
     let Some(recipients) = body.recipients else {
         return Refusal::missing("recipients is required").into();
@@ -138,12 +135,7 @@ async fn create(shard: &Rc<Shard>, body: &[u8]) -> Reply {
     };
     let reply = counts(&list, rejected);
     match store_change(shard, id, move |current| match current {
-        Some(existing) => Err(Reply::error(
-            409,
-            "1602",
-            "resource conflict",
-            &format!("recipient list {:?} already exists", existing.id),
-        )),
+        Some(existing) => Err(conflict("recipient list", &existing.id)),
         None => Ok(Some(list)),
     })
     .await

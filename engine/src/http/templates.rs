@@ -58,6 +58,27 @@ pub fn not_found(what: &str, id: &str) -> Reply {
     )
 }
 
+/// 409 for an id already taken.
+pub fn conflict(what: &str, id: &str) -> Reply {
+    Reply::error(
+        409,
+        "1602",
+        "resource conflict",
+        &format!("{what} {id:?} already exists"),
+    )
+}
+
+/// A stored item's id must be usable as a file name (422 otherwise).
+pub fn check_id(id: &str) -> Result<(), Reply> {
+    if valid_id(id) {
+        return Ok(());
+    }
+    Err(Refusal::invalid(format!(
+        "id {id:?}: letters, digits, '-', '_' and '.', at most 64"
+    ))
+    .into())
+}
+
 /// Handles `path` below `/api/v1/templates` ("" or "/{id}" or "/{id}/preview").
 pub async fn handle(
     shard: &Rc<Shard>,
@@ -135,11 +156,8 @@ async fn create(shard: &Rc<Shard>, body: &[u8]) -> Reply {
         return Refusal::missing("name is required").into();
     };
     let id = body.id.unwrap_or_else(|| id_from_name(&name));
-    if !valid_id(&id) {
-        return Refusal::invalid(format!(
-            "id {id:?}: letters, digits, '-', '_' and '.', at most 64"
-        ))
-        .into();
+    if let Err(reply) = check_id(&id) {
+        return reply;
     }
     let Some(content) = body.content else {
         return Refusal::missing("content is required").into();
@@ -157,12 +175,7 @@ async fn create(shard: &Rc<Shard>, body: &[u8]) -> Reply {
         draft: (!published).then_some(v),
     };
     store_change(shard, id, move |current| match current {
-        Some(existing) => Err(Reply::error(
-            409,
-            "1602",
-            "resource conflict",
-            &format!("template {:?} already exists", existing.id),
-        )),
+        Some(existing) => Err(conflict("template", &existing.id)),
         None => Ok(Some(template)),
     })
     .await

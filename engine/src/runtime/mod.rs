@@ -458,37 +458,26 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         TcpListener::bind(addr).map_err(|e| anyhow!("shard {id}: listening on {addr}: {e}"))
     };
     let mut tasks = Vec::new();
-    for addr in &addresses.smtp {
-        let listener = bind(addr)?;
-        tasks.push(glommio::spawn_local(crate::ingress::smtp::serve(
-            shard.clone(),
-            listener,
-            false,
-        )));
+    // SMTP and HTTP listeners, each plain or with implicit TLS.
+    for (addrs, tls) in [(&addresses.smtp, false), (&addresses.smtps, true)] {
+        for addr in addrs {
+            let listener = bind(addr)?;
+            tasks.push(glommio::spawn_local(crate::ingress::smtp::serve(
+                shard.clone(),
+                listener,
+                tls,
+            )));
+        }
     }
-    for addr in &addresses.smtps {
-        let listener = bind(addr)?;
-        tasks.push(glommio::spawn_local(crate::ingress::smtp::serve(
-            shard.clone(),
-            listener,
-            true,
-        )));
-    }
-    for addr in &addresses.http {
-        let listener = bind(addr)?;
-        tasks.push(glommio::spawn_local(crate::http::serve(
-            shard.clone(),
-            listener,
-            false,
-        )));
-    }
-    for addr in &addresses.https {
-        let listener = bind(addr)?;
-        tasks.push(glommio::spawn_local(crate::http::serve(
-            shard.clone(),
-            listener,
-            true,
-        )));
+    for (addrs, tls) in [(&addresses.http, false), (&addresses.https, true)] {
+        for addr in addrs {
+            let listener = bind(addr)?;
+            tasks.push(glommio::spawn_local(crate::http::serve(
+                shard.clone(),
+                listener,
+                tls,
+            )));
+        }
     }
     listening.fetch_add(1, Ordering::AcqRel);
     let flusher = glommio::spawn_local({
