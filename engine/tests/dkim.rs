@@ -1,7 +1,8 @@
 //! DKIM end to end: messages injected over SMTP (Python's smtplib) and HTTP pass
 //! through gannet to an aiosmtpd sink, and every signature they carry is verified by
 //! dkimpy (an independent implementation) with the public keys served from its
-//! `dnsfunc` — RSA (2048 and 3072 bits, made by openssl) and Ed25519 (made by ring),
+//! `dnsfunc` — RSA (1024, 2048 and 3072 bits, made by openssl) and Ed25519 (made by
+//! ring),
 //! every canonicalization pair, over-signing, 8-bit bodies, long folded headers,
 //! empty bodies and trailing blank lines.
 
@@ -31,7 +32,7 @@ impl Keys {
             base64::engine::general_purpose::STANDARD.encode(ed.as_ref())
         );
         std::fs::write(dir.path().join("ed25519.pem"), pem).unwrap();
-        for bits in [2048, 3072] {
+        for bits in [1024, 2048, 3072] {
             let out = Command::new("openssl")
                 .args(["genpkey", "-algorithm", "RSA", "-pkeyopt"])
                 .arg(format!("rsa_keygen_bits:{bits}"))
@@ -61,6 +62,8 @@ const KEYS: &[KeySpec] = &[
     ("rr.test", "e", "ed25519", "relaxed", "relaxed", ""),
     ("ss.test", "r", "rsa2048", "simple", "simple", ""),
     ("ss.test", "e", "ed25519", "simple", "simple", ""),
+    // A 1024-bit key (ring refuses it; signed by the `rsa` crate).
+    ("ss.test", "old", "rsa1024", "relaxed", "simple", ""),
     (
         "rs.test",
         "e",
@@ -261,6 +264,7 @@ fn every_signature_combination_verifies_with_dkimpy() {
             vec![
                 ("ss.test", "r", "simple/simple"),
                 ("ss.test", "e", "simple/simple"),
+                ("ss.test", "old", "relaxed/simple"),
             ],
         ),
         ("empty@x.test", vec![("rs.test", "e", "relaxed/simple")]),

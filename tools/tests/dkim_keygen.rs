@@ -75,11 +75,20 @@ fn keys_and_records_match() {
         "a record over 255 bytes is split"
     );
 
-    // An existing file is never overwritten; sizes ring cannot sign with are refused.
+    // An existing file is never overwritten; sizes gannet cannot sign with are
+    // refused; 1024 bits is made, with a warning.
     let again = keygen(dir.path(), &["--selector", "r"]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("ex.test.r.pem"));
-    let small = keygen(dir.path(), &["--selector", "small", "--bits", "1024"]);
-    assert!(!small.status.success());
-    assert!(String::from_utf8_lossy(&small.stderr).contains("2048 to 4096"));
+    for bits in ["512", "8192"] {
+        let refused = keygen(dir.path(), &["--selector", "bad", "--bits", bits]);
+        assert!(!refused.status.success());
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("1024 to 4096"));
+    }
+    let short = keygen(dir.path(), &["--selector", "short", "--bits", "1024"]);
+    assert!(short.status.success());
+    assert!(String::from_utf8_lossy(&short.stderr).contains("weak"));
+    let p = p_of(&short.stdout);
+    // A 1024-bit SubjectPublicKeyInfo is 162 bytes.
+    assert_eq!(p.len(), 162);
 }

@@ -1,19 +1,40 @@
 //! Private keys for DKIM from PEM files: PKCS#8 (`BEGIN PRIVATE KEY`, RSA or
 //! Ed25519) or PKCS#1 (`BEGIN RSA PRIVATE KEY`); and the public key as it goes in
 //! the DNS TXT record (`p=`).
+//!
+//! RSA keys of 2048 to 4096 bits are ring's. ring refuses anything shorter, but
+//! RFC 8301 still allows 1024-bit keys and many senders' DNS still publishes them,
+//! so keys of 1024 to 2047 bits are parsed and signed by the `rsa` crate (blinded
+//! private-key operations) and a warning at load says they are weak.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use ring::signature::{Ed25519KeyPair, KeyPair as _, RsaKeyPair};
+use rsa::pkcs1::DecodeRsaPrivateKey as _;
+use rsa::pkcs8::{DecodePrivateKey as _, EncodePublicKey as _};
+use rsa::traits::PublicKeyParts as _;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
 
 use super::Key;
 
+/// Shortest RSA key signed with (RFC 8301 section 3.2).
+pub const RSA_BITS_MIN: usize = 1024;
+/// Longest RSA key signed with.
+pub const RSA_BITS_MAX: usize = 4096;
+
 /// Reads and parses a key; the error says what is wrong with it.
 pub fn load(path: &std::path::Path) -> Result<Key, String> {
     let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-    parse(&pem).map_err(|e| format!("{}: {e}", path.display()))
+    let key = parse(&pem).map_err(|e| format!("{}: {e}", path.display()))?;
+    if let Key::RsaShort(short) = &key {
+        tracing::warn!(
+            key = %path.display(),
+            bits = short.n().bits(),
+            "RSA key shorter than 2048 bits: receivers increasingly treat such DKIM keys as weak"
+        );
+    }
+    Ok(key)
 }
 
 pub fn parse(pem: &[u8]) -> Result<Key, String> {
@@ -25,19 +46,52 @@ pub fn parse(pem: &[u8]) -> Result<Key, String> {
             if let Ok(key) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(bytes) {
                 return Ok(Key::Ed25519(key));
             }
-            RsaKeyPair::from_pkcs8(bytes)
-                .map(Key::Rsa)
-                .map_err(|e| rsa_rejected(&e))
+            match RsaKeyPair::from_pkcs8(bytes) {
+                Ok(key) => rsa_ring(key),
+                Err(e) => short_rsa(rsa::RsaPrivateKey::from_pkcs8_der(bytes).ok(), &e),
+            }
         }
-        PrivateKeyDer::Pkcs1(pkcs1) => RsaKeyPair::from_der(pkcs1.secret_pkcs1_der())
-            .map(Key::Rsa)
-            .map_err(|e| rsa_rejected(&e)),
+        PrivateKeyDer::Pkcs1(pkcs1) => {
+            let bytes = pkcs1.secret_pkcs1_der();
+            match RsaKeyPair::from_der(bytes) {
+                Ok(key) => rsa_ring(key),
+                Err(e) => short_rsa(rsa::RsaPrivateKey::from_pkcs1_der(bytes).ok(), &e),
+            }
+        }
         _ => Err("an EC (SEC1) key: DKIM signs with RSA or Ed25519".into()),
     }
 }
 
-fn rsa_rejected(e: &ring::error::KeyRejected) -> String {
-    format!("not a usable RSA or Ed25519 private key ({e}); RSA keys must have 2048 to 4096 bits")
+/// ring takes keys up to 8192 bits; DKIM verifiers need only handle 4096.
+fn rsa_ring(key: RsaKeyPair) -> Result<Key, String> {
+    let bits = key.public().modulus_len() * 8;
+    if bits > RSA_BITS_MAX {
+        return Err(rsa_size(bits));
+    }
+    Ok(Key::Rsa(key))
+}
+
+/// A key ring refused: usable if it is a valid RSA key of 1024 to 2047 bits.
+fn short_rsa(
+    key: Option<rsa::RsaPrivateKey>,
+    ring_said: &ring::error::KeyRejected,
+) -> Result<Key, String> {
+    let Some(key) = key else {
+        return Err(format!(
+            "not a usable RSA or Ed25519 private key ({ring_said}); RSA keys must have {RSA_BITS_MIN} to {RSA_BITS_MAX} bits"
+        ));
+    };
+    let bits = key.n().bits();
+    if !(RSA_BITS_MIN..2048).contains(&bits) {
+        return Err(rsa_size(bits));
+    }
+    key.validate()
+        .map_err(|e| format!("not a usable RSA private key ({e})"))?;
+    Ok(Key::RsaShort(Box::new(key)))
+}
+
+fn rsa_size(bits: usize) -> String {
+    format!("a {bits}-bit RSA key: RSA keys must have {RSA_BITS_MIN} to {RSA_BITS_MAX} bits")
 }
 
 impl Key {
@@ -47,6 +101,14 @@ impl Key {
         match self {
             Key::Ed25519(key) => ("ed25519", B64.encode(key.public_key().as_ref())),
             Key::Rsa(key) => ("rsa", B64.encode(spki_rsa(key.public().as_ref()))),
+            Key::RsaShort(key) => (
+                "rsa",
+                // Encoding a valid public key into a Vec cannot fail.
+                key.to_public_key()
+                    .to_public_key_der()
+                    .map(|der| B64.encode(der.as_bytes()))
+                    .unwrap_or_default(),
+            ),
         }
     }
 

@@ -20,18 +20,27 @@ pub use signers::{DkimFailure, Signers};
 /// A private key.
 #[derive(Debug)]
 pub enum Key {
+    /// RSA of 2048 to 4096 bits (ring).
     Rsa(RsaKeyPair),
+    /// RSA of 1024 to 2047 bits, which ring refuses (the `rsa` crate; see keys.rs).
+    RsaShort(Box<rsa::RsaPrivateKey>),
     Ed25519(Ed25519KeyPair),
 }
 
 impl Key {
     pub fn algorithm(&self) -> &'static str {
         match self {
-            Key::Rsa(_) => "rsa-sha256",
+            Key::Rsa(_) | Key::RsaShort(_) => "rsa-sha256",
             Key::Ed25519(_) => "ed25519-sha256",
         }
     }
 }
+
+/// The DER DigestInfo prefix of a SHA-256 hash (RFC 8017 section 9.2, note 1).
+const SHA256_DIGEST_INFO: [u8; 19] = [
+    0x30, 0x31, 0x30, 0x0d, 0x06, 0x09, 0x60, 0x86, 0x48, 0x01, 0x65, 0x03, 0x04, 0x02, 0x01, 0x05,
+    0x00, 0x04, 0x20,
+];
 
 /// One signing identity: a key with what to sign and how.
 #[derive(Debug)]
@@ -189,6 +198,16 @@ impl Signer {
                 )
                 .map_err(|_| SignError::Crypto)?;
                 sig
+            }
+            Key::RsaShort(key) => {
+                let digest = ring::digest::digest(&ring::digest::SHA256, &data);
+                let padding = rsa::Pkcs1v15Sign {
+                    hash_len: Some(digest.as_ref().len()),
+                    prefix: SHA256_DIGEST_INFO.into(),
+                };
+                // With a random source the private-key operation is blinded.
+                key.sign_with_rng(&mut rand_core::OsRng, padding, digest.as_ref())
+                    .map_err(|_| SignError::Crypto)?
             }
             Key::Ed25519(key) => {
                 // RFC 8463: Ed25519 over the SHA-256 of the data.

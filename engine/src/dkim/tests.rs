@@ -126,6 +126,57 @@ fn keys_load_from_pem_and_bad_ones_are_named() {
     assert!(
         keys::parse(junk.as_bytes())
             .unwrap_err()
-            .contains("2048 to 4096")
+            .contains("1024 to 4096")
+    );
+}
+
+fn rsa_pem(bits: usize) -> String {
+    use rsa::pkcs8::EncodePrivateKey as _;
+    rsa::RsaPrivateKey::new(&mut rand_core::OsRng, bits)
+        .unwrap()
+        .to_pkcs8_pem(rsa::pkcs8::LineEnding::LF)
+        .unwrap()
+        .to_string()
+}
+
+/// ring refuses RSA keys under 2048 bits; 1024 to 2047 are signed by the `rsa`
+/// crate, and ring's legacy verifier (an independent implementation) accepts the
+/// signature over exactly the bytes signed.
+#[test]
+fn short_rsa_keys_sign_and_verify_and_shorter_ones_are_refused() {
+    let key = keys::parse(rsa_pem(1024).as_bytes()).unwrap();
+    assert!(matches!(key, Key::RsaShort(_)));
+    assert_eq!(key.algorithm(), "rsa-sha256");
+    let (k, p) = key.dns_public();
+    assert_eq!(k, "rsa");
+    let spki = B64.decode(p).unwrap();
+    let mut signer = rfc_signer();
+    signer.key = key;
+    let field = signer.sign(RFC_MESSAGE, 1_700_000_000).unwrap();
+    assert!(field.contains("a=rsa-sha256;"), "{field}");
+    // The signature over From and a given field head, checked by ring.
+    let (fields, _) = canon::split(RFC_MESSAGE);
+    let head = "DKIM-Signature: v=1; a=rsa-sha256; d=football.example.com; s=old; h=from; b=";
+    let b = signer
+        .signature(&fields, &["from".to_string()], head)
+        .unwrap();
+    let signature = B64.decode(b).unwrap();
+    assert_eq!(signature.len(), 128);
+    let mut data = Vec::new();
+    canon::header(Canon::Relaxed, fields[0].raw, true, &mut data);
+    canon::header(Canon::Relaxed, head.as_bytes(), false, &mut data);
+    // The SubjectPublicKeyInfo ends with the PKCS#1 RSAPublicKey (140 bytes here).
+    let public = ring::signature::UnparsedPublicKey::new(
+        &ring::signature::RSA_PKCS1_1024_8192_SHA256_FOR_LEGACY_USE_ONLY,
+        &spki[spki.len() - 140..],
+    );
+    public.verify(&data, &signature).unwrap();
+    data.push(b'x');
+    assert!(public.verify(&data, &signature).is_err());
+
+    let err = keys::parse(rsa_pem(768).as_bytes()).unwrap_err();
+    assert!(
+        err.contains("768-bit") && err.contains("1024 to 4096"),
+        "{err}"
     );
 }

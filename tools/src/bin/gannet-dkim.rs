@@ -40,7 +40,8 @@ enum Command {
         selector: String,
         #[arg(long, value_enum, default_value = "rsa")]
         algorithm: Algorithm,
-        /// RSA key size (2048 to 4096; gannet signs with ring, which takes no less).
+        /// RSA key size (1024 to 4096; under 2048 only for receivers that need it:
+        /// such keys are weak).
         #[arg(long, default_value_t = 2048)]
         bits: usize,
         /// Directory for the private key.
@@ -66,10 +67,13 @@ fn generate(algorithm: Algorithm, bits: usize) -> Result<(Vec<u8>, &'static str,
         }
         Algorithm::Rsa => {
             use rsa::pkcs8::{EncodePrivateKey, EncodePublicKey};
-            if !(2048..=4096).contains(&bits) {
+            if !(1024..=4096).contains(&bits) {
                 return Err(format!(
-                    "--bits {bits}: gannet signs with RSA keys of 2048 to 4096 bits"
+                    "--bits {bits}: gannet signs with RSA keys of 1024 to 4096 bits"
                 ));
+            }
+            if bits < 2048 {
+                eprintln!("warning: a {bits}-bit RSA key is weak; prefer 2048 bits or more");
             }
             let key =
                 rsa::RsaPrivateKey::new(&mut rand_core::OsRng, bits).map_err(|e| e.to_string())?;
