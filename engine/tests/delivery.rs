@@ -248,3 +248,44 @@ fn egress_pools_bind_their_source_address() {
         (Some("127.0.0.1"), Some("gannet.test"))
     );
 }
+
+/// A connection with nothing left to send waits idle for its queue's next message
+/// (`idle_timeout_secs`, 60 by default) and carries it; one the server closed
+/// meanwhile (aiosmtpd's 421 after an idle timeout) is replaced without a failed
+/// attempt; with `idle_timeout_secs = 0` each message has its own connection.
+#[test]
+fn idle_connections_carry_the_next_message_and_closed_ones_are_replaced() {
+    // (sink's idle timeout, gannet's shaping, pause between the messages, same connection)
+    let cases = [
+        (None, "", 0, true),
+        (Some(0.5), "", 1500, false),
+        (
+            None,
+            "[delivery.shaping]\nidle_timeout_secs = 0\n",
+            0,
+            false,
+        ),
+    ];
+    for (sink_timeout, shaping, pause_ms, reused) in cases {
+        let sink = common::relay::sink_closing_idle_sessions(sink_timeout);
+        let config = delivery_config(&format!("\"d.test\" = [\"127.0.0.1:{}\"]", sink.port));
+        let daemon = Daemon::start("", &(config + shaping));
+        for (n, rcpt) in ["a@d.test", "b@d.test"].into_iter().enumerate() {
+            std::thread::sleep(std::time::Duration::from_millis(pause_ms * n as u64));
+            inject(&daemon, &[rcpt], "Subject: idle\r\n\r\nbody\r\n.\r\n");
+            wait_events(&daemon, rcpt, |e| of(e, "delivery", rcpt).len() == 1);
+        }
+        let events = daemon.events();
+        assert!(
+            !events.iter().any(|e| e["type"] == "transient_failure"),
+            "{sink_timeout:?}: {events:#?}"
+        );
+        let messages = sink.messages();
+        assert_eq!(messages.len(), 2);
+        assert_eq!(
+            messages[0]["peer_port"] == messages[1]["peer_port"],
+            reused,
+            "{sink_timeout:?} {shaping:?}: {messages:?}"
+        );
+    }
+}

@@ -39,6 +39,9 @@ pub struct Knobs {
     pub data_timeout_secs: Option<Bounded<1, 3600>>,
     /// From the end of the message to the final reply.
     pub data_dot_timeout_secs: Option<Bounded<1, 3600>>,
+    /// How long a connection with nothing to send stays open for the queue's next
+    /// message before it says QUIT (0: at once).
+    pub idle_timeout_secs: Option<Bounded<0, 3600>>,
 }
 
 impl Knobs {
@@ -59,6 +62,7 @@ impl Knobs {
             rcpt_to_timeout_secs: Some(Bounded(300)),
             data_timeout_secs: Some(Bounded(120)),
             data_dot_timeout_secs: Some(Bounded(600)),
+            idle_timeout_secs: Some(Bounded(60)),
         }
     }
 }

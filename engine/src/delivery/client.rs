@@ -444,6 +444,12 @@ impl Session {
         Ok(())
     }
 
+    /// Whether the server has said something unasked (a 421 before closing) or
+    /// closed the connection: then it cannot carry another transaction.
+    pub fn peer_has_spoken(&self) -> bool {
+        !self.input.is_empty() || self.conn.peer_has_spoken()
+    }
+
     /// Says QUIT (waiting briefly for the reply) and closes.
     pub async fn quit(mut self) {
         if self

@@ -658,6 +658,30 @@ fn next_work(shard: &Shard, key: &str, rated: bool) -> Next {
     }
 }
 
+/// Waits until the ready queue `key` has a part (true), or `limit` passes, the queue
+/// is gone or the shard stops (false).
+async fn wait_for_work(shard: &Shard, key: &str, limit: Duration) -> bool {
+    if limit.is_zero() || shard.shutdown.is_raised() {
+        return false;
+    }
+    let arrived = std::future::poll_fn(|cx| {
+        let mut queues = shard.dispatcher.queues.borrow_mut();
+        match queues.ready.get_mut(key) {
+            None => Poll::Ready(false),
+            Some(q) if !q.is_empty() => Poll::Ready(true),
+            Some(q) => {
+                q.idle.push(cx.waker().clone());
+                Poll::Pending
+            }
+        }
+    });
+    let expired = async {
+        futures_lite::future::or(crate::runtime::io::sleep(limit), shard.shutdown.wait()).await;
+        false
+    };
+    futures_lite::future::or(arrived, expired).await
+}
+
 /// The shaping a connection follows (read again per message: it may change live).
 fn shaping_of(shard: &Shard, key: &str) -> Option<super::shaping::Shaping> {
     shard
@@ -765,7 +789,21 @@ async fn connection(shard: Rc<Shard>, key: String) {
                 }
                 let work = match next_work(&shard, &key, true) {
                     Next::Work(work) => work,
-                    Next::Done => break,
+                    Next::Done => {
+                        // Nothing to send: wait idle for the queue's next part, and
+                        // use the connection again if the server has not closed it.
+                        if !wait_for_work(&shard, &key, shaping.idle_timeout).await {
+                            break;
+                        }
+                        if session.peer_has_spoken() {
+                            // Closed (or a 421) while idle: a new connection takes
+                            // over; this one is only dropped.
+                            tracing::debug!(shard = shard.id, queue = %key, "an idle delivery connection was closed by the server");
+                            broken = true;
+                            break;
+                        }
+                        continue;
+                    }
                     Next::Wait(wait) if wait <= RATE_WAIT_IN_PLACE => {
                         futures_lite::future::or(
                             crate::runtime::io::sleep(wait),

@@ -19,6 +19,8 @@ pub struct Shaping {
     pub max_connection_rate: Rate,
     pub max_ready: usize,
     pub timeouts: Timeouts,
+    /// How long an idle connection waits for the queue's next message.
+    pub idle_timeout: Duration,
 }
 
 impl Shaping {
@@ -52,6 +54,9 @@ impl Shaping {
         t.rcpt = secs(knobs.rcpt_to_timeout_secs, t.rcpt);
         t.data = secs(knobs.data_timeout_secs, t.data);
         t.data_done = secs(knobs.data_dot_timeout_secs, t.data_done);
+        if let Some(v) = knobs.idle_timeout_secs {
+            self.idle_timeout = Duration::from_secs(v.get());
+        }
         self
     }
 }
@@ -74,6 +79,7 @@ impl ShapingTable {
             max_connection_rate: Rate::Unlimited,
             max_ready: 0,
             timeouts: Timeouts::default(),
+            idle_timeout: Duration::ZERO,
         }
         .with(&Knobs::builtin());
         let providers = config

@@ -241,6 +241,10 @@ pub struct ReadyQueue {
     pub connects: Throttle,
     /// No connection is opened before this (unix ms): the message rate said to wait.
     pub throttled_until_ms: u64,
+    /// Connections of this queue waiting for its next part (idle_timeout): woken, all
+    /// of them, when a part arrives. A waker may be stale (its connection has gone
+    /// on); waking it is harmless.
+    pub idle: Vec<std::task::Waker>,
 }
 
 impl ReadyQueue {
@@ -256,6 +260,14 @@ impl ReadyQueue {
             messages: Throttle::new(shaping.max_message_rate),
             connects: Throttle::new(shaping.max_connection_rate),
             throttled_until_ms: 0,
+            idle: Vec::new(),
+        }
+    }
+
+    /// Tells the connections waiting idle that a part has arrived.
+    fn wake_idle(&mut self) {
+        for waker in self.idle.drain(..) {
+            waker.wake();
         }
     }
 
@@ -391,6 +403,7 @@ impl Queues {
             return Err(part);
         }
         q.parts.push_back(part);
+        q.wake_idle();
         Ok(())
     }
 
@@ -407,6 +420,7 @@ impl Queues {
             return Err(handoff);
         }
         q.remote.push_back(handoff);
+        q.wake_idle();
         Ok(())
     }
 

@@ -129,6 +129,31 @@ impl Conn {
         Ok(())
     }
 
+    /// Whether the peer has sent something nobody has read yet, or closed: checked
+    /// without waiting, on the TCP socket (under TLS, too). For a connection that sat
+    /// idle, either means it cannot carry another transaction.
+    pub fn peer_has_spoken(&self) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let fd = match self {
+            Conn::Plain(s) => s.as_raw_fd(),
+            Conn::Tls(s) => s.get_ref().0.as_raw_fd(),
+            Conn::TlsClient(s) => s.get_ref().0.as_raw_fd(),
+            Conn::Gone => return true,
+        };
+        let mut byte = 0u8;
+        // SAFETY: `fd` is the open socket this Conn owns; recv writes at most one byte
+        // into `byte` and, with MSG_PEEK, consumes nothing.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                (&raw mut byte).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::WouldBlock
+    }
+
     /// The negotiated client TLS session, if any.
     pub fn tls_client_session(&self) -> Option<&rustls::ClientConnection> {
         match self {

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use super::Daemon;
-use super::peers::{Peer, aiosmtpd, dnsmasq, python};
+use super::peers::{Peer, aiosmtpd_with, dnsmasq, python};
 
 /// aiosmtpd on a free port, with the directory it stores messages in.
 pub struct Sink {
@@ -16,8 +16,13 @@ pub struct Sink {
 }
 
 pub fn sink() -> Sink {
+    sink_closing_idle_sessions(None)
+}
+
+/// A sink that closes sessions idle for `secs` (with a 421), as servers do.
+pub fn sink_closing_idle_sessions(secs: Option<f64>) -> Sink {
     let out = tempfile::tempdir().unwrap();
-    let (peer, port) = aiosmtpd(out.path(), None);
+    let (peer, port) = aiosmtpd_with(out.path(), None, secs);
     Sink {
         _peer: peer,
         port,

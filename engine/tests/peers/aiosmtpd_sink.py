@@ -1,8 +1,9 @@
 """An SMTP server nobody on this project wrote (aiosmtpd), for delivery tests.
 
-Usage: aiosmtpd_sink.py PORT OUT_DIR [--tls CERT KEY]
+Usage: aiosmtpd_sink.py PORT OUT_DIR [--tls CERT KEY] [--timeout SECS]
 Stores each message as OUT_DIR/<n>.json ({"mail_from", "rcpt_tos", "mail_options",
-"data" (latin-1), "tls", "peer" (client address), "helo"}). Recipients whose local part is `tempfail` get 451 and
+"data" (latin-1), "tls", "peer" (client address), "peer_port", "helo"}). --timeout:
+an idle session gets 421 and is closed after SECS (aiosmtpd's default: 300). Recipients whose local part is `tempfail` get 451 and
 `permfail` get 550 at RCPT. Prints "ready" once listening; stops on SIGTERM.
 """
 import asyncio
@@ -39,6 +40,7 @@ class Handler:
             "data": envelope.original_content.decode("latin-1"),
             "tls": session.ssl is not None,
             "peer": session.peer[0],
+            "peer_port": session.peer[1],
             "helo": session.host_name,
         }
         path = os.path.join(self.out_dir, f"{self.count}.json")
@@ -51,9 +53,18 @@ class Handler:
 def main():
     port, out_dir = int(sys.argv[1]), sys.argv[2]
     tls_context = None
-    if len(sys.argv) > 3 and sys.argv[3] == "--tls":
-        tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls_context.load_cert_chain(sys.argv[4], sys.argv[5])
+    timeout = 300
+    rest = sys.argv[3:]
+    while rest:
+        if rest[0] == "--tls":
+            tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            tls_context.load_cert_chain(rest[1], rest[2])
+            rest = rest[3:]
+        elif rest[0] == "--timeout":
+            timeout = float(rest[1])
+            rest = rest[2:]
+        else:
+            sys.exit(f"unknown argument {rest[0]}")
     handler = Handler(out_dir)
     controller = Controller(
         handler,
@@ -64,6 +75,7 @@ def main():
         enable_SMTPUTF8=True,
         decode_data=False,
         server_hostname="sink.test",
+        timeout=timeout,
     )
     controller.start()
     print("ready", flush=True)

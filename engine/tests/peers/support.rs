@@ -69,12 +69,24 @@ pub fn python() -> PathBuf {
 /// Starts aiosmtpd (tests/peers/aiosmtpd_sink.py) on a free port, storing messages in
 /// `out`, with STARTTLS when `tls` gives a certificate and key; returns once it listens.
 pub fn aiosmtpd(out: &Path, tls: Option<(&Path, &Path)>) -> (Peer, u16) {
+    aiosmtpd_with(out, tls, None)
+}
+
+/// aiosmtpd that closes sessions idle for `timeout_secs` (with a 421).
+pub fn aiosmtpd_with(
+    out: &Path,
+    tls: Option<(&Path, &Path)>,
+    timeout_secs: Option<f64>,
+) -> (Peer, u16) {
     let port = free_port();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/aiosmtpd_sink.py");
     let mut command = Command::new(python());
     command.arg(script).arg(port.to_string()).arg(out);
     if let Some((cert, key)) = tls {
         command.arg("--tls").arg(cert).arg(key);
+    }
+    if let Some(secs) = timeout_secs {
+        command.arg("--timeout").arg(secs.to_string());
     }
     let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
     let mut line = String::new();
