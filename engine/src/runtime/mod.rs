@@ -392,6 +392,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         generation: Default::default(),
         dispatcher: Dispatcher::new(config, shared.client_tls.clone()),
         auth_cache: Default::default(),
+        read_buffers: Default::default(),
     });
     // Every live message goes back to its queue with its exact retry state.
     let mut requeued = 0;

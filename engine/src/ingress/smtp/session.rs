@@ -229,7 +229,7 @@ pub async fn run(shard: Rc<Shard>, conn: Conn, peer: SocketAddr) {
     };
     let mut wire = Wire {
         conn,
-        input: vec![0; line_max + READ_CHUNK_BYTES],
+        input: session.shard.take_read_buffer(line_max + READ_CHUNK_BYTES),
         start: 0,
         end: 0,
         output: Vec::with_capacity(4096),
@@ -238,6 +238,7 @@ pub async fn run(shard: Rc<Shard>, conn: Conn, peer: SocketAddr) {
     let _ = serve(&mut session, &mut wire).await;
     let _ = wire.flush().await;
     wire.conn.close().await;
+    session.shard.return_read_buffer(wire.input);
 }
 
 async fn serve(s: &mut Session, w: &mut Wire) -> Result<(), End> {

@@ -74,6 +74,7 @@ fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
         generation: Default::default(),
         sessions_active: Cell::new(0),
         auth_cache: Default::default(),
+        read_buffers: Default::default(),
     })
 }
 
