@@ -52,6 +52,13 @@ impl Storage for ShardStorage {
         }
     }
 
+    async fn prepare_spare(&self, len: usize) {
+        match self {
+            ShardStorage::File(s) => s.prepare_spare(len).await,
+            ShardStorage::Sim(s) => s.prepare_spare(len).await,
+        }
+    }
+
     async fn remove(&self, seq: u64) -> Result<(), SpoolError> {
         match self {
             ShardStorage::File(s) => s.remove(seq).await,

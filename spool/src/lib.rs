@@ -28,4 +28,6 @@ pub use spool::{
     LiveMessage, MaintenanceReport, MessageRef, Recovered, RetryState, Spool, SpoolConfig,
     SpoolStats, Ticket,
 };
-pub use storage::{CrashMode, FileStorage, SimStorage, Storage};
+pub use storage::{
+    CrashMode, FileStorage, LOCK_FILE_NAME, SPARE_FILE_NAME, SimStorage, Storage, segment_file_name,
+};

@@ -1044,7 +1044,25 @@ impl<S: Storage + 'static> Spool<S> {
         Ok((count, bytes))
     }
 
-    /// Runs [`Spool::maintain`] every `maintenance_interval_ms` until the spool closes.
+    /// Gets the next segment ready (see `Storage::prepare_spare`) once the active one
+    /// is an eighth used: a spool that stores little never writes a spare, and one
+    /// under load has it before the active segment runs out.
+    pub async fn prepare_spare(&self) {
+        let due = {
+            let state = self.inner.state.borrow();
+            state.active.is_some_and(|seq| {
+                let segment = &state.segments[&seq].segment;
+                segment.frontier() >= segment.len() / 8
+            })
+        };
+        if due {
+            let len = self.inner.config.segment_bytes;
+            self.inner.storage.prepare_spare(len).await;
+        }
+    }
+
+    /// Runs [`Spool::maintain`] every `maintenance_interval_ms` until the spool closes,
+    /// and prepares the next segment when it is time.
     pub async fn run_maintenance(self) {
         let period = Duration::from_millis(self.inner.config.maintenance_interval_ms);
         while !self.inner.commit.closing.get() {
@@ -1052,6 +1070,7 @@ impl<S: Storage + 'static> Spool<S> {
             if let Err(err) = self.maintain().await {
                 tracing::warn!(error = %err, "spool maintenance failed; will retry");
             }
+            self.prepare_spare().await;
         }
     }
 }

@@ -233,3 +233,98 @@ fn a_shard_directory_has_one_writer_and_no_reader_while_it_runs() {
     );
     drop(reader);
 }
+
+/// Whether any extent of `path` is allocated but unwritten (fallocate's kind), by
+/// FIEMAP; None when the filesystem does not report extents.
+fn has_unwritten_extents(path: &Path) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    const FS_IOC_FIEMAP: libc::c_ulong = 0xC020_660B;
+    const FIEMAP_FLAG_SYNC: u32 = 1;
+    const FIEMAP_EXTENT_UNWRITTEN: u32 = 0x800;
+    const EXTENTS: usize = 64;
+    // struct fiemap (32 bytes) followed by EXTENTS struct fiemap_extent (56 bytes).
+    let mut buf = vec![0u64; (32 + 56 * EXTENTS) / 8];
+    buf[1] = u64::MAX; // fm_length
+    let words = buf.as_mut_ptr().cast::<u32>();
+    // SAFETY: `buf` is large enough for the header and EXTENTS extents; the u32
+    // fields written are fm_flags (word 4) and fm_extent_count (word 6).
+    unsafe {
+        *words.add(4) = FIEMAP_FLAG_SYNC;
+        *words.add(6) = EXTENTS as u32;
+    }
+    let file = std::fs::File::open(path).unwrap();
+    // SAFETY: FS_IOC_FIEMAP reads and writes within the buffer sized above.
+    if unsafe { libc::ioctl(file.as_raw_fd(), FS_IOC_FIEMAP, buf.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    // SAFETY: fm_mapped_extents (word 5), filled in by the kernel.
+    let mapped = unsafe { *words.add(5) } as usize;
+    Some((0..mapped.min(EXTENTS)).any(|i| {
+        // fe_flags: 40 bytes into extent i.
+        // SAFETY: within the buffer (i < EXTENTS).
+        let flags = unsafe { *words.add((32 + 56 * i + 40) / 4) };
+        flags & FIEMAP_EXTENT_UNWRITTEN != 0
+    }))
+}
+
+/// Once the active segment is an eighth used, the spool fills a spare file with
+/// zeros, and the next segment is that file (same inode) with its blocks written —
+/// unlike the first one, preallocated with fallocate, whose extents are unwritten
+/// (where the filesystem reports extents). A stale spare is removed when the
+/// directory is opened again, and messages in a segment made from a spare recover.
+#[test]
+fn spare_segments_are_filled_ahead_and_become_the_next_segment() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let spare = path.join(gannet_spool::SPARE_FILE_NAME);
+    let ids = common::run({
+        let (path, spare) = (path.clone(), spare.clone());
+        move || async move {
+            let storage = FileStorage::open_dir(&path).unwrap();
+            let first = storage.segment_path(1);
+            let (spool, _) = Spool::open(storage, config()).unwrap();
+            common::start(&spool);
+            let mut ids = Vec::new();
+            let write = async |count: usize, ids: &mut Vec<MessageId>| {
+                for _ in 0..count {
+                    let msg = common::message(spool.next_id(), 4000, 1);
+                    spool
+                        .write(gannet_spool::Record::Message(&msg))
+                        .await
+                        .unwrap();
+                    ids.push(msg.id);
+                }
+            };
+            // Under an eighth of 256 KiB: no spare yet.
+            write(4, &mut ids).await;
+            spool.prepare_spare().await;
+            assert!(!spare.exists());
+            write(8, &mut ids).await;
+            spool.prepare_spare().await;
+            let meta = std::fs::metadata(&spare).unwrap();
+            assert_eq!(meta.len(), 256 << 10);
+            // Past the first segment's end: the spare becomes segment 2.
+            write(60, &mut ids).await;
+            assert!(!spare.exists());
+            let second = std::fs::metadata(path.join(gannet_spool::segment_file_name(2)));
+            assert_eq!(second.unwrap().ino(), meta.ino());
+            if let Some(unwritten) = has_unwritten_extents(&first) {
+                assert!(unwritten, "fallocate leaves unwritten extents");
+                let second = path.join(gannet_spool::segment_file_name(2));
+                assert_eq!(has_unwritten_extents(&second), Some(false));
+            }
+            spool.close().await;
+            ids
+        }
+    });
+    std::fs::write(&spare, b"half filled by a run that crashed").unwrap();
+    common::run(move || async move {
+        let (_spool, recovered) =
+            Spool::open(FileStorage::open_dir(&path).unwrap(), config()).unwrap();
+        assert!(!spare.exists());
+        let got: Vec<MessageId> = recovered.live.iter().map(|m| m.id).collect();
+        assert_eq!(got, ids);
+        assert!(recovered.report.segments.iter().all(|s| s.is_clean()));
+    });
+}

@@ -6,6 +6,17 @@
 //! and each group commit is one `fdatasync` issued through io_uring, which never blocks
 //! the executor thread. Preallocation means a write can never meet a full disk halfway
 //! through a segment: disk-full is seen, as an error, only when a segment is created.
+//!
+//! ## Spare segments
+//! `posix_fallocate` leaves *unwritten* extents on ext4 and XFS: the first write-back
+//! into each one converts it, so nearly every group commit's fdatasync also commits
+//! the filesystem journal. Measured here with 10 KiB writes: fdatasync p50 173 µs and
+//! 75 µs of CPU into a fallocated file, 104 µs and 48 µs into one whose blocks were
+//! written (zeros) beforehand. So, once the active segment is an eighth used, the
+//! maintenance task fills a spare file with zeros on glommio's blocking thread (paced, so that its write-back
+//! does not crowd the live syncs) and `create` turns it into the next segment by
+//! writing the header and renaming it. Without a ready spare (start-up, a record
+//! larger than a segment, a failed fill) `create` falls back to fallocate.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -27,6 +38,17 @@ use crate::segment::{SEGMENT_HEADER_BYTES, Segment, SegmentHeader};
 /// file description (so that each sees every write-back error, see `Storage::sync`).
 pub const SYNC_SLOTS: usize = 4;
 
+/// The spare segment being filled or ready (never a `.seg` name: recovery and
+/// inspection ignore it; a writer removes a stale one when it opens the directory).
+pub const SPARE_FILE_NAME: &str = "spare.tmp";
+
+/// The spare is written in pieces of this size, each pushed to the disk before the
+/// next (sync_file_range), with a pause between them.
+/// (64 MiB: 256 pieces, about 0.8 s here, in which a shard under full load fills
+/// the rest of its active segment.)
+const SPARE_PIECE_BYTES: usize = 256 << 10;
+const SPARE_PAUSE: std::time::Duration = std::time::Duration::from_millis(3);
+
 /// The lock file in every shard directory: the writer holds an exclusive `flock` on
 /// it for as long as it runs; inspection takes a shared one.
 pub const LOCK_FILE_NAME: &str = "LOCK";
@@ -44,6 +66,8 @@ pub struct FileStorage {
     /// Per segment created in this run: one open file description per sync slot,
     /// opened right after creation, before any record is written.
     sync_files: RefCell<HashMap<u64, Vec<File>>>,
+    /// A zero-filled spare file ready to become a segment, with its length.
+    spare: RefCell<Option<usize>>,
 }
 
 /// `00000000000000000042.seg`: fixed width, so names sort like numbers.
@@ -57,6 +81,13 @@ impl FileStorage {
         let dir = dir.into();
         std::fs::create_dir_all(&dir).map_err(|e| SpoolError::io("creating directory", 0, e))?;
         let lock = lock(&dir, libc::LOCK_EX)?;
+        // A spare left by an earlier run may be half filled.
+        match std::fs::remove_file(dir.join(SPARE_FILE_NAME)) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                return Err(SpoolError::io("removing the old spare in", 0, e));
+            }
+            _ => {}
+        }
         Ok(FileStorage::new(dir, false, Some(lock)))
     }
 
@@ -79,7 +110,33 @@ impl FileStorage {
             _lock: lock,
             uring_files: RefCell::new(HashMap::new()),
             sync_files: RefCell::new(HashMap::new()),
+            spare: RefCell::new(None),
         }
+    }
+
+    /// Whether a filled spare of `len` bytes is waiting to become a segment.
+    pub fn spare_ready(&self) -> Option<usize> {
+        *self.spare.borrow()
+    }
+
+    /// Turns the ready spare into segment `seq`: header written and made durable
+    /// first, so that the rename (made durable by the directory sync) only ever
+    /// publishes a complete, empty segment.
+    fn adopt_spare(&self, seq: u64, shard: u16, len: usize) -> io::Result<File> {
+        let spare = self.dir.join(SPARE_FILE_NAME);
+        let file = OpenOptions::new().read(true).write(true).open(&spare)?;
+        let header = SegmentHeader {
+            shard,
+            seq,
+            len: len as u64,
+            created_unix_ms: now_unix_ms(),
+        };
+        use std::os::unix::fs::FileExt;
+        file.write_all_at(&header.encode(), 0)?;
+        file.sync_data()?;
+        std::fs::rename(&spare, self.segment_path(seq))?;
+        self.sync_dir()?;
+        Ok(file)
     }
 
     /// The directory holding the segments.
@@ -174,6 +231,55 @@ impl FileStorage {
     }
 }
 
+/// Writes `len` zero bytes to a new file at `path` and makes them durable, so that
+/// its blocks are allocated *and written*. Each piece is one call on glommio's
+/// blocking thread (so other blocking work interleaves) that writes it and waits for
+/// its write-back, then a pause: the fill never queues more than a piece ahead of the
+/// live segment's syncs.
+async fn fill_with_zeros(path: &Path, len: usize) -> io::Result<()> {
+    let blocking =
+        |f: Box<dyn FnOnce() -> io::Result<()> + Send>| glommio::executor().spawn_blocking(f);
+    let file = std::sync::Arc::new(
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o640)
+            .open(path)?,
+    );
+    let zeros: std::sync::Arc<[u8]> = vec![0u8; SPARE_PIECE_BYTES].into();
+    let mut at = 0;
+    while at < len {
+        let n = (len - at).min(SPARE_PIECE_BYTES);
+        let (file, zeros) = (file.clone(), zeros.clone());
+        blocking(Box::new(move || {
+            use std::os::unix::fs::FileExt;
+            file.write_all_at(&zeros[..n], at as u64)?;
+            // SAFETY: plain FFI call on a descriptor the Arc keeps open; no memory
+            // is passed.
+            let rc = unsafe {
+                libc::sync_file_range(
+                    file.as_raw_fd(),
+                    at as libc::off64_t,
+                    n as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                        | libc::SYNC_FILE_RANGE_WRITE
+                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                )
+            };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        }))
+        .await?;
+        at += n;
+        glommio::timer::sleep(SPARE_PAUSE).await;
+    }
+    blocking(Box::new(move || file.sync_all())).await
+}
+
 /// Takes `flock(mode)` on the directory's lock file without waiting.
 fn lock(dir: &Path, mode: libc::c_int) -> Result<File, SpoolError> {
     let path = dir.join(LOCK_FILE_NAME);
@@ -221,7 +327,19 @@ impl Storage for FileStorage {
 
     fn create(&self, seq: u64, shard: u16, len: usize) -> Result<Rc<Segment>, SpoolError> {
         assert!(!self.read_only, "create on read-only storage");
-        let file = self.create_file(seq, shard, len)?;
+        let spare = self.spare.borrow_mut().take_if(|l| *l == len);
+        let adopted = spare.and_then(|_| match self.adopt_spare(seq, shard, len) {
+            Ok(file) => Some(file),
+            Err(e) => {
+                tracing::warn!(seq, error = %e, "could not use the spare segment; preallocating one");
+                let _ = std::fs::remove_file(self.dir.join(SPARE_FILE_NAME));
+                None
+            }
+        });
+        let file = match adopted {
+            Some(file) => file,
+            None => self.create_file(seq, shard, len)?,
+        };
         let path = self.segment_path(seq);
         let mut slots = Vec::with_capacity(SYNC_SLOTS);
         for _ in 0..SYNC_SLOTS {
@@ -262,6 +380,20 @@ impl Storage for FileStorage {
 
     fn sync_slots(&self) -> usize {
         SYNC_SLOTS
+    }
+
+    async fn prepare_spare(&self, len: usize) {
+        if self.read_only || self.spare.borrow().is_some() {
+            return;
+        }
+        let path = self.dir.join(SPARE_FILE_NAME);
+        match fill_with_zeros(&path, len).await {
+            Ok(()) => *self.spare.borrow_mut() = Some(len),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not prepare a spare segment; the next one is preallocated");
+                let _ = std::fs::remove_file(&path);
+            }
+        }
     }
 
     async fn sync(&self, segment: &Segment, slot: usize) -> Result<(), SpoolError> {

@@ -10,7 +10,7 @@ mod sim;
 use std::future::Future;
 use std::rc::Rc;
 
-pub use file::{FileStorage, LOCK_FILE_NAME, segment_file_name};
+pub use file::{FileStorage, LOCK_FILE_NAME, SPARE_FILE_NAME, segment_file_name};
 pub use sim::{CrashMode, SimStorage};
 
 use crate::error::SpoolError;
@@ -39,6 +39,11 @@ pub trait Storage {
     /// the other slots (on Linux: one open file description per slot, opened before
     /// any data was written — errors are reported once per description).
     fn sync(&self, segment: &Segment, slot: usize) -> impl Future<Output = Result<(), SpoolError>>;
+
+    /// Gets a segment of `len` bytes ready ahead of time, so that a later `create` of
+    /// that length is cheaper and its syncs too (see `file.rs`). May do nothing. No
+    /// default body, so that a storage wrapping another cannot forget to forward it.
+    fn prepare_spare(&self, len: usize) -> impl Future<Output = ()>;
 
     /// Deletes segment `seq`; mappings already handed out stay readable.
     fn remove(&self, seq: u64) -> impl Future<Output = Result<(), SpoolError>>;

@@ -250,6 +250,9 @@ impl Storage for SimStorage {
         Ok(())
     }
 
+    /// The simulated disk has no extents to write ahead: nothing to prepare.
+    async fn prepare_spare(&self, _len: usize) {}
+
     async fn remove(&self, seq: u64) -> Result<(), SpoolError> {
         self.disk.borrow_mut().segments.remove(&seq);
         Ok(())
