@@ -93,6 +93,8 @@ metrics! {
     queue_ready_parts: "gauge",
     /// Message parts held by a suspension of their scheduled queue.
     queue_held_parts: "gauge",
+    /// Delivery connections open and waiting for their queue's next message.
+    delivery_connections_idle: "gauge",
     /// Events lost because the event log could not be written.
     events_dropped_total: "counter",
 }

@@ -252,10 +252,11 @@ fn egress_pools_bind_their_source_address() {
 /// A connection with nothing left to send waits idle for its queue's next message
 /// (`idle_timeout_secs`, 60 by default) and carries it; one the server closed
 /// meanwhile (aiosmtpd's 421 after an idle timeout) is replaced without a failed
-/// attempt; with `idle_timeout_secs = 0` each message has its own connection.
+/// attempt; with `idle_timeout_secs = 0`, or no idle connection allowed per shard
+/// (`idle_connections_max = 0`), each message has its own connection.
 #[test]
 fn idle_connections_carry_the_next_message_and_closed_ones_are_replaced() {
-    // (sink's idle timeout, gannet's shaping, pause between the messages, same connection)
+    // (sink's idle timeout, extra config, pause between the messages, same connection)
     let cases = [
         (None, "", 0, true),
         (Some(0.5), "", 1500, false),
@@ -265,11 +266,12 @@ fn idle_connections_carry_the_next_message_and_closed_ones_are_replaced() {
             0,
             false,
         ),
+        (None, "idle_connections_max = 0\n", 0, false),
     ];
-    for (sink_timeout, shaping, pause_ms, reused) in cases {
+    for (sink_timeout, extra, pause_ms, reused) in cases {
         let sink = common::relay::sink_closing_idle_sessions(sink_timeout);
         let config = delivery_config(&format!("\"d.test\" = [\"127.0.0.1:{}\"]", sink.port));
-        let daemon = Daemon::start("", &(config + shaping));
+        let daemon = Daemon::start("", &(config + extra));
         for (n, rcpt) in ["a@d.test", "b@d.test"].into_iter().enumerate() {
             std::thread::sleep(std::time::Duration::from_millis(pause_ms * n as u64));
             inject(&daemon, &[rcpt], "Subject: idle\r\n\r\nbody\r\n.\r\n");
@@ -285,7 +287,18 @@ fn idle_connections_carry_the_next_message_and_closed_ones_are_replaced() {
         assert_eq!(
             messages[0]["peer_port"] == messages[1]["peer_port"],
             reused,
-            "{sink_timeout:?} {shaping:?}: {messages:?}"
+            "{sink_timeout:?} {extra:?}: {messages:?}"
         );
+        if reused {
+            // The gauge is refreshed by the queue maintainer (at least once a second).
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while daemon.metric("delivery_connections_idle") != 1 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "no idle connection counted"
+                );
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+        }
     }
 }

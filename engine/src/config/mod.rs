@@ -341,6 +341,10 @@ pub struct DeliveryConfig {
     /// Destination lookups in flight at once per shard; more wait their turn (a burst
     /// of new domains must not flood the resolver into dropping queries).
     pub dns_lookups_max: Bounded<1, 100_000>,
+    /// Delivery connections per shard that may wait idle (shaping's
+    /// idle_timeout_secs) at once; past it a connection with nothing to send closes
+    /// at once, so a burst to many sites does not hold a socket per site.
+    pub idle_connections_max: Bounded<0, 1_000_000>,
     /// Accept and queue, but make no delivery attempts (like Postfix's
     /// defer_transports): for maintenance windows and ingress-only benchmarks.
     pub suspended: bool,
@@ -363,6 +367,7 @@ impl Default for DeliveryConfig {
             dns_server: String::new(),
             dns_timeout_secs: Bounded(5),
             dns_lookups_max: Bounded(64),
+            idle_connections_max: Bounded(1000),
             suspended: false,
         }
     }

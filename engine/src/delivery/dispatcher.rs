@@ -43,6 +43,9 @@ pub struct Dispatcher {
     /// The generation of the live settings last applied.
     live_generation: Cell<u64>,
     resolver: crate::dns::Resolver,
+    /// Connections waiting idle for their queue's next part, and the bound.
+    idle_connections: Cell<usize>,
+    idle_connections_max: usize,
     /// Bounds the lookups in flight (`dns_lookups_max`).
     lookups: glommio::sync::Semaphore,
     smtp_port: u16,
@@ -157,6 +160,8 @@ impl Dispatcher {
             ),
             smtp_port: u16::try_from(d.smtp_port.get()).unwrap_or(25),
             lookups: glommio::sync::Semaphore::new(d.dns_lookups_max.get()),
+            idle_connections: Cell::new(0),
+            idle_connections_max: d.idle_connections_max.usize(),
             resolving: RefCell::new(std::collections::HashMap::new()),
             handed: RefCell::new(std::collections::HashMap::new()),
             next_token: Cell::new(0),
@@ -320,6 +325,7 @@ pub async fn run(shard: Rc<Shard>) {
             gauge(&m.queue_scheduled_parts, queues.scheduled_len());
             gauge(&m.queue_ready_parts, queues.ready_len());
             gauge(&m.queue_held_parts, queues.held_len());
+            gauge(&m.delivery_connections_idle, d.idle_connections.get());
             queues.next_due().map_or(wake_at, |due| due.min(wake_at))
         };
         let sleep_ms = next.saturating_sub(unix_ms()).clamp(1, 1000);
@@ -659,11 +665,25 @@ fn next_work(shard: &Shard, key: &str, rated: bool) -> Next {
 }
 
 /// Waits until the ready queue `key` has a part (true), or `limit` passes, the queue
-/// is gone or the shard stops (false).
+/// is gone or the shard stops (false). False at once when the shard already has
+/// `idle_connections_max` connections waiting.
 async fn wait_for_work(shard: &Shard, key: &str, limit: Duration) -> bool {
-    if limit.is_zero() || shard.shutdown.is_raised() {
+    let d = &shard.dispatcher;
+    if limit.is_zero()
+        || shard.shutdown.is_raised()
+        || d.idle_connections.get() >= d.idle_connections_max
+    {
         return false;
     }
+    /// Counts one idle connection for as long as it lives.
+    struct Idle<'a>(&'a Cell<usize>);
+    impl Drop for Idle<'_> {
+        fn drop(&mut self) {
+            self.0.set(self.0.get() - 1);
+        }
+    }
+    d.idle_connections.set(d.idle_connections.get() + 1);
+    let _idle = Idle(&d.idle_connections);
     let arrived = std::future::poll_fn(|cx| {
         let mut queues = shard.dispatcher.queues.borrow_mut();
         match queues.ready.get_mut(key) {

@@ -63,6 +63,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
             u16::MAX
         ));
     }
+    raise_open_files_limit();
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
@@ -297,6 +298,30 @@ fn remove_stale_listeners(data_dir: &Path) {
         return;
     }
     let _ = std::fs::remove_file(path);
+}
+
+/// Raises the soft limit on open files to the hard one, as MTAs do: every session,
+/// delivery connection (idle ones included) and spool segment holds a descriptor.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes the one struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &raw mut limit) } != 0 {
+        return;
+    }
+    if limit.rlim_cur < limit.rlim_max {
+        let raised = libc::rlimit {
+            rlim_cur: limit.rlim_max,
+            ..limit
+        };
+        // SAFETY: setrlimit reads the one struct passed.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raw const raised) } == 0 {
+            limit = raised;
+        }
+    }
+    tracing::info!(open_files = limit.rlim_cur, "open files limit");
 }
 
 /// Tells operators and tests which ports were chosen (useful with port 0).
