@@ -85,18 +85,22 @@ pub fn wait_for_port(port: u16) -> Result<()> {
 }
 
 /// postfix's smtp-sink on a free port with `extra` arguments; its standard output is
-/// `stdout` (piped for `-c` counters).
-pub fn smtp_sink(extra: &[&str], stdout: Stdio) -> Result<Server> {
-    let port = free_port();
-    let child = Command::new("/usr/sbin/smtp-sink")
-        .args(["-u", "nobody"])
-        .args(extra)
-        .args([&format!("127.0.0.1:{port}"), "1000"])
-        .stdout(stdout)
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting smtp-sink (install postfix)")?;
-    wait_for_port(port)?;
+/// piped (for `-c` counters) or dropped.
+pub fn smtp_sink(extra: &[&str], piped: bool) -> Result<Server> {
+    anyhow::ensure!(
+        Path::new("/usr/sbin/smtp-sink").exists(),
+        "starting smtp-sink: /usr/sbin/smtp-sink is missing (install postfix)"
+    );
+    let (child, port) = crate::peers::spawn_listening(|port| {
+        let mut command = Command::new("/usr/sbin/smtp-sink");
+        command
+            .args(["-u", "nobody"])
+            .args(extra)
+            .args([&format!("127.0.0.1:{port}"), "1000"])
+            .stdout(if piped { Stdio::piped() } else { Stdio::null() })
+            .stderr(Stdio::null());
+        command
+    });
     Ok(Server {
         http_port: 0,
         name: "sink".into(),

@@ -146,20 +146,14 @@ fn blast_and_sink_agree_on_counts() {
 
 #[test]
 fn blast_and_postfix_smtp_sink_agree_on_counts() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut sink = Command::new("/usr/sbin/smtp-sink")
-        .args(["-c", "-u", "nobody", &format!("127.0.0.1:{port}"), "100"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("smtp-sink is installed by tools/install-peers.sh");
+    let (mut sink, port) = gannet_bench::peers::spawn_listening(|port| {
+        let mut command = Command::new("/usr/sbin/smtp-sink");
+        command
+            .args(["-c", "-u", "nobody", &format!("127.0.0.1:{port}"), "100"])
+            .stdout(Stdio::piped());
+        command
+    });
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-    while std::net::TcpStream::connect(addr).is_err() {
-        std::thread::sleep(Duration::from_millis(10));
-    }
     let result = blast(
         addr,
         &[

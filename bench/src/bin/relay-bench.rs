@@ -80,7 +80,7 @@ struct CountingSink {
 
 impl CountingSink {
     fn start() -> Result<CountingSink> {
-        let mut server = servers::smtp_sink(&["-c"], Stdio::piped())?;
+        let mut server = servers::smtp_sink(&["-c"], true)?;
         let mut stdout = server
             .child
             .as_mut()

@@ -19,7 +19,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -73,7 +73,7 @@ struct Args {
 }
 
 fn start_sink() -> Result<Server> {
-    servers::smtp_sink(&[], Stdio::null())
+    servers::smtp_sink(&[], false)
 }
 
 fn start_gannet(args: &Args, shards: usize) -> Result<Server> {

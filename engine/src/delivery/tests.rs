@@ -130,8 +130,7 @@ fn latin1_bytes(text: &str) -> Vec<u8> {
 
 #[test]
 fn pipelines_with_smtp_sink_and_reports_connection_failures() {
-    let port = free_port();
-    let _peer = crate::test_peers::smtp_sink(port, &[]);
+    let (_peer, port) = crate::test_peers::smtp_sink(&[]);
     run(move || async move {
         let tls = ClientTls::new();
         let addr = format!("127.0.0.1:{port}").parse().unwrap();

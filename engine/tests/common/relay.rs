@@ -131,7 +131,6 @@ pub fn of<'a>(
 /// postfix's smtp-sink on a free port, dumping each transaction to a file in the
 /// directory returned.
 pub fn dumping_smtp_sink() -> (Peer, u16, tempfile::TempDir) {
-    let port = super::peers::free_port();
     let dumps = tempfile::tempdir().unwrap();
     // smtp-sink writes its dumps as the user `nobody`.
     std::fs::set_permissions(
@@ -140,7 +139,7 @@ pub fn dumping_smtp_sink() -> (Peer, u16, tempfile::TempDir) {
     )
     .unwrap();
     let template = format!("{}/m.", dumps.path().display());
-    let peer = super::peers::smtp_sink(port, &["-d", &template]);
+    let (peer, port) = super::peers::smtp_sink(&["-d", &template]);
     (peer, port, dumps)
 }
 

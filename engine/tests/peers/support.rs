@@ -38,21 +38,76 @@ pub fn free_udp_port() -> u16 {
         .port()
 }
 
-/// Postfix's smtp-sink on `port`, with its extra arguments (e.g. `-d dir/msg.` to
-/// keep each transaction in a file); waits until it accepts connections.
-pub fn smtp_sink(port: u16, extra: &[&str]) -> Peer {
-    let child = Command::new("/usr/sbin/smtp-sink")
-        .args(["-u", "nobody"])
-        .args(extra)
-        .args([&format!("127.0.0.1:{port}"), "100"])
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("smtp-sink (postfix) is installed by tools/install-peers.sh");
-    let peer = Peer(child);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        std::thread::sleep(Duration::from_millis(10));
+/// Postfix's smtp-sink on a free port, with its extra arguments (e.g. `-d dir/msg.`
+/// to keep each transaction in a file); returns once it listens, with its port.
+pub fn smtp_sink(extra: &[&str]) -> (Peer, u16) {
+    let (child, port) = spawn_listening(|port| {
+        let mut command = Command::new("/usr/sbin/smtp-sink");
+        command
+            .args(["-u", "nobody"])
+            .args(extra)
+            .args([&format!("127.0.0.1:{port}"), "100"])
+            .stdout(Stdio::null());
+        command
+    });
+    (Peer(child), port)
+}
+
+/// Starts a server that cannot listen on port 0 (`command(port)`) on a free
+/// loopback port and returns once *it* listens there. A free port can be taken by
+/// someone else between the probe and the server's bind (tests run in parallel);
+/// then the server exits, or something else answers on the port: either way the
+/// listening socket is not in the child's descriptors, and another port is tried.
+pub fn spawn_listening(command: impl Fn(u16) -> Command) -> (Child, u16) {
+    for _ in 0..20 {
+        let port = free_port();
+        let mut child = command(port)
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting a test peer: {e}"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            if listens_on(child.id(), port) {
+                return (child, port);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
-    peer
+    panic!("no free port for a test peer after 20 tries");
+}
+
+/// Whether process `pid` holds a socket listening on 127.0.0.1:`port` (from
+/// /proc/net/tcp and the process's descriptors).
+fn listens_on(pid: u32, port: u16) -> bool {
+    let local = format!("0100007F:{port:04X}");
+    let Ok(table) = std::fs::read_to_string("/proc/net/tcp") else {
+        return false;
+    };
+    let inodes: Vec<String> = table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            (f.len() > 9 && f[1] == local && f[3] == "0A").then(|| format!("socket:[{}]", f[9]))
+        })
+        .collect();
+    if inodes.is_empty() {
+        return false;
+    }
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten().any(|fd| {
+        std::fs::read_link(fd.path())
+            .is_ok_and(|target| inodes.iter().any(|i| target.as_os_str() == i.as_str()))
+    })
 }
 
 /// The venv's Python, which has aiosmtpd (tools/test.sh creates it).

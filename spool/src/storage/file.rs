@@ -333,6 +333,9 @@ impl Storage for FileStorage {
             Err(e) => {
                 tracing::warn!(seq, error = %e, "could not use the spare segment; preallocating one");
                 let _ = std::fs::remove_file(self.dir.join(SPARE_FILE_NAME));
+                // If the rename was done, the file is there under the new segment's
+                // name (new: nothing else was ever called that).
+                let _ = std::fs::remove_file(self.segment_path(seq));
                 None
             }
         });
