@@ -133,17 +133,20 @@ pub fn aiosmtpd_with(
     tls: Option<(&Path, &Path)>,
     timeout_secs: Option<f64>,
 ) -> (Peer, u16) {
-    let port = free_port();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/aiosmtpd_sink.py");
-    let mut command = Command::new(python());
-    command.arg(script).arg(port.to_string()).arg(out);
-    if let Some((cert, key)) = tls {
-        command.arg("--tls").arg(cert).arg(key);
-    }
-    if let Some(secs) = timeout_secs {
-        command.arg("--timeout").arg(secs.to_string());
-    }
-    let mut child = command.stdout(Stdio::piped()).spawn().unwrap();
+    let (mut child, port) = spawn_listening(|port| {
+        let mut command = Command::new(python());
+        command.arg(&script).arg(port.to_string()).arg(out);
+        if let Some((cert, key)) = tls {
+            command.arg("--tls").arg(cert).arg(key);
+        }
+        if let Some(secs) = timeout_secs {
+            command.arg("--timeout").arg(secs.to_string());
+        }
+        command.stdout(Stdio::piped());
+        command
+    });
+    // "ready" follows once the controller has checked that it answers.
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap())
         .read_line(&mut line)
