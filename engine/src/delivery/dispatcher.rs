@@ -331,10 +331,7 @@ pub async fn run(shard: Rc<Shard>) {
         let sleep_ms = next.saturating_sub(unix_ms()).clamp(1, 1000);
         futures_lite::future::or(
             d.wake.wait(),
-            futures_lite::future::or(
-                crate::runtime::io::sleep(Duration::from_millis(sleep_ms)),
-                shard.shutdown.wait(),
-            ),
+            shard.shutdown.sleep(Duration::from_millis(sleep_ms)),
         )
         .await;
     }
@@ -696,7 +693,7 @@ async fn wait_for_work(shard: &Shard, key: &str, limit: Duration) -> bool {
         }
     });
     let expired = async {
-        futures_lite::future::or(crate::runtime::io::sleep(limit), shard.shutdown.wait()).await;
+        shard.shutdown.sleep(limit).await;
         false
     };
     futures_lite::future::or(arrived, expired).await
@@ -825,11 +822,7 @@ async fn connection(shard: Rc<Shard>, key: String) {
                         continue;
                     }
                     Next::Wait(wait) if wait <= RATE_WAIT_IN_PLACE => {
-                        futures_lite::future::or(
-                            crate::runtime::io::sleep(wait),
-                            shard.shutdown.wait(),
-                        )
-                        .await;
+                        shard.shutdown.sleep(wait).await;
                         if shard.shutdown.is_raised() {
                             break;
                         }

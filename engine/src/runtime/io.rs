@@ -217,6 +217,11 @@ impl Shutdown {
         self.raised.get()
     }
 
+    /// Sleeps for `d`, or less if the shutdown is raised meanwhile.
+    pub async fn sleep(&self, d: Duration) {
+        futures_lite::future::or(sleep(d), self.wait()).await;
+    }
+
     /// Resolves once [`Shutdown::raise`] was called.
     pub fn wait(&self) -> ShutdownWait<'_> {
         let id = self.next_waiter.get();
