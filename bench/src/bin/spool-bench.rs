@@ -20,7 +20,7 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Parser;
 use gannet_bench::{command_output, cpu_seconds, device_flushes, machine};
 use gannet_spool::{FileStorage, MessageRecord, Record, Spool, SpoolConfig};
@@ -53,6 +53,10 @@ struct Args {
     /// Markdown report to append to ("" for none).
     #[arg(long, default_value = "bench/RESULTS.md")]
     results: String,
+    /// Bytes written for the raw-disk limit (default: as many as the busiest gannet
+    /// case wrote, between 256 MiB and 2 GiB).
+    #[arg(long)]
+    raw_bytes: Option<u64>,
 }
 
 /// One measured case.
@@ -297,24 +301,35 @@ where
 fn raw_limit(dir: &Path, bytes: u64) -> Result<(f64, u64)> {
     std::fs::create_dir_all(dir)?;
     let path = dir.join("raw.dat");
+    let result = write_and_sync(&path, bytes);
+    // The file goes whether or not the write succeeded (a full disk stays full otherwise).
+    let _ = std::fs::remove_file(&path);
+    let (seconds, flushes) = result?;
+    Ok((bytes as f64 / seconds, flushes))
+}
+
+/// Writes `bytes` to a new file at `path` and syncs it; seconds taken and device flushes.
+fn write_and_sync(path: &Path, bytes: u64) -> Result<(f64, u64)> {
+    let dir = path.parent().unwrap_or(Path::new("."));
     let mut file = OpenOptions::new()
         .create(true)
         .truncate(true)
         .write(true)
-        .open(&path)?;
+        .open(path)
+        .context("creating the file")?;
     let chunk = vec![b'x'; 1 << 20];
     let flushes0 = device_flushes(dir);
     let t = Instant::now();
     let mut written = 0;
     while written < bytes {
-        file.write_all(&chunk)?;
-        written += chunk.len() as u64;
+        let piece = &chunk[..chunk.len().min((bytes - written) as usize)];
+        file.write_all(piece)
+            .with_context(|| format!("after {written} bytes"))?;
+        written += piece.len() as u64;
     }
-    file.sync_data()?;
+    file.sync_data().context("fdatasync")?;
     let seconds = t.elapsed().as_secs_f64();
-    let flushes = device_flushes(dir).saturating_sub(flushes0);
-    std::fs::remove_file(&path)?;
-    Ok((written as f64 / seconds, flushes))
+    Ok((seconds, device_flushes(dir).saturating_sub(flushes0)))
 }
 
 /// Recovery timings of one spool.
@@ -422,8 +437,15 @@ fn main() -> Result<()> {
         .map(|r| r.bytes)
         .max()
         .unwrap_or(1 << 30);
-    let (raw_bytes_per_s, raw_flushes) =
-        raw_limit(&args.dir, gannet_bytes.clamp(256 << 20, 2 << 30))?;
+    let raw_bytes = args
+        .raw_bytes
+        .unwrap_or(gannet_bytes.clamp(256 << 20, 2 << 30));
+    let (raw_bytes_per_s, raw_flushes) = raw_limit(&args.dir, raw_bytes).with_context(|| {
+        format!(
+            "raw-disk limit: writing {raw_bytes} bytes in {}",
+            args.dir.display()
+        )
+    })?;
     let raw_msgs_per_s = raw_bytes_per_s / args.body_bytes as f64;
     println!(
         "{}",

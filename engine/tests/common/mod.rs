@@ -103,6 +103,22 @@ impl Daemon {
             );
             std::thread::sleep(Duration::from_millis(20));
         };
+        // The file is written just before gannetd logs that it is ready, and the log
+        // reaches us through a pipe and a thread: wait for that line, so that a test
+        // reading the start-up log (recovery counts of every shard) sees all of it.
+        while !log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|line| line.contains("gannetd ready"))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "gannetd did not log that it is ready: {:#?}",
+                log.lock().unwrap()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         let addr = |key: &str| -> Option<SocketAddr> {
             v[key].as_array()?.first()?.as_str()?.parse().ok()
