@@ -506,13 +506,22 @@ fn start_gannetd(
     gannetd: &std::path::Path,
     sections: &str,
 ) -> (tempfile::TempDir, std::process::Child, serde_json::Value) {
+    start_gannetd_delivering(gannetd, sections, "[delivery]\nsuspended = true\n")
+}
+
+/// Like [`start_gannetd`], with `delivery` as the `[delivery]` configuration.
+fn start_gannetd_delivering(
+    gannetd: &std::path::Path,
+    sections: &str,
+    delivery: &str,
+) -> (tempfile::TempDir, std::process::Child, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("gannetd.toml");
     std::fs::write(
         &config,
         format!(
             "[server]\nhostname = \"gannet.test\"\ndata_dir = \"{}\"\nshards = 1\n{sections}\n\
-             [delivery]\nsuspended = true\n",
+             {delivery}",
             dir.path().join("data").display()
         ),
     )
@@ -532,6 +541,67 @@ fn start_gannetd(
     }
     let v = serde_json::from_str(&std::fs::read_to_string(&listeners).unwrap()).unwrap();
     (dir, daemon, v)
+}
+
+/// gannetd relays to the smart sink, which drops a fifth of its connections in DATA
+/// and defers 5% of recipients: connections break while the next message's envelope
+/// is already pipelined behind the current one's end, and still every message
+/// arrives intact, once, after retries.
+#[test]
+fn relay_to_a_faulty_sink_delivers_every_message_once() {
+    let gannetd = gannetd();
+    let sink = Sink::start(&["--drop-in-data-percent", "20", "--tempfail-percent", "5"]);
+    let (dir, mut daemon, listeners) = start_gannetd_delivering(
+        &gannetd,
+        "[smtp]\nlisten = [\"127.0.0.1:0\"]\n",
+        &format!(
+            "[delivery]\nretry_interval_secs = 1\nmax_retry_interval_secs = 2\n\
+             routes = {{ \"*\" = [\"{}\"] }}\n[delivery.shaping]\nconnection_limit = 2\n",
+            sink.smtp
+        ),
+    );
+    let smtp: SocketAddr = listeners["smtp"][0].as_str().unwrap().parse().unwrap();
+    let sent = blast(
+        smtp,
+        &[
+            "--messages",
+            "400",
+            "--concurrency",
+            "8",
+            "--domains",
+            "a.test",
+        ],
+    );
+    assert_eq!(sent["messages_sent"], 400, "{sent}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(90);
+    let total = || {
+        let out = Command::new("curl")
+            .args(["-sS", &format!("http://{}/total", sink.http)])
+            .output()
+            .unwrap();
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["messages"]
+            .as_u64()
+            .unwrap()
+    };
+    while total() < 400 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of 400 delivered",
+            total()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Nothing more arrives: no message was delivered twice.
+    std::thread::sleep(Duration::from_millis(1500));
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(daemon.id() as i32, libc::SIGTERM) };
+    daemon.wait().unwrap();
+    drop(dir);
+    let counts = sink.stop();
+    assert_eq!(counts["messages"], 400, "{counts}");
+    assert_eq!(counts["intact"], 400, "{counts}");
+    let dropped = counts["dropped"].as_u64().unwrap();
+    assert!(dropped > 0, "the sink dropped no connection: {counts}");
 }
 
 /// HTTP injection: gannet-blast POSTs transmissions (two recipients each, several

@@ -275,7 +275,12 @@ fn protocol_with_relay_from_loopback() {
             < 501
             < 250 2.1.5
             < 354
-            >> Subject: pipelined\\r\\n\\r\\n..dot-stuffed\\r\\n.\\r\\nQUIT\\r\\n
+            >> Subject: pipelined\\r\\n\\r\\n..dot-stuffed\\r\\n.\\r\\nMAIL FROM:<a@b.test>\\r\\nRCPT TO:<g@h.test>\\r\\nDATA\\r\\n
+            < 250 2.0.0 OK queued as
+            < 250 2.1.0
+            < 250 2.1.5
+            < 354
+            >> Subject: behind the dot\\r\\n\\r\\nnext\\r\\n.\\r\\nQUIT\\r\\n
             < 250 2.0.0 OK queued as
             < 221 2.0.0
             <closed
@@ -383,13 +388,24 @@ fn protocol_with_relay_from_loopback() {
         accepted_before
     );
     assert_eq!(
-        accepted_before, 3,
-        "too many recipients, pipelined, BDAT, and none other"
+        accepted_before, 4,
+        "too many recipients, pipelined (two), BDAT, and none other"
     );
 
     daemon.stop();
     let spooled = common::spooled(&daemon.data_dir());
-    assert_eq!(spooled.len(), 3);
+    assert_eq!(spooled.len(), 4);
+    // The transaction sent behind the first one's final dot is a message of its own.
+    let behind = spooled
+        .iter()
+        .find(|m| String::from_utf8_lossy(&m.body).contains("Subject: behind the dot"))
+        .expect("the message pipelined behind the dot is spooled");
+    assert_eq!(behind.recipients, ["g@h.test"]);
+    assert!(
+        String::from_utf8_lossy(&behind.body).ends_with("\r\n\r\nnext\r\n"),
+        "{:?}",
+        String::from_utf8_lossy(&behind.body)
+    );
     let pipelined = spooled
         .iter()
         .find(|m| String::from_utf8_lossy(&m.body).contains("Subject: pipelined"))
@@ -424,7 +440,7 @@ fn protocol_with_relay_from_loopback() {
 
     let events = daemon.events();
     let receptions = events.iter().filter(|e| e["type"] == "reception").count();
-    assert_eq!(receptions, 3);
+    assert_eq!(receptions, 4);
     assert!(events.iter().any(|e| e["type"] == "policy_rejection"
         && e["phase"] == "data"
         && e["reply"].as_str().unwrap().starts_with("550 5.6.0")));

@@ -52,6 +52,10 @@ struct Args {
     /// Extra `[server]` keys for gannetd, e.g. "spin_before_park_us = 50".
     #[arg(long, default_value = "")]
     gannet_server_extra: String,
+    /// More gannetd configuration, appended after its `[delivery]` keys, e.g.
+    /// "[delivery.shaping]\npipeline_next_message = false".
+    #[arg(long, default_value = "")]
+    gannet_config_extra: String,
     /// The gannetd binary.
     #[arg(long, default_value = "target/release/gannetd")]
     gannetd: PathBuf,
@@ -259,7 +263,7 @@ fn relay_run(
             &args.dir,
             shards,
             &args.gannet_server_extra,
-            &gannet_delivery(dns_port, sink_port),
+            &(gannet_delivery(dns_port, sink_port) + &args.gannet_config_extra),
         )?),
         "postfix" => {
             let transport: Vec<String> = (0..args.domains)

@@ -42,6 +42,9 @@ pub struct Knobs {
     /// How long a connection with nothing to send stays open for the queue's next
     /// message before it says QUIT (0: at once).
     pub idle_timeout_secs: Option<Bounded<0, 3600>>,
+    /// To a pipelining server, send the next message's MAIL, RCPT and DATA in the same
+    /// write as a message's end of data (RFC 2920 3.1).
+    pub pipeline_next_message: Option<bool>,
 }
 
 impl Knobs {
@@ -63,6 +66,7 @@ impl Knobs {
             data_timeout_secs: Some(Bounded(120)),
             data_dot_timeout_secs: Some(Bounded(600)),
             idle_timeout_secs: Some(Bounded(60)),
+            pipeline_next_message: Some(true),
         }
     }
 }

@@ -220,6 +220,18 @@ pub struct Session {
     /// "TLSv1.3 with cipher …" when TLS is active.
     pub tls: Option<String>,
     timeouts: Timeouts,
+    /// Recipients of a transaction whose MAIL, RCPT and DATA already went out behind
+    /// the previous message's end of data: the next [`Session::send`] must be that
+    /// transaction, and only reads its replies.
+    primed: Option<usize>,
+}
+
+/// The envelope of the transaction that follows the one being sent.
+#[derive(Debug, Clone, Copy)]
+pub struct Envelope<'a> {
+    pub sender: &'a str,
+    pub recipients: &'a [&'a str],
+    pub body: &'a [u8],
 }
 
 /// Largest reply accepted (all lines).
@@ -245,6 +257,7 @@ impl Session {
             extensions: Extensions::default(),
             tls: None,
             timeouts: t,
+            primed: None,
         };
         let banner = session.read_response("banner", t.banner).await?;
         if banner.code != 220 {
@@ -336,49 +349,44 @@ impl Session {
         Ok(())
     }
 
+    /// Whether the server takes pipelined commands (RFC 2920), and so the next
+    /// transaction's envelope behind a message.
+    pub fn pipelines(&self) -> bool {
+        self.extensions.pipelining
+    }
+
     /// Sends one message to `recipients`. Transport failures are errors (the caller
     /// retries every recipient); server refusals are in the returned transaction.
+    ///
+    /// With `next` and a pipelining server, the next transaction's MAIL, RCPT and
+    /// DATA go out in the same write as this message's end of data (RFC 2920 3.1:
+    /// message content may start a command group), sparing a write and a read per
+    /// message; the following `send` must then be for exactly `next`. Whether it was
+    /// sent so is [`Session::is_primed`].
     pub async fn send(
         &mut self,
         sender: &str,
         recipients: &[&str],
         body: &[u8],
+        next: Option<Envelope<'_>>,
     ) -> Result<Transaction, ClientError> {
         let t = self.timeouts;
-        let utf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
-        if utf8 && !self.extensions.smtputf8 {
-            let refusal = Response::local(
-                550,
-                "5.6.7 the server does not offer SMTPUTF8, which this message's addresses need",
-            );
-            return Ok(Transaction {
-                rcpt: vec![refusal.clone(); recipients.len()],
-                mail: refusal,
-                data: None,
-            });
-        }
-        let mut mail = format!("MAIL FROM:<{sender}>");
-        if self.extensions.size.is_some() {
-            mail.push_str(&format!(" SIZE={}", body.len()));
-        }
-        if self.extensions.eight_bit_mime && !body.is_ascii() {
-            mail.push_str(" BODY=8BITMIME");
-        }
-        if utf8 {
-            mail.push_str(" SMTPUTF8");
-        }
-        mail.push_str("\r\n");
-        let pipelined = self.extensions.pipelining;
-        self.output.clear();
-        self.output.extend_from_slice(mail.as_bytes());
-        if pipelined {
-            for rcpt in recipients {
-                self.output
-                    .extend_from_slice(format!("RCPT TO:<{rcpt}>\r\n").as_bytes());
+        match self.primed.take() {
+            Some(primed) => debug_assert_eq!(primed, recipients.len(), "not the primed envelope"),
+            None => {
+                if let Some(refusal) = self.refusal(sender, recipients) {
+                    return Ok(Transaction {
+                        rcpt: vec![refusal.clone(); recipients.len()],
+                        mail: refusal,
+                        data: None,
+                    });
+                }
+                self.output.clear();
+                self.write_envelope(sender, recipients, body);
+                self.flush_output("MAIL", t.mail).await?;
             }
-            self.output.extend_from_slice(b"DATA\r\n");
         }
-        self.flush_output("MAIL", t.mail).await?;
+        let pipelined = self.extensions.pipelining;
         let mail_reply = self.read_response("MAIL", t.mail).await?;
         let mut rcpt_replies = Vec::with_capacity(recipients.len());
         for rcpt in recipients {
@@ -416,6 +424,13 @@ impl Session {
                 } else {
                     self.output.clear();
                     dot_stuff(body, &mut self.output);
+                    if let Some(next) = next
+                        && pipelined
+                        && self.refusal(next.sender, next.recipients).is_none()
+                    {
+                        self.write_envelope(next.sender, next.recipients, next.body);
+                        self.primed = Some(next.recipients.len());
+                    }
                     self.flush_output("DATA", t.data).await?;
                     transaction.data = Some(self.read_response("end of data", t.data_done).await?);
                 }
@@ -429,6 +444,48 @@ impl Session {
             None => self.reset().await?,
         }
         Ok(transaction)
+    }
+
+    /// Whether the next transaction's envelope is already on the wire (see
+    /// [`Session::send`]).
+    pub fn is_primed(&self) -> bool {
+        self.primed.is_some()
+    }
+
+    /// A refusal for every recipient when this server cannot take the envelope.
+    fn refusal(&self, sender: &str, recipients: &[&str]) -> Option<Response> {
+        let utf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
+        (utf8 && !self.extensions.smtputf8).then(|| {
+            Response::local(
+                550,
+                "5.6.7 the server does not offer SMTPUTF8, which this message's addresses need",
+            )
+        })
+    }
+
+    /// Appends MAIL (and, to a pipelining server, the RCPTs and DATA) to the output.
+    fn write_envelope(&mut self, sender: &str, recipients: &[&str], body: &[u8]) {
+        use std::io::Write as _;
+        let out = &mut self.output;
+        let utf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
+        // Writes into a Vec cannot fail.
+        let _ = write!(out, "MAIL FROM:<{sender}>");
+        if self.extensions.size.is_some() {
+            let _ = write!(out, " SIZE={}", body.len());
+        }
+        if self.extensions.eight_bit_mime && !body.is_ascii() {
+            out.extend_from_slice(b" BODY=8BITMIME");
+        }
+        if utf8 {
+            out.extend_from_slice(b" SMTPUTF8");
+        }
+        out.extend_from_slice(b"\r\n");
+        if self.extensions.pipelining {
+            for rcpt in recipients {
+                let _ = write!(out, "RCPT TO:<{rcpt}>\r\n");
+            }
+            out.extend_from_slice(b"DATA\r\n");
+        }
     }
 
     async fn reset(&mut self) -> Result<(), ClientError> {
@@ -450,12 +507,15 @@ impl Session {
         !self.input.is_empty() || self.conn.peer_has_spoken()
     }
 
-    /// Says QUIT (waiting briefly for the reply) and closes.
+    /// Says QUIT (waiting briefly for the reply) and closes. A session whose next
+    /// envelope is already on the wire only closes: the server may be waiting for
+    /// that message's content, and would take QUIT for it.
     pub async fn quit(mut self) {
-        if self
-            .command(b"QUIT\r\n", "QUIT", Duration::from_secs(5))
-            .await
-            .is_ok()
+        if self.primed.is_none()
+            && self
+                .command(b"QUIT\r\n", "QUIT", Duration::from_secs(5))
+                .await
+                .is_ok()
         {
             let _ = self.read_response("QUIT", Duration::from_secs(5)).await;
         }

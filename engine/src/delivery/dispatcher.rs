@@ -18,7 +18,7 @@ use std::time::Duration;
 use gannet_spool::{Spool, UpdateRecord};
 
 use super::bounce;
-use super::client::{ClientOptions, Response, Session, Timeouts};
+use super::client::{ClientOptions, Envelope, Response, Session, Timeouts};
 use super::shaping::ShapingTable;
 use super::tls::ClientTls;
 use crate::clock::unix_ms;
@@ -711,18 +711,22 @@ fn shaping_of(shard: &Shard, key: &str) -> Option<super::shaping::Shaping> {
 }
 
 /// Sends one message to `recipients` over `session` in batches; one reply per
-/// recipient, and whether the connection broke.
+/// recipient, and whether the connection broke. `next` (the first batch of the
+/// following message) may be pipelined behind the last batch (see [`Session::send`]).
 async fn deliver(
     session: &mut Session,
     batch_max: usize,
     sender: &str,
     recipients: &[String],
     body: &[u8],
+    next: Option<Envelope<'_>>,
 ) -> (Vec<Response>, bool) {
     let mut results = Vec::with_capacity(recipients.len());
-    for chunk in recipients.chunks(batch_max) {
+    let batches = recipients.len().div_ceil(batch_max);
+    for (i, chunk) in recipients.chunks(batch_max).enumerate() {
         let refs: Vec<&str> = chunk.iter().map(String::as_str).collect();
-        match session.send(sender, &refs, body).await {
+        let then = if i + 1 == batches { next } else { None };
+        match session.send(sender, &refs, body, then).await {
             Ok(t) => results.extend((0..chunk.len()).map(|k| t.outcome(k).clone())),
             Err(err) => {
                 let response = err.response();
@@ -738,6 +742,107 @@ async fn deliver(
 fn pad(mut results: Vec<Response>, len: usize, response: &Response) -> Vec<Response> {
     results.resize(len, response.clone());
     results
+}
+
+/// A part taken from a ready queue with what sending it needs at hand.
+enum Loaded {
+    /// A part of a message this shard spooled; its body is read in place from the
+    /// spool's mapping.
+    Local {
+        part: Part,
+        sender: String,
+        /// The part's recipients (allocated per part: the message keeps them with
+        /// their per-recipient state, and a transaction needs them as one slice).
+        recipients: Vec<String>,
+        stored: gannet_spool::MessageRef,
+    },
+    Remote(Box<crate::mesh::Handoff>),
+}
+
+impl Loaded {
+    /// Gets `work` ready to send; None (logged) for a part whose message is gone
+    /// from the spool.
+    fn new(shard: &Shard, work: Work) -> Option<Loaded> {
+        match work {
+            Work::Remote(h) => Some(Loaded::Remote(h)),
+            Work::Local(part) => {
+                let (id, sender, recipients) = {
+                    let m = part.message.borrow();
+                    let recipients = part
+                        .rcpts
+                        .iter()
+                        .map(|i| m.recipients[*i as usize].clone())
+                        .collect();
+                    (m.id, m.sender.clone(), recipients)
+                };
+                let Some(stored) = shard.spool.get(id) else {
+                    tracing::error!(shard = shard.id, %id, "a queued message is missing from the spool; dropping it from the queue");
+                    return None;
+                };
+                Some(Loaded::Local {
+                    part,
+                    sender,
+                    recipients,
+                    stored,
+                })
+            }
+        }
+    }
+
+    /// Sender, recipients and body.
+    fn envelope(&self) -> (&str, &[String], &[u8]) {
+        match self {
+            Loaded::Local {
+                sender,
+                recipients,
+                stored,
+                ..
+            } => (sender, recipients, stored.get().body.as_slice()),
+            Loaded::Remote(h) => (&h.sender, &h.recipients, &h.body),
+        }
+    }
+
+    /// Puts the part back at the head of its ready queue, untried (taken ahead for a
+    /// connection that then broke); fails it like a connection failure if the queue
+    /// is gone.
+    async fn give_back(self, shard: &Shard, key: &str) {
+        let work = match self {
+            Loaded::Local { part, .. } => Work::Local(part),
+            Loaded::Remote(h) => Work::Remote(h),
+        };
+        let work = {
+            let mut queues = shard.dispatcher.queues.borrow_mut();
+            match (queues.ready.get_mut(key), work) {
+                (Some(q), Work::Local(part)) => {
+                    q.parts.push_front(part);
+                    None
+                }
+                (Some(q), Work::Remote(h)) => {
+                    q.remote.push_front(h);
+                    None
+                }
+                (None, work) => Some(work),
+            }
+        };
+        let failure = Response::local(451, "4.4.2 the connection was lost");
+        match work {
+            None => {}
+            Some(Work::Local(part)) => {
+                let results = part.rcpts.iter().map(|i| (*i, failure.clone())).collect();
+                settle(shard, part, results, None, None);
+            }
+            Some(Work::Remote(h)) => {
+                let report = crate::mesh::Report {
+                    token: h.token,
+                    results: vec![failure; h.recipients.len()],
+                    peer: None,
+                    tls: None,
+                    delayed: false,
+                };
+                report_home(shard, h.from, report).await;
+            }
+        }
+    }
 }
 
 /// One connection's life: connect (hosts in preference order), send ready parts,
@@ -797,83 +902,86 @@ async fn connection(shard: Rc<Shard>, key: String) {
         Some((mut session, host)) => {
             let mut sent = 0;
             let mut broken = false;
+            // The part taken ahead, whose envelope may already follow the current
+            // message's end of data (then it must be the next one sent).
+            let mut ahead: Option<Loaded> = None;
             while !broken {
                 let Some(shaping) = shaping_of(&shard, &key) else {
                     break;
                 };
-                if sent >= shaping.max_deliveries_per_connection {
-                    break;
-                }
-                let work = match next_work(&shard, &key, true) {
-                    Next::Work(work) => work,
-                    Next::Done => {
-                        // Nothing to send: wait idle for the queue's next part, and
-                        // use the connection again if the server has not closed it.
-                        if !wait_for_work(&shard, &key, shaping.idle_timeout).await {
-                            break;
-                        }
-                        if session.peer_has_spoken() {
-                            // Closed (or a 421) while idle: a new connection takes
-                            // over; this one is only dropped.
-                            tracing::debug!(shard = shard.id, queue = %key, "an idle delivery connection was closed by the server");
-                            broken = true;
-                            break;
-                        }
-                        continue;
-                    }
-                    Next::Wait(wait) if wait <= RATE_WAIT_IN_PLACE => {
-                        shard.shutdown.sleep(wait).await;
-                        if shard.shutdown.is_raised() {
-                            break;
-                        }
-                        continue;
-                    }
-                    Next::Wait(wait) => {
-                        if let Some(q) = d.queues.borrow_mut().ready.get_mut(&key) {
-                            q.throttled_until_ms = unix_ms() + wait.as_millis() as u64;
-                        }
-                        break;
-                    }
-                };
-                match work {
-                    Work::Local(part) => {
-                        let (id, sender, recipients) = {
-                            let m = part.message.borrow();
-                            let recipients: Vec<String> = part
-                                .rcpts
-                                .iter()
-                                .map(|i| m.recipients[*i as usize].clone())
-                                .collect();
-                            (m.id, m.sender.clone(), recipients)
-                        };
-                        // The body is read in place from the spool's mapping.
-                        let Some(stored) = shard.spool.get(id) else {
-                            tracing::error!(shard = shard.id, %id, "a queued message is missing from the spool; dropping it from the queue");
+                let current = match ahead.take() {
+                    Some(loaded) => loaded,
+                    None if sent >= shaping.max_deliveries_per_connection => break,
+                    None => match next_work(&shard, &key, true) {
+                        Next::Work(work) => match Loaded::new(&shard, work) {
+                            Some(loaded) => loaded,
+                            None => continue,
+                        },
+                        Next::Done => {
+                            // Nothing to send: wait idle for the queue's next part, and
+                            // use the connection again if the server has not closed it.
+                            if !wait_for_work(&shard, &key, shaping.idle_timeout).await {
+                                break;
+                            }
+                            if session.peer_has_spoken() {
+                                // Closed (or a 421) while idle: a new connection takes
+                                // over; this one is only dropped.
+                                tracing::debug!(shard = shard.id, queue = %key, "an idle delivery connection was closed by the server");
+                                broken = true;
+                                break;
+                            }
                             continue;
-                        };
-                        let body = stored.get().body.as_slice();
-                        let (replies, failed) = deliver(
-                            &mut session,
-                            shaping.max_recipients_per_batch,
-                            &sender,
-                            &recipients,
-                            body,
-                        )
-                        .await;
-                        broken = failed;
+                        }
+                        Next::Wait(wait) if wait <= RATE_WAIT_IN_PLACE => {
+                            shard.shutdown.sleep(wait).await;
+                            if shard.shutdown.is_raised() {
+                                break;
+                            }
+                            continue;
+                        }
+                        Next::Wait(wait) => {
+                            if let Some(q) = d.queues.borrow_mut().ready.get_mut(&key) {
+                                q.throttled_until_ms = unix_ms() + wait.as_millis() as u64;
+                            }
+                            break;
+                        }
+                    },
+                };
+                // Take the following part now, so that its envelope can go out with
+                // this message's end of data.
+                if shaping.pipeline_next_message
+                    && session.pipelines()
+                    && sent + 1 < shaping.max_deliveries_per_connection
+                    && let Next::Work(work) = next_work(&shard, &key, true)
+                {
+                    ahead = Loaded::new(&shard, work);
+                }
+                let batch_max = shaping.max_recipients_per_batch;
+                let next_refs: Vec<&str> = ahead.as_ref().map_or_else(Vec::new, |a| {
+                    let recipients = a.envelope().1;
+                    recipients[..recipients.len().min(batch_max)]
+                        .iter()
+                        .map(String::as_str)
+                        .collect()
+                });
+                let next = ahead.as_ref().map(|a| {
+                    let (sender, _, body) = a.envelope();
+                    Envelope {
+                        sender,
+                        recipients: &next_refs,
+                        body,
+                    }
+                });
+                let (sender, recipients, body) = current.envelope();
+                let (replies, failed) =
+                    deliver(&mut session, batch_max, sender, recipients, body, next).await;
+                broken = failed;
+                match current {
+                    Loaded::Local { part, .. } => {
                         let results = part.rcpts.iter().copied().zip(replies).collect();
                         settle(&shard, part, results, Some(host), session.tls.as_deref());
                     }
-                    Work::Remote(h) => {
-                        let (replies, failed) = deliver(
-                            &mut session,
-                            shaping.max_recipients_per_batch,
-                            &h.sender,
-                            &h.recipients,
-                            &h.body,
-                        )
-                        .await;
-                        broken = failed;
+                    Loaded::Remote(h) => {
                         let report = crate::mesh::Report {
                             token: h.token,
                             results: replies,
@@ -885,6 +993,9 @@ async fn connection(shard: Rc<Shard>, key: String) {
                     }
                 }
                 sent += 1;
+            }
+            if let Some(loaded) = ahead.take() {
+                loaded.give_back(&shard, &key).await;
             }
             if !broken {
                 session.quit().await;

@@ -21,6 +21,8 @@ pub struct Shaping {
     pub timeouts: Timeouts,
     /// How long an idle connection waits for the queue's next message.
     pub idle_timeout: Duration,
+    /// Whether the next message's envelope follows a message's end of data.
+    pub pipeline_next_message: bool,
 }
 
 impl Shaping {
@@ -57,6 +59,9 @@ impl Shaping {
         if let Some(v) = knobs.idle_timeout_secs {
             self.idle_timeout = Duration::from_secs(v.get());
         }
+        self.pipeline_next_message = knobs
+            .pipeline_next_message
+            .unwrap_or(self.pipeline_next_message);
         self
     }
 }
@@ -80,6 +85,7 @@ impl ShapingTable {
             max_ready: 0,
             timeouts: Timeouts::default(),
             idle_timeout: Duration::ZERO,
+            pipeline_next_message: false,
         }
         .with(&Knobs::builtin());
         let providers = config

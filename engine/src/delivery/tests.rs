@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use super::client::{ClientError, ClientOptions, Session, Timeouts, TlsMode};
+use super::client::{ClientError, ClientOptions, Envelope, Session, Timeouts, TlsMode};
 use super::tls::ClientTls;
 use crate::test_peers::{Peer, free_port};
 
@@ -66,11 +66,25 @@ fn delivers_to_aiosmtpd_with_starttls_and_per_recipient_results() {
             session.tls
         );
         let body = "Subject: t\r\n\r\n.leading dot\r\n..two\r\n.\r\nhéllo\r\n".as_bytes();
+        // aiosmtpd offers no PIPELINING: the next message's envelope is never sent
+        // ahead (the smtp-sink test below covers that), each goes on its own.
+        assert!(!session.pipelines());
+        let second = Envelope {
+            sender: "ü@b.test",
+            recipients: &["ö@d.test"],
+            body: b"Subject: u\r\n\r\nx\r\n",
+        };
+        let third = Envelope {
+            sender: "s@b.test",
+            recipients: &["permfail@d.test"],
+            body: b"x\r\n",
+        };
         let t = session
             .send(
                 "s@b.test",
                 &["ok@d.test", "tempfail@d.test", "permfail@d.test"],
                 body,
+                Some(second),
             )
             .await
             .unwrap();
@@ -78,18 +92,26 @@ fn delivers_to_aiosmtpd_with_starttls_and_per_recipient_results() {
         assert_eq!(t.outcome(1).code, 451, "{t:?}");
         assert_eq!(t.outcome(2).code, 550, "{t:?}");
         assert_eq!(t.outcome(2).enhanced(), Some("5.1.1"));
+        assert!(!session.is_primed());
         // The connection is reused for the next message, here with SMTPUTF8.
         let t = session
-            .send("ü@b.test", &["ö@d.test"], b"Subject: u\r\n\r\nx\r\n")
+            .send(second.sender, second.recipients, second.body, Some(third))
             .await
             .unwrap();
         assert_eq!(t.outcome(0).code, 250, "{t:?}");
+        assert!(!session.is_primed());
         // No recipient accepted: nothing is sent, and the session stays usable.
         let t = session
-            .send("s@b.test", &["permfail@d.test"], b"x\r\n")
+            .send(third.sender, third.recipients, third.body, None)
             .await
             .unwrap();
         assert_eq!((t.outcome(0).code, t.data.is_none()), (550, true));
+        assert!(!session.is_primed());
+        let t = session
+            .send("s@b.test", &["ok@d.test"], b"x\r\n", None)
+            .await
+            .unwrap();
+        assert_eq!(t.outcome(0).code, 250, "{t:?}");
         session.quit().await;
 
         let first = received(&out_path, 1);
@@ -106,7 +128,12 @@ fn delivers_to_aiosmtpd_with_starttls_and_per_recipient_results() {
             second["mail_options"].to_string().contains("SMTPUTF8"),
             "{second}"
         );
-        assert!(!out_path.join("3.json").exists());
+        // The third transaction (no recipient accepted) sent no message: the fourth
+        // is the third received.
+        let fourth = received(&out_path, 3);
+        assert_eq!(fourth["rcpt_tos"], serde_json::json!(["ok@d.test"]));
+        assert_eq!(fourth["data"], "x\r\n");
+        assert!(!out_path.join("4.json").exists());
 
         // Required TLS refuses a certificate that no root vouches for.
         let err = Session::connect(addr, "sink.test", &options(TlsMode::Required), &tls)
@@ -138,19 +165,23 @@ fn pipelines_with_smtp_sink_and_reports_connection_failures() {
             .await
             .unwrap();
         assert!(session.extensions.pipelining);
-        for _ in 0..3 {
+        let envelope = Envelope {
+            sender: "s@b.test",
+            recipients: &["a@d.test", "b@d.test"],
+            body: b"Subject: p\r\n\r\nbody\r\n",
+        };
+        for i in 0..3 {
+            // The first two carry the next message's envelope behind their end.
+            let next = (i < 2).then_some(envelope);
             let t = session
-                .send(
-                    "s@b.test",
-                    &["a@d.test", "b@d.test"],
-                    b"Subject: p\r\n\r\nbody\r\n",
-                )
+                .send(envelope.sender, envelope.recipients, envelope.body, next)
                 .await
                 .unwrap();
             assert!(
                 t.outcome(0).is_positive() && t.outcome(1).is_positive(),
                 "{t:?}"
             );
+            assert_eq!(session.is_primed(), i < 2);
         }
         session.quit().await;
 
