@@ -1173,39 +1173,26 @@ fn persist(spool: &Spool<ShardStorage>, m: &Message, due_ms: u64, shard: u16) {
         queue: m.queue.clone(),
         done: m.done.clone(),
     };
-    watch(spool, spool.append_update(&update), shard, "update");
+    written(spool.append_update(&update), shard, "update");
 }
 
 /// Every recipient is finished: the message leaves the spool.
 fn finish(shard: &Shard, m: &Message) {
-    watch(
-        &shard.spool,
-        shard.spool.append_tombstone(m.id),
-        shard.id,
-        "tombstone",
-    );
+    written(shard.spool.append_tombstone(m.id), shard.id, "tombstone");
 }
 
-/// Awaits an update or tombstone in the background. Losing one is not losing mail:
-/// after a crash the message is retried from its last durable state (at worst a
-/// recipient is delivered twice), so the delivery path does not wait for the sync.
-fn watch(
-    spool: &Spool<ShardStorage>,
+/// Checks that an update or tombstone was written; its sync is not awaited. Losing
+/// one is not losing mail: after a crash the message is retried from its last
+/// durable state (at worst a recipient is delivered twice). A failed sync is logged
+/// by the spool, which also turns unhealthy (new mail gets 421 until a sync succeeds
+/// again), so no waiter task is spawned per record on the delivery path.
+fn written(
     ticket: Result<gannet_spool::Ticket, gannet_spool::SpoolError>,
     shard: u16,
     what: &'static str,
 ) {
-    match ticket {
-        Ok(ticket) => {
-            let durable = spool.durable(ticket);
-            glommio::spawn_local(async move {
-                if let Err(err) = durable.await {
-                    tracing::warn!(shard, "spool {what} not durable: {err}");
-                }
-            })
-            .detach();
-        }
-        Err(err) => tracing::warn!(shard, "spool {what} failed: {err}"),
+    if let Err(err) = ticket {
+        tracing::warn!(shard, "spool {what} failed: {err}");
     }
 }
 
