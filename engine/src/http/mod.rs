@@ -62,8 +62,8 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener, tls: bool) {
 }
 
 async fn accepted_connection(shard: Rc<Shard>, stream: TcpStream, tls: bool) {
+    // TCP_NODELAY comes from the listener (runtime::io::listen).
     let peer = stream.peer_addr().ok().map(|a| a.ip());
-    http_io::no_delay(&stream);
     if !tls {
         return connection(shard, HyperIo::new(stream, IDLE_TIMEOUT), peer).await;
     }

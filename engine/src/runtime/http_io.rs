@@ -29,11 +29,6 @@ pub struct HyperIo<S> {
     scratch: Box<[u8]>,
 }
 
-/// Disables Nagle on a new connection (replies are written whole).
-pub fn no_delay(stream: &TcpStream) {
-    let _ = stream.set_nodelay(true);
-}
-
 /// The server side of a TLS handshake within `limit`.
 pub async fn accept_tls(
     stream: TcpStream,

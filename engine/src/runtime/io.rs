@@ -178,6 +178,26 @@ impl Conn {
     }
 }
 
+/// A shard's listening socket: SO_REUSEPORT (every shard binds the same address and
+/// the kernel spreads connections), and TCP_NODELAY, which Linux copies to every
+/// accepted connection — one setsockopt per listener instead of one per connection
+/// (replies are written whole, so Nagle would only delay them).
+pub fn listen(addr: std::net::SocketAddr) -> io::Result<glommio::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_port(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(socket);
+    // SAFETY: `fd` is a bound, listening TCP socket whose ownership into_raw_fd just
+    // gave up; glommio's listener takes it over and closes it.
+    Ok(unsafe { <glommio::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
 /// `fut`, or a `TimedOut` error after `limit`.
 pub async fn deadline<T>(
     fut: impl Future<Output = io::Result<T>>,

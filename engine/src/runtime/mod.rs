@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow};
 use gannet_spool::{FileStorage, Spool, SpoolConfig};
-use glommio::net::TcpListener;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
 use crate::auth::Credentials;
@@ -481,7 +480,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
     glommio::spawn_local(crate::delivery::dispatcher::run(shard.clone())).detach();
     glommio::spawn_local(crate::delivery::dispatcher::inbox(shard.clone())).detach();
     let bind = |addr: &SocketAddr| {
-        TcpListener::bind(addr).map_err(|e| anyhow!("shard {id}: listening on {addr}: {e}"))
+        io::listen(*addr).map_err(|e| anyhow!("shard {id}: listening on {addr}: {e}"))
     };
     let mut tasks = Vec::new();
     // SMTP and HTTP listeners, each plain or with implicit TLS.

@@ -42,7 +42,7 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener, implicit_tls: bool) 
         };
         let shard = shard.clone();
         glommio::spawn_local(async move {
-            let _ = stream.set_nodelay(true);
+            // TCP_NODELAY comes from the listener (runtime::io::listen).
             let Ok(peer) = stream.peer_addr() else {
                 return;
             };

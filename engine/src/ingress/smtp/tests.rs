@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use gannet_spool::{SimStorage, Spool, SpoolConfig};
-use glommio::net::{TcpListener, TcpStream};
+use glommio::net::TcpStream;
 
 use crate::auth::Credentials;
 use crate::config::Config;
@@ -129,6 +129,24 @@ async fn connect(addr: std::net::SocketAddr) -> TcpStream {
     stream
 }
 
+/// A shard's listener shares its address with the other shards' (SO_REUSEPORT), and
+/// connections accepted on it have TCP_NODELAY from it, without a call of their own.
+#[test]
+fn listeners_share_their_address_and_pass_no_delay_to_connections() {
+    glommio::LocalExecutorBuilder::default()
+        .spawn(|| async move {
+            let listener = crate::runtime::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+            let addr = listener.local_addr().unwrap();
+            drop(crate::runtime::io::listen(addr).expect("a second listener on the address"));
+            let _client = TcpStream::connect(addr).await.unwrap();
+            let accepted = listener.accept().await.unwrap();
+            assert!(accepted.nodelay().unwrap());
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+}
+
 #[test]
 fn failed_sync_is_451_then_421_until_the_disk_recovers() {
     let dir = tempfile::tempdir().unwrap();
@@ -136,7 +154,7 @@ fn failed_sync_is_451_then_421_until_the_disk_recovers() {
     glommio::LocalExecutorBuilder::default()
         .spawn(move || async move {
             let shard = shard(&events);
-            let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+            let listener = crate::runtime::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
             let addr = listener.local_addr().unwrap();
             glommio::spawn_local(super::serve(shard.clone(), listener, false)).detach();
             let ShardStorage::Sim(sim) = shard.spool.storage() else {
