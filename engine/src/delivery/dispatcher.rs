@@ -810,37 +810,48 @@ impl Loaded {
             Loaded::Local { part, .. } => Work::Local(part),
             Loaded::Remote(h) => Work::Remote(h),
         };
-        let work = {
-            let mut queues = shard.dispatcher.queues.borrow_mut();
-            match (queues.ready.get_mut(key), work) {
-                (Some(q), Work::Local(part)) => {
-                    q.parts.push_front(part);
-                    None
-                }
-                (Some(q), Work::Remote(h)) => {
-                    q.remote.push_front(h);
-                    None
-                }
-                (None, work) => Some(work),
+        let left = match (
+            shard.dispatcher.queues.borrow_mut().ready.get_mut(key),
+            work,
+        ) {
+            (Some(q), Work::Local(part)) => {
+                q.parts.push_front(part);
+                None
             }
+            (Some(q), Work::Remote(h)) => {
+                q.remote.push_front(h);
+                None
+            }
+            (None, work) => Some(work),
         };
-        let failure = Response::local(451, "4.4.2 the connection was lost");
-        match work {
-            None => {}
-            Some(Work::Local(part)) => {
-                let results = part.rcpts.iter().map(|i| (*i, failure.clone())).collect();
-                settle(shard, part, results, None, None);
-            }
-            Some(Work::Remote(h)) => {
-                let report = crate::mesh::Report {
-                    token: h.token,
-                    results: vec![failure; h.recipients.len()],
-                    peer: None,
-                    tls: None,
-                    delayed: false,
-                };
-                report_home(shard, h.from, report).await;
-            }
+        if let Some(work) = left {
+            fail(
+                shard,
+                work,
+                &Response::local(451, "4.4.2 the connection was lost"),
+            )
+            .await;
+        }
+    }
+}
+
+/// Fails every recipient of `work` with `response`, as when no connection could be
+/// made: settled here for a local part, reported home for a handed-off one.
+async fn fail(shard: &Shard, work: Work, response: &Response) {
+    match work {
+        Work::Local(part) => {
+            let results = part.rcpts.iter().map(|i| (*i, response.clone())).collect();
+            settle(shard, part, results, None, None);
+        }
+        Work::Remote(h) => {
+            let report = crate::mesh::Report {
+                token: h.token,
+                results: vec![response.clone(); h.recipients.len()],
+                peer: None,
+                tls: None,
+                delayed: false,
+            };
+            report_home(shard, h.from, report).await;
         }
     }
 }
@@ -881,22 +892,7 @@ async fn connection(shard: Rc<Shard>, key: String) {
     match session {
         None => {
             while let Next::Work(work) = next_work(&shard, &key, false) {
-                match work {
-                    Work::Local(part) => {
-                        let results = part.rcpts.iter().map(|i| (*i, failure.clone())).collect();
-                        settle(&shard, part, results, None, None);
-                    }
-                    Work::Remote(h) => {
-                        let report = crate::mesh::Report {
-                            token: h.token,
-                            results: vec![failure.clone(); h.recipients.len()],
-                            peer: None,
-                            tls: None,
-                            delayed: false,
-                        };
-                        report_home(&shard, h.from, report).await;
-                    }
-                }
+                fail(&shard, work, &failure).await;
             }
         }
         Some((mut session, host)) => {
