@@ -44,6 +44,22 @@ impl Sink {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// `GET /total`: the cheap count of messages received, as the sink writes it.
+    fn total_text(&self) -> String {
+        let out = Command::new("curl")
+            .args(["-sS", &format!("http://{}/total", self.http)])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Messages received so far (from `GET /total`).
+    fn total(&self) -> u64 {
+        serde_json::from_str::<serde_json::Value>(&self.total_text()).unwrap()["messages"]
+            .as_u64()
+            .unwrap()
+    }
+
     /// Stops the sink; the counters it prints at exit.
     fn stop(mut self) -> serde_json::Value {
         // SAFETY: signalling the child this test started.
@@ -106,14 +122,7 @@ fn blast_and_sink_agree_on_counts() {
     assert_eq!(result["recipients_accepted"], 6000);
     assert_eq!(result["errors"], serde_json::json!({}));
     let live = sink.counts();
-    let total = Command::new("curl")
-        .args(["-sS", &format!("http://{}/total", sink.http)])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&total.stdout),
-        "{\"messages\":2000}"
-    );
+    assert_eq!(sink.total_text(), "{\"messages\":2000}");
     let counts = sink.stop();
     assert_eq!(live, counts, "HTTP and exit counters agree");
     assert_eq!(counts["messages"], 2000);
@@ -574,20 +583,11 @@ fn relay_to_a_faulty_sink_delivers_every_message_once() {
     );
     assert_eq!(sent["messages_sent"], 400, "{sent}");
     let deadline = std::time::Instant::now() + Duration::from_secs(90);
-    let total = || {
-        let out = Command::new("curl")
-            .args(["-sS", &format!("http://{}/total", sink.http)])
-            .output()
-            .unwrap();
-        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()["messages"]
-            .as_u64()
-            .unwrap()
-    };
-    while total() < 400 {
+    while sink.total() < 400 {
         assert!(
             std::time::Instant::now() < deadline,
             "{} of 400 delivered",
-            total()
+            sink.total()
         );
         std::thread::sleep(Duration::from_millis(100));
     }

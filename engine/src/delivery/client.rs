@@ -454,8 +454,7 @@ impl Session {
 
     /// A refusal for every recipient when this server cannot take the envelope.
     fn refusal(&self, sender: &str, recipients: &[&str]) -> Option<Response> {
-        let utf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
-        (utf8 && !self.extensions.smtputf8).then(|| {
+        (needs_smtputf8(sender, recipients) && !self.extensions.smtputf8).then(|| {
             Response::local(
                 550,
                 "5.6.7 the server does not offer SMTPUTF8, which this message's addresses need",
@@ -467,7 +466,6 @@ impl Session {
     fn write_envelope(&mut self, sender: &str, recipients: &[&str], body: &[u8]) {
         use std::io::Write as _;
         let out = &mut self.output;
-        let utf8 = !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii());
         // Writes into a Vec cannot fail.
         let _ = write!(out, "MAIL FROM:<{sender}>");
         if self.extensions.size.is_some() {
@@ -476,7 +474,7 @@ impl Session {
         if self.extensions.eight_bit_mime && !body.is_ascii() {
             out.extend_from_slice(b" BODY=8BITMIME");
         }
-        if utf8 {
+        if needs_smtputf8(sender, recipients) {
             out.extend_from_slice(b" SMTPUTF8");
         }
         out.extend_from_slice(b"\r\n");
@@ -600,6 +598,11 @@ impl Session {
             self.input.extend_from_slice(&chunk[..n]);
         }
     }
+}
+
+/// Whether an envelope has non-ASCII addresses (RFC 6531).
+fn needs_smtputf8(sender: &str, recipients: &[&str]) -> bool {
+    !sender.is_ascii() || recipients.iter().any(|r| !r.is_ascii())
 }
 
 fn io_error(phase: &'static str, e: std::io::Error) -> ClientError {
