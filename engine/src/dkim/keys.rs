@@ -9,9 +9,11 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
-use ring::signature::{Ed25519KeyPair, KeyPair as _, RsaKeyPair};
+// The same PKCS#8 decoding trait serves ed25519-dalek and the rsa crate.
+use ed25519_dalek::pkcs8::DecodePrivateKey as _;
+use ring::signature::RsaKeyPair;
 use rsa::pkcs1::DecodeRsaPrivateKey as _;
-use rsa::pkcs8::{DecodePrivateKey as _, EncodePublicKey as _};
+use rsa::pkcs8::EncodePublicKey as _;
 use rsa::traits::PublicKeyParts as _;
 use rustls::pki_types::PrivateKeyDer;
 use rustls::pki_types::pem::PemObject;
@@ -43,7 +45,8 @@ pub fn parse(pem: &[u8]) -> Result<Key, String> {
     match der {
         PrivateKeyDer::Pkcs8(pkcs8) => {
             let bytes = pkcs8.secret_pkcs8_der();
-            if let Ok(key) = Ed25519KeyPair::from_pkcs8_maybe_unchecked(bytes) {
+            // PKCS#8 v1 or v2; a v2 key's public key must match its private key.
+            if let Ok(key) = ed25519_dalek::SigningKey::from_pkcs8_der(bytes) {
                 return Ok(Key::Ed25519(key));
             }
             match RsaKeyPair::from_pkcs8(bytes) {
@@ -99,7 +102,7 @@ impl Key {
     /// Ed25519 the 32 bytes of the public key (RFC 8463).
     pub fn dns_public(&self) -> (&'static str, String) {
         match self {
-            Key::Ed25519(key) => ("ed25519", B64.encode(key.public_key().as_ref())),
+            Key::Ed25519(key) => ("ed25519", B64.encode(key.verifying_key().as_bytes())),
             Key::Rsa(key) => ("rsa", B64.encode(spki_rsa(key.public().as_ref()))),
             Key::RsaShort(key) => (
                 "rsa",

@@ -90,7 +90,8 @@ impl Signers {
         {
             return Ok(None);
         }
-        let from = from_domain(message).unwrap_or_default();
+        let (fields, body) = super::canon::split(message);
+        let from = from_domain_of(&fields).unwrap_or_default();
         let mut chosen: Vec<&Arc<Signer>> = Vec::new();
         let mut domain = from.as_str();
         loop {
@@ -112,17 +113,21 @@ impl Signers {
                 DkimMode::Required => Err(DkimFailure::NoKey(from)),
             };
         }
-        let mut fields = Vec::with_capacity(chosen.len() * 512);
+        let mut out = Vec::with_capacity(chosen.len() * 512);
         for signer in chosen {
-            fields.extend_from_slice(signer.sign(message, now_secs)?.as_bytes());
+            out.extend_from_slice(signer.sign_split(&fields, body, now_secs)?.as_bytes());
         }
-        Ok(Some(fields))
+        Ok(Some(out))
     }
 }
 
 /// The domain of the message's From address, lower case.
 pub fn from_domain(message: &[u8]) -> Option<String> {
-    let (fields, _) = super::canon::split(message);
+    from_domain_of(&super::canon::split(message).0)
+}
+
+/// [`from_domain`] of a message split into its fields.
+fn from_domain_of(fields: &[super::canon::Field<'_>]) -> Option<String> {
     let from = fields
         .iter()
         .find(|f| f.name.eq_ignore_ascii_case(b"from"))?;

@@ -22,7 +22,9 @@ fn rfc_signer() -> Signer {
     Signer {
         domain: "football.example.com".into(),
         selector: "brisbane".into(),
-        key: Key::Ed25519(Ed25519KeyPair::from_seed_unchecked(&seed).unwrap()),
+        key: Key::Ed25519(ed25519_dalek::SigningKey::from_bytes(
+            &seed.try_into().unwrap(),
+        )),
         header_canon: Canon::Relaxed,
         body_canon: Canon::Relaxed,
         headers: ["from", "to", "subject", "date", "message-id"]
@@ -109,14 +111,30 @@ fn signature_fields_are_folded_and_name_every_tag() {
 
 #[test]
 fn keys_load_from_pem_and_bad_ones_are_named() {
+    use ring::signature::{Ed25519KeyPair, KeyPair as _};
+    // ring writes PKCS#8 v2 (with the public key); the signer reads it with dalek.
     let ed = Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
-    let pem = format!(
-        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
-        B64.encode(ed.as_ref())
-    );
-    let key = keys::parse(pem.as_bytes()).unwrap();
+    let pem_of = |der: &[u8]| {
+        format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            B64.encode(der)
+        )
+    };
+    let key = keys::parse(pem_of(ed.as_ref()).as_bytes()).unwrap();
     assert_eq!(key.algorithm(), "ed25519-sha256");
-    assert!(key.dns_record().starts_with("v=DKIM1; k=ed25519; p="));
+    let ring_public = Ed25519KeyPair::from_pkcs8(ed.as_ref()).unwrap();
+    assert_eq!(
+        key.dns_record(),
+        format!(
+            "v=DKIM1; k=ed25519; p={}",
+            B64.encode(ring_public.public_key().as_ref())
+        )
+    );
+    // A v2 key whose public key is not its private key's is refused.
+    let mut mismatched = ed.as_ref().to_vec();
+    let last = mismatched.len() - 1;
+    mismatched[last] ^= 1;
+    assert!(keys::parse(pem_of(&mismatched).as_bytes()).is_err());
     assert!(
         keys::parse(b"not a key")
             .unwrap_err()
