@@ -1,7 +1,11 @@
 //! A segment's bytes: a fixed-size region (a shared file mapping, or heap memory in
-//! the simulated storage) that is written append-only behind a frontier. File
-//! segments are written with `pwrite` (the mapping shows the same page cache); heap
-//! segments directly.
+//! the simulated storage) that is written append-only behind a frontier. Heap
+//! segments are written directly. File segments stage appended records in memory and
+//! write them with one `pwrite` (into the page cache, which the mapping shows) when the
+//! group commit is about to sync them, when the stage is full, or when a reader asks
+//! for staged bytes: one large write costs the kernel several times less per byte
+//! than one per record (page-cache pages are filled whole and once; measured with dd
+//! here: 3.4 KB writes 1.4 ms of system time per MB, 1 MiB writes 0.2 ms).
 //!
 //! This is the only module of the crate with `unsafe` code. The soundness argument is
 //! simple and local: bytes below the frontier are never written again, and shared
@@ -15,6 +19,9 @@ use std::os::unix::fs::FileExt;
 use std::rc::Rc;
 
 use memmap2::MmapRaw;
+
+/// A file segment's stage is written out once it would pass this many bytes.
+const STAGE_BYTES: usize = 1 << 20;
 
 /// Bytes at the start of every segment, holding [`SegmentHeader`].
 pub const SEGMENT_HEADER_BYTES: usize = 64;
@@ -140,9 +147,16 @@ pub struct Segment {
     /// mapping. Writing into mapped pages while their write-back runs measured 2.5-3x
     /// slower here under concurrent syncs (page faults on write-protected pages).
     writer: Option<File>,
-    /// Where a record is serialized before `pwrite`; reused (grows to the largest
-    /// record), so appends do not allocate.
-    scratch: RefCell<Vec<u8>>,
+    /// File segments: records appended but not yet written to the file, which start
+    /// at offset `flushed`; the first `staged_len` bytes are valid. The buffer is
+    /// reused (its length is a high-water mark), so appends do not allocate.
+    staged: RefCell<Vec<u8>>,
+    staged_len: Cell<usize>,
+    /// Bytes below this offset are in the file's page cache (for file segments).
+    flushed: Cell<usize>,
+    /// The first failed write of this segment: every later write and sync of it fails
+    /// too (the spool seals the segment when its sync fails).
+    write_error: RefCell<Option<String>>,
 }
 
 impl Segment {
@@ -187,7 +201,10 @@ impl Segment {
             tail_out: Cell::new(false),
             writable,
             writer: None,
-            scratch: RefCell::new(Vec::new()),
+            staged: RefCell::new(Vec::new()),
+            staged_len: Cell::new(0),
+            flushed: Cell::new(frontier),
+            write_error: RefCell::new(None),
         }
     }
 
@@ -217,12 +234,18 @@ impl Segment {
     }
 
     /// Immutable bytes `[offset, offset + len)`; they must lie below the frontier.
+    /// Staged bytes in the range are written to the file first.
     pub fn bytes(&self, offset: usize, len: usize) -> &[u8] {
         let end = offset.checked_add(len).expect("range overflows");
         assert!(
             end <= self.frontier.get(),
             "read of {offset}+{len} past frontier"
         );
+        if end > self.flushed.get() {
+            // A failed write is reported by the sync that covers these bytes; the
+            // bytes themselves are in the mapping either way (see `flush`).
+            let _ = self.flush();
+        }
         // SAFETY: the range is inside the live allocation (frontier <= len) and below
         // the frontier, which no writer touches again (see module docs).
         unsafe { std::slice::from_raw_parts(self.ptr.add(offset), len) }
@@ -236,8 +259,8 @@ impl Segment {
     /// Gives `write` room for a record at the frontier — at most `max_len` bytes of
     /// the free tail — and moves the frontier past the bytes it says it filled.
     /// `write` returns `None` (having claimed nothing) when the record does not fit;
-    /// that is `Ok(None)` here. An error writing through the file is `Err`, and then
-    /// the frontier stays where it was.
+    /// that is `Ok(None)` here. An error writing the file (an earlier one, or writing
+    /// out a full stage now) is `Err`, and then the frontier stays where it was.
     pub(crate) fn append_with<R>(
         &self,
         max_len: usize,
@@ -249,41 +272,98 @@ impl Segment {
             "second writer on segment {}",
             self.seq
         );
-        let at = self.frontier.get();
-        let room = (self.len - at).min(max_len);
-        let result = match &self.writer {
-            Some(file) => {
-                let mut scratch = self.scratch.borrow_mut();
-                if scratch.len() < room {
-                    scratch.resize(room, 0);
-                }
-                match write(at, &mut scratch[..room]) {
-                    Some((used, value)) => {
-                        assert!(used <= room, "writer claims more than it was given");
-                        file.write_all_at(&scratch[..used], at as u64)
-                            .map(|()| Some((used, value)))
-                    }
-                    None => Ok(None),
-                }
-            }
-            None => {
-                // SAFETY: `[at, at + room)` is inside the allocation, nobody holds a
-                // shared slice of it (slices stop at the frontier) and `tail_out` makes
-                // this the only mutable one.
-                let tail = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), room) };
-                let written = write(at, tail);
-                if let Some((used, _)) = &written {
-                    assert!(*used <= room, "writer claims more than it was given");
-                }
-                Ok(written)
-            }
-        };
+        let result = self.append_inner(max_len, write);
         self.tail_out.set(false);
         let Some((used, value)) = result? else {
             return Ok(None);
         };
-        self.frontier.set(at + used);
+        self.frontier.set(self.frontier.get() + used);
         Ok(Some(value))
+    }
+
+    fn append_inner<R>(
+        &self,
+        max_len: usize,
+        write: impl FnOnce(usize, &mut [u8]) -> Option<(usize, R)>,
+    ) -> io::Result<Option<(usize, R)>> {
+        let at = self.frontier.get();
+        let room = (self.len - at).min(max_len);
+        if self.writer.is_none() {
+            // SAFETY: `[at, at + room)` is inside the allocation, nobody holds a
+            // shared slice of it (slices stop at the frontier) and `tail_out` makes
+            // this the only mutable one.
+            let tail = unsafe { std::slice::from_raw_parts_mut(self.ptr.add(at), room) };
+            let written = write(at, tail);
+            if let Some((used, _)) = &written {
+                assert!(*used <= room, "writer claims more than it was given");
+            }
+            return Ok(written);
+        }
+        if self.staged_len.get() > 0 && self.staged_len.get() + room > STAGE_BYTES {
+            self.flush()?;
+        } else if let Some(err) = &*self.write_error.borrow() {
+            return Err(io::Error::other(err.clone()));
+        }
+        let pending = self.staged_len.get();
+        let mut staged = self.staged.borrow_mut();
+        if staged.len() < pending + room {
+            staged.resize(pending + room, 0);
+        }
+        let written = write(at, &mut staged[pending..pending + room]);
+        if let Some((used, _)) = &written {
+            assert!(*used <= room, "writer claims more than it was given");
+            self.staged_len.set(pending + used);
+        }
+        Ok(written)
+    }
+
+    /// Writes the staged records to the file (a no-op for heap segments and an empty
+    /// stage). After an error, and for every later call, it returns the error; the
+    /// staged bytes are then copied into the mapping instead, so that readers still
+    /// find every appended record in memory while the sync that covers them fails.
+    pub fn flush(&self) -> io::Result<()> {
+        let Some(file) = &self.writer else {
+            return Ok(());
+        };
+        let pending = self.staged_len.get();
+        let at = self.flushed.get();
+        let mut result = match &*self.write_error.borrow() {
+            Some(err) => Err(io::Error::other(err.clone())),
+            None => Ok(()),
+        };
+        if pending > 0 {
+            let mut staged = self.staged.borrow_mut();
+            if result.is_ok() {
+                result = file.write_all_at(&staged[..pending], at as u64);
+            }
+            if let Err(err) = &result {
+                self.write_error
+                    .borrow_mut()
+                    .get_or_insert_with(|| err.to_string());
+                // SAFETY: `[at, at + pending)` lies below the frontier and inside the
+                // mapping; no shared slice covers it (`bytes` flushes before handing
+                // out one that reaches past `flushed`), and `tail_out` is not held
+                // by anyone else while this runs on the segment's only thread.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(staged.as_ptr(), self.ptr.add(at), pending)
+                };
+            }
+            self.flushed.set(at + pending);
+            self.staged_len.set(0);
+            if staged.len() > 4 * STAGE_BYTES {
+                // An outsized record grew the stage: give the memory back.
+                staged.truncate(STAGE_BYTES);
+                staged.shrink_to_fit();
+            }
+        }
+        result
+    }
+
+    /// Flushes, then frees the stage: the segment takes no more appends.
+    pub(crate) fn seal(&self) -> io::Result<()> {
+        let result = self.flush();
+        *self.staged.borrow_mut() = Vec::new();
+        result
     }
 }
 
@@ -330,6 +410,96 @@ mod tests {
         });
         assert_eq!(failed.unwrap(), None);
         assert_eq!(segment.frontier(), 5);
+    }
+
+    /// A file segment over a fresh zero-filled file, written through `writer`.
+    fn file_segment(
+        dir: &std::path::Path,
+        writer_can_write: bool,
+    ) -> (Segment, std::path::PathBuf) {
+        let path = dir.join("seg");
+        std::fs::write(&path, vec![0u8; 1 << 16]).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        let map = memmap2::MmapOptions::new().map_raw(&file).unwrap();
+        let writer = std::fs::OpenOptions::new()
+            .read(true)
+            .write(writer_can_write)
+            .open(&path)
+            .unwrap();
+        (Segment::from_map(1, map, Some(writer), 0), path)
+    }
+
+    fn append(segment: &Segment, bytes: &[u8]) -> io::Result<Option<()>> {
+        segment.append_with(bytes.len(), |_, tail| {
+            tail[..bytes.len()].copy_from_slice(bytes);
+            Some((bytes.len(), ()))
+        })
+    }
+
+    #[test]
+    fn file_appends_are_staged_until_a_flush_or_a_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segment, path) = file_segment(dir.path(), true);
+        append(&segment, b"one").unwrap();
+        append(&segment, b"two").unwrap();
+        assert_eq!(segment.frontier(), 6);
+        assert_eq!(
+            &std::fs::read(&path).unwrap()[..6],
+            &[0u8; 6],
+            "staged, not written"
+        );
+        segment.flush().unwrap();
+        assert_eq!(&std::fs::read(&path).unwrap()[..6], b"onetwo");
+        append(&segment, b"three").unwrap();
+        // A read of staged bytes writes them out first.
+        assert_eq!(segment.bytes(3, 8), b"twothree");
+        assert_eq!(&std::fs::read(&path).unwrap()[..11], b"onetwothree");
+        // A full stage is written out before the record that would overflow it.
+        let big = vec![7u8; STAGE_BYTES / 2 + 1];
+        let segment = {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("big");
+            std::fs::write(&path, vec![0u8; 4 * STAGE_BYTES]).unwrap();
+            let file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&path)
+                .unwrap();
+            let map = memmap2::MmapOptions::new().map_raw(&file).unwrap();
+            let segment = Segment::from_map(2, map, Some(file), 0);
+            append(&segment, &big).unwrap();
+            append(&segment, &big).unwrap();
+            let on_disk = std::fs::read(&path).unwrap();
+            assert_eq!(&on_disk[..big.len()], &big[..], "the first went out");
+            assert_eq!(on_disk[big.len()], 0, "the second is still staged");
+            segment
+        };
+        assert_eq!(segment.written().len(), 2 * big.len());
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_records_readable_and_fails_every_later_write() {
+        let dir = tempfile::tempdir().unwrap();
+        // A descriptor opened read-only: pwrite fails (EBADF).
+        let (segment, path) = file_segment(dir.path(), false);
+        append(&segment, b"kept").unwrap();
+        assert!(segment.flush().is_err());
+        // The record is in the mapping (memory), though not written through the file.
+        assert_eq!(segment.bytes(0, 4), b"kept");
+        assert!(
+            append(&segment, b"more").is_err(),
+            "appends after a failed write fail"
+        );
+        assert_eq!(segment.frontier(), 4);
+        assert!(segment.flush().is_err(), "the error sticks");
+        drop(segment);
+        // The mapping was shared, so the bytes reached the page cache anyway; what
+        // matters is that the sync covering them was told it failed.
+        assert_eq!(&std::fs::read(&path).unwrap()[..4], b"kept");
     }
 
     #[test]

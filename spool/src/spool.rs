@@ -649,6 +649,11 @@ impl<S: Storage + 'static> Spool<S> {
             .max((SEGMENT_HEADER_BYTES + room).next_multiple_of(4096));
         let seq = state.next_seq;
         let segment = inner.storage.create(seq, inner.config.shard, len)?;
+        if let Some(old) = state.active.and_then(|a| state.segments.get(&a)) {
+            // Its staged records go to the file now; a write error is reported by the
+            // sync of their epoch, which covers this segment.
+            let _ = old.segment.seal();
+        }
         state.next_seq += 1;
         state.segments.insert(
             seq,
@@ -789,7 +794,17 @@ impl<S: Storage + 'static> Spool<S> {
     async fn sync_epoch(self, closed: ClosedEpoch, slot: usize) {
         let mut result = Ok(());
         for segment in &closed.segments {
-            if let Err(err) = self.inner.storage.sync(segment, slot).await {
+            // The epoch's records may still be staged in memory: write them (and
+            // whatever was appended since) first, then sync.
+            let written = segment.flush().map_err(|e| SpoolError::SyncFailed {
+                seq: segment.seq(),
+                reason: format!("writing: {e}"),
+            });
+            let synced = match written {
+                Ok(()) => self.inner.storage.sync(segment, slot).await,
+                Err(err) => Err(err),
+            };
+            if let Err(err) = synced {
                 result = Err(err);
                 break;
             }
