@@ -52,9 +52,27 @@ impl From<&ArchivedMessageId> for MessageId {
     }
 }
 
+impl MessageId {
+    /// The 32 lower-case hex digits (what `Display` writes), without the formatting
+    /// machinery: ids are printed several times per message (replies, headers,
+    /// events), and `{:016x}` measured 1.8% of a shard's CPU in a mail merge.
+    pub fn hex(&self) -> [u8; 32] {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        let mut out = [0u8; 32];
+        for (half, value) in [self.hi, self.lo].into_iter().enumerate() {
+            for (i, slot) in out[half * 16..half * 16 + 16].iter_mut().enumerate() {
+                *slot = DIGITS[((value >> (60 - 4 * i)) & 0xf) as usize];
+            }
+        }
+        out
+    }
+}
+
 impl fmt::Display for MessageId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{:016x}{:016x}", self.hi, self.lo)
+        let hex = self.hex();
+        // Hex digits are ASCII.
+        f.pad(std::str::from_utf8(&hex).expect("hex digits are ASCII"))
     }
 }
 
@@ -165,6 +183,19 @@ mod tests {
         let text = id.to_string();
         assert_eq!(text, "0123456789abcdef000000000000002a");
         assert_eq!(text.parse::<MessageId>(), Ok(id));
+        for (hi, lo) in [
+            (0, 0),
+            (u64::MAX, 1),
+            (0xfedc_ba98_7654_3210, 0x0f0f_0f0f_f0f0_f0f0),
+        ] {
+            let id = MessageId { hi, lo };
+            assert_eq!(id.to_string(), format!("{hi:016x}{lo:016x}"));
+        }
+        assert_eq!(
+            format!("{id:>34}"),
+            format!("  {text}"),
+            "padding is honoured"
+        );
         assert!("xyz".parse::<MessageId>().is_err());
         assert!(
             "0123456789abcdef000000000000002g"
