@@ -412,13 +412,15 @@ mod tests {
         assert_eq!(segment.frontier(), 5);
     }
 
-    /// A file segment over a fresh zero-filled file, written through `writer`.
+    /// A file segment over a fresh zero-filled file of `len` bytes, written through
+    /// a descriptor of its own (opened read-only unless `writer_can_write`).
     fn file_segment(
         dir: &std::path::Path,
+        len: usize,
         writer_can_write: bool,
     ) -> (Segment, std::path::PathBuf) {
         let path = dir.join("seg");
-        std::fs::write(&path, vec![0u8; 1 << 16]).unwrap();
+        std::fs::write(&path, vec![0u8; len]).unwrap();
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -443,7 +445,7 @@ mod tests {
     #[test]
     fn file_appends_are_staged_until_a_flush_or_a_read() {
         let dir = tempfile::tempdir().unwrap();
-        let (segment, path) = file_segment(dir.path(), true);
+        let (segment, path) = file_segment(dir.path(), 1 << 16, true);
         append(&segment, b"one").unwrap();
         append(&segment, b"two").unwrap();
         assert_eq!(segment.frontier(), 6);
@@ -462,15 +464,7 @@ mod tests {
         let big = vec![7u8; STAGE_BYTES / 2 + 1];
         let segment = {
             let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("big");
-            std::fs::write(&path, vec![0u8; 4 * STAGE_BYTES]).unwrap();
-            let file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&path)
-                .unwrap();
-            let map = memmap2::MmapOptions::new().map_raw(&file).unwrap();
-            let segment = Segment::from_map(2, map, Some(file), 0);
+            let (segment, path) = file_segment(dir.path(), 4 * STAGE_BYTES, true);
             append(&segment, &big).unwrap();
             append(&segment, &big).unwrap();
             let on_disk = std::fs::read(&path).unwrap();
@@ -485,7 +479,7 @@ mod tests {
     fn a_failed_write_keeps_the_records_readable_and_fails_every_later_write() {
         let dir = tempfile::tempdir().unwrap();
         // A descriptor opened read-only: pwrite fails (EBADF).
-        let (segment, path) = file_segment(dir.path(), false);
+        let (segment, path) = file_segment(dir.path(), 1 << 16, false);
         append(&segment, b"kept").unwrap();
         assert!(segment.flush().is_err());
         // The record is in the mapping (memory), though not written through the file.
