@@ -5,12 +5,20 @@
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use gannet_spool::{LATENCY_BOUNDS_US, LatencyCounts, latency_bucket};
+
 macro_rules! metrics {
     ($( $(#[doc = $doc:literal])* $name:ident : $kind:literal ),* $(,)?) => {
-        /// One shard's counters and gauges.
+        /// One shard's counters, gauges and latency histograms.
         #[derive(Debug, Default)]
         pub struct ShardMetrics {
             $( $(#[doc = $doc])* pub $name: AtomicU64, )*
+            /// From the spool's append of an SMTP message to its durability: what
+            /// the 250 waits for.
+            pub smtp_accept_durable: Histogram,
+            /// One group commit: writing the staged records and fdatasync (copied
+            /// from the spool's counts by the shard's periodic round).
+            pub spool_sync: Histogram,
         }
 
         impl ShardMetrics {
@@ -99,6 +107,52 @@ metrics! {
     events_dropped_total: "counter",
 }
 
+/// A latency histogram in the spool's buckets ([`LATENCY_BOUNDS_US`]), rendered as
+/// a Prometheus histogram in seconds. One shard writes it; any reads it.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    /// Observations per bucket, not cumulative (the last: above every bound).
+    counts: [AtomicU64; LATENCY_BOUNDS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+impl Histogram {
+    pub fn record(&self, elapsed: std::time::Duration) {
+        let us = elapsed.as_micros() as u64;
+        self.counts[latency_bucket(us)].fetch_add(1, Ordering::Relaxed);
+        self.sum_us.fetch_add(us, Ordering::Relaxed);
+    }
+
+    /// Takes over counts kept elsewhere (the spool's, which are not atomic).
+    pub fn store(&self, from: &LatencyCounts) {
+        for (to, n) in self.counts.iter().zip(from.counts) {
+            to.store(n, Ordering::Relaxed);
+        }
+        self.sum_us.store(from.sum_us, Ordering::Relaxed);
+    }
+
+    fn render(out: &mut String, name: &str, help: &str, shards: &[(usize, &Histogram)]) {
+        let _ = writeln!(out, "# HELP gannet_{name} {help}");
+        let _ = writeln!(out, "# TYPE gannet_{name} histogram");
+        for (shard, histogram) in shards {
+            let mut cumulative = 0;
+            for (i, count) in histogram.counts.iter().enumerate() {
+                cumulative += count.load(Ordering::Relaxed);
+                let le = LATENCY_BOUNDS_US
+                    .get(i)
+                    .map_or("+Inf".to_string(), |us| (*us as f64 / 1e6).to_string());
+                let _ = writeln!(
+                    out,
+                    "gannet_{name}_bucket{{shard=\"{shard}\",le=\"{le}\"}} {cumulative}"
+                );
+            }
+            let sum = histogram.sum_us.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(out, "gannet_{name}_sum{{shard=\"{shard}\"}} {sum}");
+            let _ = writeln!(out, "gannet_{name}_count{{shard=\"{shard}\"}} {cumulative}");
+        }
+    }
+}
+
 impl ShardMetrics {
     pub fn add(counter: &AtomicU64, n: u64) {
         counter.fetch_add(n, Ordering::Relaxed);
@@ -123,6 +177,25 @@ pub fn render(shards: &[std::sync::Arc<ShardMetrics>]) -> String {
             let _ = writeln!(out, "gannet_{name}{{shard=\"{shard}\"}} {value}");
         }
     }
+    let each = |pick: fn(&ShardMetrics) -> &Histogram| {
+        shards
+            .iter()
+            .enumerate()
+            .map(|(i, m)| (i, pick(m)))
+            .collect::<Vec<_>>()
+    };
+    Histogram::render(
+        &mut out,
+        "smtp_accept_durable_seconds",
+        "From spooling an SMTP message to its being durable (what the 250 waits for).",
+        &each(|m| &m.smtp_accept_durable),
+    );
+    Histogram::render(
+        &mut out,
+        "spool_sync_seconds",
+        "One spool group commit: writing its records and fdatasync.",
+        &each(|m| &m.spool_sync),
+    );
     out
 }
 
@@ -143,5 +216,35 @@ mod tests {
         assert!(text.contains("gannet_smtp_messages_accepted_total{shard=\"0\"} 0\n"));
         assert!(text.contains("gannet_smtp_messages_accepted_total{shard=\"1\"} 3\n"));
         assert!(text.contains("# HELP gannet_smtp_sessions_active SMTP sessions open now.\n"));
+        assert!(text.contains("# TYPE gannet_spool_sync_seconds histogram\n"));
+    }
+
+    #[test]
+    fn histograms_render_cumulative_buckets_in_seconds() {
+        let shards = vec![Arc::new(ShardMetrics::default())];
+        let h = &shards[0].smtp_accept_durable;
+        for us in [80, 300, 300, 3_000_000] {
+            h.record(std::time::Duration::from_micros(us));
+        }
+        let text = render(&shards);
+        let name = "gannet_smtp_accept_durable_seconds";
+        for line in [
+            format!("{name}_bucket{{shard=\"0\",le=\"0.0001\"}} 1\n"),
+            format!("{name}_bucket{{shard=\"0\",le=\"0.00025\"}} 1\n"),
+            format!("{name}_bucket{{shard=\"0\",le=\"0.0005\"}} 3\n"),
+            format!("{name}_bucket{{shard=\"0\",le=\"1\"}} 3\n"),
+            format!("{name}_bucket{{shard=\"0\",le=\"+Inf\"}} 4\n"),
+            format!("{name}_sum{{shard=\"0\"}} 3.00068\n"),
+            format!("{name}_count{{shard=\"0\"}} 4\n"),
+        ] {
+            assert!(text.contains(&line), "{line} in\n{text}");
+        }
+        // Copied counts replace what was there.
+        let mut counts = LatencyCounts::default();
+        counts.record(1_500);
+        shards[0].spool_sync.store(&counts);
+        let text = render(&shards);
+        assert!(text.contains("gannet_spool_sync_seconds_bucket{shard=\"0\",le=\"0.001\"} 0\n"));
+        assert!(text.contains("gannet_spool_sync_seconds_bucket{shard=\"0\",le=\"0.002\"} 1\n"));
     }
 }

@@ -129,6 +129,20 @@ fn swaks_and_smtplib_deliver_into_the_spool() {
     assert_eq!(results["partial_refused"]["bad@"][0], 501, "{results}");
     assert_eq!(results["bad_login"][0], 535, "{results}");
 
+    // Every accepted message's wait for durability is in the latency histogram, and
+    // the spool's syncs reach /metrics with the shard's periodic round.
+    let accepted = daemon.metric("smtp_messages_accepted_total");
+    assert_eq!(accepted, 6);
+    assert_eq!(daemon.metric("smtp_accept_durable_seconds_count"), accepted);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while daemon.metric("spool_sync_seconds_count") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no spool sync in /metrics"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
     daemon.stop();
     let spooled = common::spooled(&daemon.data_dir());
     let find = |subject: &str| {

@@ -25,8 +25,8 @@ pub use id::{IdGenerator, MessageId};
 pub use record::{MessageRecord, Record, TombstoneRecord, UpdateRecord};
 pub use recovery::{RecordLoc, RecoveryReport, SegmentReport, scan_segment};
 pub use spool::{
-    LiveMessage, MaintenanceReport, MessageRef, Recovered, RetryState, Spool, SpoolConfig,
-    SpoolStats, Ticket,
+    LATENCY_BOUNDS_US, LatencyCounts, LiveMessage, MaintenanceReport, MessageRef, Recovered,
+    RetryState, Spool, SpoolConfig, SpoolStats, Ticket, latency_bucket,
 };
 pub use storage::{
     CrashMode, FileStorage, LOCK_FILE_NAME, SPARE_FILE_NAME, SimStorage, Storage, segment_file_name,

@@ -191,12 +191,41 @@ pub struct MaintenanceReport {
     pub bytes_copied: u64,
 }
 
+/// Upper bounds (µs) of the latency buckets the spool (and gannetd's metrics) count
+/// in; one more bucket holds everything slower.
+pub const LATENCY_BOUNDS_US: [u64; 12] = [
+    100, 250, 500, 1_000, 2_000, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000,
+];
+
+/// Durations counted in the [`LATENCY_BOUNDS_US`] buckets.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct LatencyCounts {
+    /// Observations per bucket (not cumulative); the last is above every bound.
+    pub counts: [u64; LATENCY_BOUNDS_US.len() + 1],
+    pub sum_us: u64,
+}
+
+impl LatencyCounts {
+    pub fn record(&mut self, us: u64) {
+        self.counts[latency_bucket(us)] += 1;
+        self.sum_us += us;
+    }
+}
+
+/// The bucket of a duration: the first whose bound it does not pass.
+pub fn latency_bucket(us: u64) -> usize {
+    LATENCY_BOUNDS_US.partition_point(|&bound| bound < us)
+}
+
 /// Counters for metrics and benchmarks.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SpoolStats {
     pub appends: u64,
     pub syncs: u64,
     pub sync_failures: u64,
+    /// How long each epoch's sync took: writing its staged records and fdatasync of
+    /// every segment it touched (the disk's part of the acknowledgement latency).
+    pub sync_latency: LatencyCounts,
     /// The most syncs that were in flight at once.
     pub syncs_in_flight_max: u64,
     /// The most records one sync covered.
@@ -792,6 +821,7 @@ impl<S: Storage + 'static> Spool<S> {
     }
 
     async fn sync_epoch(self, closed: ClosedEpoch, slot: usize) {
+        let started = std::time::Instant::now();
         let mut result = Ok(());
         for segment in &closed.segments {
             // The epoch's records may still be staged in memory: write them (and
@@ -811,7 +841,13 @@ impl<S: Storage + 'static> Spool<S> {
         }
         let commit = &self.inner.commit;
         commit.in_flight.set(commit.in_flight.get() - 1);
-        self.inner.state.borrow_mut().stats.syncs += 1;
+        {
+            let stats = &mut self.inner.state.borrow_mut().stats;
+            stats.syncs += 1;
+            stats
+                .sync_latency
+                .record(started.elapsed().as_micros() as u64);
+        }
         if let Err(err) = result {
             tracing::error!(epoch = closed.epoch, error = %err, "spool sync failed; its messages are not acknowledged");
             self.inner.state.borrow_mut().stats.sync_failures += 1;
@@ -1113,5 +1149,28 @@ fn wake_all(commit: &Commit) {
     let waiters = std::mem::take(&mut *commit.waiters.borrow_mut());
     for waker in waiters {
         waker.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latencies_fall_in_the_first_bucket_whose_bound_they_do_not_pass() {
+        assert_eq!(latency_bucket(0), 0);
+        assert_eq!(latency_bucket(100), 0);
+        assert_eq!(latency_bucket(101), 1);
+        assert_eq!(latency_bucket(2_000), 4);
+        assert_eq!(latency_bucket(1_000_000), LATENCY_BOUNDS_US.len() - 1);
+        assert_eq!(latency_bucket(1_000_001), LATENCY_BOUNDS_US.len());
+        let mut counts = LatencyCounts::default();
+        for us in [50, 150, 150, 5_000_000] {
+            counts.record(us);
+        }
+        assert_eq!(counts.counts[0], 1);
+        assert_eq!(counts.counts[1], 2);
+        assert_eq!(counts.counts[LATENCY_BOUNDS_US.len()], 1);
+        assert_eq!(counts.sum_us, 5_000_350);
     }
 }

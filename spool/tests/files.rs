@@ -122,6 +122,13 @@ fn concurrent_appenders_share_syncs() {
             stats.syncs,
             stats.appends
         );
+        // Every sync was timed, into the bucket its duration belongs to.
+        let latency = &stats.sync_latency;
+        assert_eq!(latency.counts.iter().sum::<u64>(), stats.syncs);
+        assert!(
+            latency.sum_us > 0,
+            "a real fdatasync takes time: {latency:?}"
+        );
         spool.close().await;
     });
 }

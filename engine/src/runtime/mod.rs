@@ -552,6 +552,8 @@ async fn shard_main(start: ShardStart) -> Result<()> {
     Ok(())
 }
 
+/// The shard's periodic round: writes the buffered events and copies the spool's
+/// sync latencies into the metrics.
 fn flush_events(shard: &Shard) {
     let mut events = shard.events.borrow_mut();
     events.flush();
@@ -559,6 +561,10 @@ fn flush_events(shard: &Shard) {
         .metrics
         .events_dropped_total
         .store(events.dropped, Ordering::Relaxed);
+    shard
+        .metrics
+        .spool_sync
+        .store(&shard.spool.stats().sync_latency);
 }
 
 fn open_spool(

@@ -621,8 +621,9 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
         done: Vec::new(),
         body: prepared,
     };
+    let spooling = std::time::Instant::now();
     match shard.spool.write(Record::Message(&record)).await {
-        Ok(()) => {}
+        Ok(()) => shard.metrics.smtp_accept_durable.record(spooling.elapsed()),
         Err(err) => {
             ShardMetrics::add(&shard.metrics.smtp_spool_failures_total, 1);
             tracing::warn!(shard = shard.id, peer = %s.peer, "message not accepted: {err}");
