@@ -35,22 +35,23 @@ impl Sink {
         }
     }
 
-    /// The counters, over HTTP (with curl).
-    fn counts(&self) -> serde_json::Value {
-        let out = Command::new("curl")
-            .args(["-sS", &format!("http://{}/", self.http)])
+    /// `GET path` from the sink's HTTP endpoint (with curl): the body.
+    fn get(&self, path: &str) -> Vec<u8> {
+        Command::new("curl")
+            .args(["-sS", &format!("http://{}{path}", self.http)])
             .output()
-            .unwrap();
-        serde_json::from_slice(&out.stdout).unwrap()
+            .unwrap()
+            .stdout
+    }
+
+    /// The counters, over HTTP.
+    fn counts(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.get("/")).unwrap()
     }
 
     /// `GET /total`: the cheap count of messages received, as the sink writes it.
     fn total_text(&self) -> String {
-        let out = Command::new("curl")
-            .args(["-sS", &format!("http://{}/total", self.http)])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        String::from_utf8_lossy(&self.get("/total")).into_owned()
     }
 
     /// Messages received so far (from `GET /total`).
