@@ -472,7 +472,7 @@ fn blast_uses_starttls_and_auth_with_gannetd() {
              users = [{{ name = \"app\", password_hash = \"{hash}\" }}]\n"
         ),
     );
-    let smtp: SocketAddr = listeners["smtp"][0].as_str().unwrap().parse().unwrap();
+    let smtp = listener(&listeners, "smtp");
     let ok = blast(
         smtp,
         &[
@@ -517,6 +517,12 @@ fn start_gannetd(
     sections: &str,
 ) -> (tempfile::TempDir, std::process::Child, serde_json::Value) {
     start_gannetd_delivering(gannetd, sections, "[delivery]\nsuspended = true\n")
+}
+
+/// The first address gannetd listens on for `kind` ("smtp", "http"), from its
+/// listeners file.
+fn listener(listeners: &serde_json::Value, kind: &str) -> SocketAddr {
+    listeners[kind][0].as_str().unwrap().parse().unwrap()
 }
 
 /// Like [`start_gannetd`], with `delivery` as the `[delivery]` configuration.
@@ -570,7 +576,7 @@ fn relay_to_a_faulty_sink_delivers_every_message_once() {
             sink.smtp
         ),
     );
-    let smtp: SocketAddr = listeners["smtp"][0].as_str().unwrap().parse().unwrap();
+    let smtp = listener(&listeners, "smtp");
     let sent = blast(
         smtp,
         &[
@@ -621,7 +627,7 @@ fn blast_injects_transmissions_over_http() {
              api_keys = [{{ name = \"blast\", key_sha256 = \"{digest}\" }}]\n"
         ),
     );
-    let http: SocketAddr = listeners["http"][0].as_str().unwrap().parse().unwrap();
+    let http = listener(&listeners, "http");
     let common = [
         "--http",
         "--concurrency",

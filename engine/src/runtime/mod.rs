@@ -510,7 +510,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         async move {
             while !shard.shutdown.is_raised() {
                 io::sleep(Duration::from_millis(EVENTS_FLUSH_MS)).await;
-                flush_events(&shard);
+                periodic_round(&shard);
             }
         }
     });
@@ -546,7 +546,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         );
     }
     flusher.await;
-    flush_events(&shard);
+    periodic_round(&shard);
     shard.spool.close().await;
     tracing::info!(shard = id, "shard stopped; spool synced");
     Ok(())
@@ -554,7 +554,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
 
 /// The shard's periodic round: writes the buffered events and copies the spool's
 /// sync latencies into the metrics.
-fn flush_events(shard: &Shard) {
+fn periodic_round(shard: &Shard) {
     let mut events = shard.events.borrow_mut();
     events.flush();
     shard
