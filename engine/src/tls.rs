@@ -19,12 +19,29 @@ pub fn server_config(
     data_dir: &Path,
     hostname: &str,
 ) -> Result<Arc<rustls::ServerConfig>> {
-    let (cert, key) = if cert.as_os_str().is_empty() {
-        generated_pair(data_dir, hostname)?
-    } else {
-        (cert.to_path_buf(), key.to_path_buf())
-    };
-    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&cert)
+    if !cert.as_os_str().is_empty() {
+        return load(cert, key);
+    }
+    let dir = data_dir.join("tls");
+    let (cert, key) = (dir.join("self-signed.crt"), dir.join("self-signed.key"));
+    if cert.exists() || key.exists() {
+        match load(&cert, &key) {
+            Ok(config) => return Ok(config),
+            // Only a crash while an older version wrote the pair (or a hand edit) can
+            // leave it unusable; it is ours to make again, so a start never fails on it.
+            Err(e) => tracing::warn!(
+                "the generated TLS pair in {} is unusable ({e:#}); generating a new one",
+                dir.display()
+            ),
+        }
+    }
+    generate_pair(&dir, &cert, &key, hostname)?;
+    load(&cert, &key)
+}
+
+/// A server configuration from PEM files.
+fn load(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
         .map_err(|e| {
             anyhow!(
@@ -38,7 +55,7 @@ pub fn server_config(
             cert.display()
         ));
     }
-    let key = PrivateKeyDer::from_pem_file(&key).map_err(|e| {
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| {
         anyhow!(
             "smtp.tls_key: cannot read a private key from {}: {e}",
             key.display()
@@ -54,42 +71,23 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
-fn generated_pair(
-    data_dir: &Path,
-    hostname: &str,
-) -> Result<(std::path::PathBuf, std::path::PathBuf)> {
-    let dir = data_dir.join("tls");
-    let cert = dir.join("self-signed.crt");
-    let key = dir.join("self-signed.key");
-    if cert.exists() && key.exists() {
-        return Ok((cert, key));
-    }
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+/// Generates a self-signed pair for `hostname` (and localhost, 127.0.0.1). Each file
+/// is written atomically and durably; a crash between the two leaves a pair that does
+/// not match, which the next start detects and replaces.
+fn generate_pair(dir: &Path, cert: &Path, key: &Path, hostname: &str) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let pair = rcgen::generate_simple_self_signed(vec![
         hostname.to_string(),
         "localhost".to_string(),
         "127.0.0.1".to_string(),
     ])
     .context("generating a self-signed certificate")?;
-    write_private(&key, pair.signing_key.serialize_pem().as_bytes())?;
-    std::fs::write(&cert, pair.cert.pem())
+    gannet_spool::durable::write_file(key, pair.signing_key.serialize_pem().as_bytes(), 0o600)
+        .with_context(|| format!("writing {}", key.display()))?;
+    gannet_spool::durable::write_file(cert, pair.cert.pem().as_bytes(), 0o644)
         .with_context(|| format!("writing {}", cert.display()))?;
     tracing::info!(cert = %cert.display(), "generated a self-signed TLS certificate for {hostname}");
-    Ok((cert, key))
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(true)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    file.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))
+    Ok(())
 }
 
 /// "TLSv1.3 with cipher TLS13_AES_128_GCM_SHA256", for Received headers and events;

@@ -12,6 +12,7 @@
 //! `unsafe`), [`storage`] (files, or a fault-injecting simulated disk), [`spool`]
 //! (writer, group commit, index, space), [`recovery`] (scan and rebuild), [`id`].
 
+pub mod durable;
 pub mod error;
 pub mod id;
 pub mod record;

@@ -10,7 +10,6 @@
 //! on another shard's change.
 
 use std::collections::BTreeMap;
-use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -223,19 +222,10 @@ impl Store {
         let path = dir.join(format!("{id}.json"));
         match item {
             Some(item) => {
-                let tmp = dir.join(format!(".{id}.json.tmp"));
-                let mut file = std::fs::File::create(&tmp)?;
-                serde_json::to_writer(&mut file, item)?;
-                file.flush()?;
-                file.sync_all()?;
-                std::fs::rename(&tmp, &path)?;
+                gannet_spool::durable::write_file(&path, &serde_json::to_vec(item)?, 0o644)
             }
-            None => match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-                _ => {}
-            },
+            None => gannet_spool::durable::remove_file(&path),
         }
-        std::fs::File::open(dir)?.sync_all()
     }
 }
 

@@ -45,33 +45,26 @@ impl TrackingKey {
         }
     }
 
-    /// Loads `<data_dir>/tracking.key`, creating it (32 random bytes, mode 0600) the
-    /// first time.
+    /// Loads `<data_dir>/tracking.key`, creating it (32 random bytes, mode 0600,
+    /// written atomically and durably) the first time. A key file shorter than 32
+    /// bytes can only be what a crash left of an older version's first write (no token
+    /// was ever signed with what it holds), so it is replaced with a warning.
     pub fn load_or_create(data_dir: &std::path::Path) -> std::io::Result<TrackingKey> {
-        use std::io::Write as _;
-        use std::os::unix::fs::OpenOptionsExt;
         let path = data_dir.join("tracking.key");
         match std::fs::read(&path) {
             Ok(secret) if secret.len() >= 32 => return Ok(TrackingKey::new(&secret)),
-            Ok(_) => {
-                return Err(std::io::Error::other(format!(
-                    "{} is shorter than 32 bytes",
-                    path.display()
-                )));
-            }
+            Ok(secret) => tracing::warn!(
+                "{} holds {} bytes, not a whole key; generating a new one",
+                path.display(),
+                secret.len()
+            ),
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
             Err(_) => {}
         }
         let mut secret = [0u8; 32];
         ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut secret)
             .map_err(|_| std::io::Error::other("no randomness for the tracking key"))?;
-        let mut file = std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)?;
-        file.write_all(&secret)?;
-        file.sync_all()?;
+        gannet_spool::durable::write_file(&path, &secret, 0o600)?;
         Ok(TrackingKey::new(&secret))
     }
 

@@ -179,16 +179,12 @@ impl Conn {
 }
 
 /// A shard's listening socket: SO_REUSEPORT (every shard binds the same address and
-/// the kernel spreads connections), and TCP_NODELAY, which Linux copies to every
-/// accepted connection — one setsockopt per listener instead of one per connection
-/// (replies are written whole, so Nagle would only delay them).
+/// the kernel spreads connections), SO_REUSEADDR (see [`reusable_socket`]), and
+/// TCP_NODELAY, which Linux copies to every accepted connection — one setsockopt per
+/// listener instead of one per connection (replies are written whole, so Nagle would
+/// only delay them).
 pub fn listen(addr: std::net::SocketAddr) -> io::Result<glommio::net::TcpListener> {
-    let socket = socket2::Socket::new(
-        socket2::Domain::for_address(addr),
-        socket2::Type::STREAM,
-        Some(socket2::Protocol::TCP),
-    )?;
-    socket.set_reuse_port(true)?;
+    let socket = reusable_socket(addr)?;
     socket.set_nodelay(true)?;
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
@@ -196,6 +192,27 @@ pub fn listen(addr: std::net::SocketAddr) -> io::Result<glommio::net::TcpListene
     // SAFETY: `fd` is a bound, listening TCP socket whose ownership into_raw_fd just
     // gave up; glommio's listener takes it over and closes it.
     Ok(unsafe { <glommio::net::TcpListener as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// A TCP socket for a listening address with SO_REUSEADDR and SO_REUSEPORT, not yet
+/// bound.
+///
+/// SO_REUSEADDR is what lets a daemon that was killed (SIGKILL, the OOM killer, a
+/// power cut of the process) start again at once on the same port: its accepted
+/// connections outlive it in FIN_WAIT or TIME_WAIT for up to a minute, and Linux
+/// refuses a bind beside them unless both the new socket and those connections —
+/// which inherit the flag from the listener that accepted them — carry it. It never
+/// lets two listeners share a port (a LISTEN socket always conflicts); SO_REUSEPORT
+/// is what the shards of one daemon share it by.
+pub fn reusable_socket(addr: std::net::SocketAddr) -> io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    Ok(socket)
 }
 
 /// `fut`, or a `TimedOut` error after `limit`.

@@ -333,10 +333,8 @@ fn write_listeners(data_dir: &Path, addresses: &Addresses) -> Result<()> {
         "https": addresses.https,
     })
     .to_string();
-    let tmp = data_dir.join(format!("{LISTENERS_FILE}.tmp"));
-    std::fs::write(&tmp, text).context("writing listeners.json")?;
-    std::fs::rename(&tmp, data_dir.join(LISTENERS_FILE)).context("writing listeners.json")?;
-    Ok(())
+    gannet_spool::durable::write_file(&data_dir.join(LISTENERS_FILE), text.as_bytes(), 0o644)
+        .context("writing listeners.json")
 }
 
 /// Resolves every listen address to a concrete port and holds it with a bound (not
@@ -348,13 +346,15 @@ fn reserve(config: &Config) -> Result<(Addresses, Vec<socket2::Socket>)> {
     let mut resolve = |key: &str, list: &[crate::config::Listen]| -> Result<Vec<SocketAddr>> {
         let mut out = Vec::new();
         for listen in list {
-            let probe = std::net::TcpListener::bind(listen.0)
-                .with_context(|| format!("{key}: cannot listen on {}", listen.0))?;
+            let probe = probe(listen.0).with_context(|| {
+                format!(
+                    "{key}: cannot listen on {} (another process listens there)",
+                    listen.0
+                )
+            })?;
             let addr = probe.local_addr()?;
             drop(probe);
-            let domain = socket2::Domain::for_address(addr);
-            let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-            socket.set_reuse_port(true)?;
+            let socket = io::reusable_socket(addr)?;
             socket
                 .bind(&addr.into())
                 .with_context(|| format!("{key}: cannot bind {addr}"))?;
@@ -370,6 +370,34 @@ fn reserve(config: &Config) -> Result<(Addresses, Vec<socket2::Socket>)> {
         https: resolve("http.tls_listen", &config.http.tls_listen)?,
     };
     Ok((addresses, placeholders))
+}
+
+/// How long a start waits for a port held by listeners that are already closed.
+const PORT_RELEASE_WAIT: Duration = Duration::from_secs(5);
+
+/// Listens on `addr` without SO_REUSEPORT (with SO_REUSEADDR, as std sets it), which
+/// fails while anyone else listens there.
+///
+/// A daemon that was just killed still listens for a few milliseconds after its
+/// process is gone: its io_uring instance is torn down by a kernel worker, and the
+/// accepts it had in flight hold the listening sockets until then. A supervisor that
+/// restarts at once meets exactly that, so a busy port is tried again every 10 ms for
+/// up to [`PORT_RELEASE_WAIT`]; a live listener keeps it busy and fails the start.
+fn probe(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let deadline = Instant::now() + PORT_RELEASE_WAIT;
+    let mut logged = false;
+    loop {
+        match std::net::TcpListener::bind(addr) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                if !logged {
+                    tracing::info!(%addr, "the port is still in use; waiting up to {PORT_RELEASE_WAIT:?} for it to be released");
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            result => return result,
+        }
+    }
 }
 
 /// What a shard's executor starts with.
