@@ -213,11 +213,13 @@ fn rewrite_links(html: &str, out: &mut String, rewrite: impl Fn(&str) -> String)
         let url = &rest[start..start + len];
         let tag_start = rest[..at].rfind('<').unwrap_or(0);
         let opted_out = rest[tag_start..at].contains("data-msys-clicktrack=\"0\"");
-        let trackable = url.len() > 7
-            && (url[..7].eq_ignore_ascii_case("http://")
-                || url
-                    .get(..8)
-                    .is_some_and(|s| s.eq_ignore_ascii_case("https://")));
+        // `get`, not slicing: the URL is the sender's text, and byte 7 or 8 may fall
+        // inside a character (a panic once took a shard down here).
+        let scheme = |s: &str| {
+            url.get(..s.len())
+                .is_some_and(|p| p.eq_ignore_ascii_case(s))
+        };
+        let trackable = url.len() > 7 && (scheme("http://") || scheme("https://"));
         out.push_str(&rest[..start]);
         if trackable && !opted_out {
             // The URL as the browser would follow it: entities in attributes decoded.
@@ -291,5 +293,27 @@ mod tests {
         assert!(
             out.starts_with("<p><a href=\"https://x.test/\">x</a></p><img src=\"https://t.test/o/")
         );
+    }
+
+    #[test]
+    fn links_with_characters_across_the_scheme_boundary_are_left_alone() {
+        let key = TrackingKey::new(b"0123456789abcdef0123456789abcdef");
+        for href in [
+            "héllo wörld",
+            "ñññññ",
+            "http:/ñ",
+            "https:/é/",
+            "日本語のリンク",
+            "http://é",
+        ] {
+            let html = format!("<a href=\"{href}\">x</a>");
+            let out = track(&key, false, true).apply(&html);
+            let expected = if href == "http://é" { 1 } else { 0 };
+            assert_eq!(
+                out.matches("https://t.test/c/").count(),
+                expected,
+                "{href}: {out}"
+            );
+        }
     }
 }

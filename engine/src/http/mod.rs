@@ -284,6 +284,17 @@ async fn route(
         },
         "/health" if method == Method::GET => Reply::json(200, "{\"status\":\"ok\"}".to_string()),
         "/metrics" | "/health" => method_not_allowed(),
+        // A failpoint for the panic policy's test (runtime::abort_on_panic); debug
+        // builds only, from the admin networks.
+        #[cfg(debug_assertions)]
+        "/debug/panic"
+            if method == Method::POST
+                && peer.is_some_and(|ip| {
+                    shared.config.http.admin_from.iter().any(|c| c.contains(ip))
+                }) =>
+        {
+            panic!("panic requested by POST /debug/panic on shard {}", shard.id)
+        }
         _ if path.starts_with("/o/") || path.starts_with("/c/") => match *method {
             Method::GET | Method::HEAD => {
                 tracking::hit(shard, &path[3..], path.as_bytes()[1] == b'c', head, peer)

@@ -62,6 +62,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
             u16::MAX
         ));
     }
+    abort_on_panic();
     raise_open_files_limit();
     let data_dir = config.server.data_dir.clone();
     std::fs::create_dir_all(&data_dir)
@@ -321,6 +322,39 @@ fn raise_open_files_limit() {
         }
     }
     tracing::info!(open_files = limit.rlim_cur, "open files limit");
+}
+
+/// The panic policy: a panic anywhere ends the whole process at once (SIGABRT), after
+/// logging where it happened, and the supervisor starts it again (`Restart=` in
+/// `tuning/gannetd.service`).
+///
+/// A shard that panicked cannot be trusted to go on, and must not stop alone either:
+/// its `RefCell`s may be left borrowed and its queues half-changed, while its
+/// listeners (SO_REUSEPORT) would keep taking a share of the connections that no task
+/// serves and other shards' notes would pile up in its inbox. The spool makes the
+/// restart safe — every acknowledged message is durable and recovered with its retry
+/// state — and quick (see `PORT_RELEASE_WAIT`). Unwinding would only run destructors
+/// of state that is about to be thrown away.
+fn abort_on_panic() {
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let thread = thread.name().unwrap_or("unnamed");
+        let location = info
+            .location()
+            .map_or_else(String::new, |l| format!(" at {}:{}", l.file(), l.line()));
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        let backtrace = std::backtrace::Backtrace::force_capture();
+        tracing::error!(
+            "panic in thread {thread}{location}: {message}; aborting so that the supervisor restarts gannetd\n{backtrace}"
+        );
+        eprintln!("gannetd: panic in thread {thread}{location}: {message}; aborting");
+        std::process::abort();
+    }));
 }
 
 /// Tells operators and tests which ports were chosen (useful with port 0).
