@@ -45,6 +45,13 @@ pub struct Knobs {
     /// To a pipelining server, send the next message's MAIL, RCPT and DATA in the same
     /// write as a message's end of data (RFC 2920 3.1).
     pub pipeline_next_message: Option<bool>,
+    /// Connection failures in a row (no host of the site could be reached, or every
+    /// one refused the session) after which every part waiting in the ready queue is
+    /// deferred. Before that, each failed connection defers one part.
+    pub connection_failures_max: Option<Bounded<1, 1000>>,
+    /// After a failed connection no new one is opened for 1 s, doubled for each
+    /// further failure in a row, up to this.
+    pub connection_backoff_max_secs: Option<Bounded<1, 86_400>>,
 }
 
 impl Knobs {
@@ -67,6 +74,8 @@ impl Knobs {
             data_dot_timeout_secs: Some(Bounded(600)),
             idle_timeout_secs: Some(Bounded(60)),
             pipeline_next_message: Some(true),
+            connection_failures_max: Some(Bounded(3)),
+            connection_backoff_max_secs: Some(Bounded(300)),
         }
     }
 }

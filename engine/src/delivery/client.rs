@@ -147,9 +147,24 @@ pub enum ClientError {
 
 impl ClientError {
     /// The reply that stands for this failure, for per-recipient outcomes and events.
+    ///
+    /// Always a 4xx: every failure here is of the connection or the session, not of
+    /// a transaction, so it defers and never bounces (only the replies to MAIL, RCPT
+    /// and DATA decide a recipient's fate). A server that refuses the session with a
+    /// 5xx — a blocklisting's `554 5.7.1` banner, an EHLO refused — is deferred as
+    /// Postfix does ("refused to talk to me"), with the server's words kept in the
+    /// text for the event and for rules that read it.
     pub fn response(&self) -> Response {
         match self {
-            ClientError::Refused { response, .. } => response.clone(),
+            ClientError::Refused { response, .. } if (400..500).contains(&response.code) => {
+                response.clone()
+            }
+            // 5xx, or a reply that made no sense there (a banner of 250 is no
+            // delivery either).
+            ClientError::Refused { phase, response } => Response::local(
+                451,
+                format!("4.4.2 the server refused the session at {phase}: {response}"),
+            ),
             ClientError::TlsRequired(_) => Response::local(451, format!("4.7.5 {self}")),
             _ => Response::local(451, format!("4.4.2 {self}")),
         }

@@ -286,7 +286,14 @@ pub async fn run(shard: Rc<Shard>) {
                     wake_at = wake_at.min(ready.throttled_until_ms);
                     continue;
                 }
-                let wanted = ready.len().min(ready.shaping.connection_limit);
+                let allowed = ready
+                    .health
+                    .connections_allowed(now, ready.shaping.connection_limit);
+                if allowed == 0 {
+                    wake_at = wake_at.min(ready.health.retry_at_ms);
+                    continue;
+                }
+                let wanted = ready.len().min(allowed);
                 while ready.connections < wanted {
                     if let Err(wait) = ready.connects.acquire(now_us) {
                         wake_at = wake_at.min(now + wait.as_millis() as u64 + 1);
@@ -857,7 +864,8 @@ async fn fail(shard: &Shard, work: Work, response: &Response) {
 }
 
 /// One connection's life: connect (hosts in preference order), send ready parts,
-/// quit. A connection failure fails the parts that are ready for the site now.
+/// quit. A connection failure defers one ready part, or all of them after
+/// `connection_failures_max` failures in a row, and backs the queue off.
 async fn connection(shard: Rc<Shard>, key: String) {
     let d = &shard.dispatcher;
     let Some((site, egress, shaping)) = d
@@ -891,11 +899,30 @@ async fn connection(shard: Rc<Shard>, key: String) {
     }
     match session {
         None => {
-            while let Next::Work(work) = next_work(&shard, &key, false) {
-                fail(&shard, work, &failure).await;
+            // A connection-level failure: deferred, never bounced (the response is a
+            // 4xx, see ClientError::response); one part pays for this attempt, and
+            // only failures in a row defer the whole queue (queue::health).
+            let after = d.queues.borrow_mut().ready.get_mut(&key).map(|q| {
+                q.health.failed(
+                    unix_ms(),
+                    q.shaping.connection_failures_max,
+                    q.shaping.connection_backoff_max,
+                )
+            });
+            tracing::debug!(shard = shard.id, queue = %key, ?after, "no connection: {failure}");
+            if let Some(after) = after {
+                while let Next::Work(work) = next_work(&shard, &key, false) {
+                    fail(&shard, work, &failure).await;
+                    if after == queue::health::AfterFailure::DeferOne {
+                        break;
+                    }
+                }
             }
         }
         Some((mut session, host)) => {
+            if let Some(q) = d.queues.borrow_mut().ready.get_mut(&key) {
+                q.health.succeeded();
+            }
             let mut sent = 0;
             let mut broken = false;
             // The part taken ahead, whose envelope may already follow the current

@@ -23,6 +23,10 @@ pub struct Shaping {
     pub idle_timeout: Duration,
     /// Whether the next message's envelope follows a message's end of data.
     pub pipeline_next_message: bool,
+    /// Connection failures in a row before the whole ready queue is deferred.
+    pub connection_failures_max: u32,
+    /// The longest wait before a new connection after failed ones.
+    pub connection_backoff_max: Duration,
 }
 
 impl Shaping {
@@ -62,6 +66,12 @@ impl Shaping {
         self.pipeline_next_message = knobs
             .pipeline_next_message
             .unwrap_or(self.pipeline_next_message);
+        if let Some(v) = knobs.connection_failures_max {
+            self.connection_failures_max = v.get() as u32;
+        }
+        if let Some(v) = knobs.connection_backoff_max_secs {
+            self.connection_backoff_max = Duration::from_secs(v.get());
+        }
         self
     }
 }
@@ -86,6 +96,8 @@ impl ShapingTable {
             timeouts: Timeouts::default(),
             idle_timeout: Duration::ZERO,
             pipeline_next_message: false,
+            connection_failures_max: 0,
+            connection_backoff_max: Duration::ZERO,
         }
         .with(&Knobs::builtin());
         let providers = config

@@ -10,6 +10,7 @@
 //! Nothing here does I/O or reads the clock: the dispatcher passes `now`, so the retry
 //! schedule is tested with plain numbers.
 
+pub mod health;
 pub mod wheel;
 
 use std::cell::RefCell;
@@ -241,6 +242,8 @@ pub struct ReadyQueue {
     pub connects: Throttle,
     /// No connection is opened before this (unix ms): the message rate said to wait.
     pub throttled_until_ms: u64,
+    /// Failed connections in a row and the backoff they impose.
+    pub health: health::ConnectHealth,
     /// Connections of this queue waiting for its next part (idle_timeout): woken, all
     /// of them, when a part arrives. A waker may be stale (its connection has gone
     /// on); waking it is harmless.
@@ -260,6 +263,7 @@ impl ReadyQueue {
             messages: Throttle::new(shaping.max_message_rate),
             connects: Throttle::new(shaping.max_connection_rate),
             throttled_until_ms: 0,
+            health: health::ConnectHealth::default(),
             idle: Vec::new(),
         }
     }
@@ -430,6 +434,7 @@ impl Queues {
         self.ready.retain(|_, q| {
             !q.is_empty()
                 || q.connections > 0
+                || q.health.backing_off(now_ms)
                 || !q.messages.wait(now_us).is_zero()
                 || !q.connects.wait(now_us).is_zero()
         });

@@ -216,3 +216,21 @@ fn dns_answers(port: u16, peer: &mut Peer) -> bool {
     }
     false
 }
+
+/// A misbehaving next hop (tests/peers/faulty_mx.py: `banner554`, `ehlo554`,
+/// `close`, `reset_data`, `tarpit`) on a free port; each connection it accepts adds
+/// a line to `count_file`.
+pub fn faulty_mx(mode: &str, count_file: &Path) -> (Peer, u16) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/faulty_mx.py");
+    let (child, port) = spawn_listening(|port| {
+        let mut command = Command::new(python());
+        command
+            .arg(&script)
+            .arg(port.to_string())
+            .arg(mode)
+            .arg(count_file)
+            .stdout(Stdio::null());
+        command
+    });
+    (Peer(child), port)
+}
