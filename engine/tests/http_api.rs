@@ -357,6 +357,61 @@ fn a_recipient_whose_rendering_fails_does_not_stop_the_others() {
     assert_eq!(daemon.metric("http_generation_failures_total"), 1);
 }
 
+/// A recipient whose message cannot be spooled (here: far over the size limit) in
+/// the middle of a large transmission fails alone: the others of its chunk and the
+/// job go on, the job ends, and a restart generates nothing again.
+#[test]
+fn a_recipient_whose_message_cannot_be_spooled_fails_alone_and_nothing_is_duplicated() {
+    let mut daemon = Daemon::start("message_bytes_max = 20000\n", &key_config());
+    let n = 600;
+    // Small enough for the job record (2 × message_bytes_max + 1 MiB), but three
+    // times over in the rendered message: more than a spool record may hold.
+    let big = "x".repeat(500_000);
+    let recipients: Vec<Value> = (0..n)
+        .map(|i| {
+            let data = if i == 300 { big.as_str() } else { "" };
+            json!({"address": format!("r{i}@x.test"), "substitution_data": {"big": data}})
+        })
+        .collect();
+    let body = json!({
+        "recipients": recipients,
+        "content": {"from": "s@s.test", "subject": "s", "text": "hello {{ big }}{{ big }}{{ big }}"}
+    });
+    let (status, reply) = post(&daemon, "/api/v1/transmissions", &body);
+    assert_eq!(status, 200, "{reply}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while daemon.metric("http_generation_jobs") > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the job did not finish: {:#?}",
+            daemon.log.lock().unwrap()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let events = wait_events(&daemon, "the generation failure", |e| {
+        !of(e, "generation_failure", "r300@x.test").is_empty()
+    });
+    let reason = of(&events, "generation_failure", "r300@x.test")[0]["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reason.contains("smtp.message_bytes_max"), "{reason}");
+    let count = |daemon: &Daemon| {
+        let spooled = common::spooled(&daemon.data_dir());
+        let rcpts: std::collections::BTreeSet<String> =
+            spooled.iter().map(|m| m.recipients[0].clone()).collect();
+        (spooled.len(), rcpts.len())
+    };
+    daemon.stop();
+    assert_eq!(count(&daemon), (n - 1, n - 1));
+    let dir = std::mem::replace(&mut daemon.dir, tempfile::tempdir().unwrap());
+    let config = std::fs::read_to_string(dir.path().join("gannetd.toml")).unwrap();
+    let mut daemon = Daemon::start_in(dir, &config);
+    assert_eq!(daemon.metric("http_generation_jobs"), 0);
+    daemon.stop();
+    assert_eq!(count(&daemon), (n - 1, n - 1));
+}
+
 #[test]
 fn bad_requests_get_sparkpost_errors_and_queue_nothing() {
     let daemon = daemon(1, "request_bytes_max = 4096\n");

@@ -174,6 +174,13 @@ impl Job {
                 return Err(err.to_string());
             }
         };
+        let size_max = shard.config().smtp.message_bytes_max.usize();
+        if body.len() > size_max {
+            return Err(format!(
+                "the generated message has {} bytes, more than smtp.message_bytes_max ({size_max})",
+                body.len()
+            ));
+        }
         let sender = rcpt
             .return_path
             .as_deref()
@@ -235,11 +242,11 @@ impl Job {
         range: std::ops::Range<usize>,
     ) -> Result<Vec<(usize, String)>, SpoolError> {
         let now_ms = unix_ms();
-        let mut batch = Vec::with_capacity(range.len());
+        let mut rendered = Vec::with_capacity(range.len());
         let mut failures = Vec::new();
         for i in range {
             match self.render(shard, i, now_ms) {
-                Ok(rendered) => batch.push(rendered),
+                Ok((record, subject)) => rendered.push((i, record, subject)),
                 Err(reason) => {
                     self.failed(shard, i, &reason, now_ms);
                     failures.push((i, reason));
@@ -247,15 +254,38 @@ impl Job {
             }
         }
         if self.sandbox {
-            for (record, subject) in &batch {
+            for (_, record, subject) in &rendered {
                 self.injected(shard, record, subject);
             }
             return Ok(failures);
         }
-        let mut tickets = Vec::with_capacity(batch.len());
-        for (record, _) in &batch {
-            tickets.push(shard.spool.append_message(record)?);
+        // A record the spool refuses for what it is (too large) fails its recipient
+        // alone; any other refusal is the spool's state (full, unhealthy) and fails
+        // the chunk, whose records appended so far are tombstoned so that trying the
+        // chunk again cannot queue them twice.
+        let mut batch = Vec::with_capacity(rendered.len());
+        let mut tickets = Vec::with_capacity(rendered.len());
+        for (i, record, subject) in rendered {
+            match shard.spool.append_message(&record) {
+                Ok(ticket) => {
+                    tickets.push(ticket);
+                    batch.push((record, subject));
+                }
+                Err(err @ SpoolError::RecordTooLarge { .. }) => {
+                    let reason = format!("the generated message cannot be spooled: {err}");
+                    self.failed(shard, i, &reason, now_ms);
+                    failures.push((i, reason));
+                }
+                Err(err) => {
+                    for (record, _) in &batch {
+                        let _ = shard.spool.append_tombstone(record.id);
+                    }
+                    return Err(err);
+                }
+            }
         }
+        // A failed sync fails its whole epoch, and the spool itself tombstones every
+        // message of it.
         for ticket in tickets {
             shard.spool.durable(ticket).await?;
         }
@@ -435,6 +465,10 @@ pub fn start_jobs(shard: &Rc<Shard>, jobs: Vec<(Job, MessageId, Progress)>) {
     .detach();
 }
 
+/// The first wait before a chunk the spool refused is tried again, and the longest.
+const CHUNK_RETRY_FIRST: std::time::Duration = std::time::Duration::from_secs(1);
+const CHUNK_RETRY_MAX: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Chunks in flight per shard: one rendering while another waits for its commit.
 const CHUNKS_IN_FLIGHT_PER_SHARD: usize = 2;
 
@@ -479,9 +513,15 @@ async fn run_job(shard: Rc<Shard>, job: Arc<Job>, record: MessageId, progress: P
     let shards = shard.shared.mesh.shards();
     let window = shards * CHUNKS_IN_FLIGHT_PER_SHARD;
     let mut in_flight = 0;
-    let mut failed = false;
+    // A chunk the spool refused (full disk, failed sync) is tried again after a
+    // backoff; meanwhile no new chunk starts.
+    let mut failures_in_row = 0u32;
+    let mut paused_until = std::time::Instant::now();
     loop {
-        while !failed && in_flight < window && !shard.shutdown.is_raised() {
+        while std::time::Instant::now() >= paused_until
+            && in_flight < window
+            && !shard.shutdown.is_raised()
+        {
             let Some(chunk) = todo.pop_front() else { break };
             in_flight += 1;
             let to = (chunk as usize % shards) as u16;
@@ -504,7 +544,14 @@ async fn run_job(shard: Rc<Shard>, job: Arc<Job>, record: MessageId, progress: P
             .detach();
         }
         if in_flight == 0 {
-            break;
+            if todo.is_empty() || shard.shutdown.is_raised() {
+                break;
+            }
+            shard
+                .shutdown
+                .sleep(paused_until.saturating_duration_since(std::time::Instant::now()))
+                .await;
+            continue;
         }
         let Some((chunk, ok)) = futures_lite::future::or(rx.recv(), async {
             shard.shutdown.wait().await;
@@ -516,11 +563,18 @@ async fn run_job(shard: Rc<Shard>, job: Arc<Job>, record: MessageId, progress: P
         };
         in_flight -= 1;
         if !ok {
-            // Nothing of that chunk is queued; the job stays in the spool and resumes
-            // from its checkpoint on restart. Chunks in flight are let finish.
-            failed = true;
+            // Nothing of that chunk is queued (what it appended is tombstoned): try
+            // it again, after 1 s doubling up to a minute.
+            failures_in_row = failures_in_row.saturating_add(1);
+            let backoff = CHUNK_RETRY_FIRST
+                .saturating_mul(1 << (failures_in_row - 1).min(16))
+                .min(CHUNK_RETRY_MAX);
+            tracing::warn!(shard = shard.id, transmission = %job.id, chunk, "generation of a chunk failed; trying it again in {backoff:?}");
+            paused_until = std::time::Instant::now() + backoff;
+            todo.push_front(chunk);
             continue;
         }
+        failures_in_row = 0;
         let n = chunk_range(chunk, total).len();
         ShardMetrics::sub(&shard.metrics.http_generation_pending_recipients, n as u64);
         left.set(left.get() - n);
@@ -535,14 +589,14 @@ async fn run_job(shard: Rc<Shard>, job: Arc<Job>, record: MessageId, progress: P
             queue: JOB_KIND.to_string(),
             done: finished.iter().copied().collect(),
         };
-        // Durable with the next commit; losing it regenerates a few chunks.
+        // Durable with the next commit; losing it regenerates a few chunks after a
+        // restart, and the next checkpoint supersedes it.
         if let Err(err) = shard.spool.append_update(&update) {
             tracing::error!(shard = shard.id, transmission = %job.id, "job checkpoint failed: {err}");
-            failed = true;
         }
     }
-    if failed || !todo.is_empty() {
-        return;
+    if !todo.is_empty() {
+        return; // shutting down: the job resumes at start-up
     }
     let tombstone = gannet_spool::TombstoneRecord { id: record };
     if let Err(err) = shard
