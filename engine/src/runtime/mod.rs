@@ -4,6 +4,7 @@
 //! the engine that creates executors or binds listeners; [`io`] adapts glommio's
 //! sockets for the protocol code.
 
+mod adopt;
 pub mod http_io;
 pub mod io;
 
@@ -68,6 +69,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating data directory {}", data_dir.display()))?;
     remove_stale_listeners(&data_dir);
+    adopt::remove_adopted_leftovers(&data_dir.join("spool"))?;
     let tls = crate::tls::server_config(
         &config.smtp.tls_cert,
         &config.smtp.tls_key,
@@ -453,7 +455,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
     } = start;
     let config = &shared.config;
     let data_dir = &config.server.data_dir;
-    let (spool, recovered) = open_spool(id, &data_dir.join("spool"), config)?;
+    let (spool, mut recovered) = open_spool(id, &data_dir.join("spool"), config)?;
     let events = EventLog::open(
         &data_dir.join("events").join(id.to_string()),
         config.events.file_bytes_max.get(),
@@ -462,6 +464,14 @@ async fn shard_main(start: ShardStart) -> Result<()> {
     .with_context(|| format!("shard {id}: opening the event log"))?;
     glommio::spawn_local(spool.clone().run_committer()).detach();
     glommio::spawn_local(spool.clone().run_maintenance()).detach();
+    // The spools of shards beyond server.shards (the count was lowered) are adopted
+    // before anything is queued, so their mail is queued with ours.
+    let shards = shared.mesh.shards() as u16;
+    for (j, dir) in adopt::orphans(&data_dir.join("spool"), shards, id)? {
+        recovered
+            .live
+            .extend(adopt::adopt(&spool, id, j, &dir).await?);
+    }
     let shard = Rc::new(Shard {
         id,
         metrics: shared.metrics[usize::from(id)].clone(),

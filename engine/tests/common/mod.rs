@@ -170,12 +170,13 @@ impl Daemon {
     /// The events the shards logged (after a stop, or after the flush interval).
     pub fn events(&self) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
-        for shard in ["0", "1"] {
-            let path = self
-                .data_dir()
-                .join("events")
-                .join(shard)
-                .join("events.jsonl");
+        let Ok(shards) = std::fs::read_dir(self.data_dir().join("events")) else {
+            return out;
+        };
+        let mut shards: Vec<PathBuf> = shards.flatten().map(|e| e.path()).collect();
+        shards.sort();
+        for shard in shards {
+            let path = shard.join("events.jsonl");
             if let Ok(text) = std::fs::read_to_string(path) {
                 out.extend(text.lines().map(|l| serde_json::from_str(l).unwrap()));
             }
@@ -248,6 +249,11 @@ pub struct Spooled {
     pub meta: Vec<(String, String)>,
     pub queue: String,
     pub body: Vec<u8>,
+    /// The shard directory it was found in, and its retry state.
+    pub shard: u16,
+    pub attempts: u32,
+    pub due_ms: u64,
+    pub done: Vec<u32>,
 }
 
 /// Every live message in a (stopped) daemon's spool.
@@ -268,6 +274,10 @@ pub fn spooled(data_dir: &Path) -> Vec<Spooled> {
                     .collect(),
                 queue: m.queue.to_string(),
                 body: m.body.to_vec(),
+                shard,
+                attempts: live.state.attempts,
+                due_ms: live.state.due_unix_ms,
+                done: live.state.done.clone(),
             });
         }
     }
