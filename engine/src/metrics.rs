@@ -103,6 +103,10 @@ metrics! {
     queue_held_parts: "gauge",
     /// Delivery connections open and waiting for their queue's next message.
     delivery_connections_idle: "gauge",
+    /// Answers in the shard's DNS cache, and answers dropped to keep it within
+    /// dns_cache_entries_max before they expired.
+    dns_cache_entries: "gauge",
+    dns_cache_evicted_total: "counter",
     /// Events lost because the event log could not be written.
     events_dropped_total: "counter",
 }

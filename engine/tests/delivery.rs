@@ -302,3 +302,36 @@ fn idle_connections_carry_the_next_message_and_closed_ones_are_replaced() {
         }
     }
 }
+
+/// Recipient domains come from outside: a stream of distinct ones must not grow the
+/// DNS cache without bound. 300 domains that do not exist (NXDOMAIN from dnsmasq,
+/// negatively cached) bounce, and each shard's cache stays within its 16 answers.
+#[test]
+fn the_dns_cache_stays_within_its_bound() {
+    let dns = dns();
+    let config = format!(
+        "[delivery]\ndns_server = \"127.0.0.1:{}\"\ndns_cache_entries_max = 16\n",
+        dns.port
+    );
+    let daemon = Daemon::start("recipients_max = 1000\n", &config);
+    let rcpts: Vec<String> = (0..300).map(|i| format!("a@n{i}.test")).collect();
+    let refs: Vec<&str> = rcpts.iter().map(String::as_str).collect();
+    inject(
+        &daemon,
+        &refs,
+        "Subject: many domains\r\n\r\nhello\r\n.\r\n",
+    );
+    wait_events(&daemon, "300 bounces", |e| {
+        e.iter().filter(|e| e["type"] == "bounce").count() == 300
+    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while daemon.metric("dns_cache_evicted_total") == 0 {
+        assert!(std::time::Instant::now() < deadline, "nothing was evicted");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let cached = daemon.metric("dns_cache_entries");
+    assert!(
+        (1..=32).contains(&cached),
+        "{cached} answers cached on 2 shards"
+    );
+}

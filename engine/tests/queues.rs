@@ -46,7 +46,10 @@ fn suspended_queues_hold_their_parts_until_resumed() {
         "\"d.test\" = [\"127.0.0.1:{0}\"], \"s.test\" = [\"127.0.0.1:{0}\"]",
         sink.port
     );
-    let daemon = Daemon::start("", &delivery_config(&routes));
+    let daemon = Daemon::start(
+        "",
+        &format!("{}suspensions_max = 2\n", delivery_config(&routes)),
+    );
 
     // Bad requests get precise errors and change nothing.
     // (method, (content type, body), status, a word the error must contain)
@@ -158,6 +161,24 @@ fn suspended_queues_hold_their_parts_until_resumed() {
     });
     assert_eq!(sink.messages().len(), 2);
     assert_eq!(curl(&daemon, "GET", SUSPEND, None), (200, "[]".into()));
+
+    // Suspensions are bounded (delivery.suspensions_max).
+    let define = |domain: &str| {
+        let body = format!("{{\"domain\":\"{domain}\",\"reason\":\"r\"}}");
+        curl(&daemon, "POST", SUSPEND, Some(("application/json", &body)))
+    };
+    assert_eq!(define("a.test").0, 200);
+    assert_eq!(define("b.test").0, 200);
+    let (status, text) = define("c.test");
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("delivery.suspensions_max"), "{text}");
+    assert_eq!(
+        json(&curl(&daemon, "GET", SUSPEND, None).1)
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
 }
 
 /// A destination that accepts TCP connections (the kernel completes them) but never

@@ -341,10 +341,15 @@ pub struct DeliveryConfig {
     /// Destination lookups in flight at once per shard; more wait their turn (a burst
     /// of new domains must not flood the resolver into dropping queries).
     pub dns_lookups_max: Bounded<1, 100_000>,
+    /// Answers a shard's DNS cache holds at most (the soonest to expire go first).
+    pub dns_cache_entries_max: Bounded<16, 100_000_000>,
     /// Delivery connections per shard that may wait idle (shaping's
     /// idle_timeout_secs) at once; past it a connection with nothing to send closes
     /// at once, so a burst to many sites does not hold a socket per site.
     pub idle_connections_max: Bounded<0, 1_000_000>,
+    /// Scheduled-queue suspensions active at once (admin API); every due part is
+    /// checked against each.
+    pub suspensions_max: Bounded<1, 1_000_000>,
     /// Accept and queue, but make no delivery attempts (like Postfix's
     /// defer_transports): for maintenance windows and ingress-only benchmarks.
     pub suspended: bool,
@@ -367,7 +372,9 @@ impl Default for DeliveryConfig {
             dns_server: String::new(),
             dns_timeout_secs: Bounded(5),
             dns_lookups_max: Bounded(64),
+            dns_cache_entries_max: Bounded(100_000),
             idle_connections_max: Bounded(1000),
+            suspensions_max: Bounded(10_000),
             suspended: false,
         }
     }

@@ -157,6 +157,7 @@ impl Dispatcher {
                     .or_else(crate::dns::Resolver::system_server)
                     .unwrap_or_else(|| "127.0.0.1:53".parse().expect("literal")),
                 Duration::from_secs(d.dns_timeout_secs.get()),
+                d.dns_cache_entries_max.usize(),
             ),
             smtp_port: u16::try_from(d.smtp_port.get()).unwrap_or(25),
             lookups: glommio::sync::Semaphore::new(d.dns_lookups_max.get()),
@@ -333,6 +334,9 @@ pub async fn run(shard: Rc<Shard>) {
             gauge(&m.queue_ready_parts, queues.ready_len());
             gauge(&m.queue_held_parts, queues.held_len());
             gauge(&m.delivery_connections_idle, d.idle_connections.get());
+            let (cached, evicted) = d.resolver.cache_stats();
+            gauge(&m.dns_cache_entries, cached);
+            gauge(&m.dns_cache_evicted_total, evicted as usize);
             queues.next_due().map_or(wake_at, |due| due.min(wake_at))
         };
         let sleep_ms = next.saturating_sub(unix_ms()).clamp(1, 1000);

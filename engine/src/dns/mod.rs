@@ -5,8 +5,9 @@
 //! `hickory-resolver` is not used: it needs tokio. This module builds queries and
 //! reads answers itself; what it asks of the server is only recursion.
 
+pub mod cache;
+
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -52,12 +53,6 @@ enum Answer {
     NoData,
 }
 
-#[derive(Debug)]
-struct Cached {
-    expires_ms: u64,
-    answer: Answer,
-}
-
 /// An MX lookup's meaning for delivery.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mx {
@@ -74,16 +69,23 @@ pub enum Mx {
 pub struct Resolver {
     server: SocketAddr,
     timeout: Duration,
-    cache: RefCell<HashMap<(String, RecordType), Cached>>,
+    cache: RefCell<cache::TtlCache<(String, RecordType), Answer>>,
 }
 
 impl Resolver {
-    pub fn new(server: SocketAddr, timeout: Duration) -> Resolver {
+    /// A resolver asking `server`, caching at most `cache_entries_max` answers.
+    pub fn new(server: SocketAddr, timeout: Duration, cache_entries_max: usize) -> Resolver {
         Resolver {
             server,
             timeout,
-            cache: RefCell::new(HashMap::new()),
+            cache: RefCell::new(cache::TtlCache::new(cache_entries_max)),
         }
+    }
+
+    /// Answers cached now, and answers dropped to make room before they expired.
+    pub fn cache_stats(&self) -> (usize, u64) {
+        let cache = self.cache.borrow();
+        (cache.len(), cache.evicted)
     }
 
     /// The first `nameserver` of /etc/resolv.conf (port 53), if any.
@@ -164,19 +166,14 @@ impl Resolver {
     async fn lookup(&self, name: &str, rtype: RecordType) -> Result<Answer, DnsError> {
         let key = (name.to_ascii_lowercase(), rtype);
         let now = crate::clock::unix_ms();
-        if let Some(cached) = self.cache.borrow().get(&key)
-            && cached.expires_ms > now
-        {
-            return Ok(cached.answer.clone());
+        if let Some(answer) = self.cache.borrow().get(&key, now) {
+            return Ok(answer);
         }
         let (answer, ttl) = self.query(&key.0, rtype).await?;
-        self.cache.borrow_mut().insert(
-            key,
-            Cached {
-                expires_ms: now + ttl.clamp(TTL_SECS_MIN, TTL_SECS_MAX) * 1000,
-                answer: answer.clone(),
-            },
-        );
+        let expires_ms = now + ttl.clamp(TTL_SECS_MIN, TTL_SECS_MAX) * 1000;
+        self.cache
+            .borrow_mut()
+            .insert(key, answer.clone(), expires_ms, crate::clock::unix_ms());
         Ok(answer)
     }
 

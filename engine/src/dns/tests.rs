@@ -50,7 +50,7 @@ fn mx_addresses_site_names_and_cache_against_dnsmasq() {
     let mut server = Some(server);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     run(move || async move {
-        let r = Resolver::new(addr, Duration::from_secs(2));
+        let r = Resolver::new(addr, Duration::from_secs(2), 1000);
         let a = r.mx("a.test").await.unwrap();
         let hosts = vec![
             vec!["mx1.a.test".to_string(), "mx2.a.test".to_string()],
@@ -163,7 +163,7 @@ fn a_lost_udp_query_is_sent_again() {
     run(move || async move {
         // 3 s per try: the relay thread and dnsmasq may wait for a core while the
         // other tests of this binary run beside them.
-        let r = Resolver::new(relay_addr, Duration::from_secs(9));
+        let r = Resolver::new(relay_addr, Duration::from_secs(9), 1000);
         let a = r.mx("a.test").await.unwrap();
         assert!(matches!(a, Mx::Hosts(_)), "{a:?}");
     });

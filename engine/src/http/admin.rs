@@ -108,10 +108,26 @@ pub fn suspend(shared: &Shared, body: &[u8]) -> Reply {
         expires_unix_ms: unix_ms() + secs * 1000,
     };
     let id = suspension.id.clone();
-    tracing::info!(?suspension, "queue suspension defined");
-    shared
-        .live
-        .update(|state| state.suspensions.push(suspension));
+    let now = unix_ms();
+    let max = shared.config.delivery.suspensions_max.usize();
+    let added = shared.live.update(|state| {
+        state.suspensions.retain(|s| s.expires_unix_ms > now);
+        if state.suspensions.len() >= max {
+            return false;
+        }
+        tracing::info!(?suspension, "queue suspension defined");
+        state.suspensions.push(suspension);
+        true
+    });
+    if !added {
+        return error(
+            422,
+            "too many suspensions",
+            &format!(
+                "at most {max} suspensions are active at once (delivery.suspensions_max); lift some first"
+            ),
+        );
+    }
     wake_all(shared);
     (200, serde_json::json!({ "id": id }).to_string())
 }
