@@ -247,6 +247,7 @@ impl<'de> serde::Deserialize<'de> for KeyDigest {
 pub struct ApiIdentity {
     pub name: String,
     pub tenant: Option<String>,
+    pub role: crate::config::Role,
 }
 
 /// The injection API's keys, by digest.
@@ -266,6 +267,7 @@ impl ApiKeys {
                         ApiIdentity {
                             name: k.name.clone(),
                             tenant: k.tenant.clone(),
+                            role: k.role,
                         },
                     )
                 })

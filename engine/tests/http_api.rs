@@ -1339,3 +1339,242 @@ fn sandbox_transmissions_are_generated_but_never_queued() {
     assert!(messages.contains_key("real@x.test"));
     assert_eq!(daemon.metric("http_messages_generated_total"), 1);
 }
+
+const KEY_BETA: &str = "gannet-test-key-beta-77d0e9a1c3f2";
+const KEY_ADMIN: &str = "gannet-test-key-admin-0b91f4e6d2a8";
+
+/// curl with a key (or none) against any address: (status, body as JSON or text).
+fn call(
+    addr: std::net::SocketAddr,
+    key: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> (u16, String) {
+    let mut command = Command::new("curl");
+    command.args([
+        "-sS",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+        &format!("http://{addr}{path}"),
+    ]);
+    if let Some(key) = key {
+        command.args(["-H", &format!("Authorization: {key}")]);
+    }
+    let input = body.map(|b| b.to_string()).unwrap_or_default();
+    if body.is_some() {
+        command.args([
+            "-H",
+            "content-type: application/json",
+            "--data-binary",
+            "@-",
+        ]);
+    }
+    let out = run_with_input(&mut command, input.as_bytes());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let (body, status) = text.rsplit_once('\n').unwrap();
+    (status.parse().unwrap(), body.to_string())
+}
+
+/// Stored templates and recipient lists belong to the tenant of the key that stored
+/// them: another tenant's key gets 404 for every verb and cannot send with them, and
+/// the ids live side by side. Keys have roles (an injection key cannot use the admin
+/// API, nor an admin key inject), stored items are bounded per tenant, and a
+/// listener serves only its services: tracking alone on one port, everything else
+/// without tracking on the other.
+#[test]
+fn tenants_own_their_stored_items_keys_have_roles_and_listeners_serve_their_services() {
+    let keys = format!(
+        "api_keys = [{{ name = \"a\", key_sha256 = \"{}\", tenant = \"acme\" }}, \
+                     {{ name = \"b\", key_sha256 = \"{}\", tenant = \"beta\" }}, \
+                     {{ name = \"ops\", key_sha256 = \"{}\", role = \"admin\" }}]\n\
+         services = [\"inject\", \"admin\", \"metrics\"]\n\
+         listeners = [{{ address = \"127.0.0.1:0\", services = [\"tracking\"] }}]\n\
+         templates_max = 2\nrecipient_lists_max = 1\n",
+        gannet_engine::auth::KeyDigest::of(KEY),
+        gannet_engine::auth::KeyDigest::of(KEY_BETA),
+        gannet_engine::auth::KeyDigest::of(KEY_ADMIN),
+    );
+    let mut daemon = Daemon::start("", &keys);
+    let main = daemon.http;
+    let listeners: Value =
+        parse(&std::fs::read_to_string(daemon.data_dir().join("listeners.json")).unwrap());
+    assert_eq!(
+        listeners["http_listeners"][0]["services"],
+        json!(["tracking"])
+    );
+    let public: std::net::SocketAddr = listeners["http_listeners"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let template = |text: &str| {
+        json!({"id": "welcome", "name": "Welcome", "published": true,
+               "content": {"from": "s@s.test", "subject": "hi", "text": text}})
+    };
+    let (status, text) = call(
+        main,
+        Some(KEY),
+        "POST",
+        "/api/v1/templates",
+        Some(&template("acme's")),
+    );
+    assert_eq!(status, 200, "{text}");
+    let list = json!({"id": "list1", "recipients": [{"address": "r@x.test"}]});
+    let (status, text) = call(
+        main,
+        Some(KEY),
+        "POST",
+        "/api/v1/recipient-lists",
+        Some(&list),
+    );
+    assert_eq!(status, 200, "{text}");
+
+    // Beta sees none of it, whatever the verb.
+    for (method, path, body) in [
+        ("GET", "/api/v1/templates/welcome", None),
+        (
+            "PUT",
+            "/api/v1/templates/welcome",
+            Some(json!({"content": {"text": "stolen"}})),
+        ),
+        ("POST", "/api/v1/templates/welcome/preview", Some(json!({}))),
+        ("DELETE", "/api/v1/templates/welcome", None),
+        (
+            "GET",
+            "/api/v1/recipient-lists/list1?show_recipients=true",
+            None,
+        ),
+        (
+            "PUT",
+            "/api/v1/recipient-lists/list1",
+            Some(json!({"name": "mine now"})),
+        ),
+        ("DELETE", "/api/v1/recipient-lists/list1", None),
+    ] {
+        let (status, text) = call(main, Some(KEY_BETA), method, path, body.as_ref());
+        assert_eq!(status, 404, "{method} {path}: {text}");
+    }
+    for path in ["/api/v1/templates", "/api/v1/recipient-lists"] {
+        let (status, text) = call(main, Some(KEY_BETA), "GET", path, None);
+        assert_eq!(
+            (status, parse(&text)["results"].clone()),
+            (200, json!([])),
+            "{path}"
+        );
+    }
+    for content in [
+        json!({"recipients": [{"address": "a@x.test"}], "content": {"template_id": "welcome"}}),
+        json!({"recipients": {"list_id": "list1"}, "content": {"from": "s@s.test", "subject": "s", "text": "t"}}),
+    ] {
+        let (status, text) = call(
+            main,
+            Some(KEY_BETA),
+            "POST",
+            "/api/v1/transmissions",
+            Some(&content),
+        );
+        assert_eq!(status, 422, "{text}");
+        assert!(text.contains("does not exist"), "{text}");
+    }
+    // Beta's own "welcome" lives beside acme's.
+    let (status, text) = call(
+        main,
+        Some(KEY_BETA),
+        "POST",
+        "/api/v1/templates",
+        Some(&template("beta's")),
+    );
+    assert_eq!(status, 200, "{text}");
+    // Bounds per tenant: acme may have 2 templates and 1 list.
+    let second = json!({"id": "two", "name": "Two", "content": {"from": "s@s.test", "subject": "s", "text": "t"}});
+    assert_eq!(
+        call(main, Some(KEY), "POST", "/api/v1/templates", Some(&second)).0,
+        200
+    );
+    let third = json!({"id": "three", "name": "Three", "content": {"from": "s@s.test", "subject": "s", "text": "t"}});
+    let (status, text) = call(main, Some(KEY), "POST", "/api/v1/templates", Some(&third));
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("http.templates_max"), "{text}");
+    let list2 = json!({"id": "list2", "recipients": [{"address": "r@x.test"}]});
+    let (status, text) = call(
+        main,
+        Some(KEY),
+        "POST",
+        "/api/v1/recipient-lists",
+        Some(&list2),
+    );
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("http.recipient_lists_max"), "{text}");
+
+    // Roles.
+    let (status, text) = call(main, Some(KEY), "GET", "/api/admin/suspend/v1", None);
+    assert_eq!(status, 403, "{text}");
+    assert_eq!(
+        call(main, Some(KEY_ADMIN), "GET", "/api/admin/suspend/v1", None).0,
+        200
+    );
+    let one = json!({"recipients": [{"address": "a@x.test"}], "content": {"from": "s@s.test", "subject": "s", "text": "t"}});
+    let (status, text) = call(
+        main,
+        Some(KEY_ADMIN),
+        "POST",
+        "/api/v1/transmissions",
+        Some(&one),
+    );
+    assert_eq!(status, 403, "{text}");
+
+    // Listeners serve their services only; /health everywhere.
+    assert_eq!(call(main, None, "GET", "/metrics", None).0, 200);
+    assert_eq!(call(main, None, "GET", "/o/anything", None).0, 404);
+    assert!(
+        call(main, None, "GET", "/o/anything", None)
+            .1
+            .contains("no endpoint")
+    );
+    assert_eq!(call(public, None, "GET", "/health", None).0, 200);
+    let (status, text) = call(public, None, "GET", "/o/anything", None);
+    assert_eq!(status, 404);
+    assert!(text.contains("unknown tracking link"), "{text}");
+    for (method, path) in [
+        ("GET", "/metrics"),
+        ("POST", "/api/v1/transmissions"),
+        ("GET", "/api/v1/templates"),
+        ("GET", "/api/admin/suspend/v1"),
+    ] {
+        let (status, text) = call(public, Some(KEY), method, path, Some(&one));
+        assert_eq!(status, 404, "{method} {path}: {text}");
+    }
+
+    // Ownership survives a restart.
+    daemon.stop();
+    let dir = std::mem::replace(&mut daemon.dir, tempfile::tempdir().unwrap());
+    let config = std::fs::read_to_string(dir.path().join("gannetd.toml")).unwrap();
+    let daemon = Daemon::start_in(dir, &config);
+    let text_of = |key| {
+        let (_, body) = call(
+            daemon.http,
+            Some(key),
+            "GET",
+            "/api/v1/templates/welcome",
+            None,
+        );
+        parse(&body)["results"]["content"]["text"].clone()
+    };
+    assert_eq!(text_of(KEY), "acme's");
+    assert_eq!(text_of(KEY_BETA), "beta's");
+    assert_eq!(
+        call(
+            daemon.http,
+            Some(KEY_BETA),
+            "GET",
+            "/api/v1/recipient-lists/list1",
+            None
+        )
+        .0,
+        404
+    );
+}

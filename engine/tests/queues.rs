@@ -12,11 +12,35 @@ use common::Daemon;
 use common::peers::free_port;
 use common::relay::{delivery_config, dns, dumping_smtp_sink, inject, of, sink, wait_events};
 
-/// curl against the daemon's HTTP listener: (status, body).
+/// The admin API's key (role = "admin").
+const ADMIN_KEY: &str = "gannet-admin-key-3f7a0c2d9e1b8456";
+
+/// `[http]` keys giving the admin key.
+fn admin_key_config() -> String {
+    format!(
+        "api_keys = [{{ name = \"ops\", key_sha256 = \"{}\", role = \"admin\" }}]\n",
+        gannet_engine::auth::KeyDigest::of(ADMIN_KEY)
+    )
+}
+
+/// curl against the daemon's HTTP listener, with the admin key: (status, body).
 fn curl(daemon: &Daemon, method: &str, path: &str, body: Option<(&str, &str)>) -> (u16, String) {
+    curl_as(daemon, Some(ADMIN_KEY), method, path, body)
+}
+
+fn curl_as(
+    daemon: &Daemon,
+    key: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<(&str, &str)>,
+) -> (u16, String) {
     let url = format!("http://{}{path}", daemon.http);
     let mut command = Command::new("curl");
     command.args(["-sS", "-X", method, "-w", "\n%{http_code}", &url]);
+    if let Some(key) = key {
+        command.args(["-H", &format!("Authorization: {key}")]);
+    }
     if let Some((content_type, body)) = body {
         command.args([
             "-H",
@@ -48,8 +72,19 @@ fn suspended_queues_hold_their_parts_until_resumed() {
     );
     let daemon = Daemon::start(
         "",
-        &format!("{}suspensions_max = 2\n", delivery_config(&routes)),
+        &format!(
+            "{}{}suspensions_max = 2\n",
+            admin_key_config(),
+            delivery_config(&routes)
+        ),
     );
+
+    // The admin API needs a key with the admin role.
+    let (status, text) = curl_as(&daemon, None, "GET", SUSPEND, None);
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("role = \\\"admin\\\""), "{text}");
+    let (status, _) = curl_as(&daemon, Some("not-a-key"), "GET", SUSPEND, None);
+    assert_eq!(status, 401);
 
     // Bad requests get precise errors and change nothing.
     // (method, (content type, body), status, a word the error must contain)

@@ -72,10 +72,32 @@ pub struct StoredList {
     pub recipients: Vec<RecipientSpec>,
 }
 
+/// The tenant that owns stored items: the API key's tenant, or none.
+pub type Tenant<'a> = Option<&'a str>;
+
+/// An item's key in the state: (tenant or "", id). Configured tenant names are never
+/// empty, so "" stands for "no tenant" without ambiguity.
+type Key = (String, String);
+
+fn key(tenant: Tenant<'_>, id: &str) -> Key {
+    (tenant.unwrap_or("").to_string(), id.to_string())
+}
+
 #[derive(Debug, Default)]
 struct State {
-    templates: BTreeMap<String, Arc<StoredTemplate>>,
-    lists: BTreeMap<String, Arc<StoredList>>,
+    templates: BTreeMap<Key, Arc<StoredTemplate>>,
+    lists: BTreeMap<Key, Arc<StoredList>>,
+}
+
+/// The items of one tenant in a map, in id order.
+fn of_tenant<'m, T>(
+    map: &'m BTreeMap<Key, Arc<T>>,
+    tenant: Tenant<'_>,
+) -> impl Iterator<Item = &'m Arc<T>> + 'm {
+    let tenant = tenant.unwrap_or("").to_string();
+    map.range((tenant.clone(), String::new())..)
+        .take_while(move |((t, _), _)| *t == tenant)
+        .map(|(_, item)| item)
 }
 
 #[derive(Debug)]
@@ -115,12 +137,73 @@ pub fn id_from_name(name: &str) -> String {
             id.push('-');
         }
     }
+    // ASCII only, so any byte offset is a character boundary.
     let id = id.trim_end_matches('-');
     id[..id.len().min(64)].to_string()
 }
 
+/// The directory of a tenant's items under a kind's directory: the directory itself
+/// for no tenant (where items of keys without a tenant, and of versions before
+/// tenants, live), `@<hex of the name>` for a tenant — `@` starts no valid id, and
+/// hex keeps any tenant name a safe file name.
+fn tenant_dir(base: &Path, tenant: Tenant<'_>) -> PathBuf {
+    match tenant {
+        None => base.to_path_buf(),
+        Some(t) => {
+            let mut name = String::with_capacity(1 + 2 * t.len());
+            name.push('@');
+            for b in t.bytes() {
+                name.push_str(&format!("{b:02x}"));
+            }
+            base.join(name)
+        }
+    }
+}
+
+/// The tenant a `@<hex>` directory name stands for.
+fn tenant_of_dir(name: &str) -> Option<String> {
+    let hex = name.strip_prefix('@')?;
+    if hex.is_empty() || hex.len() % 2 != 0 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> = (0..hex.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok())
+        .collect();
+    String::from_utf8(bytes?).ok()
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Loads every item of a kind: the base directory (no tenant) and each tenant's.
+fn load_all<T: for<'de> Deserialize<'de>>(
+    base: &Path,
+    id_of: impl Fn(&T) -> &str,
+) -> std::io::Result<BTreeMap<Key, Arc<T>>> {
+    let mut dirs = vec![(None, base.to_path_buf())];
+    for entry in std::fs::read_dir(base)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        if let Some(tenant) = name.to_str().and_then(tenant_of_dir)
+            && entry.file_type()?.is_dir()
+        {
+            dirs.push((Some(tenant), entry.path()));
+        }
+    }
+    let mut items = BTreeMap::new();
+    for (tenant, dir) in dirs {
+        for (path, item) in load::<T>(&dir)? {
+            if path.file_stem().and_then(|s| s.to_str()) == Some(id_of(&item)) {
+                let k = key(tenant.as_deref(), id_of(&item));
+                items.insert(k, Arc::new(item));
+            } else {
+                tracing::error!(path = %path.display(), "file does not hold the item its name says; left out");
+            }
+        }
+    }
+    Ok(items)
 }
 
 impl Store {
@@ -131,21 +214,10 @@ impl Store {
         let lists_dir = data_dir.join("recipient-lists");
         std::fs::create_dir_all(&templates_dir)?;
         std::fs::create_dir_all(&lists_dir)?;
-        let mut state = State::default();
-        for (path, item) in load::<StoredTemplate>(&templates_dir)? {
-            if path.file_stem().and_then(|s| s.to_str()) == Some(item.id.as_str()) {
-                state.templates.insert(item.id.clone(), Arc::new(item));
-            } else {
-                tracing::error!(path = %path.display(), "template file does not hold the template its name says; left out");
-            }
-        }
-        for (path, item) in load::<StoredList>(&lists_dir)? {
-            if path.file_stem().and_then(|s| s.to_str()) == Some(item.id.as_str()) {
-                state.lists.insert(item.id.clone(), Arc::new(item));
-            } else {
-                tracing::error!(path = %path.display(), "recipient list file does not hold the list its name says; left out");
-            }
-        }
+        let state = State {
+            templates: load_all::<StoredTemplate>(&templates_dir, |t| &t.id)?,
+            lists: load_all::<StoredList>(&lists_dir, |l| &l.id)?,
+        };
         Ok(Store {
             templates_dir,
             lists_dir,
@@ -154,74 +226,113 @@ impl Store {
         })
     }
 
-    pub fn template(&self, id: &str) -> Option<Arc<StoredTemplate>> {
-        lock(&self.state).templates.get(id).cloned()
+    pub fn template(&self, tenant: Tenant<'_>, id: &str) -> Option<Arc<StoredTemplate>> {
+        lock(&self.state).templates.get(&key(tenant, id)).cloned()
     }
 
-    pub fn templates(&self) -> Vec<Arc<StoredTemplate>> {
-        lock(&self.state).templates.values().cloned().collect()
+    pub fn templates(&self, tenant: Tenant<'_>) -> Vec<Arc<StoredTemplate>> {
+        of_tenant(&lock(&self.state).templates, tenant)
+            .cloned()
+            .collect()
     }
 
-    pub fn list(&self, id: &str) -> Option<Arc<StoredList>> {
-        lock(&self.state).lists.get(id).cloned()
+    pub fn list(&self, tenant: Tenant<'_>, id: &str) -> Option<Arc<StoredList>> {
+        lock(&self.state).lists.get(&key(tenant, id)).cloned()
     }
 
-    pub fn lists(&self) -> Vec<Arc<StoredList>> {
-        lock(&self.state).lists.values().cloned().collect()
+    pub fn lists(&self, tenant: Tenant<'_>) -> Vec<Arc<StoredList>> {
+        of_tenant(&lock(&self.state).lists, tenant)
+            .cloned()
+            .collect()
     }
 
-    /// Applies `change` to the current version of a template (None: absent) and
-    /// stores what it returns (None: delete). Blocking: call it on a blocking thread.
+    /// Applies `change` to the current version of a tenant's template (None: absent)
+    /// and stores what it returns (None: delete). A new template past `max` of the
+    /// tenant's is refused with `full()`. Blocking: call it on a blocking thread.
     pub fn change_template<E>(
         &self,
+        tenant: Tenant<'_>,
         id: &str,
+        max: usize,
+        full: impl FnOnce() -> E,
         change: impl FnOnce(Option<&StoredTemplate>) -> Result<Option<StoredTemplate>, E>,
     ) -> Result<Result<(), E>, std::io::Error> {
-        self.change(Kind::Template, id, |s| &mut s.templates, change)
+        let at = Where {
+            kind: Kind::Template,
+            tenant,
+            id,
+            max,
+        };
+        self.change(at, |s| &mut s.templates, full, change)
     }
 
     /// Like [`Store::change_template`], for recipient lists.
     pub fn change_list<E>(
         &self,
+        tenant: Tenant<'_>,
         id: &str,
+        max: usize,
+        full: impl FnOnce() -> E,
         change: impl FnOnce(Option<&StoredList>) -> Result<Option<StoredList>, E>,
     ) -> Result<Result<(), E>, std::io::Error> {
-        self.change(Kind::List, id, |s| &mut s.lists, change)
+        let at = Where {
+            kind: Kind::List,
+            tenant,
+            id,
+            max,
+        };
+        self.change(at, |s| &mut s.lists, full, change)
     }
 
     /// One change at a time: read the current item, let `change` decide, write the
     /// file, then publish the new item in `map` of the state.
     fn change<T: Serialize, E>(
         &self,
-        kind: Kind,
-        id: &str,
-        map: impl Fn(&mut State) -> &mut BTreeMap<String, Arc<T>>,
+        at: Where<'_>,
+        map: impl Fn(&mut State) -> &mut BTreeMap<Key, Arc<T>>,
+        full: impl FnOnce() -> E,
         change: impl FnOnce(Option<&T>) -> Result<Option<T>, E>,
     ) -> Result<Result<(), E>, std::io::Error> {
         let _writing = lock(&self.writing);
-        let current = map(&mut lock(&self.state)).get(id).cloned();
+        let k = key(at.tenant, at.id);
+        let (current, count) = {
+            let mut state = lock(&self.state);
+            let items = map(&mut state);
+            (
+                items.get(&k).cloned(),
+                of_tenant(items, at.tenant).take(at.max).count(),
+            )
+        };
         let next = match change(current.as_deref()) {
             Ok(next) => next,
             Err(e) => return Ok(Err(e)),
         };
-        self.persist(kind, id, next.as_ref())?;
+        if current.is_none() && next.is_some() && count >= at.max {
+            return Ok(Err(full()));
+        }
+        self.persist(&at, next.as_ref())?;
         let mut state = lock(&self.state);
         let items = map(&mut state);
         match next {
-            Some(item) => items.insert(id.to_string(), Arc::new(item)),
-            None => items.remove(id),
+            Some(item) => items.insert(k, Arc::new(item)),
+            None => items.remove(&k),
         };
         Ok(Ok(()))
     }
 
-    fn persist<T: Serialize>(&self, kind: Kind, id: &str, item: Option<&T>) -> std::io::Result<()> {
-        let dir = match kind {
+    fn persist<T: Serialize>(&self, at: &Where<'_>, item: Option<&T>) -> std::io::Result<()> {
+        let base = match at.kind {
             Kind::Template => &self.templates_dir,
             Kind::List => &self.lists_dir,
         };
-        let path = dir.join(format!("{id}.json"));
+        let dir = tenant_dir(base, at.tenant);
+        let path = dir.join(format!("{}.json", at.id));
         match item {
             Some(item) => {
+                if at.tenant.is_some() && !dir.exists() {
+                    std::fs::create_dir(&dir)?;
+                    gannet_spool::durable::sync_dir(base)?;
+                }
                 gannet_spool::durable::write_file(&path, &serde_json::to_vec(item)?, 0o644)
             }
             None => gannet_spool::durable::remove_file(&path),
@@ -229,12 +340,20 @@ impl Store {
     }
 }
 
+/// Which item a change is about, and the tenant's bound for that kind.
+struct Where<'a> {
+    kind: Kind,
+    tenant: Tenant<'a>,
+    id: &'a str,
+    max: usize,
+}
+
 fn load<T: for<'de> Deserialize<'de>>(dir: &Path) -> std::io::Result<Vec<(PathBuf, T)>> {
     let mut items = Vec::new();
     for entry in std::fs::read_dir(dir)? {
         let path = entry?.path();
-        if path.extension().and_then(|e| e.to_str()) != Some("json") {
-            continue; // temporary files of an interrupted write
+        if path.extension().and_then(|e| e.to_str()) != Some("json") || !path.is_file() {
+            continue; // temporary files of an interrupted write, tenant directories
         }
         let parsed = std::fs::read(&path)
             .map_err(|e| e.to_string())
@@ -273,12 +392,13 @@ mod tests {
             attributes: Map::new(),
             recipients: Vec::new(),
         };
+        let full = || "full";
         store
-            .change_list::<()>("l1", |_| Ok(Some(list.clone())))
+            .change_list(None, "l1", 10, full, |_| Ok(Some(list.clone())))
             .unwrap()
             .unwrap();
         store
-            .change_list::<()>("l2", |_| {
+            .change_list(None, "l2", 10, full, |_| {
                 Ok(Some(StoredList {
                     id: "l2".into(),
                     ..list.clone()
@@ -287,18 +407,63 @@ mod tests {
             .unwrap()
             .unwrap();
         store
-            .change_list::<()>("l2", |_| Ok(None))
+            .change_list(None, "l2", 10, full, |_| Ok(None))
             .unwrap()
             .unwrap();
         std::fs::write(dir.path().join("recipient-lists/broken.json"), b"{\"id\":").unwrap();
         std::fs::write(dir.path().join("recipient-lists/.l3.json.tmp"), b"partial").unwrap();
         let reopened = Store::open(dir.path()).unwrap();
-        assert_eq!(reopened.lists().len(), 1);
-        assert_eq!(reopened.list("l1").unwrap().name, "L");
-        assert!(reopened.list("l2").is_none());
+        assert_eq!(reopened.lists(None).len(), 1);
+        assert_eq!(reopened.list(None, "l1").unwrap().name, "L");
+        assert!(reopened.list(None, "l2").is_none());
         // A refused change changes nothing.
-        let refused = reopened.change_list("l1", |_| Err("no")).unwrap();
+        let refused = reopened
+            .change_list(None, "l1", 10, full, |_| Err("no"))
+            .unwrap();
         assert_eq!(refused, Err("no"));
-        assert!(reopened.list("l1").is_some());
+        assert!(reopened.list(None, "l1").is_some());
+    }
+
+    #[test]
+    fn tenants_see_only_their_own_items_and_are_bounded_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let list = |id: &str| StoredList {
+            id: id.into(),
+            name: id.into(),
+            description: None,
+            attributes: Map::new(),
+            recipients: Vec::new(),
+        };
+        let full = || "full";
+        for (tenant, id) in [
+            (Some("acme"), "a"),
+            (Some("acme"), "b"),
+            (Some("ümlaut/..\\x"), "a"),
+            (None, "a"),
+        ] {
+            store
+                .change_list(tenant, id, 2, full, |_| Ok(Some(list(id))))
+                .unwrap()
+                .unwrap();
+        }
+        // acme has its 2; a third is refused; replacing one is not a new one.
+        let third = store.change_list(Some("acme"), "c", 2, full, |_| Ok(Some(list("c"))));
+        assert_eq!(third.unwrap(), Err("full"));
+        let again = store.change_list(Some("acme"), "a", 2, full, |_| Ok(Some(list("a"))));
+        assert_eq!(again.unwrap(), Ok(()));
+        let reopened = Store::open(dir.path()).unwrap();
+        let ids = |t| -> Vec<String> { reopened.lists(t).iter().map(|l| l.id.clone()).collect() };
+        assert_eq!(ids(Some("acme")), ["a", "b"]);
+        assert_eq!(ids(Some("ümlaut/..\\x")), ["a"]);
+        assert_eq!(ids(None), ["a"]);
+        assert!(ids(Some("other")).is_empty());
+        assert!(reopened.list(Some("other"), "a").is_none());
+        assert!(reopened.list(Some("acme"), "b").is_some());
+        assert!(reopened.list(None, "b").is_none());
+        assert_eq!(tenant_of_dir("@41"), Some("A".into()));
+        for bad in ["@", "@4", "@zz", "41", "@c3"] {
+            assert_eq!(tenant_of_dir(bad), None, "{bad}");
+        }
     }
 }

@@ -1,11 +1,15 @@
 //! The HTTP and HTTPS listeners of every shard: hyper's HTTP/1.1 server
 //! (keep-alive) over glommio sockets (`runtime::http_io`), one task per connection.
 //!
-//! - `GET /metrics` (Prometheus), `GET /health`;
-//! - the admin API ([`admin`]: queue suspensions), from `http.admin_from` networks;
-//! - the injection API, with a key from `http.api_keys`: SparkPost's Transmissions
-//!   API ([`transmissions`]) with stored [`templates`] and [`recipient_lists`], and
-//!   KumoMTA's [`inject`] API.
+//! - `GET /health` on every listener; the rest as the listener's services say:
+//! - "metrics": `GET /metrics` (Prometheus);
+//! - "admin": the admin API ([`admin`]: queue suspensions), with a key of role
+//!   `admin` from `http.admin_from` networks;
+//! - "inject": the injection API, with a key of role `inject` from `http.api_keys`:
+//!   SparkPost's Transmissions API ([`transmissions`]) with stored [`templates`] and
+//!   [`recipient_lists`] (each the key's tenant's alone), and KumoMTA's [`inject`]
+//!   API;
+//! - "tracking": the open pixel and click redirect ([`tracking`]).
 //!
 //! Request bodies are bounded by `http.request_bytes_max` (413) and requests in
 //! flight per shard by `http.requests_in_flight_max` (503). Every error is JSON in
@@ -30,6 +34,7 @@ use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 
 use crate::auth::ApiIdentity;
+use crate::config::{Role, Services};
 use crate::metrics::ShardMetrics;
 use crate::runtime::http_io::{self, HyperIo};
 use crate::shard::Shard;
@@ -40,8 +45,9 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head hyper buffers.
 const HEAD_BYTES_MAX: usize = 64 << 10;
 
-/// Serves HTTP (or HTTPS when `tls`) on `listener` until shutdown.
-pub async fn serve(shard: Rc<Shard>, listener: TcpListener, tls: bool) {
+/// Serves HTTP (or HTTPS when `tls`) on `listener` until shutdown: `/health`, and
+/// the endpoints of `services`.
+pub async fn serve(shard: Rc<Shard>, listener: TcpListener, tls: bool, services: Services) {
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             shard.shutdown.wait().await;
@@ -51,7 +57,8 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener, tls: bool) {
         match accepted {
             None => return,
             Some(Ok(stream)) => {
-                glommio::spawn_local(accepted_connection(shard.clone(), stream, tls)).detach();
+                glommio::spawn_local(accepted_connection(shard.clone(), stream, tls, services))
+                    .detach();
             }
             Some(Err(err)) => {
                 tracing::warn!(shard = shard.id, "http accept failed: {err}");
@@ -61,22 +68,30 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener, tls: bool) {
     }
 }
 
-async fn accepted_connection(shard: Rc<Shard>, stream: TcpStream, tls: bool) {
+async fn accepted_connection(shard: Rc<Shard>, stream: TcpStream, tls: bool, services: Services) {
     // TCP_NODELAY comes from the listener (runtime::io::listen).
     let peer = stream.peer_addr().ok().map(|a| a.ip());
+    let from = Origin { peer, services };
     if !tls {
-        return connection(shard, HyperIo::new(stream, IDLE_TIMEOUT), peer).await;
+        return connection(shard, HyperIo::new(stream, IDLE_TIMEOUT), from).await;
     }
     let Some(config) = shard.shared.tls.clone() else {
         return;
     };
     match http_io::accept_tls(stream, config, TLS_HANDSHAKE_TIMEOUT).await {
-        Ok(stream) => connection(shard, HyperIo::new(stream, IDLE_TIMEOUT), peer).await,
+        Ok(stream) => connection(shard, HyperIo::new(stream, IDLE_TIMEOUT), from).await,
         Err(err) => tracing::debug!(shard = shard.id, "https handshake failed: {err}"),
     }
 }
 
-async fn connection<S>(shard: Rc<Shard>, io: HyperIo<S>, peer: Option<IpAddr>)
+/// Where a request came from: the client's address and what its listener serves.
+#[derive(Debug, Clone, Copy)]
+struct Origin {
+    peer: Option<IpAddr>,
+    services: Services,
+}
+
+async fn connection<S>(shard: Rc<Shard>, io: HyperIo<S>, from: Origin)
 where
     S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + 'static,
 {
@@ -84,7 +99,7 @@ where
         let shard = shard.clone();
         hyper::service::service_fn(move |request| {
             let shard = shard.clone();
-            async move { Ok::<_, Infallible>(handle(shard, request, peer).await) }
+            async move { Ok::<_, Infallible>(handle(shard, request, from).await) }
         })
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -163,7 +178,7 @@ impl Drop for InFlight<'_> {
 async fn handle(
     shard: Rc<Shard>,
     request: Request<Incoming>,
-    peer: Option<IpAddr>,
+    from: Origin,
 ) -> hyper::Response<Full<Bytes>> {
     let metrics = &shard.metrics;
     ShardMetrics::add(&metrics.http_requests_total, 1);
@@ -177,7 +192,7 @@ async fn handle(
         let _in_flight = InFlight(&shard);
         let (head, body) = request.into_parts();
         match read_body(&shard, &head, body).await {
-            Ok(body) => route(&shard, &head, &body, peer).await,
+            Ok(body) => route(&shard, &head, &body, from).await,
             Err(reply) => reply,
         }
     };
@@ -247,8 +262,9 @@ async fn route(
     shard: &Rc<Shard>,
     head: &hyper::http::request::Parts,
     body: &[u8],
-    peer: Option<IpAddr>,
+    from: Origin,
 ) -> Reply {
+    let Origin { peer, services } = from;
     let shared = &shard.shared;
     let method = &head.method;
     // "/something is equivalent to /something/" (SparkPost).
@@ -275,15 +291,25 @@ async fn route(
             "the body must be application/json",
         )
     };
+    let not_found = || {
+        Reply::error(
+            404,
+            "1101",
+            "invalid URI",
+            &format!("no endpoint at {path}"),
+        )
+    };
     match path {
+        "/health" if method == Method::GET => Reply::json(200, "{\"status\":\"ok\"}".to_string()),
+        "/health" => method_not_allowed(),
+        "/metrics" if !services.metrics => not_found(),
         "/metrics" if method == Method::GET => Reply {
             status: 200,
             content_type: "text/plain; version=0.0.4",
             body: crate::metrics::render(&shared.metrics).into(),
             location: None,
         },
-        "/health" if method == Method::GET => Reply::json(200, "{\"status\":\"ok\"}".to_string()),
-        "/metrics" | "/health" => method_not_allowed(),
+        "/metrics" => method_not_allowed(),
         // A failpoint for the panic policy's test (runtime::abort_on_panic); debug
         // builds only, from the admin networks.
         #[cfg(debug_assertions)]
@@ -295,13 +321,22 @@ async fn route(
         {
             panic!("panic requested by POST /debug/panic on shard {}", shard.id)
         }
-        _ if path.starts_with("/o/") || path.starts_with("/c/") => match *method {
-            Method::GET | Method::HEAD => {
-                tracking::hit(shard, &path[3..], path.as_bytes()[1] == b'c', head, peer)
+        _ if path.starts_with("/o/") || path.starts_with("/c/") => {
+            if !services.tracking {
+                return not_found();
             }
-            _ => method_not_allowed(),
-        },
+            match *method {
+                // The prefix is ASCII, so byte 3 starts the token.
+                Method::GET | Method::HEAD => {
+                    tracking::hit(shard, &path[3..], path.as_bytes()[1] == b'c', head, peer)
+                }
+                _ => method_not_allowed(),
+            }
+        }
         SUSPEND => {
+            if !services.admin {
+                return not_found();
+            }
             let allowed =
                 peer.is_some_and(|ip| shared.config.http.admin_from.iter().any(|c| c.contains(ip)));
             if !allowed {
@@ -312,6 +347,9 @@ async fn route(
                 )
                 .into();
             }
+            if let Err(reply) = authorize(shard, head, Role::Admin) {
+                return reply;
+            }
             match *method {
                 Method::GET => admin::list(shared).into(),
                 Method::POST | Method::DELETE if !json => not_json(),
@@ -320,8 +358,8 @@ async fn route(
                 _ => method_not_allowed(),
             }
         }
-        TRANSMISSIONS | INJECT => {
-            let identity = match authorize(shard, head) {
+        TRANSMISSIONS | INJECT if services.inject => {
+            let identity = match authorize(shard, head, Role::Inject) {
                 Ok(identity) => identity,
                 Err(reply) => return reply,
             };
@@ -334,10 +372,14 @@ async fn route(
                 _ => method_not_allowed(),
             }
         }
-        _ if path.starts_with(TEMPLATES) || path.starts_with(RECIPIENT_LISTS) => {
-            if let Err(reply) = authorize(shard, head) {
-                return reply;
-            }
+        _ if services.inject
+            && (path.starts_with(TEMPLATES) || path.starts_with(RECIPIENT_LISTS)) =>
+        {
+            let identity = match authorize(shard, head, Role::Inject) {
+                Ok(identity) => identity,
+                Err(reply) => return reply,
+            };
+            let tenant = identity.tenant.as_deref();
             if !body.is_empty() && !json {
                 return not_json();
             }
@@ -346,27 +388,17 @@ async fn route(
                 .strip_prefix(TEMPLATES)
                 .filter(|r| r.is_empty() || r.starts_with('/'))
             {
-                templates::handle(shard, method, rest, query, body).await
+                templates::handle(shard, tenant, method, rest, query, body).await
             } else if let Some(rest) = path
                 .strip_prefix(RECIPIENT_LISTS)
                 .filter(|r| r.is_empty() || r.starts_with('/'))
             {
-                recipient_lists::handle(shard, method, rest, query, body).await
+                recipient_lists::handle(shard, tenant, method, rest, query, body).await
             } else {
-                Reply::error(
-                    404,
-                    "1101",
-                    "invalid URI",
-                    &format!("no endpoint at {path}"),
-                )
+                not_found()
             }
         }
-        _ => Reply::error(
-            404,
-            "1101",
-            "invalid URI",
-            &format!("no endpoint at {path}"),
-        ),
+        _ => not_found(),
     }
 }
 
@@ -404,19 +436,39 @@ fn method_not_allowed() -> Reply {
     Reply::error(405, "1102", "invalid HTTP method", "")
 }
 
-/// The API key's identity, or 401.
-fn authorize(shard: &Shard, head: &hyper::http::request::Parts) -> Result<ApiIdentity, Reply> {
+/// The API key's identity when it has `role`; 401 without a known key, 403 with a
+/// key of another role.
+fn authorize(
+    shard: &Shard,
+    head: &hyper::http::request::Parts,
+    role: Role,
+) -> Result<ApiIdentity, Reply> {
     let header = head
         .headers
         .get(hyper::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
+    let wanted = match role {
+        Role::Inject => "inject",
+        Role::Admin => "admin",
+    };
     match header.and_then(|h| shard.shared.api_keys.identify(h)) {
-        Some(identity) => Ok(identity.clone()),
+        Some(identity) if identity.role == role => Ok(identity.clone()),
+        Some(identity) => Err(Reply::error(
+            403,
+            "",
+            "Forbidden.",
+            &format!(
+                "API key {:?} may not use this endpoint: it needs a key with role = \"{wanted}\" (http.api_keys)",
+                identity.name
+            ),
+        )),
         None => Err(Reply::error(
             401,
             "",
             "Unauthorized.",
-            "a valid API key is needed in the Authorization header (http.api_keys)",
+            &format!(
+                "a valid API key with role = \"{wanted}\" is needed in the Authorization header (http.api_keys)"
+            ),
         )),
     }
 }

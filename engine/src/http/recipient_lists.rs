@@ -15,7 +15,7 @@ use serde_json::{Map, Value, json};
 use super::templates::{check_id, conflict, not_found};
 use super::{Reply, parse_json, query_flag};
 use crate::generate::content::valid_email;
-use crate::generate::store::{StoredList, id_from_name};
+use crate::generate::store::{StoredList, Tenant, id_from_name};
 use crate::generate::transmission::{RecipientSpec, Refusal};
 use crate::shard::Shard;
 
@@ -34,8 +34,11 @@ struct ListBody {
 }
 
 /// Handles `path` below `/api/v1/recipient-lists` ("" or "/{id}").
+/// Every list belongs to the tenant of the key that stored it; another tenant's key
+/// finds nothing (404).
 pub async fn handle(
     shard: &Rc<Shard>,
+    tenant: Tenant<'_>,
     method: &hyper::Method,
     rest: &str,
     query: &str,
@@ -44,15 +47,16 @@ pub async fn handle(
     use hyper::Method;
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     match (method, segments.as_slice()) {
-        (&Method::POST, []) => create(shard, body).await,
-        (&Method::GET, []) => list(shard),
+        (&Method::POST, []) => create(shard, tenant, body).await,
+        (&Method::GET, []) => list(shard, tenant),
         (&Method::GET, [id]) => get(
             shard,
+            tenant,
             id,
             query_flag(query, "show_recipients") == Some(true),
         ),
-        (&Method::PUT, [id]) => update(shard, id, body).await,
-        (&Method::DELETE, [id]) => delete(shard, id).await,
+        (&Method::PUT, [id]) => update(shard, tenant, id, body).await,
+        (&Method::DELETE, [id]) => delete(shard, tenant, id).await,
         (_, [] | [_]) => super::method_not_allowed(),
         _ => Reply::error(
             404,
@@ -99,14 +103,28 @@ fn counts(list: &StoredList, rejected: usize) -> Reply {
 
 async fn store_change(
     shard: &Shard,
+    tenant: Tenant<'_>,
     id: String,
     change: impl FnOnce(Option<&StoredList>) -> Result<Option<StoredList>, Reply> + Send + 'static,
 ) -> Result<(), Reply> {
     let store = shard.shared.store.clone();
-    super::blocking_store_change("recipient list", move || store.change_list(&id, change)).await
+    let tenant = tenant.map(str::to_string);
+    let max = shard.config().http.recipient_lists_max.usize();
+    let full = move || {
+        Reply::error(
+            422,
+            "",
+            "too many recipient lists",
+            &format!("at most {max} per tenant (http.recipient_lists_max); delete some first"),
+        )
+    };
+    super::blocking_store_change("recipient list", move || {
+        store.change_list(tenant.as_deref(), &id, max, full, change)
+    })
+    .await
 }
 
-async fn create(shard: &Rc<Shard>, body: &[u8]) -> Reply {
+async fn create(shard: &Rc<Shard>, tenant: Tenant<'_>, body: &[u8]) -> Reply {
     let body: ListBody = match parse_json(body) {
         Ok(body) => body,
         Err(reply) => return reply,
@@ -134,7 +152,7 @@ async fn create(shard: &Rc<Shard>, body: &[u8]) -> Reply {
         recipients,
     };
     let reply = counts(&list, rejected);
-    match store_change(shard, id, move |current| match current {
+    match store_change(shard, tenant, id, move |current| match current {
         Some(existing) => Err(conflict("recipient list", &existing.id)),
         None => Ok(Some(list)),
     })
@@ -155,19 +173,19 @@ fn summary(list: &StoredList) -> Value {
     })
 }
 
-fn list(shard: &Shard) -> Reply {
+fn list(shard: &Shard, tenant: Tenant<'_>) -> Reply {
     let lists: Vec<Value> = shard
         .shared
         .store
-        .lists()
+        .lists(tenant)
         .iter()
         .map(|l| summary(l))
         .collect();
     Reply::json(200, json!({ "results": lists }).to_string())
 }
 
-fn get(shard: &Shard, id: &str, show_recipients: bool) -> Reply {
-    let Some(list) = shard.shared.store.list(id) else {
+fn get(shard: &Shard, tenant: Tenant<'_>, id: &str, show_recipients: bool) -> Reply {
+    let Some(list) = shard.shared.store.list(tenant, id) else {
         return not_found("recipient list", id);
     };
     let mut result = summary(&list);
@@ -177,7 +195,7 @@ fn get(shard: &Shard, id: &str, show_recipients: bool) -> Reply {
     Reply::json(200, json!({ "results": result }).to_string())
 }
 
-async fn update(shard: &Rc<Shard>, id: &str, body: &[u8]) -> Reply {
+async fn update(shard: &Rc<Shard>, tenant: Tenant<'_>, id: &str, body: &[u8]) -> Reply {
     let body: ListBody = match parse_json(body) {
         Ok(body) => body,
         Err(reply) => return reply,
@@ -188,7 +206,7 @@ async fn update(shard: &Rc<Shard>, id: &str, body: &[u8]) -> Reply {
         Err(reply) => return reply,
     };
     let id_text = id.to_string();
-    let result = store_change(shard, id.to_string(), move |current| {
+    let result = store_change(shard, tenant, id.to_string(), move |current| {
         let Some(current) = current else {
             return Err(not_found("recipient list", &id_text));
         };
@@ -209,7 +227,7 @@ async fn update(shard: &Rc<Shard>, id: &str, body: &[u8]) -> Reply {
     })
     .await;
     match result {
-        Ok(()) => match shard.shared.store.list(id) {
+        Ok(()) => match shard.shared.store.list(tenant, id) {
             Some(list) => counts(&list, rejected),
             None => not_found("recipient list", id),
         },
@@ -217,12 +235,17 @@ async fn update(shard: &Rc<Shard>, id: &str, body: &[u8]) -> Reply {
     }
 }
 
-async fn delete(shard: &Rc<Shard>, id: &str) -> Reply {
+async fn delete(shard: &Rc<Shard>, tenant: Tenant<'_>, id: &str) -> Reply {
     let id_text = id.to_string();
-    let result = store_change(shard, id.to_string(), move |current| match current {
-        None => Err(not_found("recipient list", &id_text)),
-        Some(_) => Ok(None),
-    })
+    let result = store_change(
+        shard,
+        tenant,
+        id.to_string(),
+        move |current| match current {
+            None => Err(not_found("recipient list", &id_text)),
+            Some(_) => Ok(None),
+        },
+    )
     .await;
     match result {
         Ok(()) => Reply::json(200, "{}".to_string()),

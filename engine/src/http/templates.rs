@@ -22,7 +22,9 @@ use serde_json::{Map, Value, json};
 
 use super::{Reply, parse_json, query_flag};
 use crate::clock::{rfc3339, unix_ms};
-use crate::generate::store::{StoredTemplate, TemplateOptions, Version, id_from_name, valid_id};
+use crate::generate::store::{
+    StoredTemplate, TemplateOptions, Tenant, Version, id_from_name, valid_id,
+};
 use crate::generate::template::Scope;
 use crate::generate::transmission::{ContentSpec, Refusal};
 use crate::shard::Shard;
@@ -80,8 +82,11 @@ pub fn check_id(id: &str) -> Result<(), Reply> {
 }
 
 /// Handles `path` below `/api/v1/templates` ("" or "/{id}" or "/{id}/preview").
+/// Every template belongs to the tenant of the key that stored it; another tenant's
+/// key finds nothing (404).
 pub async fn handle(
     shard: &Rc<Shard>,
+    tenant: Tenant<'_>,
     method: &hyper::Method,
     rest: &str,
     query: &str,
@@ -90,20 +95,23 @@ pub async fn handle(
     use hyper::Method;
     let segments: Vec<&str> = rest.split('/').filter(|s| !s.is_empty()).collect();
     match (method, segments.as_slice()) {
-        (&Method::POST, []) => create(shard, body).await,
-        (&Method::GET, []) => list(shard),
-        (&Method::GET, [id]) => get(shard, id, query_flag(query, "draft")),
+        (&Method::POST, []) => create(shard, tenant, body).await,
+        (&Method::GET, []) => list(shard, tenant),
+        (&Method::GET, [id]) => get(shard, tenant, id, query_flag(query, "draft")),
         (&Method::PUT, [id]) => {
             update(
                 shard,
+                tenant,
                 id,
                 query_flag(query, "update_published") == Some(true),
                 body,
             )
             .await
         }
-        (&Method::DELETE, [id]) => delete(shard, id).await,
-        (&Method::POST, [id, "preview"]) => preview(shard, id, query_flag(query, "draft"), body),
+        (&Method::DELETE, [id]) => delete(shard, tenant, id).await,
+        (&Method::POST, [id, "preview"]) => {
+            preview(shard, tenant, id, query_flag(query, "draft"), body)
+        }
         (_, [] | [_] | [_, "preview"]) => super::method_not_allowed(),
         _ => Reply::error(404, "1101", "invalid URI", "no such templates endpoint"),
     }
@@ -133,6 +141,7 @@ fn version(content: ContentSpec, options: TemplateOptions) -> Version {
 /// Runs a change to the store on the blocking-call thread.
 async fn store_change(
     shard: &Shard,
+    tenant: Tenant<'_>,
     id: String,
     change: impl FnOnce(Option<&StoredTemplate>) -> Result<Option<StoredTemplate>, Reply>
     + Send
@@ -140,14 +149,27 @@ async fn store_change(
 ) -> Reply {
     let store = shard.shared.store.clone();
     let done_id = id.clone();
-    match super::blocking_store_change("template", move || store.change_template(&id, change)).await
+    let tenant = tenant.map(str::to_string);
+    let max = shard.config().http.templates_max.usize();
+    let full = move || {
+        Reply::error(
+            422,
+            "",
+            "too many templates",
+            &format!("at most {max} per tenant (http.templates_max); delete some first"),
+        )
+    };
+    match super::blocking_store_change("template", move || {
+        store.change_template(tenant.as_deref(), &id, max, full, change)
+    })
+    .await
     {
         Ok(()) => Reply::json(200, json!({ "results": { "id": done_id } }).to_string()),
         Err(reply) => reply,
     }
 }
 
-async fn create(shard: &Rc<Shard>, body: &[u8]) -> Reply {
+async fn create(shard: &Rc<Shard>, tenant: Tenant<'_>, body: &[u8]) -> Reply {
     let body: TemplateBody = match parse_json(body) {
         Ok(body) => body,
         Err(reply) => return reply,
@@ -174,7 +196,7 @@ async fn create(shard: &Rc<Shard>, body: &[u8]) -> Reply {
         published: published.then(|| v.clone()),
         draft: (!published).then_some(v),
     };
-    store_change(shard, id, move |current| match current {
+    store_change(shard, tenant, id, move |current| match current {
         Some(existing) => Err(conflict("template", &existing.id)),
         None => Ok(Some(template)),
     })
@@ -193,11 +215,11 @@ fn summary(t: &StoredTemplate) -> Value {
     })
 }
 
-fn list(shard: &Shard) -> Reply {
+fn list(shard: &Shard, tenant: Tenant<'_>) -> Reply {
     let templates: Vec<Value> = shard
         .shared
         .store
-        .templates()
+        .templates(tenant)
         .iter()
         .map(|t| summary(t))
         .collect();
@@ -216,8 +238,8 @@ fn pick(t: &StoredTemplate, draft: Option<bool>) -> Option<(&Version, bool)> {
     }
 }
 
-fn get(shard: &Shard, id: &str, draft: Option<bool>) -> Reply {
-    let Some(t) = shard.shared.store.template(id) else {
+fn get(shard: &Shard, tenant: Tenant<'_>, id: &str, draft: Option<bool>) -> Reply {
+    let Some(t) = shard.shared.store.template(tenant, id) else {
         return not_found("template", id);
     };
     let Some((v, published)) = pick(&t, draft) else {
@@ -272,13 +294,19 @@ fn merge_options(base: &TemplateOptions, update: Option<TemplateOptions>) -> Tem
     }
 }
 
-async fn update(shard: &Rc<Shard>, id: &str, update_published: bool, body: &[u8]) -> Reply {
+async fn update(
+    shard: &Rc<Shard>,
+    tenant: Tenant<'_>,
+    id: &str,
+    update_published: bool,
+    body: &[u8],
+) -> Reply {
     let body: TemplateBody = match parse_json(body) {
         Ok(body) => body,
         Err(reply) => return reply,
     };
     let id_text = id.to_string();
-    store_change(shard, id.to_string(), move |current| {
+    store_change(shard, tenant, id.to_string(), move |current| {
         let Some(current) = current else {
             return Err(not_found("template", &id_text));
         };
@@ -319,12 +347,17 @@ async fn update(shard: &Rc<Shard>, id: &str, update_published: bool, body: &[u8]
     .await
 }
 
-async fn delete(shard: &Rc<Shard>, id: &str) -> Reply {
+async fn delete(shard: &Rc<Shard>, tenant: Tenant<'_>, id: &str) -> Reply {
     let id_text = id.to_string();
-    let reply = store_change(shard, id.to_string(), move |current| match current {
-        None => Err(not_found("template", &id_text)),
-        Some(_) => Ok(None),
-    })
+    let reply = store_change(
+        shard,
+        tenant,
+        id.to_string(),
+        move |current| match current {
+            None => Err(not_found("template", &id_text)),
+            Some(_) => Ok(None),
+        },
+    )
     .await;
     if reply.status == 200 {
         return Reply::json(200, "{}".to_string());
@@ -332,7 +365,7 @@ async fn delete(shard: &Rc<Shard>, id: &str) -> Reply {
     reply
 }
 
-fn preview(shard: &Shard, id: &str, draft: Option<bool>, body: &[u8]) -> Reply {
+fn preview(shard: &Shard, tenant: Tenant<'_>, id: &str, draft: Option<bool>, body: &[u8]) -> Reply {
     let body: PreviewBody = if body.is_empty() {
         PreviewBody::default()
     } else {
@@ -341,7 +374,7 @@ fn preview(shard: &Shard, id: &str, draft: Option<bool>, body: &[u8]) -> Reply {
             Err(reply) => return reply,
         }
     };
-    let Some(t) = shard.shared.store.template(id) else {
+    let Some(t) = shard.shared.store.template(tenant, id) else {
         return not_found("template", id);
     };
     let Some((v, _)) = pick(&t, draft) else {

@@ -76,7 +76,11 @@ pub fn prepare(
     let recipients = match spec.recipients.take() {
         None => return Err(Refusal::missing("recipients is required")),
         Some(Recipients::Inline(list)) => list,
-        Some(Recipients::Stored { list_id }) => match shard.shared.store.list(&list_id) {
+        Some(Recipients::Stored { list_id }) => match shard
+            .shared
+            .store
+            .list(identity.tenant.as_deref(), &list_id)
+        {
             // One copy per transmission: the job must hold its recipients even if the
             // list changes while it is generated.
             Some(list) => list.recipients.clone(),
@@ -97,7 +101,7 @@ pub fn prepare(
     spec.content = Some(match &template_id {
         None => given,
         Some(id) => {
-            let (content, options) = stored_template(shard, id, given)?;
+            let (content, options) = stored_template(shard, identity.tenant.as_deref(), id, given)?;
             let o = &mut spec.options;
             o.open_tracking = o.open_tracking.or(options.open_tracking);
             o.click_tracking = o.click_tracking.or(options.click_tracking);
@@ -202,10 +206,11 @@ pub fn prepare(
 /// the template's options, the defaults for the transmission's.
 fn stored_template(
     shard: &Shard,
+    tenant: Option<&str>,
     id: &str,
     given: ContentSpec,
 ) -> Result<(ContentSpec, TemplateOptions), Refusal> {
-    let Some(template) = shard.shared.store.template(id) else {
+    let Some(template) = shard.shared.store.template(tenant, id) else {
         return Err(Refusal::invalid(format!("template {id:?} does not exist")));
     };
     let draft = given.use_draft_template.unwrap_or(false);

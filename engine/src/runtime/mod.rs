@@ -45,8 +45,11 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 struct Addresses {
     smtp: Vec<SocketAddr>,
     smtps: Vec<SocketAddr>,
+    /// `http.listen` and `http.tls_listen`, serving `http.services`.
     http: Vec<SocketAddr>,
     https: Vec<SocketAddr>,
+    /// `http.listeners`: address, TLS, services.
+    http_more: Vec<(SocketAddr, bool, crate::config::Services)>,
 }
 
 /// Reads the configuration again (for SIGHUP).
@@ -361,12 +364,30 @@ fn abort_on_panic() {
 
 /// Tells operators and tests which ports were chosen (useful with port 0).
 fn write_listeners(data_dir: &Path, addresses: &Addresses) -> Result<()> {
+    let more: Vec<serde_json::Value> = addresses
+        .http_more
+        .iter()
+        .map(|(addr, tls, s)| {
+            let services: Vec<&str> = [
+                ("inject", s.inject),
+                ("tracking", s.tracking),
+                ("admin", s.admin),
+                ("metrics", s.metrics),
+            ]
+            .iter()
+            .filter(|(_, on)| *on)
+            .map(|(name, _)| *name)
+            .collect();
+            serde_json::json!({ "address": addr, "tls": tls, "services": services })
+        })
+        .collect();
     let text = serde_json::json!({
         "pid": std::process::id(),
         "smtp": addresses.smtp,
         "smtps": addresses.smtps,
         "http": addresses.http,
         "https": addresses.https,
+        "http_listeners": more,
     })
     .to_string();
     gannet_spool::durable::write_file(&data_dir.join(LISTENERS_FILE), text.as_bytes(), 0o644)
@@ -399,11 +420,18 @@ fn reserve(config: &Config) -> Result<(Addresses, Vec<socket2::Socket>)> {
         }
         Ok(out)
     };
+    let mut http_more = Vec::new();
+    for (i, listener) in config.http.listeners.iter().enumerate() {
+        let key = format!("http.listeners[{i}].address");
+        let addr = resolve(&key, std::slice::from_ref(&listener.address))?[0];
+        http_more.push((addr, listener.tls, listener.services));
+    }
     let addresses = Addresses {
         smtp: resolve("smtp.listen", &config.smtp.listen)?,
         smtps: resolve("smtp.tls_listen", &config.smtp.tls_listen)?,
         http: resolve("http.listen", &config.http.listen)?,
         https: resolve("http.tls_listen", &config.http.tls_listen)?,
+        http_more,
     };
     Ok((addresses, placeholders))
 }
@@ -566,15 +594,18 @@ async fn shard_main(start: ShardStart) -> Result<()> {
             )));
         }
     }
-    for (addrs, tls) in [(&addresses.http, false), (&addresses.https, true)] {
-        for addr in addrs {
-            let listener = bind(addr)?;
-            tasks.push(glommio::spawn_local(crate::http::serve(
-                shard.clone(),
-                listener,
-                tls,
-            )));
-        }
+    let services = config.http.services;
+    let http = (addresses.http.iter().map(|a| (*a, false, services)))
+        .chain(addresses.https.iter().map(|a| (*a, true, services)))
+        .chain(addresses.http_more.iter().copied());
+    for (addr, tls, services) in http {
+        let listener = bind(&addr)?;
+        tasks.push(glommio::spawn_local(crate::http::serve(
+            shard.clone(),
+            listener,
+            tls,
+            services,
+        )));
     }
     listening.fetch_add(1, Ordering::AcqRel);
     let flusher = glommio::spawn_local({
