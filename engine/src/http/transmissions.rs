@@ -43,7 +43,20 @@ fn spool_error(err: &SpoolError) -> Reply {
             "spool unavailable",
             "the spool cannot take mail now; try again later",
         ),
-        other => Reply::error(500, "", "spool write failed", &other.to_string()),
+        SpoolError::NoSpace { .. } => Reply::error(
+            503,
+            "",
+            "spool full",
+            "the mail system is full; nothing was stored, try again later",
+        ),
+        // Every other spool failure is of the disk, not of the request: nothing was
+        // stored, and the same request may succeed later.
+        other => Reply::error(
+            503,
+            "",
+            "spool write failed",
+            &format!("nothing was stored ({other}); try again later"),
+        ),
     }
 }
 

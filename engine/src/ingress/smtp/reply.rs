@@ -111,6 +111,11 @@ pub const SPOOL_FAILED: Reply = Reply::fixed(
     "4.3.0",
     "message not accepted: could not be stored safely, try again later",
 );
+pub const SPOOL_FULL: Reply = Reply::fixed(
+    452,
+    "4.3.1",
+    "message not accepted: the mail system is full, try again later",
+);
 pub const SPOOL_UNHEALTHY: Reply = Reply::fixed(
     421,
     "4.3.0",

@@ -629,6 +629,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
             tracing::warn!(shard = shard.id, peer = %s.peer, "message not accepted: {err}");
             return match err {
                 SpoolError::Unhealthy => reply::SPOOL_UNHEALTHY,
+                SpoolError::NoSpace { .. } => reply::SPOOL_FULL,
                 SpoolError::RecordTooLarge { .. } => reply::TOO_BIG,
                 _ => reply::SPOOL_FAILED,
             };
