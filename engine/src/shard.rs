@@ -79,6 +79,16 @@ impl SessionLimits {
     }
 
     /// Counts a new session from `ip`, or says which limit it would pass.
+    /// Sessions open now, on every shard.
+    pub fn total(&self) -> usize {
+        self.total.load(Ordering::Relaxed)
+    }
+
+    /// The most sessions at once.
+    pub fn total_max(&self) -> usize {
+        self.total_max
+    }
+
     pub fn enter(self: &Arc<Self>, ip: IpAddr) -> Result<SessionSlot, &'static str> {
         if self.total.fetch_add(1, Ordering::AcqRel) >= self.total_max {
             self.total.fetch_sub(1, Ordering::AcqRel);

@@ -75,6 +75,13 @@ pub struct SmtpConfig {
     pub sessions_per_ip_max: Bounded<1, 1_000_000>,
     pub command_timeout_secs: Bounded<1, 3600>,
     pub data_timeout_secs: Bounded<1, 3600>,
+    /// Message data must keep arriving at this rate on average (bytes per second):
+    /// each byte received extends the DATA/BDAT deadline by 1/rate seconds.
+    pub data_rate_min_bytes_per_sec: Bounded<1, 1_000_000_000>,
+    /// When this share of `sessions_max` is in use (percent), every session's
+    /// command and data timeouts shrink to `stress_timeout_secs`.
+    pub stress_sessions_percent: Bounded<1, 100>,
+    pub stress_timeout_secs: Bounded<1, 3600>,
     pub bad_commands_max: Bounded<1, 1000>,
     pub reject_bare_line_endings: bool,
     pub auth_requires_tls: bool,
@@ -100,6 +107,9 @@ impl Default for SmtpConfig {
             sessions_per_ip_max: Bounded(500),
             command_timeout_secs: Bounded(300),
             data_timeout_secs: Bounded(300),
+            data_rate_min_bytes_per_sec: Bounded(500),
+            stress_sessions_percent: Bounded(80),
+            stress_timeout_secs: Bounded(10),
             bad_commands_max: Bounded(10),
             reject_bare_line_endings: true,
             auth_requires_tls: true,
@@ -233,6 +243,12 @@ pub struct HttpConfig {
     /// Keys for the injection API and, with `role = "admin"`, the admin API
     /// (`Authorization` header); none: both are off.
     pub api_keys: Vec<ApiKey>,
+    /// A request head must arrive whole within this (slowloris); a body within
+    /// `request_body_timeout_secs`, extended by a second per
+    /// `request_body_rate_min_bytes_per_sec` bytes received.
+    pub request_head_timeout_secs: Bounded<1, 3600>,
+    pub request_body_timeout_secs: Bounded<1, 3600>,
+    pub request_body_rate_min_bytes_per_sec: Bounded<1, 1_000_000_000>,
     /// Stored templates and recipient lists per tenant at most.
     pub templates_max: Bounded<1, 1_000_000>,
     pub recipient_lists_max: Bounded<1, 1_000_000>,
@@ -356,6 +372,9 @@ impl Default for HttpConfig {
                 "::1/128".parse().expect("literal"),
             ],
             api_keys: Vec::new(),
+            request_head_timeout_secs: Bounded(30),
+            request_body_timeout_secs: Bounded(30),
+            request_body_rate_min_bytes_per_sec: Bounded(500),
             templates_max: Bounded(10_000),
             recipient_lists_max: Bounded(10_000),
             request_bytes_max: Bounded(32 << 20),

@@ -41,6 +41,7 @@ use crate::shard::Shard;
 
 /// A connection that sends nothing for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Largest request head hyper buffers.
 const HEAD_BYTES_MAX: usize = 64 << 10;
@@ -103,7 +104,13 @@ where
         })
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
-    builder.keep_alive(true).max_buf_size(HEAD_BYTES_MAX);
+    builder
+        .keep_alive(true)
+        .max_buf_size(HEAD_BYTES_MAX)
+        .timer(http_io::GlommioTimer)
+        .header_read_timeout(Duration::from_secs(
+            shard.config().http.request_head_timeout_secs.get(),
+        ));
     let conn = builder.serve_connection(io, service);
     let mut conn = std::pin::pin!(conn);
     let served = futures_lite::future::or(async { Some(conn.as_mut().await) }, async {
@@ -240,15 +247,57 @@ async fn read_body(
     if declared.is_some_and(|n| n > max as u64) {
         return Err(too_large());
     }
-    match Limited::new(body, max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(too_large()),
-        Err(err) => Err(Reply::error(
-            400,
+    let mut body = Limited::new(body, max);
+    let mut collected = bytes::BytesMut::new();
+    // A deadline that slow but steady bodies meet and trickling ones (slowloris) miss.
+    let http = &shard.config().http;
+    let (timeout, rate) = (
+        http.request_body_timeout_secs.get(),
+        http.request_body_rate_min_bytes_per_sec.get(),
+    );
+    let mut deadline = std::time::Instant::now() + Duration::from_secs(timeout);
+    let per_byte = Duration::from_secs(1) / rate as u32;
+    let too_slow = || {
+        Reply::error(
+            408,
             "",
-            "request body could not be read",
-            &err.to_string(),
-        )),
+            "request body too slow",
+            &format!(
+                "the body must arrive within {timeout}s plus a second per {rate} bytes (http.request_body_timeout_secs, request_body_rate_min_bytes_per_sec)"
+            ),
+        )
+    };
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(too_slow());
+        }
+        let frame = futures_lite::future::or(async { Some(body.frame().await) }, async {
+            crate::runtime::io::sleep(left).await;
+            None
+        })
+        .await;
+        match frame {
+            None => return Err(too_slow()),
+            Some(None) => return Ok(collected.freeze()),
+            Some(Some(Ok(frame))) => {
+                if let Ok(data) = frame.into_data() {
+                    deadline += per_byte.saturating_mul(data.len() as u32);
+                    collected.extend_from_slice(&data);
+                }
+            }
+            Some(Some(Err(err))) if err.is::<http_body_util::LengthLimitError>() => {
+                return Err(too_large());
+            }
+            Some(Some(Err(err))) => {
+                return Err(Reply::error(
+                    400,
+                    "",
+                    "request body could not be read",
+                    &err.to_string(),
+                ));
+            }
+        }
     }
 }
 

@@ -2,8 +2,10 @@
 //! deadline on reads (a client that sends nothing for `idle` is dropped, which also
 //! bounds how long a request head may trickle in).
 //!
-//! hyper's HTTP/1 server connection needs no executor and no timer of its own; it
-//! runs as one glommio task per connection on the shard that accepted it.
+//! hyper's HTTP/1 server connection needs no executor; it runs as one glommio task
+//! per connection on the shard that accepted it. Its timer ([`GlommioTimer`]) is
+//! glommio's, for the deadline on a whole request head (`header_read_timeout`): the
+//! idle deadline alone would let a client trickle a head in a byte at a time.
 
 use std::io;
 use std::pin::Pin;
@@ -95,5 +97,41 @@ impl<S: AsyncRead + AsyncWrite + Unpin> hyper::rt::Write for HyperIo<S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_close(cx)
+    }
+}
+
+/// glommio's timers seen as hyper's, for `header_read_timeout`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GlommioTimer;
+
+/// One glommio timer as hyper's `Sleep`.
+struct GlommioSleep(Timer);
+
+// SAFETY: hyper asks its timers' sleeps to be Send and Sync because most runtimes
+// move tasks between threads. Here every hyper connection is one glommio task made
+// with `spawn_local` (http::serve): it is polled, and its sleeps created, polled and
+// dropped, only on the executor thread that created them, so the glommio timer
+// inside never crosses or is shared between threads.
+unsafe impl Send for GlommioSleep {}
+// SAFETY: as for Send above: never reached from another thread.
+unsafe impl Sync for GlommioSleep {}
+
+impl std::future::Future for GlommioSleep {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.get_mut().0).poll(cx).map(|_| ())
+    }
+}
+
+impl hyper::rt::Sleep for GlommioSleep {}
+
+impl hyper::rt::Timer for GlommioTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(GlommioSleep(Timer::new(duration)))
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        self.sleep(deadline.saturating_duration_since(std::time::Instant::now()))
     }
 }

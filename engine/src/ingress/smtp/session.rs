@@ -7,7 +7,7 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use gannet_spool::{MessageRecord, Record, SpoolError};
 
@@ -336,10 +336,35 @@ fn finish_reply(w: &mut Wire, reply: Reply) -> Result<Reply, End> {
     Ok(reply)
 }
 
+/// `base`, or the stress timeout when that is shorter and the daemon is under stress
+/// (at least `stress_sessions_percent` of `sessions_max` in use).
+fn timeout(s: &Session, base: u64) -> Duration {
+    let smtp = &s.config().smtp;
+    let sessions = &s.shard.shared.sessions;
+    let stressed =
+        sessions.total() * 100 >= sessions.total_max() * smtp.stress_sessions_percent.usize();
+    let secs = if stressed {
+        base.min(smtp.stress_timeout_secs.get())
+    } else {
+        base
+    };
+    Duration::from_secs(secs)
+}
+
+/// How long is left before `deadline`, or a timeout error.
+fn left(deadline: Instant) -> Result<Duration, std::io::Error> {
+    let now = Instant::now();
+    if now >= deadline {
+        return Err(std::io::ErrorKind::TimedOut.into());
+    }
+    Ok(deadline - now)
+}
+
 /// Reads the next command line. Replies queued so far are written before waiting.
+/// The whole line must arrive within the command timeout, however it is split.
 async fn read_line(s: &Session, w: &mut Wire) -> Result<Line, End> {
     let line_max = s.config().smtp.command_line_bytes_max.usize();
-    let timeout = Duration::from_secs(s.config().smtp.command_timeout_secs.get());
+    let mut deadline = None;
     loop {
         if let Some(lf) = memchr::memchr(b'\n', w.buffered()) {
             let skipped = std::mem::take(&mut w.skipping_line);
@@ -377,7 +402,15 @@ async fn read_line(s: &Session, w: &mut Wire) -> Result<Line, End> {
             s.shard.shutdown.wait().await;
             Err(std::io::Error::other("shutdown"))
         };
-        match futures_lite::future::or(w.fill(timeout), shutdown).await {
+        // The clock starts once the replies are out and the session waits.
+        let deadline = *deadline.get_or_insert_with(|| {
+            Instant::now() + timeout(s, s.config().smtp.command_timeout_secs.get())
+        });
+        let fill = async {
+            let limit = left(deadline)?;
+            w.fill(limit).await
+        };
+        match futures_lite::future::or(fill, shutdown).await {
             Ok(true) => {}
             Ok(false) => return Err(End::Disconnected),
             Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {
@@ -393,11 +426,35 @@ async fn read_line(s: &Session, w: &mut Wire) -> Result<Line, End> {
     }
 }
 
-/// Reads more message data; a timeout ends the session with 421, a disconnect
-/// abandons the transaction (nothing was acknowledged).
-async fn fill_data(s: &Session, w: &mut Wire) -> Result<(), End> {
-    let timeout = Duration::from_secs(s.config().smtp.data_timeout_secs.get());
-    match w.fill(timeout).await {
+/// The deadline of message data (DATA, or one BDAT chunk): the data timeout from the
+/// start, extended as data arrives at the minimum rate, so a client that trickles
+/// (slowloris) runs out of time while a slow but steady one does not.
+struct DataDeadline {
+    at: Instant,
+    per_byte: Duration,
+}
+
+impl DataDeadline {
+    fn new(s: &Session) -> DataDeadline {
+        let smtp = &s.config().smtp;
+        DataDeadline {
+            at: Instant::now() + timeout(s, smtp.data_timeout_secs.get()),
+            per_byte: Duration::from_secs(1) / smtp.data_rate_min_bytes_per_sec.get() as u32,
+        }
+    }
+}
+
+/// Reads more message data within `deadline`; a timeout ends the session with 421, a
+/// disconnect abandons the transaction (nothing was acknowledged).
+async fn fill_data(w: &mut Wire, deadline: &mut DataDeadline) -> Result<(), End> {
+    let before = w.buffered().len();
+    let filled = match left(deadline.at) {
+        Ok(limit) => w.fill(limit).await,
+        Err(e) => Err(e),
+    };
+    let received = w.buffered().len().saturating_sub(before) as u32;
+    deadline.at += deadline.per_byte.saturating_mul(received);
+    match filled {
         Ok(true) => Ok(()),
         Ok(false) => Err(End::Disconnected),
         Err(err) if err.kind() == std::io::ErrorKind::TimedOut => {
@@ -427,6 +484,7 @@ async fn read_data(s: &mut Session, w: &mut Wire) -> Result<Reply, End> {
     // The body buffer: one allocation per message, sized by SIZE when declared, which
     // the spool record needs as a whole anyway.
     let mut body = Vec::with_capacity(body_capacity(s));
+    let mut deadline = DataDeadline::new(s);
     loop {
         match scanner.feed(w.buffered(), &mut body) {
             Scan::End(n) => {
@@ -438,7 +496,7 @@ async fn read_data(s: &mut Session, w: &mut Wire) -> Result<Reply, End> {
                 w.consume(n);
             }
         }
-        fill_data(s, w).await?;
+        fill_data(w, &mut deadline).await?;
     }
     Ok(finish_message(s, body, scanner.violations).await)
 }
@@ -453,6 +511,7 @@ async fn read_bdat(s: &mut Session, w: &mut Wire, size: usize, last: bool) -> Re
         )
     };
     let capacity = body_capacity(s);
+    let mut deadline = DataDeadline::new(s);
     let tx =
         s.tx.as_mut()
             .expect("BDAT is only run inside a transaction");
@@ -471,7 +530,7 @@ async fn read_bdat(s: &mut Session, w: &mut Wire, size: usize, last: bool) -> Re
         if remaining == 0 {
             break;
         }
-        fill_data(s, w).await?;
+        fill_data(w, &mut deadline).await?;
     }
     if !last {
         let tx = s.tx.as_mut().expect("still in the transaction");
@@ -484,6 +543,7 @@ async fn read_bdat(s: &mut Session, w: &mut Wire, size: usize, last: bool) -> Re
 
 async fn discard(s: &Session, w: &mut Wire, size: usize) -> Result<(), End> {
     let mut remaining = size;
+    let mut deadline = DataDeadline::new(s);
     loop {
         let n = remaining.min(w.buffered().len());
         w.consume(n);
@@ -491,7 +551,7 @@ async fn discard(s: &Session, w: &mut Wire, size: usize) -> Result<(), End> {
         if remaining == 0 {
             return Ok(());
         }
-        fill_data(s, w).await?;
+        fill_data(w, &mut deadline).await?;
     }
 }
 
