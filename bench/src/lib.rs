@@ -2,6 +2,7 @@
 //! processes under test did (device flushes, CPU seconds), and the report header.
 
 pub mod charts;
+pub mod fuzz;
 pub mod harness;
 pub mod mail;
 pub mod servers;

@@ -561,36 +561,11 @@ impl Session {
         phase: &'static str,
         limit: Duration,
     ) -> Result<Response, ClientError> {
-        let mut lines: Vec<String> = Vec::new();
-        let mut code = None;
         loop {
-            while let Some(lf) = memchr::memchr(b'\n', &self.input) {
-                let raw: Vec<u8> = self.input.drain(..=lf).collect();
-                let line = String::from_utf8_lossy(&raw);
-                let line = line.trim_end_matches(['\r', '\n']);
-                let bad = || ClientError::Protocol {
-                    phase,
-                    detail: format!("malformed reply line {line:?}"),
-                };
-                if line.len() < 3 || !line.as_bytes()[..3].iter().all(u8::is_ascii_digit) {
-                    return Err(bad());
-                }
-                let this: u16 = line[..3].parse().map_err(|_| bad())?;
-                if *code.get_or_insert(this) != this {
-                    return Err(bad());
-                }
-                let sep = line.as_bytes().get(3).copied().unwrap_or(b' ');
-                lines.push(line.get(4..).unwrap_or("").to_string());
-                match sep {
-                    b' ' => {
-                        return Ok(Response {
-                            code: this,
-                            text: lines.join("\n"),
-                        });
-                    }
-                    b'-' => {}
-                    _ => return Err(bad()),
-                }
+            match take_reply(&mut self.input) {
+                Ok(Some(response)) => return Ok(response),
+                Ok(None) => {}
+                Err(detail) => return Err(ClientError::Protocol { phase, detail }),
             }
             if self.input.len() > REPLY_BYTES_MAX {
                 return Err(ClientError::Protocol {
@@ -613,6 +588,46 @@ impl Session {
             self.input.extend_from_slice(&chunk[..n]);
         }
     }
+}
+
+/// Takes one whole reply (all its lines) from the front of `input`: `Ok(None)` while
+/// its last line has not arrived (nothing is taken), an error for a line that is not
+/// `ddd[ -]text` or whose code differs from the first line's. The bytes come from a
+/// remote server: any of them may be anything.
+pub fn take_reply(input: &mut Vec<u8>) -> Result<Option<Response>, String> {
+    let mut code = None;
+    let mut lines: Vec<String> = Vec::new();
+    let mut at = 0;
+    while let Some(lf) = memchr::memchr(b'\n', &input[at..]) {
+        let raw = &input[at..at + lf + 1];
+        at += lf + 1;
+        let line = String::from_utf8_lossy(raw);
+        let line = line.trim_end_matches(['\r', '\n']);
+        let bad = || format!("malformed reply line {line:?}");
+        let digits = line.as_bytes().get(..3).ok_or_else(bad)?;
+        if !digits.iter().all(u8::is_ascii_digit) {
+            return Err(bad());
+        }
+        let this = digits
+            .iter()
+            .fold(0u16, |n, d| n * 10 + u16::from(d - b'0'));
+        if *code.get_or_insert(this) != this {
+            return Err(bad());
+        }
+        lines.push(line.get(4..).unwrap_or("").to_string());
+        match line.as_bytes().get(3).copied().unwrap_or(b' ') {
+            b' ' => {
+                input.drain(..at);
+                return Ok(Some(Response {
+                    code: this,
+                    text: lines.join("\n"),
+                }));
+            }
+            b'-' => {}
+            _ => return Err(bad()),
+        }
+    }
+    Ok(None)
 }
 
 /// Whether an envelope has non-ASCII addresses (RFC 6531).
@@ -669,6 +684,37 @@ pub fn dot_stuff(body: &[u8], out: &mut Vec<u8>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replies_are_taken_whole_and_bad_lines_refused() {
+        let mut input = b"250-mx.test\r\n250-PIPELINING\r\n250 SIZE 100\r\n354 go".to_vec();
+        let r = take_reply(&mut input).unwrap().unwrap();
+        assert_eq!(
+            (r.code, r.text.as_str()),
+            (250, "mx.test\nPIPELINING\nSIZE 100")
+        );
+        assert_eq!(input, b"354 go");
+        assert_eq!(
+            take_reply(&mut input),
+            Ok(None),
+            "incomplete: nothing taken"
+        );
+        assert_eq!(input, b"354 go");
+        input.extend_from_slice(b"\n");
+        assert_eq!(take_reply(&mut input).unwrap().unwrap().code, 354);
+        for bad in [
+            &b"25\r\n"[..],
+            b"2x0 no\r\n",
+            b"250-a\r\n251 b\r\n",
+            b"250+a\r\n",
+            "\u{e9}50 x\r\n".as_bytes(),
+            b"\xff\xfe\xfd\n",
+        ] {
+            assert!(take_reply(&mut bad.to_vec()).is_err(), "{bad:?}");
+        }
+        let mut bare = b"220\n".to_vec();
+        assert_eq!(take_reply(&mut bare).unwrap().unwrap().text, "");
+    }
 
     #[test]
     fn enhanced_codes_are_found_only_when_well_formed() {

@@ -36,9 +36,7 @@ pub struct Dispatcher {
     routes: Routes,
     options: ClientOptions,
     tls: ClientTls,
-    retry_interval_s: u64,
-    max_retry_interval_s: u64,
-    max_age_ms: u64,
+    retry: queue::settle::RetryPolicy,
     suspended: bool,
     /// The generation of the live settings last applied.
     live_generation: Cell<u64>,
@@ -146,9 +144,11 @@ impl Dispatcher {
                 timeouts: Timeouts::default(),
             },
             tls,
-            retry_interval_s: d.retry_interval_secs.get(),
-            max_retry_interval_s: d.max_retry_interval_secs.get(),
-            max_age_ms: d.max_age_secs.get() * 1000,
+            retry: queue::settle::RetryPolicy {
+                interval_s: d.retry_interval_secs.get(),
+                max_interval_s: d.max_retry_interval_secs.get(),
+                max_age_ms: d.max_age_secs.get() * 1000,
+            },
             suspended: d.suspended,
             live_generation: Cell::new(0),
             resolver: crate::dns::Resolver::new(
@@ -221,8 +221,8 @@ impl Dispatcher {
         queue::next_due_ms(
             now,
             attempts.max(1),
-            self.retry_interval_s,
-            self.max_retry_interval_s,
+            self.retry.interval_s,
+            self.retry.max_interval_s,
             fastrand::u64(0..=1000),
         )
     }
@@ -501,6 +501,9 @@ fn delay(shard: &Shard, mut part: Part, now: u64) {
     let d = &shard.dispatcher;
     delayed(shard, &part, &ready_queue_full(), now);
     part.due_ms = d.delay_due(part.attempts, now);
+    part.message
+        .borrow_mut()
+        .set_part_due(&part.domain, Some(part.due_ms));
     part.site = None;
     part.egress = None;
     d.queues.borrow_mut().schedule(part);
@@ -1043,26 +1046,21 @@ fn settle(
     peer: Option<std::net::SocketAddr>,
     tls: Option<&str>,
 ) {
+    use queue::settle::{After, Verdict};
     let d = &shard.dispatcher;
     let now = unix_ms();
     let message = part.message.clone();
     let mut m = message.borrow_mut();
-    let mut pending = Vec::new();
-    let expired = now.saturating_sub(m.received_ms) >= d.max_age_ms;
+    let expired = queue::settle::expired(&m, now, d.retry.max_age_ms);
+    let mut verdicts = Vec::with_capacity(results.len());
     for (i, response) in &results {
-        let kind = if response.is_positive() {
-            Kind::Delivery
-        } else if response.code >= 500 {
-            Kind::Bounce
-        } else if expired {
-            Kind::Expiration
-        } else {
-            pending.push(*i);
-            Kind::TransientFailure
+        let verdict = queue::settle::verdict(response.code, expired);
+        let kind = match verdict {
+            Verdict::Delivery => Kind::Delivery,
+            Verdict::TransientFailure => Kind::TransientFailure,
+            Verdict::Bounce => Kind::Bounce,
+            Verdict::Expiration => Kind::Expiration,
         };
-        if kind != Kind::TransientFailure {
-            m.done.push(*i);
-        }
         let attempt = Attempt {
             egress: part.egress.as_deref(),
             site: part.site.as_deref(),
@@ -1072,31 +1070,20 @@ fn settle(
             now,
         };
         record(shard, &m, *i, &attempt, response, kind);
+        verdicts.push((*i, verdict));
     }
-    if pending.is_empty() {
-        m.open_parts -= 1;
-        if m.open_parts == 0 {
-            finish(shard, &m);
-        } else {
-            persist(&shard.spool, &m, now, shard.id);
+    let jitter = fastrand::u64(0..=1000);
+    let after = queue::settle::apply(&mut m, &mut part, &verdicts, now, &d.retry, jitter);
+    match after {
+        After::MessageDone => finish(shard, &m),
+        After::PartDone | After::Retry => {
+            persist(&shard.spool, &m, m.persisted_due_ms(now), shard.id);
         }
-        return;
     }
-    part.attempts += 1;
-    m.attempts = m.attempts.max(part.attempts);
-    part.rcpts = pending;
-    // The next attempt looks the site up again (DNS may have changed).
-    part.site = None;
-    part.due_ms = queue::next_due_ms(
-        now,
-        part.attempts,
-        d.retry_interval_s,
-        d.max_retry_interval_s,
-        fastrand::u64(0..=1000),
-    );
-    persist(&shard.spool, &m, part.due_ms, shard.id);
-    drop(m);
-    d.queues.borrow_mut().schedule(part);
+    if after == After::Retry {
+        drop(m);
+        d.queues.borrow_mut().schedule(part);
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1237,5 +1224,6 @@ pub fn message_from_record(record: gannet_spool::MessageRecord) -> Message {
         attempts: record.attempts,
         done: record.done,
         open_parts: 0,
+        due_by_domain: Vec::new(),
     }
 }

@@ -11,6 +11,7 @@
 //! schedule is tested with plain numbers.
 
 pub mod health;
+pub mod settle;
 pub mod wheel;
 
 use std::cell::RefCell;
@@ -41,9 +42,35 @@ pub struct Message {
     pub done: Vec<u32>,
     /// Parts not yet finished; the message is finished when this reaches 0.
     pub open_parts: usize,
+    /// The due time of each open part, by domain. The spool keeps one due time per
+    /// message, so what it is given is the latest of these: after a restart no part
+    /// is tried before its own schedule (some later than theirs).
+    pub due_by_domain: Vec<(String, u64)>,
 }
 
 impl Message {
+    /// The due time to persist: the latest of the open parts' (`now_ms` if none).
+    pub fn persisted_due_ms(&self, now_ms: u64) -> u64 {
+        self.due_by_domain
+            .iter()
+            .map(|(_, due)| *due)
+            .max()
+            .unwrap_or(now_ms)
+    }
+
+    /// Records a part's due time (or, with None, that the part is finished).
+    pub fn set_part_due(&mut self, domain: &str, due_ms: Option<u64>) {
+        let at = self.due_by_domain.iter().position(|(d, _)| d == domain);
+        match (at, due_ms) {
+            (Some(i), Some(due)) => self.due_by_domain[i].1 = due,
+            (None, Some(due)) => self.due_by_domain.push((domain.to_string(), due)),
+            (Some(i), None) => {
+                self.due_by_domain.swap_remove(i);
+            }
+            (None, None) => {}
+        }
+    }
+
     pub fn is_done(&self, rcpt: u32) -> bool {
         self.done.contains(&rcpt)
     }
@@ -182,7 +209,10 @@ pub fn split(message: &Rc<RefCell<Message>>, due_ms: u64) -> Vec<Part> {
             due_ms,
         })
         .collect();
-    message.borrow_mut().open_parts = parts.len();
+    let mut m = message.borrow_mut();
+    m.open_parts = parts.len();
+    m.due_by_domain = parts.iter().map(|p| (p.domain.clone(), due_ms)).collect();
+    drop(m);
     parts
 }
 
@@ -490,6 +520,7 @@ mod tests {
             attempts: 0,
             done: vec![1],
             open_parts: 0,
+            due_by_domain: Vec::new(),
         }))
     }
 

@@ -559,6 +559,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
             attempts: live.state.attempts,
             done: live.state.done.clone(),
             open_parts: 0,
+            due_by_domain: Vec::new(),
         };
         shard
             .dispatcher
