@@ -34,9 +34,9 @@ for target in "${targets[@]}"; do
   echo "fuzzing $target for ${seconds}s"
   status=0
   (cd bench/fuzz && cargo +nightly fuzz run -O "$target" "$scratch/$target" "corpus/$target" -- \
-    -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 \
+    -max_total_time="$seconds" -rss_limit_mb=2048 -timeout=10 -print_final_stats=1 \
     -artifact_prefix="$scratch/artifacts/$target/" >"$log" 2>&1) || status=$?
-  done_line=$(grep -E '^#[0-9]+ +DONE' "$log" | tail -1 || true)
+  done_line=$(grep -aE '^#[0-9]+[[:space:]]+DONE' "$log" | tail -1 || true)
   runs=$(echo "$done_line" | sed -E 's/^#([0-9]+).*/\1/')
   cov=$(echo "$done_line" | sed -nE 's/.*cov: ([0-9]+).*/\1/p')
   rate=$(echo "$done_line" | sed -nE 's/.*exec\/s: ([0-9]+).*/\1/p')

@@ -73,13 +73,18 @@ impl TrackingKey {
             Kind::Open => "o",
             Kind::Click => "c",
         };
+        // Fields are separated by NUL. Only the last, the URL, may hold one (a
+        // sender's link can hold anything, and `open` splits off five fields at
+        // most); in the others — the campaign id is the sender's text too — a NUL
+        // becomes U+FFFD, so a token always opens to the fields it was made of.
+        let clean = |field: &str| field.replace('\0', "\u{fffd}");
         let payload = [
-            kind,
-            &t.message_id,
-            &t.rcpt_to,
-            &t.transmission_id,
-            &t.campaign_id,
-            &t.url,
+            kind.to_string(),
+            clean(&t.message_id),
+            clean(&t.rcpt_to),
+            clean(&t.transmission_id),
+            clean(&t.campaign_id),
+            t.url.clone(),
         ]
         .join("\0");
         let tag = hmac::sign(&self.key, payload.as_bytes());
@@ -106,7 +111,7 @@ impl TrackingKey {
             return None;
         }
         let text = std::str::from_utf8(payload).ok()?;
-        let fields: Vec<&str> = text.split('\0').collect();
+        let fields: Vec<&str> = text.splitn(6, '\0').collect();
         let [kind, message_id, rcpt_to, transmission_id, campaign_id, url] = fields[..] else {
             return None;
         };
@@ -293,6 +298,17 @@ mod tests {
         assert!(
             out.starts_with("<p><a href=\"https://x.test/\">x</a></p><img src=\"https://t.test/o/")
         );
+    }
+
+    #[test]
+    fn tokens_open_whatever_the_url_and_campaign_hold() {
+        let key = TrackingKey::new(b"0123456789abcdef0123456789abcdef");
+        let mut t = track(&key, true, true).tracked(Kind::Click, "https://x.test/a\0b\0c");
+        t.campaign_id = "camp\0aign".into();
+        let opened = key.open(&key.token(&t)).expect("opens");
+        assert_eq!(opened.url, "https://x.test/a\0b\0c");
+        assert_eq!(opened.campaign_id, "camp\u{fffd}aign");
+        assert_eq!(opened.message_id, t.message_id);
     }
 
     #[test]
