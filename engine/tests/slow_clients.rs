@@ -107,17 +107,7 @@ fn trickle(tricklers: &mut [Trickler], limit: Duration) {
 
 /// One SMTP transaction from 127.0.0.1: the final reply.
 fn send_one(daemon: &Daemon, n: usize) -> String {
-    let mut c = daemon.connect();
-    c.expect("220");
-    c.send(
-        format!("EHLO c.test\r\nMAIL FROM:<s@b.test>\r\nRCPT TO:<r{n}@d.test>\r\nDATA\r\n")
-            .as_bytes(),
-    );
-    for code in ["250", "250", "250", "354"] {
-        c.expect(code);
-    }
-    c.send(b"Subject: fast\r\n\r\nhello\r\n.\r\n");
-    c.reply().unwrap_or_default()
+    daemon.send_message(&format!("r{n}@d.test"), "Subject: fast\r\n\r\nhello\r\n")
 }
 
 #[test]

@@ -86,6 +86,21 @@ pub struct MessageRecord {
     pub body: Vec<u8>,
 }
 
+impl ArchivedMessageRecord {
+    /// The envelope as owned values: sender, recipients, metadata (what the queues
+    /// keep of a recovered message; the body stays in the mapping).
+    pub fn envelope(&self) -> (String, Vec<String>, Vec<(String, String)>) {
+        (
+            self.sender.to_string(),
+            self.recipients.iter().map(|r| r.to_string()).collect(),
+            self.meta
+                .iter()
+                .map(|kv| (kv.0.to_string(), kv.1.to_string()))
+                .collect(),
+        )
+    }
+}
+
 /// New retry state for a message. It replaces the whole state: the newest update wins.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 #[rkyv(derive(Debug))]

@@ -468,6 +468,16 @@ pub async fn blocking_store_change(
     }
 }
 
+/// 422 for a tenant that has `max` stored items of a kind already.
+pub fn too_many(what: &str, max: usize, key: &str) -> Reply {
+    Reply::error(
+        422,
+        "",
+        &format!("too many {what}"),
+        &format!("at most {max} per tenant ({key}); delete some first"),
+    )
+}
+
 /// A `true`/`false` query parameter (None when absent or anything else).
 pub fn query_flag(query: &str, name: &str) -> Option<bool> {
     query.split('&').find_map(|pair| {

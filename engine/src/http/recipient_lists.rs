@@ -110,14 +110,7 @@ async fn store_change(
     let store = shard.shared.store.clone();
     let tenant = tenant.map(str::to_string);
     let max = shard.config().http.recipient_lists_max.usize();
-    let full = move || {
-        Reply::error(
-            422,
-            "",
-            "too many recipient lists",
-            &format!("at most {max} per tenant (http.recipient_lists_max); delete some first"),
-        )
-    };
+    let full = move || super::too_many("recipient lists", max, "http.recipient_lists_max");
     super::blocking_store_change("recipient list", move || {
         store.change_list(tenant.as_deref(), &id, max, full, change)
     })

@@ -151,14 +151,7 @@ async fn store_change(
     let done_id = id.clone();
     let tenant = tenant.map(str::to_string);
     let max = shard.config().http.templates_max.usize();
-    let full = move || {
-        Reply::error(
-            422,
-            "",
-            "too many templates",
-            &format!("at most {max} per tenant (http.templates_max); delete some first"),
-        )
-    };
+    let full = move || super::too_many("templates", max, "http.templates_max");
     match super::blocking_store_change("template", move || {
         store.change_template(tenant.as_deref(), &id, max, full, change)
     })

@@ -91,15 +91,12 @@ pub async fn adopt(
             continue;
         }
         let m = live.message.get();
+        let (sender, recipients, meta) = m.envelope();
         let record = MessageRecord {
             id: live.id,
-            sender: m.sender.to_string(),
-            recipients: m.recipients.iter().map(|r| r.to_string()).collect(),
-            meta: m
-                .meta
-                .iter()
-                .map(|kv| (kv.0.to_string(), kv.1.to_string()))
-                .collect(),
+            sender,
+            recipients,
+            meta,
             queue: live.state.queue.clone(),
             attempts: live.state.attempts,
             due_unix_ms: live.state.due_unix_ms,

@@ -544,15 +544,12 @@ async fn shard_main(start: ShardStart) -> Result<()> {
             continue;
         }
         requeued += 1;
+        let (sender, recipients, meta) = m.envelope();
         let message = crate::queue::Message {
             id: live.id,
-            sender: m.sender.to_string(),
-            recipients: m.recipients.iter().map(|r| r.to_string()).collect(),
-            meta: m
-                .meta
-                .iter()
-                .map(|kv| (kv.0.to_string(), kv.1.to_string()))
-                .collect(),
+            sender,
+            recipients,
+            meta,
             queue: live.state.queue.clone(),
             received_ms: m.received_unix_ms.to_native(),
             size: m.body.len(),

@@ -142,6 +142,31 @@ impl Daemon {
         Client::connect(self.smtp)
     }
 
+    /// One transaction on a new connection (EHLO, MAIL, one RCPT, DATA) sending
+    /// `content` (headers and body, CRLF lines, without the final dot): the reply to
+    /// the message.
+    pub fn send_message(&self, rcpt: &str, content: &str) -> String {
+        let mut c = self.connect();
+        c.expect("220");
+        c.send(
+            format!("EHLO c.test\r\nMAIL FROM:<s@b.test>\r\nRCPT TO:<{rcpt}>\r\nDATA\r\n")
+                .as_bytes(),
+        );
+        for code in ["250", "250", "250", "354"] {
+            c.expect(code);
+        }
+        c.send(format!("{content}.\r\n").as_bytes());
+        c.reply().unwrap_or_default()
+    }
+
+    /// Like [`Daemon::send_message`], expecting it accepted: its queue id.
+    pub fn send_accepted(&self, rcpt: &str, content: &str) -> String {
+        let reply = self.send_message(rcpt, content);
+        let id = reply.trim_end().strip_prefix("250 2.0.0 OK queued as ");
+        id.unwrap_or_else(|| panic!("not accepted: {reply}"))
+            .to_string()
+    }
+
     /// SIGTERM, then waits for a clean exit.
     pub fn stop(&mut self) {
         // SAFETY: signalling the child this test started.
@@ -263,15 +288,12 @@ pub fn spooled(data_dir: &Path) -> Vec<Spooled> {
         let recovered = gannet_tools::spool_inspect::recover_shard(shard, &dir).unwrap();
         for live in recovered.live {
             let m = live.message.get();
+            let (sender, recipients, meta) = m.envelope();
             out.push(Spooled {
                 id: gannet_spool::MessageId::from(&m.id).to_string(),
-                sender: m.sender.to_string(),
-                recipients: m.recipients.iter().map(|r| r.to_string()).collect(),
-                meta: m
-                    .meta
-                    .iter()
-                    .map(|kv| (kv.0.to_string(), kv.1.to_string()))
-                    .collect(),
+                sender,
+                recipients,
+                meta,
                 queue: m.queue.to_string(),
                 body: m.body.to_vec(),
                 shard,
