@@ -291,15 +291,25 @@ fn main() -> Result<()> {
         .filter(|r| !by_rcpt.contains_key(r.as_str()))
         .count();
     let duplicates: usize = by_rcpt.values().map(|n| n - 1).sum();
+    // Written and synced, but the client never saw its acknowledgement (the kill came
+    // between the sync and the reply): a client that sends again duplicates these.
+    let unacknowledged = spooled
+        .iter()
+        .filter(|(id, recipients)| {
+            !acked.smtp.contains(id) && !recipients.iter().any(|r| acked.http.contains(r))
+        })
+        .count();
     restarts.sort();
     let report = format!(
         "\n## fault-bench at {} ({})\n\n\
          Command: `./target/release/fault-bench --kills {} --load-ms {} --smtp-clients {} --http-clients {}`\n\
          Machine: {}. gannetd with {} shard(s), delivery suspended; SMTP clients send 10 KiB messages, \
          one connection each; HTTP clients POST single-recipient transmissions.\n\n\
-         | kills | restarts that failed | greeting again after restart (min / median / max) | acknowledged SMTP + HTTP | lost | spooled | duplicates | run |\n\
-         |---|---|---|---|---|---|---|---|\n\
-         | {} | 0 | {:.0} / {:.0} / {:.0} ms | {} + {} | {} | {} | {} | {:.1} s |\n",
+         | kills | restarts that failed | greeting again after restart (min / median / max) | acknowledged SMTP + HTTP | lost | spooled | spooled, never acknowledged | duplicates in the spool | run |\n\
+         |---|---|---|---|---|---|---|---|---|\n\
+         | {} | 0 | {:.0} / {:.0} / {:.0} ms | {} + {} | {} | {} | {} | {} | {:.1} s |\n\n\
+         Restart time grows with the spool: each start recovers every live message, and with \
+         delivery suspended they add up ({} live at the end).\n",
         gannet_bench::command_output("git", &["rev-parse", "--short", "HEAD"]),
         gannet_bench::command_output("date", &["-u", "+%Y-%m-%d"]),
         args.kills,
@@ -320,8 +330,10 @@ fn main() -> Result<()> {
         acked.http.len(),
         lost_smtp + lost_http,
         spooled.len(),
+        unacknowledged,
         duplicates,
         elapsed.as_secs_f64(),
+        spooled.len(),
     );
     print!("{report}");
     gannet_bench::append_results(&args.results, &report)?;
