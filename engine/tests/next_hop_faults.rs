@@ -152,3 +152,42 @@ fn refused_greetings_dropped_and_reset_connections_and_tarpits_defer() {
     daemon.stop();
     assert_eq!(common::spooled(&daemon.data_dir()).len(), 4);
 }
+
+/// A DNS server that is down (nothing listens: ICMP port unreachable) or silent (a
+/// socket that never answers: every try times out) defers the mail; nothing bounces.
+#[test]
+fn a_dns_server_down_or_silent_defers_and_bounces_nothing() {
+    // Bound and kept, never read: queries to it are swallowed.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let down = {
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap()
+    };
+    for (what, server) in [("down", down), ("silent", silent.local_addr().unwrap())] {
+        let config = format!(
+            "[delivery]\nretry_interval_secs = 3600\nmax_retry_interval_secs = 3600\n\
+             dns_server = \"{server}\"\ndns_timeout_secs = 1\n"
+        );
+        let mut daemon = Daemon::start("", &config);
+        send_each(
+            &daemon,
+            &["a@mx.test".to_string(), "b@other.test".to_string()],
+        );
+        let events = wait_events(&daemon, "two deferrals", |e| {
+            of(e, "transient_failure", "a@mx.test").len() == 1
+                && of(e, "transient_failure", "b@other.test").len() == 1
+        });
+        assert!(
+            events.iter().all(|e| e["type"] != "bounce"),
+            "{what}: {events:#?}"
+        );
+        let text = of(&events, "transient_failure", "a@mx.test")[0]["response"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(text.contains("4.4.3"), "{what}: {text}");
+        daemon.stop();
+        assert_eq!(common::spooled(&daemon.data_dir()).len(), 2, "{what}");
+    }
+    drop(silent);
+}
