@@ -801,7 +801,8 @@ impl Config {
 }
 
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let before = &text[..offset.min(text.len())];
+    // The offset comes from the TOML parser; never slice inside a character.
+    let before = &text[..text.floor_char_boundary(offset)];
     let line = before.bytes().filter(|b| *b == b'\n').count() + 1;
     let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
     (line, column)
