@@ -3,7 +3,7 @@
 //! `postfix stop`).
 
 use std::net::{SocketAddr, TcpStream};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -45,8 +45,10 @@ impl Server {
         }
         if self.name == "postfix" {
             self.name.clear();
-            run_quiet("postsuper", &["-d", "ALL"])?;
-            run_quiet("postfix", &["stop"])?;
+            let etc = postfix_config_dir();
+            let etc = etc.to_str().unwrap_or_default();
+            run_quiet("postsuper", &["-c", etc, "-d", "ALL"])?;
+            run_quiet("postfix", &["-c", etc, "stop"])?;
         }
         Ok(())
     }
@@ -168,23 +170,112 @@ pub fn gannetd(
     })
 }
 
-/// Configures the system Postfix to accept on a free loopback port with `settings`
-/// (postconf lines) over a loopback-only base, then starts it.
+/// Where the bench's own Postfix instance lives: its config directory (`etc/`), queue
+/// (`queue/`), data (`data/`) and log. The path is fixed so that the one line that
+/// allows it in the host's main.cf (`alternate_config_directories`) is added once.
+pub const POSTFIX_INSTANCE: &str = "/var/lib/gannet-bench/postfix";
+
+/// The config directory of the bench's Postfix instance.
+pub fn postfix_config_dir() -> PathBuf {
+    Path::new(POSTFIX_INSTANCE).join("etc")
+}
+
+/// Makes sure the host's Postfix allows the bench's instance: its config directory
+/// listed in `alternate_config_directories` of `/etc/postfix/main.cf`, which Postfix
+/// requires before root may start an instance from another directory. This is the
+/// only write under /etc: one line, added once (kept for later runs, never removed,
+/// other entries left as they are); nothing else of the host's Postfix is touched.
+pub fn allow_postfix_instance() -> Result<()> {
+    let dir = postfix_config_dir();
+    let dir = dir.to_str().unwrap_or_default();
+    let main_cf = Path::new("/etc/postfix/main.cf");
+    if !main_cf.exists() {
+        // Postfix installed without a configuration: the line alone.
+        std::fs::write(
+            main_cf,
+            format!(
+                "# Added by gannet-bench: allows its own Postfix instance (nothing else).\nalternate_config_directories = {dir}\n"
+            ),
+        )
+        .context("writing the alternate_config_directories line to /etc/postfix/main.cf")?;
+        return Ok(());
+    }
+    let current = crate::command_output("postconf", &["-h", "alternate_config_directories"]);
+    let listed = current
+        .split([',', ' ', '\t'])
+        .filter(|d| !d.is_empty())
+        .any(|d| d == dir);
+    if listed {
+        return Ok(());
+    }
+    let value = if current.trim().is_empty() {
+        dir.to_string()
+    } else {
+        format!("{}, {dir}", current.trim())
+    };
+    run_quiet(
+        "postconf",
+        &["-e", &format!("alternate_config_directories = {value}")],
+    )
+}
+
+/// Stops the bench's Postfix instance if one is running (a run that was killed), and
+/// empties its queue.
+fn stop_postfix_instance() {
+    let etc = postfix_config_dir();
+    if etc.join("main.cf").exists() {
+        let etc = etc.to_str().unwrap_or_default();
+        let _ = run_quiet("postsuper", &["-c", etc, "-d", "ALL"]);
+        let _ = run_quiet("postfix", &["-c", etc, "stop"]);
+    }
+}
+
+/// Postfix as an instance of its own — config, queue and data directories under
+/// [`POSTFIX_INSTANCE`], `chroot = n`, listening on a free loopback port with
+/// `settings` (main.cf lines) over a loopback-only base — started, leaving the host's
+/// Postfix (its config, its queue, its running master) as it was.
 pub fn postfix(sessions: u64, message_size_limit: usize, settings: &[String]) -> Result<Server> {
     if !Path::new("/usr/sbin/postfix").exists() {
         bail!("postfix is not installed");
     }
+    allow_postfix_instance()?;
+    stop_postfix_instance();
+    let base = Path::new(POSTFIX_INSTANCE);
+    let etc = postfix_config_dir();
+    let (queue, data) = (base.join("queue"), base.join("data"));
+    for dir in [&queue, &data] {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+    std::fs::create_dir_all(&etc)?;
+    std::fs::create_dir_all(&queue)?;
+    std::fs::create_dir_all(&data)?;
+    // The master's lock and the TLS caches are written as the mail owner.
+    let id = |flag| {
+        crate::command_output("id", &[flag, "postfix"])
+            .parse::<u32>()
+            .ok()
+    };
+    std::os::unix::fs::chown(&data, id("-u"), id("-g"))
+        .context("giving the instance's data directory to the postfix user")?;
     let port = free_port();
-    std::fs::copy("/usr/share/postfix/main.cf.debian", "/etc/postfix/main.cf")?;
+    let mut main_cf = std::fs::read_to_string("/usr/share/postfix/main.cf.debian")
+        .or_else(|_| std::fs::read_to_string("/etc/postfix/main.cf.proto"))
+        .context("reading Postfix's stock main.cf")?;
     let mut all = vec![
-        "inet_interfaces = loopback-only".to_string(),
+        format!("queue_directory = {}", queue.display()),
+        format!("data_directory = {}", data.display()),
+        "multi_instance_name = postfix-gannet-bench".into(),
+        "syslog_name = postfix-gannet-bench".into(),
+        format!("maillog_file = {}", base.join("postfix.log").display()),
+        "inet_interfaces = loopback-only".into(),
         "inet_protocols = ipv4".into(),
         "mydestination =".into(),
         "mynetworks = 127.0.0.0/8".into(),
         "smtpd_relay_restrictions = permit_mynetworks, reject".into(),
-        "maillog_file = /var/log/postfix.log".into(),
         "smtp_tls_security_level = none".into(),
         "smtpd_tls_security_level = none".into(),
+        "smtpd_tls_cert_file =".into(),
+        "smtpd_tls_key_file =".into(),
         "compatibility_level = 3.6".into(),
         "alias_maps =".into(),
         "alias_database =".into(),
@@ -194,27 +285,21 @@ pub fn postfix(sessions: u64, message_size_limit: usize, settings: &[String]) ->
         format!("message_size_limit = {}", message_size_limit.max(10 << 20)),
     ];
     all.extend(settings.iter().cloned());
-    let mut postconf = vec!["-e"];
-    postconf.extend(all.iter().map(String::as_str));
-    run_quiet("postconf", &postconf)?;
+    // Later lines win in main.cf.
+    main_cf.push_str("\n# gannet-bench's instance\n");
+    for line in &all {
+        main_cf.push_str(line);
+        main_cf.push('\n');
+    }
+    std::fs::write(etc.join("main.cf"), main_cf)?;
     let master = std::fs::read_to_string("/usr/share/postfix/master.cf.dist")
-        .or_else(|_| std::fs::read_to_string("/etc/postfix/master.cf"))?;
-    let master: String = master
-        .lines()
-        .map(|l| {
-            if l.starts_with("smtp ") && l.contains(" inet ") {
-                l.replacen("smtp ", &format!("{port} "), 1)
-            } else {
-                l.to_string()
-            }
-        })
-        .collect::<Vec<_>>()
-        .join("\n");
-    std::fs::write("/etc/postfix/master.cf", master + "\n")?;
-    let _ = run_quiet("postfix", &["stop"]);
-    run_quiet("postfix", &["start"])?;
+        .or_else(|_| std::fs::read_to_string("/etc/postfix/master.cf.proto"))
+        .context("reading Postfix's stock master.cf")?;
+    std::fs::write(etc.join("master.cf"), instance_master_cf(&master, port))?;
+    let etc_arg = etc.to_str().unwrap_or_default();
+    run_quiet("postfix", &["-c", etc_arg, "start"])?;
     wait_for_port(port)?;
-    let pid: u32 = std::fs::read_to_string("/var/spool/postfix/pid/master.pid")?
+    let pid: u32 = std::fs::read_to_string(queue.join("pid/master.pid"))?
         .trim()
         .parse()?;
     Ok(Server {
@@ -224,6 +309,29 @@ pub fn postfix(sessions: u64, message_size_limit: usize, settings: &[String]) ->
         pid,
         child: None,
     })
+}
+
+/// A stock master.cf for the bench's instance: the `smtp inet` service listens on
+/// `port` instead of 25, and no service runs chrooted (the instance's queue is not
+/// where a chroot would expect it).
+fn instance_master_cf(stock: &str, port: u16) -> String {
+    let mut out = String::with_capacity(stock.len());
+    for line in stock.lines() {
+        let service = !line.is_empty() && !line.starts_with(['#', ' ', '\t']);
+        let mut fields: Vec<&str> = line.split_whitespace().collect();
+        let port_name = port.to_string();
+        if service && fields.len() >= 8 {
+            if fields[0] == "smtp" && fields[1] == "inet" {
+                fields[0] = &port_name;
+            }
+            fields[4] = "n";
+            out.push_str(&fields.join(" "));
+        } else {
+            out.push_str(line);
+        }
+        out.push('\n');
+    }
+    out
 }
 
 /// dnsmasq on a free loopback UDP port answering for `.test` with `records`
