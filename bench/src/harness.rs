@@ -142,6 +142,9 @@ pub struct Run {
     pub blast: serde_json::Value,
     pub cpu_s: f64,
     pub peak_rss_kb: u64,
+    /// Flush requests the block device under the system's queue completed during the
+    /// run (field 16 of its stat): what makes a 250 durable, and what it costs.
+    pub flushes: u64,
     /// (seconds since start, messages at the sink or accepted so far).
     pub timeline: Vec<(f64, u64)>,
 }
@@ -346,6 +349,8 @@ pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) ->
     };
     let pid = server.as_ref().map(|s| s.pid);
     let cpu0 = pid.map_or(0.0, tree_cpu_seconds);
+    let queue_dir = queue_dir(system, tools);
+    let flushes0 = crate::device_flushes(&queue_dir);
     let start = Instant::now();
     let mut blast = Command::new(&tools.blast)
         .args(["--server", &format!("127.0.0.1:{target}"), "--json-only"])
@@ -401,6 +406,7 @@ pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) ->
     let result: serde_json::Value =
         serde_json::from_slice(&out.stdout).context("gannet-blast result")?;
     let cpu_s = pid.map_or(0.0, tree_cpu_seconds) - cpu0;
+    let flushes = crate::device_flushes(&queue_dir).saturating_sub(flushes0);
     let sent = result["messages_sent"].as_u64().unwrap_or(0);
     let delivered = sink.received().unwrap_or(0);
     let (rate, seconds) = if scenario.relay && system != "pipe" {
@@ -435,8 +441,34 @@ pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) ->
         blast: result,
         cpu_s,
         peak_rss_kb,
+        flushes,
         timeline,
     })
+}
+
+/// Where a system keeps its queue (the device whose flushes count).
+fn queue_dir(system: &str, tools: &Tools) -> PathBuf {
+    match system {
+        "postfix" => PathBuf::from(servers::POSTFIX_INSTANCE),
+        "haraka" => tools.haraka.clone(),
+        _ => tools.scratch.clone(),
+    }
+}
+
+/// Whether a system's 250 means the message is on stable storage, by its design:
+/// gannet acknowledges after fdatasync, Postfix after fsync of the queue file;
+/// Haraka (queue/smtp_forward) after the next hop accepted, keeping nothing itself;
+/// the pipe is the sink's 250, which stores nothing. The report prints it beside the
+/// measured flushes per message, so a synced and an unsynced system are never
+/// compared without saying so.
+pub fn durable_ack(system: &str) -> &'static str {
+    match system {
+        "gannet" => "yes (fdatasync, group commit)",
+        "postfix" => "yes (fsync per message)",
+        "haraka" => "no (forwards before it answers; no queue of its own)",
+        "pipe" => "no (the sink stores nothing)",
+        _ => "unknown",
+    }
 }
 
 /// The median and the range of some numbers.

@@ -117,7 +117,7 @@ fn main() -> Result<()> {
                     serde_json::json!({
                         "scenario": run.scenario, "system": run.system, "repetition": rep,
                         "msgs_per_s": run.rate.round(), "sent": run.sent, "delivered": run.delivered,
-                        "seconds": run.seconds, "cpu_s": run.cpu_s, "peak_rss_kb": run.peak_rss_kb,
+                        "seconds": run.seconds, "cpu_s": run.cpu_s, "peak_rss_kb": run.peak_rss_kb, "flushes": run.flushes,
                         "blast": run.blast,
                     })
                 );
@@ -147,7 +147,7 @@ fn report(args: &Args, scenarios: &[harness::Scenario], runs: &[Run]) -> Result<
     )?;
     writeln!(
         md,
-        "- gannet: 250 after fdatasync, one shard per core; postfix: the system Postfix (relay via a transport map to the sink, or delivery deferred for durable-accept); haraka: Haraka 3.3.4, one worker per core, queue/smtp_forward to the sink (250 after the sink accepted; relay scenarios only); pipe: generator → sink directly"
+        "- gannet: 250 after fdatasync, one shard per core; postfix: Postfix as an instance of the bench's own (relay via a transport map to the sink, or delivery deferred for durable-accept); haraka: Haraka 3.3.4, one worker per core, queue/smtp_forward to the sink (250 after the sink accepted; relay scenarios only); pipe: generator → sink directly"
     )?;
     for scenario in scenarios {
         let of = |system: &str| -> Vec<&Run> {
@@ -169,9 +169,9 @@ fn report(args: &Args, scenarios: &[harness::Scenario], runs: &[Run]) -> Result<
         )?;
         writeln!(
             md,
-            "| system | msgs/s median (min–max) | × pipe | gannet ÷ system | transaction p50 / p99 ms | CPU s / 1000 msgs | peak RSS MiB | delivered / sent (all runs) | errors |"
+            "| system | 250 durable | disk flushes / msg | msgs/s median (min–max) | × pipe | gannet ÷ system | transaction p50 / p99 ms | CPU s / 1000 msgs | peak RSS MiB | delivered / sent (all runs) | errors |"
         )?;
-        writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|")?;
         let pipe = med("pipe");
         let gannet = med("gannet");
         for system in &args.systems {
@@ -216,9 +216,16 @@ fn report(args: &Args, scenarios: &[harness::Scenario], runs: &[Run]) -> Result<
                 .iter()
                 .fold((0, 0), |(d, s), r| (d + r.delivered, s + r.sent));
             let native = *system == "pipe";
+            let flushes = median_range(
+                &rs.iter()
+                    .map(|r| r.flushes as f64 / r.sent.max(1) as f64)
+                    .collect::<Vec<_>>(),
+            )
+            .0;
             writeln!(
                 md,
-                "| {system} | {m:.0} ({lo:.0}–{hi:.0}) | {} | {} | {:.2} / {:.2} | {} | {} | {} | {errors} |",
+                "| {system} | {} | {flushes:.2} | {m:.0} ({lo:.0}–{hi:.0}) | {} | {} | {:.2} / {:.2} | {} | {} | {} | {errors} |",
+                harness::durable_ack(system),
                 ratio(m, pipe),
                 if *system == "gannet" {
                     "—".into()
