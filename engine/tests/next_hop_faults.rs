@@ -94,7 +94,8 @@ fn a_blocklisting_banner_defers_tries_the_next_host_and_fails_connections_one_pa
     // deferred the rest: 1 + 1 + 8, never all ten on the first failure.
     assert_eq!(blocked_only.connections(), 3);
     // The backoff spaced them: the second a second after the first, the rest two
-    // seconds later, together.
+    // seconds later, together (less a few milliseconds: the backoff counts from the
+    // failed connection, the event's time from its settling just after).
     let mut times: Vec<u64> = blocked
         .iter()
         .map(|r| {
@@ -104,8 +105,8 @@ fn a_blocklisting_banner_defers_tries_the_next_host_and_fails_connections_one_pa
         })
         .collect();
     times.sort();
-    assert!(times[1] - times[0] >= 1000, "{times:?}");
-    assert!(times[2] - times[1] >= 2000, "{times:?}");
+    assert!(times[1] - times[0] >= 950, "{times:?}");
+    assert!(times[2] - times[1] >= 1950, "{times:?}");
     assert!(times[9] - times[2] < 1000, "{times:?}");
     daemon.stop();
     // Deferred mail stays queued, attempts counted.
