@@ -655,3 +655,94 @@ impl<F: FnMut()> Drop for Finally<F> {
         (self.0)();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::{Duration, Instant};
+
+    use gannet_spool::{CrashMode, SimStorage, Spool, SpoolConfig};
+
+    use crate::auth::ApiIdentity;
+    use crate::config::Role;
+
+    /// A chunk the spool refuses (here: the disk is full when its messages need a
+    /// new segment) is tombstoned and generated again once there is room: every
+    /// recipient ends with exactly one message, none stranded, none twice.
+    #[test]
+    fn a_chunk_the_spool_refuses_is_generated_again_once_space_returns() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async move {
+                let dir = tempfile::tempdir().unwrap();
+                let storage = SimStorage::new(11);
+                let config = SpoolConfig {
+                    segment_bytes: 64 << 10,
+                    sync_retry_interval_ms: 50,
+                    ..SpoolConfig::for_shard(0)
+                };
+                let shard =
+                    crate::ingress::smtp::tests::shard_on(dir.path(), storage.clone(), config);
+                let n = 600;
+                let text = "x".repeat(3000);
+                let recipients: Vec<serde_json::Value> = (0..n)
+                    .map(|i| serde_json::json!({"address": format!("r{i}@x.test")}))
+                    .collect();
+                let spec: super::transmission::Spec = serde_json::from_value(serde_json::json!({
+                    "recipients": recipients,
+                    "content": {"from": "s@s.test", "subject": "s", "text": text}
+                }))
+                .unwrap();
+                let identity = ApiIdentity {
+                    name: "t".into(),
+                    tenant: None,
+                    role: Role::Inject,
+                };
+                let (job, _) =
+                    crate::http::transmissions::prepare(&shard, &identity, None, spec).unwrap();
+                let jobs = crate::http::transmissions::spool_jobs(&shard, job)
+                    .await
+                    .unwrap();
+                // Room for what is there and two more segments: ~40 of 600 messages.
+                let used = gannet_spool::Storage::list(&storage).unwrap().len() as u64 * (64 << 10);
+                storage.set_space_bytes_max(Some(used + 2 * (64 << 10)));
+                super::start_jobs(&shard, jobs);
+                let pending = || {
+                    shard
+                        .metrics
+                        .http_generation_pending_recipients
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                };
+                glommio::timer::sleep(Duration::from_millis(1500)).await;
+                assert!(pending() > 0, "generation was not held up by the full disk");
+                storage.set_space_bytes_max(None);
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while shard
+                    .metrics
+                    .http_generation_jobs
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+                {
+                    assert!(Instant::now() < deadline, "generation did not resume");
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                }
+                shard.spool.close().await;
+                let (_, recovered) =
+                    Spool::open(storage.crash(CrashMode::Clean), SpoolConfig::for_shard(0))
+                        .unwrap();
+                let mut seen = BTreeSet::new();
+                for live in &recovered.live {
+                    let m = live.message.get();
+                    assert_eq!(m.recipients.len(), 1, "a job record is still live");
+                    assert!(
+                        seen.insert(m.recipients[0].to_string()),
+                        "{} has two messages",
+                        m.recipients[0]
+                    );
+                }
+                assert_eq!(seen.len(), n);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+}

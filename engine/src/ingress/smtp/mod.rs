@@ -11,7 +11,7 @@ pub mod session;
 pub mod verbs;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::rc::Rc;
 use std::time::Duration;

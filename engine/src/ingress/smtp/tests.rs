@@ -21,14 +21,24 @@ use crate::shard::{SessionLimits, Shard, Shared};
 use crate::storage::ShardStorage;
 
 fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
-    let mut config = Config::default();
-    config.server.hostname = "gannet.test".into();
-    let storage = ShardStorage::Sim(SimStorage::new(7));
     let spool_config = SpoolConfig {
         sync_retry_interval_ms: 50,
         ..SpoolConfig::for_shard(0)
     };
-    let (spool, _) = Spool::open(storage, spool_config).unwrap();
+    shard_on(events_dir, SimStorage::new(7), spool_config)
+}
+
+/// A shard of its own (one of one) on the simulated disk `storage`, with the default
+/// configuration, its events and stored items under `events_dir`. For the in-process
+/// tests of other modules too.
+pub(crate) fn shard_on(
+    events_dir: &std::path::Path,
+    storage: SimStorage,
+    spool_config: SpoolConfig,
+) -> Rc<Shard> {
+    let mut config = Config::default();
+    config.server.hostname = "gannet.test".into();
+    let (spool, _) = Spool::open(ShardStorage::Sim(storage), spool_config).unwrap();
     glommio::spawn_local(spool.clone().run_committer()).detach();
     let shared = Arc::new(Shared {
         api_keys: Default::default(),
