@@ -103,10 +103,16 @@ metrics! {
     queue_held_parts: "gauge",
     /// Delivery connections open and waiting for their queue's next message.
     delivery_connections_idle: "gauge",
-    /// Answers in the shard's DNS cache, and answers dropped to keep it within
-    /// dns_cache_entries_max before they expired.
+    /// Answers in the shard's DNS cache.
     dns_cache_entries: "gauge",
+    /// Answers dropped from the DNS cache to keep it within dns_cache_entries_max
+    /// before they expired.
     dns_cache_evicted_total: "counter",
+    /// Questions sent to the DNS server (not answered from the cache).
+    dns_queries_total: "counter",
+    /// UDP queries sent again because no answer came within a try's share of
+    /// dns_timeout_secs (a lost query or answer, or a slow server).
+    dns_queries_resent_total: "counter",
     /// Events lost because the event log could not be written.
     events_dropped_total: "counter",
 }

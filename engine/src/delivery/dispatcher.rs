@@ -334,9 +334,11 @@ pub async fn run(shard: Rc<Shard>) {
             gauge(&m.queue_ready_parts, queues.ready_len());
             gauge(&m.queue_held_parts, queues.held_len());
             gauge(&m.delivery_connections_idle, d.idle_connections.get());
-            let (cached, evicted) = d.resolver.cache_stats();
-            gauge(&m.dns_cache_entries, cached);
-            gauge(&m.dns_cache_evicted_total, evicted as usize);
+            let dns = d.resolver.stats();
+            gauge(&m.dns_cache_entries, dns.cached);
+            gauge(&m.dns_cache_evicted_total, dns.evicted as usize);
+            gauge(&m.dns_queries_total, dns.queries as usize);
+            gauge(&m.dns_queries_resent_total, dns.resent as usize);
             queues.next_due().map_or(wake_at, |due| due.min(wake_at))
         };
         let sleep_ms = next.saturating_sub(unix_ms()).clamp(1, 1000);

@@ -7,7 +7,7 @@
 
 pub mod cache;
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
@@ -70,6 +70,23 @@ pub struct Resolver {
     server: SocketAddr,
     timeout: Duration,
     cache: RefCell<cache::TtlCache<(String, RecordType), Answer>>,
+    /// Questions asked (not answered from the cache), and UDP queries sent again
+    /// because no answer came within a try's share of the timeout.
+    queries: Cell<u64>,
+    resent: Cell<u64>,
+}
+
+/// What a shard's resolver has done so far (for its metrics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResolverStats {
+    /// Answers cached now.
+    pub cached: usize,
+    /// Answers dropped to make room before they expired.
+    pub evicted: u64,
+    /// Questions sent to the server.
+    pub queries: u64,
+    /// UDP queries sent again after a try's timeout.
+    pub resent: u64,
 }
 
 impl Resolver {
@@ -79,13 +96,20 @@ impl Resolver {
             server,
             timeout,
             cache: RefCell::new(cache::TtlCache::new(cache_entries_max)),
+            queries: Cell::new(0),
+            resent: Cell::new(0),
         }
     }
 
-    /// Answers cached now, and answers dropped to make room before they expired.
-    pub fn cache_stats(&self) -> (usize, u64) {
+    /// What the resolver has done so far.
+    pub fn stats(&self) -> ResolverStats {
         let cache = self.cache.borrow();
-        (cache.len(), cache.evicted)
+        ResolverStats {
+            cached: cache.len(),
+            evicted: cache.evicted,
+            queries: self.queries.get(),
+            resent: self.resent.get(),
+        }
     }
 
     /// The first `nameserver` of /etc/resolv.conf (port 53), if any.
@@ -105,6 +129,31 @@ impl Resolver {
             domain,
         ))
     }
+}
+
+/// A UDP socket of its own for one query, connected to `server`: the kernel gives it
+/// an ephemeral port no other socket holds and delivers to it only datagrams from
+/// the server. (glommio's `UdpSocket::bind` sets SO_REUSEPORT, which lets the kernel
+/// hand the same ephemeral port to many concurrent queries and spread their answers
+/// among them: about one answer in a thousand went to a socket that discarded it, and
+/// its query waited a try's timeout to be sent again.)
+fn query_socket(server: SocketAddr) -> std::io::Result<glommio::net::UdpSocket> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(server),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    let any: SocketAddr = if server.is_ipv4() {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    };
+    socket.bind(&any.into())?;
+    socket.connect(&server.into())?;
+    let fd = std::os::fd::IntoRawFd::into_raw_fd(socket);
+    // SAFETY: `fd` is an open UDP socket that nothing else owns (just released by
+    // `into_raw_fd`); the glommio socket takes it over and closes it.
+    Ok(unsafe { <glommio::net::UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) })
 }
 
 /// What an MX answer means for delivery to `domain`.
@@ -188,6 +237,7 @@ impl Resolver {
         let bytes = message
             .to_vec()
             .map_err(|e| DnsError::Malformed(e.to_string()))?;
+        self.queries.set(self.queries.get() + 1);
         let mut response = self.udp(&bytes, id).await?;
         if response.metadata.truncation {
             response = self.tcp(&bytes, id).await?;
@@ -196,13 +246,7 @@ impl Resolver {
     }
 
     async fn udp(&self, query: &[u8], id: u16) -> Result<Message, DnsError> {
-        let bind: SocketAddr = if self.server.is_ipv4() {
-            "0.0.0.0:0".parse().expect("literal")
-        } else {
-            "[::]:0".parse().expect("literal")
-        };
-        let socket =
-            glommio::net::UdpSocket::bind(bind).map_err(|e| DnsError::Io(e.to_string()))?;
+        let socket = query_socket(self.server).map_err(|e| DnsError::Io(e.to_string()))?;
         let io = |e: std::io::Error| match e.kind() {
             std::io::ErrorKind::TimedOut => DnsError::Timeout {
                 server: self.server,
@@ -215,12 +259,7 @@ impl Resolver {
         let mut buf = vec![0u8; UDP_BYTES_MAX];
         for attempt in 1..=UDP_TRIES {
             deadline(
-                async {
-                    socket
-                        .send_to(query, self.server)
-                        .await
-                        .map_err(std::io::Error::from)
-                },
+                async { socket.send(query).await.map_err(std::io::Error::from) },
                 per_try,
             )
             .await
@@ -228,13 +267,7 @@ impl Resolver {
             let answer = deadline(
                 async {
                     loop {
-                        let (n, from) = socket
-                            .recv_from(&mut buf)
-                            .await
-                            .map_err(std::io::Error::from)?;
-                        if from != self.server {
-                            continue;
-                        }
+                        let n = socket.recv(&mut buf).await.map_err(std::io::Error::from)?;
                         match Message::from_vec(&buf[..n]) {
                             // A stray or spoofed answer with another id is ignored.
                             Ok(m) if m.metadata.id == id => return Ok(Ok(m)),
@@ -248,7 +281,9 @@ impl Resolver {
             .await;
             match answer {
                 Ok(result) => return result,
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && attempt < UDP_TRIES => {}
+                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && attempt < UDP_TRIES => {
+                    self.resent.set(self.resent.get() + 1);
+                }
                 Err(e) => return Err(io(e)),
             }
         }
