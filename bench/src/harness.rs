@@ -80,7 +80,7 @@ pub fn scenarios(scale: u64) -> Vec<Scenario> {
         },
         Scenario {
             name: "many-domains",
-            what: "relay to 10,000 domains (each its own MX host for gannet)",
+            what: "relay to 10,000 domains (each its own MX host for gannet and KumoMTA)",
             relay: true,
             messages: n(50_000),
             concurrency: 50,
@@ -123,6 +123,8 @@ pub struct Tools {
     pub scratch: PathBuf,
     /// Where Haraka is (or gets) installed with npm.
     pub haraka: PathBuf,
+    /// KumoMTA's daemon, when there is one to compare with.
+    pub kumod: Option<PathBuf>,
 }
 
 /// What one run measured.
@@ -240,15 +242,22 @@ fn start_system(
     Ok(match system {
         "pipe" => None,
         "gannet" => {
+            // As many connections to the sink as Postfix
+            // (default_destination_concurrency_limit) and KumoMTA (connection_limit)
+            // are given: the scenario's session count.
+            let shaping = format!(
+                "shaping = {{ connection_limit = {} }}\n",
+                scenario.concurrency
+            );
             let delivery = if !scenario.relay {
                 "[delivery]\nsuspended = true\n".to_string()
             } else if let Some(dns) = dns_port {
                 format!(
-                    "[delivery]\ndns_server = \"127.0.0.1:{dns}\"\nsmtp_port = {sink_port}\ntls = \"disabled\"\n"
+                    "[delivery]\ndns_server = \"127.0.0.1:{dns}\"\nsmtp_port = {sink_port}\ntls = \"disabled\"\n{shaping}"
                 )
             } else {
                 format!(
-                    "[delivery]\ntls = \"disabled\"\nroutes = {{ \"*\" = [\"127.0.0.1:{sink_port}\"] }}\n"
+                    "[delivery]\ntls = \"disabled\"\nroutes = {{ \"*\" = [\"127.0.0.1:{sink_port}\"] }}\n{shaping}"
                 )
             };
             let keys = if scenario.http {
@@ -306,7 +315,23 @@ fn start_system(
                 cores,
             )?)
         }
-        other => bail!("unknown system `{other}` (gannet, postfix, haraka, pipe)"),
+        "kumomta" | "kumomta-sync" => {
+            let Some(kumod) = &tools.kumod else {
+                bail!("{system}: no kumod (give --kumod PATH or put kumod on PATH)");
+            };
+            Some(servers::kumod(
+                kumod,
+                &tools.scratch.join("kumomta"),
+                sink_port,
+                scenario.relay,
+                system == "kumomta-sync",
+                scenario.concurrency,
+                dns_port,
+            )?)
+        }
+        other => {
+            bail!("unknown system `{other}` (gannet, postfix, haraka, kumomta, kumomta-sync, pipe)")
+        }
     })
 }
 
@@ -322,8 +347,10 @@ pub fn applies(system: &str, scenario: &Scenario) -> bool {
 /// Runs one scenario on one system.
 pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) -> Result<Run> {
     let sink = Sink::start(tools, scenario.sink_args)?;
-    // gannet finds many-domains' sites through DNS (one MX host per domain).
-    let dns = if system == "gannet" && scenario.name == "many-domains" {
+    // gannet and KumoMTA find many-domains' sites through DNS (one MX host per
+    // domain); Postfix and Haraka route every domain to the sink.
+    let resolves = matches!(system, "gannet" | "kumomta" | "kumomta-sync");
+    let dns = if resolves && scenario.name == "many-domains" {
         let records: Vec<String> = (0..scenario.domains)
             .flat_map(|d| {
                 [
@@ -451,6 +478,7 @@ fn queue_dir(system: &str, tools: &Tools) -> PathBuf {
     match system {
         "postfix" => PathBuf::from(servers::POSTFIX_INSTANCE),
         "haraka" => tools.haraka.clone(),
+        "kumomta" | "kumomta-sync" => tools.scratch.join("kumomta"),
         _ => tools.scratch.clone(),
     }
 }
@@ -467,6 +495,8 @@ pub fn durable_ack(system: &str) -> &'static str {
         "postfix" => "yes (fsync per message)",
         "haraka" => "no (forwards before it answers; no queue of its own)",
         "pipe" => "no (the sink stores nothing)",
+        "kumomta" => "no (RocksDB write without a sync: KumoMTA's default)",
+        "kumomta-sync" => "yes (msg:set_force_sync(true))",
         _ => "unknown",
     }
 }

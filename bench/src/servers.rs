@@ -334,6 +334,116 @@ fn instance_master_cf(stock: &str, port: u16) -> String {
     out
 }
 
+/// KumoMTA (`kumod`) with a policy of the bench's own in `dir`: an ESMTP listener on a
+/// free loopback port relaying for 127.0.0.1, its RocksDB spools and logs under `dir`,
+/// every queue routed to the sink on `sink_port` without TLS (or, when `relay` is
+/// false, to a closed port with an hour between tries: acceptance only, as Postfix's
+/// deferred delivery). With `force_sync` every received message is synced before its
+/// 250 (`msg:set_force_sync(true)`), the only way KumoMTA's 250 is durable; without it
+/// RocksDB writes without a sync (KumoMTA's default). With `dns` (a dnsmasq port)
+/// each domain goes to its own MX hosts from that server, on the sink's port.
+pub fn kumod(
+    binary: &Path,
+    dir: &Path,
+    sink_port: u16,
+    relay: bool,
+    force_sync: bool,
+    sessions: u64,
+    dns: Option<u16>,
+) -> Result<Server> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let port = free_port();
+    let (to_port, retry) = if relay { (sink_port, "1m") } else { (9, "1h") };
+    let sync = if force_sync {
+        "kumo.on('smtp_server_message_received', function(msg)\n  msg:set_force_sync(true)\nend)\n"
+    } else {
+        ""
+    };
+    // With DNS, every queue goes through an egress source of the bench's whose
+    // remote_port is the sink's (the MX hosts all resolve to 127.0.0.1).
+    let (resolver, route, source) = match dns {
+        Some(dns) => (
+            format!("kumo.dns.configure_resolver {{ name_servers = {{ '127.0.0.1:{dns}' }} }}\n"),
+            "egress_pool = 'bench', ".to_string(),
+            format!(
+                "kumo.on('get_egress_pool', function(name)\n  \
+                   return kumo.make_egress_pool {{ name = name, entries = {{ {{ name = 'bench' }} }} }}\n\
+                 end)\n\
+                 kumo.on('get_egress_source', function(name)\n  \
+                   return kumo.make_egress_source {{ name = name, remote_port = {to_port} }}\n\
+                 end)\n"
+            ),
+        ),
+        None => (
+            String::new(),
+            format!(
+                "protocol = {{ smtp = {{ mx_list = {{ {{ name = 'sink', addr = '127.0.0.1:{to_port}' }} }} }} }}, "
+            ),
+            String::new(),
+        ),
+    };
+    let d = dir.display();
+    let policy = format!(
+        "-- Written by gannet-bench: a loopback relay to the bench's sink.\n\
+         local kumo = require 'kumo'\n\
+         kumo.on('init', function()\n\
+           kumo.start_esmtp_listener {{ listen = '127.0.0.1:{port}', relay_hosts = {{ '127.0.0.1' }} }}\n\
+           kumo.define_spool {{ name = 'data', path = '{d}/data', kind = 'RocksDB' }}\n\
+           kumo.define_spool {{ name = 'meta', path = '{d}/meta', kind = 'RocksDB' }}\n\
+           kumo.configure_local_logs {{ log_dir = '{d}/logs' }}\n\
+           kumo.configure_accounting_db_path('{d}/accounting.db')\n\
+           {resolver}\
+         end)\n\
+         kumo.on('get_queue_config', function(domain, tenant, campaign, routing_domain)\n\
+           return kumo.make_queue_config {{ {route}retry_interval = '{retry}' }}\n\
+         end)\n\
+         kumo.on('get_egress_path_config', function(domain, source, site)\n\
+           return kumo.make_egress_path {{ enable_tls = 'Disabled', prohibited_hosts = {{}}, connection_limit = {sessions} }}\n\
+         end)\n\
+         {source}{sync}"
+    );
+    let path = dir.join("policy.lua");
+    std::fs::write(&path, policy)?;
+    // kumod's own diagnostics (policy errors, startup) stay beside its spools.
+    let log = std::fs::File::create(dir.join("kumod.log"))?;
+    let child = Command::new(binary)
+        .args([
+            "--policy",
+            path.to_str().unwrap_or_default(),
+            "--user",
+            "root",
+        ])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    wait_for_port(port)?;
+    Ok(Server {
+        http_port: 0,
+        name: if force_sync {
+            "kumomta-sync".into()
+        } else {
+            "kumomta".into()
+        },
+        port,
+        pid: child.id(),
+        child: Some(child),
+    })
+}
+
+/// The `kumod` to benchmark: the one given, or the one on PATH.
+pub fn find_kumod(given: Option<&Path>) -> Option<PathBuf> {
+    if let Some(path) = given {
+        return Some(path.to_path_buf());
+    }
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join("kumod"))
+            .find(|candidate| candidate.is_file())
+    })
+}
+
 /// dnsmasq on a free loopback UDP port answering for `.test` with `records`
 /// (`--mx-host=…`, `--host-record=…`); every other `.test` name is NXDOMAIN. Stopped
 /// when the returned peer is dropped.

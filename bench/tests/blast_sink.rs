@@ -440,6 +440,37 @@ fn the_harness_runs_tiny_scenarios_end_to_end() {
     }
 }
 
+/// A system that cannot run is refused before any run starts, with the reason: an
+/// unknown name, or KumoMTA without a kumod that runs.
+#[test]
+fn the_harness_names_a_system_it_cannot_run_before_running_any() {
+    let dir = tempfile::tempdir().unwrap();
+    for (systems, kumod, expected) in [
+        ("gannet,exim", None, "unknown system `exim`"),
+        (
+            "gannet,kumomta",
+            Some("/nonexistent/kumod"),
+            "running /nonexistent/kumod --version",
+        ),
+    ] {
+        let mut bench = Command::new(env!("CARGO_BIN_EXE_gannet-bench"));
+        bench
+            .args(["--systems", systems, "--scenarios", "relay"])
+            .args(["--scale", "1000", "--results", "", "--charts", ""])
+            .args(["--scratch", dir.path().to_str().unwrap()]);
+        if let Some(kumod) = kumod {
+            bench.args(["--kumod", kumod]);
+        }
+        let out = bench.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(expected),
+            "{stderr}"
+        );
+        assert!(out.stdout.is_empty(), "nothing ran");
+    }
+}
+
 /// The gannetd binary of this build profile (built if the workspace has not yet).
 fn gannetd() -> std::path::PathBuf {
     let bin_dir = std::path::Path::new(env!("CARGO_BIN_EXE_gannet-blast"))

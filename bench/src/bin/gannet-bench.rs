@@ -28,13 +28,14 @@ struct Args {
         default_value = "durable-accept,relay,backpressure,many-domains,large"
     )]
     scenarios: Vec<String>,
-    /// Systems to compare.
-    #[arg(
-        long,
-        value_delimiter = ',',
-        default_value = "gannet,postfix,haraka,pipe"
-    )]
+    /// Systems to compare: gannet, postfix, haraka, kumomta (KumoMTA's default, no
+    /// sync before its 250), kumomta-sync (with msg:set_force_sync(true)), pipe.
+    /// Default: all of them, the KumoMTA pair only when there is a kumod.
+    #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
+    /// KumoMTA's daemon to compare with (default: `kumod` on PATH, if any).
+    #[arg(long)]
+    kumod: Option<PathBuf>,
     /// Runs of each system per scenario (the order rotates each time).
     #[arg(long, default_value_t = 3)]
     repetitions: u64,
@@ -59,7 +60,44 @@ struct Args {
 }
 
 fn main() -> Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    let kumod = gannet_bench::servers::find_kumod(args.kumod.as_deref());
+    if args.systems.is_empty() {
+        args.systems = ["gannet", "postfix", "haraka", "pipe"]
+            .map(String::from)
+            .to_vec();
+        if kumod.is_some() {
+            args.systems
+                .splice(3..3, ["kumomta".to_string(), "kumomta-sync".to_string()]);
+        }
+    }
+    // A system that cannot run is named before any run starts, not an hour in.
+    const SYSTEMS: [&str; 6] = [
+        "gannet",
+        "postfix",
+        "haraka",
+        "kumomta",
+        "kumomta-sync",
+        "pipe",
+    ];
+    if let Some(other) = args.systems.iter().find(|s| !SYSTEMS.contains(&s.as_str())) {
+        bail!("unknown system `{other}` ({})", SYSTEMS.join(", "));
+    }
+    let kumod_version = if args.systems.iter().any(|s| s.starts_with("kumomta")) {
+        let Some(kumod) = &kumod else {
+            bail!("kumomta: no kumod (give --kumod PATH or put kumod on PATH)");
+        };
+        let out = std::process::Command::new(kumod)
+            .arg("--version")
+            .output()
+            .with_context(|| format!("running {} --version", kumod.display()))?;
+        if !out.status.success() {
+            bail!("{} --version failed", kumod.display());
+        }
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_string())
+    } else {
+        None
+    };
     let here = std::env::current_exe()?
         .parent()
         .context("the binary's directory")?
@@ -70,6 +108,7 @@ fn main() -> Result<()> {
         sink: here.join("gannet-sink"),
         scratch: args.scratch.clone(),
         haraka: args.haraka.clone(),
+        kumod,
     };
     // Peers the systems need (Postfix, dnsmasq), installed when missing.
     let missing = !std::path::Path::new("/usr/sbin/postfix").exists()
@@ -126,13 +165,18 @@ fn main() -> Result<()> {
         }
     }
     let _ = std::fs::remove_dir_all(&args.scratch);
-    let md = report(&args, &chosen, &runs)?;
+    let md = report(&args, &chosen, &runs, kumod_version.as_deref())?;
     print!("{md}");
     append_results(&args.results, &md)?;
     Ok(())
 }
 
-fn report(args: &Args, scenarios: &[harness::Scenario], runs: &[Run]) -> Result<String> {
+fn report(
+    args: &Args,
+    scenarios: &[harness::Scenario],
+    runs: &[Run],
+    kumod_version: Option<&str>,
+) -> Result<String> {
     let mut md = String::new();
     let rev = command_output("git", &["rev-parse", "--short", "HEAD"]);
     let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
@@ -147,8 +191,11 @@ fn report(args: &Args, scenarios: &[harness::Scenario], runs: &[Run]) -> Result<
     )?;
     writeln!(
         md,
-        "- gannet: 250 after fdatasync, one shard per core; postfix: Postfix as an instance of the bench's own (relay via a transport map to the sink, or delivery deferred for durable-accept); haraka: Haraka 3.3.4, one worker per core, queue/smtp_forward to the sink (250 after the sink accepted; relay scenarios only); pipe: generator → sink directly"
+        "- gannet: 250 after fdatasync, one shard per core; postfix: Postfix as an instance of the bench's own (relay via a transport map to the sink, or delivery deferred for durable-accept); haraka: Haraka 3.3.4, one worker per core, queue/smtp_forward to the sink (250 after the sink accepted; relay scenarios only); kumomta: KumoMTA's kumod with a policy the bench writes (RocksDB spools in the scratch directory, every queue to the sink, MX from dnsmasq for many-domains), without and with msg:set_force_sync(true); every system may open as many connections per destination as the scenario has sessions; pipe: generator → sink directly"
     )?;
+    if let Some(version) = kumod_version {
+        writeln!(md, "- KumoMTA: `{version}`")?;
+    }
     for scenario in scenarios {
         let of = |system: &str| -> Vec<&Run> {
             runs.iter()
