@@ -183,6 +183,13 @@ impl Sink {
 
     /// Messages received so far.
     fn received(&self) -> Result<u64> {
+        Ok(self.progress()?.0)
+    }
+
+    /// Messages received so far, and recipients the sink has answered (accepted,
+    /// refused for now or for good): once that reaches the recipients sent, every
+    /// message has been tried at least once.
+    fn progress(&self) -> Result<(u64, u64)> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(self.http)?;
         s.write_all(b"GET /total HTTP/1.0\r\n\r\n")?;
@@ -190,7 +197,18 @@ impl Sink {
         s.read_to_string(&mut text)?;
         let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
         let v: serde_json::Value = serde_json::from_str(body)?;
-        Ok(v["messages"].as_u64().unwrap_or(0))
+        let tried = v["domains"].as_object().map_or(0, |domains| {
+            domains
+                .values()
+                .map(|d| {
+                    ["rcpt_accepted", "rcpt_tempfailed", "rcpt_permfailed"]
+                        .iter()
+                        .map(|k| d[*k].as_u64().unwrap_or(0))
+                        .sum::<u64>()
+                })
+                .sum()
+        });
+        Ok((v["messages"].as_u64().unwrap_or(0), tried))
     }
 }
 
@@ -402,22 +420,26 @@ pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) ->
     let deadline = start + Duration::from_secs(3600);
     loop {
         let at = start.elapsed().as_secs_f64();
-        let received = sink.received().unwrap_or(0);
+        let (received, tried) = sink.progress().unwrap_or((0, 0));
         if let Some(pid) = pid {
             peak_rss_kb = peak_rss_kb.max(tree_rss_kb(pid));
         }
-        if received != last_change.1 {
-            last_change = (Instant::now(), received);
+        if received + tried != last_change.1 {
+            last_change = (Instant::now(), received + tried);
         }
         timeline.push((at, received));
         if blast_done.is_none() && blast.try_wait()?.is_some() {
             blast_done = Some(start.elapsed());
         }
         if let Some(done) = blast_done {
-            let quiet = last_change.0.elapsed() > Duration::from_secs(2);
-            let sent_all = !scenario.relay || received >= scenario.messages;
+            // A relay ends once every message reached the sink or was at least tried
+            // there (a 4xx is retried on the system's own schedule, minutes later);
+            // a system that stops sending for 30 s ends it too (the time is to the
+            // last message received, so waiting costs the system nothing).
+            let quiet = last_change.0.elapsed() > Duration::from_secs(30);
+            let tried_all = received >= scenario.messages || tried >= scenario.messages;
             if !scenario.relay
-                || sent_all
+                || tried_all
                 || quiet
                 || start.elapsed() > done + Duration::from_secs(600)
             {

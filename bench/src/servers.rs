@@ -399,7 +399,7 @@ pub fn kumod(
            return kumo.make_queue_config {{ {route}retry_interval = '{retry}' }}\n\
          end)\n\
          kumo.on('get_egress_path_config', function(domain, source, site)\n\
-           return kumo.make_egress_path {{ enable_tls = 'Disabled', prohibited_hosts = {{}}, connection_limit = {sessions} }}\n\
+           return kumo.make_egress_path {{ enable_tls = 'Disabled', prohibited_hosts = {{}}, connection_limit = {sessions}, max_ready = 1000000 }}\n\
          end)\n\
          {source}{sync}"
     );
