@@ -16,6 +16,10 @@ tools/install-peers.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "layers: no new import cycle between the engine's modules"
+python3 tools/layers.py --self-test
+python3 tools/layers.py
+
 step "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets -- -D warnings
 

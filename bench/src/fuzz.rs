@@ -4,7 +4,7 @@
 //! every crash found so far on the stable toolchain in the test command, so a fixed
 //! crash stays fixed. A harness panics only where the code under test is wrong.
 
-use gannet_engine::config::Config;
+use gannet_core::config::Config;
 use gannet_engine::delivery::client::take_reply;
 use gannet_engine::generate::template::{Flavor, Scope, Template};
 use gannet_engine::generate::tracking::{Track, TrackingKey};

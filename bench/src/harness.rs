@@ -125,6 +125,9 @@ pub struct Tools {
     pub haraka: PathBuf,
     /// KumoMTA's daemon, when there is one to compare with.
     pub kumod: Option<PathBuf>,
+    /// Another gannetd (an earlier build) run as `gannet-baseline` with the same
+    /// configuration: a change compared with what it changed, in one run.
+    pub baseline: Option<PathBuf>,
 }
 
 /// What one run measured.
@@ -259,7 +262,14 @@ fn start_system(
     let dir = tools.scratch.join("gannet");
     Ok(match system {
         "pipe" => None,
-        "gannet" => {
+        "gannet" | "gannet-baseline" => {
+            let binary = if system == "gannet" {
+                &tools.gannetd
+            } else {
+                tools.baseline.as_ref().context(
+                    "gannet-baseline: no baseline gannetd (give --baseline-gannetd PATH)",
+                )?
+            };
             // As many connections to the sink as Postfix
             // (default_destination_concurrency_limit) and KumoMTA (connection_limit)
             // are given: the scenario's session count.
@@ -281,13 +291,13 @@ fn start_system(
             let keys = if scenario.http {
                 format!(
                     "api_keys = [{{ name = \"harness\", key_sha256 = \"{}\" }}]\n",
-                    gannet_engine::auth::KeyDigest::of(HTTP_KEY)
+                    gannet_core::auth::KeyDigest::of(HTTP_KEY)
                 )
             } else {
                 String::new()
             };
             Some(servers::gannetd(
-                &tools.gannetd,
+                binary,
                 &dir,
                 0,
                 "",
@@ -357,7 +367,7 @@ fn start_system(
 /// into; only gannet has an HTTP injection API).
 pub fn applies(system: &str, scenario: &Scenario) -> bool {
     if scenario.http {
-        return system == "gannet";
+        return system.starts_with("gannet");
     }
     system != "haraka" || scenario.relay
 }
@@ -367,7 +377,10 @@ pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) ->
     let sink = Sink::start(tools, scenario.sink_args)?;
     // gannet and KumoMTA find many-domains' sites through DNS (one MX host per
     // domain); Postfix and Haraka route every domain to the sink.
-    let resolves = matches!(system, "gannet" | "kumomta" | "kumomta-sync");
+    let resolves = matches!(
+        system,
+        "gannet" | "gannet-baseline" | "kumomta" | "kumomta-sync"
+    );
     let dns = if resolves && scenario.name == "many-domains" {
         let records: Vec<String> = (0..scenario.domains)
             .flat_map(|d| {
@@ -513,7 +526,7 @@ fn queue_dir(system: &str, tools: &Tools) -> PathBuf {
 /// compared without saying so.
 pub fn durable_ack(system: &str) -> &'static str {
     match system {
-        "gannet" => "yes (fdatasync, group commit)",
+        "gannet" | "gannet-baseline" => "yes (fdatasync, group commit)",
         "postfix" => "yes (fsync per message)",
         "haraka" => "no (forwards before it answers; no queue of its own)",
         "pipe" => "no (the sink stores nothing)",

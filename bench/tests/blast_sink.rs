@@ -441,7 +441,7 @@ fn the_harness_runs_tiny_scenarios_end_to_end() {
 }
 
 /// A system that cannot run is refused before any run starts, with the reason: an
-/// unknown name, or KumoMTA without a kumod that runs.
+/// unknown name, KumoMTA without a kumod that runs, a baseline without its binary.
 #[test]
 fn the_harness_names_a_system_it_cannot_run_before_running_any() {
     let dir = tempfile::tempdir().unwrap();
@@ -451,6 +451,11 @@ fn the_harness_names_a_system_it_cannot_run_before_running_any() {
             "gannet,kumomta",
             Some("/nonexistent/kumod"),
             "running /nonexistent/kumod --version",
+        ),
+        (
+            "gannet,gannet-baseline",
+            None,
+            "give the earlier gannetd with --baseline-gannetd",
         ),
     ] {
         let mut bench = Command::new(env!("CARGO_BIN_EXE_gannet-bench"));

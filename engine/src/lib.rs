@@ -3,9 +3,6 @@
 //! shard that owns the destination site. `gannetd` (src/main.rs) is its command line;
 //! benchmarks link the library to measure its parts. ARCHITECTURE.md maps the code.
 
-pub mod auth;
-pub mod clock;
-pub mod config;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
@@ -16,11 +13,13 @@ pub mod ingress;
 pub mod live;
 pub mod mesh;
 pub mod metrics;
+pub mod notes;
 pub mod policy;
 pub mod queue;
 pub mod runtime;
 pub mod shard;
 pub mod storage;
+pub mod timer;
 pub mod tls;
 
 #[cfg(test)]

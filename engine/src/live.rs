@@ -7,7 +7,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use crate::delivery::shaping::{ShapingTable, Suspension};
+use gannet_core::shaping::{ShapingTable, Suspension};
 
 #[derive(Debug)]
 pub struct Live {

@@ -7,8 +7,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use gannet_engine::config::{self, Config};
-use gannet_engine::{auth, runtime};
+use gannet_core::auth;
+use gannet_core::config::{self, Config};
+use gannet_engine::runtime;
 
 /// gannet mail transfer agent daemon.
 #[derive(Debug, Parser)]

@@ -10,14 +10,14 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use gannet_spool::Spool;
 
-use crate::auth::Credentials;
-use crate::config::Config;
 use crate::events::{Event, EventLog};
 use crate::ingress::smtp::message::MetaHeaders;
 use crate::metrics::ShardMetrics;
 use crate::policy::Policy;
 use crate::runtime::io::Shutdown;
 use crate::storage::ShardStorage;
+use gannet_core::auth::Credentials;
+use gannet_core::config::Config;
 
 /// Process-wide state, built before the executors start and never written after.
 #[derive(Debug)]
@@ -25,7 +25,7 @@ pub struct Shared {
     pub config: Config,
     pub credentials: Credentials,
     /// Keys of the HTTP injection API.
-    pub api_keys: crate::auth::ApiKeys,
+    pub api_keys: gannet_core::auth::ApiKeys,
     /// Stored templates and recipient lists.
     pub store: Arc<crate::generate::store::Store>,
     /// Signs and checks engagement tracking tokens.
@@ -39,7 +39,7 @@ pub struct Shared {
     pub policy: Box<dyn Policy + Send + Sync>,
     pub meta_headers: MetaHeaders,
     /// The shards' inboxes (parts handed to the owner of their site, and reports).
-    pub mesh: crate::mesh::Mesh,
+    pub mesh: crate::mesh::Mesh<crate::notes::Note>,
     /// Every shard's metrics, indexed by shard number.
     pub metrics: Vec<Arc<ShardMetrics>>,
     pub sessions: Arc<SessionLimits>,

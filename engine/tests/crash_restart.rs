@@ -130,7 +130,7 @@ fn kill_9_under_load_restarts_at_once_on_the_same_ports_and_loses_nothing() {
          api_keys = [{{ name = \"t\", key_sha256 = \"{}\", tenant = \"acme\" }}]\n\
          [delivery]\nsuspended = true\n",
         dir.path().join("data").display(),
-        gannet_engine::auth::KeyDigest::of(KEY)
+        gannet_core::auth::KeyDigest::of(KEY)
     );
     let mut daemon = Daemon::start_in(dir, &config);
     assert_eq!(daemon.smtp.port(), smtp);

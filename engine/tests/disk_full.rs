@@ -106,7 +106,7 @@ fn a_full_disk_refuses_with_4xx_and_503_and_acceptance_resumes_when_space_return
          api_keys = [{{ name = \"t\", key_sha256 = \"{}\", tenant = \"acme\" }}]\n\
          [spool]\nsegment_bytes = 1048576\n[delivery]\nsuspended = true\n",
         disk.at.display(),
-        gannet_engine::auth::KeyDigest::of(KEY)
+        gannet_core::auth::KeyDigest::of(KEY)
     );
     let mut daemon = Daemon::start_in(dir, &config);
     let mut accepted = Vec::new();

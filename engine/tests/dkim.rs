@@ -185,7 +185,7 @@ fn every_signature_combination_verifies_with_dkimpy() {
     let keys = Keys::new();
     let records = dns_records(&keys);
     let sink = sink();
-    let digest = gannet_engine::auth::KeyDigest::of(KEY);
+    let digest = gannet_core::auth::KeyDigest::of(KEY);
     let routes = format!("\"x.test\" = [\"127.0.0.1:{}\"]", sink.port);
     let daemon = Daemon::start(
         "",

@@ -15,7 +15,7 @@ const KEY: &str = "gannet-test-key-5c1e0b7f2a9d4e61";
 fn key_config() -> String {
     format!(
         "api_keys = [{{ name = \"tests\", key_sha256 = \"{}\", tenant = \"acme\" }}]\ntls_listen = [\"127.0.0.1:0\"]\n",
-        gannet_engine::auth::KeyDigest::of(KEY)
+        gannet_core::auth::KeyDigest::of(KEY)
     )
 }
 
@@ -287,7 +287,7 @@ fn one_recipient_with_attachments_inline_images_and_amp() {
 fn rfc822_content_with_substitutions_and_a_scheduled_start() {
     let sink = sink();
     let daemon = daemon(sink.port, "");
-    let start_ms = gannet_engine::clock::unix_ms() + 2_000;
+    let start_ms = gannet_core::clock::unix_ms() + 2_000;
     let secs = start_ms / 1000 + 1;
     let body = json!({
         "options": {"start_time": rfc3339(secs)},
@@ -1393,9 +1393,9 @@ fn tenants_own_their_stored_items_keys_have_roles_and_listeners_serve_their_serv
          services = [\"inject\", \"admin\", \"metrics\"]\n\
          listeners = [{{ address = \"127.0.0.1:0\", services = [\"tracking\"] }}]\n\
          templates_max = 2\nrecipient_lists_max = 1\n",
-        gannet_engine::auth::KeyDigest::of(KEY),
-        gannet_engine::auth::KeyDigest::of(KEY_BETA),
-        gannet_engine::auth::KeyDigest::of(KEY_ADMIN),
+        gannet_core::auth::KeyDigest::of(KEY),
+        gannet_core::auth::KeyDigest::of(KEY_BETA),
+        gannet_core::auth::KeyDigest::of(KEY_ADMIN),
     );
     let mut daemon = Daemon::start("", &keys);
     let main = daemon.http;

@@ -19,7 +19,7 @@ const KEY: &str = "gannet-panic-key-6b2e91c04d7f3a58";
 fn config_extra() -> String {
     format!(
         "api_keys = [{{ name = \"t\", key_sha256 = \"{}\", tenant = \"acme\" }}]\n",
-        gannet_engine::auth::KeyDigest::of(KEY)
+        gannet_core::auth::KeyDigest::of(KEY)
     )
 }
 

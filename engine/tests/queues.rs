@@ -19,7 +19,7 @@ const ADMIN_KEY: &str = "gannet-admin-key-3f7a0c2d9e1b8456";
 fn admin_key_config() -> String {
     format!(
         "api_keys = [{{ name = \"ops\", key_sha256 = \"{}\", role = \"admin\" }}]\n",
-        gannet_engine::auth::KeyDigest::of(ADMIN_KEY)
+        gannet_core::auth::KeyDigest::of(ADMIN_KEY)
     )
 }
 

@@ -23,8 +23,8 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use gannet_core::shaping::ShapingTable;
 use gannet_engine::delivery::client::{ClientError, Response};
-use gannet_engine::delivery::shaping::ShapingTable;
 use gannet_engine::queue::health::AfterFailure;
 use gannet_engine::queue::settle::{self, After, RetryPolicy, Verdict};
 use gannet_engine::queue::{self, Egress, Message, Part, Queues, Site};

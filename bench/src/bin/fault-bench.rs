@@ -217,7 +217,7 @@ fn main() -> Result<()> {
              [delivery]\nsuspended = true\n",
             data.display(),
             args.shards,
-            gannet_engine::auth::KeyDigest::of(KEY)
+            gannet_core::auth::KeyDigest::of(KEY)
         ),
     )?;
     let mut child = start(&args.gannetd, &config)?;

@@ -29,8 +29,9 @@ struct Args {
     )]
     scenarios: Vec<String>,
     /// Systems to compare: gannet, postfix, haraka, kumomta (KumoMTA's default, no
-    /// sync before its 250), kumomta-sync (with msg:set_force_sync(true)), pipe.
-    /// Default: all of them, the KumoMTA pair only when there is a kumod.
+    /// sync before its 250), kumomta-sync (with msg:set_force_sync(true)), pipe,
+    /// gannet-baseline (--baseline-gannetd). Default: all but the baseline, the
+    /// KumoMTA pair only when there is a kumod.
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
     /// KumoMTA's daemon to compare with (default: `kumod` on PATH, if any).
@@ -45,6 +46,10 @@ struct Args {
     /// The gannetd binary.
     #[arg(long, default_value = "target/release/gannetd")]
     gannetd: PathBuf,
+    /// An earlier gannetd to run beside it as system `gannet-baseline` (same
+    /// configuration), so that a change is measured against what it changed in one run.
+    #[arg(long)]
+    baseline_gannetd: Option<PathBuf>,
     /// Scratch directory (gannet's data, Postfix's transport map).
     #[arg(long, default_value = "/tmp/gannet-bench")]
     scratch: PathBuf,
@@ -72,8 +77,9 @@ fn main() -> Result<()> {
         }
     }
     // A system that cannot run is named before any run starts, not an hour in.
-    const SYSTEMS: [&str; 6] = [
+    const SYSTEMS: [&str; 7] = [
         "gannet",
+        "gannet-baseline",
         "postfix",
         "haraka",
         "kumomta",
@@ -82,6 +88,13 @@ fn main() -> Result<()> {
     ];
     if let Some(other) = args.systems.iter().find(|s| !SYSTEMS.contains(&s.as_str())) {
         bail!("unknown system `{other}` ({})", SYSTEMS.join(", "));
+    }
+    if args.systems.iter().any(|s| s == "gannet-baseline") {
+        match &args.baseline_gannetd {
+            Some(path) if path.is_file() => {}
+            Some(path) => bail!("gannet-baseline: {} is not a file", path.display()),
+            None => bail!("gannet-baseline: give the earlier gannetd with --baseline-gannetd PATH"),
+        }
     }
     let kumod_version = if args.systems.iter().any(|s| s.starts_with("kumomta")) {
         let Some(kumod) = &kumod else {
@@ -109,6 +122,7 @@ fn main() -> Result<()> {
         scratch: args.scratch.clone(),
         haraka: args.haraka.clone(),
         kumod,
+        baseline: args.baseline_gannetd.clone(),
     };
     // Peers the systems need (Postfix, dnsmasq), installed when missing.
     let missing = !std::path::Path::new("/usr/sbin/postfix").exists()
@@ -195,6 +209,17 @@ fn report(
     )?;
     if let Some(version) = kumod_version {
         writeln!(md, "- KumoMTA: `{version}`")?;
+    }
+    if let Some(baseline) = args
+        .baseline_gannetd
+        .as_ref()
+        .filter(|_| args.systems.iter().any(|s| s == "gannet-baseline"))
+    {
+        writeln!(
+            md,
+            "- gannet-baseline: `{}`, an earlier build run with gannet's configuration",
+            baseline.display()
+        )?;
     }
     for scenario in scenarios {
         let of = |system: &str| -> Vec<&Run> {

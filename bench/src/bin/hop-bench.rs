@@ -17,8 +17,10 @@ use std::time::Instant;
 use anyhow::{Result, anyhow};
 use clap::Parser;
 use gannet_bench::{append_results, command_output, machine};
+use gannet_core::handoff::{Handoff, Report, SiteSpec};
 use gannet_engine::delivery::client::Response;
-use gannet_engine::mesh::{Handoff, Mesh, Note, Report, SiteSpec};
+use gannet_engine::mesh::Mesh;
+use gannet_engine::notes::Note;
 use glommio::{LocalExecutorBuilder, Placement};
 use hdrhistogram::Histogram;
 
@@ -60,7 +62,7 @@ fn handoff(token: u64, body: &[u8]) -> Note {
 }
 
 /// Shard 1: answers every handoff with a report (`echo`) or just counts them.
-async fn owner(mesh: Arc<Mesh>, expected: u64, echo: bool) {
+async fn owner(mesh: Arc<Mesh<Note>>, expected: u64, echo: bool) {
     let mut notes = Vec::with_capacity(64);
     let mut seen = 0;
     while seen < expected {

@@ -67,7 +67,7 @@ const KEY: &str = "http-bench-key-7d0c2b94e1a8";
 
 /// gannetd with an API key and delivery suspended; its HTTP and SMTP addresses.
 fn start(args: &Args) -> Result<(Server, SocketAddr, SocketAddr)> {
-    let digest = gannet_engine::auth::KeyDigest::of(KEY);
+    let digest = gannet_core::auth::KeyDigest::of(KEY);
     // A million recipients inline is a ~160 MB request.
     let rest = format!(
         "api_keys = [{{ name = \"bench\", key_sha256 = \"{digest}\" }}]\nrequest_bytes_max = 1073741824\n\

@@ -12,46 +12,9 @@ use std::time::Duration;
 
 use crate::runtime::io::Conn;
 
-/// When to use STARTTLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TlsMode {
-    Disabled,
-    /// Use it when offered, accepting any certificate; fall back to plaintext when not.
-    Opportunistic,
-    /// Refuse to deliver unless STARTTLS succeeds with a certificate valid for the host.
-    Required,
-}
+pub use gannet_core::config::TlsMode;
 
-/// Timeouts per SMTP phase.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Timeouts {
-    pub connect: Duration,
-    pub banner: Duration,
-    pub ehlo: Duration,
-    pub starttls: Duration,
-    pub mail: Duration,
-    pub rcpt: Duration,
-    pub data: Duration,
-    /// From the end of data to the final reply.
-    pub data_done: Duration,
-}
-
-impl Default for Timeouts {
-    /// RFC 5321 4.5.3.2's minimums, shortened for connect, banner and EHLO.
-    fn default() -> Self {
-        Timeouts {
-            connect: Duration::from_secs(30),
-            banner: Duration::from_secs(60),
-            ehlo: Duration::from_secs(60),
-            starttls: Duration::from_secs(60),
-            mail: Duration::from_secs(300),
-            rcpt: Duration::from_secs(300),
-            data: Duration::from_secs(120),
-            data_done: Duration::from_secs(600),
-        }
-    }
-}
+pub use gannet_core::shaping::Timeouts;
 
 /// What the client is told to do.
 #[derive(Debug, Clone)]
@@ -62,59 +25,7 @@ pub struct ClientOptions {
     pub timeouts: Timeouts,
 }
 
-/// One reply from the server: its code and its text lines (codes removed), joined by
-/// newlines.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Response {
-    pub code: u16,
-    pub text: String,
-}
-
-impl Response {
-    /// A reply made up locally for a failure that had no server reply.
-    pub fn local(code: u16, text: impl Into<String>) -> Response {
-        Response {
-            code,
-            text: text.into(),
-        }
-    }
-
-    /// The enhanced status code (RFC 3463) the text starts with, if any.
-    pub fn enhanced_code(&self) -> Option<&str> {
-        let first = self.text.split_whitespace().next()?;
-        let mut parts = first.split('.');
-        let class = parts.next()?;
-        let ok = matches!(class, "2" | "4" | "5")
-            && parts.clone().count() == 2
-            && parts.all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
-        ok.then_some(first)
-    }
-
-    pub fn is_positive(&self) -> bool {
-        (200..400).contains(&self.code)
-    }
-
-    /// The enhanced status code at the start of the text, if any (RFC 3463).
-    pub fn enhanced(&self) -> Option<&str> {
-        let first = self.text.split(' ').next()?;
-        let mut parts = first.split('.');
-        let ok = parts.next().is_some_and(|c| matches!(c, "2" | "4" | "5"))
-            && parts.next().is_some_and(|p| {
-                !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())
-            })
-            && parts.next().is_some_and(|p| {
-                !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())
-            })
-            && parts.next().is_none();
-        ok.then_some(first)
-    }
-}
-
-impl std::fmt::Display for Response {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}", self.code, self.text.replace('\n', " / "))
-    }
-}
+pub use gannet_core::reply::Response;
 
 /// Why a connection or a transaction failed as a whole.
 #[derive(Debug, thiserror::Error)]

@@ -19,15 +19,15 @@ use gannet_spool::{Spool, UpdateRecord};
 
 use super::bounce;
 use super::client::{ClientOptions, Envelope, Response, Session, Timeouts};
-use super::shaping::ShapingTable;
 use super::tls::ClientTls;
-use crate::clock::unix_ms;
-use crate::config::Config;
 use crate::events::{Event, Outcome};
 use crate::metrics::ShardMetrics;
 use crate::queue::{self, Message, Part, Queues, Routes, Site};
 use crate::shard::Shard;
 use crate::storage::ShardStorage;
+use gannet_core::clock::unix_ms;
+use gannet_core::config::Config;
+use gannet_core::shaping::ShapingTable;
 
 /// A shard's delivery state.
 #[derive(Debug)]
@@ -454,7 +454,7 @@ fn place(shard: &Shard, mut part: Part, now: u64) {
             push_ready(shard, part, now);
             return;
         };
-        crate::mesh::Handoff {
+        gannet_core::handoff::Handoff {
             from: shard.id,
             token,
             sender: m.sender.clone(),
@@ -465,7 +465,7 @@ fn place(shard: &Shard, mut part: Part, now: u64) {
                 .collect(),
             // The one copy of the body a hop costs (the mapping stays on this shard).
             body: Arc::new(stored.get().body.to_vec()),
-            site: crate::mesh::SiteSpec {
+            site: gannet_core::handoff::SiteSpec {
                 name: site.name.clone(),
                 hosts: site.hosts.clone(),
                 host_names: site.host_names.clone(),
@@ -473,7 +473,7 @@ fn place(shard: &Shard, mut part: Part, now: u64) {
             egress: egress.name.clone(),
         }
     };
-    match mesh.send(owner, crate::mesh::Note::Handoff(Box::new(handoff))) {
+    match mesh.send(owner, crate::notes::Note::Handoff(Box::new(handoff))) {
         Ok(()) => {
             ShardMetrics::add(&shard.metrics.mesh_handoffs_total, 1);
             d.handed.borrow_mut().insert(token, part);
@@ -540,7 +540,7 @@ pub async fn inbox(shard: Rc<Shard>) {
         .await;
         for note in notes.drain(..) {
             match note {
-                crate::mesh::Note::Handoff(h) => {
+                crate::notes::Note::Handoff(h) => {
                     let site = Rc::new(Site {
                         name: h.site.name.clone(),
                         hosts: h.site.hosts.clone(),
@@ -555,7 +555,7 @@ pub async fn inbox(shard: Rc<Shard>) {
                     if let Err(h) = refused {
                         // Full: the home shard delays the part. Sent from a task, as
                         // this one must keep draining the inbox meanwhile.
-                        let report = crate::mesh::Report {
+                        let report = gannet_core::handoff::Report {
                             token: h.token,
                             results: Vec::new(),
                             peer: None,
@@ -570,12 +570,12 @@ pub async fn inbox(shard: Rc<Shard>) {
                     }
                     d.wake.raise();
                 }
-                crate::mesh::Note::Wake => d.wake.raise(),
-                crate::mesh::Note::Generate(g) => {
+                crate::notes::Note::Wake => d.wake.raise(),
+                crate::notes::Note::Generate(g) => {
                     let shard = shard.clone();
                     glommio::spawn_local(async move {
                         let ok = crate::generate::generate_chunk(&shard, &g.job, g.chunk).await;
-                        let done = crate::mesh::Note::Generated {
+                        let done = crate::notes::Note::Generated {
                             key: g.key,
                             chunk: g.chunk,
                             ok,
@@ -584,10 +584,10 @@ pub async fn inbox(shard: Rc<Shard>) {
                     })
                     .detach();
                 }
-                crate::mesh::Note::Generated { key, chunk, ok } => {
+                crate::notes::Note::Generated { key, chunk, ok } => {
                     shard.generation.chunk_done(key, chunk, ok);
                 }
-                crate::mesh::Note::Report(r) => {
+                crate::notes::Note::Report(r) => {
                     let Some(part) = d.handed.borrow_mut().remove(&r.token) else {
                         continue;
                     };
@@ -612,12 +612,12 @@ const INBOX_BATCH: usize = 64;
 
 /// Sends a report home, retrying while the home inbox is full (a report must not be
 /// lost: the home shard holds the part until it hears back).
-async fn report_home(shard: &Shard, to: u16, report: crate::mesh::Report) {
-    send_home(shard, to, crate::mesh::Note::Report(report)).await;
+async fn report_home(shard: &Shard, to: u16, report: gannet_core::handoff::Report) {
+    send_home(shard, to, crate::notes::Note::Report(report)).await;
 }
 
 /// Sends a note that must not be lost, retrying while the inbox is full.
-async fn send_home(shard: &Shard, to: u16, mut note: crate::mesh::Note) {
+async fn send_home(shard: &Shard, to: u16, mut note: crate::notes::Note) {
     loop {
         match shard.shared.mesh.send(to, note) {
             Ok(()) => return,
@@ -626,7 +626,7 @@ async fn send_home(shard: &Shard, to: u16, mut note: crate::mesh::Note) {
                 if shard.shutdown.is_raised() {
                     return;
                 }
-                crate::runtime::io::sleep(Duration::from_millis(1)).await;
+                crate::timer::sleep(Duration::from_millis(1)).await;
             }
         }
     }
@@ -635,7 +635,7 @@ async fn send_home(shard: &Shard, to: u16, mut note: crate::mesh::Note) {
 /// Work a connection can take from a ready queue.
 enum Work {
     Local(Part),
-    Remote(Box<crate::mesh::Handoff>),
+    Remote(Box<gannet_core::handoff::Handoff>),
 }
 
 /// What a connection may do next.
@@ -661,7 +661,7 @@ fn next_work(shard: &Shard, key: &str, rated: bool) -> Next {
         return Next::Done;
     }
     // No clock read per message when the rate is unlimited (the common case).
-    let limited = q.shaping.max_message_rate != crate::config::shaping::Rate::Unlimited;
+    let limited = q.shaping.max_message_rate != gannet_core::config::shaping::Rate::Unlimited;
     if rated
         && limited
         && let Err(wait) = q.messages.acquire(unix_ms() * 1000)
@@ -716,7 +716,7 @@ async fn wait_for_work(shard: &Shard, key: &str, limit: Duration) -> bool {
 }
 
 /// The shaping a connection follows (read again per message: it may change live).
-fn shaping_of(shard: &Shard, key: &str) -> Option<super::shaping::Shaping> {
+fn shaping_of(shard: &Shard, key: &str) -> Option<gannet_core::shaping::Shaping> {
     shard
         .dispatcher
         .queues
@@ -772,7 +772,7 @@ enum Loaded {
         recipients: Vec<String>,
         stored: gannet_spool::MessageRef,
     },
-    Remote(Box<crate::mesh::Handoff>),
+    Remote(Box<gannet_core::handoff::Handoff>),
 }
 
 impl Loaded {
@@ -860,7 +860,7 @@ async fn fail(shard: &Shard, work: Work, response: &Response) {
             settle(shard, part, results, None, None);
         }
         Work::Remote(h) => {
-            let report = crate::mesh::Report {
+            let report = gannet_core::handoff::Report {
                 token: h.token,
                 results: vec![response.clone(); h.recipients.len()],
                 peer: None,
@@ -1014,7 +1014,7 @@ async fn connection(shard: Rc<Shard>, key: String) {
                         settle(&shard, part, results, Some(host), session.tls.as_deref());
                     }
                     Loaded::Remote(h) => {
-                        let report = crate::mesh::Report {
+                        let report = gannet_core::handoff::Report {
                             token: h.token,
                             results: replies,
                             peer: Some(host),

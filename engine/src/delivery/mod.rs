@@ -4,7 +4,6 @@
 pub mod bounce;
 pub mod client;
 pub mod dispatcher;
-pub mod shaping;
 pub mod tls;
 
 #[cfg(test)]

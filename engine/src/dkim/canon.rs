@@ -4,23 +4,8 @@
 use std::sync::LazyLock;
 
 use memchr::memmem;
-use serde::Deserialize;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Canon {
-    Simple,
-    Relaxed,
-}
-
-impl Canon {
-    pub fn name(self) -> &'static str {
-        match self {
-            Canon::Simple => "simple",
-            Canon::Relaxed => "relaxed",
-        }
-    }
-}
+pub use gannet_core::config::dkim::Canon;
 
 /// One header field as it stands in the message: its name and the whole field
 /// (name, colon, value with its folding, without the final CRLF).

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use super::{SignError, Signer};
-use crate::config::dkim::{DkimConfig, DkimMode};
+use gannet_core::config::dkim::{DkimConfig, DkimMode};
 
 #[derive(Debug)]
 pub struct Signers {

@@ -15,7 +15,7 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 
-use crate::runtime::io::deadline;
+use crate::timer::deadline;
 
 /// How long a negative answer (NXDOMAIN, no data) is cached when the server gives no
 /// SOA minimum.
@@ -214,15 +214,18 @@ impl Resolver {
 
     async fn lookup(&self, name: &str, rtype: RecordType) -> Result<Answer, DnsError> {
         let key = (name.to_ascii_lowercase(), rtype);
-        let now = crate::clock::unix_ms();
+        let now = gannet_core::clock::unix_ms();
         if let Some(answer) = self.cache.borrow().get(&key, now) {
             return Ok(answer);
         }
         let (answer, ttl) = self.query(&key.0, rtype).await?;
         let expires_ms = now + ttl.clamp(TTL_SECS_MIN, TTL_SECS_MAX) * 1000;
-        self.cache
-            .borrow_mut()
-            .insert(key, answer.clone(), expires_ms, crate::clock::unix_ms());
+        self.cache.borrow_mut().insert(
+            key,
+            answer.clone(),
+            expires_ms,
+            gannet_core::clock::unix_ms(),
+        );
         Ok(answer)
     }
 

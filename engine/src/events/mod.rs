@@ -255,7 +255,7 @@ impl EventLog {
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
-        let now = crate::clock::unix_ms();
+        let now = gannet_core::clock::unix_ms();
         let mut rotated = self.dir.join(format!("events.{now}.jsonl"));
         let mut n = 0;
         while rotated.exists() {

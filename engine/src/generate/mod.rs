@@ -23,11 +23,11 @@ use gannet_spool::{MessageId, MessageRecord, SpoolError, UpdateRecord};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::clock::unix_ms;
 use crate::events::Event;
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
 use content::{Content, Rcpt, Stamp};
+use gannet_core::clock::unix_ms;
 use template::Scope;
 use transmission::{RecipientSpec, Spec};
 
@@ -526,7 +526,7 @@ async fn run_job(shard: Rc<Shard>, job: Arc<Job>, record: MessageId, progress: P
             in_flight += 1;
             let to = (chunk as usize % shards) as u16;
             if to != shard.id {
-                let note = crate::mesh::Note::Generate(Box::new(crate::mesh::GenerateChunk {
+                let note = crate::notes::Note::Generate(Box::new(crate::notes::GenerateChunk {
                     home: shard.id,
                     key,
                     job: job.clone(),
@@ -663,8 +663,8 @@ mod tests {
 
     use gannet_spool::{CrashMode, SimStorage, Spool, SpoolConfig};
 
-    use crate::auth::ApiIdentity;
-    use crate::config::Role;
+    use gannet_core::auth::ApiIdentity;
+    use gannet_core::config::Role;
 
     /// A chunk the spool refuses (here: the disk is full when its messages need a
     /// new segment) is tombstoned and generated again once there is room: every

@@ -477,7 +477,7 @@ pub fn parse_start_time(text: &str) -> Option<u64> {
     if h > 23 || min > 59 || !(0.0..61.0).contains(&sec) {
         return None;
     }
-    let days = crate::clock::days_from_civil(y, m as u32, day as u32);
+    let days = gannet_core::clock::days_from_civil(y, m as u32, day as u32);
     let secs = days * 86_400 + h * 3600 + min * 60 - offset_secs;
     let ms = secs * 1000 + (sec * 1000.0) as i64;
     u64::try_from(ms).ok()

@@ -7,9 +7,9 @@ use std::fmt::Write as _;
 
 use serde::Deserialize;
 
-use crate::clock::unix_ms;
-use crate::delivery::shaping::Suspension;
 use crate::shard::Shared;
+use gannet_core::clock::unix_ms;
+use gannet_core::shaping::Suspension;
 
 /// The reply: status and JSON body.
 pub type Reply = (u16, String);
@@ -182,7 +182,7 @@ pub fn resume(shared: &Shared, body: &[u8]) -> Reply {
 fn wake_all(shared: &Shared) {
     for shard in 0..shared.mesh.shards() {
         // A full inbox is a busy shard: it looks at the settings within a round.
-        let _ = shared.mesh.send(shard as u16, crate::mesh::Note::Wake);
+        let _ = shared.mesh.send(shard as u16, crate::notes::Note::Wake);
     }
 }
 

@@ -18,13 +18,13 @@ use serde_json::{Map, Value, json};
 
 use super::transmissions::{prepare, spool_jobs};
 use super::{Reply, parse_json};
-use crate::auth::ApiIdentity;
 use crate::generate::content::Dialect;
 use crate::generate::transmission::{
     AddressSpec, ContentSpec, FileSpec, FromSpec, Options, RecipientSpec, Recipients, Refusal, Spec,
 };
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
+use gannet_core::auth::ApiIdentity;
 
 #[derive(Debug, Deserialize)]
 struct InjectRequest {

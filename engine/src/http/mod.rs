@@ -33,11 +33,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 
-use crate::auth::ApiIdentity;
-use crate::config::{Role, Services};
 use crate::metrics::ShardMetrics;
 use crate::runtime::http_io::{self, HyperIo};
 use crate::shard::Shard;
+use gannet_core::auth::ApiIdentity;
+use gannet_core::config::{Role, Services};
 
 /// A connection that sends nothing for this long is closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -63,7 +63,7 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener, tls: bool, services:
             }
             Some(Err(err)) => {
                 tracing::warn!(shard = shard.id, "http accept failed: {err}");
-                crate::runtime::io::sleep(Duration::from_millis(50)).await;
+                crate::timer::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -273,7 +273,7 @@ async fn read_body(
             return Err(too_slow());
         }
         let frame = futures_lite::future::or(async { Some(body.frame().await) }, async {
-            crate::runtime::io::sleep(left).await;
+            crate::timer::sleep(left).await;
             None
         })
         .await;

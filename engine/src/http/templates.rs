@@ -21,13 +21,13 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{Reply, parse_json, query_flag};
-use crate::clock::{rfc3339, unix_ms};
 use crate::generate::store::{
     StoredTemplate, TemplateOptions, Tenant, Version, id_from_name, valid_id,
 };
 use crate::generate::template::Scope;
 use crate::generate::transmission::{ContentSpec, Refusal};
 use crate::shard::Shard;
+use gannet_core::clock::{rfc3339, unix_ms};
 
 #[derive(Debug, Default, Deserialize)]
 struct TemplateBody {

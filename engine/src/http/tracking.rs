@@ -7,11 +7,11 @@ use std::net::IpAddr;
 use std::rc::Rc;
 
 use super::Reply;
-use crate::clock::unix_ms;
 use crate::events::{Engagement, Event};
 use crate::generate::tracking::Kind;
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
+use gannet_core::clock::unix_ms;
 
 /// A 1×1 transparent GIF.
 const PIXEL: &[u8] = &[

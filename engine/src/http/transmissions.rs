@@ -13,8 +13,6 @@ use std::rc::Rc;
 use gannet_spool::{MessageId, MessageRecord, SpoolError};
 
 use super::{Reply, parse_json};
-use crate::auth::ApiIdentity;
-use crate::clock::unix_ms;
 use crate::generate::content::valid_email;
 use crate::generate::store::TemplateOptions;
 use crate::generate::transmission::{ContentSpec, Recipients, Refusal, Spec, parse_start_time};
@@ -22,6 +20,8 @@ use crate::generate::{JOB_KIND, Job, Stored};
 use crate::metrics::ShardMetrics;
 use crate::policy::{Client, Draft};
 use crate::shard::Shard;
+use gannet_core::auth::ApiIdentity;
+use gannet_core::clock::unix_ms;
 
 impl From<Refusal> for Reply {
     fn from(r: Refusal) -> Reply {

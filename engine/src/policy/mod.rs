@@ -12,7 +12,7 @@ pub mod rules;
 
 use std::net::IpAddr;
 
-use crate::ingress::smtp::reply::Reply;
+use gannet_core::reply::Reply;
 
 /// What a phase decided.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 
 use super::{Client, Draft, Policy, Verdict, domain_of};
-use crate::config::{Action, Phase, PolicyConfig, Rule};
-use crate::ingress::smtp::reply::Reply;
+use gannet_core::config::{Action, Phase, PolicyConfig, Rule};
+use gannet_core::reply::Reply;
 
 #[derive(Debug)]
 pub struct RulesPolicy {
@@ -137,7 +137,7 @@ impl Policy for RulesPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
+    use gannet_core::config::Config;
 
     fn policy(rules: &str) -> RulesPolicy {
         let config = Config::parse(

@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use gannet_spool::MessageId;
 
-use crate::delivery::shaping::{QueueName, Shaping, ShapingTable, Suspension, Throttle};
+use gannet_core::shaping::{QueueName, Shaping, ShapingTable, Suspension, Throttle};
 use wheel::Wheel;
 
 /// A message in memory.
@@ -263,7 +263,7 @@ pub struct ReadyQueue {
     /// Parts of messages this shard spooled.
     pub parts: VecDeque<Part>,
     /// Parts other shards handed to this one, the owner of the site.
-    pub remote: VecDeque<Box<crate::mesh::Handoff>>,
+    pub remote: VecDeque<Box<gannet_core::handoff::Handoff>>,
     pub connections: usize,
     pub shaping: Shaping,
     /// max_message_rate: one token per message sent.
@@ -447,8 +447,8 @@ impl Queues {
         &mut self,
         site: Rc<Site>,
         egress: Rc<Egress>,
-        handoff: Box<crate::mesh::Handoff>,
-    ) -> Result<(), Box<crate::mesh::Handoff>> {
+        handoff: Box<gannet_core::handoff::Handoff>,
+    ) -> Result<(), Box<gannet_core::handoff::Handoff>> {
         let q = self.ready_queue(site, egress);
         if q.is_full() {
             return Err(handoff);
@@ -575,9 +575,9 @@ mod tests {
 
     #[test]
     fn scheduled_parts_become_due_in_time_and_ready_queues_are_bounded() {
-        let table = Arc::new(ShapingTable::new(&crate::config::DeliveryConfig {
-            shaping: crate::config::shaping::Knobs {
-                max_ready: Some(crate::config::Bounded(1)),
+        let table = Arc::new(ShapingTable::new(&gannet_core::config::DeliveryConfig {
+            shaping: gannet_core::config::shaping::Knobs {
+                max_ready: Some(gannet_core::config::Bounded(1)),
                 ..Default::default()
             },
             ..Default::default()

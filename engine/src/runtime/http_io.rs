@@ -37,7 +37,7 @@ pub async fn accept_tls(
     config: std::sync::Arc<rustls::ServerConfig>,
     limit: Duration,
 ) -> io::Result<futures_rustls::server::TlsStream<TcpStream>> {
-    super::io::deadline(
+    crate::timer::deadline(
         futures_rustls::TlsAcceptor::from(config).accept(stream),
         limit,
     )

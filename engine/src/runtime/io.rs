@@ -11,6 +11,8 @@ use std::time::Duration;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::net::TcpStream;
 
+use crate::timer::{deadline, sleep};
+
 /// A client connection.
 #[derive(Debug)]
 pub enum Conn {
@@ -213,23 +215,6 @@ pub fn reusable_socket(addr: std::net::SocketAddr) -> io::Result<socket2::Socket
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     Ok(socket)
-}
-
-/// `fut`, or a `TimedOut` error after `limit`.
-pub async fn deadline<T>(
-    fut: impl Future<Output = io::Result<T>>,
-    limit: Duration,
-) -> io::Result<T> {
-    futures_lite::future::or(fut, async {
-        glommio::timer::sleep(limit).await;
-        Err(io::ErrorKind::TimedOut.into())
-    })
-    .await
-}
-
-/// Waits `d` on the current executor.
-pub async fn sleep(d: Duration) {
-    glommio::timer::sleep(d).await;
 }
 
 /// A shard's "stop now" flag, which tasks can await.

@@ -19,8 +19,6 @@ use anyhow::{Context, Result, anyhow};
 use gannet_spool::{FileStorage, Spool, SpoolConfig};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
-use crate::auth::Credentials;
-use crate::config::Config;
 use crate::delivery::dispatcher::Dispatcher;
 use crate::events::EventLog;
 use crate::ingress::smtp::message::MetaHeaders;
@@ -28,6 +26,8 @@ use crate::metrics::ShardMetrics;
 use crate::policy::rules::RulesPolicy;
 use crate::shard::{SessionLimits, Shard, Shared};
 use crate::storage::ShardStorage;
+use gannet_core::auth::Credentials;
+use gannet_core::config::Config;
 
 /// Notes that may wait in one shard's inbox (handoffs and reports).
 const MESH_INBOX_NOTES_MAX: usize = 16_384;
@@ -49,7 +49,7 @@ struct Addresses {
     http: Vec<SocketAddr>,
     https: Vec<SocketAddr>,
     /// `http.listeners`: address, TLS, services.
-    http_more: Vec<(SocketAddr, bool, crate::config::Services)>,
+    http_more: Vec<(SocketAddr, bool, gannet_core::config::Services)>,
 }
 
 /// Reads the configuration again (for SIGHUP).
@@ -81,7 +81,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     )?;
     let (addresses, placeholders) = reserve(&config)?;
     let shared = Arc::new(Shared {
-        api_keys: crate::auth::ApiKeys::new(&config.http.api_keys),
+        api_keys: gannet_core::auth::ApiKeys::new(&config.http.api_keys),
         tracking_key: crate::generate::tracking::TrackingKey::load_or_create(&data_dir)
             .with_context(|| format!("the tracking key in {}", data_dir.display()))?,
         tracking_base_url: if config.http.tracking_base_url.is_empty() {
@@ -116,7 +116,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
             .collect(),
         mesh: crate::mesh::Mesh::new(shards, MESH_INBOX_NOTES_MAX),
         live: crate::live::Live::new(
-            crate::delivery::shaping::ShapingTable::new(&config.delivery),
+            gannet_core::shaping::ShapingTable::new(&config.delivery),
             crate::dkim::Signers::load(&config.dkim).map_err(|e| anyhow!("{e}"))?,
         ),
         sessions: Arc::new(SessionLimits::new(
@@ -236,7 +236,7 @@ fn spawn_reloader(
 /// names the sections whose changes wait for a restart.
 fn apply_reload(shared: &Shared, config: &Config) {
     let running = &shared.config;
-    let shaping = crate::delivery::shaping::ShapingTable::new(&config.delivery);
+    let shaping = gannet_core::shaping::ShapingTable::new(&config.delivery);
     // Keys are read and parsed here, on the reload thread; shards pick the new set
     // up by generation with their next message. A key that cannot be loaded keeps
     // the running keys.
@@ -255,7 +255,7 @@ fn apply_reload(shared: &Shared, config: &Config) {
         }
     });
     for shard in 0..shared.mesh.shards() {
-        let _ = shared.mesh.send(shard as u16, crate::mesh::Note::Wake);
+        let _ = shared.mesh.send(shard as u16, crate::notes::Note::Wake);
     }
     let mut rest = config.clone();
     rest.delivery.shaping = running.delivery.shaping.clone();
@@ -400,26 +400,27 @@ fn write_listeners(data_dir: &Path, addresses: &Addresses) -> Result<()> {
 /// daemons never silently share a port.
 fn reserve(config: &Config) -> Result<(Addresses, Vec<socket2::Socket>)> {
     let mut placeholders = Vec::new();
-    let mut resolve = |key: &str, list: &[crate::config::Listen]| -> Result<Vec<SocketAddr>> {
-        let mut out = Vec::new();
-        for listen in list {
-            let probe = probe(listen.0).with_context(|| {
-                format!(
-                    "{key}: cannot listen on {} (another process listens there)",
-                    listen.0
-                )
-            })?;
-            let addr = probe.local_addr()?;
-            drop(probe);
-            let socket = io::reusable_socket(addr)?;
-            socket
-                .bind(&addr.into())
-                .with_context(|| format!("{key}: cannot bind {addr}"))?;
-            placeholders.push(socket);
-            out.push(addr);
-        }
-        Ok(out)
-    };
+    let mut resolve =
+        |key: &str, list: &[gannet_core::config::Listen]| -> Result<Vec<SocketAddr>> {
+            let mut out = Vec::new();
+            for listen in list {
+                let probe = probe(listen.0).with_context(|| {
+                    format!(
+                        "{key}: cannot listen on {} (another process listens there)",
+                        listen.0
+                    )
+                })?;
+                let addr = probe.local_addr()?;
+                drop(probe);
+                let socket = io::reusable_socket(addr)?;
+                socket
+                    .bind(&addr.into())
+                    .with_context(|| format!("{key}: cannot bind {addr}"))?;
+                placeholders.push(socket);
+                out.push(addr);
+            }
+            Ok(out)
+        };
     let mut http_more = Vec::new();
     for (i, listener) in config.http.listeners.iter().enumerate() {
         let key = format!("http.listeners[{i}].address");
@@ -610,14 +611,14 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         let shard = shard.clone();
         async move {
             while !shard.shutdown.is_raised() {
-                io::sleep(Duration::from_millis(EVENTS_FLUSH_MS)).await;
+                crate::timer::sleep(Duration::from_millis(EVENTS_FLUSH_MS)).await;
                 periodic_round(&shard);
             }
         }
     });
     tracing::info!(shard = id, "shard ready");
     while !stop.load(Ordering::Acquire) {
-        io::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
+        crate::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
     }
     // Stop accepting; idle sessions are told 421 at once, sessions in a transaction
     // finish it (their message is spooled and acknowledged) before they see it.
@@ -637,7 +638,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
                 .any(|q| q.connections > 0)
     };
     while busy(&shard) && Instant::now() < grace {
-        io::sleep(Duration::from_millis(10)).await;
+        crate::timer::sleep(Duration::from_millis(10)).await;
     }
     if busy(&shard) {
         tracing::warn!(

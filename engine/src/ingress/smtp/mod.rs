@@ -1,12 +1,11 @@
 //! The ESMTP server: an accept loop per listener per shard, and a session task per
 //! connection. Code map: [`session`] (the socket side), [`verbs`] (one module per
 //! command), [`data`] (the DATA/BDAT scanner), [`message`] (header checks, Received,
-//! Message-ID), [`address`] (paths and parameters), [`reply`].
+//! Message-ID), [`address`] (paths and parameters), [`gannet_core::reply`].
 
 pub mod address;
 pub mod data;
 pub mod message;
-pub mod reply;
 pub mod session;
 pub mod verbs;
 
@@ -17,6 +16,8 @@ use std::rc::Rc;
 use std::time::Duration;
 
 use glommio::net::TcpListener;
+
+use gannet_core::reply;
 
 use crate::metrics::ShardMetrics;
 use crate::runtime::io::Conn;
@@ -36,7 +37,7 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener, implicit_tls: bool) 
             Some(Err(err)) => {
                 // EMFILE and friends: back off instead of spinning.
                 tracing::warn!(shard = shard.id, "accept failed: {err}");
-                crate::runtime::io::sleep(Duration::from_millis(50)).await;
+                crate::timer::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };

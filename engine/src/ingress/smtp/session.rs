@@ -13,15 +13,15 @@ use gannet_spool::{MessageRecord, Record, SpoolError};
 
 use super::data::{Scan, Scanner, Violations};
 use super::message::{self, Trace};
-use super::reply::{self, Reply};
 use super::verbs::{self, Mechanism, Next};
-use crate::clock::unix_ms;
-use crate::config::Config;
 use crate::events::Event;
 use crate::metrics::ShardMetrics;
 use crate::policy::{Client, Draft, Verdict};
 use crate::runtime::io::Conn;
 use crate::shard::Shard;
+use gannet_core::clock::unix_ms;
+use gannet_core::config::Config;
+use gannet_core::reply::{self, Reply};
 
 use super::address::Address;
 

@@ -10,8 +10,6 @@ use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use gannet_spool::{SimStorage, Spool, SpoolConfig};
 use glommio::net::TcpStream;
 
-use crate::auth::Credentials;
-use crate::config::Config;
 use crate::events::EventLog;
 use crate::ingress::smtp::message::MetaHeaders;
 use crate::metrics::ShardMetrics;
@@ -19,6 +17,8 @@ use crate::policy::rules::RulesPolicy;
 use crate::runtime::io::Shutdown;
 use crate::shard::{SessionLimits, Shard, Shared};
 use crate::storage::ShardStorage;
+use gannet_core::auth::Credentials;
+use gannet_core::config::Config;
 
 fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
     let spool_config = SpoolConfig {
@@ -60,7 +60,7 @@ pub(crate) fn shard_on(
         mesh: crate::mesh::Mesh::new(1, 16),
         sessions: Arc::new(SessionLimits::new(100, 100)),
         live: crate::live::Live::new(
-            crate::delivery::shaping::ShapingTable::new(&config.delivery),
+            gannet_core::shaping::ShapingTable::new(&config.delivery),
             crate::dkim::Signers::load(&Default::default()).unwrap(),
         ),
         config,

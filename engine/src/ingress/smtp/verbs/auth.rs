@@ -5,9 +5,9 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 
-use super::super::reply::{self, Reply};
 use super::super::session::Session;
 use super::Next;
+use gannet_core::reply::{self, Reply};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mechanism {

@@ -1,9 +1,9 @@
 //! BDAT (RFC 3030 CHUNKING): `BDAT <size> [LAST]`. The chunk's octets always follow
 //! the command, so even a refused BDAT must read (and discard) them to stay in step.
 
-use super::super::reply::{self, Reply};
 use super::super::session::Session;
 use super::Next;
+use gannet_core::reply::{self, Reply};
 
 pub(super) fn apply(session: &mut Session, args: &str) -> Next {
     let mut words = args.split(' ').filter(|w| !w.is_empty());

@@ -1,8 +1,8 @@
 //! DATA (RFC 5321 4.1.1.4): the session reads the message after 354.
 
-use super::super::reply::{self, Reply};
 use super::super::session::Session;
 use super::{Next, no_args};
+use gannet_core::reply::{self, Reply};
 
 pub(super) fn apply(session: &mut Session, args: &str) -> Next {
     if let Err(reply) = no_args(args) {

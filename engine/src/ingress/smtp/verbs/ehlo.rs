@@ -3,10 +3,10 @@
 
 use std::fmt::Write as _;
 
-use super::super::reply::Reply;
 use super::super::session::Session;
 use super::Next;
 use crate::policy::Verdict;
+use gannet_core::reply::Reply;
 
 pub(super) fn apply(session: &mut Session, args: &str, extended: bool) -> Next {
     let name = args.trim();

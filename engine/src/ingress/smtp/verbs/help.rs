@@ -1,8 +1,8 @@
 //! HELP (RFC 5321 4.1.1.8).
 
-use super::super::reply::Reply;
 use super::super::session::Session;
 use super::Next;
+use gannet_core::reply::Reply;
 
 pub(super) fn apply(_session: &mut Session, _args: &str) -> Next {
     Next::Reply(Reply::fixed(

@@ -3,10 +3,10 @@
 //! accepted and ignored).
 
 use super::super::address::{parse_params, parse_path, split_path};
-use super::super::reply::{self, Reply};
 use super::super::session::{Session, Transaction};
 use super::Next;
 use crate::policy::Verdict;
+use gannet_core::reply::{self, Reply};
 
 pub(super) fn apply(session: &mut Session, args: &str) -> Next {
     if session.helo.is_none() {

@@ -17,8 +17,8 @@ mod vrfy;
 
 pub use auth::{Mechanism, decode_plain as auth_plain, decode_response as auth_decode};
 
-use super::reply::{self, Reply};
 use super::session::Session;
+use gannet_core::reply::{self, Reply};
 
 /// What the session does after a command.
 #[derive(Debug)]

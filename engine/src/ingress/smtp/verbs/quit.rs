@@ -1,8 +1,8 @@
 //! QUIT (RFC 5321 4.1.1.10): 221 and close.
 
-use super::super::reply;
 use super::super::session::Session;
 use super::{Next, no_args};
+use gannet_core::reply;
 
 pub(super) fn apply(_session: &mut Session, args: &str) -> Next {
     match no_args(args) {

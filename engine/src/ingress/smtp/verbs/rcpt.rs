@@ -2,12 +2,12 @@
 //! policy phase. No RCPT parameters are offered (DSN is not advertised).
 
 use super::super::address::{parse_params, parse_path, split_path};
-use super::super::reply::{self};
 use super::super::session::Session;
 use super::Next;
 use super::mail::strip_prefix_ci;
 use crate::metrics::ShardMetrics;
 use crate::policy::Verdict;
+use gannet_core::reply::{self};
 
 pub(super) fn apply(session: &mut Session, args: &str) -> Next {
     let next = check(session, args);

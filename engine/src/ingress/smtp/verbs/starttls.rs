@@ -3,9 +3,9 @@
 //! (CVE-2011-0411) and drops the connection (checked by the session, which owns the
 //! input buffer).
 
-use super::super::reply;
 use super::super::session::Session;
 use super::{Next, no_args};
+use gannet_core::reply;
 
 pub(super) fn apply(session: &mut Session, args: &str) -> Next {
     if let Err(reply) = no_args(args) {

@@ -4,8 +4,6 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-use crate::dkim::Canon;
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DkimMode {
@@ -84,4 +82,22 @@ pub struct DkimKey {
     pub body_canonicalization: Option<Canon>,
     pub oversign: Option<Vec<String>>,
     pub body_length: Option<bool>,
+}
+
+/// A DKIM canonicalization (RFC 6376 3.4), for header fields or the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Canon {
+    Simple,
+    Relaxed,
+}
+
+impl Canon {
+    /// Its name in a signature's `c=` tag.
+    pub fn name(self) -> &'static str {
+        match self {
+            Canon::Simple => "simple",
+            Canon::Relaxed => "relaxed",
+        }
+    }
 }

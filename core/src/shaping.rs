@@ -7,7 +7,35 @@ use std::time::Duration;
 use crate::config::DeliveryConfig;
 use crate::config::shaping::{Knobs, Provider, Rate};
 
-use super::client::Timeouts;
+/// Timeouts per SMTP phase.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    pub connect: Duration,
+    pub banner: Duration,
+    pub ehlo: Duration,
+    pub starttls: Duration,
+    pub mail: Duration,
+    pub rcpt: Duration,
+    pub data: Duration,
+    /// From the end of data to the final reply.
+    pub data_done: Duration,
+}
+
+impl Default for Timeouts {
+    /// RFC 5321 4.5.3.2's minimums, shortened for connect, banner and EHLO.
+    fn default() -> Self {
+        Timeouts {
+            connect: Duration::from_secs(30),
+            banner: Duration::from_secs(60),
+            ehlo: Duration::from_secs(60),
+            starttls: Duration::from_secs(60),
+            mail: Duration::from_secs(300),
+            rcpt: Duration::from_secs(300),
+            data: Duration::from_secs(120),
+            data_done: Duration::from_secs(600),
+        }
+    }
+}
 
 /// The shaping of one ready queue (`egress_source->site_name`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -419,13 +419,24 @@ impl Default for EventsConfig {
     }
 }
 
+/// When delivery uses STARTTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    Disabled,
+    /// Use it when offered, accepting any certificate; fall back to plaintext when not.
+    Opportunistic,
+    /// Refuse to deliver unless STARTTLS succeeds with a certificate valid for the host.
+    Required,
+}
+
 /// Outbound delivery: routes, retry schedule, connection behaviour.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct DeliveryConfig {
     /// Name given in EHLO; empty: `server.hostname`.
     pub ehlo_name: String,
-    pub tls: crate::delivery::client::TlsMode,
+    pub tls: TlsMode,
     /// First retry after this long; each later one waits twice as long as the last.
     pub retry_interval_secs: Bounded<1, 31_536_000>,
     pub max_retry_interval_secs: Bounded<1, 31_536_000>,
@@ -474,7 +485,7 @@ impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
             ehlo_name: String::new(),
-            tls: crate::delivery::client::TlsMode::Opportunistic,
+            tls: TlsMode::Opportunistic,
             retry_interval_secs: Bounded(1200),
             max_retry_interval_secs: Bounded(43_200),
             max_age_secs: Bounded(604_800),

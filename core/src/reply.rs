@@ -143,6 +143,60 @@ pub const ALREADY_AUTH: Reply = Reply::fixed(503, "5.5.1", "already authenticate
 pub const AUTH_UNAVAILABLE: Reply =
     Reply::fixed(502, "5.5.1", "AUTH is not available on this connection");
 
+/// One reply from the server: its code and its text lines (codes removed), joined by
+/// newlines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub code: u16,
+    pub text: String,
+}
+
+impl Response {
+    /// A reply made up locally for a failure that had no server reply.
+    pub fn local(code: u16, text: impl Into<String>) -> Response {
+        Response {
+            code,
+            text: text.into(),
+        }
+    }
+
+    /// The enhanced status code (RFC 3463) the text starts with, if any.
+    pub fn enhanced_code(&self) -> Option<&str> {
+        let first = self.text.split_whitespace().next()?;
+        let mut parts = first.split('.');
+        let class = parts.next()?;
+        let ok = matches!(class, "2" | "4" | "5")
+            && parts.clone().count() == 2
+            && parts.all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
+        ok.then_some(first)
+    }
+
+    pub fn is_positive(&self) -> bool {
+        (200..400).contains(&self.code)
+    }
+
+    /// The enhanced status code at the start of the text, if any (RFC 3463).
+    pub fn enhanced(&self) -> Option<&str> {
+        let first = self.text.split(' ').next()?;
+        let mut parts = first.split('.');
+        let ok = parts.next().is_some_and(|c| matches!(c, "2" | "4" | "5"))
+            && parts.next().is_some_and(|p| {
+                !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())
+            })
+            && parts.next().is_some_and(|p| {
+                !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())
+            })
+            && parts.next().is_none();
+        ok.then_some(first)
+    }
+}
+
+impl std::fmt::Display for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}", self.code, self.text.replace('\n', " / "))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
