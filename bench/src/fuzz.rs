@@ -4,6 +4,7 @@
 //! every crash found so far on the stable toolchain in the test command, so a fixed
 //! crash stays fixed. A harness panics only where the code under test is wrong.
 
+use gannet_core::address;
 use gannet_core::config::Config;
 use gannet_engine::delivery::client::take_reply;
 use gannet_engine::generate::template::{Flavor, Scope, Template};
@@ -11,7 +12,7 @@ use gannet_engine::generate::tracking::{Track, TrackingKey};
 use gannet_engine::generate::transmission::Spec;
 use gannet_engine::ingress::smtp::data::{Scan, Scanner};
 use gannet_engine::ingress::smtp::message::{MetaHeaders, Trace, prepare};
-use gannet_engine::ingress::smtp::{address, verbs};
+use gannet_engine::ingress::smtp::verbs;
 use gannet_spool::record::{Kind, RECORD_HEADER_BYTES, encode_header, record_len};
 use gannet_spool::segment::{SEGMENT_HEADER_BYTES, SegmentHeader};
 use gannet_spool::{FileStorage, Spool, SpoolConfig, segment_file_name};

@@ -5,6 +5,7 @@
 //!
 //! - `config`: the configuration's types, defaults and validation (errors name the
 //!   key and its line);
+//! - `address`: SMTP paths (RFC 5321/6531 mailboxes) and MAIL/RCPT parameters;
 //! - `auth`: SMTP AUTH password hashes and HTTP API keys;
 //! - `handoff`: a part handed to the shard that owns its site, and the report back;
 //! - `reply`: SMTP replies we send and responses we receive, with enhanced status
@@ -13,6 +14,7 @@
 //!   suspensions;
 //! - `clock`: the wall clock in the units the queues use.
 
+pub mod address;
 pub mod auth;
 pub mod clock;
 pub mod config;

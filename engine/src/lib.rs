@@ -10,6 +10,7 @@ pub mod events;
 pub mod generate;
 pub mod http;
 pub mod ingress;
+pub mod io;
 pub mod live;
 pub mod mesh;
 pub mod metrics;

@@ -12,9 +12,9 @@ use gannet_spool::Spool;
 
 use crate::events::{Event, EventLog};
 use crate::ingress::smtp::message::MetaHeaders;
+use crate::io::Shutdown;
 use crate::metrics::ShardMetrics;
 use crate::policy::Policy;
-use crate::runtime::io::Shutdown;
 use crate::storage::ShardStorage;
 use gannet_core::auth::Credentials;
 use gannet_core::config::Config;

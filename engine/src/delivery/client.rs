@@ -10,7 +10,7 @@
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
-use crate::runtime::io::Conn;
+use crate::io::Conn;
 
 pub use gannet_core::config::TlsMode;
 

@@ -457,7 +457,7 @@ impl Content {
 /// Whether `email` is a `local@domain` address by the rules of an SMTP path.
 pub fn valid_email(email: &str) -> bool {
     // A source route is SMTP syntax, not an address.
-    !email.starts_with('@') && crate::ingress::smtp::address::parse_path(email, false).is_ok()
+    !email.starts_with('@') && gannet_core::address::parse_path(email, false).is_ok()
 }
 
 /// The (unfolded) value of a header of an RFC 822 message.

@@ -1,5 +1,5 @@
 //! The HTTP and HTTPS listeners of every shard: hyper's HTTP/1.1 server
-//! (keep-alive) over glommio sockets (`runtime::http_io`), one task per connection.
+//! (keep-alive) over glommio sockets (`io::http`), one task per connection.
 //!
 //! - `GET /health` on every listener; the rest as the listener's services say:
 //! - "metrics": `GET /metrics` (Prometheus);
@@ -33,8 +33,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 
+use crate::io::http::{self as http_io, HyperIo};
 use crate::metrics::ShardMetrics;
-use crate::runtime::http_io::{self, HyperIo};
 use crate::shard::Shard;
 use gannet_core::auth::ApiIdentity;
 use gannet_core::config::{Role, Services};
@@ -70,7 +70,7 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener, tls: bool, services:
 }
 
 async fn accepted_connection(shard: Rc<Shard>, stream: TcpStream, tls: bool, services: Services) {
-    // TCP_NODELAY comes from the listener (runtime::io::listen).
+    // TCP_NODELAY comes from the listener (io::listen).
     let peer = stream.peer_addr().ok().map(|a| a.ip());
     let from = Origin { peer, services };
     if !tls {

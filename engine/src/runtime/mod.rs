@@ -5,8 +5,6 @@
 //! sockets for the protocol code.
 
 mod adopt;
-pub mod http_io;
-pub mod io;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -22,6 +20,7 @@ use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 use crate::delivery::dispatcher::Dispatcher;
 use crate::events::EventLog;
 use crate::ingress::smtp::message::MetaHeaders;
+use crate::io;
 use crate::metrics::ShardMetrics;
 use crate::policy::rules::RulesPolicy;
 use crate::shard::{SessionLimits, Shard, Shared};

@@ -1,9 +1,8 @@
 //! The ESMTP server: an accept loop per listener per shard, and a session task per
 //! connection. Code map: [`session`] (the socket side), [`verbs`] (one module per
 //! command), [`data`] (the DATA/BDAT scanner), [`message`] (header checks, Received,
-//! Message-ID), [`address`] (paths and parameters), [`gannet_core::reply`].
+//! Message-ID), [`gannet_core::address`] (paths and parameters), [`gannet_core::reply`].
 
-pub mod address;
 pub mod data;
 pub mod message;
 pub mod session;
@@ -19,8 +18,8 @@ use glommio::net::TcpListener;
 
 use gannet_core::reply;
 
+use crate::io::Conn;
 use crate::metrics::ShardMetrics;
-use crate::runtime::io::Conn;
 use crate::shard::Shard;
 
 /// Accepts connections until shutdown; `implicit_tls` starts TLS before the greeting.
@@ -43,7 +42,7 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener, implicit_tls: bool) 
         };
         let shard = shard.clone();
         glommio::spawn_local(async move {
-            // TCP_NODELAY comes from the listener (runtime::io::listen).
+            // TCP_NODELAY comes from the listener (io::listen).
             let Ok(peer) = stream.peer_addr() else {
                 return;
             };

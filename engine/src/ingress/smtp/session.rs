@@ -15,15 +15,15 @@ use super::data::{Scan, Scanner, Violations};
 use super::message::{self, Trace};
 use super::verbs::{self, Mechanism, Next};
 use crate::events::Event;
+use crate::io::Conn;
 use crate::metrics::ShardMetrics;
 use crate::policy::{Client, Draft, Verdict};
-use crate::runtime::io::Conn;
 use crate::shard::Shard;
 use gannet_core::clock::unix_ms;
 use gannet_core::config::Config;
 use gannet_core::reply::{self, Reply};
 
-use super::address::Address;
+use gannet_core::address::Address;
 
 /// Input buffer size beyond the longest command line: reads are this large.
 const READ_CHUNK_BYTES: usize = 64 << 10;

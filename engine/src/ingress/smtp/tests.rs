@@ -12,9 +12,9 @@ use glommio::net::TcpStream;
 
 use crate::events::EventLog;
 use crate::ingress::smtp::message::MetaHeaders;
+use crate::io::Shutdown;
 use crate::metrics::ShardMetrics;
 use crate::policy::rules::RulesPolicy;
-use crate::runtime::io::Shutdown;
 use crate::shard::{SessionLimits, Shard, Shared};
 use crate::storage::ShardStorage;
 use gannet_core::auth::Credentials;
@@ -145,9 +145,9 @@ async fn connect(addr: std::net::SocketAddr) -> TcpStream {
 fn listeners_share_their_address_and_pass_no_delay_to_connections() {
     glommio::LocalExecutorBuilder::default()
         .spawn(|| async move {
-            let listener = crate::runtime::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+            let listener = crate::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
             let addr = listener.local_addr().unwrap();
-            drop(crate::runtime::io::listen(addr).expect("a second listener on the address"));
+            drop(crate::io::listen(addr).expect("a second listener on the address"));
             let _client = TcpStream::connect(addr).await.unwrap();
             let accepted = listener.accept().await.unwrap();
             assert!(accepted.nodelay().unwrap());
@@ -164,7 +164,7 @@ fn failed_sync_is_451_then_421_until_the_disk_recovers() {
     glommio::LocalExecutorBuilder::default()
         .spawn(move || async move {
             let shard = shard(&events);
-            let listener = crate::runtime::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
+            let listener = crate::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
             let addr = listener.local_addr().unwrap();
             glommio::spawn_local(super::serve(shard.clone(), listener, false)).detach();
             let ShardStorage::Sim(sim) = shard.spool.storage() else {

@@ -2,10 +2,10 @@
 //! (RFC 1870), BODY=7BIT/8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531) and AUTH= (RFC 4954,
 //! accepted and ignored).
 
-use super::super::address::{parse_params, parse_path, split_path};
 use super::super::session::{Session, Transaction};
 use super::Next;
 use crate::policy::Verdict;
+use gannet_core::address::{parse_params, parse_path, split_path};
 use gannet_core::reply::{self, Reply};
 
 pub(super) fn apply(session: &mut Session, args: &str) -> Next {

@@ -1,12 +1,12 @@
 //! RCPT TO (RFC 5321 4.1.1.3): relay control, the recipient limit and the rcpt_to
 //! policy phase. No RCPT parameters are offered (DSN is not advertised).
 
-use super::super::address::{parse_params, parse_path, split_path};
 use super::super::session::Session;
 use super::Next;
 use super::mail::strip_prefix_ci;
 use crate::metrics::ShardMetrics;
 use crate::policy::Verdict;
+use gannet_core::address::{parse_params, parse_path, split_path};
 use gannet_core::reply::{self};
 
 pub(super) fn apply(session: &mut Session, args: &str) -> Next {

@@ -5,7 +5,7 @@
 //! Source routes (`<@a,@b:user@c>`) are accepted and their route dropped, as RFC 5321
 //! asks of servers.
 
-use gannet_core::reply::{self, Reply};
+use crate::reply::{self, Reply};
 
 /// RFC 5321 4.5.3.1 size limits (octets).
 pub const LOCAL_PART_BYTES_MAX: usize = 64;

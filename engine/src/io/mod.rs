@@ -1,5 +1,9 @@
 //! Glommio IO adapters for the protocol code: a connection that is plain TCP or TLS,
-//! reads and writes bounded by a deadline, and the shard's shutdown signal.
+//! reads and writes bounded by a deadline, listening sockets, the shard's shutdown
+//! signal, and (`http`) hyper's IO over a glommio stream. Protocol code reaches
+//! glommio's sockets only through these.
+
+pub mod http;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
