@@ -136,7 +136,7 @@ impl Sim {
         self.spool.durable(ticket).await.unwrap();
         self.acked.insert(record.id, recipients);
         let due = record.due_unix_ms;
-        let message = gannet_engine::delivery::dispatcher::message_from_record(record);
+        let message = gannet_engine::queue::Message::from_record(record);
         self.enqueue(message, due);
     }
 

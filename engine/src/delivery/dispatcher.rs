@@ -1211,21 +1211,3 @@ fn written(
         tracing::warn!(shard, "spool {what} failed: {err}");
     }
 }
-
-/// Builds the in-memory message for a record just spooled.
-/// Its fields move; the body is dropped (delivery reads it from the spool mapping).
-pub fn message_from_record(record: gannet_spool::MessageRecord) -> Message {
-    Message {
-        id: record.id,
-        sender: record.sender,
-        recipients: record.recipients,
-        meta: record.meta,
-        queue: record.queue,
-        received_ms: record.received_unix_ms,
-        size: record.body.len(),
-        attempts: record.attempts,
-        done: record.done,
-        open_parts: 0,
-        due_by_domain: Vec::new(),
-    }
-}

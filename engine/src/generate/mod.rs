@@ -295,7 +295,7 @@ impl Job {
         for (record, subject) in batch {
             self.injected(shard, &record, &subject);
             let due = record.due_unix_ms;
-            let message = crate::delivery::dispatcher::message_from_record(record);
+            let message = crate::queue::Message::from_record(record);
             shard.dispatcher.enqueue(shard, message, due);
         }
         ShardMetrics::add(

@@ -49,6 +49,24 @@ pub struct Message {
 }
 
 impl Message {
+    /// The in-memory message for a record just spooled. Its fields move; the body is
+    /// dropped (delivery reads it from the spool mapping).
+    pub fn from_record(record: gannet_spool::MessageRecord) -> Message {
+        Message {
+            id: record.id,
+            sender: record.sender,
+            recipients: record.recipients,
+            meta: record.meta,
+            queue: record.queue,
+            received_ms: record.received_unix_ms,
+            size: record.body.len(),
+            attempts: record.attempts,
+            done: record.done,
+            open_parts: 0,
+            due_by_domain: Vec::new(),
+        }
+    }
+
     /// The due time to persist: the latest of the open parts' (`now_ms` if none).
     pub fn persisted_due_ms(&self, now_ms: u64) -> u64 {
         self.due_by_domain

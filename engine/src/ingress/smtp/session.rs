@@ -697,7 +697,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     }
     // The envelope moves into the queue; delivery reads the body from the spool's
     // mapping, so the heap copy is dropped here.
-    let message = crate::delivery::dispatcher::message_from_record(record);
+    let message = crate::queue::Message::from_record(record);
     shard.dispatcher.enqueue(&shard, message, now_ms);
     let metrics = &shard.metrics;
     ShardMetrics::add(&metrics.smtp_messages_accepted_total, 1);
