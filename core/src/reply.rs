@@ -163,32 +163,32 @@ impl Response {
     /// The enhanced status code (RFC 3463) the text starts with, if any.
     pub fn enhanced_code(&self) -> Option<&str> {
         let first = self.text.split_whitespace().next()?;
-        let mut parts = first.split('.');
-        let class = parts.next()?;
-        let ok = matches!(class, "2" | "4" | "5")
-            && parts.clone().count() == 2
-            && parts.all(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
-        ok.then_some(first)
+        is_enhanced_code(first).then_some(first)
     }
 
     pub fn is_positive(&self) -> bool {
         (200..400).contains(&self.code)
     }
 
-    /// The enhanced status code at the start of the text, if any (RFC 3463).
+    /// The same, where the code must end at a space (bounce classification reads
+    /// the first space-separated word).
     pub fn enhanced(&self) -> Option<&str> {
         let first = self.text.split(' ').next()?;
-        let mut parts = first.split('.');
-        let ok = parts.next().is_some_and(|c| matches!(c, "2" | "4" | "5"))
-            && parts.next().is_some_and(|p| {
-                !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())
-            })
-            && parts.next().is_some_and(|p| {
-                !p.is_empty() && p.len() <= 3 && p.bytes().all(|b| b.is_ascii_digit())
-            })
-            && parts.next().is_none();
-        ok.then_some(first)
+        is_enhanced_code(first).then_some(first)
     }
+}
+
+/// Whether `word` is an RFC 3463 enhanced status code: class 2, 4 or 5, then a
+/// subject and a detail of one to three digits each.
+fn is_enhanced_code(word: &str) -> bool {
+    let mut parts = word.split('.');
+    let number = |p: Option<&str>| {
+        p.is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))
+    };
+    parts.next().is_some_and(|c| matches!(c, "2" | "4" | "5"))
+        && number(parts.next())
+        && number(parts.next())
+        && parts.next().is_none()
 }
 
 impl std::fmt::Display for Response {
