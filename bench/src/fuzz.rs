@@ -6,12 +6,12 @@
 
 use gannet_core::address;
 use gannet_core::config::Config;
+use gannet_core::message::{MetaHeaders, Trace, prepare};
 use gannet_engine::delivery::client::take_reply;
 use gannet_engine::generate::template::{Flavor, Scope, Template};
 use gannet_engine::generate::tracking::{Track, TrackingKey};
 use gannet_engine::generate::transmission::Spec;
 use gannet_engine::ingress::smtp::data::{Scan, Scanner};
-use gannet_engine::ingress::smtp::message::{MetaHeaders, Trace, prepare};
 use gannet_engine::ingress::smtp::verbs;
 use gannet_spool::record::{Kind, RECORD_HEADER_BYTES, encode_header, record_len};
 use gannet_spool::segment::{SEGMENT_HEADER_BYTES, SegmentHeader};

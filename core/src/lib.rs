@@ -8,6 +8,8 @@
 //! - `address`: SMTP paths (RFC 5321/6531 mailboxes) and MAIL/RCPT parameters;
 //! - `auth`: SMTP AUTH password hashes and HTTP API keys;
 //! - `handoff`: a part handed to the shard that owns its site, and the report back;
+//! - `message`: a received message's header checks, Received and Message-ID fields,
+//!   and the headers lifted into metadata;
 //! - `reply`: SMTP replies we send and responses we receive, with enhanced status
 //!   codes;
 //! - `shaping`: traffic shaping as data — each ready queue's knobs, GCRA throttles,
@@ -19,5 +21,6 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod handoff;
+pub mod message;
 pub mod reply;
 pub mod shaping;

@@ -2,7 +2,7 @@
 //! header section, lift the tenant/campaign/pool headers into metadata (removing
 //! them), add a Message-ID if there is none, and prepend the Received header.
 
-use gannet_core::reply::Reply;
+use crate::reply::Reply;
 
 /// Names of the headers whose values become metadata (matched case-insensitively).
 #[derive(Debug, Clone)]
@@ -208,7 +208,7 @@ pub fn rfc5322_date(unix_secs: u64) -> String {
     ];
     let days = unix_secs / 86_400;
     let secs = unix_secs % 86_400;
-    let (year, month, day) = gannet_core::clock::civil_from_days(days as i64);
+    let (year, month, day) = crate::clock::civil_from_days(days as i64);
     format!(
         "{}, {} {} {} {:02}:{:02}:{:02} +0000",
         DAYS[(days % 7) as usize],

@@ -5,7 +5,7 @@
 //! glommio's foreign-wake path.
 //!
 //! The mesh is generic over what it carries; the daemon's notes are
-//! [`crate::notes::Note`]. It imports no other module of the engine.
+//! `Note` in `notes.rs`. It imports no other module of the engine.
 
 use std::task::Poll;
 

@@ -11,13 +11,13 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use gannet_spool::Spool;
 
 use crate::events::{Event, EventLog};
-use crate::ingress::smtp::message::MetaHeaders;
 use crate::io::Shutdown;
 use crate::metrics::ShardMetrics;
 use crate::policy::Policy;
 use crate::storage::ShardStorage;
 use gannet_core::auth::Credentials;
 use gannet_core::config::Config;
+use gannet_core::message::MetaHeaders;
 
 /// Process-wide state, built before the executors start and never written after.
 #[derive(Debug)]

@@ -19,7 +19,6 @@ use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
 use crate::delivery::dispatcher::Dispatcher;
 use crate::events::EventLog;
-use crate::ingress::smtp::message::MetaHeaders;
 use crate::io;
 use crate::metrics::ShardMetrics;
 use crate::policy::rules::RulesPolicy;
@@ -27,6 +26,7 @@ use crate::shard::{SessionLimits, Shard, Shared};
 use crate::storage::ShardStorage;
 use gannet_core::auth::Credentials;
 use gannet_core::config::Config;
+use gannet_core::message::MetaHeaders;
 
 /// Notes that may wait in one shard's inbox (handoffs and reports).
 const MESH_INBOX_NOTES_MAX: usize = 16_384;

@@ -1,10 +1,9 @@
 //! The ESMTP server: an accept loop per listener per shard, and a session task per
 //! connection. Code map: [`session`] (the socket side), [`verbs`] (one module per
-//! command), [`data`] (the DATA/BDAT scanner), [`message`] (header checks, Received,
-//! Message-ID), [`gannet_core::address`] (paths and parameters), [`gannet_core::reply`].
+//! command), [`data`] (the DATA/BDAT scanner), [`gannet_core::message`] (header checks,
+//! Received, Message-ID), [`gannet_core::address`] (paths and parameters), [`gannet_core::reply`].
 
 pub mod data;
-pub mod message;
 pub mod session;
 pub mod verbs;
 

@@ -12,7 +12,6 @@ use std::time::{Duration, Instant};
 use gannet_spool::{MessageRecord, Record, SpoolError};
 
 use super::data::{Scan, Scanner, Violations};
-use super::message::{self, Trace};
 use super::verbs::{self, Mechanism, Next};
 use crate::events::Event;
 use crate::io::Conn;
@@ -21,6 +20,7 @@ use crate::policy::{Client, Draft, Verdict};
 use crate::shard::Shard;
 use gannet_core::clock::unix_ms;
 use gannet_core::config::Config;
+use gannet_core::message::{self, Trace};
 use gannet_core::reply::{self, Reply};
 
 use gannet_core::address::Address;

@@ -11,7 +11,6 @@ use gannet_spool::{SimStorage, Spool, SpoolConfig};
 use glommio::net::TcpStream;
 
 use crate::events::EventLog;
-use crate::ingress::smtp::message::MetaHeaders;
 use crate::io::Shutdown;
 use crate::metrics::ShardMetrics;
 use crate::policy::rules::RulesPolicy;
@@ -19,6 +18,7 @@ use crate::shard::{SessionLimits, Shard, Shared};
 use crate::storage::ShardStorage;
 use gannet_core::auth::Credentials;
 use gannet_core::config::Config;
+use gannet_core::message::MetaHeaders;
 
 fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
     let spool_config = SpoolConfig {
