@@ -1,17 +1,18 @@
 #!/usr/bin/env python3
-"""Import cycles between the engine's top-level modules, held to a baseline.
+"""The engine's layers, held to their declared order.
 
 A top-level module (`engine/src/<name>.rs` or `engine/src/<name>/`) depends on another
-when any of its files names `crate::<other>` outside a comment. Modules that depend on
-each other, directly or in a loop, form a cycle (a strongly connected component of
-that graph). The cycles allowed today are listed in `tools/layers.allowed`, one per
-line; the check fails when
+when any of its files names `crate::<other>`, in code or in a comment (a doc link to a
+module above is as much a layering mistake as an import). `tools/layers.txt` lists the
+modules in layers, bottom to top, one layer per line; the check fails when
 
-- a cycle is not within an allowed one (a new import closed a loop), or
-- an allowed cycle is larger than what the code has now (a loop was broken: shrink
-  the baseline so it cannot come back unnoticed).
+- a module names a module on its own line or on a line below it, or
+- a module of engine/src is on no line, or on two, or a listed module is gone.
 
-Usage: tools/layers.py [--src engine/src] [--allowed tools/layers.allowed]
+Two modules that depend on each other, directly or in a loop (an import cycle), are
+always reported, with the path around the loop.
+
+Usage: tools/layers.py [--src engine/src] [--layers tools/layers.txt]
        tools/layers.py --self-test
 """
 
@@ -22,17 +23,9 @@ import sys
 import tempfile
 
 CRATE_PATH = re.compile(r"\bcrate::([a-z_][a-z0-9_]*)")
-
-
-def strip_comments(text):
-    """The code of a Rust file without its // comments (doc comments included)."""
-    out = []
-    for line in text.splitlines():
-        # A `//` inside a string literal is rare in this code base and only hides
-        # an import that the next line of the same `use` would show anyway.
-        at = line.find("//")
-        out.append(line if at < 0 else line[:at])
-    return "\n".join(out)
+# `use crate::{a::X, b}`: the first name of each item in the braces.
+CRATE_GROUP = re.compile(r"\bcrate::\{([^}]*)\}")
+GROUP_HEAD = re.compile(r"(?:^|,)\s*([a-z_][a-z0-9_]*)")
 
 
 def modules(src):
@@ -56,8 +49,11 @@ def graph(src):
     for name, files in mods.items():
         for path in files:
             with open(path, encoding="utf-8") as f:
-                code = strip_comments(f.read())
-            for other in CRATE_PATH.findall(code):
+                code = f.read()
+            named = CRATE_PATH.findall(code)
+            for group in CRATE_GROUP.findall(code):
+                named += GROUP_HEAD.findall(group)
+            for other in named:
                 if other != name and other in mods:
                     edges[name].add(other)
     return edges
@@ -97,39 +93,48 @@ def cycles(edges):
     return out
 
 
-def read_allowed(path):
-    allowed = []
+def read_layers(path):
+    """[(line number, [module, ...])], bottom layer first."""
+    layers = []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
-            line = line.split("#", 1)[0].split()
-            if line:
-                allowed.append((number, frozenset(line)))
-    return allowed
+            names = line.split("#", 1)[0].split()
+            if names:
+                layers.append((number, names))
+    return layers
 
 
-def check(src, allowed_path):
-    """Problems found (empty when the code keeps to the baseline)."""
+def check(src, layers_path):
+    """Problems found (empty when the code keeps to its layers)."""
     edges = graph(src)
-    found = cycles(edges)
-    allowed = read_allowed(allowed_path)
+    layers = read_layers(layers_path)
+    level = {}
     problems = []
-    for cycle in found:
-        if not any(cycle <= a for _, a in allowed):
-            problems.append(
-                "new import cycle between modules: "
-                + " <-> ".join(sorted(cycle))
-                + describe(cycle, edges)
-            )
-    for number, a in allowed:
-        within = [c for c in found if c <= a]
-        now = frozenset().union(*within) if within else frozenset()
-        if now != a and not any(c & a and not c <= a for c in found):
-            gone = sorted(a - now)
-            problems.append(
-                f"{allowed_path}:{number}: cycle broken for {' '.join(gone)}; "
-                "write the cycles that remain instead: "
-                + ("; ".join(" ".join(sorted(c)) for c in within) or "none")
-            )
+    for number, names in layers:
+        for name in names:
+            if name in level:
+                problems.append(f"{layers_path}:{number}: {name} is on two lines")
+            level[name] = number
+    for name in sorted(set(level) - set(edges)):
+        problems.append(f"{layers_path}: {name} is listed but engine/src has no such module")
+    for name in sorted(set(edges) - set(level)):
+        problems.append(f"{layers_path}: module {name} is on no line; add it to its layer")
+    for cycle in cycles(edges):
+        problems.append(
+            "import cycle between modules: "
+            + " <-> ".join(sorted(cycle))
+            + describe(cycle, edges)
+        )
+    for name in sorted(edges):
+        if name not in level:
+            continue
+        for other in sorted(edges[name]):
+            if other in level and level[other] >= level[name]:
+                where = "its own line" if level[other] == level[name] else "a line above it"
+                problems.append(
+                    f"{name} names crate::{other}, which is on {where} "
+                    f"({layers_path}:{level[other]})"
+                )
     return problems
 
 
@@ -150,20 +155,34 @@ def self_test():
                 f.write(text)
 
         write("lib.rs", "pub mod a; pub mod b; pub mod c;\n")
-        write("a.rs", "use crate::b::X;\n// crate::c in a comment\n")
+        write("a.rs", "pub fn g() {}\n")
         write("b/mod.rs", "pub struct X;\n")
         write("b/inner.rs", "fn f() { crate::a::g() }\n")
-        write("c.rs", "use crate::a;\n")
-        allowed = os.path.join(d, "allowed")
-        with open(allowed, "w", encoding="utf-8") as f:
-            f.write("# allowed\na b\n")
-        assert check(src, allowed) == [], check(src, allowed)
-        write("a.rs", "use crate::b::X;\nuse crate::c::Y;\n")
-        problems = check(src, allowed)
-        assert len(problems) == 1 and "a <-> b <-> c" in problems[0], problems
+        write("c.rs", "use crate::{a, b::X};\n/// See [`crate::b::X`].\n")
+        layers = os.path.join(d, "layers")
+        with open(layers, "w", encoding="utf-8") as f:
+            f.write("# bottom\na\nb\n# top\nc\n")
+        assert check(src, layers) == [], check(src, layers)
+        # An upward import, and a cycle.
+        write("a.rs", "use crate::b::X;\n")
+        problems = check(src, layers)
+        assert any("a <-> b" in p for p in problems), problems
+        assert any("a names crate::b, which is on a line above it" in p for p in problems), problems
+        # An upward name in a comment only.
+        write("a.rs", "// built by crate::c\n")
+        problems = check(src, layers)
+        assert f"a names crate::c, which is on a line above it ({layers}:5)" in problems, problems
+        # A grouped import.
+        write("a.rs", "use crate::{b::X};\n")
+        problems = check(src, layers)
+        assert any("a names crate::b" in p for p in problems), problems
+        # A module on no line, and a listed module that is gone.
         write("a.rs", "\n")
-        problems = check(src, allowed)
-        assert len(problems) == 1 and "cycle broken for a b" in problems[0], problems
+        write("d.rs", "\n")
+        os.remove(os.path.join(src, "c.rs"))
+        problems = check(src, layers)
+        assert any("module d is on no line" in p for p in problems), problems
+        assert any("c is listed but" in p for p in problems), problems
     print("layers.py self-test passed")
 
 
@@ -172,19 +191,22 @@ def main():
     root = os.path.dirname(here)
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--src", default=os.path.join(root, "engine", "src"))
-    parser.add_argument("--allowed", default=os.path.join(here, "layers.allowed"))
+    parser.add_argument("--layers", default=os.path.join(here, "layers.txt"))
     parser.add_argument("--self-test", action="store_true")
     args = parser.parse_args()
     if args.self_test:
         self_test()
         return 0
-    problems = check(args.src, args.allowed)
+    problems = check(args.src, args.layers)
     for p in problems:
         print(p, file=sys.stderr)
     if problems:
         return 1
-    found = cycles(graph(args.src))
-    print(f"module cycles: {len(found)}, none beyond {os.path.relpath(args.allowed, root)}")
+    edges = graph(args.src)
+    print(
+        f"{len(edges)} modules, {sum(len(e) for e in edges.values())} imports, "
+        f"all downward through {os.path.relpath(args.layers, root)}"
+    )
     return 0
 
 

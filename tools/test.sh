@@ -16,7 +16,7 @@ tools/install-peers.sh
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
-step "layers: no new import cycle between the engine's modules"
+step "layers: the engine's modules import only downward (tools/layers.txt)"
 python3 tools/layers.py --self-test
 python3 tools/layers.py
 

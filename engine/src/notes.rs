@@ -3,11 +3,16 @@
 //! stays on the sender), and the report of the attempt back to the shard that
 //! spooled the message, which alone writes its spool records and keeps its retry
 //! state; chunks of a large transmission for other shards to generate, and word back
-//! when each is spooled; wake-ups when live settings change.
+//! when each is spooled; wake-ups when live settings change. The shard's
+//! inbox routes each to the part of the engine it is for.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use gannet_core::handoff::{Handoff, Report};
+
+use crate::io::Shutdown;
+use crate::mesh::Mesh;
 
 /// A chunk of a transmission for another shard to generate, spool and queue.
 #[derive(Debug)]
@@ -16,7 +21,7 @@ pub struct GenerateChunk {
     pub home: u16,
     /// The job's number on its home shard.
     pub key: u64,
-    pub job: Arc<crate::generate::Job>,
+    pub job: Arc<crate::merge::Job>,
     pub chunk: u32,
 }
 
@@ -34,4 +39,22 @@ pub enum Note {
         chunk: u32,
         ok: bool,
     },
+}
+
+/// Sends a note that must not be lost (a report, a chunk's word back: the receiver
+/// holds state until it arrives), retrying every millisecond while the inbox is full;
+/// gives up only when the shard stops.
+pub async fn send_surely(mesh: &Mesh<Note>, to: u16, mut note: Note, shutdown: &Shutdown) {
+    loop {
+        match mesh.send(to, note) {
+            Ok(()) => return,
+            Err(back) => {
+                note = back;
+                if shutdown.is_raised() {
+                    return;
+                }
+                crate::timer::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
 }

@@ -1,6 +1,8 @@
 //! What a shard's tasks share: [`Shared`] is the read-only state of the whole
 //! process (configuration, TLS, credentials, policy, every shard's metrics, the
-//! session counters), [`Shard`] is one core's own state (spool, event log).
+//! session counters, the mesh), [`Shard`] is one core's own state (spool, event log,
+//! metrics, shutdown). The services built on a shard — delivery, transmission jobs —
+//! hold it by `Rc`; `services` puts them together.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -27,15 +29,13 @@ pub struct Shared {
     /// Keys of the HTTP injection API.
     pub api_keys: gannet_core::auth::ApiKeys,
     /// Stored templates and recipient lists.
-    pub store: Arc<crate::generate::store::Store>,
+    pub store: Arc<crate::merge::store::Store>,
     /// Signs and checks engagement tracking tokens.
-    pub tracking_key: crate::generate::tracking::TrackingKey,
+    pub tracking_key: crate::merge::tracking::TrackingKey,
     /// `http.tracking_base_url`, or the default made from the first HTTP listener.
     pub tracking_base_url: String,
     /// None only if TLS could not be set up (then STARTTLS is not offered).
     pub tls: Option<Arc<rustls::ServerConfig>>,
-    /// Client TLS for delivery (built once; each shard's dispatcher clones the Arcs).
-    pub client_tls: crate::delivery::tls::ClientTls,
     pub policy: Box<dyn Policy + Send + Sync>,
     pub meta_headers: MetaHeaders,
     /// The shards' inboxes (parts handed to the owner of their site, and reports).
@@ -134,11 +134,8 @@ pub struct Shard {
     pub sessions_active: Cell<usize>,
     /// HTTP requests being handled on this shard.
     pub http_in_flight: Cell<usize>,
-    /// Transmissions being generated from this shard's spool.
-    pub generation: crate::generate::Coordinator,
     /// The DKIM keys as of a generation of the live settings.
     pub dkim: RefCell<(u64, Arc<crate::dkim::Signers>)>,
-    pub dispatcher: crate::delivery::dispatcher::Dispatcher,
     /// user → SHA-256(user, password) of the last successful AUTH on this shard, so
     /// that a client logging in again pays one hash instead of a PBKDF2 run.
     pub auth_cache: RefCell<HashMap<String, [u8; 32]>>,

@@ -1,10 +1,250 @@
-//! Delivery: the shard's delivery loop ([`dispatcher`]), the SMTP client
-//! ([`client`]) and its TLS ([`tls`]), and bounce classification ([`bounce`]).
+//! Delivery, by stage. A message's parts wait in the shard's scheduled queue (the
+//! timer wheel) until due; the [`maintainer`] holds those whose scheduled queue is
+//! suspended and opens connections within each ready queue's shaping; [`routing`]
+//! finds each part's site (static route or MX) and egress source and puts it in the
+//! ready queue `egress_source->site_name` of the shard that owns the site — here, or
+//! over the mesh ([`handoff`]); a [`connection`] takes parts within max_message_rate
+//! and sends them with the SMTP [`client`] (and its [`tls`]); and the shard that
+//! spooled the message [`settling`]s every recipient — Delivery, Bounce (classified
+//! by [`bounce`]), Expiration or TransientFailure with a retry, or Delayed when a
+//! full ready queue (max_ready) or a suspension put it off — in memory, in the spool
+//! (update or tombstone) and in the event log.
+//!
+//! [`Dispatcher`] is a shard's delivery state; each stage is a set of functions over
+//! it, and the tasks they spawn (the maintainer, one per connection, one per DNS
+//! lookup) hold it by `Rc`.
 
 pub mod bounce;
 pub mod client;
-pub mod dispatcher;
+pub mod connection;
+pub mod handoff;
+pub mod maintainer;
+pub mod routing;
+pub mod settling;
 pub mod tls;
 
 #[cfg(test)]
 mod tests;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::Duration;
+
+use crate::queue::{self, Message, Part, Queues, Routes};
+use crate::shard::Shard;
+use client::{ClientOptions, Timeouts};
+use gannet_core::clock::unix_ms;
+use gannet_core::shaping::ShapingTable;
+use tls::ClientTls;
+
+/// A shard's delivery state.
+/// A shard's delivery state.
+#[derive(Debug)]
+pub struct Dispatcher {
+    /// The shard this delivery belongs to (its spool, events, metrics, shutdown).
+    pub shard: Rc<Shard>,
+    pub queues: RefCell<Queues>,
+    routes: Routes,
+    options: ClientOptions,
+    tls: ClientTls,
+    retry: queue::settle::RetryPolicy,
+    suspended: bool,
+    /// The generation of the live settings last applied.
+    live_generation: Cell<u64>,
+    resolver: crate::dns::Resolver,
+    /// Connections waiting idle for their queue's next part, and the bound.
+    idle_connections: Cell<usize>,
+    idle_connections_max: usize,
+    /// Bounds the lookups in flight (`dns_lookups_max`).
+    lookups: glommio::sync::Semaphore,
+    smtp_port: u16,
+    /// Domains being resolved, with the parts waiting for the answer.
+    resolving: RefCell<HashMap<String, Vec<Part>>>,
+    /// Parts handed to the shard that owns their site, by token, until it reports.
+    handed: RefCell<HashMap<u64, Part>>,
+    next_token: Cell<u64>,
+    /// Egress sources by name (always holding `default`).
+    sources: HashMap<String, Rc<queue::Egress>>,
+    /// Egress pools by name: sources with their weights (always holding `default`).
+    pools: HashMap<String, Vec<(Rc<queue::Egress>, u32)>>,
+    wake: Wake,
+}
+
+/// Wakes the maintainer (a single waiter).
+#[derive(Debug, Default)]
+struct Wake {
+    raised: Cell<bool>,
+    waker: RefCell<Option<Waker>>,
+}
+
+impl Wake {
+    fn raise(&self) {
+        self.raised.set(true);
+        if let Some(waker) = self.waker.borrow_mut().take() {
+            waker.wake();
+        }
+    }
+
+    async fn wait(&self) {
+        std::future::poll_fn(|cx| {
+            if self.raised.replace(false) {
+                Poll::Ready(())
+            } else {
+                *self.waker.borrow_mut() = Some(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}
+
+impl Dispatcher {
+    pub fn new(shard: Rc<Shard>, tls: ClientTls) -> Dispatcher {
+        let config = &shard.shared.config;
+        let d = &config.delivery;
+        let routes = d
+            .routes
+            .iter()
+            .map(|(domain, hosts)| (domain.clone(), hosts.iter().map(|h| h.0).collect()))
+            .collect();
+        let ehlo_name = if d.ehlo_name.is_empty() {
+            config.server.hostname.clone()
+        } else {
+            d.ehlo_name.clone()
+        };
+        let mut sources: HashMap<String, Rc<queue::Egress>> = d
+            .sources
+            .iter()
+            .map(|(name, s)| {
+                let egress = queue::Egress {
+                    name: name.clone(),
+                    source_ip: s.source_ip.parse().ok(),
+                    ehlo_name: (!s.ehlo_name.is_empty()).then(|| s.ehlo_name.clone()),
+                };
+                (name.clone(), Rc::new(egress))
+            })
+            .collect();
+        sources
+            .entry("default".into())
+            .or_insert_with(|| Rc::new(queue::Egress::default_source()));
+        let mut pools: HashMap<String, Vec<(Rc<queue::Egress>, u32)>> = d
+            .pools
+            .iter()
+            .map(|(name, members)| {
+                let members = members
+                    .iter()
+                    .filter_map(|m| Some((sources.get(&m.source)?.clone(), m.weight.get() as u32)))
+                    .collect();
+                (name.clone(), members)
+            })
+            .collect();
+        pools
+            .entry("default".into())
+            .or_insert_with(|| vec![(sources["default"].clone(), 1)]);
+        Dispatcher {
+            sources,
+            pools,
+            queues: RefCell::new(Queues::new(
+                unix_ms(),
+                Arc::new(ShapingTable::new(&config.delivery)),
+            )),
+            routes: Routes::new(&routes),
+            options: ClientOptions {
+                ehlo_name,
+                source: None,
+                tls: d.tls,
+                timeouts: Timeouts::default(),
+            },
+            tls,
+            retry: queue::settle::RetryPolicy {
+                interval_s: d.retry_interval_secs.get(),
+                max_interval_s: d.max_retry_interval_secs.get(),
+                max_age_ms: d.max_age_secs.get() * 1000,
+            },
+            suspended: d.suspended,
+            live_generation: Cell::new(0),
+            resolver: crate::dns::Resolver::new(
+                config
+                    .dns_server()
+                    .or_else(crate::dns::Resolver::system_server)
+                    .unwrap_or_else(|| "127.0.0.1:53".parse().expect("literal")),
+                Duration::from_secs(d.dns_timeout_secs.get()),
+                d.dns_cache_entries_max.usize(),
+            ),
+            smtp_port: u16::try_from(d.smtp_port.get()).unwrap_or(25),
+            lookups: glommio::sync::Semaphore::new(d.dns_lookups_max.get()),
+            idle_connections: Cell::new(0),
+            idle_connections_max: d.idle_connections_max.usize(),
+            resolving: RefCell::new(HashMap::new()),
+            handed: RefCell::new(HashMap::new()),
+            next_token: Cell::new(0),
+            wake: Wake::default(),
+            shard,
+        }
+    }
+
+    /// Draws a source from `pool` by weight (the default pool for an unknown name).
+    fn choose_source(&self, pool: Option<&str>) -> Rc<queue::Egress> {
+        let members = pool
+            .and_then(|p| self.pools.get(p))
+            .unwrap_or_else(|| &self.pools["default"]);
+        let total: u64 = members.iter().map(|(_, w)| u64::from(*w)).sum();
+        let mut pick = fastrand::u64(0..total.max(1));
+        for (source, weight) in members {
+            if pick < u64::from(*weight) {
+                return source.clone();
+            }
+            pick -= u64::from(*weight);
+        }
+        members[0].0.clone()
+    }
+
+    /// Queues a message (just received, or recovered) for delivery at `due_ms`.
+    pub fn enqueue(&self, message: Message, due_ms: u64) {
+        let message = Rc::new(RefCell::new(message));
+        let parts = queue::split(&message, due_ms);
+        if parts.is_empty() {
+            // Every recipient was finished before a crash lost the tombstone.
+            settling::finish(self, &message.borrow());
+            return;
+        }
+        let mut queues = self.queues.borrow_mut();
+        for part in parts {
+            queues.schedule(part);
+        }
+        drop(queues);
+        self.wake.raise();
+    }
+
+    /// Makes the maintainer look at the queues and the live settings now.
+    pub fn wake_maintainer(&self) {
+        self.wake.raise();
+    }
+
+    /// Applies the live settings (shaping, suspensions) if they changed.
+    fn refresh_live(&self, live: &crate::live::Live, now: u64) {
+        let generation = live.generation();
+        if generation == self.live_generation.get() {
+            return;
+        }
+        self.live_generation.set(generation);
+        let state = live.snapshot();
+        let mut queues = self.queues.borrow_mut();
+        queues.set_shaping(state.shaping.clone());
+        queues.set_suspensions(state.suspensions.clone(), now);
+    }
+
+    /// The retry time of a part put off without an attempt.
+    fn delay_due(&self, attempts: u32, now: u64) -> u64 {
+        queue::next_due_ms(
+            now,
+            attempts.max(1),
+            self.retry.interval_s,
+            self.retry.max_interval_s,
+            fastrand::u64(0..=1000),
+        )
+    }
+}

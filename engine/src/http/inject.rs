@@ -18,12 +18,12 @@ use serde_json::{Map, Value, json};
 
 use super::transmissions::{prepare, spool_jobs};
 use super::{Reply, parse_json};
-use crate::generate::content::Dialect;
-use crate::generate::transmission::{
+use crate::jobs::Jobs;
+use crate::merge::content::Dialect;
+use crate::merge::transmission::{
     AddressSpec, ContentSpec, FileSpec, FromSpec, Options, RecipientSpec, Recipients, Refusal, Spec,
 };
 use crate::metrics::ShardMetrics;
-use crate::shard::Shard;
 use gannet_core::auth::ApiIdentity;
 
 #[derive(Debug, Deserialize)]
@@ -223,11 +223,12 @@ fn reply(success: usize, failed: &[String], errors: &[String]) -> Reply {
 }
 
 pub async fn inject(
-    shard: &Rc<Shard>,
+    jobs: &Rc<Jobs>,
     identity: &ApiIdentity,
     peer: Option<IpAddr>,
     body: &[u8],
 ) -> Reply {
+    let shard = &jobs.shard;
     let request: InjectRequest = match parse_json(body) {
         Ok(request) => request,
         Err(reply) => return reply,
@@ -249,16 +250,16 @@ pub async fn inject(
     ShardMetrics::add(&metrics.http_recipients_rejected_total, failed.len() as u64);
     let count = job.recipients().len();
     if deferred {
-        let jobs = match spool_jobs(shard, job).await {
-            Ok(jobs) => jobs,
+        let spooled = match spool_jobs(shard, job).await {
+            Ok(spooled) => spooled,
             Err(reply) => return reply,
         };
         ShardMetrics::add(&metrics.http_transmissions_total, 1);
         ShardMetrics::add(&metrics.http_recipients_accepted_total, count as u64);
-        crate::generate::start_jobs(shard, jobs);
+        crate::jobs::start(jobs, spooled);
         return reply(count, &failed, &errors);
     }
-    let (failures, stopped) = job.generate_all(shard).await;
+    let (failures, stopped) = jobs.generate_all(&job).await;
     let end = stopped.as_ref().map_or(count, |(at, _)| *at);
     let success = end - failures.len();
     for (i, reason) in failures {

@@ -35,6 +35,7 @@ use hyper::{Method, Request, StatusCode};
 
 use crate::io::http::{self as http_io, HyperIo};
 use crate::metrics::ShardMetrics;
+use crate::services::ShardServices;
 use crate::shard::Shard;
 use gannet_core::auth::ApiIdentity;
 use gannet_core::config::{Role, Services};
@@ -48,7 +49,8 @@ const HEAD_BYTES_MAX: usize = 64 << 10;
 
 /// Serves HTTP (or HTTPS when `tls`) on `listener` until shutdown: `/health`, and
 /// the endpoints of `services`.
-pub async fn serve(shard: Rc<Shard>, listener: TcpListener, tls: bool, services: Services) {
+pub async fn serve(svc: Rc<ShardServices>, listener: TcpListener, tls: bool, services: Services) {
+    let shard = &svc.shard;
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             shard.shutdown.wait().await;
@@ -58,7 +60,7 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener, tls: bool, services:
         match accepted {
             None => return,
             Some(Ok(stream)) => {
-                glommio::spawn_local(accepted_connection(shard.clone(), stream, tls, services))
+                glommio::spawn_local(accepted_connection(svc.clone(), stream, tls, services))
                     .detach();
             }
             Some(Err(err)) => {
@@ -69,19 +71,24 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener, tls: bool, services:
     }
 }
 
-async fn accepted_connection(shard: Rc<Shard>, stream: TcpStream, tls: bool, services: Services) {
+async fn accepted_connection(
+    svc: Rc<ShardServices>,
+    stream: TcpStream,
+    tls: bool,
+    services: Services,
+) {
     // TCP_NODELAY comes from the listener (io::listen).
     let peer = stream.peer_addr().ok().map(|a| a.ip());
     let from = Origin { peer, services };
     if !tls {
-        return connection(shard, HyperIo::new(stream, IDLE_TIMEOUT), from).await;
+        return connection(svc, HyperIo::new(stream, IDLE_TIMEOUT), from).await;
     }
-    let Some(config) = shard.shared.tls.clone() else {
+    let Some(config) = svc.shard.shared.tls.clone() else {
         return;
     };
     match http_io::accept_tls(stream, config, TLS_HANDSHAKE_TIMEOUT).await {
-        Ok(stream) => connection(shard, HyperIo::new(stream, IDLE_TIMEOUT), from).await,
-        Err(err) => tracing::debug!(shard = shard.id, "https handshake failed: {err}"),
+        Ok(stream) => connection(svc, HyperIo::new(stream, IDLE_TIMEOUT), from).await,
+        Err(err) => tracing::debug!(shard = svc.shard.id, "https handshake failed: {err}"),
     }
 }
 
@@ -92,15 +99,16 @@ struct Origin {
     services: Services,
 }
 
-async fn connection<S>(shard: Rc<Shard>, io: HyperIo<S>, from: Origin)
+async fn connection<S>(svc: Rc<ShardServices>, io: HyperIo<S>, from: Origin)
 where
     S: futures_lite::AsyncRead + futures_lite::AsyncWrite + Unpin + 'static,
 {
+    let shard = &svc.shard;
     let service = {
-        let shard = shard.clone();
+        let svc = svc.clone();
         hyper::service::service_fn(move |request| {
-            let shard = shard.clone();
-            async move { Ok::<_, Infallible>(handle(shard, request, from).await) }
+            let svc = svc.clone();
+            async move { Ok::<_, Infallible>(handle(svc, request, from).await) }
         })
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -183,10 +191,11 @@ impl Drop for InFlight<'_> {
 }
 
 async fn handle(
-    shard: Rc<Shard>,
+    svc: Rc<ShardServices>,
     request: Request<Incoming>,
     from: Origin,
 ) -> hyper::Response<Full<Bytes>> {
+    let shard = &svc.shard;
     let metrics = &shard.metrics;
     ShardMetrics::add(&metrics.http_requests_total, 1);
     // Monitoring stays answerable under load: /metrics and /health are not counted.
@@ -196,10 +205,10 @@ async fn handle(
         Reply::error(503, "", "too many requests in flight", "try again shortly")
     } else {
         shard.http_in_flight.set(shard.http_in_flight.get() + 1);
-        let _in_flight = InFlight(&shard);
+        let _in_flight = InFlight(shard);
         let (head, body) = request.into_parts();
-        match read_body(&shard, &head, body).await {
-            Ok(body) => route(&shard, &head, &body, from).await,
+        match read_body(shard, &head, body).await {
+            Ok(body) => route(&svc, &head, &body, from).await,
             Err(reply) => reply,
         }
     };
@@ -308,12 +317,13 @@ const INJECT: &str = "/api/inject/v1";
 const RECIPIENT_LISTS: &str = "/api/v1/recipient-lists";
 
 async fn route(
-    shard: &Rc<Shard>,
+    svc: &ShardServices,
     head: &hyper::http::request::Parts,
     body: &[u8],
     from: Origin,
 ) -> Reply {
     let Origin { peer, services } = from;
+    let shard = &svc.shard;
     let shared = &shard.shared;
     let method = &head.method;
     // "/something is equivalent to /something/" (SparkPost).
@@ -415,9 +425,9 @@ async fn route(
             match *method {
                 Method::POST if !json => not_json(),
                 Method::POST if path == INJECT => {
-                    inject::inject(shard, &identity, peer, body).await
+                    inject::inject(&svc.jobs, &identity, peer, body).await
                 }
-                Method::POST => transmissions::create(shard, &identity, peer, body).await,
+                Method::POST => transmissions::create(&svc.jobs, &identity, peer, body).await,
                 _ => method_not_allowed(),
             }
         }

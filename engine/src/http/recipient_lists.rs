@@ -14,9 +14,9 @@ use serde_json::{Map, Value, json};
 
 use super::templates::{check_id, conflict, not_found};
 use super::{Reply, parse_json, query_flag};
-use crate::generate::content::valid_email;
-use crate::generate::store::{StoredList, Tenant, id_from_name};
-use crate::generate::transmission::{RecipientSpec, Refusal};
+use crate::merge::content::valid_email;
+use crate::merge::store::{StoredList, Tenant, id_from_name};
+use crate::merge::transmission::{RecipientSpec, Refusal};
 use crate::shard::Shard;
 
 #[derive(Debug, Default, Deserialize)]

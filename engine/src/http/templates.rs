@@ -21,11 +21,11 @@ use serde::Deserialize;
 use serde_json::{Map, Value, json};
 
 use super::{Reply, parse_json, query_flag};
-use crate::generate::store::{
+use crate::merge::store::{
     StoredTemplate, TemplateOptions, Tenant, Version, id_from_name, valid_id,
 };
-use crate::generate::template::Scope;
-use crate::generate::transmission::{ContentSpec, Refusal};
+use crate::merge::template::Scope;
+use crate::merge::transmission::{ContentSpec, Refusal};
 use crate::shard::Shard;
 use gannet_core::clock::{rfc3339, unix_ms};
 

@@ -8,7 +8,7 @@ use std::rc::Rc;
 
 use super::Reply;
 use crate::events::{Engagement, Event};
-use crate::generate::tracking::Kind;
+use crate::merge::tracking::Kind;
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
 use gannet_core::clock::unix_ms;

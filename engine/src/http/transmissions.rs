@@ -13,10 +13,11 @@ use std::rc::Rc;
 use gannet_spool::{MessageId, MessageRecord, SpoolError};
 
 use super::{Reply, parse_json};
-use crate::generate::content::valid_email;
-use crate::generate::store::TemplateOptions;
-use crate::generate::transmission::{ContentSpec, Recipients, Refusal, Spec, parse_start_time};
-use crate::generate::{JOB_KIND, Job, Stored};
+use crate::jobs::Jobs;
+use crate::merge::content::valid_email;
+use crate::merge::store::TemplateOptions;
+use crate::merge::transmission::{ContentSpec, Recipients, Refusal, Spec, parse_start_time};
+use crate::merge::{JOB_KIND, Job, Stored};
 use crate::metrics::ShardMetrics;
 use crate::policy::{Client, Draft};
 use crate::shard::Shard;
@@ -61,7 +62,7 @@ fn spool_error(err: &SpoolError) -> Reply {
 }
 
 pub async fn create(
-    shard: &Rc<Shard>,
+    jobs: &Rc<Jobs>,
     identity: &ApiIdentity,
     peer: Option<IpAddr>,
     body: &[u8],
@@ -70,8 +71,8 @@ pub async fn create(
         Ok(spec) => spec,
         Err(reply) => return reply,
     };
-    match prepare(shard, identity, peer, spec) {
-        Ok((job, rejected)) => submit(shard, job, rejected.len()).await,
+    match prepare(&jobs.shard, identity, peer, spec) {
+        Ok((job, rejected)) => submit(jobs, job, rejected.len()).await,
         Err(refusal) => refusal.into(),
     }
 }
@@ -262,13 +263,14 @@ fn accepted_reply(job: &Job, accepted: usize, rejected: usize) -> Reply {
     )
 }
 
-async fn submit(shard: &Rc<Shard>, job: Job, rejected: usize) -> Reply {
+async fn submit(jobs: &Rc<Jobs>, job: Job, rejected: usize) -> Reply {
+    let shard = &jobs.shard;
     let metrics = &shard.metrics;
     let count = job.recipients().len();
     ShardMetrics::add(&metrics.http_recipients_rejected_total, rejected as u64);
     if count == 1 || job.sandbox {
         // Generated inside the request: the reply says whether it was spooled.
-        return match job.generate_all(shard).await {
+        return match jobs.generate_all(&job).await {
             (failures, None) => {
                 let generated = count - failures.len();
                 ShardMetrics::add(&metrics.http_transmissions_total, 1);
@@ -278,24 +280,24 @@ async fn submit(shard: &Rc<Shard>, job: Job, rejected: usize) -> Reply {
             (_, Some((_, err))) => spool_error(&err),
         };
     }
-    let jobs = match spool_jobs(shard, job).await {
-        Ok(jobs) => jobs,
+    let spooled = match spool_jobs(shard, job).await {
+        Ok(spooled) => spooled,
         Err(reply) => return reply,
     };
     ShardMetrics::add(&metrics.http_transmissions_total, 1);
     ShardMetrics::add(&metrics.http_recipients_accepted_total, count as u64);
-    let reply = accepted_reply(&jobs[0].0, count, rejected);
-    crate::generate::start_jobs(shard, jobs);
+    let reply = accepted_reply(&spooled[0].0, count, rejected);
+    crate::jobs::start(jobs, spooled);
     reply
 }
 
 /// Spools a transmission to be generated after the reply: one job record per
 /// `http.job_recipients_max` recipients, all in one commit. Returns the jobs with their
-/// record ids, ready for `start_jobs`.
+/// record ids, ready for `jobs::start`.
 pub async fn spool_jobs(
     shard: &Shard,
     job: Job,
-) -> Result<Vec<(Job, MessageId, crate::generate::Progress)>, Reply> {
+) -> Result<Vec<(Job, MessageId, crate::jobs::Progress)>, Reply> {
     let Job {
         id,
         mut stored,
@@ -355,7 +357,7 @@ pub async fn spool_jobs(
             content: content.clone(),
             sandbox,
         };
-        jobs.push((part_job, record_id, crate::generate::Progress::default()));
+        jobs.push((part_job, record_id, crate::jobs::Progress::default()));
     }
     for ticket in tickets {
         shard
@@ -365,4 +367,94 @@ pub async fn spool_jobs(
             .map_err(|e| spool_error(&e))?;
     }
     Ok(jobs)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::time::{Duration, Instant};
+
+    use gannet_spool::{CrashMode, SimStorage, Spool, SpoolConfig};
+
+    use gannet_core::auth::ApiIdentity;
+    use gannet_core::config::Role;
+
+    /// A chunk the spool refuses (here: the disk is full when its messages need a
+    /// new segment) is tombstoned and generated again once there is room: every
+    /// recipient ends with exactly one message, none stranded, none twice.
+    #[test]
+    fn a_chunk_the_spool_refuses_is_generated_again_once_space_returns() {
+        glommio::LocalExecutorBuilder::default()
+            .spawn(|| async move {
+                let dir = tempfile::tempdir().unwrap();
+                let storage = SimStorage::new(11);
+                let config = SpoolConfig {
+                    segment_bytes: 64 << 10,
+                    sync_retry_interval_ms: 50,
+                    ..SpoolConfig::for_shard(0)
+                };
+                let services =
+                    crate::services::ShardServices::on_sim(dir.path(), storage.clone(), config);
+                let shard = services.shard.clone();
+                let n = 600;
+                let text = "x".repeat(3000);
+                let recipients: Vec<serde_json::Value> = (0..n)
+                    .map(|i| serde_json::json!({"address": format!("r{i}@x.test")}))
+                    .collect();
+                let spec: crate::merge::transmission::Spec =
+                    serde_json::from_value(serde_json::json!({
+                        "recipients": recipients,
+                        "content": {"from": "s@s.test", "subject": "s", "text": text}
+                    }))
+                    .unwrap();
+                let identity = ApiIdentity {
+                    name: "t".into(),
+                    tenant: None,
+                    role: Role::Inject,
+                };
+                let (job, _) = super::prepare(&shard, &identity, None, spec).unwrap();
+                let jobs = super::spool_jobs(&shard, job).await.unwrap();
+                // Room for what is there and two more segments: ~40 of 600 messages.
+                let used = gannet_spool::Storage::list(&storage).unwrap().len() as u64 * (64 << 10);
+                storage.set_space_bytes_max(Some(used + 2 * (64 << 10)));
+                crate::jobs::start(&services.jobs, jobs);
+                let pending = || {
+                    shard
+                        .metrics
+                        .http_generation_pending_recipients
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                };
+                glommio::timer::sleep(Duration::from_millis(1500)).await;
+                assert!(pending() > 0, "generation was not held up by the full disk");
+                storage.set_space_bytes_max(None);
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while shard
+                    .metrics
+                    .http_generation_jobs
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                    > 0
+                {
+                    assert!(Instant::now() < deadline, "generation did not resume");
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                }
+                shard.spool.close().await;
+                let (_, recovered) =
+                    Spool::open(storage.crash(CrashMode::Clean), SpoolConfig::for_shard(0))
+                        .unwrap();
+                let mut seen = BTreeSet::new();
+                for live in &recovered.live {
+                    let m = live.message.get();
+                    assert_eq!(m.recipients.len(), 1, "a job record is still live");
+                    assert!(
+                        seen.insert(m.recipients[0].to_string()),
+                        "{} has two messages",
+                        m.recipients[0]
+                    );
+                }
+                assert_eq!(seen.len(), n);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+    }
 }

@@ -17,11 +17,12 @@ use anyhow::{Context, Result, anyhow};
 use gannet_spool::{FileStorage, Spool, SpoolConfig};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
-use crate::delivery::dispatcher::Dispatcher;
+use crate::delivery::tls::ClientTls;
 use crate::events::EventLog;
 use crate::io;
 use crate::metrics::ShardMetrics;
 use crate::policy::rules::RulesPolicy;
+use crate::services::ShardServices;
 use crate::shard::{SessionLimits, Shard, Shared};
 use crate::storage::ShardStorage;
 use gannet_core::auth::Credentials;
@@ -81,7 +82,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     let (addresses, placeholders) = reserve(&config)?;
     let shared = Arc::new(Shared {
         api_keys: gannet_core::auth::ApiKeys::new(&config.http.api_keys),
-        tracking_key: crate::generate::tracking::TrackingKey::load_or_create(&data_dir)
+        tracking_key: crate::merge::tracking::TrackingKey::load_or_create(&data_dir)
             .with_context(|| format!("the tracking key in {}", data_dir.display()))?,
         tracking_base_url: if config.http.tracking_base_url.is_empty() {
             addresses
@@ -92,7 +93,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
             config.http.tracking_base_url.clone()
         },
         store: Arc::new(
-            crate::generate::store::Store::open(&data_dir)
+            crate::merge::store::Store::open(&data_dir)
                 .with_context(|| format!("opening stored templates in {}", data_dir.display()))?,
         ),
         credentials: Credentials::new(
@@ -103,7 +104,6 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
                 .map(|u| (u.name.clone(), u.password_hash.clone())),
         ),
         tls: Some(tls),
-        client_tls: crate::delivery::tls::ClientTls::new(),
         policy: Box::new(RulesPolicy::new(&config.policy)),
         meta_headers: MetaHeaders {
             tenant: config.policy.tenant_header.clone(),
@@ -125,6 +125,8 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
         config,
     });
     let shared_for_reload = shared.clone();
+    // Client TLS for delivery, built once; each shard's delivery clones the Arcs.
+    let client_tls = ClientTls::new();
     let stop = Arc::new(AtomicBool::new(false));
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
@@ -151,6 +153,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
                 let started = ShardStart {
                     id,
                     shared: shared.clone(),
+                    client_tls: client_tls.clone(),
                     addresses: addresses.clone(),
                     stop: stop.clone(),
                     listening: listening.clone(),
@@ -468,6 +471,7 @@ fn probe(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 struct ShardStart {
     id: u16,
     shared: Arc<Shared>,
+    client_tls: ClientTls,
     addresses: Addresses,
     stop: Arc<AtomicBool>,
     listening: Arc<AtomicUsize>,
@@ -477,6 +481,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
     let ShardStart {
         id,
         shared,
+        client_tls,
         addresses,
         stop,
         listening,
@@ -513,11 +518,10 @@ async fn shard_main(start: ShardStart) -> Result<()> {
             shared.live.generation(),
             shared.live.snapshot().dkim.clone(),
         )),
-        generation: Default::default(),
-        dispatcher: Dispatcher::new(config, shared.client_tls.clone()),
         auth_cache: Default::default(),
         read_buffers: Default::default(),
     });
+    let services = ShardServices::new(shard.clone(), client_tls);
     // Every live message goes back to its queue with its exact retry state.
     let mut requeued = 0;
     let mut jobs = Vec::new();
@@ -526,12 +530,12 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         let is_job = m
             .meta
             .iter()
-            .any(|kv| kv.0.as_str() == "kind" && kv.1.as_str() == crate::generate::JOB_KIND);
+            .any(|kv| kv.0.as_str() == "kind" && kv.1.as_str() == crate::merge::JOB_KIND);
         if is_job {
             // A transmission not fully generated: resume after its last checkpoint.
-            match crate::generate::recover(live.id, &m.body) {
+            match crate::merge::recover(live.id, &m.body) {
                 Ok(job) => {
-                    let progress = crate::generate::Progress {
+                    let progress = crate::jobs::Progress {
                         prefix: live.state.attempts as usize,
                         done: live.state.done.clone(),
                     };
@@ -558,9 +562,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
             open_parts: 0,
             due_by_domain: Vec::new(),
         };
-        shard
-            .dispatcher
-            .enqueue(&shard, message, live.state.due_unix_ms);
+        services.delivery.enqueue(message, live.state.due_unix_ms);
     }
     if requeued > 0 {
         tracing::info!(
@@ -573,10 +575,9 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         tracing::info!(shard = id, transmission = %job_id, from = progress.prefix, "resuming transmission generation");
     }
     if !jobs.is_empty() {
-        crate::generate::start_jobs(&shard, jobs);
+        crate::jobs::start(&services.jobs, jobs);
     }
-    glommio::spawn_local(crate::delivery::dispatcher::run(shard.clone())).detach();
-    glommio::spawn_local(crate::delivery::dispatcher::inbox(shard.clone())).detach();
+    services.start();
     let bind = |addr: &SocketAddr| {
         io::listen(*addr).map_err(|e| anyhow!("shard {id}: listening on {addr}: {e}"))
     };
@@ -586,23 +587,23 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         for addr in addrs {
             let listener = bind(addr)?;
             tasks.push(glommio::spawn_local(crate::ingress::smtp::serve(
-                shard.clone(),
+                services.delivery.clone(),
                 listener,
                 tls,
             )));
         }
     }
-    let services = config.http.services;
-    let http = (addresses.http.iter().map(|a| (*a, false, services)))
-        .chain(addresses.https.iter().map(|a| (*a, true, services)))
+    let endpoints = config.http.services;
+    let http = (addresses.http.iter().map(|a| (*a, false, endpoints)))
+        .chain(addresses.https.iter().map(|a| (*a, true, endpoints)))
         .chain(addresses.http_more.iter().copied());
-    for (addr, tls, services) in http {
+    for (addr, tls, endpoints) in http {
         let listener = bind(&addr)?;
         tasks.push(glommio::spawn_local(crate::http::serve(
-            shard.clone(),
+            services.clone(),
             listener,
             tls,
-            services,
+            endpoints,
         )));
     }
     listening.fetch_add(1, Ordering::AcqRel);
@@ -628,8 +629,8 @@ async fn shard_main(start: ShardStart) -> Result<()> {
     let grace = Instant::now() + SHUTDOWN_GRACE;
     let busy = |shard: &Shard| {
         shard.sessions_active.get() > 0
-            || shard
-                .dispatcher
+            || services
+                .delivery
                 .queues
                 .borrow()
                 .ready

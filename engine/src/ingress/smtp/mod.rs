@@ -17,12 +17,13 @@ use glommio::net::TcpListener;
 
 use gannet_core::reply;
 
+use crate::delivery::Dispatcher;
 use crate::io::Conn;
 use crate::metrics::ShardMetrics;
-use crate::shard::Shard;
 
 /// Accepts connections until shutdown; `implicit_tls` starts TLS before the greeting.
-pub async fn serve(shard: Rc<Shard>, listener: TcpListener, implicit_tls: bool) {
+pub async fn serve(delivery: Rc<Dispatcher>, listener: TcpListener, implicit_tls: bool) {
+    let shard = &delivery.shard;
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             shard.shutdown.wait().await;
@@ -39,8 +40,9 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener, implicit_tls: bool) 
                 continue;
             }
         };
-        let shard = shard.clone();
+        let delivery = delivery.clone();
         glommio::spawn_local(async move {
+            let shard = &delivery.shard;
             // TCP_NODELAY comes from the listener (io::listen).
             let Ok(peer) = stream.peer_addr() else {
                 return;
@@ -72,7 +74,7 @@ pub async fn serve(shard: Rc<Shard>, listener: TcpListener, implicit_tls: bool) 
             ShardMetrics::add(&shard.metrics.smtp_sessions_total, 1);
             ShardMetrics::add(&shard.metrics.smtp_sessions_active, 1);
             shard.sessions_active.set(shard.sessions_active.get() + 1);
-            session::run(shard.clone(), conn, peer).await;
+            session::run(delivery.clone(), conn, peer).await;
             shard.sessions_active.set(shard.sessions_active.get() - 1);
             ShardMetrics::sub(&shard.metrics.smtp_sessions_active, 1);
             drop(slot);

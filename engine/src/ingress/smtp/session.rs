@@ -13,6 +13,7 @@ use gannet_spool::{MessageRecord, Record, SpoolError};
 
 use super::data::{Scan, Scanner, Violations};
 use super::verbs::{self, Mechanism, Next};
+use crate::delivery::Dispatcher;
 use crate::events::Event;
 use crate::io::Conn;
 use crate::metrics::ShardMetrics;
@@ -60,6 +61,8 @@ impl Transaction {
 #[derive(Debug)]
 pub struct Session {
     pub shard: Rc<Shard>,
+    /// Where accepted messages are queued.
+    pub delivery: Rc<Dispatcher>,
     pub peer: SocketAddr,
     pub helo: Option<String>,
     pub esmtp: bool,
@@ -208,7 +211,8 @@ enum Line {
 }
 
 /// Runs a session on an accepted connection until it ends.
-pub async fn run(shard: Rc<Shard>, conn: Conn, peer: SocketAddr) {
+pub async fn run(delivery: Rc<Dispatcher>, conn: Conn, peer: SocketAddr) {
+    let shard = delivery.shard.clone();
     let relay_from_network = shard
         .config()
         .smtp
@@ -219,6 +223,7 @@ pub async fn run(shard: Rc<Shard>, conn: Conn, peer: SocketAddr) {
     let tls = conn.tls_session().map(|c| crate::tls::describe(c));
     let mut session = Session {
         shard,
+        delivery,
         peer,
         helo: None,
         esmtp: false,
@@ -698,7 +703,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     // The envelope moves into the queue; delivery reads the body from the spool's
     // mapping, so the heap copy is dropped here.
     let message = crate::queue::Message::from_record(record);
-    shard.dispatcher.enqueue(&shard, message, now_ms);
+    s.delivery.enqueue(message, now_ms);
     let metrics = &shard.metrics;
     ShardMetrics::add(&metrics.smtp_messages_accepted_total, 1);
     ShardMetrics::add(

@@ -1,91 +1,22 @@
 //! In-process tests of the SMTP server over a real loopback socket, on a spool whose
 //! disk is simulated, so that fdatasync can be made to fail under a live session.
 
-use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::sync::Arc;
 use std::time::Duration;
 
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
-use gannet_spool::{SimStorage, Spool, SpoolConfig};
+use gannet_spool::{SimStorage, SpoolConfig};
 use glommio::net::TcpStream;
 
-use crate::events::EventLog;
-use crate::io::Shutdown;
-use crate::metrics::ShardMetrics;
-use crate::policy::rules::RulesPolicy;
-use crate::shard::{SessionLimits, Shard, Shared};
+use crate::services::ShardServices;
 use crate::storage::ShardStorage;
-use gannet_core::auth::Credentials;
-use gannet_core::config::Config;
-use gannet_core::message::MetaHeaders;
 
-fn shard(events_dir: &std::path::Path) -> Rc<Shard> {
+fn services(events_dir: &std::path::Path) -> Rc<ShardServices> {
     let spool_config = SpoolConfig {
         sync_retry_interval_ms: 50,
         ..SpoolConfig::for_shard(0)
     };
-    shard_on(events_dir, SimStorage::new(7), spool_config)
-}
-
-/// A shard of its own (one of one) on the simulated disk `storage`, with the default
-/// configuration, its events and stored items under `events_dir`. For the in-process
-/// tests of other modules too.
-pub(crate) fn shard_on(
-    events_dir: &std::path::Path,
-    storage: SimStorage,
-    spool_config: SpoolConfig,
-) -> Rc<Shard> {
-    let mut config = Config::default();
-    config.server.hostname = "gannet.test".into();
-    let (spool, _) = Spool::open(ShardStorage::Sim(storage), spool_config).unwrap();
-    glommio::spawn_local(spool.clone().run_committer()).detach();
-    let shared = Arc::new(Shared {
-        api_keys: Default::default(),
-        tracking_key: crate::generate::tracking::TrackingKey::new(
-            b"test tracking key, 32 bytes long",
-        ),
-        tracking_base_url: String::new(),
-        store: Arc::new(crate::generate::store::Store::open(events_dir).unwrap()),
-        credentials: Credentials::new([]),
-        tls: None,
-        client_tls: crate::delivery::tls::ClientTls::new(),
-        policy: Box::new(RulesPolicy::new(&config.policy)),
-        meta_headers: MetaHeaders {
-            tenant: "X-Gannet-Tenant".into(),
-            campaign: "X-Gannet-Campaign".into(),
-            pool: "X-Gannet-Pool".into(),
-        },
-        metrics: vec![Arc::new(ShardMetrics::default())],
-        mesh: crate::mesh::Mesh::new(1, 16),
-        sessions: Arc::new(SessionLimits::new(100, 100)),
-        live: crate::live::Live::new(
-            gannet_core::shaping::ShapingTable::new(&config.delivery),
-            crate::dkim::Signers::load(&Default::default()).unwrap(),
-        ),
-        config,
-    });
-    let dispatcher =
-        crate::delivery::dispatcher::Dispatcher::new(&shared.config, shared.client_tls.clone());
-    let dkim = (
-        shared.live.generation(),
-        shared.live.snapshot().dkim.clone(),
-    );
-    Rc::new(Shard {
-        dispatcher,
-        id: 0,
-        metrics: shared.metrics[0].clone(),
-        shared,
-        spool,
-        events: RefCell::new(EventLog::open(events_dir, 1 << 20, 1).unwrap()),
-        shutdown: Shutdown::default(),
-        http_in_flight: Default::default(),
-        dkim: RefCell::new(dkim),
-        generation: Default::default(),
-        sessions_active: Cell::new(0),
-        auth_cache: Default::default(),
-        read_buffers: Default::default(),
-    })
+    ShardServices::on_sim(events_dir, SimStorage::new(7), spool_config)
 }
 
 /// Sends `bytes` and returns the next complete reply (all lines), "" at end of stream.
@@ -163,10 +94,11 @@ fn failed_sync_is_451_then_421_until_the_disk_recovers() {
     let events = dir.path().to_path_buf();
     glommio::LocalExecutorBuilder::default()
         .spawn(move || async move {
-            let shard = shard(&events);
+            let services = services(&events);
+            let shard = services.shard.clone();
             let listener = crate::io::listen("127.0.0.1:0".parse().unwrap()).unwrap();
             let addr = listener.local_addr().unwrap();
-            glommio::spawn_local(super::serve(shard.clone(), listener, false)).detach();
+            glommio::spawn_local(super::serve(services.delivery.clone(), listener, false)).detach();
             let ShardStorage::Sim(sim) = shard.spool.storage() else {
                 unreachable!()
             };

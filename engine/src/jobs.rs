@@ -1,5 +1,7 @@
-//! Mail merge: a transmission (content + recipients + substitution data) becomes one
-//! message per recipient, each spooled and queued like a message received over SMTP.
+//! Transmission jobs: a transmission (content + recipients + substitution data)
+//! becomes one message per recipient, each spooled and queued like a message received
+//! over SMTP. What a job is and how one recipient's message is rendered is `merge`'s;
+//! this module runs jobs on a shard.
 //!
 //! A single-recipient transmission is generated inside its request. A larger one is
 //! first spooled whole as a *job* record (the request, with its stored template and
@@ -8,111 +10,65 @@
 //! them, queue them, and append an Update to the job whose `attempts` counts the
 //! recipients generated so far. A restart resumes a job from that count (the batch in
 //! flight at a crash may be generated twice, never lost); the job's Tombstone follows
-//! its last batch.
+//! its last batch. A job's chunks are spread over the shards through the mesh
+//! (`notes::Note::Generate`, routed by the inbox to [`Jobs::generate_chunk`]).
 
-pub mod content;
-pub mod store;
-pub mod template;
-pub mod tracking;
-pub mod transmission;
-
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
 use gannet_spool::{MessageId, MessageRecord, SpoolError, UpdateRecord};
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
+use crate::delivery::Dispatcher;
 use crate::events::Event;
+use crate::merge::content::{Rcpt, Stamp};
+use crate::merge::template::Scope;
+use crate::merge::{JOB_KIND, Job, rcpt_meta, tracking};
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
-use content::{Content, Rcpt, Stamp};
 use gannet_core::clock::unix_ms;
-use template::Scope;
-use transmission::{RecipientSpec, Spec};
 
 /// Recipients rendered and committed together.
 const BATCH: usize = 256;
 
-/// The `kind` meta value of a job record in the spool.
-pub const JOB_KIND: &str = "transmission";
+/// Where a job's chunks report: (chunk, spooled).
+type ChunkSender = glommio::channels::local_channel::LocalSender<(u32, bool)>;
 
-/// What a job record's body holds.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Stored {
-    /// The transmission this job is (part of): a large one is spooled as several
-    /// jobs of at most `http.job_recipients_max` recipients, so that no record grows
-    /// past what a spool segment holds and a resumed job re-reads a bounded record.
-    #[serde(default)]
-    pub transmission_id: String,
-    pub spec: Spec,
-    pub pool: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tenant: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub template_id: Option<String>,
-    pub due_ms: u64,
-    pub received_ms: u64,
-}
-
-impl Stored {
-    /// Everything but the request itself (for the jobs of one transmission).
-    pub fn clone_without_spec(&self) -> Stored {
-        Stored {
-            transmission_id: self.transmission_id.clone(),
-            spec: Spec::default(),
-            pool: self.pool.clone(),
-            tenant: self.tenant.clone(),
-            template_id: self.template_id.clone(),
-            due_ms: self.due_ms,
-            received_ms: self.received_ms,
-        }
-    }
-}
-
-/// A transmission ready to generate: its recipients inline and its content compiled.
+/// A shard's transmission jobs: what generating needs (the shard's spool and keys,
+/// delivery to queue what it spools) and the jobs this shard coordinates, by number,
+/// with the channel on which their chunks report back (from this shard's own tasks
+/// and, through the inbox, from other shards).
 #[derive(Debug)]
-pub struct Job {
-    /// The transmission id (what events and the API reply say).
-    pub id: String,
-    pub stored: Stored,
-    /// Shared by the jobs of one transmission.
-    pub content: Arc<Content>,
-    pub sandbox: bool,
+pub struct Jobs {
+    pub shard: Rc<Shard>,
+    delivery: Rc<Dispatcher>,
+    next: Cell<u64>,
+    running: RefCell<HashMap<u64, Rc<ChunkSender>>>,
 }
 
-/// Why one recipient got no message.
-#[derive(Debug)]
-pub enum Failure {
-    Render(String),
-    Spool(SpoolError),
-}
-
-impl Job {
-    pub fn recipients(&self) -> &[RecipientSpec] {
-        match &self.stored.spec.recipients {
-            Some(transmission::Recipients::Inline(list)) => list,
-            _ => &[],
+impl Jobs {
+    pub fn new(shard: Rc<Shard>, delivery: Rc<Dispatcher>) -> Jobs {
+        Jobs {
+            shard,
+            delivery,
+            next: Cell::new(0),
+            running: RefCell::new(HashMap::new()),
         }
     }
 
-    fn campaign(&self) -> Option<&str> {
-        self.stored
-            .spec
-            .campaign_id
-            .as_deref()
-            .filter(|c| !c.is_empty())
+    /// Called by the inbox when another shard finished a chunk of job `key`.
+    pub fn chunk_done(&self, key: u64, chunk: u32, ok: bool) {
+        if let Some(tx) = self.running.borrow().get(&key) {
+            let _ = tx.try_send((chunk, ok));
+        }
     }
 
     /// Renders recipient `i`'s message as a spool record.
-    fn render(
-        &self,
-        shard: &Shard,
-        i: usize,
-        now_ms: u64,
-    ) -> Result<(MessageRecord, String), String> {
-        let spec = &self.stored.spec;
-        let rcpt = &self.recipients()[i];
+    fn render(&self, job: &Job, i: usize, now_ms: u64) -> Result<(MessageRecord, String), String> {
+        let spec = &job.stored.spec;
+        let rcpt = &job.recipients()[i];
         let layers = [
             &rcpt.substitution_data,
             &spec.substitution_data,
@@ -121,27 +77,27 @@ impl Job {
         ];
         let scope = Scope { layers: &layers };
         let (email, name, header_to) = rcpt.address.parts();
-        let id = shard.spool.next_id();
+        let id = self.shard.spool.next_id();
         let id_text = id.to_string();
-        let message_id = format!("{id_text}@{}", shard.config().server.hostname);
+        let message_id = format!("{id_text}@{}", self.shard.config().server.hostname);
         let options = &spec.options;
-        let http = &shard.config().http;
+        let http = &self.shard.config().http;
         let open = options.open_tracking.unwrap_or(http.open_tracking_default);
         let click = options
             .click_tracking
             .unwrap_or(http.click_tracking_default);
         let track = (open || click).then(|| tracking::Track {
-            key: &shard.shared.tracking_key,
-            base_url: &shard.shared.tracking_base_url,
+            key: &self.shard.shared.tracking_key,
+            base_url: &self.shard.shared.tracking_base_url,
             open,
             click,
             // The queue id, as every later event names the message.
             message_id: &id_text,
             rcpt_to: email,
-            transmission_id: &self.id,
-            campaign_id: self.campaign().unwrap_or(""),
+            transmission_id: &job.id,
+            campaign_id: job.campaign().unwrap_or(""),
         });
-        let generated = self
+        let generated = job
             .content
             .generate(
                 Rcpt {
@@ -158,23 +114,23 @@ impl Job {
             )
             .map_err(|e| e.0)?;
         // DKIM, once per generated message.
-        let body = match shard.dkim().sign(
+        let body = match self.shard.dkim().sign(
             &generated.body,
-            self.stored.tenant.as_deref(),
+            job.stored.tenant.as_deref(),
             now_ms / 1000,
         ) {
             Ok(None) => generated.body,
             Ok(Some(mut signed)) => {
-                ShardMetrics::add(&shard.metrics.dkim_signatures_total, 1);
+                ShardMetrics::add(&self.shard.metrics.dkim_signatures_total, 1);
                 signed.extend_from_slice(&generated.body);
                 signed
             }
             Err(err) => {
-                ShardMetrics::add(&shard.metrics.dkim_failures_total, 1);
+                ShardMetrics::add(&self.shard.metrics.dkim_failures_total, 1);
                 return Err(err.to_string());
             }
         };
-        let size_max = shard.config().smtp.message_bytes_max.usize();
+        let size_max = self.shard.config().smtp.message_bytes_max.usize();
         if body.len() > size_max {
             return Err(format!(
                 "the generated message has {} bytes, more than smtp.message_bytes_max ({size_max})",
@@ -189,15 +145,15 @@ impl Job {
             .to_string();
         let domain = crate::policy::domain_of(email);
         let queue =
-            crate::queue::scheduled_queue(self.campaign(), self.stored.tenant.as_deref(), domain);
+            crate::queue::scheduled_queue(job.campaign(), job.stored.tenant.as_deref(), domain);
         let mut meta = vec![
-            ("pool".to_string(), self.stored.pool.clone()),
-            ("transmission_id".to_string(), self.id.clone()),
+            ("pool".to_string(), job.stored.pool.clone()),
+            ("transmission_id".to_string(), job.id.clone()),
         ];
-        if let Some(tenant) = &self.stored.tenant {
+        if let Some(tenant) = &job.stored.tenant {
             meta.push(("tenant".to_string(), tenant.clone()));
         }
-        if let Some(campaign) = self.campaign() {
+        if let Some(campaign) = job.campaign() {
             meta.push(("campaign".to_string(), campaign.to_string()));
         }
         let rcpt_meta = rcpt_meta(&spec.metadata, &rcpt.metadata);
@@ -213,7 +169,7 @@ impl Job {
                 serde_json::to_string(&rcpt.tags).unwrap_or_default(),
             ));
         }
-        if let Some(template) = &self.stored.template_id {
+        if let Some(template) = &job.stored.template_id {
             meta.push(("template_id".to_string(), template.clone()));
         }
         Ok((
@@ -224,7 +180,7 @@ impl Job {
                 meta,
                 queue,
                 attempts: 0,
-                due_unix_ms: self.stored.due_ms,
+                due_unix_ms: job.stored.due_ms,
                 received_unix_ms: now_ms,
                 done: Vec::new(),
                 body,
@@ -238,24 +194,24 @@ impl Job {
     /// generation_failure).
     pub async fn generate(
         &self,
-        shard: &Rc<Shard>,
+        job: &Job,
         range: std::ops::Range<usize>,
     ) -> Result<Vec<(usize, String)>, SpoolError> {
         let now_ms = unix_ms();
         let mut rendered = Vec::with_capacity(range.len());
         let mut failures = Vec::new();
         for i in range {
-            match self.render(shard, i, now_ms) {
+            match self.render(job, i, now_ms) {
                 Ok((record, subject)) => rendered.push((i, record, subject)),
                 Err(reason) => {
-                    self.failed(shard, i, &reason, now_ms);
+                    self.failed(job, i, &reason, now_ms);
                     failures.push((i, reason));
                 }
             }
         }
-        if self.sandbox {
+        if job.sandbox {
             for (_, record, subject) in &rendered {
-                self.injected(shard, record, subject);
+                self.injected(job, record, subject);
             }
             return Ok(failures);
         }
@@ -266,19 +222,19 @@ impl Job {
         let mut batch = Vec::with_capacity(rendered.len());
         let mut tickets = Vec::with_capacity(rendered.len());
         for (i, record, subject) in rendered {
-            match shard.spool.append_message(&record) {
+            match self.shard.spool.append_message(&record) {
                 Ok(ticket) => {
                     tickets.push(ticket);
                     batch.push((record, subject));
                 }
                 Err(err @ SpoolError::RecordTooLarge { .. }) => {
                     let reason = format!("the generated message cannot be spooled: {err}");
-                    self.failed(shard, i, &reason, now_ms);
+                    self.failed(job, i, &reason, now_ms);
                     failures.push((i, reason));
                 }
                 Err(err) => {
                     for (record, _) in &batch {
-                        let _ = shard.spool.append_tombstone(record.id);
+                        let _ = self.shard.spool.append_tombstone(record.id);
                     }
                     return Err(err);
                 }
@@ -287,19 +243,19 @@ impl Job {
         // A failed sync fails its whole epoch, and the spool itself tombstones every
         // message of it.
         for ticket in tickets {
-            shard.spool.durable(ticket).await?;
+            self.shard.spool.durable(ticket).await?;
         }
         let generated = batch.len();
         let bytes: usize = batch.iter().map(|(r, _)| r.body.len()).sum();
-        ShardMetrics::add(&shard.metrics.http_message_bytes_total, bytes as u64);
+        ShardMetrics::add(&self.shard.metrics.http_message_bytes_total, bytes as u64);
         for (record, subject) in batch {
-            self.injected(shard, &record, &subject);
+            self.injected(job, &record, &subject);
             let due = record.due_unix_ms;
             let message = crate::queue::Message::from_record(record);
-            shard.dispatcher.enqueue(shard, message, due);
+            self.delivery.enqueue(message, due);
         }
         ShardMetrics::add(
-            &shard.metrics.http_messages_generated_total,
+            &self.shard.metrics.http_messages_generated_total,
             generated as u64,
         );
         Ok(failures)
@@ -310,15 +266,12 @@ impl Job {
     /// recipients from that index on got nothing either.
     pub async fn generate_all(
         &self,
-        shard: &Rc<Shard>,
+        job: &Job,
     ) -> (Vec<(usize, String)>, Option<(usize, SpoolError)>) {
-        let total = self.recipients().len();
+        let total = job.recipients().len();
         let mut failures = Vec::new();
         for start in (0..total).step_by(BATCH) {
-            match self
-                .generate(shard, start..(start + BATCH).min(total))
-                .await
-            {
+            match self.generate(job, start..(start + BATCH).min(total)).await {
                 Ok(more) => failures.extend(more),
                 Err(err) => return (failures, Some((start, err))),
             }
@@ -327,43 +280,57 @@ impl Job {
         (failures, None)
     }
 
-    fn injected(&self, shard: &Shard, record: &MessageRecord, subject: &str) {
-        shard.event(&Event::Injection {
+    fn injected(&self, job: &Job, record: &MessageRecord, subject: &str) {
+        self.shard.event(&Event::Injection {
             timestamp_ms: record.received_unix_ms,
-            shard: shard.id,
+            shard: self.shard.id,
             message_id: record.id.to_string(),
-            transmission_id: &self.id,
-            campaign_id: self.campaign(),
-            template_id: self.stored.template_id.as_deref(),
+            transmission_id: &job.id,
+            campaign_id: job.campaign(),
+            template_id: job.stored.template_id.as_deref(),
             rcpt_to: &record.recipients[0],
             msg_from: &record.sender,
             subject,
             msg_size: record.body.len(),
-            ip_pool: &self.stored.pool,
-            tenant: self.stored.tenant.as_deref(),
+            ip_pool: &job.stored.pool,
+            tenant: job.stored.tenant.as_deref(),
             queue: &record.queue,
             rcpt_meta: meta_value(record, "rcpt_meta"),
             rcpt_tags: meta_value(record, "rcpt_tags"),
-            sandbox: self.sandbox,
+            sandbox: job.sandbox,
         });
     }
 
-    fn failed(&self, shard: &Shard, i: usize, reason: &str, now_ms: u64) {
-        ShardMetrics::add(&shard.metrics.http_generation_failures_total, 1);
-        let spec = &self.stored.spec;
-        let rcpt = &self.recipients()[i];
+    fn failed(&self, job: &Job, i: usize, reason: &str, now_ms: u64) {
+        ShardMetrics::add(&self.shard.metrics.http_generation_failures_total, 1);
+        let spec = &job.stored.spec;
+        let rcpt = &job.recipients()[i];
         let meta = rcpt_meta(&spec.metadata, &rcpt.metadata);
-        shard.event(&Event::GenerationFailure {
+        self.shard.event(&Event::GenerationFailure {
             timestamp_ms: now_ms,
-            shard: shard.id,
-            transmission_id: &self.id,
-            campaign_id: self.campaign(),
-            template_id: self.stored.template_id.as_deref(),
+            shard: self.shard.id,
+            transmission_id: &job.id,
+            campaign_id: job.campaign(),
+            template_id: job.stored.template_id.as_deref(),
             rcpt_to: rcpt.address.parts().0,
             rcpt_meta: (!meta.is_empty()).then_some(&meta),
             rcpt_tags: &rcpt.tags,
             reason,
         });
+    }
+
+    /// Generates one chunk of a job on this shard; false if the spool refused it.
+    pub async fn generate_chunk(&self, job: &Job, chunk: u32) -> bool {
+        match self
+            .generate(job, chunk_range(chunk, job.recipients().len()))
+            .await
+        {
+            Ok(_) => true,
+            Err(err) => {
+                tracing::error!(shard = self.shard.id, transmission = %job.id, chunk, "generation failed: {err}");
+                false
+            }
+        }
     }
 }
 
@@ -374,18 +341,6 @@ fn meta_value<'a>(record: &'a MessageRecord, key: &str) -> Option<&'a serde_json
         .find(|(k, _)| k == key)
         .map(|(_, v)| v.as_str())?;
     serde_json::from_str(text).ok()
-}
-
-/// The recipient's metadata over the transmission's (what events report as rcpt_meta).
-pub fn rcpt_meta(
-    transmission: &Map<String, Value>,
-    recipient: &Map<String, Value>,
-) -> Map<String, Value> {
-    let mut merged = transmission.clone();
-    for (k, v) in recipient {
-        merged.insert(k.clone(), v.clone());
-    }
-    merged
 }
 
 /// Where a spooled job stands: recipients `[0, prefix)` are generated, and so are the
@@ -406,30 +361,10 @@ impl Progress {
     }
 }
 
-/// Where a job's chunks report: (chunk, spooled).
-type ChunkSender = glommio::channels::local_channel::LocalSender<(u32, bool)>;
-
-/// The jobs a shard coordinates, by number, with the channel on which chunks report
-/// back (from this shard's own tasks and, through the inbox, from other shards).
-#[derive(Debug, Default)]
-pub struct Coordinator {
-    next: std::cell::Cell<u64>,
-    jobs: std::cell::RefCell<std::collections::HashMap<u64, Rc<ChunkSender>>>,
-}
-
-impl Coordinator {
-    /// Called by the inbox when another shard finished a chunk of job `key`.
-    pub fn chunk_done(&self, key: u64, chunk: u32, ok: bool) {
-        if let Some(tx) = self.jobs.borrow().get(&key) {
-            let _ = tx.try_send((chunk, ok));
-        }
-    }
-}
-
 /// Starts generating spooled jobs one after the other, as one task on the shard
 /// that spooled (or recovered) them.
-pub fn start_jobs(shard: &Rc<Shard>, jobs: Vec<(Job, MessageId, Progress)>) {
-    let metrics = &shard.metrics;
+pub fn start(this: &Rc<Jobs>, jobs: Vec<(Job, MessageId, Progress)>) {
+    let metrics = &this.shard.metrics;
     for (job, _, progress) in &jobs {
         let total = job.recipients().len();
         let pending: usize = progress
@@ -439,14 +374,15 @@ pub fn start_jobs(shard: &Rc<Shard>, jobs: Vec<(Job, MessageId, Progress)>) {
         ShardMetrics::add(&metrics.http_generation_jobs, 1);
         ShardMetrics::add(&metrics.http_generation_pending_recipients, pending as u64);
     }
-    let shard = shard.clone();
+    let this = this.clone();
     glommio::spawn_local(async move {
+        let shard = &this.shard;
         let mut jobs = jobs.into_iter();
         for (job, record, progress) in jobs.by_ref() {
             if shard.shutdown.is_raised() {
                 break;
             }
-            run_job(shard.clone(), Arc::new(job), record, progress).await;
+            run_job(this.clone(), Arc::new(job), record, progress).await;
         }
         // Jobs not started (shutting down) leave the gauges; they resume at start-up.
         for (job, _, progress) in jobs {
@@ -481,17 +417,17 @@ fn chunk_range(chunk: u32, total: usize) -> std::ops::Range<usize> {
 /// `c mod shards`, or here when that shard's inbox is full), checkpointing as chunks
 /// finish, then ends the job. Each shard spools and queues the messages it
 /// generates, so the work of a large transmission uses every core.
-async fn run_job(shard: Rc<Shard>, job: Arc<Job>, record: MessageId, progress: Progress) {
+async fn run_job(this: Rc<Jobs>, job: Arc<Job>, record: MessageId, progress: Progress) {
+    let shard = &this.shard;
     let total = job.recipients().len();
     let mut finished: std::collections::BTreeSet<u32> = progress.done.iter().copied().collect();
     let mut prefix = (progress.prefix / BATCH) as u32;
     let mut todo: std::collections::VecDeque<u32> = progress.todo(total).collect();
-    let coordinator = &shard.generation;
-    let key = coordinator.next.get();
-    coordinator.next.set(key + 1);
+    let key = this.next.get();
+    this.next.set(key + 1);
     let (tx, rx) = glommio::channels::local_channel::new_unbounded();
     let tx = Rc::new(tx);
-    coordinator.jobs.borrow_mut().insert(key, tx.clone());
+    this.running.borrow_mut().insert(key, tx.clone());
     // However the task ends, the job and what is left of it leave the gauges.
     let left = Rc::new(std::cell::Cell::new(
         todo.iter()
@@ -499,10 +435,11 @@ async fn run_job(shard: Rc<Shard>, job: Arc<Job>, record: MessageId, progress: P
             .sum::<usize>(),
     ));
     let _gauges = Finally({
-        let shard = shard.clone();
+        let this = this.clone();
         let left = left.clone();
         move || {
-            shard.generation.jobs.borrow_mut().remove(&key);
+            let shard = &this.shard;
+            this.running.borrow_mut().remove(&key);
             ShardMetrics::sub(&shard.metrics.http_generation_jobs, 1);
             ShardMetrics::sub(
                 &shard.metrics.http_generation_pending_recipients,
@@ -536,9 +473,9 @@ async fn run_job(shard: Rc<Shard>, job: Arc<Job>, record: MessageId, progress: P
                     continue;
                 }
             }
-            let (job, shard, tx) = (job.clone(), shard.clone(), tx.clone());
+            let (job, this, tx) = (job.clone(), this.clone(), tx.clone());
             glommio::spawn_local(async move {
-                let ok = generate_chunk(&shard, &job, chunk).await;
+                let ok = this.generate_chunk(&job, chunk).await;
                 let _ = tx.try_send((chunk, ok));
             })
             .detach();
@@ -609,140 +546,11 @@ async fn run_job(shard: Rc<Shard>, job: Arc<Job>, record: MessageId, progress: P
     tracing::debug!(shard = shard.id, transmission = %job.id, recipients = total, "transmission generated");
 }
 
-/// Generates one chunk of a job on this shard; false if the spool refused it.
-pub async fn generate_chunk(shard: &Rc<Shard>, job: &Job, chunk: u32) -> bool {
-    match job
-        .generate(shard, chunk_range(chunk, job.recipients().len()))
-        .await
-    {
-        Ok(_) => true,
-        Err(err) => {
-            tracing::error!(shard = shard.id, transmission = %job.id, chunk, "generation failed: {err}");
-            false
-        }
-    }
-}
-
-/// Rebuilds a job from its spool record (at start-up).
-pub fn recover(id: MessageId, body: &[u8]) -> Result<Job, String> {
-    let stored: Stored = serde_json::from_slice(body).map_err(|e| format!("job record: {e}"))?;
-    let substitute = stored.spec.options.perform_substitutions.unwrap_or(true);
-    let mut content = stored
-        .spec
-        .content
-        .as_ref()
-        .ok_or("job record without content")?
-        .compile(substitute)
-        .map_err(|r| r.description)?;
-    content.inline_css = stored.spec.options.inline_css.unwrap_or(false);
-    Ok(Job {
-        id: if stored.transmission_id.is_empty() {
-            id.to_string()
-        } else {
-            stored.transmission_id.clone()
-        },
-        sandbox: false,
-        stored,
-        content: Arc::new(content),
-    })
-}
-
 /// Runs a closure when dropped (however the task ends).
 struct Finally<F: FnMut()>(F);
 
 impl<F: FnMut()> Drop for Finally<F> {
     fn drop(&mut self) {
         (self.0)();
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::BTreeSet;
-    use std::time::{Duration, Instant};
-
-    use gannet_spool::{CrashMode, SimStorage, Spool, SpoolConfig};
-
-    use gannet_core::auth::ApiIdentity;
-    use gannet_core::config::Role;
-
-    /// A chunk the spool refuses (here: the disk is full when its messages need a
-    /// new segment) is tombstoned and generated again once there is room: every
-    /// recipient ends with exactly one message, none stranded, none twice.
-    #[test]
-    fn a_chunk_the_spool_refuses_is_generated_again_once_space_returns() {
-        glommio::LocalExecutorBuilder::default()
-            .spawn(|| async move {
-                let dir = tempfile::tempdir().unwrap();
-                let storage = SimStorage::new(11);
-                let config = SpoolConfig {
-                    segment_bytes: 64 << 10,
-                    sync_retry_interval_ms: 50,
-                    ..SpoolConfig::for_shard(0)
-                };
-                let shard =
-                    crate::ingress::smtp::tests::shard_on(dir.path(), storage.clone(), config);
-                let n = 600;
-                let text = "x".repeat(3000);
-                let recipients: Vec<serde_json::Value> = (0..n)
-                    .map(|i| serde_json::json!({"address": format!("r{i}@x.test")}))
-                    .collect();
-                let spec: super::transmission::Spec = serde_json::from_value(serde_json::json!({
-                    "recipients": recipients,
-                    "content": {"from": "s@s.test", "subject": "s", "text": text}
-                }))
-                .unwrap();
-                let identity = ApiIdentity {
-                    name: "t".into(),
-                    tenant: None,
-                    role: Role::Inject,
-                };
-                let (job, _) =
-                    crate::http::transmissions::prepare(&shard, &identity, None, spec).unwrap();
-                let jobs = crate::http::transmissions::spool_jobs(&shard, job)
-                    .await
-                    .unwrap();
-                // Room for what is there and two more segments: ~40 of 600 messages.
-                let used = gannet_spool::Storage::list(&storage).unwrap().len() as u64 * (64 << 10);
-                storage.set_space_bytes_max(Some(used + 2 * (64 << 10)));
-                super::start_jobs(&shard, jobs);
-                let pending = || {
-                    shard
-                        .metrics
-                        .http_generation_pending_recipients
-                        .load(std::sync::atomic::Ordering::Relaxed)
-                };
-                glommio::timer::sleep(Duration::from_millis(1500)).await;
-                assert!(pending() > 0, "generation was not held up by the full disk");
-                storage.set_space_bytes_max(None);
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while shard
-                    .metrics
-                    .http_generation_jobs
-                    .load(std::sync::atomic::Ordering::Relaxed)
-                    > 0
-                {
-                    assert!(Instant::now() < deadline, "generation did not resume");
-                    glommio::timer::sleep(Duration::from_millis(50)).await;
-                }
-                shard.spool.close().await;
-                let (_, recovered) =
-                    Spool::open(storage.crash(CrashMode::Clean), SpoolConfig::for_shard(0))
-                        .unwrap();
-                let mut seen = BTreeSet::new();
-                for live in &recovered.live {
-                    let m = live.message.get();
-                    assert_eq!(m.recipients.len(), 1, "a job record is still live");
-                    assert!(
-                        seen.insert(m.recipients[0].to_string()),
-                        "{} has two messages",
-                        m.recipients[0]
-                    );
-                }
-                assert_eq!(seen.len(), n);
-            })
-            .unwrap()
-            .join()
-            .unwrap();
     }
 }

@@ -51,7 +51,7 @@ pub struct Inline {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Dialect {
-    /// SparkPost's (`generate::template`).
+    /// SparkPost's (`merge::template`).
     #[default]
     SparkPost,
     /// Jinja via minijinja (KumoMTA's inject API); HTML parts are auto-escaped.

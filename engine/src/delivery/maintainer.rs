@@ -1,0 +1,139 @@
+//! The queue maintainer, one task per shard: promotes due parts from the timer
+//! wheel, holds those whose scheduled queue is suspended, sends the rest to
+//! [`super::routing`] (static route, or one MX lookup per domain at a time), opens
+//! connections within each ready queue's shaping (connection_limit,
+//! max_connection_rate, backoff after failures), forgets idle ready queues and
+//! publishes the queue gauges.
+
+use std::rc::Rc;
+use std::time::Duration;
+
+use super::Dispatcher;
+use super::client::Response;
+use super::connection::connection;
+use super::routing::{place, resolve};
+use super::settling::delayed;
+use crate::queue::Part;
+use gannet_core::clock::unix_ms;
+
+/// How often idle ready queues are forgotten.
+const FORGET_IDLE_MS: u64 = 10_000;
+
+/// The queue maintainer: runs until shutdown.
+pub async fn run(d: Rc<Dispatcher>) {
+    let shard = &d.shard;
+    if d.suspended {
+        tracing::info!(
+            shard = shard.id,
+            "delivery is suspended (delivery.suspended); messages stay queued"
+        );
+        shard.shutdown.wait().await;
+        return;
+    }
+    let mut last_forget = unix_ms();
+    while !shard.shutdown.is_raised() {
+        let now = unix_ms();
+        let now_us = now * 1000;
+        d.refresh_live(&shard.shared.live, now);
+        let mut to_open: Vec<String> = Vec::new();
+        let mut to_resolve: Vec<String> = Vec::new();
+        let mut to_place: Vec<Part> = Vec::new();
+        // The earliest time something must be looked at again, besides the wheel.
+        let mut wake_at = now + 1000;
+        {
+            let mut queues = d.queues.borrow_mut();
+            queues.promote(now);
+            if let Some(expiry) = queues.release(now) {
+                wake_at = wake_at.min(expiry);
+            }
+            // Due parts: held when their scheduled queue is suspended, else they get
+            // their site: a static route, or an MX lookup (one per domain at a time;
+            // parts of a domain being resolved wait for that answer).
+            let due = std::mem::take(&mut queues.due);
+            let mut resolving = d.resolving.borrow_mut();
+            for mut part in due {
+                if let Some(s) = queues.suspension(&part, now) {
+                    let why = Response::local(
+                        451,
+                        format!("4.4.5 queue suspended ({}): {}", s.id, s.reason),
+                    );
+                    delayed(&d, &part, &why, now);
+                    queues.hold(part);
+                } else if let Some(site) = d.routes.site(&part.domain) {
+                    part.site = Some(site);
+                    to_place.push(part);
+                } else if let Some(waiting) = resolving.get_mut(&part.domain) {
+                    waiting.push(part);
+                } else {
+                    to_resolve.push(part.domain.clone());
+                    resolving.insert(part.domain.clone(), vec![part]);
+                }
+            }
+            // Connections within each queue's shaping.
+            for (key, ready) in queues.ready.iter_mut() {
+                if ready.throttled_until_ms > now {
+                    wake_at = wake_at.min(ready.throttled_until_ms);
+                    continue;
+                }
+                let allowed = ready
+                    .health
+                    .connections_allowed(now, ready.shaping.connection_limit);
+                if allowed == 0 {
+                    wake_at = wake_at.min(ready.health.retry_at_ms);
+                    continue;
+                }
+                let wanted = ready.len().min(allowed);
+                while ready.connections < wanted {
+                    if let Err(wait) = ready.connects.acquire(now_us) {
+                        wake_at = wake_at.min(now + wait.as_millis() as u64 + 1);
+                        break;
+                    }
+                    ready.connections += 1;
+                    to_open.push(key.clone());
+                }
+            }
+            if now.saturating_sub(last_forget) >= FORGET_IDLE_MS {
+                queues.forget_idle(now);
+                last_forget = now;
+            }
+        }
+        // Every connection counted above must be started, and every domain marked as
+        // resolving must be resolved, before anything else.
+        for key in to_open {
+            glommio::spawn_local(connection(d.clone(), key)).detach();
+        }
+        for domain in to_resolve {
+            glommio::spawn_local(resolve(d.clone(), domain)).detach();
+        }
+        if !to_place.is_empty() {
+            for part in to_place {
+                place(&d, part, now);
+            }
+            // Placed parts may have filled a local ready queue: look again at once.
+            continue;
+        }
+        let next = {
+            let queues = d.queues.borrow();
+            let m = &shard.metrics;
+            let gauge = |g: &std::sync::atomic::AtomicU64, v: usize| {
+                g.store(v as u64, std::sync::atomic::Ordering::Relaxed)
+            };
+            gauge(&m.queue_scheduled_parts, queues.scheduled_len());
+            gauge(&m.queue_ready_parts, queues.ready_len());
+            gauge(&m.queue_held_parts, queues.held_len());
+            gauge(&m.delivery_connections_idle, d.idle_connections.get());
+            let dns = d.resolver.stats();
+            gauge(&m.dns_cache_entries, dns.cached);
+            gauge(&m.dns_cache_evicted_total, dns.evicted as usize);
+            gauge(&m.dns_queries_total, dns.queries as usize);
+            gauge(&m.dns_queries_resent_total, dns.resent as usize);
+            queues.next_due().map_or(wake_at, |due| due.min(wake_at))
+        };
+        let sleep_ms = next.saturating_sub(unix_ms()).clamp(1, 1000);
+        futures_lite::future::or(
+            d.wake.wait(),
+            shard.shutdown.sleep(Duration::from_millis(sleep_ms)),
+        )
+        .await;
+    }
+}

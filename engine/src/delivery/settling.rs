@@ -1,0 +1,210 @@
+//! The end of an attempt: each recipient's reply becomes a verdict (queue::settle) —
+//! Delivery, Bounce, Expiration, TransientFailure with a retry — recorded in the
+//! event log and the metrics, and in the spool: an Update with the new retry state,
+//! or a Tombstone when every recipient is finished. A part put off without an attempt
+//! (full ready queue, suspension) is recorded as Delayed. Only the shard that spooled
+//! a message settles it.
+
+use gannet_spool::{Spool, UpdateRecord};
+
+use super::Dispatcher;
+use super::bounce;
+use super::client::Response;
+use crate::events::{Event, Outcome};
+use crate::metrics::ShardMetrics;
+use crate::queue::{self, Message, Part, Site};
+use crate::storage::ShardStorage;
+use gannet_core::clock::unix_ms;
+
+/// Applies one attempt's replies to a part's recipients.
+pub(super) fn settle(
+    d: &Dispatcher,
+    mut part: Part,
+    results: Vec<(u32, Response)>,
+    peer: Option<std::net::SocketAddr>,
+    tls: Option<&str>,
+) {
+    use queue::settle::{After, Verdict};
+    let shard = &d.shard;
+    let now = unix_ms();
+    let message = part.message.clone();
+    let mut m = message.borrow_mut();
+    let expired = queue::settle::expired(&m, now, d.retry.max_age_ms);
+    let mut verdicts = Vec::with_capacity(results.len());
+    for (i, response) in &results {
+        let verdict = queue::settle::verdict(response.code, expired);
+        let kind = match verdict {
+            Verdict::Delivery => Kind::Delivery,
+            Verdict::TransientFailure => Kind::TransientFailure,
+            Verdict::Bounce => Kind::Bounce,
+            Verdict::Expiration => Kind::Expiration,
+        };
+        let attempt = Attempt {
+            egress: part.egress.as_deref(),
+            site: part.site.as_deref(),
+            peer,
+            tls,
+            retries: part.attempts,
+            now,
+        };
+        record(d, &m, *i, &attempt, response, kind);
+        verdicts.push((*i, verdict));
+    }
+    let jitter = fastrand::u64(0..=1000);
+    let after = queue::settle::apply(&mut m, &mut part, &verdicts, now, &d.retry, jitter);
+    match after {
+        After::MessageDone => finish(d, &m),
+        After::PartDone | After::Retry => {
+            persist(&shard.spool, &m, m.persisted_due_ms(now), shard.id);
+        }
+    }
+    if after == After::Retry {
+        drop(m);
+        d.queues.borrow_mut().schedule(part);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Delivery,
+    TransientFailure,
+    Bounce,
+    Expiration,
+    Delayed,
+}
+
+/// What is known about one delivery attempt of a part.
+struct Attempt<'a> {
+    egress: Option<&'a queue::Egress>,
+    /// None when the site could not be resolved.
+    site: Option<&'a Site>,
+    peer: Option<std::net::SocketAddr>,
+    tls: Option<&'a str>,
+    /// Attempts made for this part before this one.
+    retries: u32,
+    now: u64,
+}
+
+fn record(
+    d: &Dispatcher,
+    m: &Message,
+    rcpt: u32,
+    attempt: &Attempt<'_>,
+    response: &Response,
+    kind: Kind,
+) {
+    let shard = &d.shard;
+    let Attempt {
+        egress,
+        site,
+        peer,
+        tls,
+        retries,
+        now,
+    } = *attempt;
+    let outcome = Outcome {
+        timestamp_ms: now,
+        shard: shard.id,
+        message_id: m.id.to_string(),
+        sender: &m.sender,
+        rcpt_to: &m.recipients[rcpt as usize],
+        queue: {
+            let rcpt = &m.recipients[rcpt as usize];
+            let domain = rcpt
+                .rsplit_once('@')
+                .map_or("", |(_, d)| d)
+                .to_ascii_lowercase();
+            queue::queue_name(m, &domain).to_string()
+        },
+        site: site.map_or("", |s| s.name.as_str()),
+        egress_source: egress.map(|e| e.name.as_str()),
+        sending_ip: egress.and_then(|e| e.source_ip).map(|ip| ip.to_string()),
+        peer: peer.map(|p| p.to_string()),
+        response: response.to_string(),
+        response_code: response.code,
+        enhanced_code: response.enhanced_code(),
+        msg_size: m.size,
+        bounce_class: match kind {
+            Kind::Bounce => Some(bounce::classify(response)),
+            _ => None,
+        },
+        num_retries: retries,
+        queue_time: now.saturating_sub(m.received_ms),
+        tls,
+        ip_pool: m.meta("pool"),
+        tenant: m.meta("tenant"),
+        campaign_id: m.meta("campaign"),
+        transmission_id: m.meta("transmission_id"),
+        rcpt_meta: m
+            .meta("rcpt_meta")
+            .and_then(|j| serde_json::from_str(j).ok()),
+        rcpt_tags: m
+            .meta("rcpt_tags")
+            .and_then(|j| serde_json::from_str(j).ok()),
+    };
+    let metrics = &shard.metrics;
+    let (event, counter) = match kind {
+        Kind::Delivery => (Event::Delivery(outcome), &metrics.delivery_delivered_total),
+        Kind::TransientFailure => (
+            Event::TransientFailure(outcome),
+            &metrics.delivery_transient_failures_total,
+        ),
+        Kind::Bounce => (Event::Bounce(outcome), &metrics.delivery_bounced_total),
+        Kind::Expiration => (Event::Expiration(outcome), &metrics.delivery_expired_total),
+        Kind::Delayed => (Event::Delayed(outcome), &metrics.delivery_delayed_total),
+    };
+    ShardMetrics::add(counter, 1);
+    shard.event(&event);
+}
+
+/// Records a Delayed event for each recipient of a part.
+pub(super) fn delayed(d: &Dispatcher, part: &Part, response: &Response, now: u64) {
+    let m = part.message.borrow();
+    let attempt = Attempt {
+        egress: part.egress.as_deref(),
+        site: part.site.as_deref(),
+        peer: None,
+        tls: None,
+        retries: part.attempts,
+        now,
+    };
+    for i in &part.rcpts {
+        record(d, &m, *i, &attempt, response, Kind::Delayed);
+    }
+}
+
+/// New retry state for a message that still has recipients to try.
+fn persist(spool: &Spool<ShardStorage>, m: &Message, due_ms: u64, shard: u16) {
+    let update = UpdateRecord {
+        id: m.id,
+        attempts: m.attempts,
+        due_unix_ms: due_ms,
+        queue: m.queue.clone(),
+        done: m.done.clone(),
+    };
+    written(spool.append_update(&update), shard, "update");
+}
+
+/// Every recipient is finished: the message leaves the spool.
+pub(super) fn finish(d: &Dispatcher, m: &Message) {
+    written(
+        d.shard.spool.append_tombstone(m.id),
+        d.shard.id,
+        "tombstone",
+    );
+}
+
+/// Checks that an update or tombstone was written; its sync is not awaited. Losing
+/// one is not losing mail: after a crash the message is retried from its last
+/// durable state (at worst a recipient is delivered twice). A failed sync is logged
+/// by the spool, which also turns unhealthy (new mail gets 421 until a sync succeeds
+/// again), so no waiter task is spawned per record on the delivery path.
+fn written(
+    ticket: Result<gannet_spool::Ticket, gannet_spool::SpoolError>,
+    shard: u16,
+    what: &'static str,
+) {
+    if let Err(err) = ticket {
+        tracing::warn!(shard, "spool {what} failed: {err}");
+    }
+}
