@@ -1,7 +1,7 @@
 //! gannet's leaf layer: the types and rules every other layer shares, with no
 //! executor and no sockets (its only I/O is reading the config file, and the host
-//! name for the default `server.hostname`). The engine and the benchmarks import it;
-//! it imports no gannet crate, and Cargo keeps it that way.
+//! name for the default `server.hostname`). The spool, the engine and the benchmarks
+//! import it; it imports no gannet crate, and Cargo keeps it that way.
 //!
 //! - `config`: the configuration's types, defaults and validation (errors name the
 //!   key and its line);
@@ -14,13 +14,21 @@
 //!   codes;
 //! - `shaping`: traffic shaping as data — each ready queue's knobs, GCRA throttles,
 //!   suspensions;
+//! - `id`: message ids, unique across shards, restarts and nodes, sortable by time;
+//! - `queue`: the queues as data — in-memory messages and their parts, the scheduled
+//!   queue (a timing wheel), the ready queues, connection health, and what an
+//!   attempt's replies decide (`queue::settle`);
+//! - `bounce`: the bounce class of a permanent failure;
 //! - `clock`: the wall clock in the units the queues use.
 
 pub mod address;
 pub mod auth;
+pub mod bounce;
 pub mod clock;
 pub mod config;
 pub mod handoff;
+pub mod id;
 pub mod message;
+pub mod queue;
 pub mod reply;
 pub mod shaping;

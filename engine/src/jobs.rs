@@ -144,8 +144,11 @@ impl Jobs {
             .unwrap_or(&generated.from_email)
             .to_string();
         let domain = crate::policy::domain_of(email);
-        let queue =
-            crate::queue::scheduled_queue(job.campaign(), job.stored.tenant.as_deref(), domain);
+        let queue = gannet_core::queue::scheduled_queue(
+            job.campaign(),
+            job.stored.tenant.as_deref(),
+            domain,
+        );
         let mut meta = vec![
             ("pool".to_string(), job.stored.pool.clone()),
             ("transmission_id".to_string(), job.id.clone()),
@@ -251,8 +254,7 @@ impl Jobs {
         for (record, subject) in batch {
             self.injected(job, &record, &subject);
             let due = record.due_unix_ms;
-            let message = crate::queue::Message::from_record(record);
-            self.delivery.enqueue(message, due);
+            self.delivery.enqueue_spooled(record, due);
         }
         ShardMetrics::add(
             &self.shard.metrics.http_messages_generated_total,

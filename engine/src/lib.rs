@@ -18,7 +18,6 @@ pub mod mesh;
 pub mod metrics;
 pub mod notes;
 pub mod policy;
-pub mod queue;
 pub mod runtime;
 pub mod services;
 pub mod shard;

@@ -23,11 +23,11 @@ use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use gannet_core::queue::health::AfterFailure;
+use gannet_core::queue::settle::{self, After, RetryPolicy, Verdict};
+use gannet_core::queue::{self, Egress, Message, Part, Queues, Site};
 use gannet_core::shaping::ShapingTable;
 use gannet_engine::delivery::client::{ClientError, Response};
-use gannet_engine::queue::health::AfterFailure;
-use gannet_engine::queue::settle::{self, After, RetryPolicy, Verdict};
-use gannet_engine::queue::{self, Egress, Message, Part, Queues, Site};
 use gannet_spool::{
     CrashMode, MessageId, MessageRecord, SimStorage, Spool, SpoolConfig, UpdateRecord,
 };
@@ -136,7 +136,7 @@ impl Sim {
         self.spool.durable(ticket).await.unwrap();
         self.acked.insert(record.id, recipients);
         let due = record.due_unix_ms;
-        let message = gannet_engine::queue::Message::from_record(record);
+        let message = gannet_engine::delivery::queued_message(record);
         self.enqueue(message, due);
     }
 

@@ -14,7 +14,6 @@
 
 pub mod durable;
 pub mod error;
-pub mod id;
 pub mod record;
 pub mod recovery;
 pub mod segment;
@@ -22,6 +21,9 @@ pub mod spool;
 pub mod storage;
 
 pub use error::SpoolError;
+/// Message ids live in gannet-core, below the spool, so that the queues (also in
+/// gannet-core) can name messages; the spool re-exports them.
+pub use gannet_core::id;
 pub use id::{IdGenerator, MessageId};
 pub use record::{MessageRecord, Record, TombstoneRecord, UpdateRecord};
 pub use recovery::{RecordLoc, RecoveryReport, SegmentReport, scan_segment};

@@ -14,8 +14,8 @@ use super::Dispatcher;
 use super::client::{ClientOptions, Envelope, Response, Session};
 use super::handoff::report_home;
 use super::settling::settle;
-use crate::queue::{self, Part};
 use gannet_core::clock::unix_ms;
+use gannet_core::queue::{self, Part};
 
 /// Work a connection can take from a ready queue.
 enum Work {

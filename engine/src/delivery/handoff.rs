@@ -16,7 +16,7 @@ use super::connection::pad;
 use super::routing::delay;
 use super::settling::settle;
 use crate::notes::Note;
-use crate::queue::Site;
+use gannet_core::queue::Site;
 
 /// Queues a part another shard handed over; a full ready queue sends it back to be
 /// delayed by its home shard.

@@ -13,8 +13,8 @@ use super::client::Response;
 use super::connection::connection;
 use super::routing::{place, resolve};
 use super::settling::delayed;
-use crate::queue::Part;
 use gannet_core::clock::unix_ms;
+use gannet_core::queue::Part;
 
 /// How often idle ready queues are forgotten.
 const FORGET_IDLE_MS: u64 = 10_000;

@@ -6,7 +6,7 @@
 //! over the mesh ([`handoff`]); a [`connection`] takes parts within max_message_rate
 //! and sends them with the SMTP [`client`] (and its [`tls`]); and the shard that
 //! spooled the message [`settling`]s every recipient — Delivery, Bounce (classified
-//! by [`bounce`]), Expiration or TransientFailure with a retry, or Delayed when a
+//! by `gannet_core::bounce`), Expiration or TransientFailure with a retry, or Delayed when a
 //! full ready queue (max_ready) or a suspension put it off — in memory, in the spool
 //! (update or tombstone) and in the event log.
 //!
@@ -14,7 +14,6 @@
 //! it, and the tasks they spawn (the maintainer, one per connection, one per DNS
 //! lookup) hold it by `Rc`.
 
-pub mod bounce;
 pub mod client;
 pub mod connection;
 pub mod handoff;
@@ -33,11 +32,12 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
-use crate::queue::{self, Message, Part, Queues, Routes};
 use crate::shard::Shard;
 use client::{ClientOptions, Timeouts};
 use gannet_core::clock::unix_ms;
+use gannet_core::queue::{self, Message, Part, Queues, Routes};
 use gannet_core::shaping::ShapingTable;
+use gannet_spool::MessageRecord;
 use tls::ClientTls;
 
 /// A shard's delivery state.
@@ -219,6 +219,12 @@ impl Dispatcher {
         self.wake.raise();
     }
 
+    /// Queues a message just spooled (received or generated) for delivery at
+    /// `due_ms`.
+    pub fn enqueue_spooled(&self, record: MessageRecord, due_ms: u64) {
+        self.enqueue(queued_message(record), due_ms);
+    }
+
     /// Makes the maintainer look at the queues and the live settings now.
     pub fn wake_maintainer(&self) {
         self.wake.raise();
@@ -246,5 +252,23 @@ impl Dispatcher {
             self.retry.max_interval_s,
             fastrand::u64(0..=1000),
         )
+    }
+}
+
+/// The in-memory message for a record just spooled. Its fields move; the body is
+/// dropped (delivery reads it from the spool mapping).
+pub fn queued_message(record: MessageRecord) -> Message {
+    Message {
+        id: record.id,
+        sender: record.sender,
+        recipients: record.recipients,
+        meta: record.meta,
+        queue: record.queue,
+        received_ms: record.received_unix_ms,
+        size: record.body.len(),
+        attempts: record.attempts,
+        done: record.done,
+        open_parts: 0,
+        due_by_domain: Vec::new(),
     }
 }

@@ -10,8 +10,8 @@ use super::Dispatcher;
 use super::client::Response;
 use super::settling::{delayed, settle};
 use crate::metrics::ShardMetrics;
-use crate::queue::{Part, Site};
 use gannet_core::clock::unix_ms;
+use gannet_core::queue::{Part, Site};
 
 /// Resolves a domain's site and moves the parts waiting for it on: to the site's
 /// ready queue, or settled with the failure (a bounce for NXDOMAIN or null MX, a

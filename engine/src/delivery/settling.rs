@@ -8,13 +8,13 @@
 use gannet_spool::{Spool, UpdateRecord};
 
 use super::Dispatcher;
-use super::bounce;
 use super::client::Response;
 use crate::events::{Event, Outcome};
 use crate::metrics::ShardMetrics;
-use crate::queue::{self, Message, Part, Site};
 use crate::storage::ShardStorage;
+use gannet_core::bounce;
 use gannet_core::clock::unix_ms;
+use gannet_core::queue::{self, Message, Part, Site};
 
 /// Applies one attempt's replies to a part's recipients.
 pub(super) fn settle(

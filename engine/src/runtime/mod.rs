@@ -549,7 +549,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         }
         requeued += 1;
         let (sender, recipients, meta) = m.envelope();
-        let message = crate::queue::Message {
+        let message = gannet_core::queue::Message {
             id: live.id,
             sender,
             recipients,

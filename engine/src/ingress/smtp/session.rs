@@ -657,7 +657,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
             };
         }
     }
-    let queue = crate::queue::scheduled_queue(
+    let queue = gannet_core::queue::scheduled_queue(
         lifted.campaign.as_deref(),
         lifted.tenant.as_deref(),
         crate::policy::domain_of(&tx.recipients[0]),
@@ -702,8 +702,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     }
     // The envelope moves into the queue; delivery reads the body from the spool's
     // mapping, so the heap copy is dropped here.
-    let message = crate::queue::Message::from_record(record);
-    s.delivery.enqueue(message, now_ms);
+    s.delivery.enqueue_spooled(record, now_ms);
     let metrics = &shard.metrics;
     ShardMetrics::add(&metrics.smtp_messages_accepted_total, 1);
     ShardMetrics::add(

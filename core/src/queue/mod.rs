@@ -20,9 +20,9 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use gannet_spool::MessageId;
+use crate::id::MessageId;
 
-use gannet_core::shaping::{QueueName, Shaping, ShapingTable, Suspension, Throttle};
+use crate::shaping::{QueueName, Shaping, ShapingTable, Suspension, Throttle};
 use wheel::Wheel;
 
 /// A message in memory.
@@ -49,24 +49,6 @@ pub struct Message {
 }
 
 impl Message {
-    /// The in-memory message for a record just spooled. Its fields move; the body is
-    /// dropped (delivery reads it from the spool mapping).
-    pub fn from_record(record: gannet_spool::MessageRecord) -> Message {
-        Message {
-            id: record.id,
-            sender: record.sender,
-            recipients: record.recipients,
-            meta: record.meta,
-            queue: record.queue,
-            received_ms: record.received_unix_ms,
-            size: record.body.len(),
-            attempts: record.attempts,
-            done: record.done,
-            open_parts: 0,
-            due_by_domain: Vec::new(),
-        }
-    }
-
     /// The due time to persist: the latest of the open parts' (`now_ms` if none).
     pub fn persisted_due_ms(&self, now_ms: u64) -> u64 {
         self.due_by_domain
@@ -281,7 +263,7 @@ pub struct ReadyQueue {
     /// Parts of messages this shard spooled.
     pub parts: VecDeque<Part>,
     /// Parts other shards handed to this one, the owner of the site.
-    pub remote: VecDeque<Box<gannet_core::handoff::Handoff>>,
+    pub remote: VecDeque<Box<crate::handoff::Handoff>>,
     pub connections: usize,
     pub shaping: Shaping,
     /// max_message_rate: one token per message sent.
@@ -465,8 +447,8 @@ impl Queues {
         &mut self,
         site: Rc<Site>,
         egress: Rc<Egress>,
-        handoff: Box<gannet_core::handoff::Handoff>,
-    ) -> Result<(), Box<gannet_core::handoff::Handoff>> {
+        handoff: Box<crate::handoff::Handoff>,
+    ) -> Result<(), Box<crate::handoff::Handoff>> {
         let q = self.ready_queue(site, egress);
         if q.is_full() {
             return Err(handoff);
@@ -593,9 +575,9 @@ mod tests {
 
     #[test]
     fn scheduled_parts_become_due_in_time_and_ready_queues_are_bounded() {
-        let table = Arc::new(ShapingTable::new(&gannet_core::config::DeliveryConfig {
-            shaping: gannet_core::config::shaping::Knobs {
-                max_ready: Some(gannet_core::config::Bounded(1)),
+        let table = Arc::new(ShapingTable::new(&crate::config::DeliveryConfig {
+            shaping: crate::config::shaping::Knobs {
+                max_ready: Some(crate::config::Bounded(1)),
                 ..Default::default()
             },
             ..Default::default()

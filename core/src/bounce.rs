@@ -1,7 +1,7 @@
 //! Bounce classification: a permanent (or expired) failure is given a SparkPost /
 //! Momentum bounce class from its reply, by the first matching rule of a table.
 
-use super::client::Response;
+use crate::reply::Response;
 
 /// (enhanced-code prefix or "", text fragment or "", class). First match wins.
 const RULES: &[(&str, &str, u16)] = &[
