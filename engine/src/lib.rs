@@ -3,15 +3,16 @@
 //! shard that owns the destination site. `gannetd` (src/main.rs) is its command line;
 //! benchmarks link the library to measure its parts. ARCHITECTURE.md maps the code.
 
+pub mod admin;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;
 pub mod events;
-pub mod http;
 pub mod inbox;
 pub mod ingress;
 pub mod io;
 pub mod jobs;
+pub mod json;
 pub mod live;
 pub mod merge;
 pub mod mesh;

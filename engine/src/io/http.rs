@@ -109,7 +109,7 @@ struct GlommioSleep(Timer);
 
 // SAFETY: hyper asks its timers' sleeps to be Send and Sync because most runtimes
 // move tasks between threads. Here every hyper connection is one glommio task made
-// with `spawn_local` (http::serve): it is polled, and its sleeps created, polled and
+// with `spawn_local` (ingress::http::serve): it is polled, and its sleeps created, polled and
 // dropped, only on the executor thread that created them, so the glommio timer
 // inside never crosses or is shared between threads.
 unsafe impl Send for GlommioSleep {}

@@ -599,7 +599,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         .chain(addresses.http_more.iter().copied());
     for (addr, tls, endpoints) in http {
         let listener = bind(&addr)?;
-        tasks.push(glommio::spawn_local(crate::http::serve(
+        tasks.push(glommio::spawn_local(crate::ingress::http::serve(
             services.clone(),
             listener,
             tls,

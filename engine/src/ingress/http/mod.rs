@@ -15,7 +15,6 @@
 //! flight per shard by `http.requests_in_flight_max` (503). Every error is JSON in
 //! SparkPost's shape: `{"errors":[{"message","description","code"}]}`.
 
-pub mod admin;
 pub mod inject;
 pub mod recipient_lists;
 pub mod templates;
@@ -33,6 +32,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 
+use crate::admin;
 use crate::io::http::{self as http_io, HyperIo};
 use crate::metrics::ShardMetrics;
 use crate::services::ShardServices;
@@ -542,21 +542,6 @@ fn authorize(
     }
 }
 
-/// A JSON error with the path of the value it is about (`content.subject: invalid
-/// type …`).
-pub fn describe_json_error(
-    err: serde_path_to_error::Error<serde_json::Error>,
-) -> (serde_json::Error, String) {
-    let path = err.path().to_string();
-    let inner = err.into_inner();
-    let description = if path == "." || path.is_empty() {
-        inner.to_string()
-    } else {
-        format!("{path}: {inner}")
-    };
-    (inner, description)
-}
-
 /// Parses a JSON body: malformed JSON is 400, a value of the wrong type 422; both
 /// name where the problem is.
 pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reply> {
@@ -576,7 +561,7 @@ pub fn parse_json<'a, T: serde::Deserialize<'a>>(body: &'a [u8]) -> Result<T, Re
         ));
     }
     value.map_err(|err| {
-        let (inner, description) = describe_json_error(err);
+        let (inner, description) = crate::json::describe_error(err);
         if inner.is_data() {
             Reply::error(422, "1300", "invalid data format/type", &description)
         } else {

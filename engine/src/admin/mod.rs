@@ -1,7 +1,9 @@
-//! The admin API for scheduled-queue suspensions, shaped like KumoMTA's
-//! (`/api/admin/suspend/v1`): POST defines one, GET lists them, DELETE lifts one.
-//! Suspensions are live settings shared by every shard; a change wakes each shard's
-//! maintainer through its inbox.
+//! The operator's verbs over the live settings. Today: scheduled-queue suspensions,
+//! shaped like KumoMTA's `/api/admin/suspend/v1` (POST defines one, GET lists them,
+//! DELETE lifts one), served by the HTTP listener (`ingress::http`) to keys with the
+//! admin role. Suspensions are live settings shared by every shard; a change wakes
+//! each shard's maintainer through its inbox. The verbs take and give JSON text, so
+//! that a command line can reach them as well as HTTP.
 
 use std::fmt::Write as _;
 
@@ -60,7 +62,7 @@ pub fn error(status: u16, message: &str, description: &str) -> Reply {
 fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reply> {
     let mut de = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut de).map_err(|err| {
-        let (_, description) = super::describe_json_error(err);
+        let (_, description) = crate::json::describe_error(err);
         error(400, "invalid request body", &description)
     })
 }
