@@ -1,0 +1,118 @@
+//! `[delivery]`: outbound delivery — EHLO name, STARTTLS mode, retry schedule, DNS,
+//! routes, egress sources and pools, and the default shaping.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::{Bounded, Listen, shaping};
+
+/// When delivery uses STARTTLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TlsMode {
+    Disabled,
+    /// Use it when offered, accepting any certificate; fall back to plaintext when not.
+    Opportunistic,
+    /// Refuse to deliver unless STARTTLS succeeds with a certificate valid for the host.
+    Required,
+}
+
+/// Outbound delivery: routes, retry schedule, connection behaviour.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeliveryConfig {
+    /// Name given in EHLO; empty: `server.hostname`.
+    pub ehlo_name: String,
+    pub tls: TlsMode,
+    /// First retry after this long; each later one waits twice as long as the last.
+    pub retry_interval_secs: Bounded<1, 31_536_000>,
+    pub max_retry_interval_secs: Bounded<1, 31_536_000>,
+    /// A message older than this is expired (bounced) instead of retried.
+    pub max_age_secs: Bounded<1, 31_536_000>,
+    /// Shaping of every ready queue (`egress_source->site_name`): connections,
+    /// rates, batch sizes, timeouts per SMTP phase. What is left out keeps its
+    /// built-in default.
+    pub shaping: shaping::Knobs,
+    /// Provider rules: shaping for the sites whose MX hosts end in a suffix.
+    pub providers: shaping::Providers,
+    /// Static routes: a domain, or `*` for every other domain, to the hosts to deliver
+    /// to in order of preference (`host:port`). Domains without a route go to their
+    /// MX hosts.
+    pub routes: BTreeMap<String, Vec<Listen>>,
+    /// Egress sources by name: the local address to send from and the EHLO name.
+    /// A source named `default` (no binding, the default EHLO name) always exists.
+    pub sources: BTreeMap<String, EgressSource>,
+    /// Egress pools by name: weighted sources. The set_binding phase names a message's
+    /// pool; the source is drawn per attempt by weight. A pool named `default` holding
+    /// the `default` source exists unless configured.
+    pub pools: BTreeMap<String, Vec<PoolMember>>,
+    /// Port of the MX hosts (25; tests point it at a sink).
+    pub smtp_port: Bounded<1, 65535>,
+    /// DNS server (`ip` or `ip:port`); empty: the first nameserver of /etc/resolv.conf.
+    pub dns_server: String,
+    pub dns_timeout_secs: Bounded<1, 60>,
+    /// Destination lookups in flight at once per shard; more wait their turn (a burst
+    /// of new domains must not flood the resolver into dropping queries).
+    pub dns_lookups_max: Bounded<1, 100_000>,
+    /// Answers a shard's DNS cache holds at most (the soonest to expire go first).
+    pub dns_cache_entries_max: Bounded<16, 100_000_000>,
+    /// Delivery connections per shard that may wait idle (shaping's
+    /// idle_timeout_secs) at once; past it a connection with nothing to send closes
+    /// at once, so a burst to many sites does not hold a socket per site.
+    pub idle_connections_max: Bounded<0, 1_000_000>,
+    /// Scheduled-queue suspensions active at once (admin API); every due part is
+    /// checked against each.
+    pub suspensions_max: Bounded<1, 1_000_000>,
+    /// Accept and queue, but make no delivery attempts (like Postfix's
+    /// defer_transports): for maintenance windows and ingress-only benchmarks.
+    pub suspended: bool,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            ehlo_name: String::new(),
+            tls: TlsMode::Opportunistic,
+            retry_interval_secs: Bounded(1200),
+            max_retry_interval_secs: Bounded(43_200),
+            max_age_secs: Bounded(604_800),
+            shaping: shaping::Knobs::builtin(),
+            providers: BTreeMap::new(),
+            routes: BTreeMap::new(),
+            sources: BTreeMap::new(),
+            pools: BTreeMap::new(),
+            smtp_port: Bounded(25),
+            dns_server: String::new(),
+            dns_timeout_secs: Bounded(5),
+            dns_lookups_max: Bounded(64),
+            dns_cache_entries_max: Bounded(100_000),
+            idle_connections_max: Bounded(1000),
+            suspensions_max: Bounded(10_000),
+            suspended: false,
+        }
+    }
+}
+
+/// An egress source.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EgressSource {
+    /// Local address to bind before connecting; empty: the kernel chooses.
+    pub source_ip: String,
+    /// EHLO name for connections from this source; empty: `delivery.ehlo_name`.
+    pub ehlo_name: String,
+}
+
+/// A source in a pool, with its weight.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolMember {
+    pub source: String,
+    #[serde(default = "one")]
+    pub weight: Bounded<1, 1_000_000>,
+}
+
+fn one() -> Bounded<1, 1_000_000> {
+    Bounded(1)
+}
