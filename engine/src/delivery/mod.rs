@@ -4,11 +4,11 @@
 //! finds each part's site (static route or MX) and egress source and puts it in the
 //! ready queue `egress_source->site_name` of the shard that owns the site — here, or
 //! over the mesh ([`handoff`]); a [`connection`] takes parts within max_message_rate
-//! and sends them with the SMTP [`client`] (and its [`tls`]); and the shard that
-//! spooled the message [`settling`]s every recipient — Delivery, Bounce (classified
-//! by `gannet_core::bounce`), Expiration or TransientFailure with a retry, or Delayed when a
-//! full ready queue (max_ready) or a suspension put it off — in memory, in the spool
-//! (update or tombstone) and in the event log.
+//! and sends them with the SMTP [`client`] (and its [`tls`]); and in [`settling`] the
+//! shard that spooled the message settles every recipient — Delivery, Bounce
+//! (classified by `gannet_core::bounce`), Expiration or TransientFailure with a
+//! retry, or Delayed when a full ready queue (max_ready) or a suspension put it off
+//! — in memory, in the spool (update or tombstone) and in the event log.
 //!
 //! [`Dispatcher`] is a shard's delivery state; each stage is a set of functions over
 //! it, and the tasks they spawn (the maintainer, one per connection, one per DNS
@@ -40,7 +40,6 @@ use gannet_core::shaping::ShapingTable;
 use gannet_spool::MessageRecord;
 use tls::ClientTls;
 
-/// A shard's delivery state.
 /// A shard's delivery state.
 #[derive(Debug)]
 pub struct Dispatcher {
