@@ -120,6 +120,8 @@ pub struct Tools {
     pub gannetd: PathBuf,
     pub blast: PathBuf,
     pub sink: PathBuf,
+    /// The no-queue relay that opens a new connection per delivery (`forward`).
+    pub forward: PathBuf,
     pub scratch: PathBuf,
     /// Where Haraka is (or gets) installed with npm.
     pub haraka: PathBuf,
@@ -262,6 +264,7 @@ fn start_system(
     let dir = tools.scratch.join("gannet");
     Ok(match system {
         "pipe" => None,
+        "forward" => Some(servers::forward(&tools.forward, sink.smtp)?),
         "gannet" | "gannet-baseline" => {
             let binary = if system == "gannet" {
                 &tools.gannetd
@@ -358,18 +361,20 @@ fn start_system(
             )?)
         }
         other => {
-            bail!("unknown system `{other}` (gannet, postfix, haraka, kumomta, kumomta-sync, pipe)")
+            bail!(
+                "unknown system `{other}` (gannet, postfix, haraka, kumomta, kumomta-sync, pipe, forward)"
+            )
         }
     })
 }
 
-/// Whether a system takes part in a scenario (Haraka has no durable queue to accept
-/// into; only gannet has an HTTP injection API).
+/// Whether a system takes part in a scenario (Haraka and the forward relay have no
+/// queue to accept into; only gannet has an HTTP injection API).
 pub fn applies(system: &str, scenario: &Scenario) -> bool {
     if scenario.http {
         return system.starts_with("gannet");
     }
-    system != "haraka" || scenario.relay
+    !matches!(system, "haraka" | "forward") || scenario.relay
 }
 
 /// Runs one scenario on one system.
@@ -530,6 +535,7 @@ pub fn durable_ack(system: &str) -> &'static str {
         "postfix" => "yes (fsync per message)",
         "haraka" => "no (forwards before it answers; no queue of its own)",
         "pipe" => "no (the sink stores nothing)",
+        "forward" => "no (no queue: relays the sink's reply)",
         "kumomta" => "no (RocksDB write without a sync: KumoMTA's default)",
         "kumomta-sync" => "yes (msg:set_force_sync(true))",
         _ => "unknown",

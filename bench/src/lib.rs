@@ -167,3 +167,35 @@ pub fn blast_against(
         cpu_ms_per_msg: cpu * 1000.0 / sent,
     })
 }
+
+/// One listening socket per executor, all on one port (SO_REUSEPORT; a probe bound
+/// without it first picks the port when `addr`'s is 0 and refuses a port in use, so
+/// two sinks never share one). Not duplicates of one socket: glommio's accept
+/// toggles O_NONBLOCK on the open file description around a direct accept(2), and
+/// executors sharing a description race on that flag until one of them blocks its
+/// thread inside accept(2) with its sessions stalled behind it.
+pub fn reuseport_listeners(
+    addr: std::net::SocketAddr,
+    count: usize,
+) -> anyhow::Result<Vec<std::net::TcpListener>> {
+    use anyhow::Context as _;
+    let at = std::net::TcpListener::bind(addr)
+        .and_then(|probe| probe.local_addr())
+        .with_context(|| format!("listening on {addr}"))?;
+    let mut out = Vec::with_capacity(count);
+    for _ in 0..count.max(1) {
+        let socket = socket2::Socket::new(
+            socket2::Domain::for_address(at),
+            socket2::Type::STREAM,
+            None,
+        )?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket
+            .bind(&at.into())
+            .with_context(|| format!("listening on {at}"))?;
+        socket.listen(1024)?;
+        out.push(socket.into());
+    }
+    Ok(out)
+}

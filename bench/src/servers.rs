@@ -112,6 +112,30 @@ pub fn smtp_sink(extra: &[&str], piped: bool) -> Result<Server> {
     })
 }
 
+/// gannet-forward relaying to `to`: the reference of a relay that opens a new
+/// connection per delivery, with no queue, no disk and no DNS.
+pub fn forward(binary: &Path, to: std::net::SocketAddr) -> Result<Server> {
+    let mut child = Command::new(binary)
+        .args(["--listen", "127.0.0.1:0", "--to", &to.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().context("forward output")?),
+        &mut line,
+    )?;
+    let v: serde_json::Value = serde_json::from_str(&line).context("forward start line")?;
+    let addr: std::net::SocketAddr = v["smtp"].as_str().unwrap_or("").parse()?;
+    Ok(Server {
+        http_port: 0,
+        name: "forward".into(),
+        port: addr.port(),
+        pid: child.id(),
+        child: Some(child),
+    })
+}
+
 /// gannetd on a fresh data directory under `dir`, with `[server]` keys `server_extra`
 /// and further sections `rest`; returns once it listens (SMTP on a free port).
 pub fn gannetd(

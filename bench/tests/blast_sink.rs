@@ -367,6 +367,68 @@ fn the_example_config_is_valid() {
 
 /// The harness end to end at a tiny scale: gannet and the pipe, three scenarios
 /// (one over HTTP), a report with both systems and the charts.
+/// The forward relay (gannet-bench's `forward`, the bound when no delivery connection
+/// can be reused) opens a new connection to the next hop for every message, delivers
+/// each intact, and gives its client the next hop's own reply.
+#[test]
+fn the_forward_relay_opens_a_connection_per_message_and_relays_the_replies() {
+    let sink = Sink::start(&[]);
+    let mut forward = Command::new(env!("CARGO_BIN_EXE_gannet-forward"))
+        .args(["--listen", "127.0.0.1:0", "--shards", "2"])
+        .args(["--to", &sink.smtp.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(forward.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let at: SocketAddr = v["smtp"].as_str().unwrap().parse().unwrap();
+    let result = blast(
+        at,
+        &[
+            "--messages",
+            "200",
+            "--concurrency",
+            "8",
+            "--recipients",
+            "2",
+            "--per-connection",
+            "10",
+        ],
+    );
+    assert_eq!(result["messages_sent"], 200, "{result}");
+    assert_eq!(result["errors"], serde_json::json!({}));
+    // A recipient the next hop refuses: its refusal is the reply to the data.
+    let script = format!(
+        "import smtplib\n\
+         s = smtplib.SMTP('127.0.0.1', {})\n\
+         try:\n    s.sendmail('a@x.test', ['permfail@y.test'], 'Subject: x\\r\\n\\r\\nx\\r\\n')\n\
+         except smtplib.SMTPDataError as e:\n    print(e.smtp_code)\n",
+        at.port()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let code = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        code.trim().starts_with('5'),
+        "{code} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(forward.id() as i32, libc::SIGTERM) };
+    forward.wait().unwrap();
+    let counts = sink.stop();
+    assert_eq!(counts["messages"], 200, "{counts}");
+    assert_eq!(counts["intact"], 200, "{counts}");
+    // One session per message (and one for the refused recipient), where the
+    // client used 20.
+    assert_eq!(counts["sessions"], 201, "{counts}");
+}
+
 #[test]
 fn the_harness_runs_tiny_scenarios_end_to_end() {
     let gannetd = gannetd();
@@ -378,7 +440,7 @@ fn the_harness_runs_tiny_scenarios_end_to_end() {
             "--scenarios",
             "durable-accept,relay,http-inject",
             "--systems",
-            "gannet,pipe",
+            "gannet,pipe,forward",
         ])
         .args(["--repetitions", "2", "--scale", "1000"])
         .args(["--gannetd", gannetd.to_str().unwrap()])
@@ -396,14 +458,15 @@ fn the_harness_runs_tiny_scenarios_end_to_end() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // One JSON line per run: 2 scenarios × 2 systems × 2 repetitions, alternating,
-    // and HTTP injection (gannet only) twice.
+    // One JSON line per run: durable-accept on gannet and the pipe (the forward relay
+    // has no queue to accept into), relay on all three, HTTP injection on gannet
+    // alone, each twice, the systems alternating.
     let runs: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(runs.len(), 10);
+    assert_eq!(runs.len(), 12);
     assert_eq!(
         (runs[0]["system"].as_str(), runs[2]["system"].as_str()),
         (Some("gannet"), Some("pipe"))
@@ -425,6 +488,8 @@ fn the_harness_runs_tiny_scenarios_end_to_end() {
         "### http-inject",
         "| gannet | yes (fdatasync, group commit) |",
         "| pipe | no (the sink stores nothing) |",
+        "| forward | no (no queue: relays the sink's reply) |",
+        "× forward",
         "disk flushes / msg",
         "100 / 100",
     ] {

@@ -77,7 +77,7 @@ fn main() -> Result<()> {
         }
     }
     // A system that cannot run is named before any run starts, not an hour in.
-    const SYSTEMS: [&str; 7] = [
+    const SYSTEMS: [&str; 8] = [
         "gannet",
         "gannet-baseline",
         "postfix",
@@ -85,6 +85,7 @@ fn main() -> Result<()> {
         "kumomta",
         "kumomta-sync",
         "pipe",
+        "forward",
     ];
     if let Some(other) = args.systems.iter().find(|s| !SYSTEMS.contains(&s.as_str())) {
         bail!("unknown system `{other}` ({})", SYSTEMS.join(", "));
@@ -119,6 +120,7 @@ fn main() -> Result<()> {
         gannetd: args.gannetd.clone(),
         blast: here.join("gannet-blast"),
         sink: here.join("gannet-sink"),
+        forward: here.join("gannet-forward"),
         scratch: args.scratch.clone(),
         haraka: args.haraka.clone(),
         kumod,
@@ -205,7 +207,7 @@ fn report(
     )?;
     writeln!(
         md,
-        "- gannet: 250 after fdatasync, one shard per core; postfix: Postfix as an instance of the bench's own (relay via a transport map to the sink, or delivery deferred for durable-accept); haraka: Haraka 3.3.4, one worker per core, queue/smtp_forward to the sink (250 after the sink accepted; relay scenarios only); kumomta: KumoMTA's kumod with a policy the bench writes (RocksDB spools in the scratch directory, every queue to the sink, MX from dnsmasq for many-domains), without and with msg:set_force_sync(true); every system may open as many connections per destination as the scenario has sessions; pipe: generator → sink directly"
+        "- gannet: 250 after fdatasync, one shard per core; postfix: Postfix as an instance of the bench's own (relay via a transport map to the sink, or delivery deferred for durable-accept); haraka: Haraka 3.3.4, one worker per core, queue/smtp_forward to the sink (250 after the sink accepted; relay scenarios only); kumomta: KumoMTA's kumod with a policy the bench writes (RocksDB spools in the scratch directory, every queue to the sink, MX from dnsmasq for many-domains), without and with msg:set_force_sync(true); every system may open as many connections per destination as the scenario has sessions; pipe: generator → sink directly; forward: gannet-forward, a relay with no queue, no disk and no DNS that opens a new connection to the sink per message (two TCP connections per message: the bound when no delivery connection can be reused)"
     )?;
     if let Some(version) = kumod_version {
         writeln!(md, "- KumoMTA: `{version}`")?;
@@ -239,12 +241,24 @@ fn report(
             scenario.concurrency,
             scenario.domains
         )?;
+        // With the forward relay in the run, each system is also set against it (the
+        // bound when every delivery needs a new connection).
+        let with_forward = !of("forward").is_empty();
+        let (forward_head, forward_rule) = if with_forward {
+            (" × forward |", "---|")
+        } else {
+            ("", "")
+        };
         writeln!(
             md,
-            "| system | 250 durable | disk flushes / msg | msgs/s median (min–max) | × pipe | gannet ÷ system | transaction p50 / p99 ms | CPU s / 1000 msgs | peak RSS MiB | delivered / sent (all runs) | errors |"
+            "| system | 250 durable | disk flushes / msg | msgs/s median (min–max) | × pipe |{forward_head} gannet ÷ system | transaction p50 / p99 ms | CPU s / 1000 msgs | peak RSS MiB | delivered / sent (all runs) | errors |"
         )?;
-        writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(
+            md,
+            "|---|---|---|---|---|{forward_rule}---|---|---|---|---|---|"
+        )?;
         let pipe = med("pipe");
+        let forward = med("forward");
         let gannet = med("gannet");
         for system in &args.systems {
             let rs = of(system);
@@ -296,9 +310,14 @@ fn report(
             .0;
             writeln!(
                 md,
-                "| {system} | {} | {flushes:.2} | {m:.0} ({lo:.0}–{hi:.0}) | {} | {} | {:.2} / {:.2} | {} | {} | {} | {errors} |",
+                "| {system} | {} | {flushes:.2} | {m:.0} ({lo:.0}–{hi:.0}) | {} |{} {} | {:.2} / {:.2} | {} | {} | {} | {errors} |",
                 harness::durable_ack(system),
                 ratio(m, pipe),
+                if with_forward {
+                    format!(" {} |", ratio(m, forward))
+                } else {
+                    String::new()
+                },
                 if *system == "gannet" {
                     "—".into()
                 } else {

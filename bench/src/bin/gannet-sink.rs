@@ -91,7 +91,7 @@ fn main() -> Result<()> {
     for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
         signal_hook::flag::register(signal, stop.clone())?;
     }
-    let fds = listeners(args.listen, shards)?;
+    let fds = gannet_bench::reuseport_listeners(args.listen, shards)?;
     let smtp = fds[0].local_addr()?;
     let fds = Arc::new(Mutex::new(fds));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -130,34 +130,6 @@ fn main() -> Result<()> {
     let _ = writeln!(out, "{}", serde_json::to_string(&merged(&counts))?);
     let _ = out.flush();
     std::process::exit(0);
-}
-
-/// One listening socket per executor, all on one port (SO_REUSEPORT; a probe bound
-/// without it first picks the port when `addr`'s is 0 and refuses a port in use, so
-/// two sinks never share one). Not duplicates of one socket: glommio's accept
-/// toggles O_NONBLOCK on the open file description around a direct accept(2), and
-/// executors sharing a description race on that flag until one of them blocks its
-/// thread inside accept(2) with its sessions stalled behind it.
-fn listeners(addr: SocketAddr, count: usize) -> Result<Vec<std::net::TcpListener>> {
-    let at = std::net::TcpListener::bind(addr)
-        .and_then(|probe| probe.local_addr())
-        .with_context(|| format!("listening on {addr}"))?;
-    let mut out = Vec::with_capacity(count);
-    for _ in 0..count.max(1) {
-        let socket = socket2::Socket::new(
-            socket2::Domain::for_address(at),
-            socket2::Type::STREAM,
-            None,
-        )?;
-        socket.set_reuse_address(true)?;
-        socket.set_reuse_port(true)?;
-        socket
-            .bind(&at.into())
-            .with_context(|| format!("listening on {at}"))?;
-        socket.listen(1024)?;
-        out.push(socket.into());
-    }
-    Ok(out)
 }
 
 fn merged(counts: &[Mutex<Counts>]) -> Counts {
