@@ -319,7 +319,7 @@ impl Sim {
     }
 
     /// One round of the maintainer: due parts to their ready queues, connections
-    /// within each queue's health.
+    /// within each listed queue's shaping and health.
     fn round(&mut self) {
         self.queues.promote(self.now);
         for mut part in std::mem::take(&mut self.queues.due) {
@@ -330,19 +330,13 @@ impl Sim {
                 self.queues.schedule(part);
             }
         }
-        let mut keys: Vec<String> = self.queues.ready.keys().cloned().collect();
-        keys.sort();
-        for key in keys {
-            let q = &self.queues.ready[&key];
-            if q.is_empty() {
-                continue;
-            }
-            let allowed = q
-                .health
-                .connections_allowed(self.now, q.shaping.connection_limit);
-            for _ in 0..allowed.min(2) {
-                self.connect(&key);
-            }
+        // The engine's own choice of connections (Queues::open_connections); each
+        // simulated connection is over at once, and ends as the engine's do.
+        let mut opened = Vec::new();
+        self.queues.open_connections(self.now, &mut opened);
+        for key in opened {
+            self.connect(&key);
+            self.queues.connection_ended(&key);
         }
     }
 

@@ -253,6 +253,12 @@ pub struct Queues {
     shaping: Arc<ShapingTable>,
     /// Ready queues by name (`egress_source->site_name`).
     pub ready: HashMap<String, ReadyQueue>,
+    /// The ready queues that may need a connection: parts arrived, a connection
+    /// ended, or a wait (message rate, connection rate, backoff) is running out. Only
+    /// these are looked at when connections are opened — never every ready queue,
+    /// which with thousands of destinations made each maintainer round cost as much
+    /// as the queues it kept. A queue is listed at most once (`ReadyQueue::listed`).
+    listed: Vec<String>,
 }
 
 /// One ready queue: its parts, its connections and its shaping.
@@ -278,6 +284,8 @@ pub struct ReadyQueue {
     /// of them, when a part arrives. A waker may be stale (its connection has gone
     /// on); waking it is harmless.
     pub idle: Vec<std::task::Waker>,
+    /// On `Queues::listed`.
+    listed: bool,
 }
 
 impl ReadyQueue {
@@ -295,6 +303,7 @@ impl ReadyQueue {
             throttled_until_ms: 0,
             health: health::ConnectHealth::default(),
             idle: Vec::new(),
+            listed: false,
         }
     }
 
@@ -348,6 +357,7 @@ impl Queues {
             next_expiry_ms: u64::MAX,
             shaping,
             ready: HashMap::new(),
+            listed: Vec::new(),
         }
     }
 
@@ -409,19 +419,120 @@ impl Queues {
         next
     }
 
-    /// Applies new shaping to every ready queue (rates keep what was spent).
+    /// Applies new shaping to every ready queue (rates keep what was spent); each
+    /// queue with parts is looked at again under it.
     pub fn set_shaping(&mut self, shaping: Arc<ShapingTable>) {
-        for q in self.ready.values_mut() {
+        for (key, q) in self.ready.iter_mut() {
             q.reshape(&shaping);
+            if !q.is_empty() && !q.listed {
+                q.listed = true;
+                self.listed.push(key.clone());
+            }
         }
         self.shaping = shaping;
     }
 
-    fn ready_queue(&mut self, site: Rc<Site>, egress: Rc<Egress>) -> &mut ReadyQueue {
-        let shaping = &self.shaping;
-        self.ready
-            .entry(ready_key(&egress, &site))
-            .or_insert_with(|| ReadyQueue::new(site, egress, shaping))
+    /// Adds work to the ready queue of `site` from `egress` (made when missing) with
+    /// `add`, unless the queue is full (then `add` is not called and false is
+    /// returned); the queue is then listed to be looked at for connections.
+    fn add_ready(
+        &mut self,
+        site: Rc<Site>,
+        egress: Rc<Egress>,
+        add: impl FnOnce(&mut ReadyQueue),
+    ) -> bool {
+        // The one allocation per part on this path: the queue's name.
+        let key = ready_key(&egress, &site);
+        let q = match self.ready.get_mut(&key) {
+            Some(q) => q,
+            None => {
+                let q = ReadyQueue::new(site, egress, &self.shaping);
+                self.ready.entry(key.clone()).or_insert(q)
+            }
+        };
+        if q.is_full() {
+            return false;
+        }
+        add(q);
+        q.wake_idle();
+        if !q.listed {
+            q.listed = true;
+            self.listed.push(key);
+        }
+        true
+    }
+
+    /// Lists the ready queue `key` to be looked at for connections (once).
+    fn list(&mut self, key: &str) {
+        if let Some(q) = self.ready.get_mut(key)
+            && !q.listed
+        {
+            q.listed = true;
+            self.listed.push(key.to_string());
+        }
+    }
+
+    /// Counts the connections to open now, one entry of `out` per connection (each
+    /// counted in its queue's `connections` from here on), within each listed
+    /// queue's shaping: connection_limit, max_connection_rate, the backoff after
+    /// failures, a message-rate wait. Returns the earliest time a queue that is
+    /// waiting must be looked at again. A queue stays listed while it waits and
+    /// leaves the list once it has the connections it may have; a part arriving or
+    /// a connection ending ([`Queues::connection_ended`]) lists it again.
+    pub fn open_connections(&mut self, now_ms: u64, out: &mut Vec<String>) -> Option<u64> {
+        let now_us = now_ms * 1000;
+        let mut wake: Option<u64> = None;
+        let mut later = |at: u64| wake = Some(wake.map_or(at, |w| w.min(at)));
+        for key in std::mem::take(&mut self.listed) {
+            let Some(q) = self.ready.get_mut(&key) else {
+                continue;
+            };
+            let waiting = if q.is_empty() {
+                false
+            } else if q.throttled_until_ms > now_ms {
+                later(q.throttled_until_ms);
+                true
+            } else {
+                let allowed = q
+                    .health
+                    .connections_allowed(now_ms, q.shaping.connection_limit);
+                if allowed == 0 {
+                    let backing_off = q.health.backing_off(now_ms);
+                    if backing_off {
+                        later(q.health.retry_at_ms);
+                    }
+                    backing_off
+                } else {
+                    let wanted = q.len().min(allowed);
+                    let mut waiting = false;
+                    while q.connections < wanted {
+                        if let Err(wait) = q.connects.acquire(now_us) {
+                            later(now_ms + wait.as_millis() as u64 + 1);
+                            waiting = true;
+                            break;
+                        }
+                        q.connections += 1;
+                        out.push(key.clone());
+                    }
+                    waiting
+                }
+            };
+            if waiting {
+                self.listed.push(key);
+            } else {
+                q.listed = false;
+            }
+        }
+        wake
+    }
+
+    /// A connection of the ready queue `key` has ended: one fewer is counted, and
+    /// the queue is looked at again (its parts may want another).
+    pub fn connection_ended(&mut self, key: &str) {
+        if let Some(q) = self.ready.get_mut(key) {
+            q.connections = q.connections.saturating_sub(1);
+        }
+        self.list(key);
     }
 
     /// Adds a due part with a site to its ready queue; a full queue (max_ready) gives
@@ -432,13 +543,12 @@ impl Queues {
             .egress
             .clone()
             .unwrap_or_else(|| Rc::new(Egress::default_source()));
-        let q = self.ready_queue(site, egress);
-        if q.is_full() {
-            return Err(part);
+        let mut part = Some(part);
+        if self.add_ready(site, egress, |q| q.parts.extend(part.take())) {
+            Ok(())
+        } else {
+            Err(part.take().expect("a refused part was not added"))
         }
-        q.parts.push_back(part);
-        q.wake_idle();
-        Ok(())
     }
 
     /// Adds a part handed over by another shard to its site's ready queue; a full
@@ -449,13 +559,12 @@ impl Queues {
         egress: Rc<Egress>,
         handoff: Box<crate::handoff::Handoff>,
     ) -> Result<(), Box<crate::handoff::Handoff>> {
-        let q = self.ready_queue(site, egress);
-        if q.is_full() {
-            return Err(handoff);
+        let mut handoff = Some(handoff);
+        if self.add_ready(site, egress, |q| q.remote.extend(handoff.take())) {
+            Ok(())
+        } else {
+            Err(handoff.take().expect("a refused handoff was not added"))
         }
-        q.remote.push_back(handoff);
-        q.wake_idle();
-        Ok(())
     }
 
     /// Forgets ready queues with nothing to do whose rate limits have recovered.
@@ -463,6 +572,7 @@ impl Queues {
         let now_us = now_ms * 1000;
         self.ready.retain(|_, q| {
             !q.is_empty()
+                || q.listed
                 || q.connections > 0
                 || q.health.backing_off(now_ms)
                 || !q.messages.wait(now_us).is_zero()
@@ -647,5 +757,70 @@ mod tests {
         q.hold(part);
         q.set_suspensions(vec![], 0);
         assert_eq!((q.held_len(), q.due.len()), (0, 2), "lifted");
+    }
+
+    /// Connections are opened for the ready queues that changed, never by looking at
+    /// every ready queue: a queue that has its connections leaves the list, a part
+    /// or an ended connection lists it again, and a queue backing off stays listed
+    /// with the time to look again.
+    #[test]
+    fn connections_are_opened_for_the_queues_that_changed() {
+        let mut q = Queues::new(0, Arc::new(ShapingTable::new(&Default::default())));
+        let egress = Rc::new(Egress::default_source());
+        let site = |i: usize| {
+            Rc::new(Site {
+                name: format!("mx{i}.test"),
+                hosts: vec!["127.0.0.1:25".parse().unwrap()],
+                host_names: vec![format!("mx{i}.test")],
+            })
+        };
+        let m = message(&["x@a.test"]);
+        let part = |i: usize| {
+            let mut p = split(&m, 0).pop().unwrap();
+            p.site = Some(site(i));
+            p.egress = Some(egress.clone());
+            p
+        };
+        for i in 0..1000 {
+            q.push_ready(part(i)).unwrap();
+        }
+        let mut opened = Vec::new();
+        assert_eq!(q.open_connections(0, &mut opened), None);
+        assert_eq!(opened.len(), 1000, "one connection per queue with a part");
+        // Nothing changed: nothing is looked at, nothing opened.
+        opened.clear();
+        q.open_connections(1, &mut opened);
+        assert!(opened.is_empty() && q.listed.is_empty());
+        // A second part for a queue whose one connection is busy with the first
+        // opens a second connection (the default limit allows it).
+        q.push_ready(part(7)).unwrap();
+        assert_eq!(q.listed, vec!["default->mx7.test".to_string()]);
+        q.open_connections(2, &mut opened);
+        assert_eq!(opened, vec!["default->mx7.test".to_string()]);
+        assert_eq!(q.ready["default->mx7.test"].connections, 2);
+        // A connection that ends lists its queue; with its parts still there and a
+        // failure backing it off, the queue stays listed until the retry time.
+        opened.clear();
+        let key = "default->mx3.test";
+        let r = q.ready.get_mut(key).unwrap();
+        r.health.failed(10, 3, std::time::Duration::from_secs(5));
+        q.connection_ended(key);
+        assert_eq!(q.ready[key].connections, 0);
+        let retry = q.ready[key].health.retry_at_ms;
+        assert_eq!(q.open_connections(11, &mut opened), Some(retry));
+        assert!(opened.is_empty());
+        assert_eq!(q.listed, vec![key.to_string()]);
+        // At the retry time one probe connection opens and the queue leaves the list.
+        assert_eq!(q.open_connections(retry, &mut opened), None);
+        assert_eq!(opened, vec![key.to_string()]);
+        assert!(q.listed.is_empty());
+        // Listed queues are never forgotten; idle unlisted ones are.
+        for r in q.ready.values_mut() {
+            r.parts.clear();
+            r.connections = 0;
+        }
+        q.connection_ended(key);
+        q.forget_idle(retry + 10_000);
+        assert_eq!(q.ready.keys().collect::<Vec<_>>(), vec![key]);
     }
 }

@@ -410,8 +410,6 @@ pub(super) async fn connection(d: Rc<Dispatcher>, key: String) {
             }
         }
     }
-    if let Some(q) = d.queues.borrow_mut().ready.get_mut(&key) {
-        q.connections -= 1;
-    }
+    d.queues.borrow_mut().connection_ended(&key);
     d.wake.raise();
 }

@@ -1,9 +1,9 @@
 //! The queue maintainer, one task per shard: promotes due parts from the timer
 //! wheel, holds those whose scheduled queue is suspended, sends the rest to
 //! [`super::routing`] (static route, or one MX lookup per domain at a time), opens
-//! connections within each ready queue's shaping (connection_limit,
-//! max_connection_rate, backoff after failures), forgets idle ready queues and
-//! publishes the queue gauges.
+//! connections within the shaping of each ready queue that changed
+//! (`Queues::open_connections`: connection_limit, max_connection_rate, backoff after
+//! failures), forgets idle ready queues and publishes the queue gauges.
 
 use std::rc::Rc;
 use std::time::Duration;
@@ -18,6 +18,8 @@ use gannet_core::queue::Part;
 
 /// How often idle ready queues are forgotten.
 const FORGET_IDLE_MS: u64 = 10_000;
+/// How often the queue gauges are brought up to date, at most.
+const GAUGES_MS: u64 = 100;
 
 /// The queue maintainer: runs until shutdown.
 pub async fn run(d: Rc<Dispatcher>) {
@@ -31,9 +33,9 @@ pub async fn run(d: Rc<Dispatcher>) {
         return;
     }
     let mut last_forget = unix_ms();
+    let mut last_gauges = 0;
     while !shard.shutdown.is_raised() {
         let now = unix_ms();
-        let now_us = now * 1000;
         d.refresh_live(&shard.shared.live, now);
         let mut to_open: Vec<String> = Vec::new();
         let mut to_resolve: Vec<String> = Vec::new();
@@ -69,28 +71,9 @@ pub async fn run(d: Rc<Dispatcher>) {
                     resolving.insert(part.domain.clone(), vec![part]);
                 }
             }
-            // Connections within each queue's shaping.
-            for (key, ready) in queues.ready.iter_mut() {
-                if ready.throttled_until_ms > now {
-                    wake_at = wake_at.min(ready.throttled_until_ms);
-                    continue;
-                }
-                let allowed = ready
-                    .health
-                    .connections_allowed(now, ready.shaping.connection_limit);
-                if allowed == 0 {
-                    wake_at = wake_at.min(ready.health.retry_at_ms);
-                    continue;
-                }
-                let wanted = ready.len().min(allowed);
-                while ready.connections < wanted {
-                    if let Err(wait) = ready.connects.acquire(now_us) {
-                        wake_at = wake_at.min(now + wait.as_millis() as u64 + 1);
-                        break;
-                    }
-                    ready.connections += 1;
-                    to_open.push(key.clone());
-                }
+            // Connections within each queue's shaping, for the queues that changed.
+            if let Some(at) = queues.open_connections(now, &mut to_open) {
+                wake_at = wake_at.min(at);
             }
             if now.saturating_sub(last_forget) >= FORGET_IDLE_MS {
                 queues.forget_idle(now);
@@ -114,19 +97,24 @@ pub async fn run(d: Rc<Dispatcher>) {
         }
         let next = {
             let queues = d.queues.borrow();
-            let m = &shard.metrics;
-            let gauge = |g: &std::sync::atomic::AtomicU64, v: usize| {
-                g.store(v as u64, std::sync::atomic::Ordering::Relaxed)
-            };
-            gauge(&m.queue_scheduled_parts, queues.scheduled_len());
-            gauge(&m.queue_ready_parts, queues.ready_len());
-            gauge(&m.queue_held_parts, queues.held_len());
-            gauge(&m.delivery_connections_idle, d.idle_connections.get());
-            let dns = d.resolver.stats();
-            gauge(&m.dns_cache_entries, dns.cached);
-            gauge(&m.dns_cache_evicted_total, dns.evicted as usize);
-            gauge(&m.dns_queries_total, dns.queries as usize);
-            gauge(&m.dns_queries_resent_total, dns.resent as usize);
+            // The gauges count every ready queue: at most every GAUGES_MS, not per
+            // round (a round runs per event, and there may be thousands of queues).
+            if now.saturating_sub(last_gauges) >= GAUGES_MS {
+                last_gauges = now;
+                let m = &shard.metrics;
+                let gauge = |g: &std::sync::atomic::AtomicU64, v: usize| {
+                    g.store(v as u64, std::sync::atomic::Ordering::Relaxed)
+                };
+                gauge(&m.queue_scheduled_parts, queues.scheduled_len());
+                gauge(&m.queue_ready_parts, queues.ready_len());
+                gauge(&m.queue_held_parts, queues.held_len());
+                gauge(&m.delivery_connections_idle, d.idle_connections.get());
+                let dns = d.resolver.stats();
+                gauge(&m.dns_cache_entries, dns.cached);
+                gauge(&m.dns_cache_evicted_total, dns.evicted as usize);
+                gauge(&m.dns_queries_total, dns.queries as usize);
+                gauge(&m.dns_queries_resent_total, dns.resent as usize);
+            }
             queues.next_due().map_or(wake_at, |due| due.min(wake_at))
         };
         let sleep_ms = next.saturating_sub(unix_ms()).clamp(1, 1000);
