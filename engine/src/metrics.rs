@@ -110,6 +110,11 @@ metrics! {
     dns_cache_evicted_total: "counter",
     /// Questions sent to the DNS server (not answered from the cache).
     dns_queries_total: "counter",
+    /// Domains whose site was looked up in DNS (a lookup task: MX, then addresses);
+    /// a domain whose site is known takes none until its answers expire.
+    delivery_site_lookups_total: "counter",
+    /// Sites (or reasons a domain has none) known from DNS on the shard.
+    delivery_sites_known: "gauge",
     /// UDP queries sent again because no answer came within a try's share of
     /// dns_timeout_secs (a lost query or answer, or a slow server).
     dns_queries_resent_total: "counter",

@@ -334,4 +334,43 @@ fn the_dns_cache_stays_within_its_bound() {
         (1..=32).contains(&cached),
         "{cached} answers cached on 2 shards"
     );
+    // The domains known to take no mail are bounded the same way.
+    let known = daemon.metric("delivery_sites_known");
+    assert!((1..=32).contains(&known), "{known} sites known on 2 shards");
+}
+
+/// A domain's site, once found in DNS, serves its later messages without another
+/// lookup while its answers last: six messages one after another to a domain with
+/// an MX take at most one lookup per shard (each shard keeps its own), and each
+/// lookup three questions (MX, A, AAAA), not six lookups.
+#[test]
+fn a_known_site_takes_no_lookup_per_message() {
+    let sink = sink();
+    let dns = dns();
+    let config = format!(
+        "[delivery]\ntls = \"disabled\"\ndns_server = \"127.0.0.1:{}\"\nsmtp_port = {}\n",
+        dns.port, sink.port
+    );
+    let daemon = Daemon::start("", &config);
+    for i in 0..6 {
+        inject(
+            &daemon,
+            &["m@mx.test"],
+            "Subject: known site\r\n\r\nhello\r\n.\r\n",
+        );
+        wait_events(&daemon, "the message delivered", |e| {
+            of(e, "delivery", "m@mx.test").len() == i + 1
+        });
+    }
+    let lookups = daemon.metric("delivery_site_lookups_total");
+    assert!(
+        (1..=2).contains(&lookups),
+        "{lookups} site lookups for 6 messages"
+    );
+    let questions = daemon.metric("dns_queries_total");
+    assert!(
+        questions <= 3 * lookups,
+        "{questions} DNS questions for {lookups} lookups"
+    );
+    assert_eq!(sink.messages().len(), 6);
 }

@@ -11,7 +11,7 @@ use std::time::Duration;
 use super::Dispatcher;
 use super::client::Response;
 use super::connection::connection;
-use super::routing::{place, resolve};
+use super::routing::{place, resolve, site_found};
 use super::settling::delayed;
 use gannet_core::clock::unix_ms;
 use gannet_core::queue::Part;
@@ -40,6 +40,7 @@ pub async fn run(d: Rc<Dispatcher>) {
         let mut to_open: Vec<String> = Vec::new();
         let mut to_resolve: Vec<String> = Vec::new();
         let mut to_place: Vec<Part> = Vec::new();
+        let mut no_site: Vec<(Part, Response)> = Vec::new();
         // The earliest time something must be looked at again, besides the wheel.
         let mut wake_at = now + 1000;
         {
@@ -49,10 +50,11 @@ pub async fn run(d: Rc<Dispatcher>) {
                 wake_at = wake_at.min(expiry);
             }
             // Due parts: held when their scheduled queue is suspended, else they get
-            // their site: a static route, or an MX lookup (one per domain at a time;
-            // parts of a domain being resolved wait for that answer).
+            // their site: a static route, a site known from DNS, or an MX lookup (one
+            // per domain at a time; parts of a domain being resolved wait for it).
             let due = std::mem::take(&mut queues.due);
             let mut resolving = d.resolving.borrow_mut();
+            let sites = d.sites.borrow();
             for mut part in due {
                 if let Some(s) = queues.suspension(&part, now) {
                     let why = Response::local(
@@ -64,6 +66,14 @@ pub async fn run(d: Rc<Dispatcher>) {
                 } else if let Some(site) = d.routes.site(&part.domain) {
                     part.site = Some(site);
                     to_place.push(part);
+                } else if let Some(known) = sites.get(&part.domain, now) {
+                    match known {
+                        Ok(site) => {
+                            part.site = Some(site);
+                            to_place.push(part);
+                        }
+                        Err(response) => no_site.push((part, response)),
+                    }
                 } else if let Some(waiting) = resolving.get_mut(&part.domain) {
                     waiting.push(part);
                 } else {
@@ -87,6 +97,9 @@ pub async fn run(d: Rc<Dispatcher>) {
         }
         for domain in to_resolve {
             glommio::spawn_local(resolve(d.clone(), domain)).detach();
+        }
+        for (part, response) in no_site {
+            site_found(&d, part, &Err(response), now);
         }
         if !to_place.is_empty() {
             for part in to_place {
@@ -114,6 +127,7 @@ pub async fn run(d: Rc<Dispatcher>) {
                 gauge(&m.dns_cache_evicted_total, dns.evicted as usize);
                 gauge(&m.dns_queries_total, dns.queries as usize);
                 gauge(&m.dns_queries_resent_total, dns.resent as usize);
+                gauge(&m.delivery_sites_known, d.sites.borrow().len());
             }
             queues.next_due().map_or(wake_at, |due| due.min(wake_at))
         };

@@ -32,10 +32,11 @@ use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Duration;
 
+use crate::dns::cache::TtlCache;
 use crate::shard::Shard;
-use client::{ClientOptions, Timeouts};
+use client::{ClientOptions, Response, Timeouts};
 use gannet_core::clock::unix_ms;
-use gannet_core::queue::{self, Message, Part, Queues, Routes};
+use gannet_core::queue::{self, Message, Part, Queues, Routes, Site};
 use gannet_core::shaping::ShapingTable;
 use gannet_spool::MessageRecord;
 use tls::ClientTls;
@@ -62,6 +63,11 @@ pub struct Dispatcher {
     smtp_port: u16,
     /// Domains being resolved, with the parts waiting for the answer.
     resolving: RefCell<HashMap<String, Vec<Part>>>,
+    /// Sites found through DNS by domain — or why a domain has none (NXDOMAIN,
+    /// null MX) — each kept until the first of its DNS answers expires and bounded
+    /// like the resolver's cache: a part of a known domain is placed at once,
+    /// without a lookup task, a site built again or its name made again.
+    sites: RefCell<TtlCache<String, Result<Rc<Site>, Response>>>,
     /// Parts handed to the shard that owns their site, by token, until it reports.
     handed: RefCell<HashMap<u64, Part>>,
     next_token: Cell<u64>,
@@ -178,6 +184,7 @@ impl Dispatcher {
             idle_connections: Cell::new(0),
             idle_connections_max: d.idle_connections_max.usize(),
             resolving: RefCell::new(HashMap::new()),
+            sites: RefCell::new(TtlCache::new(d.dns_cache_entries_max.usize())),
             handed: RefCell::new(HashMap::new()),
             next_token: Cell::new(0),
             wake: Wake::default(),

@@ -15,58 +15,83 @@ use gannet_core::queue::{Part, Site};
 
 /// Resolves a domain's site and moves the parts waiting for it on: to the site's
 /// ready queue, or settled with the failure (a bounce for NXDOMAIN or null MX, a
-/// transient failure for a DNS error).
+/// transient failure for a DNS error). A site, and a domain that takes no mail, is
+/// remembered as long as the DNS answers it comes from ([`Dispatcher::sites`]), so
+/// that later parts of the domain find it without a lookup.
 pub(super) async fn resolve(d: Rc<Dispatcher>, domain: String) {
-    let result = {
+    ShardMetrics::add(&d.shard.metrics.delivery_site_lookups_total, 1);
+    let resolved = {
         let _permit = d.lookups.acquire_permit(1).await;
         resolve_site(&d.resolver, &domain, d.smtp_port).await
     };
-    let waiting = d.resolving.borrow_mut().remove(&domain).unwrap_or_default();
     let now = unix_ms();
-    for mut part in waiting {
-        match &result {
-            Ok(site) => {
-                part.site = Some(site.clone());
-                place(&d, part, now);
-            }
-            Err(response) => {
-                let results = part.rcpts.iter().map(|i| (*i, response.clone())).collect();
-                settle(&d, part, results, None, None);
-            }
-        }
+    if let Some(until) = resolved.until {
+        d.sites
+            .borrow_mut()
+            .insert(domain.clone(), resolved.site.clone(), until, now);
+    }
+    let waiting = d.resolving.borrow_mut().remove(&domain).unwrap_or_default();
+    for part in waiting {
+        site_found(&d, part, &resolved.site, now);
     }
     d.wake.raise();
 }
 
+/// Moves a part on once its domain's site is known: placed, or settled with why the
+/// domain has none.
+pub(super) fn site_found(
+    d: &Dispatcher,
+    mut part: Part,
+    site: &Result<Rc<Site>, Response>,
+    now: u64,
+) {
+    match site {
+        Ok(site) => {
+            part.site = Some(site.clone());
+            place(d, part, now);
+        }
+        Err(response) => {
+            let results = part.rcpts.iter().map(|i| (*i, response.clone())).collect();
+            settle(d, part, results, None, None);
+        }
+    }
+}
+
+/// A domain's site as DNS gives it, and until when it may be reused: the first
+/// expiry of the answers it was made from (None for a failure that may pass: a DNS
+/// error, or MX hosts without addresses).
+struct Resolved {
+    site: Result<Rc<Site>, Response>,
+    until: Option<u64>,
+}
+
 /// The site of a domain from DNS: MX hosts (or the implicit MX) and their addresses.
-async fn resolve_site(
-    resolver: &crate::dns::Resolver,
-    domain: &str,
-    port: u16,
-) -> Result<Rc<Site>, Response> {
+async fn resolve_site(resolver: &crate::dns::Resolver, domain: &str, port: u16) -> Resolved {
     use crate::dns::Mx;
-    let groups = match resolver.mx(domain).await {
-        Ok(Mx::Hosts(groups)) => groups,
-        Ok(Mx::NxDomain) => {
-            return Err(Response::local(
-                550,
-                format!("5.1.2 domain {domain} does not exist (NXDOMAIN)"),
-            ));
+    let failed = |response: Response, until: Option<u64>| Resolved {
+        site: Err(response),
+        until,
+    };
+    let (groups, mx_until) = match resolver.mx_until(domain).await {
+        Ok((Mx::Hosts(groups), until)) => (groups, until),
+        Ok((Mx::NxDomain, until)) => {
+            let why = format!("5.1.2 domain {domain} does not exist (NXDOMAIN)");
+            return failed(Response::local(550, why), Some(until));
         }
-        Ok(Mx::NoMail) => {
-            return Err(Response::local(
-                556,
-                format!("5.1.10 domain {domain} accepts no mail (null MX)"),
-            ));
+        Ok((Mx::NoMail, until)) => {
+            let why = format!("5.1.10 domain {domain} accepts no mail (null MX)");
+            return failed(Response::local(556, why), Some(until));
         }
-        Err(err) => return Err(Response::local(451, format!("4.4.3 {err}"))),
+        Err(err) => return failed(Response::local(451, format!("4.4.3 {err}")), None),
     };
     let mut hosts = Vec::new();
     let mut host_names = Vec::new();
     let mut last_error = None;
+    let mut until = mx_until;
     for name in groups.iter().flatten() {
-        match resolver.addresses(name).await {
-            Ok(addresses) => {
+        match resolver.addresses_until(name).await {
+            Ok((addresses, expires)) => {
+                until = until.min(expires);
                 for ip in addresses {
                     hosts.push(std::net::SocketAddr::new(ip, port));
                     host_names.push(name.clone());
@@ -80,16 +105,18 @@ async fn resolve_site(
             || "no MX host has an address".to_string(),
             |e| e.to_string(),
         );
-        return Err(Response::local(
-            451,
-            format!("4.4.4 cannot reach {domain}: {why}"),
-        ));
+        let why = format!("4.4.4 cannot reach {domain}: {why}");
+        return failed(Response::local(451, why), None);
     }
-    Ok(Rc::new(Site {
-        name: crate::dns::site_name(&groups),
-        hosts,
-        host_names,
-    }))
+    Resolved {
+        site: Ok(Rc::new(Site {
+            name: crate::dns::site_name(&groups),
+            hosts,
+            host_names,
+        })),
+        // A host whose lookup failed is missing from the site: not kept then.
+        until: last_error.is_none().then_some(until),
+    }
 }
 
 /// Puts a part whose site is known where it is delivered: this shard's ready queue

@@ -37,10 +37,15 @@ impl<K: Hash + Eq + Clone, V: Clone> TtlCache<K, V> {
 
     /// The value of `key` if it has not expired at `now_ms`.
     pub fn get(&self, key: &K, now_ms: u64) -> Option<V> {
+        self.get_until(key, now_ms).map(|(value, _)| value)
+    }
+
+    /// The value of `key` if it has not expired at `now_ms`, and when it expires.
+    pub fn get_until(&self, key: &K, now_ms: u64) -> Option<(V, u64)> {
         self.map
             .get(key)
             .filter(|e| e.expires_ms > now_ms)
-            .map(|e| e.value.clone())
+            .map(|e| (e.value.clone(), e.expires_ms))
     }
 
     pub fn insert(&mut self, key: K, value: V, expires_ms: u64, now_ms: u64) {

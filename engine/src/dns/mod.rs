@@ -124,10 +124,13 @@ impl Resolver {
 
     /// MX of `domain`, with the implicit MX (the domain itself) when it has none.
     pub async fn mx(&self, domain: &str) -> Result<Mx, DnsError> {
-        Ok(mx_meaning(
-            self.lookup(domain, RecordType::MX).await?,
-            domain,
-        ))
+        Ok(self.mx_until(domain).await?.0)
+    }
+
+    /// MX of `domain`, and when the answer it comes from expires (unix ms).
+    pub async fn mx_until(&self, domain: &str) -> Result<(Mx, u64), DnsError> {
+        let (answer, expires_ms) = self.lookup(domain, RecordType::MX).await?;
+        Ok((mx_meaning(answer, domain), expires_ms))
     }
 }
 
@@ -192,16 +195,28 @@ fn mx_meaning(answer: Answer, domain: &str) -> Mx {
 impl Resolver {
     /// The addresses of `host` (A, then AAAA). Empty if it has none.
     pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
+        Ok(self.addresses_until(host).await?.0)
+    }
+
+    /// The addresses of `host` (A, then AAAA; both asked at once), and when the
+    /// first of the answers they come from expires (unix ms; never for a literal).
+    pub async fn addresses_until(&self, host: &str) -> Result<(Vec<IpAddr>, u64), DnsError> {
         if let Ok(ip) = host
             .trim_start_matches('[')
             .trim_end_matches(']')
             .parse::<IpAddr>()
         {
-            return Ok(vec![ip]);
+            return Ok((vec![ip], u64::MAX));
         }
+        let (a, aaaa) = futures_lite::future::zip(
+            self.lookup(host, RecordType::A),
+            self.lookup(host, RecordType::AAAA),
+        )
+        .await;
+        let ((a, a_until), (aaaa, aaaa_until)) = (a?, aaaa?);
         let mut out = Vec::new();
-        for rtype in [RecordType::A, RecordType::AAAA] {
-            if let Answer::Records(records) = self.lookup(host, rtype).await? {
+        for answer in [a, aaaa] {
+            if let Answer::Records(records) = answer {
                 out.extend(records.into_iter().filter_map(|r| match r {
                     RData::A(a) => Some(IpAddr::V4(a.0)),
                     RData::AAAA(a) => Some(IpAddr::V6(a.0)),
@@ -209,14 +224,15 @@ impl Resolver {
                 }));
             }
         }
-        Ok(out)
+        Ok((out, a_until.min(aaaa_until)))
     }
 
-    async fn lookup(&self, name: &str, rtype: RecordType) -> Result<Answer, DnsError> {
+    /// The answer to a question (from the cache while it lasts) and when it expires.
+    async fn lookup(&self, name: &str, rtype: RecordType) -> Result<(Answer, u64), DnsError> {
         let key = (name.to_ascii_lowercase(), rtype);
         let now = gannet_core::clock::unix_ms();
-        if let Some(answer) = self.cache.borrow().get(&key, now) {
-            return Ok(answer);
+        if let Some(cached) = self.cache.borrow().get_until(&key, now) {
+            return Ok(cached);
         }
         let (answer, ttl) = self.query(&key.0, rtype).await?;
         let expires_ms = now + ttl.clamp(TTL_SECS_MIN, TTL_SECS_MAX) * 1000;
@@ -226,7 +242,7 @@ impl Resolver {
             expires_ms,
             gannet_core::clock::unix_ms(),
         );
-        Ok(answer)
+        Ok((answer, expires_ms))
     }
 
     /// One question to the server: the answer and how long it may be cached.
