@@ -83,6 +83,9 @@ async fn serve(listener: TcpListener, to: SocketAddr) {
     loop {
         match listener.accept().await {
             Ok(stream) => {
+                // Replies go out as soon as they are written (no Nagle delay behind
+                // the client's delayed ACK).
+                let _ = stream.set_nodelay(true);
                 glommio::spawn_local(async move {
                     let mut client = Wire::new(stream);
                     let _ = session(&mut client, to).await;
@@ -293,7 +296,7 @@ async fn forward(
         hop.send(data).await?;
         hop.reply().await?.1
     };
+    // QUIT without waiting for its 221: the reply to the client does not wait on it.
     let _ = hop.send(b"QUIT\r\n").await;
-    let _ = hop.reply().await;
     Ok(result)
 }
