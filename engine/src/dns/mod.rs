@@ -198,8 +198,10 @@ impl Resolver {
         Ok(self.addresses_until(host).await?.0)
     }
 
-    /// The addresses of `host` (A, then AAAA; both asked at once), and when the
-    /// first of the answers they come from expires (unix ms; never for a literal).
+    /// The addresses of `host` (A, then AAAA), and when the first of the answers
+    /// they come from expires (unix ms; never for a literal). The two questions go
+    /// one after the other: asked at once, many-domains ran a quarter slower
+    /// against dnsmasq (bench/RESULTS.md, 2026-12-06).
     pub async fn addresses_until(&self, host: &str) -> Result<(Vec<IpAddr>, u64), DnsError> {
         if let Ok(ip) = host
             .trim_start_matches('[')
@@ -208,12 +210,8 @@ impl Resolver {
         {
             return Ok((vec![ip], u64::MAX));
         }
-        let (a, aaaa) = futures_lite::future::zip(
-            self.lookup(host, RecordType::A),
-            self.lookup(host, RecordType::AAAA),
-        )
-        .await;
-        let ((a, a_until), (aaaa, aaaa_until)) = (a?, aaaa?);
+        let (a, a_until) = self.lookup(host, RecordType::A).await?;
+        let (aaaa, aaaa_until) = self.lookup(host, RecordType::AAAA).await?;
         let mut out = Vec::new();
         for answer in [a, aaaa] {
             if let Answer::Records(records) = answer {
