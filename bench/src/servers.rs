@@ -145,11 +145,23 @@ pub fn gannetd(
     server_extra: &str,
     rest: &str,
 ) -> Result<Server> {
+    gannetd_with(binary, dir, shards, server_extra, "", rest)
+}
+
+/// [`gannetd`] with further `[smtp]` keys `smtp_extra` (users, relay_from, …).
+pub fn gannetd_with(
+    binary: &Path,
+    dir: &Path,
+    shards: usize,
+    server_extra: &str,
+    smtp_extra: &str,
+    rest: &str,
+) -> Result<Server> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let config = format!(
         "[server]\nhostname = \"bench.test\"\ndata_dir = \"{}\"\nshards = {shards}\n{server_extra}\n\
-         [smtp]\nlisten = [\"127.0.0.1:0\"]\nsessions_per_ip_max = 100000\nsessions_max = 100000\n\
+         [smtp]\nlisten = [\"127.0.0.1:0\"]\nsessions_per_ip_max = 100000\nsessions_max = 100000\n{smtp_extra}\n\
          [http]\nlisten = [\"127.0.0.1:0\"]\n{rest}\n",
         dir.join("data").display(),
     );

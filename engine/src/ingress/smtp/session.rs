@@ -809,7 +809,7 @@ async fn auth(
             }
         }
     };
-    if verify(s, &user, &password) {
+    if verify(s, &user, password).await {
         s.auth_user = Some(user);
         Ok(reply::AUTH_OK)
     } else {
@@ -819,13 +819,16 @@ async fn auth(
     }
 }
 
-/// Checks a password, first against this shard's cache of recent successes.
-fn verify(s: &Session, user: &str, password: &[u8]) -> bool {
+/// Checks a password, first against this shard's cache of recent successes. The
+/// PBKDF2 run (tens of thousands of HMAC rounds, milliseconds) goes to glommio's
+/// blocking-call thread, so that the executor keeps serving every other session
+/// meanwhile.
+async fn verify(s: &Session, user: &str, password: Vec<u8>) -> bool {
     let digest = {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         ctx.update(user.as_bytes());
         ctx.update(&[0]);
-        ctx.update(password);
+        ctx.update(&password);
         let mut out = [0u8; 32];
         out.copy_from_slice(ctx.finish().as_ref());
         out
@@ -833,7 +836,12 @@ fn verify(s: &Session, user: &str, password: &[u8]) -> bool {
     if s.shard.auth_cache.borrow().get(user) == Some(&digest) {
         return true;
     }
-    if s.shard.shared.credentials.verify(user, password) {
+    let shared = s.shard.shared.clone();
+    let name = user.to_string();
+    let valid = glommio::executor()
+        .spawn_blocking(move || shared.credentials.verify(&name, &password))
+        .await;
+    if valid {
         s.shard
             .auth_cache
             .borrow_mut()
