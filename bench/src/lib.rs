@@ -7,6 +7,7 @@ pub mod harness;
 pub mod mail;
 pub mod servers;
 pub mod sink;
+pub mod wire;
 
 /// The engine tests' peer helpers (dnsmasq, smtp-sink, aiosmtpd), shared.
 #[path = "../../engine/tests/peers/support.rs"]

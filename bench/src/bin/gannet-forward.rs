@@ -16,7 +16,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 use clap::Parser;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
+use gannet_bench::wire::{read_more, take_line};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
@@ -128,25 +129,18 @@ impl Wire {
     }
 
     async fn fill(&mut self) -> Result<(), Closed> {
-        let mut chunk = [0u8; 16 << 10];
-        let n = futures_lite::future::or(self.stream.read(&mut chunk), async {
-            glommio::timer::sleep(IDLE).await;
-            Ok(0)
-        })
-        .await?;
-        if n == 0 {
-            return Err(Closed);
+        if read_more(&mut self.stream, &mut self.input, IDLE).await? {
+            Ok(())
+        } else {
+            Err(Closed)
         }
-        self.input.extend_from_slice(&chunk[..n]);
-        Ok(())
     }
 
     /// The next line, without its line ending.
     async fn line(&mut self) -> Result<String, Closed> {
         loop {
-            if let Some(lf) = memchr::memchr(b'\n', &self.input) {
-                let line: Vec<u8> = self.input.drain(..=lf).collect();
-                return Ok(String::from_utf8_lossy(&line).trim_end().to_string());
+            if let Some(line) = take_line(&mut self.input) {
+                return Ok(line);
             }
             if self.input.len() > LINE_MAX {
                 return Err(Closed);

@@ -17,9 +17,10 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use futures_lite::{AsyncReadExt, AsyncWriteExt};
+use futures_lite::AsyncWriteExt;
 use gannet_bench::mail::{Integrity, check};
 use gannet_bench::sink::{Counts, SinkConfig, Verdict, verdict};
+use gannet_bench::wire::{read_more, take_line};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
@@ -242,24 +243,17 @@ impl Session {
     /// sent when the client's batch is used up).
     async fn fill(&mut self) -> Result<(), Closed> {
         self.flush().await?;
-        let mut chunk = [0u8; 16 << 10];
-        let n = futures_lite::future::or(self.stream.read(&mut chunk), async {
-            glommio::timer::sleep(IDLE).await;
-            Ok(0)
-        })
-        .await?;
-        if n == 0 {
-            return Err(Closed);
+        if read_more(&mut self.stream, &mut self.input, IDLE).await? {
+            Ok(())
+        } else {
+            Err(Closed)
         }
-        self.input.extend_from_slice(&chunk[..n]);
-        Ok(())
     }
 
     async fn line(&mut self) -> Result<String, Closed> {
         loop {
-            if let Some(lf) = memchr::memchr(b'\n', &self.input) {
-                let line: Vec<u8> = self.input.drain(..=lf).collect();
-                return Ok(String::from_utf8_lossy(&line).trim_end().to_string());
+            if let Some(line) = take_line(&mut self.input) {
+                return Ok(line);
             }
             if self.input.len() > LINE_MAX {
                 self.input.clear();
