@@ -180,7 +180,15 @@ fn suspended_queues_hold_their_parts_until_resumed() {
     );
     assert_eq!(held["queue"], "s.test");
     assert_eq!(held["num_retries"], 0);
-    assert_eq!(daemon.metric("queue_held_parts"), 1);
+    // The queue gauges are brought up to date every 100 ms or so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while daemon.metric("queue_held_parts") != 1 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "queue_held_parts never reached 1"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
     std::thread::sleep(Duration::from_millis(500));
     assert!(of(&daemon.events(), "delivery", "b@s.test").is_empty());
 
