@@ -338,6 +338,15 @@ impl ReadyQueue {
     }
 }
 
+/// Lists the ready queue `q`, named `key`, to be looked at for connections (once).
+/// (`key` is only copied when the queue is listed now.)
+fn list(listed: &mut Vec<String>, q: &mut ReadyQueue, key: impl Into<String>) {
+    if !q.listed {
+        q.listed = true;
+        listed.push(key.into());
+    }
+}
+
 /// The scheduled queue a part belongs to: `campaign:tenant@domain`.
 pub fn queue_name<'a>(message: &'a Message, domain: &'a str) -> QueueName<'a> {
     QueueName {
@@ -424,9 +433,8 @@ impl Queues {
     pub fn set_shaping(&mut self, shaping: Arc<ShapingTable>) {
         for (key, q) in self.ready.iter_mut() {
             q.reshape(&shaping);
-            if !q.is_empty() && !q.listed {
-                q.listed = true;
-                self.listed.push(key.clone());
+            if !q.is_empty() {
+                list(&mut self.listed, q, key.as_str());
             }
         }
         self.shaping = shaping;
@@ -455,21 +463,8 @@ impl Queues {
         }
         add(q);
         q.wake_idle();
-        if !q.listed {
-            q.listed = true;
-            self.listed.push(key);
-        }
+        list(&mut self.listed, q, key);
         true
-    }
-
-    /// Lists the ready queue `key` to be looked at for connections (once).
-    fn list(&mut self, key: &str) {
-        if let Some(q) = self.ready.get_mut(key)
-            && !q.listed
-        {
-            q.listed = true;
-            self.listed.push(key.to_string());
-        }
     }
 
     /// Counts the connections to open now, one entry of `out` per connection (each
@@ -531,8 +526,8 @@ impl Queues {
     pub fn connection_ended(&mut self, key: &str) {
         if let Some(q) = self.ready.get_mut(key) {
             q.connections = q.connections.saturating_sub(1);
+            list(&mut self.listed, q, key);
         }
-        self.list(key);
     }
 
     /// Adds a due part with a site to its ready queue; a full queue (max_ready) gives
