@@ -165,20 +165,9 @@ struct Sink {
 
 impl Sink {
     fn start(tools: &Tools, args: &[&str]) -> Result<Sink> {
-        let mut child = Command::new(&tools.sink)
-            .args(["--listen", "127.0.0.1:0"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .spawn()
-            .with_context(|| format!("starting {}", tools.sink.display()))?;
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().context("sink output")?),
-            &mut line,
-        )?;
-        // The sink prints its counters at exit too; nobody reads them here.
-        drop(child.stdout.take());
-        let v: serde_json::Value = serde_json::from_str(&line).context("sink start line")?;
+        let mut command = Command::new(&tools.sink);
+        command.args(["--listen", "127.0.0.1:0"]).args(args);
+        let (child, v) = servers::spawn_announcing(&mut command, &tools.sink)?;
         Ok(Sink {
             smtp: v["smtp"].as_str().unwrap_or("").parse()?,
             http: v["http"].as_str().unwrap_or("").parse()?,

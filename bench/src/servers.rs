@@ -112,20 +112,34 @@ pub fn smtp_sink(extra: &[&str], piped: bool) -> Result<Server> {
     })
 }
 
-/// gannet-forward relaying to `to`: the reference of a relay that opens a new
-/// connection per delivery, with no queue, no disk and no DNS.
-pub fn forward(binary: &Path, to: std::net::SocketAddr) -> Result<Server> {
-    let mut child = Command::new(binary)
-        .args(["--listen", "127.0.0.1:0", "--to", &to.to_string()])
+/// Starts one of the bench's own programs (`binary`, run by `command`), which
+/// announces itself with one JSON line on its standard output (its addresses): the
+/// child and that line. Later output is not read.
+pub fn spawn_announcing(
+    command: &mut Command,
+    binary: &Path,
+) -> Result<(Child, serde_json::Value)> {
+    let mut child = command
         .stdout(Stdio::piped())
         .spawn()
         .with_context(|| format!("starting {}", binary.display()))?;
     let mut line = String::new();
     std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().context("forward output")?),
+        &mut std::io::BufReader::new(child.stdout.as_mut().context("no standard output")?),
         &mut line,
     )?;
-    let v: serde_json::Value = serde_json::from_str(&line).context("forward start line")?;
+    drop(child.stdout.take());
+    let v = serde_json::from_str(&line)
+        .with_context(|| format!("{}: start line {line:?}", binary.display()))?;
+    Ok((child, v))
+}
+
+/// gannet-forward relaying to `to`: the reference of a relay that opens a new
+/// connection per delivery, with no queue, no disk and no DNS.
+pub fn forward(binary: &Path, to: std::net::SocketAddr) -> Result<Server> {
+    let mut command = Command::new(binary);
+    command.args(["--listen", "127.0.0.1:0", "--to", &to.to_string()]);
+    let (child, v) = spawn_announcing(&mut command, binary)?;
     let addr: std::net::SocketAddr = v["smtp"].as_str().unwrap_or("").parse()?;
     Ok(Server {
         http_port: 0,
