@@ -102,6 +102,32 @@ pub fn machine() -> String {
     format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
 }
 
+/// This process's command line as a shell would take it back: arguments holding
+/// spaces, quotes or newlines are single-quoted, a newline written `\n` inside
+/// `$'…'` quoting.
+pub fn command_line() -> String {
+    std::env::args()
+        .map(|arg| {
+            let plain = !arg.is_empty()
+                && arg
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_./:=,@+%".contains(c));
+            if plain {
+                arg
+            } else if arg.contains('\n') || arg.contains('\'') {
+                let escaped = arg
+                    .replace('\\', "\\\\")
+                    .replace('\'', "\\'")
+                    .replace('\n', "\\n");
+                format!("$'{escaped}'")
+            } else {
+                format!("'{arg}'")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// A command's standard output, trimmed ("" if it cannot run).
 pub fn command_output(cmd: &str, args: &[&str]) -> String {
     std::process::Command::new(cmd)
@@ -122,6 +148,28 @@ pub fn append_results(path: &str, text: &str) -> std::io::Result<()> {
         .append(true)
         .open(path)?
         .write_all(text.as_bytes())
+}
+
+/// The sum over the shards of gannetd's metric `gannet_<name>`, read from /metrics at
+/// `http` (a GET on a new connection).
+pub fn gannet_metric(http: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
+    use anyhow::Context as _;
+    use std::io::{Read as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(http)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nhost: {http}\r\nconnection: close\r\n\r\n"
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let end = memchr::memmem::find(&response, b"\r\n\r\n").context("no response head")?;
+    let prefix = format!("gannet_{name}{{");
+    Ok(String::from_utf8_lossy(&response[end + 4..])
+        .lines()
+        .filter(|l| l.starts_with(&prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum())
 }
 
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for a benchmark).

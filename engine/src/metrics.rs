@@ -120,6 +120,16 @@ metrics! {
     dns_queries_resent_total: "counter",
     /// Events lost because the event log could not be written.
     events_dropped_total: "counter",
+    /// Records appended to the spool (messages, retry updates, tombstones).
+    spool_records_total: "counter",
+    /// Group commits (one fdatasync of each segment they touched), and those whose
+    /// batch was held to gather more records because work queued on the core.
+    spool_syncs_total: "counter",
+    spool_gathered_syncs_total: "counter",
+    /// The spool committer's mean scheduling delay (from being woken to running), in
+    /// microseconds: how long work queued on the core makes a task wait, and about
+    /// how long the committer holds a batch.
+    spool_committer_delay_us: "gauge",
 }
 
 /// A latency histogram in the spool's buckets ([`LATENCY_BOUNDS_US`]), rendered as

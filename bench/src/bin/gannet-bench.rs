@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gannet_bench::harness::{self, Run, Tools, median_range};
-use gannet_bench::{append_results, charts, command_output, machine};
+use gannet_bench::{append_results, charts, command_line, command_output, machine};
 
 #[derive(Debug, Parser)]
 #[command(about = "Side-by-side benchmark scenarios: gannet vs Postfix vs the direct pipe")]
@@ -196,9 +196,9 @@ fn report(
     let mut md = String::new();
     let rev = command_output("git", &["rev-parse", "--short", "HEAD"]);
     let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
-    let command: Vec<String> = std::env::args().collect();
+    let command = command_line();
     writeln!(md, "\n## gannet-bench — {date}\n")?;
-    writeln!(md, "- command: `{}`", command.join(" "))?;
+    writeln!(md, "- command: `{command}`")?;
     writeln!(md, "- machine: {}", machine())?;
     writeln!(
         md,

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Result, anyhow};
 use clap::Parser;
-use gannet_bench::{append_results, command_output, machine};
+use gannet_bench::{append_results, command_line, command_output, machine};
 use gannet_core::handoff::{Handoff, Report, SiteSpec};
 use gannet_engine::delivery::client::Response;
 use gannet_engine::mesh::Mesh;
@@ -178,7 +178,7 @@ fn main() -> Result<()> {
 
     let rev = command_output("git", &["rev-parse", "--short", "HEAD"]);
     let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
-    let command: Vec<String> = std::env::args().collect();
+    let command = command_line();
     let md = format!(
         "\n## Cross-core hop through the mesh — {date}\n\n\
          - command: `{}`\n- machine: {}\n- revision: {rev}; {} byte body copied into each handoff, inbox of {} notes\n\n\
@@ -188,7 +188,7 @@ fn main() -> Result<()> {
          | streaming to a busy core | {:.0} parts/s, {:.0} ns per part (body copy included) |\n\
          | of which the {}-byte body copy | {:.0} ns |\n\
          | sends refused by a full inbox (retried) | {} |\n",
-        command.join(" "),
+        command,
         machine(),
         args.body_bytes,
         args.inbox,

@@ -26,7 +26,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gannet_bench::harness::median_range;
 use gannet_bench::servers::{self, Server};
-use gannet_bench::{append_results, command_output, machine, tree_cpu_seconds};
+use gannet_bench::{append_results, command_output, gannet_metric, machine, tree_cpu_seconds};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -104,17 +104,6 @@ fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Result<(u
     Ok((status, response[end + 4..].to_vec()))
 }
 
-/// The sum of a metric over the shards.
-fn metric(addr: SocketAddr, name: &str) -> Result<f64> {
-    let (_, body) = request(addr, "GET", "/metrics", b"")?;
-    let prefix = format!("gannet_{name}{{");
-    Ok(String::from_utf8_lossy(&body)
-        .lines()
-        .filter(|l| l.starts_with(&prefix))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum())
-}
-
 /// A newsletter of `n` recipients: text and HTML with a loop, a default, a link.
 fn transmission(n: u64) -> Vec<u8> {
     let recipients: Vec<Value> = (0..n)
@@ -166,15 +155,15 @@ fn merge(args: &Args, body: &[u8]) -> Result<Merge> {
         );
     }
     let deadline = Instant::now() + Duration::from_secs(600);
-    while metric(http, "http_generation_jobs")? > 0.0 {
+    while gannet_metric(http, "http_generation_jobs")? > 0.0 {
         if Instant::now() > deadline {
             bail!("generation did not finish");
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     let seconds = t0.elapsed().as_secs_f64();
-    let generated = metric(http, "http_messages_generated_total")?;
-    let bytes = metric(http, "http_message_bytes_total")?;
+    let generated = gannet_metric(http, "http_messages_generated_total")?;
+    let bytes = gannet_metric(http, "http_message_bytes_total")?;
     let cpu = tree_cpu_seconds(server.pid) - cpu0;
     server.stop()?;
     if generated as u64 != args.recipients {

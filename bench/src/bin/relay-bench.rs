@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gannet_bench::servers::{self, Server};
-use gannet_bench::{append_results, command_output, machine, tree_cpu_seconds};
+use gannet_bench::{append_results, command_line, command_output, machine, tree_cpu_seconds};
 
 #[derive(Debug, Parser)]
 #[command(about = "End-to-end relay: gannet vs postfix vs the direct source→sink pipe")]
@@ -385,9 +385,9 @@ fn main() -> Result<()> {
     let mut md = String::new();
     let rev = command_output("git", &["rev-parse", "--short", "HEAD"]);
     let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
-    let command: Vec<String> = std::env::args().collect();
+    let command = command_line();
     writeln!(md, "\n## End-to-end relay — {date}\n")?;
-    writeln!(md, "- command: `{}`", command.join(" "))?;
+    writeln!(md, "- command: `{command}`")?;
     writeln!(md, "- machine: {}", machine())?;
     writeln!(
         md,

@@ -27,7 +27,10 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use gannet_bench::servers::{self, Server};
-use gannet_bench::{append_results, command_output, device_flushes, machine, tree_cpu_seconds};
+use gannet_bench::{
+    append_results, command_line, command_output, device_flushes, gannet_metric, machine,
+    tree_cpu_seconds,
+};
 use hdrhistogram::Histogram;
 
 #[derive(Debug, Parser)]
@@ -61,6 +64,15 @@ struct Args {
     /// The gannetd binary.
     #[arg(long, default_value = "target/release/gannetd")]
     gannetd: PathBuf,
+    /// An earlier gannetd, run as system `gannet-baseline` (same shard counts) to
+    /// compare before and after in one run.
+    #[arg(long)]
+    baseline_gannetd: Option<PathBuf>,
+    /// Extra `[server]` keys (or whole sections) for gannet-baseline instead of
+    /// --gannet-server-extra, e.g. "[spool]\ncommit_gather_max_us = 0" to compare one
+    /// binary with itself under another setting.
+    #[arg(long)]
+    baseline_server_extra: Option<String>,
     /// Scratch directory for gannet's data (on the disk being measured).
     #[arg(long, default_value = "/tmp/gannet-smtp-bench")]
     dir: PathBuf,
@@ -76,14 +88,27 @@ fn start_sink() -> Result<Server> {
     servers::smtp_sink(&[], false)
 }
 
-fn start_gannet(args: &Args, shards: usize) -> Result<Server> {
-    servers::gannetd(
-        &args.gannetd,
+fn start_gannet(args: &Args, shards: usize, baseline: bool) -> Result<Server> {
+    let binary = match (&args.baseline_gannetd, baseline) {
+        (Some(binary), true) => binary,
+        (None, true) => bail!("system gannet-baseline needs --baseline-gannetd"),
+        (_, false) => &args.gannetd,
+    };
+    let extra = match (&args.baseline_server_extra, baseline) {
+        (Some(extra), true) => extra,
+        _ => &args.gannet_server_extra,
+    };
+    let mut server = servers::gannetd(
+        binary,
         &args.dir,
         shards,
-        &args.gannet_server_extra,
+        extra,
         "[delivery]\nsuspended = true\n",
-    )
+    )?;
+    if baseline {
+        server.name = server.name.replacen("gannet", "gannet-baseline", 1);
+    }
+    Ok(server)
 }
 
 /// The system Postfix accepting on a free port and only queueing (delivery deferred).
@@ -108,6 +133,9 @@ struct Run {
     seconds: f64,
     server_cpu_s: f64,
     flushes: u64,
+    /// gannetd only: its syncs during the run, and the share of them whose batch was
+    /// held to gather more (the core was busy).
+    syncs: Option<(f64, f64)>,
     /// End of data → 250, microseconds (built-in driver only).
     accept: Option<Histogram<u64>>,
 }
@@ -125,6 +153,8 @@ impl Run {
             "of_direct_pipe": pipe.map(|p| (self.msgs_per_s() / p * 1000.0).round() / 1000.0),
             "server_cpu_s_per_1000_msgs": (self.server_cpu_s / self.messages.max(1) as f64 * 1000.0 * 1e4).round() / 1e4,
             "flushes_per_msg": (self.flushes as f64 / self.messages.max(1) as f64 * 1e3).round() / 1e3,
+            "syncs_per_msg": self.syncs.map(|(n, _)| (n / self.messages.max(1) as f64 * 1e3).round() / 1e3),
+            "syncs_gathered": self.syncs.map(|(_, share)| (share * 1e3).round() / 1e3),
             "accept_latency_us_p50": q(0.5), "accept_latency_us_p99": q(0.99),
         })
     }
@@ -284,6 +314,7 @@ fn measure(
     };
     let cpu0 = tree_cpu_seconds(server.pid);
     let flushes0 = device_flushes(&disk);
+    let syncs0 = gannet_syncs(server);
     let t0 = Instant::now();
     let (errors, accept) = match driver {
         "smtp-source" => (smtp_source(args, server.port)?, None),
@@ -293,16 +324,41 @@ fn measure(
         }
     };
     let seconds = t0.elapsed().as_secs_f64();
+    let server_cpu_s = tree_cpu_seconds(server.pid) - cpu0;
+    let flushes = device_flushes(&disk) - flushes0;
+    // gannetd copies its spool counters into the metrics every 100 ms; one without
+    // them (an older baseline) shows none.
+    let syncs = syncs0.and_then(|(syncs0, gathered0)| {
+        std::thread::sleep(Duration::from_millis(300));
+        let (syncs, gathered) = gannet_syncs(server)?;
+        if syncs == 0.0 {
+            return None;
+        }
+        let syncs = syncs - syncs0;
+        Some((syncs, (gathered - gathered0) / syncs.max(1.0)))
+    });
     Ok(Run {
         system: server.name.clone(),
         driver,
         messages,
         errors,
         seconds,
-        server_cpu_s: tree_cpu_seconds(server.pid) - cpu0,
-        flushes: device_flushes(&disk) - flushes0,
+        server_cpu_s,
+        flushes,
+        syncs,
         accept,
     })
+}
+
+/// gannetd's spool syncs so far and those that gathered (None for other systems).
+fn gannet_syncs(server: &Server) -> Option<(f64, f64)> {
+    if !server.name.starts_with("gannet") {
+        return None;
+    }
+    let http = std::net::SocketAddr::from(([127, 0, 0, 1], server.http_port));
+    let syncs = gannet_metric(http, "spool_syncs_total").ok()?;
+    let gathered = gannet_metric(http, "spool_gathered_syncs_total").ok()?;
+    Some((syncs, gathered))
 }
 
 /// The direct pipe's rate with the same driver.
@@ -318,7 +374,7 @@ fn main() -> Result<()> {
     let mut fixed_rate: Option<f64> = None;
     let mut plan: Vec<(String, usize)> = Vec::new();
     for system in &args.systems {
-        if system == "gannet" {
+        if system == "gannet" || system == "gannet-baseline" {
             plan.extend(args.gannet_shards.iter().map(|s| (system.clone(), *s)));
         } else {
             plan.push((system.clone(), 0));
@@ -327,7 +383,8 @@ fn main() -> Result<()> {
     for (system, shards) in &plan {
         let server = match system.as_str() {
             "sink" => start_sink()?,
-            "gannet" => start_gannet(&args, *shards)?,
+            "gannet" => start_gannet(&args, *shards, false)?,
+            "gannet-baseline" => start_gannet(&args, *shards, true)?,
             "postfix" => start_postfix(&args)?,
             other => bail!("unknown system {other}"),
         };
@@ -368,9 +425,9 @@ fn main() -> Result<()> {
     use std::fmt::Write as _;
     let rev = command_output("git", &["rev-parse", "--short", "HEAD"]);
     let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
-    let command: Vec<String> = std::env::args().collect();
+    let command = command_line();
     writeln!(md, "\n## SMTP acceptance with durable ack — {date}\n")?;
-    writeln!(md, "- command: `{}`", command.join(" "))?;
+    writeln!(md, "- command: `{command}`")?;
     writeln!(md, "- machine: {}", machine())?;
     writeln!(
         md,
@@ -386,13 +443,21 @@ fn main() -> Result<()> {
     }
     writeln!(
         md,
-        "- sink = postfix smtp-sink (stores nothing: the direct source→sink pipe); gannet = gannetd, 250 after fdatasync (group commit); postfix = Postfix with delivery deferred (fsync per message)\n"
+        "- sink = postfix smtp-sink (stores nothing: the direct source→sink pipe); gannet = gannetd, 250 after fdatasync (group commit); postfix = Postfix with delivery deferred (fsync per message)"
     )?;
+    if let Some(baseline) = &args.baseline_gannetd {
+        let extra = match &args.baseline_server_extra {
+            Some(extra) => format!(" with `{}`", extra.replace('\n', " ")),
+            None => String::new(),
+        };
+        writeln!(md, "- gannet-baseline = {}{extra}", baseline.display())?;
+    }
+    writeln!(md)?;
     writeln!(
         md,
-        "| system | driver | msgs/s | × direct pipe | server CPU s / 1000 msgs | device flushes / msg | accept p50 / p99 µs | errors |"
+        "| system | driver | msgs/s | × direct pipe | server CPU s / 1000 msgs | device flushes / msg | spool syncs / msg (gathered) | accept p50 / p99 µs | errors |"
     )?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
     for run in &runs {
         // A fixed-rate run is not compared: every system was offered the same rate.
         let pipe = if run.driver == "builtin" || run.driver == "smtp-source" {
@@ -409,9 +474,17 @@ fn main() -> Result<()> {
             ),
             None => "—".into(),
         };
+        let syncs = match run.syncs {
+            Some((n, gathered)) => format!(
+                "{:.3} ({:.0}%)",
+                n / run.messages.max(1) as f64,
+                gathered * 100.0
+            ),
+            None => "—".into(),
+        };
         writeln!(
             md,
-            "| {} | {} | {:.0} | {} | {} | {} | {latency} | {} |",
+            "| {} | {} | {:.0} | {} | {} | {} | {syncs} | {latency} | {} |",
             run.system,
             run.driver,
             run.msgs_per_s(),

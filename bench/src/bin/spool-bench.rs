@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use gannet_bench::{command_output, cpu_seconds, device_flushes, machine};
+use gannet_bench::{command_line, command_output, cpu_seconds, device_flushes, machine};
 use gannet_spool::{FileStorage, MessageRecord, Record, Spool, SpoolConfig};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 use hdrhistogram::Histogram;
@@ -468,12 +468,12 @@ fn main() -> Result<()> {
     use std::fmt::Write as _;
     let rev = command_output("git", &["rev-parse", "--short", "HEAD"]);
     let date = command_output("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
-    let command: Vec<String> = std::env::args().collect();
+    let command = command_line();
     writeln!(
         md,
         "\n## Spool: group commit vs per-message fdatasync vs raw disk — {date}\n"
     )?;
-    writeln!(md, "- command: `{}`", command.join(" "))?;
+    writeln!(md, "- command: `{command}`")?;
     writeln!(
         md,
         "- machine: {}; disk under `{}`",

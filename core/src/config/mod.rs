@@ -452,6 +452,18 @@ mod tests {
             "[[smtp.users]]\nname = \"a\"\npassword_hash = \"plain\"\n",
             &["t.toml:3:", "smtp.users[0].password_hash"],
         );
+        check_err(
+            "[spool]\ncommit_window_us = 0\ncommit_gather_max_us = 250000\n",
+            &[
+                "t.toml:3:",
+                "spool.commit_gather_max_us",
+                "between 0 and 100000",
+            ],
+        );
+        check_err(
+            "[spool]\ncommit_gather_max_us = \"5ms\"\n",
+            &["t.toml:2:", "spool.commit_gather_max_us"],
+        );
     }
 
     #[test]

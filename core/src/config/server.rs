@@ -38,6 +38,7 @@ impl Default for ServerConfig {
 pub struct SpoolSection {
     pub segment_bytes: Bounded<{ 1 << 20 }, { 1 << 34 }>,
     pub commit_window_us: Bounded<0, 100_000>,
+    pub commit_gather_max_us: Bounded<0, 100_000>,
 }
 
 impl Default for SpoolSection {
@@ -45,6 +46,7 @@ impl Default for SpoolSection {
         SpoolSection {
             segment_bytes: Bounded(64 << 20),
             commit_window_us: Bounded(0),
+            commit_gather_max_us: Bounded(5_000),
         }
     }
 }

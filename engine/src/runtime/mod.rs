@@ -655,7 +655,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
 }
 
 /// The shard's periodic round: writes the buffered events and copies the spool's
-/// sync latencies into the metrics.
+/// counters and sync latencies into the metrics.
 fn periodic_round(shard: &Shard) {
     let mut events = shard.events.borrow_mut();
     events.flush();
@@ -663,10 +663,21 @@ fn periodic_round(shard: &Shard) {
         .metrics
         .events_dropped_total
         .store(events.dropped, Ordering::Relaxed);
-    shard
-        .metrics
-        .spool_sync
-        .store(&shard.spool.stats().sync_latency);
+    let spool = shard.spool.stats();
+    let metrics = &shard.metrics;
+    metrics.spool_sync.store(&spool.sync_latency);
+    metrics
+        .spool_records_total
+        .store(spool.appends, Ordering::Relaxed);
+    metrics
+        .spool_syncs_total
+        .store(spool.syncs, Ordering::Relaxed);
+    metrics
+        .spool_gathered_syncs_total
+        .store(spool.gathered_syncs, Ordering::Relaxed);
+    metrics
+        .spool_committer_delay_us
+        .store(spool.committer_delay_us, Ordering::Relaxed);
 }
 
 fn open_spool(
@@ -679,6 +690,7 @@ fn open_spool(
     let spool_config = SpoolConfig {
         segment_bytes: config.spool.segment_bytes.usize(),
         commit_window_us: config.spool.commit_window_us.get(),
+        commit_gather_max_us: config.spool.commit_gather_max_us.get(),
         // A message plus its envelope must fit one record.
         record_bytes_max: config.smtp.message_bytes_max.usize() * 2 + (1 << 20),
         ..SpoolConfig::for_shard(id)

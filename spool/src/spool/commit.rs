@@ -1,6 +1,8 @@
 //! The group commit: the committer task closes the open epoch, fdatasyncs the
 //! segments it touched and resolves every waiter of the epoch at once, in order.
 
+use std::time::Instant;
+
 use super::*;
 
 impl<S: Storage + 'static> Spool<S> {
@@ -10,16 +12,21 @@ impl<S: Storage + 'static> Spool<S> {
     pub async fn run_committer(self) {
         let inner = &*self.inner;
         let commit = &inner.commit;
-        let slots = inner
-            .config
-            .commit_syncs_in_flight_max
-            .clamp(1, inner.storage.sync_slots());
+        let slots = commit.pace.borrow().slots_max();
         loop {
             let work = poll_fn(|cx| {
+                commit.pace.borrow_mut().ran(Instant::now());
                 let pending = inner.state.borrow().epoch_records > 0
                     || !commit.ready.borrow().is_empty()
                     || commit.probe.get();
                 let in_flight = commit.in_flight.get();
+                // While holding batches, one sync runs at a time: the next batch
+                // grows behind it.
+                let slots = if commit.closing.get() {
+                    slots
+                } else {
+                    commit.pace.borrow().slots()
+                };
                 if pending && in_flight < slots {
                     Poll::Ready(true)
                 } else if commit.closing.get() && !pending && in_flight == 0 {
@@ -33,6 +40,7 @@ impl<S: Storage + 'static> Spool<S> {
             if !work {
                 break;
             }
+            let mut gathered = false;
             if commit.probe.get() {
                 // The last sync failed: give the disk (or the operator) a moment, then
                 // tombstone what was abandoned (into a fresh segment): that sync both
@@ -51,15 +59,22 @@ impl<S: Storage + 'static> Spool<S> {
                     continue;
                 }
                 commit.probe.set(false);
-            } else if inner.config.commit_window_us > 0 && !commit.closing.get() {
-                let below_bounds = {
-                    let state = inner.state.borrow();
-                    state.epoch_records < inner.config.commit_batch_records_max
-                        && state.epoch_bytes < inner.config.commit_batch_bytes_max
-                };
-                if below_bounds {
-                    glommio::timer::sleep(Duration::from_micros(inner.config.commit_window_us))
-                        .await;
+            } else if commit.ready.borrow().is_empty() && !commit.closing.get() {
+                match self.gather().await {
+                    Some(was_gathering) => gathered = was_gathering,
+                    // The pace changed its mind (a sync must finish first).
+                    None => continue,
+                }
+                if inner.config.commit_window_us > 0 && !gathered {
+                    let below_bounds = {
+                        let state = inner.state.borrow();
+                        state.epoch_records < inner.config.commit_batch_records_max
+                            && state.epoch_bytes < inner.config.commit_batch_bytes_max
+                    };
+                    if below_bounds {
+                        let window = Duration::from_micros(inner.config.commit_window_us);
+                        glommio::timer::sleep(window).await;
+                    }
                 }
             }
             let queued = commit.ready.borrow_mut().pop_front();
@@ -71,12 +86,39 @@ impl<S: Storage + 'static> Spool<S> {
             let mut state = inner.state.borrow_mut();
             let peak = &mut state.stats.syncs_in_flight_max;
             *peak = (*peak).max(commit.in_flight.get() as u64);
+            state.stats.gathered_syncs += u64::from(gathered);
             drop(state);
             let slot = (closed.epoch % slots as u64) as usize;
             glommio::spawn_local(self.clone().sync_epoch(closed, slot)).detach();
         }
         commit.stopped.set(true);
         wake_all(commit);
+    }
+
+    /// Holds the open batch for as long as the pace says (appends keep joining it).
+    /// Some(true) when the pace held batches (the core is loaded), Some(false) when it
+    /// said to sync at once, None when a running sync must finish first.
+    async fn gather(&self) -> Option<bool> {
+        let commit = &self.inner.commit;
+        let mut gathering = false;
+        loop {
+            let now = Instant::now();
+            let next = {
+                let pace = commit.pace.borrow();
+                gathering |= !pace.hold().is_zero();
+                pace.next(now, commit.in_flight.get())
+            };
+            match next {
+                pace::Next::Sync => return Some(gathering),
+                pace::Next::WaitForSlot => return None,
+                pace::Next::WaitUntil(until) => {
+                    glommio::timer::sleep(until.saturating_duration_since(now)).await;
+                    if commit.closing.get() || !commit.ready.borrow().is_empty() {
+                        return Some(gathering);
+                    }
+                }
+            }
+        }
     }
 
     /// Closes the open epoch (opening the next) and takes its bookkeeping.
@@ -90,6 +132,7 @@ impl<S: Storage + 'static> Spool<S> {
         let commit = &self.inner.commit;
         let epoch = commit.open_epoch.get();
         commit.open_epoch.set(epoch + 1);
+        commit.pace.borrow_mut().batch_closed();
         let records = std::mem::take(&mut state.epoch_records) as u64;
         let seen = &mut state.stats.batch_records_max_seen;
         *seen = (*seen).max(records);
@@ -122,6 +165,7 @@ impl<S: Storage + 'static> Spool<S> {
         }
         let commit = &self.inner.commit;
         commit.in_flight.set(commit.in_flight.get() - 1);
+        commit.pace.borrow_mut().synced(started.elapsed());
         {
             let stats = &mut self.inner.state.borrow_mut().stats;
             stats.syncs += 1;
@@ -155,6 +199,7 @@ impl<S: Storage + 'static> Spool<S> {
         }
         self.resolve_in_order();
         if let Some(waker) = commit.committer.take() {
+            commit.pace.borrow_mut().woke(Instant::now());
             waker.wake();
         }
     }

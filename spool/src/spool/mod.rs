@@ -7,7 +7,8 @@
 //! segments it touched through io_uring and resolves it: every waiter of that epoch is
 //! told "durable" (or the sync's error) at once. Appends keep landing in the next epoch
 //! while a sync is in flight, so batches form by themselves under load and a lone
-//! append waits for one sync and at most `commit_window_us` more.
+//! append waits for one sync. When work queues up on the core, the committer also
+//! holds batches to gather more (see `pace`).
 //!
 //! ## Space
 //! Segments are deleted oldest first, and only when no live message is in them: that
@@ -37,6 +38,7 @@ use crate::segment::{SEGMENT_HEADER_BYTES, Segment};
 use crate::storage::{Storage, now_unix_ms};
 
 mod commit;
+mod pace;
 mod space;
 
 use space::sealed_bytes;
@@ -56,8 +58,13 @@ pub struct SpoolConfig {
     /// created, messages can still be finished — which is what frees space.
     pub control_reserve_bytes: usize,
     /// How long the committer waits for more appends before syncing a batch that is
-    /// below both batch bounds. 0: sync as soon as the previous sync returned.
+    /// below both batch bounds, whatever the load. 0: no fixed wait (the pace below
+    /// decides).
     pub commit_window_us: u64,
+    /// While work queues up on the shard's core, the committer runs one sync at a time
+    /// and holds a batch for about as long as tasks wait for the core, at most this
+    /// long (see `pace`). 0: never hold.
+    pub commit_gather_max_us: u64,
     /// Records in one batch (one sync) at most. A full batch is closed at once: it
     /// skips the window and waits for a sync slot as it is.
     pub commit_batch_records_max: usize,
@@ -96,6 +103,7 @@ impl Default for SpoolConfig {
             record_bytes_max: 256 << 20,
             control_reserve_bytes: 1 << 20,
             commit_window_us: 0,
+            commit_gather_max_us: 5_000,
             commit_batch_records_max: 4096,
             commit_batch_bytes_max: 32 << 20,
             unsynced_bytes_max: 128 << 20,
@@ -227,6 +235,11 @@ pub fn latency_bucket(us: u64) -> usize {
 pub struct SpoolStats {
     pub appends: u64,
     pub syncs: u64,
+    /// Syncs whose batch the pace held to gather more (work queued on the core).
+    pub gathered_syncs: u64,
+    /// The committer's mean scheduling delay: from being woken (by an append or its
+    /// timer) to running, in µs.
+    pub committer_delay_us: u64,
     pub sync_failures: u64,
     /// How long each epoch's sync took: writing its staged records and fdatasync of
     /// every segment it touched (the disk's part of the acknowledgement latency).
@@ -306,6 +319,8 @@ struct Commit {
     stopped: Cell<bool>,
     committer: Cell<Option<Waker>>,
     waiters: RefCell<Vec<Waker>>,
+    /// When the committer starts the next sync.
+    pace: RefCell<pace::Pace>,
 }
 
 impl std::fmt::Debug for Commit {
@@ -420,6 +435,12 @@ impl<S: Storage + 'static> Spool<S> {
             abandoned: Vec::new(),
             stats: SpoolStats::default(),
         };
+        let pace_limits = pace::Limits {
+            slots: config
+                .commit_syncs_in_flight_max
+                .clamp(1, storage.sync_slots()),
+            gather_max: Duration::from_micros(config.commit_gather_max_us),
+        };
         let spool = Spool {
             inner: Rc::new(Inner {
                 storage,
@@ -440,6 +461,7 @@ impl<S: Storage + 'static> Spool<S> {
                     stopped: Cell::new(false),
                     committer: Cell::new(None),
                     waiters: RefCell::new(Vec::new()),
+                    pace: RefCell::new(pace::Pace::new(pace_limits)),
                 },
             }),
         };
@@ -480,6 +502,7 @@ impl<S: Storage + 'static> Spool<S> {
         stats.live_messages = state.index.len() as u64;
         stats.live_bytes = state.live_bytes;
         stats.sealed_bytes = sealed_bytes(&state);
+        stats.committer_delay_us = self.inner.commit.pace.borrow().delay().as_micros() as u64;
         stats
     }
 
@@ -607,6 +630,11 @@ impl<S: Storage + 'static> Spool<S> {
         let commit = &self.inner.commit;
         state.stats.appends += 1;
         state.epoch_records += 1;
+        let now = std::time::Instant::now();
+        commit
+            .pace
+            .borrow_mut()
+            .appended(now, state.epoch_records == 1);
         state.epoch_bytes += loc.len as usize;
         let segment = &state.segments[&loc.seq].segment;
         if !state
@@ -629,6 +657,7 @@ impl<S: Storage + 'static> Spool<S> {
             commit.ready.borrow_mut().push_back(closed);
         }
         if let Some(waker) = commit.committer.take() {
+            commit.pace.borrow_mut().woke(now);
             waker.wake();
         }
     }
