@@ -52,10 +52,10 @@ impl Storage for ShardStorage {
         }
     }
 
-    async fn prepare_spare(&self, len: usize) {
+    async fn prepare_next(&self, seq: u64, shard: u16, len: usize) {
         match self {
-            ShardStorage::File(s) => s.prepare_spare(len).await,
-            ShardStorage::Sim(s) => s.prepare_spare(len).await,
+            ShardStorage::File(s) => s.prepare_next(seq, shard, len).await,
+            ShardStorage::Sim(s) => s.prepare_next(seq, shard, len).await,
         }
     }
 

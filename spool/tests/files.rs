@@ -275,10 +275,13 @@ fn has_unwritten_extents(path: &Path) -> Option<bool> {
 }
 
 /// Once the active segment is an eighth used, the spool fills a spare file with
-/// zeros, and the next segment is that file (same inode) with its blocks written —
+/// zeros and makes it the next segment ahead of time (header, name, sync slots), so
+/// that the rotation does no blocking work: segment 2 exists, empty, before the first
+/// one is full, and becomes the active one (same inode) with its blocks written —
 /// unlike the first one, preallocated with fallocate, whose extents are unwritten
 /// (where the filesystem reports extents). A stale spare is removed when the
-/// directory is opened again, and messages in a segment made from a spare recover.
+/// directory is opened again, messages in a segment made from a spare recover, and a
+/// prepared segment never used reads as an empty segment.
 #[test]
 fn spare_segments_are_filled_ahead_and_become_the_next_segment() {
     use std::os::unix::fs::MetadataExt;
@@ -290,6 +293,8 @@ fn spare_segments_are_filled_ahead_and_become_the_next_segment() {
         move || async move {
             let storage = FileStorage::open_dir(&path).unwrap();
             let first = storage.segment_path(1);
+            let second = storage.segment_path(2);
+            let third = storage.segment_path(3);
             let (spool, _) = Spool::open(storage, config()).unwrap();
             common::start(&spool);
             let mut ids = Vec::new();
@@ -303,24 +308,26 @@ fn spare_segments_are_filled_ahead_and_become_the_next_segment() {
                     ids.push(msg.id);
                 }
             };
-            // Under an eighth of 256 KiB: no spare yet.
+            // Under an eighth of 256 KiB: nothing prepared yet.
             write(4, &mut ids).await;
-            spool.prepare_spare().await;
+            spool.prepare_next_segment().await;
             assert!(!spare.exists());
+            assert!(!second.exists());
             write(8, &mut ids).await;
-            spool.prepare_spare().await;
-            let meta = std::fs::metadata(&spare).unwrap();
+            spool.prepare_next_segment().await;
+            assert!(!spare.exists(), "the spare became segment 2");
+            let meta = std::fs::metadata(&second).unwrap();
             assert_eq!(meta.len(), 256 << 10);
-            // Past the first segment's end: the spare becomes segment 2.
+            // Past the first segment's end: segment 2 is the one prepared.
             write(60, &mut ids).await;
-            assert!(!spare.exists());
-            let second = std::fs::metadata(path.join(gannet_spool::segment_file_name(2)));
-            assert_eq!(second.unwrap().ino(), meta.ino());
+            assert_eq!(std::fs::metadata(&second).unwrap().ino(), meta.ino());
             if let Some(unwritten) = has_unwritten_extents(&first) {
                 assert!(unwritten, "fallocate leaves unwritten extents");
-                let second = path.join(gannet_spool::segment_file_name(2));
                 assert_eq!(has_unwritten_extents(&second), Some(false));
             }
+            // Segment 3 is prepared and then never used.
+            spool.prepare_next_segment().await;
+            assert!(third.exists());
             spool.close().await;
             ids
         }
@@ -330,6 +337,60 @@ fn spare_segments_are_filled_ahead_and_become_the_next_segment() {
         let (_spool, recovered) =
             Spool::open(FileStorage::open_dir(&path).unwrap(), config()).unwrap();
         assert!(!spare.exists());
+        let got: Vec<MessageId> = recovered.live.iter().map(|m| m.id).collect();
+        assert_eq!(got, ids);
+        assert!(recovered.report.segments.iter().all(|s| s.is_clean()));
+        let unused = recovered.report.segments.iter().find(|s| s.seq == 3);
+        assert_eq!(unused.map(|s| s.records), Some(0), "{:?}", recovered.report);
+    });
+}
+
+/// A record larger than a segment gets a segment of its own sized to fit: if the next
+/// segment was prepared ahead at the ordinary size, that one is dropped (never renamed
+/// over, never reused at the wrong size) and everything recovers.
+#[test]
+fn a_prepared_segment_of_the_wrong_size_is_dropped_for_an_oversized_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let ids = common::run({
+        let path = path.clone();
+        move || async move {
+            let storage = FileStorage::open_dir(&path).unwrap();
+            let second = storage.segment_path(2);
+            let (spool, _) = Spool::open(storage, config()).unwrap();
+            common::start(&spool);
+            let mut ids = Vec::new();
+            for body in [40_000, 40_000] {
+                let msg = common::message(spool.next_id(), body, 1);
+                spool
+                    .write(gannet_spool::Record::Message(&msg))
+                    .await
+                    .unwrap();
+                ids.push(msg.id);
+            }
+            spool.prepare_next_segment().await;
+            assert_eq!(std::fs::metadata(&second).unwrap().len(), 256 << 10);
+            let big = common::message(spool.next_id(), 400_000, 1);
+            spool
+                .write(gannet_spool::Record::Message(&big))
+                .await
+                .unwrap();
+            ids.push(big.id);
+            let len = std::fs::metadata(&second).unwrap().len();
+            assert!(len > 400_000, "segment 2 is the oversized one: {len}");
+            let after = common::message(spool.next_id(), 1000, 1);
+            spool
+                .write(gannet_spool::Record::Message(&after))
+                .await
+                .unwrap();
+            ids.push(after.id);
+            spool.close().await;
+            ids
+        }
+    });
+    common::run(move || async move {
+        let (_spool, recovered) =
+            Spool::open(FileStorage::open_dir(&path).unwrap(), config()).unwrap();
         let got: Vec<MessageId> = recovered.live.iter().map(|m| m.id).collect();
         assert_eq!(got, ids);
         assert!(recovered.report.segments.iter().all(|s| s.is_clean()));

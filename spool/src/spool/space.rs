@@ -129,20 +129,24 @@ impl<S: Storage + 'static> Spool<S> {
         Ok((count, bytes))
     }
 
-    /// Gets the next segment ready (see `Storage::prepare_spare`) once the active one
+    /// Gets the next segment ready (see `Storage::prepare_next`) once the active one
     /// is an eighth used: a spool that stores little never writes a spare, and one
     /// under load has it before the active segment runs out.
-    pub async fn prepare_spare(&self) {
-        let due = {
+    pub async fn prepare_next_segment(&self) {
+        let next = {
             let state = self.inner.state.borrow();
-            state.active.is_some_and(|seq| {
+            let due = state.active.is_some_and(|seq| {
                 let segment = &state.segments[&seq].segment;
                 segment.frontier() >= segment.len() / 8
-            })
+            });
+            due.then_some(state.next_seq)
         };
-        if due {
-            let len = self.inner.config.segment_bytes;
-            self.inner.storage.prepare_spare(len).await;
+        if let Some(seq) = next {
+            let config = &self.inner.config;
+            let storage = &self.inner.storage;
+            storage
+                .prepare_next(seq, config.shard, config.segment_bytes)
+                .await;
         }
     }
 
@@ -155,7 +159,7 @@ impl<S: Storage + 'static> Spool<S> {
             if let Err(err) = self.maintain().await {
                 tracing::warn!(error = %err, "spool maintenance failed; will retry");
             }
-            self.prepare_spare().await;
+            self.prepare_next_segment().await;
         }
     }
 }

@@ -1,7 +1,9 @@
 //! Segments as preallocated files in one directory per shard, mapped shared.
 //!
 //! Creating a segment costs an `fallocate`, an `fsync` of the file and one of the
-//! directory (about 1–2 ms here, once per segment): after that, an append is one
+//! directory (about 1–2 ms here, once per segment, done ahead of time on glommio's
+//! blocking thread — see below — so that rotation does not stall the executor): after
+//! that, an append is one
 //! `pwrite` into the page cache, reads go through the shared mapping of the same pages,
 //! and each group commit is one `fdatasync` issued through io_uring, which never blocks
 //! the executor thread. Preallocation means a write can never meet a full disk halfway
@@ -13,10 +15,14 @@
 //! the filesystem journal. Measured here with 10 KiB writes: fdatasync p50 173 µs and
 //! 75 µs of CPU into a fallocated file, 104 µs and 48 µs into one whose blocks were
 //! written (zeros) beforehand. So, once the active segment is an eighth used, the
-//! maintenance task fills a spare file with zeros on glommio's blocking thread (paced, so that its write-back
-//! does not crowd the live syncs) and `create` turns it into the next segment by
-//! writing the header and renaming it. Without a ready spare (start-up, a record
-//! larger than a segment, a failed fill) `create` falls back to fallocate.
+//! maintenance task fills a spare file with zeros on glommio's blocking thread (paced,
+//! so that its write-back does not crowd the live syncs), and then, still there, makes
+//! it the *next* segment: header written and synced, renamed to the next segment's
+//! name (never over an existing file) and the directory synced, its sync slots opened.
+//! `create` of that segment then only maps it: no fsync on the executor. A prepared
+//! segment that goes unused is an empty segment to recovery. Without one (start-up, a
+//! record larger than a segment, a failed fill, a rotation before the fill ended)
+//! `create` falls back to fallocate on the executor.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -66,8 +72,17 @@ pub struct FileStorage {
     /// Per segment created in this run: one open file description per sync slot,
     /// opened right after creation, before any record is written.
     sync_files: RefCell<HashMap<u64, Vec<File>>>,
-    /// A zero-filled spare file ready to become a segment, with its length.
-    spare: RefCell<Option<usize>>,
+    /// The next segment, made ahead of time from a zero-filled spare.
+    prepared: RefCell<Option<Prepared>>,
+}
+
+/// A segment created ahead of time: durable under its name, empty, slots open.
+#[derive(Debug)]
+struct Prepared {
+    seq: u64,
+    len: usize,
+    file: File,
+    slots: Vec<File>,
 }
 
 /// `00000000000000000042.seg`: fixed width, so names sort like numbers.
@@ -110,33 +125,13 @@ impl FileStorage {
             _lock: lock,
             uring_files: RefCell::new(HashMap::new()),
             sync_files: RefCell::new(HashMap::new()),
-            spare: RefCell::new(None),
+            prepared: RefCell::new(None),
         }
     }
 
-    /// Whether a filled spare of `len` bytes is waiting to become a segment.
-    pub fn spare_ready(&self) -> Option<usize> {
-        *self.spare.borrow()
-    }
-
-    /// Turns the ready spare into segment `seq`: header written and made durable
-    /// first, so that the rename (made durable by the directory sync) only ever
-    /// publishes a complete, empty segment.
-    fn adopt_spare(&self, seq: u64, shard: u16, len: usize) -> io::Result<File> {
-        let spare = self.dir.join(SPARE_FILE_NAME);
-        let file = OpenOptions::new().read(true).write(true).open(&spare)?;
-        let header = SegmentHeader {
-            shard,
-            seq,
-            len: len as u64,
-            created_unix_ms: now_unix_ms(),
-        };
-        use std::os::unix::fs::FileExt;
-        file.write_all_at(&header.encode(), 0)?;
-        file.sync_data()?;
-        std::fs::rename(&spare, self.segment_path(seq))?;
-        self.sync_dir()?;
-        Ok(file)
+    /// The segment prepared ahead of time, if any: its sequence number and length.
+    pub fn prepared(&self) -> Option<(u64, usize)> {
+        self.prepared.borrow().as_ref().map(|p| (p.seq, p.len))
     }
 
     /// The directory holding the segments.
@@ -150,7 +145,7 @@ impl FileStorage {
     }
 
     fn sync_dir(&self) -> io::Result<()> {
-        File::open(&self.dir)?.sync_all()
+        sync_dir(&self.dir)
     }
 
     fn create_file(&self, seq: u64, shard: u16, len: usize) -> Result<File, SpoolError> {
@@ -194,6 +189,30 @@ impl FileStorage {
         Ok(file)
     }
 
+    /// Takes over a prepared segment: only its mapping is left to make.
+    fn adopt(&self, prepared: Prepared) -> Result<Rc<Segment>, SpoolError> {
+        let Prepared {
+            seq,
+            len,
+            file,
+            slots,
+        } = prepared;
+        let map = match self.map(seq, &file, len) {
+            Ok(map) => map,
+            Err(err) => {
+                let _ = std::fs::remove_file(self.segment_path(seq));
+                return Err(err);
+            }
+        };
+        self.sync_files.borrow_mut().insert(seq, slots);
+        Ok(Rc::new(Segment::from_map(
+            seq,
+            map,
+            Some(file),
+            SEGMENT_HEADER_BYTES,
+        )))
+    }
+
     fn map(&self, seq: u64, file: &File, len: usize) -> Result<MmapRaw, SpoolError> {
         if self.read_only {
             MmapOptions::new().len(len).map_raw_read_only(file)
@@ -228,6 +247,65 @@ impl FileStorage {
             .borrow_mut()
             .insert((seq, slot), file.clone());
         Ok(file)
+    }
+}
+
+/// fsyncs a directory, which makes the creations, renames and removals in it durable.
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Turns the filled spare into segment `seq` at `target` (blocking; run on glommio's
+/// blocking thread): the header written and made durable first, so that the rename —
+/// which never replaces a file, and is made durable by the directory sync — only ever
+/// publishes a complete, empty segment; then its sync slots are opened, before any
+/// record is written (see `Storage::sync`).
+fn publish_spare(
+    dir: &Path,
+    spare: &Path,
+    target: &Path,
+    seq: u64,
+    shard: u16,
+    len: usize,
+) -> io::Result<(File, Vec<File>)> {
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::FileExt;
+    let file = OpenOptions::new().read(true).write(true).open(spare)?;
+    let header = SegmentHeader {
+        shard,
+        seq,
+        len: len as u64,
+        created_unix_ms: now_unix_ms(),
+    };
+    file.write_all_at(&header.encode(), 0)?;
+    file.sync_data()?;
+    let from = std::ffi::CString::new(spare.as_os_str().as_bytes())?;
+    let to = std::ffi::CString::new(target.as_os_str().as_bytes())?;
+    // SAFETY: two NUL-terminated paths that live across the call; no other memory.
+    let rc = unsafe {
+        libc::renameat2(
+            libc::AT_FDCWD,
+            from.as_ptr(),
+            libc::AT_FDCWD,
+            to.as_ptr(),
+            libc::RENAME_NOREPLACE,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let published = sync_dir(dir).and_then(|()| {
+        (0..SYNC_SLOTS)
+            .map(|_| OpenOptions::new().write(true).open(target))
+            .collect::<io::Result<Vec<File>>>()
+    });
+    match published {
+        Ok(slots) => Ok((file, slots)),
+        Err(e) => {
+            // Not handed out: an empty segment is harmless, but nothing needs it.
+            let _ = std::fs::remove_file(target);
+            Err(e)
+        }
     }
 }
 
@@ -327,22 +405,15 @@ impl Storage for FileStorage {
 
     fn create(&self, seq: u64, shard: u16, len: usize) -> Result<Rc<Segment>, SpoolError> {
         assert!(!self.read_only, "create on read-only storage");
-        let spare = self.spare.borrow_mut().take_if(|l| *l == len);
-        let adopted = spare.and_then(|_| match self.adopt_spare(seq, shard, len) {
-            Ok(file) => Some(file),
-            Err(e) => {
-                tracing::warn!(seq, error = %e, "could not use the spare segment; preallocating one");
-                let _ = std::fs::remove_file(self.dir.join(SPARE_FILE_NAME));
-                // If the rename was done, the file is there under the new segment's
-                // name (new: nothing else was ever called that).
-                let _ = std::fs::remove_file(self.segment_path(seq));
-                None
+        if let Some(prepared) = self.prepared.borrow_mut().take() {
+            if prepared.seq == seq && prepared.len == len {
+                return self.adopt(prepared);
             }
-        });
-        let file = match adopted {
-            Some(file) => file,
-            None => self.create_file(seq, shard, len)?,
-        };
+            // Made for another rotation (a record larger than a segment came first):
+            // an empty segment nothing refers to.
+            let _ = std::fs::remove_file(self.segment_path(prepared.seq));
+        }
+        let file = self.create_file(seq, shard, len)?;
         let path = self.segment_path(seq);
         let mut slots = Vec::with_capacity(SYNC_SLOTS);
         for _ in 0..SYNC_SLOTS {
@@ -385,16 +456,33 @@ impl Storage for FileStorage {
         SYNC_SLOTS
     }
 
-    async fn prepare_spare(&self, len: usize) {
-        if self.read_only || self.spare.borrow().is_some() {
+    async fn prepare_next(&self, seq: u64, shard: u16, len: usize) {
+        if self.read_only || self.prepared.borrow().is_some() {
             return;
         }
-        let path = self.dir.join(SPARE_FILE_NAME);
-        match fill_with_zeros(&path, len).await {
-            Ok(()) => *self.spare.borrow_mut() = Some(len),
+        let spare = self.dir.join(SPARE_FILE_NAME);
+        let published = match fill_with_zeros(&spare, len).await {
+            Ok(()) => {
+                let (dir, target) = (self.dir.clone(), self.segment_path(seq));
+                let spare = spare.clone();
+                glommio::executor()
+                    .spawn_blocking(move || publish_spare(&dir, &spare, &target, seq, shard, len))
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match published {
+            Ok((file, slots)) => {
+                *self.prepared.borrow_mut() = Some(Prepared {
+                    seq,
+                    len,
+                    file,
+                    slots,
+                });
+            }
             Err(e) => {
-                tracing::warn!(error = %e, "could not prepare a spare segment; the next one is preallocated");
-                let _ = std::fs::remove_file(&path);
+                tracing::warn!(seq, error = %e, "could not prepare the next segment; it is preallocated when needed");
+                let _ = std::fs::remove_file(&spare);
             }
         }
     }

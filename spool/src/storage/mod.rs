@@ -40,10 +40,12 @@ pub trait Storage {
     /// any data was written — errors are reported once per description).
     fn sync(&self, segment: &Segment, slot: usize) -> impl Future<Output = Result<(), SpoolError>>;
 
-    /// Gets a segment of `len` bytes ready ahead of time, so that a later `create` of
-    /// that length is cheaper and its syncs too (see `file.rs`). May do nothing. No
-    /// default body, so that a storage wrapping another cannot forget to forward it.
-    fn prepare_spare(&self, len: usize) -> impl Future<Output = ()>;
+    /// Gets segment `seq` of `len` bytes ready ahead of time, so that a later `create`
+    /// with the same arguments does no blocking work and its syncs are cheaper (see
+    /// `file.rs`). May do nothing. A prepared segment that is never created must
+    /// read as an empty segment. No default body, so that a storage wrapping another
+    /// cannot forget to forward it.
+    fn prepare_next(&self, seq: u64, shard: u16, len: usize) -> impl Future<Output = ()>;
 
     /// Deletes segment `seq`; mappings already handed out stay readable.
     fn remove(&self, seq: u64) -> impl Future<Output = Result<(), SpoolError>>;
