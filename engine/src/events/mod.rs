@@ -3,8 +3,10 @@
 //! Each shard appends JSON lines to `<data_dir>/events/<shard>/events.jsonl` through
 //! its own buffer (no sharing between shards) and rotates the file by size, keeping a
 //! bounded number of old files (`events.<unix_ms>.jsonl`). The buffer is written out
-//! by [`EventLog::flush`], which the shard calls on a short timer and at shutdown;
-//! events never travel through the mail queues.
+//! by [`flush`], which the shard calls on a short timer and at shutdown: the write
+//! and any rotation (rename, open, directory listing, removals) run on glommio's
+//! blocking thread, so a slow file system never stalls the shard, and events recorded
+//! meanwhile go to a second buffer. Events never travel through the mail queues.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -183,19 +185,31 @@ pub struct Outcome<'a> {
     pub rcpt_tags: Option<&'a RawValue>,
 }
 
-/// A shard's event log file.
+/// A shard's event log: the buffer events are recorded into, and the file writer
+/// (away on the blocking thread while a flush runs).
 #[derive(Debug)]
 pub struct EventLog {
+    /// `None` while a flush has it on the blocking thread.
+    writer: Option<Writer>,
+    /// Serialised events not yet written.
+    buffer: Vec<u8>,
+    /// The buffer a finished flush handed back, reused by the next (no allocation per
+    /// flush once both have grown).
+    spare: Vec<u8>,
+    /// Events lost because serialising or writing failed (reported as a metric).
+    pub dropped: u64,
+}
+
+/// The event log's file and its rotation. Plain blocking file I/O: it runs on
+/// glommio's blocking thread (see [`flush`]), or in tests.
+#[derive(Debug)]
+struct Writer {
     dir: PathBuf,
     file: File,
-    /// Bytes in the current file, written or buffered.
+    /// Bytes in the current file.
     file_bytes: u64,
     file_bytes_max: u64,
     files_kept: usize,
-    /// Serialised events not yet written.
-    buffer: Vec<u8>,
-    /// Events lost because serialising or writing failed (reported as a metric).
-    pub dropped: u64,
 }
 
 const CURRENT: &str = "events.jsonl";
@@ -208,13 +222,17 @@ impl EventLog {
             .append(true)
             .open(dir.join(CURRENT))?;
         let file_bytes = file.metadata()?.len();
-        Ok(EventLog {
+        let writer = Writer {
             dir: dir.to_path_buf(),
             file,
             file_bytes,
             file_bytes_max,
             files_kept,
+        };
+        Ok(EventLog {
+            writer: Some(writer),
             buffer: Vec::with_capacity(64 << 10),
+            spare: Vec::with_capacity(64 << 10),
             dropped: 0,
         })
     }
@@ -230,28 +248,72 @@ impl EventLog {
         self.buffer.push(b'\n');
     }
 
-    /// Writes the buffer out, rotating first when the file would pass its size bound.
-    /// This is a buffered `write` into the page cache; event logs are not fsynced
-    /// (the spool is the durable record of a message, events are its history).
-    pub fn flush(&mut self) {
+    /// The writer and the events to write, when there are some and no flush is
+    /// running; recording continues into the spare buffer.
+    fn take_batch(&mut self) -> Option<(Writer, Vec<u8>)> {
         if self.buffer.is_empty() {
-            return;
+            return None;
         }
+        let writer = self.writer.take()?;
+        let batch = std::mem::replace(&mut self.buffer, std::mem::take(&mut self.spare));
+        Some((writer, batch))
+    }
+
+    /// Takes back the writer and the written (or lost) batch's buffer.
+    fn put_back(&mut self, writer: Writer, mut batch: Vec<u8>, lost: u64) {
+        self.writer = Some(writer);
+        self.dropped += lost;
+        batch.clear();
+        self.spare = batch;
+    }
+
+    /// Writes the buffer out here and now (blocking; for tests and tools).
+    pub fn flush_blocking(&mut self) {
+        if let Some((mut writer, batch)) = self.take_batch() {
+            let lost = writer.write(&batch);
+            self.put_back(writer, batch, lost);
+        }
+    }
+}
+
+/// Writes `log`'s buffer out on glommio's blocking thread, rotating first when the
+/// file would pass its size bound. This is a buffered `write` into the page cache;
+/// event logs are not fsynced (the spool is the durable record of a message, events
+/// are its history). Does nothing while another flush of the same log runs.
+pub async fn flush(log: &std::cell::RefCell<EventLog>) {
+    let Some((mut writer, batch)) = log.borrow_mut().take_batch() else {
+        return;
+    };
+    let (writer, batch, lost) = glommio::executor()
+        .spawn_blocking(move || {
+            let lost = writer.write(&batch);
+            (writer, batch, lost)
+        })
+        .await;
+    log.borrow_mut().put_back(writer, batch, lost);
+}
+
+impl Writer {
+    /// Writes `batch`, rotating first when the file would pass its size bound; the
+    /// number of events lost.
+    fn write(&mut self, batch: &[u8]) -> u64 {
         if self.file_bytes > 0
-            && self.file_bytes + self.buffer.len() as u64 > self.file_bytes_max
+            && self.file_bytes + batch.len() as u64 > self.file_bytes_max
             && let Err(err) = self.rotate()
         {
             tracing::warn!(dir = %self.dir.display(), "event log rotation failed: {err}");
         }
-        match self.file.write_all(&self.buffer) {
-            Ok(()) => self.file_bytes += self.buffer.len() as u64,
+        match self.file.write_all(batch) {
+            Ok(()) => {
+                self.file_bytes += batch.len() as u64;
+                0
+            }
             Err(err) => {
-                let lost = self.buffer.iter().filter(|b| **b == b'\n').count() as u64;
-                self.dropped += lost;
+                let lost = batch.iter().filter(|b| **b == b'\n').count() as u64;
                 tracing::warn!(dir = %self.dir.display(), lost, "event log write failed: {err}");
+                lost
             }
         }
-        self.buffer.clear();
     }
 
     fn rotate(&mut self) -> std::io::Result<()> {
@@ -318,7 +380,7 @@ mod tests {
         let reply = "x".repeat(1000);
         for _ in 0..20 {
             log.record(&rejection(&reply));
-            log.flush();
+            log.flush_blocking();
         }
         let mut names: Vec<String> = std::fs::read_dir(dir.path())
             .unwrap()
@@ -336,5 +398,50 @@ mod tests {
                 assert!(v.get("rcpt_to").is_none());
             }
         }
+    }
+
+    #[test]
+    fn a_flush_runs_off_the_executor_and_events_recorded_meanwhile_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_path_buf();
+        glommio::LocalExecutorBuilder::default()
+            .spawn(move || async move {
+                let log = std::rc::Rc::new(std::cell::RefCell::new(
+                    EventLog::open(&path, 1 << 20, 2).unwrap(),
+                ));
+                for _ in 0..3 {
+                    log.borrow_mut().record(&rejection("first"));
+                }
+                let flushing = glommio::spawn_local({
+                    let log = log.clone();
+                    async move { flush(&log).await }
+                });
+                // Let the first flush take its batch to the blocking thread.
+                glommio::executor().yield_now().await;
+                assert!(log.borrow().writer.is_none(), "the flush is away");
+                // Meanwhile events go to the other buffer, and a second flush waits its
+                // turn (does nothing).
+                log.borrow_mut().record(&rejection("second"));
+                flush(&log).await;
+                flushing.await;
+                let text = std::fs::read_to_string(path.join(CURRENT)).unwrap();
+                assert_eq!(text.lines().count(), 3);
+                flush(&log).await;
+                let text = std::fs::read_to_string(path.join(CURRENT)).unwrap();
+                let replies: Vec<String> = text
+                    .lines()
+                    .map(|l| {
+                        serde_json::from_str::<serde_json::Value>(l).unwrap()["reply"].to_string()
+                    })
+                    .collect();
+                assert_eq!(
+                    replies,
+                    ["\"first\"", "\"first\"", "\"first\"", "\"second\""]
+                );
+                assert_eq!(log.borrow().dropped, 0);
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }

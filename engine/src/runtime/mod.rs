@@ -612,7 +612,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         async move {
             while !shard.shutdown.is_raised() {
                 crate::timer::sleep(Duration::from_millis(EVENTS_FLUSH_MS)).await;
-                periodic_round(&shard);
+                periodic_round(&shard).await;
             }
         }
     });
@@ -648,21 +648,21 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         );
     }
     flusher.await;
-    periodic_round(&shard);
+    periodic_round(&shard).await;
     shard.spool.close().await;
     tracing::info!(shard = id, "shard stopped; spool synced");
     Ok(())
 }
 
-/// The shard's periodic round: writes the buffered events and copies the spool's
-/// counters and sync latencies into the metrics.
-fn periodic_round(shard: &Shard) {
-    let mut events = shard.events.borrow_mut();
-    events.flush();
+/// The shard's periodic round: writes the buffered events (on the blocking thread)
+/// and copies the spool's counters and sync latencies into the metrics.
+async fn periodic_round(shard: &Shard) {
+    crate::events::flush(&shard.events).await;
+    let dropped = shard.events.borrow().dropped;
     shard
         .metrics
         .events_dropped_total
-        .store(events.dropped, Ordering::Relaxed);
+        .store(dropped, Ordering::Relaxed);
     let spool = shard.spool.stats();
     let metrics = &shard.metrics;
     metrics.spool_sync.store(&spool.sync_latency);
