@@ -235,11 +235,11 @@ impl Throttle {
     }
 }
 
-/// An administrative suspension of scheduled queues: their parts stay queued until
-/// it is lifted or expires.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Suspension {
-    pub id: String,
+/// The scheduled queues an operator's verb (a suspension, a retry) applies to: those
+/// matching every field given (case-insensitively), or, when `queue_names` is given,
+/// exactly those queues. No field at all selects every queue.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct QueueSelector {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -249,16 +249,11 @@ pub struct Suspension {
     /// Exact scheduled queue names; when given, they alone decide.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub queue_names: Vec<String>,
-    pub reason: String,
-    pub expires_unix_ms: u64,
 }
 
-impl Suspension {
-    /// Whether the suspension holds the scheduled queue of a part at `now_ms`.
-    pub fn holds(&self, queue: &QueueName<'_>, now_ms: u64) -> bool {
-        if now_ms >= self.expires_unix_ms {
-            return false;
-        }
+impl QueueSelector {
+    /// Whether `queue` is one of the selected.
+    pub fn selects(&self, queue: &QueueName<'_>) -> bool {
         if !self.queue_names.is_empty() {
             return self.queue_names.iter().any(|n| queue.equals(n));
         }
@@ -269,6 +264,24 @@ impl Suspension {
         field(&self.domain, Some(queue.domain))
             && field(&self.tenant, queue.tenant)
             && field(&self.campaign, queue.campaign)
+    }
+}
+
+/// An administrative suspension of scheduled queues: their parts stay queued until
+/// it is lifted or expires.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Suspension {
+    pub id: String,
+    #[serde(flatten)]
+    pub queues: QueueSelector,
+    pub reason: String,
+    pub expires_unix_ms: u64,
+}
+
+impl Suspension {
+    /// Whether the suspension holds the scheduled queue of a part at `now_ms`.
+    pub fn holds(&self, queue: &QueueName<'_>, now_ms: u64) -> bool {
+        now_ms < self.expires_unix_ms && self.queues.selects(queue)
     }
 }
 
@@ -397,10 +410,12 @@ shaping = { max_ready = 10 }
     fn suspensions_match_by_fields_or_exact_queue_names_until_they_expire() {
         let s = |domain: Option<&str>, tenant: Option<&str>, names: &[&str]| Suspension {
             id: "1".into(),
-            domain: domain.map(Into::into),
-            tenant: tenant.map(Into::into),
-            campaign: None,
-            queue_names: names.iter().map(|n| n.to_string()).collect(),
+            queues: QueueSelector {
+                domain: domain.map(Into::into),
+                tenant: tenant.map(Into::into),
+                campaign: None,
+                queue_names: names.iter().map(|n| n.to_string()).collect(),
+            },
             reason: "test".into(),
             expires_unix_ms: 1000,
         };

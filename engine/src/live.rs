@@ -1,13 +1,14 @@
 //! Settings that change while gannetd runs: the traffic shaping and the DKIM keys
-//! (reloaded from the configuration file on SIGHUP) and the administrative
-//! suspensions of scheduled queues (the admin HTTP API). They are kept behind one mutex with a generation
+//! (reloaded from the configuration file on SIGHUP), and the administrative
+//! suspensions of scheduled queues and requests to retry them now (the admin HTTP
+//! API). They are kept behind one mutex with a generation
 //! number; a shard reads the number (one atomic load per maintainer round) and takes
 //! the lock only when it changed, so the delivery path never waits on it.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use gannet_core::shaping::{ShapingTable, Suspension};
+use gannet_core::shaping::{QueueSelector, ShapingTable, Suspension};
 
 #[derive(Debug)]
 pub struct Live {
@@ -20,7 +21,23 @@ pub struct Live {
 pub struct LiveState {
     pub shaping: Arc<ShapingTable>,
     pub suspensions: Vec<Suspension>,
+    /// The latest requests to retry scheduled queues now, oldest first, at most
+    /// [`RETRIES_KEPT`]: each shard applies those newer than the last it applied.
+    pub retries: Vec<RetryRequest>,
     pub dkim: Arc<crate::dkim::Signers>,
+}
+
+/// Retry requests kept in the live settings: more than any shard can miss between
+/// two of its maintainer rounds.
+pub const RETRIES_KEPT: usize = 64;
+
+/// An operator's request to retry the selected scheduled queues now.
+#[derive(Debug, Clone)]
+pub struct RetryRequest {
+    /// Numbers requests in order (from 1).
+    pub seq: u64,
+    pub queues: QueueSelector,
+    pub reason: String,
 }
 
 impl Live {
@@ -30,6 +47,7 @@ impl Live {
             state: Mutex::new(Arc::new(LiveState {
                 shaping: Arc::new(shaping),
                 suspensions: Vec::new(),
+                retries: Vec::new(),
                 dkim: Arc::new(dkim),
             })),
         }
@@ -73,10 +91,7 @@ mod tests {
         live.update(|s| {
             s.suspensions.push(Suspension {
                 id: "a".into(),
-                domain: None,
-                tenant: None,
-                campaign: None,
-                queue_names: vec![],
+                queues: Default::default(),
                 reason: "r".into(),
                 expires_unix_ms: 1,
             })

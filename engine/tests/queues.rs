@@ -1,7 +1,7 @@
-//! The queue model end to end: suspensions through the admin API (with curl), a full
-//! ready queue delaying parts, message rates and provider rules shaping delivery,
-//! shaping changed live by SIGHUP, expiration at max_age, and domains sharing MX
-//! hosts delivered as one site to postfix's smtp-sink.
+//! The queue model end to end: suspensions and retries through the admin API (with
+//! curl), a full ready queue delaying parts, message rates and provider rules
+//! shaping delivery, shaping changed live by SIGHUP, expiration at max_age, and
+//! domains sharing MX hosts delivered as one site to postfix's smtp-sink.
 
 mod common;
 
@@ -226,6 +226,107 @@ fn suspended_queues_hold_their_parts_until_resumed() {
 
 /// A destination that accepts TCP connections (the kernel completes them) but never
 /// greets: a connection to it waits for the banner, holding its ready queue full.
+const RETRY: &str = "/api/admin/retry/v1";
+
+/// Deferred parts wait for their retry time (an hour here) until the operator asks
+/// for a retry now: then the selected queues are tried at once, the others keep
+/// their schedule. Bad requests get precise errors.
+#[test]
+fn retry_now_tries_the_selected_scheduled_queues_at_once() {
+    let sink = sink();
+    let routes = format!(
+        "\"d.test\" = [\"127.0.0.1:{0}\"], \"e.test\" = [\"127.0.0.1:{0}\"]",
+        sink.port
+    );
+    let daemon = Daemon::start(
+        "",
+        &format!(
+            "{}[delivery]\nretry_interval_secs = 3600\nmax_retry_interval_secs = 3600\nroutes = {{ {routes} }}\n",
+            admin_key_config(),
+        ),
+    );
+    type Case<'a> = (&'a str, Option<(&'a str, &'a str)>, u16, &'a str);
+    let bad: [Case; 4] = [
+        (
+            "POST",
+            Some(("application/json", "{\"domain\":\"d.test\"}")),
+            400,
+            "reason",
+        ),
+        (
+            "POST",
+            Some(("application/json", "{\"reason\":\"r\",\"when\":1}")),
+            400,
+            "when",
+        ),
+        (
+            "POST",
+            Some(("text/plain", "{\"reason\":\"r\"}")),
+            415,
+            "application/json",
+        ),
+        ("GET", None, 405, ""),
+    ];
+    for (method, body, status, needle) in bad {
+        let (got, text) = curl(&daemon, method, RETRY, body);
+        assert_eq!(got, status, "{method} {body:?}: {text}");
+        assert!(text.contains(needle), "{method} {body:?}: {text}");
+    }
+    let (status, _) = curl_as(
+        &daemon,
+        None,
+        "POST",
+        RETRY,
+        Some(("application/json", "{\"reason\":\"r\"}")),
+    );
+    assert_eq!(status, 401, "the admin role is needed");
+
+    // The sink answers 451 to `tempfail@`: each part is deferred for an hour.
+    inject(
+        &daemon,
+        &["tempfail@d.test", "tempfail@e.test"],
+        "Subject: r\r\n\r\nx\r\n.\r\n",
+    );
+    wait_events(&daemon, "a first attempt to each", |e| {
+        of(e, "transient_failure", "tempfail@d.test").len() == 1
+            && of(e, "transient_failure", "tempfail@e.test").len() == 1
+    });
+    let (status, text) = curl(
+        &daemon,
+        "POST",
+        RETRY,
+        Some((
+            "application/json",
+            r#"{"domain":"D.test","reason":"provider unblocked us"}"#,
+        )),
+    );
+    assert_eq!(status, 202, "{text}");
+    assert_eq!(json(&text)["id"], 1);
+    wait_events(&daemon, "d.test tried again at once", |e| {
+        of(e, "transient_failure", "tempfail@d.test").len() == 2
+    });
+    std::thread::sleep(Duration::from_millis(500));
+    let events = daemon.events();
+    assert_eq!(
+        of(&events, "transient_failure", "tempfail@e.test").len(),
+        1,
+        "e.test keeps its schedule"
+    );
+    // No selector: every scheduled queue.
+    let (status, text) = curl(
+        &daemon,
+        "POST",
+        RETRY,
+        Some(("application/json", r#"{"reason":"all"}"#)),
+    );
+    assert_eq!(status, 202, "{text}");
+    assert_eq!(json(&text)["id"], 2);
+    wait_events(&daemon, "both tried again", |e| {
+        of(e, "transient_failure", "tempfail@d.test").len() == 3
+            && of(e, "transient_failure", "tempfail@e.test").len() == 2
+    });
+}
+
 #[test]
 fn a_full_ready_queue_delays_parts_untried() {
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

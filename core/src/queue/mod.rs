@@ -22,7 +22,7 @@ use std::sync::Arc;
 
 use crate::id::MessageId;
 
-use crate::shaping::{QueueName, Shaping, ShapingTable, Suspension, Throttle};
+use crate::shaping::{QueueName, QueueSelector, Shaping, ShapingTable, Suspension, Throttle};
 use wheel::Wheel;
 
 /// A message in memory.
@@ -382,6 +382,26 @@ impl Queues {
         self.scheduled.advance(now_ms, &mut self.due);
     }
 
+    /// Makes every scheduled part in a queue `selector` selects due now (an
+    /// operator's "retry now", as Postfix's `postqueue -f`); parts held by a
+    /// suspension stay held. Returns how many. A scan of the whole scheduled queue:
+    /// an operator's verb, not a delivery path.
+    pub fn retry_now(&mut self, selector: &QueueSelector, now_ms: u64) -> usize {
+        let parts = self.scheduled.drain_where(|part| {
+            let m = part.message.borrow();
+            selector.selects(&queue_name(&m, &part.domain))
+        });
+        let count = parts.len();
+        for mut part in parts {
+            part.due_ms = now_ms;
+            part.message
+                .borrow_mut()
+                .set_part_due(&part.domain, Some(now_ms));
+            self.due.push(part);
+        }
+        count
+    }
+
     /// The suspension holding a part's scheduled queue, if any.
     pub fn suspension(&self, part: &Part, now_ms: u64) -> Option<&Suspension> {
         if self.suspensions.is_empty() {
@@ -725,10 +745,11 @@ mod tests {
         m.borrow_mut().meta.push(("tenant".into(), "acme".into()));
         let suspension = Suspension {
             id: "s".into(),
-            domain: Some("a.test".into()),
-            tenant: Some("acme".into()),
-            campaign: None,
-            queue_names: vec![],
+            queues: QueueSelector {
+                domain: Some("a.test".into()),
+                tenant: Some("acme".into()),
+                ..QueueSelector::default()
+            },
             reason: "test".into(),
             expires_unix_ms: 500,
         };
@@ -817,5 +838,30 @@ mod tests {
         q.connection_ended(key);
         q.forget_idle(retry + 10_000);
         assert_eq!(q.ready.keys().collect::<Vec<_>>(), vec![key]);
+    }
+
+    #[test]
+    fn retry_now_makes_the_selected_scheduled_parts_due_and_leaves_the_rest() {
+        let mut q = Queues::new(0, Arc::new(ShapingTable::new(&Default::default())));
+        let m = message(&["x@a.test", "done@d.test", "y@b.test", "z@c.test"]);
+        for part in split(&m, 60_000) {
+            q.schedule(part);
+        }
+        assert_eq!(q.scheduled_len(), 3);
+        let b = QueueSelector {
+            domain: Some("B.test".into()),
+            ..QueueSelector::default()
+        };
+        assert_eq!(q.retry_now(&b, 10), 1);
+        assert_eq!(q.due.len(), 1);
+        assert_eq!(q.due[0].domain, "b.test");
+        assert_eq!(q.due[0].due_ms, 10);
+        assert!(m.borrow().due_by_domain.contains(&("b.test".into(), 10)));
+        assert_eq!(q.scheduled_len(), 2);
+        assert_eq!(q.retry_now(&b, 11), 0, "nothing left in that queue");
+        assert_eq!(q.retry_now(&QueueSelector::default(), 12), 2, "everything");
+        assert_eq!(q.scheduled_len(), 0);
+        q.promote(100_000);
+        assert_eq!(q.due.len(), 3, "no part was left behind in the wheel");
     }
 }

@@ -1,7 +1,8 @@
-//! The operator's verbs over the live settings. Today: scheduled-queue suspensions,
-//! shaped like KumoMTA's `/api/admin/suspend/v1` (POST defines one, GET lists them,
-//! DELETE lifts one), served by the HTTP listener (`ingress::http`) to keys with the
-//! admin role. Suspensions are live settings shared by every shard; a change wakes
+//! The operator's verbs over the live settings: scheduled-queue suspensions, shaped
+//! like KumoMTA's `/api/admin/suspend/v1` (POST defines one, GET lists them, DELETE
+//! lifts one), and retrying scheduled queues now (`/api/admin/retry/v1`, POST: what
+//! Postfix's `postqueue -f` does for its whole queue), served by the HTTP listener
+//! (`ingress::http`) to keys with the admin role. Suspensions are live settings shared by every shard; a change wakes
 //! each shard's maintainer through its inbox. The verbs take and give JSON text, so
 //! that a command line can reach them as well as HTTP.
 
@@ -11,7 +12,7 @@ use serde::Deserialize;
 
 use crate::shard::Shared;
 use gannet_core::clock::unix_ms;
-use gannet_core::shaping::Suspension;
+use gannet_core::shaping::{QueueSelector, Suspension};
 
 /// The reply: status and JSON body.
 pub type Reply = (u16, String);
@@ -39,6 +40,17 @@ struct SuspendRequest {
 enum DurationText {
     Seconds(u64),
     Text(String),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RetryBody {
+    domain: Option<String>,
+    tenant: Option<String>,
+    campaign: Option<String>,
+    #[serde(default)]
+    queue_names: Vec<String>,
+    reason: String,
 }
 
 #[derive(Debug, Deserialize)]
@@ -102,10 +114,12 @@ pub fn suspend(shared: &Shared, body: &[u8]) -> Reply {
     let lower = |v: Option<String>| v.map(|s| s.trim().to_ascii_lowercase());
     let suspension = Suspension {
         id: new_id(),
-        domain: lower(request.domain),
-        tenant: request.tenant,
-        campaign: request.campaign,
-        queue_names: request.queue_names,
+        queues: QueueSelector {
+            domain: lower(request.domain),
+            tenant: request.tenant,
+            campaign: request.campaign,
+            queue_names: request.queue_names,
+        },
         reason: request.reason,
         expires_unix_ms: unix_ms() + secs * 1000,
     };
@@ -132,6 +146,45 @@ pub fn suspend(shared: &Shared, body: &[u8]) -> Reply {
     }
     wake_all(shared);
     (200, serde_json::json!({ "id": id }).to_string())
+}
+
+/// POST to the retry verb: every scheduled part of the selected queues (all of them
+/// when nothing is selected) becomes due now on every shard; parts held by a
+/// suspension stay held. 202: the shards apply it within a maintainer round.
+pub fn retry(shared: &Shared, body: &[u8]) -> Reply {
+    let request: RetryBody = match parse(body) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    if request.reason.trim().is_empty() {
+        return error(400, "invalid request body", "reason: must not be empty");
+    }
+    let queues = QueueSelector {
+        domain: request.domain.map(|d| d.trim().to_ascii_lowercase()),
+        tenant: request.tenant,
+        campaign: request.campaign,
+        queue_names: request.queue_names,
+    };
+    let seq = shared.live.update(|state| {
+        let seq = state.retries.last().map_or(0, |r| r.seq) + 1;
+        tracing::info!(
+            seq,
+            ?queues,
+            reason = request.reason,
+            "retry of scheduled queues requested"
+        );
+        if state.retries.len() >= crate::live::RETRIES_KEPT {
+            state.retries.remove(0);
+        }
+        state.retries.push(crate::live::RetryRequest {
+            seq,
+            queues,
+            reason: request.reason,
+        });
+        seq
+    });
+    wake_all(shared);
+    (202, serde_json::json!({ "id": seq }).to_string())
 }
 
 /// GET: the active suspensions, each with the time it has left.

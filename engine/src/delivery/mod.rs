@@ -54,6 +54,8 @@ pub struct Dispatcher {
     suspended: bool,
     /// The generation of the live settings last applied.
     live_generation: Cell<u64>,
+    /// The newest retry request applied (`crate::live::RetryRequest::seq`).
+    retried_seq: Cell<u64>,
     resolver: crate::dns::Resolver,
     /// Connections waiting idle for their queue's next part, and the bound.
     idle_connections: Cell<usize>,
@@ -171,6 +173,7 @@ impl Dispatcher {
             },
             suspended: d.suspended,
             live_generation: Cell::new(0),
+            retried_seq: Cell::new(0),
             resolver: crate::dns::Resolver::new(
                 config
                     .dns_server()
@@ -247,6 +250,20 @@ impl Dispatcher {
         let mut queues = self.queues.borrow_mut();
         queues.set_shaping(state.shaping.clone());
         queues.set_suspensions(state.suspensions.clone(), now);
+        for request in &state.retries {
+            if request.seq <= self.retried_seq.get() {
+                continue;
+            }
+            self.retried_seq.set(request.seq);
+            let parts = queues.retry_now(&request.queues, now);
+            tracing::info!(
+                shard = self.shard.id,
+                seq = request.seq,
+                parts,
+                reason = request.reason,
+                "scheduled parts made due now"
+            );
+        }
     }
 
     /// The retry time of a part put off without an attempt.

@@ -311,6 +311,7 @@ async fn read_body(
 }
 
 const SUSPEND: &str = "/api/admin/suspend/v1";
+const RETRY: &str = "/api/admin/retry/v1";
 const TRANSMISSIONS: &str = "/api/v1/transmissions";
 const TEMPLATES: &str = "/api/v1/templates";
 const INJECT: &str = "/api/inject/v1";
@@ -392,7 +393,7 @@ async fn route(
                 _ => method_not_allowed(),
             }
         }
-        SUSPEND => {
+        SUSPEND | RETRY => {
             if !services.admin {
                 return not_found();
             }
@@ -410,8 +411,11 @@ async fn route(
                 return reply;
             }
             match *method {
+                Method::POST if !json => not_json(),
+                Method::POST if path == RETRY => admin::retry(shared, body).into(),
+                _ if path == RETRY => method_not_allowed(),
                 Method::GET => admin::list(shared).into(),
-                Method::POST | Method::DELETE if !json => not_json(),
+                Method::DELETE if !json => not_json(),
                 Method::POST => admin::suspend(shared, body).into(),
                 Method::DELETE => admin::resume(shared, body).into(),
                 _ => method_not_allowed(),
