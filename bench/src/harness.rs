@@ -157,17 +157,25 @@ pub struct Run {
 }
 
 /// A running gannet-sink.
-struct Sink {
+/// gannet-sink, stopped when dropped.
+#[derive(Debug)]
+pub struct Sink {
     child: Child,
-    smtp: std::net::SocketAddr,
-    http: std::net::SocketAddr,
+    pub smtp: std::net::SocketAddr,
+    pub http: std::net::SocketAddr,
 }
 
 impl Sink {
-    fn start(tools: &Tools, args: &[&str]) -> Result<Sink> {
-        let mut command = Command::new(&tools.sink);
-        command.args(["--listen", "127.0.0.1:0"]).args(args);
-        let (child, v) = servers::spawn_announcing(&mut command, &tools.sink)?;
+    /// Starts `binary` (gannet-sink) on a free loopback port with `args`.
+    pub fn start(binary: &Path, args: &[&str]) -> Result<Sink> {
+        Sink::start_at(binary, "127.0.0.1:0".parse()?, args)
+    }
+
+    /// Starts `binary` (gannet-sink) listening on `at` with `args`.
+    pub fn start_at(binary: &Path, at: std::net::SocketAddr, args: &[&str]) -> Result<Sink> {
+        let mut command = Command::new(binary);
+        command.args(["--listen", &at.to_string()]).args(args);
+        let (child, v) = servers::spawn_announcing(&mut command, binary)?;
         Ok(Sink {
             smtp: v["smtp"].as_str().unwrap_or("").parse()?,
             http: v["http"].as_str().unwrap_or("").parse()?,
@@ -176,14 +184,14 @@ impl Sink {
     }
 
     /// Messages received so far.
-    fn received(&self) -> Result<u64> {
+    pub fn received(&self) -> Result<u64> {
         Ok(self.progress()?.0)
     }
 
     /// Messages received so far, and recipients the sink has answered (accepted,
     /// refused for now or for good): once that reaches the recipients sent, every
     /// message has been tried at least once.
-    fn progress(&self) -> Result<(u64, u64)> {
+    pub fn progress(&self) -> Result<(u64, u64)> {
         use std::io::{Read, Write};
         let mut s = std::net::TcpStream::connect(self.http)?;
         s.write_all(b"GET /total HTTP/1.0\r\n\r\n")?;
@@ -215,7 +223,7 @@ impl Drop for Sink {
 }
 
 /// Peak resident memory of a process tree, sampled (kB).
-fn tree_rss_kb(root: u32) -> u64 {
+pub fn tree_rss_kb(root: u32) -> u64 {
     let mut total = 0;
     let mut frontier = vec![root];
     let mut seen = std::collections::HashSet::new();
@@ -368,7 +376,7 @@ pub fn applies(system: &str, scenario: &Scenario) -> bool {
 
 /// Runs one scenario on one system.
 pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) -> Result<Run> {
-    let sink = Sink::start(tools, scenario.sink_args)?;
+    let sink = Sink::start(&tools.sink, scenario.sink_args)?;
     // gannet and KumoMTA find many-domains' sites through DNS (one MX host per
     // domain); Postfix and Haraka route every domain to the sink.
     let resolves = matches!(
