@@ -319,7 +319,7 @@ fn main() -> Result<()> {
     writeln!(md, "- machine: {}", machine())?;
     writeln!(
         md,
-        "- revision: {rev}; {n} messages of {} to {} domains, {} sessions; gannet-sink answers 451 to every recipient, then is replaced by an accepting one; retries an hour apart, lifted by POST /api/admin/retry/v1; spool and sink on this machine's disk and cores (du of the scratch directory before cleanup: {})\n",
+        "- revision: {rev}; {n} messages of {} to {} domains, {} sessions; gannet-sink answers 451 to every recipient, then is replaced by an accepting one; retries an hour apart, lifted by POST /api/admin/retry/v1; spool and sink on this machine's disk and cores (du of the scratch directory after the drain: {})\n",
         args.size,
         args.domains,
         args.sessions,

@@ -480,6 +480,11 @@ impl Storage for FileStorage {
                     slots,
                 });
             }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                // A rotation came first and made this segment itself.
+                tracing::debug!(seq, "the next segment was made before its spare was ready");
+                let _ = std::fs::remove_file(&spare);
+            }
             Err(e) => {
                 tracing::warn!(seq, error = %e, "could not prepare the next segment; it is preallocated when needed");
                 let _ = std::fs::remove_file(&spare);
