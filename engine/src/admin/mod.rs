@@ -79,15 +79,28 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reply> {
     })
 }
 
+/// Parses a request whose `reason` must say something.
+fn parse_with_reason<'a, T: Deserialize<'a>>(
+    body: &'a [u8],
+    reason: impl Fn(&T) -> &str,
+) -> Result<T, Reply> {
+    let request: T = parse(body)?;
+    if reason(&request).trim().is_empty() {
+        return Err(error(
+            400,
+            "invalid request body",
+            "reason: must not be empty",
+        ));
+    }
+    Ok(request)
+}
+
 /// POST: defines a suspension and returns its id.
 pub fn suspend(shared: &Shared, body: &[u8]) -> Reply {
-    let request: SuspendRequest = match parse(body) {
+    let request: SuspendRequest = match parse_with_reason(body, |r: &SuspendRequest| &r.reason) {
         Ok(r) => r,
         Err(reply) => return reply,
     };
-    if request.reason.trim().is_empty() {
-        return error(400, "invalid request body", "reason: must not be empty");
-    }
     let secs = match &request.duration {
         None => DEFAULT_DURATION_SECS,
         Some(DurationText::Seconds(s)) => *s,
@@ -152,13 +165,10 @@ pub fn suspend(shared: &Shared, body: &[u8]) -> Reply {
 /// when nothing is selected) becomes due now on every shard; parts held by a
 /// suspension stay held. 202: the shards apply it within a maintainer round.
 pub fn retry(shared: &Shared, body: &[u8]) -> Reply {
-    let request: RetryBody = match parse(body) {
+    let request: RetryBody = match parse_with_reason(body, |r: &RetryBody| &r.reason) {
         Ok(r) => r,
         Err(reply) => return reply,
     };
-    if request.reason.trim().is_empty() {
-        return error(400, "invalid request body", "reason: must not be empty");
-    }
     let queues = QueueSelector {
         domain: request.domain.map(|d| d.trim().to_ascii_lowercase()),
         tenant: request.tenant,

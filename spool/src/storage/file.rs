@@ -189,7 +189,8 @@ impl FileStorage {
         Ok(file)
     }
 
-    /// Takes over a prepared segment: only its mapping is left to make.
+    /// Takes over a segment made durable, empty, with its sync slots open (prepared
+    /// ahead or just created): only its mapping is left to make.
     fn adopt(&self, prepared: Prepared) -> Result<Rc<Segment>, SpoolError> {
         let Prepared {
             seq,
@@ -420,14 +421,12 @@ impl Storage for FileStorage {
             let slot = OpenOptions::new().write(true).open(&path);
             slots.push(slot.map_err(|e| SpoolError::io("opening sync slots of", seq, e))?);
         }
-        let map = self.map(seq, &file, len)?;
-        self.sync_files.borrow_mut().insert(seq, slots);
-        Ok(Rc::new(Segment::from_map(
+        self.adopt(Prepared {
             seq,
-            map,
-            Some(file),
-            SEGMENT_HEADER_BYTES,
-        )))
+            len,
+            file,
+            slots,
+        })
     }
 
     fn open(&self, seq: u64) -> Result<Rc<Segment>, SpoolError> {
