@@ -396,3 +396,31 @@ fn a_prepared_segment_of_the_wrong_size_is_dropped_for_an_oversized_record() {
         assert!(recovered.report.segments.iter().all(|s| s.is_clean()));
     });
 }
+
+/// A rotation that takes the next number while its spare is still being filled wins
+/// (the rename never replaces a segment); the filled spare is kept and becomes the
+/// segment after, without being filled again.
+#[test]
+fn a_spare_that_lost_its_number_to_a_rotation_serves_the_next_one() {
+    use gannet_spool::Storage;
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    common::run(move || async move {
+        let storage = FileStorage::open_dir(&path).unwrap();
+        let len = 256 << 10;
+        // The rotation made segment 2 itself (fallocate) before the spare was ready.
+        let _second = storage.create(2, 7, len).unwrap();
+        storage.prepare_next(2, 7, len).await;
+        assert_eq!(storage.prepared(), None);
+        let spare = path.join(gannet_spool::SPARE_FILE_NAME);
+        let inode = std::fs::metadata(&spare).expect("the spare is kept").ino();
+        storage.prepare_next(3, 7, len).await;
+        assert_eq!(storage.prepared(), Some((3, len)));
+        assert!(!spare.exists());
+        let third = std::fs::metadata(storage.segment_path(3)).unwrap();
+        assert_eq!(third.ino(), inode, "the kept spare became segment 3");
+        let segment = storage.create(3, 7, len).unwrap();
+        assert_eq!(segment.seq(), 3);
+    });
+}

@@ -22,7 +22,8 @@
 //! `create` of that segment then only maps it: no fsync on the executor. A prepared
 //! segment that goes unused is an empty segment to recovery. Without one (start-up, a
 //! record larger than a segment, a failed fill, a rotation before the fill ended)
-//! `create` falls back to fallocate on the executor.
+//! `create` falls back to fallocate on the executor; a spare whose number a rotation
+//! took meanwhile is kept, filled, and published under the next number.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -74,6 +75,9 @@ pub struct FileStorage {
     sync_files: RefCell<HashMap<u64, Vec<File>>>,
     /// The next segment, made ahead of time from a zero-filled spare.
     prepared: RefCell<Option<Prepared>>,
+    /// A spare filled (with this length) whose publication lost the race to a
+    /// rotation: it is published under the next number instead of filled again.
+    spare_filled: std::cell::Cell<Option<usize>>,
 }
 
 /// A segment created ahead of time: durable under its name, empty, slots open.
@@ -126,6 +130,7 @@ impl FileStorage {
             uring_files: RefCell::new(HashMap::new()),
             sync_files: RefCell::new(HashMap::new()),
             prepared: RefCell::new(None),
+            spare_filled: std::cell::Cell::new(None),
         }
     }
 
@@ -460,7 +465,11 @@ impl Storage for FileStorage {
             return;
         }
         let spare = self.dir.join(SPARE_FILE_NAME);
-        let published = match fill_with_zeros(&spare, len).await {
+        let filled = match self.spare_filled.take() {
+            Some(filled) if filled == len => Ok(()),
+            _ => fill_with_zeros(&spare, len).await,
+        };
+        let published = match filled {
             Ok(()) => {
                 let (dir, target) = (self.dir.clone(), self.segment_path(seq));
                 let spare = spare.clone();
@@ -480,9 +489,10 @@ impl Storage for FileStorage {
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                // A rotation came first and made this segment itself.
+                // A rotation came first and made this segment itself; the spare is
+                // kept, filled, for the next one.
                 tracing::debug!(seq, "the next segment was made before its spare was ready");
-                let _ = std::fs::remove_file(&spare);
+                self.spare_filled.set(Some(len));
             }
             Err(e) => {
                 tracing::warn!(seq, error = %e, "could not prepare the next segment; it is preallocated when needed");
