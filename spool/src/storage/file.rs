@@ -73,11 +73,19 @@ pub struct FileStorage {
     /// Per segment created in this run: one open file description per sync slot,
     /// opened right after creation, before any record is written.
     sync_files: RefCell<HashMap<u64, Vec<File>>>,
-    /// The next segment, made ahead of time from a zero-filled spare.
-    prepared: RefCell<Option<Prepared>>,
+    /// The next segment made ahead of time, or a spare kept filled for it.
+    next: RefCell<Next>,
+}
+
+/// What is ready of the next segment.
+#[derive(Debug)]
+enum Next {
+    Nothing,
     /// A spare filled (with this length) whose publication lost the race to a
     /// rotation: it is published under the next number instead of filled again.
-    spare_filled: std::cell::Cell<Option<usize>>,
+    SpareFilled(usize),
+    /// The next segment itself.
+    Prepared(Prepared),
 }
 
 /// A segment created ahead of time: durable under its name, empty, slots open.
@@ -129,14 +137,16 @@ impl FileStorage {
             _lock: lock,
             uring_files: RefCell::new(HashMap::new()),
             sync_files: RefCell::new(HashMap::new()),
-            prepared: RefCell::new(None),
-            spare_filled: std::cell::Cell::new(None),
+            next: RefCell::new(Next::Nothing),
         }
     }
 
     /// The segment prepared ahead of time, if any: its sequence number and length.
     pub fn prepared(&self) -> Option<(u64, usize)> {
-        self.prepared.borrow().as_ref().map(|p| (p.seq, p.len))
+        match &*self.next.borrow() {
+            Next::Prepared(p) => Some((p.seq, p.len)),
+            _ => None,
+        }
     }
 
     /// The directory holding the segments.
@@ -411,7 +421,17 @@ impl Storage for FileStorage {
 
     fn create(&self, seq: u64, shard: u16, len: usize) -> Result<Rc<Segment>, SpoolError> {
         assert!(!self.read_only, "create on read-only storage");
-        if let Some(prepared) = self.prepared.borrow_mut().take() {
+        let taken = {
+            let mut next = self.next.borrow_mut();
+            match std::mem::replace(&mut *next, Next::Nothing) {
+                Next::Prepared(prepared) => Some(prepared),
+                other => {
+                    *next = other;
+                    None
+                }
+            }
+        };
+        if let Some(prepared) = taken {
             if prepared.seq == seq && prepared.len == len {
                 return self.adopt(prepared);
             }
@@ -461,12 +481,13 @@ impl Storage for FileStorage {
     }
 
     async fn prepare_next(&self, seq: u64, shard: u16, len: usize) {
-        if self.read_only || self.prepared.borrow().is_some() {
+        if self.read_only || matches!(*self.next.borrow(), Next::Prepared(_)) {
             return;
         }
         let spare = self.dir.join(SPARE_FILE_NAME);
-        let filled = match self.spare_filled.take() {
-            Some(filled) if filled == len => Ok(()),
+        let kept = std::mem::replace(&mut *self.next.borrow_mut(), Next::Nothing);
+        let filled = match kept {
+            Next::SpareFilled(filled) if filled == len => Ok(()),
             _ => fill_with_zeros(&spare, len).await,
         };
         let published = match filled {
@@ -481,7 +502,7 @@ impl Storage for FileStorage {
         };
         match published {
             Ok((file, slots)) => {
-                *self.prepared.borrow_mut() = Some(Prepared {
+                *self.next.borrow_mut() = Next::Prepared(Prepared {
                     seq,
                     len,
                     file,
@@ -492,7 +513,7 @@ impl Storage for FileStorage {
                 // A rotation came first and made this segment itself; the spare is
                 // kept, filled, for the next one.
                 tracing::debug!(seq, "the next segment was made before its spare was ready");
-                self.spare_filled.set(Some(len));
+                *self.next.borrow_mut() = Next::SpareFilled(len);
             }
             Err(e) => {
                 tracing::warn!(seq, error = %e, "could not prepare the next segment; it is preallocated when needed");
