@@ -126,9 +126,9 @@ metrics! {
     /// batch was held to gather more records because work queued on the core.
     spool_syncs_total: "counter",
     spool_gathered_syncs_total: "counter",
-    /// The spool committer's mean scheduling delay (from being woken to running), in
-    /// microseconds: how long work queued on the core makes a task wait, and about
-    /// how long the committer holds a batch.
+    /// The spool committer's mean scheduling delay (from being woken to being polled),
+    /// in microseconds: how long work queued on the core makes a task wait; the
+    /// committer holds batches once it passes a third of a sync.
     spool_committer_delay_us: "gauge",
 }
 

@@ -2,8 +2,8 @@
 //! like KumoMTA's `/api/admin/suspend/v1` (POST defines one, GET lists them, DELETE
 //! lifts one), and retrying scheduled queues now (`/api/admin/retry/v1`, POST: what
 //! Postfix's `postqueue -f` does for its whole queue), served by the HTTP listener
-//! (`ingress::http`) to keys with the admin role. Suspensions are live settings shared by every shard; a change wakes
-//! each shard's maintainer through its inbox. The verbs take and give JSON text, so
+//! (`ingress::http`) to keys with the admin role. Both are live settings shared by
+//! every shard; a change wakes each shard's maintainer through its inbox. The verbs take and give JSON text, so
 //! that a command line can reach them as well as HTTP.
 
 use std::fmt::Write as _;
@@ -79,6 +79,21 @@ fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reply> {
     })
 }
 
+/// The queues a request selects (its domain compared in lower case).
+fn selector(
+    domain: Option<String>,
+    tenant: Option<String>,
+    campaign: Option<String>,
+    queue_names: Vec<String>,
+) -> QueueSelector {
+    QueueSelector {
+        domain: domain.map(|d| d.trim().to_ascii_lowercase()),
+        tenant,
+        campaign,
+        queue_names,
+    }
+}
+
 /// Parses a request whose `reason` must say something.
 fn parse_with_reason<'a, T: Deserialize<'a>>(
     body: &'a [u8],
@@ -124,15 +139,14 @@ pub fn suspend(shared: &Shared, body: &[u8]) -> Reply {
             &format!("duration: must be between 1 second and {MAX_DURATION_SECS} seconds"),
         );
     }
-    let lower = |v: Option<String>| v.map(|s| s.trim().to_ascii_lowercase());
     let suspension = Suspension {
         id: new_id(),
-        queues: QueueSelector {
-            domain: lower(request.domain),
-            tenant: request.tenant,
-            campaign: request.campaign,
-            queue_names: request.queue_names,
-        },
+        queues: selector(
+            request.domain,
+            request.tenant,
+            request.campaign,
+            request.queue_names,
+        ),
         reason: request.reason,
         expires_unix_ms: unix_ms() + secs * 1000,
     };
@@ -169,12 +183,12 @@ pub fn retry(shared: &Shared, body: &[u8]) -> Reply {
         Ok(r) => r,
         Err(reply) => return reply,
     };
-    let queues = QueueSelector {
-        domain: request.domain.map(|d| d.trim().to_ascii_lowercase()),
-        tenant: request.tenant,
-        campaign: request.campaign,
-        queue_names: request.queue_names,
-    };
+    let queues = selector(
+        request.domain,
+        request.tenant,
+        request.campaign,
+        request.queue_names,
+    );
     let seq = shared.live.update(|state| {
         let seq = state.retries.last().map_or(0, |r| r.seq) + 1;
         tracing::info!(

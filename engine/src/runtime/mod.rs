@@ -658,26 +658,15 @@ async fn shard_main(start: ShardStart) -> Result<()> {
 /// and copies the spool's counters and sync latencies into the metrics.
 async fn periodic_round(shard: &Shard) {
     crate::events::flush(&shard.events).await;
-    let dropped = shard.events.borrow().dropped;
-    shard
-        .metrics
-        .events_dropped_total
-        .store(dropped, Ordering::Relaxed);
-    let spool = shard.spool.stats();
     let metrics = &shard.metrics;
+    let set = |to: &std::sync::atomic::AtomicU64, value: u64| to.store(value, Ordering::Relaxed);
+    set(&metrics.events_dropped_total, shard.events.borrow().dropped);
+    let spool = shard.spool.stats();
     metrics.spool_sync.store(&spool.sync_latency);
-    metrics
-        .spool_records_total
-        .store(spool.appends, Ordering::Relaxed);
-    metrics
-        .spool_syncs_total
-        .store(spool.syncs, Ordering::Relaxed);
-    metrics
-        .spool_gathered_syncs_total
-        .store(spool.gathered_syncs, Ordering::Relaxed);
-    metrics
-        .spool_committer_delay_us
-        .store(spool.committer_delay_us, Ordering::Relaxed);
+    set(&metrics.spool_records_total, spool.appends);
+    set(&metrics.spool_syncs_total, spool.syncs);
+    set(&metrics.spool_gathered_syncs_total, spool.gathered_syncs);
+    set(&metrics.spool_committer_delay_us, spool.committer_delay_us);
 }
 
 fn open_spool(

@@ -15,7 +15,7 @@ impl<S: Storage + 'static> Spool<S> {
         let slots = commit.pace.borrow().slots_max();
         loop {
             let work = poll_fn(|cx| {
-                commit.pace.borrow_mut().ran(Instant::now());
+                commit.pace.borrow_mut().ran(Instant::now);
                 let pending = inner.state.borrow().epoch_records > 0
                     || !commit.ready.borrow().is_empty()
                     || commit.probe.get();

@@ -61,9 +61,10 @@ pub struct SpoolConfig {
     /// below both batch bounds, whatever the load. 0: no fixed wait (the pace below
     /// decides).
     pub commit_window_us: u64,
-    /// While work queues up on the shard's core, the committer runs one sync at a time
-    /// and holds a batch for about as long as tasks wait for the core, at most this
-    /// long (see `pace`). 0: never hold.
+    /// While work stays queued on the shard's core, the committer runs one sync at a
+    /// time and holds each batch while appends keep coming, for a hold that starts at
+    /// the core's scheduling delay and grows while the load lasts, at most this long
+    /// (see `pace`). 0: never hold.
     pub commit_gather_max_us: u64,
     /// Records in one batch (one sync) at most. A full batch is closed at once: it
     /// skips the window and waits for a sync slot as it is.
@@ -237,8 +238,8 @@ pub struct SpoolStats {
     pub syncs: u64,
     /// Syncs whose batch the pace held to gather more (work queued on the core).
     pub gathered_syncs: u64,
-    /// The committer's mean scheduling delay: from being woken (by an append or its
-    /// timer) to running, in µs.
+    /// The committer's mean scheduling delay: from being woken (by an append or a
+    /// finished sync) to being polled, in µs.
     pub committer_delay_us: u64,
     pub sync_failures: u64,
     /// How long each epoch's sync took: writing its staged records and fdatasync of

@@ -80,7 +80,7 @@ pub(super) struct Pace {
     loaded_streak: u32,
     /// Mean time from the committer being woken to its running, in nanoseconds.
     delay_ns: f64,
-    /// When an append woke the waiting committer (until the committer runs).
+    /// When an append or a finished sync woke the waiting committer (until it runs).
     woken_at: Option<Instant>,
     /// Mean duration of a sync, in nanoseconds.
     sync_ns: f64,
@@ -138,16 +138,16 @@ impl Pace {
         self.delay() >= HOLD_MIN && self.delay_ns * f64::from(SYNC_SHARE) >= self.sync_ns
     }
 
-    /// An append woke the waiting committer.
+    /// An append or a finished sync woke the waiting committer.
     pub(super) fn woke(&mut self, now: Instant) {
         self.woken_at.get_or_insert(now);
     }
 
-    /// The committer runs after waiting for work (it was woken, if at all, by an
-    /// append).
-    pub(super) fn ran(&mut self, now: Instant) {
+    /// The committer is polled; when something woke it, the delay since is sampled
+    /// (`now` is only read then: most polls were not woken and cost no clock read).
+    pub(super) fn ran(&mut self, now: impl FnOnce() -> Instant) {
         if let Some(woken) = self.woken_at.take() {
-            self.ran_after(woken, now);
+            self.ran_after(woken, now());
         }
     }
 
@@ -359,9 +359,9 @@ mod tests {
         let mut pace = Pace::new(LIMITS);
         pace.woke(t0);
         pace.woke(t0 + us(100));
-        pace.ran(t0 + us(6_400));
+        pace.ran(|| t0 + us(6_400));
         assert_eq!(pace.delay(), us(100), "1/64 of the first 6.4 ms sample");
-        pace.ran(t0 + us(50_000));
+        pace.ran(|| t0 + us(50_000));
         assert_eq!(pace.delay(), us(100), "no wake, no sample");
     }
 }

@@ -160,7 +160,7 @@ impl FileStorage {
     }
 
     fn sync_dir(&self) -> io::Result<()> {
-        sync_dir(&self.dir)
+        crate::durable::sync_dir(&self.dir)
     }
 
     fn create_file(&self, seq: u64, shard: u16, len: usize) -> Result<File, SpoolError> {
@@ -190,14 +190,7 @@ impl FileStorage {
                 io::Error::from_raw_os_error(rc),
             )));
         }
-        let header = SegmentHeader {
-            shard,
-            seq,
-            len: len as u64,
-            created_unix_ms: now_unix_ms(),
-        };
-        use std::os::unix::fs::FileExt;
-        file.write_all_at(&header.encode(), 0)
+        write_header(&file, seq, shard, len)
             .and_then(|()| file.sync_all())
             .and_then(|()| self.sync_dir())
             .map_err(|e| cleanup(SpoolError::io("initialising", seq, e)))?;
@@ -266,9 +259,16 @@ impl FileStorage {
     }
 }
 
-/// fsyncs a directory, which makes the creations, renames and removals in it durable.
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+/// Writes segment `seq`'s header at the start of `file` (not synced).
+fn write_header(file: &File, seq: u64, shard: u16, len: usize) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    let header = SegmentHeader {
+        shard,
+        seq,
+        len: len as u64,
+        created_unix_ms: now_unix_ms(),
+    };
+    file.write_all_at(&header.encode(), 0)
 }
 
 /// Turns the filled spare into segment `seq` at `target` (blocking; run on glommio's
@@ -285,15 +285,8 @@ fn publish_spare(
     len: usize,
 ) -> io::Result<(File, Vec<File>)> {
     use std::os::unix::ffi::OsStrExt;
-    use std::os::unix::fs::FileExt;
     let file = OpenOptions::new().read(true).write(true).open(spare)?;
-    let header = SegmentHeader {
-        shard,
-        seq,
-        len: len as u64,
-        created_unix_ms: now_unix_ms(),
-    };
-    file.write_all_at(&header.encode(), 0)?;
+    write_header(&file, seq, shard, len)?;
     file.sync_data()?;
     let from = std::ffi::CString::new(spare.as_os_str().as_bytes())?;
     let to = std::ffi::CString::new(target.as_os_str().as_bytes())?;
@@ -310,7 +303,7 @@ fn publish_spare(
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    let published = sync_dir(dir).and_then(|()| {
+    let published = crate::durable::sync_dir(dir).and_then(|()| {
         (0..SYNC_SLOTS)
             .map(|_| OpenOptions::new().write(true).open(target))
             .collect::<io::Result<Vec<File>>>()
