@@ -231,12 +231,7 @@ pub fn tree_rss_kb(root: u32) -> u64 {
         if !seen.insert(pid) {
             continue;
         }
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        total += status
-            .lines()
-            .find(|l| l.starts_with("VmRSS:"))
-            .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-            .unwrap_or(0);
+        total += crate::proc_status_kb(pid, "VmRSS:");
         if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
             frontier.extend(
                 children

@@ -150,22 +150,53 @@ pub fn append_results(path: &str, text: &str) -> std::io::Result<()> {
         .write_all(text.as_bytes())
 }
 
-/// The sum over the shards of gannetd's metric `gannet_<name>`, read from /metrics at
-/// `http` (a GET on a new connection).
-pub fn gannet_metric(http: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
+/// A `kB` field of /proc/<pid>/status (`VmRSS:`, `RssAnon:`, …); 0 when absent.
+pub fn proc_status_kb(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with(field))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// One HTTP/1.1 request on a new connection (JSON body, `authorization: key` when
+/// given): (status, body).
+pub fn http_request(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    key: Option<&str>,
+    body: &[u8],
+) -> anyhow::Result<(u16, Vec<u8>)> {
     use anyhow::Context as _;
     use std::io::{Read as _, Write as _};
-    let mut stream = std::net::TcpStream::connect(http)?;
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
-    write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nhost: {http}\r\nconnection: close\r\n\r\n"
-    )?;
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(120)))?;
+    let auth = key.map_or(String::new(), |k| format!("authorization: {k}\r\n"));
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}content-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes())?;
+    stream.write_all(body)?;
     let mut response = Vec::new();
     stream.read_to_end(&mut response)?;
     let end = memchr::memmem::find(&response, b"\r\n\r\n").context("no response head")?;
+    let status = String::from_utf8_lossy(&response[..end])
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .context("no status")?;
+    Ok((status, response[end + 4..].to_vec()))
+}
+
+/// The sum over the shards of gannetd's metric `gannet_<name>`, read from /metrics at
+/// `http`.
+pub fn gannet_metric(http: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
+    let (_, body) = http_request(http, "GET", "/metrics", None, b"")?;
     let prefix = format!("gannet_{name}{{");
-    Ok(String::from_utf8_lossy(&response[end + 4..])
+    Ok(String::from_utf8_lossy(&body)
         .lines()
         .filter(|l| l.starts_with(&prefix))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -181,29 +181,7 @@ pub fn gannetd_with(
     );
     let path = dir.join("gannetd.toml");
     std::fs::write(&path, config)?;
-    let child = Command::new(binary)
-        .args([
-            "--config",
-            path.to_str().unwrap_or_default(),
-            "--log",
-            "warn",
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .with_context(|| format!("starting {}", binary.display()))?;
-    let listeners = dir.join("data/listeners.json");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let text = loop {
-        if let Ok(text) = std::fs::read_to_string(&listeners) {
-            break text;
-        }
-        if Instant::now() > deadline {
-            bail!("gannetd did not start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let v: serde_json::Value = serde_json::from_str(&text)?;
+    let (child, v) = start_gannetd(binary, &path, &dir.join("data"), Duration::from_secs(30))?;
     let addr: SocketAddr = v["smtp"][0].as_str().unwrap_or("").parse()?;
     let http: SocketAddr = v["http"][0].as_str().unwrap_or("").parse()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -218,6 +196,38 @@ pub fn gannetd_with(
         pid: child.id(),
         child: Some(child),
     })
+}
+
+/// Starts `binary` with the configuration at `config` (whose data directory is
+/// `data`) and returns once it listens, with what `data/listeners.json` says.
+pub fn start_gannetd(
+    binary: &Path,
+    config: &Path,
+    data: &Path,
+    limit: Duration,
+) -> Result<(Child, serde_json::Value)> {
+    let listeners = data.join("listeners.json");
+    let _ = std::fs::remove_file(&listeners);
+    let mut child = Command::new(binary)
+        .args(["--config", config.to_str().unwrap_or_default()])
+        .args(["--log", "warn"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .with_context(|| format!("starting {}", binary.display()))?;
+    let deadline = Instant::now() + limit;
+    let text = loop {
+        if let Ok(text) = std::fs::read_to_string(&listeners) {
+            break text;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("gannetd did not listen within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    Ok((child, serde_json::from_str(&text)?))
 }
 
 /// Where the bench's own Postfix instance lives: its config directory (`etc/`), queue

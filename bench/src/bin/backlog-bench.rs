@@ -19,15 +19,16 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gannet_bench::harness::Sink;
+use gannet_bench::servers::start_gannetd;
 use gannet_bench::{
-    append_results, command_line, command_output, free_port, gannet_metric, machine,
-    tree_cpu_seconds,
+    append_results, command_line, command_output, free_port, gannet_metric, http_request, machine,
+    proc_status_kb, tree_cpu_seconds,
 };
 
 /// The admin key the bench gives gannetd (a benchmark's own, on loopback).
@@ -77,6 +78,8 @@ struct Gannetd {
     data: PathBuf,
     binary: PathBuf,
     http: SocketAddr,
+    /// The SMTP listener (known once started).
+    smtp: SocketAddr,
 }
 
 impl Gannetd {
@@ -106,28 +109,17 @@ impl Gannetd {
             data,
             binary: args.gannetd.clone(),
             http: SocketAddr::from(([127, 0, 0, 1], http)),
+            smtp: SocketAddr::from(([127, 0, 0, 1], smtp)),
         })
     }
 
     /// Starts it; returns once it listens, with the time that took.
     fn start(&mut self) -> Result<Duration> {
-        let listeners = self.data.join("listeners.json");
-        let _ = std::fs::remove_file(&listeners);
         let t0 = Instant::now();
-        let child = Command::new(&self.binary)
-            .args(["--config", self.config.to_str().unwrap_or_default()])
-            .args(["--log", "warn"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("starting {}", self.binary.display()))?;
+        let limit = Duration::from_secs(600);
+        let (child, listeners) = start_gannetd(&self.binary, &self.config, &self.data, limit)?;
         self.child = Some(child);
-        while !listeners.exists() {
-            if t0.elapsed() > Duration::from_secs(600) {
-                bail!("gannetd did not listen within 10 minutes");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        self.smtp = listeners["smtp"][0].as_str().unwrap_or("").parse()?;
         Ok(t0.elapsed())
     }
 
@@ -144,12 +136,6 @@ impl Gannetd {
         }
         Ok(())
     }
-
-    fn smtp(&self) -> Result<SocketAddr> {
-        let text = std::fs::read_to_string(self.data.join("listeners.json"))?;
-        let v: serde_json::Value = serde_json::from_str(&text)?;
-        Ok(v["smtp"][0].as_str().unwrap_or("").parse()?)
-    }
 }
 
 impl Drop for Gannetd {
@@ -160,12 +146,7 @@ impl Drop for Gannetd {
 
 /// A process's anonymous resident memory (kB): heap and stacks, not file mappings.
 fn rss_anon_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find(|l| l.starts_with("RssAnon:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
+    proc_status_kb(pid, "RssAnon:")
 }
 
 /// Injects `messages` with gannet-blast; the injection rate.
@@ -204,19 +185,13 @@ fn wait_received(sink: &Sink, what: &str, limit: Duration, n: u64) -> Result<()>
 
 /// POST /api/admin/retry/v1 for every queue.
 fn retry_all(http: SocketAddr) -> Result<()> {
-    use std::io::{Read, Write};
     let body = br#"{"reason":"the provider lifted its block"}"#;
-    let mut s = std::net::TcpStream::connect(http)?;
-    write!(
-        s,
-        "POST /api/admin/retry/v1 HTTP/1.1\r\nhost: {http}\r\nauthorization: {ADMIN_KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    )?;
-    s.write_all(body)?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply)?;
-    if !reply.starts_with("HTTP/1.1 202") {
-        bail!("retry refused: {reply}");
+    let (status, reply) = http_request(http, "POST", "/api/admin/retry/v1", Some(ADMIN_KEY), body)?;
+    if status != 202 {
+        bail!(
+            "retry refused ({status}): {}",
+            String::from_utf8_lossy(&reply)
+        );
     }
     Ok(())
 }
@@ -232,7 +207,7 @@ fn main() -> Result<()> {
         let mut gannetd = Gannetd::configure(&args, &args.dir.join("fresh"), sink_at)?;
         gannetd.start()?;
         let t0 = Instant::now();
-        blast(&args, gannetd.smtp()?, args.fresh_messages)?;
+        blast(&args, gannetd.smtp, args.fresh_messages)?;
         let n = args.fresh_messages;
         wait_received(&sink, "fresh relay", limit, n)?;
         let rate = n as f64 / t0.elapsed().as_secs_f64();
@@ -249,7 +224,7 @@ fn main() -> Result<()> {
     std::thread::sleep(Duration::from_secs(1));
     let anon_before = rss_anon_kb(gannetd.pid());
     let t0 = Instant::now();
-    let inject_rate = blast(&args, gannetd.smtp()?, args.messages)?;
+    let inject_rate = blast(&args, gannetd.smtp, args.messages)?;
     let n = args.messages;
     // Every message tried once and deferred: all of them in the scheduled queues (the
     // sink's own counts miss the recipients of a session it closed with 421).

@@ -16,8 +16,7 @@
 //! SMTP, latency percentiles, and gannetd's CPU per message, and appends them to
 //! bench/RESULTS.md.
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -26,7 +25,9 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gannet_bench::harness::median_range;
 use gannet_bench::servers::{self, Server};
-use gannet_bench::{append_results, command_output, gannet_metric, machine, tree_cpu_seconds};
+use gannet_bench::{
+    append_results, command_output, gannet_metric, http_request, machine, tree_cpu_seconds,
+};
 use serde_json::{Value, json};
 
 #[derive(Debug, Parser)]
@@ -83,27 +84,6 @@ fn start(args: &Args) -> Result<(Server, SocketAddr, SocketAddr)> {
     Ok((server, addr("http")?, addr("smtp")?))
 }
 
-/// One HTTP/1.1 request on a new connection: (status, body).
-fn request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>)> {
-    let mut stream = TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(120)))?;
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\nauthorization: {KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body)?;
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
-    let end = memchr::memmem::find(&response, b"\r\n\r\n").context("no response head")?;
-    let status = String::from_utf8_lossy(&response[..end])
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .context("no status")?;
-    Ok((status, response[end + 4..].to_vec()))
-}
-
 /// A newsletter of `n` recipients: text and HTML with a loop, a default, a link.
 fn transmission(n: u64) -> Vec<u8> {
     let recipients: Vec<Value> = (0..n)
@@ -146,7 +126,7 @@ fn merge(args: &Args, body: &[u8]) -> Result<Merge> {
     let (server, http, _) = start(args)?;
     let cpu0 = tree_cpu_seconds(server.pid);
     let t0 = Instant::now();
-    let (status, reply) = request(http, "POST", "/api/v1/transmissions", body)?;
+    let (status, reply) = http_request(http, "POST", "/api/v1/transmissions", Some(KEY), body)?;
     let ack = t0.elapsed();
     if status != 200 {
         bail!(
