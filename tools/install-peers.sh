@@ -4,8 +4,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 # Real peers the tests talk to: swaks (with TLS support) and Python's smtplib as SMTP
 # clients; postfix's smtp-sink/smtp-source; dnsmasq as the DNS server for MX tests.
-# Installed only when missing.
+# Installed only when missing. With --bench, also what only the benchmarks use:
+# unbound, their DNS server for many domains.
 need=()
+if [ "${1:-}" = "--bench" ]; then
+  command -v unbound >/dev/null || [ -x /usr/sbin/unbound ] || need+=(unbound)
+fi
 command -v swaks >/dev/null || need+=(swaks)
 command -v curl >/dev/null || need+=(curl)
 perl -MIO::Socket::SSL -e1 2>/dev/null || need+=(libio-socket-ssl-perl libnet-ssleay-perl)

@@ -379,15 +379,10 @@ pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) ->
         "gannet" | "gannet-baseline" | "kumomta" | "kumomta-sync"
     );
     let dns = if resolves && scenario.name == "many-domains" {
-        let records: Vec<String> = (0..scenario.domains)
-            .flat_map(|d| {
-                [
-                    format!("--mx-host=d{d}.test,mx{d}.bench.test,10"),
-                    format!("--host-record=mx{d}.bench.test,127.0.0.1"),
-                ]
-            })
-            .collect();
-        Some(servers::dnsmasq(&records)?)
+        Some(servers::bench_dns(
+            &tools.scratch.join("dns"),
+            scenario.domains,
+        )?)
     } else {
         None
     };

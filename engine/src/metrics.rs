@@ -118,6 +118,9 @@ metrics! {
     /// UDP queries sent again because no answer came within a try's share of
     /// dns_timeout_secs (a lost query or answer, or a slow server).
     dns_queries_resent_total: "counter",
+    /// UDP sockets opened for DNS questions: one per resolution that asked the
+    /// server (a domain's MX and its hosts' addresses share it).
+    dns_sockets_opened_total: "counter",
     /// Events lost because the event log could not be written.
     events_dropped_total: "counter",
     /// Records appended to the spool (messages, retry updates, tombstones).

@@ -126,14 +126,15 @@ fn main() -> Result<()> {
         kumod,
         baseline: args.baseline_gannetd.clone(),
     };
-    // Peers the systems need (Postfix, dnsmasq), installed when missing.
+    // Peers the systems need (Postfix, unbound), installed when missing.
     let missing = !std::path::Path::new("/usr/sbin/postfix").exists()
-        || std::process::Command::new("dnsmasq")
-            .arg("--version")
+        || std::process::Command::new("unbound")
+            .arg("-V")
             .output()
             .is_err();
     if missing {
         let status = std::process::Command::new("tools/install-peers.sh")
+            .arg("--bench")
             .status()
             .context(
                 "running tools/install-peers.sh (run gannet-bench from the repository root)",
@@ -207,7 +208,7 @@ fn report(
     )?;
     writeln!(
         md,
-        "- gannet: 250 after fdatasync, one shard per core; postfix: Postfix as an instance of the bench's own (relay via a transport map to the sink, or delivery deferred for durable-accept); haraka: Haraka 3.3.4, one worker per core, queue/smtp_forward to the sink (250 after the sink accepted; relay scenarios only); kumomta: KumoMTA's kumod with a policy the bench writes (RocksDB spools in the scratch directory, every queue to the sink, MX from dnsmasq for many-domains), without and with msg:set_force_sync(true); every system may open as many connections per destination as the scenario has sessions; pipe: generator → sink directly; forward: gannet-forward, a relay with no queue, no disk and no DNS that opens a new connection to the sink per message (two TCP connections per message: the bound when no delivery connection can be reused)"
+        "- gannet: 250 after fdatasync, one shard per core; postfix: Postfix as an instance of the bench's own (relay via a transport map to the sink, or delivery deferred for durable-accept); haraka: Haraka 3.3.4, one worker per core, queue/smtp_forward to the sink (250 after the sink accepted; relay scenarios only); kumomta: KumoMTA's kumod with a policy the bench writes (RocksDB spools in the scratch directory, every queue to the sink, MX from unbound for many-domains), without and with msg:set_force_sync(true); every system may open as many connections per destination as the scenario has sessions; pipe: generator → sink directly; forward: gannet-forward, a relay with no queue, no disk and no DNS that opens a new connection to the sink per message (two TCP connections per message: the bound when no delivery connection can be reused)"
     )?;
     if let Some(version) = kumod_version {
         writeln!(md, "- KumoMTA: `{version}`")?;

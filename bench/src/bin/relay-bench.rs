@@ -6,7 +6,7 @@
 //! injection to the last message counted at the sink:
 //! - `pipe`: smtp-source straight to smtp-sink (the limit: no MTA in the way);
 //! - `gannet`: gannetd, durable before 250, MX records for the domains served by a
-//!   real dnsmasq (each domain its own MX host name, so its own site), delivering to
+//!   real DNS server (unbound; each domain its own MX host name, so its own site), delivering to
 //!   the sink.
 //!
 //! - `postfix`: the system Postfix as a relay, a transport map sending every domain to
@@ -231,17 +231,6 @@ impl Run {
     }
 }
 
-fn dns_records(domains: u64) -> Vec<String> {
-    (0..domains)
-        .flat_map(|d| {
-            [
-                format!("--mx-host=d{d}.test,mx{d}.bench.test,10"),
-                format!("--host-record=mx{d}.bench.test,127.0.0.1"),
-            ]
-        })
-        .collect()
-}
-
 fn gannet_delivery(dns_port: u16, sink_port: u16) -> String {
     format!(
         "[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\nsmtp_port = {sink_port}\ntls = \"disabled\"\n"
@@ -347,7 +336,7 @@ fn queued_memory(args: &Args) -> Result<(f64, f64)> {
 fn main() -> Result<()> {
     let args = Args::parse();
     let sink = CountingSink::start()?;
-    let (dns, dns_port) = servers::dnsmasq(&dns_records(args.domains))?;
+    let (dns, dns_port) = servers::bench_dns(&args.dir.join("dns"), args.domains)?;
     let mut runs = Vec::new();
     for system in &args.systems {
         let shard_counts: Vec<usize> = if system == "gannet" {
@@ -396,7 +385,7 @@ fn main() -> Result<()> {
     )?;
     writeln!(
         md,
-        "- gannet: 250 after fdatasync, MX from dnsmasq (one site per domain); postfix: relay with a transport map to the sink (fsync per queue file)\n"
+        "- gannet: 250 after fdatasync, MX from unbound (one site per domain); postfix: relay with a transport map to the sink (fsync per queue file)\n"
     )?;
     writeln!(
         md,

@@ -127,6 +127,7 @@ pub async fn run(d: Rc<Dispatcher>) {
                 gauge(&m.dns_cache_evicted_total, dns.evicted as usize);
                 gauge(&m.dns_queries_total, dns.queries as usize);
                 gauge(&m.dns_queries_resent_total, dns.resent as usize);
+                gauge(&m.dns_sockets_opened_total, dns.sockets as usize);
                 gauge(&m.delivery_sites_known, d.sites.borrow().len());
             }
             queues.next_due().map_or(wake_at, |due| due.min(wake_at))

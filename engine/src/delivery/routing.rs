@@ -72,7 +72,8 @@ async fn resolve_site(resolver: &crate::dns::Resolver, domain: &str, port: u16) 
         site: Err(response),
         until,
     };
-    let (groups, mx_until) = match resolver.mx_until(domain).await {
+    let asking = resolver.asking();
+    let (groups, mx_until) = match asking.mx_until(domain).await {
         Ok((Mx::Hosts(groups), until)) => (groups, until),
         Ok((Mx::NxDomain, until)) => {
             let why = format!("5.1.2 domain {domain} does not exist (NXDOMAIN)");
@@ -89,7 +90,7 @@ async fn resolve_site(resolver: &crate::dns::Resolver, domain: &str, port: u16) 
     let mut last_error = None;
     let mut until = mx_until;
     for name in groups.iter().flatten() {
-        match resolver.addresses_until(name).await {
+        match asking.addresses_until(name).await {
             Ok((addresses, expires)) => {
                 until = until.min(expires);
                 for ip in addresses {

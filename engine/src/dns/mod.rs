@@ -74,6 +74,8 @@ pub struct Resolver {
     /// because no answer came within a try's share of the timeout.
     queries: Cell<u64>,
     resent: Cell<u64>,
+    /// UDP sockets opened (one per resolution that asked the server).
+    sockets: Cell<u64>,
 }
 
 /// What a shard's resolver has done so far (for its metrics).
@@ -87,6 +89,8 @@ pub struct ResolverStats {
     pub queries: u64,
     /// UDP queries sent again after a try's timeout.
     pub resent: u64,
+    /// UDP sockets opened: one per resolution that asked the server.
+    pub sockets: u64,
 }
 
 impl Resolver {
@@ -98,6 +102,7 @@ impl Resolver {
             cache: RefCell::new(cache::TtlCache::new(cache_entries_max)),
             queries: Cell::new(0),
             resent: Cell::new(0),
+            sockets: Cell::new(0),
         }
     }
 
@@ -109,6 +114,7 @@ impl Resolver {
             evicted: cache.evicted,
             queries: self.queries.get(),
             resent: self.resent.get(),
+            sockets: self.sockets.get(),
         }
     }
 
@@ -124,18 +130,129 @@ impl Resolver {
 
     /// MX of `domain`, with the implicit MX (the domain itself) when it has none.
     pub async fn mx(&self, domain: &str) -> Result<Mx, DnsError> {
-        Ok(self.mx_until(domain).await?.0)
+        Ok(self.asking().mx_until(domain).await?.0)
     }
 
+    /// The addresses of `host` (A, then AAAA). Empty if it has none.
+    pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
+        Ok(self.asking().addresses_until(host).await?.0)
+    }
+
+    /// The questions of one resolution (a domain's MX, then its hosts' addresses),
+    /// asked one after the other from one UDP socket.
+    pub fn asking(&self) -> Asking<'_> {
+        Asking {
+            resolver: self,
+            socket: Cell::new(None),
+        }
+    }
+}
+
+/// One resolution's questions. They share a UDP socket, opened at the first question
+/// the cache cannot answer and closed with the `Asking`, as a stub resolver asks A
+/// and AAAA from one port: the port is still a fresh ephemeral one per resolution
+/// (source-port randomness against spoofed answers), and each question has its own
+/// random id. A socket per question cost five more system calls each (socket, bind,
+/// connect, fcntl, close) — three questions per new domain (bench/RESULTS.md).
+pub struct Asking<'r> {
+    resolver: &'r Resolver,
+    /// Taken out while a question is on the wire, put back after.
+    socket: Cell<Option<glommio::net::UdpSocket>>,
+}
+
+impl std::fmt::Debug for Asking<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Asking")
+            .field("server", &self.resolver.server)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Asking<'_> {
     /// MX of `domain`, and when the answer it comes from expires (unix ms).
     pub async fn mx_until(&self, domain: &str) -> Result<(Mx, u64), DnsError> {
         let (answer, expires_ms) = self.lookup(domain, RecordType::MX).await?;
         Ok((mx_meaning(answer, domain), expires_ms))
     }
+
+    /// The addresses of `host` (A, then AAAA), and when the first of the answers
+    /// they come from expires (unix ms; never for a literal). The two questions go
+    /// one after the other: asked at once, many-domains ran a quarter slower
+    /// against dnsmasq (bench/RESULTS.md, 2026-12-06).
+    pub async fn addresses_until(&self, host: &str) -> Result<(Vec<IpAddr>, u64), DnsError> {
+        if let Ok(ip) = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<IpAddr>()
+        {
+            return Ok((vec![ip], u64::MAX));
+        }
+        let (a, a_until) = self.lookup(host, RecordType::A).await?;
+        let (aaaa, aaaa_until) = self.lookup(host, RecordType::AAAA).await?;
+        let mut out = Vec::new();
+        for answer in [a, aaaa] {
+            if let Answer::Records(records) = answer {
+                out.extend(records.into_iter().filter_map(|r| match r {
+                    RData::A(a) => Some(IpAddr::V4(a.0)),
+                    RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+                    _ => None,
+                }));
+            }
+        }
+        Ok((out, a_until.min(aaaa_until)))
+    }
+
+    /// The answer to a question (from the cache while it lasts) and when it expires.
+    async fn lookup(&self, name: &str, rtype: RecordType) -> Result<(Answer, u64), DnsError> {
+        let resolver = self.resolver;
+        let key = (name.to_ascii_lowercase(), rtype);
+        let now = gannet_core::clock::unix_ms();
+        if let Some(cached) = resolver.cache.borrow().get_until(&key, now) {
+            return Ok(cached);
+        }
+        let (answer, ttl) = self.query(&key.0, rtype).await?;
+        let expires_ms = now + ttl.clamp(TTL_SECS_MIN, TTL_SECS_MAX) * 1000;
+        resolver.cache.borrow_mut().insert(
+            key,
+            answer.clone(),
+            expires_ms,
+            gannet_core::clock::unix_ms(),
+        );
+        Ok((answer, expires_ms))
+    }
+
+    /// One question to the server: the answer and how long it may be cached.
+    async fn query(&self, name: &str, rtype: RecordType) -> Result<(Answer, u64), DnsError> {
+        let resolver = self.resolver;
+        let fqdn = Name::from_ascii(format!("{}.", name.trim_end_matches('.')))
+            .map_err(|_| DnsError::BadName(name.to_string()))?;
+        let id: u16 = fastrand::u16(..);
+        let mut message = Message::new(id, MessageType::Query, OpCode::Query);
+        message.metadata.recursion_desired = true;
+        message.add_query(Query::query(fqdn, rtype));
+        let bytes = message
+            .to_vec()
+            .map_err(|e| DnsError::Malformed(e.to_string()))?;
+        resolver.queries.set(resolver.queries.get() + 1);
+        let socket = match self.socket.take() {
+            Some(socket) => socket,
+            None => {
+                resolver.sockets.set(resolver.sockets.get() + 1);
+                query_socket(resolver.server).map_err(|e| DnsError::Io(e.to_string()))?
+            }
+        };
+        let response = resolver.udp(&socket, &bytes, id).await;
+        self.socket.set(Some(socket));
+        let mut response = response?;
+        if response.metadata.truncation {
+            response = resolver.tcp(&bytes, id).await?;
+        }
+        interpret(response, rtype, resolver.server)
+    }
 }
 
-/// A UDP socket of its own for one query, connected to `server`: the kernel gives it
-/// an ephemeral port no other socket holds and delivers to it only datagrams from
+/// A UDP socket of its own for one resolution, connected to `server`: the kernel
+/// gives it an ephemeral port no other socket holds and delivers to it only datagrams from
 /// the server. (glommio's `UdpSocket::bind` sets SO_REUSEPORT, which lets the kernel
 /// hand the same ephemeral port to many concurrent queries and spread their answers
 /// among them: about one answer in a thousand went to a socket that discarded it, and
@@ -193,77 +310,12 @@ fn mx_meaning(answer: Answer, domain: &str) -> Mx {
 }
 
 impl Resolver {
-    /// The addresses of `host` (A, then AAAA). Empty if it has none.
-    pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
-        Ok(self.addresses_until(host).await?.0)
-    }
-
-    /// The addresses of `host` (A, then AAAA), and when the first of the answers
-    /// they come from expires (unix ms; never for a literal). The two questions go
-    /// one after the other: asked at once, many-domains ran a quarter slower
-    /// against dnsmasq (bench/RESULTS.md, 2026-12-06).
-    pub async fn addresses_until(&self, host: &str) -> Result<(Vec<IpAddr>, u64), DnsError> {
-        if let Ok(ip) = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .parse::<IpAddr>()
-        {
-            return Ok((vec![ip], u64::MAX));
-        }
-        let (a, a_until) = self.lookup(host, RecordType::A).await?;
-        let (aaaa, aaaa_until) = self.lookup(host, RecordType::AAAA).await?;
-        let mut out = Vec::new();
-        for answer in [a, aaaa] {
-            if let Answer::Records(records) = answer {
-                out.extend(records.into_iter().filter_map(|r| match r {
-                    RData::A(a) => Some(IpAddr::V4(a.0)),
-                    RData::AAAA(a) => Some(IpAddr::V6(a.0)),
-                    _ => None,
-                }));
-            }
-        }
-        Ok((out, a_until.min(aaaa_until)))
-    }
-
-    /// The answer to a question (from the cache while it lasts) and when it expires.
-    async fn lookup(&self, name: &str, rtype: RecordType) -> Result<(Answer, u64), DnsError> {
-        let key = (name.to_ascii_lowercase(), rtype);
-        let now = gannet_core::clock::unix_ms();
-        if let Some(cached) = self.cache.borrow().get_until(&key, now) {
-            return Ok(cached);
-        }
-        let (answer, ttl) = self.query(&key.0, rtype).await?;
-        let expires_ms = now + ttl.clamp(TTL_SECS_MIN, TTL_SECS_MAX) * 1000;
-        self.cache.borrow_mut().insert(
-            key,
-            answer.clone(),
-            expires_ms,
-            gannet_core::clock::unix_ms(),
-        );
-        Ok((answer, expires_ms))
-    }
-
-    /// One question to the server: the answer and how long it may be cached.
-    async fn query(&self, name: &str, rtype: RecordType) -> Result<(Answer, u64), DnsError> {
-        let fqdn = Name::from_ascii(format!("{}.", name.trim_end_matches('.')))
-            .map_err(|_| DnsError::BadName(name.to_string()))?;
-        let id: u16 = fastrand::u16(..);
-        let mut message = Message::new(id, MessageType::Query, OpCode::Query);
-        message.metadata.recursion_desired = true;
-        message.add_query(Query::query(fqdn, rtype));
-        let bytes = message
-            .to_vec()
-            .map_err(|e| DnsError::Malformed(e.to_string()))?;
-        self.queries.set(self.queries.get() + 1);
-        let mut response = self.udp(&bytes, id).await?;
-        if response.metadata.truncation {
-            response = self.tcp(&bytes, id).await?;
-        }
-        interpret(response, rtype, self.server)
-    }
-
-    async fn udp(&self, query: &[u8], id: u16) -> Result<Message, DnsError> {
-        let socket = query_socket(self.server).map_err(|e| DnsError::Io(e.to_string()))?;
+    async fn udp(
+        &self,
+        socket: &glommio::net::UdpSocket,
+        query: &[u8],
+        id: u16,
+    ) -> Result<Message, DnsError> {
         let io = |e: std::io::Error| match e.kind() {
             std::io::ErrorKind::TimedOut => DnsError::Timeout {
                 server: self.server,

@@ -84,6 +84,29 @@ fn mx_addresses_site_names_and_cache_against_dnsmasq() {
             r.addresses("[127.0.0.9]").await.unwrap(),
             vec!["127.0.0.9".parse::<std::net::IpAddr>().unwrap()]
         );
+        // Each of those lookups was a resolution of its own: a socket per lookup
+        // that asked the server.
+        assert_eq!(r.stats().sockets, 6);
+        // One resolution asks all its questions from one socket: a domain's MX,
+        // then its hosts' A and AAAA (here b.test's MX, answered before from the
+        // cache, and three hosts, two of them cached).
+        let asking = r.asking();
+        let (Mx::Hosts(groups), _) = asking.mx_until("b.test").await.unwrap() else {
+            panic!()
+        };
+        let queries = r.stats().queries;
+        for host in groups.iter().flatten() {
+            assert!(!asking.addresses_until(host).await.unwrap().0.is_empty());
+        }
+        let (.., none) = asking.addresses_until("none.test").await.unwrap();
+        assert!(none > 0);
+        drop(asking);
+        let stats = r.stats();
+        assert_eq!(
+            (stats.queries - queries, stats.sockets),
+            (4, 7),
+            "backup.a.test's A and AAAA and none.test's, from one new socket: {stats:?}"
+        );
         // A truncated UDP answer is asked again over TCP and read whole.
         let big = r.addresses("big.test").await.unwrap();
         assert_eq!(big.len(), 60, "{big:?}");

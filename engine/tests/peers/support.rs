@@ -187,9 +187,9 @@ pub fn dnsmasq(records: &[String]) -> (Peer, u16) {
     panic!("dnsmasq did not start on any of 20 ports");
 }
 
-/// Whether the dnsmasq of `peer` answers a query on `port` within 10 s (false as
+/// Whether the DNS server of `peer` answers a query on `port` within 10 s (false as
 /// soon as it has exited).
-fn dns_answers(port: u16, peer: &mut Peer) -> bool {
+pub fn dns_answers(port: u16, peer: &mut Peer) -> bool {
     // A query for probe.test, type A, class IN.
     let mut query = vec![0x12, 0x34, 0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0];
     for label in ["probe", "test"] {
@@ -210,7 +210,7 @@ fn dns_answers(port: u16, peer: &mut Peer) -> bool {
             && n >= 2
             && answer[..2] == [0x12, 0x34]
         {
-            // Bound on UDP; TCP is bound by then too, or dnsmasq has exited.
+            // Bound on UDP; TCP is bound by then too, or the server has exited.
             return peer.0.try_wait().ok().flatten().is_none();
         }
     }
