@@ -18,6 +18,22 @@ pub enum TlsMode {
     Required,
 }
 
+/// Which address records of an MX host delivery asks for, and in what order it
+/// tries the addresses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IpLookup {
+    /// A; AAAA only when the host has no A record. A sender's reputation is built
+    /// on its IPv4 addresses, and a new host costs one question, not two.
+    Ipv4ThenIpv6,
+    /// AAAA; A only when the host has no AAAA record.
+    Ipv6ThenIpv4,
+    /// A and AAAA (Postfix's `inet_protocols = all`): IPv4 addresses tried first.
+    Ipv4AndIpv6,
+    Ipv4Only,
+    Ipv6Only,
+}
+
 /// Outbound delivery: routes, retry schedule, connection behaviour.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -52,6 +68,8 @@ pub struct DeliveryConfig {
     /// DNS server (`ip` or `ip:port`); empty: the first nameserver of /etc/resolv.conf.
     pub dns_server: String,
     pub dns_timeout_secs: Bounded<1, 60>,
+    /// The address records asked for an MX host (A, AAAA or both, and which first).
+    pub ip_lookup: IpLookup,
     /// Destination lookups in flight at once per shard; more wait their turn (a burst
     /// of new domains must not flood the resolver into dropping queries).
     pub dns_lookups_max: Bounded<1, 100_000>,
@@ -85,6 +103,7 @@ impl Default for DeliveryConfig {
             smtp_port: Bounded(25),
             dns_server: String::new(),
             dns_timeout_secs: Bounded(5),
+            ip_lookup: IpLookup::Ipv4ThenIpv6,
             dns_lookups_max: Bounded(64),
             dns_cache_entries_max: Bounded(100_000),
             idle_connections_max: Bounded(1000),

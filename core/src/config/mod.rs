@@ -24,7 +24,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-pub use delivery::{DeliveryConfig, EgressSource, PoolMember, TlsMode};
+pub use delivery::{DeliveryConfig, EgressSource, IpLookup, PoolMember, TlsMode};
 pub use http::{ApiKey, HttpConfig, HttpListener, Role, Services};
 pub use net::Cidr;
 pub use policy::{Action, Phase, PolicyConfig, ReplyText, Rule};
@@ -463,6 +463,14 @@ mod tests {
         check_err(
             "[spool]\ncommit_gather_max_us = \"5ms\"\n",
             &["t.toml:2:", "spool.commit_gather_max_us"],
+        );
+        check_err(
+            "[delivery]\nip_lookup = \"ipv6_first\"\n",
+            &[
+                "t.toml:2:",
+                "delivery.ip_lookup",
+                "unknown variant `ipv6_first`",
+            ],
         );
     }
 

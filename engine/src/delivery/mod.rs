@@ -180,6 +180,7 @@ impl Dispatcher {
                     .or_else(crate::dns::Resolver::system_server)
                     .unwrap_or_else(|| "127.0.0.1:53".parse().expect("literal")),
                 Duration::from_secs(d.dns_timeout_secs.get()),
+                d.ip_lookup,
                 d.dns_cache_entries_max.usize(),
             ),
             smtp_port: u16::try_from(d.smtp_port.get()).unwrap_or(25),

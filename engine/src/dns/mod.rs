@@ -16,6 +16,7 @@ use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::{Name, RData, RecordType};
 
 use crate::timer::deadline;
+pub use gannet_core::config::IpLookup;
 
 /// How long a negative answer (NXDOMAIN, no data) is cached when the server gives no
 /// SOA minimum.
@@ -69,6 +70,8 @@ pub enum Mx {
 pub struct Resolver {
     server: SocketAddr,
     timeout: Duration,
+    /// The address records asked for a host.
+    ip_lookup: IpLookup,
     cache: RefCell<cache::TtlCache<(String, RecordType), Answer>>,
     /// Questions asked (not answered from the cache), and UDP queries sent again
     /// because no answer came within a try's share of the timeout.
@@ -94,11 +97,18 @@ pub struct ResolverStats {
 }
 
 impl Resolver {
-    /// A resolver asking `server`, caching at most `cache_entries_max` answers.
-    pub fn new(server: SocketAddr, timeout: Duration, cache_entries_max: usize) -> Resolver {
+    /// A resolver asking `server` for hosts' addresses as `ip_lookup` says, caching
+    /// at most `cache_entries_max` answers.
+    pub fn new(
+        server: SocketAddr,
+        timeout: Duration,
+        ip_lookup: IpLookup,
+        cache_entries_max: usize,
+    ) -> Resolver {
         Resolver {
             server,
             timeout,
+            ip_lookup,
             cache: RefCell::new(cache::TtlCache::new(cache_entries_max)),
             queries: Cell::new(0),
             resent: Cell::new(0),
@@ -133,7 +143,8 @@ impl Resolver {
         Ok(self.asking().mx_until(domain).await?.0)
     }
 
-    /// The addresses of `host` (A, then AAAA). Empty if it has none.
+    /// The addresses of `host` as the resolver's `ip_lookup` asks for them. Empty if
+    /// it has none.
     pub async fn addresses(&self, host: &str) -> Result<Vec<IpAddr>, DnsError> {
         Ok(self.asking().addresses_until(host).await?.0)
     }
@@ -175,10 +186,11 @@ impl Asking<'_> {
         Ok((mx_meaning(answer, domain), expires_ms))
     }
 
-    /// The addresses of `host` (A, then AAAA), and when the first of the answers
-    /// they come from expires (unix ms; never for a literal). The two questions go
-    /// one after the other: asked at once, many-domains ran a quarter slower
-    /// against dnsmasq (bench/RESULTS.md, 2026-12-06).
+    /// The addresses of `host` as the resolver's `ip_lookup` asks for them (IPv4
+    /// first when both are kept), and when the first of the answers they come from
+    /// expires (unix ms; never for a literal). Questions go one after the other:
+    /// asked at once, many-domains ran a quarter slower against dnsmasq
+    /// (bench/RESULTS.md, 2026-12-06).
     pub async fn addresses_until(&self, host: &str) -> Result<(Vec<IpAddr>, u64), DnsError> {
         if let Ok(ip) = host
             .trim_start_matches('[')
@@ -187,19 +199,29 @@ impl Asking<'_> {
         {
             return Ok((vec![ip], u64::MAX));
         }
-        let (a, a_until) = self.lookup(host, RecordType::A).await?;
-        let (aaaa, aaaa_until) = self.lookup(host, RecordType::AAAA).await?;
+        let (first, second, fallback) = match self.resolver.ip_lookup {
+            IpLookup::Ipv4ThenIpv6 => (RecordType::A, Some(RecordType::AAAA), true),
+            IpLookup::Ipv6ThenIpv4 => (RecordType::AAAA, Some(RecordType::A), true),
+            IpLookup::Ipv4AndIpv6 => (RecordType::A, Some(RecordType::AAAA), false),
+            IpLookup::Ipv4Only => (RecordType::A, None, false),
+            IpLookup::Ipv6Only => (RecordType::AAAA, None, false),
+        };
+        let (answer, mut until) = self.lookup(host, first).await?;
         let mut out = Vec::new();
-        for answer in [a, aaaa] {
-            if let Answer::Records(records) = answer {
-                out.extend(records.into_iter().filter_map(|r| match r {
-                    RData::A(a) => Some(IpAddr::V4(a.0)),
-                    RData::AAAA(a) => Some(IpAddr::V6(a.0)),
-                    _ => None,
-                }));
-            }
+        let found = addresses(answer, &mut out);
+        // A fallback is asked only when the first answer said the name exists and
+        // has no such records: NXDOMAIN holds for every type.
+        let ask_second = match found {
+            Found::Some => !fallback,
+            Found::NoData => true,
+            Found::NxDomain => false,
+        };
+        if let Some(second) = second.filter(|_| ask_second) {
+            let (answer, second_until) = self.lookup(host, second).await?;
+            until = until.min(second_until);
+            addresses(answer, &mut out);
         }
-        Ok((out, a_until.min(aaaa_until)))
+        Ok((out, until))
     }
 
     /// The answer to a question (from the cache while it lasts) and when it expires.
@@ -274,6 +296,33 @@ fn query_socket(server: SocketAddr) -> std::io::Result<glommio::net::UdpSocket> 
     // SAFETY: `fd` is an open UDP socket that nothing else owns (just released by
     // `into_raw_fd`); the glommio socket takes it over and closes it.
     Ok(unsafe { <glommio::net::UdpSocket as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+}
+
+/// What an address question found.
+enum Found {
+    Some,
+    NoData,
+    NxDomain,
+}
+
+/// Adds the addresses of an A or AAAA answer to `out`.
+fn addresses(answer: Answer, out: &mut Vec<IpAddr>) -> Found {
+    let records = match answer {
+        Answer::NxDomain => return Found::NxDomain,
+        Answer::NoData => return Found::NoData,
+        Answer::Records(records) => records,
+    };
+    let before = out.len();
+    out.extend(records.into_iter().filter_map(|r| match r {
+        RData::A(a) => Some(IpAddr::V4(a.0)),
+        RData::AAAA(a) => Some(IpAddr::V6(a.0)),
+        _ => None,
+    }));
+    if out.len() > before {
+        Found::Some
+    } else {
+        Found::NoData
+    }
 }
 
 /// What an MX answer means for delivery to `domain`.

@@ -7,7 +7,7 @@ use std::time::Duration;
 use hickory_proto::rr::rdata::MX;
 use hickory_proto::rr::{Name, RData};
 
-use super::{Answer, DnsError, Mx, Resolver, mx_meaning, site_name};
+use super::{Answer, DnsError, IpLookup, Mx, Resolver, mx_meaning, site_name};
 use crate::test_peers::Peer;
 
 fn dnsmasq() -> (Peer, u16) {
@@ -50,7 +50,7 @@ fn mx_addresses_site_names_and_cache_against_dnsmasq() {
     let mut server = Some(server);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     run(move || async move {
-        let r = Resolver::new(addr, Duration::from_secs(2), 1000);
+        let r = Resolver::new(addr, Duration::from_secs(2), IpLookup::Ipv4AndIpv6, 1000);
         let a = r.mx("a.test").await.unwrap();
         let hosts = vec![
             vec!["mx1.a.test".to_string(), "mx2.a.test".to_string()],
@@ -104,8 +104,9 @@ fn mx_addresses_site_names_and_cache_against_dnsmasq() {
         let stats = r.stats();
         assert_eq!(
             (stats.queries - queries, stats.sockets),
-            (4, 7),
-            "backup.a.test's A and AAAA and none.test's, from one new socket: {stats:?}"
+            (3, 7),
+            "backup.a.test's A and AAAA, and none.test's A (NXDOMAIN: no AAAA asked), \
+             from one new socket: {stats:?}"
         );
         // A truncated UDP answer is asked again over TCP and read whole.
         let big = r.addresses("big.test").await.unwrap();
@@ -125,6 +126,51 @@ fn mx_addresses_site_names_and_cache_against_dnsmasq() {
             DnsError::BadName(_)
         ));
     });
+}
+
+/// Each `ip_lookup` asks for what it keeps: a fallback family only when the first
+/// has no records for a name that exists, nothing more for a name that does not.
+#[test]
+fn ip_lookup_asks_for_the_families_it_keeps() {
+    let records: Vec<String> = [
+        "--host-record=v4.test,127.0.0.7",
+        "--host-record=v6.test,::7",
+        "--host-record=both.test,127.0.0.8,::8",
+    ]
+    .map(String::from)
+    .to_vec();
+    let (server, port) = crate::test_peers::dnsmasq(&records);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    run(move || async move {
+        let v4: std::net::IpAddr = "127.0.0.7".parse().unwrap();
+        let v6: std::net::IpAddr = "::7".parse().unwrap();
+        let b4: std::net::IpAddr = "127.0.0.8".parse().unwrap();
+        let b6: std::net::IpAddr = "::8".parse().unwrap();
+        // (strategy, host, addresses, questions asked)
+        let cases = [
+            (IpLookup::Ipv4ThenIpv6, "v4.test", vec![v4], 1),
+            (IpLookup::Ipv4ThenIpv6, "v6.test", vec![v6], 2),
+            (IpLookup::Ipv4ThenIpv6, "both.test", vec![b4], 1),
+            (IpLookup::Ipv4ThenIpv6, "none.test", vec![], 1),
+            (IpLookup::Ipv6ThenIpv4, "v4.test", vec![v4], 2),
+            (IpLookup::Ipv6ThenIpv4, "both.test", vec![b6], 1),
+            (IpLookup::Ipv4AndIpv6, "both.test", vec![b4, b6], 2),
+            (IpLookup::Ipv4AndIpv6, "v4.test", vec![v4], 2),
+            (IpLookup::Ipv4AndIpv6, "none.test", vec![], 1),
+            (IpLookup::Ipv4Only, "v6.test", vec![], 1),
+            (IpLookup::Ipv4Only, "both.test", vec![b4], 1),
+            (IpLookup::Ipv6Only, "v4.test", vec![], 1),
+            (IpLookup::Ipv6Only, "both.test", vec![b6], 1),
+        ];
+        for (strategy, host, want, questions) in cases {
+            let r = Resolver::new(addr, Duration::from_secs(5), strategy, 100);
+            let (got, until) = r.asking().addresses_until(host).await.unwrap();
+            assert_eq!(got, want, "{strategy:?} {host}");
+            assert!(until > gannet_core::clock::unix_ms(), "{strategy:?} {host}");
+            assert_eq!(r.stats().queries, questions, "{strategy:?} {host}");
+        }
+    });
+    drop(server);
 }
 
 #[test]
@@ -186,7 +232,12 @@ fn a_lost_udp_query_is_sent_again() {
     run(move || async move {
         // 3 s per try: the relay thread and dnsmasq may wait for a core while the
         // other tests of this binary run beside them.
-        let r = Resolver::new(relay_addr, Duration::from_secs(9), 1000);
+        let r = Resolver::new(
+            relay_addr,
+            Duration::from_secs(9),
+            IpLookup::Ipv4AndIpv6,
+            1000,
+        );
         let a = r.mx("a.test").await.unwrap();
         assert!(matches!(a, Mx::Hosts(_)), "{a:?}");
         let stats = r.stats();
@@ -230,7 +281,12 @@ fn concurrent_lookups_are_answered_without_resending() {
     let (server, port) = crate::test_peers::dnsmasq(&records);
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     run(move || async move {
-        let r = std::rc::Rc::new(Resolver::new(addr, Duration::from_secs(9), 10_000));
+        let r = std::rc::Rc::new(Resolver::new(
+            addr,
+            Duration::from_secs(9),
+            IpLookup::Ipv4AndIpv6,
+            10_000,
+        ));
         let lookups: Vec<_> = (0..names)
             .map(|i| {
                 let r = r.clone();
