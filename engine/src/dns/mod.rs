@@ -385,7 +385,13 @@ impl Resolver {
             let answer = deadline(
                 async {
                     loop {
-                        let n = socket.recv(&mut buf).await.map_err(std::io::Error::from)?;
+                        // recv_from, not recv: glommio's recv first asks the kernel
+                        // for the peer's address (a system call per question, for
+                        // nothing: the socket is connected).
+                        let (n, _) = socket
+                            .recv_from(&mut buf)
+                            .await
+                            .map_err(std::io::Error::from)?;
                         match Message::from_vec(&buf[..n]) {
                             // A stray or spoofed answer with another id is ignored.
                             Ok(m) if m.metadata.id == id => return Ok(Ok(m)),
