@@ -25,12 +25,35 @@ use crate::id::MessageId;
 use crate::shaping::{QueueName, QueueSelector, Shaping, ShapingTable, Suspension, Throttle};
 use wheel::Wheel;
 
+/// The metadata keys delivery reads from a queued message (egress pool, scheduled
+/// queue, events). A queued message keeps only these in memory: the rest (the
+/// client's address, the AUTH user, …) stays in its spool record, which events at
+/// acceptance and the admin API read. A key delivery starts to read joins this list.
+pub const DELIVERY_META_KEYS: &[&str] = &[
+    "pool",
+    "tenant",
+    "campaign",
+    "transmission_id",
+    "rcpt_meta",
+    "rcpt_tags",
+];
+
+/// `meta` without the keys delivery never reads ([`DELIVERY_META_KEYS`]), its
+/// allocation fitted: a queued message's memory counts (a million wait behind a
+/// provider's block), and an SMTP message's `peer` alone cost ~150 bytes.
+pub fn delivery_meta(mut meta: Vec<(String, String)>) -> Vec<(String, String)> {
+    meta.retain(|(key, _)| DELIVERY_META_KEYS.contains(&key.as_str()));
+    meta.shrink_to_fit();
+    meta
+}
+
 /// A message in memory.
 #[derive(Debug)]
 pub struct Message {
     pub id: MessageId,
     pub sender: String,
     pub recipients: Vec<String>,
+    /// The metadata delivery reads ([`delivery_meta`]).
     pub meta: Vec<(String, String)>,
     pub queue: String,
     pub received_ms: u64,
@@ -44,8 +67,9 @@ pub struct Message {
     pub open_parts: usize,
     /// The due time of each open part, by domain. The spool keeps one due time per
     /// message, so what it is given is the latest of these: after a restart no part
-    /// is tried before its own schedule (some later than theirs).
-    pub due_by_domain: Vec<(String, u64)>,
+    /// is tried before its own schedule (some later than theirs). The domain is the
+    /// part's own (shared, not copied: a queued message's memory counts).
+    pub due_by_domain: Vec<(Rc<str>, u64)>,
 }
 
 impl Message {
@@ -59,11 +83,11 @@ impl Message {
     }
 
     /// Records a part's due time (or, with None, that the part is finished).
-    pub fn set_part_due(&mut self, domain: &str, due_ms: Option<u64>) {
+    pub fn set_part_due(&mut self, domain: &Rc<str>, due_ms: Option<u64>) {
         let at = self.due_by_domain.iter().position(|(d, _)| d == domain);
         match (at, due_ms) {
             (Some(i), Some(due)) => self.due_by_domain[i].1 = due,
-            (None, Some(due)) => self.due_by_domain.push((domain.to_string(), due)),
+            (None, Some(due)) => self.due_by_domain.push((domain.clone(), due)),
             (Some(i), None) => {
                 self.due_by_domain.swap_remove(i);
             }
@@ -165,8 +189,8 @@ impl Routes {
 #[derive(Debug)]
 pub struct Part {
     pub message: Rc<RefCell<Message>>,
-    /// The recipients' domain, lower-case.
-    pub domain: String,
+    /// The recipients' domain, lower-case (shared with the message's due times).
+    pub domain: Rc<str>,
     /// Where the part goes; resolved when it becomes due (routes or MX), cleared
     /// when it is rescheduled so that the next attempt sees current DNS.
     pub site: Option<Rc<Site>>,
@@ -201,7 +225,7 @@ pub fn split(message: &Rc<RefCell<Message>>, due_ms: u64) -> Vec<Part> {
         .into_iter()
         .map(|(domain, rcpts)| Part {
             message: message.clone(),
-            domain,
+            domain: domain.into(),
             site: None,
             egress: None,
             rcpts,
@@ -631,6 +655,27 @@ pub fn scheduled_queue(campaign: Option<&str>, tenant: Option<&str>, domain: &st
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn queued_messages_keep_only_the_metadata_delivery_reads() {
+        let meta = vec![
+            ("peer".to_string(), "192.0.2.7".to_string()),
+            ("tenant".to_string(), "acme".to_string()),
+            ("auth_user".to_string(), "u".to_string()),
+            ("pool".to_string(), "warm".to_string()),
+        ];
+        let kept = delivery_meta(meta);
+        assert_eq!(
+            kept,
+            vec![
+                ("tenant".to_string(), "acme".to_string()),
+                ("pool".to_string(), "warm".to_string())
+            ]
+        );
+        assert_eq!(kept.capacity(), 2, "the allocation is fitted");
+        let none = delivery_meta(vec![("peer".to_string(), "192.0.2.7".to_string())]);
+        assert_eq!(none.capacity(), 0, "nothing kept: no allocation");
+    }
+
     use super::*;
 
     fn message(recipients: &[&str]) -> Rc<RefCell<Message>> {
@@ -669,7 +714,7 @@ mod tests {
         let parts = split(&m, 0);
         let summary: Vec<(&str, Vec<u32>)> = parts
             .iter()
-            .map(|p| (p.domain.as_str(), p.rcpts.clone()))
+            .map(|p| (&*p.domain, p.rcpts.clone()))
             .collect();
         assert_eq!(summary, vec![("a.test", vec![0, 2]), ("c.test", vec![3])]);
         assert_eq!(m.borrow().open_parts, 2);
@@ -733,7 +778,7 @@ mod tests {
                 refused.push(part.domain);
             }
         }
-        assert_eq!(refused, vec!["b.test".to_string()]);
+        assert_eq!(refused, vec![std::rc::Rc::<str>::from("b.test")]);
         assert_eq!(q.ready.len(), 2);
         assert_eq!(q.ready_len(), 2);
     }
@@ -769,7 +814,7 @@ mod tests {
         let part = q.due.pop().unwrap();
         q.set_suspensions(vec![suspension], 0);
         let held = q.suspension(&part, 0).is_some();
-        assert!(held == (part.domain == "a.test"));
+        assert!(held == (&*part.domain == "a.test"));
         q.hold(part);
         q.set_suspensions(vec![], 0);
         assert_eq!((q.held_len(), q.due.len()), (0, 2), "lifted");
@@ -854,7 +899,7 @@ mod tests {
         };
         assert_eq!(q.retry_now(&b, 10), 1);
         assert_eq!(q.due.len(), 1);
-        assert_eq!(q.due[0].domain, "b.test");
+        assert_eq!(&*q.due[0].domain, "b.test");
         assert_eq!(q.due[0].due_ms, 10);
         assert!(m.borrow().due_by_domain.contains(&("b.test".into(), 10)));
         assert_eq!(q.scheduled_len(), 2);

@@ -66,7 +66,7 @@ pub async fn run(d: Rc<Dispatcher>) {
                 } else if let Some(site) = d.routes.site(&part.domain) {
                     part.site = Some(site);
                     to_place.push(part);
-                } else if let Some(known) = sites.get(&part.domain, now) {
+                } else if let Some(known) = sites.get(&*part.domain, now) {
                     match known {
                         Ok(site) => {
                             part.site = Some(site);
@@ -74,11 +74,11 @@ pub async fn run(d: Rc<Dispatcher>) {
                         }
                         Err(response) => no_site.push((part, response)),
                     }
-                } else if let Some(waiting) = resolving.get_mut(&part.domain) {
+                } else if let Some(waiting) = resolving.get_mut(&*part.domain) {
                     waiting.push(part);
                 } else {
-                    to_resolve.push(part.domain.clone());
-                    resolving.insert(part.domain.clone(), vec![part]);
+                    to_resolve.push(part.domain.to_string());
+                    resolving.insert(part.domain.to_string(), vec![part]);
                 }
             }
             // Connections within each queue's shaping, for the queues that changed.

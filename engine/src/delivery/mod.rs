@@ -280,13 +280,14 @@ impl Dispatcher {
 }
 
 /// The in-memory message for a record just spooled. Its fields move; the body is
-/// dropped (delivery reads it from the spool mapping).
+/// dropped (delivery reads it from the spool mapping), and so is the metadata
+/// delivery does not read.
 pub fn queued_message(record: MessageRecord) -> Message {
     Message {
         id: record.id,
         sender: record.sender,
         recipients: record.recipients,
-        meta: record.meta,
+        meta: gannet_core::queue::delivery_meta(record.meta),
         queue: record.queue,
         received_ms: record.received_unix_ms,
         size: record.body.len(),

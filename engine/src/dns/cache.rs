@@ -8,6 +8,7 @@
 //! eighth is free. The sweep costs O(entries), once per `entries_max / 8` inserts at
 //! most, so an insert is O(1) amortized.
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::hash::Hash;
 
@@ -36,12 +37,18 @@ impl<K: Hash + Eq + Clone, V: Clone> TtlCache<K, V> {
     }
 
     /// The value of `key` if it has not expired at `now_ms`.
-    pub fn get(&self, key: &K, now_ms: u64) -> Option<V> {
+    pub fn get<Q: Hash + Eq + ?Sized>(&self, key: &Q, now_ms: u64) -> Option<V>
+    where
+        K: Borrow<Q>,
+    {
         self.get_until(key, now_ms).map(|(value, _)| value)
     }
 
     /// The value of `key` if it has not expired at `now_ms`, and when it expires.
-    pub fn get_until(&self, key: &K, now_ms: u64) -> Option<(V, u64)> {
+    pub fn get_until<Q: Hash + Eq + ?Sized>(&self, key: &Q, now_ms: u64) -> Option<(V, u64)>
+    where
+        K: Borrow<Q>,
+    {
         self.map
             .get(key)
             .filter(|e| e.expires_ms > now_ms)

@@ -553,7 +553,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
             id: live.id,
             sender,
             recipients,
-            meta,
+            meta: gannet_core::queue::delivery_meta(meta),
             queue: live.state.queue.clone(),
             received_ms: m.received_unix_ms.to_native(),
             size: m.body.len(),
