@@ -259,6 +259,25 @@ pub fn read_record(
     Ok((parsed, header.record_len().min(bytes.len())))
 }
 
+/// A record whose payload checksum was verified once — when it was appended (the
+/// checksum is computed over the bytes as serialized in place) or recovered
+/// ([`read_record`]) — read again: its header is checked (20 bytes and its CRC) and
+/// its payload validated by rkyv, so that memory safety never rests on the file
+/// staying as it was, but the payload's CRC is not computed again. Delivery reads a
+/// message up to three times; the CRC over its whole body was most of each read.
+pub fn read_verified_record(
+    bytes: &[u8],
+    segment_seq: u64,
+    offset: usize,
+) -> Result<Payload<'_>, BadRecord> {
+    let header = decode_header(bytes, segment_seq, offset)?;
+    let payload_end = RECORD_HEADER_BYTES + header.payload_len as usize;
+    let payload = bytes
+        .get(RECORD_HEADER_BYTES..payload_end)
+        .ok_or(BadRecord::Truncated)?;
+    validate_payload(header.kind, payload).map_err(|_| BadRecord::InvalidPayload)
+}
+
 /// rkyv validation of a payload of the given kind.
 pub fn validate_payload(kind: Kind, payload: &[u8]) -> Result<Payload<'_>, rancor::Error> {
     Ok(match kind {
@@ -431,6 +450,51 @@ mod tests {
         check(&|_| {}, 5, 72, BadRecord::BadHeaderChecksum);
         check(&|b| b[40] ^= 0x80, 5, 64, BadRecord::BadPayloadChecksum);
         check(&|b| b.truncate(40), 5, 64, BadRecord::Truncated);
+    }
+
+    /// A record read again after its checksum was verified: the header is checked
+    /// and the payload validated, the payload's CRC is not computed again.
+    #[test]
+    fn a_verified_record_is_read_without_its_payload_checksum() {
+        let msg = sample();
+        let bytes = write(Record::Message(&msg), 5, 64);
+        let Ok(Payload::Message(m)) = read_verified_record(&bytes, 5, 64) else {
+            panic!("a valid record reads")
+        };
+        assert_eq!(m.body.as_slice(), msg.body.as_slice());
+        // A body byte changed after the check is not looked for (the CRC is not
+        // recomputed) …
+        let body_at = bytes
+            .windows(msg.body.len())
+            .position(|w| w == msg.body.as_slice())
+            .expect("the body is in the record");
+        let mut b = bytes.clone();
+        b[body_at] ^= 1;
+        assert_eq!(
+            read_record(&b, 5, 64).map(|_| ()),
+            Err(BadRecord::BadPayloadChecksum)
+        );
+        assert!(read_verified_record(&b, 5, 64).is_ok());
+        // … but the header still is, and a payload whose structure is broken never
+        // reads (memory safety does not rest on the file).
+        type Aligned = rkyv::util::AlignedVec<16>;
+        let check = |mutate: &dyn Fn(&mut Aligned), want: BadRecord| {
+            let mut b = bytes.clone();
+            mutate(&mut b);
+            assert_eq!(read_verified_record(&b, 5, 64).map(|_| ()), Err(want));
+        };
+        check(&|b| b[9] ^= 1, BadRecord::BadHeaderChecksum);
+        check(&|b| b.resize(40, 0), BadRecord::Truncated);
+        let root_at = RECORD_HEADER_BYTES + (msg_payload_len(&bytes) - 8);
+        check(
+            &|b| b[root_at..root_at + 8].fill(0xff),
+            BadRecord::InvalidPayload,
+        );
+    }
+
+    /// The payload length a record's header gives.
+    fn msg_payload_len(bytes: &[u8]) -> usize {
+        u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize
     }
 
     #[test]

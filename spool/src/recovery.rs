@@ -266,6 +266,16 @@ pub(crate) fn payload_at(segment: &Segment, loc: RecordLoc) -> Result<Payload<'_
     read_record(bytes, loc.seq, loc.offset as usize).map(|(payload, _)| payload)
 }
 
+/// The payload of a record at `loc` whose checksum was verified when it was appended
+/// or recovered ([`crate::record::read_verified_record`]).
+pub(crate) fn verified_payload_at(
+    segment: &Segment,
+    loc: RecordLoc,
+) -> Result<Payload<'_>, BadRecord> {
+    let bytes = segment.bytes(loc.offset as usize, loc.len as usize);
+    crate::record::read_verified_record(bytes, loc.seq, loc.offset as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

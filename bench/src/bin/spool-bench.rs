@@ -117,6 +117,79 @@ fn message(spool: &Spool<FileStorage>, body: &[u8]) -> MessageRecord {
     }
 }
 
+/// Reads per timed round of [`read_cost`], and rounds.
+const READS: usize = 100_000;
+const READ_ROUNDS: usize = 5;
+
+/// What reading one spooled message costs.
+struct ReadCost {
+    /// Header, payload CRC32C and rkyv validation (`read_record`: recovery, and every
+    /// `MessageRef::get` before the CRC was verified once).
+    full_ns: f64,
+    /// Header and rkyv validation (`read_verified_record`: `MessageRef::get`).
+    verified_ns: f64,
+}
+
+/// Times both ways of reading one message record of `body_bytes`, side by side: the
+/// median of READ_ROUNDS rounds each, the two alternating.
+fn read_cost(body_bytes: usize) -> ReadCost {
+    use gannet_spool::record::{Payload, read_record, read_verified_record};
+    let record = MessageRecord {
+        id: gannet_spool::MessageId { hi: 1, lo: 2 },
+        sender: "bench@example.test".into(),
+        recipients: vec!["rcpt@example.net".into()],
+        meta: vec![],
+        queue: "example.net".into(),
+        attempts: 0,
+        due_unix_ms: 0,
+        received_unix_ms: 0,
+        done: vec![],
+        body: vec![b'x'; body_bytes],
+    };
+    let r = Record::Message(&record);
+    let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(r.len_bound());
+    buf.resize(r.len_bound(), 0);
+    let len = r
+        .write_into(&mut buf, 7, 4096)
+        .expect("the buffer fits the bound");
+    let bytes = &buf[..len];
+    let body_len = |p: Payload<'_>| match p {
+        Payload::Message(m) => m.body.len(),
+        _ => 0,
+    };
+    let time = |read: &dyn Fn() -> usize| {
+        let start = Instant::now();
+        let mut sum = 0;
+        for _ in 0..READS {
+            sum += read();
+        }
+        std::hint::black_box(sum);
+        start.elapsed().as_nanos() as f64 / READS as f64
+    };
+    let full = || {
+        body_len(
+            read_record(std::hint::black_box(bytes), 7, 4096)
+                .expect("valid")
+                .0,
+        )
+    };
+    let verified =
+        || body_len(read_verified_record(std::hint::black_box(bytes), 7, 4096).expect("valid"));
+    let (mut fulls, mut verifieds) = (Vec::new(), Vec::new());
+    for _ in 0..READ_ROUNDS {
+        fulls.push(time(&full));
+        verifieds.push(time(&verified));
+    }
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    ReadCost {
+        full_ns: median(fulls),
+        verified_ns: median(verifieds),
+    }
+}
+
 /// Per-shard outcome of one case.
 struct ShardOutcome {
     msgs: u64,
@@ -464,6 +537,12 @@ fn main() -> Result<()> {
         None
     };
 
+    let reads = read_cost(args.body_bytes);
+    println!(
+        "{}",
+        serde_json::json!({"read_ns_full_check": reads.full_ns, "read_ns_verified": reads.verified_ns, "body_bytes": args.body_bytes})
+    );
+
     let mut md = String::new();
     use std::fmt::Write as _;
     let rev = command_output("git", &["rev-parse", "--short", "HEAD"]);
@@ -533,6 +612,14 @@ fn main() -> Result<()> {
             t.warm_s
         )?;
     }
+    writeln!(
+        md,
+        "\nreading a spooled message of {} body bytes (median of {READ_ROUNDS} rounds of {READS} reads): {:.0} ns with the full check (header, payload CRC32C, rkyv validation), {:.0} ns as `MessageRef::get` reads it now (header and rkyv validation; the CRC was verified at append or recovery) — {:.1}×.",
+        args.body_bytes,
+        reads.full_ns,
+        reads.verified_ns,
+        reads.full_ns / reads.verified_ns.max(1e-9)
+    )?;
     print!("{md}");
     if !args.results.is_empty() {
         let mut file = OpenOptions::new()

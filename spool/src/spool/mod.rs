@@ -33,6 +33,7 @@ use crate::record::{
 };
 use crate::recovery::{
     IndexEntry, RecordLoc, RecoveryReport, SegmentReport, payload_at, rebuild, scan_segment,
+    verified_payload_at,
 };
 use crate::segment::{SEGMENT_HEADER_BYTES, Segment};
 use crate::storage::{Storage, now_unix_ms};
@@ -161,8 +162,10 @@ pub struct MessageRef {
 
 impl MessageRef {
     /// The archived message: envelope, metadata and body, borrowed from the mapping.
+    /// Its checksum was verified when it was appended or recovered; a read checks
+    /// the header and rkyv's validation of the payload, not the body's CRC again.
     pub fn get(&self) -> &ArchivedMessageRecord {
-        match payload_at(&self.segment, self.loc) {
+        match verified_payload_at(&self.segment, self.loc) {
             Ok(Payload::Message(m)) => m,
             Ok(_) => unreachable!("index points a message at a non-message record"),
             // The bytes were valid when appended or recovered and nothing writes below a
