@@ -84,7 +84,7 @@ struct Sim {
     /// scheduled it: kept across a clean crash (every write synced), forgotten at a
     /// torn one (unsynced retry state may be lost: the part is retried from its last
     /// durable state, which is allowed).
-    not_before: BTreeMap<(MessageId, String), u64>,
+    not_before: BTreeMap<(MessageId, std::rc::Rc<str>), u64>,
     crashes: u32,
     attempts: u64,
 }
