@@ -129,6 +129,9 @@ metrics! {
     /// batch was held to gather more records because work queued on the core.
     spool_syncs_total: "counter",
     spool_gathered_syncs_total: "counter",
+    /// Spool segments created on the shard's core at a rotation because none had
+    /// been prepared ahead (fallocate and fsyncs while the shard waits).
+    spool_segments_created_unprepared_total: "counter",
     /// The spool committer's mean scheduling delay (from being woken to being polled),
     /// in microseconds: how long work queued on the core makes a task wait; the
     /// committer holds batches once it passes a third of a sync.

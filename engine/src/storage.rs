@@ -52,6 +52,13 @@ impl Storage for ShardStorage {
         }
     }
 
+    fn created_unprepared(&self) -> u64 {
+        match self {
+            ShardStorage::File(s) => s.created_unprepared(),
+            ShardStorage::Sim(s) => s.created_unprepared(),
+        }
+    }
+
     async fn prepare_next(&self, seq: u64, shard: u16, len: usize) {
         match self {
             ShardStorage::File(s) => s.prepare_next(seq, shard, len).await,

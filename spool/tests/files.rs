@@ -424,3 +424,49 @@ fn a_spare_that_lost_its_number_to_a_rotation_serves_the_next_one() {
         assert_eq!(segment.seq(), 3);
     });
 }
+
+/// The next segment is asked for by the append that finds the active one an eighth
+/// full, not at the next maintenance round: with rounds a minute apart, every
+/// rotation after the first still finds its segment prepared (none is made on the
+/// executor), and every acknowledged message reads back after a restart.
+#[test]
+fn appends_ask_for_the_next_segment_before_the_active_one_runs_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let config = SpoolConfig {
+        segment_bytes: 1 << 20,
+        maintenance_interval_ms: 60_000,
+        ..config()
+    };
+    let ids = common::run({
+        let (path, config) = (path.clone(), config.clone());
+        move || async move {
+            let (spool, _) = Spool::open(FileStorage::open_dir(&path).unwrap(), config).unwrap();
+            common::start(&spool);
+            glommio::spawn_local(spool.clone().run_maintenance()).detach();
+            let mut ids = Vec::new();
+            // About 95 messages of 10 KiB fill a segment: six rotations.
+            for _ in 0..600 {
+                let msg = common::message(spool.next_id(), 10 << 10, 1);
+                spool
+                    .write(gannet_spool::Record::Message(&msg))
+                    .await
+                    .unwrap();
+                ids.push(msg.id);
+            }
+            let stats = spool.stats();
+            assert!(stats.segments >= 6, "{stats:?}");
+            assert_eq!(
+                stats.segments_created_unprepared, 1,
+                "only the first segment was made at a rotation: {stats:?}"
+            );
+            spool.close().await;
+            ids
+        }
+    });
+    common::run(move || async move {
+        let (_, recovered) = Spool::open(FileStorage::open_dir(&path).unwrap(), config).unwrap();
+        let got: Vec<MessageId> = recovered.live.iter().map(|m| m.id).collect();
+        assert_eq!(got, ids);
+    });
+}

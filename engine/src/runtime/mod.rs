@@ -666,6 +666,10 @@ async fn periodic_round(shard: &Shard) {
     set(&metrics.spool_records_total, spool.appends);
     set(&metrics.spool_syncs_total, spool.syncs);
     set(&metrics.spool_gathered_syncs_total, spool.gathered_syncs);
+    set(
+        &metrics.spool_segments_created_unprepared_total,
+        spool.segments_created_unprepared,
+    );
     set(&metrics.spool_committer_delay_us, spool.committer_delay_us);
 }
 

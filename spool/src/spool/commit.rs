@@ -286,6 +286,10 @@ impl<S: Storage + 'static> Spool<S> {
         if let Some(waker) = commit.committer.take() {
             waker.wake();
         }
+        // The maintenance task ends now too, not at its next round.
+        if let Some(waker) = commit.preparer.take() {
+            waker.wake();
+        }
         poll_fn(|cx| {
             if commit.stopped.get() {
                 Poll::Ready(())

@@ -256,6 +256,9 @@ pub struct SpoolStats {
     pub live_messages: u64,
     pub live_bytes: u64,
     pub sealed_bytes: u64,
+    /// Segments created on the executor at a rotation because none was prepared
+    /// (fallocate, fsync and a directory fsync while the shard waits).
+    pub segments_created_unprepared: u64,
 }
 
 /// An epoch closed for syncing.
@@ -325,6 +328,12 @@ struct Commit {
     waiters: RefCell<Vec<Waker>>,
     /// When the committer starts the next sync.
     pace: RefCell<pace::Pace>,
+    /// The next segment's number once an append asked for it to be prepared (the
+    /// active one passed an eighth), so that each is asked for once.
+    prepare_asked: Cell<u64>,
+    /// An ask the maintenance task has not taken yet, and the task's waker.
+    prepare_pending: Cell<bool>,
+    preparer: Cell<Option<Waker>>,
 }
 
 impl std::fmt::Debug for Commit {
@@ -466,6 +475,9 @@ impl<S: Storage + 'static> Spool<S> {
                     committer: Cell::new(None),
                     waiters: RefCell::new(Vec::new()),
                     pace: RefCell::new(pace::Pace::new(pace_limits)),
+                    prepare_asked: Cell::new(0),
+                    prepare_pending: Cell::new(false),
+                    preparer: Cell::new(None),
                 },
             }),
         };
@@ -507,6 +519,7 @@ impl<S: Storage + 'static> Spool<S> {
         stats.live_bytes = state.live_bytes;
         stats.sealed_bytes = sealed_bytes(&state);
         stats.committer_delay_us = self.inner.commit.pace.borrow().delay().as_micros() as u64;
+        stats.segments_created_unprepared = self.inner.storage.created_unprepared();
         stats
     }
 
@@ -651,6 +664,19 @@ impl<S: Storage + 'static> Spool<S> {
         commit
             .unsynced_bytes
             .set(commit.unsynced_bytes.get() + loc.len as usize);
+        // Past an eighth of the active segment, the next one is asked for at once
+        // rather than at the next maintenance round: a small or fast-filling segment
+        // would otherwise run out first, and its successor be made on this core.
+        if Some(loc.seq) == state.active
+            && commit.prepare_asked.get() < state.next_seq
+            && segment.frontier() >= segment.len() / 8
+        {
+            commit.prepare_asked.set(state.next_seq);
+            commit.prepare_pending.set(true);
+            if let Some(waker) = commit.preparer.take() {
+                waker.wake();
+            }
+        }
         let config = &self.inner.config;
         if state.epoch_records >= config.commit_batch_records_max
             || state.epoch_bytes >= config.commit_batch_bytes_max

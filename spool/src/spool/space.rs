@@ -151,16 +151,40 @@ impl<S: Storage + 'static> Spool<S> {
     }
 
     /// Runs [`Spool::maintain`] every `maintenance_interval_ms` until the spool closes,
-    /// and prepares the next segment when it is time.
+    /// and prepares the next segment when it is time: at each round, and as soon as
+    /// an append finds the active segment an eighth full.
     pub async fn run_maintenance(self) {
         let period = Duration::from_millis(self.inner.config.maintenance_interval_ms);
+        let mut next_round = std::time::Instant::now() + period;
         while !self.inner.commit.closing.get() {
-            glommio::timer::sleep(period).await;
-            if let Err(err) = self.maintain().await {
-                tracing::warn!(error = %err, "spool maintenance failed; will retry");
+            let wait = next_round.saturating_duration_since(std::time::Instant::now());
+            futures_lite::future::or(glommio::timer::sleep(wait), self.prepare_asked()).await;
+            if self.inner.commit.closing.get() {
+                break;
+            }
+            if std::time::Instant::now() >= next_round {
+                if let Err(err) = self.maintain().await {
+                    tracing::warn!(error = %err, "spool maintenance failed; will retry");
+                }
+                next_round = std::time::Instant::now() + period;
             }
             self.prepare_next_segment().await;
         }
+    }
+
+    /// Resolves when an append has asked for the next segment (see `note_append`), or
+    /// the spool is closing.
+    async fn prepare_asked(&self) {
+        let commit = &self.inner.commit;
+        std::future::poll_fn(|cx| {
+            if commit.prepare_pending.replace(false) || commit.closing.get() {
+                Poll::Ready(())
+            } else {
+                commit.preparer.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await
     }
 }
 

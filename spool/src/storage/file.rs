@@ -75,6 +75,8 @@ pub struct FileStorage {
     sync_files: RefCell<HashMap<u64, Vec<File>>>,
     /// The next segment made ahead of time, or a spare kept filled for it.
     next: RefCell<Next>,
+    /// Segments created on the executor for want of a prepared one.
+    unprepared: std::cell::Cell<u64>,
 }
 
 /// What is ready of the next segment.
@@ -138,6 +140,7 @@ impl FileStorage {
             uring_files: RefCell::new(HashMap::new()),
             sync_files: RefCell::new(HashMap::new()),
             next: RefCell::new(Next::Nothing),
+            unprepared: std::cell::Cell::new(0),
         }
     }
 
@@ -432,6 +435,7 @@ impl Storage for FileStorage {
             // an empty segment nothing refers to.
             let _ = std::fs::remove_file(self.segment_path(prepared.seq));
         }
+        self.unprepared.set(self.unprepared.get() + 1);
         let file = self.create_file(seq, shard, len)?;
         let path = self.segment_path(seq);
         let mut slots = Vec::with_capacity(SYNC_SLOTS);
@@ -471,6 +475,10 @@ impl Storage for FileStorage {
 
     fn sync_slots(&self) -> usize {
         SYNC_SLOTS
+    }
+
+    fn created_unprepared(&self) -> u64 {
+        self.unprepared.get()
     }
 
     async fn prepare_next(&self, seq: u64, shard: u16, len: usize) {

@@ -47,6 +47,10 @@ pub trait Storage {
     /// cannot forget to forward it.
     fn prepare_next(&self, seq: u64, shard: u16, len: usize) -> impl Future<Output = ()>;
 
+    /// Segments `create` had to make itself, on the shard's executor, because none
+    /// was prepared for it (0 for a storage with nothing to prepare).
+    fn created_unprepared(&self) -> u64;
+
     /// Deletes segment `seq`; mappings already handed out stay readable.
     fn remove(&self, seq: u64) -> impl Future<Output = Result<(), SpoolError>>;
 }
