@@ -280,9 +280,9 @@ impl EventLog {
 /// file would pass its size bound. This is a buffered `write` into the page cache;
 /// event logs are not fsynced (the spool is the durable record of a message, events
 /// are its history). Does nothing while another flush of the same log runs.
-pub async fn flush(log: &std::cell::RefCell<EventLog>) {
+pub async fn flush(log: &std::cell::RefCell<EventLog>) -> bool {
     let Some((mut writer, batch)) = log.borrow_mut().take_batch() else {
-        return;
+        return false;
     };
     let (writer, batch, lost) = glommio::executor()
         .spawn_blocking(move || {
@@ -291,6 +291,7 @@ pub async fn flush(log: &std::cell::RefCell<EventLog>) {
         })
         .await;
     log.borrow_mut().put_back(writer, batch, lost);
+    true
 }
 
 impl Writer {

@@ -31,10 +31,15 @@ use gannet_core::message::MetaHeaders;
 
 /// Notes that may wait in one shard's inbox (handoffs and reports).
 const MESH_INBOX_NOTES_MAX: usize = 16_384;
-/// How often a shard looks at the process's stop flag.
-const SHUTDOWN_POLL_MS: u64 = 50;
-/// How often a shard writes its buffered events out.
-const EVENTS_FLUSH_MS: u64 = 100;
+/// How often a shard's periodic round runs (it writes the buffered events out,
+/// refreshes the spool's metrics and looks at the process's stop flag) while the
+/// shard is busy …
+const ROUND_MS: u64 = 100;
+/// … and once IDLE_ROUNDS rounds in a row found nothing to do: an idle shard wakes
+/// twice a second, not thirty times (a shard waiting behind a provider's block stays
+/// idle), and a stop takes at most this long to be seen.
+const IDLE_ROUND_MS: u64 = 500;
+const IDLE_ROUNDS: u32 = 10;
 /// How long shutdown waits for sessions in the middle of a transaction.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How long start-up waits for every shard to be listening.
@@ -607,18 +612,24 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         )));
     }
     listening.fetch_add(1, Ordering::AcqRel);
-    let flusher = glommio::spawn_local({
-        let shard = shard.clone();
-        async move {
-            while !shard.shutdown.is_raised() {
-                crate::timer::sleep(Duration::from_millis(EVENTS_FLUSH_MS)).await;
-                periodic_round(&shard).await;
-            }
-        }
-    });
     tracing::info!(shard = id, "shard ready");
+    let mut quiet_rounds = 0;
+    let mut appends = shard.spool.stats().appends;
     while !stop.load(Ordering::Acquire) {
-        crate::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
+        let round_ms = if quiet_rounds >= IDLE_ROUNDS {
+            IDLE_ROUND_MS
+        } else {
+            ROUND_MS
+        };
+        crate::timer::sleep(Duration::from_millis(round_ms)).await;
+        let round = periodic_round(&shard).await;
+        let busy = round.flushed || round.appends != appends;
+        appends = round.appends;
+        quiet_rounds = if busy {
+            0
+        } else {
+            quiet_rounds.saturating_add(1)
+        };
     }
     // Stop accepting; idle sessions are told 421 at once, sessions in a transaction
     // finish it (their message is spooled and acknowledged) before they see it.
@@ -647,7 +658,6 @@ async fn shard_main(start: ShardStart) -> Result<()> {
             "stopping with sessions or deliveries still open; unacknowledged messages are dropped, unfinished deliveries retried after restart"
         );
     }
-    flusher.await;
     periodic_round(&shard).await;
     shard.spool.close().await;
     tracing::info!(shard = id, "shard stopped; spool synced");
@@ -656,8 +666,8 @@ async fn shard_main(start: ShardStart) -> Result<()> {
 
 /// The shard's periodic round: writes the buffered events (on the blocking thread)
 /// and copies the spool's counters and sync latencies into the metrics.
-async fn periodic_round(shard: &Shard) {
-    crate::events::flush(&shard.events).await;
+async fn periodic_round(shard: &Shard) -> Round {
+    let flushed = crate::events::flush(&shard.events).await;
     let metrics = &shard.metrics;
     let set = |to: &std::sync::atomic::AtomicU64, value: u64| to.store(value, Ordering::Relaxed);
     set(&metrics.events_dropped_total, shard.events.borrow().dropped);
@@ -671,6 +681,17 @@ async fn periodic_round(shard: &Shard) {
         spool.segments_created_unprepared,
     );
     set(&metrics.spool_committer_delay_us, spool.committer_delay_us);
+    Round {
+        flushed,
+        appends: spool.appends,
+    }
+}
+
+/// What a periodic round found: whether there were events to write, and the spool's
+/// appends so far.
+struct Round {
+    flushed: bool,
+    appends: u64,
 }
 
 fn open_spool(
