@@ -103,8 +103,13 @@ impl CaseResult {
 }
 
 fn message(spool: &Spool<FileStorage>, body: &[u8]) -> MessageRecord {
+    record(spool.next_id(), body)
+}
+
+/// The benchmark's message `id` with `body`.
+fn record(id: gannet_spool::MessageId, body: &[u8]) -> MessageRecord {
     MessageRecord {
-        id: spool.next_id(),
+        id,
         sender: "bench@example.test".into(),
         recipients: vec!["rcpt@example.net".into()],
         meta: vec![],
@@ -134,18 +139,10 @@ struct ReadCost {
 /// median of READ_ROUNDS rounds each, the two alternating.
 fn read_cost(body_bytes: usize) -> ReadCost {
     use gannet_spool::record::{Payload, read_record, read_verified_record};
-    let record = MessageRecord {
-        id: gannet_spool::MessageId { hi: 1, lo: 2 },
-        sender: "bench@example.test".into(),
-        recipients: vec!["rcpt@example.net".into()],
-        meta: vec![],
-        queue: "example.net".into(),
-        attempts: 0,
-        due_unix_ms: 0,
-        received_unix_ms: 0,
-        done: vec![],
-        body: vec![b'x'; body_bytes],
-    };
+    let record = record(
+        gannet_spool::MessageId { hi: 1, lo: 2 },
+        &vec![b'x'; body_bytes],
+    );
     let r = Record::Message(&record);
     let mut buf = rkyv::util::AlignedVec::<16>::with_capacity(r.len_bound());
     buf.resize(r.len_bound(), 0);
