@@ -7,8 +7,12 @@ cd "$(dirname "$0")/.."
 # Installed only when missing. With --bench, also what only the benchmarks use:
 # unbound, their DNS server for many domains.
 need=()
+installing_unbound=0
 if [ "${1:-}" = "--bench" ]; then
-  command -v unbound >/dev/null || [ -x /usr/sbin/unbound ] || need+=(unbound)
+  if ! command -v unbound >/dev/null && ! [ -x /usr/sbin/unbound ]; then
+    need+=(unbound)
+    installing_unbound=1
+  fi
 fi
 command -v swaks >/dev/null || need+=(swaks)
 command -v curl >/dev/null || need+=(curl)
@@ -26,6 +30,12 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
   install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"; }
   install >/dev/null || { apt-get update -q >/dev/null && install >/dev/null; }
+fi
+if [ "$installing_unbound" = 1 ] && [ -d /run/systemd/system ]; then
+  # The benchmarks start their own unbound on a loopback port of their own; the
+  # package's service would take port 53 (and, with resolvconf, the host's
+  # resolver), so the host is left as it was: no DNS server of ours running.
+  systemctl disable --now unbound.service unbound-resolvconf.service >/dev/null 2>&1 || true
 fi
 # Python peers in a venv under target/: aiosmtpd (an independent SMTP server),
 # SparkPost's official client library (the HTTP API's real client) and dkimpy with
