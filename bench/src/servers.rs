@@ -504,6 +504,24 @@ pub fn find_kumod(given: Option<&Path>) -> Option<PathBuf> {
     })
 }
 
+/// Whether unbound (the benchmarks' DNS server) is installed.
+pub fn has_unbound() -> bool {
+    Command::new("unbound").arg("-V").output().is_ok()
+}
+
+/// Installs the peers tests and benchmarks use (`tools/install-peers.sh --bench`:
+/// Postfix, unbound, …), run from the repository root.
+pub fn install_bench_peers() -> Result<()> {
+    let status = Command::new("tools/install-peers.sh")
+        .arg("--bench")
+        .status()
+        .context("running tools/install-peers.sh --bench (run from the repository root)")?;
+    if !status.success() {
+        bail!("tools/install-peers.sh --bench failed");
+    }
+    Ok(())
+}
+
 /// The benchmarks' DNS server: unbound (a recursive resolver, as an MTA host runs
 /// next to it) on a free loopback port, serving from a static local zone `.test`
 /// with `domains` domains `d<N>.test`, each with its own MX host `mx<N>.bench.test`
@@ -516,14 +534,8 @@ pub fn find_kumod(given: Option<&Path>) -> Option<PathBuf> {
 /// MTA, set the pace (bench/RESULTS.md).
 pub fn bench_dns(dir: &Path, domains: u64) -> Result<(crate::peers::Peer, u16)> {
     use std::fmt::Write as _;
-    if Command::new("unbound").arg("-V").output().is_err() {
-        let status = Command::new("tools/install-peers.sh")
-            .arg("--bench")
-            .status()
-            .context("running tools/install-peers.sh --bench (from the repository root)")?;
-        if !status.success() {
-            bail!("tools/install-peers.sh --bench failed");
-        }
+    if !has_unbound() {
+        install_bench_peers()?;
     }
     std::fs::create_dir_all(dir)?;
     let mut zone = String::with_capacity(100 * domains as usize);

@@ -127,21 +127,9 @@ fn main() -> Result<()> {
         baseline: args.baseline_gannetd.clone(),
     };
     // Peers the systems need (Postfix, unbound), installed when missing.
-    let missing = !std::path::Path::new("/usr/sbin/postfix").exists()
-        || std::process::Command::new("unbound")
-            .arg("-V")
-            .output()
-            .is_err();
-    if missing {
-        let status = std::process::Command::new("tools/install-peers.sh")
-            .arg("--bench")
-            .status()
-            .context(
-                "running tools/install-peers.sh (run gannet-bench from the repository root)",
-            )?;
-        if !status.success() {
-            bail!("tools/install-peers.sh failed");
-        }
+    if !std::path::Path::new("/usr/sbin/postfix").exists() || !gannet_bench::servers::has_unbound()
+    {
+        gannet_bench::servers::install_bench_peers()?;
     }
     for tool in [&tools.gannetd, &tools.blast, &tools.sink] {
         if !tool.exists() {
