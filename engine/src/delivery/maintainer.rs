@@ -38,7 +38,7 @@ pub async fn run(d: Rc<Dispatcher>) {
         let now = unix_ms();
         d.refresh_live(&shard.shared.live, now);
         let mut to_open: Vec<String> = Vec::new();
-        let mut to_resolve: Vec<String> = Vec::new();
+        let mut to_resolve: Vec<Rc<str>> = Vec::new();
         let mut to_place: Vec<Part> = Vec::new();
         let mut no_site: Vec<(Part, Response)> = Vec::new();
         // The earliest time something must be looked at again, besides the wheel.
@@ -74,11 +74,11 @@ pub async fn run(d: Rc<Dispatcher>) {
                         }
                         Err(response) => no_site.push((part, response)),
                     }
-                } else if let Some(waiting) = resolving.get_mut(&*part.domain) {
+                } else if let Some(waiting) = resolving.get_mut(&part.domain) {
                     waiting.push(part);
                 } else {
-                    to_resolve.push(part.domain.to_string());
-                    resolving.insert(part.domain.to_string(), vec![part]);
+                    to_resolve.push(part.domain.clone());
+                    resolving.insert(part.domain.clone(), vec![part]);
                 }
             }
             // Connections within each queue's shaping, for the queues that changed.

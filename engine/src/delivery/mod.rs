@@ -63,8 +63,9 @@ pub struct Dispatcher {
     /// Bounds the lookups in flight (`dns_lookups_max`).
     lookups: glommio::sync::Semaphore,
     smtp_port: u16,
-    /// Domains being resolved, with the parts waiting for the answer.
-    resolving: RefCell<HashMap<String, Vec<Part>>>,
+    /// Domains being resolved (the first waiting part's domain string, shared),
+    /// with the parts waiting for the answer.
+    resolving: RefCell<HashMap<Rc<str>, Vec<Part>>>,
     /// Sites found through DNS by domain — or why a domain has none (NXDOMAIN,
     /// null MX) — each kept until the first of its DNS answers expires and bounded
     /// like the resolver's cache: a part of a known domain is placed at once,

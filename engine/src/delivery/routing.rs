@@ -18,7 +18,7 @@ use gannet_core::queue::{Part, Site};
 /// transient failure for a DNS error). A site, and a domain that takes no mail, is
 /// remembered as long as the DNS answers it comes from ([`Dispatcher::sites`]), so
 /// that later parts of the domain find it without a lookup.
-pub(super) async fn resolve(d: Rc<Dispatcher>, domain: String) {
+pub(super) async fn resolve(d: Rc<Dispatcher>, domain: Rc<str>) {
     ShardMetrics::add(&d.shard.metrics.delivery_site_lookups_total, 1);
     let resolved = {
         let _permit = d.lookups.acquire_permit(1).await;
@@ -28,7 +28,7 @@ pub(super) async fn resolve(d: Rc<Dispatcher>, domain: String) {
     if let Some(until) = resolved.until {
         d.sites
             .borrow_mut()
-            .insert(domain.clone(), resolved.site.clone(), until, now);
+            .insert(domain.to_string(), resolved.site.clone(), until, now);
     }
     let waiting = d.resolving.borrow_mut().remove(&domain).unwrap_or_default();
     for part in waiting {
