@@ -664,14 +664,13 @@ impl<S: Storage + 'static> Spool<S> {
         commit
             .unsynced_bytes
             .set(commit.unsynced_bytes.get() + loc.len as usize);
-        // Past an eighth of the active segment, the next one is asked for at once
-        // rather than at the next maintenance round: a small or fast-filling segment
-        // would otherwise run out first, and its successor be made on this core.
-        if Some(loc.seq) == state.active
-            && commit.prepare_asked.get() < state.next_seq
-            && segment.frontier() >= segment.len() / 8
+        // Once the next segment is due, it is asked for at once rather than at the
+        // next maintenance round: a small or fast-filling segment would otherwise run
+        // out first, and its successor be made on this core.
+        if commit.prepare_asked.get() < state.next_seq
+            && let Some(next) = space::next_segment_due(state)
         {
-            commit.prepare_asked.set(state.next_seq);
+            commit.prepare_asked.set(next);
             commit.prepare_pending.set(true);
             if let Some(waker) = commit.preparer.take() {
                 waker.wake();

@@ -129,18 +129,10 @@ impl<S: Storage + 'static> Spool<S> {
         Ok((count, bytes))
     }
 
-    /// Gets the next segment ready (see `Storage::prepare_next`) once the active one
-    /// is an eighth used: a spool that stores little never writes a spare, and one
-    /// under load has it before the active segment runs out.
+    /// Gets the next segment ready (see `Storage::prepare_next`) once it is due
+    /// ([`next_segment_due`]).
     pub async fn prepare_next_segment(&self) {
-        let next = {
-            let state = self.inner.state.borrow();
-            let due = state.active.is_some_and(|seq| {
-                let segment = &state.segments[&seq].segment;
-                segment.frontier() >= segment.len() / 8
-            });
-            due.then_some(state.next_seq)
-        };
+        let next = next_segment_due(&self.inner.state.borrow());
         if let Some(seq) = next {
             let config = &self.inner.config;
             let storage = &self.inner.storage;
@@ -186,6 +178,14 @@ impl<S: Storage + 'static> Spool<S> {
         })
         .await
     }
+}
+
+/// The number of the next segment once it is worth preparing: when the active one
+/// is an eighth used — a spool that stores little never writes a spare, and one
+/// under load has it before the active segment runs out.
+pub(super) fn next_segment_due(state: &State) -> Option<u64> {
+    let segment = &state.segments[&state.active?].segment;
+    (segment.frontier() >= segment.len() / 8).then_some(state.next_seq)
 }
 
 pub(super) fn sealed_bytes(state: &State) -> u64 {
