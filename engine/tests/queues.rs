@@ -28,6 +28,24 @@ fn curl(daemon: &Daemon, method: &str, path: &str, body: Option<(&str, &str)>) -
     curl_as(daemon, Some(ADMIN_KEY), method, path, body)
 }
 
+/// A bad request: (method, (content type, body), status, a word the error must
+/// contain).
+type Case<'a> = (&'a str, Option<(&'a str, &'a str)>, u16, &'a str);
+
+/// Sends each bad request to `path` and checks its status and error; the error
+/// texts.
+fn refused(daemon: &Daemon, path: &str, cases: &[Case]) -> Vec<String> {
+    cases
+        .iter()
+        .map(|&(method, body, status, needle)| {
+            let (got, text) = curl(daemon, method, path, body);
+            assert_eq!(got, status, "{method} {body:?}: {text}");
+            assert!(text.contains(needle), "{method} {body:?}: {text}");
+            text
+        })
+        .collect()
+}
+
 fn curl_as(
     daemon: &Daemon,
     key: Option<&str>,
@@ -87,8 +105,6 @@ fn suspended_queues_hold_their_parts_until_resumed() {
     assert_eq!(status, 401);
 
     // Bad requests get precise errors and change nothing.
-    // (method, (content type, body), status, a word the error must contain)
-    type Case<'a> = (&'a str, Option<(&'a str, &'a str)>, u16, &'a str);
     let bad: [Case; 6] = [
         (
             "POST",
@@ -130,10 +146,7 @@ fn suspended_queues_hold_their_parts_until_resumed() {
             "nope",
         ),
     ];
-    for (method, body, status, needle) in bad {
-        let (got, text) = curl(&daemon, method, SUSPEND, body);
-        assert_eq!(got, status, "{method} {body:?}: {text}");
-        assert!(text.contains(needle), "{method} {body:?}: {text}");
+    for text in refused(&daemon, SUSPEND, &bad) {
         assert!(json(&text)["errors"][0]["message"].is_string(), "{text}");
     }
     assert_eq!(curl(&daemon, "GET", SUSPEND, None), (200, "[]".into()));
@@ -245,7 +258,6 @@ fn retry_now_tries_the_selected_scheduled_queues_at_once() {
             admin_key_config(),
         ),
     );
-    type Case<'a> = (&'a str, Option<(&'a str, &'a str)>, u16, &'a str);
     let bad: [Case; 4] = [
         (
             "POST",
@@ -267,11 +279,7 @@ fn retry_now_tries_the_selected_scheduled_queues_at_once() {
         ),
         ("GET", None, 405, ""),
     ];
-    for (method, body, status, needle) in bad {
-        let (got, text) = curl(&daemon, method, RETRY, body);
-        assert_eq!(got, status, "{method} {body:?}: {text}");
-        assert!(text.contains(needle), "{method} {body:?}: {text}");
-    }
+    refused(&daemon, RETRY, &bad);
     let (status, _) = curl_as(
         &daemon,
         None,

@@ -42,6 +42,9 @@ enum DurationText {
     Text(String),
 }
 
+/// A retry request: the selector's fields as in [`SuspendRequest`], spelled out in
+/// each (serde's `flatten` does not work with `deny_unknown_fields`, and an unknown
+/// field must be refused by name); [`selector`] turns both into a `QueueSelector`.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RetryBody {
