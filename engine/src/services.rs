@@ -86,6 +86,7 @@ mod testing {
                 },
                 metrics: vec![Arc::new(ShardMetrics::default())],
                 mesh: crate::mesh::Mesh::new(1, 16),
+                stop: Arc::new(crate::io::StopBell::new(1)),
                 sessions: Arc::new(SessionLimits::new(100, 100)),
                 live: crate::live::Live::new(
                     gannet_core::shaping::ShapingTable::new(&config.delivery),

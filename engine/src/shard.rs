@@ -45,6 +45,8 @@ pub struct Shared {
     pub sessions: Arc<SessionLimits>,
     /// Shaping and suspensions, changeable while running.
     pub live: crate::live::Live,
+    /// Rung by SIGTERM/SIGINT; wakes every shard's shutdown at once.
+    pub stop: Arc<crate::io::StopBell>,
 }
 
 /// Session counts across all shards: the total and, per client address, an
@@ -149,6 +151,14 @@ pub struct Shard {
 const READ_BUFFERS_KEPT: usize = 64;
 
 impl Shard {
+    /// Whether the process is stopping: this shard's shutdown is raised, or the stop
+    /// bell rang and the shard's round has not raised it yet. Sessions look here
+    /// between commands, so once any shard tells a client 421, a client of another
+    /// shard is not told 250 to its next command.
+    pub fn stopping(&self) -> bool {
+        self.shutdown.is_raised() || self.shared.stop.is_rung()
+    }
+
     /// A zeroed-once buffer of `len` bytes, from the pool when one fits.
     pub fn take_read_buffer(&self, len: usize) -> Vec<u8> {
         let mut pool = self.read_buffers.borrow_mut();

@@ -1,9 +1,13 @@
 //! Glommio IO adapters for the protocol code: a connection that is plain TCP or TLS,
 //! reads and writes bounded by a deadline, listening sockets, the shard's shutdown
-//! signal, and (`http`) hyper's IO over a glommio stream. Protocol code reaches
+//! signal and the process's stop bell (`stop`), and (`http`) hyper's IO over a
+//! glommio stream. Protocol code reaches
 //! glommio's sockets only through these.
 
 pub mod http;
+mod stop;
+
+pub use stop::StopBell;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use gannet_spool::{FileStorage, Spool, SpoolConfig};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+use signal_hook::iterator::Signals;
 
 use crate::delivery::tls::ClientTls;
 use crate::events::EventLog;
@@ -31,13 +33,12 @@ use gannet_core::message::MetaHeaders;
 
 /// Notes that may wait in one shard's inbox (handoffs and reports).
 const MESH_INBOX_NOTES_MAX: usize = 16_384;
-/// How often a shard's periodic round runs (it writes the buffered events out,
-/// refreshes the spool's metrics and looks at the process's stop flag) while the
-/// shard is busy …
+/// How often a shard's periodic round runs (it writes the buffered events out and
+/// refreshes the spool's metrics) while the shard is busy …
 const ROUND_MS: u64 = 100;
 /// … and once IDLE_ROUNDS rounds in a row found nothing to do: an idle shard wakes
 /// twice a second, not thirty times (a shard waiting behind a provider's block stays
-/// idle), and a stop takes at most this long to be seen.
+/// idle). A stop does not wait for the round: the stop bell wakes it.
 const IDLE_ROUND_MS: u64 = 500;
 const IDLE_ROUNDS: u32 = 10;
 /// How long shutdown waits for sessions in the middle of a transaction.
@@ -85,6 +86,11 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
         &config.server.hostname,
     )?;
     let (addresses, placeholders) = reserve(&config)?;
+    let stop = Arc::new(io::StopBell::new(shards));
+    // Signals are taken before the executors start, so a SIGTERM during start-up
+    // stops them too.
+    let signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
+    let signals_handle = signals.handle();
     let shared = Arc::new(Shared {
         api_keys: gannet_core::auth::ApiKeys::new(&config.http.api_keys),
         tracking_key: crate::merge::tracking::TrackingKey::load_or_create(&data_dir)
@@ -119,6 +125,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
             .map(|_| Arc::new(ShardMetrics::default()))
             .collect(),
         mesh: crate::mesh::Mesh::new(shards, MESH_INBOX_NOTES_MAX),
+        stop: stop.clone(),
         live: crate::live::Live::new(
             gannet_core::shaping::ShapingTable::new(&config.delivery),
             crate::dkim::Signers::load(&config.dkim).map_err(|e| anyhow!("{e}"))?,
@@ -132,10 +139,6 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     let shared_for_reload = shared.clone();
     // Client TLS for delivery, built once; each shard's delivery clones the Arcs.
     let client_tls = ClientTls::new();
-    let stop = Arc::new(AtomicBool::new(false));
-    for signal in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
-        signal_hook::flag::register(signal, stop.clone()).context("installing signal handlers")?;
-    }
     tracing::info!(shards, data_dir = %data_dir.display(), "gannetd starting");
     let listening = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicBool::new(false));
@@ -151,7 +154,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     let handles = LocalExecutorPoolBuilder::new(placement)
         .spin_before_park(spin)
         .on_all_shards({
-            let (stop, listening, failed) = (stop.clone(), listening.clone(), failed.clone());
+            let (listening, failed) = (listening.clone(), failed.clone());
             let addresses = addresses.clone();
             move || {
                 let id = next_shard.fetch_add(1, Ordering::Relaxed) as u16;
@@ -160,7 +163,6 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
                     shared: shared.clone(),
                     client_tls: client_tls.clone(),
                     addresses: addresses.clone(),
-                    stop: stop.clone(),
                     listening: listening.clone(),
                 };
                 let failed = failed.clone();
@@ -187,14 +189,13 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
         write_listeners(&data_dir, &addresses)?;
         tracing::info!(smtp = ?addresses.smtp, smtps = ?addresses.smtps, http = ?addresses.http, https = ?addresses.https, "gannetd ready");
     } else {
-        stop.store(true, Ordering::Release);
+        stop.ring();
     }
-    let finished = Arc::new(AtomicBool::new(false));
-    let reloader = spawn_reloader(shared_for_reload, reload, finished.clone())?;
+    let listener = spawn_signal_listener(signals, shared_for_reload, reload, stop.clone())?;
     let mut errors = Vec::new();
     let results = handles.join_all();
-    finished.store(true, Ordering::Release);
-    let _ = reloader.join();
+    signals_handle.close();
+    let _ = listener.join();
     for result in results {
         match result {
             Ok(Ok(())) => {}
@@ -212,31 +213,33 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     Ok(())
 }
 
-/// Watches for SIGHUP until `finished`, then reloads the configuration.
-fn spawn_reloader(
+/// Waits for signals until the main thread closes `signals`: SIGHUP reloads the
+/// configuration, SIGTERM and SIGINT ring the stop bell. (A signal handler itself may
+/// only set a flag; this thread is where the waking happens.)
+fn spawn_signal_listener(
+    mut signals: Signals,
     shared: Arc<Shared>,
     reload: Reload,
-    finished: Arc<AtomicBool>,
+    stop: Arc<io::StopBell>,
 ) -> Result<std::thread::JoinHandle<()>> {
-    let hup = Arc::new(AtomicBool::new(false));
-    signal_hook::flag::register(signal_hook::consts::SIGHUP, hup.clone())
-        .context("installing the SIGHUP handler")?;
     std::thread::Builder::new()
-        .name("gannet-reload".into())
+        .name("gannet-signals".into())
         .spawn(move || {
-            while !finished.load(Ordering::Acquire) {
-                std::thread::sleep(Duration::from_millis(50));
-                if hup.swap(false, Ordering::AcqRel) {
-                    match reload() {
-                        Ok(config) => apply_reload(&shared, &config),
-                        Err(err) => tracing::error!(
-                            "SIGHUP: the configuration was not reloaded (the running one stays): {err}"
-                        ),
-                    }
+            for signal in signals.forever() {
+                if signal != SIGHUP {
+                    tracing::info!(signal, "stopping");
+                    stop.ring();
+                    continue;
+                }
+                match reload() {
+                    Ok(config) => apply_reload(&shared, &config),
+                    Err(err) => tracing::error!(
+                        "SIGHUP: the configuration was not reloaded (the running one stays): {err}"
+                    ),
                 }
             }
         })
-        .context("starting the reload thread")
+        .context("starting the signal thread")
 }
 
 /// Applies a reloaded configuration's live parts (shaping and provider rules) and
@@ -478,7 +481,6 @@ struct ShardStart {
     shared: Arc<Shared>,
     client_tls: ClientTls,
     addresses: Addresses,
-    stop: Arc<AtomicBool>,
     listening: Arc<AtomicUsize>,
 }
 
@@ -488,7 +490,6 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         shared,
         client_tls,
         addresses,
-        stop,
         listening,
     } = start;
     let config = &shared.config;
@@ -615,13 +616,16 @@ async fn shard_main(start: ShardStart) -> Result<()> {
     tracing::info!(shard = id, "shard ready");
     let mut quiet_rounds = 0;
     let mut appends = shard.spool.stats().appends;
-    while !stop.load(Ordering::Acquire) {
+    let (stop, slot) = (&shard.shared.stop, usize::from(id));
+    while !stop.is_rung() {
         let round_ms = if quiet_rounds >= IDLE_ROUNDS {
             IDLE_ROUND_MS
         } else {
             ROUND_MS
         };
-        crate::timer::sleep(Duration::from_millis(round_ms)).await;
+        if stop.sleep(slot, Duration::from_millis(round_ms)).await {
+            break;
+        }
         let round = periodic_round(&shard).await;
         let busy = round.flushed || round.appends != appends;
         appends = round.appends;

@@ -399,7 +399,7 @@ async fn read_line(s: &Session, w: &mut Wire) -> Result<Line, End> {
             w.consume(n);
         }
         w.flush().await?;
-        if s.shard.shutdown.is_raised() {
+        if s.shard.stopping() {
             w.queue(&reply::SHUTTING_DOWN);
             return Err(End::Closed);
         }
@@ -422,7 +422,7 @@ async fn read_line(s: &Session, w: &mut Wire) -> Result<Line, End> {
                 w.queue(&reply::TIMEOUT);
                 return Err(End::Closed);
             }
-            Err(_) if s.shard.shutdown.is_raised() => {
+            Err(_) if s.shard.stopping() => {
                 w.queue(&reply::SHUTTING_DOWN);
                 return Err(End::Closed);
             }
