@@ -47,7 +47,7 @@ impl StopBell {
     /// Sleeps for `d` on shard `shard`, returning early (true) once the bell rings.
     pub async fn sleep(&self, shard: usize, d: Duration) -> bool {
         let rung = Rung { bell: self, shard };
-        futures_lite::future::or(async { rung.await }, async {
+        futures_lite::future::or(rung, async {
             crate::timer::sleep(d).await;
             self.is_rung()
         })
