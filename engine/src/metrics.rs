@@ -132,6 +132,11 @@ metrics! {
     /// Spool segments created on the shard's core at a rotation because none had
     /// been prepared ahead (fallocate and fsyncs while the shard waits).
     spool_segments_created_unprepared_total: "counter",
+    /// Staged spool records written to their segment file by the spool's writer
+    /// thread, and on the shard's core (a read of bytes not yet written, or a stage
+    /// that filled while a write was in flight).
+    spool_stage_writes_total: "counter",
+    spool_stage_writes_inline_total: "counter",
     /// The spool committer's mean scheduling delay (from being woken to being polled),
     /// in microseconds: how long work queued on the core makes a task wait; the
     /// committer holds batches once it passes a third of a sync.

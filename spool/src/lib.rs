@@ -1,10 +1,11 @@
 //! gannet's durable spool.
 //!
 //! Each shard owns a directory of fixed-size, preallocated segment files, maps them and
-//! appends records (message, update, tombstone) to the newest one. An append is one
-//! `pwrite` into the page cache; durability comes from group commit — one fdatasync through
-//! io_uring for every batch of appends — and an append is reported durable only after
-//! the sync that covers it returned. At start-up a shard recovers its live messages,
+//! appends records (message, update, tombstone) to the newest one. Appends are staged in
+//! memory and written into the page cache in one `pwrite` per batch, on the spool's
+//! writer thread; durability comes from group commit — one fdatasync through io_uring
+//! for every batch of appends — and an append is reported durable only after the sync
+//! that covers it returned. At start-up a shard recovers its live messages,
 //! with their exact retry state, from its segments; afterwards the engine never reads
 //! the spool except for message bodies, which it reads in place from the mapping.
 //!

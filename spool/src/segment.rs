@@ -1,11 +1,18 @@
 //! A segment's bytes: a fixed-size region (a shared file mapping, or heap memory in
 //! the simulated storage) that is written append-only behind a frontier. Heap
 //! segments are written directly. File segments stage appended records in memory and
-//! write them with one `pwrite` (into the page cache, which the mapping shows) when the
-//! group commit is about to sync them, when the stage is full, or when a reader asks
-//! for staged bytes: one large write costs the kernel several times less per byte
-//! than one per record (page-cache pages are filled whole and once; measured with dd
-//! here: 3.4 KB writes 1.4 ms of system time per MB, 1 MiB writes 0.2 ms).
+//! write them with one `pwrite` (into the page cache, which the mapping shows): one
+//! large write costs the kernel several times less per byte than one per record
+//! (page-cache pages are filled whole and once; measured with dd here: 3.4 KB writes
+//! 1.4 ms of system time per MB, 1 MiB writes 0.2 ms).
+//!
+//! The group commit hands the stage to the spool's writer thread ([`WriteJob`]) before
+//! it syncs, and so does an append that finds the stage full: a `pwrite` can wait
+//! (dirty-page throttling, page-cache allocation), and the shard's executor must not.
+//! One write is in flight per segment; appends meanwhile go to a second buffer. A
+//! reader asking for bytes that are staged or in flight (rare: the engine reads a
+//! message once it is durable) gets them written inline first, as does an append
+//! that fills the stage while a write is in flight.
 //!
 //! This is the only module of the crate with `unsafe` code. The soundness argument is
 //! simple and local: bytes below the frontier are never written again, and shared
@@ -17,6 +24,8 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
 
 use memmap2::MmapRaw;
 
@@ -146,12 +155,27 @@ pub struct Segment {
     /// (into the page cache, which the shared mapping shows) instead of through the
     /// mapping. Writing into mapped pages while their write-back runs measured 2.5-3x
     /// slower here under concurrent syncs (page faults on write-protected pages).
-    writer: Option<File>,
+    /// Shared with the writer thread while a write is in flight.
+    writer: Option<Arc<File>>,
     /// File segments: records appended but not yet written to the file, which start
-    /// at offset `flushed`; the first `staged_len` bytes are valid. The buffer is
+    /// at offset `staged_at`; the first `staged_len` bytes are valid. The buffer is
     /// reused (its length is a high-water mark), so appends do not allocate.
     staged: RefCell<Vec<u8>>,
     staged_len: Cell<usize>,
+    /// Where the stage goes in the file: `flushed`, or the end of the write in flight.
+    staged_at: Cell<usize>,
+    /// The stage handed to the writer thread and not yet back.
+    in_flight: RefCell<Option<InFlight>>,
+    /// A write the segment began (the stage filled up) for the spool to hand over.
+    ready: RefCell<Option<WriteJob>>,
+    /// The buffer the stage swaps with when it goes out (back from the last write).
+    spare: RefCell<Vec<u8>>,
+    /// Tasks waiting for the write in flight to end.
+    write_waiters: RefCell<Vec<Waker>>,
+    /// Takes no more appends (its buffers are not kept once written).
+    sealed: Cell<bool>,
+    /// Writes made on the caller's thread by [`Segment::flush`].
+    inline_writes: Cell<u64>,
     /// Bytes below this offset are in the file's page cache (for file segments).
     flushed: Cell<usize>,
     /// The first failed write of this segment: every later write and sync of it fails
@@ -171,7 +195,7 @@ impl Segment {
         let (ptr, len) = (map.as_mut_ptr(), map.len());
         let writable = writer.is_some();
         let mut segment = Segment::new(seq, Memory::Map(map), ptr, len, writable, frontier);
-        segment.writer = writer;
+        segment.writer = writer.map(Arc::new);
         segment
     }
 
@@ -203,6 +227,13 @@ impl Segment {
             writer: None,
             staged: RefCell::new(Vec::new()),
             staged_len: Cell::new(0),
+            staged_at: Cell::new(frontier),
+            in_flight: RefCell::new(None),
+            ready: RefCell::new(None),
+            spare: RefCell::new(Vec::new()),
+            write_waiters: RefCell::new(Vec::new()),
+            sealed: Cell::new(false),
+            inline_writes: Cell::new(0),
             flushed: Cell::new(frontier),
             write_error: RefCell::new(None),
         }
@@ -299,10 +330,16 @@ impl Segment {
             }
             return Ok(written);
         }
-        if self.staged_len.get() > 0 && self.staged_len.get() + room > STAGE_BYTES {
-            self.flush()?;
-        } else if let Some(err) = &*self.write_error.borrow() {
+        if let Some(err) = &*self.write_error.borrow() {
             return Err(io::Error::other(err.clone()));
+        }
+        if self.staged_len.get() > 0 && self.staged_len.get() + room > STAGE_BYTES {
+            // The stage is full: out to the writer thread, or inline when a write is
+            // in flight already (a megabyte appended during one write).
+            match self.begin_write() {
+                Some(job) => *self.ready.borrow_mut() = Some(job),
+                None => self.flush()?,
+            }
         }
         let pending = self.staged_len.get();
         let mut staged = self.staged.borrow_mut();
@@ -317,40 +354,43 @@ impl Segment {
         Ok(written)
     }
 
-    /// Writes the staged records to the file (a no-op for heap segments and an empty
-    /// stage). After an error, and for every later call, it returns the error; the
-    /// staged bytes are then copied into the mapping instead, so that readers still
-    /// find every appended record in memory while the sync that covers them fails.
+    /// Writes the write in flight (again: the bytes are the same) and the staged
+    /// records to the file, on this thread (a no-op for heap segments and when all is
+    /// written). After an error, and for every later call, it returns the error; the
+    /// bytes are then copied into the mapping instead, so that readers still find every
+    /// appended record in memory while the sync that covers them fails.
     pub fn flush(&self) -> io::Result<()> {
         let Some(file) = &self.writer else {
             return Ok(());
         };
+        let mut result = self.write_result();
         let pending = self.staged_len.get();
-        let at = self.flushed.get();
-        let mut result = match &*self.write_error.borrow() {
-            Some(err) => Err(io::Error::other(err.clone())),
-            None => Ok(()),
-        };
+        let in_flight = self.in_flight.borrow();
+        let rewrite = (in_flight.as_ref()).is_some_and(|out| self.flushed.get() < out.at + out.len);
+        if pending > 0 || rewrite {
+            self.inline_writes.set(self.inline_writes.get() + 1);
+        }
+        if let Some(out) = &*in_flight
+            && self.flushed.get() < out.at + out.len
+        {
+            if result.is_ok() {
+                result = file.write_all_at(&out.buf[..out.len], out.at as u64);
+            }
+            self.note_written(out.at, &out.buf[..out.len], &result);
+        }
+        drop(in_flight);
         if pending > 0 {
+            let at = self.staged_at.get();
             let mut staged = self.staged.borrow_mut();
             if result.is_ok() {
                 result = file.write_all_at(&staged[..pending], at as u64);
             }
-            if let Err(err) = &result {
-                self.write_error
-                    .borrow_mut()
-                    .get_or_insert_with(|| err.to_string());
-                // SAFETY: `[at, at + pending)` lies below the frontier and inside the
-                // mapping; no shared slice covers it (`bytes` flushes before handing
-                // out one that reaches past `flushed`), and `tail_out` is not held
-                // by anyone else while this runs on the segment's only thread.
-                unsafe {
-                    std::ptr::copy_nonoverlapping(staged.as_ptr(), self.ptr.add(at), pending)
-                };
-            }
-            self.flushed.set(at + pending);
+            self.note_written(at, &staged[..pending], &result);
+            self.staged_at.set(at + pending);
             self.staged_len.set(0);
-            if staged.len() > 4 * STAGE_BYTES {
+            if self.sealed.get() {
+                *staged = Vec::new();
+            } else if staged.len() > 4 * STAGE_BYTES {
                 // An outsized record grew the stage: give the memory back.
                 staged.truncate(STAGE_BYTES);
                 staged.shrink_to_fit();
@@ -359,11 +399,148 @@ impl Segment {
         result
     }
 
-    /// Flushes, then frees the stage: the segment takes no more appends.
-    pub(crate) fn seal(&self) -> io::Result<()> {
-        let result = self.flush();
-        *self.staged.borrow_mut() = Vec::new();
-        result
+    /// Notes that `bytes`, at `at`, were written to the file (with `result`): on an
+    /// error they are copied into the mapping and the error sticks.
+    fn note_written(&self, at: usize, bytes: &[u8], result: &io::Result<()>) {
+        if let Err(err) = result {
+            self.write_error
+                .borrow_mut()
+                .get_or_insert_with(|| err.to_string());
+            // SAFETY: `[at, at + len)` lies below the frontier and inside the mapping,
+            // at or past `flushed`: no shared slice covers it (`bytes` writes out what
+            // it covers before handing out a slice past `flushed`), and the mutable
+            // tail starts at the frontier.
+            unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(at), bytes.len()) };
+        }
+        self.flushed.set(self.flushed.get().max(at + bytes.len()));
+    }
+
+    /// Whether a write of this segment is with the writer thread.
+    pub fn write_in_flight(&self) -> bool {
+        self.in_flight.borrow().is_some()
+    }
+
+    /// How many times [`Segment::flush`] wrote on the caller's thread.
+    pub fn inline_writes(&self) -> u64 {
+        self.inline_writes.get()
+    }
+
+    /// The segment's first write error, if any (it sticks).
+    pub fn write_result(&self) -> io::Result<()> {
+        match &*self.write_error.borrow() {
+            Some(err) => Err(io::Error::other(err.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Hands the stage out as a write for the writer thread, unless it is empty, a
+    /// write is in flight already, or an earlier write failed. The segment keeps a
+    /// share of the buffer, so readers and [`Segment::flush`] still reach the bytes;
+    /// [`Segment::end_write`] must follow with the job's result.
+    pub(crate) fn begin_write(&self) -> Option<WriteJob> {
+        let file = self.writer.as_ref()?;
+        let len = self.staged_len.get();
+        if len == 0 || self.in_flight.borrow().is_some() || self.write_result().is_err() {
+            return None;
+        }
+        let at = self.staged_at.get();
+        let next = if self.sealed.get() {
+            Vec::new()
+        } else {
+            std::mem::take(&mut *self.spare.borrow_mut())
+        };
+        let buf = Arc::new(std::mem::replace(&mut *self.staged.borrow_mut(), next));
+        self.staged_at.set(at + len);
+        self.staged_len.set(0);
+        *self.in_flight.borrow_mut() = Some(InFlight {
+            at,
+            len,
+            buf: buf.clone(),
+        });
+        Some(WriteJob {
+            file: file.clone(),
+            buf,
+            at,
+            len,
+        })
+    }
+
+    /// A write the segment began itself (its stage filled up), for the spool to hand
+    /// to the writer thread.
+    pub(crate) fn take_ready_write(&self) -> Option<WriteJob> {
+        self.ready.borrow_mut().take()
+    }
+
+    /// Ends the write in flight with its result (the job is gone; its buffer comes
+    /// back as the spare) and wakes whoever waits for it.
+    pub(crate) fn end_write(&self, result: io::Result<()>) {
+        let Some(out) = self.in_flight.borrow_mut().take() else {
+            return;
+        };
+        if self.flushed.get() < out.at + out.len {
+            self.note_written(out.at, &out.buf[..out.len], &result);
+        } else if let Err(err) = &result {
+            // Written again inline meanwhile, but a failed write still fails the sync.
+            self.write_error
+                .borrow_mut()
+                .get_or_insert_with(|| err.to_string());
+        }
+        if !self.sealed.get()
+            && let Ok(buf) = Arc::try_unwrap(out.buf)
+            && buf.len() <= 4 * STAGE_BYTES
+        {
+            *self.spare.borrow_mut() = buf;
+        }
+        for waker in self.write_waiters.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once no write of this segment is in flight.
+    pub(crate) async fn no_write_in_flight(&self) {
+        std::future::poll_fn(|cx| {
+            if self.in_flight.borrow().is_none() {
+                return Poll::Ready(());
+            }
+            self.write_waiters.borrow_mut().push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// The segment takes no more appends: its buffers are let go once what they
+    /// hold is written (by the sync of their epoch).
+    pub(crate) fn seal(&self) {
+        self.sealed.set(true);
+        *self.spare.borrow_mut() = Vec::new();
+        if self.staged_len.get() == 0 {
+            *self.staged.borrow_mut() = Vec::new();
+        }
+    }
+}
+
+/// A stage on its way to the file: the segment's share of it.
+#[derive(Debug)]
+struct InFlight {
+    at: usize,
+    len: usize,
+    buf: Arc<Vec<u8>>,
+}
+
+/// One `pwrite` for the writer thread: `len` bytes of `buf` at offset `at` of `file`.
+#[derive(Debug)]
+pub(crate) struct WriteJob {
+    file: Arc<File>,
+    buf: Arc<Vec<u8>>,
+    at: usize,
+    len: usize,
+}
+
+impl WriteJob {
+    /// Writes the bytes (blocking; run it off the executor).
+    pub(crate) fn run(self) -> io::Result<()> {
+        self.file
+            .write_all_at(&self.buf[..self.len], self.at as u64)
     }
 }
 
@@ -460,19 +637,88 @@ mod tests {
         // A read of staged bytes writes them out first.
         assert_eq!(segment.bytes(3, 8), b"twothree");
         assert_eq!(&std::fs::read(&path).unwrap()[..11], b"onetwothree");
-        // A full stage is written out before the record that would overflow it.
+        // A full stage goes out as a write (for the writer thread) before the record
+        // that would overflow it; the bytes stay readable while it is in flight.
         let big = vec![7u8; STAGE_BYTES / 2 + 1];
-        let segment = {
-            let dir = tempfile::tempdir().unwrap();
-            let (segment, path) = file_segment(dir.path(), 4 * STAGE_BYTES, true);
-            append(&segment, &big).unwrap();
-            append(&segment, &big).unwrap();
-            let on_disk = std::fs::read(&path).unwrap();
-            assert_eq!(&on_disk[..big.len()], &big[..], "the first went out");
-            assert_eq!(on_disk[big.len()], 0, "the second is still staged");
-            segment
-        };
+        let dir = tempfile::tempdir().unwrap();
+        let (segment, path) = file_segment(dir.path(), 4 * STAGE_BYTES, true);
+        append(&segment, &big).unwrap();
+        assert!(segment.take_ready_write().is_none(), "not full yet");
+        append(&segment, &big).unwrap();
+        let job = segment.take_ready_write().expect("the full stage goes out");
+        assert!(
+            segment.begin_write().is_none(),
+            "one write in flight at a time"
+        );
+        assert_eq!(std::fs::read(&path).unwrap()[0], 0, "not written yet");
+        job.run().unwrap();
+        let on_disk = std::fs::read(&path).unwrap();
+        assert_eq!(&on_disk[..big.len()], &big[..], "the first went out");
+        assert_eq!(on_disk[big.len()], 0, "the second is still staged");
+        segment.end_write(Ok(()));
         assert_eq!(segment.written().len(), 2 * big.len());
+        segment.write_result().unwrap();
+    }
+
+    /// Bytes in a write that has not ended yet are written again, inline, when a
+    /// reader asks for them; the write's late end changes nothing.
+    #[test]
+    fn a_read_of_bytes_in_flight_writes_them_inline() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segment, path) = file_segment(dir.path(), 1 << 16, true);
+        append(&segment, b"first").unwrap();
+        let job = segment.begin_write().expect("staged bytes");
+        append(&segment, b"second").unwrap();
+        assert!(
+            segment.begin_write().is_none(),
+            "one write in flight at a time"
+        );
+        assert_eq!(segment.bytes(0, 11), b"firstsecond");
+        assert_eq!(&std::fs::read(&path).unwrap()[..11], b"firstsecond");
+        job.run().unwrap();
+        segment.end_write(Ok(()));
+        segment.write_result().unwrap();
+        assert!(segment.begin_write().is_none(), "nothing left to write");
+        // The buffer came back as the spare, which the next stage swaps in.
+        assert!(segment.spare.borrow().capacity() > 0);
+        append(&segment, b"third").unwrap();
+        let job = segment.begin_write().expect("staged bytes");
+        job.run().unwrap();
+        segment.end_write(Ok(()));
+        assert_eq!(&std::fs::read(&path).unwrap()[..16], b"firstsecondthird");
+    }
+
+    /// A write the writer thread failed keeps its bytes readable (from the mapping)
+    /// and fails every later write and append, like an inline one.
+    #[test]
+    fn a_failed_write_off_the_executor_sticks() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segment, _path) = file_segment(dir.path(), 1 << 16, false);
+        append(&segment, b"kept").unwrap();
+        let job = segment.begin_write().expect("staged bytes");
+        let result = job.run();
+        assert!(result.is_err(), "the descriptor is read-only");
+        segment.end_write(result);
+        assert!(segment.write_result().is_err());
+        assert_eq!(segment.bytes(0, 4), b"kept");
+        assert!(append(&segment, b"more").is_err());
+        assert!(segment.begin_write().is_none());
+        assert!(segment.flush().is_err(), "the error sticks");
+    }
+
+    /// A sealed segment writes what it holds and then keeps no buffers.
+    #[test]
+    fn a_sealed_segment_lets_its_buffers_go_once_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let (segment, path) = file_segment(dir.path(), 1 << 16, true);
+        append(&segment, b"last").unwrap();
+        segment.seal();
+        let job = segment.begin_write().expect("the stage is still written");
+        job.run().unwrap();
+        segment.end_write(Ok(()));
+        assert_eq!(&std::fs::read(&path).unwrap()[..4], b"last");
+        assert_eq!(segment.staged.borrow().capacity(), 0);
+        assert_eq!(segment.spare.borrow().capacity(), 0);
     }
 
     #[test]

@@ -685,6 +685,11 @@ async fn periodic_round(shard: &Shard) -> Round {
         spool.segments_created_unprepared,
     );
     set(&metrics.spool_committer_delay_us, spool.committer_delay_us);
+    set(&metrics.spool_stage_writes_total, spool.stage_writes);
+    set(
+        &metrics.spool_stage_writes_inline_total,
+        spool.stage_writes_inline,
+    );
     Round {
         flushed,
         appends: spool.appends,

@@ -150,10 +150,13 @@ impl<S: Storage + 'static> Spool<S> {
         for segment in &closed.segments {
             // The epoch's records may still be staged in memory: write them (and
             // whatever was appended since) first, then sync.
-            let written = segment.flush().map_err(|e| SpoolError::SyncFailed {
-                seq: segment.seq(),
-                reason: format!("writing: {e}"),
-            });
+            let written = self
+                .write_out(segment)
+                .await
+                .map_err(|e| SpoolError::SyncFailed {
+                    seq: segment.seq(),
+                    reason: format!("writing: {e}"),
+                });
             let synced = match written {
                 Ok(()) => self.inner.storage.sync(segment, slot).await,
                 Err(err) => Err(err),
@@ -202,6 +205,26 @@ impl<S: Storage + 'static> Spool<S> {
             commit.pace.borrow_mut().woke(Instant::now());
             waker.wake();
         }
+    }
+
+    /// Writes what `segment` has staged through the writer thread, after the write
+    /// in flight (another sync's, or a full stage's) if there is one.
+    async fn write_out(&self, segment: &Segment) -> std::io::Result<()> {
+        segment.no_write_in_flight().await;
+        if let Some(job) = segment.begin_write() {
+            self.write_stage(segment, job).await;
+        }
+        segment.write_result()
+    }
+
+    /// Runs a write `segment` began on the writer thread and ends it.
+    pub(super) async fn write_stage(&self, segment: &Segment, job: crate::segment::WriteJob) {
+        let result = self.inner.writer.write(job).await;
+        segment.end_write(result);
+        // Not in `state`: glommio polls a spawned task at once, and the append that
+        // spawned this one may still hold the state (when the write was that quick).
+        let writes = &self.inner.commit.stage_writes;
+        writes.set(writes.get() + 1);
     }
 
     /// Records an epoch's outcome; failed epochs abandon the messages they held.

@@ -2,8 +2,8 @@
 //! live messages and its space management.
 //!
 //! ## Group commit
-//! An append serializes the record and writes it (one `pwrite` into the page cache) at
-//! the active segment's frontier, and joins the open *epoch*. The committer task closes the open epoch, fdatasyncs the
+//! An append serializes the record into the active segment's stage at its frontier
+//! and joins the open *epoch*. The committer task closes the open epoch, fdatasyncs the
 //! segments it touched through io_uring and resolves it: every waiter of that epoch is
 //! told "durable" (or the sync's error) at once. Appends keep landing in the next epoch
 //! while a sync is in flight, so batches form by themselves under load and a lone
@@ -41,6 +41,7 @@ use crate::storage::{Storage, now_unix_ms};
 mod commit;
 mod pace;
 mod space;
+mod write;
 
 use space::sealed_bytes;
 
@@ -259,6 +260,14 @@ pub struct SpoolStats {
     /// Segments created on the executor at a rotation because none was prepared
     /// (fallocate, fsync and a directory fsync while the shard waits).
     pub segments_created_unprepared: u64,
+    /// Stages of records written by the spool's writer thread (off the executor) …
+    pub stage_writes: u64,
+    /// … and on the executor: a read of bytes not yet written, or a stage that filled
+    /// while a write was in flight.
+    pub stage_writes_inline: u64,
+    /// Segments whose write is with the writer thread now (a writer that stopped
+    /// keeps this at 1 while nothing is acknowledged).
+    pub stage_writes_in_flight: u64,
 }
 
 /// An epoch closed for syncing.
@@ -334,6 +343,8 @@ struct Commit {
     /// An ask the maintenance task has not taken yet, and the task's waker.
     prepare_pending: Cell<bool>,
     preparer: Cell<Option<Waker>>,
+    /// Stages written by the writer thread.
+    stage_writes: Cell<u64>,
 }
 
 impl std::fmt::Debug for Commit {
@@ -352,6 +363,7 @@ struct Inner<S: Storage> {
     config: SpoolConfig,
     state: RefCell<State>,
     commit: Commit,
+    writer: write::Writer,
 }
 
 /// One shard's spool. A cheap handle (`Rc`); not `Send`: it lives on its shard's core.
@@ -456,6 +468,7 @@ impl<S: Storage + 'static> Spool<S> {
         };
         let spool = Spool {
             inner: Rc::new(Inner {
+                writer: write::Writer::new(config.shard),
                 storage,
                 config,
                 state: RefCell::new(state),
@@ -478,6 +491,7 @@ impl<S: Storage + 'static> Spool<S> {
                     prepare_asked: Cell::new(0),
                     prepare_pending: Cell::new(false),
                     preparer: Cell::new(None),
+                    stage_writes: Cell::new(0),
                 },
             }),
         };
@@ -520,6 +534,11 @@ impl<S: Storage + 'static> Spool<S> {
         stats.sealed_bytes = sealed_bytes(&state);
         stats.committer_delay_us = self.inner.commit.pace.borrow().delay().as_micros() as u64;
         stats.segments_created_unprepared = self.inner.storage.created_unprepared();
+        stats.stage_writes = self.inner.commit.stage_writes.get();
+        for info in state.segments.values() {
+            stats.stage_writes_inline += info.segment.inline_writes();
+            stats.stage_writes_in_flight += u64::from(info.segment.write_in_flight());
+        }
         stats
     }
 
@@ -742,9 +761,9 @@ impl<S: Storage + 'static> Spool<S> {
         let seq = state.next_seq;
         let segment = inner.storage.create(seq, inner.config.shard, len)?;
         if let Some(old) = state.active.and_then(|a| state.segments.get(&a)) {
-            // Its staged records go to the file now; a write error is reported by the
-            // sync of their epoch, which covers this segment.
-            let _ = old.segment.seal();
+            // Its staged records are written by the sync of their epoch, which covers
+            // this segment (and reports a write error).
+            old.segment.seal();
         }
         state.next_seq += 1;
         state.segments.insert(
@@ -770,8 +789,8 @@ impl<S: Storage + 'static> Spool<S> {
         let Some(seq) = state.active else {
             return Ok(None);
         };
-        state.segments[&seq]
-            .segment
+        let segment = &state.segments[&seq].segment;
+        let written = segment
             .append_with(room, |at, tail| {
                 let len = record.write_into(tail, seq, at)?;
                 Some((
@@ -783,7 +802,13 @@ impl<S: Storage + 'static> Spool<S> {
                     },
                 ))
             })
-            .map_err(|e| SpoolError::io("writing", seq, e))
+            .map_err(|e| SpoolError::io("writing", seq, e));
+        if let Some(job) = segment.take_ready_write() {
+            // The stage filled up: the writer thread writes it while appends go on.
+            let (spool, segment) = (self.clone(), segment.clone());
+            glommio::spawn_local(async move { spool.write_stage(&segment, job).await }).detach();
+        }
+        written
     }
 }
 

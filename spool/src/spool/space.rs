@@ -45,7 +45,11 @@ impl<S: Storage + 'static> Spool<S> {
                 }
             }
             self.inner.storage.remove(head).await?;
-            self.inner.state.borrow_mut().segments.remove(&head);
+            let mut state = self.inner.state.borrow_mut();
+            if let Some(gone) = state.segments.remove(&head) {
+                state.stats.stage_writes_inline += gone.segment.inline_writes();
+            }
+            drop(state);
             report.segments_deleted += 1;
         }
         Ok(report)
