@@ -10,7 +10,9 @@
 //! The pace measures that wait directly: the *scheduling delay*, how long the committer
 //! waits from being woken (by an append or a finished sync) to being polled, smoothed
 //! over its last few dozen wake-ups (tens of milliseconds under load), and compares it
-//! with the mean time a sync takes:
+//! with the mean time a sync's fdatasync takes (the disk's part: the write before it
+//! is a copy on the spool's writer thread, and that thread's own wait for a core
+//! would make a loaded core look disk-bound):
 //! - a delay under 1/[`SYNC_SHARE`] of a sync means the disk, not the core, sets the
 //!   pace: **eager**, a sync starts as soon as a slot is free and a record waits, with
 //!   up to `slots` overlapping;
@@ -82,7 +84,7 @@ pub(super) struct Pace {
     delay_ns: f64,
     /// When an append or a finished sync woke the waiting committer (until it runs).
     woken_at: Option<Instant>,
-    /// Mean duration of a sync, in nanoseconds.
+    /// Mean duration of a sync's fdatasync, in nanoseconds.
     sync_ns: f64,
     /// Mean time between appends, in nanoseconds.
     gap_ns: f64,
@@ -157,7 +159,7 @@ impl Pace {
         self.delay_ns += (delay - self.delay_ns) * DELAY_WEIGHT;
     }
 
-    /// A sync took `took`.
+    /// A sync's fdatasync took `took`.
     pub(super) fn synced(&mut self, took: Duration) {
         let took = took.as_nanos() as f64;
         self.sync_ns += (took - self.sync_ns) * DELAY_WEIGHT;
