@@ -256,7 +256,12 @@ fn start_system(
     let dir = tools.scratch.join("gannet");
     Ok(match system {
         "pipe" => None,
-        "forward" => Some(servers::forward(&tools.forward, sink.smtp)?),
+        "forward" => Some(servers::forward(&tools.forward, sink.smtp, None)?),
+        "forward-dns" => Some(servers::forward(
+            &tools.forward,
+            sink.smtp,
+            Some(dns_port.context("forward-dns runs only where the scenario has DNS")?),
+        )?),
         "gannet" | "gannet-baseline" => {
             let binary = if system == "gannet" {
                 &tools.gannetd
@@ -354,17 +359,21 @@ fn start_system(
         }
         other => {
             bail!(
-                "unknown system `{other}` (gannet, postfix, haraka, kumomta, kumomta-sync, pipe, forward)"
+                "unknown system `{other}` (gannet, postfix, haraka, kumomta, kumomta-sync, pipe, forward, forward-dns)"
             )
         }
     })
 }
 
-/// Whether a system takes part in a scenario (Haraka and the forward relay have no
-/// queue to accept into; only gannet has an HTTP injection API).
+/// Whether a system takes part in a scenario (Haraka and the forward relays have no
+/// queue to accept into; only gannet has an HTTP injection API; the resolving
+/// forward relay only where gannet resolves: many-domains).
 pub fn applies(system: &str, scenario: &Scenario) -> bool {
     if scenario.http {
         return system.starts_with("gannet");
+    }
+    if system == "forward-dns" {
+        return scenario.name == "many-domains";
     }
     !matches!(system, "haraka" | "forward") || scenario.relay
 }
@@ -376,7 +385,7 @@ pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) ->
     // domain); Postfix and Haraka route every domain to the sink.
     let resolves = matches!(
         system,
-        "gannet" | "gannet-baseline" | "kumomta" | "kumomta-sync"
+        "gannet" | "gannet-baseline" | "kumomta" | "kumomta-sync" | "forward-dns"
     );
     let dns = if resolves && scenario.name == "many-domains" {
         Some(servers::bench_dns(
@@ -522,7 +531,7 @@ pub fn durable_ack(system: &str) -> &'static str {
         "postfix" => "yes (fsync per message)",
         "haraka" => "no (forwards before it answers; no queue of its own)",
         "pipe" => "no (the sink stores nothing)",
-        "forward" => "no (no queue: relays the sink's reply)",
+        "forward" | "forward-dns" => "no (no queue: relays the sink's reply)",
         "kumomta" => "no (RocksDB write without a sync: KumoMTA's default)",
         "kumomta-sync" => "yes (msg:set_force_sync(true))",
         _ => "unknown",

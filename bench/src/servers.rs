@@ -135,15 +135,24 @@ pub fn spawn_announcing(
 }
 
 /// gannet-forward relaying to `to`: the reference of a relay that opens a new
-/// connection per delivery, with no queue, no disk and no DNS.
-pub fn forward(binary: &Path, to: std::net::SocketAddr) -> Result<Server> {
+/// connection per delivery, with no queue and no disk; with `dns` (a port on
+/// 127.0.0.1) it finds each message's next hop through MX and address lookups first
+/// (and connects on `to`'s port), without it no DNS at all.
+pub fn forward(binary: &Path, to: std::net::SocketAddr, dns: Option<u16>) -> Result<Server> {
     let mut command = Command::new(binary);
     command.args(["--listen", "127.0.0.1:0", "--to", &to.to_string()]);
+    if let Some(port) = dns {
+        command.args(["--dns", &format!("127.0.0.1:{port}")]);
+    }
     let (child, v) = spawn_announcing(&mut command, binary)?;
     let addr: std::net::SocketAddr = v["smtp"].as_str().unwrap_or("").parse()?;
     Ok(Server {
         http_port: 0,
-        name: "forward".into(),
+        name: if dns.is_some() {
+            "forward-dns".into()
+        } else {
+            "forward".into()
+        },
         port: addr.port(),
         pid: child.id(),
         child: Some(child),

@@ -429,6 +429,62 @@ fn the_forward_relay_opens_a_connection_per_message_and_relays_the_replies() {
     assert_eq!(counts["sessions"], 201, "{counts}");
 }
 
+/// With `--dns` (gannet-bench's `forward-dns`) the relay finds each message's next
+/// hop from DNS first — the MX of the recipient's domain, then its address — and
+/// connects there on `--to`'s port; a domain DNS does not know gets 451, and the
+/// relay goes on.
+#[test]
+fn the_forward_relay_with_dns_finds_the_next_hop_through_mx() {
+    let sink = Sink::start(&[]);
+    let (_dns, dns_port) = gannet_bench::peers::dnsmasq(&[
+        "--mx-host=a.test,mx.a.test,10".into(),
+        "--host-record=mx.a.test,127.0.0.1".into(),
+    ]);
+    // `--to` names only the port: the address comes from DNS.
+    let mut forward = Command::new(env!("CARGO_BIN_EXE_gannet-forward"))
+        .args(["--listen", "127.0.0.1:0", "--shards", "1"])
+        .args(["--to", &format!("127.0.0.2:{}", sink.smtp.port())])
+        .args(["--dns", &format!("127.0.0.1:{dns_port}")])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(forward.stdout.as_mut().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let at: SocketAddr = v["smtp"].as_str().unwrap().parse().unwrap();
+    let script = format!(
+        "import smtplib\n\
+         s = smtplib.SMTP('127.0.0.1', {})\n\
+         for rcpt in ['x@a.test', 'y@nowhere.test', 'z@a.test']:\n\
+         \x20   try:\n\
+         \x20       s.sendmail('a@x.test', [rcpt], 'Subject: x\\r\\n\\r\\nx\\r\\n')\n\
+         \x20       print(rcpt, 250)\n\
+         \x20   except smtplib.SMTPDataError as e:\n\
+         \x20       print(rcpt, e.smtp_code)\n",
+        at.port()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        printed.lines().collect::<Vec<_>>(),
+        ["x@a.test 250", "y@nowhere.test 451", "z@a.test 250"],
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(forward.id() as i32, libc::SIGTERM) };
+    forward.wait().unwrap();
+    let counts = sink.stop();
+    assert_eq!(counts["messages"], 2, "{counts}");
+    assert_eq!(counts["domains"]["a.test"]["messages"], 2, "{counts}");
+    assert_eq!(counts["sessions"], 2, "{counts}");
+}
+
 #[test]
 fn the_harness_runs_tiny_scenarios_end_to_end() {
     let gannetd = gannetd();

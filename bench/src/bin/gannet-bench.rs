@@ -7,8 +7,10 @@
 //! Systems: `gannet`; `postfix` (the system Postfix as a relay with a transport map to
 //! the sink, or accepting only with delivery deferred); `haraka` (Haraka with
 //! queue/smtp_forward to the sink, relay scenarios only: it keeps no durable queue);
-//! `pipe` (the generator straight into the sink: the limit). Every process started is
-//! stopped by its PID.
+//! `pipe` (the generator straight into the sink: the limit); `forward` (gannet-forward:
+//! a relay with no queue that opens a new connection per message) and `forward-dns`
+//! (the same, finding each next hop through the rig's DNS server; many-domains only).
+//! Every process started is stopped by its PID.
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -77,7 +79,7 @@ fn main() -> Result<()> {
         }
     }
     // A system that cannot run is named before any run starts, not an hour in.
-    const SYSTEMS: [&str; 8] = [
+    const SYSTEMS: [&str; 9] = [
         "gannet",
         "gannet-baseline",
         "postfix",
@@ -86,6 +88,7 @@ fn main() -> Result<()> {
         "kumomta-sync",
         "pipe",
         "forward",
+        "forward-dns",
     ];
     if let Some(other) = args.systems.iter().find(|s| !SYSTEMS.contains(&s.as_str())) {
         bail!("unknown system `{other}` ({})", SYSTEMS.join(", "));
@@ -196,7 +199,7 @@ fn report(
     )?;
     writeln!(
         md,
-        "- gannet: 250 after fdatasync, one shard per core; postfix: Postfix as an instance of the bench's own (relay via a transport map to the sink, or delivery deferred for durable-accept); haraka: Haraka 3.3.4, one worker per core, queue/smtp_forward to the sink (250 after the sink accepted; relay scenarios only); kumomta: KumoMTA's kumod with a policy the bench writes (RocksDB spools in the scratch directory, every queue to the sink, MX from unbound for many-domains), without and with msg:set_force_sync(true); every system may open as many connections per destination as the scenario has sessions; pipe: generator → sink directly; forward: gannet-forward, a relay with no queue, no disk and no DNS that opens a new connection to the sink per message (two TCP connections per message: the bound when no delivery connection can be reused)"
+        "- gannet: 250 after fdatasync, one shard per core; postfix: Postfix as an instance of the bench's own (relay via a transport map to the sink, or delivery deferred for durable-accept); haraka: Haraka 3.3.4, one worker per core, queue/smtp_forward to the sink (250 after the sink accepted; relay scenarios only); kumomta: KumoMTA's kumod with a policy the bench writes (RocksDB spools in the scratch directory, every queue to the sink, MX from unbound for many-domains), without and with msg:set_force_sync(true); every system may open as many connections per destination as the scenario has sessions; pipe: generator → sink directly; forward: gannet-forward, a relay with no queue, no disk and no DNS that opens a new connection to the sink per message (two TCP connections per message: the bound when no delivery connection can be reused); forward-dns (many-domains only): the same relay finding each message's next hop first as gannet does (MX of the recipient's domain, then the host's address, from the rig's DNS server with gannet's resolver and cache)"
     )?;
     if let Some(version) = kumod_version {
         writeln!(md, "- KumoMTA: `{version}`")?;
@@ -230,14 +233,19 @@ fn report(
             scenario.concurrency,
             scenario.domains
         )?;
-        // With the forward relay in the run, each system is also set against it (the
-        // bound when every delivery needs a new connection).
-        let with_forward = !of("forward").is_empty();
-        let (forward_head, forward_rule) = if with_forward {
-            (" × forward |", "---|")
-        } else {
-            ("", "")
-        };
+        // With a forward relay in the run, each system is also set against it (the
+        // bound when every delivery needs a new connection; forward-dns also finds
+        // each next hop through the rig's DNS server, as gannet must).
+        let references: Vec<(&str, f64)> = ["forward", "forward-dns"]
+            .into_iter()
+            .filter(|r| !of(r).is_empty())
+            .map(|r| (r, med(r)))
+            .collect();
+        let forward_head: String = references
+            .iter()
+            .map(|(r, _)| format!(" × {r} |"))
+            .collect();
+        let forward_rule = "---|".repeat(references.len());
         writeln!(
             md,
             "| system | 250 durable | disk flushes / msg | msgs/s median (min–max) | × pipe |{forward_head} gannet ÷ system | transaction p50 / p99 ms | CPU s / 1000 msgs | peak RSS MiB | delivered / sent (all runs) | errors |"
@@ -247,7 +255,6 @@ fn report(
             "|---|---|---|---|---|{forward_rule}---|---|---|---|---|---|"
         )?;
         let pipe = med("pipe");
-        let forward = med("forward");
         let gannet = med("gannet");
         for system in &args.systems {
             let rs = of(system);
@@ -302,11 +309,10 @@ fn report(
                 "| {system} | {} | {flushes:.2} | {m:.0} ({lo:.0}–{hi:.0}) | {} |{} {} | {:.2} / {:.2} | {} | {} | {} | {errors} |",
                 harness::durable_ack(system),
                 ratio(m, pipe),
-                if with_forward {
-                    format!(" {} |", ratio(m, forward))
-                } else {
-                    String::new()
-                },
+                references
+                    .iter()
+                    .map(|(_, r)| format!(" {} |", ratio(m, *r)))
+                    .collect::<String>(),
                 if *system == "gannet" {
                     "—".into()
                 } else {

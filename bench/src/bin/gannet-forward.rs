@@ -6,10 +6,18 @@
 //! of destinations where no delivery connection can be reused; gannet-bench runs it
 //! as the system `forward` to show how close gannet comes to that bound.
 //!
+//! With `--dns`, it first finds the next hop as an MTA must for a domain it has not
+//! seen: the MX of the first recipient's domain, then that host's address (with
+//! gannet's own resolver and cache, asking the given server), and connects to that
+//! address on `--to`'s port. gannet-bench runs it so as the system `forward-dns` in
+//! many-domains, where every message goes to a new domain: the rig's DNS server then
+//! costs the reference what it costs gannet.
+//!
 //! On start it prints one JSON line: `{"smtp":"ip:port"}`; SIGTERM/SIGINT stop it.
 
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,6 +41,10 @@ struct Args {
     /// Executors (0: one per core).
     #[arg(long, default_value_t = 0)]
     shards: usize,
+    /// Resolve each message's next hop through this DNS server (MX of the first
+    /// recipient's domain, then its address) and connect there on `--to`'s port.
+    #[arg(long)]
+    dns: Option<SocketAddr>,
 }
 
 /// Longest command or reply line accepted.
@@ -57,7 +69,7 @@ fn main() -> Result<()> {
     let smtp = fds[0].local_addr()?;
     let fds = Arc::new(Mutex::new(fds));
     let next = Arc::new(AtomicUsize::new(0));
-    let to = args.to;
+    let (to, dns) = (args.to, args.dns);
     let _pool = LocalExecutorPoolBuilder::new(PoolPlacement::Unbound(shards))
         .on_all_shards(move || {
             next.fetch_add(1, Ordering::Relaxed);
@@ -68,7 +80,16 @@ fn main() -> Result<()> {
                 // SAFETY: `raw` is a listening TCP socket whose ownership into_raw_fd
                 // just gave up; the glommio listener closes it.
                 let listener = unsafe { <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-                serve(listener, to).await;
+                // gannet's defaults: a 5 s timeout, A then AAAA, 100,000 answers kept.
+                let resolver = dns.map(|server| {
+                    Rc::new(gannet_engine::dns::Resolver::new(
+                        server,
+                        Duration::from_secs(5),
+                        gannet_core::config::IpLookup::Ipv4ThenIpv6,
+                        100_000,
+                    ))
+                });
+                serve(listener, Hop { to, resolver }).await;
             }
         })
         .map_err(|e| anyhow::anyhow!("starting executors: {e}"))?;
@@ -80,16 +101,50 @@ fn main() -> Result<()> {
     std::process::exit(0);
 }
 
-async fn serve(listener: TcpListener, to: SocketAddr) {
+/// Where messages go on: `to`, or (with a resolver) the MX of their domain on `to`'s
+/// port.
+#[derive(Clone)]
+struct Hop {
+    to: SocketAddr,
+    resolver: Option<Rc<gannet_engine::dns::Resolver>>,
+}
+
+impl Hop {
+    /// The address to deliver a message for `rcpt` (a `RCPT TO:<...>` line) to.
+    async fn address(&self, rcpt: &str) -> Result<SocketAddr, Closed> {
+        let Some(resolver) = &self.resolver else {
+            return Ok(self.to);
+        };
+        let domain = rcpt
+            .rsplit_once('@')
+            .map(|(_, d)| d.split(['>', ' ']).next().unwrap_or(""))
+            .ok_or(Closed)?;
+        let asking = resolver.asking();
+        let host = match asking.mx_until(domain).await.map_err(|_| Closed)?.0 {
+            gannet_engine::dns::Mx::Hosts(groups) => {
+                groups.into_iter().flatten().next().ok_or(Closed)?
+            }
+            _ => return Err(Closed),
+        };
+        let ip = (asking.addresses_until(&host).await.map_err(|_| Closed)?.0)
+            .into_iter()
+            .next()
+            .ok_or(Closed)?;
+        Ok(SocketAddr::new(ip, self.to.port()))
+    }
+}
+
+async fn serve(listener: TcpListener, hop: Hop) {
     loop {
         match listener.accept().await {
             Ok(stream) => {
                 // Replies go out as soon as they are written (no Nagle delay behind
                 // the client's delayed ACK).
                 let _ = stream.set_nodelay(true);
+                let hop = hop.clone();
                 glommio::spawn_local(async move {
                     let mut client = Wire::new(stream);
-                    let _ = session(&mut client, to).await;
+                    let _ = session(&mut client, &hop).await;
                 })
                 .detach();
             }
@@ -188,7 +243,7 @@ impl Wire {
 }
 
 /// Serves one client: each transaction's data goes on over a new connection.
-async fn session(client: &mut Wire, to: SocketAddr) -> Result<(), Closed> {
+async fn session(client: &mut Wire, hop: &Hop) -> Result<(), Closed> {
     client
         .send(b"220 forward.test ESMTP gannet-forward\r\n")
         .await?;
@@ -219,7 +274,7 @@ async fn session(client: &mut Wire, to: SocketAddr) -> Result<(), Closed> {
                 client.send(b"354 go ahead\r\n").await?;
                 let data = client.data().await?;
                 let mail = sender.take().unwrap_or_default();
-                let reply = match forward(to, &mail, &rcpts, &data).await {
+                let reply = match forward(hop, &mail, &rcpts, &data).await {
                     Ok(line) => line,
                     Err(Closed) => "451 4.4.2 the next hop failed".into(),
                 };
@@ -245,12 +300,10 @@ async fn session(client: &mut Wire, to: SocketAddr) -> Result<(), Closed> {
 
 /// Sends one message over a new connection to `to` (MAIL, RCPT and DATA pipelined,
 /// as the next hop offers PIPELINING); the next hop's reply to the data.
-async fn forward(
-    to: SocketAddr,
-    mail: &str,
-    rcpts: &[String],
-    data: &[u8],
-) -> Result<String, Closed> {
+async fn forward(hop: &Hop, mail: &str, rcpts: &[String], data: &[u8]) -> Result<String, Closed> {
+    let to = hop
+        .address(rcpts.first().map_or("", String::as_str))
+        .await?;
     let stream = TcpStream::connect(to).await?;
     stream.set_nodelay(true)?;
     let mut hop = Wire::new(stream);
