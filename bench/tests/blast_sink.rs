@@ -367,15 +367,11 @@ fn the_example_config_is_valid() {
 
 /// The harness end to end at a tiny scale: gannet and the pipe, three scenarios
 /// (one over HTTP), a report with both systems and the charts.
-/// The forward relay (gannet-bench's `forward`, the bound when no delivery connection
-/// can be reused) opens a new connection to the next hop for every message, delivers
-/// each intact, and gives its client the next hop's own reply.
-#[test]
-fn the_forward_relay_opens_a_connection_per_message_and_relays_the_replies() {
-    let sink = Sink::start(&[]);
+/// gannet-forward on a loopback port with `args`: the child and where it listens.
+fn start_forward(args: &[&str]) -> (Child, SocketAddr) {
     let mut forward = Command::new(env!("CARGO_BIN_EXE_gannet-forward"))
-        .args(["--listen", "127.0.0.1:0", "--shards", "2"])
-        .args(["--to", &sink.smtp.to_string()])
+        .args(["--listen", "127.0.0.1:0"])
+        .args(args)
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
@@ -384,7 +380,16 @@ fn the_forward_relay_opens_a_connection_per_message_and_relays_the_replies() {
         .read_line(&mut line)
         .unwrap();
     let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let at: SocketAddr = v["smtp"].as_str().unwrap().parse().unwrap();
+    (forward, v["smtp"].as_str().unwrap().parse().unwrap())
+}
+
+/// The forward relay (gannet-bench's `forward`, the bound when no delivery connection
+/// can be reused) opens a new connection to the next hop for every message, delivers
+/// each intact, and gives its client the next hop's own reply.
+#[test]
+fn the_forward_relay_opens_a_connection_per_message_and_relays_the_replies() {
+    let sink = Sink::start(&[]);
+    let (mut forward, at) = start_forward(&["--shards", "2", "--to", &sink.smtp.to_string()]);
     let result = blast(
         at,
         &[
@@ -441,19 +446,14 @@ fn the_forward_relay_with_dns_finds_the_next_hop_through_mx() {
         "--host-record=mx.a.test,127.0.0.1".into(),
     ]);
     // `--to` names only the port: the address comes from DNS.
-    let mut forward = Command::new(env!("CARGO_BIN_EXE_gannet-forward"))
-        .args(["--listen", "127.0.0.1:0", "--shards", "1"])
-        .args(["--to", &format!("127.0.0.2:{}", sink.smtp.port())])
-        .args(["--dns", &format!("127.0.0.1:{dns_port}")])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(forward.stdout.as_mut().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let at: SocketAddr = v["smtp"].as_str().unwrap().parse().unwrap();
+    let (mut forward, at) = start_forward(&[
+        "--shards",
+        "1",
+        "--to",
+        &format!("127.0.0.2:{}", sink.smtp.port()),
+        "--dns",
+        &format!("127.0.0.1:{dns_port}"),
+    ]);
     let script = format!(
         "import smtplib\n\
          s = smtplib.SMTP('127.0.0.1', {})\n\
