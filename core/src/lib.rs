@@ -21,6 +21,7 @@
 //! - `bounce`: the bounce class of a permanent failure;
 //! - `clock`: the wall clock in the units the queues use.
 
+pub mod adaptive;
 pub mod address;
 pub mod auth;
 pub mod bounce;

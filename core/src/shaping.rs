@@ -59,7 +59,7 @@ pub struct Shaping {
 
 impl Shaping {
     /// `base` with what `knobs` sets.
-    fn with(mut self, knobs: &Knobs) -> Shaping {
+    pub fn with(mut self, knobs: &Knobs) -> Shaping {
         let secs = |k: Option<crate::config::Bounded<1, 3600>>, d: Duration| {
             k.map_or(d, |v| Duration::from_secs(v.get()))
         };
@@ -105,11 +105,13 @@ impl Shaping {
 }
 
 /// The shaping configuration: the defaults and the provider rules.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct ShapingTable {
     default: Shaping,
     /// (lower-case suffixes without a trailing dot, sources, knobs), in name order.
     providers: Vec<(Vec<String>, Vec<String>, Knobs)>,
+    /// The response rules (adaptive delivery), compiled.
+    pub rules: crate::adaptive::Rules,
 }
 
 impl ShapingTable {
@@ -136,6 +138,7 @@ impl ShapingTable {
                      mx_suffix,
                      sources,
                      shaping,
+                     ..
                  }| {
                     let suffixes = mx_suffix
                         .iter()
@@ -149,6 +152,7 @@ impl ShapingTable {
         ShapingTable {
             default: builtin.with(&config.shaping),
             providers,
+            rules: crate::adaptive::Rules::new(config),
         }
     }
 

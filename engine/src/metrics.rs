@@ -91,6 +91,9 @@ metrics! {
     delivery_expired_total: "counter",
     /// Recipient attempts put off untried (ready queue full, queue suspended).
     delivery_delayed_total: "counter",
+    /// Response rules (adaptive delivery) that fired on a ready queue, and that ended.
+    adaptive_rules_fired_total: "counter",
+    adaptive_rules_ended_total: "counter",
     /// Parts handed to the shard that owns their site.
     mesh_handoffs_total: "counter",
     /// Parts delivered by their own shard because the owner's inbox was full.

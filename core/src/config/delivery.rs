@@ -57,6 +57,8 @@ pub struct DeliveryConfig {
     /// MX hosts.
     pub routes: BTreeMap<String, Vec<Listen>>,
     /// Egress sources by name: the local address to send from and the EHLO name.
+    /// Response rules for every site (adaptive delivery); providers add their own.
+    pub automation: Vec<super::automation::Automation>,
     /// A source named `default` (no binding, the default EHLO name) always exists.
     pub sources: BTreeMap<String, EgressSource>,
     /// Egress pools by name: weighted sources. The set_binding phase names a message's
@@ -97,6 +99,7 @@ impl Default for DeliveryConfig {
             max_age_secs: Bounded(604_800),
             shaping: shaping::Knobs::builtin(),
             providers: BTreeMap::new(),
+            automation: Vec::new(),
             routes: BTreeMap::new(),
             sources: BTreeMap::new(),
             pools: BTreeMap::new(),

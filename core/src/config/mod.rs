@@ -6,10 +6,12 @@
 //!
 //! One file per section (`server.rs` holds `[server]`, `[spool]` and `[events]`;
 //! `smtp.rs`, `policy.rs`, `http.rs`, `delivery.rs`, `dkim.rs`; `shaping.rs` the
-//! shaping knobs that `[delivery]` and the provider rules share; `net.rs` CIDRs).
+//! shaping knobs that `[delivery]` and the provider rules share; `automation.rs` the
+//! response rules of adaptive delivery; `net.rs` CIDRs).
 //! This file has the whole, its loading and cross-section checks, and the value
 //! types every section uses (`Bounded`, `Listen`).
 
+pub mod automation;
 pub mod delivery;
 pub mod dkim;
 pub mod http;
@@ -213,6 +215,28 @@ impl Config {
                 }
             }
         }
+        // Response rules name sources too.
+        let rule_lists =
+            std::iter::once(("delivery.automation".to_string(), &self.delivery.automation)).chain(
+                self.delivery.providers.iter().map(|(name, p)| {
+                    (
+                        format!("delivery.providers.{name}.automation"),
+                        &p.automation,
+                    )
+                }),
+            );
+        for (key, rules) in rule_lists {
+            for (i, rule) in rules.iter().enumerate() {
+                for source in &rule.sources {
+                    if source != "default" && !self.delivery.sources.contains_key(source) {
+                        return Err((
+                            format!("{key}[{i}].sources"),
+                            format!("source `{source}` is not defined in delivery.sources"),
+                        ));
+                    }
+                }
+            }
+        }
         let pool_known = |pool: &str| pool == "default" || self.delivery.pools.contains_key(pool);
         if !pool_known(&self.policy.default_pool) {
             return Err((
@@ -408,6 +432,31 @@ mod tests {
             &["t.toml:2:", "http.listen", "sequence"],
         );
         check_err("[smtp\n", &["t.toml:1:"]);
+        // A response rule that cannot work names its provider, its index and line.
+        check_err(
+            "[delivery.providers.yahoo]\nmx_suffix = [\".yahoodns.net\"]\n[[delivery.providers.yahoo.automation]]\nregex = '[TSS04'\nduration = \"2h\"\nactions = [\"suspend\"]\n",
+            &[
+                "t.toml:3:",
+                "delivery.providers.yahoo.automation[0]",
+                "does not compile (unclosed character class)",
+            ],
+        );
+        check_err(
+            "[delivery]\nautomation = [{ regex = \"x\", duration = \"1h\", actions = [\"slow\"] }]\n",
+            &[
+                "t.toml:2:",
+                "delivery.automation[0]",
+                "unknown variant `slow`",
+            ],
+        );
+        check_err(
+            "[delivery]\nautomation = [{ regex = \"x\", duration = \"1h\", actions = [\"suspend\"], sources = [\"ip9\"] }]\n",
+            &[
+                "t.toml:2:",
+                "delivery.automation[0].sources",
+                "source `ip9` is not defined",
+            ],
+        );
         check_err(
             "[smtp]\nlisten = []\ntls_listen = []\n",
             &["t.toml:2:", "smtp.listen", "no SMTP listener"],

@@ -55,6 +55,74 @@ pub struct Knobs {
 }
 
 impl Knobs {
+    /// The knobs set, as `name=value` words (`connection_limit=1
+    /// max_message_rate=10/min`), for events and the admin API.
+    pub fn describe(&self) -> String {
+        let mut words: Vec<String> = Vec::new();
+        let mut num = |name: &str, v: Option<u64>| {
+            if let Some(v) = v {
+                words.push(format!("{name}={v}"));
+            }
+        };
+        num("connection_limit", self.connection_limit.map(|b| b.get()));
+        num(
+            "max_deliveries_per_connection",
+            self.max_deliveries_per_connection.map(|b| b.get()),
+        );
+        num(
+            "max_recipients_per_batch",
+            self.max_recipients_per_batch.map(|b| b.get()),
+        );
+        num("max_ready", self.max_ready.map(|b| b.get()));
+        num(
+            "connect_timeout_secs",
+            self.connect_timeout_secs.map(|b| b.get()),
+        );
+        num(
+            "banner_timeout_secs",
+            self.banner_timeout_secs.map(|b| b.get()),
+        );
+        num("ehlo_timeout_secs", self.ehlo_timeout_secs.map(|b| b.get()));
+        num(
+            "starttls_timeout_secs",
+            self.starttls_timeout_secs.map(|b| b.get()),
+        );
+        num(
+            "mail_from_timeout_secs",
+            self.mail_from_timeout_secs.map(|b| b.get()),
+        );
+        num(
+            "rcpt_to_timeout_secs",
+            self.rcpt_to_timeout_secs.map(|b| b.get()),
+        );
+        num("data_timeout_secs", self.data_timeout_secs.map(|b| b.get()));
+        num(
+            "data_dot_timeout_secs",
+            self.data_dot_timeout_secs.map(|b| b.get()),
+        );
+        num("idle_timeout_secs", self.idle_timeout_secs.map(|b| b.get()));
+        num(
+            "connection_failures_max",
+            self.connection_failures_max.map(|b| b.get()),
+        );
+        num(
+            "connection_backoff_max_secs",
+            self.connection_backoff_max_secs.map(|b| b.get()),
+        );
+        for (name, rate) in [
+            ("max_message_rate", self.max_message_rate),
+            ("max_connection_rate", self.max_connection_rate),
+        ] {
+            if let Some(rate) = rate {
+                words.push(format!("{name}={rate}"));
+            }
+        }
+        if let Some(v) = self.pipeline_next_message {
+            words.push(format!("pipeline_next_message={v}"));
+        }
+        words.join(" ")
+    }
+
     /// The defaults (documented in default.toml).
     pub fn builtin() -> Knobs {
         Knobs {
@@ -90,6 +158,8 @@ pub struct Provider {
     /// Only for these egress sources; empty: every source.
     pub sources: Vec<String>,
     pub shaping: Knobs,
+    /// Response rules for the provider's sites (adaptive delivery).
+    pub automation: Vec<super::automation::Automation>,
 }
 
 /// Providers by name; every matching rule applies, in name order.
@@ -183,6 +253,16 @@ mod tests {
             "5/h".to_string()
         );
         assert_eq!("Unlimited".parse(), Ok(Rate::Unlimited));
+        let knobs = Knobs {
+            connection_limit: Some(Bounded(1)),
+            max_message_rate: "10/min".parse().ok(),
+            pipeline_next_message: Some(false),
+            ..Knobs::default()
+        };
+        assert_eq!(
+            knobs.describe(),
+            "connection_limit=1 max_message_rate=10/min pipeline_next_message=false"
+        );
         for bad in ["", "10", "10/week", "x/s", "0/s", "-1/s", "/s"] {
             let err = bad.parse::<Rate>().unwrap_err();
             assert!(err.contains(bad.trim()), "{bad}: {err}");

@@ -10,6 +10,7 @@
 //! Nothing here does I/O or reads the clock: the dispatcher passes `now`, so the retry
 //! schedule is tested with plain numbers.
 
+pub mod adapt;
 pub mod health;
 pub mod settle;
 pub mod wheel;
@@ -20,6 +21,7 @@ use std::net::SocketAddr;
 use std::rc::Rc;
 use std::sync::Arc;
 
+use crate::config::automation::ActionName;
 use crate::id::MessageId;
 
 use crate::shaping::{QueueName, QueueSelector, Shaping, ShapingTable, Suspension, Throttle};
@@ -283,6 +285,9 @@ pub struct Queues {
     /// which with thousands of destinations made each maintainer round cost as much
     /// as the queues it kept. A queue is listed at most once (`ReadyQueue::listed`).
     listed: Vec<String>,
+    /// Ready queues with response rules in force (some may have ended since): the
+    /// only ones looked at for expiry, bounces and suspensions.
+    adapting: Vec<String>,
 }
 
 /// One ready queue: its parts, its connections and its shaping.
@@ -304,6 +309,8 @@ pub struct ReadyQueue {
     pub throttled_until_ms: u64,
     /// Failed connections in a row and the backoff they impose.
     pub health: health::ConnectHealth,
+    /// Its response rules: matches toward thresholds, rules in force.
+    pub adaptive: crate::adaptive::Adaptive,
     /// Connections of this queue waiting for its next part (idle_timeout): woken, all
     /// of them, when a part arrives. A waker may be stale (its connection has gone
     /// on); waking it is harmless.
@@ -314,7 +321,9 @@ pub struct ReadyQueue {
 
 impl ReadyQueue {
     fn new(site: Rc<Site>, egress: Rc<Egress>, table: &ShapingTable) -> ReadyQueue {
-        let shaping = table.resolve(&egress.name, site.host_names.iter().map(String::as_str));
+        let hosts = site.host_names.iter().map(String::as_str);
+        let shaping = table.resolve(&egress.name, hosts.clone());
+        let adaptive = crate::adaptive::Adaptive::new(table.rules.for_queue(&egress.name, hosts));
         ReadyQueue {
             site,
             egress,
@@ -326,6 +335,7 @@ impl ReadyQueue {
             connects: Throttle::new(shaping.max_connection_rate),
             throttled_until_ms: 0,
             health: health::ConnectHealth::default(),
+            adaptive,
             idle: Vec::new(),
             listed: false,
         }
@@ -338,11 +348,16 @@ impl ReadyQueue {
         }
     }
 
+    /// The shaping from `table`, with what the response rules in force set over it.
     fn reshape(&mut self, table: &ShapingTable) {
-        self.shaping = table.resolve(
+        let mut shaping = table.resolve(
             &self.egress.name,
             self.site.host_names.iter().map(String::as_str),
         );
+        for knobs in self.adaptive.knobs(&table.rules) {
+            shaping = shaping.with(knobs);
+        }
+        self.shaping = shaping;
         self.messages.set_rate(self.shaping.max_message_rate);
         self.connects.set_rate(self.shaping.max_connection_rate);
         // The maintainer works out the wait again under the new rate.
@@ -391,6 +406,7 @@ impl Queues {
             shaping,
             ready: HashMap::new(),
             listed: Vec::new(),
+            adapting: Vec::new(),
         }
     }
 
@@ -476,6 +492,11 @@ impl Queues {
     /// queue with parts is looked at again under it.
     pub fn set_shaping(&mut self, shaping: Arc<ShapingTable>) {
         for (key, q) in self.ready.iter_mut() {
+            let hosts = q.site.host_names.iter().map(String::as_str);
+            let rules = shaping.rules.for_queue(&q.egress.name, hosts);
+            q.adaptive = q
+                .adaptive
+                .rebase(&self.shaping.rules, &shaping.rules, rules);
             q.reshape(&shaping);
             if !q.is_empty() {
                 list(&mut self.listed, q, key.as_str());
@@ -526,8 +547,16 @@ impl Queues {
             let Some(q) = self.ready.get_mut(&key) else {
                 continue;
             };
+            let suspended = (q.adaptive)
+                .action_until(&self.shaping.rules, ActionName::Suspend)
+                .filter(|until| *until > now_ms);
             let waiting = if q.is_empty() {
                 false
+            } else if let Some(until) = suspended {
+                // A response rule suspended the queue: its parts wait in it, and no
+                // connection opens, until the rule ends.
+                later(until);
+                true
             } else if q.throttled_until_ms > now_ms {
                 later(q.throttled_until_ms);
                 true
@@ -614,6 +643,7 @@ impl Queues {
                 || q.listed
                 || q.connections > 0
                 || q.health.backing_off(now_ms)
+                || !q.adaptive.in_force().is_empty()
                 || !q.messages.wait(now_us).is_zero()
                 || !q.connects.wait(now_us).is_zero()
         });
@@ -781,6 +811,80 @@ mod tests {
         assert_eq!(refused, vec![std::rc::Rc::<str>::from("b.test")]);
         assert_eq!(q.ready.len(), 2);
         assert_eq!(q.ready_len(), 2);
+    }
+
+    /// Queues under the response rules of `toml_text` (a `[delivery]` section), with
+    /// one part of a message to a.test ready.
+    fn adaptive_queues(toml_text: &str) -> (Queues, String) {
+        let config = crate::config::Config::parse(toml_text, "t.toml").unwrap();
+        let mut q = Queues::new(0, Arc::new(ShapingTable::new(&config.delivery)));
+        let m = message(&["x@a.test", "done@a.test"]);
+        let mut part = split(&m, 0).remove(0);
+        part.site = routes().site(&part.domain);
+        q.push_ready(part).unwrap();
+        let key = q.ready.keys().next().unwrap().clone();
+        (q, key)
+    }
+
+    #[test]
+    fn a_suspend_rule_holds_the_queue_s_connections_until_it_ends() {
+        let (mut q, key) = adaptive_queues(
+            "[delivery]\nautomation = [{ regex = 'TSS04', actions = ['suspend'], duration = 60 }]\n",
+        );
+        let mut out = Vec::new();
+        assert!(q.observe(&key, 250, "250 2.0.0 OK", 1_000).is_empty());
+        let fired = q.observe(&key, 421, "421 4.7.0 [TSS04] deferred", 1_000);
+        assert_eq!((fired.len(), fired[0].until_ms), (1, 61_000));
+        assert!(q.rules_in_force());
+        // No connection while suspended; the maintainer is told when to look again.
+        assert_eq!(q.open_connections(2_000, &mut out), Some(61_000));
+        assert!(out.is_empty());
+        assert_eq!(q.next_rule_expiry(), Some(61_000));
+        assert!(q.expire_rules(60_999).is_empty());
+        let ended = q.expire_rules(61_000);
+        assert_eq!(ended.len(), 1);
+        assert!(!q.rules_in_force());
+        q.open_connections(61_000, &mut out);
+        assert_eq!(out, vec![key.clone()], "connections open again");
+        // A queue with a rule in force is not forgotten while idle.
+        q.observe(&key, 421, "421 [TSS04]", 70_000);
+        q.ready.get_mut(&key).unwrap().parts.clear();
+        q.ready.get_mut(&key).unwrap().connections = 0;
+        q.forget_idle(80_000);
+        assert!(q.ready.contains_key(&key));
+    }
+
+    #[test]
+    fn set_bounce_and_transient_rules_act_on_their_queue() {
+        let (mut q, key) = adaptive_queues(
+            "[delivery]\nautomation = [\n\
+             { codes = [451], trigger = '2/min', set = { connection_limit = 1, max_message_rate = '10/min' }, duration = 60 },\n\
+             { enhanced = ['5.7.1'], actions = ['bounce', 'transient'], duration = 30 },\n]\n",
+        );
+        let limit = |q: &Queues| q.ready[&key].shaping.connection_limit;
+        assert_eq!(limit(&q), 32);
+        assert!(q.observe(&key, 451, "451 4.7.1 slow down", 0).is_empty());
+        assert_eq!(q.observe(&key, 451, "451 4.7.1 slow down", 10_000).len(), 1);
+        assert_eq!(limit(&q), 1, "the rule's shaping is in force");
+        assert_eq!(q.transient_rule(&key, 10_000), None);
+        assert!(q.take_bounced(10_000).is_empty(), "no bounce rule in force");
+        // A block: what waits is bounced, and 5xx replies count as temporary.
+        assert_eq!(q.observe(&key, 554, "554 5.7.1 blocked", 20_000).len(), 1);
+        let rule = q.transient_rule(&key, 20_000).expect("transient in force");
+        let bounced = q.take_bounced(20_000);
+        assert_eq!(bounced.len(), 1);
+        assert_eq!((bounced[0].0.as_str(), bounced[0].1), (key.as_str(), rule));
+        assert!(q.ready[&key].is_empty());
+        // The block ends first, then the shaping.
+        assert_eq!(q.expire_rules(50_000).len(), 1);
+        assert_eq!(q.transient_rule(&key, 50_000), None);
+        assert_eq!(limit(&q), 1);
+        q.expire_rules(70_000);
+        assert_eq!(limit(&q), 32, "back to the configured shaping");
+        // A reload that drops the rules ends them too.
+        q.observe(&key, 554, "554 5.7.1 blocked", 80_000);
+        q.set_shaping(Arc::new(ShapingTable::new(&Default::default())));
+        assert_eq!(q.transient_rule(&key, 80_000), None);
     }
 
     #[test]

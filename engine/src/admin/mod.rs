@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::shard::Shared;
 use gannet_core::clock::unix_ms;
+use gannet_core::config::automation::parse_duration;
 use gannet_core::shaping::{QueueSelector, Suspension};
 
 /// The reply: status and JSON body.
@@ -282,48 +283,9 @@ fn new_id() -> String {
     id
 }
 
-/// `"90s"`, `"5m"`, `"2h"`, `"1d"`, `"1h30m"` (units s, m, h, d), or plain seconds.
-pub fn parse_duration(text: &str) -> Option<u64> {
-    let text = text.trim();
-    if let Ok(secs) = text.parse::<u64>() {
-        return Some(secs);
-    }
-    let mut total = 0u64;
-    let mut number = String::new();
-    for c in text.chars() {
-        if c.is_ascii_digit() {
-            number.push(c);
-            continue;
-        }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            _ => return None,
-        };
-        let n: u64 = number.parse().ok()?;
-        number.clear();
-        total = total.checked_add(n.checked_mul(unit)?)?;
-    }
-    number.is_empty().then_some(total).filter(|t| *t > 0)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn durations_parse_in_units_and_bad_ones_do_not() {
-        assert_eq!(parse_duration("90"), Some(90));
-        assert_eq!(parse_duration("90s"), Some(90));
-        assert_eq!(parse_duration("5m"), Some(300));
-        assert_eq!(parse_duration("1h30m"), Some(5400));
-        assert_eq!(parse_duration("2d"), Some(172_800));
-        for bad in ["", "m", "5x", "5m3", "1.5h", "-5m"] {
-            assert_eq!(parse_duration(bad), None, "{bad}");
-        }
-    }
 
     #[test]
     fn ids_look_like_uuids() {

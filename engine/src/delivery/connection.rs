@@ -18,7 +18,7 @@ use gannet_core::clock::unix_ms;
 use gannet_core::queue::{self, Part};
 
 /// Work a connection can take from a ready queue.
-enum Work {
+pub(super) enum Work {
     Local(Part),
     Remote(Box<gannet_core::handoff::Handoff>),
 }
@@ -29,6 +29,8 @@ enum Next {
     /// The queue has work, but max_message_rate says to wait this long.
     Wait(Duration),
     Done,
+    /// A response rule holds the queue (suspend, bounce): the connection closes.
+    Held,
 }
 
 /// A connection waits for the message rate in place when the wait is this short;
@@ -39,6 +41,9 @@ const RATE_WAIT_IN_PLACE: Duration = Duration::from_secs(2);
 /// rate allows.
 fn next_work(d: &Dispatcher, key: &str, rated: bool) -> Next {
     let mut queues = d.queues.borrow_mut();
+    if queues.rules_in_force() && queues.held(key, unix_ms()) {
+        return Next::Held;
+    }
     let Some(q) = queues.ready.get_mut(key) else {
         return Next::Done;
     };
@@ -229,7 +234,7 @@ impl Loaded {
 
 /// Fails every recipient of `work` with `response`, as when no connection could be
 /// made: settled here for a local part, reported home for a handed-off one.
-async fn fail(d: &Dispatcher, work: Work, response: &Response) {
+pub(super) async fn fail(d: &Dispatcher, work: Work, response: &Response) {
     match work {
         Work::Local(part) => {
             let results = part.rcpts.iter().map(|i| (*i, response.clone())).collect();
@@ -273,14 +278,21 @@ pub(super) async fn connection(d: Rc<Dispatcher>, key: String) {
     };
     let mut session = None;
     let mut failure = Response::local(451, "4.4.4 the route has no hosts");
+    let mut connected = false;
     for (host, name) in site.hosts.iter().zip(&site.host_names) {
         match Session::connect(*host, name, &options, &d.tls).await {
             Ok(s) => {
                 session = Some((s, *host));
+                connected = true;
                 break;
             }
             Err(err) => failure = err.response(),
         }
+    }
+    if !connected {
+        // A banner or EHLO refusal (Microsoft's 421 4.7.650, …) is what response
+        // rules most often read.
+        super::adapt::observe(&d, &key, std::slice::from_mut(&mut failure));
     }
     match session {
         None => {
@@ -353,6 +365,7 @@ pub(super) async fn connection(d: Rc<Dispatcher>, key: String) {
                             }
                             break;
                         }
+                        Next::Held => break,
                     },
                 };
                 // Take the following part now, so that its envelope can go out with
@@ -381,9 +394,10 @@ pub(super) async fn connection(d: Rc<Dispatcher>, key: String) {
                     }
                 });
                 let (sender, recipients, body) = current.envelope();
-                let (replies, failed) =
+                let (mut replies, failed) =
                     deliver(&mut session, batch_max, sender, recipients, body, next).await;
                 broken = failed;
+                super::adapt::observe(&d, &key, &mut replies);
                 match current {
                     Loaded::Local { part, .. } => {
                         let results = part.rcpts.iter().copied().zip(replies).collect();

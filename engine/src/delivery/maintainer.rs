@@ -10,11 +10,12 @@ use std::time::Duration;
 
 use super::Dispatcher;
 use super::client::Response;
-use super::connection::connection;
+use super::connection::{Work, connection, fail};
 use super::routing::{place, resolve, site_found};
 use super::settling::delayed;
 use gannet_core::clock::unix_ms;
 use gannet_core::queue::Part;
+use gannet_core::queue::adapt::Bounced;
 
 /// How often idle ready queues are forgotten.
 const FORGET_IDLE_MS: u64 = 10_000;
@@ -41,6 +42,7 @@ pub async fn run(d: Rc<Dispatcher>) {
         let mut to_resolve: Vec<Rc<str>> = Vec::new();
         let mut to_place: Vec<Part> = Vec::new();
         let mut no_site: Vec<(Part, Response)> = Vec::new();
+        let mut bounced = Vec::new();
         // The earliest time something must be looked at again, besides the wheel.
         let mut wake_at = now + 1000;
         {
@@ -85,6 +87,16 @@ pub async fn run(d: Rc<Dispatcher>) {
             if let Some(at) = queues.open_connections(now, &mut to_open) {
                 wake_at = wake_at.min(at);
             }
+            // Response rules in force: those whose time is up end, and what waits
+            // under a bounce rule is taken out to be bounced.
+            if queues.rules_in_force() {
+                let ended = queues.expire_rules(now);
+                super::adapt::ended(&d, &queues, &ended, now);
+                bounced = queues.take_bounced(now);
+                if let Some(at) = queues.next_rule_expiry() {
+                    wake_at = wake_at.min(at);
+                }
+            }
             if now.saturating_sub(last_forget) >= FORGET_IDLE_MS {
                 queues.forget_idle(now);
                 last_forget = now;
@@ -100,6 +112,14 @@ pub async fn run(d: Rc<Dispatcher>) {
         }
         for (part, response) in no_site {
             site_found(&d, part, &Err(response), now);
+        }
+        for (key, rule, work) in bounced {
+            let reply = super::adapt::bounce_reply(&d, rule, &key);
+            let work = match work {
+                Bounced::Local(part) => Work::Local(part),
+                Bounced::Remote(handoff) => Work::Remote(handoff),
+            };
+            fail(&d, work, &reply).await;
         }
         if !to_place.is_empty() {
             for part in to_place {

@@ -14,6 +14,7 @@
 //! it, and the tasks they spawn (the maintainer, one per connection, one per DNS
 //! lookup) hold it by `Rc`.
 
+mod adapt;
 pub mod client;
 pub mod connection;
 pub mod handoff;

@@ -100,6 +100,28 @@ pub enum Event<'a> {
     /// A recipient's attempt was put off without being tried (its ready queue was
     /// full, or its scheduled queue is suspended); not counted as a retry.
     Delayed(Outcome<'a>),
+    /// A response rule (adaptive delivery) fired on a ready queue, or ended.
+    Adaptive {
+        timestamp_ms: u64,
+        shard: u16,
+        /// The ready queue: `egress_source->site_name`.
+        queue: &'a str,
+        /// Where the rule is written: `default#0`, `yahoo#1`.
+        rule: &'a str,
+        /// `fired` (it is in force from now), `extended` (it fired again while in
+        /// force) or `ended`.
+        change: &'a str,
+        /// Until when it is in force (unix ms; not for `ended`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        until_ms: Option<u64>,
+        actions: Vec<&'a str>,
+        /// What the rule sets: `connection_limit=1 max_message_rate=10/min`.
+        #[serde(skip_serializing_if = "str::is_empty")]
+        set: &'a str,
+        /// The reply that fired it.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reply: Option<&'a str>,
+    },
     /// A policy phase (or a limit) refused a session, a recipient or a message.
     PolicyRejection {
         timestamp_ms: u64,

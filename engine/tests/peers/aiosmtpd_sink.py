@@ -4,7 +4,8 @@ Usage: aiosmtpd_sink.py PORT OUT_DIR [--tls CERT KEY] [--timeout SECS]
 Stores each message as OUT_DIR/<n>.json ({"mail_from", "rcpt_tos", "mail_options",
 "data" (latin-1), "tls", "peer" (client address), "peer_port", "helo"}). --timeout:
 an idle session gets 421 and is closed after SECS (aiosmtpd's default: 300). Recipients whose local part is `tempfail` get 451 and
-`permfail` get 550 at RCPT. Prints "ready" once listening; stops on SIGTERM.
+`permfail` get 550 at RCPT; `throttled` and `blocked` get a provider's rate-limit
+(451 4.7.28) and block (554 5.7.1 [TSS04]) replies. Prints "ready" once listening; stops on SIGTERM.
 """
 import asyncio
 import json
@@ -28,6 +29,11 @@ class Handler:
             return "451 4.2.0 mailbox busy, try later"
         if local == "permfail":
             return "550 5.1.1 no such user"
+        # Provider-style replies for the response-rule tests.
+        if local == "throttled":
+            return "451 4.7.28 Our system has detected an unusual rate of unsolicited mail"
+        if local == "blocked":
+            return "554 5.7.1 [TSS04] Messages from this source are blocked"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 

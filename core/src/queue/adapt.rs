@@ -1,0 +1,134 @@
+//! The ready queues' side of adaptive delivery: replies observed per queue fire its
+//! response rules (`crate::adaptive`), whose effects the queues keep — shaping set
+//! over the configured one, a suspension that holds connections, parts to bounce —
+//! until the rules end.
+
+use super::{Part, Queues, list};
+use crate::adaptive::Fired;
+use crate::config::automation::ActionName;
+use crate::handoff::Handoff;
+
+/// Work a bounce rule takes out of a ready queue.
+#[derive(Debug)]
+pub enum Bounced {
+    Local(Part),
+    Remote(Box<Handoff>),
+}
+
+impl Queues {
+    /// A reply (its code and whole text) from the site of ready queue `key`, at
+    /// `now_ms`: the rules it fires. A rule that sets shaping takes effect at once;
+    /// the queue is looked at again (a suspension or a lower limit may hold its
+    /// connections, a bounce empties it at the maintainer's next round).
+    pub fn observe(&mut self, key: &str, code: u16, text: &str, now_ms: u64) -> Vec<Fired> {
+        let Some(q) = self.ready.get_mut(key) else {
+            return Vec::new();
+        };
+        if q.adaptive.is_idle() {
+            return Vec::new();
+        }
+        let fired = q.adaptive.observe(&self.shaping.rules, code, text, now_ms);
+        if fired.iter().any(|f| f.new) {
+            q.reshape(&self.shaping);
+            if !self.adapting.iter().any(|k| k == key) {
+                self.adapting.push(key.to_string());
+            }
+            list(&mut self.listed, q, key);
+        }
+        fired
+    }
+
+    /// Ends the response rules whose time is up: each queue's shaping returns to what
+    /// the rules still in force make it, and the queue is looked at again. Returns the
+    /// rules that ended, by queue.
+    pub fn expire_rules(&mut self, now_ms: u64) -> Vec<(String, u16)> {
+        let mut ended = Vec::new();
+        let shaping = &self.shaping;
+        let (ready, listed) = (&mut self.ready, &mut self.listed);
+        self.adapting.retain(|key| {
+            let Some(q) = ready.get_mut(key) else {
+                return false;
+            };
+            let gone = q.adaptive.expire(now_ms);
+            if !gone.is_empty() {
+                q.reshape(shaping);
+                list(listed, q, key.as_str());
+                ended.extend(gone.into_iter().map(|rule| (key.clone(), rule)));
+            }
+            !q.adaptive.in_force().is_empty()
+        });
+        ended
+    }
+
+    /// When the first response rule in force ends.
+    pub fn next_rule_expiry(&self) -> Option<u64> {
+        (self.adapting.iter())
+            .filter_map(|key| self.ready.get(key))
+            .filter_map(|q| q.adaptive.next_expiry())
+            .min()
+    }
+
+    /// Takes out what waits in ready queues under a bounce rule in force, with the
+    /// queue's name and the rule.
+    pub fn take_bounced(&mut self, now_ms: u64) -> Vec<(String, u16, Bounced)> {
+        let mut out = Vec::new();
+        for key in &self.adapting {
+            let Some(q) = self.ready.get_mut(key) else {
+                continue;
+            };
+            let rule = (q.adaptive.in_force().iter())
+                .filter(|(_, until)| *until > now_ms)
+                .map(|(rule, _)| *rule)
+                .find(|r| (self.shaping.rules.get(*r)).is_some_and(|r| r.has(ActionName::Bounce)));
+            let Some(rule) = rule else {
+                continue;
+            };
+            out.extend(
+                q.parts
+                    .drain(..)
+                    .map(|p| (key.clone(), rule, Bounced::Local(p))),
+            );
+            out.extend(
+                q.remote
+                    .drain(..)
+                    .map(|h| (key.clone(), rule, Bounced::Remote(h))),
+            );
+        }
+        out
+    }
+
+    /// The rule in force on ready queue `key` that makes permanent replies temporary,
+    /// if any.
+    pub fn transient_rule(&self, key: &str, now_ms: u64) -> Option<u16> {
+        let q = self.ready.get(key)?;
+        (q.adaptive.in_force().iter())
+            .filter(|(_, until)| *until > now_ms)
+            .map(|(rule, _)| *rule)
+            .find(|r| (self.shaping.rules.get(*r)).is_some_and(|r| r.has(ActionName::Transient)))
+    }
+
+    /// The response rules the queues follow.
+    pub fn rules(&self) -> &crate::adaptive::Rules {
+        &self.shaping.rules
+    }
+
+    /// Whether ready queue `key` must not send now: a suspend or bounce rule is in
+    /// force (its connections close; the maintainer bounces or holds its parts).
+    pub fn held(&self, key: &str, now_ms: u64) -> bool {
+        let Some(q) = self.ready.get(key) else {
+            return false;
+        };
+        (q.adaptive.in_force().iter())
+            .filter(|(_, until)| *until > now_ms)
+            .any(|(rule, _)| {
+                (self.shaping.rules.get(*rule))
+                    .is_some_and(|r| r.has(ActionName::Suspend) || r.has(ActionName::Bounce))
+            })
+    }
+
+    /// Whether any response rule is in force (the maintainer then looks for bounces
+    /// and expiries).
+    pub fn rules_in_force(&self) -> bool {
+        !self.adapting.is_empty()
+    }
+}

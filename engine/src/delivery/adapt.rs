@@ -1,0 +1,145 @@
+//! Adaptive delivery on the shard that owns a site: each attempt's replies are shown
+//! to its ready queue's response rules (`gannet_core::adaptive`), the rules that fire
+//! or end are events, and while a `transient` rule is in force a permanent reply is
+//! settled as a temporary one. Suspensions, shaping and bounces take effect in the
+//! queues (`gannet_core::queue`) and the maintainer.
+
+use super::Dispatcher;
+use super::client::Response;
+use crate::events::Event;
+use gannet_core::adaptive::Fired;
+use gannet_core::clock::unix_ms;
+
+/// Shows the replies of one attempt on ready queue `key` to its rules (each run of
+/// equal replies once: a transaction's recipients often share one), records what
+/// fires, and makes 5xx replies 4xx while a `transient` rule is in force.
+pub(super) fn observe(d: &Dispatcher, key: &str, replies: &mut [Response]) {
+    let now = unix_ms();
+    let mut queues = d.queues.borrow_mut();
+    if queues.ready.get(key).is_none_or(|q| q.adaptive.is_idle()) {
+        return;
+    }
+    for i in 0..replies.len() {
+        if i > 0 && replies[i] == replies[i - 1] {
+            continue;
+        }
+        let reply = &replies[i];
+        // The rules read the whole reply as one line, code first (only for queues
+        // that have rules: one string per distinct reply).
+        let text = format!("{} {}", reply.code, reply.text.replace('\n', " "));
+        for fired in queues.observe(key, reply.code, &text, now) {
+            record(d, &queues, key, &fired, &text, now);
+        }
+    }
+    if let Some(rule) = queues.transient_rule(key, now) {
+        let name = queues.rules().get(rule).map_or("", |r| r.name.as_str());
+        for reply in replies.iter_mut().filter(|r| r.code >= 500) {
+            *reply = temporary(reply, name);
+        }
+    }
+}
+
+/// The event of a rule that fired.
+fn record(
+    d: &Dispatcher,
+    queues: &gannet_core::queue::Queues,
+    key: &str,
+    fired: &Fired,
+    reply: &str,
+    now: u64,
+) {
+    let Some(rule) = queues.rules().get(fired.rule) else {
+        return;
+    };
+    let metrics = &d.shard.metrics;
+    if fired.new {
+        metrics
+            .adaptive_rules_fired_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    tracing::info!(shard = d.shard.id, queue = key, rule = %rule.name, until_ms = fired.until_ms, "response rule fired: {reply}");
+    d.shard.event(&Event::Adaptive {
+        timestamp_ms: now,
+        shard: d.shard.id,
+        queue: key,
+        rule: &rule.name,
+        change: if fired.new { "fired" } else { "extended" },
+        until_ms: Some(fired.until_ms),
+        actions: rule.actions.iter().map(|a| a.name()).collect(),
+        set: &rule.set_text,
+        reply: Some(reply),
+    });
+}
+
+/// Records the rules that ended on each queue.
+pub(super) fn ended(
+    d: &Dispatcher,
+    queues: &gannet_core::queue::Queues,
+    ended: &[(String, u16)],
+    now: u64,
+) {
+    for (key, rule) in ended {
+        let Some(rule) = queues.rules().get(*rule) else {
+            continue;
+        };
+        tracing::info!(shard = d.shard.id, queue = %key, rule = %rule.name, "response rule ended");
+        d.shard
+            .metrics
+            .adaptive_rules_ended_total
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        d.shard.event(&Event::Adaptive {
+            timestamp_ms: now,
+            shard: d.shard.id,
+            queue: key,
+            rule: &rule.name,
+            change: "ended",
+            until_ms: None,
+            actions: rule.actions.iter().map(|a| a.name()).collect(),
+            set: &rule.set_text,
+            reply: None,
+        });
+    }
+}
+
+/// A permanent reply made temporary by rule `rule`: 5yz becomes 4yz, an enhanced
+/// code 5.x.y becomes 4.x.y, and the text says why.
+fn temporary(reply: &Response, rule: &str) -> Response {
+    let text = match (reply.enhanced_code(), reply.text.strip_prefix('5')) {
+        (Some(_), Some(rest)) => format!("4{rest}"),
+        _ => reply.text.clone(),
+    };
+    Response::local(
+        reply.code - 100,
+        format!("{text} (made temporary by response rule {rule})"),
+    )
+}
+
+/// The reply every part that a bounce rule takes out of its ready queue gets.
+pub(super) fn bounce_reply(d: &Dispatcher, rule: u16, key: &str) -> Response {
+    let queues = d.queues.borrow();
+    let name = queues.rules().get(rule).map_or("", |r| r.name.as_str());
+    Response::local(
+        550,
+        format!("5.7.1 bounced by response rule {name} while in force for {key}"),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn permanent_replies_become_temporary_with_their_reason() {
+        let r = temporary(&Response::local(554, "5.7.1 blocked\nby policy"), "y#0");
+        assert_eq!(r.code, 454);
+        assert_eq!(
+            r.text,
+            "4.7.1 blocked\nby policy (made temporary by response rule y#0)"
+        );
+        let r = temporary(&Response::local(550, "no such user"), "d#1");
+        assert_eq!(
+            (r.code, r.text.as_str()),
+            (450, "no such user (made temporary by response rule d#1)")
+        );
+    }
+}
