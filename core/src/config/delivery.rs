@@ -57,6 +57,11 @@ pub struct DeliveryConfig {
     /// MX hosts.
     pub routes: BTreeMap<String, Vec<Listen>>,
     /// Egress sources by name: the local address to send from and the EHLO name.
+    /// Files of provider rules (`[providers.<name>]` tables, as under
+    /// `delivery.providers`), read when the configuration is loaded and on SIGHUP;
+    /// relative paths are from the configuration file's directory. A provider this
+    /// file defines itself wins over a file's of the same name.
+    pub provider_files: Vec<String>,
     /// Response rules for every site (adaptive delivery); providers add their own.
     pub automation: Vec<super::automation::Automation>,
     /// A source named `default` (no binding, the default EHLO name) always exists.
@@ -99,6 +104,7 @@ impl Default for DeliveryConfig {
             max_age_secs: Bounded(604_800),
             shaping: shaping::Knobs::builtin(),
             providers: BTreeMap::new(),
+            provider_files: Vec::new(),
             automation: Vec::new(),
             routes: BTreeMap::new(),
             sources: BTreeMap::new(),

@@ -125,38 +125,36 @@ impl Config {
         Config::parse(DEFAULT_TOML, "<default>").expect("the embedded default config parses")
     }
 
-    /// Reads and checks a configuration file.
+    /// Reads and checks a configuration file, and the provider files it names.
     pub fn load(path: &std::path::Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Config::parse(&text, &path.display().to_string())
+        let text = read(path)?;
+        let mut config = Config::parse(&text, &path.display().to_string())?;
+        let base = path.parent().unwrap_or(std::path::Path::new("."));
+        for file in config.delivery.provider_files.clone() {
+            let path = base.join(&file);
+            let text = read(&path)?;
+            let origin = path.display().to_string();
+            let found: ProviderFile = parse_located(&text, &origin)?;
+            for (name, provider) in found.providers {
+                check_provider(
+                    &config.delivery.sources,
+                    &format!("providers.{name}"),
+                    &provider,
+                )
+                .map_err(|(key, message)| located(&text, &origin, key, None, message))?;
+                config.delivery.providers.entry(name).or_insert(provider);
+            }
+        }
+        Ok(config)
     }
 
-    /// Parses configuration text; `origin` names it in errors.
+    /// Parses configuration text; `origin` names it in errors. Provider files are
+    /// not read (see [`Config::load`]).
     pub fn parse(text: &str, origin: &str) -> Result<Config, ConfigError> {
-        let located = |key: String, span: Option<std::ops::Range<usize>>, message: String| {
-            let (line, column) = span.map_or((0, 0), |s| line_col(text, s.start));
-            ConfigError::Invalid {
-                origin: origin.to_string(),
-                key,
-                line,
-                column,
-                message,
-            }
-        };
-        let de = toml::Deserializer::parse(text)
-            .map_err(|e| located(String::new(), e.span(), e.message().trim().to_string()))?;
-        let config: Config = serde_path_to_error::deserialize(de).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            located(key, inner.span(), inner.message().trim().to_string())
-        })?;
-        config.check().map_err(|(key, message)| {
-            let span = find_key(text, &key);
-            located(key, span, message)
-        })?;
+        let config: Config = parse_located(text, origin)?;
+        config
+            .check()
+            .map_err(|(key, message)| located(text, origin, key, None, message))?;
         Ok(config)
     }
 
@@ -199,43 +197,20 @@ impl Config {
                 }
             }
         }
-        for (name, provider) in &self.delivery.providers {
-            if provider.mx_suffix.iter().all(|s| s.trim().is_empty()) {
+        for (i, rule) in self.delivery.automation.iter().enumerate() {
+            if let Some(source) = unknown_source(&self.delivery.sources, &rule.sources) {
                 return Err((
-                    format!("delivery.providers.{name}.mx_suffix"),
-                    "a provider rule needs at least one MX suffix".into(),
+                    format!("delivery.automation[{i}].sources"),
+                    format!("source `{source}` is not defined in delivery.sources"),
                 ));
             }
-            for source in &provider.sources {
-                if source != "default" && !self.delivery.sources.contains_key(source) {
-                    return Err((
-                        format!("delivery.providers.{name}.sources"),
-                        format!("source `{source}` is not defined in delivery.sources"),
-                    ));
-                }
-            }
         }
-        // Response rules name sources too.
-        let rule_lists =
-            std::iter::once(("delivery.automation".to_string(), &self.delivery.automation)).chain(
-                self.delivery.providers.iter().map(|(name, p)| {
-                    (
-                        format!("delivery.providers.{name}.automation"),
-                        &p.automation,
-                    )
-                }),
-            );
-        for (key, rules) in rule_lists {
-            for (i, rule) in rules.iter().enumerate() {
-                for source in &rule.sources {
-                    if source != "default" && !self.delivery.sources.contains_key(source) {
-                        return Err((
-                            format!("{key}[{i}].sources"),
-                            format!("source `{source}` is not defined in delivery.sources"),
-                        ));
-                    }
-                }
-            }
+        for (name, provider) in &self.delivery.providers {
+            check_provider(
+                &self.delivery.sources,
+                &format!("delivery.providers.{name}"),
+                provider,
+            )?;
         }
         let pool_known = |pool: &str| pool == "default" || self.delivery.pools.contains_key(pool);
         if !pool_known(&self.policy.default_pool) {
@@ -354,6 +329,102 @@ impl Config {
     }
 }
 
+/// A file of provider rules (`delivery.provider_files`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct ProviderFile {
+    providers: std::collections::BTreeMap<String, shaping::Provider>,
+}
+
+fn read(path: &std::path::Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// `text` (from `origin`) deserialized, or the error with its key and line.
+fn parse_located<T: serde::de::DeserializeOwned>(
+    text: &str,
+    origin: &str,
+) -> Result<T, ConfigError> {
+    let de = toml::Deserializer::parse(text).map_err(|e| {
+        located(
+            text,
+            origin,
+            String::new(),
+            e.span(),
+            e.message().trim().to_string(),
+        )
+    })?;
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let key = e.path().to_string();
+        let inner = e.into_inner();
+        located(
+            text,
+            origin,
+            key,
+            inner.span(),
+            inner.message().trim().to_string(),
+        )
+    })
+}
+
+/// An error at `key` of `text` (from `origin`): at `span`, or where the key is set.
+fn located(
+    text: &str,
+    origin: &str,
+    key: String,
+    span: Option<std::ops::Range<usize>>,
+    message: String,
+) -> ConfigError {
+    let span = span.or_else(|| find_key(text, &key));
+    let (line, column) = span.map_or((0, 0), |s| line_col(text, s.start));
+    ConfigError::Invalid {
+        origin: origin.to_string(),
+        key,
+        line,
+        column,
+        message,
+    }
+}
+
+/// The first of `names` that is neither `default` nor one of `sources`.
+fn unknown_source<'a>(
+    sources: &std::collections::BTreeMap<String, EgressSource>,
+    names: &'a [String],
+) -> Option<&'a str> {
+    (names.iter())
+        .find(|s| *s != "default" && !sources.contains_key(*s))
+        .map(String::as_str)
+}
+
+/// Checks a provider (at `key`, in the main file or a provider file) against the
+/// egress sources defined: it has an MX suffix, and every source it and its response
+/// rules name exists.
+fn check_provider(
+    sources: &std::collections::BTreeMap<String, EgressSource>,
+    key: &str,
+    provider: &shaping::Provider,
+) -> Result<(), (String, String)> {
+    if provider.mx_suffix.iter().all(|s| s.trim().is_empty()) {
+        return Err((
+            format!("{key}.mx_suffix"),
+            "a provider rule needs at least one MX suffix".into(),
+        ));
+    }
+    let undefined = |s: &str| format!("source `{s}` is not defined in delivery.sources");
+    if let Some(source) = unknown_source(sources, &provider.sources) {
+        return Err((format!("{key}.sources"), undefined(source)));
+    }
+    for (i, rule) in provider.automation.iter().enumerate() {
+        if let Some(source) = unknown_source(sources, &rule.sources) {
+            return Err((format!("{key}.automation[{i}].sources"), undefined(source)));
+        }
+    }
+    Ok(())
+}
+
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
     // The offset comes from the TOML parser; never slice inside a character.
     let before = &text[..text.floor_char_boundary(offset)];
@@ -406,6 +477,151 @@ mod tests {
         let err = Config::parse(text, "t.toml").expect_err(text).to_string();
         for needle in needles {
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
+        }
+    }
+
+    #[test]
+    fn provider_files_add_providers_and_their_errors_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let main = dir.path().join("gannetd.toml");
+        std::fs::write(
+            &main,
+            "[delivery]\nprovider_files = [\"p.toml\"]\n\
+             [delivery.providers.yahoo]\nmx_suffix = [\".mine.test\"]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("p.toml"),
+            "[providers.yahoo]\nmx_suffix = [\".yahoodns.net\"]\n\
+             [providers.google]\nmx_suffix = [\".google.com\"]\n\
+             [[providers.google.automation]]\nenhanced = [\"4.7.28\"]\nactions = [\"suspend\"]\nduration = \"1h\"\n",
+        )
+        .unwrap();
+        let config = Config::load(&main).unwrap();
+        let providers = &config.delivery.providers;
+        assert_eq!(providers.len(), 2);
+        assert_eq!(
+            providers["yahoo"].mx_suffix,
+            vec![".mine.test"],
+            "the main file wins"
+        );
+        assert_eq!(providers["google"].automation.len(), 1);
+        // A bad rule in a provider file: that file, its key and line.
+        std::fs::write(
+            dir.path().join("p.toml"),
+            "[providers.google]\nmx_suffix = [\".google.com\"]\n\
+             [[providers.google.automation]]\nenhanced = [\"4.7.x\"]\nactions = [\"suspend\"]\nduration = \"1h\"\n",
+        )
+        .unwrap();
+        let err = Config::load(&main).unwrap_err().to_string();
+        assert!(err.contains("p.toml:3:"), "{err}");
+        assert!(err.contains("providers.google.automation[0]"), "{err}");
+        // A source the main file does not define.
+        std::fs::write(
+            dir.path().join("p.toml"),
+            "[providers.google]\nmx_suffix = [\".google.com\"]\nsources = [\"ip7\"]\n",
+        )
+        .unwrap();
+        let err = Config::load(&main).unwrap_err().to_string();
+        assert!(err.contains("p.toml:3:"), "{err}");
+        assert!(err.contains("source `ip7` is not defined"), "{err}");
+        // A file that is not there.
+        std::fs::remove_file(dir.path().join("p.toml")).unwrap();
+        let err = Config::load(&main).unwrap_err().to_string();
+        assert!(err.contains("p.toml"), "{err}");
+    }
+
+    /// The starter rules shipped in tuning/providers.toml load, and react to the
+    /// replies their comments name.
+    #[test]
+    fn the_starter_provider_rules_match_the_replies_they_describe() {
+        let text = include_str!("../../../tuning/providers.toml");
+        let file: ProviderFile = parse_located(text, "providers.toml").unwrap();
+        let mut delivery = DeliveryConfig::default();
+        for (name, provider) in file.providers {
+            check_provider(&delivery.sources, &name, &provider).unwrap();
+            delivery.providers.insert(name, provider);
+        }
+        let rules = crate::adaptive::Rules::new(&delivery);
+        let fires = |host: &str, code: u16, reply: &str| -> Vec<String> {
+            let mut names = Vec::new();
+            for i in rules.for_queue("default", [host].into_iter()) {
+                let rule = rules.get(i).unwrap();
+                if rule.matches(code, reply) {
+                    names.push(rule.name.clone());
+                }
+            }
+            names
+        };
+        for (host, code, reply, want) in [
+            (
+                "gmail-smtp-in.l.google.com",
+                421,
+                "421 4.7.28 Gmail has detected an unusual rate of unsolicited mail originating from your IP address.",
+                "google#0",
+            ),
+            (
+                "aspmx.l.google.com",
+                421,
+                "421 4.7.0 Try again later, closing connection.",
+                "google#1",
+            ),
+            (
+                "mta7.am0.yahoodns.net",
+                421,
+                "421 4.7.0 [TSS04] Messages from 192.0.2.1 temporarily deferred due to unexpected volume or user complaints",
+                "yahoo#0",
+            ),
+            (
+                "mta7.am0.yahoodns.net",
+                554,
+                "554 5.7.9 [TSS09] All messages from 192.0.2.1 will be permanently deferred; Retrying will NOT succeed",
+                "yahoo#1",
+            ),
+            (
+                "eur.olc.protection.outlook.com",
+                421,
+                "421 4.7.650 The mail server [192.0.2.1] has been temporarily rate limited due to IP reputation.",
+                "outlook#0",
+            ),
+            (
+                "eur.olc.protection.outlook.com",
+                451,
+                "451 4.7.500 Server busy. Please try again later from [192.0.2.1].",
+                "outlook#1",
+            ),
+            (
+                "eur.olc.protection.outlook.com",
+                550,
+                "550 5.7.606 Access denied, banned sending IP [192.0.2.1].",
+                "outlook#2",
+            ),
+            (
+                "x.mail.protection.outlook.com",
+                550,
+                "550 5.7.606 Access denied, banned sending IP [192.0.2.1].",
+                "office365#1",
+            ),
+            (
+                "mx1a1.comcast.net",
+                421,
+                "421 Service not available RL000001",
+                "comcast#0",
+            ),
+        ] {
+            assert_eq!(fires(host, code, reply), vec![want.to_string()], "{reply}");
+        }
+        // Ordinary replies fire nothing.
+        for (host, code, reply) in [
+            ("aspmx.l.google.com", 250, "250 2.0.0 OK"),
+            (
+                "aspmx.l.google.com",
+                550,
+                "550 5.1.1 The email account that you tried to reach does not exist.",
+            ),
+            ("mta7.am0.yahoodns.net", 421, "421 4.7.0 [TSS05] other"),
+        ] {
+            assert!(fires(host, code, reply).is_empty(), "{reply}");
         }
     }
 
