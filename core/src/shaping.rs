@@ -55,6 +55,10 @@ pub struct Shaping {
     pub connection_failures_max: u32,
     /// The longest wait before a new connection after failed ones.
     pub connection_backoff_max: Duration,
+    /// Adaptive backoff: the share of failed attempts (percent; 0: off) that halves
+    /// the connection limit, and the interval attempts are counted over.
+    pub backoff_failure_percent: u8,
+    pub backoff_interval: Duration,
 }
 
 impl Shaping {
@@ -100,6 +104,12 @@ impl Shaping {
         if let Some(v) = knobs.connection_backoff_max_secs {
             self.connection_backoff_max = Duration::from_secs(v.get());
         }
+        if let Some(v) = knobs.backoff_failure_percent {
+            self.backoff_failure_percent = v.get() as u8;
+        }
+        if let Some(v) = knobs.backoff_interval_secs {
+            self.backoff_interval = Duration::from_secs(v.get());
+        }
         self
     }
 }
@@ -128,6 +138,8 @@ impl ShapingTable {
             pipeline_next_message: false,
             connection_failures_max: 0,
             connection_backoff_max: Duration::ZERO,
+            backoff_failure_percent: 0,
+            backoff_interval: Duration::ZERO,
         }
         .with(&Knobs::builtin());
         let providers = config

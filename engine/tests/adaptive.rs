@@ -151,3 +151,34 @@ fn a_bad_rule_is_a_config_error_naming_its_line() {
     assert!(err.contains("delivery.automation[0]"), "{err}");
     assert!(err.contains("does not compile"), "{err}");
 }
+
+/// Adaptive backoff without a rule: a site that answers nothing but 4xx has its
+/// connection limit halved once an interval shows the share of failures, and the
+/// event says so; another site keeps its limit.
+#[test]
+fn a_site_that_fails_most_attempts_gets_fewer_connections() {
+    let (daemon, sink_a, _sink_b) = daemon_with_rules(
+        "[delivery.shaping]\nconnection_limit = 4\nbackoff_failure_percent = 50\nbackoff_interval_secs = 1\n",
+    );
+    for i in 0..12 {
+        inject(
+            &daemon,
+            &["tempfail@a.test"],
+            &format!("Subject: {i}\r\n\r\nx\r\n.\r\n"),
+        );
+    }
+    inject(&daemon, &["ok@b.test"], "Subject: b\r\n\r\ny\r\n.\r\n");
+    let events = wait_events(&daemon, "the limit lowered", |e| {
+        !adaptive(e, "lowered").is_empty() && !of(e, "delivery", "ok@b.test").is_empty()
+    });
+    let lowered = adaptive(&events, "lowered");
+    assert!(
+        lowered.iter().all(|e| e["queue"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("127.0.0.1:{}", sink_a.port))),
+        "{lowered:?}"
+    );
+    assert_eq!(lowered[0]["rule"], "backoff");
+    assert_eq!(lowered[0]["set"], "connection_limit=2");
+}

@@ -52,6 +52,15 @@ pub struct Knobs {
     /// After a failed connection no new one is opened for 1 s, doubled for each
     /// further failure in a row, up to this.
     pub connection_backoff_max_secs: Option<Bounded<1, 86_400>>,
+    /// Adaptive backoff without a rule: when at least this percentage of a ready
+    /// queue's attempts in one interval failed temporarily (no connection, a 421, a
+    /// transaction with only 4xx replies), its connection_limit is halved (and its
+    /// max_message_rate with it); each interval with under half that share adds one
+    /// connection back, up to the configured limit. 0: off.
+    pub backoff_failure_percent: Option<Bounded<0, 100>>,
+    /// The interval over which attempts are counted; the limit changes at most once
+    /// per interval.
+    pub backoff_interval_secs: Option<Bounded<1, 3600>>,
 }
 
 impl Knobs {
@@ -109,6 +118,14 @@ impl Knobs {
             "connection_backoff_max_secs",
             self.connection_backoff_max_secs.map(|b| b.get()),
         );
+        num(
+            "backoff_failure_percent",
+            self.backoff_failure_percent.map(|b| b.get()),
+        );
+        num(
+            "backoff_interval_secs",
+            self.backoff_interval_secs.map(|b| b.get()),
+        );
         for (name, rate) in [
             ("max_message_rate", self.max_message_rate),
             ("max_connection_rate", self.max_connection_rate),
@@ -144,6 +161,8 @@ impl Knobs {
             pipeline_next_message: Some(true),
             connection_failures_max: Some(Bounded(3)),
             connection_backoff_max_secs: Some(Bounded(300)),
+            backoff_failure_percent: Some(Bounded(0)),
+            backoff_interval_secs: Some(Bounded(60)),
         }
     }
 }

@@ -6,7 +6,47 @@
 use super::{Part, Queues, list};
 use crate::adaptive::Fired;
 use crate::config::automation::ActionName;
+use crate::config::shaping::Rate;
 use crate::handoff::Handoff;
+use crate::shaping::Shaping;
+
+/// Attempts an interval needs before its share of failures can lower the limit.
+const BACKOFF_MIN_ATTEMPTS: u32 = 10;
+
+/// One ready queue's adaptive backoff (shaping's `backoff_failure_percent`).
+#[derive(Debug, Clone, Default)]
+pub struct Feedback {
+    /// When the interval being counted started.
+    start_ms: Option<u64>,
+    attempts: u32,
+    failures: u32,
+    /// The connection limit backoff imposes; None: the configured one.
+    pub limit: Option<usize>,
+}
+
+/// A change of the connection limit by adaptive backoff: from, to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitChange {
+    pub from: usize,
+    pub to: usize,
+}
+
+/// `shaping` under a backoff `limit`: fewer connections, and a message rate cut in
+/// the same proportion (an unlimited rate stays so).
+pub(super) fn backed_off(mut shaping: Shaping, limit: Option<usize>) -> Shaping {
+    let Some(limit) = limit.filter(|l| *l < shaping.connection_limit) else {
+        return shaping;
+    };
+    if let Rate::Per { count, per_ms } = shaping.max_message_rate {
+        let scaled = count * limit as u64 / shaping.connection_limit.max(1) as u64;
+        shaping.max_message_rate = Rate::Per {
+            count: scaled.max(1),
+            per_ms,
+        };
+    }
+    shaping.connection_limit = limit;
+    shaping
+}
 
 /// Work a bounce rule takes out of a ready queue.
 #[derive(Debug)]
@@ -105,6 +145,49 @@ impl Queues {
             .filter(|(_, until)| *until > now_ms)
             .map(|(rule, _)| *rule)
             .find(|r| (self.shaping.rules.get(*r)).is_some_and(|r| r.has(ActionName::Transient)))
+    }
+
+    /// Counts one attempt on ready queue `key` for adaptive backoff: `failed` when it
+    /// failed temporarily (no connection, a 421, a transaction with only 4xx
+    /// replies). At the end of each interval the share of failures may halve the
+    /// connection limit or give one connection back; the change is returned.
+    pub fn feedback(&mut self, key: &str, failed: bool, now_ms: u64) -> Option<LimitChange> {
+        let q = self.ready.get_mut(key)?;
+        let percent = u32::from(q.shaping.backoff_failure_percent);
+        if percent == 0 {
+            if q.feedback.limit.take().is_some() {
+                // Turned off by a reload: back to the configured limit.
+                q.reshape(&self.shaping);
+            }
+            return None;
+        }
+        let f = &mut q.feedback;
+        let start_ms = *f.start_ms.get_or_insert(now_ms);
+        f.attempts += 1;
+        f.failures += u32::from(failed);
+        let interval_ms = q.shaping.backoff_interval.as_millis() as u64;
+        if now_ms.saturating_sub(start_ms) < interval_ms {
+            return None;
+        }
+        let configured = q.configured_limit;
+        let current = f.limit.unwrap_or(configured).min(configured);
+        let failing = f.failures * 100 >= percent * f.attempts;
+        let healthy = f.failures * 200 < percent * f.attempts;
+        let to = if failing && f.attempts >= BACKOFF_MIN_ATTEMPTS {
+            (current / 2).max(1)
+        } else if healthy && current < configured {
+            current + 1
+        } else {
+            current
+        };
+        (f.start_ms, f.attempts, f.failures) = (Some(now_ms), 0, 0);
+        if to == current {
+            return None;
+        }
+        f.limit = (to < configured).then_some(to);
+        q.reshape(&self.shaping);
+        list(&mut self.listed, q, key);
+        Some(LimitChange { from: current, to })
     }
 
     /// The response rules the queues follow.

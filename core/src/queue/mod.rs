@@ -311,6 +311,10 @@ pub struct ReadyQueue {
     pub health: health::ConnectHealth,
     /// Its response rules: matches toward thresholds, rules in force.
     pub adaptive: crate::adaptive::Adaptive,
+    /// Adaptive backoff: attempts and failures this interval, the limit imposed.
+    pub feedback: adapt::Feedback,
+    /// The connection limit before backoff (the shaping and the rules in force).
+    configured_limit: usize,
     /// Connections of this queue waiting for its next part (idle_timeout): woken, all
     /// of them, when a part arrives. A waker may be stale (its connection has gone
     /// on); waking it is harmless.
@@ -336,6 +340,8 @@ impl ReadyQueue {
             throttled_until_ms: 0,
             health: health::ConnectHealth::default(),
             adaptive,
+            feedback: adapt::Feedback::default(),
+            configured_limit: shaping.connection_limit,
             idle: Vec::new(),
             listed: false,
         }
@@ -357,7 +363,8 @@ impl ReadyQueue {
         for knobs in self.adaptive.knobs(&table.rules) {
             shaping = shaping.with(knobs);
         }
-        self.shaping = shaping;
+        self.configured_limit = shaping.connection_limit;
+        self.shaping = adapt::backed_off(shaping, self.feedback.limit);
         self.messages.set_rate(self.shaping.max_message_rate);
         self.connects.set_rate(self.shaping.max_connection_rate);
         // The maintainer works out the wait again under the new rate.
@@ -644,6 +651,7 @@ impl Queues {
                 || q.connections > 0
                 || q.health.backing_off(now_ms)
                 || !q.adaptive.in_force().is_empty()
+                || q.feedback.limit.is_some()
                 || !q.messages.wait(now_us).is_zero()
                 || !q.connects.wait(now_us).is_zero()
         });
@@ -885,6 +893,54 @@ mod tests {
         q.observe(&key, 554, "554 5.7.1 blocked", 80_000);
         q.set_shaping(Arc::new(ShapingTable::new(&Default::default())));
         assert_eq!(q.transient_rule(&key, 80_000), None);
+    }
+
+    #[test]
+    fn backoff_halves_the_connection_limit_on_failures_and_adds_one_back_per_good_interval() {
+        let (mut q, key) = adaptive_queues(
+            "[delivery.shaping]\nconnection_limit = 8\nmax_message_rate = '80/min'\n\
+             backoff_failure_percent = 50\nbackoff_interval_secs = 10\n",
+        );
+        let shaping = |q: &Queues| {
+            (
+                q.ready[&key].shaping.connection_limit,
+                q.ready[&key].shaping.max_message_rate.to_string(),
+            )
+        };
+        // Nine failures in an interval are too few to judge; the interval ends.
+        for t in 0..8 {
+            assert_eq!(q.feedback(&key, true, t * 1000), None);
+        }
+        assert_eq!(q.feedback(&key, true, 10_000), None, "under 10 attempts");
+        // Ten attempts, six failed (60% >= 50%): halved, the rate with it.
+        for t in 0..10 {
+            q.feedback(&key, t < 6, 11_000 + t * 500);
+        }
+        let change = q.feedback(&key, false, 20_000);
+        assert_eq!(change, Some(adapt::LimitChange { from: 8, to: 4 }));
+        assert_eq!(shaping(&q), (4, "40/min".to_string()));
+        // Still failing: halved again, never below one.
+        for t in 0..10 {
+            q.feedback(&key, true, 21_000 + t * 100);
+        }
+        assert_eq!(
+            q.feedback(&key, true, 30_000),
+            Some(adapt::LimitChange { from: 4, to: 2 })
+        );
+        // A mixed interval (30% failed: neither failing nor healthy) changes nothing.
+        for t in 0..10 {
+            q.feedback(&key, t < 3, 31_000 + t * 100);
+        }
+        assert_eq!(q.feedback(&key, false, 40_000), None);
+        // Healthy intervals (under 25% failed) add one connection each, back to the
+        // configured limit.
+        let limits: Vec<usize> = (0..80)
+            .filter_map(|i| q.feedback(&key, false, 41_000 + i * 1000))
+            .map(|change| change.to)
+            .collect();
+        assert_eq!(limits, vec![3, 4, 5, 6, 7, 8]);
+        assert_eq!(shaping(&q), (8, "80/min".to_string()));
+        assert_eq!(q.ready[&key].feedback.limit, None);
     }
 
     #[test]

@@ -71,6 +71,43 @@ fn record(
     });
 }
 
+/// Counts one attempt on ready queue `key` for adaptive backoff (`failed`: no
+/// connection, a 421, or only 4xx replies), and records a change of its connection
+/// limit as an event (rule `backoff`).
+pub(super) fn feedback(d: &Dispatcher, key: &str, failed: bool) {
+    let now = unix_ms();
+    let Some(change) = d.queues.borrow_mut().feedback(key, failed, now) else {
+        return;
+    };
+    let lowered = change.to < change.from;
+    tracing::info!(
+        shard = d.shard.id,
+        queue = key,
+        from = change.from,
+        to = change.to,
+        "adaptive backoff changed the connection limit"
+    );
+    let set = format!("connection_limit={}", change.to);
+    d.shard.event(&Event::Adaptive {
+        timestamp_ms: now,
+        shard: d.shard.id,
+        queue: key,
+        rule: "backoff",
+        change: if lowered { "lowered" } else { "raised" },
+        until_ms: None,
+        actions: Vec::new(),
+        set: &set,
+        reply: None,
+    });
+}
+
+/// Whether an attempt's replies count as a temporary failure of the site for
+/// adaptive backoff: a 421 (the server closing), or nothing but 4xx.
+pub(super) fn failed_attempt(replies: &[Response]) -> bool {
+    replies.iter().any(|r| r.code == 421)
+        || (!replies.is_empty() && replies.iter().all(|r| (400..500).contains(&r.code)))
+}
+
 /// Records the rules that ended on each queue.
 pub(super) fn ended(
     d: &Dispatcher,

@@ -293,6 +293,7 @@ pub(super) async fn connection(d: Rc<Dispatcher>, key: String) {
         // A banner or EHLO refusal (Microsoft's 421 4.7.650, …) is what response
         // rules most often read.
         super::adapt::observe(&d, &key, std::slice::from_mut(&mut failure));
+        super::adapt::feedback(&d, &key, true);
     }
     match session {
         None => {
@@ -397,6 +398,7 @@ pub(super) async fn connection(d: Rc<Dispatcher>, key: String) {
                 let (mut replies, failed) =
                     deliver(&mut session, batch_max, sender, recipients, body, next).await;
                 broken = failed;
+                super::adapt::feedback(&d, &key, super::adapt::failed_attempt(&replies));
                 super::adapt::observe(&d, &key, &mut replies);
                 match current {
                     Loaded::Local { part, .. } => {

@@ -106,10 +106,12 @@ pub enum Event<'a> {
         shard: u16,
         /// The ready queue: `egress_source->site_name`.
         queue: &'a str,
-        /// Where the rule is written: `default#0`, `yahoo#1`.
+        /// Where the rule is written: `default#0`, `yahoo#1`; `backoff` for adaptive
+        /// backoff (shaping's backoff_failure_percent).
         rule: &'a str,
         /// `fired` (it is in force from now), `extended` (it fired again while in
-        /// force) or `ended`.
+        /// force) or `ended`; for backoff, `lowered` or `raised` (the connection
+        /// limit, in `set`).
         change: &'a str,
         /// Until when it is in force (unix ms; not for `ended`).
         #[serde(skip_serializing_if = "Option::is_none")]
