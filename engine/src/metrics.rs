@@ -118,6 +118,10 @@ metrics! {
     delivery_site_lookups_total: "counter",
     /// Sites (or reasons a domain has none) known from DNS on the shard.
     delivery_sites_known: "gauge",
+    /// Ready queues with a response rule in force, and with a connection limit
+    /// lowered by adaptive backoff.
+    adaptive_queues_with_rules: "gauge",
+    adaptive_queues_backed_off: "gauge",
     /// UDP queries sent again because no answer came within a try's share of
     /// dns_timeout_secs (a lost query or answer, or a slow server).
     dns_queries_resent_total: "counter",

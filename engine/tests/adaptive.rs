@@ -181,4 +181,13 @@ fn a_site_that_fails_most_attempts_gets_fewer_connections() {
     );
     assert_eq!(lowered[0]["rule"], "backoff");
     assert_eq!(lowered[0]["set"], "connection_limit=2");
+    // The gauges are refreshed by the maintainer's next round.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while daemon.metric("adaptive_queues_backed_off") == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the backoff gauge stayed 0"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

@@ -157,6 +157,7 @@ impl Queues {
         if percent == 0 {
             if q.feedback.limit.take().is_some() {
                 // Turned off by a reload: back to the configured limit.
+                self.backed_off -= 1;
                 q.reshape(&self.shaping);
             }
             return None;
@@ -184,10 +185,28 @@ impl Queues {
         if to == current {
             return None;
         }
+        let was = f.limit.is_some();
         f.limit = (to < configured).then_some(to);
+        match (was, f.limit.is_some()) {
+            (false, true) => self.backed_off += 1,
+            (true, false) => self.backed_off -= 1,
+            _ => {}
+        }
         q.reshape(&self.shaping);
         list(&mut self.listed, q, key);
         Some(LimitChange { from: current, to })
+    }
+
+    /// Ready queues with a response rule in force (a walk over those only).
+    pub fn queues_with_rules(&self) -> usize {
+        (self.adapting.iter())
+            .filter(|key| (self.ready.get(*key)).is_some_and(|q| !q.adaptive.in_force().is_empty()))
+            .count()
+    }
+
+    /// Ready queues whose connection limit adaptive backoff has lowered.
+    pub fn queues_backed_off(&self) -> usize {
+        self.backed_off
     }
 
     /// The response rules the queues follow.

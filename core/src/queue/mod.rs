@@ -288,6 +288,8 @@ pub struct Queues {
     /// Ready queues with response rules in force (some may have ended since): the
     /// only ones looked at for expiry, bounces and suspensions.
     adapting: Vec<String>,
+    /// Ready queues whose connection limit adaptive backoff has lowered.
+    backed_off: usize,
 }
 
 /// One ready queue: its parts, its connections and its shaping.
@@ -414,6 +416,7 @@ impl Queues {
             ready: HashMap::new(),
             listed: Vec::new(),
             adapting: Vec::new(),
+            backed_off: 0,
         }
     }
 
@@ -844,6 +847,7 @@ mod tests {
         let fired = q.observe(&key, 421, "421 4.7.0 [TSS04] deferred", 1_000);
         assert_eq!((fired.len(), fired[0].until_ms), (1, 61_000));
         assert!(q.rules_in_force());
+        assert_eq!(q.queues_with_rules(), 1);
         // No connection while suspended; the maintainer is told when to look again.
         assert_eq!(q.open_connections(2_000, &mut out), Some(61_000));
         assert!(out.is_empty());
@@ -918,6 +922,7 @@ mod tests {
         }
         let change = q.feedback(&key, false, 20_000);
         assert_eq!(change, Some(adapt::LimitChange { from: 8, to: 4 }));
+        assert_eq!(q.queues_backed_off(), 1);
         assert_eq!(shaping(&q), (4, "40/min".to_string()));
         // Still failing: halved again, never below one.
         for t in 0..10 {
@@ -941,6 +946,7 @@ mod tests {
         assert_eq!(limits, vec![3, 4, 5, 6, 7, 8]);
         assert_eq!(shaping(&q), (8, "80/min".to_string()));
         assert_eq!(q.ready[&key].feedback.limit, None);
+        assert_eq!(q.queues_backed_off(), 0);
     }
 
     #[test]

@@ -149,6 +149,8 @@ pub async fn run(d: Rc<Dispatcher>) {
                 gauge(&m.dns_queries_resent_total, dns.resent as usize);
                 gauge(&m.dns_sockets_opened_total, dns.sockets as usize);
                 gauge(&m.delivery_sites_known, d.sites.borrow().len());
+                gauge(&m.adaptive_queues_with_rules, queues.queues_with_rules());
+                gauge(&m.adaptive_queues_backed_off, queues.queues_backed_off());
             }
             queues.next_due().map_or(wake_at, |due| due.min(wake_at))
         };
