@@ -403,9 +403,7 @@ impl Segment {
     /// error they are copied into the mapping and the error sticks.
     fn note_written(&self, at: usize, bytes: &[u8], result: &io::Result<()>) {
         if let Err(err) = result {
-            self.write_error
-                .borrow_mut()
-                .get_or_insert_with(|| err.to_string());
+            self.stick(err);
             // SAFETY: `[at, at + len)` lies below the frontier and inside the mapping,
             // at or past `flushed`: no shared slice covers it (`bytes` writes out what
             // it covers before handing out a slice past `flushed`), and the mutable
@@ -413,6 +411,13 @@ impl Segment {
             unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(at), bytes.len()) };
         }
         self.flushed.set(self.flushed.get().max(at + bytes.len()));
+    }
+
+    /// Keeps the segment's first write error: every later write and sync fails.
+    fn stick(&self, err: &io::Error) {
+        self.write_error
+            .borrow_mut()
+            .get_or_insert_with(|| err.to_string());
     }
 
     /// Whether a write of this segment is with the writer thread.
@@ -481,9 +486,7 @@ impl Segment {
             self.note_written(out.at, &out.buf[..out.len], &result);
         } else if let Err(err) = &result {
             // Written again inline meanwhile, but a failed write still fails the sync.
-            self.write_error
-                .borrow_mut()
-                .get_or_insert_with(|| err.to_string());
+            self.stick(err);
         }
         if !self.sealed.get()
             && let Ok(buf) = Arc::try_unwrap(out.buf)

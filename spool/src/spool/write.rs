@@ -9,7 +9,7 @@
 //! writes event logs, and a commit's write queued behind those would hold every
 //! acknowledgement of its batch.
 
-use std::cell::RefCell;
+use std::cell::OnceCell;
 use std::io;
 use std::sync::mpsc::{Sender, channel};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -21,10 +21,9 @@ use crate::segment::WriteJob;
 #[derive(Debug)]
 pub(super) struct Writer {
     shard: u16,
-    /// None until the first write, and after the thread could not be started (then
+    /// Set at the first write: None when the thread could not be started (then
     /// writes run inline).
-    jobs: RefCell<Option<Sender<Request>>>,
-    started: std::cell::Cell<bool>,
+    jobs: OnceCell<Option<Sender<Request>>>,
 }
 
 struct Request {
@@ -42,8 +41,7 @@ impl Writer {
     pub(super) fn new(shard: u16) -> Self {
         Writer {
             shard,
-            jobs: RefCell::new(None),
-            started: std::cell::Cell::new(false),
+            jobs: OnceCell::new(),
         }
     }
 
@@ -56,8 +54,7 @@ impl Writer {
             job,
             done: done.clone(),
         };
-        self.start();
-        let sent = match &*self.jobs.borrow() {
+        let sent = match self.jobs.get_or_init(|| self.start()) {
             Some(jobs) => jobs.send(request).map_err(|e| e.0),
             None => Err(request),
         };
@@ -77,36 +74,36 @@ impl Writer {
         .await
     }
 
-    /// Starts the thread, once.
-    fn start(&self) {
-        if !self.started.replace(true) {
-            let (jobs, requests) = channel::<Request>();
-            let spawned = std::thread::Builder::new()
-                .name(format!("gannet-spool-{}", self.shard))
-                .spawn(move || {
-                    // Ends when the spool (the only sender) is dropped.
-                    for Request { job, done } in requests {
-                        let result = job.run();
-                        let waker = {
-                            let mut state =
-                                done.state.lock().unwrap_or_else(PoisonError::into_inner);
-                            state.0 = Some(result);
-                            state.1.take()
-                        };
-                        if let Some(waker) = waker {
-                            // glommio takes a wake from another thread through the
-                            // executor's notifier.
-                            waker.wake();
-                        }
+    /// Starts the thread; None if it cannot be.
+    fn start(&self) -> Option<Sender<Request>> {
+        let (jobs, requests) = channel::<Request>();
+        let spawned = std::thread::Builder::new()
+            .name(format!("gannet-spool-{}", self.shard))
+            .spawn(move || {
+                // Ends when the spool (the only sender) is dropped.
+                for Request { job, done } in requests {
+                    let result = job.run();
+                    let waker = {
+                        let mut state = done.state.lock().unwrap_or_else(PoisonError::into_inner);
+                        state.0 = Some(result);
+                        state.1.take()
+                    };
+                    if let Some(waker) = waker {
+                        // glommio takes a wake from another thread through the
+                        // executor's notifier.
+                        waker.wake();
                     }
-                });
-            match spawned {
-                Ok(_) => *self.jobs.borrow_mut() = Some(jobs),
-                Err(err) => tracing::warn!(
+                }
+            });
+        match spawned {
+            Ok(_) => Some(jobs),
+            Err(err) => {
+                tracing::warn!(
                     shard = self.shard,
                     error = %err,
                     "could not start the spool's writer thread; segment writes run on the shard"
-                ),
+                );
+                None
             }
         }
     }
