@@ -10,6 +10,7 @@ use regex::RegexSet;
 use crate::config::DeliveryConfig;
 use crate::config::automation::{ActionName, Automation, Trigger};
 use crate::config::shaping::Knobs;
+use crate::shaping::Scope;
 
 /// Every response rule of the configuration, compiled.
 #[derive(Debug, Clone, Default)]
@@ -27,10 +28,8 @@ pub struct Rule {
     /// The rule as configured: a rule in force stays so across a reload only if the
     /// reloaded file has the same rule (same provider, sources and definition).
     definition: Automation,
-    /// MX host suffixes of the provider (lower case, no trailing dot); empty: every
-    /// site.
-    suffixes: Vec<String>,
-    sources: Vec<String>,
+    /// The provider's sites and sources (everything for `delivery.automation`).
+    scope: Scope,
     regex: Option<RegexSet>,
     codes: Vec<u16>,
     enhanced: Vec<String>,
@@ -46,20 +45,14 @@ impl Rules {
     /// The rules of `delivery.automation`, then each provider's in name order.
     pub fn new(config: &DeliveryConfig) -> Rules {
         let mut rules = Vec::new();
-        let mut add =
-            |scope: &str, suffixes: &[String], sources: &[String], list: &[Automation]| {
-                for (i, a) in list.iter().enumerate() {
-                    rules.push(Rule::new(format!("{scope}#{i}"), suffixes, sources, a));
-                }
-            };
-        add("default", &[], &[], &config.automation);
-        for (name, provider) in &config.providers {
-            add(
-                name,
-                &provider.mx_suffix,
-                &provider.sources,
-                &provider.automation,
-            );
+        let mut add = |name: &str, scope: Scope, list: &[Automation]| {
+            for (i, a) in list.iter().enumerate() {
+                rules.push(Rule::new(format!("{name}#{i}"), scope.clone(), a));
+            }
+        };
+        add("default", Scope::default(), &config.automation);
+        for (name, p) in &config.providers {
+            add(name, Scope::new(&p.mx_suffix, &p.sources), &p.automation);
         }
         Rules { rules }
     }
@@ -79,14 +72,11 @@ impl Rules {
     }
 
     /// The rule among `candidates` that is `rule` of another table: same provider
-    /// suffixes, sources and definition (its name may differ).
+    /// scope and definition (its name may differ).
     fn same(&self, rule: &Rule, candidates: &[u16]) -> Option<u16> {
         candidates.iter().copied().find(|&i| {
-            self.get(i).is_some_and(|r| {
-                r.suffixes == rule.suffixes
-                    && r.sources == rule.sources
-                    && r.definition == rule.definition
-            })
+            self.get(i)
+                .is_some_and(|r| r.scope == rule.scope && r.definition == rule.definition)
         })
     }
 
@@ -104,24 +94,14 @@ impl Rules {
 }
 
 impl Rule {
-    fn new(name: String, suffixes: &[String], sources: &[String], a: &Automation) -> Rule {
-        // The configuration compiled every pattern when it was read; a set of them
-        // that still fails (a size limit) is logged there as a rule that matches on
-        // codes alone — here it cannot fail for patterns that compiled one by one
-        // except past regex's size limit, and then the rule keeps its codes.
+    fn new(name: String, scope: Scope, a: &Automation) -> Rule {
+        // The configuration compiled this very set when it was read.
         let regex = (!a.regex.is_empty())
             .then(|| RegexSet::new(&a.regex).ok())
             .flatten();
-        let mut sources_all = sources.to_vec();
-        sources_all.extend(a.sources.iter().cloned());
         Rule {
             name,
-            suffixes: suffixes
-                .iter()
-                .map(|s| s.trim().trim_end_matches('.').to_ascii_lowercase())
-                .filter(|s| !s.is_empty())
-                .collect(),
-            sources: sources_all,
+            scope,
             regex,
             codes: a.codes.clone(),
             enhanced: a.enhanced.clone(),
@@ -134,15 +114,11 @@ impl Rule {
         }
     }
 
-    fn applies<'a>(&self, source: &str, mut hosts: impl Iterator<Item = &'a str>) -> bool {
-        if !self.sources.is_empty() && !self.sources.iter().any(|s| s == source) {
-            return false;
-        }
-        self.suffixes.is_empty()
-            || hosts.any(|host| {
-                let host = host.trim_end_matches('.');
-                (self.suffixes.iter()).any(|suffix| ends_with_ignore_case(host, suffix))
-            })
+    /// In the provider's scope, and from one of the rule's own sources if it names
+    /// some (they narrow the provider's, never widen them).
+    fn applies<'a>(&self, source: &str, hosts: impl Iterator<Item = &'a str>) -> bool {
+        let own = &self.definition.sources;
+        (own.is_empty() || own.iter().any(|s| s == source)) && self.scope.applies(source, hosts)
     }
 
     /// Whether the reply `code` with the whole text `text` (code, enhanced code and
@@ -167,18 +143,15 @@ impl Rule {
     }
 }
 
-fn ends_with_ignore_case(text: &str, suffix: &str) -> bool {
-    text.len() >= suffix.len()
-        && text.as_bytes()[text.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
-}
-
 /// The enhanced status code (RFC 3463) a reply's text starts with after its code:
 /// `"4.7.28"` of `"421 4.7.28 Our system has detected…"` (or `"421-4.7.28 …"`).
 pub fn enhanced_code(text: &str) -> Option<&str> {
-    let rest = text.get(3..)?.trim_start_matches([' ', '-']);
-    let end = (rest.find(|c: char| c != '.' && !c.is_ascii_digit())).unwrap_or(rest.len());
-    let code = rest.get(..end).unwrap_or(rest);
-    (code.split('.').count() == 3 && code.split('.').all(|f| !f.is_empty())).then_some(code)
+    let word = text
+        .get(3..)?
+        .trim_start_matches([' ', '-'])
+        .split(' ')
+        .next()?;
+    crate::reply::is_enhanced_code(word).then_some(word)
 }
 
 /// `4.7.28` has the prefixes `4`, `4.7` and `4.7.28` (whole fields only: not `4.7.2`).
@@ -312,6 +285,15 @@ impl Adaptive {
             .max()
     }
 
+    /// A rule with `action` in force at `now_ms` (one that has not yet been expired
+    /// but whose time is up does not count).
+    pub fn rule_with(&self, table: &Rules, action: ActionName, now_ms: u64) -> Option<u16> {
+        (self.active.iter())
+            .filter(|(_, until)| *until > now_ms)
+            .map(|(rule, _)| *rule)
+            .find(|r| table.get(*r).is_some_and(|rule| rule.has(action)))
+    }
+
     /// The shaping the rules in force set, in the order the rules are written (a
     /// later one wins a knob both set).
     pub fn knobs<'t>(&self, table: &'t Rules) -> Vec<&'t Knobs> {
@@ -397,6 +379,38 @@ mod tests {
             2
         );
         assert_eq!(t.for_queue("ip1", ["mx.example.test"].into_iter()).len(), 1);
+    }
+
+    /// A rule's own sources narrow its provider's: a rule for ip2 under a provider
+    /// for ip1 applies to neither's other source.
+    #[test]
+    fn a_rule_s_sources_narrow_its_provider_s() {
+        let t = table(
+            r#"
+            [delivery]
+            sources = { ip1 = {}, ip2 = {} }
+            [delivery.providers.p]
+            mx_suffix = [".p.test"]
+            sources = ["ip1"]
+            [[delivery.providers.p.automation]]
+            regex = "x"
+            sources = ["ip2"]
+            actions = ["suspend"]
+            duration = "1h"
+            [[delivery.providers.p.automation]]
+            regex = "y"
+            sources = ["ip1"]
+            actions = ["suspend"]
+            duration = "1h"
+            "#,
+        );
+        let names = |source: &str| -> Vec<String> {
+            (t.for_queue(source, ["mx.p.test"].into_iter()).iter())
+                .map(|r| t.get(*r).unwrap().name.clone())
+                .collect()
+        };
+        assert_eq!(names("ip1"), ["p#1"]);
+        assert!(names("ip2").is_empty());
     }
 
     #[test]

@@ -180,7 +180,7 @@ impl Response {
 
 /// Whether `word` is an RFC 3463 enhanced status code: class 2, 4 or 5, then a
 /// subject and a detail of one to three digits each.
-fn is_enhanced_code(word: &str) -> bool {
+pub fn is_enhanced_code(word: &str) -> bool {
     let mut parts = word.split('.');
     let number = |p: Option<&str>| {
         p.is_some_and(|p| (1..=3).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()))

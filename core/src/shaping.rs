@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use crate::config::DeliveryConfig;
-use crate::config::shaping::{Knobs, Provider, Rate};
+use crate::config::shaping::{Knobs, Rate};
 
 /// Timeouts per SMTP phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -118,8 +118,8 @@ impl Shaping {
 #[derive(Debug, Clone)]
 pub struct ShapingTable {
     default: Shaping,
-    /// (lower-case suffixes without a trailing dot, sources, knobs), in name order.
-    providers: Vec<(Vec<String>, Vec<String>, Knobs)>,
+    /// Each provider's scope and knobs, in name order.
+    providers: Vec<(Scope, Knobs)>,
     /// The response rules (adaptive delivery), compiled.
     pub rules: crate::adaptive::Rules,
 }
@@ -142,24 +142,8 @@ impl ShapingTable {
             backoff_interval: Duration::ZERO,
         }
         .with(&Knobs::builtin());
-        let providers = config
-            .providers
-            .values()
-            .map(
-                |Provider {
-                     mx_suffix,
-                     sources,
-                     shaping,
-                     ..
-                 }| {
-                    let suffixes = mx_suffix
-                        .iter()
-                        .map(|s| s.trim().trim_end_matches('.').to_ascii_lowercase())
-                        .filter(|s| !s.is_empty())
-                        .collect();
-                    (suffixes, sources.clone(), shaping.clone())
-                },
-            )
+        let providers = (config.providers.values())
+            .map(|p| (Scope::new(&p.mx_suffix, &p.sources), p.shaping.clone()))
             .collect();
         ShapingTable {
             default: builtin.with(&config.shaping),
@@ -175,21 +159,46 @@ impl ShapingTable {
         hosts: impl Iterator<Item = &'a str> + Clone,
     ) -> Shaping {
         let mut shaping = self.default;
-        for (suffixes, sources, knobs) in &self.providers {
-            if !sources.is_empty() && !sources.iter().any(|s| s == source) {
-                continue;
-            }
-            let matches = hosts.clone().any(|host| {
-                let host = host.trim_end_matches('.');
-                suffixes
-                    .iter()
-                    .any(|suffix| ends_with_ignore_case(host, suffix))
-            });
-            if matches {
+        for (scope, knobs) in &self.providers {
+            if scope.applies(source, hosts.clone()) {
                 shaping = shaping.with(knobs);
             }
         }
         shaping
+    }
+}
+
+/// The ready queues a provider applies to: from its sources, to the sites with an MX
+/// host name ending in one of its suffixes (no sources: every source; no suffixes:
+/// every site).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Scope {
+    /// Lower case, without a trailing dot.
+    suffixes: Vec<String>,
+    sources: Vec<String>,
+}
+
+impl Scope {
+    pub fn new(mx_suffix: &[String], sources: &[String]) -> Scope {
+        Scope {
+            suffixes: (mx_suffix.iter())
+                .map(|s| s.trim().trim_end_matches('.').to_ascii_lowercase())
+                .filter(|s| !s.is_empty())
+                .collect(),
+            sources: sources.to_vec(),
+        }
+    }
+
+    /// Whether the queue from `source` to the site served by `hosts` is in scope.
+    pub fn applies<'a>(&self, source: &str, mut hosts: impl Iterator<Item = &'a str>) -> bool {
+        if !self.sources.is_empty() && !self.sources.iter().any(|s| s == source) {
+            return false;
+        }
+        self.suffixes.is_empty()
+            || hosts.any(|host| {
+                let host = host.trim_end_matches('.');
+                (self.suffixes.iter()).any(|suffix| ends_with_ignore_case(host, suffix))
+            })
     }
 }
 

@@ -132,6 +132,8 @@ impl TryFrom<AutomationText> for Automation {
             OneOrMany::One(r) => vec![r],
             OneOrMany::Many(rs) => rs,
         };
+        // One by one to name the pattern at fault, then as the set the rule matches
+        // with (which has size limits of its own).
         for r in &regex {
             if let Err(err) = regex::Regex::new(r) {
                 // The parser's message ends with the reason on a line of its own,
@@ -141,6 +143,9 @@ impl TryFrom<AutomationText> for Automation {
                 let reason = reason.strip_prefix("error: ").unwrap_or(reason);
                 return Err(format!("regex `{r}` does not compile ({reason})"));
             }
+        }
+        if let Err(err) = regex::RegexSet::new(&regex) {
+            return Err(format!("the regexes together do not compile ({err})"));
         }
         for e in &t.enhanced {
             if !is_enhanced_prefix(e) {

@@ -66,7 +66,7 @@ impl<'de> Deserialize<'de> for Listen {
 }
 
 /// An integer that must lie in `MIN..=MAX` (checked when the file is read).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 pub struct Bounded<const MIN: u64, const MAX: u64>(pub u64);
 
 impl<const MIN: u64, const MAX: u64> Bounded<MIN, MAX> {

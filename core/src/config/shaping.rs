@@ -6,60 +6,80 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::Bounded;
 
 /// Shaping knobs. Every one is optional: the defaults fill what `delivery.shaping`
 /// leaves out, and a provider rule sets only what it names.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Knobs {
     /// Connections at once from one egress source to one site.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_limit: Option<Bounded<1, 10_000>>,
     /// Messages sent over one connection before it is closed.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_deliveries_per_connection: Option<Bounded<1, 1_000_000>>,
     /// Recipients per SMTP transaction.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_recipients_per_batch: Option<Bounded<1, 100_000>>,
     /// Messages per time unit to the site (`"100/s"`, `"2000/min"`, `"50000/h"`,
     /// `"unlimited"`), with bursts up to the count.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_message_rate: Option<Rate>,
     /// New connections per time unit to the site.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_connection_rate: Option<Rate>,
     /// Parts waiting in the ready queue; past it, a part is delayed (returned to its
     /// scheduled queue with a Delayed event).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_ready: Option<Bounded<1, 100_000_000>>,
     /// Timeouts per SMTP phase, in seconds.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connect_timeout_secs: Option<Bounded<1, 3600>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub banner_timeout_secs: Option<Bounded<1, 3600>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ehlo_timeout_secs: Option<Bounded<1, 3600>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub starttls_timeout_secs: Option<Bounded<1, 3600>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub mail_from_timeout_secs: Option<Bounded<1, 3600>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub rcpt_to_timeout_secs: Option<Bounded<1, 3600>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub data_timeout_secs: Option<Bounded<1, 3600>>,
     /// From the end of the message to the final reply.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dot_timeout_secs: Option<Bounded<1, 3600>>,
     /// How long a connection with nothing to send stays open for the queue's next
     /// message before it says QUIT (0: at once).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub idle_timeout_secs: Option<Bounded<0, 3600>>,
     /// To a pipelining server, send the next message's MAIL, RCPT and DATA in the same
     /// write as a message's end of data (RFC 2920 3.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pipeline_next_message: Option<bool>,
     /// Connection failures in a row (no host of the site could be reached, or every
     /// one refused the session) after which every part waiting in the ready queue is
     /// deferred. Before that, each failed connection defers one part.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_failures_max: Option<Bounded<1, 1000>>,
     /// After a failed connection no new one is opened for 1 s, doubled for each
     /// further failure in a row, up to this.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_backoff_max_secs: Option<Bounded<1, 86_400>>,
     /// Adaptive backoff without a rule: when at least this percentage of a ready
     /// queue's attempts in one interval failed temporarily (no connection, a 421, a
     /// transaction with only 4xx replies), its connection_limit is halved (and its
     /// max_message_rate with it); each interval with under half that share adds one
     /// connection back, up to the configured limit. 0: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backoff_failure_percent: Option<Bounded<0, 100>>,
     /// The interval over which attempts are counted; the limit changes at most once
     /// per interval.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub backoff_interval_secs: Option<Bounded<1, 3600>>,
 }
 
@@ -67,76 +87,15 @@ impl Knobs {
     /// The knobs set, as `name=value` words (`connection_limit=1
     /// max_message_rate=10/min`), for events and the admin API.
     pub fn describe(&self) -> String {
-        let mut words: Vec<String> = Vec::new();
-        let mut num = |name: &str, v: Option<u64>| {
-            if let Some(v) = v {
-                words.push(format!("{name}={v}"));
-            }
+        let Ok(toml::Value::Table(set)) = toml::Value::try_from(self) else {
+            return String::new();
         };
-        num("connection_limit", self.connection_limit.map(|b| b.get()));
-        num(
-            "max_deliveries_per_connection",
-            self.max_deliveries_per_connection.map(|b| b.get()),
-        );
-        num(
-            "max_recipients_per_batch",
-            self.max_recipients_per_batch.map(|b| b.get()),
-        );
-        num("max_ready", self.max_ready.map(|b| b.get()));
-        num(
-            "connect_timeout_secs",
-            self.connect_timeout_secs.map(|b| b.get()),
-        );
-        num(
-            "banner_timeout_secs",
-            self.banner_timeout_secs.map(|b| b.get()),
-        );
-        num("ehlo_timeout_secs", self.ehlo_timeout_secs.map(|b| b.get()));
-        num(
-            "starttls_timeout_secs",
-            self.starttls_timeout_secs.map(|b| b.get()),
-        );
-        num(
-            "mail_from_timeout_secs",
-            self.mail_from_timeout_secs.map(|b| b.get()),
-        );
-        num(
-            "rcpt_to_timeout_secs",
-            self.rcpt_to_timeout_secs.map(|b| b.get()),
-        );
-        num("data_timeout_secs", self.data_timeout_secs.map(|b| b.get()));
-        num(
-            "data_dot_timeout_secs",
-            self.data_dot_timeout_secs.map(|b| b.get()),
-        );
-        num("idle_timeout_secs", self.idle_timeout_secs.map(|b| b.get()));
-        num(
-            "connection_failures_max",
-            self.connection_failures_max.map(|b| b.get()),
-        );
-        num(
-            "connection_backoff_max_secs",
-            self.connection_backoff_max_secs.map(|b| b.get()),
-        );
-        num(
-            "backoff_failure_percent",
-            self.backoff_failure_percent.map(|b| b.get()),
-        );
-        num(
-            "backoff_interval_secs",
-            self.backoff_interval_secs.map(|b| b.get()),
-        );
-        for (name, rate) in [
-            ("max_message_rate", self.max_message_rate),
-            ("max_connection_rate", self.max_connection_rate),
-        ] {
-            if let Some(rate) = rate {
-                words.push(format!("{name}={rate}"));
-            }
-        }
-        if let Some(v) = self.pipeline_next_message {
-            words.push(format!("pipeline_next_message={v}"));
-        }
+        let words: Vec<String> = (set.iter())
+            .map(|(name, value)| match value {
+                toml::Value::String(text) => format!("{name}={text}"),
+                other => format!("{name}={other}"),
+            })
+            .collect();
         words.join(" ")
     }
 
@@ -236,6 +195,12 @@ impl fmt::Display for Rate {
                 write!(f, "{count}/{unit}")
             }
         }
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
     }
 }
 

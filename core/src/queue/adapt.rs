@@ -116,11 +116,8 @@ impl Queues {
             let Some(q) = self.ready.get_mut(key) else {
                 continue;
             };
-            let rule = (q.adaptive.in_force().iter())
-                .filter(|(_, until)| *until > now_ms)
-                .map(|(rule, _)| *rule)
-                .find(|r| (self.shaping.rules.get(*r)).is_some_and(|r| r.has(ActionName::Bounce)));
-            let Some(rule) = rule else {
+            let rules = &self.shaping.rules;
+            let Some(rule) = q.adaptive.rule_with(rules, ActionName::Bounce, now_ms) else {
                 continue;
             };
             out.extend(
@@ -140,11 +137,11 @@ impl Queues {
     /// The rule in force on ready queue `key` that makes permanent replies temporary,
     /// if any.
     pub fn transient_rule(&self, key: &str, now_ms: u64) -> Option<u16> {
-        let q = self.ready.get(key)?;
-        (q.adaptive.in_force().iter())
-            .filter(|(_, until)| *until > now_ms)
-            .map(|(rule, _)| *rule)
-            .find(|r| (self.shaping.rules.get(*r)).is_some_and(|r| r.has(ActionName::Transient)))
+        (self.ready.get(key)?.adaptive).rule_with(
+            &self.shaping.rules,
+            ActionName::Transient,
+            now_ms,
+        )
     }
 
     /// Counts one attempt on ready queue `key` for adaptive backoff: `failed` when it
@@ -217,15 +214,12 @@ impl Queues {
     /// Whether ready queue `key` must not send now: a suspend or bounce rule is in
     /// force (its connections close; the maintainer bounces or holds its parts).
     pub fn held(&self, key: &str, now_ms: u64) -> bool {
-        let Some(q) = self.ready.get(key) else {
-            return false;
-        };
-        (q.adaptive.in_force().iter())
-            .filter(|(_, until)| *until > now_ms)
-            .any(|(rule, _)| {
-                (self.shaping.rules.get(*rule))
-                    .is_some_and(|r| r.has(ActionName::Suspend) || r.has(ActionName::Bounce))
-            })
+        let rules = &self.shaping.rules;
+        self.ready.get(key).is_some_and(|q| {
+            [ActionName::Suspend, ActionName::Bounce]
+                .into_iter()
+                .any(|action| q.adaptive.rule_with(rules, action, now_ms).is_some())
+        })
     }
 
     /// Whether any response rule is in force (the maintainer then looks for bounces
