@@ -141,6 +141,11 @@ impl Rule {
     pub fn has(&self, action: ActionName) -> bool {
         self.actions.contains(&action)
     }
+
+    /// Its actions' names.
+    pub fn actions(&self) -> Vec<&'static str> {
+        self.actions.iter().map(|a| a.name()).collect()
+    }
 }
 
 /// The enhanced status code (RFC 3463) a reply's text starts with after its code:

@@ -263,7 +263,7 @@ impl Throttle {
 /// The scheduled queues an operator's verb (a suspension, a retry) applies to: those
 /// matching every field given (case-insensitively), or, when `queue_names` is given,
 /// exactly those queues. No field at all selects every queue.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct QueueSelector {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub domain: Option<String>,
@@ -272,7 +272,7 @@ pub struct QueueSelector {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub campaign: Option<String>,
     /// Exact scheduled queue names; when given, they alone decide.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub queue_names: Vec<String>,
 }
 
@@ -294,7 +294,7 @@ impl QueueSelector {
 
 /// An administrative suspension of scheduled queues: their parts stay queued until
 /// it is lifted or expires.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Suspension {
     pub id: String,
     #[serde(flatten)]

@@ -1,7 +1,8 @@
 //! The shard's inbox: drains the notes other shards sent through the mesh and routes
 //! each to the part of the engine it is for — handoffs and reports to delivery
 //! ([`crate::delivery::handoff`]), chunks of transmissions and word of them back to
-//! the shard's jobs ([`crate::jobs`]), wake-ups to the delivery maintainer.
+//! the shard's jobs ([`crate::jobs`]), wake-ups to the delivery maintainer, the
+//! admin API's questions to delivery ([`crate::delivery::inspect`]).
 
 use std::rc::Rc;
 
@@ -43,6 +44,10 @@ pub async fn run(delivery: Rc<Dispatcher>, jobs: Rc<Jobs>) {
                     .detach();
                 }
                 Note::Generated { key, chunk, ok } => jobs.chunk_done(key, chunk, ok),
+                Note::Ask(ask) => {
+                    let answer = crate::delivery::inspect::answer(&delivery, &ask.question);
+                    ask.answers.put(shard.id, answer);
+                }
             }
         }
     }

@@ -1,19 +1,30 @@
 //! Settings that change while gannetd runs: the traffic shaping and the DKIM keys
-//! (reloaded from the configuration file on SIGHUP), and the administrative
-//! suspensions of scheduled queues and requests to retry them now (the admin HTTP
-//! API). They are kept behind one mutex with a generation
+//! (reloaded from the configuration file on SIGHUP), and the operator's verbs of the
+//! admin HTTP API — suspensions of scheduled and ready queues, bounces, requests to
+//! retry scheduled queues now. They are kept behind one mutex with a generation
 //! number; a shard reads the number (one atomic load per maintainer round) and takes
 //! the lock only when it changed, so the delivery path never waits on it.
+//!
+//! The suspensions and bounces survive a restart: [`Live::save`] writes them to
+//! `<data_dir>/admin.json` (atomically and durably, `gannet_spool::durable`) before
+//! the admin API answers, and [`Live::load_admin`] reads them back at start-up.
 
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use gannet_core::queue::admin::{AdminBounce, ReadySuspension};
 use gannet_core::shaping::{QueueSelector, ShapingTable, Suspension};
 
 #[derive(Debug)]
 pub struct Live {
     generation: AtomicU64,
     state: Mutex<Arc<LiveState>>,
+    /// Where the operator's suspensions and bounces are kept (None: not kept, in
+    /// unit tests), and the lock that puts one write at a time.
+    file: Option<PathBuf>,
+    writing: Mutex<()>,
 }
 
 /// One version of the live settings.
@@ -25,6 +36,58 @@ pub struct LiveState {
     /// [`RETRIES_KEPT`]: each shard applies those newer than the last it applied.
     pub retries: Vec<RetryRequest>,
     pub dkim: Arc<crate::dkim::Signers>,
+    /// The operator's suspensions of ready queues.
+    pub ready_suspensions: Vec<ReadySuspension>,
+    /// The operator's bounces in force, each with what it has bounced.
+    pub bounces: Vec<LiveBounce>,
+}
+
+/// An operator's bounce and its tally.
+#[derive(Debug, Clone)]
+pub struct LiveBounce {
+    pub bounce: AdminBounce,
+    /// Parts bounced by scheduled queue, added to by every shard (an operator's verb
+    /// at work, never the delivery path of a message not bounced). Counted since
+    /// gannetd started: the tally is not kept across a restart.
+    pub bounced: Arc<Mutex<BTreeMap<String, usize>>>,
+}
+
+impl LiveBounce {
+    pub fn new(bounce: AdminBounce) -> LiveBounce {
+        LiveBounce {
+            bounce,
+            bounced: Arc::default(),
+        }
+    }
+
+    pub fn tally(&self, queue: String, parts: usize) {
+        *lock(&self.bounced).entry(queue).or_default() += parts;
+    }
+
+    pub fn counts(&self) -> BTreeMap<String, usize> {
+        lock(&self.bounced).clone()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// `admin.json`: what the operator's verbs set that must outlive the process.
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdminFile {
+    #[serde(default)]
+    suspensions: Vec<Suspension>,
+    #[serde(default)]
+    ready_suspensions: Vec<ReadySuspension>,
+    #[serde(default)]
+    bounces: Vec<AdminBounce>,
+}
+
+/// The file the operator's suspensions and bounces are kept in.
+pub fn admin_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("admin.json")
 }
 
 /// Retry requests kept in the live settings: more than any shard can miss between
@@ -49,8 +112,74 @@ impl Live {
                 suspensions: Vec::new(),
                 retries: Vec::new(),
                 dkim: Arc::new(dkim),
+                ready_suspensions: Vec::new(),
+                bounces: Vec::new(),
             })),
+            file: None,
+            writing: Mutex::new(()),
         }
+    }
+
+    /// Keeps the operator's suspensions and bounces in `file`, starting with those
+    /// it holds (expired ones left out). A file that cannot be read or parsed is an
+    /// error naming it, its line and column: starting without the suspensions an
+    /// operator set could send mail they held back.
+    pub fn load_admin(mut self, file: PathBuf, now_ms: u64) -> Result<Live, String> {
+        let found = match std::fs::read(&file) {
+            Ok(bytes) => serde_json::from_slice::<AdminFile>(&bytes).map_err(|err| {
+                format!(
+                    "{}:{}:{}: {err} (the admin API's suspensions and bounces; fix or remove the file)",
+                    file.display(),
+                    err.line(),
+                    err.column()
+                )
+            })?,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => AdminFile::default(),
+            Err(err) => return Err(format!("{}: {err}", file.display())),
+        };
+        self.update(|state| {
+            state.suspensions = (found.suspensions.into_iter())
+                .filter(|s| s.expires_unix_ms > now_ms)
+                .collect();
+            state.ready_suspensions = (found.ready_suspensions.into_iter())
+                .filter(|s| s.expires_unix_ms > now_ms)
+                .collect();
+            state.bounces = (found.bounces.into_iter())
+                .filter(|b| b.expires_unix_ms > now_ms)
+                .map(LiveBounce::new)
+                .collect();
+        });
+        self.file = Some(file);
+        Ok(self)
+    }
+
+    /// Writes the operator's suspensions and bounces as they are now (after the
+    /// change being answered, and after any other change made meanwhile: one write
+    /// at a time, each of the newest state). Blocks on a disk sync: run it off the
+    /// executor.
+    pub fn save(&self) -> std::io::Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        let _one_at_a_time = lock(&self.writing);
+        let state = self.snapshot();
+        let now = gannet_core::clock::unix_ms();
+        let kept = AdminFile {
+            suspensions: (state.suspensions.iter())
+                .filter(|s| s.expires_unix_ms > now)
+                .cloned()
+                .collect(),
+            ready_suspensions: (state.ready_suspensions.iter())
+                .filter(|s| s.expires_unix_ms > now)
+                .cloned()
+                .collect(),
+            bounces: (state.bounces.iter())
+                .filter(|b| b.bounce.expires_unix_ms > now)
+                .map(|b| b.bounce.clone())
+                .collect(),
+        };
+        let bytes = serde_json::to_vec_pretty(&kept).map_err(std::io::Error::other)?;
+        gannet_spool::durable::write_file(file, &bytes, 0o644)
     }
 
     /// Changes with every update.

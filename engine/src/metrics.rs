@@ -89,6 +89,8 @@ metrics! {
     delivery_bounced_total: "counter",
     /// Recipients expired at max_age.
     delivery_expired_total: "counter",
+    /// Recipients bounced by an operator's bounce (admin API).
+    delivery_admin_bounced_total: "counter",
     /// Recipient attempts put off untried (ready queue full, queue suspended).
     delivery_delayed_total: "counter",
     /// Response rules (adaptive delivery) that fired on a ready queue, and that ended.

@@ -11,6 +11,7 @@
 //! schedule is tested with plain numbers.
 
 pub mod adapt;
+pub mod admin;
 pub mod health;
 pub mod settle;
 pub mod wheel;
@@ -290,6 +291,11 @@ pub struct Queues {
     adapting: Vec<String>,
     /// Ready queues whose connection limit adaptive backoff has lowered.
     backed_off: usize,
+    /// Parts waiting or held, by scheduled queue (for the admin API's listing).
+    counts: admin::ScheduledCounts,
+    /// The operator's suspensions of ready queues and bounces (the admin API).
+    ready_suspensions: Vec<admin::ReadySuspension>,
+    bounces: Vec<admin::AdminBounce>,
 }
 
 /// One ready queue: its parts, its connections and its shaping.
@@ -317,6 +323,9 @@ pub struct ReadyQueue {
     pub feedback: adapt::Feedback,
     /// The connection limit before backoff (the shaping and the rules in force).
     configured_limit: usize,
+    /// The shaping as configured, before response rules and backoff (the admin API
+    /// shows both).
+    configured: Shaping,
     /// Connections of this queue waiting for its next part (idle_timeout): woken, all
     /// of them, when a part arrives. A waker may be stale (its connection has gone
     /// on); waking it is harmless.
@@ -344,6 +353,7 @@ impl ReadyQueue {
             adaptive,
             feedback: adapt::Feedback::default(),
             configured_limit: shaping.connection_limit,
+            configured: shaping,
             idle: Vec::new(),
             listed: false,
         }
@@ -362,6 +372,7 @@ impl ReadyQueue {
             &self.egress.name,
             self.site.host_names.iter().map(String::as_str),
         );
+        self.configured = shaping;
         for knobs in self.adaptive.knobs(&table.rules) {
             shaping = shaping.with(knobs);
         }
@@ -417,11 +428,17 @@ impl Queues {
             listed: Vec::new(),
             adapting: Vec::new(),
             backed_off: 0,
+            counts: admin::ScheduledCounts::default(),
+            ready_suspensions: Vec::new(),
+            bounces: Vec::new(),
         }
     }
 
     /// Adds a part to the scheduled queue, or to `due` when it is due.
     pub fn schedule(&mut self, part: Part) {
+        if part.due_ms > self.scheduled.now() {
+            self.counts.add(&part, admin::Place::Waiting);
+        }
         if let Err(part) = self.scheduled.insert(part.due_ms, part) {
             self.due.push(part);
         }
@@ -429,7 +446,11 @@ impl Queues {
 
     /// Moves every part due at `now_ms` to `due`.
     pub fn promote(&mut self, now_ms: u64) {
+        let from = self.due.len();
         self.scheduled.advance(now_ms, &mut self.due);
+        for part in &self.due[from..] {
+            self.counts.remove(part, admin::Place::Waiting);
+        }
     }
 
     /// Makes every scheduled part in a queue `selector` selects due now (an
@@ -443,6 +464,7 @@ impl Queues {
         });
         let count = parts.len();
         for mut part in parts {
+            self.counts.remove(&part, admin::Place::Waiting);
             part.due_ms = now_ms;
             part.message
                 .borrow_mut()
@@ -464,6 +486,7 @@ impl Queues {
 
     /// Keeps a part until its scheduled queue's suspension ends.
     pub fn hold(&mut self, part: Part) {
+        self.counts.add(&part, admin::Place::Held);
         self.held.push(part);
     }
 
@@ -490,6 +513,7 @@ impl Queues {
             if self.suspension(&part, now_ms).is_some() {
                 self.held.push(part);
             } else {
+                self.counts.remove(&part, admin::Place::Held);
                 self.due.push(part);
             }
         }
@@ -557,14 +581,21 @@ impl Queues {
             let Some(q) = self.ready.get_mut(&key) else {
                 continue;
             };
-            let suspended = (q.adaptive)
-                .action_until(&self.shaping.rules, ActionName::Suspend)
-                .filter(|until| *until > now_ms);
+            // An operator's suspension of the queue, or a response rule's.
+            let suspended = (self.ready_suspensions.iter())
+                .filter(|s| s.name == key && s.expires_unix_ms > now_ms)
+                .map(|s| s.expires_unix_ms)
+                .chain(
+                    q.adaptive
+                        .action_until(&self.shaping.rules, ActionName::Suspend),
+                )
+                .filter(|until| *until > now_ms)
+                .max();
             let waiting = if q.is_empty() {
                 false
             } else if let Some(until) = suspended {
-                // A response rule suspended the queue: its parts wait in it, and no
-                // connection opens, until the rule ends.
+                // Suspended: its parts wait in it, and no connection opens, until
+                // the suspension or the rule ends.
                 later(until);
                 true
             } else if q.throttled_until_ms > now_ms {

@@ -52,6 +52,16 @@ impl<T> Wheel<T> {
         self.len == 0
     }
 
+    /// The wheel's current time: an entry due at or before it is not taken.
+    pub fn now(&self) -> u64 {
+        self.elapsed
+    }
+
+    /// Every entry, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &T> {
+        self.slots.iter().flatten().flatten().map(|(_, item)| item)
+    }
+
     /// Adds an entry due at `due_ms`; one already due is returned instead.
     pub fn insert(&mut self, due_ms: u64, item: T) -> Result<(), T> {
         if due_ms <= self.elapsed {

@@ -37,12 +37,15 @@ pub async fn run(d: Rc<Dispatcher>) {
     let mut last_gauges = 0;
     while !shard.shutdown.is_raised() {
         let now = unix_ms();
-        d.refresh_live(&shard.shared.live, now);
+        for (part, bounce) in d.refresh_live(&shard.shared.live, now) {
+            super::settling::admin_bounce(&d, part, &bounce);
+        }
         let mut to_open: Vec<String> = Vec::new();
         let mut to_resolve: Vec<Rc<str>> = Vec::new();
         let mut to_place: Vec<Part> = Vec::new();
         let mut no_site: Vec<(Part, Response)> = Vec::new();
         let mut bounced = Vec::new();
+        let mut admin_bounced: Vec<Part> = Vec::new();
         // The earliest time something must be looked at again, besides the wheel.
         let mut wake_at = now + 1000;
         {
@@ -58,7 +61,9 @@ pub async fn run(d: Rc<Dispatcher>) {
             let mut resolving = d.resolving.borrow_mut();
             let sites = d.sites.borrow();
             for mut part in due {
-                if let Some(s) = queues.suspension(&part, now) {
+                if queues.admin_bounce(&part, now).is_some() {
+                    admin_bounced.push(part);
+                } else if let Some(s) = queues.suspension(&part, now) {
                     let why = Response::local(
                         451,
                         format!("4.4.5 queue suspended ({}): {}", s.id, s.reason),
@@ -109,6 +114,13 @@ pub async fn run(d: Rc<Dispatcher>) {
         }
         for domain in to_resolve {
             glommio::spawn_local(resolve(d.clone(), domain)).detach();
+        }
+        for part in admin_bounced {
+            match d.admin_bounce(&part, now) {
+                Some(bounce) => super::settling::admin_bounce(&d, part, &bounce),
+                // Cannot happen within one round; never lose a part if it does.
+                None => d.queues.borrow_mut().due.push(part),
+            }
         }
         for (part, response) in no_site {
             site_found(&d, part, &Err(response), now);

@@ -18,6 +18,7 @@ mod adapt;
 pub mod client;
 pub mod connection;
 pub mod handoff;
+pub mod inspect;
 pub mod maintainer;
 pub mod routing;
 pub mod settling;
@@ -57,6 +58,10 @@ pub struct Dispatcher {
     live_generation: Cell<u64>,
     /// The newest retry request applied (`crate::live::RetryRequest::seq`).
     retried_seq: Cell<u64>,
+    /// The operator's bounces in force (with their tallies), and the ids of those
+    /// whose first sweep of the queues this shard has made.
+    bounces: RefCell<Vec<crate::live::LiveBounce>>,
+    swept: RefCell<std::collections::HashSet<String>>,
     resolver: crate::dns::Resolver,
     /// Connections waiting idle for their queue's next part, and the bound.
     idle_connections: Cell<usize>,
@@ -176,6 +181,8 @@ impl Dispatcher {
             suspended: d.suspended,
             live_generation: Cell::new(0),
             retried_seq: Cell::new(0),
+            bounces: RefCell::new(Vec::new()),
+            swept: RefCell::new(std::collections::HashSet::new()),
             resolver: crate::dns::Resolver::new(
                 config
                     .dns_server()
@@ -242,17 +249,42 @@ impl Dispatcher {
         self.wake.raise();
     }
 
-    /// Applies the live settings (shaping, suspensions) if they changed.
-    fn refresh_live(&self, live: &crate::live::Live, now: u64) {
+    /// Applies the live settings (shaping, suspensions, bounces) if they changed.
+    /// Returns the parts a new bounce takes, with it, to be bounced.
+    fn refresh_live(
+        &self,
+        live: &crate::live::Live,
+        now: u64,
+    ) -> Vec<(Part, crate::live::LiveBounce)> {
         let generation = live.generation();
         if generation == self.live_generation.get() {
-            return;
+            return Vec::new();
         }
         self.live_generation.set(generation);
         let state = live.snapshot();
         let mut queues = self.queues.borrow_mut();
         queues.set_shaping(state.shaping.clone());
         queues.set_suspensions(state.suspensions.clone(), now);
+        queues.set_ready_suspensions(state.ready_suspensions.clone());
+        queues.set_admin_bounces(state.bounces.iter().map(|b| b.bounce.clone()).collect());
+        *self.bounces.borrow_mut() = state.bounces.clone();
+        // A bounce new to this shard takes what its queues hold now; what comes due
+        // later, or back from another shard, meets it on its way.
+        let mut taken = Vec::new();
+        let mut swept = self.swept.borrow_mut();
+        swept.retain(|id| state.bounces.iter().any(|b| &b.bounce.id == id));
+        for bounce in &state.bounces {
+            if swept.insert(bounce.bounce.id.clone()) {
+                let parts = queues.take_selected(&bounce.bounce.queues);
+                tracing::info!(
+                    shard = self.shard.id,
+                    id = bounce.bounce.id,
+                    parts = parts.len(),
+                    "an operator's bounce took queued parts"
+                );
+                taken.extend(parts.into_iter().map(|p| (p, bounce.clone())));
+            }
+        }
         for request in &state.retries {
             if request.seq <= self.retried_seq.get() {
                 continue;
@@ -267,6 +299,18 @@ impl Dispatcher {
                 "scheduled parts made due now"
             );
         }
+        taken
+    }
+
+    /// The operator's bounce in force that takes `part`, with its tally.
+    fn admin_bounce(&self, part: &Part, now: u64) -> Option<crate::live::LiveBounce> {
+        let queues = self.queues.borrow();
+        let id = &queues.admin_bounce(part, now)?.id;
+        self.bounces
+            .borrow()
+            .iter()
+            .find(|b| &b.bounce.id == id)
+            .cloned()
     }
 
     /// The retry time of a part put off without an attempt.

@@ -19,10 +19,40 @@ use gannet_core::queue::{self, Message, Part, Site};
 /// Applies one attempt's replies to a part's recipients.
 pub(super) fn settle(
     d: &Dispatcher,
+    part: Part,
+    results: Vec<(u32, Response)>,
+    peer: Option<std::net::SocketAddr>,
+    tls: Option<&str>,
+) {
+    settle_as(d, part, results, peer, tls, None);
+}
+
+/// Bounces every recipient of a part for an operator's bounce: an AdminBounce
+/// event each (unless the bounce suppresses them), counted in its tally.
+pub(super) fn admin_bounce(d: &Dispatcher, part: Part, bounce: &crate::live::LiveBounce) {
+    let b = &bounce.bounce;
+    let reply = Response::local(
+        550,
+        format!("5.7.1 bounced by the operator ({}): {}", b.id, b.reason),
+    );
+    let queue = {
+        let m = part.message.borrow();
+        queue::queue_name(&m, &part.domain).to_string()
+    };
+    bounce.tally(queue, 1);
+    let results = part.rcpts.iter().map(|i| (*i, reply.clone())).collect();
+    settle_as(d, part, results, None, None, Some(b.suppress_logging));
+}
+
+/// `admin`: an operator's bounce (with whether its events are suppressed) rather
+/// than an attempt's replies.
+fn settle_as(
+    d: &Dispatcher,
     mut part: Part,
     results: Vec<(u32, Response)>,
     peer: Option<std::net::SocketAddr>,
     tls: Option<&str>,
+    admin: Option<bool>,
 ) {
     use queue::settle::{After, Verdict};
     let shard = &d.shard;
@@ -32,8 +62,12 @@ pub(super) fn settle(
     let expired = queue::settle::expired(&m, now, d.retry.max_age_ms);
     let mut verdicts = Vec::with_capacity(results.len());
     for (i, response) in &results {
-        let verdict = queue::settle::verdict(response.code, expired);
+        let verdict = match admin {
+            Some(_) => Verdict::Bounce,
+            None => queue::settle::verdict(response.code, expired),
+        };
         let kind = match verdict {
+            _ if admin.is_some() => Kind::AdminBounce,
             Verdict::Delivery => Kind::Delivery,
             Verdict::TransientFailure => Kind::TransientFailure,
             Verdict::Bounce => Kind::Bounce,
@@ -47,7 +81,9 @@ pub(super) fn settle(
             retries: part.attempts,
             now,
         };
-        record(d, &m, *i, &attempt, response, kind);
+        if admin != Some(true) {
+            record(d, &m, *i, &attempt, response, kind);
+        }
         verdicts.push((*i, verdict));
     }
     let jitter = fastrand::u64(0..=1000);
@@ -60,7 +96,16 @@ pub(super) fn settle(
     }
     if after == After::Retry {
         drop(m);
-        d.queues.borrow_mut().schedule(part);
+        let mut queues = d.queues.borrow_mut();
+        if queues.admin_bounce(&part, now).is_some() {
+            // An operator's bounce was set while the part was out: the maintainer
+            // bounces it at its next round rather than at its retry.
+            queues.due.push(part);
+            drop(queues);
+            d.wake_maintainer();
+        } else {
+            queues.schedule(part);
+        }
     }
 }
 
@@ -71,6 +116,7 @@ enum Kind {
     Bounce,
     Expiration,
     Delayed,
+    AdminBounce,
 }
 
 /// What is known about one delivery attempt of a part.
@@ -152,6 +198,10 @@ fn record(
         Kind::Bounce => (Event::Bounce(outcome), &metrics.delivery_bounced_total),
         Kind::Expiration => (Event::Expiration(outcome), &metrics.delivery_expired_total),
         Kind::Delayed => (Event::Delayed(outcome), &metrics.delivery_delayed_total),
+        Kind::AdminBounce => (
+            Event::AdminBounce(outcome),
+            &metrics.delivery_admin_bounced_total,
+        ),
     };
     ShardMetrics::add(counter, 1);
     shard.event(&event);

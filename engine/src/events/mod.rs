@@ -95,6 +95,9 @@ pub enum Event<'a> {
     TransientFailure(Outcome<'a>),
     /// A recipient failed permanently (5xx); `bounce_class` says why.
     Bounce(Outcome<'a>),
+    /// A recipient was bounced by an operator's bounce (the admin API), not by a
+    /// reply: KumoMTA's AdminBounce.
+    AdminBounce(Outcome<'a>),
     /// A recipient was still undelivered at max_age and is given up.
     Expiration(Outcome<'a>),
     /// A recipient's attempt was put off without being tried (its ready queue was

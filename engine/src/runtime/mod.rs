@@ -6,6 +6,7 @@
 
 mod adopt;
 
+use gannet_core::clock::unix_ms;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
@@ -129,7 +130,9 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
         live: crate::live::Live::new(
             gannet_core::shaping::ShapingTable::new(&config.delivery),
             crate::dkim::Signers::load(&config.dkim).map_err(|e| anyhow!("{e}"))?,
-        ),
+        )
+        .load_admin(crate::live::admin_file(&data_dir), unix_ms())
+        .map_err(|e| anyhow!("{e}"))?,
         sessions: Arc::new(SessionLimits::new(
             config.smtp.sessions_max.usize(),
             u32::try_from(config.smtp.sessions_per_ip_max.get()).unwrap_or(u32::MAX),

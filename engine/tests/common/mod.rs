@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod admin;
 #[path = "../peers/support.rs"]
 pub mod peers;
 pub mod relay;

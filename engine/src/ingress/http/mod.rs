@@ -310,8 +310,6 @@ async fn read_body(
     }
 }
 
-const SUSPEND: &str = "/api/admin/suspend/v1";
-const RETRY: &str = "/api/admin/retry/v1";
 const TRANSMISSIONS: &str = "/api/v1/transmissions";
 const TEMPLATES: &str = "/api/v1/templates";
 const INJECT: &str = "/api/inject/v1";
@@ -393,7 +391,7 @@ async fn route(
                 _ => method_not_allowed(),
             }
         }
-        SUSPEND | RETRY => {
+        _ if admin::PATHS.contains(&path) => {
             if !services.admin {
                 return not_found();
             }
@@ -410,16 +408,10 @@ async fn route(
             if let Err(reply) = authorize(shard, head, Role::Admin) {
                 return reply;
             }
-            match *method {
-                Method::POST if !json => not_json(),
-                Method::POST if path == RETRY => admin::retry(shared, body).into(),
-                _ if path == RETRY => method_not_allowed(),
-                Method::GET => admin::list(shared).into(),
-                Method::DELETE if !json => not_json(),
-                Method::POST => admin::suspend(shared, body).into(),
-                Method::DELETE => admin::resume(shared, body).into(),
-                _ => method_not_allowed(),
-            }
+            let query = head.uri.query().unwrap_or("");
+            admin::handle(shard, method, path, query, body, json)
+                .await
+                .into()
         }
         TRANSMISSIONS | INJECT if services.inject => {
             let identity = match authorize(shard, head, Role::Inject) {

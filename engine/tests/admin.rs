@@ -1,0 +1,350 @@
+//! The operator's admin API end to end, with curl and a real SMTP server (aiosmtpd)
+//! answering like a mailbox provider: listing the queues and inspecting a message
+//! while mail waits for retries, bouncing with a dry run first, suspending a ready
+//! queue by its KumoMTA name — and the suspensions and bounces still in force after
+//! a restart on the same fixed ports; a damaged `admin.json` stops the start with
+//! its line and column.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::Daemon;
+use common::admin::{Case, admin_key_config, curl, json, refused};
+use common::peers::free_port;
+use common::relay::{inject, of, sink, wait_events};
+
+const QUEUES: &str = "/api/admin/queues/v1";
+const SUMMARY: &str = "/api/admin/queue-summary/v1";
+const INSPECT: &str = "/api/admin/inspect-message/v1";
+const BOUNCE: &str = "/api/admin/bounce/v1";
+const READY: &str = "/api/admin/suspend-ready-q/v1";
+const SUSPEND: &str = "/api/admin/suspend/v1";
+
+fn post(daemon: &Daemon, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let (status, text) = curl(daemon, "POST", path, Some(("application/json", body)));
+    (status, json(&text))
+}
+
+fn get(daemon: &Daemon, path: &str) -> serde_json::Value {
+    let (status, text) = curl(daemon, "GET", path, None);
+    assert_eq!(status, 200, "GET {path}: {text}");
+    json(&text)
+}
+
+/// Polls `path` until `done` holds for its answer.
+fn wait_for(
+    daemon: &Daemon,
+    path: &str,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let value = get(daemon, path);
+        if done(&value) {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "{what}: {value:#}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The scheduled queue `name` in a listing.
+fn scheduled<'a>(listing: &'a serde_json::Value, name: &str) -> Option<&'a serde_json::Value> {
+    (listing["scheduled"].as_array()?.iter()).find(|q| q["name"] == name)
+}
+
+#[test]
+fn operators_list_inspect_bounce_and_suspend_and_it_outlives_a_restart() {
+    let (a, b) = (sink(), sink());
+    let (smtp, http) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    // Retries an hour apart: what the sink defers waits in the scheduled queue.
+    let config = format!(
+        "[server]\nhostname = \"gannet.test\"\ndata_dir = \"{}\"\nshards = 2\n\
+         [smtp]\nlisten = [\"127.0.0.1:{smtp}\"]\n\
+         [http]\nlisten = [\"127.0.0.1:{http}\"]\n{}\
+         [delivery]\nretry_interval_secs = 3600\n\
+         routes = {{ \"a.test\" = [\"127.0.0.1:{}\"], \"b.test\" = [\"127.0.0.1:{}\"] }}\n",
+        dir.path().join("data").display(),
+        admin_key_config(),
+        a.port,
+        b.port
+    );
+    let mut daemon = Daemon::start_in(dir, &config);
+
+    // Three messages the sink defers (451 4.7.28), two of tenant acme.
+    let mut ids = Vec::new();
+    for tenant in ["acme", "acme", "zeta"] {
+        ids.push(inject(
+            &daemon,
+            &["throttled@b.test"],
+            &format!("X-Gannet-Tenant: {tenant}\r\nSubject: later\r\n\r\nbody\r\n.\r\n"),
+        ));
+    }
+    wait_events(&daemon, "three deferrals", |e| {
+        of(e, "transient_failure", "throttled@b.test").len() == 3
+    });
+
+    // The listing counts them by scheduled queue; detail adds oldest and next due.
+    let listing = wait_for(
+        &daemon,
+        &format!("{QUEUES}?detail=true"),
+        "the listing",
+        |l| scheduled(l, "acme@b.test").is_some_and(|q| q["waiting"] == 2),
+    );
+    let acme = scheduled(&listing, "acme@b.test").unwrap();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    assert!(acme["oldest_ms"].as_u64().unwrap() <= now_ms, "{acme}");
+    assert!(
+        acme["next_due_ms"].as_u64().unwrap() > now_ms + 3_000_000,
+        "an hour away: {acme}"
+    );
+    assert_eq!(scheduled(&listing, "zeta@b.test").unwrap()["waiting"], 1);
+    let ready = listing["ready"].as_array().unwrap();
+    let b_queue = format!("default->127.0.0.1:{}", b.port);
+    let site = ready.iter().find(|q| q["name"] == b_queue.as_str());
+    let site = site.unwrap_or_else(|| panic!("{listing:#}"));
+    assert_eq!(site["effective"]["connection_limit"], 32);
+    assert_eq!(site["effective"], site["configured"]);
+    let summary = get(&daemon, SUMMARY);
+    assert_eq!(summary["total"]["waiting"], 3, "{summary}");
+    assert_eq!(summary["shards"].as_array().unwrap().len(), 2);
+    let limited = get(&daemon, &format!("{QUEUES}?limit=1"));
+    assert_eq!(limited["scheduled"][0]["name"], "acme@b.test", "{limited}");
+    assert_eq!(limited["scheduled"].as_array().unwrap().len(), 1);
+
+    // A message by id: envelope, metadata, headers, retry state, where its part is.
+    let found = get(&daemon, &format!("{INSPECT}?id={}&want_body=true", ids[0]));
+    assert_eq!(found["id"], ids[0].as_str());
+    assert_eq!(found["message"]["sender"], "s@b.test");
+    assert_eq!(found["message"]["recipient"][0], "throttled@b.test");
+    assert_eq!(found["message"]["meta"]["tenant"], "acme");
+    assert_eq!(found["message"]["num_attempts"], 1);
+    assert!(found["message"]["data"].as_str().unwrap().contains("body"));
+    assert!(
+        found["headers"]
+            .as_str()
+            .unwrap()
+            .contains("Subject: later")
+    );
+    assert_eq!(found["parts"][0]["state"], "scheduled", "{found:#}");
+    assert_eq!(found["parts"][0]["queue"], "acme@b.test");
+    assert!(found["shard"].as_u64().unwrap() < 2);
+    let (status, text) = curl(
+        &daemon,
+        "GET",
+        &format!("{INSPECT}?id={}", "0".repeat(32)),
+        None,
+    );
+    assert_eq!(status, 404, "{text}");
+    let (status, text) = curl(&daemon, "GET", &format!("{INSPECT}?id=zz"), None);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("not a message id"), "{text}");
+
+    // A dry run counts what a bounce would take and takes nothing.
+    let (status, dry) = post(
+        &daemon,
+        BOUNCE,
+        r#"{"tenant":"acme","reason":"bad list","dry_run":true}"#,
+    );
+    assert_eq!(status, 200, "{dry}");
+    assert_eq!(dry["total_bounced"], 2, "{dry}");
+    assert_eq!(dry["bounced"]["acme@b.test"], 2);
+    assert_eq!(dry["recipients"], 2);
+    assert!(daemon.events().iter().all(|e| e["type"] != "admin_bounce"));
+
+    // The bounce: acme's two are bounced now, zeta's stays; while it is in force a
+    // new message of acme's is bounced on arrival.
+    let (status, made) = post(
+        &daemon,
+        BOUNCE,
+        r#"{"tenant":"acme","reason":"bad list","duration":"10m"}"#,
+    );
+    assert_eq!(status, 202, "{made}");
+    let bounce_id = made["id"].as_str().unwrap().to_string();
+    inject(
+        &daemon,
+        &["fresh@b.test"],
+        "X-Gannet-Tenant: acme\r\nSubject: new\r\n\r\nx\r\n.\r\n",
+    );
+    let events = wait_events(&daemon, "three admin bounces", |e| {
+        e.iter().filter(|e| e["type"] == "admin_bounce").count() == 3
+    });
+    let bounced = of(&events, "admin_bounce", "fresh@b.test")[0];
+    assert!(
+        bounced["response"].as_str().unwrap().contains("bad list"),
+        "{bounced}"
+    );
+    assert_eq!(bounced["tenant"], "acme");
+    assert!(of(&events, "delivery", "fresh@b.test").is_empty());
+    let list = get(&daemon, BOUNCE);
+    assert_eq!(list[0]["id"], bounce_id.as_str());
+    assert_eq!(list[0]["tenant"], "acme");
+    assert_eq!(list[0]["total_bounced"], 3, "{list}");
+    let listing = wait_for(&daemon, QUEUES, "acme's queue gone", |l| {
+        scheduled(l, "acme@b.test").is_none()
+    });
+    assert_eq!(scheduled(&listing, "zeta@b.test").unwrap()["waiting"], 1);
+
+    // A ready queue suspended by its KumoMTA name: a.test's mail waits in it.
+    let a_queue = format!("default->127.0.0.1:{}", a.port);
+    let (status, made) = post(
+        &daemon,
+        READY,
+        &format!(r#"{{"name":"{a_queue}@smtp_client","reason":"block","duration":"1h"}}"#),
+    );
+    assert_eq!(status, 200, "{made}");
+    let ready_id = made["id"].as_str().unwrap().to_string();
+    let (status, made) = post(
+        &daemon,
+        SUSPEND,
+        r#"{"domain":"c.test","reason":"kept too"}"#,
+    );
+    assert_eq!(status, 200, "{made}");
+    inject(&daemon, &["held@a.test"], "Subject: wait\r\n\r\nx\r\n.\r\n");
+    let listing = wait_for(&daemon, QUEUES, "a.test's ready queue", |l| {
+        // Its part waits in the owner shard's queue: spooled there, or handed over.
+        (l["ready"].as_array().unwrap().iter()).any(|q| {
+            q["name"] == a_queue.as_str()
+                && q["parts"].as_u64().unwrap() + q["remote"].as_u64().unwrap() == 1
+        })
+    });
+    let q = (listing["ready"].as_array().unwrap().iter())
+        .find(|q| q["name"] == a_queue.as_str())
+        .unwrap();
+    assert_eq!(
+        q["suspended_by"],
+        format!("admin suspension {ready_id}: block").as_str()
+    );
+    assert_eq!(q["connections"], 0);
+    let list = get(&daemon, READY);
+    assert_eq!(list[0]["name"], a_queue.as_str());
+    assert!(list[0]["expires"].as_str().unwrap().ends_with('Z'));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(a.messages().is_empty());
+
+    // Restart on the same ports: the suspensions and the bounce are still in force,
+    // and the held message is still held.
+    daemon.stop();
+    let dir = std::mem::replace(&mut daemon.dir, tempfile::tempdir().unwrap());
+    daemon = Daemon::start_in(dir, &config);
+    assert_eq!((daemon.smtp.port(), daemon.http.port()), (smtp, http));
+    assert_eq!(get(&daemon, READY)[0]["id"], ready_id.as_str());
+    assert_eq!(get(&daemon, SUSPEND)[0]["domain"], "c.test");
+    assert_eq!(get(&daemon, BOUNCE)[0]["id"], bounce_id.as_str());
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(a.messages().is_empty(), "still suspended after the restart");
+
+    // Lifted: delivered. Cancelled: acme's mail flows again.
+    let lift = |path: &str, id: &str| {
+        let body = format!("{{\"id\":\"{id}\"}}");
+        curl(&daemon, "DELETE", path, Some(("application/json", &body)))
+    };
+    assert_eq!(lift(READY, &ready_id).0, 200);
+    wait_events(&daemon, "the held message delivered", |e| {
+        of(e, "delivery", "held@a.test").len() == 1
+    });
+    assert_eq!(lift(BOUNCE, &bounce_id).0, 200);
+    assert_eq!(get(&daemon, BOUNCE), serde_json::json!([]));
+    inject(
+        &daemon,
+        &["after@b.test"],
+        "X-Gannet-Tenant: acme\r\nSubject: ok\r\n\r\nx\r\n.\r\n",
+    );
+    wait_events(&daemon, "delivery after the cancel", |e| {
+        of(e, "delivery", "after@b.test").len() == 1
+    });
+    assert_eq!(lift(BOUNCE, &bounce_id).0, 404);
+}
+
+#[test]
+fn bad_admin_requests_get_precise_errors() {
+    let daemon = Daemon::start("", &admin_key_config());
+    let json_body = |b: &'static str| Some(("application/json", b));
+    let ready: [Case; 5] = [
+        ("POST", json_body(r#"{"reason":"r"}"#), 400, "name"),
+        (
+            "POST",
+            json_body(r#"{"name":"gmail","reason":"r"}"#),
+            400,
+            "egress_source->site_name",
+        ),
+        (
+            "POST",
+            json_body(r#"{"name":"a->b","reason":" "}"#),
+            400,
+            "reason",
+        ),
+        (
+            "POST",
+            json_body(r#"{"name":"a->b","reason":"r","expires":"soon"}"#),
+            400,
+            "RFC 3339",
+        ),
+        ("DELETE", json_body(r#"{"id":"x"}"#), 404, "x"),
+    ];
+    refused(&daemon, READY, &ready);
+    let bounce: [Case; 5] = [
+        (
+            "POST",
+            json_body(r#"{"reason":"r","routing_domain":"x.test"}"#),
+            400,
+            "routing_domain",
+        ),
+        (
+            "POST",
+            json_body(r#"{"reason":"r","bogus":true}"#),
+            400,
+            "bogus",
+        ),
+        (
+            "POST",
+            json_body(r#"{"reason":"r","duration":"forever"}"#),
+            400,
+            "duration",
+        ),
+        ("POST", Some(("text/plain", "{}")), 415, "application/json"),
+        ("PUT", None, 405, "PUT"),
+    ];
+    refused(&daemon, BOUNCE, &bounce);
+    let (status, text) = curl(&daemon, "GET", &format!("{QUEUES}?detail=maybe"), None);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("detail"), "{text}");
+    let (status, text) = curl(&daemon, "GET", &format!("{QUEUES}?limit=-1"), None);
+    assert_eq!(status, 400, "{text}");
+    let (status, text) = curl(&daemon, "GET", INSPECT, None);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("id"), "{text}");
+    // Nothing was made, and the server still answers.
+    assert_eq!(get(&daemon, READY), serde_json::json!([]));
+    assert_eq!(get(&daemon, BOUNCE), serde_json::json!([]));
+    assert_eq!(get(&daemon, QUEUES)["scheduled"], serde_json::json!([]));
+}
+
+#[test]
+fn a_damaged_admin_file_stops_the_start_with_its_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("admin.json"),
+        "{\n  \"suspensions\": [\n    {\"id\": 7}\n  ]\n}\n",
+    )
+    .unwrap();
+    let config = common::config_text(dir.path(), "", "");
+    let path = dir.path().join("gannetd.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gannetd"))
+        .args(["--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("admin.json:3:"), "{err}");
+    assert!(err.contains("fix or remove the file"), "{err}");
+}
