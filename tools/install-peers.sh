@@ -16,6 +16,8 @@ if [ "${1:-}" = "--bench" ]; then
 fi
 command -v swaks >/dev/null || need+=(swaks)
 command -v curl >/dev/null || need+=(curl)
+# gannetctl top is driven in a real terminal: tmux (send keys, read the screen).
+command -v tmux >/dev/null || need+=(tmux)
 perl -MIO::Socket::SSL -e1 2>/dev/null || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
 [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)

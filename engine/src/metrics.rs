@@ -150,6 +150,15 @@ metrics! {
     /// in microseconds: how long work queued on the core makes a task wait; the
     /// committer holds batches once it passes a third of a sync.
     spool_committer_delay_us: "gauge",
+    /// Spool segments on disk, their bytes (preallocated), and the messages and
+    /// bytes of them still live.
+    spool_segments: "gauge",
+    spool_disk_bytes: "gauge",
+    spool_live_messages: "gauge",
+    spool_live_bytes: "gauge",
+    /// Microseconds the shard's executor spent running tasks (its load: the rate of
+    /// this counter over wall time).
+    shard_busy_us_total: "counter",
 }
 
 /// A latency histogram in the spool's buckets ([`LATENCY_BOUNDS_US`]), rendered as

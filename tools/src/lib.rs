@@ -1,4 +1,5 @@
-//! Operator tools for gannet. The `gannet-spool` command's logic lives here so that it
-//! can be tested without spawning it.
+//! Operator tools for gannet. The logic of `gannet-spool` and `gannetctl` lives here
+//! so that it can be tested without spawning them.
 
+pub mod ctl;
 pub mod spool_inspect;

@@ -211,9 +211,16 @@ impl Queues {
         &self.shaping.rules
     }
 
-    /// Whether ready queue `key` must not send now: a suspend or bounce rule is in
-    /// force (its connections close; the maintainer bounces or holds its parts).
+    /// Whether ready queue `key` must not send now: an operator suspended it, or a
+    /// suspend or bounce rule is in force (its connections close; the maintainer
+    /// bounces or holds its parts).
     pub fn held(&self, key: &str, now_ms: u64) -> bool {
+        if self.ready_suspension(key, now_ms).is_some() {
+            return true;
+        }
+        if self.adapting.is_empty() {
+            return false;
+        }
         let rules = &self.shaping.rules;
         self.ready.get(key).is_some_and(|q| {
             [ActionName::Suspend, ActionName::Bounce]
@@ -226,5 +233,12 @@ impl Queues {
     /// and expiries).
     pub fn rules_in_force(&self) -> bool {
         !self.adapting.is_empty()
+    }
+
+    /// Whether any ready queue may be held ([`Queues::held`]): a response rule or an
+    /// operator's suspension is in force somewhere. False in the common case, so a
+    /// connection asks for the time only when it may matter.
+    pub fn may_hold(&self) -> bool {
+        !self.adapting.is_empty() || !self.ready_suspensions.is_empty()
     }
 }

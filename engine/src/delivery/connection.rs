@@ -29,7 +29,8 @@ enum Next {
     /// The queue has work, but max_message_rate says to wait this long.
     Wait(Duration),
     Done,
-    /// A response rule holds the queue (suspend, bounce): the connection closes.
+    /// An operator's suspension or a response rule (suspend, bounce) holds the
+    /// queue: the connection closes.
     Held,
 }
 
@@ -41,7 +42,7 @@ const RATE_WAIT_IN_PLACE: Duration = Duration::from_secs(2);
 /// rate allows.
 fn next_work(d: &Dispatcher, key: &str, rated: bool) -> Next {
     let mut queues = d.queues.borrow_mut();
-    if queues.rules_in_force() && queues.held(key, unix_ms()) {
+    if queues.may_hold() && queues.held(key, unix_ms()) {
         return Next::Held;
     }
     let Some(q) = queues.ready.get_mut(key) else {

@@ -688,6 +688,16 @@ async fn periodic_round(shard: &Shard) -> Round {
         spool.segments_created_unprepared,
     );
     set(&metrics.spool_committer_delay_us, spool.committer_delay_us);
+    set(&metrics.spool_segments, spool.segments);
+    set(
+        &metrics.spool_disk_bytes,
+        spool.segments * shard.config().spool.segment_bytes.get(),
+    );
+    set(&metrics.spool_live_messages, spool.live_messages);
+    set(&metrics.spool_live_bytes, spool.live_bytes);
+    // glommio hands over the time run since the last call (and resets it).
+    let busy = glommio::executor().executor_stats().executor_runtime();
+    ShardMetrics::add(&metrics.shard_busy_us_total, busy.as_micros() as u64);
     set(&metrics.spool_stage_writes_total, spool.stage_writes);
     set(
         &metrics.spool_stage_writes_inline_total,
