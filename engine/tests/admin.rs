@@ -165,7 +165,7 @@ fn operators_list_inspect_bounce_and_suspend_and_it_outlives_a_restart() {
         BOUNCE,
         r#"{"tenant":"acme","reason":"bad list","duration":"10m"}"#,
     );
-    assert_eq!(status, 202, "{made}");
+    assert_eq!(status, 200, "{made}");
     let bounce_id = made["id"].as_str().unwrap().to_string();
     inject(
         &daemon,
@@ -347,4 +347,182 @@ fn a_damaged_admin_file_stops_the_start_with_its_line() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("admin.json:3:"), "{err}");
     assert!(err.contains("fix or remove the file"), "{err}");
+}
+
+/// What kcli (KumoMTA's CLI, `kumo-api-types`) reads from the answers, declared
+/// with the same field types: an id in UUID form, durations as humantime writes
+/// them, expiry times in RFC 3339, tallies as maps of counts.
+mod kcli {
+    use std::collections::HashMap;
+
+    use serde::Deserialize;
+
+    #[derive(Debug, Deserialize)]
+    pub struct IdResponse {
+        pub id: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct SuspendV1ListEntry {
+        pub id: String,
+        pub campaign: Option<String>,
+        pub tenant: Option<String>,
+        pub domain: Option<String>,
+        pub reason: String,
+        pub duration: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct SuspendReadyQueueV1ListEntry {
+        pub id: String,
+        pub name: String,
+        pub reason: String,
+        pub duration: String,
+        pub expires: String,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct BounceV1Response {
+        pub id: String,
+        pub bounced: HashMap<String, usize>,
+        pub total_bounced: usize,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct BounceV1ListEntry {
+        pub id: String,
+        pub campaign: Option<String>,
+        pub tenant: Option<String>,
+        pub domain: Option<String>,
+        pub routing_domain: Option<String>,
+        pub reason: String,
+        pub duration: String,
+        pub bounced: HashMap<String, usize>,
+        pub total_bounced: usize,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct InspectMessageV1Response {
+        pub id: String,
+        pub message: MessageInformation,
+    }
+
+    #[derive(Debug, Deserialize)]
+    pub struct MessageInformation {
+        pub sender: String,
+        pub recipient: Vec<String>,
+        pub meta: serde_json::Map<String, serde_json::Value>,
+        pub data: Option<String>,
+        pub due: Option<String>,
+        pub num_attempts: Option<u16>,
+    }
+
+    /// uuid's `parse_str`: hyphenated (8-4-4-4-12) or simple (32 hex digits).
+    pub fn is_uuid(id: &str) -> bool {
+        let hex = id.replace('-', "");
+        let groups: Vec<usize> = id.split('-').map(str::len).collect();
+        hex.len() == 32
+            && hex.chars().all(|c| c.is_ascii_hexdigit())
+            && (groups == [32] || groups == [8, 4, 4, 4, 12])
+    }
+}
+
+/// Requests as kcli sends them (its serde output: nulls for absent selectors,
+/// humantime durations, KumoMTA ready-queue names) and answers read as kcli reads
+/// them.
+#[test]
+fn kcli_requests_and_answers_keep_kumomta_s_shapes() {
+    let daemon = Daemon::start("", &admin_key_config());
+    let parse = |status: u16, text: &str| {
+        assert!((200..300).contains(&status), "{status}: {text}");
+        text.to_string()
+    };
+    let call = |method: &str, path: &str, body: &str| {
+        let (status, text) = curl(&daemon, method, path, Some(("application/json", body)));
+        parse(status, &text)
+    };
+    let read = |path: &str| {
+        let (status, text) = curl(&daemon, "GET", path, None);
+        parse(status, &text)
+    };
+
+    let made: kcli::IdResponse = serde_json::from_str(&call(
+        "POST",
+        SUSPEND,
+        r#"{"campaign":null,"tenant":null,"domain":"k.test","reason":"kcli","duration":"1h 30m"}"#,
+    ))
+    .unwrap();
+    assert!(kcli::is_uuid(&made.id), "{}", made.id);
+    let list: Vec<kcli::SuspendV1ListEntry> = serde_json::from_str(&read(SUSPEND)).unwrap();
+    assert_eq!(list[0].id, made.id);
+    assert_eq!(
+        (
+            list[0].campaign.as_deref(),
+            list[0].tenant.as_deref(),
+            list[0].domain.as_deref()
+        ),
+        (None, None, Some("k.test"))
+    );
+    assert_eq!(list[0].reason, "kcli");
+    let left = humantime::parse_duration(&list[0].duration)
+        .unwrap()
+        .as_secs();
+    assert!((5390..=5400).contains(&left), "{}", list[0].duration);
+    call("DELETE", SUSPEND, &format!(r#"{{"id":"{}"}}"#, made.id));
+
+    let made: kcli::IdResponse = serde_json::from_str(&call(
+        "POST",
+        READY,
+        r#"{"name":"src->mx.k.test@smtp_client","reason":"kcli","duration":"5m"}"#,
+    ))
+    .unwrap();
+    assert!(kcli::is_uuid(&made.id));
+    let list: Vec<kcli::SuspendReadyQueueV1ListEntry> = serde_json::from_str(&read(READY)).unwrap();
+    assert_eq!(
+        (list[0].id.as_str(), list[0].name.as_str()),
+        (made.id.as_str(), "src->mx.k.test")
+    );
+    assert_eq!(list[0].reason, "kcli");
+    assert!(humantime::parse_duration(&list[0].duration).is_ok());
+    assert!(
+        humantime::parse_rfc3339(&list[0].expires).is_ok(),
+        "{}",
+        list[0].expires
+    );
+    call("DELETE", READY, &format!(r#"{{"id":"{}"}}"#, made.id));
+
+    let made: kcli::BounceV1Response = serde_json::from_str(&call(
+        "POST",
+        BOUNCE,
+        r#"{"campaign":null,"tenant":"kcli","domain":null,"routing_domain":null,"reason":"kcli","duration":"5m","suppress_logging":false}"#,
+    ))
+    .unwrap();
+    assert!(kcli::is_uuid(&made.id));
+    assert_eq!((made.bounced.len(), made.total_bounced), (0, 0));
+    let list: Vec<kcli::BounceV1ListEntry> = serde_json::from_str(&read(BOUNCE)).unwrap();
+    let entry = &list[0];
+    assert_eq!(entry.id, made.id);
+    assert_eq!(entry.tenant.as_deref(), Some("kcli"));
+    assert!(entry.campaign.is_none() && entry.domain.is_none() && entry.routing_domain.is_none());
+    assert_eq!(entry.reason, "kcli");
+    assert!(humantime::parse_duration(&entry.duration).is_ok());
+    assert_eq!((entry.bounced.len(), entry.total_bounced), (0, 0));
+    call("DELETE", BOUNCE, &format!(r#"{{"id":"{}"}}"#, made.id));
+
+    // Delivery is suspended in this daemon: the message stays queued.
+    let id = daemon.send_accepted("k@k.test", "Subject: kcli\r\n\r\nbody\r\n");
+    assert!(kcli::is_uuid(&id), "a message id is a SpoolId: {id}");
+    let found: kcli::InspectMessageV1Response =
+        serde_json::from_str(&read(&format!("{INSPECT}?id={id}&want_body=true"))).unwrap();
+    assert_eq!(found.id, id);
+    assert_eq!(found.message.recipient, ["k@k.test"]);
+    assert!(!found.message.sender.is_empty());
+    assert!(
+        found.message.meta.contains_key("peer"),
+        "{:?}",
+        found.message.meta
+    );
+    assert!(found.message.data.unwrap().contains("Subject: kcli"));
+    assert!(humantime::parse_rfc3339(&found.message.due.unwrap()).is_ok());
+    assert_eq!(found.message.num_attempts, Some(0));
 }

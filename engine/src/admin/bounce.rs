@@ -40,8 +40,7 @@ struct BounceRequest {
     dry_run: bool,
 }
 
-/// POST: defines a bounce (202, with its id: the shards sweep their queues within a
-/// round), or with `dry_run` counts what it would take (200).
+/// POST: defines a bounce (with its id), or with `dry_run` counts what it would take.
 pub async fn bounce(shard: &Shard, body: &[u8]) -> Reply {
     let request: BounceRequest = match parse_with_reason(body, |r: &BounceRequest| &r.reason) {
         Ok(r) => r,
@@ -121,9 +120,10 @@ pub async fn bounce(shard: &Shard, body: &[u8]) -> Reply {
     if let Err(reply) = saved_and_applied(shard).await {
         return reply;
     }
-    // KumoMTA's response: the sweep runs on, so the counts are not known yet.
+    // KumoMTA's response (200, as it answers): the shards sweep their queues
+    // within a round, so the counts are not known yet.
     (
-        202,
+        200,
         serde_json::json!({ "id": id, "bounced": {}, "total_bounced": 0 }).to_string(),
     )
 }
