@@ -33,3 +33,4 @@ pub mod message;
 pub mod queue;
 pub mod reply;
 pub mod shaping;
+pub mod warmup;

@@ -29,3 +29,4 @@ pub mod tls;
 #[cfg(test)]
 #[path = "../tests/peers/support.rs"]
 mod test_peers;
+pub mod warmup;

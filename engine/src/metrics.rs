@@ -91,6 +91,9 @@ metrics! {
     delivery_expired_total: "counter",
     /// Recipients bounced by an operator's bounce (admin API).
     delivery_admin_bounced_total: "counter",
+    /// Parts put off to the next day: every source of their pool had sent its IP
+    /// warm-up budget toward the site's provider.
+    delivery_warmup_delayed_total: "counter",
     /// Recipient attempts put off untried (ready queue full, queue suspended).
     delivery_delayed_total: "counter",
     /// Response rules (adaptive delivery) that fired on a ready queue, and that ended.

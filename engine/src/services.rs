@@ -92,6 +92,7 @@ mod testing {
                     gannet_core::shaping::ShapingTable::new(&config.delivery),
                     crate::dkim::Signers::load(&Default::default()).unwrap(),
                 ),
+                warmup: crate::warmup::Warmup::load(&config.delivery, events_dir, 0).unwrap(),
                 config,
             });
             let dkim = (

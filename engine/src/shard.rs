@@ -47,6 +47,8 @@ pub struct Shared {
     pub live: crate::live::Live,
     /// Rung by SIGTERM/SIGINT; wakes every shard's shutdown at once.
     pub stop: Arc<crate::io::StopBell>,
+    /// IP warm-up budgets, shared by the shards' choices of egress source.
+    pub warmup: crate::warmup::Warmup,
 }
 
 /// Session counts across all shards: the total and, per client address, an

@@ -10,7 +10,10 @@
 //!   the sink.
 //!
 //! - `postfix`: the system Postfix as a relay, a transport map sending every domain to
-//!   the sink.
+//!   the sink;
+//! - `gannet-listing`: gannetd as `gannet`, while an operator's client lists every
+//!   queue through the admin API (`/api/admin/queues/v1`) every `--list-every-ms`
+//!   (100 ms): what looking costs the relay (listings made, their mean latency).
 //!
 //! For every run it reports msgs/s, the ratio to the pipe, the server's CPU per
 //! message and its peak RSS; for gannet also the memory per queued message (delivery
@@ -43,9 +46,12 @@ struct Args {
     /// Destination domains (one smtp-source process each).
     #[arg(long, default_value_t = 20)]
     domains: u64,
-    /// Systems to run, in order.
+    /// Systems to run, in order (also `gannet-listing`).
     #[arg(long, value_delimiter = ',', default_value = "gannet,pipe,postfix")]
     systems: Vec<String>,
+    /// How often `gannet-listing` lists every queue.
+    #[arg(long, default_value_t = 100)]
+    list_every_ms: u64,
     /// gannetd shard counts to run (0: one per core).
     #[arg(long, value_delimiter = ',', default_value = "1,0")]
     gannet_shards: Vec<usize>,
@@ -223,12 +229,44 @@ struct Run {
     /// The sink's CPU in the run: what receiving the messages costs a minimal server.
     sink_cpu_s: f64,
     peak_rss_kb: Option<u64>,
+    /// gannet-listing: listings answered, and their mean latency (ms).
+    listings: Option<(u64, f64)>,
 }
 
 impl Run {
     fn rate(&self, messages: u64) -> f64 {
         messages as f64 / self.seconds
     }
+}
+
+/// The admin key of `gannet-listing` (its digest goes in the config).
+const ADMIN_KEY: &str = "relay-bench-admin-key-5e0c";
+
+/// Lists every queue every `every` until `stop`: (listings answered, total latency).
+fn list_queues(
+    http: std::net::SocketAddr,
+    every: Duration,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<(u64, Duration)> {
+    std::thread::spawn(move || {
+        let (mut answered, mut spent) = (0, Duration::ZERO);
+        while !stop.load(Ordering::Acquire) {
+            let t0 = Instant::now();
+            let listed = gannet_bench::http_request(
+                http,
+                "GET",
+                "/api/admin/queues/v1",
+                Some(ADMIN_KEY),
+                b"",
+            );
+            if let Ok((200, _)) = listed {
+                answered += 1;
+                spent += t0.elapsed();
+            }
+            std::thread::sleep(every.saturating_sub(t0.elapsed()));
+        }
+        (answered, spent)
+    })
 }
 
 fn gannet_delivery(dns_port: u16, sink_port: u16) -> String {
@@ -254,6 +292,21 @@ fn relay_run(
             &args.gannet_server_extra,
             &(gannet_delivery(dns_port, sink_port) + &args.gannet_config_extra),
         )?),
+        "gannet-listing" => {
+            let mut server = servers::gannetd(
+                &args.gannetd,
+                &args.dir,
+                shards,
+                &args.gannet_server_extra,
+                &(format!(
+                    "api_keys = [{{ name = \"ops\", key_sha256 = \"{}\", role = \"admin\" }}]\n",
+                    gannet_core::auth::KeyDigest::of(ADMIN_KEY)
+                ) + &gannet_delivery(dns_port, sink_port)
+                    + &args.gannet_config_extra),
+            )?;
+            server.name = format!("{}, listing every {} ms", server.name, args.list_every_ms);
+            Some(server)
+        }
         "postfix" => {
             let transport: Vec<String> = (0..args.domains)
                 .map(|d| format!("d{d}.test=smtp:[127.0.0.1]:{sink_port}"))
@@ -280,6 +333,15 @@ fn relay_run(
     let base = sink.received.load(Ordering::Acquire);
     let cpu0 = pid.map_or(0.0, tree_cpu_seconds);
     let sink_cpu0 = tree_cpu_seconds(sink.server.pid);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let lister = match &server {
+        Some(s) if system == "gannet-listing" => Some(list_queues(
+            std::net::SocketAddr::from(([127, 0, 0, 1], s.http_port)),
+            Duration::from_millis(args.list_every_ms),
+            stop.clone(),
+        )),
+        _ => None,
+    };
     let t0 = Instant::now();
     inject(args, port, args.messages)?;
     let injected_s = t0.elapsed().as_secs_f64();
@@ -287,8 +349,13 @@ fn relay_run(
     let seconds = last.duration_since(t0).as_secs_f64();
     let server_cpu_s = pid.map_or(0.0, tree_cpu_seconds) - cpu0;
     let sink_cpu_s = tree_cpu_seconds(sink.server.pid) - sink_cpu0;
+    stop.store(true, Ordering::Release);
+    let listings = lister.map(|l| {
+        let (n, spent) = l.join().unwrap_or_default();
+        (n, spent.as_secs_f64() * 1000.0 / n.max(1) as f64)
+    });
     let peak_rss_kb = match (&server, system) {
-        (Some(s), "gannet") => Some(status_kb(s.pid, "VmHWM:")),
+        (Some(s), "gannet" | "gannet-listing") => Some(status_kb(s.pid, "VmHWM:")),
         _ => None,
     };
     if let Some(server) = server {
@@ -301,6 +368,7 @@ fn relay_run(
         server_cpu_s,
         sink_cpu_s,
         peak_rss_kb,
+        listings,
     })
 }
 
@@ -339,7 +407,7 @@ fn main() -> Result<()> {
     let (dns, dns_port) = servers::bench_dns(&args.dir.join("dns"), args.domains)?;
     let mut runs = Vec::new();
     for system in &args.systems {
-        let shard_counts: Vec<usize> = if system == "gannet" {
+        let shard_counts: Vec<usize> = if system.starts_with("gannet") {
             args.gannet_shards.clone()
         } else {
             vec![0]
@@ -356,6 +424,8 @@ fn main() -> Result<()> {
                     "server_cpu_ms_per_msg": run.server_cpu_s * 1000.0 / args.messages as f64,
                     "sink_cpu_ms_per_msg": run.sink_cpu_s * 1000.0 / args.messages as f64,
                     "peak_rss_kb": run.peak_rss_kb,
+                    "listings": run.listings.map(|l| l.0),
+                    "listing_ms": run.listings.map(|l| l.1),
                 })
             );
             runs.push(run);
@@ -416,6 +486,25 @@ fn main() -> Result<()> {
             run.peak_rss_kb
                 .map_or("—".into(), |kb| format!("{:.0}", kb as f64 / 1024.0)),
         )?;
+    }
+    for run in &runs {
+        if let Some((n, ms)) = run.listings {
+            let plain = runs
+                .iter()
+                .find(|r| {
+                    r.listings.is_none()
+                        && r.system == run.system.split(", listing").next().unwrap_or("")
+                })
+                .map(|r| r.rate(args.messages));
+            let ratio = plain.map_or("—".into(), |p| {
+                format!("{:.2}×", run.rate(args.messages) / p)
+            });
+            writeln!(
+                md,
+                "\n{}: {n} listings of every queue answered during the run, {ms:.1} ms each on average; throughput {ratio} that of the same gannet not listed.",
+                run.system
+            )?;
+        }
     }
     if let Some((anon, file)) = queued {
         writeln!(

@@ -70,6 +70,9 @@ pub struct DeliveryConfig {
     /// pool; the source is drawn per attempt by weight. A pool named `default` holding
     /// the `default` source exists unless configured.
     pub pools: BTreeMap<String, Vec<PoolMember>>,
+    /// IP warm-up plans by name: how many messages a day a source that follows one
+    /// may send to each provider, rising day by day (`sources.<name>.warmup`).
+    pub warmups: BTreeMap<String, WarmupPlan>,
     /// Port of the MX hosts (25; tests point it at a sink).
     pub smtp_port: Bounded<1, 65535>,
     /// DNS server (`ip` or `ip:port`); empty: the first nameserver of /etc/resolv.conf.
@@ -109,6 +112,7 @@ impl Default for DeliveryConfig {
             routes: BTreeMap::new(),
             sources: BTreeMap::new(),
             pools: BTreeMap::new(),
+            warmups: BTreeMap::new(),
             smtp_port: Bounded(25),
             dns_server: String::new(),
             dns_timeout_secs: Bounded(5),
@@ -130,6 +134,40 @@ pub struct EgressSource {
     pub source_ip: String,
     /// EHLO name for connections from this source; empty: `delivery.ehlo_name`.
     pub ehlo_name: String,
+    /// The warm-up plan (`delivery.warmups`) the source follows; empty: none, the
+    /// source is warm.
+    pub warmup: String,
+    /// The plan's first day, `YYYY-MM-DD` (UTC).
+    pub warmup_start: String,
+}
+
+/// An IP warm-up plan.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmupPlan {
+    /// Messages a day to each provider: the first number on the plan's first day,
+    /// the second on the second, …; after the last day the source is warm.
+    pub schedule: Vec<Bounded<1, 1_000_000_000>>,
+    /// The providers (`delivery.providers`) the budgets apply to; empty: every one.
+    /// Sites of no provider are not limited.
+    #[serde(default)]
+    pub providers: Vec<String>,
+}
+
+/// `YYYY-MM-DD` as days since 1970-01-01.
+pub fn parse_date(text: &str) -> Option<i64> {
+    let mut parts = text.trim().split('-');
+    let (y, m, d) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || y.len() != 4 || m.len() != 2 || d.len() != 2 {
+        return None;
+    }
+    let (y, m, d): (i64, u32, u32) = (y.parse().ok()?, m.parse().ok()?, d.parse().ok()?);
+    if !(1..=12).contains(&m) || d == 0 {
+        return None;
+    }
+    let days = crate::clock::days_from_civil(y, m, d);
+    // A day past its month's end (2026-02-30) comes back as another date.
+    (crate::clock::civil_from_days(days) == (y, m, d)).then_some(days)
 }
 
 /// A source in a pool, with its weight.

@@ -145,6 +145,12 @@ impl Config {
                 config.delivery.providers.entry(name).or_insert(provider);
             }
         }
+        if !config.delivery.provider_files.is_empty() {
+            let origin = path.display().to_string();
+            config
+                .check_warmup_providers()
+                .map_err(|(key, message)| located(&text, &origin, key, None, message))?;
+        }
         Ok(config)
     }
 
@@ -156,6 +162,72 @@ impl Config {
             .check()
             .map_err(|(key, message)| located(text, origin, key, None, message))?;
         Ok(config)
+    }
+
+    /// Warm-up plans and the sources that follow them.
+    fn check_warmup_plans(&self) -> Result<(), (String, String)> {
+        for (name, plan) in &self.delivery.warmups {
+            if plan.schedule.is_empty() || plan.schedule.len() > 366 {
+                return Err((
+                    format!("delivery.warmups.{name}.schedule"),
+                    "give one daily budget per day of the plan, 1 to 366 of them".into(),
+                ));
+            }
+        }
+        for (name, source) in &self.delivery.sources {
+            let key = |k: &str| format!("delivery.sources.{name}.{k}");
+            match (source.warmup.is_empty(), source.warmup_start.is_empty()) {
+                (true, true) => continue,
+                (true, false) => {
+                    return Err((
+                        key("warmup_start"),
+                        "set warmup (a plan) too, or neither".into(),
+                    ));
+                }
+                (false, true) => {
+                    return Err((
+                        key("warmup_start"),
+                        "a source that warms up needs the plan's first day, e.g. \"2026-12-01\""
+                            .into(),
+                    ));
+                }
+                (false, false) => {}
+            }
+            if !self.delivery.warmups.contains_key(&source.warmup) {
+                return Err((
+                    key("warmup"),
+                    format!(
+                        "plan `{}` is not defined in delivery.warmups",
+                        source.warmup
+                    ),
+                ));
+            }
+            if delivery::parse_date(&source.warmup_start).is_none() {
+                return Err((
+                    key("warmup_start"),
+                    format!(
+                        "`{}` is not a date such as \"2026-12-01\"",
+                        source.warmup_start
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The providers warm-up plans name exist.
+    fn check_warmup_providers(&self) -> Result<(), (String, String)> {
+        for (name, plan) in &self.delivery.warmups {
+            for provider in &plan.providers {
+                if !self.delivery.providers.contains_key(provider) {
+                    return Err((
+                        format!("delivery.warmups.{name}.providers"),
+                        format!("provider `{provider}` is not defined in delivery.providers"),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Checks that span several keys.
@@ -196,6 +268,12 @@ impl Config {
                     ));
                 }
             }
+        }
+        self.check_warmup_plans()?;
+        if self.delivery.provider_files.is_empty() {
+            // With provider files, the plans' providers are checked once the files
+            // are read (`Config::load`).
+            self.check_warmup_providers()?;
         }
         for (i, rule) in self.delivery.automation.iter().enumerate() {
             if let Some(source) = unknown_source(&self.delivery.sources, &rule.sources) {

@@ -11,6 +11,7 @@
 //! | `/api/admin/queues/v1` | GET | every scheduled and ready queue ([`queues`]) |
 //! | `/api/admin/queue-summary/v1` | GET | totals, per shard |
 //! | `/api/admin/inspect-message/v1` | GET | one message by id |
+//! | `/api/admin/warmup/v1` | GET | IP warm-up standings of each source |
 //!
 //! Verbs that change something change the live settings (`crate::live`), which
 //! every shard's maintainer applies within a round (each is woken through its
@@ -55,6 +56,7 @@ pub const PATHS: &[&str] = &[
     queues::QUEUES,
     queues::SUMMARY,
     queues::INSPECT_MESSAGE,
+    queues::WARMUP,
 ];
 
 /// Answers a request to one of [`PATHS`] (authorized by the caller). `json`: the
@@ -90,6 +92,7 @@ pub async fn handle(
         (Method::GET, queues::QUEUES) => queues::list(shard, query).await,
         (Method::GET, queues::SUMMARY) => queues::summary(shard).await,
         (Method::GET, queues::INSPECT_MESSAGE) => queues::inspect_message(shard, query).await,
+        (Method::GET, queues::WARMUP) => queues::warmup(shard),
         _ => error(
             405,
             "invalid HTTP method",

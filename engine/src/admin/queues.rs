@@ -1,7 +1,8 @@
 //! Looking at the queues: every scheduled and ready queue (`/api/admin/queues/v1`),
 //! the totals (`/api/admin/queue-summary/v1`) and one message
 //! (`/api/admin/inspect-message/v1`, KumoMTA's). Each asks every shard
-//! ([`super::ask`]) and puts the answers together.
+//! ([`super::ask`]) and puts the answers together. And the IP warm-up standings
+//! (`/api/admin/warmup/v1`), which the shards share.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +16,7 @@ use gannet_core::id::MessageId;
 pub const QUEUES: &str = "/api/admin/queues/v1";
 pub const SUMMARY: &str = "/api/admin/queue-summary/v1";
 pub const INSPECT_MESSAGE: &str = "/api/admin/inspect-message/v1";
+pub const WARMUP: &str = "/api/admin/warmup/v1";
 
 fn flag(query: &str, name: &str) -> Result<bool, Reply> {
     match query_value(query, name).as_deref() {
@@ -234,4 +236,18 @@ pub async fn inspect_message(shard: &Shard, query: &str) -> Reply {
             &format!("no shard has message {id} queued"),
         ),
     }
+}
+
+/// GET: every warming source's standing toward each provider today: the day of its
+/// plan, the day's budget (null once warm) and what it has sent.
+pub fn warmup(shard: &Shard) -> Reply {
+    let standings = shard
+        .shared
+        .warmup
+        .budgets
+        .standings(gannet_core::clock::unix_ms());
+    (
+        200,
+        serde_json::to_string(&standings).unwrap_or_else(|_| "[]".into()),
+    )
 }

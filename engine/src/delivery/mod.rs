@@ -205,20 +205,41 @@ impl Dispatcher {
         }
     }
 
-    /// Draws a source from `pool` by weight (the default pool for an unknown name).
-    fn choose_source(&self, pool: Option<&str>) -> Rc<queue::Egress> {
+    /// Draws a source from `pool` by weight (the default pool for an unknown name)
+    /// for a part to `site` at `now`. A source in IP warm-up whose budget toward the
+    /// site's provider is spent today is passed over (the drawn one is counted);
+    /// Err(provider) when every source of the pool has spent it.
+    fn choose_source(
+        &self,
+        pool: Option<&str>,
+        site: &Site,
+        now: u64,
+    ) -> Result<Rc<queue::Egress>, String> {
         let members = pool
             .and_then(|p| self.pools.get(p))
             .unwrap_or_else(|| &self.pools["default"]);
-        let total: u64 = members.iter().map(|(_, w)| u64::from(*w)).sum();
-        let mut pick = fastrand::u64(0..total.max(1));
-        for (source, weight) in members {
-            if pick < u64::from(*weight) {
-                return source.clone();
+        let warmup = &self.shard.shared.warmup.budgets;
+        let provider = if warmup.is_empty() || !members.iter().any(|(s, _)| warmup.warming(&s.name))
+        {
+            None
+        } else {
+            warmup.provider_of(site.host_names.iter().map(String::as_str))
+        };
+        let Some(provider) = provider else {
+            return Ok(draw(members, &[]));
+        };
+        // The warm-up path only: which members have spent their budget.
+        let mut spent = vec![false; members.len()];
+        loop {
+            if spent.iter().all(|s| *s) {
+                return Err(provider.to_string());
             }
-            pick -= u64::from(*weight);
+            let i = draw_index(members, &spent);
+            if warmup.take(&members[i].0.name, provider, now) {
+                return Ok(members[i].0.clone());
+            }
+            spent[i] = true;
         }
-        members[0].0.clone()
     }
 
     /// Queues a message (just received, or recovered) for delivery at `due_ms`.
@@ -323,6 +344,32 @@ impl Dispatcher {
             fastrand::u64(0..=1000),
         )
     }
+}
+
+/// A source of `members` drawn by weight.
+fn draw(members: &[(Rc<queue::Egress>, u32)], spent: &[bool]) -> Rc<queue::Egress> {
+    members[draw_index(members, spent)].0.clone()
+}
+
+/// The index of a member drawn by weight among those not `spent` (all when `spent`
+/// is empty; at least one must not be spent).
+fn draw_index(members: &[(Rc<queue::Egress>, u32)], spent: &[bool]) -> usize {
+    let open = |i: usize| !spent.get(i).copied().unwrap_or(false);
+    let total: u64 = (members.iter().enumerate())
+        .filter(|(i, _)| open(*i))
+        .map(|(_, (_, w))| u64::from(*w))
+        .sum();
+    let mut pick = fastrand::u64(0..total.max(1));
+    for (i, (_, weight)) in members.iter().enumerate() {
+        if !open(i) {
+            continue;
+        }
+        if pick < u64::from(*weight) {
+            return i;
+        }
+        pick -= u64::from(*weight);
+    }
+    (0..members.len()).find(|i| open(*i)).unwrap_or(0)
 }
 
 /// The in-memory message for a record just spooled. Its fields move; the body is

@@ -127,7 +127,14 @@ async fn resolve_site(resolver: &crate::dns::Resolver, domain: &str, port: u16) 
 pub(super) fn place(d: &Dispatcher, mut part: Part, now: u64) {
     let shard = &d.shard;
     let site = part.site.clone().expect("placed parts have a site");
-    let egress = d.choose_source(part.message.borrow().meta("pool"));
+    let chosen = d.choose_source(part.message.borrow().meta("pool"), &site, now);
+    let egress = match chosen {
+        Ok(egress) => egress,
+        Err(provider) => {
+            warmup_spent(d, part, &provider, now);
+            return;
+        }
+    };
     part.egress = Some(egress.clone());
     let mesh = &shard.shared.mesh;
     let owner = crate::mesh::owner(&site.name, mesh.shards());
@@ -186,6 +193,32 @@ fn push_ready(d: &Dispatcher, part: Part, now: u64) {
 /// The reply recorded for a part put off because its ready queue was full.
 fn ready_queue_full() -> Response {
     Response::local(451, "4.4.5 ready queue full (max_ready); delayed")
+}
+
+/// Puts off a part whose pool's sources have all sent their warm-up budget toward
+/// its site's provider today: Delayed, due in the first minute of the next day.
+fn warmup_spent(d: &Dispatcher, mut part: Part, provider: &str, now: u64) {
+    let pool = part
+        .message
+        .borrow()
+        .meta("pool")
+        .unwrap_or("default")
+        .to_string();
+    let why = Response::local(
+        451,
+        format!(
+            "4.7.0 IP warm-up: every source of pool {pool} has sent its budget for today to provider {provider}; delayed to tomorrow"
+        ),
+    );
+    delayed(d, &part, &why, now);
+    ShardMetrics::add(&d.shard.metrics.delivery_warmup_delayed_total, 1);
+    part.due_ms = gannet_core::warmup::next_day_ms(now) + fastrand::u64(0..60_000);
+    part.message
+        .borrow_mut()
+        .set_part_due(&part.domain, Some(part.due_ms));
+    part.site = None;
+    part.egress = None;
+    d.queues.borrow_mut().schedule(part);
 }
 
 /// Returns a part whose ready queue was full to the scheduled queue, untried.

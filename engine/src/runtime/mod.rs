@@ -133,6 +133,8 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
         )
         .load_admin(crate::live::admin_file(&data_dir), unix_ms())
         .map_err(|e| anyhow!("{e}"))?,
+        warmup: crate::warmup::Warmup::load(&config.delivery, &data_dir, unix_ms())
+            .map_err(|e| anyhow!("{e}"))?,
         sessions: Arc::new(SessionLimits::new(
             config.smtp.sessions_max.usize(),
             u32::try_from(config.smtp.sessions_per_ip_max.get()).unwrap_or(u32::MAX),
@@ -140,6 +142,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
         config,
     });
     let shared_for_reload = shared.clone();
+    let shared_for_warmup = shared.clone();
     // Client TLS for delivery, built once; each shard's delivery clones the Arcs.
     let client_tls = ClientTls::new();
     tracing::info!(shards, data_dir = %data_dir.display(), "gannetd starting");
@@ -208,6 +211,9 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     }
     if ready {
         let _ = std::fs::remove_file(data_dir.join(LISTENERS_FILE));
+    }
+    if let Err(err) = shared_for_warmup.warmup.save(unix_ms()) {
+        errors.push(format!("writing the warm-up counts: {err}"));
     }
     if !errors.is_empty() {
         return Err(anyhow!("{}", errors.join("; ")));
@@ -699,6 +705,16 @@ async fn periodic_round(shard: &Shard) -> Round {
     let busy = glommio::executor().executor_stats().executor_runtime();
     ShardMetrics::add(&metrics.shard_busy_us_total, busy.as_micros() as u64);
     set(&metrics.spool_stage_writes_total, spool.stage_writes);
+    // Shard 0 keeps the warm-up counts written (when they changed).
+    if shard.id == 0 && !shard.shared.warmup.budgets.is_empty() {
+        let shared = shard.shared.clone();
+        let saved = glommio::executor()
+            .spawn_blocking(move || shared.warmup.save(unix_ms()))
+            .await;
+        if let Err(err) = saved {
+            tracing::warn!("writing the warm-up counts: {err}");
+        }
+    }
     set(
         &metrics.spool_stage_writes_inline_total,
         spool.stage_writes_inline,

@@ -94,6 +94,8 @@ pub enum Command {
     },
     /// Totals over the shards, and per shard.
     Summary,
+    /// IP warm-up: each warming source's day, budget and use per provider today.
+    Warmup,
     /// One message by id: envelope, metadata, headers, retry state, its parts.
     Inspect {
         id: String,
@@ -290,6 +292,10 @@ pub fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<()> {
         Command::Summary => {
             let v = client.request("GET", "/api/admin/queue-summary/v1", None)?;
             print(out, &v, summary_table)?;
+        }
+        Command::Warmup => {
+            let v = client.request("GET", "/api/admin/warmup/v1", None)?;
+            print(out, &v, warmup_table)?;
         }
         Command::Inspect { id, body } => {
             let path = format!("/api/admin/inspect-message/v1?id={id}&want_body={body}");
@@ -613,6 +619,28 @@ pub fn message_text(v: &Value) -> String {
         out.push_str(&data.replace("\r\n", "\n"));
     }
     out
+}
+
+fn warmup_table(v: &Value) -> String {
+    let mut t = Table::new(&[
+        ("SOURCE", Align::Left),
+        ("PROVIDER", Align::Left),
+        ("DAY", Align::Right),
+        ("SENT", Align::Right),
+        ("BUDGET", Align::Right),
+    ]);
+    for s in v.as_array().into_iter().flatten() {
+        t.row(vec![
+            str_of(&s["source"]),
+            str_of(&s["provider"]),
+            str_of(&s["day"]),
+            str_of(&s["used"]),
+            s["budget"]
+                .as_u64()
+                .map_or("warm".into(), |b| b.to_string()),
+        ]);
+    }
+    t.render()
 }
 
 fn suspensions_table(v: &Value) -> String {
