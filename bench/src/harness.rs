@@ -28,6 +28,12 @@ pub struct Scenario {
     /// Injected over HTTP as single-recipient transmissions (gannet only: the peers
     /// have no injection API).
     pub http: bool,
+    /// A run lasts this long (seconds) and counts what reached the sink by then
+    /// (0: it lasts until every message was delivered or tried).
+    pub window_s: u64,
+    /// The domains' MX is Gmail's host name (in the rig's DNS, pointing at the sink),
+    /// so that provider rules apply (provider-throttling).
+    pub provider_mx: bool,
 }
 
 /// The API key the harness gives gannet for HTTP scenarios.
@@ -48,6 +54,8 @@ pub fn scenarios(scale: u64) -> Vec<Scenario> {
             domains: 20,
             sink_args: &[],
             http: false,
+            window_s: 0,
+            provider_mx: false,
         },
         Scenario {
             name: "relay",
@@ -59,6 +67,8 @@ pub fn scenarios(scale: u64) -> Vec<Scenario> {
             domains: 20,
             sink_args: &[],
             http: false,
+            window_s: 0,
+            provider_mx: false,
         },
         Scenario {
             name: "backpressure",
@@ -77,6 +87,8 @@ pub fn scenarios(scale: u64) -> Vec<Scenario> {
                 "20",
             ],
             http: false,
+            window_s: 0,
+            provider_mx: false,
         },
         Scenario {
             name: "many-domains",
@@ -88,6 +100,8 @@ pub fn scenarios(scale: u64) -> Vec<Scenario> {
             domains: 10_000.min(n(50_000)),
             sink_args: &[],
             http: false,
+            window_s: 0,
+            provider_mx: false,
         },
         Scenario {
             name: "large",
@@ -99,6 +113,8 @@ pub fn scenarios(scale: u64) -> Vec<Scenario> {
             domains: 20,
             sink_args: &[],
             http: false,
+            window_s: 0,
+            provider_mx: false,
         },
         Scenario {
             name: "http-inject",
@@ -110,6 +126,21 @@ pub fn scenarios(scale: u64) -> Vec<Scenario> {
             domains: 20,
             sink_args: &[],
             http: true,
+            window_s: 0,
+            provider_mx: false,
+        },
+        Scenario {
+            name: "provider-throttling",
+            what: "relay to a provider (its MX Gmail's host name in the rig's DNS) that takes 60 messages a minute per connection and answers 421 4.7.28 past it, closing the connection; counted over a fixed window: messages delivered per minute and 421s provoked",
+            relay: true,
+            messages: n(20_000),
+            concurrency: 50,
+            size: "10k",
+            domains: 1,
+            sink_args: &["--messages-per-minute-per-connection", "60"],
+            http: false,
+            window_s: (120 / scale.max(1)).max(30),
+            provider_mx: true,
         },
     ]
 }
@@ -154,6 +185,10 @@ pub struct Run {
     pub flushes: u64,
     /// (seconds since start, messages at the sink or accepted so far).
     pub timeline: Vec<(f64, u64)>,
+    /// Replies of 421 the sink gave (what the system provoked), and the
+    /// connections it accepted.
+    pub refused_421: u64,
+    pub sessions: u64,
 }
 
 /// A running gannet-sink.
@@ -188,17 +223,28 @@ impl Sink {
         Ok(self.progress()?.0)
     }
 
+    /// The sink's counters: `/total` (the message count alone, cheap to poll) or
+    /// every counter (`/counts`).
+    fn counters(&self, path: &str) -> Result<serde_json::Value> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.http)?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        Ok(serde_json::from_str(body)?)
+    }
+
+    /// Every counter of the sink (sessions, replies by code, per domain).
+    pub fn totals(&self) -> Result<serde_json::Value> {
+        self.counters("/counts")
+    }
+
     /// Messages received so far, and recipients the sink has answered (accepted,
     /// refused for now or for good): once that reaches the recipients sent, every
     /// message has been tried at least once.
     pub fn progress(&self) -> Result<(u64, u64)> {
-        use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(self.http)?;
-        s.write_all(b"GET /total HTTP/1.0\r\n\r\n")?;
-        let mut text = String::new();
-        s.read_to_string(&mut text)?;
-        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        let v: serde_json::Value = serde_json::from_str(body)?;
+        let v = self.counters("/total")?;
         let tried = v["domains"].as_object().map_or(0, |domains| {
             domains
                 .values()
@@ -262,8 +308,8 @@ fn start_system(
             sink.smtp,
             Some(dns_port.context("forward-dns runs only where the scenario has DNS")?),
         )?),
-        "gannet" | "gannet-baseline" => {
-            let binary = if system == "gannet" {
+        "gannet" | "gannet-baseline" | "gannet-rules" => {
+            let binary = if system != "gannet-baseline" {
                 &tools.gannetd
             } else {
                 tools.baseline.as_ref().context(
@@ -287,6 +333,19 @@ fn start_system(
                 format!(
                     "[delivery]\ntls = \"disabled\"\nroutes = {{ \"*\" = [\"127.0.0.1:{sink_port}\"] }}\n{shaping}"
                 )
+            };
+            // gannet-rules: the starter provider rules (tuning/providers.toml).
+            let delivery = if system == "gannet-rules" {
+                let rules = std::env::current_dir()?.join("tuning/providers.toml");
+                if !rules.is_file() {
+                    bail!(
+                        "gannet-rules: {} is missing (run from the repository's root)",
+                        rules.display()
+                    );
+                }
+                format!("{delivery}provider_files = [\"{}\"]\n", rules.display())
+            } else {
+                delivery
             };
             let keys = if scenario.http {
                 format!(
@@ -369,6 +428,14 @@ fn start_system(
 /// queue to accept into; only gannet has an HTTP injection API; the resolving
 /// forward relay only where gannet resolves: many-domains).
 pub fn applies(system: &str, scenario: &Scenario) -> bool {
+    if system == "gannet-rules" || scenario.provider_mx {
+        // The provider's rules against the systems that queue and retry.
+        return scenario.provider_mx
+            && matches!(
+                system,
+                "gannet" | "gannet-rules" | "gannet-baseline" | "postfix"
+            );
+    }
     if scenario.http {
         return system.starts_with("gannet");
     }
@@ -385,9 +452,14 @@ pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) ->
     // domain); Postfix and Haraka route every domain to the sink.
     let resolves = matches!(
         system,
-        "gannet" | "gannet-baseline" | "kumomta" | "kumomta-sync" | "forward-dns"
+        "gannet" | "gannet-baseline" | "gannet-rules" | "kumomta" | "kumomta-sync" | "forward-dns"
     );
-    let dns = if resolves && scenario.name == "many-domains" {
+    let dns = if resolves && scenario.provider_mx {
+        Some(servers::provider_dns(
+            &tools.scratch.join("dns"),
+            scenario.domains,
+        )?)
+    } else if resolves && scenario.name == "many-domains" {
         Some(servers::bench_dns(
             &tools.scratch.join("dns"),
             scenario.domains,
@@ -445,6 +517,13 @@ pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) ->
         if blast_done.is_none() && blast.try_wait()?.is_some() {
             blast_done = Some(start.elapsed());
         }
+        if scenario.window_s > 0 && start.elapsed() >= Duration::from_secs(scenario.window_s) {
+            // A fixed window: what reached the sink by now counts.
+            if blast_done.is_none() {
+                let _ = blast.kill();
+            }
+            break;
+        }
         if let Some(done) = blast_done {
             // A relay ends once every message reached the sink or was at least tried
             // there (a 4xx is retried on the system's own schedule, minutes later);
@@ -466,13 +545,23 @@ pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) ->
         std::thread::sleep(Duration::from_millis(100));
     }
     let out = blast.wait_with_output()?;
-    let result: serde_json::Value =
-        serde_json::from_slice(&out.stdout).context("gannet-blast result")?;
+    let result: serde_json::Value = match serde_json::from_slice(&out.stdout) {
+        Ok(v) => v,
+        // A window that ended before the generator did: no result to read.
+        Err(_) if scenario.window_s > 0 => serde_json::Value::Null,
+        Err(err) => return Err(err).context("gannet-blast result"),
+    };
+    let totals = sink.totals().unwrap_or_default();
+    let refused_421 = totals["replies"]["421"].as_u64().unwrap_or(0);
+    let sessions = totals["sessions"].as_u64().unwrap_or(0);
     let cpu_s = pid.map_or(0.0, tree_cpu_seconds) - cpu0;
     let flushes = crate::device_flushes(&queue_dir).saturating_sub(flushes0);
     let sent = result["messages_sent"].as_u64().unwrap_or(0);
     let delivered = sink.received().unwrap_or(0);
-    let (rate, seconds) = if scenario.relay && system != "pipe" {
+    let (rate, seconds) = if scenario.window_s > 0 {
+        let window = scenario.window_s as f64;
+        (delivered as f64 / window, window)
+    } else if scenario.relay && system != "pipe" {
         // To the last message at the sink.
         let last = timeline
             .iter()
@@ -506,6 +595,8 @@ pub fn run(scenario: &Scenario, system: &str, repetition: u64, tools: &Tools) ->
         peak_rss_kb,
         flushes,
         timeline,
+        refused_421,
+        sessions,
     })
 }
 

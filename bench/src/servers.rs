@@ -543,10 +543,6 @@ pub fn install_bench_peers() -> Result<()> {
 /// MTA, set the pace (bench/RESULTS.md).
 pub fn bench_dns(dir: &Path, domains: u64) -> Result<(crate::peers::Peer, u16)> {
     use std::fmt::Write as _;
-    if !has_unbound() {
-        install_bench_peers()?;
-    }
-    std::fs::create_dir_all(dir)?;
     let mut zone = String::with_capacity(100 * domains as usize);
     for d in 0..domains {
         let _ = writeln!(
@@ -554,6 +550,33 @@ pub fn bench_dns(dir: &Path, domains: u64) -> Result<(crate::peers::Peer, u16)> 
             "  local-data: \"d{d}.test. 300 IN MX 10 mx{d}.bench.test.\"\n  local-data: \"mx{d}.bench.test. 300 IN A 127.0.0.1\""
         );
     }
+    unbound(dir, &zone)
+}
+
+/// The rig's DNS server for a provider: `domains` domains d0.test … whose MX is
+/// Gmail's host name, answered by unbound on loopback as 127.0.0.1 (the sink), so
+/// that provider rules matched on MX suffix (`.google.com`) apply.
+pub fn provider_dns(dir: &Path, domains: u64) -> Result<(crate::peers::Peer, u16)> {
+    use std::fmt::Write as _;
+    let mut zone = String::from(
+        "  local-zone: \"google.com.\" static\n  local-data: \"gmail-smtp-in.l.google.com. 300 IN A 127.0.0.1\"\n",
+    );
+    for d in 0..domains {
+        let _ = writeln!(
+            zone,
+            "  local-data: \"d{d}.test. 300 IN MX 5 gmail-smtp-in.l.google.com.\""
+        );
+    }
+    unbound(dir, &zone)
+}
+
+/// unbound on a free loopback port answering `zone` (local-data lines) under the
+/// static local zone `test.`.
+fn unbound(dir: &Path, zone: &str) -> Result<(crate::peers::Peer, u16)> {
+    if !has_unbound() {
+        install_bench_peers()?;
+    }
+    std::fs::create_dir_all(dir)?;
     for _ in 0..20 {
         let port = crate::peers::free_udp_port();
         let config = dir.join("unbound.conf");

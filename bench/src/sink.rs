@@ -32,6 +32,10 @@ pub struct Rule {
     pub drop_in_data_percent: f64,
     /// Delay before each reply, per phase, in milliseconds.
     pub latency_ms: Latency,
+    /// Messages one connection may send to the domain per minute (0: no limit);
+    /// past it, RCPT gets a provider's 421 rate-limit reply and the connection is
+    /// closed (the provider-throttling scenario).
+    pub messages_per_minute_per_connection: u64,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -135,6 +139,37 @@ pub enum Verdict {
     Refuse(String),
 }
 
+/// The reply past a domain's messages_per_minute_per_connection: Gmail's.
+pub const RATE_LIMITED: &str = "421 4.7.28 Our system has detected an unusual rate of unsolicited mail originating from your IP address. To protect our users from spam, mail sent from your IP address has been temporarily rate limited.";
+
+/// A connection's messages per domain within the last minute.
+#[derive(Debug, Default)]
+pub struct ConnectionRate {
+    sent: BTreeMap<String, std::collections::VecDeque<std::time::Instant>>,
+}
+
+impl ConnectionRate {
+    /// Counts a message to `domain` at `now` if the connection may send one more
+    /// within `per_minute` (0: no limit); false when it may not.
+    pub fn admit(&mut self, domain: &str, per_minute: u64, now: std::time::Instant) -> bool {
+        if per_minute == 0 {
+            return true;
+        }
+        let times = self.sent.entry(domain.to_string()).or_default();
+        while times
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= std::time::Duration::from_secs(60))
+        {
+            times.pop_front();
+        }
+        if times.len() as u64 >= per_minute {
+            return false;
+        }
+        times.push_back(now);
+        true
+    }
+}
+
 /// Decides a recipient: `tempfail@` and `permfail@` always fail, others by the
 /// domain's percentages (`roll` uniform in 0..100).
 pub fn verdict(config: &SinkConfig, rcpt: &str, roll: f64, pick: usize) -> Verdict {
@@ -169,6 +204,9 @@ pub struct DomainCounts {
     pub recipients: u64,
     /// Transactions dropped in DATA on purpose.
     pub dropped: u64,
+    /// 421s for passing messages_per_minute_per_connection.
+    #[serde(default)]
+    pub rate_limited: u64,
 }
 
 /// Everything the sink counted.
@@ -207,6 +245,7 @@ impl Counts {
             d.messages += c.messages;
             d.recipients += c.recipients;
             d.dropped += c.dropped;
+            d.rate_limited += c.rate_limited;
         }
     }
 
@@ -248,6 +287,18 @@ mod tests {
         assert!(
             matches!(verdict(&config, "PermFail@fast.test", 99.0, 3), Verdict::Refuse(t) if t.starts_with("5"))
         );
+    }
+
+    #[test]
+    fn a_connection_s_rate_is_counted_per_domain_over_a_minute() {
+        let mut rate = ConnectionRate::default();
+        let t0 = std::time::Instant::now();
+        assert!(rate.admit("a.test", 2, t0));
+        assert!(rate.admit("a.test", 2, t0));
+        assert!(!rate.admit("a.test", 2, t0));
+        assert!(rate.admit("b.test", 2, t0), "per domain");
+        assert!(rate.admit("a.test", 0, t0), "no limit");
+        assert!(rate.admit("a.test", 2, t0 + std::time::Duration::from_secs(60)));
     }
 
     #[test]

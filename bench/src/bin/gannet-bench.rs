@@ -23,7 +23,8 @@ use gannet_bench::{append_results, charts, command_line, command_output, machine
 #[derive(Debug, Parser)]
 #[command(about = "Side-by-side benchmark scenarios: gannet vs Postfix vs the direct pipe")]
 struct Args {
-    /// Scenarios to run (durable-accept, relay, backpressure, many-domains, large).
+    /// Scenarios to run (durable-accept, relay, backpressure, many-domains, large,
+    /// http-inject, provider-throttling).
     #[arg(
         long,
         value_delimiter = ',',
@@ -32,8 +33,9 @@ struct Args {
     scenarios: Vec<String>,
     /// Systems to compare: gannet, postfix, haraka, kumomta (KumoMTA's default, no
     /// sync before its 250), kumomta-sync (with msg:set_force_sync(true)), pipe,
-    /// gannet-baseline (--baseline-gannetd). Default: all but the baseline, the
-    /// KumoMTA pair only when there is a kumod.
+    /// gannet-baseline (--baseline-gannetd), gannet-rules (gannet with the starter
+    /// provider rules, tuning/providers.toml; provider-throttling only). Default: all
+    /// but the baseline and gannet-rules, the KumoMTA pair only when there is a kumod.
     #[arg(long, value_delimiter = ',')]
     systems: Vec<String>,
     /// KumoMTA's daemon to compare with (default: `kumod` on PATH, if any).
@@ -79,9 +81,10 @@ fn main() -> Result<()> {
         }
     }
     // A system that cannot run is named before any run starts, not an hour in.
-    const SYSTEMS: [&str; 9] = [
+    const SYSTEMS: [&str; 10] = [
         "gannet",
         "gannet-baseline",
+        "gannet-rules",
         "postfix",
         "haraka",
         "kumomta",
@@ -165,7 +168,7 @@ fn main() -> Result<()> {
                         "scenario": run.scenario, "system": run.system, "repetition": rep,
                         "msgs_per_s": run.rate.round(), "sent": run.sent, "delivered": run.delivered,
                         "seconds": run.seconds, "cpu_s": run.cpu_s, "peak_rss_kb": run.peak_rss_kb, "flushes": run.flushes,
-                        "blast": run.blast,
+                        "blast": run.blast, "refused_421": run.refused_421, "sink_sessions": run.sessions,
                     })
                 );
                 runs.push(run);
@@ -221,6 +224,10 @@ fn report(
                 .filter(|r| r.scenario == scenario.name && r.system == system)
                 .collect()
         };
+        if scenario.window_s > 0 {
+            windowed(&mut md, args, scenario, &of)?;
+            continue;
+        }
         let med =
             |system: &str| median_range(&of(system).iter().map(|r| r.rate).collect::<Vec<_>>()).0;
         writeln!(
@@ -371,4 +378,57 @@ fn report(
         }
     }
     Ok(md)
+}
+
+/// The table of a scenario counted over a fixed window (provider-throttling):
+/// messages delivered per minute, and the 421s each system provoked.
+fn windowed<'a>(
+    md: &mut String,
+    args: &Args,
+    scenario: &harness::Scenario,
+    of: &dyn Fn(&str) -> Vec<&'a Run>,
+) -> Result<()> {
+    writeln!(
+        md,
+        "\n### {} — {} ({} messages of {} queued by {} sessions, {} s window)\n",
+        scenario.name,
+        scenario.what,
+        scenario.messages,
+        scenario.size,
+        scenario.concurrency,
+        scenario.window_s
+    )?;
+    writeln!(
+        md,
+        "| system | delivered / min median (min–max) | 421s provoked median (min–max) | 421s per 100 delivered | connections opened | CPU s / 1000 delivered |"
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    for system in &args.systems {
+        let rs = of(system);
+        if rs.is_empty() {
+            continue;
+        }
+        let per_min: Vec<f64> = rs.iter().map(|r| r.rate * 60.0).collect();
+        let refused: Vec<f64> = rs.iter().map(|r| r.refused_421 as f64).collect();
+        let (m, lo, hi) = median_range(&per_min);
+        let (rm, rlo, rhi) = median_range(&refused);
+        let per_100 = median_range(
+            &rs.iter()
+                .map(|r| r.refused_421 as f64 * 100.0 / r.delivered.max(1) as f64)
+                .collect::<Vec<_>>(),
+        )
+        .0;
+        let cpu = median_range(
+            &rs.iter()
+                .map(|r| r.cpu_s * 1000.0 / r.delivered.max(1) as f64)
+                .collect::<Vec<_>>(),
+        )
+        .0;
+        let sessions = median_range(&rs.iter().map(|r| r.sessions as f64).collect::<Vec<_>>()).0;
+        writeln!(
+            md,
+            "| {system} | {m:.0} ({lo:.0}–{hi:.0}) | {rm:.0} ({rlo:.0}–{rhi:.0}) | {per_100:.1} | {sessions:.0} | {cpu:.3} |"
+        )?;
+    }
+    Ok(())
 }

@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use futures_lite::AsyncWriteExt;
 use gannet_bench::mail::{Integrity, check};
-use gannet_bench::sink::{Counts, SinkConfig, Verdict, verdict};
+use gannet_bench::sink::{ConnectionRate, Counts, RATE_LIMITED, SinkConfig, Verdict, verdict};
 use gannet_bench::wire::{read_more, take_line};
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
@@ -51,6 +51,10 @@ struct Args {
     /// Sets the default latency of every phase, in milliseconds.
     #[arg(long)]
     latency_ms: Option<u64>,
+    /// Overrides `default.messages_per_minute_per_connection` (past it: 421 and the
+    /// connection closes).
+    #[arg(long)]
+    messages_per_minute_per_connection: Option<u64>,
 }
 
 /// Longest command line accepted.
@@ -73,6 +77,9 @@ fn main() -> Result<()> {
     }
     if let Some(v) = args.drop_in_data_percent {
         config.default.drop_in_data_percent = v;
+    }
+    if let Some(n) = args.messages_per_minute_per_connection {
+        config.default.messages_per_minute_per_connection = n;
     }
     if let Some(ms) = args.latency_ms {
         let l = &mut config.default.latency_ms;
@@ -185,6 +192,7 @@ async fn serve(
                         config,
                         counts,
                         shard,
+                        rate: ConnectionRate::default(),
                     };
                     let _ = s.run().await;
                 })
@@ -202,6 +210,8 @@ struct Session {
     config: Arc<SinkConfig>,
     counts: Arc<Vec<Mutex<Counts>>>,
     shard: usize,
+    /// Messages this connection sent per domain (messages_per_minute_per_connection).
+    rate: ConnectionRate,
 }
 
 /// The session ended (the client left, or the sink dropped it on purpose).
@@ -295,7 +305,13 @@ impl Session {
                     in_tx = true;
                     self.reply("250 2.1.0 OK");
                 }
-                "RCPT" if in_tx => self.rcpt(&line, &mut rcpts).await,
+                "RCPT" if in_tx => {
+                    if !self.rcpt(&line, &mut rcpts).await {
+                        // Rate limited: 421, and the connection closes.
+                        self.flush().await?;
+                        return Ok(());
+                    }
+                }
                 "DATA" if in_tx && rcpts.is_empty() => {
                     self.reply("554 5.5.1 no valid recipients");
                     in_tx = false;
@@ -322,7 +338,9 @@ impl Session {
         }
     }
 
-    async fn rcpt(&mut self, line: &str, rcpts: &mut Vec<String>) {
+    /// Answers a RCPT; false when the connection passed the domain's rate and is
+    /// to be closed (after a 421).
+    async fn rcpt(&mut self, line: &str, rcpts: &mut Vec<String>) -> bool {
         let address = line
             .split_once('<')
             .and_then(|(_, rest)| rest.split_once('>'))
@@ -334,6 +352,24 @@ impl Session {
             .to_ascii_lowercase();
         let rule = self.config.rule(&domain).clone();
         Self::pause(rule.latency_ms.rcpt).await;
+        // One message per transaction counts toward the domain's rate.
+        let first_of_domain = !rcpts
+            .iter()
+            .any(|r| r.to_ascii_lowercase().ends_with(&format!("@{domain}")));
+        if first_of_domain
+            && !self.rate.admit(
+                &domain,
+                rule.messages_per_minute_per_connection,
+                std::time::Instant::now(),
+            )
+        {
+            self.count(|c| {
+                c.domain(&domain).rate_limited += 1;
+                c.reply(421);
+            });
+            self.reply(RATE_LIMITED);
+            return false;
+        }
         let v = verdict(
             &self.config,
             &address,
@@ -363,6 +399,7 @@ impl Session {
                 self.reply(&text);
             }
         }
+        true
     }
 
     async fn data(&mut self, rcpts: &[String]) -> Result<(), Closed> {
