@@ -146,6 +146,45 @@ impl Rule {
     pub fn actions(&self) -> Vec<&'static str> {
         self.actions.iter().map(|a| a.name()).collect()
     }
+
+    /// The holds this rule puts, fired by a reply to a message of `tenant` and
+    /// `campaign` on site `site` (served by `hosts`), until `until_ms`: one per
+    /// suspend_tenant / suspend_campaign action whose name the message has.
+    pub fn holds(
+        &self,
+        tenant: Option<&str>,
+        campaign: Option<&str>,
+        site: &str,
+        until_ms: u64,
+    ) -> Vec<Hold> {
+        let mut out = Vec::new();
+        let whose = [
+            (
+                ActionName::SuspendTenant,
+                tenant.map(|t| Whose::Tenant(t.to_string())),
+            ),
+            (
+                ActionName::SuspendCampaign,
+                campaign.map(|c| Whose::Campaign(c.to_string())),
+            ),
+        ];
+        for (action, who) in whose {
+            let Some(who) = who.filter(|_| self.has(action)) else {
+                continue;
+            };
+            out.push(Hold {
+                whose: who,
+                sites: if self.scope.suffixes().is_empty() {
+                    HoldSites::Site(site.to_string())
+                } else {
+                    HoldSites::Suffixes(self.scope.suffixes().to_vec())
+                },
+                until_ms,
+                rule: self.name.clone(),
+            });
+        }
+        out
+    }
 }
 
 /// The enhanced status code (RFC 3463) a reply's text starts with after its code:
@@ -176,6 +215,79 @@ pub struct Fired {
     /// It was not in force before (a rule in force that fires again only lasts
     /// longer).
     pub new: bool,
+}
+
+/// Whose mail a hold keeps back.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Whose {
+    Tenant(String),
+    Campaign(String),
+}
+
+/// The sites a hold applies to: a provider's (by MX suffix), or one site.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HoldSites {
+    Suffixes(Vec<String>),
+    Site(String),
+}
+
+/// A tenant's or campaign's mail held back from a provider by a response rule
+/// (suspend_tenant, suspend_campaign) until the rule's time is up. Shared by every
+/// shard: the tenant's messages are spooled on all of them.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Hold {
+    pub whose: Whose,
+    pub sites: HoldSites,
+    pub until_ms: u64,
+    /// The rule that put it.
+    pub rule: String,
+}
+
+impl Hold {
+    /// Whether it holds a message of `tenant` and `campaign` to the site named
+    /// `site` served by `hosts`, at `now_ms`.
+    pub fn holds<'a>(
+        &self,
+        tenant: Option<&str>,
+        campaign: Option<&str>,
+        site: &str,
+        hosts: impl Iterator<Item = &'a str>,
+        now_ms: u64,
+    ) -> bool {
+        if now_ms >= self.until_ms {
+            return false;
+        }
+        let whose = match &self.whose {
+            Whose::Tenant(t) => tenant == Some(t.as_str()),
+            Whose::Campaign(c) => campaign == Some(c.as_str()),
+        };
+        whose
+            && match &self.sites {
+                HoldSites::Site(name) => name == site,
+                HoldSites::Suffixes(suffixes) => {
+                    let mut hosts = hosts;
+                    hosts.any(|host| {
+                        let host = host.trim_end_matches('.');
+                        (suffixes.iter()).any(|s| crate::shaping::ends_with_ignore_case(host, s))
+                    })
+                }
+            }
+    }
+
+    /// The same tenant or campaign and sites (a new firing extends it).
+    pub fn same(&self, other: &Hold) -> bool {
+        self.whose == other.whose && self.sites == other.sites
+    }
+
+    /// "tenant acme" or "campaign spring".
+    pub fn who(&self) -> String {
+        match &self.whose {
+            Whose::Tenant(t) => format!("tenant {t}"),
+            Whose::Campaign(c) => format!("campaign {c}"),
+        }
+    }
 }
 
 /// What one ready queue keeps of its response rules.
@@ -364,6 +476,46 @@ mod tests {
         actions = ["bounce"]
         duration = "1h"
     "#;
+
+    /// suspend_tenant and suspend_campaign hold whose message got the reply: to
+    /// the provider's sites, or for a rule of every site to that site only.
+    #[test]
+    fn holds_keep_back_one_tenant_or_campaign_from_a_provider() {
+        let t = table(
+            r#"
+            [delivery]
+            automation = [{ codes = [554], actions = ["suspend_campaign"], duration = "1h" }]
+            [delivery.providers.google]
+            mx_suffix = [".google.com"]
+            [[delivery.providers.google.automation]]
+            enhanced = ["4.7.28"]
+            actions = ["suspend_tenant", "suspend_campaign"]
+            duration = "1h"
+        "#,
+        );
+        let google = t.get(1).unwrap();
+        let holds = google.holds(Some("acme"), Some("spring"), "mx.site", 1000);
+        assert_eq!(holds.len(), 2);
+        let tenant = &holds[0];
+        assert_eq!(tenant.who(), "tenant acme");
+        let gmail = ["alt1.gmail-smtp-in.l.google.com."];
+        assert!(tenant.holds(Some("acme"), None, "any", gmail.into_iter(), 999));
+        assert!(
+            !tenant.holds(Some("acme"), None, "any", gmail.into_iter(), 1000),
+            "ended"
+        );
+        assert!(!tenant.holds(Some("zeta"), None, "any", gmail.into_iter(), 0));
+        assert!(!tenant.holds(Some("acme"), None, "any", ["mx.other.test"].into_iter(), 0));
+        assert_eq!(holds[1].who(), "campaign spring");
+        // A message without a tenant puts no tenant hold.
+        assert_eq!(google.holds(None, Some("spring"), "x", 1000).len(), 1);
+        // A rule of every site holds that site only.
+        let default = t.get(0).unwrap();
+        let site = &default.holds(Some("acme"), Some("spring"), "127.0.0.1:25", 1000)[0];
+        assert!(site.holds(None, Some("spring"), "127.0.0.1:25", [].into_iter(), 0));
+        assert!(!site.holds(None, Some("spring"), "127.0.0.1:26", [].into_iter(), 0));
+        assert!(site.same(&default.holds(None, Some("spring"), "127.0.0.1:25", 5000)[0]));
+    }
 
     #[test]
     fn rules_apply_to_their_providers_and_sources() {

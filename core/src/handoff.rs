@@ -29,6 +29,11 @@ pub struct Handoff {
     /// The egress source drawn for this attempt (by name; every shard has the same
     /// configuration).
     pub egress: String,
+    /// The message's tenant and campaign: a response rule that fires on the owner
+    /// (suspend_tenant, suspend_campaign) holds back whose mail this is. (At most two
+    /// short strings per hop, beside the body's copy.)
+    pub tenant: Option<String>,
+    pub campaign: Option<String>,
 }
 
 /// The outcome of a handed-off part, for the shard that spooled the message.

@@ -189,6 +189,11 @@ impl Scope {
         }
     }
 
+    /// The MX suffixes (empty: every site).
+    pub fn suffixes(&self) -> &[String] {
+        &self.suffixes
+    }
+
     /// Whether the queue from `source` to the site served by `hosts` is in scope.
     pub fn applies<'a>(&self, source: &str, mut hosts: impl Iterator<Item = &'a str>) -> bool {
         if !self.sources.is_empty() && !self.sources.iter().any(|s| s == source) {
@@ -202,7 +207,7 @@ impl Scope {
     }
 }
 
-fn ends_with_ignore_case(text: &str, suffix: &str) -> bool {
+pub(crate) fn ends_with_ignore_case(text: &str, suffix: &str) -> bool {
     text.len() >= suffix.len()
         && text.as_bytes()[text.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
 }

@@ -40,6 +40,10 @@ pub struct LiveState {
     pub ready_suspensions: Vec<ReadySuspension>,
     /// The operator's bounces in force, each with what it has bounced.
     pub bounces: Vec<LiveBounce>,
+    /// Tenants' and campaigns' mail held back from a provider by response rules
+    /// (suspend_tenant, suspend_campaign); not kept across a restart, as the rules
+    /// in force are not.
+    pub holds: Vec<gannet_core::adaptive::Hold>,
 }
 
 /// An operator's bounce and its tally.
@@ -114,6 +118,7 @@ impl Live {
                 dkim: Arc::new(dkim),
                 ready_suspensions: Vec::new(),
                 bounces: Vec::new(),
+                holds: Vec::new(),
             })),
             file: None,
             writing: Mutex::new(()),

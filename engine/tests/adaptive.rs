@@ -191,3 +191,58 @@ fn a_site_that_fails_most_attempts_gets_fewer_connections() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// suspend_tenant: a block answered to one tenant's message holds that tenant's
+/// mail to the site (from every shard) for the rule's duration; another tenant's
+/// mail to the site, and the tenant's mail to other sites, go on.
+#[test]
+fn a_block_of_one_tenant_s_mail_holds_that_tenant_only() {
+    let (daemon, sink_a, _sink_b) = daemon_with_rules(
+        "automation = [{ enhanced = ['5.7.1'], regex = 'TSS04', actions = ['suspend_tenant', 'transient'], duration = 3 }]\n",
+    );
+    let acme = "X-Gannet-Tenant: acme\r\nSubject: a\r\n\r\nx\r\n.\r\n";
+    inject(&daemon, &["blocked@a.test"], acme);
+    let events = wait_events(&daemon, "the rule firing", |e| {
+        !adaptive(e, "fired").is_empty()
+    });
+    let fired = adaptive(&events, "fired")[0];
+    assert_eq!(fired["held"], serde_json::json!(["tenant acme"]), "{fired}");
+    let until = fired["until_ms"].as_u64().unwrap();
+
+    inject(&daemon, &["held@a.test"], acme);
+    inject(
+        &daemon,
+        &["other@a.test"],
+        "X-Gannet-Tenant: zeta\r\nSubject: z\r\n\r\nx\r\n.\r\n",
+    );
+    inject(&daemon, &["elsewhere@b.test"], acme);
+    let events = wait_events(&daemon, "the others delivered, acme's held", |e| {
+        !of(e, "delivery", "other@a.test").is_empty()
+            && !of(e, "delivery", "elsewhere@b.test").is_empty()
+            && !of(e, "delayed", "held@a.test").is_empty()
+    });
+    let delayed = of(&events, "delayed", "held@a.test")[0];
+    assert!(
+        delayed["response"]
+            .as_str()
+            .unwrap()
+            .contains("tenant acme's mail to this provider is held by response rule default#0"),
+        "{delayed}"
+    );
+    assert!(of(&events, "delivery", "held@a.test").is_empty());
+    // Once the rule's time is up, acme's held mail goes.
+    let events = wait_events(&daemon, "acme's held mail delivered", |e| {
+        !of(e, "delivery", "held@a.test").is_empty()
+    });
+    let delivered = of(&events, "delivery", "held@a.test")[0];
+    assert!(
+        delivered["timestamp_ms"].as_u64().unwrap() >= until,
+        "{delivered}"
+    );
+    assert!(
+        sink_a
+            .messages()
+            .iter()
+            .any(|m| m.to_string().contains("held@a.test"))
+    );
+}

@@ -58,6 +58,8 @@ fn handoff(token: u64, body: &[u8]) -> Note {
             host_names: vec![],
         },
         egress: "default".into(),
+        tenant: None,
+        campaign: None,
     }))
 }
 

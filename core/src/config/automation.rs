@@ -69,6 +69,12 @@ pub enum ActionName {
     Bounce,
     /// Treat a permanent (5xx) reply as temporary (4xx): retry instead of bouncing.
     Transient,
+    /// Hold the mail of the tenant whose message got the reply, to this provider
+    /// (its sites; for a rule of every site, this site), from every source: it waits
+    /// in the scheduled queue until the rule's time is up. Other tenants go on.
+    SuspendTenant,
+    /// The same for the message's campaign.
+    SuspendCampaign,
 }
 
 impl ActionName {
@@ -77,6 +83,8 @@ impl ActionName {
             ActionName::Suspend => "suspend",
             ActionName::Bounce => "bounce",
             ActionName::Transient => "transient",
+            ActionName::SuspendTenant => "suspend_tenant",
+            ActionName::SuspendCampaign => "suspend_campaign",
         }
     }
 }

@@ -299,6 +299,22 @@ impl Queues {
         out
     }
 
+    /// Takes the parts of this shard's messages out of the ready queues for which
+    /// `take` is true (a response rule's new hold on their tenant or campaign).
+    pub fn take_ready_where(&mut self, take: impl Fn(&Part) -> bool) -> Vec<Part> {
+        let mut out = Vec::new();
+        for q in self.ready.values_mut() {
+            if !q.parts.iter().any(&take) {
+                continue;
+            }
+            let (taken, kept): (Vec<Part>, Vec<Part>) =
+                std::mem::take(&mut q.parts).into_iter().partition(&take);
+            q.parts = kept.into();
+            out.extend(taken);
+        }
+        out
+    }
+
     /// Visits every part of this shard's messages the queues hold (not those handed
     /// to another shard): an operator's scan, never on the delivery path.
     pub fn for_each_part(&self, mut visit: impl FnMut(&Part, &'static str)) {

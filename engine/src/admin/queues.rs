@@ -107,11 +107,18 @@ pub async fn list(shard: &Shard, query: &str) -> Reply {
             v
         })
         .collect();
+    // Response rules' holds on tenants' and campaigns' mail (suspend_tenant,
+    // suspend_campaign), shared by the shards.
+    let now = gannet_core::clock::unix_ms();
+    let live = shard.shared.live.snapshot();
+    let holds: Vec<&gannet_core::adaptive::Hold> =
+        (live.holds.iter()).filter(|h| h.until_ms > now).collect();
     let body = json!({
         "scheduled": scheduled,
         "ready": ready,
         "due": due,
         "handed": handed,
+        "holds": holds,
     });
     (200, body.to_string())
 }

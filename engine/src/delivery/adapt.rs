@@ -13,12 +13,20 @@ use gannet_core::clock::unix_ms;
 /// Shows the replies of one attempt on ready queue `key` to its rules (each run of
 /// equal replies once: a transaction's recipients often share one), records what
 /// fires, and makes 5xx replies 4xx while a `transient` rule is in force.
-pub(super) fn observe(d: &Dispatcher, key: &str, replies: &mut [Response]) {
+/// `whose`: the tenant and campaign of the message the replies are about (none for
+/// a failed connection), for suspend_tenant and suspend_campaign.
+pub(super) fn observe(
+    d: &Dispatcher,
+    key: &str,
+    replies: &mut [Response],
+    whose: (Option<&str>, Option<&str>),
+) {
     let now = unix_ms();
     let mut queues = d.queues.borrow_mut();
     if queues.ready.get(key).is_none_or(|q| q.adaptive.is_idle()) {
         return;
     }
+    let site = queues.ready.get(key).map(|q| q.site.name.clone());
     for i in 0..replies.len() {
         if i > 0 && replies[i] == replies[i - 1] {
             continue;
@@ -28,7 +36,14 @@ pub(super) fn observe(d: &Dispatcher, key: &str, replies: &mut [Response]) {
         // that have rules: one string per distinct reply).
         let text = format!("{} {}", reply.code, reply.text.replace('\n', " "));
         for fired in queues.observe(key, reply.code, &text, now) {
-            record(d, &queues, key, &fired, &text, now);
+            let holds = match (queues.rules().get(fired.rule), &site) {
+                (Some(rule), Some(site)) => rule.holds(whose.0, whose.1, site, fired.until_ms),
+                _ => Vec::new(),
+            };
+            if !holds.is_empty() {
+                hold(d, &holds, now);
+            }
+            record(d, &queues, key, &fired, &text, &holds, now);
         }
     }
     if let Some(rule) = queues.transient_rule(key, now) {
@@ -39,13 +54,33 @@ pub(super) fn observe(d: &Dispatcher, key: &str, replies: &mut [Response]) {
     }
 }
 
-/// The event of a rule that fired.
+/// Publishes a rule's holds on tenants or campaigns to every shard (their messages
+/// are spooled everywhere): a hold on the same mail and sites is extended.
+fn hold(d: &Dispatcher, holds: &[gannet_core::adaptive::Hold], now: u64) {
+    let shared = &d.shard.shared;
+    shared.live.update(|state| {
+        state.holds.retain(|h| h.until_ms > now);
+        for hold in holds {
+            match state.holds.iter_mut().find(|h| h.same(hold)) {
+                Some(h) => h.until_ms = h.until_ms.max(hold.until_ms),
+                None => state.holds.push(hold.clone()),
+            }
+        }
+    });
+    for to in 0..shared.mesh.shards() {
+        // A full inbox is a busy shard: it looks at the settings within a round.
+        let _ = shared.mesh.send(to as u16, crate::notes::Note::Wake);
+    }
+}
+
+/// The event of a rule that fired (with the tenants or campaigns it holds).
 fn record(
     d: &Dispatcher,
     queues: &gannet_core::queue::Queues,
     key: &str,
     fired: &Fired,
     reply: &str,
+    holds: &[gannet_core::adaptive::Hold],
     now: u64,
 ) {
     let Some(rule) = queues.rules().get(fired.rule) else {
@@ -68,6 +103,7 @@ fn record(
         actions: rule.actions.iter().map(|a| a.name()).collect(),
         set: &rule.set_text,
         reply: Some(reply),
+        held: holds.iter().map(|h| h.who()).collect(),
     });
 }
 
@@ -98,6 +134,7 @@ pub(super) fn feedback(d: &Dispatcher, key: &str, failed: bool) {
         actions: Vec::new(),
         set: &set,
         reply: None,
+        held: Vec::new(),
     });
 }
 
@@ -134,6 +171,7 @@ pub(super) fn ended(
             actions: rule.actions.iter().map(|a| a.name()).collect(),
             set: &rule.set_text,
             reply: None,
+            held: Vec::new(),
         });
     }
 }

@@ -293,7 +293,7 @@ pub(super) async fn connection(d: Rc<Dispatcher>, key: String) {
     if !connected {
         // A banner or EHLO refusal (Microsoft's 421 4.7.650, …) is what response
         // rules most often read.
-        super::adapt::observe(&d, &key, std::slice::from_mut(&mut failure));
+        super::adapt::observe(&d, &key, std::slice::from_mut(&mut failure), (None, None));
         super::adapt::feedback(&d, &key, true);
     }
     match session {
@@ -400,7 +400,20 @@ pub(super) async fn connection(d: Rc<Dispatcher>, key: String) {
                     deliver(&mut session, batch_max, sender, recipients, body, next).await;
                 broken = failed;
                 super::adapt::feedback(&d, &key, super::adapt::failed_attempt(&replies));
-                super::adapt::observe(&d, &key, &mut replies);
+                {
+                    // Whose message this was (suspend_tenant, suspend_campaign).
+                    let local = match &current {
+                        Loaded::Local { part, .. } => Some(part.message.clone()),
+                        Loaded::Remote(_) => None,
+                    };
+                    let local = local.as_ref().map(|m| m.borrow());
+                    let whose = match (&current, &local) {
+                        (Loaded::Remote(h), _) => (h.tenant.as_deref(), h.campaign.as_deref()),
+                        (_, Some(m)) => (m.meta("tenant"), m.meta("campaign")),
+                        _ => (None, None),
+                    };
+                    super::adapt::observe(&d, &key, &mut replies, whose);
+                }
                 match current {
                     Loaded::Local { part, .. } => {
                         let results = part.rcpts.iter().copied().zip(replies).collect();

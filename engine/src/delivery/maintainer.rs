@@ -37,8 +37,12 @@ pub async fn run(d: Rc<Dispatcher>) {
     let mut last_gauges = 0;
     while !shard.shutdown.is_raised() {
         let now = unix_ms();
-        for (part, bounce) in d.refresh_live(&shard.shared.live, now) {
+        let taken = d.refresh_live(&shard.shared.live, now);
+        for (part, bounce) in taken.bounced {
             super::settling::admin_bounce(&d, part, &bounce);
+        }
+        for (part, hold) in taken.held {
+            super::routing::held_by_rule(&d, part, &hold, now);
         }
         let mut to_open: Vec<String> = Vec::new();
         let mut to_resolve: Vec<Rc<str>> = Vec::new();

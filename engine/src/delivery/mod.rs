@@ -62,6 +62,8 @@ pub struct Dispatcher {
     /// whose first sweep of the queues this shard has made.
     bounces: RefCell<Vec<crate::live::LiveBounce>>,
     swept: RefCell<std::collections::HashSet<String>>,
+    /// Response rules' holds on tenants and campaigns (from the live settings).
+    holds: RefCell<Vec<gannet_core::adaptive::Hold>>,
     resolver: crate::dns::Resolver,
     /// Connections waiting idle for their queue's next part, and the bound.
     idle_connections: Cell<usize>,
@@ -183,6 +185,7 @@ impl Dispatcher {
             retried_seq: Cell::new(0),
             bounces: RefCell::new(Vec::new()),
             swept: RefCell::new(std::collections::HashSet::new()),
+            holds: RefCell::new(Vec::new()),
             resolver: crate::dns::Resolver::new(
                 config
                     .dns_server()
@@ -270,17 +273,15 @@ impl Dispatcher {
         self.wake.raise();
     }
 
-    /// Applies the live settings (shaping, suspensions, bounces) if they changed.
-    /// Returns the parts a new bounce takes, with it, to be bounced.
-    fn refresh_live(
-        &self,
-        live: &crate::live::Live,
-        now: u64,
-    ) -> Vec<(Part, crate::live::LiveBounce)> {
+    /// Applies the live settings (shaping, suspensions, bounces, holds) if they
+    /// changed. Returns the parts a new bounce takes, with it, to be bounced, and
+    /// the parts a new hold takes out of the ready queues, to be put off.
+    fn refresh_live(&self, live: &crate::live::Live, now: u64) -> Taken {
         let generation = live.generation();
         if generation == self.live_generation.get() {
-            return Vec::new();
+            return Taken::default();
         }
+        let mut taken_by_holds = Vec::new();
         self.live_generation.set(generation);
         let state = live.snapshot();
         let mut queues = self.queues.borrow_mut();
@@ -289,6 +290,29 @@ impl Dispatcher {
         queues.set_ready_suspensions(state.ready_suspensions.clone());
         queues.set_admin_bounces(state.bounces.iter().map(|b| b.bounce.clone()).collect());
         *self.bounces.borrow_mut() = state.bounces.clone();
+        // A hold new to this shard takes its tenant's (or campaign's) parts out of
+        // the ready queues of the sites it holds: they wait with the rest.
+        let new_holds: Vec<gannet_core::adaptive::Hold> = (state.holds.iter())
+            .filter(|h| !self.holds.borrow().iter().any(|old| old == *h))
+            .cloned()
+            .collect();
+        *self.holds.borrow_mut() = state.holds.clone();
+        for hold in &new_holds {
+            let parts = queues.take_ready_where(|part| {
+                let site = part.site.as_deref();
+                let m = part.message.borrow();
+                site.is_some_and(|site| {
+                    hold.holds(
+                        m.meta("tenant"),
+                        m.meta("campaign"),
+                        &site.name,
+                        site.host_names.iter().map(String::as_str),
+                        now,
+                    )
+                })
+            });
+            taken_by_holds.extend(parts.into_iter().map(|p| (p, hold.clone())));
+        }
         // A bounce new to this shard takes what its queues hold now; what comes due
         // later, or back from another shard, meets it on its way.
         let mut taken = Vec::new();
@@ -320,7 +344,31 @@ impl Dispatcher {
                 "scheduled parts made due now"
             );
         }
-        taken
+        Taken {
+            bounced: taken,
+            held: taken_by_holds,
+        }
+    }
+
+    /// The response rule's hold on `part`'s tenant or campaign toward `site`, if
+    /// one is in force.
+    fn hold_for(&self, part: &Part, site: &Site, now: u64) -> Option<gannet_core::adaptive::Hold> {
+        let holds = self.holds.borrow();
+        if holds.is_empty() {
+            return None;
+        }
+        let m = part.message.borrow();
+        (holds.iter())
+            .find(|h| {
+                h.holds(
+                    m.meta("tenant"),
+                    m.meta("campaign"),
+                    &site.name,
+                    site.host_names.iter().map(String::as_str),
+                    now,
+                )
+            })
+            .cloned()
     }
 
     /// The operator's bounce in force that takes `part`, with its tally.
@@ -344,6 +392,15 @@ impl Dispatcher {
             fastrand::u64(0..=1000),
         )
     }
+}
+
+/// What new live settings take out of the queues.
+#[derive(Debug, Default)]
+struct Taken {
+    /// Parts an operator's new bounce takes, with it.
+    bounced: Vec<(Part, crate::live::LiveBounce)>,
+    /// Parts a response rule's new hold takes out of the ready queues.
+    held: Vec<(Part, gannet_core::adaptive::Hold)>,
 }
 
 /// A source of `members` drawn by weight.

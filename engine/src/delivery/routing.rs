@@ -127,6 +127,10 @@ async fn resolve_site(resolver: &crate::dns::Resolver, domain: &str, port: u16) 
 pub(super) fn place(d: &Dispatcher, mut part: Part, now: u64) {
     let shard = &d.shard;
     let site = part.site.clone().expect("placed parts have a site");
+    if let Some(hold) = d.hold_for(&part, &site, now) {
+        held_by_rule(d, part, &hold, now);
+        return;
+    }
     let chosen = d.choose_source(part.message.borrow().meta("pool"), &site, now);
     let egress = match chosen {
         Ok(egress) => egress,
@@ -168,6 +172,8 @@ pub(super) fn place(d: &Dispatcher, mut part: Part, now: u64) {
                 host_names: site.host_names.clone(),
             },
             egress: egress.name.clone(),
+            tenant: m.meta("tenant").map(str::to_string),
+            campaign: m.meta("campaign").map(str::to_string),
         }
     };
     match mesh.send(owner, crate::notes::Note::Handoff(Box::new(handoff))) {
@@ -213,6 +219,33 @@ fn warmup_spent(d: &Dispatcher, mut part: Part, provider: &str, now: u64) {
     delayed(d, &part, &why, now);
     ShardMetrics::add(&d.shard.metrics.delivery_warmup_delayed_total, 1);
     part.due_ms = gannet_core::warmup::next_day_ms(now) + fastrand::u64(0..60_000);
+    part.message
+        .borrow_mut()
+        .set_part_due(&part.domain, Some(part.due_ms));
+    part.site = None;
+    part.egress = None;
+    d.queues.borrow_mut().schedule(part);
+}
+
+/// Puts off a part whose tenant or campaign a response rule holds back from its
+/// site's provider: Delayed, due when the hold ends.
+pub(super) fn held_by_rule(
+    d: &Dispatcher,
+    mut part: Part,
+    hold: &gannet_core::adaptive::Hold,
+    now: u64,
+) {
+    let why = Response::local(
+        451,
+        format!(
+            "4.7.0 {}'s mail to this provider is held by response rule {} until {}",
+            hold.who(),
+            hold.rule,
+            gannet_core::clock::rfc3339(hold.until_ms)
+        ),
+    );
+    delayed(d, &part, &why, now);
+    part.due_ms = hold.until_ms.max(now) + fastrand::u64(0..1000);
     part.message
         .borrow_mut()
         .set_part_due(&part.domain, Some(part.due_ms));

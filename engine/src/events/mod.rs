@@ -126,6 +126,10 @@ pub enum Event<'a> {
         /// The reply that fired it.
         #[serde(skip_serializing_if = "Option::is_none")]
         reply: Option<&'a str>,
+        /// Whose mail it holds back from the provider (suspend_tenant,
+        /// suspend_campaign): "tenant acme", "campaign spring".
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        held: Vec<String>,
     },
     /// A policy phase (or a limit) refused a session, a recipient or a message.
     PolicyRejection {

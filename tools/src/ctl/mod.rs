@@ -475,12 +475,40 @@ pub fn queues_table(v: &Value) -> String {
     for q in v["ready"].as_array().into_iter().flatten() {
         r.row(ready_row(q, now));
     }
+    let mut holds = String::new();
+    for h in v["holds"].as_array().into_iter().flatten() {
+        holds.push_str(&format!("held by response rule: {}\n", hold_text(h, now)));
+    }
     format!(
-        "{}\n{}\ndue (looking up sites): {}   handed to other shards: {}\n",
+        "{}\n{}\ndue (looking up sites): {}   handed to other shards: {}\n{holds}",
         t.render(),
         r.render(),
         str_of(&v["due"]),
         str_of(&v["handed"])
+    )
+}
+
+/// A response rule's hold on a tenant's or campaign's mail, in words.
+pub fn hold_text(h: &Value, now: u64) -> String {
+    let who = h["whose"]
+        .as_object()
+        .and_then(|o| o.iter().next())
+        .map_or(String::new(), |(k, v)| format!("{k} {}", str_of(v)));
+    let sites = h["sites"].as_object().and_then(|o| o.iter().next()).map_or(
+        String::new(),
+        |(k, v)| match v {
+            Value::Array(a) => {
+                format!("{k} {}", a.iter().map(str_of).collect::<Vec<_>>().join(","))
+            }
+            other => format!("{k} {}", str_of(other)),
+        },
+    );
+    format!(
+        "{who} to {sites} by {} until {}",
+        str_of(&h["rule"]),
+        h["until_ms"]
+            .as_u64()
+            .map_or(String::new(), |ms| ago_or_in(ms, now))
     )
 }
 

@@ -239,6 +239,9 @@ fn suspended(listing: &Value, suspensions: &Value, bounces: &Value, now: u64) ->
             ));
         }
     }
+    for h in listing["holds"].as_array().into_iter().flatten() {
+        out.push(format!("held {}", super::hold_text(h, now)));
+    }
     for s in suspensions.as_array().into_iter().flatten() {
         out.push(format!(
             "scheduled {}: {} ({} left)",
