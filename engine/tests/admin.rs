@@ -328,23 +328,10 @@ fn bad_admin_requests_get_precise_errors() {
 
 #[test]
 fn a_damaged_admin_file_stops_the_start_with_its_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(
-        data.join("admin.json"),
+    let err = common::start_refused_with(&[(
+        "admin.json",
         "{\n  \"suspensions\": [\n    {\"id\": 7}\n  ]\n}\n",
-    )
-    .unwrap();
-    let config = common::config_text(dir.path(), "", "");
-    let path = dir.path().join("gannetd.toml");
-    std::fs::write(&path, config).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gannetd"))
-        .args(["--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    )]);
     assert!(err.contains("admin.json:3:"), "{err}");
     assert!(err.contains("fix or remove the file"), "{err}");
 }

@@ -135,17 +135,6 @@ fn warming_sources_share_the_day_s_budget_and_the_rest_waits_for_tomorrow() {
 
 #[test]
 fn a_damaged_warmup_file_stops_the_start_with_its_line() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    std::fs::create_dir_all(&data).unwrap();
-    std::fs::write(data.join("warmup.json"), "{\"day\": \"monday\"}").unwrap();
-    let path = dir.path().join("gannetd.toml");
-    std::fs::write(&path, common::config_text(dir.path(), "", "")).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_gannetd"))
-        .args(["--config", path.to_str().unwrap()])
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = common::start_refused_with(&[("warmup.json", "{\"day\": \"monday\"}")]);
     assert!(err.contains("warmup.json:1:"), "{err}");
 }

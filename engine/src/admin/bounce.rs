@@ -10,8 +10,8 @@ use std::collections::BTreeMap;
 use serde::Deserialize;
 
 use super::{
-    DurationText, IdRequest, Reply, ask, error, expiry, invalid, new_id, parse, parse_with_reason,
-    remaining, saved_and_applied, selector,
+    DurationText, Reply, ask, error, expiry, invalid, lift, new_id, parse_with_reason, remaining,
+    saved_and_applied, selector,
 };
 use crate::live::LiveBounce;
 use crate::notes::Question;
@@ -159,29 +159,12 @@ pub fn list(shard: &Shard) -> Reply {
 
 /// DELETE: cancels a bounce by id (what it bounced stays bounced).
 pub async fn cancel(shard: &Shard, body: &[u8]) -> Reply {
-    let request: IdRequest = match parse(body) {
-        Ok(r) => r,
-        Err(reply) => return reply,
-    };
-    let now = unix_ms();
-    let found = shard.shared.live.update(|state| {
-        let found = (state.bounces.iter())
-            .any(|b| b.bounce.id == request.id && b.bounce.expires_unix_ms > now);
-        state
-            .bounces
-            .retain(|b| b.bounce.id != request.id && b.bounce.expires_unix_ms > now);
-        found
-    });
-    if !found {
-        return error(
-            404,
-            "no such bounce",
-            &format!("id `{}` is not an active bounce", request.id),
-        );
-    }
-    tracing::info!(id = request.id, "bounce cancelled");
-    if let Err(reply) = saved_and_applied(shard).await {
-        return reply;
-    }
-    (200, "{}".into())
+    lift(
+        shard,
+        body,
+        |state| &mut state.bounces,
+        |b| (&b.bounce.id, b.bounce.expires_unix_ms),
+        "bounce",
+    )
+    .await
 }

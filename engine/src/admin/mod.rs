@@ -324,6 +324,81 @@ fn new_id() -> String {
     id
 }
 
+/// Adds `item` to a list of the live settings (`list`), expired ones dropped,
+/// unless `delivery.suspensions_max` are active already (422 naming `what`); then
+/// writes the list to `admin.json`, applies it and answers `{"id": id}`.
+async fn add_bounded<T: std::fmt::Debug>(
+    shard: &Shard,
+    list: fn(&mut crate::live::LiveState) -> &mut Vec<T>,
+    expires: fn(&T) -> u64,
+    item: T,
+    id: String,
+    what: &str,
+) -> Reply {
+    let now = unix_ms();
+    let max = shard.shared.config.delivery.suspensions_max.usize();
+    let added = shard.shared.live.update(|state| {
+        let items = list(state);
+        items.retain(|i| expires(i) > now);
+        if items.len() >= max {
+            return false;
+        }
+        tracing::info!(?item, "{what} defined");
+        items.push(item);
+        true
+    });
+    if !added {
+        return error(
+            422,
+            &format!("too many {what}s"),
+            &format!(
+                "at most {max} {what}s are active at once (delivery.suspensions_max); lift some first"
+            ),
+        );
+    }
+    if let Err(reply) = saved_and_applied(shard).await {
+        return reply;
+    }
+    (200, serde_json::json!({ "id": id }).to_string())
+}
+
+/// Lifts the item of a list of the live settings whose id the request `body`
+/// gives (404 naming `what` when none is active), then writes and applies.
+async fn lift<T>(
+    shard: &Shard,
+    body: &[u8],
+    list: fn(&mut crate::live::LiveState) -> &mut Vec<T>,
+    id_and_expiry: fn(&T) -> (&str, u64),
+    what: &str,
+) -> Reply {
+    let request: IdRequest = match parse(body) {
+        Ok(r) => r,
+        Err(reply) => return reply,
+    };
+    let now = unix_ms();
+    let found = shard.shared.live.update(|state| {
+        let items = list(state);
+        let active = |i: &T| id_and_expiry(i).1 > now;
+        let found = items
+            .iter()
+            .any(|i| id_and_expiry(i).0 == request.id && active(i));
+        items.retain(|i| id_and_expiry(i).0 != request.id && active(i));
+        found
+    });
+    if !found {
+        return error(
+            404,
+            &format!("no such {what}"),
+            &format!("id `{}` is not an active {what}", request.id),
+        );
+    }
+    tracing::info!(id = request.id, "{what} lifted");
+    if let Err(reply) = saved_and_applied(shard).await {
+        return reply;
+    }
+    (200, "{}".into())
+}
+
 /// The `id` of a request that lifts something.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -7,8 +7,7 @@
 use serde::Deserialize;
 
 use super::{
-    DurationText, IdRequest, Reply, error, expiry, invalid, new_id, parse, parse_with_reason,
-    remaining, saved_and_applied,
+    DurationText, Reply, add_bounded, expiry, invalid, lift, new_id, parse_with_reason, remaining,
 };
 use crate::shard::Shard;
 use gannet_core::clock::{rfc3339, unix_ms};
@@ -49,31 +48,15 @@ pub async fn suspend(shard: &Shard, body: &[u8]) -> Reply {
         expires_unix_ms,
     };
     let id = suspension.id.clone();
-    let now = unix_ms();
-    let shared = &shard.shared;
-    let max = shared.config.delivery.suspensions_max.usize();
-    let added = shared.live.update(|state| {
-        state.ready_suspensions.retain(|s| s.expires_unix_ms > now);
-        if state.ready_suspensions.len() >= max {
-            return false;
-        }
-        tracing::info!(?suspension, "ready queue suspension defined");
-        state.ready_suspensions.push(suspension);
-        true
-    });
-    if !added {
-        return error(
-            422,
-            "too many suspensions",
-            &format!(
-                "at most {max} ready-queue suspensions are active at once (delivery.suspensions_max); lift some first"
-            ),
-        );
-    }
-    if let Err(reply) = saved_and_applied(shard).await {
-        return reply;
-    }
-    (200, serde_json::json!({ "id": id }).to_string())
+    add_bounded(
+        shard,
+        |state| &mut state.ready_suspensions,
+        |s| s.expires_unix_ms,
+        suspension,
+        id,
+        "ready-queue suspension",
+    )
+    .await
 }
 
 /// GET: the active ready-queue suspensions (KumoMTA's list entry: id, name, reason,
@@ -98,32 +81,12 @@ pub fn list(shard: &Shard) -> Reply {
 
 /// DELETE: lifts a ready-queue suspension by id.
 pub async fn resume(shard: &Shard, body: &[u8]) -> Reply {
-    let request: IdRequest = match parse(body) {
-        Ok(r) => r,
-        Err(reply) => return reply,
-    };
-    let now = unix_ms();
-    let found = shard.shared.live.update(|state| {
-        let found =
-            (state.ready_suspensions.iter()).any(|s| s.id == request.id && s.expires_unix_ms > now);
-        state
-            .ready_suspensions
-            .retain(|s| s.id != request.id && s.expires_unix_ms > now);
-        found
-    });
-    if !found {
-        return error(
-            404,
-            "no such suspension",
-            &format!(
-                "id `{}` is not an active ready-queue suspension",
-                request.id
-            ),
-        );
-    }
-    tracing::info!(id = request.id, "ready queue suspension lifted");
-    if let Err(reply) = saved_and_applied(shard).await {
-        return reply;
-    }
-    (200, "{}".into())
+    lift(
+        shard,
+        body,
+        |state| &mut state.ready_suspensions,
+        |s| (&s.id, s.expires_unix_ms),
+        "ready-queue suspension",
+    )
+    .await
 }

@@ -6,8 +6,8 @@
 use serde::Deserialize;
 
 use super::{
-    DurationText, IdRequest, Reply, error, expiry, new_id, parse, parse_with_reason, remaining,
-    saved_and_applied, selector, wake_all,
+    DurationText, Reply, add_bounded, expiry, lift, new_id, parse_with_reason, remaining, selector,
+    wake_all,
 };
 use crate::shard::Shard;
 use gannet_core::clock::unix_ms;
@@ -65,31 +65,15 @@ pub async fn suspend(shard: &Shard, body: &[u8]) -> Reply {
         expires_unix_ms,
     };
     let id = suspension.id.clone();
-    let now = unix_ms();
-    let shared = &shard.shared;
-    let max = shared.config.delivery.suspensions_max.usize();
-    let added = shared.live.update(|state| {
-        state.suspensions.retain(|s| s.expires_unix_ms > now);
-        if state.suspensions.len() >= max {
-            return false;
-        }
-        tracing::info!(?suspension, "queue suspension defined");
-        state.suspensions.push(suspension);
-        true
-    });
-    if !added {
-        return error(
-            422,
-            "too many suspensions",
-            &format!(
-                "at most {max} suspensions are active at once (delivery.suspensions_max); lift some first"
-            ),
-        );
-    }
-    if let Err(reply) = saved_and_applied(shard).await {
-        return reply;
-    }
-    (200, serde_json::json!({ "id": id }).to_string())
+    add_bounded(
+        shard,
+        |state| &mut state.suspensions,
+        |s| s.expires_unix_ms,
+        suspension,
+        id,
+        "suspension",
+    )
+    .await
 }
 
 /// POST to the retry verb: every scheduled part of the selected queues (all of them
@@ -147,31 +131,12 @@ pub fn list(shard: &Shard) -> Reply {
 
 /// DELETE: lifts a suspension by id.
 pub async fn resume(shard: &Shard, body: &[u8]) -> Reply {
-    let request: IdRequest = match parse(body) {
-        Ok(r) => r,
-        Err(reply) => return reply,
-    };
-    let now = unix_ms();
-    let found = shard.shared.live.update(|state| {
-        let found = state
-            .suspensions
-            .iter()
-            .any(|s| s.id == request.id && s.expires_unix_ms > now);
-        state
-            .suspensions
-            .retain(|s| s.id != request.id && s.expires_unix_ms > now);
-        found
-    });
-    if !found {
-        return error(
-            404,
-            "no such suspension",
-            &format!("id `{}` is not an active suspension", request.id),
-        );
-    }
-    tracing::info!(id = request.id, "queue suspension lifted");
-    if let Err(reply) = saved_and_applied(shard).await {
-        return reply;
-    }
-    (200, "{}".into())
+    lift(
+        shard,
+        body,
+        |state| &mut state.suspensions,
+        |s| (&s.id, s.expires_unix_ms),
+        "suspension",
+    )
+    .await
 }

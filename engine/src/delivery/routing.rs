@@ -203,7 +203,7 @@ fn ready_queue_full() -> Response {
 
 /// Puts off a part whose pool's sources have all sent their warm-up budget toward
 /// its site's provider today: Delayed, due in the first minute of the next day.
-fn warmup_spent(d: &Dispatcher, mut part: Part, provider: &str, now: u64) {
+fn warmup_spent(d: &Dispatcher, part: Part, provider: &str, now: u64) {
     let pool = part
         .message
         .borrow()
@@ -216,9 +216,16 @@ fn warmup_spent(d: &Dispatcher, mut part: Part, provider: &str, now: u64) {
             "4.7.0 IP warm-up: every source of pool {pool} has sent its budget for today to provider {provider}; delayed to tomorrow"
         ),
     );
-    delayed(d, &part, &why, now);
     ShardMetrics::add(&d.shard.metrics.delivery_warmup_delayed_total, 1);
-    part.due_ms = gannet_core::warmup::next_day_ms(now) + fastrand::u64(0..60_000);
+    let due = gannet_core::warmup::next_day_ms(now) + fastrand::u64(0..60_000);
+    put_off(d, part, &why, due, now);
+}
+
+/// Records a part put off untried (Delayed, `why`) and returns it to the scheduled
+/// queue, due at `due_ms`; its site is looked up again then.
+fn put_off(d: &Dispatcher, mut part: Part, why: &Response, due_ms: u64, now: u64) {
+    delayed(d, &part, why, now);
+    part.due_ms = due_ms;
     part.message
         .borrow_mut()
         .set_part_due(&part.domain, Some(part.due_ms));
@@ -231,7 +238,7 @@ fn warmup_spent(d: &Dispatcher, mut part: Part, provider: &str, now: u64) {
 /// site's provider: Delayed, due when the hold ends.
 pub(super) fn held_by_rule(
     d: &Dispatcher,
-    mut part: Part,
+    part: Part,
     hold: &gannet_core::adaptive::Hold,
     now: u64,
 ) {
@@ -244,24 +251,12 @@ pub(super) fn held_by_rule(
             gannet_core::clock::rfc3339(hold.until_ms)
         ),
     );
-    delayed(d, &part, &why, now);
-    part.due_ms = hold.until_ms.max(now) + fastrand::u64(0..1000);
-    part.message
-        .borrow_mut()
-        .set_part_due(&part.domain, Some(part.due_ms));
-    part.site = None;
-    part.egress = None;
-    d.queues.borrow_mut().schedule(part);
+    let due = hold.until_ms.max(now) + fastrand::u64(0..1000);
+    put_off(d, part, &why, due, now);
 }
 
 /// Returns a part whose ready queue was full to the scheduled queue, untried.
-pub(super) fn delay(d: &Dispatcher, mut part: Part, now: u64) {
-    delayed(d, &part, &ready_queue_full(), now);
-    part.due_ms = d.delay_due(part.attempts, now);
-    part.message
-        .borrow_mut()
-        .set_part_due(&part.domain, Some(part.due_ms));
-    part.site = None;
-    part.egress = None;
-    d.queues.borrow_mut().schedule(part);
+pub(super) fn delay(d: &Dispatcher, part: Part, now: u64) {
+    let due = d.delay_due(part.attempts, now);
+    put_off(d, part, &ready_queue_full(), due, now);
 }

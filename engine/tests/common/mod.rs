@@ -380,6 +380,26 @@ impl Client {
     }
 }
 
+/// Starts gannetd on the test configuration with `files` (name, content) placed in
+/// its data directory first, expects it to refuse to start, and returns what it
+/// said on standard error.
+pub fn start_refused_with(files: &[(&str, &str)]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for (name, content) in files {
+        std::fs::write(data.join(name), content).unwrap();
+    }
+    let path = dir.path().join("gannetd.toml");
+    std::fs::write(&path, config_text(dir.path(), "", "")).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gannetd"))
+        .args(["--config", path.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "gannetd started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// curl against the daemon's HTTP listener with extra headers: (status, body).
 pub fn curl(
     daemon: &Daemon,

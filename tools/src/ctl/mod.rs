@@ -649,84 +649,69 @@ pub fn message_text(v: &Value) -> String {
     out
 }
 
-fn warmup_table(v: &Value) -> String {
-    let mut t = Table::new(&[
-        ("SOURCE", Align::Left),
-        ("PROVIDER", Align::Left),
-        ("DAY", Align::Right),
-        ("SENT", Align::Right),
-        ("BUDGET", Align::Right),
-    ]);
-    for s in v.as_array().into_iter().flatten() {
-        t.row(vec![
-            str_of(&s["source"]),
-            str_of(&s["provider"]),
-            str_of(&s["day"]),
-            str_of(&s["used"]),
-            s["budget"]
-                .as_u64()
-                .map_or("warm".into(), |b| b.to_string()),
-        ]);
+/// A column of a list: its head, alignment and how a row's cell is written.
+type Column = (&'static str, Align, fn(&Value) -> String);
+
+/// A table with a row per element of the array `v`.
+fn list_table(v: &Value, columns: &[Column]) -> String {
+    let head: Vec<(&str, Align)> = columns.iter().map(|(h, a, _)| (*h, *a)).collect();
+    let mut t = Table::new(&head);
+    for item in v.as_array().into_iter().flatten() {
+        t.row(columns.iter().map(|(_, _, cell)| cell(item)).collect());
     }
     t.render()
 }
 
+fn warmup_table(v: &Value) -> String {
+    list_table(
+        v,
+        &[
+            ("SOURCE", Align::Left, |s| str_of(&s["source"])),
+            ("PROVIDER", Align::Left, |s| str_of(&s["provider"])),
+            ("DAY", Align::Right, |s| str_of(&s["day"])),
+            ("SENT", Align::Right, |s| str_of(&s["used"])),
+            ("BUDGET", Align::Right, |s| {
+                s["budget"]
+                    .as_u64()
+                    .map_or("warm".into(), |b| b.to_string())
+            }),
+        ],
+    )
+}
+
+const ID: Column = ("ID", Align::Left, |s| str_of(&s["id"]));
+const REASON: Column = ("REASON", Align::Left, |s| str_of(&s["reason"]));
+const REMAIN: Column = ("REMAIN", Align::Left, |s| str_of(&s["duration"]));
+const CRITERIA: Column = ("CRITERIA", Align::Left, criteria);
+
 fn suspensions_table(v: &Value) -> String {
-    let mut t = Table::new(&[
-        ("ID", Align::Left),
-        ("REASON", Align::Left),
-        ("REMAIN", Align::Left),
-        ("CRITERIA", Align::Left),
-    ]);
-    for s in v.as_array().into_iter().flatten() {
-        t.row(vec![
-            str_of(&s["id"]),
-            str_of(&s["reason"]),
-            str_of(&s["duration"]),
-            criteria(s),
-        ]);
-    }
-    t.render()
+    list_table(v, &[ID, REASON, REMAIN, CRITERIA])
 }
 
 fn ready_suspensions_table(v: &Value) -> String {
-    let mut t = Table::new(&[
-        ("ID", Align::Left),
-        ("READY QUEUE", Align::Left),
-        ("REASON", Align::Left),
-        ("REMAIN", Align::Left),
-        ("EXPIRES", Align::Left),
-    ]);
-    for s in v.as_array().into_iter().flatten() {
-        t.row(vec![
-            str_of(&s["id"]),
-            str_of(&s["name"]),
-            str_of(&s["reason"]),
-            str_of(&s["duration"]),
-            str_of(&s["expires"]),
-        ]);
-    }
-    t.render()
+    list_table(
+        v,
+        &[
+            ID,
+            ("READY QUEUE", Align::Left, |s| str_of(&s["name"])),
+            REASON,
+            REMAIN,
+            ("EXPIRES", Align::Left, |s| str_of(&s["expires"])),
+        ],
+    )
 }
 
 fn bounces_table(v: &Value) -> String {
-    let mut t = Table::new(&[
-        ("ID", Align::Left),
-        ("REASON", Align::Left),
-        ("REMAIN", Align::Left),
-        ("BOUNCED", Align::Right),
-        ("CRITERIA", Align::Left),
-    ]);
-    for b in v.as_array().into_iter().flatten() {
-        t.row(vec![
-            str_of(&b["id"]),
-            str_of(&b["reason"]),
-            str_of(&b["duration"]),
-            str_of(&b["total_bounced"]),
-            criteria(b),
-        ]);
-    }
-    t.render()
+    list_table(
+        v,
+        &[
+            ID,
+            REASON,
+            REMAIN,
+            ("BOUNCED", Align::Right, |b| str_of(&b["total_bounced"])),
+            CRITERIA,
+        ],
+    )
 }
 
 fn dry_run_table(v: &Value) -> String {

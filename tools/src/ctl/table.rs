@@ -74,13 +74,16 @@ pub fn ago_or_in(at_ms: u64, now_ms: u64) -> String {
     }
 }
 
-/// An effective limit and the configured one: "32" when equal, "4/32" when not.
-pub fn limit_pair(effective: &Value, configured: &Value) -> String {
-    let text = |v: &Value| match v {
+fn text(v: &Value) -> String {
+    match v {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
         other => other.to_string(),
-    };
+    }
+}
+
+/// An effective limit and the configured one: "32" when equal, "4/32" when not.
+pub fn limit_pair(effective: &Value, configured: &Value) -> String {
     if effective == configured {
         text(effective)
     } else {
@@ -90,11 +93,6 @@ pub fn limit_pair(effective: &Value, configured: &Value) -> String {
 
 /// A message rate in effect, with the configured one in brackets when they differ.
 pub fn rate_text(effective: &Value, configured: &Value) -> String {
-    let text = |v: &Value| match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
-    };
     if effective == configured {
         text(effective)
     } else {
