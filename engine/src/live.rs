@@ -5,7 +5,7 @@
 //! number; a shard reads the number (one atomic load per maintainer round) and takes
 //! the lock only when it changed, so the delivery path never waits on it.
 //!
-//! The suspensions and bounces survive a restart: [`Live::save`] writes them to
+//! The suspensions, bounces and rebinds survive a restart: [`Live::save`] writes them to
 //! `<data_dir>/admin.json` (atomically and durably, `gannet_spool::durable`) before
 //! the admin API answers, and [`Live::load_admin`] reads them back at start-up.
 
@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use gannet_core::queue::admin::{AdminBounce, ReadySuspension};
+use gannet_core::queue::admin::{AdminBounce, ReadySuspension, Rebind};
 use gannet_core::shaping::{QueueSelector, ShapingTable, Suspension};
 
 #[derive(Debug)]
@@ -44,6 +44,8 @@ pub struct LiveState {
     /// (suspend_tenant, suspend_campaign); not kept across a restart, as the rules
     /// in force are not.
     pub holds: Vec<gannet_core::adaptive::Hold>,
+    /// The operator's rebinds, kept until no message they apply to can remain.
+    pub rebinds: Vec<Rebind>,
 }
 
 /// An operator's bounce and its tally.
@@ -87,6 +89,8 @@ struct AdminFile {
     ready_suspensions: Vec<ReadySuspension>,
     #[serde(default)]
     bounces: Vec<AdminBounce>,
+    #[serde(default)]
+    rebinds: Vec<Rebind>,
 }
 
 /// The file the operator's suspensions and bounces are kept in.
@@ -119,6 +123,7 @@ impl Live {
                 ready_suspensions: Vec::new(),
                 bounces: Vec::new(),
                 holds: Vec::new(),
+                rebinds: Vec::new(),
             })),
             file: None,
             writing: Mutex::new(()),
@@ -153,6 +158,9 @@ impl Live {
                 .filter(|b| b.expires_unix_ms > now_ms)
                 .map(LiveBounce::new)
                 .collect();
+            state.rebinds = (found.rebinds.into_iter())
+                .filter(|r| r.expires_unix_ms > now_ms)
+                .collect();
         });
         self.file = Some(file);
         Ok(self)
@@ -181,6 +189,10 @@ impl Live {
             bounces: (state.bounces.iter())
                 .filter(|b| b.bounce.expires_unix_ms > now)
                 .map(|b| b.bounce.clone())
+                .collect(),
+            rebinds: (state.rebinds.iter())
+                .filter(|r| r.expires_unix_ms > now)
+                .cloned()
                 .collect(),
         };
         let bytes = serde_json::to_vec_pretty(&kept).map_err(std::io::Error::other)?;

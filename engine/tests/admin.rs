@@ -513,3 +513,106 @@ fn kcli_requests_and_answers_keep_kumomta_s_shapes() {
     assert!(humantime::parse_rfc3339(&found.message.due.unwrap()).is_ok());
     assert_eq!(found.message.num_attempts, Some(0));
 }
+
+/// A rebind moves the queued messages of a scheduled queue to another pool — also
+/// after a restart, for the messages recovered from the spool — and leaves the
+/// messages received after it on theirs.
+#[test]
+fn a_rebind_moves_queued_mail_to_another_pool_and_outlives_a_restart() {
+    let sink = sink();
+    let (smtp, http) = (free_port(), free_port());
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[server]\nhostname = \"gannet.test\"\ndata_dir = \"{}\"\nshards = 2\n\
+         [smtp]\nlisten = [\"127.0.0.1:{smtp}\"]\n\
+         [http]\nlisten = [\"127.0.0.1:{http}\"]\n{}\
+         [delivery]\nretry_interval_secs = 1\ntls = \"disabled\"\n\
+         routes = {{ \"r.test\" = [\"127.0.0.1:{}\"] }}\n\
+         sources = {{ a = {{ source_ip = \"127.0.0.1\" }}, b = {{ source_ip = \"127.0.0.2\" }} }}\n\
+         pools = {{ first = [{{ source = \"a\" }}], second = [{{ source = \"b\" }}] }}\n",
+        dir.path().join("data").display(),
+        admin_key_config(),
+        sink.port
+    );
+    let mut daemon = Daemon::start_in(dir, &config);
+    let (status, held) = post(&daemon, SUSPEND, r#"{"domain":"r.test","reason":"hold"}"#);
+    assert_eq!(status, 200, "{held}");
+    let pooled = "X-Gannet-Pool: first\r\nSubject: p\r\n\r\nx\r\n.\r\n";
+    let old = inject(&daemon, &["old@r.test"], pooled);
+    wait_events(&daemon, "the message held", |e| {
+        !of(e, "delayed", "old@r.test").is_empty()
+    });
+
+    // Bad requests first: precise errors, nothing made.
+    let bad: [Case; 4] = [
+        (
+            "POST",
+            Some((
+                "application/json",
+                r#"{"reason":"r","data":{"pool":"nope"}}"#,
+            )),
+            400,
+            "pool `nope`",
+        ),
+        (
+            "POST",
+            Some(("application/json", r#"{"reason":"r","data":{"ip":"x"}}"#)),
+            400,
+            "data.ip",
+        ),
+        (
+            "POST",
+            Some((
+                "application/json",
+                r#"{"reason":"r","data":{"pool":"second"},"trigger_rebind_event":true}"#,
+            )),
+            400,
+            "Lua",
+        ),
+        (
+            "POST",
+            Some(("application/json", r#"{"reason":"r"}"#)),
+            400,
+            "data",
+        ),
+    ];
+    refused(&daemon, "/api/admin/rebind/v1", &bad);
+    let (status, made) = post(
+        &daemon,
+        "/api/admin/rebind/v1",
+        r#"{"domain":"r.test","reason":"move","data":{"pool":"second"},"suppress_logging":false}"#,
+    );
+    assert_eq!(status, 200, "{made}");
+    wait_events(&daemon, "the rebind event", |e| {
+        (e.iter()).any(|e| {
+            e["type"] == "admin_rebind" && e["message_id"] == old.as_str() && e["pool"] == "second"
+        })
+    });
+    // Received after the rebind: stays on its pool.
+    inject(&daemon, &["new@r.test"], pooled);
+
+    // Restart on the same ports: the recovered message is rebound again.
+    daemon.stop();
+    let dir = std::mem::replace(&mut daemon.dir, tempfile::tempdir().unwrap());
+    daemon = Daemon::start_in(dir, &config);
+    assert_eq!((daemon.smtp.port(), daemon.http.port()), (smtp, http));
+    let body = format!("{{\"id\":\"{}\"}}", held["id"].as_str().unwrap());
+    let (status, text) = curl(
+        &daemon,
+        "DELETE",
+        SUSPEND,
+        Some(("application/json", &body)),
+    );
+    assert_eq!(status, 200, "{text}");
+    let events = wait_events(&daemon, "both delivered", |e| {
+        !of(e, "delivery", "old@r.test").is_empty() && !of(e, "delivery", "new@r.test").is_empty()
+    });
+    assert_eq!(
+        of(&events, "delivery", "old@r.test")[0]["egress_source"],
+        "b"
+    );
+    assert_eq!(
+        of(&events, "delivery", "new@r.test")[0]["egress_source"],
+        "a"
+    );
+}

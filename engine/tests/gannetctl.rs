@@ -152,6 +152,21 @@ fn every_verb_answers_in_tables_and_json() {
         ok(&daemon, &["retry", "--domain", "b.test", "--reason", "now"]).trim(),
         "1"
     );
+    let rebind = printed_id(&ok(
+        &daemon,
+        &[
+            "rebind", "--domain", "b.test", "--reason", "move", "--pool", "default",
+        ],
+    ));
+    assert_eq!(rebind.len(), 36, "{rebind}");
+    let err = ctl(
+        &daemon,
+        &[
+            "rebind", "--domain", "b.test", "--reason", "m", "--pool", "nope",
+        ],
+    )
+    .unwrap_err();
+    assert!(err.contains("pool `nope`"), "{err}");
 
     // Errors say what is wrong.
     let err = ctl(&daemon, &["bounce", "--reason", "oops"]).unwrap_err();

@@ -14,7 +14,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 
 use serde::Serialize;
 
-use super::{Part, Queues, ReadyQueue, list, queue_name};
+use super::{Message, Part, Queues, ReadyQueue, list, queue_name};
 use crate::config::automation::ActionName;
 use crate::config::shaping::Rate;
 use crate::shaping::{QueueName, QueueSelector, Shaping};
@@ -122,6 +122,54 @@ pub struct AdminBounce {
 impl AdminBounce {
     pub fn bounces(&self, queue: &QueueName<'_>, now_ms: u64) -> bool {
         now_ms < self.expires_unix_ms && self.queues.selects(queue)
+    }
+}
+
+/// An operator's rebind (KumoMTA's `/api/admin/rebind/v1`): the messages of the
+/// selected scheduled queues received before it was made send through another
+/// egress pool from their next attempt. Kept (in `admin.json`) until no message it
+/// applies to can remain, so that messages recovered after a restart are rebound
+/// again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Rebind {
+    pub id: String,
+    #[serde(flatten)]
+    pub queues: QueueSelector,
+    pub pool: String,
+    pub reason: String,
+    /// Messages received before this (unix ms) are rebound.
+    pub created_unix_ms: u64,
+    /// Make every rebound part due now (not only those whose pool changed).
+    #[serde(default)]
+    pub always_flush: bool,
+    /// No AdminRebind event per message rebound.
+    #[serde(default)]
+    pub suppress_logging: bool,
+    /// When no message it applies to can be left (created + max_age).
+    pub expires_unix_ms: u64,
+}
+
+impl Rebind {
+    /// Rebinds `message` if it is one of this rebind's (received before it, with a
+    /// part in a selected queue): sets its pool; true when the pool changed.
+    pub fn apply<'a>(
+        &self,
+        message: &mut Message,
+        mut domains: impl Iterator<Item = &'a str>,
+    ) -> Option<bool> {
+        if message.received_ms >= self.created_unix_ms {
+            return None;
+        }
+        let selected = domains.any(|d| self.queues.selects(&queue_name(message, d)));
+        if !selected {
+            return None;
+        }
+        let changed = message.meta("pool") != Some(self.pool.as_str());
+        if changed {
+            message.meta.retain(|(k, _)| k != "pool");
+            message.meta.push(("pool".to_string(), self.pool.clone()));
+        }
+        Some(changed)
     }
 }
 
@@ -297,6 +345,55 @@ impl Queues {
             out.extend(taken);
         }
         out
+    }
+
+    /// Applies `rebind` to the messages of this shard's queued parts: their pool is
+    /// set, and the parts of a message whose pool changed (every rebound part with
+    /// `always_flush`) are made due now — out of the scheduled queue, the held list
+    /// and the ready queues — to be placed again with a source of the new pool.
+    /// Returns the messages rebound. Parts handed to another shard keep their
+    /// attempt; their message is rebound for the next.
+    pub fn rebind(&mut self, rebind: &Rebind, now_ms: u64) -> Vec<crate::id::MessageId> {
+        let mut rebound = std::collections::HashSet::new();
+        let mut flush = std::collections::HashSet::new();
+        self.for_each_part(|part, _| {
+            let mut m = part.message.borrow_mut();
+            let id = m.id;
+            if rebound.contains(&id) {
+                return;
+            }
+            let domain: &str = &part.domain;
+            if let Some(changed) = rebind.apply(&mut m, std::iter::once(domain)) {
+                rebound.insert(id);
+                if changed || rebind.always_flush {
+                    flush.insert(id);
+                }
+            }
+        });
+        if !flush.is_empty() {
+            let selects = |part: &Part| flush.contains(&part.message.borrow().id);
+            let parts = self.scheduled.drain_where(selects);
+            for mut part in parts {
+                self.counts.remove(&part, Place::Waiting);
+                part.due_ms = now_ms;
+                part.message
+                    .borrow_mut()
+                    .set_part_due(&part.domain, Some(now_ms));
+                self.due.push(part);
+            }
+            // Held parts stay held: the suspension decides when they go.
+            for q in self.ready.values_mut() {
+                let (taken, kept): (Vec<Part>, Vec<Part>) =
+                    std::mem::take(&mut q.parts).into_iter().partition(selects);
+                q.parts = kept.into();
+                for mut part in taken {
+                    part.site = None;
+                    part.egress = None;
+                    self.due.push(part);
+                }
+            }
+        }
+        rebound.into_iter().collect()
     }
 
     /// Takes the parts of this shard's messages out of the ready queues for which
@@ -590,6 +687,56 @@ mod tests {
         let part = q.due.pop().unwrap();
         assert!(q.admin_bounce(&part, 999).is_some());
         assert!(q.admin_bounce(&part, 1000).is_none(), "expired");
+    }
+
+    /// A rebind sets the pool of the messages it selects that were received before
+    /// it, and makes their parts due now to be placed again.
+    #[test]
+    fn a_rebind_moves_older_messages_to_another_pool() {
+        let mut q = Queues::new(10, Arc::new(ShapingTable::new(&Default::default())));
+        let mut routes = std::collections::BTreeMap::new();
+        routes.insert("*".to_string(), vec!["127.0.0.1:25".parse().unwrap()]);
+        let routes = Routes::new(&routes);
+        let old = message(1, Some("acme"), &["x@a.test"]);
+        let young = message(500, Some("acme"), &["y@a.test"]);
+        let other = message(2, Some("zeta"), &["z@a.test"]);
+        let mut waiting = split(&old, 0).remove(0);
+        waiting.due_ms = 900;
+        q.schedule(waiting);
+        let mut ready = split(&young, 0).remove(0);
+        ready.site = routes.site(&ready.domain);
+        q.push_ready(ready).unwrap();
+        let mut z = split(&other, 0).remove(0);
+        z.due_ms = 900;
+        q.schedule(z);
+        let rebind = Rebind {
+            id: "r".into(),
+            queues: QueueSelector {
+                tenant: Some("acme".into()),
+                ..QueueSelector::default()
+            },
+            pool: "warm".into(),
+            reason: "move".into(),
+            created_unix_ms: 100,
+            always_flush: false,
+            suppress_logging: false,
+            expires_unix_ms: 10_000,
+        };
+        let rebound = q.rebind(&rebind, 50);
+        assert_eq!(rebound, [old.borrow().id]);
+        assert_eq!(old.borrow().meta("pool"), Some("warm"));
+        assert_eq!(
+            young.borrow().meta("pool"),
+            None,
+            "received after the rebind"
+        );
+        assert_eq!(other.borrow().meta("pool"), None, "another tenant");
+        assert_eq!(q.due.len(), 1, "its part is due now");
+        assert_eq!(q.due[0].due_ms, 50);
+        assert_eq!(counts(&q), [("zeta@a.test".to_string(), 1, 0)]);
+        // Again: rebound, but its pool is the same: nothing moves.
+        assert_eq!(q.rebind(&rebind, 60), [old.borrow().id]);
+        assert_eq!((q.due.len(), q.due[0].due_ms), (1, 50));
     }
 
     /// An operator's suspension of a ready queue holds its connections until it is

@@ -12,10 +12,11 @@
 //! | `/api/admin/queue-summary/v1` | GET | totals, per shard |
 //! | `/api/admin/inspect-message/v1` | GET | one message by id |
 //! | `/api/admin/warmup/v1` | GET | IP warm-up standings of each source |
+//! | `/api/admin/rebind/v1` | POST | move queued messages to another pool ([`rebind`]) |
 //!
 //! Verbs that change something change the live settings (`crate::live`), which
 //! every shard's maintainer applies within a round (each is woken through its
-//! inbox); suspensions and bounces are written to `admin.json` before the answer,
+//! inbox); suspensions, bounces and rebinds are written to `admin.json` before the answer,
 //! so that they outlive a restart. Questions about the queues go to every shard
 //! through the mesh ([`crate::notes::Ask`]) and are answered from counts the queues
 //! keep, so listing often does not slow delivery.
@@ -23,6 +24,7 @@
 pub mod bounce;
 pub mod queues;
 pub mod ready;
+pub mod rebind;
 pub mod suspend;
 
 use std::fmt::Write as _;
@@ -57,6 +59,7 @@ pub const PATHS: &[&str] = &[
     queues::SUMMARY,
     queues::INSPECT_MESSAGE,
     queues::WARMUP,
+    rebind::PATH,
 ];
 
 /// Answers a request to one of [`PATHS`] (authorized by the caller). `json`: the
@@ -93,6 +96,7 @@ pub async fn handle(
         (Method::GET, queues::SUMMARY) => queues::summary(shard).await,
         (Method::GET, queues::INSPECT_MESSAGE) => queues::inspect_message(shard, query).await,
         (Method::GET, queues::WARMUP) => queues::warmup(shard),
+        (Method::POST, rebind::PATH) => rebind::rebind(shard, body).await,
         _ => error(
             405,
             "invalid HTTP method",

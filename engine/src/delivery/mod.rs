@@ -64,6 +64,10 @@ pub struct Dispatcher {
     swept: RefCell<std::collections::HashSet<String>>,
     /// Response rules' holds on tenants and campaigns (from the live settings).
     holds: RefCell<Vec<gannet_core::adaptive::Hold>>,
+    /// The operator's rebinds (applied to recovered messages as they are queued),
+    /// and the ids of those this shard has applied to its queues.
+    rebinds: RefCell<Vec<gannet_core::queue::admin::Rebind>>,
+    rebound: RefCell<std::collections::HashSet<String>>,
     resolver: crate::dns::Resolver,
     /// Connections waiting idle for their queue's next part, and the bound.
     idle_connections: Cell<usize>,
@@ -186,6 +190,13 @@ impl Dispatcher {
             bounces: RefCell::new(Vec::new()),
             swept: RefCell::new(std::collections::HashSet::new()),
             holds: RefCell::new(Vec::new()),
+            // Rebinds from admin.json: recovered messages meet them in `enqueue`.
+            rebinds: RefCell::new(shard.shared.live.snapshot().rebinds.clone()),
+            rebound: RefCell::new(
+                (shard.shared.live.snapshot().rebinds.iter())
+                    .map(|r| r.id.clone())
+                    .collect(),
+            ),
             resolver: crate::dns::Resolver::new(
                 config
                     .dns_server()
@@ -246,7 +257,18 @@ impl Dispatcher {
     }
 
     /// Queues a message (just received, or recovered) for delivery at `due_ms`.
-    pub fn enqueue(&self, message: Message, due_ms: u64) {
+    pub fn enqueue(&self, mut message: Message, due_ms: u64) {
+        for rebind in self.rebinds.borrow().iter() {
+            // Only messages received before a rebind (recovered at start-up) can be
+            // its; their domains are copied once (apply changes the message).
+            if message.received_ms >= rebind.created_unix_ms {
+                continue;
+            }
+            let domains: Vec<String> = (message.recipients.iter())
+                .map(|r| r.rsplit_once('@').map_or("", |(_, d)| d).to_string())
+                .collect();
+            rebind.apply(&mut message, domains.iter().map(String::as_str));
+        }
         let message = Rc::new(RefCell::new(message));
         let parts = queue::split(&message, due_ms);
         if parts.is_empty() {
@@ -312,6 +334,36 @@ impl Dispatcher {
                 })
             });
             taken_by_holds.extend(parts.into_iter().map(|p| (p, hold.clone())));
+        }
+        // A rebind new to this shard moves the messages its queues hold now.
+        *self.rebinds.borrow_mut() = state.rebinds.clone();
+        {
+            let mut rebound = self.rebound.borrow_mut();
+            rebound.retain(|id| state.rebinds.iter().any(|r| &r.id == id));
+            for rebind in &state.rebinds {
+                if !rebound.insert(rebind.id.clone()) {
+                    continue;
+                }
+                let ids = queues.rebind(rebind, now);
+                tracing::info!(
+                    shard = self.shard.id,
+                    id = rebind.id,
+                    messages = ids.len(),
+                    pool = rebind.pool,
+                    "an operator's rebind moved queued messages"
+                );
+                if !rebind.suppress_logging {
+                    for id in ids {
+                        self.shard.event(&crate::events::Event::AdminRebind {
+                            timestamp_ms: now,
+                            shard: self.shard.id,
+                            message_id: id.to_string(),
+                            pool: &rebind.pool,
+                            reason: &rebind.reason,
+                        });
+                    }
+                }
+            }
         }
         // A bounce new to this shard takes what its queues hold now; what comes due
         // later, or back from another shard, meets it on its way.

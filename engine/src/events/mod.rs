@@ -98,6 +98,15 @@ pub enum Event<'a> {
     /// A recipient was bounced by an operator's bounce (the admin API), not by a
     /// reply: KumoMTA's AdminBounce.
     AdminBounce(Outcome<'a>),
+    /// An operator's rebind moved a queued message to another egress pool (the
+    /// admin API): KumoMTA's AdminRebind.
+    AdminRebind {
+        timestamp_ms: u64,
+        shard: u16,
+        message_id: String,
+        pool: &'a str,
+        reason: &'a str,
+    },
     /// A recipient was still undelivered at max_age and is given up.
     Expiration(Outcome<'a>),
     /// A recipient's attempt was put off without being tried (its ready queue was

@@ -1,6 +1,6 @@
 //! `gannetctl`, the operator's command line over gannetd's admin API: every verb
 //! (queues, summary, inspect, suspend, suspend-ready-q, bounce with a dry run,
-//! retry, and their lists and cancels), human tables by default and the server's
+//! rebind, retry, warmup, and their lists and cancels), human tables by default and the server's
 //! JSON with `--json`, and `top` ([`top`]), a live terminal view.
 
 pub mod table;
@@ -163,6 +163,25 @@ pub enum Command {
     BounceCancel {
         #[arg(long)]
         id: String,
+    },
+    /// Move the queued messages of scheduled queues to another egress pool.
+    Rebind {
+        #[command(flatten)]
+        selector: Selector,
+        #[arg(long)]
+        reason: String,
+        /// The pool to send them through from their next attempt.
+        #[arg(long)]
+        pool: String,
+        /// Make every rebound message due now (else only those whose pool changed).
+        #[arg(long)]
+        always_flush: bool,
+        /// No AdminRebind event per message.
+        #[arg(long)]
+        suppress_logging: bool,
+        /// Every scheduled queue (required when nothing is selected).
+        #[arg(long)]
+        everything: bool,
     },
     /// Make the parts of scheduled queues due now (postqueue -f).
     Retry {
@@ -377,6 +396,23 @@ pub fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<()> {
         Command::BounceCancel { id } => {
             client.request("DELETE", "/api/admin/bounce/v1", Some(&json!({ "id": id })))?;
             writeln!(out, "OK")?;
+        }
+        Command::Rebind {
+            selector,
+            reason,
+            pool,
+            always_flush,
+            suppress_logging,
+            everything,
+        } => {
+            require_selection(&selector, everything)?;
+            let mut body = selector.into_json();
+            body.insert("reason".into(), reason.into());
+            body.insert("data".into(), json!({ "pool": pool }));
+            body.insert("always_flush".into(), always_flush.into());
+            body.insert("suppress_logging".into(), suppress_logging.into());
+            let v = client.request("POST", "/api/admin/rebind/v1", Some(&body.into()))?;
+            print(out, &v, id_line)?;
         }
         Command::Retry { selector, reason } => {
             let mut body = selector.into_json();
