@@ -1,7 +1,7 @@
 //! The IP warm-up budgets of the whole process (`gannet_core::warmup`), shared by
 //! every shard, and their file: today's counts are written to
-//! `<data_dir>/warmup.json` (atomically and durably) a few seconds after they
-//! change and when gannetd stops, and read back at start-up, so that a restart
+//! `<data_dir>/warmup.json` (atomically and durably) by shard 0's periodic round
+//! (every 100 ms to 500 ms) when they changed, and when gannetd stops, and read back at start-up, so that a restart
 //! does not hand a provider a new day's budget. A crash loses at most the counts
 //! since the last write.
 
