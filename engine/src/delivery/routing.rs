@@ -127,6 +127,11 @@ async fn resolve_site(resolver: &crate::dns::Resolver, domain: &str, port: u16) 
 pub(super) fn place(d: &Dispatcher, mut part: Part, now: u64) {
     let shard = &d.shard;
     let site = part.site.clone().expect("placed parts have a site");
+    // A part that was waiting for its site when an operator's bounce was made.
+    if let Some(bounce) = d.admin_bounce(&part, now) {
+        super::settling::admin_bounce(d, part, &bounce);
+        return;
+    }
     if let Some(hold) = d.hold_for(&part, &site, now) {
         held_by_rule(d, part, &hold, now);
         return;
