@@ -59,6 +59,13 @@ pub enum Question {
     Message { id: MessageId, body: bool },
     /// What a bounce of these scheduled queues would take (a dry run).
     Count(QueueSelector),
+    /// The messages of one scheduled queue (at most `limit`, with their bodies
+    /// when `body`), and how many parts it has.
+    SchedQueue {
+        name: String,
+        limit: usize,
+        body: bool,
+    },
 }
 
 /// A question for every shard and where their answers gather.

@@ -146,6 +146,20 @@ fn operators_list_inspect_bounce_and_suspend_and_it_outlives_a_restart() {
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("not a message id"), "{text}");
 
+    // One scheduled queue, as KumoMTA's inspect-sched-q shows it.
+    let q = get(
+        &daemon,
+        "/api/admin/inspect-sched-q/v1?queue_name=acme%40b.test&limit=1",
+    );
+    assert_eq!(q["queue_name"], "acme@b.test");
+    assert_eq!(q["num_scheduled"], 2, "{q:#}");
+    assert_eq!(q["messages"].as_array().unwrap().len(), 1, "limit 1");
+    assert_eq!(q["messages"][0]["message"]["meta"]["tenant"], "acme");
+    assert_eq!(q["delayed_metric"], 0);
+    let (status, text) = curl(&daemon, "GET", "/api/admin/inspect-sched-q/v1", None);
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("queue_name"), "{text}");
+
     // A dry run counts what a bounce would take and takes nothing.
     let (status, dry) = post(
         &daemon,
@@ -395,6 +409,17 @@ mod kcli {
     }
 
     #[derive(Debug, Deserialize)]
+    pub struct InspectQueueV1Response {
+        pub queue_name: String,
+        pub messages: Vec<InspectMessageV1Response>,
+        pub num_scheduled: usize,
+        pub queue_config: serde_json::Value,
+        pub delayed_metric: usize,
+        pub now: String,
+        pub last_changed: String,
+    }
+
+    #[derive(Debug, Deserialize)]
     pub struct MessageInformation {
         pub sender: String,
         pub recipient: Vec<String>,
@@ -512,6 +537,21 @@ fn kcli_requests_and_answers_keep_kumomta_s_shapes() {
     assert!(found.message.data.unwrap().contains("Subject: kcli"));
     assert!(humantime::parse_rfc3339(&found.message.due.unwrap()).is_ok());
     assert_eq!(found.message.num_attempts, Some(0));
+    let queue: kcli::InspectQueueV1Response = serde_json::from_str(&read(
+        "/api/admin/inspect-sched-q/v1?queue_name=k.test&want_body=true&limit=5",
+    ))
+    .unwrap();
+    assert_eq!(
+        (queue.queue_name.as_str(), queue.num_scheduled),
+        ("k.test", 1)
+    );
+    assert_eq!(queue.messages[0].id, id);
+    assert!(queue.messages[0].message.data.is_some());
+    assert!(queue.queue_config.is_object());
+    assert_eq!(queue.delayed_metric, 0);
+    for time in [&queue.now, &queue.last_changed] {
+        assert!(humantime::parse_rfc3339(time).is_ok(), "{time}");
+    }
 }
 
 /// A rebind moves the queued messages of a scheduled queue to another pool — also

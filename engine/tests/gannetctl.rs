@@ -87,6 +87,12 @@ fn every_verb_answers_in_tables_and_json() {
     assert!(inspected.contains("meta.tenant  acme"), "{inspected}");
     assert!(inspected.contains("scheduled"), "{inspected}");
     assert!(inspected.contains("Subject: later"), "{inspected}");
+    let queue = ok(&daemon, &["inspect-queue", "acme@b.test"]);
+    assert!(
+        queue.contains("acme@b.test: 1 parts scheduled (0 held)"),
+        "{queue}"
+    );
+    assert!(queue.contains(&id), "{queue}");
 
     // Suspensions of scheduled and ready queues: define, list, cancel.
     let s = printed_id(&ok(

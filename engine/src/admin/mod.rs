@@ -11,6 +11,7 @@
 //! | `/api/admin/queues/v1` | GET | every scheduled and ready queue ([`queues`]) |
 //! | `/api/admin/queue-summary/v1` | GET | totals, per shard |
 //! | `/api/admin/inspect-message/v1` | GET | one message by id |
+//! | `/api/admin/inspect-sched-q/v1` | GET | one scheduled queue's messages |
 //! | `/api/admin/warmup/v1` | GET | IP warm-up standings of each source |
 //! | `/api/admin/rebind/v1` | POST | move queued messages to another pool ([`rebind`]) |
 //!
@@ -59,6 +60,7 @@ pub const PATHS: &[&str] = &[
     queues::SUMMARY,
     queues::INSPECT_MESSAGE,
     queues::WARMUP,
+    queues::INSPECT_SCHED_Q,
     rebind::PATH,
 ];
 
@@ -96,6 +98,7 @@ pub async fn handle(
         (Method::GET, queues::SUMMARY) => queues::summary(shard).await,
         (Method::GET, queues::INSPECT_MESSAGE) => queues::inspect_message(shard, query).await,
         (Method::GET, queues::WARMUP) => queues::warmup(shard),
+        (Method::GET, queues::INSPECT_SCHED_Q) => queues::inspect_sched_q(shard, query).await,
         (Method::POST, rebind::PATH) => rebind::rebind(shard, body).await,
         _ => error(
             405,

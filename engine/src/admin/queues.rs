@@ -17,6 +17,7 @@ pub const QUEUES: &str = "/api/admin/queues/v1";
 pub const SUMMARY: &str = "/api/admin/queue-summary/v1";
 pub const INSPECT_MESSAGE: &str = "/api/admin/inspect-message/v1";
 pub const WARMUP: &str = "/api/admin/warmup/v1";
+pub const INSPECT_SCHED_Q: &str = "/api/admin/inspect-sched-q/v1";
 
 fn flag(query: &str, name: &str) -> Result<bool, Reply> {
     match query_value(query, name).as_deref() {
@@ -257,4 +258,64 @@ pub fn warmup(shard: &Shard) -> Reply {
         200,
         serde_json::to_string(&standings).unwrap_or_else(|_| "[]".into()),
     )
+}
+
+/// GET `?queue_name=<campaign:tenant@domain>[&limit=N][&want_body=true]`: one
+/// scheduled queue in KumoMTA's inspect-sched-q shape — its messages (at most
+/// `limit`, as inspect-message shows them), `num_scheduled` (its parts on every
+/// shard), `delayed_metric` (those held by a suspension), `queue_config` (the retry
+/// schedule), `now`, and `last_changed` (when its newest message was received).
+pub async fn inspect_sched_q(shard: &Shard, query: &str) -> Reply {
+    let Some(name) = query_value(query, "queue_name").filter(|n| !n.trim().is_empty()) else {
+        return error(
+            400,
+            "invalid query",
+            "queue_name: the scheduled queue is required",
+        );
+    };
+    let limit = match query_value(query, "limit").map(|l| l.parse::<usize>()) {
+        None => usize::MAX,
+        Some(Ok(l)) => l,
+        Some(Err(_)) => return error(400, "invalid query", "limit: must be a whole number"),
+    };
+    let body = match flag(query, "want_body") {
+        Ok(b) => b,
+        Err(reply) => return reply,
+    };
+    let question = Question::SchedQueue {
+        name: name.clone(),
+        limit,
+        body,
+    };
+    let answers = match ask(shard, question).await {
+        Ok(a) => a,
+        Err(reply) => return reply,
+    };
+    let (mut parts, mut held, mut newest) = (0, 0, 0);
+    let mut messages = Vec::new();
+    for (_, mut answer) in answers {
+        parts += answer["parts"].as_u64().unwrap_or(0);
+        held += answer["held"].as_u64().unwrap_or(0);
+        newest = newest.max(answer["newest_ms"].as_u64().unwrap_or(0));
+        if let Value::Array(found) = answer["messages"].take() {
+            messages.extend(found);
+        }
+    }
+    messages.truncate(limit);
+    let now = gannet_core::clock::unix_ms();
+    let d = &shard.shared.config.delivery;
+    let body = json!({
+        "queue_name": name,
+        "messages": messages,
+        "num_scheduled": parts,
+        "queue_config": {
+            "retry_interval": format!("{}s", d.retry_interval_secs.get()),
+            "max_retry_interval": format!("{}s", d.max_retry_interval_secs.get()),
+            "max_age": format!("{}s", d.max_age_secs.get()),
+        },
+        "delayed_metric": held,
+        "now": gannet_core::clock::rfc3339(now),
+        "last_changed": gannet_core::clock::rfc3339(if newest > 0 { newest } else { now }),
+    });
+    (200, body.to_string())
 }

@@ -23,6 +23,7 @@ pub fn answer(d: &Dispatcher, question: &Question) -> Value {
             value
         }
         Question::Message { id, body } => message(d, *id, *body, now),
+        Question::SchedQueue { name, limit, body } => sched_queue(d, name, *limit, *body, now),
         Question::Count(selector) => {
             let mut tally = d.queues.borrow().count_selected(selector);
             // Parts handed to another shard are this shard's to settle: counted here.
@@ -36,6 +37,39 @@ pub fn answer(d: &Dispatcher, question: &Question) -> Value {
             count(&tally)
         }
     }
+}
+
+/// One scheduled queue on this shard: its parts counted (held ones apart), the
+/// messages of the first `limit` as [`message`] shows them, and when the newest was
+/// received.
+fn sched_queue(d: &Dispatcher, name: &str, limit: usize, body: bool, now: u64) -> Value {
+    let selector = gannet_core::shaping::QueueSelector {
+        queue_names: vec![name.to_string()],
+        ..Default::default()
+    };
+    let (mut parts, mut held, mut newest) = (0u64, 0u64, 0u64);
+    let mut ids: Vec<MessageId> = Vec::new();
+    let mut visit = |part: &Part, state: &str| {
+        let m = part.message.borrow();
+        if !selector.selects(&queue_name(&m, &part.domain)) {
+            return;
+        }
+        parts += 1;
+        held += u64::from(state == "held");
+        newest = newest.max(m.received_ms);
+        if ids.len() < limit && !ids.contains(&m.id) {
+            ids.push(m.id);
+        }
+    };
+    d.queues.borrow().for_each_part(|p, w| visit(p, w));
+    for part in d.handed.borrow().values() {
+        visit(part, "handed");
+    }
+    let messages: Vec<Value> = (ids.into_iter())
+        .map(|id| message(d, id, body, now))
+        .filter(|m| !m.is_null())
+        .collect();
+    json!({ "parts": parts, "held": held, "newest_ms": newest, "messages": messages })
 }
 
 fn count(tally: &Tally) -> Value {

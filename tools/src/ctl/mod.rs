@@ -103,6 +103,16 @@ pub enum Command {
         #[arg(long)]
         body: bool,
     },
+    /// One scheduled queue's messages (`campaign:tenant@domain`).
+    InspectQueue {
+        name: String,
+        /// At most this many messages.
+        #[arg(long, default_value_t = 5)]
+        limit: usize,
+        /// Their bodies too (with --json).
+        #[arg(long)]
+        body: bool,
+    },
     /// Suspend scheduled queues: their mail waits until resumed or expired.
     Suspend {
         #[command(flatten)]
@@ -321,6 +331,14 @@ pub fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<()> {
             let v = client.request("GET", &path, None)?;
             print(out, &v, message_text)?;
         }
+        Command::InspectQueue { name, limit, body } => {
+            let path = format!(
+                "/api/admin/inspect-sched-q/v1?queue_name={}&limit={limit}&want_body={body}",
+                percent_encode(&name)
+            );
+            let v = client.request("GET", &path, None)?;
+            print(out, &v, sched_queue_table)?;
+        }
         Command::Suspend {
             selector,
             reason,
@@ -445,6 +463,47 @@ fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A query parameter's value with everything but unreserved characters
+/// percent-encoded.
+fn percent_encode(text: &str) -> String {
+    let mut out = String::new();
+    for b in text.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn sched_queue_table(v: &Value) -> String {
+    let rows = list_table(
+        &v["messages"],
+        &[
+            ("MESSAGE", Align::Left, |m| str_of(&m["id"])),
+            ("SENDER", Align::Left, |m| str_of(&m["message"]["sender"])),
+            ("RECIPIENTS", Align::Left, |m| {
+                (m["message"]["recipient"].as_array().into_iter().flatten())
+                    .map(str_of)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            }),
+            ("ATTEMPTS", Align::Right, |m| {
+                str_of(&m["message"]["num_attempts"])
+            }),
+            ("DUE", Align::Left, |m| str_of(&m["message"]["due"])),
+            ("SHARD", Align::Right, |m| str_of(&m["shard"])),
+        ],
+    );
+    format!(
+        "{}: {} parts scheduled ({} held)\n{rows}",
+        str_of(&v["queue_name"]),
+        str_of(&v["num_scheduled"]),
+        str_of(&v["delayed_metric"])
+    )
 }
 
 fn id_line(v: &Value) -> String {
