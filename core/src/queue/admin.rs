@@ -282,6 +282,15 @@ pub fn ready_queue_name(name: &str) -> &str {
     name.trim().trim_end_matches("@smtp_client")
 }
 
+/// The suspension of `suspensions` in force on ready queue `key` at `now_ms`.
+pub(super) fn ready_suspension<'a>(
+    suspensions: &'a [ReadySuspension],
+    key: &str,
+    now_ms: u64,
+) -> Option<&'a ReadySuspension> {
+    (suspensions.iter()).find(|s| s.name == key && s.expires_unix_ms > now_ms)
+}
+
 impl Queues {
     /// Replaces the operator's ready-queue suspensions; every ready queue with parts
     /// is looked at again (one lifted may open connections now).
@@ -296,7 +305,7 @@ impl Queues {
 
     /// The operator's suspension of ready queue `key` in force at `now_ms`.
     pub fn ready_suspension(&self, key: &str, now_ms: u64) -> Option<&ReadySuspension> {
-        (self.ready_suspensions.iter()).find(|s| s.name == key && s.expires_unix_ms > now_ms)
+        ready_suspension(&self.ready_suspensions, key, now_ms)
     }
 
     /// Replaces the operator's bounces in force.
@@ -322,10 +331,7 @@ impl Queues {
             let m = part.message.borrow();
             selector.selects(&queue_name(&m, &part.domain))
         };
-        let mut out = self.scheduled.drain_where(selects);
-        for part in &out {
-            self.counts.remove(part, Place::Waiting);
-        }
+        let mut out = self.take_waiting_where(selects);
         let (held, kept): (Vec<Part>, Vec<Part>) = std::mem::take(&mut self.held)
             .into_iter()
             .partition(selects);
@@ -338,12 +344,7 @@ impl Queues {
             std::mem::take(&mut self.due).into_iter().partition(selects);
         self.due = kept;
         out.extend(due);
-        for q in self.ready.values_mut() {
-            let (taken, kept): (Vec<Part>, Vec<Part>) =
-                std::mem::take(&mut q.parts).into_iter().partition(selects);
-            q.parts = kept.into();
-            out.extend(taken);
-        }
+        out.extend(self.take_ready_where(selects));
         out
     }
 
@@ -372,25 +373,13 @@ impl Queues {
         });
         if !flush.is_empty() {
             let selects = |part: &Part| flush.contains(&part.message.borrow().id);
-            let parts = self.scheduled.drain_where(selects);
-            for mut part in parts {
-                self.counts.remove(&part, Place::Waiting);
-                part.due_ms = now_ms;
-                part.message
-                    .borrow_mut()
-                    .set_part_due(&part.domain, Some(now_ms));
-                self.due.push(part);
-            }
+            let parts = self.take_waiting_where(selects);
+            self.due_now(parts, now_ms);
             // Held parts stay held: the suspension decides when they go.
-            for q in self.ready.values_mut() {
-                let (taken, kept): (Vec<Part>, Vec<Part>) =
-                    std::mem::take(&mut q.parts).into_iter().partition(selects);
-                q.parts = kept.into();
-                for mut part in taken {
-                    part.site = None;
-                    part.egress = None;
-                    self.due.push(part);
-                }
+            for mut part in self.take_ready_where(selects) {
+                part.site = None;
+                part.egress = None;
+                self.due.push(part);
             }
         }
         rebound.into_iter().collect()

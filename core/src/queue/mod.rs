@@ -458,20 +458,33 @@ impl Queues {
     /// suspension stay held. Returns how many. A scan of the whole scheduled queue:
     /// an operator's verb, not a delivery path.
     pub fn retry_now(&mut self, selector: &QueueSelector, now_ms: u64) -> usize {
-        let parts = self.scheduled.drain_where(|part| {
+        let parts = self.take_waiting_where(|part| {
             let m = part.message.borrow();
             selector.selects(&queue_name(&m, &part.domain))
         });
         let count = parts.len();
+        self.due_now(parts, now_ms);
+        count
+    }
+
+    /// Takes the parts for which `take` is true out of the timer wheel.
+    fn take_waiting_where(&mut self, take: impl FnMut(&Part) -> bool) -> Vec<Part> {
+        let parts = self.scheduled.drain_where(take);
+        for part in &parts {
+            self.counts.remove(part, admin::Place::Waiting);
+        }
+        parts
+    }
+
+    /// Makes `parts` due at `now_ms`.
+    fn due_now(&mut self, parts: Vec<Part>, now_ms: u64) {
         for mut part in parts {
-            self.counts.remove(&part, admin::Place::Waiting);
             part.due_ms = now_ms;
             part.message
                 .borrow_mut()
                 .set_part_due(&part.domain, Some(now_ms));
             self.due.push(part);
         }
-        count
     }
 
     /// The suspension holding a part's scheduled queue, if any.
@@ -582,15 +595,15 @@ impl Queues {
                 continue;
             };
             // An operator's suspension of the queue, or a response rule's.
-            let suspended = (self.ready_suspensions.iter())
-                .filter(|s| s.name == key && s.expires_unix_ms > now_ms)
-                .map(|s| s.expires_unix_ms)
-                .chain(
-                    q.adaptive
-                        .action_until(&self.shaping.rules, ActionName::Suspend),
-                )
-                .filter(|until| *until > now_ms)
-                .max();
+            let suspended = (admin::ready_suspension(&self.ready_suspensions, &key, now_ms)
+                .into_iter())
+            .map(|s| s.expires_unix_ms)
+            .chain(
+                q.adaptive
+                    .action_until(&self.shaping.rules, ActionName::Suspend),
+            )
+            .filter(|until| *until > now_ms)
+            .max();
             let waiting = if q.is_empty() {
                 false
             } else if let Some(until) = suspended {

@@ -164,6 +164,7 @@ impl Dispatcher {
         pools
             .entry("default".into())
             .or_insert_with(|| vec![(sources["default"].clone(), 1)]);
+        let rebinds = shard.shared.live.snapshot().rebinds.clone();
         Dispatcher {
             sources,
             pools,
@@ -191,12 +192,8 @@ impl Dispatcher {
             swept: RefCell::new(std::collections::HashSet::new()),
             holds: RefCell::new(Vec::new()),
             // Rebinds from admin.json: recovered messages meet them in `enqueue`.
-            rebinds: RefCell::new(shard.shared.live.snapshot().rebinds.clone()),
-            rebound: RefCell::new(
-                (shard.shared.live.snapshot().rebinds.iter())
-                    .map(|r| r.id.clone())
-                    .collect(),
-            ),
+            rebound: RefCell::new(rebinds.iter().map(|r| r.id.clone()).collect()),
+            rebinds: RefCell::new(rebinds),
             resolver: crate::dns::Resolver::new(
                 config
                     .dns_server()
