@@ -222,13 +222,19 @@ impl Jobs {
         // alone; any other refusal is the spool's state (full, unhealthy) and fails
         // the chunk, whose records appended so far are tombstoned so that trying the
         // chunk again cannot queue them twice.
+        // Each injection event is recorded as its message is appended, before the
+        // message can reach its segment (the spool's write barrier writes the events
+        // first), so a crash cannot leave a recoverable message without its
+        // injection. A chunk the spool then refuses leaves injection events for the
+        // messages it tombstones.
         let mut batch = Vec::with_capacity(rendered.len());
         let mut tickets = Vec::with_capacity(rendered.len());
         for (i, record, subject) in rendered {
             match self.shard.spool.append_message(&record) {
                 Ok(ticket) => {
+                    self.injected(job, &record, &subject);
                     tickets.push(ticket);
-                    batch.push((record, subject));
+                    batch.push(record);
                 }
                 Err(err @ SpoolError::RecordTooLarge { .. }) => {
                     let reason = format!("the generated message cannot be spooled: {err}");
@@ -236,7 +242,7 @@ impl Jobs {
                     failures.push((i, reason));
                 }
                 Err(err) => {
-                    for (record, _) in &batch {
+                    for record in &batch {
                         let _ = self.shard.spool.append_tombstone(record.id);
                     }
                     return Err(err);
@@ -249,10 +255,9 @@ impl Jobs {
             self.shard.spool.durable(ticket).await?;
         }
         let generated = batch.len();
-        let bytes: usize = batch.iter().map(|(r, _)| r.body.len()).sum();
+        let bytes: usize = batch.iter().map(|r| r.body.len()).sum();
         ShardMetrics::add(&self.shard.metrics.http_message_bytes_total, bytes as u64);
-        for (record, subject) in batch {
-            self.injected(job, &record, &subject);
+        for record in batch {
             let due = record.due_unix_ms;
             self.delivery.enqueue_spooled(record, due);
         }

@@ -46,7 +46,7 @@ mod testing {
 
     use super::ShardServices;
     use crate::delivery::tls::ClientTls;
-    use crate::events::EventLog;
+    use crate::events::{EventFiles, Limits};
     use crate::io::Shutdown;
     use crate::metrics::ShardMetrics;
     use crate::policy::rules::RulesPolicy;
@@ -104,7 +104,17 @@ mod testing {
                 metrics: shared.metrics[0].clone(),
                 shared,
                 spool,
-                events: RefCell::new(EventLog::open(events_dir, 1 << 20, 1).unwrap()),
+                events: Arc::new(
+                    EventFiles::open(
+                        events_dir,
+                        Limits {
+                            file_bytes_max: 1 << 20,
+                            files_kept: 1,
+                            unshipped_bytes_max: u64::MAX,
+                        },
+                    )
+                    .unwrap(),
+                ),
                 shutdown: Shutdown::default(),
                 http_in_flight: Default::default(),
                 dkim: RefCell::new(dkim),

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
 use gannet_spool::Spool;
 
-use crate::events::{Event, EventLog};
+use crate::events::{Event, EventFiles};
 use crate::io::Shutdown;
 use crate::metrics::ShardMetrics;
 use crate::policy::Policy;
@@ -131,7 +131,9 @@ pub struct Shard {
     pub id: u16,
     pub shared: Arc<Shared>,
     pub spool: Spool<ShardStorage>,
-    pub events: RefCell<EventLog>,
+    /// The event log (shared with the spool's writer thread, which writes it out
+    /// before each write of records, and with the hose, which reads it).
+    pub events: Arc<EventFiles>,
     pub metrics: Arc<ShardMetrics>,
     pub shutdown: Shutdown,
     /// Sessions running on this shard (shutdown waits for them).
@@ -192,7 +194,7 @@ impl Shard {
     }
 
     pub fn event(&self, event: &Event<'_>) {
-        self.events.borrow_mut().record(event);
+        self.events.record(event);
     }
 
     pub fn config(&self) -> &Config {

@@ -181,6 +181,23 @@ pub struct Segment {
     /// The first failed write of this segment: every later write and sync of it fails
     /// too (the spool seals the segment when its sync fails).
     write_error: RefCell<Option<String>>,
+    /// Run before every write of records to the file (see [`WriteBarrier`]).
+    barrier: std::cell::OnceCell<WriteBarrier>,
+}
+
+/// What must reach the page cache before any record appended after it: the spool's
+/// owner writes out its own buffered data here (the engine: the events recorded so far,
+/// so that an event is in its log before the tombstone or update that follows it, and
+/// a `kill -9` cannot leave the spool ahead of the event log). Called on the thread
+/// that writes the records — the spool's writer thread, or the shard's own for an
+/// inline write — right before the write.
+#[derive(Clone)]
+pub struct WriteBarrier(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for WriteBarrier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriteBarrier")
+    }
 }
 
 impl Segment {
@@ -236,6 +253,18 @@ impl Segment {
             inline_writes: Cell::new(0),
             flushed: Cell::new(frontier),
             write_error: RefCell::new(None),
+            barrier: std::cell::OnceCell::new(),
+        }
+    }
+
+    /// Sets what runs before every write of this segment's records (once).
+    pub(crate) fn set_barrier(&self, barrier: WriteBarrier) {
+        let _ = self.barrier.set(barrier);
+    }
+
+    fn run_barrier(&self) {
+        if let Some(barrier) = self.barrier.get() {
+            (barrier.0)();
         }
     }
 
@@ -369,6 +398,7 @@ impl Segment {
         let rewrite = (in_flight.as_ref()).is_some_and(|out| self.flushed.get() < out.at + out.len);
         if pending > 0 || rewrite {
             self.inline_writes.set(self.inline_writes.get() + 1);
+            self.run_barrier();
         }
         if let Some(out) = &*in_flight
             && self.flushed.get() < out.at + out.len
@@ -467,6 +497,7 @@ impl Segment {
             buf,
             at,
             len,
+            barrier: self.barrier.get().cloned(),
         })
     }
 
@@ -537,11 +568,15 @@ pub(crate) struct WriteJob {
     buf: Arc<Vec<u8>>,
     at: usize,
     len: usize,
+    barrier: Option<WriteBarrier>,
 }
 
 impl WriteJob {
-    /// Writes the bytes (blocking; run it off the executor).
+    /// Runs the barrier, then writes the bytes (blocking; run it off the executor).
     pub(crate) fn run(self) -> io::Result<()> {
+        if let Some(barrier) = &self.barrier {
+            (barrier.0)();
+        }
         self.file
             .write_all_at(&self.buf[..self.len], self.at as u64)
     }

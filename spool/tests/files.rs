@@ -191,6 +191,86 @@ fn stages_are_written_by_the_writer_thread() {
     });
 }
 
+/// The write barrier runs before every write of records, on the thread that writes
+/// them: whatever the owner buffered before an append (the engine's events) reaches
+/// the page cache before the record does.
+#[test]
+fn the_write_barrier_runs_before_every_write_of_records() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    // The owner's "events": how many records it announced before appending them.
+    let announced = Arc::new(AtomicUsize::new(0));
+    // What each barrier call saw: (thread name, announced, ids found in the file).
+    let calls: Arc<Mutex<Vec<(String, usize, usize)>>> = Arc::default();
+    let ids: Arc<Mutex<Vec<MessageId>>> = Arc::default();
+    let barrier = {
+        let (announced, calls, ids, path) =
+            (announced.clone(), calls.clone(), ids.clone(), path.clone());
+        gannet_spool::segment::WriteBarrier(Arc::new(move || {
+            let seen = announced.load(Ordering::SeqCst);
+            let mut file = Vec::new();
+            for entry in std::fs::read_dir(&path).unwrap() {
+                file.extend(std::fs::read(entry.unwrap().path()).unwrap());
+            }
+            let ids = ids.lock().unwrap().clone();
+            let in_file = ids
+                .iter()
+                .filter(|id| memchr_find(&file, format!("{id} line 00000000").as_bytes()))
+                .count();
+            let thread = std::thread::current().name().unwrap_or("").to_string();
+            calls.lock().unwrap().push((thread, seen, in_file));
+        }))
+    };
+    let config = move || SpoolConfig {
+        segment_bytes: 16 << 20,
+        write_barrier: Some(barrier.clone()),
+        ..config()
+    };
+    let stats = common::run({
+        let (path, announced, ids) = (path.clone(), announced.clone(), ids.clone());
+        move || async move {
+            let (spool, _) = Spool::open(FileStorage::open_dir(&path).unwrap(), config()).unwrap();
+            let mut last = None;
+            for _ in 0..64 {
+                let msg = common::message(spool.next_id(), 40 << 10, 1);
+                ids.lock().unwrap().push(msg.id);
+                announced.fetch_add(1, Ordering::SeqCst);
+                last = Some(spool.append_message(&msg).unwrap());
+                let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+                while spool.stats().stage_writes_in_flight > 0
+                    && std::time::Instant::now() < deadline
+                {
+                    glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                }
+            }
+            common::start(&spool);
+            spool.durable(last.unwrap()).await.unwrap();
+            let stats = spool.stats();
+            spool.close().await;
+            stats
+        }
+    });
+    let calls = calls.lock().unwrap().clone();
+    assert_eq!(
+        calls.len() as u64,
+        stats.stage_writes + stats.stage_writes_inline,
+        "{calls:?}"
+    );
+    assert!(calls.len() >= 3, "{calls:?}");
+    // Each write carried only records announced before its barrier ran: at every
+    // barrier, the file holds no more records than were announced at the one before.
+    for pair in calls.windows(2) {
+        assert!(pair[1].2 <= pair[0].1, "{calls:?}");
+    }
+    assert!(calls.iter().all(|c| c.0 == "gannet-spool-2"), "{calls:?}");
+}
+
+fn memchr_find(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
 #[test]
 fn disk_use_follows_the_live_set_despite_long_lived_messages() {
     let dir = tempfile::tempdir().unwrap();

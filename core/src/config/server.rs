@@ -56,6 +56,9 @@ impl Default for SpoolSection {
 pub struct EventsConfig {
     pub file_bytes_max: Bounded<4096, { 1 << 40 }>,
     pub files_kept: Bounded<0, 100_000>,
+    /// Event files the hose has not shipped yet are kept up to this many bytes per
+    /// shard; past it the oldest go (and are counted as lost).
+    pub unshipped_bytes_max: Bounded<{ 1 << 20 }, { 1 << 50 }>,
 }
 
 impl Default for EventsConfig {
@@ -63,6 +66,7 @@ impl Default for EventsConfig {
         EventsConfig {
             file_bytes_max: Bounded(64 << 20),
             files_kept: Bounded(8),
+            unshipped_bytes_max: Bounded(32 << 30),
         }
     }
 }

@@ -1,17 +1,18 @@
 //! Events: every disposition of a message is a record in its shard's event log.
 //!
 //! Each shard appends JSON lines to `<data_dir>/events/<shard>/events.jsonl` through
-//! its own buffer (no sharing between shards) and rotates the file by size, keeping a
-//! bounded number of old files (`events.<unix_ms>.jsonl`). The buffer is written out
-//! by [`flush`], which the shard calls on a short timer and at shutdown: the write
-//! and any rotation (rename, open, directory listing, removals) run on glommio's
-//! blocking thread, so a slow file system never stalls the shard, and events recorded
-//! meanwhile go to a second buffer. Events never travel through the mail queues.
+//! its own buffer (no sharing between shards) and rotates the file by size ([`log`]:
+//! positions, rotation, retention, reading). The buffer is written before every
+//! write of spool records (the spool's write barrier) and by [`flush`], which the
+//! shard calls on a short timer and at shutdown, on glommio's blocking thread; so a
+//! slow file system never stalls the shard. Events never travel through the mail
+//! queues; the hose (`crate::hose`) ships them from the files.
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::path::{Path, PathBuf};
+pub mod log;
 
+use std::sync::Arc;
+
+pub use log::{EventFiles, Limits};
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -225,177 +226,25 @@ pub struct Outcome<'a> {
     pub rcpt_tags: Option<&'a RawValue>,
 }
 
-/// A shard's event log: the buffer events are recorded into, and the file writer
-/// (away on the blocking thread while a flush runs).
-#[derive(Debug)]
-pub struct EventLog {
-    /// `None` while a flush has it on the blocking thread.
-    writer: Option<Writer>,
-    /// Serialised events not yet written.
-    buffer: Vec<u8>,
-    /// The buffer a finished flush handed back, reused by the next (no allocation per
-    /// flush once both have grown).
-    spare: Vec<u8>,
-    /// Events lost because serialising or writing failed (reported as a metric).
-    pub dropped: u64,
-}
-
-/// The event log's file and its rotation. Plain blocking file I/O: it runs on
-/// glommio's blocking thread (see [`flush`]), or in tests.
-#[derive(Debug)]
-struct Writer {
-    dir: PathBuf,
-    file: File,
-    /// Bytes in the current file.
-    file_bytes: u64,
-    file_bytes_max: u64,
-    files_kept: usize,
-}
-
-const CURRENT: &str = "events.jsonl";
-
-impl EventLog {
-    pub fn open(dir: &Path, file_bytes_max: u64, files_kept: usize) -> std::io::Result<EventLog> {
-        std::fs::create_dir_all(dir)?;
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(CURRENT))?;
-        let file_bytes = file.metadata()?.len();
-        let writer = Writer {
-            dir: dir.to_path_buf(),
-            file,
-            file_bytes,
-            file_bytes_max,
-            files_kept,
-        };
-        Ok(EventLog {
-            writer: Some(writer),
-            buffer: Vec::with_capacity(64 << 10),
-            spare: Vec::with_capacity(64 << 10),
-            dropped: 0,
-        })
-    }
-
-    /// Adds an event to the buffer.
-    pub fn record(&mut self, event: &Event<'_>) {
-        let before = self.buffer.len();
-        if serde_json::to_writer(&mut self.buffer, event).is_err() {
-            self.buffer.truncate(before);
-            self.dropped += 1;
-            return;
-        }
-        self.buffer.push(b'\n');
-    }
-
-    /// The writer and the events to write, when there are some and no flush is
-    /// running; recording continues into the spare buffer.
-    fn take_batch(&mut self) -> Option<(Writer, Vec<u8>)> {
-        if self.buffer.is_empty() {
-            return None;
-        }
-        let writer = self.writer.take()?;
-        let batch = std::mem::replace(&mut self.buffer, std::mem::take(&mut self.spare));
-        Some((writer, batch))
-    }
-
-    /// Takes back the writer and the written (or lost) batch's buffer.
-    fn put_back(&mut self, writer: Writer, mut batch: Vec<u8>, lost: u64) {
-        self.writer = Some(writer);
-        self.dropped += lost;
-        batch.clear();
-        self.spare = batch;
-    }
-
-    /// Writes the buffer out here and now (blocking; for tests and tools).
-    pub fn flush_blocking(&mut self) {
-        if let Some((mut writer, batch)) = self.take_batch() {
-            let lost = writer.write(&batch);
-            self.put_back(writer, batch, lost);
-        }
-    }
-}
-
-/// Writes `log`'s buffer out on glommio's blocking thread, rotating first when the
-/// file would pass its size bound. This is a buffered `write` into the page cache;
-/// event logs are not fsynced (the spool is the durable record of a message, events
-/// are its history). Does nothing while another flush of the same log runs.
-pub async fn flush(log: &std::cell::RefCell<EventLog>) -> bool {
-    let Some((mut writer, batch)) = log.borrow_mut().take_batch() else {
+/// Writes `log`'s pending events on glommio's blocking thread (the shard's periodic
+/// round); true when there were some. See [`log`] for who else writes them and why.
+/// Every few seconds it also deletes the rotated files no longer needed.
+pub async fn flush(log: &Arc<EventFiles>) -> bool {
+    let pending = log.has_pending();
+    let prune = log.prune_due(gannet_core::clock::unix_ms());
+    if !pending && !prune {
         return false;
-    };
-    let (writer, batch, lost) = glommio::executor()
+    }
+    let log = log.clone();
+    glommio::executor()
         .spawn_blocking(move || {
-            let lost = writer.write(&batch);
-            (writer, batch, lost)
+            log.write_pending();
+            if prune && let Err(err) = log.prune() {
+                tracing::warn!(dir = %log.dir().display(), "pruning the event log: {err}");
+            }
         })
         .await;
-    log.borrow_mut().put_back(writer, batch, lost);
-    true
-}
-
-impl Writer {
-    /// Writes `batch`, rotating first when the file would pass its size bound; the
-    /// number of events lost.
-    fn write(&mut self, batch: &[u8]) -> u64 {
-        if self.file_bytes > 0
-            && self.file_bytes + batch.len() as u64 > self.file_bytes_max
-            && let Err(err) = self.rotate()
-        {
-            tracing::warn!(dir = %self.dir.display(), "event log rotation failed: {err}");
-        }
-        match self.file.write_all(batch) {
-            Ok(()) => {
-                self.file_bytes += batch.len() as u64;
-                0
-            }
-            Err(err) => {
-                let lost = batch.iter().filter(|b| **b == b'\n').count() as u64;
-                tracing::warn!(dir = %self.dir.display(), lost, "event log write failed: {err}");
-                lost
-            }
-        }
-    }
-
-    fn rotate(&mut self) -> std::io::Result<()> {
-        let now = gannet_core::clock::unix_ms();
-        let mut rotated = self.dir.join(format!("events.{now}.jsonl"));
-        let mut n = 0;
-        while rotated.exists() {
-            n += 1;
-            rotated = self.dir.join(format!("events.{now}-{n}.jsonl"));
-        }
-        std::fs::rename(self.dir.join(CURRENT), &rotated)?;
-        self.file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.dir.join(CURRENT))?;
-        self.file_bytes = 0;
-        let mut old: Vec<PathBuf> = std::fs::read_dir(&self.dir)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| n.starts_with("events.") && n != CURRENT)
-            })
-            .collect();
-        old.sort_by_key(|p| rotated_stamp(p));
-        while old.len() > self.files_kept {
-            std::fs::remove_file(old.remove(0))?;
-        }
-        Ok(())
-    }
-}
-
-/// (unix_ms, n) of `events.<unix_ms>[-n].jsonl`, for ordering rotated files.
-fn rotated_stamp(path: &Path) -> (u64, u64) {
-    let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-    let stem = name
-        .strip_prefix("events.")
-        .and_then(|s| s.strip_suffix(".jsonl"))
-        .unwrap_or("");
-    let (ms, n) = stem.split_once('-').unwrap_or((stem, "0"));
-    (ms.parse().unwrap_or(0), n.parse().unwrap_or(0))
+    pending
 }
 
 #[cfg(test)]
@@ -414,24 +263,77 @@ mod tests {
         }
     }
 
-    #[test]
-    fn writes_json_lines_and_rotates_by_size() {
-        let dir = tempfile::tempdir().unwrap();
-        let mut log = EventLog::open(dir.path(), 4096, 2).unwrap();
-        let reply = "x".repeat(1000);
-        for _ in 0..20 {
-            log.record(&rejection(&reply));
-            log.flush_blocking();
+    fn limits(file_bytes_max: u64, files_kept: usize) -> Limits {
+        Limits {
+            file_bytes_max,
+            files_kept,
+            unshipped_bytes_max: u64::MAX,
         }
-        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+    }
+
+    fn names(dir: &std::path::Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         names.sort();
+        names
+    }
+
+    /// Reads every line from `lsn` to the end, across rotations.
+    fn read_all(log: &EventFiles, mut lsn: u64) -> (Vec<String>, u64) {
+        let mut lines = Vec::new();
+        let mut buf = Vec::new();
+        loop {
+            let mut open = match log.open_at(lsn).unwrap() {
+                log::At::File(open) => open,
+                log::At::Gap(next) => {
+                    lsn = next;
+                    continue;
+                }
+            };
+            loop {
+                let more = open.read_lines(log, &mut buf, 3000).unwrap();
+                lines.extend(
+                    std::str::from_utf8(&buf)
+                        .unwrap()
+                        .lines()
+                        .map(str::to_string),
+                );
+                if !more {
+                    break;
+                }
+                if buf.is_empty() {
+                    return (lines, open.pos);
+                }
+            }
+            lsn = open.pos;
+        }
+    }
+
+    #[test]
+    fn writes_json_lines_rotates_by_size_and_reads_back_by_position() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventFiles::open(dir.path(), limits(4096, 2)).unwrap();
+        let reply = "x".repeat(1000);
+        // A reader opened at the start of the current file before it rotates.
+        let mut early = match log.open_at(0).unwrap() {
+            log::At::File(open) => open,
+            log::At::Gap(_) => panic!("nothing deleted yet"),
+        };
+        for i in 0..20 {
+            log.record(&rejection(&format!("{i} {reply}")));
+            log.write_pending();
+            log.prune().unwrap();
+        }
+        let names = names(dir.path());
         assert_eq!(names.len(), 3, "current + 2 kept: {names:?}");
-        for name in names {
-            let text = std::fs::read_to_string(dir.path().join(&name)).unwrap();
+        assert!(names[0].len() == "events..jsonl".len() + 20, "{names:?}");
+        let mut total = 0;
+        for name in &names {
+            let text = std::fs::read_to_string(dir.path().join(name)).unwrap();
             assert!(text.len() <= 4096 + 1100, "{name}: {}", text.len());
+            total += text.len() as u64;
             for line in text.lines() {
                 let v: serde_json::Value = serde_json::from_str(line).unwrap();
                 assert_eq!(v["type"], "policy_rejection");
@@ -439,6 +341,100 @@ mod tests {
                 assert!(v.get("rcpt_to").is_none());
             }
         }
+        // The first kept file starts where the deleted ones ended.
+        let first: u64 = names[0][7..27].parse().unwrap();
+        assert_eq!(first + total, log.end());
+        // Reading from a deleted position skips to the first kept one; reading
+        // from there gets every kept line in order.
+        let (lines, end) = read_all(&log, 0);
+        assert_eq!(end, log.end());
+        let numbers: Vec<u64> = lines
+            .iter()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v["reply"]
+                    .as_str()
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap()
+            })
+            .collect();
+        assert_eq!(
+            numbers,
+            ((20 - numbers.len() as u64)..20).collect::<Vec<_>>()
+        );
+        // The early reader finishes its (now rotated and deleted) file from its
+        // open descriptor, then says so.
+        let mut buf = Vec::new();
+        assert!(early.read_lines(&log, &mut buf, 1 << 20).unwrap());
+        assert!(buf.starts_with(b"{\"type\":\"policy_rejection\""));
+        assert!(!early.read_lines(&log, &mut buf, 1 << 20).unwrap());
+        // A restart continues the positions.
+        drop(log);
+        let log = EventFiles::open(dir.path(), limits(4096, 2)).unwrap();
+        assert_eq!(log.end(), first + total);
+    }
+
+    #[test]
+    fn unshipped_files_are_kept_until_shipped_or_over_their_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bounds = limits(2048, 1);
+        bounds.unshipped_bytes_max = 12_000;
+        let log = EventFiles::open(dir.path(), bounds).unwrap();
+        log.set_shipped(0);
+        let reply = "y".repeat(1000);
+        for _ in 0..8 {
+            log.record(&rejection(&reply));
+            log.write_pending();
+            log.prune().unwrap();
+        }
+        // Nothing shipped: every file is kept (8 KiB is under the bound).
+        assert_eq!(names(dir.path()).len(), 8);
+        assert_eq!(log.pruned_unshipped(), 0);
+        // Shipped up to the fourth file: the first three go (one is kept beyond).
+        let starts: Vec<u64> = names(dir.path())[..7]
+            .iter()
+            .map(|n| n[7..27].parse().unwrap())
+            .collect();
+        log.set_shipped(starts[3]);
+        log.prune().unwrap();
+        assert_eq!(names(dir.path()).len(), 5);
+        // Past the bound, unshipped files go too, and are counted.
+        for _ in 0..10 {
+            log.record(&rejection(&reply));
+            log.write_pending();
+            log.prune().unwrap();
+        }
+        let on_disk: u64 = names(dir.path())
+            .iter()
+            .map(|n| std::fs::metadata(dir.path().join(n)).unwrap().len())
+            .sum();
+        assert!(on_disk <= 12_000 + 2100, "{on_disk}");
+        assert!(log.pruned_unshipped() > 0);
+    }
+
+    #[test]
+    fn a_torn_last_line_is_cut_back_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = EventFiles::open(dir.path(), limits(1 << 20, 2)).unwrap();
+        log.record(&rejection("whole"));
+        log.write_pending();
+        let whole = log.end();
+        drop(log);
+        let path = dir.path().join("events.jsonl");
+        let mut text = std::fs::read(&path).unwrap();
+        text.extend_from_slice(b"{\"type\":\"deliv");
+        std::fs::write(&path, &text).unwrap();
+        let log = EventFiles::open(dir.path(), limits(1 << 20, 2)).unwrap();
+        assert_eq!(log.end(), whole);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), whole);
+        log.record(&rejection("next"));
+        log.write_pending();
+        let (lines, _) = read_all(&log, 0);
+        assert_eq!(lines.len(), 2);
     }
 
     #[test]
@@ -447,28 +443,19 @@ mod tests {
         let path = dir.path().to_path_buf();
         glommio::LocalExecutorBuilder::default()
             .spawn(move || async move {
-                let log = std::rc::Rc::new(std::cell::RefCell::new(
-                    EventLog::open(&path, 1 << 20, 2).unwrap(),
-                ));
+                let log = Arc::new(EventFiles::open(&path, limits(1 << 20, 2)).unwrap());
                 for _ in 0..3 {
-                    log.borrow_mut().record(&rejection("first"));
+                    log.record(&rejection("first"));
                 }
                 let flushing = glommio::spawn_local({
                     let log = log.clone();
                     async move { flush(&log).await }
                 });
-                // Let the first flush take its batch to the blocking thread.
                 glommio::executor().yield_now().await;
-                assert!(log.borrow().writer.is_none(), "the flush is away");
-                // Meanwhile events go to the other buffer, and a second flush waits its
-                // turn (does nothing).
-                log.borrow_mut().record(&rejection("second"));
-                flush(&log).await;
+                log.record(&rejection("second"));
                 flushing.await;
-                let text = std::fs::read_to_string(path.join(CURRENT)).unwrap();
-                assert_eq!(text.lines().count(), 3);
                 flush(&log).await;
-                let text = std::fs::read_to_string(path.join(CURRENT)).unwrap();
+                let text = std::fs::read_to_string(path.join("events.jsonl")).unwrap();
                 let replies: Vec<String> = text
                     .lines()
                     .map(|l| {
@@ -479,7 +466,7 @@ mod tests {
                     replies,
                     ["\"first\"", "\"first\"", "\"first\"", "\"second\""]
                 );
-                assert_eq!(log.borrow().dropped, 0);
+                assert_eq!(log.dropped(), 0);
             })
             .unwrap()
             .join()

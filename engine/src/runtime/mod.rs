@@ -21,7 +21,7 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::delivery::tls::ClientTls;
-use crate::events::EventLog;
+use crate::events::EventFiles;
 use crate::io;
 use crate::metrics::ShardMetrics;
 use crate::policy::rules::RulesPolicy;
@@ -503,13 +503,18 @@ async fn shard_main(start: ShardStart) -> Result<()> {
     } = start;
     let config = &shared.config;
     let data_dir = &config.server.data_dir;
-    let (spool, mut recovered) = open_spool(id, &data_dir.join("spool"), config)?;
-    let events = EventLog::open(
-        &data_dir.join("events").join(id.to_string()),
-        config.events.file_bytes_max.get(),
-        config.events.files_kept.usize(),
-    )
-    .with_context(|| format!("shard {id}: opening the event log"))?;
+    let events = Arc::new(
+        EventFiles::open(
+            &data_dir.join("events").join(id.to_string()),
+            crate::events::Limits {
+                file_bytes_max: config.events.file_bytes_max.get(),
+                files_kept: config.events.files_kept.usize(),
+                unshipped_bytes_max: config.events.unshipped_bytes_max.get(),
+            },
+        )
+        .with_context(|| format!("shard {id}: opening the event log"))?,
+    );
+    let (spool, mut recovered) = open_spool(id, &data_dir.join("spool"), config, &events)?;
     glommio::spawn_local(spool.clone().run_committer()).detach();
     glommio::spawn_local(spool.clone().run_maintenance()).detach();
     // The spools of shards beyond server.shards (the count was lowered) are adopted
@@ -525,7 +530,7 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         metrics: shared.metrics[usize::from(id)].clone(),
         shared: shared.clone(),
         spool,
-        events: std::cell::RefCell::new(events),
+        events,
         shutdown: io::Shutdown::default(),
         sessions_active: std::cell::Cell::new(0),
         http_in_flight: std::cell::Cell::new(0),
@@ -683,7 +688,7 @@ async fn periodic_round(shard: &Shard) -> Round {
     let flushed = crate::events::flush(&shard.events).await;
     let metrics = &shard.metrics;
     let set = |to: &std::sync::atomic::AtomicU64, value: u64| to.store(value, Ordering::Relaxed);
-    set(&metrics.events_dropped_total, shard.events.borrow().dropped);
+    set(&metrics.events_dropped_total, shard.events.dropped());
     let spool = shard.spool.stats();
     metrics.spool_sync.store(&spool.sync_latency);
     set(&metrics.spool_records_total, spool.appends);
@@ -736,6 +741,7 @@ fn open_spool(
     id: u16,
     spool_dir: &Path,
     config: &Config,
+    events: &Arc<EventFiles>,
 ) -> Result<(Spool<ShardStorage>, gannet_spool::Recovered)> {
     let dir: PathBuf = spool_dir.join(id.to_string());
     let storage = FileStorage::open_dir(&dir).with_context(|| format!("shard {id}"))?;
@@ -745,6 +751,11 @@ fn open_spool(
         commit_gather_max_us: config.spool.commit_gather_max_us.get(),
         // A message plus its envelope must fit one record.
         record_bytes_max: config.smtp.message_bytes_max.usize() * 2 + (1 << 20),
+        // The event log is written before every write of spool records.
+        write_barrier: Some(gannet_spool::segment::WriteBarrier({
+            let events = events.clone();
+            Arc::new(move || events.write_pending())
+        })),
         ..SpoolConfig::for_shard(id)
     };
     let (spool, recovered) = Spool::open(ShardStorage::File(storage), spool_config)

@@ -86,6 +86,10 @@ pub struct SpoolConfig {
     pub maintenance_interval_ms: u64,
     /// After a failed sync, how long the committer waits before probing the disk again.
     pub sync_retry_interval_ms: u64,
+    /// Runs before every write of records into a segment file (the engine writes its
+    /// event log there, so that no record reaches the file ahead of an event recorded
+    /// before it).
+    pub write_barrier: Option<crate::segment::WriteBarrier>,
 }
 
 impl SpoolConfig {
@@ -114,6 +118,7 @@ impl Default for SpoolConfig {
             commit_syncs_in_flight_max: 4,
             maintenance_interval_ms: 250,
             sync_retry_interval_ms: 100,
+            write_barrier: None,
         }
     }
 }
@@ -593,6 +598,18 @@ impl<S: Storage + 'static> Spool<S> {
     /// Appends a record and waits until it is durable, first waiting while too many
     /// bytes are unsynced. This is what the engine calls before it says 250.
     pub async fn write(&self, record: Record<'_>) -> Result<(), SpoolError> {
+        self.write_and(record, || {}).await
+    }
+
+    /// [`Spool::write`], calling `appended` once the record is appended and before
+    /// it can reach the file (it is only staged in memory then): with the write
+    /// barrier, what `appended` buffers is written before the record is (the engine
+    /// records a message's reception event here). Not called if the append fails.
+    pub async fn write_and(
+        &self,
+        record: Record<'_>,
+        appended: impl FnOnce(),
+    ) -> Result<(), SpoolError> {
         while self.inner.commit.unsynced_bytes.get() > self.inner.config.unsynced_bytes_max {
             let open = Ticket {
                 epoch: self.inner.commit.open_epoch.get(),
@@ -601,6 +618,7 @@ impl<S: Storage + 'static> Spool<S> {
             let _ = self.durable(open).await;
         }
         let ticket = self.append(record)?;
+        appended();
         self.durable(ticket).await
     }
 
@@ -760,6 +778,9 @@ impl<S: Storage + 'static> Spool<S> {
             .max((SEGMENT_HEADER_BYTES + room).next_multiple_of(4096));
         let seq = state.next_seq;
         let segment = inner.storage.create(seq, inner.config.shard, len)?;
+        if let Some(barrier) = &inner.config.write_barrier {
+            segment.set_barrier(barrier.clone());
+        }
         if let Some(old) = state.active.and_then(|a| state.segments.get(&a)) {
             // Its staged records are written by the sync of their epoch, which covers
             // this segment (and reports a write error).

@@ -687,7 +687,36 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
         body: prepared,
     };
     let spooling = std::time::Instant::now();
-    match shard.spool.write(Record::Message(&record)).await {
+    // The reception event is recorded once the message is appended, before its
+    // durability is awaited: the spool's write barrier then puts it in the event log
+    // before the message reaches its segment, so a crash cannot leave a recoverable
+    // (and later delivered) message without its reception. A sync that fails after
+    // this leaves a reception event for a message the client was told 451 about.
+    let reception = || {
+        shard.event(&Event::Reception {
+            timestamp_ms: now_ms,
+            message_id: id_text.clone(),
+            shard: shard.id,
+            sender: &tx.sender.text,
+            rcpt_to: &tx.recipients,
+            msg_size: size,
+            peer: s.peer.to_string(),
+            helo: client.helo.unwrap_or(""),
+            protocol,
+            tls: s.tls.as_deref(),
+            auth_user: s.auth_user.as_deref(),
+            tenant: lifted.tenant.as_deref(),
+            campaign_id: lifted.campaign.as_deref(),
+            ip_pool: &pool,
+            queue: &queue,
+            subject: lifted.subject.as_deref(),
+        })
+    };
+    match shard
+        .spool
+        .write_and(Record::Message(&record), reception)
+        .await
+    {
         Ok(()) => shard.metrics.smtp_accept_durable.record(spooling.elapsed()),
         Err(err) => {
             ShardMetrics::add(&shard.metrics.smtp_spool_failures_total, 1);
@@ -710,24 +739,6 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
         tx.recipients.len() as u64,
     );
     ShardMetrics::add(&metrics.smtp_message_bytes_total, size as u64);
-    shard.event(&Event::Reception {
-        timestamp_ms: now_ms,
-        message_id: id_text.clone(),
-        shard: shard.id,
-        sender: &tx.sender.text,
-        rcpt_to: &tx.recipients,
-        msg_size: size,
-        peer: s.peer.to_string(),
-        helo: client.helo.unwrap_or(""),
-        protocol,
-        tls: s.tls.as_deref(),
-        auth_user: s.auth_user.as_deref(),
-        tenant: lifted.tenant.as_deref(),
-        campaign_id: lifted.campaign.as_deref(),
-        ip_pool: &pool,
-        queue: &queue,
-        subject: lifted.subject.as_deref(),
-    });
     Reply::new(250, "2.0.0", format!("OK queued as {id_text}"))
 }
 
