@@ -68,6 +68,24 @@ mod testing {
             let mut config = Config::default();
             config.server.hostname = "gannet.test".into();
             let (spool, _) = Spool::open(ShardStorage::Sim(storage), spool_config).unwrap();
+            let events = Arc::new(
+                EventFiles::open(
+                    events_dir,
+                    Limits {
+                        file_bytes_max: 1 << 20,
+                        files_kept: 1,
+                        unshipped_bytes_max: u64::MAX,
+                    },
+                )
+                .unwrap(),
+            );
+            let hose = crate::hose::Hose::new(
+                events_dir,
+                vec![events.clone()],
+                1,
+                crate::hose::HoseSettings::from_config(&config.events),
+            )
+            .unwrap();
             glommio::spawn_local(spool.clone().run_committer()).detach();
             let shared = Arc::new(Shared {
                 api_keys: Default::default(),
@@ -93,6 +111,7 @@ mod testing {
                     crate::dkim::Signers::load(&Default::default()).unwrap(),
                 ),
                 warmup: crate::warmup::Warmup::load(&config.delivery, events_dir, 0).unwrap(),
+                hose: Arc::new(hose),
                 config,
             });
             let dkim = (
@@ -104,17 +123,7 @@ mod testing {
                 metrics: shared.metrics[0].clone(),
                 shared,
                 spool,
-                events: Arc::new(
-                    EventFiles::open(
-                        events_dir,
-                        Limits {
-                            file_bytes_max: 1 << 20,
-                            files_kept: 1,
-                            unshipped_bytes_max: u64::MAX,
-                        },
-                    )
-                    .unwrap(),
-                ),
+                events,
                 shutdown: Shutdown::default(),
                 http_in_flight: Default::default(),
                 dkim: RefCell::new(dkim),

@@ -49,6 +49,8 @@ pub struct Shared {
     pub stop: Arc<crate::io::StopBell>,
     /// IP warm-up budgets, shared by the shards' choices of egress source.
     pub warmup: crate::warmup::Warmup,
+    /// The event hose: every shard's event log, the webhooks and the sinks.
+    pub hose: Arc<crate::hose::Hose>,
 }
 
 /// Session counts across all shards: the total and, per client address, an

@@ -6,7 +6,7 @@
 //! write of spool records (the spool's write barrier) and by [`flush`], which the
 //! shard calls on a short timer and at shutdown, on glommio's blocking thread; so a
 //! slow file system never stalls the shard. Events never travel through the mail
-//! queues; the hose (`crate::hose`) ships them from the files.
+//! queues; the hose ships them from the files.
 
 pub mod log;
 

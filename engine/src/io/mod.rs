@@ -287,3 +287,55 @@ impl Drop for ShutdownWait<'_> {
         self.shutdown.waiters.borrow_mut().remove(&self.id);
     }
 }
+
+/// Runs `work` on a thread of its own and waits for it without blocking the
+/// executor: for blocking work that may take long (an HTTP request to a webhook's
+/// receiver) and must not hold up glommio's blocking thread, which writes the shard's
+/// event log and stored items. None if the thread could not start or panicked.
+pub async fn on_thread<T: Send + 'static>(
+    name: &str,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    type Slot<T> = std::sync::Mutex<(Option<T>, Option<Waker>, bool)>;
+    let slot: Arc<Slot<T>> = Arc::new(std::sync::Mutex::new((None, None, false)));
+    let theirs = slot.clone();
+    let spawned = std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            // Marks the slot finished even if `work` panics (the guard drops).
+            struct Finish<T>(Arc<Slot<T>>, Option<T>);
+            impl<T> Drop for Finish<T> {
+                fn drop(&mut self) {
+                    let waker = {
+                        let mut slot = self
+                            .0
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        slot.0 = self.1.take();
+                        slot.2 = true;
+                        slot.1.take()
+                    };
+                    if let Some(waker) = waker {
+                        waker.wake();
+                    }
+                }
+            }
+            let mut finish = Finish(theirs, None);
+            finish.1 = Some(work());
+        });
+    if spawned.is_err() {
+        return None;
+    }
+    std::future::poll_fn(|cx| {
+        let mut slot = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if slot.2 {
+            Poll::Ready(slot.0.take())
+        } else {
+            slot.1 = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    })
+    .await
+}

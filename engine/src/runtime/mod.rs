@@ -37,6 +37,8 @@ const MESH_INBOX_NOTES_MAX: usize = 16_384;
 /// How often a shard's periodic round runs (it writes the buffered events out and
 /// refreshes the spool's metrics) while the shard is busy …
 const ROUND_MS: u64 = 100;
+/// How long a stop waits for the hose's sinks to finish the batch in flight.
+const HOSE_STOP_GRACE: Duration = Duration::from_secs(3);
 /// … and once IDLE_ROUNDS rounds in a row found nothing to do: an idle shard wakes
 /// twice a second, not thirty times (a shard waiting behind a provider's block stays
 /// idle). A stop does not wait for the round: the stop bell wakes it.
@@ -92,7 +94,15 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     // stops them too.
     let signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
     let signals_handle = signals.handle();
+    let logs = crate::hose::open_logs(&data_dir, shards, &config.events)?;
+    let hose = Arc::new(crate::hose::Hose::new(
+        &data_dir,
+        logs,
+        shards,
+        crate::hose::HoseSettings::from_config(&config.events),
+    )?);
     let shared = Arc::new(Shared {
+        hose: hose.clone(),
         api_keys: gannet_core::auth::ApiKeys::new(&config.http.api_keys),
         tracking_key: crate::merge::tracking::TrackingKey::load_or_create(&data_dir)
             .with_context(|| format!("the tracking key in {}", data_dir.display()))?,
@@ -192,6 +202,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     drop(placeholders);
     let ready = listening.load(Ordering::Acquire) == shards;
     if ready {
+        hose.start();
         write_listeners(&data_dir, &addresses)?;
         tracing::info!(smtp = ?addresses.smtp, smtps = ?addresses.smtps, http = ?addresses.http, https = ?addresses.https, "gannetd ready");
     } else {
@@ -200,6 +211,9 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     let listener = spawn_signal_listener(signals, shared_for_reload, reload, stop.clone())?;
     let mut errors = Vec::new();
     let results = handles.join_all();
+    // The shards have written their last events; the sinks stop after the batch in
+    // flight (if it takes longer, it is sent again after the restart).
+    hose.stop(HOSE_STOP_GRACE);
     signals_handle.close();
     let _ = listener.join();
     for result in results {
@@ -503,17 +517,11 @@ async fn shard_main(start: ShardStart) -> Result<()> {
     } = start;
     let config = &shared.config;
     let data_dir = &config.server.data_dir;
-    let events = Arc::new(
-        EventFiles::open(
-            &data_dir.join("events").join(id.to_string()),
-            crate::events::Limits {
-                file_bytes_max: config.events.file_bytes_max.get(),
-                files_kept: config.events.files_kept.usize(),
-                unshipped_bytes_max: config.events.unshipped_bytes_max.get(),
-            },
-        )
-        .with_context(|| format!("shard {id}: opening the event log"))?,
-    );
+    let events = shared
+        .hose
+        .log(usize::from(id))
+        .cloned()
+        .ok_or_else(|| anyhow!("shard {id}: no event log"))?;
     let (spool, mut recovered) = open_spool(id, &data_dir.join("spool"), config, &events)?;
     glommio::spawn_local(spool.clone().run_committer()).detach();
     glommio::spawn_local(spool.clone().run_maintenance()).detach();

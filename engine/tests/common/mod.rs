@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod admin;
+pub mod load;
 #[path = "../peers/support.rs"]
 pub mod peers;
 pub mod relay;

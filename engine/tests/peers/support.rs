@@ -155,6 +155,48 @@ pub fn aiosmtpd_with(
     (Peer(child), port)
 }
 
+/// The webhook receiver (tests/peers/webhook_receiver.py, Python's http.server) on a
+/// free port, writing each batch to `out` before it answers `status`.
+pub fn webhook_receiver(out: &Path, status: u16) -> (Peer, u16) {
+    let (child, port) = spawn_listening(|port| webhook_receiver_command(port, out, status));
+    (Peer(child), port)
+}
+
+/// The webhook receiver again on `port` (a receiver that comes back): waits until it
+/// listens.
+pub fn webhook_receiver_on(port: u16, out: &Path, status: u16) -> Peer {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut child = webhook_receiver_command(port, out, status).spawn().unwrap();
+        loop {
+            if listens_on(child.id(), port) {
+                return Peer(child);
+            }
+            if child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the webhook receiver cannot listen on {port} again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn webhook_receiver_command(port: u16, out: &Path, status: u16) -> Command {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/webhook_receiver.py");
+    let mut command = Command::new(python());
+    command
+        .arg(&script)
+        .arg(port.to_string())
+        .arg(out)
+        .arg(status.to_string())
+        .stdout(Stdio::null());
+    command
+}
+
 /// Starts dnsmasq on a free loopback port, answering for `.test` only (every name
 /// not in `records` is NXDOMAIN), with `records` as extra options (`--mx-host=…`,
 /// `--host-record=…`, TTLs); returns once it answers queries, with its port. A port

@@ -20,6 +20,7 @@ pub mod recipient_lists;
 pub mod templates;
 pub mod tracking;
 pub mod transmissions;
+pub mod webhooks;
 
 use std::convert::Infallible;
 use std::net::IpAddr;
@@ -314,6 +315,7 @@ const TRANSMISSIONS: &str = "/api/v1/transmissions";
 const TEMPLATES: &str = "/api/v1/templates";
 const INJECT: &str = "/api/inject/v1";
 const RECIPIENT_LISTS: &str = "/api/v1/recipient-lists";
+const WEBHOOKS: &str = "/api/v1/webhooks";
 
 async fn route(
     svc: &ShardServices,
@@ -364,7 +366,11 @@ async fn route(
         "/metrics" if method == Method::GET => Reply {
             status: 200,
             content_type: "text/plain; version=0.0.4",
-            body: crate::metrics::render(&shared.metrics).into(),
+            body: {
+                let mut text = crate::metrics::render(&shared.metrics);
+                shared.hose.render_metrics(&mut text);
+                text.into()
+            },
             location: None,
         },
         "/metrics" => method_not_allowed(),
@@ -428,7 +434,9 @@ async fn route(
             }
         }
         _ if services.inject
-            && (path.starts_with(TEMPLATES) || path.starts_with(RECIPIENT_LISTS)) =>
+            && (path.starts_with(TEMPLATES)
+                || path.starts_with(RECIPIENT_LISTS)
+                || path.starts_with(WEBHOOKS)) =>
         {
             let identity = match authorize(shard, head, Role::Inject) {
                 Ok(identity) => identity,
@@ -449,6 +457,11 @@ async fn route(
                 .filter(|r| r.is_empty() || r.starts_with('/'))
             {
                 recipient_lists::handle(shard, tenant, method, rest, query, body).await
+            } else if let Some(rest) = path
+                .strip_prefix(WEBHOOKS)
+                .filter(|r| r.is_empty() || r.starts_with('/'))
+            {
+                webhooks::handle(shard, tenant, method, rest, query, body).await
             } else {
                 not_found()
             }
