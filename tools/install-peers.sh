@@ -23,6 +23,13 @@ perl -MIO::Socket::SSL -e1 2>/dev/null || need+=(libio-socket-ssl-perl libnet-ss
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
 command -v openssl >/dev/null || need+=(openssl)
 command -v python3 >/dev/null || need+=(python3)
+# RabbitMQ (AMQP 0-9-1), the event hose's broker: each test starts its own node (and
+# its own epmd) on free loopback ports; the package's service is never started.
+installing_rabbitmq=0
+if ! [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
+  need+=(rabbitmq-server)
+  installing_rabbitmq=1
+fi
 # The disk-full test mounts a small ext4 file system from a file (as root).
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v mount >/dev/null || need+=(mount)
@@ -33,6 +40,10 @@ if [ ${#need[@]} -gt 0 ]; then
   install() { DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${need[@]}"; }
   install >/dev/null || { apt-get update -q >/dev/null && install >/dev/null; }
 fi
+if [ "$installing_rabbitmq" = 1 ] && [ -d /run/systemd/system ]; then
+  # Tests start their own nodes; the package's would hold 5672 and epmd's 4369.
+  systemctl disable --now rabbitmq-server.service epmd.socket epmd.service >/dev/null 2>&1 || true
+fi
 if [ "$installing_unbound" = 1 ] && [ -d /run/systemd/system ]; then
   # The benchmarks start their own unbound on a loopback port of their own; the
   # package's service would take port 53 (and, with resolvconf, the host's
@@ -40,9 +51,10 @@ if [ "$installing_unbound" = 1 ] && [ -d /run/systemd/system ]; then
   systemctl disable --now unbound.service unbound-resolvconf.service >/dev/null 2>&1 || true
 fi
 # Python peers in a venv under target/: aiosmtpd (an independent SMTP server),
-# SparkPost's official client library (the HTTP API's real client) and dkimpy with
-# PyNaCl (an independent DKIM verifier, RSA and Ed25519).
-if ! target/pyenv/bin/python3 -c 'import aiosmtpd, sparkpost, dkim, nacl' 2>/dev/null; then
+# SparkPost's official client library (the HTTP API's real client), dkimpy with
+# PyNaCl (an independent DKIM verifier, RSA and Ed25519) and pika (RabbitMQ's Python
+# client, which reads what the hose published).
+if ! target/pyenv/bin/python3 -c "import aiosmtpd, sparkpost, dkim, nacl, pika" 2>/dev/null; then
   [ -x target/pyenv/bin/python3 ] || python3 -m venv target/pyenv
-  target/pyenv/bin/pip install -q aiosmtpd==1.4.6 sparkpost==1.3.10 dkimpy==1.1.8 pynacl==1.5.0
+  target/pyenv/bin/pip install -q aiosmtpd==1.4.6 sparkpost==1.3.10 dkimpy==1.1.8 pynacl==1.5.0 pika==1.3.2
 fi

@@ -19,7 +19,8 @@
 //!   queue (a timing wheel), the ready queues, connection health, and what an
 //!   attempt's replies decide (`queue::settle`);
 //! - `bounce`: the bounce class of a permanent failure;
-//! - `clock`: the wall clock in the units the queues use.
+//! - `clock`: the wall clock in the units the queues use;
+//! - `event_types`: the event types the hose's sinks subscribe to (SparkPost's).
 
 pub mod adaptive;
 pub mod address;
@@ -27,6 +28,7 @@ pub mod auth;
 pub mod bounce;
 pub mod clock;
 pub mod config;
+pub mod event_types;
 pub mod handoff;
 pub mod id;
 pub mod message;

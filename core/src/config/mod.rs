@@ -14,6 +14,7 @@
 pub mod automation;
 pub mod delivery;
 pub mod dkim;
+pub mod events;
 pub mod http;
 pub mod net;
 pub mod policy;
@@ -27,10 +28,11 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 pub use delivery::{DeliveryConfig, EgressSource, IpLookup, PoolMember, TlsMode};
+pub use events::{AmqpSink, AmqpUrl, EventsConfig};
 pub use http::{ApiKey, HttpConfig, HttpListener, Role, Services};
 pub use net::Cidr;
 pub use policy::{Action, Phase, PolicyConfig, ReplyText, Rule};
-pub use server::{EventsConfig, ServerConfig, SpoolSection};
+pub use server::{ServerConfig, SpoolSection};
 pub use smtp::{SmtpConfig, User};
 
 /// The documented default configuration, printed by `--print-default-config`.
@@ -171,6 +173,40 @@ impl Config {
                 return Err((
                     format!("delivery.warmups.{name}.schedule"),
                     "give one daily budget per day of the plan, 1 to 366 of them".into(),
+                ));
+            }
+        }
+        let mut sinks = std::collections::HashSet::new();
+        for (i, sink) in self.events.amqp.iter().enumerate() {
+            let key = |field: &str| format!("events.amqp[{i}].{field}");
+            let name_ok = !sink.name.is_empty()
+                && sink
+                    .name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+            if !name_ok {
+                return Err((
+                    key("name"),
+                    "a sink's name is letters, digits, - and _ (it names its cursor file)".into(),
+                ));
+            }
+            if !sinks.insert(&sink.name) {
+                return Err((key("name"), format!("a second sink named `{}`", sink.name)));
+            }
+            AmqpUrl::parse(&sink.url).map_err(|e| (key("url"), e))?;
+            if let Err(unknown) = crate::event_types::TypeSet::of(&sink.events) {
+                return Err((key("events"), format!("unknown event type `{unknown}`")));
+            }
+            if !matches!(
+                sink.exchange_type.as_str(),
+                "topic" | "direct" | "fanout" | "headers"
+            ) {
+                return Err((
+                    key("exchange_type"),
+                    format!(
+                        "`{}` is not topic, direct, fanout or headers",
+                        sink.exchange_type
+                    ),
                 ));
             }
         }
@@ -701,6 +737,40 @@ mod tests {
         ] {
             assert!(fires(host, code, reply).is_empty(), "{reply}");
         }
+    }
+
+    #[test]
+    fn broker_sinks_are_checked() {
+        check_err(
+            "[[events.amqp]]\nname = \"r\"\nurl = \"http://h/\"\n",
+            &["events.amqp[0].url", "not an amqp://"],
+        );
+        check_err(
+            "[[events.amqp]]\nname = \"r\"\nurl = \"amqp://h\"\nevents = [\"delivery\", \"warp\"]\n",
+            &["events.amqp[0].events", "warp"],
+        );
+        check_err(
+            "[[events.amqp]]\nname = \"a b\"\nurl = \"amqp://h\"\n",
+            &["events.amqp[0].name"],
+        );
+        check_err(
+            "[[events.amqp]]\nname = \"r\"\nurl = \"amqp://h\"\n[[events.amqp]]\nname = \"r\"\nurl = \"amqp://h\"\n",
+            &["events.amqp[1].name", "second sink"],
+        );
+        check_err(
+            "[[events.amqp]]\nname = \"r\"\nurl = \"amqp://h\"\nexchange_type = \"circle\"\n",
+            &["events.amqp[0].exchange_type"],
+        );
+        check_err(
+            "[[events.amqp]]\nname = \"r\"\nurl = \"amqp://h\"\nqueue = \"x\"\n",
+            &["t.toml:4:", "unknown field `queue`"],
+        );
+        let ok = Config::parse(
+            "[[events.amqp]]\nname = \"rabbit\"\nurl = \"amqp://u:p@127.0.0.1:5673/%2f\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(ok.events.amqp[0].exchange, "gannet.events");
     }
 
     #[test]

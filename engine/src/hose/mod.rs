@@ -20,6 +20,7 @@
 //! event. Another sink (Kafka, say) is another implementation of the trait: cursor,
 //! batching, retry and metrics come with the driver.
 
+pub mod amqp;
 pub mod cursor;
 pub mod sparkpost;
 pub mod webhook;
@@ -56,6 +57,8 @@ pub struct HoseSettings {
     pub retry_interval_max: Duration,
     pub request_timeout: Duration,
     pub webhooks_max: usize,
+    /// The brokers (`[[events.amqp]]`).
+    pub amqp: Vec<gannet_core::config::AmqpSink>,
 }
 
 impl HoseSettings {
@@ -67,6 +70,7 @@ impl HoseSettings {
             retry_interval_max: Duration::from_secs(events.retry_interval_max_secs.get()),
             request_timeout: Duration::from_secs(events.request_timeout_secs.get()),
             webhooks_max: events.webhooks_max.usize(),
+            amqp: events.amqp.clone(),
         }
     }
 }
@@ -236,10 +240,17 @@ impl Hose {
         self.logs.get(id)
     }
 
-    /// Starts a sink for every stored webhook.
+    /// Starts a sink for every stored webhook and every configured broker.
     pub fn start(self: &Arc<Self>) {
         for hook in self.webhooks.all() {
             self.start_webhook(&hook.id);
+        }
+        for broker in &self.settings.amqp {
+            match amqp::AmqpPublisher::new(broker.clone(), self.settings.request_timeout) {
+                Ok(sink) => self.start_sink(format!("amqp-{}", broker.name), Box::new(sink)),
+                // The config check refuses what `new` would.
+                Err(err) => tracing::error!(sink = %broker.name, "broker sink not started: {err}"),
+            }
         }
     }
 

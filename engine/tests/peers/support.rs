@@ -197,6 +197,138 @@ fn webhook_receiver_command(port: u16, out: &Path, status: u16) -> Command {
     command
 }
 
+/// A RabbitMQ node of the test's own (with its own epmd), on free loopback ports,
+/// its data in `dir`: `Rabbit::start` again on the same `dir` and ports is the same
+/// node restarted, with its durable queues.
+#[derive(Debug)]
+pub struct Rabbit {
+    pub port: u16,
+    epmd_port: u16,
+    dist_port: u16,
+    name: String,
+    dir: PathBuf,
+    /// The start script (it runs the Erlang VM as its child) and the VM's pid.
+    node: Option<(Child, u32)>,
+    _epmd: Peer,
+}
+
+impl Drop for Rabbit {
+    fn drop(&mut self) {
+        self.stop_node();
+    }
+}
+
+impl Rabbit {
+    pub fn start(dir: &Path) -> Rabbit {
+        let epmd_port = free_port();
+        let epmd = Command::new("epmd")
+            .args(["-port", &epmd_port.to_string(), "-address", "127.0.0.1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("epmd comes with rabbitmq-server (tools/install-peers.sh)");
+        let mut rabbit = Rabbit {
+            port: free_port(),
+            epmd_port,
+            dist_port: free_port(),
+            name: format!("gannet{}x{}@localhost", std::process::id(), epmd_port),
+            dir: dir.to_path_buf(),
+            node: None,
+            _epmd: Peer(epmd),
+        };
+        rabbit.start_node();
+        rabbit
+    }
+
+    /// Starts the node (again) and waits until it takes connections.
+    pub fn start_node(&mut self) {
+        let dir = &self.dir;
+        std::fs::create_dir_all(dir.join("log")).unwrap();
+        std::fs::write(dir.join("enabled_plugins"), "[].\n").unwrap();
+        std::fs::write(dir.join("rabbitmq.conf"), "loopback_users = none\n").unwrap();
+        let mut command = Command::new("/usr/lib/rabbitmq/bin/rabbitmq-server");
+        command
+            .env("HOME", dir)
+            .env("RABBITMQ_NODENAME", &self.name)
+            .env("RABBITMQ_NODE_IP_ADDRESS", "127.0.0.1")
+            .env("RABBITMQ_NODE_PORT", self.port.to_string())
+            .env("RABBITMQ_DIST_PORT", self.dist_port.to_string())
+            .env("ERL_EPMD_PORT", self.epmd_port.to_string())
+            .env(
+                "RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS",
+                "-kernel inet_dist_use_interface {127,0,0,1}",
+            )
+            .env("RABBITMQ_MNESIA_BASE", dir.join("mnesia"))
+            .env("RABBITMQ_LOG_BASE", dir.join("log"))
+            .env("RABBITMQ_CONFIG_FILE", dir.join("rabbitmq"))
+            .env("RABBITMQ_ENABLED_PLUGINS_FILE", dir.join("enabled_plugins"))
+            .env("RABBITMQ_PLUGINS_EXPAND_DIR", dir.join("plugins-expand"))
+            .env("RABBITMQ_PID_FILE", dir.join("rabbit.pid"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let _ = std::fs::remove_file(dir.join("rabbit.pid"));
+        let mut script = command
+            .spawn()
+            .expect("rabbitmq-server (tools/install-peers.sh)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        // The VM writes its pid once it boots; the listener appears in its
+        // descriptors once the broker takes connections.
+        loop {
+            let vm = std::fs::read_to_string(dir.join("rabbit.pid"))
+                .ok()
+                .and_then(|p| p.trim().parse::<u32>().ok());
+            if let Some(vm) = vm
+                && listens_on(vm, self.port)
+            {
+                self.node = Some((script, vm));
+                return;
+            }
+            if let Ok(Some(status)) = script.try_wait() {
+                panic!(
+                    "rabbitmq-server exited with {status}; see {}",
+                    dir.join("log").display()
+                );
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "rabbitmq-server did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the node: SIGTERM to the VM (the script ends with it), and waits.
+    pub fn stop_node(&mut self) {
+        if let Some((mut script, vm)) = self.node.take() {
+            // SAFETY: signalling the VM this test started.
+            unsafe { libc::kill(vm as i32, libc::SIGTERM) };
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while Path::new(&format!("/proc/{vm}")).exists() && std::time::Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = script.wait();
+        }
+    }
+
+    /// Runs tests/peers/amqp_queue.py against the node.
+    pub fn client(&self, args: &[&str]) -> std::process::Output {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/amqp_queue.py");
+        let out = Command::new(python())
+            .arg(&script)
+            .arg(self.port.to_string())
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "amqp_queue.py {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
+
 /// Starts dnsmasq on a free loopback port, answering for `.test` only (every name
 /// not in `records` is NXDOMAIN), with `records` as extra options (`--mx-host=…`,
 /// `--host-record=…`, TTLs); returns once it answers queries, with its port. A port
