@@ -4,6 +4,7 @@
 pub mod charts;
 pub mod fuzz;
 pub mod harness;
+pub mod hook;
 pub mod mail;
 pub mod servers;
 pub mod sink;
@@ -81,6 +82,39 @@ pub fn tree_cpu_seconds(root: u32) -> f64 {
             total += p.2 + if pid == root { p.3 } else { 0 };
         }
         frontier.extend(all.iter().filter(|p| p.1 == pid).map(|p| p.0));
+    }
+    total as f64 / ticks
+}
+
+/// CPU seconds used so far by the threads of process `pid` whose names start with
+/// `prefix` (live threads only).
+pub fn threads_cpu_seconds(pid: u32, prefix: &str) -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0.0;
+    };
+    let mut total = 0u64;
+    for task in tasks.flatten() {
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        // "tid (name) state ...": the name may hold spaces; fields follow the ')'.
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        if !stat[open + 1..close].starts_with(prefix) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let num = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        // utime and stime are fields 14 and 15 of stat, 11 and 12 after the name.
+        total += num(11) + num(12);
     }
     total as f64 / ticks
 }

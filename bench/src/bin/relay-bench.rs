@@ -14,6 +14,12 @@
 //! - `gannet-listing`: gannetd as `gannet`, while an operator's client lists every
 //!   queue through the admin API (`/api/admin/queues/v1`) every `--list-every-ms`
 //!   (100 ms): what looking costs the relay (listings made, their mean latency).
+//! - `gannet-hose`: gannetd as `gannet` with the event hose shipping everything: two
+//!   webhooks (minimal receivers in this process, `gannet_bench::hook`) and a
+//!   RabbitMQ node of the benchmark's own (`[[events.amqp]]`, a durable queue bound
+//!   to every event), all subscribed to every event type; it reports the events each
+//!   got, the broker's CPU, and how long after the last delivery every sink had
+//!   caught up; `gannet-webhooks` the same without the broker.
 //!
 //! For every run it reports msgs/s, the ratio to the pipe, the server's CPU per
 //! message and its peak RSS; for gannet also the memory per queued message (delivery
@@ -46,7 +52,8 @@ struct Args {
     /// Destination domains (one smtp-source process each).
     #[arg(long, default_value_t = 20)]
     domains: u64,
-    /// Systems to run, in order (also `gannet-listing`).
+    /// Systems to run, in order (also `gannet-listing`, `gannet-hose`,
+    /// `gannet-webhooks`).
     #[arg(long, value_delimiter = ',', default_value = "gannet,pipe,postfix")]
     systems: Vec<String>,
     /// How often `gannet-listing` lists every queue.
@@ -231,7 +238,50 @@ struct Run {
     peak_rss_kb: Option<u64>,
     /// gannet-listing: listings answered, and their mean latency (ms).
     listings: Option<(u64, f64)>,
+    hose: Option<HoseRun>,
 }
+
+/// What `gannet-hose` measured besides the relay.
+#[derive(Debug)]
+struct HoseRun {
+    /// Events each webhook receiver got.
+    webhook_events: [u64; 2],
+    /// Seconds from the last delivery until no sink lagged.
+    caught_up_s: f64,
+    broker_cpu_s: f64,
+    /// CPU of gannetd's hose threads (reading, converting, sending).
+    hose_cpu_s: f64,
+}
+
+/// The event hose's receivers for `gannet-hose`: two webhooks and a broker.
+struct HoseReceivers {
+    hooks: [gannet_bench::hook::HookReceiver; 2],
+    rabbit: gannet_bench::peers::Rabbit,
+    _dir: tempfile::TempDir,
+}
+
+impl HoseReceivers {
+    fn start() -> Result<HoseReceivers> {
+        let dir = tempfile::tempdir()?;
+        let rabbit = gannet_bench::peers::Rabbit::start(dir.path());
+        rabbit.client(&["declare", "gannet.events", "bench-events"]);
+        Ok(HoseReceivers {
+            hooks: [
+                gannet_bench::hook::HookReceiver::start()?,
+                gannet_bench::hook::HookReceiver::start()?,
+            ],
+            rabbit,
+            _dir: dir,
+        })
+    }
+
+    fn events(&self) -> [u64; 2] {
+        [0, 1].map(|i| self.hooks[i].events.load(Ordering::Relaxed))
+    }
+}
+
+/// The inject key of `gannet-hose` (it makes the webhooks).
+const INJECT_KEY: &str = "relay-bench-inject-key-77d1";
 
 impl Run {
     fn rate(&self, messages: u64) -> f64 {
@@ -281,6 +331,7 @@ fn relay_run(
     shards: usize,
     sink: &CountingSink,
     dns_port: u16,
+    receivers: Option<&HoseReceivers>,
 ) -> Result<Run> {
     let sink_port = sink.server.port;
     let server = match system {
@@ -307,6 +358,55 @@ fn relay_run(
             server.name = format!("{}, listing every {} ms", server.name, args.list_every_ms);
             Some(server)
         }
+        "gannet-hose" | "gannet-webhooks" => {
+            let receivers = receivers.context("the hose's systems need their receivers")?;
+            let broker = if system == "gannet-hose" {
+                format!(
+                    "\n[[events.amqp]]\nname = \"rabbit\"\nurl = \"amqp://guest:guest@127.0.0.1:{}/%2f\"\n",
+                    receivers.rabbit.port
+                )
+            } else {
+                String::new()
+            };
+            let mut server = servers::gannetd(
+                &args.gannetd,
+                &args.dir,
+                shards,
+                &args.gannet_server_extra,
+                &(format!(
+                    "api_keys = [{{ name = \"app\", key_sha256 = \"{}\" }}]\n",
+                    gannet_core::auth::KeyDigest::of(INJECT_KEY)
+                ) + &gannet_delivery(dns_port, sink_port)
+                    + &args.gannet_config_extra
+                    + &broker),
+            )?;
+            let http = std::net::SocketAddr::from(([127, 0, 0, 1], server.http_port));
+            for (i, hook) in receivers.hooks.iter().enumerate() {
+                let body = serde_json::json!({
+                    "name": format!("bench {i}"),
+                    "target": format!("http://127.0.0.1:{}/", hook.port),
+                });
+                let (status, reply) = gannet_bench::http_request(
+                    http,
+                    "POST",
+                    "/api/v1/webhooks",
+                    Some(INJECT_KEY),
+                    body.to_string().as_bytes(),
+                )?;
+                if status != 200 {
+                    bail!(
+                        "creating a webhook: {status} {}",
+                        String::from_utf8_lossy(&reply)
+                    );
+                }
+            }
+            server.name = if broker.is_empty() {
+                format!("{}, hose: 2 webhooks", server.name)
+            } else {
+                format!("{}, hose: 2 webhooks + RabbitMQ", server.name)
+            };
+            Some(server)
+        }
         "postfix" => {
             let transport: Vec<String> = (0..args.domains)
                 .map(|d| format!("d{d}.test=smtp:[127.0.0.1]:{sink_port}"))
@@ -331,6 +431,13 @@ fn relay_run(
         ),
     };
     let base = sink.received.load(Ordering::Acquire);
+    let hose_system = matches!(system, "gannet-hose" | "gannet-webhooks");
+    let events0 = receivers.map(|r| r.events()).unwrap_or_default();
+    let broker = receivers
+        .and_then(|r| r.rabbit.vm_pid())
+        .filter(|_| system == "gannet-hose");
+    let broker_cpu0 = broker.map_or(0.0, tree_cpu_seconds);
+    let hose_cpu0 = pid.map_or(0.0, |p| gannet_bench::threads_cpu_seconds(p, "gannet-hose"));
     let cpu0 = pid.map_or(0.0, tree_cpu_seconds);
     let sink_cpu0 = tree_cpu_seconds(sink.server.pid);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -349,13 +456,36 @@ fn relay_run(
     let seconds = last.duration_since(t0).as_secs_f64();
     let server_cpu_s = pid.map_or(0.0, tree_cpu_seconds) - cpu0;
     let sink_cpu_s = tree_cpu_seconds(sink.server.pid) - sink_cpu0;
+    let hose = match &server {
+        Some(s) if hose_system => {
+            let http = std::net::SocketAddr::from(([127, 0, 0, 1], s.http_port));
+            let deadline = Instant::now() + Duration::from_secs(args.timeout_secs);
+            while gannet_bench::gannet_metric(http, "hose_lag_bytes")? > 0.0 {
+                if Instant::now() > deadline {
+                    bail!("the hose did not catch up");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let caught_up_s = last.elapsed().as_secs_f64();
+            let events = receivers.map(|r| r.events()).unwrap_or_default();
+            Some(HoseRun {
+                webhook_events: [events[0] - events0[0], events[1] - events0[1]],
+                caught_up_s,
+                broker_cpu_s: broker.map_or(0.0, tree_cpu_seconds) - broker_cpu0,
+                hose_cpu_s: gannet_bench::threads_cpu_seconds(s.pid, "gannet-hose") - hose_cpu0,
+            })
+        }
+        _ => None,
+    };
     stop.store(true, Ordering::Release);
     let listings = lister.map(|l| {
         let (n, spent) = l.join().unwrap_or_default();
         (n, spent.as_secs_f64() * 1000.0 / n.max(1) as f64)
     });
     let peak_rss_kb = match (&server, system) {
-        (Some(s), "gannet" | "gannet-listing") => Some(status_kb(s.pid, "VmHWM:")),
+        (Some(s), "gannet" | "gannet-listing" | "gannet-hose" | "gannet-webhooks") => {
+            Some(status_kb(s.pid, "VmHWM:"))
+        }
         _ => None,
     };
     if let Some(server) = server {
@@ -369,6 +499,7 @@ fn relay_run(
         sink_cpu_s,
         peak_rss_kb,
         listings,
+        hose,
     })
 }
 
@@ -405,6 +536,11 @@ fn main() -> Result<()> {
     let args = Args::parse();
     let sink = CountingSink::start()?;
     let (dns, dns_port) = servers::bench_dns(&args.dir.join("dns"), args.domains)?;
+    let receivers = if (args.systems.iter()).any(|s| s == "gannet-hose" || s == "gannet-webhooks") {
+        Some(HoseReceivers::start()?)
+    } else {
+        None
+    };
     let mut runs = Vec::new();
     for system in &args.systems {
         let shard_counts: Vec<usize> = if system.starts_with("gannet") {
@@ -413,7 +549,7 @@ fn main() -> Result<()> {
             vec![0]
         };
         for shards in shard_counts {
-            let run = relay_run(&args, system, shards, &sink, dns_port)?;
+            let run = relay_run(&args, system, shards, &sink, dns_port, receivers.as_ref())?;
             println!(
                 "{}",
                 serde_json::json!({
@@ -426,6 +562,10 @@ fn main() -> Result<()> {
                     "peak_rss_kb": run.peak_rss_kb,
                     "listings": run.listings.map(|l| l.0),
                     "listing_ms": run.listings.map(|l| l.1),
+                    "hose_webhook_events": run.hose.as_ref().map(|h| h.webhook_events),
+                    "hose_caught_up_s": run.hose.as_ref().map(|h| h.caught_up_s),
+                    "broker_cpu_ms_per_msg": run.hose.as_ref().map(|h| h.broker_cpu_s * 1000.0 / args.messages as f64),
+                    "hose_cpu_ms_per_msg": run.hose.as_ref().map(|h| h.hose_cpu_s * 1000.0 / args.messages as f64),
                 })
             );
             runs.push(run);
@@ -505,6 +645,39 @@ fn main() -> Result<()> {
                 md,
                 "\n{}: {n} listings of every queue answered during the run, {ms:.1} ms each on average; throughput {ratio} the mean of the same gannet's runs without listing.",
                 run.system
+            )?;
+        }
+    }
+    for run in &runs {
+        if let Some(hose) = &run.hose {
+            let name = run.system.split(", hose").next().unwrap_or("");
+            let plain: Vec<f64> = (runs.iter())
+                .filter(|r| r.hose.is_none() && r.listings.is_none() && r.system == name)
+                .map(|r| r.rate(args.messages))
+                .collect();
+            let plain_cpu: Vec<f64> = (runs.iter())
+                .filter(|r| r.hose.is_none() && r.listings.is_none() && r.system == name)
+                .map(|r| r.server_cpu_s * 1000.0 / args.messages as f64)
+                .collect();
+            let (ratio, cpu) = if plain.is_empty() {
+                ("—".into(), "—".into())
+            } else {
+                (
+                    format!("{:.3}×", run.rate(args.messages) / mean(&plain)),
+                    format!("{:.3}", mean(&plain_cpu)),
+                )
+            };
+            writeln!(
+                md,
+                "\n{}: the webhooks got {} and {} events, every sink had caught up {:.2} s after the last delivery; gannetd's hose threads used {:.3} ms of CPU per message ({:.1}% of gannetd's), the broker {:.3} ms; throughput {ratio} the mean of the same gannet's runs without the hose (server CPU {:.3} ms/msg against {cpu}).",
+                run.system,
+                hose.webhook_events[0],
+                hose.webhook_events[1],
+                hose.caught_up_s,
+                hose.hose_cpu_s * 1000.0 / args.messages as f64,
+                hose.hose_cpu_s / run.server_cpu_s.max(1e-9) * 100.0,
+                hose.broker_cpu_s * 1000.0 / args.messages as f64,
+                run.server_cpu_s * 1000.0 / args.messages as f64,
             )?;
         }
     }

@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use gannet_core::config::{AmqpSink, AmqpUrl};
 
-use super::sparkpost::{Converted, Filter, TypeSet};
+use super::sparkpost::{Events, Filter, TypeSet};
 
 const FRAME_METHOD: u8 = 1;
 const FRAME_HEADER: u8 = 2;
@@ -71,7 +71,7 @@ impl AmqpPublisher {
         })
     }
 
-    fn publish_batch(&mut self, events: &[Converted]) -> Result<(), String> {
+    fn publish_batch(&mut self, events: &Events) -> Result<(), String> {
         if self.connection.is_none() {
             self.connection = Some(Connection::open(&self.url, &self.config, self.timeout)?);
         }
@@ -90,7 +90,7 @@ impl super::Sink for AmqpPublisher {
         Some(self.filter.clone())
     }
 
-    fn send(&mut self, _batch_id: &str, events: &[Converted]) -> Result<String, String> {
+    fn send(&mut self, _batch_id: &str, events: &Events) -> Result<String, String> {
         self.publish_batch(events)
             .map(|()| format!("{} confirmed", events.len()))
     }
@@ -347,24 +347,14 @@ impl Connection {
     fn publish(
         &mut self,
         config: &AmqpSink,
-        events: &[Converted],
+        events: &Events,
         timeout: Duration,
     ) -> Result<(), String> {
         let first = self.next_tag;
-        let mut out = Vec::with_capacity(events.len() * 900);
-        let mut body = Vec::with_capacity(1024);
-        for event in events {
-            body.clear();
-            // A Value always serialises.
-            let _ = serde_json::to_writer(&mut body, &event.object);
-            let event_id = event
-                .object
-                .get("msys")
-                .and_then(|m| m.as_object())
-                .and_then(|m| m.values().next())
-                .and_then(|e| e.get("event_id"))
-                .and_then(|v| v.as_str())
-                .unwrap_or("");
+        let mut out = Vec::with_capacity(events.body.len() + events.len() * 200);
+        for event in &events.items {
+            let body = events.object(event);
+            let event_id = event.event_id.as_str();
             let mut publish = Args::method(60, 40);
             publish
                 .u16(0)

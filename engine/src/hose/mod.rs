@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 use crate::events::{EventFiles, Limits};
 use cursor::Cursor;
 use gannet_core::config::EventsConfig;
-use sparkpost::{Converted, Filter};
+use sparkpost::{Events, Filter};
 
 /// A log with this many bytes waiting is sent at once, without waiting for more.
 const FULL_BATCH_BYTES: u64 = 256 << 10;
@@ -214,7 +214,7 @@ pub trait Sink: Send {
     }
     /// Sends one batch; Ok with the receiver's answer (`200`) once it is
     /// acknowledged, Err with the failure (`503`, `connection refused`).
-    fn send(&mut self, batch_id: &str, events: &[Converted]) -> Result<String, String>;
+    fn send(&mut self, batch_id: &str, events: &Events) -> Result<String, String>;
 }
 
 impl Hose {
@@ -510,11 +510,11 @@ impl Sink for WebhookSink {
         self.hook().is_some_and(|h| h.active)
     }
 
-    fn send(&mut self, batch_id: &str, events: &[Converted]) -> Result<String, String> {
+    fn send(&mut self, batch_id: &str, events: &Events) -> Result<String, String> {
         let Some(hook) = self.hook() else {
             return Err("the webhook was deleted".into());
         };
-        let body = batch_body(events);
+        let body = events.array();
         let answer = self.poster.post(&hook, batch_id, &body);
         if answer.ok() {
             Ok(answer.status.to_string())
@@ -522,21 +522,6 @@ impl Sink for WebhookSink {
             Err(answer.describe())
         }
     }
-}
-
-/// A batch as SparkPost POSTs it: a JSON array of its events.
-pub fn batch_body(events: &[Converted]) -> Vec<u8> {
-    let mut body = Vec::with_capacity(events.len() * 700 + 2);
-    body.push(b'[');
-    for (i, event) in events.iter().enumerate() {
-        if i > 0 {
-            body.push(b',');
-        }
-        // A Value always serialises.
-        let _ = serde_json::to_writer(&mut body, &event.object);
-    }
-    body.push(b']');
-    body
 }
 
 /// One sink's thread: reads, converts, sends, moves the cursor.
@@ -557,7 +542,7 @@ struct Batch {
     log: usize,
     start: u64,
     end: u64,
-    events: Vec<Converted>,
+    events: Events,
 }
 
 impl Driver {
@@ -689,7 +674,7 @@ impl Driver {
                 }
             }
         }
-        let mut events = Vec::new();
+        let mut events = Events::new();
         let mut consumed = 0;
         for line in self.buf.split_inclusive(|b| *b == b'\n') {
             let lsn = start + consumed as u64;
@@ -710,7 +695,7 @@ impl Driver {
             // Positional reads: the next batch starts after the last line taken.
             reader.pos = end;
         }
-        if let Some(first) = events.first() {
+        if let Some(first) = events.items.first() {
             self.status
                 .oldest_unshipped_ms
                 .store(first.timestamp_ms.max(1), Ordering::Relaxed);

@@ -8,7 +8,10 @@
 //! own events with no SparkPost counterpart (`adaptive`, `admin_rebind`) go out in a
 //! `gannet_event` object, to sinks that ask for them by name.
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+
+use serde_json::Value;
+use serde_json::value::RawValue;
 
 pub use gannet_core::event_types::{TYPES, TypeSet, default_types};
 
@@ -40,12 +43,224 @@ fn sparkpost_type(gannet: &str) -> Option<&'static str> {
     })
 }
 
-/// A converted event: its SparkPost type and the `{"msys": …}` object.
+/// Converted events: their `{"msys": …}` objects written one after the other into
+/// `body` as a JSON array (what a webhook POSTs as it is), and where each one is.
+#[derive(Debug, Default)]
+pub struct Events {
+    pub body: Vec<u8>,
+    pub items: Vec<Item>,
+}
+
+/// One converted event: its SparkPost type, its bytes in [`Events::body`], its id.
 #[derive(Debug)]
-pub struct Converted {
+pub struct Item {
     pub kind: &'static str,
-    pub object: Value,
+    pub start: usize,
+    pub end: usize,
     pub timestamp_ms: u64,
+    pub event_id: String,
+}
+
+impl Events {
+    pub fn new() -> Events {
+        Events {
+            body: b"[".to_vec(),
+            items: Vec::new(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// The array, closed (`[` … `]`).
+    pub fn array(&self) -> Vec<u8> {
+        let mut array = Vec::with_capacity(self.body.len() + 1);
+        array.extend_from_slice(&self.body);
+        array.push(b']');
+        array
+    }
+
+    /// One event's object.
+    pub fn object(&self, item: &Item) -> &[u8] {
+        &self.body[item.start..item.end]
+    }
+
+    /// Starts the object of an event: `{"msys":{"<class>":{"type":…,"event_id":…,
+    /// "timestamp":…` — the caller adds fields and ends it with [`Events::end`].
+    fn begin(
+        &mut self,
+        kind: &'static str,
+        class: &str,
+        event_id: String,
+        timestamp_ms: u64,
+    ) -> Fields<'_> {
+        if !self.items.is_empty() {
+            self.body.push(b',');
+        }
+        let start = self.body.len();
+        self.body.extend_from_slice(b"{\"msys\":{\"");
+        self.body.extend_from_slice(class.as_bytes());
+        self.body.extend_from_slice(b"\":{\"type\":\"");
+        self.body.extend_from_slice(kind.as_bytes());
+        self.body.extend_from_slice(b"\",\"event_id\":\"");
+        self.body.extend_from_slice(event_id.as_bytes());
+        self.body.extend_from_slice(b"\",\"timestamp\":\"");
+        self.body
+            .extend_from_slice((timestamp_ms / 1000).to_string().as_bytes());
+        self.body.push(b'"');
+        self.items.push(Item {
+            kind,
+            start,
+            end: start,
+            timestamp_ms,
+            event_id,
+        });
+        Fields {
+            out: &mut self.body,
+        }
+    }
+
+    fn end(&mut self) {
+        self.body.extend_from_slice(b"}}}");
+        if let Some(item) = self.items.last_mut() {
+            item.end = self.body.len();
+        }
+    }
+}
+
+/// Writes `,"key":value` pairs into an event's object.
+struct Fields<'o> {
+    out: &'o mut Vec<u8>,
+}
+
+impl Fields<'_> {
+    fn key(&mut self, key: &str) {
+        self.out.extend_from_slice(b",\"");
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+    }
+
+    /// A string value, escaped.
+    fn str(&mut self, key: &str, value: &str) -> &mut Self {
+        self.key(key);
+        // Writing a str into a Vec cannot fail.
+        let _ = serde_json::to_writer(&mut *self.out, value);
+        self
+    }
+
+    fn opt(&mut self, key: &str, value: Option<&str>) -> &mut Self {
+        if let Some(value) = value {
+            self.str(key, value);
+        }
+        self
+    }
+
+    /// A number, as SparkPost sends it: a string.
+    fn num(&mut self, key: &str, value: Option<u64>) -> &mut Self {
+        if let Some(value) = value {
+            self.key(key);
+            self.out.push(b'"');
+            self.out.extend_from_slice(value.to_string().as_bytes());
+            self.out.push(b'"');
+        }
+        self
+    }
+
+    /// JSON as it was in the log (metadata, tags).
+    fn raw(&mut self, key: &str, value: Option<&RawValue>) -> &mut Self {
+        if let Some(value) = value.filter(|v| v.get() != "null") {
+            self.key(key);
+            self.out.extend_from_slice(value.get().as_bytes());
+        }
+        self
+    }
+
+    /// rcpt_to (lower case), raw_rcpt_to and routing_domain of a recipient.
+    fn recipient(&mut self, rcpt: &str) -> &mut Self {
+        self.str("rcpt_to", &rcpt.to_ascii_lowercase());
+        self.str("raw_rcpt_to", rcpt);
+        if let Some((_, domain)) = rcpt.rsplit_once('@') {
+            self.str("routing_domain", &domain.to_ascii_lowercase());
+        }
+        self
+    }
+
+    /// raw_reason, reason and error_code of a failure's reply.
+    fn failure(&mut self, reply: &str) -> &mut Self {
+        self.str("raw_reason", reply);
+        self.str("reason", reply);
+        let digits = reply.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0 {
+            self.str("error_code", &reply[..digits]);
+        }
+        self
+    }
+}
+
+/// The fields of gannet's events that SparkPost's need, borrowed from the line.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default)]
+struct Line<'a> {
+    timestamp_ms: u64,
+    #[serde(borrow)]
+    message_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    transmission_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    campaign_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    template_id: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    tenant: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    ip_pool: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    rcpt_meta: Option<&'a RawValue>,
+    #[serde(borrow)]
+    rcpt_tags: Option<&'a RawValue>,
+    msg_size: Option<u64>,
+    /// A string, or (a reception) an array of them.
+    #[serde(borrow)]
+    rcpt_to: Option<&'a RawValue>,
+    #[serde(borrow)]
+    sender: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    msg_from: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    subject: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    queue: Option<Cow<'a, str>>,
+    sandbox: bool,
+    #[serde(borrow)]
+    sending_ip: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    peer: Option<Cow<'a, str>>,
+    queue_time: Option<u64>,
+    num_retries: Option<u64>,
+    #[serde(borrow)]
+    tls: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    egress_source: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    response: Option<Cow<'a, str>>,
+    bounce_class: Option<u64>,
+    #[serde(borrow)]
+    reply: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    phase: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    reason: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    user_agent: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    ip_address: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    target_link_url: Option<Cow<'a, str>>,
 }
 
 /// Converts one log line (at position `lsn` of shard `shard`'s log) into the events
@@ -56,7 +271,7 @@ pub fn convert(
     shard: u16,
     lsn: u64,
     filter: &Filter,
-    out: &mut Vec<Converted>,
+    out: &mut Events,
 ) -> Result<(), String> {
     // The type comes first in every line (serde's tag): most filtered-out events are
     // dropped without parsing the rest.
@@ -71,6 +286,153 @@ pub fn convert(
     if !filter.types.contains(kind) {
         return Ok(());
     }
+    let class = TYPES
+        .iter()
+        .find(|t| t.0 == kind)
+        .map_or("message_event", |t| t.1);
+    // Unique and stable: the line's position, its shard and the index of the event
+    // made from it (a reception makes one per recipient).
+    let id = u128::from(lsn) << 16 | u128::from(shard);
+    let event_id = |index: usize| format!("{id}{index:05}");
+    if class == "gannet_event"
+        || matches!(kind, "out_of_band" | "spam_complaint" | "list_unsubscribe")
+    {
+        return convert_as_is(line, kind, class, event_id(0), filter, out);
+    }
+    let e: Line<'_> = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    if filter.tenant.is_some() && filter.tenant.as_deref() != e.tenant.as_deref() {
+        return Ok(());
+    }
+    let common = |f: &mut Fields<'_>, e: &Line<'_>| {
+        f.opt("message_id", e.message_id.as_deref())
+            .opt("transmission_id", e.transmission_id.as_deref())
+            .opt("campaign_id", e.campaign_id.as_deref())
+            .opt("template_id", e.template_id.as_deref())
+            .raw("rcpt_meta", e.rcpt_meta)
+            .raw("rcpt_tags", e.rcpt_tags)
+            .opt("ip_pool", e.ip_pool.as_deref())
+            .num("msg_size", e.msg_size)
+            .opt("tenant", e.tenant.as_deref());
+    };
+    let rcpts: Vec<Cow<'_, str>> = match e.rcpt_to {
+        None => Vec::new(),
+        Some(raw) if raw.get().starts_with('[') => {
+            serde_json::from_str(raw.get()).map_err(|e| e.to_string())?
+        }
+        Some(raw) => vec![serde_json::from_str(raw.get()).map_err(|e| e.to_string())?],
+    };
+    let rcpt = rcpts.first().map_or("", |r| r.as_ref());
+    let sender = e.sender.as_deref().unwrap_or("");
+    match gannet_type {
+        "reception" => {
+            let injection_time = rfc3339(e.timestamp_ms);
+            for (index, rcpt) in rcpts.iter().enumerate() {
+                let mut f = out.begin(kind, class, event_id(index), e.timestamp_ms);
+                common(&mut f, &e);
+                f.recipient(rcpt)
+                    .str("msg_from", sender)
+                    .str("friendly_from", sender)
+                    .opt("subject", e.subject.as_deref())
+                    .str("recv_method", "esmtp")
+                    .str("injection_time", &injection_time)
+                    .opt("queue", e.queue.as_deref());
+                out.end();
+            }
+        }
+        "injection" => {
+            let from = e.msg_from.as_deref().unwrap_or("");
+            let mut f = out.begin(kind, class, event_id(0), e.timestamp_ms);
+            common(&mut f, &e);
+            f.recipient(rcpt)
+                .str("msg_from", from)
+                .str("friendly_from", from)
+                .opt("subject", e.subject.as_deref())
+                .str("recv_method", "rest")
+                .str("injection_time", &rfc3339(e.timestamp_ms));
+            if e.sandbox {
+                f.str("sending_sandbox", "1");
+            }
+            out.end();
+        }
+        "delivery" | "transient_failure" | "delayed" | "bounce" | "expiration" | "admin_bounce" => {
+            let mut f = out.begin(kind, class, event_id(0), e.timestamp_ms);
+            common(&mut f, &e);
+            f.recipient(rcpt)
+                .str("msg_from", sender)
+                .opt("sending_ip", e.sending_ip.as_deref());
+            if let Some(peer) = e.peer.as_deref() {
+                match peer.parse::<std::net::SocketAddr>() {
+                    Ok(addr) => f.str("ip_address", &addr.ip().to_string()),
+                    Err(_) => f.str("ip_address", peer),
+                };
+            }
+            f.num("queue_time", e.queue_time)
+                .num("num_retries", e.num_retries)
+                .str("delv_method", "esmtp")
+                .str("outbound_tls", if e.tls.is_some() { "1" } else { "0" })
+                .opt("egress_source", e.egress_source.as_deref());
+            let response = e.response.as_deref().unwrap_or("");
+            if gannet_type == "delivery" {
+                f.str("raw_reason", response);
+            } else {
+                f.failure(response);
+                let class = match gannet_type {
+                    "expiration" => Some(24),
+                    "admin_bounce" => Some(25),
+                    "bounce" => e.bounce_class,
+                    _ => None,
+                };
+                f.num("bounce_class", class);
+            }
+            out.end();
+        }
+        "policy_rejection" => {
+            let mut f = out.begin(kind, class, event_id(0), e.timestamp_ms);
+            common(&mut f, &e);
+            if !rcpt.is_empty() {
+                f.recipient(rcpt);
+            }
+            f.opt("msg_from", e.sender.as_deref())
+                .failure(e.reply.as_deref().unwrap_or(""))
+                .opt("remote_addr", e.peer.as_deref())
+                .opt("phase", e.phase.as_deref());
+            out.end();
+        }
+        "generation_failure" => {
+            let reason = e.reason.as_deref().unwrap_or("");
+            let mut f = out.begin(kind, class, event_id(0), e.timestamp_ms);
+            common(&mut f, &e);
+            f.recipient(rcpt)
+                .str("raw_reason", reason)
+                .str("reason", reason)
+                .str("error_code", "554");
+            out.end();
+        }
+        _ => {
+            // open, click
+            let mut f = out.begin(kind, class, event_id(0), e.timestamp_ms);
+            common(&mut f, &e);
+            f.recipient(rcpt)
+                .opt("user_agent", e.user_agent.as_deref())
+                .opt("ip_address", e.ip_address.as_deref())
+                .opt("target_link_url", e.target_link_url.as_deref());
+            out.end();
+        }
+    }
+    Ok(())
+}
+
+/// Events that are SparkPost's already in gannet's names (out_of_band,
+/// spam_complaint, list_unsubscribe) and gannet's own: their fields as they are,
+/// with SparkPost's recipient fields and numbers as strings. Rare: parsed whole.
+fn convert_as_is(
+    line: &[u8],
+    kind: &'static str,
+    class: &str,
+    event_id: String,
+    filter: &Filter,
+    out: &mut Events,
+) -> Result<(), String> {
     let Value::Object(event) = serde_json::from_slice::<Value>(line).map_err(|e| e.to_string())?
     else {
         return Err("not an object".into());
@@ -83,184 +445,24 @@ pub fn convert(
         .get("timestamp_ms")
         .and_then(Value::as_u64)
         .unwrap_or(0);
-    let id = u128::from(lsn) << 16 | u128::from(shard);
-    let class = TYPES
-        .iter()
-        .find(|t| t.0 == kind)
-        .map_or("message_event", |t| t.1);
-    let mut push = |index: usize, fields: Map<String, Value>| {
-        let mut object = Map::new();
-        object.insert("type".into(), kind.into());
-        // Unique and stable: the line's position, its shard and the index of the
-        // event made from it (a reception makes one per recipient).
-        object.insert("event_id".into(), format!("{id}{index:05}").into());
-        object.insert("timestamp".into(), (timestamp_ms / 1000).to_string().into());
-        object.extend(fields);
-        let mut class_object = Map::new();
-        class_object.insert(class.into(), Value::Object(object));
-        let mut msys = Map::new();
-        msys.insert("msys".into(), Value::Object(class_object));
-        out.push(Converted {
-            kind,
-            object: Value::Object(msys),
-            timestamp_ms,
-        });
-    };
-    let get = |key: &str| event.get(key).filter(|v| !v.is_null()).cloned();
-    let text = |key: &str| event.get(key).and_then(Value::as_str).unwrap_or("");
-    let number = |key: &str| {
-        event
-            .get(key)
-            .and_then(Value::as_u64)
-            .map(|n| Value::from(n.to_string()))
-    };
-    let mut common = Map::new();
-    let put = |map: &mut Map<String, Value>, key: &str, value: Option<Value>| {
-        if let Some(value) = value {
-            map.insert(key.into(), value);
+    let mut f = out.begin(kind, class, event_id, timestamp_ms);
+    for (key, value) in &event {
+        if matches!(key.as_str(), "type" | "timestamp_ms" | "rcpt_to") {
+            continue;
         }
-    };
-    put(&mut common, "message_id", get("message_id"));
-    put(&mut common, "transmission_id", get("transmission_id"));
-    put(&mut common, "campaign_id", get("campaign_id"));
-    put(&mut common, "template_id", get("template_id"));
-    put(&mut common, "rcpt_meta", get("rcpt_meta"));
-    put(&mut common, "rcpt_tags", get("rcpt_tags"));
-    put(&mut common, "ip_pool", get("ip_pool"));
-    put(&mut common, "msg_size", number("msg_size"));
-    put(&mut common, "tenant", get("tenant"));
-    let recipient = |map: &mut Map<String, Value>, rcpt: &str| {
-        map.insert("rcpt_to".into(), rcpt.to_ascii_lowercase().into());
-        map.insert("raw_rcpt_to".into(), rcpt.into());
-        if let Some((_, domain)) = rcpt.rsplit_once('@') {
-            map.insert("routing_domain".into(), domain.to_ascii_lowercase().into());
-        }
-    };
-    let failure = |map: &mut Map<String, Value>, reply: &str| {
-        map.insert("raw_reason".into(), reply.into());
-        map.insert("reason".into(), reply.into());
-        let code: String = reply.chars().take_while(char::is_ascii_digit).collect();
-        if !code.is_empty() {
-            map.insert("error_code".into(), code.into());
-        }
-    };
-    let injection_time = rfc3339(timestamp_ms);
-    match gannet_type {
-        "reception" => {
-            let rcpts: Vec<&str> = event
-                .get("rcpt_to")
-                .and_then(Value::as_array)
-                .map(|a| a.iter().filter_map(Value::as_str).collect())
-                .unwrap_or_default();
-            for (index, rcpt) in rcpts.iter().enumerate() {
-                let mut fields = common.clone();
-                recipient(&mut fields, rcpt);
-                fields.insert("msg_from".into(), text("sender").into());
-                fields.insert("friendly_from".into(), text("sender").into());
-                put(&mut fields, "subject", get("subject"));
-                fields.insert("recv_method".into(), "esmtp".into());
-                fields.insert("injection_time".into(), injection_time.clone().into());
-                put(&mut fields, "queue", get("queue"));
-                push(index, fields);
+        match value {
+            Value::Number(n) if key != "shard" => f.num(key, n.as_u64()),
+            other => {
+                f.key(key);
+                let _ = serde_json::to_writer(&mut *f.out, other);
+                &mut f
             }
-        }
-        "injection" => {
-            let mut fields = common;
-            recipient(&mut fields, text("rcpt_to"));
-            fields.insert("msg_from".into(), text("msg_from").into());
-            fields.insert("friendly_from".into(), text("msg_from").into());
-            put(&mut fields, "subject", get("subject"));
-            fields.insert("recv_method".into(), "rest".into());
-            fields.insert("injection_time".into(), injection_time.into());
-            if event.get("sandbox").and_then(Value::as_bool) == Some(true) {
-                fields.insert("sending_sandbox".into(), "1".into());
-            }
-            push(0, fields);
-        }
-        "delivery" | "transient_failure" | "delayed" | "bounce" | "expiration" | "admin_bounce" => {
-            let mut fields = common;
-            recipient(&mut fields, text("rcpt_to"));
-            fields.insert("msg_from".into(), text("sender").into());
-            put(&mut fields, "sending_ip", get("sending_ip"));
-            if let Some(peer) = event.get("peer").and_then(Value::as_str) {
-                let ip = peer
-                    .parse::<std::net::SocketAddr>()
-                    .map_or(peer.to_string(), |a| a.ip().to_string());
-                fields.insert("ip_address".into(), ip.into());
-            }
-            put(&mut fields, "queue_time", number("queue_time"));
-            put(&mut fields, "num_retries", number("num_retries"));
-            fields.insert("delv_method".into(), "esmtp".into());
-            let tls = event.get("tls").is_some_and(|t| !t.is_null());
-            fields.insert("outbound_tls".into(), if tls { "1" } else { "0" }.into());
-            put(&mut fields, "egress_source", get("egress_source"));
-            if gannet_type == "delivery" {
-                fields.insert("raw_reason".into(), text("response").into());
-            } else {
-                failure(&mut fields, text("response"));
-                let class = match gannet_type {
-                    "expiration" => Some("24".to_string()),
-                    "admin_bounce" => Some("25".to_string()),
-                    "bounce" => event
-                        .get("bounce_class")
-                        .and_then(Value::as_u64)
-                        .map(|c| c.to_string()),
-                    _ => None,
-                };
-                if let Some(class) = class {
-                    fields.insert("bounce_class".into(), class.into());
-                }
-            }
-            push(0, fields);
-        }
-        "policy_rejection" => {
-            let mut fields = common;
-            if let Some(rcpt) = event.get("rcpt_to").and_then(Value::as_str) {
-                recipient(&mut fields, rcpt);
-            }
-            put(&mut fields, "msg_from", get("sender"));
-            failure(&mut fields, text("reply"));
-            put(&mut fields, "remote_addr", get("peer"));
-            put(&mut fields, "phase", get("phase"));
-            push(0, fields);
-        }
-        "generation_failure" => {
-            let mut fields = common;
-            recipient(&mut fields, text("rcpt_to"));
-            fields.insert("raw_reason".into(), text("reason").into());
-            fields.insert("reason".into(), text("reason").into());
-            fields.insert("error_code".into(), "554".into());
-            push(0, fields);
-        }
-        "open" | "click" => {
-            let mut fields = common;
-            recipient(&mut fields, text("rcpt_to"));
-            put(&mut fields, "user_agent", get("user_agent"));
-            put(&mut fields, "ip_address", get("ip_address"));
-            put(&mut fields, "target_link_url", get("target_link_url"));
-            push(0, fields);
-        }
-        _ => {
-            // Events that are SparkPost's already in gannet's names (out_of_band,
-            // spam_complaint, list_unsubscribe) and gannet's own: their fields as
-            // they are, with SparkPost's recipient fields and numbers as strings.
-            let mut fields = Map::new();
-            for (key, value) in &event {
-                if matches!(key.as_str(), "type" | "timestamp_ms") {
-                    continue;
-                }
-                let value = match value {
-                    Value::Number(n) if key != "shard" => Value::from(n.to_string()),
-                    other => other.clone(),
-                };
-                fields.insert(key.clone(), value);
-            }
-            if let Some(rcpt) = event.get("rcpt_to").and_then(Value::as_str) {
-                recipient(&mut fields, rcpt);
-            }
-            push(0, fields);
-        }
+        };
     }
+    if let Some(rcpt) = event.get("rcpt_to").and_then(Value::as_str) {
+        f.recipient(rcpt);
+    }
+    out.end();
     Ok(())
 }
 
@@ -282,9 +484,14 @@ mod tests {
     }
 
     fn one(line: &str, filter: &Filter) -> Vec<Value> {
-        let mut out = Vec::new();
+        let mut out = Events::new();
         convert(line.as_bytes(), 1, 4096, filter, &mut out).unwrap();
-        out.into_iter().map(|c| c.object).collect()
+        let array: Vec<Value> = serde_json::from_slice(&out.array()).unwrap();
+        for (item, value) in out.items.iter().zip(&array) {
+            let object: Value = serde_json::from_slice(out.object(item)).unwrap();
+            assert_eq!(&object, value);
+        }
+        array
     }
 
     #[test]
@@ -356,8 +563,31 @@ mod tests {
     }
 
     #[test]
+    fn escapes_survive_and_other_events_keep_their_fields() {
+        let line = r#"{"type":"injection","timestamp_ms":1765000000000,"shard":0,"message_id":"1","transmission_id":"9","rcpt_to":"a\"b@c.test","msg_from":"f@x.test","subject":"Say \"hi\" \u00e9\n","msg_size":5,"ip_pool":"p","queue":"q","rcpt_meta":{"n":[1,2]},"rcpt_tags":null}"#;
+        let e = &one(line, &all())[0]["msys"]["message_event"];
+        assert_eq!(e["subject"], "Say \"hi\" é\n");
+        assert_eq!(e["raw_rcpt_to"], "a\"b@c.test");
+        assert_eq!(e["rcpt_meta"]["n"][1], 2);
+        assert!(e.get("rcpt_tags").is_none());
+        assert_eq!(e["recv_method"], "rest");
+        let line = r#"{"type":"adaptive","timestamp_ms":1765000000000,"shard":1,"queue":"default->mx.test","rule":"default#0","change":"fired","until_ms":1765000060000,"actions":["suspend"],"set":""}"#;
+        let deliveries = Filter {
+            types: TypeSet::of(&["delivery"]).unwrap(),
+            tenant: None,
+        };
+        assert!(one(line, &deliveries).is_empty());
+        let e = &one(line, &all())[0]["msys"]["gannet_event"];
+        assert_eq!(e["type"], "adaptive");
+        assert_eq!(e["rule"], "default#0");
+        assert_eq!(e["until_ms"], "1765000060000");
+        assert_eq!(e["actions"][0], "suspend");
+        assert_eq!(e["shard"], 1);
+    }
+
+    #[test]
     fn damaged_lines_are_errors_and_unknown_types_are_skipped() {
-        let mut out = Vec::new();
+        let mut out = Events::new();
         assert!(convert(b"garbage", 0, 0, &all(), &mut out).is_err());
         assert!(convert(b"{\"type\":\"delivery\",", 0, 0, &all(), &mut out).is_err());
         assert!(convert(b"{\"type\":\"from_the_future\"}", 0, 0, &all(), &mut out).is_ok());

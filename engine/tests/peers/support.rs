@@ -297,6 +297,11 @@ impl Rabbit {
         }
     }
 
+    /// The Erlang VM's pid while the node runs.
+    pub fn vm_pid(&self) -> Option<u32> {
+        self.node.as_ref().map(|n| n.1)
+    }
+
     /// Stops the node: SIGTERM to the VM (the script ends with it), and waits.
     pub fn stop_node(&mut self) {
         if let Some((mut script, vm)) = self.node.take() {
@@ -313,7 +318,9 @@ impl Rabbit {
 
     /// Runs tests/peers/amqp_queue.py against the node.
     pub fn client(&self, args: &[&str]) -> std::process::Output {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/amqp_queue.py");
+        // From the engine's tests and the benchmarks alike.
+        let script =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/peers/amqp_queue.py");
         let out = Command::new(python())
             .arg(&script)
             .arg(self.port.to_string())
