@@ -7,8 +7,9 @@
 //!   `admin` from `http.admin_from` networks;
 //! - "inject": the injection API, with a key of role `inject` from `http.api_keys`:
 //!   SparkPost's Transmissions API ([`transmissions`]) with stored [`templates`] and
-//!   [`recipient_lists`] (each the key's tenant's alone), and KumoMTA's [`inject`]
-//!   API;
+//!   [`recipient_lists`] (each the key's tenant's alone), SparkPost's Webhooks API
+//!   ([`webhooks`]: the event hose's webhooks, each its key's tenant's), and
+//!   KumoMTA's [`inject`] API;
 //! - "tracking": the open pixel and click redirect ([`tracking`]).
 //!
 //! Request bodies are bounded by `http.request_bytes_max` (413) and requests in
