@@ -97,6 +97,12 @@ pub const NEED_SMTPUTF8: Reply = Reply::fixed(
 );
 pub const TOO_MANY_RECIPIENTS: Reply = Reply::fixed(452, "4.5.3", "too many recipients");
 pub const TOO_BIG: Reply = Reply::fixed(552, "5.3.4", "message exceeds the size limit");
+/// Every recipient of the message is on its tenant's suppression list.
+pub const ALL_SUPPRESSED: Reply = Reply::fixed(
+    550,
+    "5.7.1",
+    "every recipient is suppressed due to customer policy",
+);
 pub const RELAY_DENIED: Reply = Reply::fixed(550, "5.7.1", "relaying denied");
 pub const BARE_LINE_ENDING: Reply = Reply::fixed(
     550,

@@ -203,7 +203,20 @@ impl Jobs {
         let now_ms = unix_ms();
         let mut rendered = Vec::with_capacity(range.len());
         let mut failures = Vec::new();
+        let options = &job.stored.spec.options;
+        let check = options.skip_suppression != Some(true);
+        let kind = crate::suppression::Kind::of(options.transactional.unwrap_or(false));
+        let lists = &self.shard.shared.suppressions;
         for i in range {
+            if check && !lists.is_empty() {
+                let email = job.recipients()[i].address.parts().0;
+                if lists.is_suppressed(job.stored.tenant.as_deref(), email, kind) {
+                    // Accepted with the transmission, as SparkPost does, and
+                    // rejected here: no message, a policy_rejection event.
+                    self.suppressed(job, email, kind, now_ms);
+                    continue;
+                }
+            }
             match self.render(job, i, now_ms) {
                 Ok((record, subject)) => rendered.push((i, record, subject)),
                 Err(reason) => {
@@ -305,6 +318,26 @@ impl Jobs {
             rcpt_meta: meta_value(record, "rcpt_meta"),
             rcpt_tags: meta_value(record, "rcpt_tags"),
             sandbox: job.sandbox,
+        });
+    }
+
+    fn suppressed(&self, job: &Job, email: &str, kind: crate::suppression::Kind, now_ms: u64) {
+        ShardMetrics::add(&self.shard.metrics.suppressed_recipients_total, 1);
+        self.shard.event(&Event::PolicyRejection {
+            timestamp_ms: now_ms,
+            shard: self.shard.id,
+            phase: "suppression",
+            peer: String::new(),
+            sender: None,
+            rcpt_to: Some(email),
+            reply: format!(
+                "554 5.7.1 recipient address was suppressed due to customer policy ({})",
+                kind.name()
+            ),
+            message_id: None,
+            tenant: job.stored.tenant.as_deref(),
+            campaign_id: job.campaign(),
+            transmission_id: Some(&job.id),
         });
     }
 

@@ -24,6 +24,7 @@ pub mod runtime;
 pub mod services;
 pub mod shard;
 pub mod storage;
+pub mod suppression;
 pub mod timer;
 pub mod tls;
 

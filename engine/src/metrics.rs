@@ -91,6 +91,12 @@ metrics! {
     delivery_expired_total: "counter",
     /// Recipients bounced by an operator's bounce (admin API).
     delivery_admin_bounced_total: "counter",
+    /// Recipients given no message because their tenant's suppression list has them
+    /// (policy_rejection events with phase suppression).
+    suppressed_recipients_total: "counter",
+    /// Recipients added to a suppression list by a hard bounce, complaint or
+    /// unsubscribe.
+    suppression_auto_added_total: "counter",
     /// Parts put off to the next day: every source of their pool had sent its IP
     /// warm-up budget toward the site's provider.
     delivery_warmup_delayed_total: "counter",

@@ -112,6 +112,7 @@ mod testing {
                 ),
                 warmup: crate::warmup::Warmup::load(&config.delivery, events_dir, 0).unwrap(),
                 hose: Arc::new(hose),
+                suppressions: crate::suppression::Suppressions::open(events_dir, 1000).unwrap(),
                 config,
             });
             let dkim = (

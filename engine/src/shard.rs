@@ -51,6 +51,8 @@ pub struct Shared {
     pub warmup: crate::warmup::Warmup,
     /// The event hose: every shard's event log, the webhooks and the sinks.
     pub hose: Arc<crate::hose::Hose>,
+    /// Every tenant's suppression list, consulted at injection.
+    pub suppressions: Arc<crate::suppression::Suppressions>,
 }
 
 /// Session counts across all shards: the total and, per client address, an

@@ -45,32 +45,9 @@ fn post(daemon: &Daemon, path: &str, body: &Value) -> (u16, Value) {
     (status, parse(&text))
 }
 
-/// Runs a Python script that uses SparkPost's client library against the daemon's
-/// HTTPS listener (trusting its generated certificate); returns what it printed as
-/// JSON.
+/// SparkPost's Python client with the test key (`common::sparkpost_client`).
 fn sparkpost_client(daemon: &Daemon, script: &str) -> Value {
-    let https = daemon.https.expect("an https listener");
-    let prelude = format!(
-        "import json, sys\nfrom sparkpost import SparkPost\nsp = SparkPost(api_key={KEY:?}, base_uri='127.0.0.1:{}')\n",
-        https.port()
-    );
-    let out = run_with_input(
-        Command::new(common::peers::python())
-            .arg("-c")
-            .arg(format!("{prelude}{script}"))
-            .env(
-                "REQUESTS_CA_BUNDLE",
-                daemon.data_dir().join("tls/self-signed.crt"),
-            ),
-        b"",
-    );
-    assert!(
-        out.status.success(),
-        "python: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    parse(String::from_utf8_lossy(&out.stdout).trim())
+    common::sparkpost_client(daemon, KEY, script)
 }
 
 /// Python's email parser on a received message: headers, and each leaf part's

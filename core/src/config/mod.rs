@@ -21,6 +21,7 @@ pub mod policy;
 pub mod server;
 pub mod shaping;
 pub mod smtp;
+pub mod suppression;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -34,6 +35,7 @@ pub use net::Cidr;
 pub use policy::{Action, Phase, PolicyConfig, ReplyText, Rule};
 pub use server::{ServerConfig, SpoolSection};
 pub use smtp::{SmtpConfig, User};
+pub use suppression::SuppressionConfig;
 
 /// The documented default configuration, printed by `--print-default-config`.
 pub const DEFAULT_TOML: &str = include_str!("default.toml");
@@ -48,6 +50,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub spool: SpoolSection,
     pub events: EventsConfig,
+    pub suppression: SuppressionConfig,
     pub delivery: DeliveryConfig,
     pub dkim: dkim::DkimConfig,
 }
@@ -166,16 +169,8 @@ impl Config {
         Ok(config)
     }
 
-    /// Warm-up plans and the sources that follow them.
-    fn check_warmup_plans(&self) -> Result<(), (String, String)> {
-        for (name, plan) in &self.delivery.warmups {
-            if plan.schedule.is_empty() || plan.schedule.len() > 366 {
-                return Err((
-                    format!("delivery.warmups.{name}.schedule"),
-                    "give one daily budget per day of the plan, 1 to 366 of them".into(),
-                ));
-            }
-        }
+    /// The hose's broker sinks.
+    fn check_events(&self) -> Result<(), (String, String)> {
         let mut sinks = std::collections::HashSet::new();
         for (i, sink) in self.events.amqp.iter().enumerate() {
             let key = |field: &str| format!("events.amqp[{i}].{field}");
@@ -207,6 +202,19 @@ impl Config {
                         "`{}` is not topic, direct, fanout or headers",
                         sink.exchange_type
                     ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Warm-up plans and the sources that follow them.
+    fn check_warmup_plans(&self) -> Result<(), (String, String)> {
+        for (name, plan) in &self.delivery.warmups {
+            if plan.schedule.is_empty() || plan.schedule.len() > 366 {
+                return Err((
+                    format!("delivery.warmups.{name}.schedule"),
+                    "give one daily budget per day of the plan, 1 to 366 of them".into(),
                 ));
             }
         }
@@ -306,6 +314,7 @@ impl Config {
             }
         }
         self.check_warmup_plans()?;
+        self.check_events()?;
         if self.delivery.provider_files.is_empty() {
             // With provider files, the plans' providers are checked once the files
             // are read (`Config::load`).

@@ -188,6 +188,9 @@ fn record(
             .meta("rcpt_tags")
             .and_then(|j| serde_json::from_str(j).ok()),
     };
+    if let Some(class) = outcome.bounce_class {
+        suppress_hard_bounce(d, m, rcpt, class, &outcome.response, now);
+    }
     let metrics = &shard.metrics;
     let (event, counter) = match kind {
         Kind::Delivery => (Event::Delivery(outcome), &metrics.delivery_delivered_total),
@@ -205,6 +208,31 @@ fn record(
     };
     ShardMetrics::add(counter, 1);
     shard.event(&event);
+}
+
+/// A hard bounce (`suppression.hard_bounce_classes`) puts its recipient on its
+/// tenant's suppression list for all mail ("Bounce Rule"), unless turned off.
+fn suppress_hard_bounce(d: &Dispatcher, m: &Message, rcpt: u32, class: u16, reply: &str, now: u64) {
+    let config = &d.shard.config().suppression;
+    if !config.auto_add_hard_bounces || !config.hard_bounce_classes.contains(&class) {
+        return;
+    }
+    let lists = &d.shard.shared.suppressions;
+    for kind in [
+        crate::suppression::Kind::Transactional,
+        crate::suppression::Kind::NonTransactional,
+    ] {
+        lists.add_now(crate::suppression::Entry {
+            recipient: m.recipients[rcpt as usize].to_ascii_lowercase(),
+            tenant: m.meta("tenant").map(str::to_string),
+            kind,
+            source: "Bounce Rule".into(),
+            description: format!("bounce class {class}: {reply}"),
+            created_ms: now,
+            updated_ms: now,
+        });
+    }
+    ShardMetrics::add(&d.shard.metrics.suppression_auto_added_total, 1);
 }
 
 /// Records a Delayed event for each recipient of a part.

@@ -141,17 +141,28 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Vec::is_empty")]
         held: Vec<String>,
     },
-    /// A policy phase (or a limit) refused a session, a recipient or a message.
+    /// A policy phase (or a limit) refused a session, a recipient or a message; or
+    /// a recipient was suppressed (phase `suppression`: its tenant's suppression
+    /// list; the message, or the transmission, went on without it).
     PolicyRejection {
         timestamp_ms: u64,
         shard: u16,
         phase: &'a str,
+        /// The client's address; empty for a transmission's recipient.
         peer: String,
         #[serde(skip_serializing_if = "Option::is_none")]
         sender: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         rcpt_to: Option<&'a str>,
         reply: String,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        message_id: Option<String>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tenant: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        campaign_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        transmission_id: Option<&'a str>,
     },
 }
 
@@ -260,6 +271,10 @@ mod tests {
             sender: Some("a@b.test"),
             rcpt_to: None,
             reply: reply.into(),
+            message_id: None,
+            tenant: None,
+            campaign_id: None,
+            transmission_id: None,
         }
     }
 

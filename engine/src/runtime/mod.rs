@@ -101,8 +101,12 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
         shards,
         crate::hose::HoseSettings::from_config(&config.events),
     )?);
+    let suppressions =
+        crate::suppression::Suppressions::open(&data_dir, config.suppression.entries_max.usize())
+            .context("opening the suppression list")?;
     let shared = Arc::new(Shared {
         hose: hose.clone(),
+        suppressions,
         api_keys: gannet_core::auth::ApiKeys::new(&config.http.api_keys),
         tracking_key: crate::merge::tracking::TrackingKey::load_or_create(&data_dir)
             .with_context(|| format!("the tracking key in {}", data_dir.display()))?,

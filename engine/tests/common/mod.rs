@@ -434,3 +434,32 @@ pub fn curl(
         .unwrap_or_else(|| panic!("curl: {}", String::from_utf8_lossy(&out.stderr)));
     (status.parse().unwrap(), body.to_string())
 }
+
+/// Runs a Python script that uses SparkPost's client library (as `sp`, with API key
+/// `key`) against the daemon's HTTPS listener, trusting its generated certificate;
+/// returns what the script printed, as JSON.
+pub fn sparkpost_client(daemon: &Daemon, key: &str, script: &str) -> serde_json::Value {
+    let https = daemon.https.expect("an https listener");
+    let prelude = format!(
+        "import json, sys\nfrom sparkpost import SparkPost\nsp = SparkPost(api_key={key:?}, base_uri='127.0.0.1:{}')\n",
+        https.port()
+    );
+    let out = run_with_input(
+        Command::new(peers::python())
+            .arg("-c")
+            .arg(format!("{prelude}{script}"))
+            .env(
+                "REQUESTS_CA_BUNDLE",
+                daemon.data_dir().join("tls/self-signed.crt"),
+            ),
+        b"",
+    );
+    assert!(
+        out.status.success(),
+        "python: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{e}: {text}"))
+}

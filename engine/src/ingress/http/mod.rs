@@ -8,7 +8,8 @@
 //! - "inject": the injection API, with a key of role `inject` from `http.api_keys`:
 //!   SparkPost's Transmissions API ([`transmissions`]) with stored [`templates`] and
 //!   [`recipient_lists`] (each the key's tenant's alone), SparkPost's Webhooks API
-//!   ([`webhooks`]: the event hose's webhooks, each its key's tenant's), and
+//!   ([`webhooks`]: the event hose's webhooks, each its key's tenant's), its
+//!   Suppression List API ([`suppression_list`], per tenant), and
 //!   KumoMTA's [`inject`] API;
 //! - "tracking": the open pixel and click redirect ([`tracking`]).
 //!
@@ -18,6 +19,7 @@
 
 pub mod inject;
 pub mod recipient_lists;
+pub mod suppression_list;
 pub mod templates;
 pub mod tracking;
 pub mod transmissions;
@@ -317,6 +319,7 @@ const TEMPLATES: &str = "/api/v1/templates";
 const INJECT: &str = "/api/inject/v1";
 const RECIPIENT_LISTS: &str = "/api/v1/recipient-lists";
 const WEBHOOKS: &str = "/api/v1/webhooks";
+const SUPPRESSION_LIST: &str = "/api/v1/suppression-list";
 
 async fn route(
     svc: &ShardServices,
@@ -437,7 +440,8 @@ async fn route(
         _ if services.inject
             && (path.starts_with(TEMPLATES)
                 || path.starts_with(RECIPIENT_LISTS)
-                || path.starts_with(WEBHOOKS)) =>
+                || path.starts_with(WEBHOOKS)
+                || path.starts_with(SUPPRESSION_LIST)) =>
         {
             let identity = match authorize(shard, head, Role::Inject) {
                 Ok(identity) => identity,
@@ -463,6 +467,11 @@ async fn route(
                 .filter(|r| r.is_empty() || r.starts_with('/'))
             {
                 webhooks::handle(shard, tenant, method, rest, query, body).await
+            } else if let Some(rest) = path
+                .strip_prefix(SUPPRESSION_LIST)
+                .filter(|r| r.is_empty() || r.starts_with('/'))
+            {
+                suppression_list::handle(shard, tenant, method, rest, query, body).await
             } else {
                 not_found()
             }

@@ -117,6 +117,10 @@ impl Session {
             sender,
             rcpt_to: recipient,
             reply: String::from_utf8_lossy(&text).trim_end().to_string(),
+            message_id: None,
+            tenant: None,
+            campaign_id: None,
+            transmission_id: None,
         });
     }
 
@@ -580,7 +584,8 @@ async fn finish_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     let reply = accept_message(s, body, violations).await;
     if !reply.is_positive() {
         ShardMetrics::add(&s.shard.metrics.smtp_messages_rejected_total, 1);
-        if reply.code != 421 && reply.code != 451 {
+        // Suppressed recipients have their own events.
+        if reply.code != 421 && reply.code != 451 && reply != reply::ALL_SUPPRESSED {
             let sender = s.tx.as_ref().map(|tx| tx.sender.text.clone());
             s.policy_rejection("data", sender.as_deref(), None, &reply);
         }
@@ -635,6 +640,38 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     if let Verdict::Reject(reply) = policy.final_validation(&client, &draft, &mut prepared) {
         return reply;
     }
+    // The tenant's suppression list (SMTP mail is non-transactional): a suppressed
+    // recipient gets a policy_rejection event and no copy; the others go on.
+    let lists = &shard.shared.suppressions;
+    let kept: Option<Vec<String>> = if lists.is_empty() {
+        None
+    } else {
+        let tenant = lifted.tenant.as_deref();
+        let kind = crate::suppression::Kind::NonTransactional;
+        let (kept, gone): (Vec<&String>, Vec<&String>) =
+            (tx.recipients.iter()).partition(|r| !lists.is_suppressed(tenant, r, kind));
+        for rcpt in &gone {
+            ShardMetrics::add(&shard.metrics.suppressed_recipients_total, 1);
+            shard.event(&Event::PolicyRejection {
+                timestamp_ms: now_ms,
+                shard: shard.id,
+                phase: "suppression",
+                peer: s.peer.ip().to_string(),
+                sender: Some(&tx.sender.text),
+                rcpt_to: Some(rcpt),
+                reply: "554 5.7.1 recipient address was suppressed due to customer policy (non_transactional)".into(),
+                message_id: Some(id_text.clone()),
+                tenant,
+                campaign_id: lifted.campaign.as_deref(),
+                transmission_id: None,
+            });
+        }
+        if kept.is_empty() {
+            return reply::ALL_SUPPRESSED;
+        }
+        (!gone.is_empty()).then(|| kept.into_iter().cloned().collect())
+    };
+    let recipients: &[String] = kept.as_deref().unwrap_or(&tx.recipients);
     // DKIM, once per message whatever its recipients, as the last change to it.
     match shard
         .dkim()
@@ -660,7 +697,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     let queue = gannet_core::queue::scheduled_queue(
         lifted.campaign.as_deref(),
         lifted.tenant.as_deref(),
-        crate::policy::domain_of(&tx.recipients[0]),
+        crate::policy::domain_of(&recipients[0]),
     );
     let mut meta = vec![("pool".to_string(), pool.clone())];
     if let Some(tenant) = &lifted.tenant {
@@ -677,7 +714,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     let record = MessageRecord {
         id,
         sender: tx.sender.text.clone(),
-        recipients: tx.recipients.clone(),
+        recipients: recipients.to_vec(),
         meta,
         queue: queue.clone(),
         attempts: 0,
@@ -698,7 +735,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
             message_id: id_text.clone(),
             shard: shard.id,
             sender: &tx.sender.text,
-            rcpt_to: &tx.recipients,
+            rcpt_to: recipients,
             msg_size: size,
             peer: s.peer.to_string(),
             helo: client.helo.unwrap_or(""),
@@ -736,7 +773,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     ShardMetrics::add(&metrics.smtp_messages_accepted_total, 1);
     ShardMetrics::add(
         &metrics.smtp_recipients_accepted_total,
-        tx.recipients.len() as u64,
+        recipients.len() as u64,
     );
     ShardMetrics::add(&metrics.smtp_message_bytes_total, size as u64);
     Reply::new(250, "2.0.0", format!("OK queued as {id_text}"))
