@@ -201,6 +201,12 @@ impl Jobs {
         range: std::ops::Range<usize>,
     ) -> Result<Vec<(usize, String)>, SpoolError> {
         let now_ms = unix_ms();
+        let tracked = self.shard.shared.transmissions.get(&job.id);
+        if tracked.as_ref().is_some_and(|t| t.canceled()) {
+            // Canceled (DELETE /api/v1/transmissions/{id}): nothing more is made.
+            return Ok(Vec::new());
+        }
+        let mut suppressed = 0u64;
         let mut rendered = Vec::with_capacity(range.len());
         let mut failures = Vec::new();
         let options = &job.stored.spec.options;
@@ -214,6 +220,7 @@ impl Jobs {
                     // Accepted with the transmission, as SparkPost does, and
                     // rejected here: no message, a policy_rejection event.
                     self.suppressed(job, email, kind, now_ms);
+                    suppressed += 1;
                     continue;
                 }
             }
@@ -223,6 +230,20 @@ impl Jobs {
                     self.failed(job, i, &reason, now_ms);
                     failures.push((i, reason));
                 }
+            }
+        }
+        // Rendering failures and suppressions now; the generated (and those the spool
+        // refuses) once appended, below — a sandbox's at once.
+        let failed_rendering = failures.len();
+        if let Some(t) = &tracked {
+            let counted = if job.sandbox {
+                rendered.len() as u64
+            } else {
+                0
+            };
+            t.count(counted, failed_rendering as u64, suppressed);
+            if job.sandbox {
+                self.finish_tracked(t);
             }
         }
         if job.sandbox {
@@ -268,6 +289,14 @@ impl Jobs {
             self.shard.spool.durable(ticket).await?;
         }
         let generated = batch.len();
+        if let Some(t) = &tracked {
+            t.count(
+                generated as u64,
+                (failures.len() - failed_rendering) as u64,
+                0,
+            );
+            self.finish_tracked(t);
+        }
         let bytes: usize = batch.iter().map(|r| r.body.len()).sum();
         ShardMetrics::add(&self.shard.metrics.http_message_bytes_total, bytes as u64);
         for record in batch {
@@ -319,6 +348,11 @@ impl Jobs {
             rcpt_tags: meta_value(record, "rcpt_tags"),
             sandbox: job.sandbox,
         });
+    }
+
+    /// Notes the transmission's final record once every recipient is dealt with.
+    fn finish_tracked(&self, t: &crate::registry::Transmission) {
+        self.shard.shared.transmissions.finish_if_done(t, unix_ms());
     }
 
     fn suppressed(&self, job: &Job, email: &str, kind: crate::suppression::Kind, now_ms: u64) {

@@ -20,6 +20,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod notes;
 pub mod policy;
+pub mod registry;
 pub mod runtime;
 pub mod services;
 pub mod shard;

@@ -66,6 +66,9 @@ pub enum Question {
         limit: usize,
         body: bool,
     },
+    /// Drop the queued messages of a canceled transmission not yet tried (the
+    /// Transmissions API's DELETE): how many.
+    CancelTransmission { id: String },
 }
 
 /// A question for every shard and where their answers gather.

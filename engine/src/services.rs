@@ -113,6 +113,7 @@ mod testing {
                 warmup: crate::warmup::Warmup::load(&config.delivery, events_dir, 0).unwrap(),
                 hose: Arc::new(hose),
                 suppressions: crate::suppression::Suppressions::open(events_dir, 1000).unwrap(),
+                transmissions: crate::registry::Transmissions::open(events_dir).unwrap(),
                 config,
             });
             let dkim = (

@@ -53,6 +53,8 @@ pub struct Shared {
     pub hose: Arc<crate::hose::Hose>,
     /// Every tenant's suppression list, consulted at injection.
     pub suppressions: Arc<crate::suppression::Suppressions>,
+    /// The transmissions accepted (state and counts, for the Transmissions API).
+    pub transmissions: crate::registry::Transmissions,
 }
 
 /// Session counts across all shards: the total and, per client address, an

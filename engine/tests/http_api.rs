@@ -389,6 +389,129 @@ fn a_recipient_whose_message_cannot_be_spooled_fails_alone_and_nothing_is_duplic
     assert_eq!(count(&daemon), (n - 1, n - 1));
 }
 
+/// SparkPost's Python client lists and gets transmissions with their state and
+/// counts, and deletes a scheduled one: its queued messages are dropped and no
+/// more generated; one already sent cannot be deleted (409).
+#[test]
+fn transmissions_are_listed_and_got_and_a_scheduled_one_canceled() {
+    let sink = sink();
+    let mut daemon = daemon(sink.port, "");
+    let later = rfc3339(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 3600,
+    );
+    let got = sparkpost_client(
+        &daemon,
+        &format!(
+            r#"
+import time, warnings
+warnings.simplefilter("ignore")
+scheduled = sp.transmissions.send(recipients=["a@x.test", "b@x.test", "c@x.test"],
+    from_email="app@sender.test", subject="later", text="t", campaign="spring",
+    description="the spring sale", start_time="{later}")
+now = sp.transmissions.send(recipients=["d@x.test"], from_email="app@sender.test",
+    subject="now", text="t", campaign="receipts")
+for _ in range(200):
+    got = sp.transmissions.get(scheduled["id"])
+    if got["num_generated"] == 3:
+        break
+    time.sleep(0.05)
+listed = sp.transmissions.list()
+only_spring = sp.transmissions.list(campaign_id="spring")
+try:
+    sp.transmissions.delete(now["id"])
+    refused = None
+except Exception as e:
+    refused = str(e)
+deleted = sp.transmissions.delete(scheduled["id"])
+after = sp.transmissions.get(scheduled["id"])
+print(json.dumps({{"scheduled": scheduled["id"], "now": now["id"], "got": got,
+    "listed": listed, "only_spring": only_spring, "refused": refused,
+    "deleted": deleted, "after": after}}))
+"#
+        ),
+    );
+    let got_one = &got["got"];
+    assert_eq!(got_one["id"], got["scheduled"]);
+    assert_eq!(got_one["state"], "submitted", "{got_one}");
+    assert_eq!(
+        (
+            got_one["num_rcpts"].as_u64(),
+            got_one["num_generated"].as_u64()
+        ),
+        (Some(3), Some(3))
+    );
+    assert_eq!(got_one["description"], "the spring sale");
+    assert_eq!(got_one["campaign_id"], "spring");
+    let listed = got["listed"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{listed:#?}");
+    assert_eq!(listed[0]["id"], got["now"], "newest first");
+    assert_eq!(got["only_spring"].as_array().unwrap().len(), 1);
+    assert!(got["refused"].as_str().unwrap().contains("409"), "{got}");
+    assert_eq!(got["after"]["state"], "Canceled");
+    // The receipt is delivered; the canceled transmission's messages never are.
+    wait_events(&daemon, "the receipt's delivery", |events| {
+        events
+            .iter()
+            .any(|e| e["type"] == "delivery" && e["rcpt_to"] == "d@x.test")
+    });
+    let (status, _) = curl(
+        &daemon,
+        "DELETE",
+        "/api/v1/transmissions/0000nope",
+        &[&format!("Authorization: {KEY}")],
+        None,
+    );
+    assert_eq!(status, 404);
+    let (status, _) = curl(
+        &daemon,
+        "GET",
+        "/api/v1/transmissions/0000nope",
+        &[&format!("Authorization: {KEY}")],
+        None,
+    );
+    assert_eq!(status, 404);
+    let (status, _) = curl(
+        &daemon,
+        "DELETE",
+        "/api/v1/transmissions",
+        &[&format!("Authorization: {KEY}")],
+        None,
+    );
+    assert_eq!(status, 405, "a DELETE of the collection needs campaign_id");
+    daemon.stop();
+    let scheduled = got["scheduled"].as_str().unwrap();
+    let left: Vec<_> = common::spooled(&daemon.data_dir())
+        .into_iter()
+        .filter(|m| {
+            m.meta
+                .iter()
+                .any(|(k, v)| k == "transmission_id" && v == scheduled)
+        })
+        .collect();
+    assert!(
+        left.is_empty(),
+        "the canceled transmission's messages are gone: {}",
+        left.len()
+    );
+    // Its state survives a restart.
+    let dir = std::mem::replace(&mut daemon.dir, tempfile::tempdir().unwrap());
+    let text = std::fs::read_to_string(dir.path().join("gannetd.toml")).unwrap();
+    let daemon = Daemon::start_in(dir, &text);
+    let (status, text) = curl(
+        &daemon,
+        "GET",
+        &format!("/api/v1/transmissions/{scheduled}"),
+        &[&format!("Authorization: {KEY}")],
+        None,
+    );
+    assert_eq!(status, 200, "{text}");
+    assert_eq!(parse(&text)["results"]["transmission"]["state"], "Canceled");
+}
+
 #[test]
 fn bad_requests_get_sparkpost_errors_and_queue_nothing() {
     let daemon = daemon(1, "request_bytes_max = 4096\n");

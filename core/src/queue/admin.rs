@@ -327,24 +327,31 @@ impl Queues {
     /// of the scheduled queue (waiting or held), the due list and the ready queues.
     /// Parts handed to another shard are not here: they come back with their report.
     pub fn take_selected(&mut self, selector: &QueueSelector) -> Vec<Part> {
-        let selects = |part: &Part| {
+        self.take_where(|part: &Part| {
             let m = part.message.borrow();
             selector.selects(&queue_name(&m, &part.domain))
-        };
-        let mut out = self.take_waiting_where(selects);
+        })
+    }
+
+    /// Takes every part for which `selects` is true out of the scheduled queue
+    /// (waiting or held), the due list and the ready queues (a transmission's parts
+    /// when it is canceled).
+    pub fn take_where(&mut self, selects: impl Fn(&Part) -> bool) -> Vec<Part> {
+        let mut out = self.take_waiting_where(&selects);
         let (held, kept): (Vec<Part>, Vec<Part>) = std::mem::take(&mut self.held)
             .into_iter()
-            .partition(selects);
+            .partition(&selects);
         self.held = kept;
         for part in held {
             self.counts.remove(&part, Place::Held);
             out.push(part);
         }
-        let (due, kept): (Vec<Part>, Vec<Part>) =
-            std::mem::take(&mut self.due).into_iter().partition(selects);
+        let (due, kept): (Vec<Part>, Vec<Part>) = std::mem::take(&mut self.due)
+            .into_iter()
+            .partition(&selects);
         self.due = kept;
         out.extend(due);
-        out.extend(self.take_ready_where(selects));
+        out.extend(self.take_ready_where(&selects));
         out
     }
 

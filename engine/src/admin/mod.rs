@@ -256,7 +256,10 @@ async fn saved_and_applied(shard: &Shard) -> Result<(), Reply> {
 
 /// Asks every shard `question`; their answers in shard order. 504 when a shard does
 /// not answer in time.
-async fn ask(shard: &Shard, question: Question) -> Result<Vec<(u16, serde_json::Value)>, Reply> {
+pub async fn ask(
+    shard: &Shard,
+    question: Question,
+) -> Result<Vec<(u16, serde_json::Value)>, Reply> {
     let mesh = &shard.shared.mesh;
     let answers = Answers::new(mesh.shards());
     for to in 0..mesh.shards() {
@@ -288,14 +291,14 @@ async fn ask(shard: &Shard, question: Question) -> Result<Vec<(u16, serde_json::
 }
 
 /// The value of query parameter `name`, percent-decoded.
-fn query_value(query: &str, name: &str) -> Option<String> {
+pub fn query_value(query: &str, name: &str) -> Option<String> {
     query.split('&').find_map(|pair| {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         (key == name).then(|| percent_decode(value))
     })
 }
 
-fn percent_decode(text: &str) -> String {
+pub fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

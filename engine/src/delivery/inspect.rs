@@ -24,6 +24,17 @@ pub fn answer(d: &Dispatcher, question: &Question) -> Value {
         }
         Question::Message { id, body } => message(d, *id, *body, now),
         Question::SchedQueue { name, limit, body } => sched_queue(d, name, *limit, *body, now),
+        Question::CancelTransmission { id } => {
+            let parts = d.queues.borrow_mut().take_where(|part| {
+                let m = part.message.borrow();
+                part.attempts == 0 && m.meta("transmission_id") == Some(id.as_str())
+            });
+            let canceled = parts.len();
+            for part in parts {
+                super::settling::cancel(d, part);
+            }
+            json!({ "canceled": canceled })
+        }
         Question::Count(selector) => {
             let mut tally = d.queues.borrow().count_selected(selector);
             // Parts handed to another shard are this shard's to settle: counted here.

@@ -44,6 +44,13 @@ pub(super) fn admin_bounce(d: &Dispatcher, part: Part, bounce: &crate::live::Liv
     settle_as(d, part, results, None, None, Some(b.suppress_logging));
 }
 
+/// Finishes a part of a canceled transmission (never tried): no event, no retry.
+pub(super) fn cancel(d: &Dispatcher, part: Part) {
+    let reply = Response::local(554, "5.7.1 the transmission was canceled".to_string());
+    let results = part.rcpts.iter().map(|i| (*i, reply.clone())).collect();
+    settle_as(d, part, results, None, None, Some(true));
+}
+
 /// `admin`: an operator's bounce (with whether its events are suppressed) rather
 /// than an attempt's replies.
 fn settle_as(

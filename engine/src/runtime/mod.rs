@@ -104,9 +104,12 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     let suppressions =
         crate::suppression::Suppressions::open(&data_dir, config.suppression.entries_max.usize())
             .context("opening the suppression list")?;
+    let transmissions =
+        crate::registry::Transmissions::open(&data_dir).context("opening the transmissions log")?;
     let shared = Arc::new(Shared {
         hose: hose.clone(),
         suppressions,
+        transmissions,
         api_keys: gannet_core::auth::ApiKeys::new(&config.http.api_keys),
         tracking_key: crate::merge::tracking::TrackingKey::load_or_create(&data_dir)
             .with_context(|| format!("the tracking key in {}", data_dir.display()))?,

@@ -428,12 +428,39 @@ async fn route(
                 Ok(identity) => identity,
                 Err(reply) => return reply,
             };
+            let tenant = identity.tenant.as_deref();
+            let query = head.uri.query().unwrap_or("");
             match *method {
                 Method::POST if !json => not_json(),
                 Method::POST if path == INJECT => {
                     inject::inject(&svc.jobs, &identity, peer, body).await
                 }
                 Method::POST => transmissions::create(&svc.jobs, &identity, peer, body).await,
+                Method::GET if path == TRANSMISSIONS => {
+                    transmissions::read(shard, tenant, None, query)
+                }
+                Method::DELETE if path == TRANSMISSIONS => {
+                    transmissions::cancel(shard, tenant, None, query).await
+                }
+                _ => method_not_allowed(),
+            }
+        }
+        _ if services.inject
+            && path
+                .strip_prefix(TRANSMISSIONS)
+                .and_then(|r| r.strip_prefix('/'))
+                .is_some_and(|id| !id.is_empty() && !id.contains('/')) =>
+        {
+            let identity = match authorize(shard, head, Role::Inject) {
+                Ok(identity) => identity,
+                Err(reply) => return reply,
+            };
+            let tenant = identity.tenant.as_deref();
+            let id = &path[TRANSMISSIONS.len() + 1..];
+            let query = head.uri.query().unwrap_or("");
+            match *method {
+                Method::GET => transmissions::read(shard, tenant, Some(id), query),
+                Method::DELETE => transmissions::cancel(shard, tenant, Some(id), query).await,
                 _ => method_not_allowed(),
             }
         }
@@ -505,6 +532,11 @@ pub fn too_many(what: &str, max: usize, key: &str) -> Reply {
         &format!("too many {what}"),
         &format!("at most {max} per tenant ({key}); delete some first"),
     )
+}
+
+/// The value of query parameter `name`, percent-decoded.
+pub fn query_value(query: &str, name: &str) -> Option<String> {
+    crate::admin::query_value(query, name)
 }
 
 /// A `true`/`false` query parameter (None when absent or anything else).

@@ -103,26 +103,7 @@ pub async fn handle(
 
 /// A path segment, percent-decoded (`user%40example.com`).
 fn decode(segment: &str) -> String {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = (bytes[i] == b'%')
-            .then(|| segment.get(i + 1..i + 3))
-            .flatten()
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match hex {
-            Some(b) => {
-                out.push(b);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    crate::admin::percent_decode(segment)
 }
 
 fn not_found(recipient: &str) -> Reply {
@@ -154,10 +135,7 @@ fn show(entry: &Entry) -> Value {
 
 /// The value of query parameter `name`, percent-decoded.
 fn param(query: &str, name: &str) -> Option<String> {
-    query.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=')?;
-        (key == name).then(|| decode(&value.replace('+', " ")))
-    })
+    super::query_value(query, name)
 }
 
 /// Unix ms of a time given as RFC 3339 (seconds optional).

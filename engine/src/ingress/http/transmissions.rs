@@ -267,6 +267,7 @@ async fn submit(jobs: &Rc<Jobs>, job: Job, rejected: usize) -> Reply {
     let shard = &jobs.shard;
     let metrics = &shard.metrics;
     let count = job.recipients().len();
+    register(shard, &job, rejected).await;
     ShardMetrics::add(&metrics.http_recipients_rejected_total, rejected as u64);
     if count == 1 || job.sandbox {
         // Generated inside the request: the reply says whether it was spooled.
@@ -289,6 +290,176 @@ async fn submit(jobs: &Rc<Jobs>, job: Job, rejected: usize) -> Reply {
     let reply = accepted_reply(&spooled[0].0, count, rejected);
     crate::jobs::start(jobs, spooled);
     reply
+}
+
+/// Remembers the transmission for the API's list, get and delete (a scheduled one
+/// durably, on the blocking thread, before the reply).
+async fn register(shard: &Shard, job: &Job, rejected: usize) {
+    let spec = &job.stored.spec;
+    let record = crate::registry::Record {
+        id: job.id.clone(),
+        tenant: job.stored.tenant.clone(),
+        campaign_id: job.campaign().map(str::to_string),
+        description: spec.description.clone(),
+        template_id: job.stored.template_id.clone(),
+        start_ms: job.stored.due_ms,
+        created_ms: job.stored.received_ms,
+        num_rcpts: job.recipients().len() as u64,
+        num_invalid_recipients: rejected as u64,
+        num_generated: 0,
+        num_failed_gen: 0,
+        num_suppressed: 0,
+        canceled: false,
+        generation_end_ms: None,
+    };
+    if record.start_ms > record.created_ms {
+        let shared = shard.shared.clone();
+        let now = record.created_ms;
+        glommio::executor()
+            .spawn_blocking(move || {
+                shared.transmissions.add(record, now);
+            })
+            .await;
+    } else {
+        shard
+            .shared
+            .transmissions
+            .add(record, job.stored.received_ms);
+    }
+}
+
+/// A transmission as SparkPost's list and get show it.
+fn show(t: &crate::registry::Transmission, now_ms: u64) -> serde_json::Value {
+    let r = t.snapshot();
+    let time = |ms: u64| crate::hose::sparkpost::rfc3339(ms);
+    let mut value = serde_json::json!({
+        "id": r.id,
+        "state": t.state(now_ms),
+        "campaign_id": r.campaign_id.clone().unwrap_or_default(),
+        "description": r.description.clone().unwrap_or_default(),
+        "content": { "template_id": r.template_id },
+        "num_rcpts": r.num_rcpts,
+        "num_generated": r.num_generated,
+        "num_failed_gen": r.num_failed_gen,
+        "num_invalid_recipients": r.num_invalid_recipients,
+        "num_suppressed": r.num_suppressed,
+        "generation_start_time": time(r.created_ms),
+        "options": { "start_time": time(r.start_ms) },
+    });
+    if let Some(end) = r.generation_end_ms {
+        value["generation_end_time"] = time(end).into();
+    }
+    value
+}
+
+/// `GET /api/v1/transmissions` (`campaign_id`, `template_id` filters; newest first)
+/// and `GET /api/v1/transmissions/{id}`: the key's tenant's transmissions.
+pub fn read(shard: &Shard, tenant: Option<&str>, id: Option<&str>, query: &str) -> Reply {
+    let now = unix_ms();
+    let registry = &shard.shared.transmissions;
+    match id {
+        Some(id) => match registry
+            .get(id)
+            .filter(|t| t.record.tenant.as_deref() == tenant)
+        {
+            Some(t) => Reply::json(
+                200,
+                serde_json::json!({ "results": { "transmission": show(&t, now) } }).to_string(),
+            ),
+            None => not_found(id),
+        },
+        None => {
+            let campaign = super::query_value(query, "campaign_id");
+            let template = super::query_value(query, "template_id");
+            let listed: Vec<serde_json::Value> = registry
+                .all()
+                .iter()
+                .filter(|t| {
+                    let r = &t.record;
+                    r.tenant.as_deref() == tenant
+                        && campaign
+                            .as_ref()
+                            .is_none_or(|c| r.campaign_id.as_ref() == Some(c))
+                        && template
+                            .as_ref()
+                            .is_none_or(|c| r.template_id.as_ref() == Some(c))
+                })
+                .map(|t| show(t, now))
+                .collect();
+            Reply::json(200, serde_json::json!({ "results": listed }).to_string())
+        }
+    }
+}
+
+fn not_found(id: &str) -> Reply {
+    Reply::error(
+        404,
+        "1600",
+        "resource not found",
+        &format!("transmission {id:?} does not exist"),
+    )
+}
+
+/// `DELETE /api/v1/transmissions/{id}` (or `?campaign_id=`): cancels scheduled
+/// transmissions — their messages not yet tried are dropped on every shard and no
+/// more are generated. One that is not scheduled (it is sending or sent) is 409.
+pub async fn cancel(shard: &Shard, tenant: Option<&str>, id: Option<&str>, query: &str) -> Reply {
+    let now = unix_ms();
+    let registry = &shard.shared.transmissions;
+    let chosen: Vec<std::sync::Arc<crate::registry::Transmission>> = match id {
+        Some(id) => match registry
+            .get(id)
+            .filter(|t| t.record.tenant.as_deref() == tenant)
+        {
+            Some(t) if t.record.start_ms > now && !t.canceled() => vec![t],
+            Some(t) => {
+                return Reply::error(
+                    409,
+                    "2004",
+                    "transmission cannot be canceled",
+                    &format!(
+                        "transmission {id:?} is {}: only a scheduled transmission (its start_time still ahead) can be",
+                        t.state(now)
+                    ),
+                );
+            }
+            None => return not_found(id),
+        },
+        None => {
+            let Some(campaign) = super::query_value(query, "campaign_id") else {
+                return super::method_not_allowed();
+            };
+            registry
+                .all()
+                .into_iter()
+                .filter(|t| {
+                    t.record.tenant.as_deref() == tenant
+                        && t.record.campaign_id.as_deref() == Some(campaign.as_str())
+                        && t.record.start_ms > now
+                        && !t.canceled()
+                })
+                .collect()
+        }
+    };
+    for t in chosen {
+        let shared = shard.shared.clone();
+        let marked = t.clone();
+        glommio::executor()
+            .spawn_blocking(move || shared.transmissions.cancel(&marked))
+            .await;
+        let question = crate::notes::Question::CancelTransmission {
+            id: t.record.id.clone(),
+        };
+        if let Err(reply) = crate::admin::ask(shard, question).await {
+            return reply.into();
+        }
+    }
+    Reply {
+        status: 204,
+        content_type: "application/json",
+        body: bytes::Bytes::new(),
+        location: None,
+    }
 }
 
 /// Spools a transmission to be generated after the reply: one job record per
