@@ -156,39 +156,17 @@ impl Log {
 impl Transmissions {
     pub fn open(data_dir: &Path) -> anyhow::Result<Transmissions> {
         let path = data_dir.join(FILE);
+        let log = crate::json::read_log::<Record>(&path)?;
         let mut records: BTreeMap<String, Record> = BTreeMap::new();
-        let mut lines = 0;
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let text = String::from_utf8_lossy(&bytes);
-                let count = text.lines().count();
-                for (i, line) in text.lines().enumerate() {
-                    lines += 1;
-                    match serde_json::from_str::<Record>(line) {
-                        Ok(record) => {
-                            records.insert(record.id.clone(), record);
-                        }
-                        Err(_) if i + 1 == count && !bytes.ends_with(b"\n") => {
-                            tracing::warn!(file = %path.display(), "transmissions log ends in a torn line; ignored");
-                        }
-                        Err(err) => anyhow::bail!("{}:{}: {err}", path.display(), i + 1),
-                    }
-                }
-            }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => anyhow::bail!("{}: {err}", path.display()),
+        for record in log.values {
+            records.insert(record.id.clone(), record);
         }
         // Ids are message ids: in time order. The newest KEPT stay.
         while records.len() > KEPT {
             records.pop_first();
         }
-        if lines > 2 * records.len() + 1000 || (lines > 0 && !ends_with_newline(&path)) {
-            let mut text = Vec::new();
-            for record in records.values() {
-                serde_json::to_writer(&mut text, record)?;
-                text.push(b'\n');
-            }
-            gannet_spool::durable::write_file(&path, &text, 0o600)?;
+        if log.lines > 2 * records.len() + 1000 || log.torn {
+            crate::json::rewrite_log(&path, records.values())?;
         }
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let map = records
@@ -281,10 +259,6 @@ impl Transmissions {
         transmission.canceled.store(true, Ordering::Release);
         transmission.finished.store(true, Ordering::Release);
     }
-}
-
-fn ends_with_newline(path: &Path) -> bool {
-    std::fs::read(path).map_or(true, |b| b.last() == Some(&b'\n'))
 }
 
 #[cfg(test)]

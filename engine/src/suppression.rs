@@ -125,45 +125,26 @@ impl Suppressions {
     /// flusher thread.
     pub fn open(data_dir: &Path, entries_max: usize) -> anyhow::Result<Arc<Suppressions>> {
         let path = data_dir.join(FILE);
+        let log = crate::json::read_log::<Op>(&path)?;
         let mut map: HashMap<Key, Entry> = HashMap::new();
-        let mut lines = 0usize;
-        match std::fs::read(&path) {
-            Ok(bytes) => {
-                let text = String::from_utf8_lossy(&bytes);
-                let count = text.lines().count();
-                for (i, line) in text.lines().enumerate() {
-                    lines += 1;
-                    match serde_json::from_str::<Op>(line) {
-                        Ok(Op::Put(entry)) => {
-                            let k = key(entry.tenant.as_deref(), &entry.recipient, entry.kind);
-                            map.insert(k, entry);
-                        }
-                        Ok(Op::Delete {
-                            recipient,
-                            tenant,
-                            kind,
-                        }) => {
-                            map.remove(&key(tenant.as_deref(), &recipient, kind));
-                        }
-                        // A torn last line (a crash in the middle of an append).
-                        Err(_) if i + 1 == count && !bytes.ends_with(b"\n") => {
-                            tracing::warn!(file = %path.display(), "suppression list ends in a torn line; ignored");
-                        }
-                        Err(err) => anyhow::bail!("{}:{}: {err}", path.display(), i + 1),
-                    }
+        for op in log.values {
+            match op {
+                Op::Put(entry) => {
+                    let k = key(entry.tenant.as_deref(), &entry.recipient, entry.kind);
+                    map.insert(k, entry);
+                }
+                Op::Delete {
+                    recipient,
+                    tenant,
+                    kind,
+                } => {
+                    map.remove(&key(tenant.as_deref(), &recipient, kind));
                 }
             }
-            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-            Err(err) => anyhow::bail!("{}: {err}", path.display()),
         }
-        if lines > 2 * map.len() + 1000 || (lines > 0 && !path_ends_with_newline(&path)) {
+        if log.lines > 2 * map.len() + 1000 || log.torn {
             // Mostly superseded lines (or a torn tail): rewrite it whole.
-            let mut text = Vec::new();
-            for entry in map.values() {
-                serde_json::to_writer(&mut text, &Op::Put(entry.clone()))?;
-                text.push(b'\n');
-            }
-            gannet_spool::durable::write_file(&path, &text, 0o600)?;
+            crate::json::rewrite_log(&path, map.values().map(|e| Op::Put(e.clone())))?;
         }
         let log = OpenOptions::new().create(true).append(true).open(&path)?;
         let hasher = std::collections::hash_map::RandomState::new();
@@ -417,16 +398,6 @@ impl Suppressions {
             tracing::error!(file = %self.path.display(), "writing suppression entries: {err}");
         }
     }
-}
-
-fn path_ends_with_newline(path: &Path) -> bool {
-    use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut file) = File::open(path) else {
-        return true;
-    };
-    let mut last = [0u8; 1];
-    file.seek(SeekFrom::End(-1)).is_err()
-        || (file.read_exact(&mut last).is_ok() && last[0] == b'\n')
 }
 
 #[cfg(test)]

@@ -7,11 +7,10 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Daemon;
-use common::load::{Target, client, delivered};
+use common::load::{Load, delivered};
 use common::peers::{Rabbit, free_port};
 use common::relay::dumping_smtp_sink;
 use serde_json::Value;
@@ -92,34 +91,18 @@ fn every_event_of_a_relay_is_published_once_across_a_kill_and_a_broker_restart()
     let text = config(dir.path(), smtp, http, sink_port, rabbit.port);
     let mut daemon = Daemon::start_in(dir, &text);
 
-    let target: Target = Arc::new(Mutex::new(Some(daemon.smtp)));
-    let acked = Arc::new(Mutex::new(Vec::with_capacity(MESSAGES)));
-    let per_client = MESSAGES / CLIENTS;
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let (target, acked) = (target.clone(), acked.clone());
-            std::thread::spawn(move || client(target, c * per_client..(c + 1) * per_client, acked))
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while acked.lock().unwrap().len() < KILL_AFTER {
-        assert!(Instant::now() < deadline, "injection too slow");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    *target.lock().unwrap() = None;
+    let load = Load::start(daemon.smtp, MESSAGES, CLIENTS);
+    load.pause_after(KILL_AFTER);
     daemon.kill();
     let dir = std::mem::replace(&mut daemon.dir, tempfile::tempdir().unwrap());
     let mut daemon = Daemon::start_in(dir, &text);
-    *target.lock().unwrap() = Some(daemon.smtp);
+    load.resume(daemon.smtp);
     // The broker goes down for a while and comes back with its queue.
     std::thread::sleep(Duration::from_millis(500));
     rabbit.stop_node();
     std::thread::sleep(Duration::from_secs(2));
     rabbit.start_node();
-    for c in clients {
-        c.join().unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
+    let acked = load.finish();
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
         let seen = delivered(dumps.path());

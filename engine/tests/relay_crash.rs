@@ -5,11 +5,10 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Daemon;
-use common::load::{Target, client, delivered};
+use common::load::{Load, delivered};
 use common::relay::dumping_smtp_sink;
 
 const MESSAGES: usize = 20_000;
@@ -25,34 +24,18 @@ fn a_killed_relay_delivers_every_acknowledged_message_after_restart() {
     let mut daemon = Daemon::start("", &config);
     let started = Instant::now();
 
-    let target: Target = Arc::new(Mutex::new(Some(daemon.smtp)));
-    let acked = Arc::new(Mutex::new(Vec::with_capacity(MESSAGES)));
-    let per_client = MESSAGES / CLIENTS;
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let (target, acked) = (target.clone(), acked.clone());
-            std::thread::spawn(move || client(target, c * per_client..(c + 1) * per_client, acked))
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while acked.lock().unwrap().len() < KILL_AFTER {
-        assert!(Instant::now() < deadline, "injection too slow");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    *target.lock().unwrap() = None;
+    let load = Load::start(daemon.smtp, MESSAGES, CLIENTS);
+    load.pause_after(KILL_AFTER);
     daemon.kill();
-    let acked_at_kill = acked.lock().unwrap().len();
+    let acked_at_kill = load.acked.lock().unwrap().len();
     let killed_at = started.elapsed();
     let delivered_at_kill = delivered(dumps.path()).len();
 
     let dir = std::mem::replace(&mut daemon.dir, tempfile::tempdir().unwrap());
     let config = std::fs::read_to_string(dir.path().join("gannetd.toml")).unwrap();
     let mut restarted = Daemon::start_in(dir, &config);
-    *target.lock().unwrap() = Some(restarted.smtp);
-    for c in clients {
-        c.join().unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
+    load.resume(restarted.smtp);
+    let acked = load.finish();
     let injected_at = started.elapsed();
     assert!(acked.len() >= MESSAGES, "{} acknowledged", acked.len());
 

@@ -8,12 +8,11 @@ mod common;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Daemon;
 use common::admin::{curl_as, json};
-use common::load::{Target, client, delivered};
+use common::load::{Load, delivered};
 use common::peers::{free_port, webhook_receiver, webhook_receiver_on};
 use common::relay::dumping_smtp_sink;
 use serde_json::Value;
@@ -354,36 +353,20 @@ fn every_event_of_a_relay_reaches_a_webhook_once_across_a_kill_and_an_outage() {
     assert_eq!(status, 200, "{made}");
     let id = made["results"]["id"].as_str().unwrap().to_string();
 
-    let target: Target = Arc::new(Mutex::new(Some(daemon.smtp)));
-    let acked = Arc::new(Mutex::new(Vec::with_capacity(MESSAGES)));
-    let per_client = MESSAGES / CLIENTS;
-    let clients: Vec<_> = (0..CLIENTS)
-        .map(|c| {
-            let (target, acked) = (target.clone(), acked.clone());
-            std::thread::spawn(move || client(target, c * per_client..(c + 1) * per_client, acked))
-        })
-        .collect();
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while acked.lock().unwrap().len() < KILL_AFTER {
-        assert!(Instant::now() < deadline, "injection too slow");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    *target.lock().unwrap() = None;
+    let load = Load::start(daemon.smtp, MESSAGES, CLIENTS);
+    load.pause_after(KILL_AFTER);
     daemon.kill();
     let shipped_at_kill = batches(out.path()).len();
     let dir = std::mem::replace(&mut daemon.dir, tempfile::tempdir().unwrap());
     let mut daemon = Daemon::start_in(dir, &text);
     assert_eq!(daemon.smtp.port(), smtp, "restarted on its fixed port");
-    *target.lock().unwrap() = Some(daemon.smtp);
+    load.resume(daemon.smtp);
     // The receiver goes away for a while, then comes back on its port.
     std::thread::sleep(Duration::from_millis(1500));
     drop(receiver);
     std::thread::sleep(Duration::from_secs(4));
     let _receiver = webhook_receiver_on(hook_port, out.path(), 200);
-    for c in clients {
-        c.join().unwrap();
-    }
-    let acked = acked.lock().unwrap().clone();
+    let acked = load.finish();
     assert!(acked.len() >= MESSAGES, "{} acknowledged", acked.len());
 
     // Wait until every acknowledged message is delivered and the webhook has every

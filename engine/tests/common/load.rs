@@ -104,3 +104,56 @@ pub fn delivered(dumps: &std::path::Path) -> HashMap<usize, usize> {
     }
     seen
 }
+
+/// `clients` clients injecting messages `0..messages` (split evenly) into `target`,
+/// and the sequence numbers acknowledged so far.
+pub struct Load {
+    pub target: Target,
+    pub acked: Arc<Mutex<Vec<usize>>>,
+    clients: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, messages: usize, clients: usize) -> Load {
+        let target: Target = Arc::new(Mutex::new(Some(addr)));
+        let acked = Arc::new(Mutex::new(Vec::with_capacity(messages)));
+        let per_client = messages / clients;
+        let clients = (0..clients)
+            .map(|c| {
+                let (target, acked) = (target.clone(), acked.clone());
+                std::thread::spawn(move || {
+                    client(target, c * per_client..(c + 1) * per_client, acked)
+                })
+            })
+            .collect();
+        Load {
+            target,
+            acked,
+            clients,
+        }
+    }
+
+    /// Waits until `n` messages are acknowledged, then stops the clients' sending
+    /// (they wait for a new address).
+    pub fn pause_after(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while self.acked.lock().unwrap().len() < n {
+            assert!(Instant::now() < deadline, "injection too slow");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        *self.target.lock().unwrap() = None;
+    }
+
+    /// The clients go on, into `addr`.
+    pub fn resume(&self, addr: SocketAddr) {
+        *self.target.lock().unwrap() = Some(addr);
+    }
+
+    /// Waits for every client to finish; the sequence numbers acknowledged.
+    pub fn finish(self) -> Vec<usize> {
+        for c in self.clients {
+            c.join().unwrap();
+        }
+        self.acked.lock().unwrap().clone()
+    }
+}
