@@ -227,6 +227,17 @@ impl Daemon {
     }
 
     /// A counter summed over shards from /metrics.
+    /// The event hose's metric `gannet_<name>` of sink `sink` (0 when absent).
+    pub fn sink_metric(&self, name: &str, sink: &str) -> u64 {
+        let (_, metrics) = self.http_get("/metrics");
+        let prefix = format!("gannet_{name}{{sink=\"{sink}\"}} ");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
     pub fn metric(&self, name: &str) -> u64 {
         let (_, body) = self.http_get("/metrics");
         body.lines()
