@@ -785,7 +785,7 @@ fn bad_requests_get_sparkpost_errors_and_queue_nothing() {
             .unwrap()
             .contains("ip_pool")
     );
-    let (status, text) = curl(&daemon, "GET", path, &[&auth], None);
+    let (status, text) = curl(&daemon, "PATCH", path, &[&auth], None);
     assert_eq!(
         (status, parse(&text)["errors"][0]["code"].as_str()),
         (405, Some("1102")),
