@@ -48,6 +48,12 @@ pub fn rfc3339(unix_ms: u64) -> String {
     )
 }
 
+/// `2026-11-24T08:43:45.123Z` (RFC 3339, UTC, milliseconds).
+pub fn rfc3339_millis(unix_ms: u64) -> String {
+    let whole = rfc3339(unix_ms);
+    format!("{}.{:03}Z", &whole[..whole.len() - 1], unix_ms % 1000)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +66,9 @@ mod tests {
         }
         assert_eq!(rfc3339(1_795_509_825_000), "2026-11-24T08:43:45Z");
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(
+            rfc3339_millis(1_795_509_825_042),
+            "2026-11-24T08:43:45.042Z"
+        );
     }
 }

@@ -334,27 +334,29 @@ fn relay_run(
     receivers: Option<&HoseReceivers>,
 ) -> Result<Run> {
     let sink_port = sink.server.port;
-    let server = match system {
-        "pipe" => None,
-        "gannet" => Some(servers::gannetd(
+    // gannetd relaying to the sink: `[http]` keys first, then delivery, the
+    // command line's extra configuration and `more`.
+    let gannet = |http_keys: &str, more: &str| {
+        servers::gannetd(
             &args.gannetd,
             &args.dir,
             shards,
             &args.gannet_server_extra,
-            &(gannet_delivery(dns_port, sink_port) + &args.gannet_config_extra),
-        )?),
+            &(http_keys.to_string()
+                + &gannet_delivery(dns_port, sink_port)
+                + &args.gannet_config_extra
+                + more),
+        )
+    };
+    let server = match system {
+        "pipe" => None,
+        "gannet" => Some(gannet("", "")?),
         "gannet-listing" => {
-            let mut server = servers::gannetd(
-                &args.gannetd,
-                &args.dir,
-                shards,
-                &args.gannet_server_extra,
-                &(format!(
-                    "api_keys = [{{ name = \"ops\", key_sha256 = \"{}\", role = \"admin\" }}]\n",
-                    gannet_core::auth::KeyDigest::of(ADMIN_KEY)
-                ) + &gannet_delivery(dns_port, sink_port)
-                    + &args.gannet_config_extra),
-            )?;
+            let keys = format!(
+                "api_keys = [{{ name = \"ops\", key_sha256 = \"{}\", role = \"admin\" }}]\n",
+                gannet_core::auth::KeyDigest::of(ADMIN_KEY)
+            );
+            let mut server = gannet(&keys, "")?;
             server.name = format!("{}, listing every {} ms", server.name, args.list_every_ms);
             Some(server)
         }
@@ -368,18 +370,11 @@ fn relay_run(
             } else {
                 String::new()
             };
-            let mut server = servers::gannetd(
-                &args.gannetd,
-                &args.dir,
-                shards,
-                &args.gannet_server_extra,
-                &(format!(
-                    "api_keys = [{{ name = \"app\", key_sha256 = \"{}\" }}]\n",
-                    gannet_core::auth::KeyDigest::of(INJECT_KEY)
-                ) + &gannet_delivery(dns_port, sink_port)
-                    + &args.gannet_config_extra
-                    + &broker),
-            )?;
+            let keys = format!(
+                "api_keys = [{{ name = \"app\", key_sha256 = \"{}\" }}]\n",
+                gannet_core::auth::KeyDigest::of(INJECT_KEY)
+            );
+            let mut server = gannet(&keys, &broker)?;
             let http = std::net::SocketAddr::from(([127, 0, 0, 1], server.http_port));
             for (i, hook) in receivers.hooks.iter().enumerate() {
                 let body = serde_json::json!({

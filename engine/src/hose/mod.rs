@@ -726,7 +726,7 @@ impl Driver {
             };
             self.status.note_batch(BatchStatus {
                 batch_id: batch_id.clone(),
-                ts: sparkpost::rfc3339(now),
+                ts: gannet_core::clock::rfc3339_millis(now),
                 attempts,
                 response_code,
                 failure_code,

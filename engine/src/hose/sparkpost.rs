@@ -10,6 +10,8 @@
 
 use std::borrow::Cow;
 
+use gannet_core::clock::rfc3339_millis as rfc3339;
+
 use serde_json::Value;
 use serde_json::value::RawValue;
 
@@ -464,12 +466,6 @@ fn convert_as_is(
     }
     out.end();
     Ok(())
-}
-
-/// `2026-12-06T23:15:36.000Z` for unix milliseconds.
-pub fn rfc3339(ms: u64) -> String {
-    humantime::format_rfc3339_millis(std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms))
-        .to_string()
 }
 
 #[cfg(test)]

@@ -163,6 +163,16 @@ impl Reply {
         }
     }
 
+    /// 204 with no body (a deletion).
+    pub fn no_content() -> Reply {
+        Reply {
+            status: 204,
+            content_type: "application/json",
+            body: Bytes::new(),
+            location: None,
+        }
+    }
+
     /// An error in SparkPost's shape (`code` and `description` left out when empty).
     pub fn error(status: u16, code: &str, message: &str, description: &str) -> Reply {
         let mut detail = serde_json::json!({ "message": message });

@@ -352,12 +352,7 @@ async fn delete(shard: &Shard, tenant: Option<&str>, recipient: &str, body: &[u8
         .await;
     match deleted {
         Ok(0) => not_found(recipient),
-        Ok(_) => Reply {
-            status: 204,
-            content_type: "application/json",
-            body: bytes::Bytes::new(),
-            location: None,
-        },
+        Ok(_) => Reply::no_content(),
         Err(refused) => refusal(refused),
     }
 }

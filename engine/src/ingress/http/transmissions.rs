@@ -331,7 +331,7 @@ async fn register(shard: &Shard, job: &Job, rejected: usize) {
 /// A transmission as SparkPost's list and get show it.
 fn show(t: &crate::registry::Transmission, now_ms: u64) -> serde_json::Value {
     let r = t.snapshot();
-    let time = |ms: u64| crate::hose::sparkpost::rfc3339(ms);
+    let time = |ms: u64| gannet_core::clock::rfc3339_millis(ms);
     let mut value = serde_json::json!({
         "id": r.id,
         "state": t.state(now_ms),
@@ -392,12 +392,7 @@ pub fn read(shard: &Shard, tenant: Option<&str>, id: Option<&str>, query: &str) 
 }
 
 fn not_found(id: &str) -> Reply {
-    Reply::error(
-        404,
-        "1600",
-        "resource not found",
-        &format!("transmission {id:?} does not exist"),
-    )
+    super::templates::not_found("transmission", id)
 }
 
 /// `DELETE /api/v1/transmissions/{id}` (or `?campaign_id=`): cancels scheduled
@@ -454,12 +449,7 @@ pub async fn cancel(shard: &Shard, tenant: Option<&str>, id: Option<&str>, query
             return reply.into();
         }
     }
-    Reply {
-        status: 204,
-        content_type: "application/json",
-        body: bytes::Bytes::new(),
-        location: None,
-    }
+    Reply::no_content()
 }
 
 /// Spools a transmission to be generated after the reply: one job record per

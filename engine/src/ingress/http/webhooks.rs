@@ -87,12 +87,7 @@ fn invalid(description: &str) -> Reply {
 }
 
 fn not_found(id: &str) -> Reply {
-    Reply::error(
-        404,
-        "1600",
-        "resource not found",
-        &format!("webhook {id:?} does not exist"),
-    )
+    super::templates::not_found("webhook", id)
 }
 
 /// The webhook `id` when the key's tenant owns it.
@@ -147,7 +142,7 @@ fn show(hose: &Hose, hook: &Webhook) -> Value {
             ),
         ] {
             if ms > 0 {
-                value[key] = crate::hose::sparkpost::rfc3339(ms).into();
+                value[key] = gannet_core::clock::rfc3339_millis(ms).into();
             }
         }
     }
@@ -422,12 +417,7 @@ async fn delete(hose: &Arc<Hose>, tenant: Option<&str>, id: &str) -> Reply {
         return reply;
     }
     hose.remove_sink(&webhook_sink_name(id));
-    Reply {
-        status: 204,
-        content_type: "application/json",
-        body: bytes::Bytes::new(),
-        location: None,
-    }
+    Reply::no_content()
 }
 
 async fn validate(hose: &Arc<Hose>, tenant: Option<&str>, id: &str, body: &[u8]) -> Reply {
