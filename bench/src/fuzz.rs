@@ -157,6 +157,8 @@ pub fn html_tracking(data: &[u8]) {
             rcpt_to: "a@b.test",
             transmission_id: "t",
             campaign_id: "c",
+            tenant: "acme",
+            template_id: "w",
         };
         let out = track.apply(html);
         // Every click link in the output is one the rewriting made (unless the

@@ -39,6 +39,32 @@ pub fn classify(response: &Response) -> u16 {
     if response.code >= 500 { 40 } else { 1 }
 }
 
+/// SparkPost's bounce categories: what a bounce class means for the recipient.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Category {
+    /// The address is bad (10, 30, 90): suppress it.
+    Hard,
+    /// Usually temporary (20–24, 40, 60, 70, 100).
+    Soft,
+    /// The receiver blocks the sender or its content (50–54).
+    Block,
+    /// The sender's own policy failed it (25, 80).
+    Admin,
+    /// The reply said nothing that could be classified (1, and classes unknown).
+    Undetermined,
+}
+
+/// The category of bounce class `class` (SparkPost's bounce classification table).
+pub fn category(class: u16) -> Category {
+    match class {
+        10 | 30 | 90 => Category::Hard,
+        20..=24 | 40 | 60 | 70 | 100 => Category::Soft,
+        50..=54 => Category::Block,
+        25 | 26 | 80 => Category::Admin,
+        _ => Category::Undetermined,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -61,5 +87,17 @@ mod tests {
         check(550, "requested action not taken: mailbox unavailable", 10);
         check(554, "transaction failed", 40);
         check(550, "5.4.4 unable to route", 21);
+    }
+
+    #[test]
+    fn categories() {
+        assert_eq!(category(10), Category::Hard);
+        assert_eq!(category(90), Category::Hard);
+        assert_eq!(category(24), Category::Soft);
+        assert_eq!(category(100), Category::Soft);
+        assert_eq!(category(51), Category::Block);
+        assert_eq!(category(25), Category::Admin);
+        assert_eq!(category(1), Category::Undetermined);
+        assert_eq!(category(7), Category::Undetermined);
     }
 }

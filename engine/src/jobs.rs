@@ -96,6 +96,8 @@ impl Jobs {
             rcpt_to: email,
             transmission_id: &job.id,
             campaign_id: job.campaign().unwrap_or(""),
+            tenant: job.stored.tenant.as_deref().unwrap_or(""),
+            template_id: job.stored.template_id.as_deref().unwrap_or(""),
         });
         let generated = job
             .content
@@ -386,6 +388,7 @@ impl Jobs {
             transmission_id: &job.id,
             campaign_id: job.campaign(),
             template_id: job.stored.template_id.as_deref(),
+            tenant: job.stored.tenant.as_deref(),
             rcpt_to: rcpt.address.parts().0,
             rcpt_meta: (!meta.is_empty()).then_some(&meta),
             rcpt_tags: &rcpt.tags,

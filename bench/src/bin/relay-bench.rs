@@ -20,6 +20,8 @@
 //!   to every event), all subscribed to every event type; it reports the events each
 //!   got, the broker's CPU, and how long after the last delivery every sink had
 //!   caught up; `gannet-webhooks` the same without the broker.
+//! - `gannet-untallied`: gannetd as `gannet` with the Metrics API's tally off
+//!   (`[events.metrics] enabled = false`): what tallying every event costs.
 //!
 //! For every run it reports msgs/s, the ratio to the pipe, the server's CPU per
 //! message and its peak RSS; for gannet also the memory per queued message (delivery
@@ -53,7 +55,7 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     domains: u64,
     /// Systems to run, in order (also `gannet-listing`, `gannet-hose`,
-    /// `gannet-webhooks`).
+    /// `gannet-webhooks`, `gannet-untallied`).
     #[arg(long, value_delimiter = ',', default_value = "gannet,pipe,postfix")]
     systems: Vec<String>,
     /// How often `gannet-listing` lists every queue.
@@ -239,7 +241,15 @@ struct Run {
     /// gannet-listing: listings answered, and their mean latency (ms).
     listings: Option<(u64, f64)>,
     hose: Option<HoseRun>,
+    /// CPU of the Metrics API's tally thread (gannet runs with the tally on).
+    tally_cpu_s: Option<f64>,
 }
+
+/// The name of the Metrics API's tally thread (the hose's sink `metrics`; Linux
+/// keeps 15 bytes of a thread's name).
+const TALLY_THREAD: &str = "gannet-hose-met";
+/// How `gannet-untallied` runs are named after the server.
+const UNTALLIED: &str = ", Metrics API tally off";
 
 /// What `gannet-hose` measured besides the relay.
 #[derive(Debug)]
@@ -351,6 +361,11 @@ fn relay_run(
     let server = match system {
         "pipe" => None,
         "gannet" => Some(gannet("", "")?),
+        "gannet-untallied" => {
+            let mut server = gannet("", "\n[events.metrics]\nenabled = false\n")?;
+            server.name = format!("{}{UNTALLIED}", server.name);
+            Some(server)
+        }
         "gannet-listing" => {
             let keys = format!(
                 "api_keys = [{{ name = \"ops\", key_sha256 = \"{}\", role = \"admin\" }}]\n",
@@ -433,6 +448,7 @@ fn relay_run(
         .filter(|_| system == "gannet-hose");
     let broker_cpu0 = broker.map_or(0.0, tree_cpu_seconds);
     let hose_cpu0 = pid.map_or(0.0, |p| gannet_bench::threads_cpu_seconds(p, "gannet-hose"));
+    let tally_cpu0 = pid.map_or(0.0, |p| gannet_bench::threads_cpu_seconds(p, TALLY_THREAD));
     let cpu0 = pid.map_or(0.0, tree_cpu_seconds);
     let sink_cpu0 = tree_cpu_seconds(sink.server.pid);
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -472,15 +488,22 @@ fn relay_run(
         }
         _ => None,
     };
+    let tally_cpu_s = match (&server, system) {
+        (Some(s), "gannet" | "gannet-listing" | "gannet-hose" | "gannet-webhooks") => {
+            Some(gannet_bench::threads_cpu_seconds(s.pid, TALLY_THREAD) - tally_cpu0)
+        }
+        _ => None,
+    };
     stop.store(true, Ordering::Release);
     let listings = lister.map(|l| {
         let (n, spent) = l.join().unwrap_or_default();
         (n, spent.as_secs_f64() * 1000.0 / n.max(1) as f64)
     });
     let peak_rss_kb = match (&server, system) {
-        (Some(s), "gannet" | "gannet-listing" | "gannet-hose" | "gannet-webhooks") => {
-            Some(status_kb(s.pid, "VmHWM:"))
-        }
+        (
+            Some(s),
+            "gannet" | "gannet-listing" | "gannet-hose" | "gannet-webhooks" | "gannet-untallied",
+        ) => Some(status_kb(s.pid, "VmHWM:")),
         _ => None,
     };
     if let Some(server) = server {
@@ -495,6 +518,7 @@ fn relay_run(
         peak_rss_kb,
         listings,
         hose,
+        tally_cpu_s,
     })
 }
 
@@ -561,6 +585,7 @@ fn main() -> Result<()> {
                     "hose_caught_up_s": run.hose.as_ref().map(|h| h.caught_up_s),
                     "broker_cpu_ms_per_msg": run.hose.as_ref().map(|h| h.broker_cpu_s * 1000.0 / args.messages as f64),
                     "hose_cpu_ms_per_msg": run.hose.as_ref().map(|h| h.hose_cpu_s * 1000.0 / args.messages as f64),
+                    "tally_cpu_ms_per_msg": run.tally_cpu_s.map(|t| t * 1000.0 / args.messages as f64),
                 })
             );
             runs.push(run);
@@ -675,6 +700,27 @@ fn main() -> Result<()> {
                 run.server_cpu_s * 1000.0 / args.messages as f64,
             )?;
         }
+    }
+    // The Metrics API's tally: its thread's CPU, and plain runs with it against
+    // runs without it.
+    let tallied: Vec<&Run> = (runs.iter())
+        .filter(|r| r.tally_cpu_s.is_some() && r.hose.is_none() && r.listings.is_none())
+        .collect();
+    let untallied: Vec<f64> = (runs.iter())
+        .filter(|r| r.system.ends_with(UNTALLIED))
+        .map(|r| r.rate(args.messages))
+        .collect();
+    if !tallied.is_empty() && !untallied.is_empty() {
+        let cpu: f64 = tallied.iter().filter_map(|r| r.tally_cpu_s).sum();
+        let server: f64 = tallied.iter().map(|r| r.server_cpu_s).sum();
+        let rates: Vec<f64> = tallied.iter().map(|r| r.rate(args.messages)).collect();
+        writeln!(
+            md,
+            "\nMetrics API tally: its thread used {:.4} ms of CPU per message ({:.1}% of gannetd's) in the runs with it; their throughput was {:.3}× the mean of the runs without it.",
+            cpu * 1000.0 / (args.messages as f64 * tallied.len() as f64),
+            cpu / server.max(1e-9) * 100.0,
+            mean(&rates) / mean(&untallied),
+        )?;
     }
     if let Some((anon, file)) = queued {
         writeln!(

@@ -29,6 +29,42 @@ pub struct EventsConfig {
     pub webhooks_max: Bounded<0, 10_000>,
     /// AMQP 0-9-1 brokers (RabbitMQ) the hose publishes every event to.
     pub amqp: Vec<AmqpSink>,
+    /// SparkPost's Metrics API, tallied from the events.
+    pub metrics: MetricsApiConfig,
+}
+
+/// `[events.metrics]`: the deliverability metrics (`/api/v1/metrics`) gannet tallies
+/// from its own events, per minute, hour and day, for every combination of tenant,
+/// recipient domain, campaign, template, sending IP, IP pool and sending domain.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsApiConfig {
+    pub enabled: bool,
+    /// Minute buckets (precisions 1min, 5min, 15min) are kept this long.
+    pub minute_retention_hours: Bounded<1, 8_760>,
+    /// Hour buckets (precisions hour, 12hr) are kept this long.
+    pub hour_retention_days: Bounded<1, 3_660>,
+    /// Day buckets (precisions day, week, month) are kept this long.
+    pub retention_days: Bounded<1, 36_600>,
+    /// Distinct combinations of the dimensions at most; past it new ones are
+    /// tallied under `(other)` in every dimension (counted).
+    pub keys_max: Bounded<1, 100_000_000>,
+    /// Messages remembered as opened or clicked, for the unique counts
+    /// (count_unique_rendered, count_unique_clicked); the oldest are forgotten first.
+    pub engaged_messages_max: Bounded<1, 1_000_000_000>,
+}
+
+impl Default for MetricsApiConfig {
+    fn default() -> Self {
+        MetricsApiConfig {
+            enabled: true,
+            minute_retention_hours: Bounded(48),
+            hour_retention_days: Bounded(31),
+            retention_days: Bounded(183),
+            keys_max: Bounded(1_000_000),
+            engaged_messages_max: Bounded(2_000_000),
+        }
+    }
 }
 
 /// A broker the hose publishes to: one persistent message per event (SparkPost's
@@ -171,6 +207,7 @@ impl Default for EventsConfig {
             request_timeout_secs: Bounded(30),
             webhooks_max: Bounded(100),
             amqp: Vec::new(),
+            metrics: MetricsApiConfig::default(),
         }
     }
 }

@@ -29,7 +29,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 pub use delivery::{DeliveryConfig, EgressSource, IpLookup, PoolMember, TlsMode};
-pub use events::{AmqpSink, AmqpUrl, EventsConfig};
+pub use events::{AmqpSink, AmqpUrl, EventsConfig, MetricsApiConfig};
 pub use http::{ApiKey, HttpConfig, HttpListener, Role, Services};
 pub use net::Cidr;
 pub use policy::{Action, Phase, PolicyConfig, ReplyText, Rule};

@@ -79,6 +79,8 @@ pub enum Event<'a> {
         campaign_id: Option<&'a str>,
         #[serde(skip_serializing_if = "Option::is_none")]
         template_id: Option<&'a str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        tenant: Option<&'a str>,
         rcpt_to: &'a str,
         #[serde(skip_serializing_if = "Option::is_none")]
         rcpt_meta: Option<&'a serde_json::Map<String, serde_json::Value>>,
@@ -177,6 +179,11 @@ pub struct Engagement<'a> {
     pub transmission_id: &'a str,
     #[serde(skip_serializing_if = "str::is_empty")]
     pub campaign_id: &'a str,
+    /// The message's tenant and template (tokens of older versions carry neither).
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub tenant: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub template_id: &'a str,
     /// The link followed (clicks).
     #[serde(skip_serializing_if = "str::is_empty")]
     pub target_link_url: &'a str,

@@ -90,7 +90,7 @@ impl super::Sink for AmqpPublisher {
         Some(self.filter.clone())
     }
 
-    fn send(&mut self, _batch_id: &str, events: &Events) -> Result<String, String> {
+    fn send(&mut self, _batch: &super::BatchRef<'_>, events: &Events) -> Result<String, String> {
         self.publish_batch(events)
             .map(|()| format!("{} confirmed", events.len()))
     }

@@ -23,6 +23,7 @@
 pub mod amqp;
 pub mod cursor;
 pub mod sparkpost;
+pub mod tally;
 pub mod webhook;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -59,6 +60,8 @@ pub struct HoseSettings {
     pub webhooks_max: usize,
     /// The brokers (`[[events.amqp]]`).
     pub amqp: Vec<gannet_core::config::AmqpSink>,
+    /// The Metrics API's tally (`[events.metrics]`).
+    pub metrics: gannet_core::config::MetricsApiConfig,
 }
 
 impl HoseSettings {
@@ -71,6 +74,7 @@ impl HoseSettings {
             request_timeout: Duration::from_secs(events.request_timeout_secs.get()),
             webhooks_max: events.webhooks_max.usize(),
             amqp: events.amqp.clone(),
+            metrics: events.metrics.clone(),
         }
     }
 }
@@ -120,6 +124,8 @@ pub struct Hose {
     shards: usize,
     pub settings: HoseSettings,
     pub webhooks: webhook::Webhooks,
+    /// The Metrics API's tally (None when `events.metrics.enabled` is false).
+    pub tally: Option<Arc<tally::Tally>>,
     sinks: Mutex<BTreeMap<String, Running>>,
     stopping: AtomicBool,
 }
@@ -214,7 +220,22 @@ pub trait Sink: Send {
     }
     /// Sends one batch; Ok with the receiver's answer (`200`) once it is
     /// acknowledged, Err with the failure (`503`, `connection refused`).
-    fn send(&mut self, batch_id: &str, events: &Events) -> Result<String, String>;
+    fn send(&mut self, batch: &BatchRef<'_>, events: &Events) -> Result<String, String>;
+    /// The position per log from which the sink reads, when the sink keeps them
+    /// itself together with what it did with each batch (the metrics tally): the
+    /// driver then starts there rather than at its cursor file's.
+    fn positions(&self) -> Option<Vec<u64>> {
+        None
+    }
+}
+
+/// Which batch a sink is given: its id (stable across resends), its log, and the
+/// position just past its last line.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchRef<'a> {
+    pub id: &'a str,
+    pub log: usize,
+    pub end: u64,
 }
 
 impl Hose {
@@ -224,9 +245,22 @@ impl Hose {
         shards: usize,
         settings: HoseSettings,
     ) -> anyhow::Result<Hose> {
+        let tally = if settings.metrics.enabled {
+            let tally =
+                tally::Tally::open(data_dir, logs.len(), &settings.metrics).map_err(|e| {
+                    anyhow::anyhow!(
+                        "opening the metrics tally in {}/metrics: {e}",
+                        data_dir.display()
+                    )
+                })?;
+            Some(Arc::new(tally))
+        } else {
+            None
+        };
         Ok(Hose {
             data_dir: data_dir.to_path_buf(),
             webhooks: webhook::Webhooks::open(data_dir)?,
+            tally,
             logs,
             shards,
             settings,
@@ -240,8 +274,15 @@ impl Hose {
         self.logs.get(id)
     }
 
-    /// Starts a sink for every stored webhook and every configured broker.
+    /// Starts a sink for every stored webhook and every configured broker, and the
+    /// metrics tally's.
     pub fn start(self: &Arc<Self>) {
+        if let Some(tally) = &self.tally {
+            let sink = tally::TallySink {
+                tally: tally.clone(),
+            };
+            self.start_sink(tally::SINK.to_string(), Box::new(sink));
+        }
         for hook in self.webhooks.all() {
             self.start_webhook(&hook.id);
         }
@@ -293,7 +334,7 @@ impl Hose {
         if self.stopping.load(Ordering::Acquire) {
             return;
         }
-        let cursor = match Cursor::open(&self.cursor_path(&name), self.logs.len(), |i| {
+        let mut cursor = match Cursor::open(&self.cursor_path(&name), self.logs.len(), |i| {
             self.logs[i].end()
         }) {
             Ok(cursor) => cursor,
@@ -302,6 +343,14 @@ impl Hose {
                 return;
             }
         };
+        if let Some(positions) = sink.positions() {
+            for (i, position) in positions.into_iter().enumerate().take(self.logs.len()) {
+                if let Err(err) = cursor.set(i, position) {
+                    tracing::error!(sink = %name, "cannot set the sink's cursor; it does not run: {err}");
+                    return;
+                }
+            }
+        }
         let status = Arc::new(SinkStatus::new(name.clone(), self.logs.len()));
         for (i, position) in status.positions.iter().enumerate() {
             position.store(cursor.get(i), Ordering::Release);
@@ -476,6 +525,33 @@ impl Hose {
                 log.pruned_unshipped()
             );
         }
+        if let Some(tally) = &self.tally {
+            let (rows, keys, folded) = tally.read(|s| (s.rows(), s.keys().len(), s.folded));
+            for (name, kind, help, value) in [
+                (
+                    "metrics_api_rows",
+                    "gauge",
+                    "Rows (bucket x key) the Metrics API's tally holds, over its three resolutions.",
+                    rows as u64,
+                ),
+                (
+                    "metrics_api_keys",
+                    "gauge",
+                    "Distinct combinations of the dimensions tallied.",
+                    keys as u64,
+                ),
+                (
+                    "metrics_api_folded_total",
+                    "counter",
+                    "Events tallied under (other) past events.metrics.keys_max.",
+                    folded,
+                ),
+            ] {
+                let _ = writeln!(out, "# HELP gannet_{name} {help}");
+                let _ = writeln!(out, "# TYPE gannet_{name} {kind}");
+                let _ = writeln!(out, "gannet_{name} {value}");
+            }
+        }
     }
 }
 
@@ -510,12 +586,12 @@ impl Sink for WebhookSink {
         self.hook().is_some_and(|h| h.active)
     }
 
-    fn send(&mut self, batch_id: &str, events: &Events) -> Result<String, String> {
+    fn send(&mut self, batch: &BatchRef<'_>, events: &Events) -> Result<String, String> {
         let Some(hook) = self.hook() else {
             return Err("the webhook was deleted".into());
         };
         let body = events.array();
-        let answer = self.poster.post(&hook, batch_id, &body);
+        let answer = self.poster.post(&hook, batch.id, &body);
         if answer.ok() {
             Ok(answer.status.to_string())
         } else {
@@ -718,7 +794,12 @@ impl Driver {
         let mut attempts = 0;
         loop {
             attempts += 1;
-            let result = self.sink.send(&batch_id, &batch.events);
+            let at = BatchRef {
+                id: &batch_id,
+                log: batch.log,
+                end: batch.end,
+            };
+            let result = self.sink.send(&at, &batch.events);
             let now = gannet_core::clock::unix_ms();
             let (response_code, failure_code) = match &result {
                 Ok(code) => (code.clone(), None),

@@ -2,7 +2,9 @@
 //! its links rewritten to pass through gannet, each carrying a signed token.
 //!
 //! A token is `base64url(payload ‖ tag)`: the payload names the message, recipient,
-//! transmission and campaign (and, for a click, the link), fields separated by NUL;
+//! transmission, campaign, tenant and template (and, for a click, the link), fields
+//! separated by NUL (tokens of older versions, kinds `o`/`c`, have no tenant and
+//! template and still open);
 //! the tag is the first 16 bytes of HMAC-SHA256 over the payload with the daemon's
 //! tracking key (`<data_dir>/tracking.key`, made at first start). The endpoints
 //! (`http/tracking.rs`) trust only tokens whose tag verifies, so nobody can forge
@@ -22,6 +24,9 @@ pub struct Tracked {
     pub rcpt_to: String,
     pub transmission_id: String,
     pub campaign_id: String,
+    /// The message's tenant and template (empty: none).
+    pub tenant: String,
+    pub template_id: String,
     /// The link a click goes to (empty for an open).
     pub url: String,
 }
@@ -69,12 +74,13 @@ impl TrackingKey {
     }
 
     pub fn token(&self, t: &Tracked) -> String {
+        // Upper case: the kinds of tokens with a tenant and a template.
         let kind = match t.kind {
-            Kind::Open => "o",
-            Kind::Click => "c",
+            Kind::Open => "O",
+            Kind::Click => "C",
         };
         // Fields are separated by NUL. Only the last, the URL, may hold one (a
-        // sender's link can hold anything, and `open` splits off five fields at
+        // sender's link can hold anything, and `open` splits off seven fields at
         // most); in the others — the campaign id is the sender's text too — a NUL
         // becomes U+FFFD, so a token always opens to the fields it was made of.
         let clean = |field: &str| field.replace('\0', "\u{fffd}");
@@ -84,6 +90,8 @@ impl TrackingKey {
             clean(&t.rcpt_to),
             clean(&t.transmission_id),
             clean(&t.campaign_id),
+            clean(&t.tenant),
+            clean(&t.template_id),
             t.url.clone(),
         ]
         .join("\0");
@@ -111,20 +119,29 @@ impl TrackingKey {
             return None;
         }
         let text = std::str::from_utf8(payload).ok()?;
-        let fields: Vec<&str> = text.splitn(6, '\0').collect();
-        let [kind, message_id, rcpt_to, transmission_id, campaign_id, url] = fields[..] else {
-            return None;
+        let (kind, rest) = text.split_once('\0')?;
+        let (kind, current) = match kind {
+            "O" => (Kind::Open, true),
+            "C" => (Kind::Click, true),
+            "o" => (Kind::Open, false),
+            "c" => (Kind::Click, false),
+            _ => return None,
         };
-        Some(Tracked {
-            kind: match kind {
-                "o" => Kind::Open,
-                "c" => Kind::Click,
+        let fields: Vec<&str> = rest.splitn(if current { 7 } else { 5 }, '\0').collect();
+        let (message_id, rcpt_to, transmission_id, campaign_id, tenant, template_id, url) =
+            match fields[..] {
+                [m, r, t, c, tenant, template, url] => (m, r, t, c, tenant, template, url),
+                [m, r, t, c, url] if !current => (m, r, t, c, "", "", url),
                 _ => return None,
-            },
+            };
+        Some(Tracked {
+            kind,
             message_id: message_id.into(),
             rcpt_to: rcpt_to.into(),
             transmission_id: transmission_id.into(),
             campaign_id: campaign_id.into(),
+            tenant: tenant.into(),
+            template_id: template_id.into(),
             url: url.into(),
         })
     }
@@ -142,6 +159,8 @@ pub struct Track<'a> {
     pub rcpt_to: &'a str,
     pub transmission_id: &'a str,
     pub campaign_id: &'a str,
+    pub tenant: &'a str,
+    pub template_id: &'a str,
 }
 
 impl Track<'_> {
@@ -152,6 +171,8 @@ impl Track<'_> {
             rcpt_to: self.rcpt_to.into(),
             transmission_id: self.transmission_id.into(),
             campaign_id: self.campaign_id.into(),
+            tenant: self.tenant.into(),
+            template_id: self.template_id.into(),
             url: url.into(),
         }
     }
@@ -251,6 +272,8 @@ mod tests {
             rcpt_to: "a@x.test",
             transmission_id: "t1",
             campaign_id: "c1",
+            tenant: "acme",
+            template_id: "welcome",
         }
     }
 
@@ -267,6 +290,23 @@ mod tests {
         assert_eq!(key.open(""), None);
         let other = TrackingKey::new(b"another key, another key, another");
         assert_eq!(other.open(&token), None);
+    }
+
+    #[test]
+    fn tokens_of_the_older_form_still_open() {
+        let key = TrackingKey::new(b"0123456789abcdef0123456789abcdef");
+        let payload = "c\0m1\0a@x.test\0t1\0c1\0https://x.test/\0a";
+        let tag = hmac::sign(&key.key, payload.as_bytes());
+        let mut bytes = payload.as_bytes().to_vec();
+        bytes.extend_from_slice(&tag.as_ref()[..TAG_BYTES]);
+        let opened = key.open(&B64.encode(bytes)).expect("opens");
+        assert_eq!(opened.kind, Kind::Click);
+        assert_eq!(opened.url, "https://x.test/\0a");
+        assert_eq!(
+            (opened.tenant.as_str(), opened.template_id.as_str()),
+            ("", "")
+        );
+        assert_eq!(opened.campaign_id, "c1");
     }
 
     #[test]

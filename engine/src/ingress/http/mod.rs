@@ -9,8 +9,8 @@
 //!   SparkPost's Transmissions API ([`transmissions`]) with stored [`templates`] and
 //!   [`recipient_lists`] (each the key's tenant's alone), SparkPost's Webhooks API
 //!   ([`webhooks`]: the event hose's webhooks, each its key's tenant's), its
-//!   Suppression List API ([`suppression_list`], per tenant), and
-//!   KumoMTA's [`inject`] API;
+//!   Suppression List API ([`suppression_list`], per tenant), its Metrics API
+//!   ([`metrics_api`], from gannet's own events), and KumoMTA's [`inject`] API;
 //! - "tracking": the open pixel and click redirect ([`tracking`]).
 //!
 //! Request bodies are bounded by `http.request_bytes_max` (413) and requests in
@@ -18,6 +18,7 @@
 //! SparkPost's shape: `{"errors":[{"message","description","code"}]}`.
 
 pub mod inject;
+pub mod metrics_api;
 pub mod recipient_lists;
 pub mod suppression_list;
 pub mod templates;
@@ -330,6 +331,7 @@ const INJECT: &str = "/api/inject/v1";
 const RECIPIENT_LISTS: &str = "/api/v1/recipient-lists";
 const WEBHOOKS: &str = "/api/v1/webhooks";
 const SUPPRESSION_LIST: &str = "/api/v1/suppression-list";
+const METRICS_API: &str = "/api/v1/metrics";
 
 async fn route(
     svc: &ShardServices,
@@ -478,7 +480,8 @@ async fn route(
             && (path.starts_with(TEMPLATES)
                 || path.starts_with(RECIPIENT_LISTS)
                 || path.starts_with(WEBHOOKS)
-                || path.starts_with(SUPPRESSION_LIST)) =>
+                || path.starts_with(SUPPRESSION_LIST)
+                || path.starts_with(METRICS_API)) =>
         {
             let identity = match authorize(shard, head, Role::Inject) {
                 Ok(identity) => identity,
@@ -509,6 +512,11 @@ async fn route(
                 .filter(|r| r.is_empty() || r.starts_with('/'))
             {
                 suppression_list::handle(shard, tenant, method, rest, query, body).await
+            } else if let Some(rest) = path
+                .strip_prefix(METRICS_API)
+                .filter(|r| r.is_empty() || r.starts_with('/'))
+            {
+                metrics_api::handle(shard, tenant, method, rest, query).await
             } else {
                 not_found()
             }

@@ -49,6 +49,8 @@ pub fn hit(
         rcpt_to: &t.rcpt_to,
         transmission_id: &t.transmission_id,
         campaign_id: &t.campaign_id,
+        tenant: &t.tenant,
+        template_id: &t.template_id,
         target_link_url: &t.url,
         user_agent,
         ip_address: peer.map(|ip| ip.to_string()),
