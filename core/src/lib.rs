@@ -19,6 +19,8 @@
 //!   queue (a timing wheel), the ready queues, connection health, and what an
 //!   attempt's replies decide (`queue::settle`);
 //! - `bounce`: the bounce class of a permanent failure;
+//! - `dsn`: delivery status notifications — the DSN parameters (RFC 3461) and the
+//!   report (RFC 3464);
 //! - `clock`: the wall clock in the units the queues use;
 //! - `event_types`: the event types the hose's sinks subscribe to (SparkPost's).
 
@@ -28,6 +30,7 @@ pub mod auth;
 pub mod bounce;
 pub mod clock;
 pub mod config;
+pub mod dsn;
 pub mod event_types;
 pub mod handoff;
 pub mod id;

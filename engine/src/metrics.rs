@@ -97,6 +97,11 @@ metrics! {
     /// Recipients added to a suppression list by a hard bounce, complaint or
     /// unsubscribe.
     suppression_auto_added_total: "counter",
+    /// Delivery status notifications made (RFC 3464), by what they report: a
+    /// failure, a delay, a hand-over (NOTIFY=SUCCESS).
+    dsn_failure_reports_total: "counter",
+    dsn_delay_reports_total: "counter",
+    dsn_success_reports_total: "counter",
     /// Parts put off to the next day: every source of their pool had sent its IP
     /// warm-up budget toward the site's provider.
     delivery_warmup_delayed_total: "counter",

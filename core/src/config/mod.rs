@@ -14,6 +14,7 @@
 pub mod automation;
 pub mod delivery;
 pub mod dkim;
+pub mod dsn;
 pub mod events;
 pub mod http;
 pub mod net;
@@ -29,6 +30,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 pub use delivery::{DeliveryConfig, EgressSource, IpLookup, PoolMember, TlsMode};
+pub use dsn::DsnConfig;
 pub use events::{AmqpSink, AmqpUrl, EventsConfig, MetricsApiConfig};
 pub use http::{ApiKey, HttpConfig, HttpListener, Role, Services};
 pub use net::Cidr;
@@ -51,6 +53,7 @@ pub struct Config {
     pub spool: SpoolSection,
     pub events: EventsConfig,
     pub suppression: SuppressionConfig,
+    pub dsn: DsnConfig,
     pub delivery: DeliveryConfig,
     pub dkim: dkim::DkimConfig,
 }

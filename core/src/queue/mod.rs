@@ -39,6 +39,9 @@ pub const DELIVERY_META_KEYS: &[&str] = &[
     "transmission_id",
     "rcpt_meta",
     "rcpt_tags",
+    // DSN requests (NOTIFY and ORCPT per recipient), present only when a client
+    // made them: settling reads them for every recipient it settles.
+    "dsn_rcpts",
 ];
 
 /// `meta` without the keys delivery never reads ([`DELIVERY_META_KEYS`]), its

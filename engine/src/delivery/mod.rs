@@ -8,7 +8,8 @@
 //! shard that spooled the message settles every recipient — Delivery, Bounce
 //! (classified by `gannet_core::bounce`), Expiration or TransientFailure with a
 //! retry, or Delayed when a full ready queue (max_ready) or a suspension put it off
-//! — in memory, in the spool (update or tombstone) and in the event log.
+//! — in memory, in the spool (update or tombstone) and in the event log, and
+//! reports to the sender what [`dsn`] says it asked for (RFC 3464).
 //!
 //! [`Dispatcher`] is a shard's delivery state; each stage is a set of functions over
 //! it, and the tasks they spawn (the maintainer, one per connection, one per DNS
@@ -17,6 +18,7 @@
 mod adapt;
 pub mod client;
 pub mod connection;
+mod dsn;
 pub mod handoff;
 pub mod inspect;
 pub mod maintainer;

@@ -93,6 +93,20 @@ fn settle_as(
         }
         verdicts.push((*i, verdict));
     }
+    if admin.is_none() {
+        // Before the record that settles these recipients (see dsn.rs).
+        super::dsn::report(
+            d,
+            &m,
+            &super::dsn::Attempted {
+                part: &part,
+                results: &results,
+                verdicts: &verdicts,
+                peer,
+                now,
+            },
+        );
+    }
     let jitter = fastrand::u64(0..=1000);
     let after = queue::settle::apply(&mut m, &mut part, &verdicts, now, &d.retry, jitter);
     match after {

@@ -43,6 +43,11 @@ pub struct Transaction {
     pub recipients: Vec<String>,
     /// BDAT chunks so far (None until the first BDAT).
     pub bdat: Option<(Scanner, Vec<u8>)>,
+    /// DSN parameters (RFC 3461): RET and ENVID of MAIL, NOTIFY and ORCPT of each
+    /// recipient (in `recipients`' order).
+    pub dsn_ret: Option<gannet_core::dsn::Ret>,
+    pub dsn_envid: Option<String>,
+    pub dsn_rcpts: Vec<gannet_core::dsn::RcptDsn>,
 }
 
 impl Transaction {
@@ -53,6 +58,9 @@ impl Transaction {
             declared_size,
             recipients: Vec::new(),
             bdat: None,
+            dsn_ret: None,
+            dsn_envid: None,
+            dsn_rcpts: Vec::new(),
         }
     }
 }
@@ -672,6 +680,15 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
         (!gone.is_empty()).then(|| kept.into_iter().cloned().collect())
     };
     let recipients: &[String] = kept.as_deref().unwrap_or(&tx.recipients);
+    // The DSN parameters of the recipients kept, in their order.
+    let dsn_rcpts: Vec<gannet_core::dsn::RcptDsn> = recipients
+        .iter()
+        .map(|r| {
+            let i = tx.recipients.iter().position(|x| x == r);
+            i.and_then(|i| tx.dsn_rcpts.get(i).cloned())
+                .unwrap_or_default()
+        })
+        .collect();
     // DKIM, once per message whatever its recipients, as the last change to it.
     match shard
         .dkim()
@@ -710,6 +727,11 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
         meta.push(("auth_user".to_string(), user.clone()));
     }
     meta.push(("peer".to_string(), s.peer.ip().to_string()));
+    meta.extend(gannet_core::dsn::to_meta(
+        tx.dsn_ret,
+        tx.dsn_envid.as_deref(),
+        &dsn_rcpts,
+    ));
     let size = prepared.len();
     let record = MessageRecord {
         id,

@@ -31,7 +31,7 @@ pub(super) fn apply(session: &mut Session, args: &str, extended: bool) -> Next {
     }
     let smtp = &session.config().smtp;
     let mut text = format!(
-        "{hostname} greets {name}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nCHUNKING",
+        "{hostname} greets {name}\nPIPELINING\nSIZE {}\n8BITMIME\nSMTPUTF8\nENHANCEDSTATUSCODES\nCHUNKING\nDSN",
         smtp.message_bytes_max.get()
     );
     if session.tls.is_none() && session.shard.shared.tls.is_some() {

@@ -1,11 +1,12 @@
 //! MAIL FROM (RFC 5321 4.1.1.2) with the parameters this server offers: SIZE
-//! (RFC 1870), BODY=7BIT/8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531) and AUTH= (RFC 4954,
-//! accepted and ignored).
+//! (RFC 1870), BODY=7BIT/8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), RET and ENVID
+//! (RFC 3461, DSN) and AUTH= (RFC 4954, accepted and ignored).
 
 use super::super::session::{Session, Transaction};
 use super::Next;
 use crate::policy::Verdict;
 use gannet_core::address::{parse_params, parse_path, split_path};
+use gannet_core::dsn;
 use gannet_core::reply::{self, Reply};
 
 pub(super) fn apply(session: &mut Session, args: &str) -> Next {
@@ -39,6 +40,8 @@ pub(super) fn apply(session: &mut Session, args: &str) -> Next {
     let size_max = session.config().smtp.message_bytes_max.get();
     let mut smtputf8 = false;
     let mut declared_size = None;
+    let mut ret = None;
+    let mut envid = None;
     for (key, value) in &params {
         match (key.as_str(), value) {
             ("SIZE", Some(v)) => match v.parse::<u64>() {
@@ -56,6 +59,29 @@ pub(super) fn apply(session: &mut Session, args: &str) -> Next {
                 if v.eq_ignore_ascii_case("7BIT") || v.eq_ignore_ascii_case("8BITMIME") => {}
             ("SMTPUTF8", None) => smtputf8 = true,
             ("AUTH", Some(_)) => {}
+            ("RET", Some(_)) | ("ENVID", Some(_))
+                if (key == "RET" && ret.is_some()) || (key == "ENVID" && envid.is_some()) =>
+            {
+                return Next::Reply(dsn::DUPLICATE_PARAM);
+            }
+            ("RET", Some(v)) => match dsn::Ret::parse(v) {
+                Ok(r) => ret = Some(r),
+                Err(reply) => return Next::Reply(reply),
+            },
+            ("ENVID", Some(v)) => match dsn::xtext_decode(v) {
+                // RFC 3461 4.4: at most 100 characters, printable US-ASCII.
+                Ok(id) if id.len() <= 100 && id.bytes().all(|b| (32..127).contains(&b)) => {
+                    envid = Some(id)
+                }
+                Ok(_) => {
+                    return Next::Reply(Reply::fixed(
+                        501,
+                        "5.5.4",
+                        "ENVID must be at most 100 printable characters",
+                    ));
+                }
+                Err(reply) => return Next::Reply(reply),
+            },
             _ => return Next::Reply(reply::BAD_PARAM),
         }
     }
@@ -71,7 +97,10 @@ pub(super) fn apply(session: &mut Session, args: &str) -> Next {
         session.policy_rejection("mail_from", Some(&sender.text), None, &reply);
         return Next::Reply(reply);
     }
-    session.tx = Some(Transaction::new(sender, smtputf8, declared_size));
+    let mut tx = Transaction::new(sender, smtputf8, declared_size);
+    tx.dsn_ret = ret;
+    tx.dsn_envid = envid;
+    session.tx = Some(tx);
     Next::Reply(reply::SENDER_OK)
 }
 

@@ -1,5 +1,5 @@
 //! RCPT TO (RFC 5321 4.1.1.3): relay control, the recipient limit and the rcpt_to
-//! policy phase. No RCPT parameters are offered (DSN is not advertised).
+//! policy phase, with the DSN parameters NOTIFY and ORCPT (RFC 3461).
 
 use super::super::session::Session;
 use super::Next;
@@ -7,6 +7,7 @@ use super::mail::strip_prefix_ci;
 use crate::metrics::ShardMetrics;
 use crate::policy::Verdict;
 use gannet_core::address::{parse_params, parse_path, split_path};
+use gannet_core::dsn;
 use gannet_core::reply::{self};
 
 pub(super) fn apply(session: &mut Session, args: &str) -> Next {
@@ -34,10 +35,32 @@ fn check(session: &mut Session, args: &str) -> Next {
         Ok(recipient) => recipient,
         Err(reply) => return Next::Reply(reply),
     };
-    match parse_params(params) {
-        Ok(params) if params.is_empty() => {}
-        Ok(_) => return Next::Reply(reply::BAD_PARAM),
+    let params = match parse_params(params) {
+        Ok(params) => params,
         Err(reply) => return Next::Reply(reply),
+    };
+    if !params.is_empty() && !session.esmtp {
+        return Next::Reply(reply::BAD_PARAM);
+    }
+    let mut rcpt_dsn = dsn::RcptDsn::default();
+    for (key, value) in &params {
+        match (key.as_str(), value) {
+            ("NOTIFY", Some(_)) if rcpt_dsn.notify.is_some() => {
+                return Next::Reply(dsn::DUPLICATE_PARAM);
+            }
+            ("ORCPT", Some(_)) if rcpt_dsn.orcpt.is_some() => {
+                return Next::Reply(dsn::DUPLICATE_PARAM);
+            }
+            ("NOTIFY", Some(v)) => match dsn::Notify::parse(v) {
+                Ok(n) => rcpt_dsn.notify = Some(n),
+                Err(reply) => return Next::Reply(reply),
+            },
+            ("ORCPT", Some(v)) => match dsn::parse_orcpt(v) {
+                Ok(o) => rcpt_dsn.orcpt = Some(o),
+                Err(reply) => return Next::Reply(reply),
+            },
+            _ => return Next::Reply(reply::BAD_PARAM),
+        }
     }
     if !recipient.is_ascii() && !tx.smtputf8 {
         return Next::Reply(reply::NEED_SMTPUTF8);
@@ -72,5 +95,6 @@ fn check(session: &mut Session, args: &str) -> Next {
     }
     let tx = session.tx.as_mut().expect("checked above");
     tx.recipients.push(recipient.text);
+    tx.dsn_rcpts.push(rcpt_dsn);
     Next::Reply(reply::RECIPIENT_OK)
 }

@@ -1,0 +1,236 @@
+//! Delivery status notifications to the envelope sender (RFC 3464), made when an
+//! attempt settles: a failure report for recipients that bounced or expired, a
+//! delay report once a recipient has waited `dsn.delay_warning_secs`, a "relayed"
+//! report for recipients that asked NOTIFY=SUCCESS (gannet does not pass DSN
+//! requests to the next hop, so it reports the hand-over itself, RFC 3461 5.2.2).
+//! A recipient's NOTIFY decides for it; without one, `[dsn]` does. Never for the
+//! null sender (which every report itself has), and for HTTP transmissions only
+//! when `dsn.transmissions` says so.
+//!
+//! The report is a new message, spooled on this shard and queued like any other.
+//! It is appended before the update or tombstone that settles the recipients it
+//! reports on, so a crash can leave it and not them (the recipients are tried
+//! again: at worst a second report), never them without it.
+
+use gannet_core::dsn::{self, Action, Notify, Report, ReportRcpt};
+use gannet_core::queue::settle::Verdict;
+use gannet_core::queue::{self, Message, Part};
+use gannet_spool::MessageRecord;
+
+use super::Dispatcher;
+use super::client::Response;
+use crate::events::Event;
+use crate::metrics::ShardMetrics;
+
+/// What the attempt was, as far as a report tells it.
+pub(super) struct Attempted<'a> {
+    pub part: &'a Part,
+    pub results: &'a [(u32, Response)],
+    pub verdicts: &'a [(u32, Verdict)],
+    pub peer: Option<std::net::SocketAddr>,
+    pub now: u64,
+}
+
+/// Makes, spools and queues the report this attempt calls for, if any.
+pub(super) fn report(d: &Dispatcher, m: &Message, a: &Attempted<'_>) {
+    if m.sender.is_empty() {
+        return;
+    }
+    let config = &d.shard.config().dsn;
+    if m.meta("transmission_id").is_some() && !config.transmissions {
+        return;
+    }
+    let default = Notify {
+        success: false,
+        failure: config.failure,
+        delay: config.delay_default,
+    };
+    let rcpts_meta = m.meta(dsn::META_RCPTS);
+    let delay_due = crosses_delay_threshold(d, m, a);
+    let mut chosen: Vec<(u32, Action, &Response)> = Vec::new();
+    for ((i, verdict), (_, response)) in a.verdicts.iter().zip(a.results) {
+        let asked = dsn::rcpt_from_meta(rcpts_meta, *i as usize).notify;
+        let notify = asked.unwrap_or(default);
+        let action = match verdict {
+            Verdict::Bounce | Verdict::Expiration if notify.failure => Action::Failed,
+            Verdict::TransientFailure if notify.delay && delay_due => Action::Delayed,
+            Verdict::Delivery if notify.success => Action::Relayed,
+            _ => continue,
+        };
+        chosen.push((*i, action, response));
+    }
+    if chosen.is_empty() {
+        return;
+    }
+    let Some(original) = d.shard.spool.get(m.id) else {
+        tracing::warn!(shard = d.shard.id, id = %m.id, "no spool record for a delivery report");
+        return;
+    };
+    // One report per kind, as Postfix sends them: a failure, a delay, a success.
+    for action in [Action::Failed, Action::Delayed, Action::Relayed] {
+        let group: Vec<(u32, &Response)> = chosen
+            .iter()
+            .filter(|c| c.1 == action)
+            .map(|c| (c.0, c.2))
+            .collect();
+        if !group.is_empty() {
+            make(d, m, a, original.get(), action, &group);
+        }
+    }
+}
+
+/// Makes, spools and queues one report of `action` on `group`'s recipients.
+fn make(
+    d: &Dispatcher,
+    m: &Message,
+    a: &Attempted<'_>,
+    original: &gannet_spool::record::ArchivedMessageRecord,
+    action: Action,
+    group: &[(u32, &Response)],
+) {
+    let config = &d.shard.config().dsn;
+    let spool = &d.shard.spool;
+    let rcpts_meta = m.meta(dsn::META_RCPTS);
+    let (_, recipients, meta) = original.envelope();
+    let meta_value = |key: &str| meta.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let body = original.body.as_slice();
+    let full = meta_value(dsn::META_RET) == Some("FULL")
+        && body.len() as u64 <= config.full_message_bytes_max.get();
+    let hostname = &d.shard.config().server.hostname;
+    let id = spool.next_id();
+    let message_id = format!("{id}@{hostname}");
+    let remote = a
+        .part
+        .site
+        .as_ref()
+        .map(|s| s.name.clone())
+        .or_else(|| a.peer.map(|p| format!("[{}]", p.ip())));
+    let asked: Vec<dsn::RcptDsn> = group
+        .iter()
+        .map(|(i, _)| dsn::rcpt_from_meta(rcpts_meta, *i as usize))
+        .collect();
+    let retry_until = (m.received_ms + d.retry.max_age_ms) / 1000;
+    let diagnostics: Vec<String> = group.iter().map(|g| g.1.to_string()).collect();
+    let rcpts = group
+        .iter()
+        .zip(&asked)
+        .zip(&diagnostics)
+        .map(|(((i, response), rcpt), diagnostic)| {
+            let expired = action == Action::Failed && response.code < 500;
+            ReportRcpt {
+                final_rcpt: recipients.get(*i as usize).map_or("", String::as_str),
+                original: rcpt.orcpt.as_ref(),
+                action,
+                status: if expired {
+                    // Expired at max_age after temporary failures (RFC 3463).
+                    "4.4.7".to_string()
+                } else {
+                    dsn::status_of(response.code, response.enhanced_code())
+                },
+                // A reply a server gave (not one made up for a failed connection).
+                remote_mta: a.peer.and(remote.as_deref()),
+                diagnostic: Some(diagnostic.as_str()),
+                last_attempt_secs: a.now / 1000,
+                will_retry_until_secs: (action == Action::Delayed).then_some(retry_until),
+            }
+        })
+        .collect::<Vec<_>>();
+    let report = dsn::report(&Report {
+        hostname,
+        message_id: &message_id,
+        to: &m.sender,
+        envid: meta_value(dsn::META_ENVID),
+        arrival_secs: m.received_ms / 1000,
+        now_secs: a.now / 1000,
+        rcpts,
+        original: body,
+        full,
+    });
+    let tenant = m.meta("tenant").map(str::to_string);
+    let pool = m.meta("pool").unwrap_or("default").to_string();
+    let sender_domain = m
+        .sender
+        .rsplit_once('@')
+        .map_or("", |(_, d)| d)
+        .to_ascii_lowercase();
+    let mut record_meta = vec![
+        ("pool".to_string(), pool.clone()),
+        (dsn::META_REPORT_FOR.to_string(), m.id.to_string()),
+    ];
+    if let Some(tenant) = &tenant {
+        record_meta.push(("tenant".to_string(), tenant.clone()));
+    }
+    let queue = queue::scheduled_queue(None, tenant.as_deref(), &sender_domain);
+    let record = MessageRecord {
+        id,
+        sender: String::new(),
+        recipients: vec![m.sender.clone()],
+        meta: record_meta,
+        queue: queue.clone(),
+        attempts: 0,
+        due_unix_ms: a.now,
+        received_unix_ms: a.now,
+        done: Vec::new(),
+        body: report,
+    };
+    // Its durability is not awaited: it is appended before the record that settles
+    // the recipients it reports on, and commits in order with it.
+    if let Err(err) = spool.append_message(&record) {
+        tracing::warn!(shard = d.shard.id, id = %m.id, "delivery report not spooled: {err}");
+        return;
+    }
+    let shard = &d.shard;
+    let id_text = id.to_string();
+    shard.event(&Event::Reception {
+        timestamp_ms: a.now,
+        message_id: id_text,
+        shard: shard.id,
+        sender: "",
+        rcpt_to: &record.recipients,
+        msg_size: record.body.len(),
+        peer: String::new(),
+        helo: hostname,
+        protocol: "DSN",
+        tls: None,
+        auth_user: None,
+        tenant: tenant.as_deref(),
+        campaign_id: None,
+        ip_pool: &pool,
+        queue: &queue,
+        subject: None,
+    });
+    let counter = match action {
+        Action::Failed => &shard.metrics.dsn_failure_reports_total,
+        Action::Delayed => &shard.metrics.dsn_delay_reports_total,
+        Action::Relayed => &shard.metrics.dsn_success_reports_total,
+    };
+    ShardMetrics::add(counter, 1);
+    d.enqueue_spooled(record, a.now);
+}
+
+/// Whether this attempt is the first one past `dsn.delay_warning_secs` after
+/// reception: the attempt before it (its due time less the interval that
+/// scheduled it, which is no earlier than when it really ran) was still under the
+/// threshold. So a delay report goes at most once per part, with no state kept;
+/// an attempt near the threshold put off by more than the threshold's margin (a
+/// suspension, say) can skip it.
+fn crosses_delay_threshold(d: &Dispatcher, m: &Message, a: &Attempted<'_>) -> bool {
+    let threshold = d.shard.config().dsn.delay_warning_secs.get() * 1000;
+    let age = a.now.saturating_sub(m.received_ms);
+    if age < threshold {
+        return false;
+    }
+    let previous = if a.part.attempts == 0 {
+        m.received_ms
+    } else {
+        let interval = queue::next_due_ms(
+            0,
+            a.part.attempts,
+            d.retry.interval_s,
+            d.retry.max_interval_s,
+            0,
+        );
+        a.part.due_ms.saturating_sub(interval)
+    };
+    previous.saturating_sub(m.received_ms) < threshold
+}
