@@ -86,7 +86,7 @@ impl Jobs {
         let click = options
             .click_tracking
             .unwrap_or(http.click_tracking_default);
-        let track = (open || click).then(|| tracking::Track {
+        let tracker = tracking::Track {
             key: &self.shard.shared.tracking_key,
             base_url: &self.shard.shared.tracking_base_url,
             open,
@@ -98,7 +98,12 @@ impl Jobs {
             campaign_id: job.campaign().unwrap_or(""),
             tenant: job.stored.tenant.as_deref().unwrap_or(""),
             template_id: job.stored.template_id.as_deref().unwrap_or(""),
-        });
+        };
+        let track = (open || click).then_some(tracker);
+        // One signed token per message (an HMAC and ~200 bytes): the link must
+        // name the message and recipient it unsubscribes.
+        let unsubscribe = (http.list_unsubscribe && !options.transactional.unwrap_or(false))
+            .then(|| tracker.unsubscribe_url());
         let generated = job
             .content
             .generate(
@@ -111,6 +116,7 @@ impl Jobs {
                 Stamp {
                     message_id: &message_id,
                     unix_secs: now_ms / 1000,
+                    list_unsubscribe: unsubscribe.as_deref(),
                 },
                 track,
             )

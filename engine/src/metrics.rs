@@ -78,6 +78,8 @@ metrics! {
     tracking_opens_total: "counter",
     tracking_clicks_total: "counter",
     tracking_bad_tokens_total: "counter",
+    /// One-click unsubscribes (RFC 8058 POSTs to /u/<token>).
+    list_unsubscribes_total: "counter",
     /// DKIM signatures made, and messages refused or failed for want of one.
     dkim_signatures_total: "counter",
     dkim_failures_total: "counter",

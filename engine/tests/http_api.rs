@@ -1404,6 +1404,133 @@ fn open_and_click_tracking_rewrite_html_and_record_events() {
     assert_eq!(daemon.metric("tracking_bad_tokens_total"), 2);
 }
 
+/// One-click unsubscribe (RFC 8058): a non-transactional message carries
+/// List-Unsubscribe and List-Unsubscribe-Post; curl's POST of
+/// List-Unsubscribe=One-Click records a list_unsubscribe event and suppresses the
+/// recipient for non-transactional mail; a GET only shows the button; a
+/// transactional message, or one whose content sets its own header, gets none.
+#[test]
+fn one_click_unsubscribe_records_an_event_and_suppresses() {
+    let sink = sink();
+    let daemon = daemon(sink.port, "");
+    let send = |rcpt: &str, options: Value, headers: Value| {
+        let body = json!({
+            "options": options,
+            "campaign_id": "news",
+            "recipients": [{"address": rcpt}],
+            "content": {"from": "s@s.test", "subject": "s", "text": "t", "headers": headers}
+        });
+        let (status, reply) = post(&daemon, "/api/v1/transmissions", &body);
+        assert_eq!(status, 200, "{reply}");
+    };
+    send("u1@x.test", json!({}), json!({}));
+    send("u2@x.test", json!({"transactional": true}), json!({}));
+    send(
+        "u3@x.test",
+        json!({}),
+        json!({"List-Unsubscribe": "<mailto:off@s.test>"}),
+    );
+    let messages = received(&sink, 3);
+    let headers = |rcpt: &str| dissect(messages[rcpt]["data"].as_str().unwrap())["headers"].clone();
+    let h1 = headers("u1@x.test");
+    let base = format!("http://{}", daemon.http);
+    let link = h1["List-Unsubscribe"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{h1}"));
+    assert_eq!(
+        h1["List-Unsubscribe-Post"], "List-Unsubscribe=One-Click",
+        "{h1}"
+    );
+    let path = link
+        .strip_prefix(&format!("<{base}"))
+        .and_then(|l| l.strip_suffix('>'))
+        .unwrap_or_else(|| panic!("{link}"))
+        .to_string();
+    assert!(headers("u2@x.test")["List-Unsubscribe"].is_null());
+    assert_eq!(
+        headers("u3@x.test")["List-Unsubscribe"],
+        "<mailto:off@s.test>"
+    );
+
+    // A GET (a link scanner) unsubscribes nobody.
+    let (status, page) = curl(&daemon, "GET", &path, &[], None);
+    assert_eq!(status, 200);
+    assert!(page.contains("One-Click"), "{page}");
+    // A POST without the key is refused; a forged token is not found.
+    let form = |body: &str| {
+        Some((
+            "application/x-www-form-urlencoded",
+            body.as_bytes().to_vec(),
+        ))
+    };
+    let (status, _) = curl(
+        &daemon,
+        "POST",
+        &path,
+        &[],
+        form("x=y").as_ref().map(|(t, b)| (*t, b.as_slice())),
+    );
+    assert_eq!(status, 400);
+    let (status, _) = curl(
+        &daemon,
+        "POST",
+        &format!("{path}A"),
+        &[],
+        form("List-Unsubscribe=One-Click")
+            .as_ref()
+            .map(|(t, b)| (*t, b.as_slice())),
+    );
+    assert_eq!(status, 404);
+    let out = Command::new("curl")
+        .args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-d",
+            "List-Unsubscribe=One-Click",
+        ])
+        .arg(format!("{base}{path}"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    let events = wait_events(&daemon, "the unsubscribe", |e| {
+        !of(e, "list_unsubscribe", "u1@x.test").is_empty()
+    });
+    let event = of(&events, "list_unsubscribe", "u1@x.test")[0];
+    assert_eq!(event["campaign_id"], "news");
+    assert_eq!(
+        event["message_id"],
+        of(&events, "injection", "u1@x.test")[0]["message_id"]
+    );
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["type"] == "list_unsubscribe")
+            .count(),
+        1
+    );
+    let (status, text) = curl(
+        &daemon,
+        "GET",
+        "/api/v1/suppression-list/u1@x.test",
+        &[&format!("Authorization: {KEY}")],
+        None,
+    );
+    assert_eq!(status, 200, "{text}");
+    let entries: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        entries["results"][0]["type"], "non_transactional",
+        "{entries}"
+    );
+    assert_eq!(
+        entries["results"][0]["source"], "List Unsubscribe",
+        "{entries}"
+    );
+    assert_eq!(daemon.metric("list_unsubscribes_total"), 1);
+}
+
 /// A sandbox transmission is generated and evented (so templates can be tried on
 /// real data) but nothing is spooled or sent.
 #[test]

@@ -42,6 +42,10 @@ pub struct HttpConfig {
     /// Open and click tracking for transmissions that do not say.
     pub open_tracking_default: bool,
     pub click_tracking_default: bool,
+    /// One-click unsubscribe (RFC 8058) in every non-transactional message of a
+    /// transmission whose content has no List-Unsubscribe of its own:
+    /// `List-Unsubscribe: <…/u/…>` and `List-Unsubscribe-Post`.
+    pub list_unsubscribe: bool,
 }
 
 impl Default for HttpConfig {
@@ -66,6 +70,7 @@ impl Default for HttpConfig {
             job_recipients_max: Bounded(10_000),
             tracking_base_url: String::new(),
             open_tracking_default: false,
+            list_unsubscribe: true,
             click_tracking_default: false,
         }
     }

@@ -92,6 +92,8 @@ pub enum Event<'a> {
     Open(Engagement<'a>),
     /// A recipient followed a tracked link.
     Click(Engagement<'a>),
+    /// A recipient unsubscribed with the message's one-click link (RFC 8058).
+    ListUnsubscribe(Engagement<'a>),
     /// A recipient was accepted by the destination (2xx).
     Delivery(Outcome<'a>),
     /// A recipient failed temporarily (4xx, or no connection) and will be retried.

@@ -112,6 +112,9 @@ pub struct Stamp<'a> {
     /// The Message-ID, without angle brackets.
     pub message_id: &'a str,
     pub unix_secs: u64,
+    /// The one-click unsubscribe URL (RFC 8058) to add, unless the content sets a
+    /// List-Unsubscribe of its own.
+    pub list_unsubscribe: Option<&'a str>,
 }
 
 /// A generated message: its envelope sender's From address and the bytes.
@@ -396,6 +399,21 @@ impl Content {
         };
         if let Some(reply_to) = &reply_to {
             builder = builder.header("Reply-To", HeaderType::Raw(Raw::new(reply_to.as_str())));
+        }
+        if let Some(url) = stamp.list_unsubscribe
+            && !custom
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("list-unsubscribe"))
+        {
+            builder = builder
+                .header(
+                    "List-Unsubscribe",
+                    HeaderType::Raw(Raw::new(format!("<{url}>"))),
+                )
+                .header(
+                    "List-Unsubscribe-Post",
+                    HeaderType::Raw(Raw::new("List-Unsubscribe=One-Click")),
+                );
         }
         for (name, value) in &custom {
             let value = if value.is_ascii() {

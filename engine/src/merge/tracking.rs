@@ -35,6 +35,8 @@ pub struct Tracked {
 pub enum Kind {
     Open,
     Click,
+    /// A one-click unsubscribe link (RFC 8058).
+    Unsubscribe,
 }
 
 /// The daemon's tracking key.
@@ -78,6 +80,7 @@ impl TrackingKey {
         let kind = match t.kind {
             Kind::Open => "O",
             Kind::Click => "C",
+            Kind::Unsubscribe => "U",
         };
         // Fields are separated by NUL. Only the last, the URL, may hold one (a
         // sender's link can hold anything, and `open` splits off seven fields at
@@ -123,6 +126,7 @@ impl TrackingKey {
         let (kind, current) = match kind {
             "O" => (Kind::Open, true),
             "C" => (Kind::Click, true),
+            "U" => (Kind::Unsubscribe, true),
             "o" => (Kind::Open, false),
             "c" => (Kind::Click, false),
             _ => return None,
@@ -164,6 +168,15 @@ pub struct Track<'a> {
 }
 
 impl Track<'_> {
+    /// The one-click unsubscribe URL of the message (RFC 8058).
+    pub fn unsubscribe_url(&self) -> String {
+        format!(
+            "{}/u/{}",
+            self.base_url.trim_end_matches('/'),
+            self.key.token(&self.tracked(Kind::Unsubscribe, ""))
+        )
+    }
+
     fn tracked(&self, kind: Kind, url: &str) -> Tracked {
         Tracked {
             kind,

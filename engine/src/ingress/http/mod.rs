@@ -401,6 +401,13 @@ async fn route(
         {
             panic!("panic requested by POST /debug/panic on shard {}", shard.id)
         }
+        _ if path.starts_with("/u/") => {
+            if !services.tracking {
+                return not_found();
+            }
+            // The prefix is ASCII, so byte 3 starts the token.
+            tracking::unsubscribe(shard, &path[3..], head, body, peer)
+        }
         _ if path.starts_with("/o/") || path.starts_with("/c/") => {
             if !services.tracking {
                 return not_found();

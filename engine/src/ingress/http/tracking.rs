@@ -1,7 +1,12 @@
 //! The engagement tracking endpoints: `GET /o/<token>` answers a 1×1 transparent GIF
 //! and records an open; `GET /c/<token>` redirects (302) to the link the token names
-//! and records a click. A token whose signature does not verify is a 404 and records
-//! nothing, so the redirect cannot be pointed anywhere else.
+//! and records a click; `POST /u/<token>` with `List-Unsubscribe=One-Click` (RFC
+//! 8058, what a mail client sends for `List-Unsubscribe-Post`) records a
+//! list_unsubscribe event and, with `suppression.auto_add_unsubscribes`, puts the
+//! recipient on its tenant's non-transactional suppression list (`GET` shows a
+//! page whose button posts it: a link scanner's GET unsubscribes nobody). A token
+//! whose signature does not verify is a 404 and records nothing, so the redirect
+//! cannot be pointed anywhere else.
 
 use std::net::IpAddr;
 use std::rc::Rc;
@@ -73,5 +78,100 @@ pub fn hit(
             body: bytes::Bytes::from_static(PIXEL),
             location: None,
         }
+    }
+}
+
+/// `/u/<token>`: one-click unsubscribe (RFC 8058).
+pub fn unsubscribe(
+    shard: &Rc<Shard>,
+    token: &str,
+    head: &hyper::http::request::Parts,
+    body: &[u8],
+    peer: Option<IpAddr>,
+) -> Reply {
+    let metrics = &shard.metrics;
+    let Some(t) = shard
+        .shared
+        .tracking_key
+        .open(token)
+        .filter(|t| t.kind == Kind::Unsubscribe)
+    else {
+        ShardMetrics::add(&metrics.tracking_bad_tokens_total, 1);
+        return Reply::error(
+            404,
+            "1600",
+            "resource not found",
+            "unknown unsubscribe link",
+        );
+    };
+    match head.method {
+        hyper::Method::GET | hyper::Method::HEAD => {
+            return Reply {
+                status: 200,
+                content_type: "text/html; charset=utf-8",
+                body: bytes::Bytes::from_static(
+                    b"<!doctype html><html><body><form method=\"post\">\
+                      <input type=\"hidden\" name=\"List-Unsubscribe\" value=\"One-Click\">\
+                      <button type=\"submit\">Unsubscribe</button></form></body></html>",
+                ),
+                location: None,
+            };
+        }
+        hyper::Method::POST => {}
+        _ => return super::method_not_allowed(),
+    }
+    // `List-Unsubscribe=One-Click`, form-urlencoded or as a multipart field.
+    let asked = body.windows(b"One-Click".len()).any(|w| w == b"One-Click")
+        && body
+            .windows(b"List-Unsubscribe".len())
+            .any(|w| w.eq_ignore_ascii_case(b"List-Unsubscribe"));
+    if !asked {
+        return Reply::error(
+            400,
+            "1300",
+            "invalid data format/type",
+            "a one-click unsubscribe posts List-Unsubscribe=One-Click (RFC 8058)",
+        );
+    }
+    let now = unix_ms();
+    let user_agent = head
+        .headers
+        .get(hyper::header::USER_AGENT)
+        .and_then(|v| v.to_str().ok());
+    ShardMetrics::add(&metrics.list_unsubscribes_total, 1);
+    shard.event(&Event::ListUnsubscribe(Engagement {
+        timestamp_ms: now,
+        shard: shard.id,
+        message_id: &t.message_id,
+        rcpt_to: &t.rcpt_to,
+        transmission_id: &t.transmission_id,
+        campaign_id: &t.campaign_id,
+        tenant: &t.tenant,
+        template_id: &t.template_id,
+        target_link_url: "",
+        user_agent,
+        ip_address: peer.map(|ip| ip.to_string()),
+    }));
+    let config = &shard.config().suppression;
+    if config.auto_add_unsubscribes {
+        shard
+            .shared
+            .suppressions
+            .add_now(crate::suppression::Entry {
+                recipient: t.rcpt_to.to_ascii_lowercase(),
+                tenant: (!t.tenant.is_empty()).then(|| t.tenant.clone()),
+                kind: crate::suppression::Kind::NonTransactional,
+                source: "List Unsubscribe".into(),
+                description: format!("one-click unsubscribe from message {}", t.message_id),
+                created_ms: now,
+                updated_ms: now,
+            });
+        ShardMetrics::add(&metrics.suppression_auto_added_total, 1);
+    }
+    Reply {
+        status: 200,
+        content_type: "text/plain; charset=utf-8",
+        body: bytes::Bytes::from_static(b"You are unsubscribed.\n"),
+        location: None,
     }
 }
