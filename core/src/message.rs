@@ -148,6 +148,17 @@ pub fn prepare(
     meta: &MetaHeaders,
     trace: &Trace<'_>,
 ) -> Result<(Vec<u8>, Lifted), Reply> {
+    prepare_with(body, meta, trace, |_| None)
+}
+
+/// [`prepare`], with a header field of the caller's (a whole `Name: value\r\n`
+/// line, made from what was lifted) added after Received.
+pub fn prepare_with(
+    body: &[u8],
+    meta: &MetaHeaders,
+    trace: &Trace<'_>,
+    extra: impl FnOnce(&Lifted) -> Option<String>,
+) -> Result<(Vec<u8>, Lifted), Reply> {
     let fields = scan_fields(body, meta)?;
     let mut received = String::with_capacity(256);
     received.push_str("Received: from ");
@@ -173,8 +184,10 @@ pub fn prepare(
     } else {
         format!("Message-ID: <{}@{}>\r\n", trace.id, trace.hostname)
     };
-    let mut out = Vec::with_capacity(received.len() + body.len() + message_id.len());
+    let extra = extra(&fields.lifted).unwrap_or_default();
+    let mut out = Vec::with_capacity(received.len() + extra.len() + body.len() + message_id.len());
     out.extend_from_slice(received.as_bytes());
+    out.extend_from_slice(extra.as_bytes());
     let mut copied = 0;
     for &(start, end) in &fields.drop {
         out.extend_from_slice(&body[copied..start]);

@@ -104,6 +104,8 @@ impl Jobs {
         // name the message and recipient it unsubscribes.
         let unsubscribe = (http.list_unsubscribe && !options.transactional.unwrap_or(false))
             .then(|| tracker.unsubscribe_url());
+        let feedback =
+            (!self.shard.config().inbound.no_feedback_header).then(|| tracker.feedback_token());
         let generated = job
             .content
             .generate(
@@ -117,6 +119,7 @@ impl Jobs {
                     message_id: &message_id,
                     unix_secs: now_ms / 1000,
                     list_unsubscribe: unsubscribe.as_deref(),
+                    feedback: feedback.as_deref(),
                 },
                 track,
             )

@@ -8,6 +8,7 @@ pub mod delivery;
 pub mod dkim;
 pub mod dns;
 pub mod events;
+pub mod feedback;
 pub mod hose;
 pub mod inbox;
 pub mod ingress;

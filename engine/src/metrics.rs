@@ -78,6 +78,11 @@ metrics! {
     tracking_opens_total: "counter",
     tracking_clicks_total: "counter",
     tracking_bad_tokens_total: "counter",
+    /// Mail to `inbound.domains`: out-of-band bounces (one per failed recipient),
+    /// spam complaints, and messages that were neither (dropped).
+    inbound_bounces_total: "counter",
+    inbound_complaints_total: "counter",
+    inbound_unrecognized_total: "counter",
     /// One-click unsubscribes (RFC 8058 POSTs to /u/<token>).
     list_unsubscribes_total: "counter",
     /// DKIM signatures made, and messages refused or failed for want of one.

@@ -110,7 +110,7 @@ fn protocol_with_relay_from_loopback() {
     let scripts: Vec<(&str, String)> = vec![
         ("ehlo advertises extensions", "
             > EHLO client.test
-            <~ 250-gannet.test greets client.test|PIPELINING|SIZE 20000|8BITMIME|SMTPUTF8|ENHANCEDSTATUSCODES|CHUNKING|STARTTLS|!AUTH
+            <~ 250-gannet.test greets client.test|PIPELINING|SIZE 20000|8BITMIME|SMTPUTF8|ENHANCEDSTATUSCODES|CHUNKING|DSN|STARTTLS|!AUTH
             > EHLO
             < 501 5.5.4
         ".into()),
@@ -159,8 +159,10 @@ fn protocol_with_relay_from_loopback() {
             < 501 5.1.3
             > RCPT TO:<a@>
             < 501
-            > RCPT TO:<x@y.test> NOTIFY=NEVER
+            > RCPT TO:<x@y.test> COLOUR=blue
             < 555 5.5.4
+            > RCPT TO:<x@y.test> NOTIFY=SOMETIMES
+            < 501 5.5.4
             > RCPT TO:<ü@y.test>
             < 250 2.1.5
         ".into()),

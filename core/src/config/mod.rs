@@ -17,6 +17,7 @@ pub mod dkim;
 pub mod dsn;
 pub mod events;
 pub mod http;
+pub mod inbound;
 pub mod net;
 pub mod policy;
 pub mod server;
@@ -33,6 +34,7 @@ pub use delivery::{DeliveryConfig, EgressSource, IpLookup, PoolMember, TlsMode};
 pub use dsn::DsnConfig;
 pub use events::{AmqpSink, AmqpUrl, EventsConfig, MetricsApiConfig};
 pub use http::{ApiKey, HttpConfig, HttpListener, Role, Services};
+pub use inbound::InboundConfig;
 pub use net::Cidr;
 pub use policy::{Action, Phase, PolicyConfig, ReplyText, Rule};
 pub use server::{ServerConfig, SpoolSection};
@@ -54,6 +56,7 @@ pub struct Config {
     pub events: EventsConfig,
     pub suppression: SuppressionConfig,
     pub dsn: DsnConfig,
+    pub inbound: InboundConfig,
     pub delivery: DeliveryConfig,
     pub dkim: dkim::DkimConfig,
 }

@@ -94,6 +94,11 @@ pub enum Event<'a> {
     Click(Engagement<'a>),
     /// A recipient unsubscribed with the message's one-click link (RFC 8058).
     ListUnsubscribe(Engagement<'a>),
+    /// A remote server bounced a message after accepting it (its DSN came to an
+    /// `inbound.domains` address).
+    OutOfBand(Returned<'a>),
+    /// A mailbox provider's feedback loop reported a complaint (ARF).
+    SpamComplaint(Returned<'a>),
     /// A recipient was accepted by the destination (2xx).
     Delivery(Outcome<'a>),
     /// A recipient failed temporarily (4xx, or no connection) and will be retried.
@@ -193,6 +198,41 @@ pub struct Engagement<'a> {
     pub user_agent: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ip_address: Option<String>,
+}
+
+/// A report that came back about a message sent: what it names of the message
+/// (from its feedback token; empty when the report quoted none that verified).
+#[derive(Debug, Serialize)]
+pub struct Returned<'a> {
+    pub timestamp_ms: u64,
+    pub shard: u16,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub message_id: &'a str,
+    pub rcpt_to: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub transmission_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub campaign_id: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub tenant: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    pub template_id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bounce_class: Option<u16>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub raw_reason: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error_code: Option<&'a str>,
+    /// A complaint's Feedback-Type (abuse, fraud, …).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fbtype: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<&'a str>,
+    /// Who reported it (the report's Reporting-MTA or Source-IP).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report_by: Option<&'a str>,
+    /// The client that brought the report.
+    pub remote_addr: String,
 }
 
 /// What happened to one recipient in one delivery attempt.

@@ -115,6 +115,9 @@ pub struct Stamp<'a> {
     /// The one-click unsubscribe URL (RFC 8058) to add, unless the content sets a
     /// List-Unsubscribe of its own.
     pub list_unsubscribe: Option<&'a str>,
+    /// The feedback header's token (`X-Gannet-Id`), naming the message in the
+    /// bounces and complaints that quote it.
+    pub feedback: Option<&'a str>,
 }
 
 /// A generated message: its envelope sender's From address and the bytes.
@@ -399,6 +402,9 @@ impl Content {
         };
         if let Some(reply_to) = &reply_to {
             builder = builder.header("Reply-To", HeaderType::Raw(Raw::new(reply_to.as_str())));
+        }
+        if let Some(token) = stamp.feedback {
+            builder = builder.header("X-Gannet-Id", HeaderType::Raw(Raw::new(token)));
         }
         if let Some(url) = stamp.list_unsubscribe
             && !custom

@@ -37,6 +37,9 @@ pub enum Kind {
     Click,
     /// A one-click unsubscribe link (RFC 8058).
     Unsubscribe,
+    /// The header that names a message in the reports that come back about it
+    /// (bounces, complaints: the engine's feedback module reads them).
+    Feedback,
 }
 
 /// The daemon's tracking key.
@@ -81,6 +84,7 @@ impl TrackingKey {
             Kind::Open => "O",
             Kind::Click => "C",
             Kind::Unsubscribe => "U",
+            Kind::Feedback => "F",
         };
         // Fields are separated by NUL. Only the last, the URL, may hold one (a
         // sender's link can hold anything, and `open` splits off seven fields at
@@ -127,6 +131,7 @@ impl TrackingKey {
             "O" => (Kind::Open, true),
             "C" => (Kind::Click, true),
             "U" => (Kind::Unsubscribe, true),
+            "F" => (Kind::Feedback, true),
             "o" => (Kind::Open, false),
             "c" => (Kind::Click, false),
             _ => return None,
@@ -168,6 +173,11 @@ pub struct Track<'a> {
 }
 
 impl Track<'_> {
+    /// The token of the message's feedback header.
+    pub fn feedback_token(&self) -> String {
+        self.key.token(&self.tracked(Kind::Feedback, ""))
+    }
+
     /// The one-click unsubscribe URL of the message (RFC 8058).
     pub fn unsubscribe_url(&self) -> String {
         format!(

@@ -4,6 +4,7 @@
 //! Received, Message-ID), [`gannet_core::address`] (paths and parameters), [`gannet_core::reply`].
 
 pub mod data;
+pub mod feedback;
 pub mod session;
 pub mod verbs;
 

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use gannet_spool::{MessageRecord, Record, SpoolError};
 
 use super::data::{Scan, Scanner, Violations};
+use super::feedback;
 use super::verbs::{self, Mechanism, Next};
 use crate::delivery::Dispatcher;
 use crate::events::Event;
@@ -608,6 +609,30 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     if let Some(reply) = violation_reply(&violations, config.smtp.reject_bare_line_endings) {
         return reply;
     }
+    // Recipients at inbound domains: the message is a report for gannet, read
+    // here and not relayed to them; the others (if any) get it as usual.
+    if !config.inbound.domains.is_empty()
+        && let Some(tx) = s.tx.as_mut()
+        && tx
+            .recipients
+            .iter()
+            .any(|r| feedback::is_inbound(&shard, r))
+    {
+        feedback::consume(&shard, &body, s.peer.ip(), unix_ms());
+        let mut kept = Vec::new();
+        let mut kept_dsn = Vec::new();
+        for (i, rcpt) in tx.recipients.iter().enumerate() {
+            if !feedback::is_inbound(&shard, rcpt) {
+                kept.push(rcpt.clone());
+                kept_dsn.push(tx.dsn_rcpts.get(i).cloned().unwrap_or_default());
+            }
+        }
+        if kept.is_empty() {
+            return Reply::new(250, "2.0.0", "OK report read");
+        }
+        tx.recipients = kept;
+        tx.dsn_rcpts = kept_dsn;
+    }
     let id = shard.spool.next_id();
     let id_text = id.to_string();
     let now_ms = unix_ms();
@@ -627,10 +652,30 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
         single_recipient: single,
         unix_secs: now_ms / 1000,
     };
-    let (mut prepared, lifted) = match message::prepare(&body, &shard.shared.meta_headers, &trace) {
-        Ok(prepared) => prepared,
-        Err(reply) => return reply,
+    // The feedback header: a signed token naming this message in the bounces and
+    // complaints that quote it (`crate::feedback`).
+    let feedback = |lifted: &message::Lifted| {
+        if config.inbound.no_feedback_header {
+            return None;
+        }
+        let tracked = crate::merge::tracking::Tracked {
+            kind: crate::merge::tracking::Kind::Feedback,
+            message_id: id_text.clone(),
+            rcpt_to: single.unwrap_or("").to_string(),
+            transmission_id: String::new(),
+            campaign_id: lifted.campaign.clone().unwrap_or_default(),
+            tenant: lifted.tenant.clone().unwrap_or_default(),
+            template_id: String::new(),
+            url: String::new(),
+        };
+        let token = shard.shared.tracking_key.token(&tracked);
+        Some(format!("{}: {token}\r\n", crate::feedback::HEADER))
     };
+    let (mut prepared, lifted) =
+        match message::prepare_with(&body, &shard.shared.meta_headers, &trace, feedback) {
+            Ok(prepared) => prepared,
+            Err(reply) => return reply,
+        };
     drop(body);
     let draft = Draft {
         sender: &tx.sender.text,

@@ -81,7 +81,12 @@ fn check(session: &mut Session, args: &str) -> Next {
             return Next::Reply(reply);
         }
         Verdict::Accept => true,
-        Verdict::Continue => session.relay_from_network || session.auth_user.is_some(),
+        // Mail to an inbound domain is feedback for gannet itself, not relayed.
+        Verdict::Continue => {
+            session.relay_from_network
+                || session.auth_user.is_some()
+                || super::super::feedback::is_inbound(&session.shard, &recipient.text)
+        }
     };
     if !relay_ok {
         let sender = tx.sender.text.clone();
