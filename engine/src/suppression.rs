@@ -330,6 +330,50 @@ impl Suppressions {
     /// Adds an entry gannet decided on (a hard bounce, a complaint): in force at
     /// once, written by the flusher within a second. Never blocks on the disk. An
     /// existing entry of the same recipient and kind is left as it is.
+    /// Adds an entry gannet makes itself (a bounce, a complaint, an unsubscribe):
+    /// `tenant` empty for the untenanted, the recipient lower-cased.
+    pub fn add_auto(
+        &self,
+        tenant: &str,
+        recipient: &str,
+        kind: Kind,
+        source: &str,
+        description: String,
+        now: u64,
+    ) {
+        self.add_now(Entry {
+            recipient: recipient.to_ascii_lowercase(),
+            tenant: (!tenant.is_empty()).then(|| tenant.to_string()),
+            kind,
+            source: source.into(),
+            description,
+            created_ms: now,
+            updated_ms: now,
+        });
+    }
+
+    /// A hard bounce (`suppression.hard_bounce_classes`, in band or out of band)
+    /// suppresses its recipient for all mail ("Bounce Rule"), unless turned off:
+    /// true when it did.
+    pub fn hard_bounce(
+        &self,
+        config: &gannet_core::config::SuppressionConfig,
+        tenant: &str,
+        recipient: &str,
+        class: u16,
+        description: String,
+        now: u64,
+    ) -> bool {
+        if !config.auto_add_hard_bounces || !config.hard_bounce_classes.contains(&class) {
+            return false;
+        }
+        for kind in [Kind::Transactional, Kind::NonTransactional] {
+            let why = description.clone();
+            self.add_auto(tenant, recipient, kind, "Bounce Rule", why, now);
+        }
+        true
+    }
+
     pub fn add_now(&self, entry: Entry) {
         let k = key(entry.tenant.as_deref(), &entry.recipient, entry.kind);
         if self

@@ -234,26 +234,17 @@ fn record(
 /// A hard bounce (`suppression.hard_bounce_classes`) puts its recipient on its
 /// tenant's suppression list for all mail ("Bounce Rule"), unless turned off.
 fn suppress_hard_bounce(d: &Dispatcher, m: &Message, rcpt: u32, class: u16, reply: &str, now: u64) {
-    let config = &d.shard.config().suppression;
-    if !config.auto_add_hard_bounces || !config.hard_bounce_classes.contains(&class) {
-        return;
+    let added = d.shard.shared.suppressions.hard_bounce(
+        &d.shard.config().suppression,
+        m.meta("tenant").unwrap_or(""),
+        &m.recipients[rcpt as usize],
+        class,
+        format!("bounce class {class}: {reply}"),
+        now,
+    );
+    if added {
+        ShardMetrics::add(&d.shard.metrics.suppression_auto_added_total, 1);
     }
-    let lists = &d.shard.shared.suppressions;
-    for kind in [
-        crate::suppression::Kind::Transactional,
-        crate::suppression::Kind::NonTransactional,
-    ] {
-        lists.add_now(crate::suppression::Entry {
-            recipient: m.recipients[rcpt as usize].to_ascii_lowercase(),
-            tenant: m.meta("tenant").map(str::to_string),
-            kind,
-            source: "Bounce Rule".into(),
-            description: format!("bounce class {class}: {reply}"),
-            created_ms: now,
-            updated_ms: now,
-        });
-    }
-    ShardMetrics::add(&d.shard.metrics.suppression_auto_added_total, 1);
 }
 
 /// Records a Delayed event for each recipient of a part.

@@ -11,7 +11,7 @@ use crate::events::{Event, Returned};
 use crate::feedback::Feedback;
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
-use crate::suppression::{Entry, Kind};
+use crate::suppression::Kind;
 use gannet_core::bounce;
 use gannet_core::reply::Response;
 
@@ -69,20 +69,16 @@ pub fn consume(shard: &Rc<Shard>, message: &[u8], peer: std::net::IpAddr, now: u
                     remote_addr: remote_addr.clone(),
                 }));
                 if verified
-                    && suppression.auto_add_hard_bounces
-                    && suppression.hard_bounce_classes.contains(&class)
+                    && shard.shared.suppressions.hard_bounce(
+                        suppression,
+                        &o.tenant,
+                        &f.rcpt,
+                        class,
+                        format!("out-of-band bounce class {class}: {}", f.reason),
+                        now,
+                    )
                 {
-                    for kind in [Kind::Transactional, Kind::NonTransactional] {
-                        suppress(
-                            shard,
-                            &o.tenant,
-                            &f.rcpt,
-                            kind,
-                            "Bounce Rule",
-                            &format!("out-of-band bounce class {class}: {}", f.reason),
-                            now,
-                        );
-                    }
+                    ShardMetrics::add(&metrics.suppression_auto_added_total, 1);
                 }
             }
         }
@@ -142,15 +138,8 @@ fn suppress(
     description: &str,
     now: u64,
 ) {
-    shard.shared.suppressions.add_now(Entry {
-        recipient: rcpt.to_ascii_lowercase(),
-        tenant: (!tenant.is_empty()).then(|| tenant.to_string()),
-        kind,
-        source: source.into(),
-        description: description.into(),
-        created_ms: now,
-        updated_ms: now,
-    });
+    let lists = &shard.shared.suppressions;
+    lists.add_auto(tenant, rcpt, kind, source, description.to_string(), now);
     ShardMetrics::add(&shard.metrics.suppression_auto_added_total, 1);
 }
 
