@@ -67,7 +67,7 @@ pub fn parse(message: &[u8], key: &TrackingKey) -> Option<Feedback> {
         "feedback-report" => "feedback-report",
         _ => return None,
     };
-    let fields = parsed.parts.iter().find_map(|part| {
+    let found = parsed.parts.iter().find_map(|part| {
         let ct = part.content_type()?;
         let sub = ct.subtype()?.to_ascii_lowercase();
         (ct.ctype().eq_ignore_ascii_case("message") && sub.ends_with(wanted)).then(|| {
@@ -76,7 +76,14 @@ pub fn parse(message: &[u8], key: &TrackingKey) -> Option<Feedback> {
                 _ => part.contents().to_vec(),
             }
         })
-    })?;
+    });
+    // A complaint whose machine part is missing or mislabelled (some feedback
+    // loops send it as text/plain) is still a complaint, about the token's message.
+    let fields = match found {
+        Some(fields) => fields,
+        None if wanted == "feedback-report" => Vec::new(),
+        None => return None,
+    };
     let blocks = field_blocks(&fields);
     if wanted == "delivery-status" {
         let failed = blocks
@@ -103,7 +110,8 @@ pub fn parse(message: &[u8], key: &TrackingKey) -> Option<Feedback> {
             .collect();
         return Some(Feedback::Bounce { original, failed });
     }
-    let block = blocks.first()?;
+    let empty = Vec::new();
+    let block = blocks.first().unwrap_or(&empty);
     let rcpt = field(block, "original-rcpt-to")
         .and_then(address)
         .or_else(|| {
@@ -285,6 +293,29 @@ mod tests {
             None
         );
         assert_eq!(parse(&[0xff, 0xfe, 0x00], &key), None);
+        // A feedback loop whose machine part is text/plain: a complaint about the
+        // token's message and recipient.
+        let token = key.token(&tracked());
+        let text = String::from_utf8(report(
+            "feedback-report",
+            "plain",
+            "This is a complaint.",
+            &format!("From: s@s.test\r\nX-Gannet-Id: {token}"),
+        ))
+        .unwrap()
+        .replace("message/plain", "text/plain");
+        let Some(Feedback::Complaint {
+            original,
+            rcpt,
+            feedback_type,
+            ..
+        }) = parse(text.as_bytes(), &key)
+        else {
+            panic!("not a complaint");
+        };
+        assert_eq!(original, Some(tracked()));
+        assert_eq!(rcpt.as_deref(), Some("ann@x.test"));
+        assert_eq!(feedback_type, "abuse");
         assert_eq!(parse(b"", &key), None);
     }
 }

@@ -21,10 +21,18 @@ pub fn is_inbound(shard: &Shard, rcpt: &str) -> bool {
     (shard.config().inbound.domains.iter()).any(|d| d.eq_ignore_ascii_case(domain))
 }
 
-/// Reads one message sent to an inbound domain and records what it reports.
-pub fn consume(shard: &Rc<Shard>, message: &[u8], peer: std::net::IpAddr, now: u64) {
+/// Reads one message sent to an inbound domain and records what it reports. The
+/// MIME parse runs on a thread of its own (a report can be as large as any
+/// message), never on the shard.
+pub async fn consume(shard: &Rc<Shard>, message: Vec<u8>, peer: std::net::IpAddr, now: u64) {
     let metrics = &shard.metrics;
-    let Some(feedback) = crate::feedback::parse(message, &shard.shared.tracking_key) else {
+    let shared = shard.shared.clone();
+    let parsed = crate::io::on_thread("gannet-feedback", move || {
+        crate::feedback::parse(&message, &shared.tracking_key)
+    })
+    .await
+    .flatten();
+    let Some(feedback) = parsed else {
         ShardMetrics::add(&metrics.inbound_unrecognized_total, 1);
         return;
     };

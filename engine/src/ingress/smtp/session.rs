@@ -618,7 +618,8 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
             .iter()
             .any(|r| feedback::is_inbound(&shard, r))
     {
-        feedback::consume(&shard, &body, s.peer.ip(), unix_ms());
+        // A copy: the message may still go to recipients elsewhere.
+        feedback::consume(&shard, body.clone(), s.peer.ip(), unix_ms()).await;
         let mut kept = Vec::new();
         let mut kept_dsn = Vec::new();
         for (i, rcpt) in tx.recipients.iter().enumerate() {
