@@ -170,7 +170,23 @@ impl Tally {
             Err(e) => return Err(e),
         }
         let journal_path = dir.join("journal");
-        let journal_bytes = replay(&journal_path, &mut store, &mut positions, now)?;
+        let journal_bytes = match replay(&journal_path, &mut store, &mut positions, now) {
+            Ok(bytes) => bytes,
+            Err(err) if err.kind() == std::io::ErrorKind::InvalidData => {
+                // The journal and the snapshot disagree (files from different
+                // states): both are set aside and the tally starts again from what
+                // the event logs hold.
+                tracing::error!(dir = %dir.display(),
+                    "the metrics journal does not follow its snapshot ({err}); both set aside as .bad, tallying again from the event logs");
+                let _ = std::fs::rename(&journal_path, dir.join("journal.bad"));
+                let _ = std::fs::rename(&snapshot_path, dir.join("snapshot.json.bad"));
+                store = Store::new(limits);
+                positions = vec![0; logs];
+                snapshot_bytes = 0;
+                0
+            }
+            Err(err) => return Err(err),
+        };
         let journal = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -348,6 +364,17 @@ fn replay(path: &Path, store: &mut Store, positions: &mut [u64], now: u32) -> st
             break;
         };
         good += n as u64;
+        // Keys first, whatever the record's position: later records name them (a
+        // record behind the snapshot holds keys the snapshot has already).
+        for (id, values) in &record.keys {
+            let values: [&str; DIMS] = std::array::from_fn(|i| values[i].as_str());
+            if !store.restore_key(*id, values) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("key {id} does not follow the snapshot"),
+                ));
+            }
+        }
         let Some(position) = positions.get_mut(record.log) else {
             continue;
         };
@@ -356,15 +383,6 @@ fn replay(path: &Path, store: &mut Store, positions: &mut [u64], now: u32) -> st
             continue;
         }
         *position = record.end;
-        for (id, values) in &record.keys {
-            let values: [&str; DIMS] = std::array::from_fn(|i| values[i].as_str());
-            if !store.restore_key(*id, values) {
-                return Err(std::io::Error::other(format!(
-                    "{}: key {id} out of order (the journal does not follow the snapshot)",
-                    path.display()
-                )));
-            }
-        }
         for (minute, key, counts) in &record.add {
             store.add(*minute, *key, &dense(counts), now);
         }

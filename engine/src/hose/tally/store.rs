@@ -254,14 +254,18 @@ impl Store {
         id
     }
 
-    /// Restores a key with a known id (a snapshot's or a journal's): false when the
-    /// id is not the next one (the file is not what this store was made from).
+    /// Restores a key with a known id (a snapshot's or a journal's): the next id
+    /// is added, a known id must hold the same values; false otherwise (the file
+    /// is not what this store was made from).
     pub fn restore_key(&mut self, id: u32, values: [&str; DIMS]) -> bool {
-        if id as usize != self.keys.len() {
-            return false;
+        match self.keys.get(id as usize) {
+            Some(key) => key.iter().zip(&values).all(|(a, b)| &**a == *b),
+            None if id as usize == self.keys.len() => {
+                self.push_key(values);
+                true
+            }
+            None => false,
         }
-        self.push_key(values);
-        true
     }
 
     /// Forgets keys interned after the first `len` (a batch that was not stored).
@@ -429,6 +433,11 @@ mod tests {
         assert_eq!(store.intern(["b", "", "", "", "", "", ""]), Err(1));
         assert!(!store.restore_key(5, ["x"; DIMS]));
         assert!(store.restore_key(2, ["x"; DIMS]));
+        assert!(store.restore_key(2, ["x"; DIMS]), "a known key again");
+        assert!(
+            !store.restore_key(2, ["y"; DIMS]),
+            "another key under a known id"
+        );
     }
 
     #[test]

@@ -188,6 +188,30 @@ fn a_snapshot_replaces_the_journal_and_a_crash_between_counts_nothing_twice() {
 }
 
 #[test]
+fn a_journal_that_does_not_follow_its_snapshot_is_set_aside() {
+    let dir = tempfile::tempdir().unwrap();
+    let now = now_minute();
+    {
+        let tally = Tally::open(dir.path(), 1, &config()).unwrap();
+        tally
+            .add_batch(0, 100, &events(&[injection(now, "a@x.test")]))
+            .unwrap();
+    }
+    // Another state's snapshot, holding a different key 0.
+    let snapshot = serde_json::json!({"version": 1, "positions": [50], "folded": 0,
+        "keys": [["t", "other.test", "", "", "", "", ""]], "rows": [], "engaged": []});
+    std::fs::write(
+        dir.path().join("metrics/snapshot.json"),
+        snapshot.to_string(),
+    )
+    .unwrap();
+    let tally = Tally::open(dir.path(), 1, &config()).unwrap();
+    assert_eq!(tally.positions(), vec![0]);
+    assert_eq!(total(&tally, Counter::Injected), 0);
+    assert!(dir.path().join("metrics/journal.bad").exists());
+}
+
+#[test]
 fn a_damaged_snapshot_is_set_aside_and_the_tally_starts_from_the_logs() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("metrics")).unwrap();
