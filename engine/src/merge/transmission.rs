@@ -456,7 +456,12 @@ pub fn parse_start_time(text: &str) -> Option<u64> {
         d.next()?.parse().ok()?,
         d.next()?.parse().ok()?,
     );
-    if d.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+    // Years past 9999 would overflow the arithmetic below.
+    if d.next().is_some()
+        || !(0..=9999).contains(&y)
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+    {
         return None;
     }
     let (clock, offset_secs) = if let Some(clock) = rest.strip_suffix(['Z', 'z']) {
@@ -466,8 +471,8 @@ pub fn parse_start_time(text: &str) -> Option<u64> {
         let (clock, offset) = rest.split_at(split);
         let sign = if offset.starts_with('-') { -1 } else { 1 };
         let (oh, om) = offset[1..].split_once(':').unwrap_or((&offset[1..], "0"));
-        let oh: i64 = oh.parse().ok()?;
-        let om: i64 = om.parse().ok()?;
+        let oh: i64 = oh.parse().ok().filter(|h| (0..24).contains(h))?;
+        let om: i64 = om.parse().ok().filter(|m| (0..60).contains(m))?;
         (clock, sign * (oh * 3600 + om * 60))
     };
     let mut c = clock.split(':');
@@ -481,4 +486,28 @@ pub fn parse_start_time(text: &str) -> Option<u64> {
     let secs = days * 86_400 + h * 3600 + min * 60 - offset_secs;
     let ms = secs * 1000 + (sec * 1000.0) as i64;
     u64::try_from(ms).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_start_time;
+
+    #[test]
+    fn start_times_parse_and_out_of_range_ones_are_refused_not_overflowed() {
+        assert_eq!(parse_start_time("1970-01-01T00:00:01Z"), Some(1000));
+        assert_eq!(
+            parse_start_time("2026-11-24T10:00:00+01:00"),
+            parse_start_time("2026-11-24T09:00:00Z")
+        );
+        for bad in [
+            "99999999999999-01-01T00:00:00Z",
+            "2026-01-01T00:00:00+99999999999999:00",
+            "2026-01-01T00:00:00+01:99999999999999",
+            "2026-13-01T00:00:00Z",
+            "2026-01-01",
+            "",
+        ] {
+            assert_eq!(parse_start_time(bad), None, "{bad}");
+        }
+    }
 }

@@ -213,6 +213,9 @@ const METRICS: &[(&str, MetricFn)] = &[
     ("count_unsubscribe", |k| n(k, Counter::Unsubscribe)),
 ];
 
+/// Points a time series answers at most.
+const TIME_SERIES_POINTS_MAX: i64 = 100_000;
+
 /// SparkPost's deliverability add-on metrics (seed lists and panels), which gannet
 /// has no data for.
 const ADD_ON_METRICS: &[&str] = &[
@@ -594,7 +597,12 @@ fn parse_rfc3339(text: &str) -> Option<i64> {
         d.next()?.parse().ok()?,
         d.next()?.parse().ok()?,
     );
-    if d.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&day) {
+    // Years past 9999 would overflow the arithmetic below.
+    if d.next().is_some()
+        || !(0..=9999).contains(&y)
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+    {
         return None;
     }
     let (clock, offset) = if let Some(clock) = rest.strip_suffix(['Z', 'z']) {
@@ -814,6 +822,16 @@ pub fn run(
     now_ms: u64,
 ) -> Result<Value, Invalid> {
     let window = parse_window(params, view, now_ms)?;
+    if view == View::TimeSeries {
+        // Bounded answers: a day precision over centuries is a refusal, not a
+        // response of millions of objects.
+        let buckets = (window.to - window.from) / i64::from(window.precision.width().min(1440));
+        if buckets > TIME_SERIES_POINTS_MAX {
+            return Err(invalid(format!(
+                "the window holds more than {TIME_SERIES_POINTS_MAX} points at this precision; narrow it or use a coarser precision"
+            )));
+        }
+    }
     let filter = parse_filter(params, tenant)?;
     if let View::List(dim) = view {
         return list(store, dim, &window, &filter, params);

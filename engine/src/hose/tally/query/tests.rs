@@ -397,6 +397,26 @@ fn bad_requests_say_what_is_wrong() {
         .unwrap_err();
         assert_eq!(e.message, "invalid query_filters", "{filters}");
     }
+    // Years that would overflow, and windows of too many points.
+    assert!(err(View::Summary, &[("from", "99999999999-01-01T00:00"), m]).contains("from"));
+    assert!(
+        err(
+            View::Summary,
+            &[
+                ("from", "2026-12-07T10:00"),
+                ("to", "922337203685477-01-01T00:00"),
+                m
+            ]
+        )
+        .contains("to")
+    );
+    assert!(
+        err(
+            View::TimeSeries,
+            &[("from", "0001-01-01T00:00"), ("precision", "day"), m]
+        )
+        .contains("points")
+    );
     // The default precision is the finest the window allows.
     let v = ok(View::Summary, &[("from", "2026-11-01T00:00"), m]);
     assert_eq!(v["results"][0]["count_injected"], 119);
