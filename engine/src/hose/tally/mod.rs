@@ -256,7 +256,7 @@ impl Tally {
             let id = match store.intern(values) {
                 Ok(id) | Err(id) => id,
             };
-            let minute = (item.timestamp_ms / 60_000) as u32;
+            let minute = u32::try_from(item.timestamp_ms / 60_000).unwrap_or(u32::MAX);
             let row = rows.entry((minute, id)).or_insert([0; COUNTERS]);
             for (total, n) in row.iter_mut().zip(counts) {
                 *total = total.saturating_add(n);

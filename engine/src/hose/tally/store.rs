@@ -291,7 +291,7 @@ impl Store {
         for resolution in Resolution::ALL {
             let start = minute - minute % resolution.width();
             let kept_from = now_min.saturating_sub(self.retention[resolution.index()]);
-            if start + resolution.width() <= kept_from {
+            if start.saturating_add(resolution.width()) <= kept_from {
                 continue;
             }
             let row = self.buckets[resolution.index()]
@@ -319,7 +319,7 @@ impl Store {
             let kept_from = now_min.saturating_sub(self.retention[resolution.index()]);
             let buckets = &mut self.buckets[resolution.index()];
             while let Some((&start, _)) = buckets.first_key_value() {
-                if start + resolution.width() > kept_from {
+                if start.saturating_add(resolution.width()) > kept_from {
                     break;
                 }
                 buckets.pop_first();
@@ -416,6 +416,9 @@ mod tests {
         assert_eq!(store.buckets(Resolution::Hour).len(), 2);
         store.prune(now + 11 * 1440);
         assert!(store.buckets(Resolution::Day).is_empty());
+        // A minute at the end of time (a damaged timestamp) does not overflow.
+        store.add(u32::MAX, key, &one(Counter::Delivered), now);
+        store.prune(u32::MAX);
     }
 
     #[test]
