@@ -54,9 +54,91 @@ pub fn rfc3339_millis(unix_ms: u64) -> String {
     format!("{}.{:03}Z", &whole[..whole.len() - 1], unix_ms % 1000)
 }
 
+/// Parses RFC 3339 with `Z` or an offset (`+01:00`, `+0100`, `+01`), seconds
+/// optional (`2026-11-24T10:00Z`), into unix milliseconds; None for anything else,
+/// a time before 1970, or a year past 9999 (which would overflow the arithmetic).
+pub fn parse_rfc3339(text: &str) -> Option<u64> {
+    u64::try_from(parse_rfc3339_signed(text)?).ok()
+}
+
+/// [`parse_rfc3339`], times before 1970 (years 0 to 1969) included: negative.
+pub fn parse_rfc3339_signed(text: &str) -> Option<i64> {
+    let (date, rest) = text.trim().split_once(['T', ' '])?;
+    let mut d = date.split('-');
+    let (y, m, day): (i64, i64, i64) = (
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+        d.next()?.parse().ok()?,
+    );
+    if d.next().is_some()
+        || !(0..=9999).contains(&y)
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+    {
+        return None;
+    }
+    let (clock, offset_secs) = if let Some(clock) = rest.strip_suffix(['Z', 'z']) {
+        (clock, 0)
+    } else {
+        let split = rest.rfind(['+', '-'])?;
+        let (clock, offset) = rest.split_at(split);
+        let sign = if offset.starts_with('-') { -1 } else { 1 };
+        // The sign is one ASCII byte.
+        let digits = &offset[1..];
+        let (oh, om) = match digits.split_once(':') {
+            Some(parts) => parts,
+            None if digits.len() == 4 => digits.split_at_checked(2)?,
+            None => (digits, "0"),
+        };
+        let oh: i64 = oh.parse().ok().filter(|h| (0..24).contains(h))?;
+        let om: i64 = om.parse().ok().filter(|m| (0..60).contains(m))?;
+        (clock, sign * (oh * 3600 + om * 60))
+    };
+    let mut c = clock.split(':');
+    let h: i64 = c.next()?.parse().ok()?;
+    let min: i64 = c.next()?.parse().ok()?;
+    let sec: f64 = c.next().unwrap_or("0").parse().ok()?;
+    if c.next().is_some()
+        || !(0..24).contains(&h)
+        || !(0..60).contains(&min)
+        || !(0.0..61.0).contains(&sec)
+    {
+        return None;
+    }
+    let days = days_from_civil(y, m as u32, day as u32);
+    let secs = days * 86_400 + h * 3600 + min * 60 - offset_secs;
+    Some(secs * 1000 + (sec * 1000.0) as i64)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rfc3339_parses_and_out_of_range_times_are_refused_not_overflowed() {
+        assert_eq!(parse_rfc3339("1970-01-01T00:00:01Z"), Some(1000));
+        assert_eq!(parse_rfc3339("1970-01-01T00:01Z"), Some(60_000));
+        assert_eq!(
+            parse_rfc3339("2026-11-24T10:00:00+01:00"),
+            parse_rfc3339("2026-11-24T09:00:00Z")
+        );
+        assert_eq!(
+            parse_rfc3339("2026-11-24T10:30:00+0130"),
+            parse_rfc3339("2026-11-24T09:00:00Z")
+        );
+        for bad in [
+            "99999999999999-01-01T00:00:00Z",
+            "2026-01-01T00:00:00+99999999999999:00",
+            "2026-01-01T00:00:00+01:99999999999999",
+            "2026-13-01T00:00:00Z",
+            "2026-01-01T24:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "2026-01-01",
+            "",
+        ] {
+            assert_eq!(parse_rfc3339(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn civil_dates_round_trip() {

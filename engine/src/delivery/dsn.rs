@@ -46,14 +46,20 @@ pub(super) fn report(d: &Dispatcher, m: &Message, a: &Attempted<'_>) {
         delay: config.delay_default,
     };
     let rcpts_meta = m.meta(dsn::META_RCPTS);
-    let delay_due = crosses_delay_threshold(d, m, a);
+    // Worked out once, and only when a recipient could want a delay report.
+    let mut delay_due = None;
     let mut chosen: Vec<(u32, Action, &Response)> = Vec::new();
     for ((i, verdict), (_, response)) in a.verdicts.iter().zip(a.results) {
         let asked = dsn::rcpt_from_meta(rcpts_meta, *i as usize).notify;
         let notify = asked.unwrap_or(default);
         let action = match verdict {
             Verdict::Bounce | Verdict::Expiration if notify.failure => Action::Failed,
-            Verdict::TransientFailure if notify.delay && delay_due => Action::Delayed,
+            Verdict::TransientFailure
+                if notify.delay
+                    && *delay_due.get_or_insert_with(|| crosses_delay_threshold(d, m, a)) =>
+            {
+                Action::Delayed
+            }
             Verdict::Delivery if notify.success => Action::Relayed,
             _ => continue,
         };

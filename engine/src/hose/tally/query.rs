@@ -584,46 +584,8 @@ fn parse_time(name: &str, text: &str, offset_min: i64) -> Result<i64, Invalid> {
     } else {
         (format!("{date}T{clock}Z"), offset_min)
     };
-    let ms = parse_rfc3339(&with_zone).ok_or_else(bad)?;
+    let ms = gannet_core::clock::parse_rfc3339_signed(&with_zone).ok_or_else(bad)?;
     Ok(ms.div_euclid(60_000) - shift)
-}
-
-/// RFC 3339 with an offset or `Z`, seconds optional: unix milliseconds.
-fn parse_rfc3339(text: &str) -> Option<i64> {
-    let (date, rest) = text.trim().split_once(['T', ' '])?;
-    let mut d = date.split('-');
-    let (y, m, day): (i64, u32, u32) = (
-        d.next()?.parse().ok()?,
-        d.next()?.parse().ok()?,
-        d.next()?.parse().ok()?,
-    );
-    // Years past 9999 would overflow the arithmetic below.
-    if d.next().is_some()
-        || !(0..=9999).contains(&y)
-        || !(1..=12).contains(&m)
-        || !(1..=31).contains(&day)
-    {
-        return None;
-    }
-    let (clock, offset) = if let Some(clock) = rest.strip_suffix(['Z', 'z']) {
-        (clock, 0)
-    } else {
-        let split = rest.rfind(['+', '-'])?;
-        let (clock, offset) = rest.split_at(split);
-        (clock, parse_offset(offset)?)
-    };
-    let mut c = clock.split(':');
-    let h: i64 = c.next()?.parse().ok()?;
-    let min: i64 = c.next()?.parse().ok()?;
-    let sec: i64 = match c.next() {
-        Some(s) => s.split('.').next()?.parse().ok()?,
-        None => 0,
-    };
-    if c.next().is_some() || h > 23 || min > 59 || sec > 60 {
-        return None;
-    }
-    let days = gannet_core::clock::days_from_civil(y, m, day);
-    Some(((days * 1440 + h * 60 + min - offset) * 60 + sec) * 1000)
 }
 
 /// `2026-12-07T10:15:00+01:00`: a bucket's start, in the request's time zone.

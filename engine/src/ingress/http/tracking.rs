@@ -43,23 +43,7 @@ pub fn hit(
         ShardMetrics::add(&metrics.tracking_bad_tokens_total, 1);
         return Reply::error(404, "1600", "resource not found", "unknown tracking link");
     };
-    let user_agent = head
-        .headers
-        .get(hyper::header::USER_AGENT)
-        .and_then(|v| v.to_str().ok());
-    let engagement = Engagement {
-        timestamp_ms: unix_ms(),
-        shard: shard.id,
-        message_id: &t.message_id,
-        rcpt_to: &t.rcpt_to,
-        transmission_id: &t.transmission_id,
-        campaign_id: &t.campaign_id,
-        tenant: &t.tenant,
-        template_id: &t.template_id,
-        target_link_url: &t.url,
-        user_agent,
-        ip_address: peer.map(|ip| ip.to_string()),
-    };
+    let engagement = engagement(shard, &t, head, peer, unix_ms());
     if click {
         ShardMetrics::add(&metrics.tracking_clicks_total, 1);
         shard.event(&Event::Click(engagement));
@@ -134,12 +118,39 @@ pub fn unsubscribe(
         );
     }
     let now = unix_ms();
-    let user_agent = head
-        .headers
-        .get(hyper::header::USER_AGENT)
-        .and_then(|v| v.to_str().ok());
     ShardMetrics::add(&metrics.list_unsubscribes_total, 1);
-    shard.event(&Event::ListUnsubscribe(Engagement {
+    shard.event(&Event::ListUnsubscribe(engagement(
+        shard, &t, head, peer, now,
+    )));
+    if shard.config().suppression.auto_add_unsubscribes {
+        shard.shared.suppressions.add_auto(
+            &t.tenant,
+            &t.rcpt_to,
+            crate::suppression::Kind::NonTransactional,
+            "List Unsubscribe",
+            format!("one-click unsubscribe from message {}", t.message_id),
+            now,
+        );
+        ShardMetrics::add(&metrics.suppression_auto_added_total, 1);
+    }
+    Reply {
+        status: 200,
+        content_type: "text/plain; charset=utf-8",
+        body: bytes::Bytes::from_static(b"You are unsubscribed.\n"),
+        location: None,
+    }
+}
+
+/// The event of a token's use: what the token names, who used it (an
+/// unsubscribe token's URL is empty, so it records no link).
+fn engagement<'t>(
+    shard: &Shard,
+    t: &'t crate::merge::tracking::Tracked,
+    head: &'t hyper::http::request::Parts,
+    peer: Option<IpAddr>,
+    now: u64,
+) -> Engagement<'t> {
+    Engagement {
         timestamp_ms: now,
         shard: shard.id,
         message_id: &t.message_id,
@@ -148,30 +159,11 @@ pub fn unsubscribe(
         campaign_id: &t.campaign_id,
         tenant: &t.tenant,
         template_id: &t.template_id,
-        target_link_url: "",
-        user_agent,
+        target_link_url: &t.url,
+        user_agent: head
+            .headers
+            .get(hyper::header::USER_AGENT)
+            .and_then(|v| v.to_str().ok()),
         ip_address: peer.map(|ip| ip.to_string()),
-    }));
-    let config = &shard.config().suppression;
-    if config.auto_add_unsubscribes {
-        shard
-            .shared
-            .suppressions
-            .add_now(crate::suppression::Entry {
-                recipient: t.rcpt_to.to_ascii_lowercase(),
-                tenant: (!t.tenant.is_empty()).then(|| t.tenant.clone()),
-                kind: crate::suppression::Kind::NonTransactional,
-                source: "List Unsubscribe".into(),
-                description: format!("one-click unsubscribe from message {}", t.message_id),
-                created_ms: now,
-                updated_ms: now,
-            });
-        ShardMetrics::add(&metrics.suppression_auto_added_total, 1);
-    }
-    Reply {
-        status: 200,
-        content_type: "text/plain; charset=utf-8",
-        body: bytes::Bytes::from_static(b"You are unsubscribed.\n"),
-        location: None,
     }
 }

@@ -16,12 +16,13 @@ use super::{Reply, parse_json};
 use crate::jobs::Jobs;
 use crate::merge::content::valid_email;
 use crate::merge::store::TemplateOptions;
-use crate::merge::transmission::{ContentSpec, Recipients, Refusal, Spec, parse_start_time};
+use crate::merge::transmission::{ContentSpec, Recipients, Refusal, Spec};
 use crate::merge::{JOB_KIND, Job, Stored};
 use crate::metrics::ShardMetrics;
 use crate::policy::{Client, Draft};
 use crate::shard::Shard;
 use gannet_core::auth::ApiIdentity;
+use gannet_core::clock::parse_rfc3339;
 use gannet_core::clock::unix_ms;
 
 impl From<Refusal> for Reply {
@@ -138,7 +139,7 @@ pub fn prepare(
     }
     let due_ms = match spec.options.start_time.as_deref() {
         None => now_ms,
-        Some(text) => match parse_start_time(text) {
+        Some(text) => match parse_rfc3339(text) {
             Some(ms) => ms.max(now_ms),
             None => {
                 return Err(Refusal::invalid(format!(

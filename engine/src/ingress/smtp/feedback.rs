@@ -9,6 +9,7 @@ use std::rc::Rc;
 
 use crate::events::{Event, Returned};
 use crate::feedback::Feedback;
+use crate::merge::tracking::Tracked;
 use crate::metrics::ShardMetrics;
 use crate::shard::Shard;
 use crate::suppression::Kind;
@@ -60,21 +61,10 @@ pub async fn consume(shard: &Rc<Shard>, message: Vec<u8>, peer: std::net::IpAddr
                 let error_code = code.to_string();
                 ShardMetrics::add(&metrics.inbound_bounces_total, 1);
                 shard.event(&Event::OutOfBand(Returned {
-                    timestamp_ms: now,
-                    shard: shard.id,
-                    message_id: &o.message_id,
-                    rcpt_to: &f.rcpt,
-                    transmission_id: &o.transmission_id,
-                    campaign_id: &o.campaign_id,
-                    tenant: &o.tenant,
-                    template_id: &o.template_id,
                     bounce_class: Some(class),
                     raw_reason: Some(&f.reason),
                     error_code: Some(&error_code),
-                    fbtype: None,
-                    user_agent: None,
-                    report_by: None,
-                    remote_addr: remote_addr.clone(),
+                    ..returned(shard, &o, &f.rcpt, &remote_addr, now)
                 }));
                 if verified
                     && shard.shared.suppressions.hard_bounce(
@@ -102,58 +92,61 @@ pub async fn consume(shard: &Rc<Shard>, message: Vec<u8>, peer: std::net::IpAddr
             let rcpt = rcpt.unwrap_or_default();
             ShardMetrics::add(&metrics.inbound_complaints_total, 1);
             shard.event(&Event::SpamComplaint(Returned {
-                timestamp_ms: now,
-                shard: shard.id,
-                message_id: &o.message_id,
-                rcpt_to: &rcpt,
-                transmission_id: &o.transmission_id,
-                campaign_id: &o.campaign_id,
-                tenant: &o.tenant,
-                template_id: &o.template_id,
-                bounce_class: None,
-                raw_reason: None,
-                error_code: None,
                 fbtype: Some(&feedback_type),
                 user_agent: user_agent.as_deref(),
                 report_by: reported_by.as_deref(),
-                remote_addr,
+                ..returned(shard, &o, &rcpt, &remote_addr, now)
             }));
             if verified
                 && suppression.auto_add_complaints
                 && !rcpt.is_empty()
                 && feedback_type != "not-spam"
             {
-                suppress(
-                    shard,
+                shard.shared.suppressions.add_auto(
                     &o.tenant,
                     &rcpt,
                     Kind::NonTransactional,
                     "Spam Complaint",
-                    &format!("{feedback_type} report"),
+                    format!("{feedback_type} report"),
                     now,
                 );
+                ShardMetrics::add(&metrics.suppression_auto_added_total, 1);
             }
         }
     }
 }
 
-fn suppress(
+/// The event of a report about message `o` (its token's fields) and `rcpt`, with
+/// nothing of the report itself yet.
+fn returned<'a>(
     shard: &Shard,
-    tenant: &str,
-    rcpt: &str,
-    kind: Kind,
-    source: &str,
-    description: &str,
+    o: &'a Tracked,
+    rcpt: &'a str,
+    remote_addr: &str,
     now: u64,
-) {
-    let lists = &shard.shared.suppressions;
-    lists.add_auto(tenant, rcpt, kind, source, description.to_string(), now);
-    ShardMetrics::add(&shard.metrics.suppression_auto_added_total, 1);
+) -> Returned<'a> {
+    Returned {
+        timestamp_ms: now,
+        shard: shard.id,
+        message_id: &o.message_id,
+        rcpt_to: rcpt,
+        transmission_id: &o.transmission_id,
+        campaign_id: &o.campaign_id,
+        tenant: &o.tenant,
+        template_id: &o.template_id,
+        bounce_class: None,
+        raw_reason: None,
+        error_code: None,
+        fbtype: None,
+        user_agent: None,
+        report_by: None,
+        remote_addr: remote_addr.to_string(),
+    }
 }
 
 /// What a report that names no message of ours says of it: nothing.
-fn unnamed() -> crate::merge::tracking::Tracked {
-    crate::merge::tracking::Tracked {
+fn unnamed() -> Tracked {
+    Tracked {
         kind: crate::merge::tracking::Kind::Feedback,
         message_id: String::new(),
         rcpt_to: String::new(),
