@@ -6,13 +6,8 @@ use std::sync::Arc;
 
 use crate::reply::Response;
 
-/// A destination site, in a form that can cross cores.
-#[derive(Debug, Clone)]
-pub struct SiteSpec {
-    pub name: String,
-    pub hosts: Vec<SocketAddr>,
-    pub host_names: Vec<String>,
-}
+/// A destination site crosses cores as it is (owned values and `Arc`s).
+pub type SiteSpec = crate::queue::Site;
 
 /// A part for the owner of its site to deliver.
 #[derive(Debug)]

@@ -21,6 +21,8 @@
 //! - `bounce`: the bounce class of a permanent failure;
 //! - `dsn`: delivery status notifications — the DSN parameters (RFC 3461) and the
 //!   report (RFC 3464);
+//! - `tls_policy`: what destinations ask of delivery's TLS — MTA-STS policies, DANE
+//!   TLSA records, TLS-RPT addresses — and the TLS a site's connections must use;
 //! - `clock`: the wall clock in the units the queues use;
 //! - `event_types`: the event types the hose's sinks subscribe to (SparkPost's).
 
@@ -38,4 +40,5 @@ pub mod message;
 pub mod queue;
 pub mod reply;
 pub mod shaping;
+pub mod tls_policy;
 pub mod warmup;

@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use crate::config::DeliveryConfig;
 use crate::config::shaping::{Knobs, Rate};
+use crate::config::{DeliveryConfig, TlsMode};
 
 /// Timeouts per SMTP phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,6 +59,11 @@ pub struct Shaping {
     /// the connection limit, and the interval attempts are counted over.
     pub backoff_failure_percent: u8,
     pub backoff_interval: Duration,
+    /// STARTTLS toward the site (a destination's own policy goes over it).
+    pub tls: TlsMode,
+    /// After a failed opportunistic handshake, deliver over a new plaintext
+    /// connection to the same host.
+    pub tls_reconnect_plaintext: bool,
 }
 
 impl Shaping {
@@ -110,6 +115,10 @@ impl Shaping {
         if let Some(v) = knobs.backoff_interval_secs {
             self.backoff_interval = Duration::from_secs(v.get());
         }
+        self.tls = knobs.tls.unwrap_or(self.tls);
+        self.tls_reconnect_plaintext = knobs
+            .opportunistic_tls_reconnect_on_failed_handshake
+            .unwrap_or(self.tls_reconnect_plaintext);
         self
     }
 }
@@ -140,6 +149,8 @@ impl ShapingTable {
             connection_backoff_max: Duration::ZERO,
             backoff_failure_percent: 0,
             backoff_interval: Duration::ZERO,
+            tls: config.tls,
+            tls_reconnect_plaintext: false,
         }
         .with(&Knobs::builtin());
         let providers = (config.providers.values())

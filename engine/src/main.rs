@@ -82,9 +82,18 @@ fn load(cli: &Cli) -> Result<Config, String> {
     for route in &cli.route {
         let (domain, hosts) =
             parse_route(route).map_err(|err| format!("--route {route:?}: {err}"))?;
-        config.delivery.routes.insert(domain, hosts);
+        config
+            .delivery
+            .routes
+            .insert(domain, gannet_core::config::Route::to_hosts(hosts));
     }
     Ok(config)
+}
+
+/// Delivery's client TLS, with `delivery.tls_ca_file` read (an error names the key).
+fn client_tls(config: &Config) -> Result<gannet_engine::delivery::tls::ClientTls, String> {
+    gannet_engine::delivery::tls::ClientTls::with_ca_file(&config.delivery.tls_ca_file)
+        .map_err(|e| format!("delivery.tls_ca_file: {e}"))
 }
 
 fn main() -> ExitCode {
@@ -96,8 +105,11 @@ fn main() -> ExitCode {
     if let Some(path) = &cli.check_config {
         return match Config::load(path) {
             // The DKIM keys are read too: a key that cannot be used is a config error.
-            Ok(config) => match gannet_engine::dkim::Signers::load(&config.dkim) {
-                Ok(_) => {
+            Ok(config) => match gannet_engine::dkim::Signers::load(&config.dkim)
+                .map(drop)
+                .and_then(|()| client_tls(&config).map(drop))
+            {
+                Ok(()) => {
                     println!("{}: ok", path.display());
                     ExitCode::SUCCESS
                 }

@@ -112,6 +112,9 @@ metrics! {
     /// Parts put off to the next day: every source of their pool had sent its IP
     /// warm-up budget toward the site's provider.
     delivery_warmup_delayed_total: "counter",
+    /// Connections made again without TLS after an opportunistic handshake failed
+    /// (shaping's opportunistic_tls_reconnect_on_failed_handshake).
+    delivery_tls_plaintext_fallbacks_total: "counter",
     /// Recipient attempts put off untried (ready queue full, queue suspended).
     delivery_delayed_total: "counter",
     /// Response rules (adaptive delivery) that fired on a ready queue, and that ended.

@@ -399,6 +399,8 @@ async fn run_seed(seed: u64) -> (u32, u64, usize) {
                 name: format!("mx{i}.sim"),
                 hosts: vec![host],
                 host_names: vec![format!("mx{i}.sim")],
+                tls: Default::default(),
+                auth: None,
             })
         })
         .collect();

@@ -56,6 +56,8 @@ fn handoff(token: u64, body: &[u8]) -> Note {
             name: "mx1.d.test".into(),
             hosts: vec![],
             host_names: vec![],
+            tls: Default::default(),
+            auth: None,
         },
         egress: "default".into(),
         tenant: None,

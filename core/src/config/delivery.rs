@@ -8,7 +8,7 @@ use serde::Deserialize;
 use super::{Bounded, Listen, shaping};
 
 /// When delivery uses STARTTLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TlsMode {
     Disabled,
@@ -53,9 +53,10 @@ pub struct DeliveryConfig {
     /// Provider rules: shaping for the sites whose MX hosts end in a suffix.
     pub providers: shaping::Providers,
     /// Static routes: a domain, or `*` for every other domain, to the hosts to deliver
-    /// to in order of preference (`host:port`). Domains without a route go to their
-    /// MX hosts.
-    pub routes: BTreeMap<String, Vec<Listen>>,
+    /// to in order of preference (`host:port`), or to a smarthost table with its TLS
+    /// mode, certificate name and AUTH credentials. Domains without a route go to
+    /// their MX hosts.
+    pub routes: BTreeMap<String, Route>,
     /// Egress sources by name: the local address to send from and the EHLO name.
     /// Files of provider rules (`[providers.<name>]` tables, as under
     /// `delivery.providers`), read when the configuration is loaded and on SIGHUP;
@@ -73,6 +74,9 @@ pub struct DeliveryConfig {
     /// IP warm-up plans by name: how many messages a day a source that follows one
     /// may send to each provider, rising day by day (`sources.<name>.warmup`).
     pub warmups: BTreeMap<String, WarmupPlan>,
+    /// Certificate authorities (PEM) trusted besides the built-in roots when delivery
+    /// checks a certificate; empty: the roots only.
+    pub tls_ca_file: std::path::PathBuf,
     /// Port of the MX hosts (25; tests point it at a sink).
     pub smtp_port: Bounded<1, 65535>,
     /// DNS server (`ip` or `ip:port`); empty: the first nameserver of /etc/resolv.conf.
@@ -113,6 +117,7 @@ impl Default for DeliveryConfig {
             sources: BTreeMap::new(),
             pools: BTreeMap::new(),
             warmups: BTreeMap::new(),
+            tls_ca_file: std::path::PathBuf::new(),
             smtp_port: Bounded(25),
             dns_server: String::new(),
             dns_timeout_secs: Bounded(5),
@@ -123,6 +128,80 @@ impl Default for DeliveryConfig {
             suspensions_max: Bounded(10_000),
             suspended: false,
         }
+    }
+}
+
+/// A static route: hosts in order of preference, and how to talk to them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Route {
+    pub hosts: Vec<Listen>,
+    /// STARTTLS toward these hosts; None: the ready queue's shaping (`tls`).
+    pub tls: Option<TlsMode>,
+    /// The name the hosts' certificates must carry when TLS is required, also sent
+    /// as SNI; empty: each host's address.
+    pub server_name: String,
+    /// Credentials for SMTP AUTH (PLAIN, or LOGIN when the server offers only that),
+    /// sent only over TLS.
+    pub auth: Option<RouteAuth>,
+}
+
+impl Route {
+    /// A route to `hosts` with nothing else said.
+    pub fn to_hosts(hosts: Vec<Listen>) -> Route {
+        Route {
+            hosts,
+            ..Route::default()
+        }
+    }
+}
+
+/// The table form of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteTable {
+    hosts: Vec<Listen>,
+    #[serde(default)]
+    tls: Option<TlsMode>,
+    #[serde(default)]
+    server_name: String,
+    #[serde(default)]
+    auth: Option<RouteAuth>,
+}
+
+/// AUTH credentials of a route.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteAuth {
+    pub username: String,
+    pub password: String,
+}
+
+impl<'de> Deserialize<'de> for Route {
+    /// `["10.0.0.5:25"]`, or `{ hosts = ["10.0.0.5:587"], tls = "required",
+    /// server_name = "relay.example.com", auth = { username, password } }`.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Route, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = Route;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a list of host:port, or a table with `hosts`")
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, seq: A) -> Result<Route, A::Error> {
+                let hosts =
+                    Vec::<Listen>::deserialize(serde::de::value::SeqAccessDeserializer::new(seq))?;
+                Ok(Route::to_hosts(hosts))
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<Route, A::Error> {
+                let t = RouteTable::deserialize(serde::de::value::MapAccessDeserializer::new(map))?;
+                Ok(Route {
+                    hosts: t.hosts,
+                    tls: t.tls,
+                    server_name: t.server_name,
+                    auth: t.auth,
+                })
+            }
+        }
+        d.deserialize_any(Visit)
     }
 }
 

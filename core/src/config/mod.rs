@@ -30,7 +30,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-pub use delivery::{DeliveryConfig, EgressSource, IpLookup, PoolMember, TlsMode};
+pub use delivery::{DeliveryConfig, EgressSource, IpLookup, PoolMember, Route, RouteAuth, TlsMode};
 pub use dsn::DsnConfig;
 pub use events::{AmqpSink, AmqpUrl, EventsConfig, MetricsApiConfig};
 pub use http::{ApiKey, HttpConfig, HttpListener, Role, Services};
@@ -319,6 +319,30 @@ impl Config {
                 }
             }
         }
+        for (domain, route) in &self.delivery.routes {
+            let key = format!("delivery.routes.{domain}");
+            if route.hosts.is_empty() {
+                return Err((key, "a route needs at least one host".into()));
+            }
+            if let Some(auth) = &route.auth {
+                if route.tls == Some(TlsMode::Disabled) {
+                    return Err((
+                        format!("{key}.auth"),
+                        "AUTH credentials are sent only over TLS; this route's tls is \"disabled\""
+                            .into(),
+                    ));
+                }
+                if auth.username.is_empty() {
+                    return Err((format!("{key}.auth.username"), "is empty".into()));
+                }
+            }
+            if !route.server_name.is_empty() && !is_dns_name(&route.server_name) {
+                return Err((
+                    format!("{key}.server_name"),
+                    format!("`{}` is not a DNS name", route.server_name),
+                ));
+            }
+        }
         self.check_warmup_plans()?;
         self.check_events()?;
         if self.delivery.provider_files.is_empty() {
@@ -531,6 +555,18 @@ fn unknown_source<'a>(
 /// Checks a provider (at `key`, in the main file or a provider file) against the
 /// egress sources defined: it has an MX suffix, and every source it and its response
 /// rules name exists.
+/// Whether `name` is a DNS name a certificate can be checked against.
+pub fn is_dns_name(name: &str) -> bool {
+    let labels_ok = name.split('.').all(|l| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    });
+    labels_ok && name.len() <= 253
+}
+
 fn check_provider(
     sources: &std::collections::BTreeMap<String, EgressSource>,
     key: &str,

@@ -81,6 +81,17 @@ pub struct Knobs {
     /// per interval.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub backoff_interval_secs: Option<Bounded<1, 3600>>,
+    /// STARTTLS toward the site: "disabled", "opportunistic" or "required". Unset:
+    /// `delivery.tls`. A destination's own policy (MTA-STS enforce, DANE, a route's
+    /// mode) goes over it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<super::TlsMode>,
+    /// In opportunistic mode, when the TLS handshake fails after the server accepted
+    /// STARTTLS, connect to the same host again and deliver without TLS (KumoMTA's
+    /// `opportunistic_tls_reconnect_on_failed_handshake`). Never for a destination
+    /// under MTA-STS enforce or DANE, or whose mode is required.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub opportunistic_tls_reconnect_on_failed_handshake: Option<bool>,
 }
 
 impl Knobs {
@@ -122,6 +133,9 @@ impl Knobs {
             connection_backoff_max_secs: Some(Bounded(300)),
             backoff_failure_percent: Some(Bounded(0)),
             backoff_interval_secs: Some(Bounded(60)),
+            // From delivery.tls (ShapingTable::new).
+            tls: None,
+            opportunistic_tls_reconnect_on_failed_handshake: Some(false),
         }
     }
 }

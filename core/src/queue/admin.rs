@@ -645,7 +645,12 @@ mod tests {
     fn bounces_take_the_selected_parts_and_dry_runs_count_them() {
         let mut q = Queues::new(10, Arc::new(ShapingTable::new(&Default::default())));
         let mut routes = std::collections::BTreeMap::new();
-        routes.insert("*".to_string(), vec!["127.0.0.1:25".parse().unwrap()]);
+        routes.insert(
+            "*".to_string(),
+            crate::config::Route::to_hosts(vec![crate::config::Listen(
+                "127.0.0.1:25".parse().unwrap(),
+            )]),
+        );
         let routes = Routes::new(&routes);
         let m = message(1, None, &["x@a.test", "y@a.test", "z@b.test"]);
         let mut parts = split(&m, 0);
@@ -691,7 +696,12 @@ mod tests {
     fn a_rebind_moves_older_messages_to_another_pool() {
         let mut q = Queues::new(10, Arc::new(ShapingTable::new(&Default::default())));
         let mut routes = std::collections::BTreeMap::new();
-        routes.insert("*".to_string(), vec!["127.0.0.1:25".parse().unwrap()]);
+        routes.insert(
+            "*".to_string(),
+            crate::config::Route::to_hosts(vec![crate::config::Listen(
+                "127.0.0.1:25".parse().unwrap(),
+            )]),
+        );
         let routes = Routes::new(&routes);
         let old = message(1, Some("acme"), &["x@a.test"]);
         let young = message(500, Some("acme"), &["y@a.test"]);
@@ -741,7 +751,12 @@ mod tests {
     fn a_ready_queue_suspension_holds_connections_until_lifted() {
         let mut q = Queues::new(0, Arc::new(ShapingTable::new(&Default::default())));
         let mut routes = std::collections::BTreeMap::new();
-        routes.insert("*".to_string(), vec!["127.0.0.1:25".parse().unwrap()]);
+        routes.insert(
+            "*".to_string(),
+            crate::config::Route::to_hosts(vec![crate::config::Listen(
+                "127.0.0.1:25".parse().unwrap(),
+            )]),
+        );
         let routes = Routes::new(&routes);
         let mut part = split(&message(1, None, &["x@a.test"]), 0).remove(0);
         part.site = routes.site(&part.domain);

@@ -122,8 +122,14 @@ pub struct Site {
     /// Addresses in order of preference.
     pub hosts: Vec<SocketAddr>,
     /// The host name behind each address (the MX name, or the address itself for a
-    /// static route): what a certificate must match when TLS is required.
+    /// static route, or the route's server_name): what a certificate must match when
+    /// TLS is required.
     pub host_names: Vec<String>,
+    /// What TLS the destination demands beyond the ready queue's shaping (MTA-STS,
+    /// DANE, a route's mode).
+    pub tls: crate::tls_policy::SiteTls,
+    /// AUTH credentials (a route to a smarthost).
+    pub auth: Option<std::sync::Arc<crate::config::RouteAuth>>,
 }
 
 /// Where connections come from: an egress source of the configuration.
@@ -160,23 +166,42 @@ pub struct Routes {
 }
 
 impl Routes {
-    pub fn new(routes: &BTreeMap<String, Vec<SocketAddr>>) -> Routes {
-        let site = |hosts: &Vec<SocketAddr>| {
+    pub fn new(routes: &BTreeMap<String, crate::config::Route>) -> Routes {
+        let site = |domain: &str, route: &crate::config::Route| {
+            let hosts: Vec<SocketAddr> = route.hosts.iter().map(|h| h.0).collect();
             let mut names: Vec<String> = hosts.iter().map(ToString::to_string).collect();
             names.sort();
+            let host_names = hosts
+                .iter()
+                .map(|h| match route.server_name.as_str() {
+                    "" => h.ip().to_string(),
+                    name => name.to_ascii_lowercase(),
+                })
+                .collect();
+            // A route with its own TLS mode, certificate name or credentials has ready
+            // queues of its own: its connections are not another route's.
+            let mut name = names.join(",");
+            if route.tls.is_some() || route.auth.is_some() || !route.server_name.is_empty() {
+                name.push_str(&format!(" (route {domain})"));
+            }
             Rc::new(Site {
-                name: names.join(","),
-                hosts: hosts.clone(),
-                host_names: hosts.iter().map(|h| h.ip().to_string()).collect(),
+                name,
+                hosts,
+                host_names,
+                tls: route.tls.map_or(
+                    crate::tls_policy::SiteTls::Shaping,
+                    crate::tls_policy::SiteTls::Mode,
+                ),
+                auth: route.auth.clone().map(std::sync::Arc::new),
             })
         };
         let mut out = Routes::default();
-        for (domain, hosts) in routes {
+        for (domain, route) in routes {
             if domain == "*" {
-                out.fallback = Some(site(hosts));
+                out.fallback = Some(site(domain, route));
             } else {
                 out.by_domain
-                    .insert(domain.to_ascii_lowercase(), site(hosts));
+                    .insert(domain.to_ascii_lowercase(), site(domain, route));
             }
         }
         out
@@ -783,15 +808,16 @@ mod tests {
     }
 
     fn routes() -> Routes {
+        use crate::config::{Listen, Route};
+        let route = |hosts: &[&str]| {
+            Route::to_hosts(hosts.iter().map(|h| Listen(h.parse().unwrap())).collect())
+        };
         let mut map = BTreeMap::new();
-        map.insert("a.test".to_string(), vec!["127.0.0.1:25".parse().unwrap()]);
-        map.insert("b.test".to_string(), vec!["127.0.0.1:25".parse().unwrap()]);
+        map.insert("a.test".to_string(), route(&["127.0.0.1:25"]));
+        map.insert("b.test".to_string(), route(&["127.0.0.1:25"]));
         map.insert(
             "c.test".to_string(),
-            vec![
-                "127.0.0.2:25".parse::<SocketAddr>().unwrap(),
-                "127.0.0.1:26".parse().unwrap(),
-            ],
+            route(&["127.0.0.2:25", "127.0.0.1:26"]),
         );
         Routes::new(&map)
     }
@@ -1046,6 +1072,8 @@ mod tests {
                 name: format!("mx{i}.test"),
                 hosts: vec!["127.0.0.1:25".parse().unwrap()],
                 host_names: vec![format!("mx{i}.test")],
+                tls: Default::default(),
+                auth: None,
             })
         };
         let m = message(&["x@a.test"]);

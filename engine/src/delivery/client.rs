@@ -21,8 +21,63 @@ pub use gannet_core::shaping::Timeouts;
 pub struct ClientOptions {
     pub ehlo_name: String,
     pub source: Option<IpAddr>,
-    pub tls: TlsMode,
+    pub tls: TlsWant,
     pub timeouts: Timeouts,
+    /// AUTH credentials (a route to a smarthost): sent after TLS, never without it.
+    pub auth: Option<std::sync::Arc<gannet_core::config::RouteAuth>>,
+}
+
+/// The TLS one connection uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsWant {
+    /// Plaintext, even when STARTTLS is offered.
+    Disabled,
+    /// STARTTLS when offered, any certificate; plaintext otherwise.
+    Opportunistic,
+    /// STARTTLS with a certificate valid for the host name (WebPKI roots and
+    /// `delivery.tls_ca_file`), or no delivery (TLS mode required, MTA-STS enforce).
+    Verified,
+    /// STARTTLS with any certificate, or no delivery (DANE with no usable record).
+    Encrypted,
+    /// STARTTLS with a chain that matches one of these TLSA records (DANE), or no
+    /// delivery.
+    Dane(std::sync::Arc<[gannet_core::tls_policy::Tlsa]>),
+}
+
+impl TlsWant {
+    /// The want of a TLS mode.
+    pub fn of(mode: TlsMode) -> TlsWant {
+        match mode {
+            TlsMode::Disabled => TlsWant::Disabled,
+            TlsMode::Opportunistic => TlsWant::Opportunistic,
+            TlsMode::Required => TlsWant::Verified,
+        }
+    }
+
+    /// The want of a connection to the site's `host`-th address: the destination's
+    /// demands (MTA-STS enforce, DANE, a route's mode) over the shaping's `mode`.
+    pub fn for_host(
+        site: &gannet_core::tls_policy::SiteTls,
+        host: usize,
+        mode: TlsMode,
+    ) -> TlsWant {
+        use gannet_core::tls_policy::{HostDane, SiteTls};
+        match site {
+            SiteTls::Shaping | SiteTls::Sts { enforce: false, .. } => TlsWant::of(mode),
+            SiteTls::Mode(own) => TlsWant::of(*own),
+            SiteTls::Sts { enforce: true, .. } => TlsWant::Verified,
+            SiteTls::Dane { hosts, .. } => match hosts.get(host) {
+                Some(HostDane::Authenticate(records)) => TlsWant::Dane(records.clone()),
+                Some(HostDane::EncryptOnly) => TlsWant::Encrypted,
+                Some(HostDane::Absent) | None => TlsWant::of(mode),
+            },
+        }
+    }
+
+    /// Whether the connection fails without TLS.
+    pub fn mandatory(&self) -> bool {
+        !matches!(self, TlsWant::Disabled | TlsWant::Opportunistic)
+    }
 }
 
 pub use gannet_core::reply::Response;
@@ -54,6 +109,10 @@ pub enum ClientError {
     },
     #[error("TLS is required but {0}")]
     TlsRequired(String),
+    /// An opportunistic handshake failed after the server accepted STARTTLS (the
+    /// connection is unusable; a plaintext one may follow, per provider rule).
+    #[error("the TLS handshake failed: {0}")]
+    Handshake(std::io::Error),
 }
 
 impl ClientError {
@@ -76,7 +135,9 @@ impl ClientError {
                 451,
                 format!("4.4.2 the server refused the session at {phase}: {response}"),
             ),
-            ClientError::TlsRequired(_) => Response::local(451, format!("4.7.5 {self}")),
+            ClientError::TlsRequired(_) | ClientError::Handshake(_) => {
+                Response::local(451, format!("4.7.5 {self}"))
+            }
             _ => Response::local(451, format!("4.4.2 {self}")),
         }
     }
@@ -114,6 +175,8 @@ pub struct Extensions {
     pub eight_bit_mime: bool,
     pub smtputf8: bool,
     pub starttls: bool,
+    /// The AUTH mechanisms offered (upper case).
+    pub auth: Vec<String>,
 }
 
 impl Extensions {
@@ -128,6 +191,7 @@ impl Extensions {
                 "8BITMIME" => ext.eight_bit_mime = true,
                 "SMTPUTF8" => ext.smtputf8 = true,
                 "STARTTLS" => ext.starttls = true,
+                "AUTH" => ext.auth = words.map(str::to_ascii_uppercase).collect(),
                 _ => {}
             }
         }
@@ -193,31 +257,30 @@ impl Session {
             });
         }
         session.greet(&options.ehlo_name).await?;
-        let want_tls = match options.tls {
-            TlsMode::Disabled => false,
-            TlsMode::Opportunistic => session.extensions.starttls,
-            TlsMode::Required => {
-                if !session.extensions.starttls {
-                    return Err(ClientError::TlsRequired(
-                        "the server does not offer STARTTLS".into(),
-                    ));
-                }
-                true
+        let want = &options.tls;
+        let start_tls = match want {
+            TlsWant::Disabled => false,
+            TlsWant::Opportunistic => session.extensions.starttls,
+            _ if !session.extensions.starttls => {
+                return Err(ClientError::TlsRequired(
+                    "the server does not offer STARTTLS".into(),
+                ));
             }
+            _ => true,
         };
-        if want_tls {
+        if start_tls {
             session
                 .command(b"STARTTLS\r\n", "STARTTLS", t.starttls)
                 .await?;
             let reply = session.read_response("STARTTLS", t.starttls).await?;
             if reply.code != 220 {
-                if options.tls == TlsMode::Required {
+                if want.mandatory() {
                     return Err(ClientError::TlsRequired(format!(
                         "STARTTLS was refused: {reply}"
                     )));
                 }
                 // Opportunistic: carry on in plaintext, as the server allows.
-                return Ok(session);
+                return session.authenticate(options).await.map(|()| session);
             }
             if !session.input.is_empty() {
                 return Err(ClientError::Protocol {
@@ -225,24 +288,19 @@ impl Session {
                     detail: "the server sent data after its 220 (response injection)".into(),
                 });
             }
-            let config = match options.tls {
-                TlsMode::Required => tls.verified.clone(),
-                _ => tls.opportunistic.clone(),
-            };
+            let config = tls.config_for(want);
             let name = rustls::pki_types::ServerName::try_from(server_name.to_string())
                 .unwrap_or_else(|_| rustls::pki_types::ServerName::IpAddress(addr.ip().into()));
             session
                 .conn
                 .start_tls_client(config, name, t.starttls)
                 .await
-                .map_err(|e| match options.tls {
-                    TlsMode::Required => {
+                .map_err(|e| {
+                    if want.mandatory() {
                         ClientError::TlsRequired(format!("the TLS handshake failed: {e}"))
+                    } else {
+                        ClientError::Handshake(e)
                     }
-                    _ => ClientError::Io {
-                        phase: "STARTTLS",
-                        source: e,
-                    },
                 })?;
             session.tls = session
                 .conn
@@ -250,7 +308,57 @@ impl Session {
                 .map(|c| crate::tls::describe(c));
             session.greet(&options.ehlo_name).await?;
         }
+        session.authenticate(options).await?;
         Ok(session)
+    }
+
+    /// AUTH with the route's credentials, if it has any: PLAIN, or LOGIN when the
+    /// server offers only that. Only over TLS. A refusal is the session's (it
+    /// defers: the credentials are the operator's to fix, not the recipients').
+    async fn authenticate(&mut self, options: &ClientOptions) -> Result<(), ClientError> {
+        use base64::Engine as _;
+        let Some(auth) = &options.auth else {
+            return Ok(());
+        };
+        if self.tls.is_none() {
+            return Err(ClientError::TlsRequired(
+                "AUTH credentials are sent only over TLS".into(),
+            ));
+        }
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+        let t = self.timeouts.ehlo;
+        let offered = |m: &str| self.extensions.auth.iter().any(|a| a == m);
+        let refused = |response: Response| ClientError::Refused {
+            phase: "AUTH",
+            response,
+        };
+        let reply = if offered("PLAIN") || !offered("LOGIN") {
+            let mut token = Vec::with_capacity(auth.username.len() + auth.password.len() + 2);
+            token.push(0);
+            token.extend_from_slice(auth.username.as_bytes());
+            token.push(0);
+            token.extend_from_slice(auth.password.as_bytes());
+            let line = format!("AUTH PLAIN {}\r\n", b64(&token));
+            self.command(line.as_bytes(), "AUTH", t).await?;
+            self.read_response("AUTH", t).await?
+        } else {
+            self.command(b"AUTH LOGIN\r\n", "AUTH", t).await?;
+            let mut reply = self.read_response("AUTH", t).await?;
+            for secret in [&auth.username, &auth.password] {
+                if reply.code != 334 {
+                    break;
+                }
+                let line = format!("{}\r\n", b64(secret.as_bytes()));
+                self.command(line.as_bytes(), "AUTH", t).await?;
+                reply = self.read_response("AUTH", t).await?;
+            }
+            reply
+        };
+        if reply.code == 235 {
+            Ok(())
+        } else {
+            Err(refused(reply))
+        }
     }
 
     async fn greet(&mut self, ehlo_name: &str) -> Result<(), ClientError> {

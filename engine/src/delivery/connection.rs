@@ -11,9 +11,10 @@ use std::task::Poll;
 use std::time::Duration;
 
 use super::Dispatcher;
-use super::client::{ClientOptions, Envelope, Response, Session};
+use super::client::{ClientError, ClientOptions, Envelope, Response, Session, TlsWant};
 use super::handoff::report_home;
 use super::settling::settle;
+use crate::metrics::ShardMetrics;
 use gannet_core::clock::unix_ms;
 use gannet_core::queue::{self, Part};
 
@@ -268,20 +269,34 @@ pub(super) async fn connection(d: Rc<Dispatcher>, key: String) {
     else {
         return;
     };
-    let options = ClientOptions {
+    let mut options = ClientOptions {
         source: egress.source_ip,
         ehlo_name: egress
             .ehlo_name
             .clone()
             .unwrap_or_else(|| d.options.ehlo_name.clone()),
         timeouts: shaping.timeouts,
+        auth: site.auth.clone(),
         ..d.options.clone()
     };
     let mut session = None;
     let mut failure = Response::local(451, "4.4.4 the route has no hosts");
     let mut connected = false;
-    for (host, name) in site.hosts.iter().zip(&site.host_names) {
-        match Session::connect(*host, name, &options, &d.tls).await {
+    for (i, (host, name)) in site.hosts.iter().zip(&site.host_names).enumerate() {
+        options.tls = TlsWant::for_host(&site.tls, i, shaping.tls);
+        let mut attempt = Session::connect(*host, name, &options, &d.tls).await;
+        if let Err(ClientError::Handshake(e)) = &attempt
+            && shaping.tls_reconnect_plaintext
+            && site.tls.allows_plaintext_fallback()
+        {
+            // The server took STARTTLS and then failed the handshake: the provider
+            // rule says to deliver in plaintext rather than not at all.
+            tracing::debug!(shard = shard.id, queue = %key, %host, "TLS handshake failed ({e}); connecting again without TLS");
+            ShardMetrics::add(&shard.metrics.delivery_tls_plaintext_fallbacks_total, 1);
+            options.tls = TlsWant::Disabled;
+            attempt = Session::connect(*host, name, &options, &d.tls).await;
+        }
+        match attempt {
             Ok(s) => {
                 session = Some((s, *host));
                 connected = true;

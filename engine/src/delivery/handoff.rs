@@ -21,11 +21,8 @@ use gannet_core::queue::Site;
 /// Queues a part another shard handed over; a full ready queue sends it back to be
 /// delayed by its home shard.
 pub fn receive_handoff(d: &Rc<Dispatcher>, h: Box<Handoff>) {
-    let site = Rc::new(Site {
-        name: h.site.name.clone(),
-        hosts: h.site.hosts.clone(),
-        host_names: h.site.host_names.clone(),
-    });
+    // The site as the home shard resolved it (its TLS policy with it).
+    let site: Rc<Site> = Rc::new(h.site.clone());
     let egress = d
         .sources
         .get(&h.egress)

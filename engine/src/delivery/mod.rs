@@ -127,11 +127,6 @@ impl Dispatcher {
     pub fn new(shard: Rc<Shard>, tls: ClientTls) -> Dispatcher {
         let config = &shard.shared.config;
         let d = &config.delivery;
-        let routes = d
-            .routes
-            .iter()
-            .map(|(domain, hosts)| (domain.clone(), hosts.iter().map(|h| h.0).collect()))
-            .collect();
         let ehlo_name = if d.ehlo_name.is_empty() {
             config.server.hostname.clone()
         } else {
@@ -174,12 +169,13 @@ impl Dispatcher {
                 unix_ms(),
                 Arc::new(ShapingTable::new(&config.delivery)),
             )),
-            routes: Routes::new(&routes),
+            routes: Routes::new(&d.routes),
             options: ClientOptions {
                 ehlo_name,
                 source: None,
-                tls: d.tls,
+                tls: client::TlsWant::of(d.tls),
                 timeouts: Timeouts::default(),
+                auth: None,
             },
             tls,
             retry: queue::settle::RetryPolicy {

@@ -114,6 +114,8 @@ async fn resolve_site(resolver: &crate::dns::Resolver, domain: &str, port: u16) 
             name: crate::dns::site_name(&groups),
             hosts,
             host_names,
+            tls: Default::default(),
+            auth: None,
         })),
         // A host whose lookup failed is missing from the site: not kept then.
         until: last_error.is_none().then_some(until),
@@ -171,11 +173,7 @@ pub(super) fn place(d: &Dispatcher, mut part: Part, now: u64) {
                 .collect(),
             // The one copy of the body a hop costs (the mapping stays on this shard).
             body: Arc::new(stored.get().body.to_vec()),
-            site: gannet_core::handoff::SiteSpec {
-                name: site.name.clone(),
-                hosts: site.hosts.clone(),
-                host_names: site.host_names.clone(),
-            },
+            site: Site::clone(&site),
             egress: egress.name.clone(),
             tenant: m.meta("tenant").map(str::to_string),
             campaign: m.meta("campaign").map(str::to_string),

@@ -26,11 +26,12 @@ fn options(tls: TlsMode) -> ClientOptions {
     ClientOptions {
         ehlo_name: "gannet.test".into(),
         source: Some("127.0.0.1".parse().unwrap()),
-        tls,
+        tls: super::client::TlsWant::of(tls),
         timeouts: Timeouts {
             connect: Duration::from_secs(10),
             ..Timeouts::default()
         },
+        auth: None,
     }
 }
 

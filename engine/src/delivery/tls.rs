@@ -1,8 +1,11 @@
-//! TLS for outbound delivery. Two client configurations, built once: `verified`
-//! (the webpki roots; used when TLS is required) and `opportunistic`, which accepts
-//! any certificate — as every MTA must for opportunistic STARTTLS, since a message
-//! that would otherwise go in the clear gains from encryption even unauthenticated.
-//! What the peer presented is recorded by the caller from the session.
+//! TLS for outbound delivery. Two client configurations are built once: `verified`
+//! (the Mozilla roots of webpki-roots, plus `delivery.tls_ca_file`; TLS mode
+//! required and MTA-STS enforce) and `opportunistic`, which accepts any
+//! certificate — as every MTA must for opportunistic STARTTLS, since a message that
+//! would otherwise go in the clear gains from encryption even unauthenticated. DANE
+//! (RFC 7672) gets a configuration per connection whose verifier matches the
+//! server's chain against the host's TLSA records. What the peer presented is
+//! recorded by the caller from the session.
 
 use std::sync::Arc;
 
@@ -11,34 +14,97 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
+use super::client::TlsWant;
+use gannet_core::tls_policy::Tlsa;
+
 /// The client configurations of a process.
 #[derive(Debug, Clone)]
 pub struct ClientTls {
     pub verified: Arc<rustls::ClientConfig>,
     pub opportunistic: Arc<rustls::ClientConfig>,
+    /// The roots `verified` trusts (for the MTA-STS policy fetch's own config).
+    pub roots: Arc<rustls::RootCertStore>,
+    provider: Arc<CryptoProvider>,
 }
 
 impl ClientTls {
+    /// With the built-in roots only.
     pub fn new() -> ClientTls {
+        ClientTls::with_roots(webpki_roots())
+    }
+
+    /// With the built-in roots and the certificate authorities of the PEM file
+    /// `ca_file` (none when empty). Err names what is wrong with the file.
+    pub fn with_ca_file(ca_file: &std::path::Path) -> Result<ClientTls, String> {
+        let mut roots = webpki_roots();
+        if !ca_file.as_os_str().is_empty() {
+            use rustls::pki_types::pem::PemObject as _;
+            let certs = CertificateDer::pem_file_iter(ca_file)
+                .map_err(|e| format!("{}: {e}", ca_file.display()))?;
+            let mut added = 0;
+            for cert in certs {
+                let cert = cert.map_err(|e| format!("{}: {e}", ca_file.display()))?;
+                roots.add(cert).map_err(|e| {
+                    format!("{}: a certificate is unusable: {e}", ca_file.display())
+                })?;
+                added += 1;
+            }
+            if added == 0 {
+                return Err(format!("{}: no certificate in the file", ca_file.display()));
+            }
+        }
+        Ok(ClientTls::with_roots(roots))
+    }
+
+    fn with_roots(roots: rustls::RootCertStore) -> ClientTls {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let roots =
-            rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        let roots = Arc::new(roots);
         let verified = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions")
-            .with_root_certificates(roots)
+            .with_root_certificates(roots.clone())
             .with_no_client_auth();
         let opportunistic = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .expect("ring supports the default protocol versions")
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider.clone())))
             .with_no_client_auth();
         ClientTls {
             verified: Arc::new(verified),
             opportunistic: Arc::new(opportunistic),
+            roots,
+            provider,
         }
     }
+
+    /// The configuration a connection that wants `want` hands the handshake.
+    pub fn config_for(&self, want: &TlsWant) -> Arc<rustls::ClientConfig> {
+        match want {
+            TlsWant::Verified => self.verified.clone(),
+            TlsWant::Dane(records) => {
+                // One per DANE connection (the verifier holds the host's records);
+                // a connection carries many messages.
+                let config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+                    .with_safe_default_protocol_versions()
+                    .expect("ring supports the default protocol versions")
+                    .dangerous()
+                    .with_custom_certificate_verifier(Arc::new(DaneVerifier {
+                        records: records.clone(),
+                        provider: self.provider.clone(),
+                    }))
+                    .with_no_client_auth();
+                Arc::new(config)
+            }
+            TlsWant::Disabled | TlsWant::Opportunistic | TlsWant::Encrypted => {
+                self.opportunistic.clone()
+            }
+        }
+    }
+}
+
+fn webpki_roots() -> rustls::RootCertStore {
+    rustls::RootCertStore::from_iter(webpki_roots::TLS_SERVER_ROOTS.iter().cloned())
 }
 
 impl Default for ClientTls {
@@ -94,5 +160,109 @@ impl ServerCertVerifier for AnyCertificate {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+/// DANE authentication (RFC 7672 3.1): the server's chain must match one of the
+/// host's usable TLSA records. DANE-EE(3): the end-entity certificate (or its
+/// public key) matches; its names and dates are not checked (3.1.1). DANE-TA(2): a
+/// certificate the server sent besides its own matches, and the end-entity chains
+/// to it as the only trust anchor, valid now and for the MX host name (3.1.2).
+#[derive(Debug)]
+struct DaneVerifier {
+    records: Arc<[Tlsa]>,
+    provider: Arc<CryptoProvider>,
+}
+
+/// Whether `cert` (DER) matches `record`'s selector and matching type.
+pub fn tlsa_matches(record: &Tlsa, cert: &[u8]) -> bool {
+    let selected: &[u8] = match record.selector {
+        0 => cert,
+        1 => match x509_parser::parse_x509_certificate(cert) {
+            Ok((_, parsed)) => parsed.tbs_certificate.subject_pki.raw,
+            Err(_) => return false,
+        },
+        _ => return false,
+    };
+    match record.matching {
+        0 => selected == record.data.as_slice(),
+        1 => ring::digest::digest(&ring::digest::SHA256, selected).as_ref() == record.data,
+        2 => ring::digest::digest(&ring::digest::SHA512, selected).as_ref() == record.data,
+        _ => false,
+    }
+}
+
+impl ServerCertVerifier for DaneVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        server_name: &ServerName<'_>,
+        ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let usable = self.records.iter().filter(|r| r.usable());
+        for record in usable.clone().filter(|r| r.usage == 3) {
+            if tlsa_matches(record, end_entity) {
+                return Ok(ServerCertVerified::assertion());
+            }
+        }
+        for record in usable.filter(|r| r.usage == 2) {
+            for anchor in intermediates.iter().filter(|c| tlsa_matches(record, c)) {
+                let mut roots = rustls::RootCertStore::empty();
+                if roots.add(anchor.clone()).is_err() {
+                    continue;
+                }
+                let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    self.provider.clone(),
+                )
+                .build()
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+                if verifier
+                    .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+                    .is_ok()
+                {
+                    return Ok(ServerCertVerified::assertion());
+                }
+            }
+        }
+        Err(rustls::Error::InvalidCertificate(
+            rustls::CertificateError::ApplicationVerificationFailure,
+        ))
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }

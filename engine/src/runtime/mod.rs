@@ -161,7 +161,8 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     let shared_for_reload = shared.clone();
     let shared_for_warmup = shared.clone();
     // Client TLS for delivery, built once; each shard's delivery clones the Arcs.
-    let client_tls = ClientTls::new();
+    let client_tls = ClientTls::with_ca_file(&shared.config.delivery.tls_ca_file)
+        .map_err(|e| anyhow!("delivery.tls_ca_file: {e}"))?;
     tracing::info!(shards, data_dir = %data_dir.display(), "gannetd starting");
     let listening = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(AtomicBool::new(false));

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod load;
 #[path = "../peers/support.rs"]
 pub mod peers;
+pub mod pki;
 pub mod relay;
 
 use std::io::{BufRead, BufReader, Read, Write};

@@ -1,8 +1,12 @@
 """An SMTP server nobody on this project wrote (aiosmtpd), for delivery tests.
 
-Usage: aiosmtpd_sink.py PORT OUT_DIR [--tls CERT KEY] [--timeout SECS]
+Usage: aiosmtpd_sink.py PORT OUT_DIR [--tls CERT KEY] [--broken-tls CERT KEY]
+                        [--auth USER PASSWORD] [--auth-mechs LOGIN,...] [--timeout SECS]
 Stores each message as OUT_DIR/<n>.json ({"mail_from", "rcpt_tos", "mail_options",
-"data" (latin-1), "tls", "peer" (client address), "peer_port", "helo"}). --timeout:
+"data" (latin-1), "tls", "peer" (client address), "peer_port", "helo", "auth_user"}).
+--broken-tls offers STARTTLS whose handshake fails (TLS 1.1 at most, which a
+modern client refuses). --auth: AUTH is offered (over TLS) and required for mail,
+with these credentials; --auth-mechs: only these mechanisms are offered. --timeout:
 an idle session gets 421 and is closed after SECS (aiosmtpd's default: 300). Recipients whose local part is `tempfail` get 451 and
 `permfail` get 550 at RCPT; `throttled` and `blocked` get a provider's rate-limit
 (451 4.7.28) and block (554 5.7.1 [TSS04]) replies. Prints "ready" once listening; stops on SIGTERM.
@@ -15,7 +19,7 @@ import ssl
 import sys
 
 from aiosmtpd.controller import Controller
-from aiosmtpd.smtp import SMTP
+from aiosmtpd.smtp import SMTP, AuthResult
 
 
 class Handler:
@@ -48,6 +52,7 @@ class Handler:
             "peer": session.peer[0],
             "peer_port": session.peer[1],
             "helo": session.host_name,
+            "auth_user": session.auth_data.login.decode() if session.authenticated else None,
         }
         path = os.path.join(self.out_dir, f"{self.count}.json")
         with open(path + ".tmp", "w") as f:
@@ -56,16 +61,41 @@ class Handler:
         return "250 2.0.0 stored"
 
 
+def authenticator_for(user, password):
+    def authenticate(server, session, envelope, mechanism, auth_data):
+        ok = auth_data.login == user.encode() and auth_data.password == password.encode()
+        # handled=False: aiosmtpd then answers a refusal itself (535 5.7.8).
+        return AuthResult(success=ok, handled=False, auth_data=auth_data)
+
+    return authenticate
+
+
 def main():
     port, out_dir = int(sys.argv[1]), sys.argv[2]
     tls_context = None
     timeout = 300
+    auth = {}
     rest = sys.argv[3:]
     while rest:
         if rest[0] == "--tls":
             tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls_context.load_cert_chain(rest[1], rest[2])
             rest = rest[3:]
+        elif rest[0] == "--broken-tls":
+            tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            tls_context.set_ciphers("DEFAULT:@SECLEVEL=0")
+            tls_context.maximum_version = ssl.TLSVersion.TLSv1_1
+            tls_context.load_cert_chain(rest[1], rest[2])
+            rest = rest[3:]
+        elif rest[0] == "--auth":
+            auth["authenticator"] = authenticator_for(rest[1], rest[2])
+            auth["auth_required"] = True
+            auth["auth_require_tls"] = True
+            rest = rest[3:]
+        elif rest[0] == "--auth-mechs":
+            offered = set(rest[1].upper().split(","))
+            auth["auth_exclude_mechanism"] = [m for m in ("PLAIN", "LOGIN") if m not in offered]
+            rest = rest[2:]
         elif rest[0] == "--timeout":
             timeout = float(rest[1])
             rest = rest[2:]
@@ -82,6 +112,7 @@ def main():
         decode_data=False,
         server_hostname="sink.test",
         timeout=timeout,
+        **auth,
     )
     controller.start()
     print("ready", flush=True)

@@ -133,16 +133,27 @@ pub fn aiosmtpd_with(
     tls: Option<(&Path, &Path)>,
     timeout_secs: Option<f64>,
 ) -> (Peer, u16) {
+    let mut args: Vec<std::ffi::OsString> = Vec::new();
+    if let Some((cert, key)) = tls {
+        args.extend(["--tls".into(), cert.into(), key.into()]);
+    }
+    if let Some(secs) = timeout_secs {
+        args.extend(["--timeout".into(), secs.to_string().into()]);
+    }
+    aiosmtpd_args(out, &args)
+}
+
+/// aiosmtpd with the arguments of tests/peers/aiosmtpd_sink.py after its port and
+/// directory (`--tls`, `--broken-tls`, `--auth`, `--auth-mechs`, `--timeout`).
+pub fn aiosmtpd_args(out: &Path, args: &[std::ffi::OsString]) -> (Peer, u16) {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/aiosmtpd_sink.py");
     let (mut child, port) = spawn_listening(|port| {
         let mut command = Command::new(python());
-        command.arg(&script).arg(port.to_string()).arg(out);
-        if let Some((cert, key)) = tls {
-            command.arg("--tls").arg(cert).arg(key);
-        }
-        if let Some(secs) = timeout_secs {
-            command.arg("--timeout").arg(secs.to_string());
-        }
+        command
+            .arg(&script)
+            .arg(port.to_string())
+            .arg(out)
+            .args(args);
         command.stdout(Stdio::piped());
         command
     });
