@@ -39,6 +39,12 @@ impl SiteTls {
         }
     }
 
+    /// Whether the site's `host`-th address must not be tried (DANE could not read
+    /// its TLSA records).
+    pub fn host_unreachable(&self, host: usize) -> bool {
+        matches!(self, SiteTls::Dane { hosts, .. } if hosts.get(host) == Some(&HostDane::Unreachable))
+    }
+
     /// The policy domain whose outcomes TLS-RPT reports, if any.
     pub fn policy_domain(&self) -> Option<&str> {
         match self {
@@ -78,6 +84,8 @@ pub enum HostDane {
     /// Usable DANE-TA(2) and DANE-EE(3) records: TLS, and the server's chain must
     /// match one of them.
     Authenticate(Arc<[Tlsa]>),
+    /// The TLSA lookup failed: the host is not tried (RFC 7672 2.2.3).
+    Unreachable,
 }
 
 /// A TLSA record (RFC 6698).

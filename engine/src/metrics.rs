@@ -112,6 +112,11 @@ metrics! {
     /// Parts put off to the next day: every source of their pool had sent its IP
     /// warm-up budget toward the site's provider.
     delivery_warmup_delayed_total: "counter",
+    /// MTA-STS policies fetched (new or changed ids, refreshes), and fetches that
+    /// failed (no address or connection, an untrusted certificate, not 200
+    /// text/plain, not a valid policy).
+    delivery_mta_sts_policies_fetched_total: "counter",
+    delivery_mta_sts_fetch_failures_total: "counter",
     /// Connections made again without TLS after an opportunistic handshake failed
     /// (shaping's opportunistic_tls_reconnect_on_failed_handshake).
     delivery_tls_plaintext_fallbacks_total: "counter",

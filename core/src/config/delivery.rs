@@ -77,6 +77,10 @@ pub struct DeliveryConfig {
     /// Certificate authorities (PEM) trusted besides the built-in roots when delivery
     /// checks a certificate; empty: the roots only.
     pub tls_ca_file: std::path::PathBuf,
+    /// MTA-STS (RFC 8461): policies looked up, fetched, cached and applied.
+    pub mta_sts: MtaStsConfig,
+    /// DANE (RFC 7672): TLSA records of MX hosts, when the resolver validates.
+    pub dane: DaneConfig,
     /// Port of the MX hosts (25; tests point it at a sink).
     pub smtp_port: Bounded<1, 65535>,
     /// DNS server (`ip` or `ip:port`); empty: the first nameserver of /etc/resolv.conf.
@@ -118,6 +122,8 @@ impl Default for DeliveryConfig {
             pools: BTreeMap::new(),
             warmups: BTreeMap::new(),
             tls_ca_file: std::path::PathBuf::new(),
+            mta_sts: MtaStsConfig::default(),
+            dane: DaneConfig::default(),
             smtp_port: Bounded(25),
             dns_server: String::new(),
             dns_timeout_secs: Bounded(5),
@@ -129,6 +135,47 @@ impl Default for DeliveryConfig {
             suspended: false,
         }
     }
+}
+
+/// `[delivery.mta_sts]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MtaStsConfig {
+    /// Look up each destination domain's `_mta-sts` record and apply its policy.
+    pub enabled: bool,
+    /// Port of the policy hosts (`mta-sts.<domain>`; 443, tests point it elsewhere).
+    pub https_port: Bounded<1, 65535>,
+    /// The whole fetch of a policy: connection, TLS, request and body.
+    pub fetch_timeout_secs: Bounded<1, 300>,
+    /// Policies each shard keeps at most (the soonest to expire go first).
+    pub cache_entries_max: Bounded<16, 10_000_000>,
+    /// A cached policy this old is fetched again in the background the next time
+    /// its domain is resolved (its TXT id unchanged), so a policy in use never
+    /// expires.
+    pub refresh_secs: Bounded<60, 31_557_600>,
+}
+
+impl Default for MtaStsConfig {
+    fn default() -> Self {
+        MtaStsConfig {
+            enabled: true,
+            https_port: Bounded(443),
+            fetch_timeout_secs: Bounded(30),
+            cache_entries_max: Bounded(100_000),
+            refresh_secs: Bounded(86_400),
+        }
+    }
+}
+
+/// `[delivery.dane]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DaneConfig {
+    /// Look up TLSA records for MX hosts whose MX answer the resolver validated
+    /// (its AD bit) and authenticate their certificates by them. Needs a
+    /// DNSSEC-validating resolver on a trusted path (`delivery.dns_server`, e.g.
+    /// unbound on the host).
+    pub enabled: bool,
 }
 
 /// A static route: hosts in order of preference, and how to talk to them.

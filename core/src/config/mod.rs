@@ -30,7 +30,10 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
-pub use delivery::{DeliveryConfig, EgressSource, IpLookup, PoolMember, Route, RouteAuth, TlsMode};
+pub use delivery::{
+    DaneConfig, DeliveryConfig, EgressSource, IpLookup, MtaStsConfig, PoolMember, Route, RouteAuth,
+    TlsMode,
+};
 pub use dsn::DsnConfig;
 pub use events::{AmqpSink, AmqpUrl, EventsConfig, MetricsApiConfig};
 pub use http::{ApiKey, HttpConfig, HttpListener, Role, Services};

@@ -68,7 +68,8 @@ impl TlsWant {
             SiteTls::Sts { enforce: true, .. } => TlsWant::Verified,
             SiteTls::Dane { hosts, .. } => match hosts.get(host) {
                 Some(HostDane::Authenticate(records)) => TlsWant::Dane(records.clone()),
-                Some(HostDane::EncryptOnly) => TlsWant::Encrypted,
+                // Unreachable hosts are skipped before a connection is tried.
+                Some(HostDane::EncryptOnly | HostDane::Unreachable) => TlsWant::Encrypted,
                 Some(HostDane::Absent) | None => TlsWant::of(mode),
             },
         }

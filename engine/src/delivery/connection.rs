@@ -283,6 +283,13 @@ pub(super) async fn connection(d: Rc<Dispatcher>, key: String) {
     let mut failure = Response::local(451, "4.4.4 the route has no hosts");
     let mut connected = false;
     for (i, (host, name)) in site.hosts.iter().zip(&site.host_names).enumerate() {
+        if site.tls.host_unreachable(i) {
+            failure = Response::local(
+                451,
+                format!("4.7.5 the TLSA records of {name} could not be read (DANE)"),
+            );
+            continue;
+        }
         options.tls = TlsWant::for_host(&site.tls, i, shaping.tls);
         let mut attempt = Session::connect(*host, name, &options, &d.tls).await;
         if let Err(ClientError::Handshake(e)) = &attempt

@@ -24,6 +24,7 @@ pub mod inspect;
 pub mod maintainer;
 pub mod routing;
 pub mod settling;
+pub mod sts;
 pub mod tls;
 
 #[cfg(test)]
@@ -71,6 +72,10 @@ pub struct Dispatcher {
     rebinds: RefCell<Vec<gannet_core::queue::admin::Rebind>>,
     rebound: RefCell<std::collections::HashSet<String>>,
     resolver: crate::dns::Resolver,
+    /// MTA-STS policies of the domains this shard delivers to.
+    sts: sts::Sts,
+    /// Whether DANE applies (`delivery.dane.enabled`).
+    dane: bool,
     /// Connections waiting idle for their queue's next part, and the bound.
     idle_connections: Cell<usize>,
     idle_connections_max: usize,
@@ -201,6 +206,8 @@ impl Dispatcher {
                 d.ip_lookup,
                 d.dns_cache_entries_max.usize(),
             ),
+            sts: sts::Sts::open(&d.mta_sts, &config.server.data_dir, usize::from(shard.id)),
+            dane: d.dane.enabled,
             smtp_port: u16::try_from(d.smtp_port.get()).unwrap_or(25),
             lookups: glommio::sync::Semaphore::new(d.dns_lookups_max.get()),
             idle_connections: Cell::new(0),

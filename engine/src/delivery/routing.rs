@@ -22,7 +22,7 @@ pub(super) async fn resolve(d: Rc<Dispatcher>, domain: Rc<str>) {
     ShardMetrics::add(&d.shard.metrics.delivery_site_lookups_total, 1);
     let resolved = {
         let _permit = d.lookups.acquire_permit(1).await;
-        resolve_site(&d.resolver, &domain, d.smtp_port).await
+        resolve_site(&d, &domain).await
     };
     let now = unix_ms();
     if let Some(until) = resolved.until {
@@ -65,15 +65,18 @@ struct Resolved {
     until: Option<u64>,
 }
 
-/// The site of a domain from DNS: MX hosts (or the implicit MX) and their addresses.
-async fn resolve_site(resolver: &crate::dns::Resolver, domain: &str, port: u16) -> Resolved {
+/// The site of a domain from DNS: MX hosts (or the implicit MX) — only those its
+/// MTA-STS policy names when it enforces one — and their addresses, with the TLS the
+/// domain demands (DANE before MTA-STS, RFC 8461 2).
+async fn resolve_site(d: &Rc<Dispatcher>, domain: &str) -> Resolved {
     use crate::dns::Mx;
+    use gannet_core::tls_policy::{SiteTls, StsMode};
     let failed = |response: Response, until: Option<u64>| Resolved {
         site: Err(response),
         until,
     };
-    let asking = resolver.asking();
-    let (groups, mx_until) = match asking.mx_until(domain).await {
+    let asking = d.resolver.asking();
+    let (mut groups, mx_until) = match asking.mx_until(domain).await {
         Ok((Mx::Hosts(groups), until)) => (groups, until),
         Ok((Mx::NxDomain, until)) => {
             let why = format!("5.1.2 domain {domain} does not exist (NXDOMAIN)");
@@ -85,20 +88,63 @@ async fn resolve_site(resolver: &crate::dns::Resolver, domain: &str, port: u16) 
         }
         Err(err) => return failed(Response::local(451, format!("4.4.3 {err}")), None),
     };
+    let mut until = mx_until;
     let mut hosts = Vec::new();
     let mut host_names = Vec::new();
     let mut last_error = None;
-    let mut until = mx_until;
     for name in groups.iter().flatten() {
         match asking.addresses_until(name).await {
             Ok((addresses, expires)) => {
                 until = until.min(expires);
                 for ip in addresses {
-                    hosts.push(std::net::SocketAddr::new(ip, port));
+                    hosts.push(std::net::SocketAddr::new(ip, d.smtp_port));
                     host_names.push(name.clone());
                 }
             }
             Err(err) => last_error = Some(err),
+        }
+    }
+    let mut tls = SiteTls::Shaping;
+    if d.dane
+        && let Some((dane, dane_until)) = dane_hosts(d, &asking, domain, &host_names).await
+    {
+        until = until.min(dane_until);
+        tls = SiteTls::Dane {
+            domain: domain.into(),
+            hosts: dane.into(),
+        };
+    } else if d.sts.enabled() {
+        let applies = super::sts::applies(d, &asking, domain).await;
+        until = until.min(applies.until_ms);
+        match applies.policy {
+            Some(policy) if policy.mode == StsMode::Enforce => {
+                // Only the MX hosts the policy names (RFC 8461 4.1).
+                for group in &mut groups {
+                    group.retain(|host| policy.matches(host));
+                }
+                groups.retain(|g| !g.is_empty());
+                let mut kept = host_names.iter().map(|h| policy.matches(h));
+                hosts.retain(|_| kept.next().unwrap_or(false));
+                host_names.retain(|h| policy.matches(h));
+                if groups.is_empty() {
+                    let why = format!(
+                        "4.7.5 no MX host of {domain} matches its MTA-STS policy (mx: {})",
+                        policy.mx.join(", ")
+                    );
+                    return failed(Response::local(451, why), None);
+                }
+                tls = SiteTls::Sts {
+                    domain: domain.into(),
+                    enforce: true,
+                };
+            }
+            Some(_) => {
+                tls = SiteTls::Sts {
+                    domain: domain.into(),
+                    enforce: false,
+                }
+            }
+            None => {}
         }
     }
     if hosts.is_empty() {
@@ -109,17 +155,77 @@ async fn resolve_site(resolver: &crate::dns::Resolver, domain: &str, port: u16) 
         let why = format!("4.4.4 cannot reach {domain}: {why}");
         return failed(Response::local(451, why), None);
     }
+    let name = crate::dns::site_name(&groups) + &tls.name_suffix();
     Resolved {
         site: Ok(Rc::new(Site {
-            name: crate::dns::site_name(&groups),
+            name,
             hosts,
             host_names,
-            tls: Default::default(),
+            tls,
             auth: None,
         })),
         // A host whose lookup failed is missing from the site: not kept then.
         until: last_error.is_none().then_some(until),
     }
+}
+
+/// What DANE demands of each address of a site whose MX hosts are `host_names`
+/// (one per address), and until when — None when DANE does not apply: the MX
+/// answer was not DNSSEC-validated, or no host has a secure TLSA record set
+/// (RFC 7672 2.2). TLSA records are asked only for hosts whose address answer was
+/// validated too. A host whose TLSA lookup fails is not tried (2.2.3: it cannot be
+/// told apart from an attacker hiding the records).
+async fn dane_hosts(
+    d: &Dispatcher,
+    asking: &crate::dns::Asking<'_>,
+    domain: &str,
+    host_names: &[String],
+) -> Option<(Vec<gannet_core::tls_policy::HostDane>, u64)> {
+    use gannet_core::tls_policy::HostDane;
+    if !asking.mx_secure(domain).await.unwrap_or(false) {
+        return None;
+    }
+    let mut until = u64::MAX;
+    let mut by_host: Vec<(&str, HostDane)> = Vec::new();
+    for name in host_names {
+        if by_host.iter().any(|(n, _)| n == name) {
+            continue;
+        }
+        let mut demand = HostDane::Absent;
+        if asking.addresses_secure(name).await.unwrap_or(false) {
+            let question = format!("_{}._tcp.{name}", d.smtp_port);
+            match asking.tlsa_until(&question).await {
+                Ok((records, true, expires)) if !records.is_empty() => {
+                    until = until.min(expires);
+                    let usable: Vec<_> = records.into_iter().filter(|r| r.usable()).collect();
+                    demand = if usable.is_empty() {
+                        HostDane::EncryptOnly
+                    } else {
+                        HostDane::Authenticate(usable.into())
+                    };
+                }
+                // Securely none, or an unsigned zone: as without DANE.
+                Ok(_) => {}
+                Err(_) => {
+                    demand = HostDane::Unreachable;
+                    until = until.min(gannet_core::clock::unix_ms() + 60_000);
+                }
+            }
+        }
+        by_host.push((name, demand));
+    }
+    if by_host.iter().all(|(_, h)| *h == HostDane::Absent) {
+        return None;
+    }
+    let per_address = host_names
+        .iter()
+        .map(|name| {
+            (by_host.iter())
+                .find(|(n, _)| n == name)
+                .map_or(HostDane::Absent, |(_, h)| h.clone())
+        })
+        .collect();
+    Some((per_address, until))
 }
 
 /// Puts a part whose site is known where it is delivered: this shard's ready queue

@@ -72,7 +72,8 @@ pub struct Resolver {
     timeout: Duration,
     /// The address records asked for a host.
     ip_lookup: IpLookup,
-    cache: RefCell<cache::TtlCache<(String, RecordType), Answer>>,
+    /// Answers, and whether the server said they were DNSSEC-validated (AD).
+    cache: RefCell<cache::TtlCache<(String, RecordType), (Answer, bool)>>,
     /// Questions asked (not answered from the cache), and UDP queries sent again
     /// because no answer came within a try's share of the timeout.
     queries: Cell<u64>,
@@ -224,33 +225,111 @@ impl Asking<'_> {
         Ok((out, until))
     }
 
+    /// The TXT records of `name` (each record's strings joined; bytes that are not
+    /// UTF-8 replaced), and when the answer expires. None when the name has none.
+    pub async fn txt_until(&self, name: &str) -> Result<(Vec<String>, u64), DnsError> {
+        let (answer, until, _) = self.lookup_secure(name, RecordType::TXT).await?;
+        let Answer::Records(records) = answer else {
+            return Ok((Vec::new(), until));
+        };
+        let texts = records
+            .into_iter()
+            .filter_map(|r| match r {
+                RData::TXT(txt) => Some(
+                    txt.txt_data
+                        .iter()
+                        .map(|part| String::from_utf8_lossy(part))
+                        .collect::<String>(),
+                ),
+                _ => None,
+            })
+            .collect();
+        Ok((texts, until))
+    }
+
+    /// The TLSA records of `name` (`_25._tcp.<host>`), whether the answer was
+    /// DNSSEC-validated (the resolver set AD), and when it expires. Records of an
+    /// answer that was not validated mean nothing to DANE; the caller decides.
+    pub async fn tlsa_until(
+        &self,
+        name: &str,
+    ) -> Result<(Vec<gannet_core::tls_policy::Tlsa>, bool, u64), DnsError> {
+        let (answer, until, secure) = self.lookup_secure(name, RecordType::TLSA).await?;
+        let Answer::Records(records) = answer else {
+            return Ok((Vec::new(), secure, until));
+        };
+        let records = records
+            .into_iter()
+            .filter_map(|r| match r {
+                RData::TLSA(t) => Some(gannet_core::tls_policy::Tlsa {
+                    usage: t.cert_usage.into(),
+                    selector: t.selector.into(),
+                    matching: t.matching.into(),
+                    data: t.cert_data,
+                }),
+                _ => None,
+            })
+            .collect();
+        Ok((records, secure, until))
+    }
+
+    /// Whether `domain`'s MX answer (as cached by [`Asking::mx_until`]) was
+    /// DNSSEC-validated.
+    pub async fn mx_secure(&self, domain: &str) -> Result<bool, DnsError> {
+        Ok(self.lookup_secure(domain, RecordType::MX).await?.2)
+    }
+
+    /// Whether `host`'s address answers (the first type `ip_lookup` asks) were
+    /// DNSSEC-validated.
+    pub async fn addresses_secure(&self, host: &str) -> Result<bool, DnsError> {
+        let first = match self.resolver.ip_lookup {
+            IpLookup::Ipv6ThenIpv4 | IpLookup::Ipv6Only => RecordType::AAAA,
+            _ => RecordType::A,
+        };
+        Ok(self.lookup_secure(host, first).await?.2)
+    }
+
     /// The answer to a question (from the cache while it lasts) and when it expires.
     async fn lookup(&self, name: &str, rtype: RecordType) -> Result<(Answer, u64), DnsError> {
+        let (answer, until, _) = self.lookup_secure(name, rtype).await?;
+        Ok((answer, until))
+    }
+
+    /// The answer to a question, when it expires, and whether it was validated.
+    async fn lookup_secure(
+        &self,
+        name: &str,
+        rtype: RecordType,
+    ) -> Result<(Answer, u64, bool), DnsError> {
         let resolver = self.resolver;
         let key = (name.to_ascii_lowercase(), rtype);
         let now = gannet_core::clock::unix_ms();
-        if let Some(cached) = resolver.cache.borrow().get_until(&key, now) {
-            return Ok(cached);
+        if let Some(((answer, secure), until)) = resolver.cache.borrow().get_until(&key, now) {
+            return Ok((answer, until, secure));
         }
-        let (answer, ttl) = self.query(&key.0, rtype).await?;
+        let (answer, ttl, secure) = self.query(&key.0, rtype).await?;
         let expires_ms = now + ttl.clamp(TTL_SECS_MIN, TTL_SECS_MAX) * 1000;
         resolver.cache.borrow_mut().insert(
             key,
-            answer.clone(),
+            (answer.clone(), secure),
             expires_ms,
             gannet_core::clock::unix_ms(),
         );
-        Ok((answer, expires_ms))
+        Ok((answer, expires_ms, secure))
     }
 
-    /// One question to the server: the answer and how long it may be cached.
-    async fn query(&self, name: &str, rtype: RecordType) -> Result<(Answer, u64), DnsError> {
+    /// One question to the server: the answer, how long it may be cached, and
+    /// whether the server vouched for it (AD).
+    async fn query(&self, name: &str, rtype: RecordType) -> Result<(Answer, u64, bool), DnsError> {
         let resolver = self.resolver;
         let fqdn = Name::from_ascii(format!("{}.", name.trim_end_matches('.')))
             .map_err(|_| DnsError::BadName(name.to_string()))?;
         let id: u16 = fastrand::u16(..);
         let mut message = Message::new(id, MessageType::Query, OpCode::Query);
         message.metadata.recursion_desired = true;
+        // AD in a query asks a validating resolver to say whether the answer is
+        // authentic (RFC 6840 5.7); DANE trusts that bit from a local resolver.
+        message.metadata.authentic_data = true;
         message.add_query(Query::query(fqdn, rtype));
         let bytes = message
             .to_vec()
@@ -269,7 +348,9 @@ impl Asking<'_> {
         if response.metadata.truncation {
             response = resolver.tcp(&bytes, id).await?;
         }
-        interpret(response, rtype, resolver.server)
+        let secure = response.metadata.authentic_data;
+        let (answer, ttl) = interpret(response, rtype, resolver.server)?;
+        Ok((answer, ttl, secure))
     }
 }
 

@@ -5,6 +5,7 @@
 //! glommio's sockets only through these.
 
 pub mod http;
+pub mod https;
 mod stop;
 
 pub use stop::StopBell;

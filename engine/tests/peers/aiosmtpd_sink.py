@@ -1,11 +1,12 @@
 """An SMTP server nobody on this project wrote (aiosmtpd), for delivery tests.
 
-Usage: aiosmtpd_sink.py PORT OUT_DIR [--tls CERT KEY] [--broken-tls CERT KEY]
+Usage: aiosmtpd_sink.py PORT OUT_DIR [--tls CERT KEY] [--sni DIR] [--broken-tls CERT KEY]
                         [--auth USER PASSWORD] [--auth-mechs LOGIN,...] [--timeout SECS]
 Stores each message as OUT_DIR/<n>.json ({"mail_from", "rcpt_tos", "mail_options",
 "data" (latin-1), "tls", "peer" (client address), "peer_port", "helo", "auth_user"}).
 --broken-tls offers STARTTLS whose handshake fails (TLS 1.1 at most, which a
-modern client refuses). --auth: AUTH is offered (over TLS) and required for mail,
+modern client refuses). --sni: a client naming server N in its TLS handshake gets
+DIR/N.crt and DIR/N.key when they exist. --auth: AUTH is offered (over TLS) and required for mail,
 with these credentials; --auth-mechs: only these mechanisms are offered. --timeout:
 an idle session gets 421 and is closed after SECS (aiosmtpd's default: 300). Recipients whose local part is `tempfail` get 451 and
 `permfail` get 550 at RCPT; `throttled` and `blocked` get a provider's rate-limit
@@ -81,6 +82,20 @@ def main():
             tls_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             tls_context.load_cert_chain(rest[1], rest[2])
             rest = rest[3:]
+        elif rest[0] == "--sni":
+            sni_dir = rest[1]
+
+            def pick(sock, name, _context, sni_dir=sni_dir):
+                if name:
+                    crt = os.path.join(sni_dir, name + ".crt")
+                    key = os.path.join(sni_dir, name + ".key")
+                    if os.path.isfile(crt):
+                        own = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                        own.load_cert_chain(crt, key)
+                        sock.context = own
+
+            tls_context.sni_callback = pick
+            rest = rest[2:]
         elif rest[0] == "--broken-tls":
             tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             tls_context.set_ciphers("DEFAULT:@SECLEVEL=0")

@@ -166,6 +166,30 @@ pub fn aiosmtpd_args(out: &Path, args: &[std::ffi::OsString]) -> (Peer, u16) {
     (Peer(child), port)
 }
 
+/// The HTTPS server of the TLS tests (tests/peers/https_server.py) on a free port:
+/// files under `root` by Host, with `cert`/`key` (or per SNI name from `sni`).
+pub fn https_server(root: &Path, cert: &Path, key: &Path, sni: Option<&Path>) -> (Peer, u16) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/https_server.py");
+    let (mut child, port) = spawn_listening(|port| {
+        let mut command = Command::new(python());
+        command
+            .arg(&script)
+            .arg(port.to_string())
+            .args([root, cert, key]);
+        if let Some(dir) = sni {
+            command.arg("--sni").arg(dir);
+        }
+        command.stdout(Stdio::piped());
+        command
+    });
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready");
+    (Peer(child), port)
+}
+
 /// The webhook receiver (tests/peers/webhook_receiver.py, Python's http.server) on a
 /// free port, writing each batch to `out` before it answers `status`.
 pub fn webhook_receiver(out: &Path, status: u16) -> (Peer, u16) {
