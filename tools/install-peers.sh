@@ -52,9 +52,10 @@ if [ "$installing_unbound" = 1 ] && [ -d /run/systemd/system ]; then
 fi
 # Python peers in a venv under target/: aiosmtpd (an independent SMTP server),
 # SparkPost's official client library (the HTTP API's real client), dkimpy with
-# PyNaCl (an independent DKIM verifier, RSA and Ed25519) and pika (RabbitMQ's Python
-# client, which reads what the hose published).
-if ! target/pyenv/bin/python3 -c "import aiosmtpd, sparkpost, dkim, nacl, pika" 2>/dev/null; then
+# PyNaCl (an independent DKIM verifier, RSA and Ed25519), pika (RabbitMQ's Python
+# client, which reads what the hose published) and dnspython (the DANE tests' DNS
+# server, which sets the AD bit for the zones it calls signed).
+if ! target/pyenv/bin/python3 -c "import aiosmtpd, sparkpost, dkim, nacl, pika, dns.message" 2>/dev/null; then
   [ -x target/pyenv/bin/python3 ] || python3 -m venv target/pyenv
-  target/pyenv/bin/pip install -q aiosmtpd==1.4.6 sparkpost==1.3.10 dkimpy==1.1.8 pynacl==1.5.0 pika==1.3.2
+  target/pyenv/bin/pip install -q aiosmtpd==1.4.6 sparkpost==1.3.10 dkimpy==1.1.8 pynacl==1.5.0 pika==1.3.2 dnspython==2.7.0
 fi

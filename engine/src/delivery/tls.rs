@@ -266,3 +266,43 @@ impl ServerCertVerifier for DaneVerifier {
             .supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tlsa_records_match_by_certificate_or_public_key() {
+        let pair = rcgen::generate_simple_self_signed(vec!["mx.a.test".to_string()]).unwrap();
+        let der = pair.cert.der().to_vec();
+        let (_, parsed) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let spki = parsed.tbs_certificate.subject_pki.raw.to_vec();
+        let sha256 = |b: &[u8]| {
+            ring::digest::digest(&ring::digest::SHA256, b)
+                .as_ref()
+                .to_vec()
+        };
+        let sha512 = |b: &[u8]| {
+            ring::digest::digest(&ring::digest::SHA512, b)
+                .as_ref()
+                .to_vec()
+        };
+        let r = |usage, selector, matching, data| Tlsa {
+            usage,
+            selector,
+            matching,
+            data,
+        };
+        assert!(tlsa_matches(&r(3, 1, 1, sha256(&spki)), &der));
+        assert!(tlsa_matches(&r(3, 0, 1, sha256(&der)), &der));
+        assert!(tlsa_matches(&r(3, 0, 2, sha512(&der)), &der));
+        assert!(tlsa_matches(&r(3, 1, 0, spki.clone()), &der));
+        assert!(tlsa_matches(&r(3, 0, 0, der.clone()), &der));
+        assert!(!tlsa_matches(&r(3, 1, 1, sha256(&der)), &der));
+        assert!(!tlsa_matches(&r(3, 1, 1, vec![0; 32]), &der));
+        assert!(!tlsa_matches(
+            &r(3, 1, 1, sha256(&spki)),
+            b"not a certificate"
+        ));
+    }
+}

@@ -66,13 +66,7 @@ pub fn self_signed(dir: &Path, name: &str) -> Leaf {
         .unwrap()
         .self_signed(&key)
         .unwrap();
-    write_leaf(
-        dir,
-        &format!("self-{name}"),
-        cert.pem(),
-        &key,
-        cert.der().to_vec(),
-    )
+    write_leaf(dir, name, cert.pem(), &key, cert.der().to_vec())
 }
 
 fn write_leaf(dir: &Path, file: &str, pem: String, key: &KeyPair, der: Vec<u8>) -> Leaf {

@@ -166,6 +166,31 @@ pub fn aiosmtpd_args(out: &Path, args: &[std::ffi::OsString]) -> (Peer, u16) {
     (Peer(child), port)
 }
 
+/// The DANE tests' DNS server (tests/peers/dns_stub.py, dnspython) on a free UDP
+/// port: answers from the zone file `zone`, with the AD bit set for names under the
+/// `secure` suffixes and SERVFAIL for the `servfail` names.
+pub fn dns_stub(zone: &Path, secure: &[&str], servfail: &[&str]) -> (Peer, u16) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/dns_stub.py");
+    let port = free_udp_port();
+    let mut child = Command::new(python())
+        .arg(&script)
+        .arg(port.to_string())
+        .arg(zone)
+        .arg("--secure")
+        .arg(secure.join(","))
+        .arg("--servfail")
+        .arg(servfail.join(","))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the venv's python");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "dns_stub.py did not start");
+    (Peer(child), port)
+}
+
 /// The HTTPS server of the TLS tests (tests/peers/https_server.py) on a free port:
 /// files under `root` by Host, with `cert`/`key` (or per SNI name from `sni`).
 pub fn https_server(root: &Path, cert: &Path, key: &Path, sni: Option<&Path>) -> (Peer, u16) {
