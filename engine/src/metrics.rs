@@ -117,6 +117,10 @@ metrics! {
     /// text/plain, not a valid policy).
     delivery_mta_sts_policies_fetched_total: "counter",
     delivery_mta_sts_fetch_failures_total: "counter",
+    /// TLS-RPT reports sent (one per address), and sends that failed (tried again
+    /// at the next round, for a day).
+    delivery_tls_reports_sent_total: "counter",
+    delivery_tls_report_failures_total: "counter",
     /// Connections made again without TLS after an opportunistic handshake failed
     /// (shaping's opportunistic_tls_reconnect_on_failed_handshake).
     delivery_tls_plaintext_fallbacks_total: "counter",

@@ -33,6 +33,7 @@ impl ShardServices {
     pub fn start(&self) {
         glommio::spawn_local(crate::delivery::maintainer::run(self.delivery.clone())).detach();
         glommio::spawn_local(crate::inbox::run(self.delivery.clone(), self.jobs.clone())).detach();
+        glommio::spawn_local(crate::delivery::tlsrpt::run(self.delivery.clone())).detach();
     }
 }
 

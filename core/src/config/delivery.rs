@@ -81,6 +81,8 @@ pub struct DeliveryConfig {
     pub mta_sts: MtaStsConfig,
     /// DANE (RFC 7672): TLSA records of MX hosts, when the resolver validates.
     pub dane: DaneConfig,
+    /// TLS-RPT (RFC 8460): outcomes per policy domain, reported daily.
+    pub tls_reporting: TlsReportingConfig,
     /// Port of the MX hosts (25; tests point it at a sink).
     pub smtp_port: Bounded<1, 65535>,
     /// DNS server (`ip` or `ip:port`); empty: the first nameserver of /etc/resolv.conf.
@@ -124,6 +126,7 @@ impl Default for DeliveryConfig {
             tls_ca_file: std::path::PathBuf::new(),
             mta_sts: MtaStsConfig::default(),
             dane: DaneConfig::default(),
+            tls_reporting: TlsReportingConfig::default(),
             smtp_port: Bounded(25),
             dns_server: String::new(),
             dns_timeout_secs: Bounded(5),
@@ -176,6 +179,44 @@ pub struct DaneConfig {
     /// DNSSEC-validating resolver on a trusted path (`delivery.dns_server`, e.g.
     /// unbound on the host).
     pub enabled: bool,
+}
+
+/// `[delivery.tls_reporting]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TlsReportingConfig {
+    /// Count TLS outcomes for domains under MTA-STS or DANE and send each its
+    /// aggregate report.
+    pub enabled: bool,
+    /// `organization-name` of the reports; empty: `server.hostname`.
+    pub organization_name: String,
+    /// `contact-info`; empty: `postmaster@<server.hostname>`.
+    pub contact_info: String,
+    /// The envelope and From address of mailed reports; empty:
+    /// `noreply-smtp-tls-reporting@<server.hostname>`.
+    pub sender: String,
+    /// The period a report covers, aligned to the UTC epoch: a day (RFC 8460 4.1).
+    /// Shorter only for tests.
+    pub period_secs: Bounded<5, 86_400>,
+    /// How long after a period ends its reports are sent (every shard has written
+    /// its counts by then).
+    pub send_after_secs: Bounded<2, 86_400>,
+    /// Policy domains counted per shard and period; past it, new ones are not.
+    pub domains_max: Bounded<1, 10_000_000>,
+}
+
+impl Default for TlsReportingConfig {
+    fn default() -> Self {
+        TlsReportingConfig {
+            enabled: true,
+            organization_name: String::new(),
+            contact_info: String::new(),
+            sender: String::new(),
+            period_secs: Bounded(86_400),
+            send_after_secs: Bounded(900),
+            domains_max: Bounded(100_000),
+        }
+    }
 }
 
 /// A static route: hosts in order of preference, and how to talk to them.

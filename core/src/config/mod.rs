@@ -32,7 +32,7 @@ use serde::Deserialize;
 
 pub use delivery::{
     DaneConfig, DeliveryConfig, EgressSource, IpLookup, MtaStsConfig, PoolMember, Route, RouteAuth,
-    TlsMode,
+    TlsMode, TlsReportingConfig,
 };
 pub use dsn::DsnConfig;
 pub use events::{AmqpSink, AmqpUrl, EventsConfig, MetricsApiConfig};

@@ -27,8 +27,12 @@ pub struct ClientOptions {
     pub auth: Option<std::sync::Arc<gannet_core::config::RouteAuth>>,
 }
 
+/// What a report-only check of a certificate found wrong (TLS-RPT result type,
+/// detail), filled in during the handshake.
+pub type CheckSlot = std::sync::Arc<std::sync::Mutex<Option<(&'static str, String)>>>;
+
 /// The TLS one connection uses.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum TlsWant {
     /// Plaintext, even when STARTTLS is offered.
     Disabled,
@@ -42,6 +46,9 @@ pub enum TlsWant {
     /// STARTTLS with a chain that matches one of these TLSA records (DANE), or no
     /// delivery.
     Dane(std::sync::Arc<[gannet_core::tls_policy::Tlsa]>),
+    /// As opportunistic, with the certificate checked as `Verified` would and what
+    /// is wrong with it written to the slot, not refused (MTA-STS testing).
+    Checked(CheckSlot),
 }
 
 impl TlsWant {
@@ -77,7 +84,10 @@ impl TlsWant {
 
     /// Whether the connection fails without TLS.
     pub fn mandatory(&self) -> bool {
-        !matches!(self, TlsWant::Disabled | TlsWant::Opportunistic)
+        !matches!(
+            self,
+            TlsWant::Disabled | TlsWant::Opportunistic | TlsWant::Checked(_)
+        )
     }
 }
 
@@ -108,8 +118,13 @@ pub enum ClientError {
         phase: &'static str,
         response: Response,
     },
-    #[error("TLS is required but {0}")]
-    TlsRequired(String),
+    /// TLS is required and could not be had; `result` is what TLS-RPT calls it
+    /// (RFC 8460 4.3), when it is about TLS at all.
+    #[error("TLS is required but {detail}")]
+    TlsRequired {
+        detail: String,
+        result: Option<&'static str>,
+    },
     /// An opportunistic handshake failed after the server accepted STARTTLS (the
     /// connection is unusable; a plaintext one may follow, per provider rule).
     #[error("the TLS handshake failed: {0}")]
@@ -136,11 +151,31 @@ impl ClientError {
                 451,
                 format!("4.4.2 the server refused the session at {phase}: {response}"),
             ),
-            ClientError::TlsRequired(_) | ClientError::Handshake(_) => {
+            ClientError::TlsRequired { .. } | ClientError::Handshake(_) => {
                 Response::local(451, format!("4.7.5 {self}"))
             }
             _ => Response::local(451, format!("4.4.2 {self}")),
         }
+    }
+}
+
+/// What TLS-RPT (RFC 8460 4.3.2) calls a failed handshake.
+pub fn tls_result_type(e: &std::io::Error) -> &'static str {
+    use rustls::CertificateError as C;
+    let tls = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    match tls {
+        Some(rustls::Error::InvalidCertificate(c)) => match c {
+            C::NotValidForName | C::NotValidForNameContext { .. } => "certificate-host-mismatch",
+            C::Expired
+            | C::ExpiredContext { .. }
+            | C::NotValidYet
+            | C::NotValidYetContext { .. } => "certificate-expired",
+            C::UnknownIssuer | C::BadSignature | C::BadEncoding => "certificate-not-trusted",
+            _ => "validation-failure",
+        },
+        _ => "validation-failure",
     }
 }
 
@@ -261,11 +296,12 @@ impl Session {
         let want = &options.tls;
         let start_tls = match want {
             TlsWant::Disabled => false,
-            TlsWant::Opportunistic => session.extensions.starttls,
+            TlsWant::Opportunistic | TlsWant::Checked(_) => session.extensions.starttls,
             _ if !session.extensions.starttls => {
-                return Err(ClientError::TlsRequired(
-                    "the server does not offer STARTTLS".into(),
-                ));
+                return Err(ClientError::TlsRequired {
+                    detail: "the server does not offer STARTTLS".into(),
+                    result: Some("starttls-not-supported"),
+                });
             }
             _ => true,
         };
@@ -276,9 +312,10 @@ impl Session {
             let reply = session.read_response("STARTTLS", t.starttls).await?;
             if reply.code != 220 {
                 if want.mandatory() {
-                    return Err(ClientError::TlsRequired(format!(
-                        "STARTTLS was refused: {reply}"
-                    )));
+                    return Err(ClientError::TlsRequired {
+                        detail: format!("STARTTLS was refused: {reply}"),
+                        result: Some("starttls-not-supported"),
+                    });
                 }
                 // Opportunistic: carry on in plaintext, as the server allows.
                 return session.authenticate(options).await.map(|()| session);
@@ -298,7 +335,10 @@ impl Session {
                 .await
                 .map_err(|e| {
                     if want.mandatory() {
-                        ClientError::TlsRequired(format!("the TLS handshake failed: {e}"))
+                        ClientError::TlsRequired {
+                            detail: format!("the TLS handshake failed: {e}"),
+                            result: Some(tls_result_type(&e)),
+                        }
                     } else {
                         ClientError::Handshake(e)
                     }
@@ -322,9 +362,10 @@ impl Session {
             return Ok(());
         };
         if self.tls.is_none() {
-            return Err(ClientError::TlsRequired(
-                "AUTH credentials are sent only over TLS".into(),
-            ));
+            return Err(ClientError::TlsRequired {
+                detail: "AUTH credentials are sent only over TLS".into(),
+                result: None,
+            });
         }
         let b64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
         let t = self.timeouts.ehlo;

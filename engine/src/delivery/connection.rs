@@ -11,12 +11,13 @@ use std::task::Poll;
 use std::time::Duration;
 
 use super::Dispatcher;
-use super::client::{ClientError, ClientOptions, Envelope, Response, Session, TlsWant};
+use super::client::{CheckSlot, ClientError, ClientOptions, Envelope, Response, Session, TlsWant};
 use super::handoff::report_home;
 use super::settling::settle;
 use crate::metrics::ShardMetrics;
 use gannet_core::clock::unix_ms;
 use gannet_core::queue::{self, Part};
+use gannet_core::tls_policy::SiteTls;
 
 /// Work a connection can take from a ready queue.
 pub(super) enum Work {
@@ -288,10 +289,19 @@ pub(super) async fn connection(d: Rc<Dispatcher>, key: String) {
                 451,
                 format!("4.7.5 the TLSA records of {name} could not be read (DANE)"),
             );
+            super::tlsrpt::note_unreachable(&d, &site, *host, name);
             continue;
         }
         options.tls = TlsWant::for_host(&site.tls, i, shaping.tls);
+        // MTA-STS testing: the certificate is checked, and what is wrong reported.
+        let checked = (matches!(site.tls, SiteTls::Sts { enforce: false, .. })
+            && matches!(options.tls, TlsWant::Opportunistic))
+        .then(CheckSlot::default);
+        if let Some(slot) = &checked {
+            options.tls = TlsWant::Checked(slot.clone());
+        }
         let mut attempt = Session::connect(*host, name, &options, &d.tls).await;
+        super::tlsrpt::note_session(&d, &site, *host, name, &attempt, checked.as_ref());
         if let Err(ClientError::Handshake(e)) = &attempt
             && shaping.tls_reconnect_plaintext
             && site.tls.allows_plaintext_fallback()

@@ -167,51 +167,92 @@ fn make(
         record_meta.push(("tenant".to_string(), tenant.clone()));
     }
     let queue = queue::scheduled_queue(None, tenant.as_deref(), &sender_domain);
-    let record = MessageRecord {
+    let own = Own {
         id,
         sender: String::new(),
         recipients: vec![m.sender.clone()],
         meta: record_meta,
-        queue: queue.clone(),
-        attempts: 0,
-        due_unix_ms: a.now,
-        received_unix_ms: a.now,
-        done: Vec::new(),
+        tenant: tenant.as_deref(),
+        pool: &pool,
+        queue,
         body: report,
+        protocol: "DSN",
+        now: a.now,
     };
     // Its durability is not awaited: it is appended before the record that settles
     // the recipients it reports on, and commits in order with it.
-    if let Err(err) = spool.append_message(&record) {
+    if let Err(err) = d.spool_own(own) {
         tracing::warn!(shard = d.shard.id, id = %m.id, "delivery report not spooled: {err}");
         return;
     }
-    let shard = &d.shard;
-    let id_text = id.to_string();
-    shard.event(&Event::Reception {
-        timestamp_ms: a.now,
-        message_id: id_text,
-        shard: shard.id,
-        sender: "",
-        rcpt_to: &record.recipients,
-        msg_size: record.body.len(),
-        peer: String::new(),
-        helo: hostname,
-        protocol: "DSN",
-        tls: None,
-        auth_user: None,
-        tenant: tenant.as_deref(),
-        campaign_id: None,
-        ip_pool: &pool,
-        queue: &queue,
-        subject: None,
-    });
     let counter = match action {
-        Action::Failed => &shard.metrics.dsn_failure_reports_total,
-        Action::Delayed => &shard.metrics.dsn_delay_reports_total,
-        Action::Relayed => &shard.metrics.dsn_success_reports_total,
+        Action::Failed => &d.shard.metrics.dsn_failure_reports_total,
+        Action::Delayed => &d.shard.metrics.dsn_delay_reports_total,
+        Action::Relayed => &d.shard.metrics.dsn_success_reports_total,
     };
     ShardMetrics::add(counter, 1);
-    d.enqueue_spooled(record, a.now);
+}
+
+/// A message gannet writes itself (a DSN, a TLS-RPT report).
+pub(super) struct Own<'a> {
+    /// From the shard's spool (`next_id`), so that the message can name itself.
+    pub id: gannet_spool::MessageId,
+    /// Empty: the null sender.
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub meta: Vec<(String, String)>,
+    pub tenant: Option<&'a str>,
+    pub pool: &'a str,
+    pub queue: String,
+    pub body: Vec<u8>,
+    /// The reception event's protocol (`DSN`, `TLSRPT`).
+    pub protocol: &'static str,
+    pub now: u64,
+}
+
+impl Dispatcher {
+    /// Appends `own` to this shard's spool, records its reception and queues it;
+    /// the ticket says when it is durable.
+    pub(super) fn spool_own(
+        &self,
+        own: Own<'_>,
+    ) -> Result<gannet_spool::Ticket, gannet_spool::SpoolError> {
+        let shard = &self.shard;
+        let id = own.id;
+        let record = MessageRecord {
+            id,
+            sender: own.sender,
+            recipients: own.recipients,
+            meta: own.meta,
+            queue: own.queue,
+            attempts: 0,
+            due_unix_ms: own.now,
+            received_unix_ms: own.now,
+            done: Vec::new(),
+            body: own.body,
+        };
+        let ticket = shard.spool.append_message(&record)?;
+        shard.event(&Event::Reception {
+            timestamp_ms: own.now,
+            message_id: id.to_string(),
+            shard: shard.id,
+            sender: &record.sender,
+            rcpt_to: &record.recipients,
+            msg_size: record.body.len(),
+            peer: String::new(),
+            helo: &shard.config().server.hostname,
+            protocol: own.protocol,
+            tls: None,
+            auth_user: None,
+            tenant: own.tenant,
+            campaign_id: None,
+            ip_pool: own.pool,
+            queue: &record.queue,
+            subject: None,
+        });
+        self.enqueue_spooled(record, own.now);
+        Ok(ticket)
+    }
 }
 
 /// Whether this attempt is the first one past `dsn.delay_warning_secs` after

@@ -26,6 +26,7 @@ pub mod routing;
 pub mod settling;
 pub mod sts;
 pub mod tls;
+pub mod tlsrpt;
 
 #[cfg(test)]
 mod tests;
@@ -74,6 +75,8 @@ pub struct Dispatcher {
     resolver: crate::dns::Resolver,
     /// MTA-STS policies of the domains this shard delivers to.
     sts: sts::Sts,
+    /// TLS-RPT counts of this shard.
+    tlsrpt: tlsrpt::Recorder,
     /// Whether DANE applies (`delivery.dane.enabled`).
     dane: bool,
     /// Connections waiting idle for their queue's next part, and the bound.
@@ -208,6 +211,11 @@ impl Dispatcher {
             ),
             sts: sts::Sts::open(&d.mta_sts, &config.server.data_dir, usize::from(shard.id)),
             dane: d.dane.enabled,
+            tlsrpt: tlsrpt::Recorder::new(
+                &d.tls_reporting,
+                &config.server.data_dir,
+                usize::from(shard.id),
+            ),
             smtp_port: u16::try_from(d.smtp_port.get()).unwrap_or(25),
             lookups: glommio::sync::Semaphore::new(d.dns_lookups_max.get()),
             idle_connections: Cell::new(0),

@@ -116,8 +116,25 @@ async fn resolve_site(d: &Rc<Dispatcher>, domain: &str) -> Resolved {
     } else if d.sts.enabled() {
         let applies = super::sts::applies(d, &asking, domain).await;
         until = until.min(applies.until_ms);
+        if let Some(failure) = &applies.failure {
+            super::tlsrpt::note_failure(
+                d,
+                domain,
+                super::tlsrpt::Policy {
+                    policy_type: "sts".into(),
+                    ..Default::default()
+                },
+                super::tlsrpt::Failure {
+                    result_type: failure.result_type().into(),
+                    receiving_mx_hostname: String::new(),
+                    receiving_ip: String::new(),
+                    detail: failure.detail().to_string(),
+                },
+            );
+        }
         match applies.policy {
             Some(policy) if policy.mode == StsMode::Enforce => {
+                let mx_names: Vec<String> = groups.iter().flatten().cloned().collect();
                 // Only the MX hosts the policy names (RFC 8461 4.1).
                 for group in &mut groups {
                     group.retain(|host| policy.matches(host));
@@ -130,6 +147,21 @@ async fn resolve_site(d: &Rc<Dispatcher>, domain: &str) -> Resolved {
                     let why = format!(
                         "4.7.5 no MX host of {domain} matches its MTA-STS policy (mx: {})",
                         policy.mx.join(", ")
+                    );
+                    super::tlsrpt::note_failure(
+                        d,
+                        domain,
+                        super::tlsrpt::Policy {
+                            policy_type: "sts".into(),
+                            policy_string: policy.lines(),
+                            mx_host: policy.mx.clone(),
+                        },
+                        super::tlsrpt::Failure {
+                            result_type: "validation-failure".into(),
+                            receiving_mx_hostname: mx_names.join(" "),
+                            receiving_ip: String::new(),
+                            detail: "no MX host matches the policy".into(),
+                        },
                     );
                     return failed(Response::local(451, why), None);
                 }

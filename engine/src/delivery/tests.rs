@@ -140,7 +140,7 @@ fn delivers_to_aiosmtpd_with_starttls_and_per_recipient_results() {
         let err = Session::connect(addr, "sink.test", &options(TlsMode::Required), &tls)
             .await
             .unwrap_err();
-        assert!(matches!(err, ClientError::TlsRequired(_)), "{err}");
+        assert!(matches!(err, ClientError::TlsRequired { .. }), "{err}");
         assert_eq!(err.response().code, 451);
         // Disabled TLS stays in plaintext.
         let session = Session::connect(addr, "sink.test", &options(TlsMode::Disabled), &tls)

@@ -64,15 +64,11 @@ impl ClientTls {
             .expect("ring supports the default protocol versions")
             .with_root_certificates(roots.clone())
             .with_no_client_auth();
-        let opportunistic = rustls::ClientConfig::builder_with_provider(provider.clone())
-            .with_safe_default_protocol_versions()
-            .expect("ring supports the default protocol versions")
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider.clone())))
-            .with_no_client_auth();
+        // Opportunistic TLS takes any certificate.
+        let opportunistic = config_with(&provider, |_, _, _, _, _| Ok(()));
         ClientTls {
             verified: Arc::new(verified),
-            opportunistic: Arc::new(opportunistic),
+            opportunistic,
             roots,
             provider,
         }
@@ -82,19 +78,31 @@ impl ClientTls {
     pub fn config_for(&self, want: &TlsWant) -> Arc<rustls::ClientConfig> {
         match want {
             TlsWant::Verified => self.verified.clone(),
+            // One configuration per connection for these (its check holds the
+            // host's records, or the connection's slot); a connection carries many
+            // messages.
             TlsWant::Dane(records) => {
-                // One per DANE connection (the verifier holds the host's records);
-                // a connection carries many messages.
-                let config = rustls::ClientConfig::builder_with_provider(self.provider.clone())
-                    .with_safe_default_protocol_versions()
-                    .expect("ring supports the default protocol versions")
-                    .dangerous()
-                    .with_custom_certificate_verifier(Arc::new(DaneVerifier {
-                        records: records.clone(),
-                        provider: self.provider.clone(),
-                    }))
-                    .with_no_client_auth();
-                Arc::new(config)
+                let (records, provider) = (records.clone(), self.provider.clone());
+                config_with(&self.provider, move |ee, chain, name, ocsp, now| {
+                    dane_check(&records, &provider, ee, chain, name, ocsp, now)
+                })
+            }
+            TlsWant::Checked(slot) => {
+                let (slot, provider, roots) =
+                    (slot.clone(), self.provider.clone(), self.roots.clone());
+                config_with(&self.provider, move |ee, chain, name, ocsp, now| {
+                    let checked =
+                        webpki_check(roots.clone(), &provider, ee, chain, name, ocsp, now);
+                    if let Err(e) = checked {
+                        // Reported (TLS-RPT), not refused: MTA-STS testing.
+                        let as_io = std::io::Error::new(std::io::ErrorKind::InvalidData, e.clone());
+                        let found = (super::client::tls_result_type(&as_io), e.to_string());
+                        *slot
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(found);
+                    }
+                    Ok(())
+                })
             }
             TlsWant::Disabled | TlsWant::Opportunistic | TlsWant::Encrypted => {
                 self.opportunistic.clone()
@@ -113,86 +121,32 @@ impl Default for ClientTls {
     }
 }
 
-/// Accepts any certificate but still checks the handshake signatures, so the session
-/// is at least encrypted to whoever holds the presented key.
-#[derive(Debug)]
-struct AnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
-}
-
-/// DANE authentication (RFC 7672 3.1): the server's chain must match one of the
-/// host's usable TLSA records. DANE-EE(3): the end-entity certificate (or its
-/// public key) matches; its names and dates are not checked (3.1.1). DANE-TA(2): a
-/// certificate the server sent besides its own matches, and the end-entity chains
-/// to it as the only trust anchor, valid now and for the MX host name (3.1.2).
-#[derive(Debug)]
-struct DaneVerifier {
-    records: Arc<[Tlsa]>,
+/// A certificate check of our own (`check`), with the handshake signatures still
+/// verified by the provider: whatever `check` accepts, the session is encrypted to
+/// whoever holds the presented key.
+struct Verifier<F> {
     provider: Arc<CryptoProvider>,
+    check: F,
 }
 
-/// Whether `cert` (DER) matches `record`'s selector and matching type.
-pub fn tlsa_matches(record: &Tlsa, cert: &[u8]) -> bool {
-    let selected: &[u8] = match record.selector {
-        0 => cert,
-        1 => match x509_parser::parse_x509_certificate(cert) {
-            Ok((_, parsed)) => parsed.tbs_certificate.subject_pki.raw,
-            Err(_) => return false,
-        },
-        _ => return false,
-    };
-    match record.matching {
-        0 => selected == record.data.as_slice(),
-        1 => ring::digest::digest(&ring::digest::SHA256, selected).as_ref() == record.data,
-        2 => ring::digest::digest(&ring::digest::SHA512, selected).as_ref() == record.data,
-        _ => false,
+impl<F> std::fmt::Debug for Verifier<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Verifier")
     }
 }
 
-impl ServerCertVerifier for DaneVerifier {
+impl<F> ServerCertVerifier for Verifier<F>
+where
+    F: Fn(
+            &CertificateDer<'_>,
+            &[CertificateDer<'_>],
+            &ServerName<'_>,
+            &[u8],
+            UnixTime,
+        ) -> Result<(), rustls::Error>
+        + Send
+        + Sync,
+{
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -201,35 +155,8 @@ impl ServerCertVerifier for DaneVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let usable = self.records.iter().filter(|r| r.usable());
-        for record in usable.clone().filter(|r| r.usage == 3) {
-            if tlsa_matches(record, end_entity) {
-                return Ok(ServerCertVerified::assertion());
-            }
-        }
-        for record in usable.filter(|r| r.usage == 2) {
-            for anchor in intermediates.iter().filter(|c| tlsa_matches(record, c)) {
-                let mut roots = rustls::RootCertStore::empty();
-                if roots.add(anchor.clone()).is_err() {
-                    continue;
-                }
-                let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
-                    Arc::new(roots),
-                    self.provider.clone(),
-                )
-                .build()
-                .map_err(|e| rustls::Error::General(e.to_string()))?;
-                if verifier
-                    .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-                    .is_ok()
-                {
-                    return Ok(ServerCertVerified::assertion());
-                }
-            }
-        }
-        Err(rustls::Error::InvalidCertificate(
-            rustls::CertificateError::ApplicationVerificationFailure,
-        ))
+        (self.check)(end_entity, intermediates, server_name, ocsp_response, now)
+            .map(|()| ServerCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -264,6 +191,113 @@ impl ServerCertVerifier for DaneVerifier {
         self.provider
             .signature_verification_algorithms
             .supported_schemes()
+    }
+}
+
+/// A client configuration whose certificate check is `check`.
+fn config_with<F>(provider: &Arc<CryptoProvider>, check: F) -> Arc<rustls::ClientConfig>
+where
+    F: Fn(
+            &CertificateDer<'_>,
+            &[CertificateDer<'_>],
+            &ServerName<'_>,
+            &[u8],
+            UnixTime,
+        ) -> Result<(), rustls::Error>
+        + Send
+        + Sync
+        + 'static,
+{
+    let verifier = Verifier {
+        provider: provider.clone(),
+        check,
+    };
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(verifier))
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// WebPKI's check of a chain against `roots`, valid now for `server_name`.
+fn webpki_check(
+    roots: Arc<rustls::RootCertStore>,
+    provider: &Arc<CryptoProvider>,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    server_name: &ServerName<'_>,
+    ocsp_response: &[u8],
+    now: UnixTime,
+) -> Result<(), rustls::Error> {
+    rustls::client::WebPkiServerVerifier::builder_with_provider(roots, provider.clone())
+        .build()
+        .map_err(|e| rustls::Error::General(e.to_string()))?
+        .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        .map(|_| ())
+}
+
+/// DANE authentication (RFC 7672 3.1): the server's chain must match one of the
+/// host's usable TLSA records. DANE-EE(3): the end-entity certificate (or its
+/// public key) matches; its names and dates are not checked (3.1.1). DANE-TA(2): a
+/// certificate the server sent besides its own matches, and the end-entity chains
+/// to it as the only trust anchor, valid now and for the MX host name (3.1.2).
+fn dane_check(
+    records: &[Tlsa],
+    provider: &Arc<CryptoProvider>,
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    server_name: &ServerName<'_>,
+    ocsp_response: &[u8],
+    now: UnixTime,
+) -> Result<(), rustls::Error> {
+    let usable = records.iter().filter(|r| r.usable());
+    if usable
+        .clone()
+        .any(|r| r.usage == 3 && tlsa_matches(r, end_entity))
+    {
+        return Ok(());
+    }
+    for record in usable.filter(|r| r.usage == 2) {
+        for anchor in intermediates.iter().filter(|c| tlsa_matches(record, c)) {
+            let mut roots = rustls::RootCertStore::empty();
+            if roots.add(anchor.clone()).is_ok()
+                && webpki_check(
+                    Arc::new(roots),
+                    provider,
+                    end_entity,
+                    intermediates,
+                    server_name,
+                    ocsp_response,
+                    now,
+                )
+                .is_ok()
+            {
+                return Ok(());
+            }
+        }
+    }
+    Err(rustls::Error::InvalidCertificate(
+        rustls::CertificateError::ApplicationVerificationFailure,
+    ))
+}
+
+/// Whether `cert` (DER) matches `record`'s selector and matching type.
+pub fn tlsa_matches(record: &Tlsa, cert: &[u8]) -> bool {
+    let selected: &[u8] = match record.selector {
+        0 => cert,
+        1 => match x509_parser::parse_x509_certificate(cert) {
+            Ok((_, parsed)) => parsed.tbs_certificate.subject_pki.raw,
+            Err(_) => return false,
+        },
+        _ => return false,
+    };
+    match record.matching {
+        0 => selected == record.data.as_slice(),
+        1 => ring::digest::digest(&ring::digest::SHA256, selected).as_ref() == record.data,
+        2 => ring::digest::digest(&ring::digest::SHA512, selected).as_ref() == record.data,
+        _ => false,
     }
 }
 
