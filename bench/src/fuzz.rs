@@ -77,6 +77,7 @@ pub fn smtp_data(data: &[u8]) {
         tenant: "x-gannet-tenant".into(),
         campaign: "x-gannet-campaign".into(),
         pool: "x-gannet-pool".into(),
+        expires: "x-gannet-expires".into(),
     };
     let trace = Trace {
         helo: "client.test",

@@ -10,6 +10,7 @@ pub struct MetaHeaders {
     pub tenant: String,
     pub campaign: String,
     pub pool: String,
+    pub expires: String,
 }
 
 /// Values lifted out of the header section.
@@ -18,6 +19,7 @@ pub struct Lifted {
     pub tenant: Option<String>,
     pub campaign: Option<String>,
     pub pool: Option<String>,
+    pub expires: Option<String>,
     pub subject: Option<String>,
     pub has_message_id: bool,
 }
@@ -62,6 +64,8 @@ fn scan_fields(body: &[u8], meta: &MetaHeaders) -> Result<Fields, Reply> {
             Some(&mut fields.lifted.campaign)
         } else if name.eq_ignore_ascii_case(meta.pool.as_bytes()) {
             Some(&mut fields.lifted.pool)
+        } else if name.eq_ignore_ascii_case(meta.expires.as_bytes()) {
+            Some(&mut fields.lifted.expires)
         } else {
             None
         };
@@ -243,6 +247,7 @@ mod tests {
             tenant: "X-Gannet-Tenant".into(),
             campaign: "X-Gannet-Campaign".into(),
             pool: "X-Gannet-Pool".into(),
+            expires: "X-Gannet-Expires".into(),
         }
     }
 

@@ -64,6 +64,16 @@ pub struct Shaping {
     /// After a failed opportunistic handshake, deliver over a new plaintext
     /// connection to the same host.
     pub tls_reconnect_plaintext: bool,
+    /// A provider's retry schedule and maximum age (seconds), when it sets them.
+    pub retry: RetryKnobs,
+}
+
+/// Retry settings a rule may set (None: left as they were).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetryKnobs {
+    pub interval_s: Option<u64>,
+    pub max_interval_s: Option<u64>,
+    pub max_age_s: Option<u64>,
 }
 
 impl Shaping {
@@ -116,6 +126,12 @@ impl Shaping {
             self.backoff_interval = Duration::from_secs(v.get());
         }
         self.tls = knobs.tls.unwrap_or(self.tls);
+        let secs = |v: Option<crate::config::Bounded<1, 31_536_000>>| v.map(|v| v.get());
+        self.retry = RetryKnobs {
+            interval_s: secs(knobs.retry_interval_secs).or(self.retry.interval_s),
+            max_interval_s: secs(knobs.max_retry_interval_secs).or(self.retry.max_interval_s),
+            max_age_s: secs(knobs.max_age_secs).or(self.retry.max_age_s),
+        };
         self.tls_reconnect_plaintext = knobs
             .opportunistic_tls_reconnect_on_failed_handshake
             .unwrap_or(self.tls_reconnect_plaintext);
@@ -131,6 +147,10 @@ pub struct ShapingTable {
     providers: Vec<(Scope, Knobs)>,
     /// The response rules (adaptive delivery), compiled.
     pub rules: crate::adaptive::Rules,
+    /// Whether a provider sets a retry knob (else settling never resolves shaping).
+    pub providers_set_retry: bool,
+    /// The scheduled queues' rules (`delivery.queues`).
+    pub queue_rules: Vec<crate::config::delivery::QueueRule>,
 }
 
 impl ShapingTable {
@@ -151,15 +171,24 @@ impl ShapingTable {
             backoff_interval: Duration::ZERO,
             tls: config.tls,
             tls_reconnect_plaintext: false,
+            retry: RetryKnobs::default(),
         }
         .with(&Knobs::builtin());
         let providers = (config.providers.values())
             .map(|p| (Scope::new(&p.mx_suffix, &p.sources), p.shaping.clone()))
             .collect();
+        let providers_set_retry = config.providers.values().any(|p| {
+            let k = &p.shaping;
+            k.retry_interval_secs.is_some()
+                || k.max_retry_interval_secs.is_some()
+                || k.max_age_secs.is_some()
+        });
         ShapingTable {
             default: builtin.with(&config.shaping),
             providers,
             rules: crate::adaptive::Rules::new(config),
+            providers_set_retry,
+            queue_rules: config.queues.clone(),
         }
     }
 

@@ -170,6 +170,13 @@ impl Jobs {
         if let Some(campaign) = job.campaign() {
             meta.push(("campaign".to_string(), campaign.to_string()));
         }
+        // Checked when the transmission was accepted; relative to its acceptance.
+        if let Ok(Some(at)) = spec.options.expires_ms(job.stored.received_ms) {
+            meta.push((
+                gannet_core::queue::settle::META_EXPIRES.to_string(),
+                at.to_string(),
+            ));
+        }
         let rcpt_meta = rcpt_meta(&spec.metadata, &rcpt.metadata);
         if !rcpt_meta.is_empty() {
             meta.push((

@@ -102,6 +102,7 @@ mod testing {
                     tenant: "X-Gannet-Tenant".into(),
                     campaign: "X-Gannet-Campaign".into(),
                     pool: "X-Gannet-Pool".into(),
+                    expires: "X-Gannet-Expires".into(),
                 },
                 metrics: vec![Arc::new(ShardMetrics::default())],
                 mesh: crate::mesh::Mesh::new(1, 16),

@@ -77,6 +77,9 @@ pub struct DeliveryConfig {
     /// Certificate authorities (PEM) trusted besides the built-in roots when delivery
     /// checks a certificate; empty: the roots only.
     pub tls_ca_file: std::path::PathBuf,
+    /// Settings of scheduled queues: every rule whose tenant, campaign and domain
+    /// match a message's part applies, in order (a later one over an earlier one).
+    pub queues: Vec<QueueRule>,
     /// MTA-STS (RFC 8461): policies looked up, fetched, cached and applied.
     pub mta_sts: MtaStsConfig,
     /// DANE (RFC 7672): TLSA records of MX hosts, when the resolver validates.
@@ -124,6 +127,7 @@ impl Default for DeliveryConfig {
             pools: BTreeMap::new(),
             warmups: BTreeMap::new(),
             tls_ca_file: std::path::PathBuf::new(),
+            queues: Vec::new(),
             mta_sts: MtaStsConfig::default(),
             dane: DaneConfig::default(),
             tls_reporting: TlsReportingConfig::default(),
@@ -137,6 +141,47 @@ impl Default for DeliveryConfig {
             suspensions_max: Bounded(10_000),
             suspended: false,
         }
+    }
+}
+
+/// A rule for the scheduled queues (`campaign:tenant@domain`) it matches: their
+/// retry schedule, maximum age and TLS mode.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueueRule {
+    /// The message's tenant; unset: any.
+    pub tenant: Option<String>,
+    pub campaign: Option<String>,
+    /// The recipients' domain (`example.com`), or every domain under one
+    /// (`.example.com`); unset: any.
+    pub domain: Option<String>,
+    pub retry_interval_secs: Option<Bounded<1, 31_536_000>>,
+    pub max_retry_interval_secs: Option<Bounded<1, 31_536_000>>,
+    pub max_age_secs: Option<Bounded<1, 31_536_000>>,
+    /// STARTTLS for this mail ("required" keeps it off plaintext connections;
+    /// its own ready queues). A destination's MTA-STS enforce or DANE still goes
+    /// first.
+    pub tls: Option<TlsMode>,
+}
+
+impl QueueRule {
+    /// Whether the rule applies to a part of `domain` (lower case) of a message of
+    /// `tenant` and `campaign`.
+    pub fn applies(&self, tenant: Option<&str>, campaign: Option<&str>, domain: &str) -> bool {
+        let same = |want: &Option<String>, have: Option<&str>| {
+            want.as_deref().is_none_or(|w| have == Some(w))
+        };
+        let domain_ok = match self.domain.as_deref() {
+            None => true,
+            Some(suffix) if suffix.starts_with('.') => {
+                domain.len() > suffix.len()
+                    && domain
+                        .get(domain.len() - suffix.len()..)
+                        .is_some_and(|t| t.eq_ignore_ascii_case(suffix))
+            }
+            Some(exact) => exact.eq_ignore_ascii_case(domain),
+        };
+        domain_ok && same(&self.tenant, tenant) && same(&self.campaign, campaign)
     }
 }
 

@@ -346,6 +346,31 @@ impl Config {
                 ));
             }
         }
+        for (i, rule) in self.delivery.queues.iter().enumerate() {
+            let key = format!("delivery.queues[{i}]");
+            let sets = rule.retry_interval_secs.is_some()
+                || rule.max_retry_interval_secs.is_some()
+                || rule.max_age_secs.is_some()
+                || rule.tls.is_some();
+            if !sets {
+                return Err((
+                    key,
+                    "the rule sets nothing (retry_interval_secs, max_retry_interval_secs, max_age_secs or tls)".into(),
+                ));
+            }
+            for (name, value) in [
+                ("tenant", &rule.tenant),
+                ("campaign", &rule.campaign),
+                ("domain", &rule.domain),
+            ] {
+                if value
+                    .as_deref()
+                    .is_some_and(|v| v.trim().is_empty() || v == ".")
+                {
+                    return Err((format!("{key}.{name}"), "is empty".into()));
+                }
+            }
+        }
         self.check_warmup_plans()?;
         self.check_events()?;
         if self.delivery.provider_files.is_empty() {

@@ -13,6 +13,9 @@ pub struct PolicyConfig {
     pub tenant_header: String,
     pub campaign_header: String,
     pub pool_header: String,
+    /// The header that gives a message its own expiry (seconds from reception, or
+    /// an RFC 3339 time); lifted into its metadata and removed like the others.
+    pub expires_header: String,
     pub default_pool: String,
     pub tenant_pools: BTreeMap<String, String>,
     pub rules: Vec<Rule>,
@@ -24,6 +27,7 @@ impl Default for PolicyConfig {
             tenant_header: "X-Gannet-Tenant".into(),
             campaign_header: "X-Gannet-Campaign".into(),
             pool_header: "X-Gannet-Pool".into(),
+            expires_header: "X-Gannet-Expires".into(),
             default_pool: "default".into(),
             tenant_pools: BTreeMap::new(),
             rules: Vec::new(),

@@ -92,6 +92,14 @@ pub struct Knobs {
     /// under MTA-STS enforce or DANE, or whose mode is required.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub opportunistic_tls_reconnect_on_failed_handshake: Option<bool>,
+    /// The retry schedule and maximum age of the mail to the provider's sites, over
+    /// `delivery`'s (a scheduled queue's rule, `delivery.queues`, goes over these).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_interval_secs: Option<Bounded<1, 31_536_000>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_retry_interval_secs: Option<Bounded<1, 31_536_000>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_age_secs: Option<Bounded<1, 31_536_000>>,
 }
 
 impl Knobs {
@@ -136,6 +144,10 @@ impl Knobs {
             // From delivery.tls (ShapingTable::new).
             tls: None,
             opportunistic_tls_reconnect_on_failed_handshake: Some(false),
+            // From delivery's retry schedule (queue::settle::retry_policy).
+            retry_interval_secs: None,
+            max_retry_interval_secs: None,
+            max_age_secs: None,
         }
     }
 }

@@ -34,6 +34,8 @@ use wheel::Wheel;
 /// acceptance and the admin API read. A key delivery starts to read joins this list.
 pub const DELIVERY_META_KEYS: &[&str] = &[
     "pool",
+    // A message's own expiry (settle::META_EXPIRES), when it has one.
+    "expires",
     "tenant",
     "campaign",
     "transmission_id",
@@ -565,6 +567,11 @@ impl Queues {
 
     /// Applies new shaping to every ready queue (rates keep what was spent); each
     /// queue with parts is looked at again under it.
+    /// The shaping table in force (provider rules, scheduled queues' rules).
+    pub fn shaping_table(&self) -> &Arc<ShapingTable> {
+        &self.shaping
+    }
+
     pub fn set_shaping(&mut self, shaping: Arc<ShapingTable>) {
         for (key, q) in self.ready.iter_mut() {
             let hosts = q.site.host_names.iter().map(String::as_str);

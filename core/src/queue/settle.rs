@@ -40,9 +40,72 @@ pub fn verdict(code: u16, expired: bool) -> Verdict {
     }
 }
 
-/// Whether `m` is past its maximum age at `now_ms`.
+/// Whether `m` is past its maximum age at `now_ms`, or past its own expiry (the
+/// `expires` metadata: unix ms, from an injection header or a transmission's
+/// options).
 pub fn expired(m: &Message, now_ms: u64, max_age_ms: u64) -> bool {
-    now_ms.saturating_sub(m.received_ms) >= max_age_ms
+    now_ms >= expiry_ms(m, max_age_ms)
+}
+
+/// When `m` expires: its maximum age after reception, or its own expiry if sooner.
+pub fn expiry_ms(m: &Message, max_age_ms: u64) -> u64 {
+    let aged = m.received_ms.saturating_add(max_age_ms);
+    match m.meta(META_EXPIRES).and_then(|e| e.parse::<u64>().ok()) {
+        Some(own) => aged.min(own),
+        None => aged,
+    }
+}
+
+/// The metadata key of a message's own expiry (unix ms).
+pub const META_EXPIRES: &str = "expires";
+
+/// Reads an expiry as a client gives it — seconds from now (`3600`) or an RFC 3339
+/// time (`2026-12-08T00:00:00Z`) — as unix ms. None for anything else, or a time
+/// more than a year ahead.
+pub fn parse_expiry(text: &str, now_ms: u64) -> Option<u64> {
+    let text = text.trim();
+    let at = if !text.is_empty() && text.len() <= 9 && text.bytes().all(|b| b.is_ascii_digit()) {
+        now_ms.checked_add(text.parse::<u64>().ok()?.checked_mul(1000)?)?
+    } else {
+        crate::clock::parse_rfc3339(text)?
+    };
+    (at <= now_ms.saturating_add(366 * 86_400_000)).then_some(at)
+}
+
+/// The retry schedule of a part: `base` (delivery's), with what a provider rule of
+/// its ready queue sets (`source` → the site's `hosts`), then what the scheduled
+/// queues' rules matching it set.
+pub fn retry_policy(
+    base: RetryPolicy,
+    table: &crate::shaping::ShapingTable,
+    ready: Option<(&str, &[String])>,
+    tenant: Option<&str>,
+    campaign: Option<&str>,
+    domain: &str,
+) -> RetryPolicy {
+    let mut policy = base;
+    let mut set = |interval: Option<u64>, max_interval: Option<u64>, max_age_s: Option<u64>| {
+        policy.interval_s = interval.unwrap_or(policy.interval_s);
+        policy.max_interval_s = max_interval.unwrap_or(policy.max_interval_s);
+        policy.max_age_ms = max_age_s.map_or(policy.max_age_ms, |s| s * 1000);
+    };
+    if table.providers_set_retry
+        && let Some((source, hosts)) = ready
+    {
+        let r = table
+            .resolve(source, hosts.iter().map(String::as_str))
+            .retry;
+        set(r.interval_s, r.max_interval_s, r.max_age_s);
+    }
+    for rule in (table.queue_rules.iter()).filter(|r| r.applies(tenant, campaign, domain)) {
+        let secs = |v: Option<crate::config::Bounded<1, 31_536_000>>| v.map(|v| v.get());
+        set(
+            secs(rule.retry_interval_secs),
+            secs(rule.max_retry_interval_secs),
+            secs(rule.max_age_secs),
+        );
+    }
+    policy
 }
 
 /// The retry schedule.
@@ -120,5 +183,70 @@ mod tests {
         assert_eq!(verdict(421, true), Verdict::Expiration);
         assert_eq!(verdict(550, false), Verdict::Bounce);
         assert_eq!(verdict(554, true), Verdict::Bounce);
+    }
+
+    #[test]
+    fn expiries_read_as_seconds_or_times_and_bad_forms_are_none() {
+        let now = 1_796_600_000_000;
+        assert_eq!(parse_expiry("3600", now), Some(now + 3_600_000));
+        assert_eq!(parse_expiry(" 0 ", now), Some(now));
+        assert_eq!(
+            parse_expiry("2026-12-08T00:00:00Z", now),
+            crate::clock::parse_rfc3339("2026-12-08T00:00:00Z")
+        );
+        for bad in [
+            "",
+            "-5",
+            "1h",
+            "99999999999",
+            "2026-13-01T00:00:00Z",
+            "2099-01-01T00:00:00Z",
+            "é",
+        ] {
+            assert_eq!(parse_expiry(bad, now), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn retry_policies_take_provider_then_queue_rules() {
+        use crate::config::{Bounded, DeliveryConfig, delivery::QueueRule};
+        let mut config = DeliveryConfig::default();
+        let mut provider = crate::config::shaping::Provider {
+            mx_suffix: vec![".slow.test".into()],
+            ..Default::default()
+        };
+        provider.shaping.retry_interval_secs = Some(Bounded(600));
+        provider.shaping.max_age_secs = Some(Bounded(7200));
+        config.providers.insert("slow".into(), provider);
+        config.queues.push(QueueRule {
+            tenant: Some("acme".into()),
+            domain: Some(".slow.test".into()),
+            retry_interval_secs: Some(Bounded(5)),
+            ..Default::default()
+        });
+        let table = crate::shaping::ShapingTable::new(&config);
+        let base = RetryPolicy {
+            interval_s: 1200,
+            max_interval_s: 43_200,
+            max_age_ms: 604_800_000,
+        };
+        let hosts = vec!["mx1.slow.test".to_string()];
+        let ready = Some(("default", hosts.as_slice()));
+        let p = retry_policy(base, &table, ready, None, None, "a.slow.test");
+        assert_eq!(
+            (p.interval_s, p.max_interval_s, p.max_age_ms),
+            (600, 43_200, 7_200_000)
+        );
+        let p = retry_policy(base, &table, ready, Some("acme"), None, "a.slow.test");
+        assert_eq!(
+            (p.interval_s, p.max_age_ms),
+            (5, 7_200_000),
+            "the queue rule goes over"
+        );
+        let p = retry_policy(base, &table, None, Some("acme"), None, "slow.test");
+        assert_eq!(p, base, "`.slow.test` is the domains under it");
+        let rule = &table.queue_rules[0];
+        assert!(rule.applies(Some("acme"), Some("any"), "X.SLOW.TEST"));
+        assert!(!rule.applies(Some("other"), None, "x.slow.test"));
     }
 }

@@ -29,6 +29,8 @@ pub(super) struct Attempted<'a> {
     pub verdicts: &'a [(u32, Verdict)],
     pub peer: Option<std::net::SocketAddr>,
     pub now: u64,
+    /// The part's retry schedule and maximum age.
+    pub retry: queue::settle::RetryPolicy,
 }
 
 /// Makes, spools and queues the report this attempt calls for, if any.
@@ -115,7 +117,7 @@ fn make(
         .iter()
         .map(|(i, _)| dsn::rcpt_from_meta(rcpts_meta, *i as usize))
         .collect();
-    let retry_until = (m.received_ms + d.retry.max_age_ms) / 1000;
+    let retry_until = queue::settle::expiry_ms(m, a.retry.max_age_ms) / 1000;
     let diagnostics: Vec<String> = group.iter().map(|g| g.1.to_string()).collect();
     let rcpts = group
         .iter()
@@ -273,8 +275,8 @@ fn crosses_delay_threshold(d: &Dispatcher, m: &Message, a: &Attempted<'_>) -> bo
         let interval = queue::next_due_ms(
             0,
             a.part.attempts,
-            d.retry.interval_s,
-            d.retry.max_interval_s,
+            a.retry.interval_s,
+            a.retry.max_interval_s,
             0,
         );
         a.part.due_ms.saturating_sub(interval)

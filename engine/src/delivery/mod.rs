@@ -445,13 +445,38 @@ impl Dispatcher {
     }
 
     /// The retry time of a part put off without an attempt.
-    fn delay_due(&self, attempts: u32, now: u64) -> u64 {
+    fn delay_due(&self, part: &Part, now: u64) -> u64 {
+        let retry = self.retry_for(part);
         queue::next_due_ms(
             now,
-            attempts.max(1),
-            self.retry.interval_s,
-            self.retry.max_interval_s,
+            part.attempts.max(1),
+            retry.interval_s,
+            retry.max_interval_s,
             fastrand::u64(0..=1000),
+        )
+    }
+
+    /// A part's retry schedule and maximum age: delivery's, with what a provider
+    /// rule of its ready queue and the rules of its scheduled queue set (no lookup
+    /// when no rule sets any).
+    fn retry_for(&self, part: &Part) -> queue::settle::RetryPolicy {
+        let queues = self.queues.borrow();
+        let table = queues.shaping_table();
+        if !table.providers_set_retry && table.queue_rules.is_empty() {
+            return self.retry;
+        }
+        let m = part.message.borrow();
+        let ready = match (&part.egress, &part.site) {
+            (Some(egress), Some(site)) => Some((egress.name.as_str(), site.host_names.as_slice())),
+            _ => None,
+        };
+        queue::settle::retry_policy(
+            self.retry,
+            table,
+            ready,
+            m.meta("tenant"),
+            m.meta("campaign"),
+            &part.domain,
         )
     }
 }

@@ -11,7 +11,7 @@ use super::client::Response;
 use super::settling::{delayed, settle};
 use crate::metrics::ShardMetrics;
 use gannet_core::clock::unix_ms;
-use gannet_core::queue::{Part, Site};
+use gannet_core::queue::{self, Part, Site};
 
 /// Resolves a domain's site and moves the parts waiting for it on: to the site's
 /// ready queue, or settled with the failure (a bounce for NXDOMAIN or null MX, a
@@ -266,7 +266,26 @@ async fn dane_hosts(
 /// waiting (the site's limits are per shard, so this can exceed them briefly).
 pub(super) fn place(d: &Dispatcher, mut part: Part, now: u64) {
     let shard = &d.shard;
-    let site = part.site.clone().expect("placed parts have a site");
+    let mut site = part.site.clone().expect("placed parts have a site");
+    if let Some(own) = queue_tls(d, &part, &site) {
+        site = own;
+        part.site = Some(site.clone());
+    }
+    // Past its maximum age or its own expiry (a part put off untried, or due
+    // again): expired now, not tried once more.
+    let expired = {
+        let retry = d.retry_for(&part);
+        queue::settle::expired(&part.message.borrow(), now, retry.max_age_ms)
+    };
+    if expired {
+        let why = Response::local(
+            451,
+            "4.4.7 the message expired before it could be delivered",
+        );
+        let results = part.rcpts.iter().map(|i| (*i, why.clone())).collect();
+        settle(d, part, results, None, None);
+        return;
+    }
     // A part that was waiting for its site when an operator's bounce was made.
     if let Some(bounce) = d.admin_bounce(&part, now) {
         super::settling::admin_bounce(d, part, &bounce);
@@ -327,6 +346,42 @@ pub(super) fn place(d: &Dispatcher, mut part: Part, now: u64) {
             push_ready(d, part, now);
         }
     }
+}
+
+/// The site as a scheduled queue's rule with a TLS mode (`delivery.queues`) wants it
+/// for this part: the same hosts, the rule's mode, a ready queue of its own. None
+/// when no rule sets one, or the destination's own MTA-STS enforce or DANE stands.
+/// (A site is made per part placed under such a rule: rare, and a site shared with
+/// the DNS cache would need invalidating with it.)
+fn queue_tls(d: &Dispatcher, part: &Part, site: &Rc<Site>) -> Option<Rc<Site>> {
+    use gannet_core::tls_policy::SiteTls;
+    let mode = {
+        let queues = d.queues.borrow();
+        let rules = &queues.shaping_table().queue_rules;
+        if rules.is_empty() {
+            return None;
+        }
+        let m = part.message.borrow();
+        let (tenant, campaign) = (m.meta("tenant"), m.meta("campaign"));
+        (rules.iter())
+            .filter(|r| r.tls.is_some() && r.applies(tenant, campaign, &part.domain))
+            .filter_map(|r| r.tls)
+            .next_back()?
+    };
+    if matches!(
+        site.tls,
+        SiteTls::Sts { enforce: true, .. } | SiteTls::Dane { .. }
+    ) {
+        return None;
+    }
+    let mut own = Site::clone(site);
+    own.name = format!(
+        "{} (tls {})",
+        site.name,
+        format!("{mode:?}").to_ascii_lowercase()
+    );
+    own.tls = SiteTls::Mode(mode);
+    Some(Rc::new(own))
 }
 
 /// Puts a part in this shard's ready queue, or delays it when the queue is full.
@@ -398,6 +453,6 @@ pub(super) fn held_by_rule(
 
 /// Returns a part whose ready queue was full to the scheduled queue, untried.
 pub(super) fn delay(d: &Dispatcher, part: Part, now: u64) {
-    let due = d.delay_due(part.attempts, now);
+    let due = d.delay_due(&part, now);
     put_off(d, part, &ready_queue_full(), due, now);
 }

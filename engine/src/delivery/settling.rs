@@ -64,9 +64,10 @@ fn settle_as(
     use queue::settle::{After, Verdict};
     let shard = &d.shard;
     let now = unix_ms();
+    let retry = d.retry_for(&part);
     let message = part.message.clone();
     let mut m = message.borrow_mut();
-    let expired = queue::settle::expired(&m, now, d.retry.max_age_ms);
+    let expired = queue::settle::expired(&m, now, retry.max_age_ms);
     let mut verdicts = Vec::with_capacity(results.len());
     for (i, response) in &results {
         let verdict = match admin {
@@ -104,11 +105,12 @@ fn settle_as(
                 verdicts: &verdicts,
                 peer,
                 now,
+                retry,
             },
         );
     }
     let jitter = fastrand::u64(0..=1000);
-    let after = queue::settle::apply(&mut m, &mut part, &verdicts, now, &d.retry, jitter);
+    let after = queue::settle::apply(&mut m, &mut part, &verdicts, now, &retry, jitter);
     match after {
         After::MessageDone => finish(d, &m),
         After::PartDone | After::Retry => {

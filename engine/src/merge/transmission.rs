@@ -54,6 +54,31 @@ pub struct Options {
     pub inline_css: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub perform_substitutions: Option<bool>,
+    /// gannet's: when the messages expire if not yet delivered — seconds after the
+    /// transmission is accepted (a number or a string of digits) or an RFC 3339
+    /// time; the delivery's max_age still applies when it comes first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires: Option<Value>,
+}
+
+impl Options {
+    /// The messages' expiry (unix ms) for a transmission accepted at
+    /// `accepted_ms`: None without `expires`, Err when it has another form.
+    pub fn expires_ms(&self, accepted_ms: u64) -> Result<Option<u64>, String> {
+        let Some(value) = &self.expires else {
+            return Ok(None);
+        };
+        let text = match value {
+            Value::Number(n) => n.to_string(),
+            Value::String(s) => s.clone(),
+            _ => String::new(),
+        };
+        gannet_core::queue::settle::parse_expiry(&text, accepted_ms)
+            .map(Some)
+            .ok_or_else(|| {
+                format!("options.expires: {value} is not seconds or an RFC 3339 time within a year")
+            })
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]

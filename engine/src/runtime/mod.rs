@@ -138,6 +138,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
             tenant: config.policy.tenant_header.clone(),
             campaign: config.policy.campaign_header.clone(),
             pool: config.policy.pool_header.clone(),
+            expires: config.policy.expires_header.clone(),
         },
         metrics: (0..shards)
             .map(|_| Arc::new(ShardMetrics::default()))

@@ -148,6 +148,7 @@ pub fn prepare(
             }
         },
     };
+    spec.options.expires_ms(now_ms).map_err(Refusal::invalid)?;
     if let Some(pool) = &spec.options.ip_pool
         && !config.delivery.pools.contains_key(pool)
     {

@@ -678,6 +678,22 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
             Err(reply) => return reply,
         };
     drop(body);
+    let expires = match lifted.expires.as_deref() {
+        None => None,
+        Some(text) => match gannet_core::queue::settle::parse_expiry(text, now_ms) {
+            Some(at) => Some(at),
+            None => {
+                return Reply::new(
+                    554,
+                    "5.6.0",
+                    format!(
+                        "{}: give seconds from now or an RFC 3339 time within a year",
+                        config.policy.expires_header
+                    ),
+                );
+            }
+        },
+    };
     let draft = Draft {
         sender: &tx.sender.text,
         recipients: &tx.recipients,
@@ -771,6 +787,12 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     }
     if let Some(user) = &s.auth_user {
         meta.push(("auth_user".to_string(), user.clone()));
+    }
+    if let Some(at) = expires {
+        meta.push((
+            gannet_core::queue::settle::META_EXPIRES.to_string(),
+            at.to_string(),
+        ));
     }
     meta.push(("peer".to_string(), s.peer.ip().to_string()));
     meta.extend(gannet_core::dsn::to_meta(
