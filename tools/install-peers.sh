@@ -21,6 +21,8 @@ command -v tmux >/dev/null || need+=(tmux)
 perl -MIO::Socket::SSL -e1 2>/dev/null || need+=(libio-socket-ssl-perl libnet-ssleay-perl)
 [ -x /usr/sbin/smtp-sink ] || need+=(postfix)
 command -v dnsmasq >/dev/null || need+=(dnsmasq-base)
+# A SOCKS5 server (with username and password) for the egress-proxy tests.
+command -v microsocks >/dev/null || need+=(microsocks)
 command -v openssl >/dev/null || need+=(openssl)
 command -v python3 >/dev/null || need+=(python3)
 # RabbitMQ (AMQP 0-9-1), the event hose's broker: each test starts its own node (and

@@ -351,6 +351,17 @@ pub struct EgressSource {
     pub warmup: String,
     /// The plan's first day, `YYYY-MM-DD` (UTC).
     pub warmup_start: String,
+    /// An HAProxy PROXY-protocol relay (`host:port`) the connections go through:
+    /// it connects to the MX host from `source_ip` (which is the relay's, not this
+    /// host's).
+    pub ha_proxy_server: String,
+    /// A SOCKS5 proxy (`ip:port`) the connections go through, with
+    /// `socks5_username` and `socks5_password` when it asks for them; the MX host
+    /// sees the proxy's address (`source_ip` then binds the connection to the
+    /// proxy).
+    pub socks5_proxy_server: String,
+    pub socks5_username: String,
+    pub socks5_password: String,
 }
 
 /// An IP warm-up plan.

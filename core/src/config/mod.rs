@@ -322,6 +322,44 @@ impl Config {
                 }
             }
         }
+        for (name, source) in &self.delivery.sources {
+            let key = format!("delivery.sources.{name}");
+            let addr_ok = |text: &str| text.parse::<std::net::SocketAddr>().is_ok();
+            if !source.ha_proxy_server.is_empty() {
+                if !addr_ok(&source.ha_proxy_server) {
+                    return Err((
+                        format!("{key}.ha_proxy_server"),
+                        format!("`{}` is not ip:port", source.ha_proxy_server),
+                    ));
+                }
+                if !source.socks5_proxy_server.is_empty() {
+                    return Err((
+                        format!("{key}.socks5_proxy_server"),
+                        "a source goes through one relay: ha_proxy_server or socks5_proxy_server"
+                            .into(),
+                    ));
+                }
+                if source.source_ip.is_empty() {
+                    return Err((
+                        format!("{key}.source_ip"),
+                        "a source behind ha_proxy_server needs the address the relay sends from"
+                            .into(),
+                    ));
+                }
+            }
+            if !source.socks5_proxy_server.is_empty() && !addr_ok(&source.socks5_proxy_server) {
+                return Err((
+                    format!("{key}.socks5_proxy_server"),
+                    format!("`{}` is not ip:port", source.socks5_proxy_server),
+                ));
+            }
+            if source.socks5_username.len() > 255 || source.socks5_password.len() > 255 {
+                return Err((
+                    format!("{key}.socks5_username"),
+                    "SOCKS5 usernames and passwords are at most 255 bytes (RFC 1929)".into(),
+                ));
+            }
+        }
         for (domain, route) in &self.delivery.routes {
             let key = format!("delivery.routes.{domain}");
             if route.hosts.is_empty() {

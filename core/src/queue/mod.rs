@@ -141,6 +141,24 @@ pub struct Egress {
     pub source_ip: Option<std::net::IpAddr>,
     /// None: the dispatcher's EHLO name.
     pub ehlo_name: Option<String>,
+    /// A relay the connections go through (the source's address lives on it).
+    pub proxy: Option<std::sync::Arc<EgressProxy>>,
+}
+
+/// A relay between gannet and the MX hosts, for sources whose addresses live on
+/// another host (KumoMTA's proxy support).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EgressProxy {
+    /// HAProxy's PROXY protocol (v2): gannet connects to `server` and says which
+    /// source address and destination the relay should connect from and to
+    /// (`Egress::source_ip`, the MX host), e.g. HAProxy with `usesrc clientip`.
+    HaProxy { server: SocketAddr },
+    /// SOCKS5 (RFC 1928) CONNECT through `server`, with username and password
+    /// (RFC 1929) when given; the MX host sees the proxy's own address.
+    Socks5 {
+        server: SocketAddr,
+        auth: Option<(String, String)>,
+    },
 }
 
 impl Egress {
@@ -150,6 +168,7 @@ impl Egress {
             name: "default".into(),
             source_ip: None,
             ehlo_name: None,
+            proxy: None,
         }
     }
 }

@@ -25,6 +25,8 @@ pub struct ClientOptions {
     pub timeouts: Timeouts,
     /// AUTH credentials (a route to a smarthost): sent after TLS, never without it.
     pub auth: Option<std::sync::Arc<gannet_core::config::RouteAuth>>,
+    /// The relay the egress source's connections go through.
+    pub proxy: Option<std::sync::Arc<gannet_core::queue::EgressProxy>>,
 }
 
 /// What a report-only check of a certificate found wrong (TLS-RPT result type,
@@ -273,9 +275,11 @@ impl Session {
         tls: &super::tls::ClientTls,
     ) -> Result<Session, ClientError> {
         let t = options.timeouts;
-        let conn = Conn::connect(addr, options.source, t.connect)
-            .await
-            .map_err(|source| ClientError::Connect { addr, source })?;
+        let conn = match &options.proxy {
+            None => Conn::connect(addr, options.source, t.connect).await,
+            Some(proxy) => crate::io::proxy::connect(proxy, addr, options.source, t.connect).await,
+        }
+        .map_err(|source| ClientError::Connect { addr, source })?;
         let mut session = Session {
             conn,
             input: Vec::with_capacity(4096),

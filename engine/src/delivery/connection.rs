@@ -278,6 +278,7 @@ pub(super) async fn connection(d: Rc<Dispatcher>, key: String) {
             .unwrap_or_else(|| d.options.ehlo_name.clone()),
         timeouts: shaping.timeouts,
         auth: site.auth.clone(),
+        proxy: egress.proxy.clone(),
         ..d.options.clone()
     };
     let mut session = None;

@@ -144,10 +144,20 @@ impl Dispatcher {
             .sources
             .iter()
             .map(|(name, s)| {
+                let proxy = if let Ok(server) = s.ha_proxy_server.parse() {
+                    Some(queue::EgressProxy::HaProxy { server })
+                } else if let Ok(server) = s.socks5_proxy_server.parse() {
+                    let auth = (!s.socks5_username.is_empty())
+                        .then(|| (s.socks5_username.clone(), s.socks5_password.clone()));
+                    Some(queue::EgressProxy::Socks5 { server, auth })
+                } else {
+                    None
+                };
                 let egress = queue::Egress {
                     name: name.clone(),
                     source_ip: s.source_ip.parse().ok(),
                     ehlo_name: (!s.ehlo_name.is_empty()).then(|| s.ehlo_name.clone()),
+                    proxy: proxy.map(Arc::new),
                 };
                 (name.clone(), Rc::new(egress))
             })
@@ -184,6 +194,7 @@ impl Dispatcher {
                 tls: client::TlsWant::of(d.tls),
                 timeouts: Timeouts::default(),
                 auth: None,
+                proxy: None,
             },
             tls,
             retry: queue::settle::RetryPolicy {

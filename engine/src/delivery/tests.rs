@@ -32,6 +32,7 @@ fn options(tls: TlsMode) -> ClientOptions {
             ..Timeouts::default()
         },
         auth: None,
+        proxy: None,
     }
 }
 

@@ -6,6 +6,7 @@
 
 pub mod http;
 pub mod https;
+pub mod proxy;
 mod stop;
 
 pub use stop::StopBell;

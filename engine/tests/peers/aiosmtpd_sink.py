@@ -1,11 +1,13 @@
 """An SMTP server nobody on this project wrote (aiosmtpd), for delivery tests.
 
 Usage: aiosmtpd_sink.py PORT OUT_DIR [--tls CERT KEY] [--sni DIR] [--broken-tls CERT KEY]
-                        [--auth USER PASSWORD] [--auth-mechs LOGIN,...] [--timeout SECS]
+                        [--auth USER PASSWORD] [--auth-mechs LOGIN,...] [--proxy-protocol] [--timeout SECS]
 Stores each message as OUT_DIR/<n>.json ({"mail_from", "rcpt_tos", "mail_options",
-"data" (latin-1), "tls", "peer" (client address), "peer_port", "helo", "auth_user"}).
+"data" (latin-1), "tls", "peer" (client address), "peer_port", "helo", "auth_user",
+"proxy_src", "proxy_dst"}).
 --broken-tls offers STARTTLS whose handshake fails (TLS 1.1 at most, which a
-modern client refuses). --sni: a client naming server N in its TLS handshake gets
+modern client refuses). --proxy-protocol: every connection starts with a PROXY
+header (HAProxy's, v1 or v2), whose addresses are stored. --sni: a client naming server N in its TLS handshake gets
 DIR/N.crt and DIR/N.key when they exist. --auth: AUTH is offered (over TLS) and required for mail,
 with these credentials; --auth-mechs: only these mechanisms are offered. --timeout:
 an idle session gets 421 and is closed after SECS (aiosmtpd's default: 300). Recipients whose local part is `tempfail` get 451 and
@@ -42,6 +44,9 @@ class Handler:
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
+    async def handle_PROXY(self, server, session, envelope, proxy_data):
+        return True
+
     async def handle_DATA(self, server, session, envelope):
         self.count += 1
         record = {
@@ -55,6 +60,10 @@ class Handler:
             "helo": session.host_name,
             "auth_user": session.auth_data.login.decode() if session.authenticated else None,
         }
+        proxy = session.proxy_data
+        if proxy is not None and proxy.src_addr is not None:
+            record["proxy_src"] = str(proxy.src_addr)
+            record["proxy_dst"] = f"{proxy.dst_addr}:{proxy.dst_port}"
         path = os.path.join(self.out_dir, f"{self.count}.json")
         with open(path + ".tmp", "w") as f:
             json.dump(record, f)
@@ -107,6 +116,9 @@ def main():
             auth["auth_required"] = True
             auth["auth_require_tls"] = True
             rest = rest[3:]
+        elif rest[0] == "--proxy-protocol":
+            auth["proxy_protocol_timeout"] = 5
+            rest = rest[1:]
         elif rest[0] == "--auth-mechs":
             offered = set(rest[1].upper().split(","))
             auth["auth_exclude_mechanism"] = [m for m in ("PLAIN", "LOGIN") if m not in offered]
