@@ -10,11 +10,10 @@
 mod common;
 
 use std::fmt::Write as _;
-use std::path::Path;
 
 use common::Daemon;
-use common::peers::{aiosmtpd_args, dns_stub, free_port};
-use common::pki::{TestCa, self_signed};
+use common::peers::{dns_stub, free_port};
+use common::pki::{TestCa, self_signed, smtp_with_sni};
 use common::relay::{inject, wait_events};
 
 fn hex(bytes: &[u8]) -> String {
@@ -39,12 +38,6 @@ fn one<'a>(events: &'a [serde_json::Value], kind: &str, rcpt: &str) -> &'a serde
         .unwrap_or_else(|| panic!("no {kind} for {rcpt}: {events:#?}"))
 }
 
-/// Copies a certificate and key to `dir` under the SNI name `name`.
-fn serve_as(leaf: &common::pki::Leaf, dir: &Path, name: &str) {
-    std::fs::copy(&leaf.cert, dir.join(format!("{name}.crt"))).unwrap();
-    std::fs::copy(&leaf.key, dir.join(format!("{name}.key"))).unwrap();
-}
-
 #[test]
 fn dane_authenticates_by_tlsa_records_only_from_signed_zones() {
     let ca = TestCa::new("gannet DANE CA");
@@ -61,20 +54,10 @@ fn dane_authenticates_by_tlsa_records_only_from_signed_zones() {
         self_signed(dir, name);
     }
     let both = self_signed(dir, "mx.both.test");
-    serve_as(&ca.issue(&["mx.ta.test"], true), dir, "mx.ta.test");
-    serve_as(&ca.issue(&["elsewhere.test"], true), dir, "mx.taname.test");
-    let fallback = self_signed(dir, "sink.test");
-    let out = tempfile::tempdir().unwrap();
-    let (_smtp_peer, port) = aiosmtpd_args(
-        out.path(),
-        &[
-            "--tls".into(),
-            fallback.cert.clone().into(),
-            fallback.key.clone().into(),
-            "--sni".into(),
-            dir.into(),
-        ],
-    );
+    ca.issue(&["mx.ta.test"], true).serve_as(dir, "mx.ta.test");
+    ca.issue(&["elsewhere.test"], true)
+        .serve_as(dir, "mx.taname.test");
+    let (_smtp_peer, port, out) = smtp_with_sni(dir);
     let domains = [
         ("ee", format!("3 1 1 {}", sha256(&spki(&ee.der)))),
         ("eefull", format!("3 0 1 {}", sha256(&eefull.der))),

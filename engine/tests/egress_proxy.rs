@@ -94,8 +94,6 @@ fn sources_send_through_proxy_protocol_and_socks5_relays() {
 
 #[test]
 fn relay_settings_are_checked() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gannetd.toml");
     for (source, key, says) in [
         (
             "{ ha_proxy_server = \"127.0.0.1:9\" }",
@@ -118,18 +116,11 @@ fn relay_settings_are_checked() {
             "not ip:port",
         ),
     ] {
-        let extra = format!("[delivery]\nsuspended = true\nsources = {{ far = {source} }}\n");
-        std::fs::write(&path, common::config_text(dir.path(), "", &extra)).unwrap();
-        let out = Command::new(env!("CARGO_BIN_EXE_gannetd"))
-            .arg("--check-config")
-            .arg(&path)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
+        let err = common::config_refused(&format!(
+            "[delivery]\nsuspended = true\nsources = {{ far = {source} }}\n"
+        ));
         assert!(
-            !out.status.success()
-                && err.contains(&format!("delivery.sources.{key}"))
-                && err.contains(says),
+            err.contains(&format!("delivery.sources.{key}")) && err.contains(says),
             "{source}: {err}"
         );
     }

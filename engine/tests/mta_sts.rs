@@ -11,8 +11,8 @@ mod common;
 use std::path::Path;
 
 use common::Daemon;
-use common::peers::{aiosmtpd_args, dnsmasq, free_port, https_server};
-use common::pki::{TestCa, self_signed};
+use common::peers::{dnsmasq, free_port, https_server};
+use common::pki::{TestCa, self_signed, smtp_with_sni};
 use common::relay::{inject, wait_events};
 
 /// The test's domains and what their policy host serves (None: no TXT record).
@@ -79,21 +79,9 @@ fn policies_are_enforced_tested_or_absent_and_outlive_their_https_host() {
     let ca = TestCa::new("gannet test CA");
     // SMTP: a CA certificate for mx.enforce.test; self-signed for the rest.
     let smtp_certs = tempfile::tempdir().unwrap();
-    let issued = ca.issue(&["mx.enforce.test"], true);
-    std::fs::copy(&issued.cert, smtp_certs.path().join("mx.enforce.test.crt")).unwrap();
-    std::fs::copy(&issued.key, smtp_certs.path().join("mx.enforce.test.key")).unwrap();
-    let fallback = self_signed(smtp_certs.path(), "sink.test");
-    let out = tempfile::tempdir().unwrap();
-    let (_smtp_peer, smtp_port) = aiosmtpd_args(
-        out.path(),
-        &[
-            "--tls".into(),
-            fallback.cert.clone().into(),
-            fallback.key.clone().into(),
-            "--sni".into(),
-            smtp_certs.path().into(),
-        ],
-    );
+    ca.issue(&["mx.enforce.test"], true)
+        .serve_as(smtp_certs.path(), "mx.enforce.test");
+    let (_smtp_peer, smtp_port, _out) = smtp_with_sni(smtp_certs.path());
     // HTTPS: one CA certificate for every policy host but mta-sts.untrusted.test.
     let web = tempfile::tempdir().unwrap();
     write_policies(web.path());

@@ -145,57 +145,36 @@ fn routes_to_smarthosts_authenticate_over_verified_tls_and_defer_when_refused() 
     assert_eq!(plain.messages().len(), 1);
 }
 
-/// gannetd's complaint about `extra` as its configuration's delivery section.
-fn refused(extra: &str) -> String {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gannetd.toml");
-    std::fs::write(&path, common::config_text(dir.path(), "", extra)).unwrap();
-    for args in [["--config"], ["--check-config"]] {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_gannetd"))
-            .args(args)
-            .arg(&path)
-            .output()
-            .unwrap();
-        assert!(!out.status.success(), "gannetd accepted {extra}");
-        if args[0] == "--check-config" {
-            return String::from_utf8_lossy(&out.stderr).into_owned();
-        }
-    }
-    unreachable!()
-}
-
 #[test]
 fn route_credentials_need_tls_and_a_bad_ca_file_stops_the_start() {
-    let config = "[delivery]\nroutes = { \"x.test\" = { hosts = [\"127.0.0.1:25\"], tls = \"disabled\", \
-                  auth = { username = \"u\", password = \"p\" } } }\n";
-    let err = refused(config);
-    assert!(
-        err.contains("delivery.routes.x.test.auth") && err.contains("only over TLS"),
-        "{err}"
-    );
-    let config = "[delivery]\nroutes = { \"x.test\" = { hosts = [] } }\n";
-    let err = refused(config);
-    assert!(
-        err.contains("delivery.routes.x.test") && err.contains("at least one host"),
-        "{err}"
-    );
-    let config = "[delivery]\nroutes = { \"x.test\" = { hosts = [\"127.0.0.1:25\"], tsl = \"required\" } }\n";
-    let err = refused(config);
-    assert!(
-        err.contains("tsl") && err.contains("gannetd.toml:"),
-        "{err}"
-    );
-    let config = "[delivery]\nroutes = { \"x.test\" = { hosts = [\"127.0.0.1:25\"], server_name = \"a b\" } }\n";
-    let err = refused(config);
-    assert!(
-        err.contains("server_name") && err.contains("not a DNS name"),
-        "{err}"
-    );
+    for (route, says) in [
+        (
+            "{ hosts = [\"127.0.0.1:25\"], tls = \"disabled\", auth = { username = \"u\", password = \"p\" } }",
+            &["delivery.routes.x.test.auth", "only over TLS"][..],
+        ),
+        (
+            "{ hosts = [] }",
+            &["delivery.routes.x.test", "at least one host"],
+        ),
+        (
+            "{ hosts = [\"127.0.0.1:25\"], tsl = \"required\" }",
+            &["tsl", "gannetd.toml:"],
+        ),
+        (
+            "{ hosts = [\"127.0.0.1:25\"], server_name = \"a b\" }",
+            &["server_name", "not a DNS name"],
+        ),
+    ] {
+        let err = common::config_refused(&format!(
+            "[delivery]\nroutes = {{ \"x.test\" = {route} }}\n"
+        ));
+        assert!(says.iter().all(|s| err.contains(s)), "{route}: {err}");
+    }
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("ca.pem");
     std::fs::write(&bad, "not a certificate\n").unwrap();
     let config = format!("[delivery]\ntls_ca_file = \"{}\"\n", bad.display());
-    let err = refused(&config);
+    let err = common::config_refused(&config);
     assert!(
         err.contains("delivery.tls_ca_file") && err.contains("no certificate"),
         "{err}"

@@ -14,8 +14,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::Daemon;
-use common::peers::{aiosmtpd_args, dnsmasq, https_server};
-use common::pki::{TestCa, self_signed};
+use common::peers::{dnsmasq, https_server};
+use common::pki::{TestCa, self_signed, smtp_with_sni};
 use common::relay::inject;
 
 fn gunzip(bytes: &[u8]) -> serde_json::Value {
@@ -126,23 +126,11 @@ fn check(report: &serde_json::Value, domain: &str) -> (u64, u64) {
 fn aggregate_reports_go_by_mail_through_the_queue_and_by_https() {
     let ca = TestCa::new("gannet TLS-RPT CA");
     let certs = tempfile::tempdir().unwrap();
-    let issued = ca.issue(&["mx.good.test"], true);
-    std::fs::copy(&issued.cert, certs.path().join("mx.good.test.crt")).unwrap();
-    std::fs::copy(&issued.key, certs.path().join("mx.good.test.key")).unwrap();
+    ca.issue(&["mx.good.test"], true)
+        .serve_as(certs.path(), "mx.good.test");
     // rpt.test's MX has a self-signed certificate: its testing policy reports it.
     self_signed(certs.path(), "mx.rpt.test");
-    let fallback = self_signed(certs.path(), "sink.test");
-    let out = tempfile::tempdir().unwrap();
-    let (_smtp_peer, smtp_port) = aiosmtpd_args(
-        out.path(),
-        &[
-            "--tls".into(),
-            fallback.cert.clone().into(),
-            fallback.key.clone().into(),
-            "--sni".into(),
-            certs.path().into(),
-        ],
-    );
+    let (_smtp_peer, smtp_port, out) = smtp_with_sni(certs.path());
     let web = tempfile::tempdir().unwrap();
     for (domain, policy) in [
         ("rpt", "mode: testing\r\nmx: mx.rpt.test"),

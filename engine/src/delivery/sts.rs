@@ -9,8 +9,9 @@
 //!
 //! The cache is per shard (no lock, no cross-core call) and survives restarts in
 //! `<data_dir>/mta-sts/<shard>.json`, written whole, atomically and durably, at
-//! most about once a second after a change. A damaged file is set aside (`.bad`)
-//! and the shard starts with no policies.
+//! most about once a second after a change; at start every shard reads every
+//! shard's file (a domain's mail may be resolved on any shard). A damaged file is
+//! set aside (`.bad`) and its policies are fetched again.
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -99,10 +100,28 @@ pub struct Sts {
 }
 
 impl Sts {
-    /// The shard's state, with the policies of its file.
+    /// The shard's state, with the policies of every shard's file (the newest of
+    /// each domain): after a restart a domain's mail may be resolved on another
+    /// shard than before, and must find its policy there too.
     pub fn open(config: &MtaStsConfig, data_dir: &std::path::Path, shard: usize) -> Sts {
-        let file = data_dir.join("mta-sts").join(format!("{shard}.json"));
-        let policies = load(&file, config.cache_entries_max.usize());
+        let dir = data_dir.join("mta-sts");
+        let file = dir.join(format!("{shard}.json"));
+        let mut policies: HashMap<String, Cached> = HashMap::new();
+        let files = std::fs::read_dir(&dir).into_iter().flatten().flatten();
+        for path in files
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        {
+            for (domain, cached) in load(&path, config.cache_entries_max.usize()) {
+                match policies.get(&domain) {
+                    Some(known) if known.fetched_ms >= cached.fetched_ms => {}
+                    _ => {
+                        policies.insert(domain, cached);
+                    }
+                }
+            }
+        }
+        bound(&mut policies, config.cache_entries_max.usize());
         Sts {
             config: config.clone(),
             policies: RefCell::new(policies),
@@ -340,20 +359,26 @@ fn schedule_write(d: &Rc<Dispatcher>) {
                 }
             }
         };
-        let file = d.sts.file.clone();
-        let written = glommio::executor()
-            .spawn_blocking(move || {
-                if let Some(dir) = file.parent() {
-                    std::fs::create_dir_all(dir)?;
-                }
-                gannet_spool::durable::write_file(&file, &text, 0o600)
-            })
-            .await;
-        if let Err(e) = written {
+        if let Err(e) = crate::io::write_file_durably(d.sts.file.clone(), text).await {
             tracing::warn!(shard = d.shard.id, file = %d.sts.file.display(), "MTA-STS cache not written: {e}");
         }
     })
     .detach();
+}
+
+/// Keeps the `entries_max` newest policies (a smaller bound than the files were
+/// written under, or several shards' files together).
+fn bound(policies: &mut HashMap<String, Cached>, entries_max: usize) {
+    if policies.len() > entries_max {
+        let mut by_age: Vec<(u64, String)> = policies
+            .iter()
+            .map(|(d, c)| (c.fetched_ms, d.clone()))
+            .collect();
+        by_age.sort_unstable();
+        for (_, domain) in by_age.iter().take(policies.len() - entries_max) {
+            policies.remove(domain);
+        }
+    }
 }
 
 /// The policies of `file`; a damaged file is set aside with a warning (the cache
@@ -373,17 +398,7 @@ fn load(file: &std::path::Path, entries_max: usize) -> HashMap<String, Cached> {
                 c.parsed = StsPolicy::parse(&c.policy).ok();
                 c.parsed.is_some()
             });
-            // A smaller bound than the file was written under: the newest stay.
-            if policies.len() > entries_max {
-                let mut by_age: Vec<(u64, String)> = policies
-                    .iter()
-                    .map(|(d, c)| (c.fetched_ms, d.clone()))
-                    .collect();
-                by_age.sort_unstable();
-                for (_, domain) in by_age.iter().take(policies.len() - entries_max) {
-                    policies.remove(domain);
-                }
-            }
+            bound(&mut policies, entries_max);
             policies
         }
         Err(e) => {

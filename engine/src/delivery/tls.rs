@@ -121,6 +121,34 @@ impl Default for ClientTls {
     }
 }
 
+/// A certificate check: the server's certificate, the rest of its chain, the name
+/// asked for, the OCSP response, the time.
+trait Check:
+    Fn(
+        &CertificateDer<'_>,
+        &[CertificateDer<'_>],
+        &ServerName<'_>,
+        &[u8],
+        UnixTime,
+    ) -> Result<(), rustls::Error>
+    + Send
+    + Sync
+{
+}
+
+impl<F> Check for F where
+    F: Fn(
+            &CertificateDer<'_>,
+            &[CertificateDer<'_>],
+            &ServerName<'_>,
+            &[u8],
+            UnixTime,
+        ) -> Result<(), rustls::Error>
+        + Send
+        + Sync
+{
+}
+
 /// A certificate check of our own (`check`), with the handshake signatures still
 /// verified by the provider: whatever `check` accepts, the session is encrypted to
 /// whoever holds the presented key.
@@ -137,15 +165,7 @@ impl<F> std::fmt::Debug for Verifier<F> {
 
 impl<F> ServerCertVerifier for Verifier<F>
 where
-    F: Fn(
-            &CertificateDer<'_>,
-            &[CertificateDer<'_>],
-            &ServerName<'_>,
-            &[u8],
-            UnixTime,
-        ) -> Result<(), rustls::Error>
-        + Send
-        + Sync,
+    F: Check,
 {
     fn verify_server_cert(
         &self,
@@ -197,16 +217,7 @@ where
 /// A client configuration whose certificate check is `check`.
 fn config_with<F>(provider: &Arc<CryptoProvider>, check: F) -> Arc<rustls::ClientConfig>
 where
-    F: Fn(
-            &CertificateDer<'_>,
-            &[CertificateDer<'_>],
-            &ServerName<'_>,
-            &[u8],
-            UnixTime,
-        ) -> Result<(), rustls::Error>
-        + Send
-        + Sync
-        + 'static,
+    F: Check + 'static,
 {
     let verifier = Verifier {
         provider: provider.clone(),

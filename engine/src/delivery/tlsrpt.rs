@@ -339,15 +339,7 @@ async fn write_json<T: Serialize>(file: PathBuf, value: &T) {
         return;
     };
     let shown = file.display().to_string();
-    let written = glommio::executor()
-        .spawn_blocking(move || {
-            if let Some(dir) = file.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            gannet_spool::durable::write_file(&file, &text, 0o600)
-        })
-        .await;
-    if let Err(e) = written {
+    if let Err(e) = crate::io::write_file_durably(file, text).await {
         tracing::warn!(file = %shown, "TLS-RPT counts not written: {e}");
     }
 }

@@ -341,3 +341,16 @@ pub async fn on_thread<T: Send + 'static>(
     })
     .await
 }
+
+/// Replaces `file` with `bytes` atomically and durably (its directory made when
+/// missing), on glommio's blocking thread: the executor never waits on the disk.
+pub async fn write_file_durably(file: std::path::PathBuf, bytes: Vec<u8>) -> io::Result<()> {
+    glommio::executor()
+        .spawn_blocking(move || {
+            if let Some(dir) = file.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            gannet_spool::durable::write_file(&file, &bytes, 0o600)
+        })
+        .await
+}

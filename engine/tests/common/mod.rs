@@ -413,6 +413,21 @@ pub fn start_refused_with(files: &[(&str, &str)]) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// What `gannetd --check-config` says of the test configuration with `extra`
+/// (whole sections), which it must refuse.
+pub fn config_refused(extra: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gannetd.toml");
+    std::fs::write(&path, config_text(dir.path(), "", extra)).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_gannetd"))
+        .arg("--check-config")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "gannetd accepted {extra}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 /// curl against the daemon's HTTP listener with extra headers: (status, body).
 pub fn curl(
     daemon: &Daemon,

@@ -69,6 +69,34 @@ pub fn self_signed(dir: &Path, name: &str) -> Leaf {
     write_leaf(dir, name, cert.pem(), &key, cert.der().to_vec())
 }
 
+impl Leaf {
+    /// Copies the certificate and key into `dir` as what a server presents to a
+    /// client naming `name` (SNI).
+    pub fn serve_as(&self, dir: &Path, name: &str) {
+        std::fs::copy(&self.cert, dir.join(format!("{name}.crt"))).unwrap();
+        std::fs::copy(&self.key, dir.join(format!("{name}.key"))).unwrap();
+    }
+}
+
+/// aiosmtpd with STARTTLS presenting, per SNI name, the certificates in `certs`
+/// (`<name>.crt`, `<name>.key`) and a self-signed one for any other name; with the
+/// directory it stores messages in.
+pub fn smtp_with_sni(certs: &Path) -> (super::peers::Peer, u16, tempfile::TempDir) {
+    let fallback = self_signed(certs, "sink.test");
+    let out = tempfile::tempdir().unwrap();
+    let (peer, port) = super::peers::aiosmtpd_args(
+        out.path(),
+        &[
+            "--tls".into(),
+            fallback.cert.into(),
+            fallback.key.into(),
+            "--sni".into(),
+            certs.into(),
+        ],
+    );
+    (peer, port, out)
+}
+
 fn write_leaf(dir: &Path, file: &str, pem: String, key: &KeyPair, der: Vec<u8>) -> Leaf {
     let cert_path = dir.join(format!("{file}.crt"));
     let key_path = dir.join(format!("{file}.key"));
