@@ -18,8 +18,13 @@ pub enum SiteTls {
     /// `domain` publishes an MTA-STS policy. Enforce: only the MX hosts the policy
     /// names (the site holds no others) and TLS with a certificate valid for the MX
     /// host name (WebPKI), or no delivery. Testing: as the shaping says, with what
-    /// happened reported (TLS-RPT).
-    Sts { domain: Arc<str>, enforce: bool },
+    /// happened reported (TLS-RPT). The policy travels with the site: the shard
+    /// that owns the site (and reports on its sessions) need not have fetched it.
+    Sts {
+        domain: Arc<str>,
+        enforce: bool,
+        policy: Arc<StsPolicy>,
+    },
     /// DANE for the MX hosts of `domain` (its MX answer was DNSSEC-validated): per
     /// address of the site, in the site's order, what its TLSA records demand.
     Dane {
@@ -62,10 +67,12 @@ impl SiteTls {
             SiteTls::Sts {
                 domain,
                 enforce: true,
+                ..
             } => format!(" (mta-sts {domain})"),
             SiteTls::Sts {
                 domain,
                 enforce: false,
+                ..
             } => format!(" (mta-sts testing {domain})"),
             SiteTls::Dane { domain, .. } => format!(" (dane {domain})"),
         }
@@ -410,6 +417,9 @@ mod tests {
         let enforce = SiteTls::Sts {
             domain: "a.test".into(),
             enforce: true,
+            policy: Arc::new(
+                StsPolicy::parse("version: STSv1\nmode: enforce\nmx: a.b\nmax_age: 1").unwrap(),
+            ),
         };
         assert!(!enforce.allows_plaintext_fallback());
         assert_eq!(enforce.policy_domain(), Some("a.test"));

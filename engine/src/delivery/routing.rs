@@ -168,12 +168,14 @@ async fn resolve_site(d: &Rc<Dispatcher>, domain: &str) -> Resolved {
                 tls = SiteTls::Sts {
                     domain: domain.into(),
                     enforce: true,
+                    policy: std::sync::Arc::new(policy),
                 };
             }
-            Some(_) => {
+            Some(policy) => {
                 tls = SiteTls::Sts {
                     domain: domain.into(),
                     enforce: false,
+                    policy: std::sync::Arc::new(policy),
                 }
             }
             None => {}

@@ -144,11 +144,6 @@ impl Sts {
         self.len() == 0
     }
 
-    /// The policy cached for `domain`, expired or not (for reports).
-    pub fn policy_of(&self, domain: &str) -> Option<StsPolicy> {
-        self.policies.borrow().get(domain)?.parsed.clone()
-    }
-
     fn cached(&self, domain: &str, now: u64) -> Option<Cached> {
         self.policies
             .borrow()

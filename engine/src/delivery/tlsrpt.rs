@@ -58,7 +58,10 @@ pub struct Counts {
 
 impl Counts {
     fn add(&mut self, other: &Counts) {
-        if self.policy.policy_type.is_empty() {
+        // A shard that knew the policy (not only that its fetch failed) names it.
+        if self.policy.policy_type.is_empty()
+            || (self.policy.policy_string.is_empty() && !other.policy.policy_string.is_empty())
+        {
             self.policy = other.policy.clone();
         }
         self.successes += other.successes;
@@ -155,10 +158,15 @@ impl Recorder {
         if !counts.contains_key(domain) && counts.len() >= self.config.domains_max.usize() {
             return;
         }
-        let entry = counts.entry(domain.to_string()).or_insert_with(|| Counts {
-            policy: policy(),
-            ..Counts::default()
-        });
+        let entry = counts.entry(domain.to_string()).or_default();
+        if entry.policy.policy_string.is_empty() {
+            // First counted, or first counted before its policy was known (a fetch
+            // failure): the policy the domain's sessions are held to.
+            let known = policy();
+            if entry.policy.policy_type.is_empty() || !known.policy_string.is_empty() {
+                entry.policy = known;
+            }
+        }
         match outcome {
             Outcome::Success => entry.successes += 1,
             Outcome::Failure(failure) => {
@@ -224,7 +232,7 @@ pub(super) fn note_session(
         Err(ClientError::Handshake(e)) => failure(super::client::tls_result_type(e), e.to_string()),
         Err(_) => return,
     };
-    d.tlsrpt.record(domain, || policy_of(d, site), outcome);
+    d.tlsrpt.record(domain, || policy_of(site), outcome);
 }
 
 /// Counts a host DANE could not try: its TLSA records could not be read.
@@ -244,7 +252,7 @@ pub(super) fn note_unreachable(
         detail: "the TLSA records could not be read".into(),
     };
     d.tlsrpt
-        .record(domain, || policy_of(d, site), Outcome::Failure(failure));
+        .record(domain, || policy_of(site), Outcome::Failure(failure));
 }
 
 /// Counts a failure that happened before any session: a policy that could not be
@@ -255,17 +263,14 @@ pub(super) fn note_failure(d: &Dispatcher, domain: &str, policy: Policy, failure
 }
 
 /// The policy a site is under, as a report names it.
-fn policy_of(d: &Dispatcher, site: &gannet_core::queue::Site) -> Policy {
+fn policy_of(site: &gannet_core::queue::Site) -> Policy {
     use gannet_core::tls_policy::{HostDane, SiteTls};
     match &site.tls {
-        SiteTls::Sts { domain, .. } => {
-            let policy = d.sts.policy_of(domain);
-            Policy {
-                policy_type: "sts".into(),
-                policy_string: policy.as_ref().map(|p| p.lines()).unwrap_or_default(),
-                mx_host: policy.map(|p| p.mx).unwrap_or_default(),
-            }
-        }
+        SiteTls::Sts { policy, .. } => Policy {
+            policy_type: "sts".into(),
+            policy_string: policy.lines(),
+            mx_host: policy.mx.clone(),
+        },
         SiteTls::Dane { hosts, .. } => {
             let mut strings = Vec::new();
             for host in hosts.iter() {
