@@ -218,6 +218,11 @@ impl Sink {
         })
     }
 
+    /// The sink's process.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Messages received so far.
     pub fn received(&self) -> Result<u64> {
         Ok(self.progress()?.0)
@@ -245,17 +250,7 @@ impl Sink {
     /// message has been tried at least once.
     pub fn progress(&self) -> Result<(u64, u64)> {
         let v = self.counters("/total")?;
-        let tried = v["domains"].as_object().map_or(0, |domains| {
-            domains
-                .values()
-                .map(|d| {
-                    ["rcpt_accepted", "rcpt_tempfailed", "rcpt_permfailed"]
-                        .iter()
-                        .map(|k| d[*k].as_u64().unwrap_or(0))
-                        .sum::<u64>()
-                })
-                .sum()
-        });
+        let tried = v["tried"].as_u64().unwrap_or(0);
         Ok((v["messages"].as_u64().unwrap_or(0), tried))
     }
 }

@@ -8,6 +8,7 @@ pub mod hook;
 pub mod mail;
 pub mod servers;
 pub mod sink;
+pub mod sts;
 pub mod wire;
 
 /// The engine tests' peer helpers (dnsmasq, smtp-sink, aiosmtpd), shared.

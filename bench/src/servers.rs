@@ -542,6 +542,11 @@ pub fn install_bench_peers() -> Result<()> {
 /// unbound's 25 µs (a sixth of the machine in many-domains), so the rig, not the
 /// MTA, set the pace (bench/RESULTS.md).
 pub fn bench_dns(dir: &Path, domains: u64) -> Result<(crate::peers::Peer, u16)> {
+    bench_dns_with(dir, domains, "")
+}
+
+/// [`bench_dns`] answering `more` (local-data lines) too.
+pub fn bench_dns_with(dir: &Path, domains: u64, more: &str) -> Result<(crate::peers::Peer, u16)> {
     use std::fmt::Write as _;
     let mut zone = String::with_capacity(100 * domains as usize);
     for d in 0..domains {
@@ -550,6 +555,7 @@ pub fn bench_dns(dir: &Path, domains: u64) -> Result<(crate::peers::Peer, u16)> 
             "  local-data: \"d{d}.test. 300 IN MX 10 mx{d}.bench.test.\"\n  local-data: \"mx{d}.bench.test. 300 IN A 127.0.0.1\""
         );
     }
+    zone.push_str(more);
     unbound(dir, &zone)
 }
 

@@ -220,6 +220,9 @@ pub struct Counts {
     pub damaged: u64,
     pub unchecked: u64,
     pub dropped: u64,
+    /// Sessions that started TLS (STARTTLS, when the sink has a certificate).
+    #[serde(default)]
+    pub tls_sessions: u64,
     /// Replies by code (RCPT verdicts and final replies).
     pub replies: BTreeMap<u16, u64>,
     pub domains: BTreeMap<String, DomainCounts>,
@@ -234,6 +237,7 @@ impl Counts {
         self.damaged += other.damaged;
         self.unchecked += other.unchecked;
         self.dropped += other.dropped;
+        self.tls_sessions += other.tls_sessions;
         for (code, n) in &other.replies {
             *self.replies.entry(*code).or_default() += n;
         }
@@ -255,6 +259,13 @@ impl Counts {
                 .insert(domain.to_string(), DomainCounts::default());
         }
         self.domains.get_mut(domain).expect("inserted")
+    }
+
+    /// Recipients answered (accepted, refused for now or for good).
+    pub fn tried(&self) -> u64 {
+        (self.domains.values())
+            .map(|d| d.rcpt_accepted + d.rcpt_tempfailed + d.rcpt_permfailed)
+            .sum()
     }
 
     pub fn reply(&mut self, code: u16) {

@@ -123,7 +123,7 @@ fn blast_and_sink_agree_on_counts() {
     assert_eq!(result["recipients_accepted"], 6000);
     assert_eq!(result["errors"], serde_json::json!({}));
     let live = sink.counts();
-    assert_eq!(sink.total_text(), "{\"messages\":2000}");
+    assert_eq!(sink.total_text(), "{\"messages\":2000,\"tried\":6000}");
     let counts = sink.stop();
     assert_eq!(live, counts, "HTTP and exit counters agree");
     assert_eq!(counts["messages"], 2000);
@@ -151,7 +151,29 @@ fn blast_and_sink_agree_on_counts() {
     );
     assert_eq!(tls["messages_sent"], 0);
     assert_eq!(tls["errors"]["502"], 5, "{tls}");
-    assert_eq!(sink.stop()["messages"], 50);
+    let counts = sink.stop();
+    assert_eq!(counts["messages"], 50);
+    assert_eq!(counts["tls_sessions"], 0);
+    // With a certificate the sink offers STARTTLS and counts the sessions that used it.
+    let pki_dir = tempfile::tempdir().unwrap();
+    let pki = gannet_bench::sts::BenchPki::create(pki_dir.path(), 1).unwrap();
+    let sink = Sink::start(&[
+        "--tls-cert",
+        pki.sink_cert.to_str().unwrap(),
+        "--tls-key",
+        pki.sink_key.to_str().unwrap(),
+    ]);
+    let tls = blast(
+        sink.smtp,
+        &["--messages", "6", "--concurrency", "2", "--starttls"],
+    );
+    assert_eq!(tls["messages_sent"], 6, "{tls}");
+    let plain = blast(sink.smtp, &["--messages", "4", "--concurrency", "1"]);
+    assert_eq!(plain["messages_sent"], 4, "{plain}");
+    let counts = sink.stop();
+    assert_eq!(counts["messages"], 10, "{counts}");
+    assert_eq!(counts["intact"], 10, "{counts}");
+    assert_eq!(counts["tls_sessions"], 6, "{counts}");
 }
 
 #[test]

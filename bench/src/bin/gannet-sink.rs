@@ -4,7 +4,8 @@
 //! the connection in DATA; `tempfail@` and `permfail@` always fail), counts what it
 //! received (per domain, per reply code), checks each message's digest header, serves
 //! its counters as JSON over HTTP (`GET /total`: the message count alone) and prints
-//! them when stopped (SIGTERM/SIGINT).
+//! them when stopped (SIGTERM/SIGINT). With `--tls-cert` and `--tls-key` it offers
+//! STARTTLS with that certificate (rustls) and counts the sessions that used it.
 //!
 //! On start it prints one JSON line: `{"smtp":"ip:port","http":"ip:port"}`.
 
@@ -17,11 +18,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use futures_lite::AsyncWriteExt;
 use gannet_bench::mail::{Integrity, check};
 use gannet_bench::sink::{ConnectionRate, Counts, RATE_LIMITED, SinkConfig, Verdict, verdict};
-use gannet_bench::wire::{read_more, take_line};
-use glommio::net::{TcpListener, TcpStream};
+use gannet_bench::wire::take_line;
+use gannet_engine::io::Conn;
+use glommio::net::TcpListener;
 use glommio::{LocalExecutorPoolBuilder, PoolPlacement};
 
 #[derive(Debug, Parser)]
@@ -55,6 +56,12 @@ struct Args {
     /// connection closes).
     #[arg(long)]
     messages_per_minute_per_connection: Option<u64>,
+    /// Certificate chain (PEM) to offer STARTTLS with (with --tls-key).
+    #[arg(long, requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// Longest command line accepted.
@@ -86,6 +93,15 @@ fn main() -> Result<()> {
         (l.banner, l.ehlo, l.mail, l.rcpt, l.data) = (ms, ms, ms, ms, ms);
     }
     let config = Arc::new(config);
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(gannet_engine::tls::server_config(
+            cert,
+            key,
+            std::path::Path::new(""),
+            "",
+        )?),
+        _ => None,
+    };
     let http = std::net::TcpListener::bind(args.http)
         .with_context(|| format!("listening on {}", args.http))?;
     let shards = if args.shards == 0 {
@@ -105,7 +121,7 @@ fn main() -> Result<()> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let _pool = LocalExecutorPoolBuilder::new(PoolPlacement::Unbound(shards))
         .on_all_shards({
-            let (config, counts) = (config.clone(), counts.clone());
+            let (config, counts, tls) = (config.clone(), counts.clone(), tls.clone());
             move || {
                 let shard = next.fetch_add(1, Ordering::Relaxed);
                 let fd = fds.lock().map(|mut f| f.pop()).ok().flatten();
@@ -116,7 +132,7 @@ fn main() -> Result<()> {
                     // into_raw_fd just gave up; the glommio listener closes it.
                     let listener =
                         unsafe { <TcpListener as std::os::fd::FromRawFd>::from_raw_fd(raw) };
-                    serve(listener, config, counts, shard).await;
+                    serve(listener, config, tls, counts, shard).await;
                 }
             }
         })
@@ -148,8 +164,8 @@ fn merged(counts: &[Mutex<Counts>]) -> Counts {
     all
 }
 
-/// Answers HTTP requests: `GET /total` with the number of messages received (cheap
-/// enough to poll), any other path with every counter.
+/// Answers HTTP requests: `GET /total` with the number of messages received and of
+/// recipients answered (cheap enough to poll), any other path with every counter.
 fn serve_http(listener: std::net::TcpListener, counts: Arc<Vec<Mutex<Counts>>>) {
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
@@ -158,11 +174,13 @@ fn serve_http(listener: std::net::TcpListener, counts: Arc<Vec<Mutex<Counts>>>) 
         let n = stream.read(&mut head).unwrap_or(0);
         let total = head[..n].starts_with(b"GET /total ");
         let body = if total {
-            let messages: u64 = counts
-                .iter()
-                .map(|c| c.lock().unwrap_or_else(|e| e.into_inner()).messages)
-                .sum();
-            serde_json::json!({ "messages": messages }).to_string()
+            let (mut messages, mut tried) = (0, 0);
+            for c in counts.iter() {
+                let c = c.lock().unwrap_or_else(|e| e.into_inner());
+                messages += c.messages;
+                tried += c.tried();
+            }
+            serde_json::json!({ "messages": messages, "tried": tried }).to_string()
         } else {
             serde_json::to_string(&merged(&counts)).unwrap_or_default()
         };
@@ -177,16 +195,19 @@ fn serve_http(listener: std::net::TcpListener, counts: Arc<Vec<Mutex<Counts>>>) 
 async fn serve(
     listener: TcpListener,
     config: Arc<SinkConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     counts: Arc<Vec<Mutex<Counts>>>,
     shard: usize,
 ) {
     loop {
         match listener.accept().await {
             Ok(stream) => {
-                let (config, counts) = (config.clone(), counts.clone());
+                let (config, counts, tls) = (config.clone(), counts.clone(), tls.clone());
+                let _ = stream.set_nodelay(true);
                 glommio::spawn_local(async move {
                     let mut s = Session {
-                        stream,
+                        conn: Conn::Plain(stream),
+                        tls,
                         input: Vec::with_capacity(16 << 10),
                         output: Vec::with_capacity(1024),
                         config,
@@ -204,7 +225,9 @@ async fn serve(
 }
 
 struct Session {
-    stream: TcpStream,
+    conn: Conn,
+    /// Offered as STARTTLS until the session has started it.
+    tls: Option<Arc<rustls::ServerConfig>>,
     input: Vec<u8>,
     output: Vec<u8>,
     config: Arc<SinkConfig>,
@@ -237,7 +260,7 @@ impl Session {
 
     async fn flush(&mut self) -> Result<(), Closed> {
         if !self.output.is_empty() {
-            self.stream.write_all(&self.output).await?;
+            self.conn.write_all(&self.output, IDLE).await?;
             self.output.clear();
         }
         Ok(())
@@ -253,10 +276,13 @@ impl Session {
     /// sent when the client's batch is used up).
     async fn fill(&mut self) -> Result<(), Closed> {
         self.flush().await?;
-        if read_more(&mut self.stream, &mut self.input, IDLE).await? {
-            Ok(())
-        } else {
-            Err(Closed)
+        let mut chunk = [0u8; 16 << 10];
+        match self.conn.read(&mut chunk, IDLE).await? {
+            0 => Err(Closed),
+            n => {
+                self.input.extend_from_slice(&chunk[..n]);
+                Ok(())
+            }
         }
     }
 
@@ -291,9 +317,24 @@ impl Session {
             match verb.as_str() {
                 "EHLO" => {
                     Self::pause(latency.ehlo).await;
+                    let starttls = if self.tls.is_some() {
+                        "250-STARTTLS\r\n"
+                    } else {
+                        ""
+                    };
                     self.reply(&format!(
-                        "250-sink.test\r\n250-PIPELINING\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250-SIZE {MESSAGE_MAX}\r\n250 ENHANCEDSTATUSCODES"
+                        "250-sink.test\r\n250-PIPELINING\r\n{starttls}250-8BITMIME\r\n250-SMTPUTF8\r\n250-SIZE {MESSAGE_MAX}\r\n250 ENHANCEDSTATUSCODES"
                     ));
+                }
+                "STARTTLS" if self.tls.is_some() && !in_tx => {
+                    // Whatever the client pipelined after STARTTLS is discarded (RFC
+                    // 3207): the session starts over inside TLS.
+                    self.input.clear();
+                    self.reply("220 2.0.0 ready to start TLS");
+                    self.flush().await?;
+                    let config = self.tls.take().ok_or(Closed)?;
+                    self.conn.start_tls(config, IDLE).await?;
+                    self.count(|c| c.tls_sessions += 1);
                 }
                 "HELO" => {
                     Self::pause(latency.ehlo).await;

@@ -22,6 +22,14 @@
 //!   caught up; `gannet-webhooks` the same without the broker.
 //! - `gannet-untallied`: gannetd as `gannet` with the Metrics API's tally off
 //!   (`[events.metrics] enabled = false`): what tallying every event costs.
+//! - `gannet-tls` and `gannet-mta-sts`: gannetd delivering over STARTTLS to
+//!   gannet-sink (smtp-sink has no TLS) with a certificate for every MX host from a CA
+//!   made for the run (`gannet_bench::sts`), trusted through `delivery.tls_ca_file`.
+//!   `gannet-tls`: opportunistic TLS, the domains publish no MTA-STS policy (the
+//!   `_mta-sts` lookup answers NXDOMAIN); `gannet-mta-sts`: every domain publishes an
+//!   `enforce` policy (TXT record, policy served over HTTPS by the bench), so every
+//!   delivery needs a matching MX and a verified certificate. Both first relay one
+//!   message per domain untimed (the policy cache warm); the report compares the two.
 //!
 //! For every run it reports msgs/s, the ratio to the pipe, the server's CPU per
 //! message and its peak RSS; for gannet also the memory per queued message (delivery
@@ -55,7 +63,8 @@ struct Args {
     #[arg(long, default_value_t = 20)]
     domains: u64,
     /// Systems to run, in order (also `gannet-listing`, `gannet-hose`,
-    /// `gannet-webhooks`, `gannet-untallied`).
+    /// `gannet-webhooks`, `gannet-untallied`, `gannet-tls`, `gannet-mta-sts`); a
+    /// system may repeat.
     #[arg(long, value_delimiter = ',', default_value = "gannet,pipe,postfix")]
     systems: Vec<String>,
     /// How often `gannet-listing` lists every queue.
@@ -74,6 +83,9 @@ struct Args {
     /// The gannetd binary.
     #[arg(long, default_value = "target/release/gannetd")]
     gannetd: PathBuf,
+    /// The gannet-sink binary (the TLS systems' receiver).
+    #[arg(long, default_value = "target/release/gannet-sink")]
+    sink: PathBuf,
     /// Scratch directory for gannet's data.
     #[arg(long, default_value = "/tmp/gannet-relay-bench")]
     dir: PathBuf,
@@ -87,6 +99,16 @@ struct Args {
     /// Markdown report appended here ("" to skip).
     #[arg(long, default_value = "bench/RESULTS.md")]
     results: String,
+}
+
+/// What a run relays to: it counts the messages it received.
+trait Receiver {
+    fn port(&self) -> u16;
+    fn pid(&self) -> u32;
+    fn received(&self) -> u64;
+    /// Waits until the sink has `count` more messages than `base`; returns when it got
+    /// the last one.
+    fn wait_for(&self, base: u64, count: u64, timeout: Duration) -> Result<Instant>;
 }
 
 /// smtp-sink with its `-c` counter read live: how many messages it has received.
@@ -149,9 +171,21 @@ impl CountingSink {
             reached,
         })
     }
+}
 
-    /// Waits until the sink has `count` more messages than `base`; returns when it got
-    /// the last one.
+impl Receiver for CountingSink {
+    fn port(&self) -> u16 {
+        self.server.port
+    }
+
+    fn pid(&self) -> u32 {
+        self.server.pid
+    }
+
+    fn received(&self) -> u64 {
+        self.received.load(Ordering::Acquire)
+    }
+
     fn wait_for(&self, base: u64, count: u64, timeout: Duration) -> Result<Instant> {
         let target = base + count;
         *self.reached.lock().unwrap_or_else(|e| e.into_inner()) = Some((target, Instant::now()));
@@ -173,6 +207,105 @@ impl CountingSink {
             std::thread::sleep(Duration::from_millis(2));
         }
     }
+}
+
+/// gannet-sink offering STARTTLS with the rig's certificate for every MX host; its
+/// count is polled over HTTP.
+struct TlsSink {
+    sink: gannet_bench::harness::Sink,
+}
+
+impl TlsSink {
+    fn tls_sessions(&self) -> u64 {
+        (self.sink.totals().ok())
+            .and_then(|t| t["tls_sessions"].as_u64())
+            .unwrap_or(0)
+    }
+}
+
+impl Receiver for TlsSink {
+    fn port(&self) -> u16 {
+        self.sink.smtp.port()
+    }
+
+    fn pid(&self) -> u32 {
+        self.sink.pid()
+    }
+
+    fn received(&self) -> u64 {
+        self.sink.received().unwrap_or(0)
+    }
+
+    fn wait_for(&self, base: u64, count: u64, timeout: Duration) -> Result<Instant> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let received = self.sink.received()?;
+            if received >= base + count {
+                return Ok(Instant::now());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the sink got {} of {count} messages in {timeout:?}",
+                    received - base
+                );
+            }
+            // Polled (an HTTP request each): the last message is seen within 5 ms.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// The TLS systems' rig: the sink, the CA and the policy server, and a DNS server
+/// whose domains publish MTA-STS policies (the plain one publishes none).
+struct TlsRig {
+    sink: TlsSink,
+    pki: gannet_bench::sts::BenchPki,
+    policies: gannet_bench::sts::PolicyServer,
+    sts_dns_port: u16,
+    _sts_dns: gannet_bench::peers::Peer,
+    _pki_dir: tempfile::TempDir,
+}
+
+impl TlsRig {
+    fn start(args: &Args) -> Result<TlsRig> {
+        // Not under `args.dir`, which every gannetd run starts by emptying.
+        let pki_dir = tempfile::tempdir()?;
+        let pki = gannet_bench::sts::BenchPki::create(pki_dir.path(), args.domains)?;
+        let sink = gannet_bench::harness::Sink::start(
+            &args.sink,
+            &[
+                "--tls-cert",
+                pki.sink_cert.to_str().unwrap_or_default(),
+                "--tls-key",
+                pki.sink_key.to_str().unwrap_or_default(),
+            ],
+        )?;
+        let policies = gannet_bench::sts::PolicyServer::start(pki.policy_tls.clone())?;
+        let (sts_dns, sts_dns_port) = servers::bench_dns_with(
+            &args.dir.join("dns-sts"),
+            args.domains,
+            &gannet_bench::sts::policy_records(args.domains),
+        )?;
+        Ok(TlsRig {
+            sink: TlsSink { sink },
+            pki,
+            policies,
+            sts_dns_port,
+            _sts_dns: sts_dns,
+            _pki_dir: pki_dir,
+        })
+    }
+}
+
+/// What the TLS systems measured besides the relay.
+#[derive(Debug)]
+struct TlsRun {
+    /// Sessions that started TLS at the sink during the timed run.
+    tls_sessions: u64,
+    /// MTA-STS policies gannetd fetched in all (warm-up included), and during the
+    /// timed run.
+    policies_fetched: f64,
+    policies_fetched_in_run: f64,
 }
 
 /// Runs one smtp-source per domain, splitting the messages and sessions; waits for
@@ -243,6 +376,7 @@ struct Run {
     hose: Option<HoseRun>,
     /// CPU of the Metrics API's tally thread (gannet runs with the tally on).
     tally_cpu_s: Option<f64>,
+    tls: Option<TlsRun>,
 }
 
 /// The name of the Metrics API's tally thread (the hose's sink `metrics`; Linux
@@ -335,28 +469,39 @@ fn gannet_delivery(dns_port: u16, sink_port: u16) -> String {
     )
 }
 
+/// The systems that relay over TLS to the rig's sink.
+fn tls_system(system: &str) -> bool {
+    matches!(system, "gannet-tls" | "gannet-mta-sts")
+}
+
 fn relay_run(
     args: &Args,
     system: &str,
     shards: usize,
-    sink: &CountingSink,
+    plain_sink: &CountingSink,
     dns_port: u16,
     receivers: Option<&HoseReceivers>,
+    tls_rig: Option<&TlsRig>,
 ) -> Result<Run> {
-    let sink_port = sink.server.port;
-    // gannetd relaying to the sink: `[http]` keys first, then delivery, the
+    let tls_rig = tls_rig.filter(|_| tls_system(system));
+    let sink: &dyn Receiver = match tls_rig {
+        Some(rig) => &rig.sink,
+        None => plain_sink,
+    };
+    let sink_port = sink.port();
+    // gannetd relaying to the sink: `[http]` keys first, then `delivery`, the
     // command line's extra configuration and `more`.
-    let gannet = |http_keys: &str, more: &str| {
+    let gannet_with = |http_keys: &str, delivery: &str, more: &str| {
         servers::gannetd(
             &args.gannetd,
             &args.dir,
             shards,
             &args.gannet_server_extra,
-            &(http_keys.to_string()
-                + &gannet_delivery(dns_port, sink_port)
-                + &args.gannet_config_extra
-                + more),
+            &(http_keys.to_string() + delivery + &args.gannet_config_extra + more),
         )
+    };
+    let gannet = |http_keys: &str, more: &str| {
+        gannet_with(http_keys, &gannet_delivery(dns_port, sink_port), more)
     };
     let server = match system {
         "pipe" => None,
@@ -417,6 +562,25 @@ fn relay_run(
             };
             Some(server)
         }
+        "gannet-tls" | "gannet-mta-sts" => {
+            let rig = tls_rig.context("the TLS systems need their rig")?;
+            let (dns, what) = if system == "gannet-mta-sts" {
+                (rig.sts_dns_port, "MTA-STS enforce for every domain")
+            } else {
+                (dns_port, "opportunistic TLS, no MTA-STS policy")
+            };
+            let delivery = format!(
+                "[delivery]\ndns_server = \"127.0.0.1:{dns}\"\nsmtp_port = {sink_port}\ntls = \"opportunistic\"\ntls_ca_file = \"{}\"\n",
+                rig.pki.ca_file.display()
+            );
+            let more = format!(
+                "\n[delivery.mta_sts]\nenabled = true\nhttps_port = {}\n",
+                rig.policies.port
+            );
+            let mut server = gannet_with("", &delivery, &more)?;
+            server.name = format!("{}, {what} → gannet-sink (STARTTLS)", server.name);
+            Some(server)
+        }
         "postfix" => {
             let transport: Vec<String> = (0..args.domains)
                 .map(|d| format!("d{d}.test=smtp:[127.0.0.1]:{sink_port}"))
@@ -440,7 +604,35 @@ fn relay_run(
             None,
         ),
     };
-    let base = sink.received.load(Ordering::Acquire);
+    // The TLS systems start warm: rounds of a few messages per domain relayed
+    // untimed, until a round fetched no policy, so that every shard has resolved every
+    // site and cached every policy (each shard keeps its own cache; which shard
+    // resolves a domain follows the injecting connection).
+    const FETCHED: &str = "delivery_mta_sts_policies_fetched_total";
+    let tls_http = match (&server, tls_rig) {
+        (Some(s), Some(_)) => Some((
+            s.port,
+            std::net::SocketAddr::from(([127, 0, 0, 1], s.http_port)),
+        )),
+        _ => None,
+    };
+    let mut fetched0 = 0.0;
+    if let Some((port, http)) = tls_http {
+        for round in 0..10 {
+            let base = sink.received();
+            let n = args.domains * 4;
+            inject(args, port, n)?;
+            sink.wait_for(base, n, Duration::from_secs(args.timeout_secs))?;
+            let fetched = gannet_bench::gannet_metric(http, FETCHED)?;
+            if round > 0 && fetched == fetched0 {
+                break;
+            }
+            fetched0 = fetched;
+        }
+    }
+    let tls_http = tls_http.map(|(_, http)| http);
+    let tls_sessions0 = tls_rig.map_or(0, |r| r.sink.tls_sessions());
+    let base = sink.received();
     let hose_system = matches!(system, "gannet-hose" | "gannet-webhooks");
     let events0 = receivers.map(|r| r.events()).unwrap_or_default();
     let broker = receivers
@@ -450,7 +642,7 @@ fn relay_run(
     let hose_cpu0 = pid.map_or(0.0, |p| gannet_bench::threads_cpu_seconds(p, "gannet-hose"));
     let tally_cpu0 = pid.map_or(0.0, |p| gannet_bench::threads_cpu_seconds(p, TALLY_THREAD));
     let cpu0 = pid.map_or(0.0, tree_cpu_seconds);
-    let sink_cpu0 = tree_cpu_seconds(sink.server.pid);
+    let sink_cpu0 = tree_cpu_seconds(sink.pid());
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let lister = match &server {
         Some(s) if system == "gannet-listing" => Some(list_queues(
@@ -466,7 +658,18 @@ fn relay_run(
     let last = sink.wait_for(base, args.messages, Duration::from_secs(args.timeout_secs))?;
     let seconds = last.duration_since(t0).as_secs_f64();
     let server_cpu_s = pid.map_or(0.0, tree_cpu_seconds) - cpu0;
-    let sink_cpu_s = tree_cpu_seconds(sink.server.pid) - sink_cpu0;
+    let sink_cpu_s = tree_cpu_seconds(sink.pid()) - sink_cpu0;
+    let tls = match (tls_http, tls_rig) {
+        (Some(http), Some(rig)) => {
+            let fetched = gannet_bench::gannet_metric(http, FETCHED)?;
+            Some(TlsRun {
+                tls_sessions: rig.sink.tls_sessions() - tls_sessions0,
+                policies_fetched: fetched,
+                policies_fetched_in_run: fetched - fetched0,
+            })
+        }
+        _ => None,
+    };
     let hose = match &server {
         Some(s) if hose_system => {
             let http = std::net::SocketAddr::from(([127, 0, 0, 1], s.http_port));
@@ -502,7 +705,8 @@ fn relay_run(
     let peak_rss_kb = match (&server, system) {
         (
             Some(s),
-            "gannet" | "gannet-listing" | "gannet-hose" | "gannet-webhooks" | "gannet-untallied",
+            "gannet" | "gannet-listing" | "gannet-hose" | "gannet-webhooks" | "gannet-untallied"
+            | "gannet-tls" | "gannet-mta-sts",
         ) => Some(status_kb(s.pid, "VmHWM:")),
         _ => None,
     };
@@ -519,6 +723,7 @@ fn relay_run(
         listings,
         hose,
         tally_cpu_s,
+        tls,
     })
 }
 
@@ -560,6 +765,11 @@ fn main() -> Result<()> {
     } else {
         None
     };
+    let tls_rig = if args.systems.iter().any(|s| tls_system(s)) {
+        Some(TlsRig::start(&args)?)
+    } else {
+        None
+    };
     let mut runs = Vec::new();
     for system in &args.systems {
         let shard_counts: Vec<usize> = if system.starts_with("gannet") {
@@ -568,7 +778,15 @@ fn main() -> Result<()> {
             vec![0]
         };
         for shards in shard_counts {
-            let run = relay_run(&args, system, shards, &sink, dns_port, receivers.as_ref())?;
+            let run = relay_run(
+                &args,
+                system,
+                shards,
+                &sink,
+                dns_port,
+                receivers.as_ref(),
+                tls_rig.as_ref(),
+            )?;
             println!(
                 "{}",
                 serde_json::json!({
@@ -586,6 +804,9 @@ fn main() -> Result<()> {
                     "broker_cpu_ms_per_msg": run.hose.as_ref().map(|h| h.broker_cpu_s * 1000.0 / args.messages as f64),
                     "hose_cpu_ms_per_msg": run.hose.as_ref().map(|h| h.hose_cpu_s * 1000.0 / args.messages as f64),
                     "tally_cpu_ms_per_msg": run.tally_cpu_s.map(|t| t * 1000.0 / args.messages as f64),
+                    "tls_sessions": run.tls.as_ref().map(|t| t.tls_sessions),
+                    "mta_sts_policies_fetched": run.tls.as_ref().map(|t| t.policies_fetched),
+                    "mta_sts_policies_fetched_in_run": run.tls.as_ref().map(|t| t.policies_fetched_in_run),
                 })
             );
             runs.push(run);
@@ -597,6 +818,10 @@ fn main() -> Result<()> {
         None
     };
     sink.server.stop()?;
+    let policies_served = tls_rig
+        .as_ref()
+        .map(|r| r.policies.served.load(Ordering::Relaxed));
+    drop(tls_rig);
     drop(dns);
     let _ = std::fs::remove_dir_all(&args.dir);
 
@@ -610,7 +835,7 @@ fn main() -> Result<()> {
     writeln!(md, "- machine: {}", machine())?;
     writeln!(
         md,
-        "- revision: {rev}; {} messages of {} bytes to {} domains, injected by smtp-source ({} sessions in all, a new connection per message), relayed to postfix's smtp-sink; timed from the first injection to the last message at the sink; load generator, relay and sink share the machine's cores",
+        "- revision: {rev}; {} messages of {} bytes to {} domains, injected by smtp-source ({} sessions in all, a new connection per message), relayed to postfix's smtp-sink (the TLS systems: to gannet-sink over STARTTLS); timed from the first injection to the last message at the sink; load generator, relay and sink share the machine's cores",
         args.messages, args.size, args.domains, args.sessions
     )?;
     writeln!(
@@ -720,6 +945,49 @@ fn main() -> Result<()> {
             cpu * 1000.0 / (args.messages as f64 * tallied.len() as f64),
             cpu / server.max(1e-9) * 100.0,
             mean(&rates) / mean(&untallied),
+        )?;
+    }
+    // MTA-STS enforce for every domain against opportunistic TLS without policies.
+    let with_tls = |what: &str| -> Vec<&Run> {
+        (runs.iter())
+            .filter(|r| r.tls.is_some() && r.system.contains(what))
+            .collect()
+    };
+    let (sts, plain_tls) = (with_tls("MTA-STS enforce"), with_tls("no MTA-STS policy"));
+    if !sts.is_empty() && !plain_tls.is_empty() {
+        let rates =
+            |runs: &[&Run]| -> Vec<f64> { runs.iter().map(|r| r.rate(args.messages)).collect() };
+        let cpu = |runs: &[&Run]| -> Vec<f64> {
+            (runs.iter())
+                .map(|r| r.server_cpu_s * 1000.0 / args.messages as f64)
+                .collect()
+        };
+        let fetched: Vec<String> = (sts.iter())
+            .filter_map(|r| r.tls.as_ref())
+            .map(|t| {
+                format!(
+                    "{:.0} ({:.0} in the timed run)",
+                    t.policies_fetched, t.policies_fetched_in_run
+                )
+            })
+            .collect();
+        let sessions: Vec<String> = (runs.iter())
+            .filter_map(|r| r.tls.as_ref())
+            .map(|t| t.tls_sessions.to_string())
+            .collect();
+        writeln!(
+            md,
+            "\nMTA-STS enforce for every domain, cache warm: {} runs at {:.0} msgs/s on average against {:.0} for {} runs of opportunistic TLS with no policy: {:.3}× (server CPU {:.3} against {:.3} ms/msg). Policies fetched per enforce run: {}; served by the bench's HTTPS server in all: {}. TLS sessions at the sink per run, in order: {}.",
+            sts.len(),
+            mean(&rates(&sts)),
+            mean(&rates(&plain_tls)),
+            plain_tls.len(),
+            mean(&rates(&sts)) / mean(&rates(&plain_tls)),
+            mean(&cpu(&sts)),
+            mean(&cpu(&plain_tls)),
+            fetched.join(", "),
+            policies_served.unwrap_or(0),
+            sessions.join(", "),
         )?;
     }
     if let Some((anon, file)) = queued {
