@@ -158,12 +158,17 @@ pub fn aiosmtpd_args(out: &Path, args: &[std::ffi::OsString]) -> (Peer, u16) {
         command
     });
     // "ready" follows once the controller has checked that it answers.
+    await_ready(&mut child, "tests/peers/aiosmtpd_sink.py");
+    (Peer(child), port)
+}
+
+/// Waits for the "ready" line a Python peer prints once it answers.
+fn await_ready(child: &mut std::process::Child, script: &str) {
     let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
+    std::io::BufReader::new(child.stdout.take().expect("the peer's output is piped"))
         .read_line(&mut line)
         .unwrap();
-    assert_eq!(line.trim(), "ready");
-    (Peer(child), port)
+    assert_eq!(line.trim(), "ready", "{script} did not start");
 }
 
 /// The DANE tests' DNS server (tests/peers/dns_stub.py, dnspython) on a free UDP
@@ -183,11 +188,7 @@ pub fn dns_stub(zone: &Path, secure: &[&str], servfail: &[&str]) -> (Peer, u16) 
         .stdout(Stdio::piped())
         .spawn()
         .expect("the venv's python");
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready", "dns_stub.py did not start");
+    await_ready(&mut child, "tests/peers/dns_stub.py");
     (Peer(child), port)
 }
 
@@ -207,11 +208,7 @@ pub fn https_server(root: &Path, cert: &Path, key: &Path, sni: Option<&Path>) ->
         command.stdout(Stdio::piped());
         command
     });
-    let mut line = String::new();
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert_eq!(line.trim(), "ready");
+    await_ready(&mut child, "tests/peers/https_server.py");
     (Peer(child), port)
 }
 
