@@ -11,9 +11,8 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-use base64::Engine as _;
 use common::relay::{delivery_config, inject, sink};
-use common::{Client, Daemon, run_with_input};
+use common::{Client, Daemon};
 use serde_json::{Value, json};
 
 const KEY: &str = "dkim-test-key-0c51";
@@ -25,13 +24,7 @@ struct Keys {
 impl Keys {
     fn new() -> Keys {
         let dir = tempfile::tempdir().unwrap();
-        let ed = ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new())
-            .unwrap();
-        let pem = format!(
-            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
-            base64::engine::general_purpose::STANDARD.encode(ed.as_ref())
-        );
-        std::fs::write(dir.path().join("ed25519.pem"), pem).unwrap();
+        common::ed25519_key(dir.path());
         for bits in [1024, 2048, 3072] {
             let out = Command::new("openssl")
                 .args(["genpkey", "-algorithm", "RSA", "-pkeyopt"])
@@ -118,41 +111,6 @@ fn dns_records(keys: &Keys) -> Value {
         );
     }
     Value::Object(records)
-}
-
-/// dkimpy verifies every DKIM-Signature of a message: [{d, s, a, c, ok}].
-const VERIFY: &str = r#"
-import json, sys, dkim
-records = json.loads(sys.argv[1])
-message = sys.stdin.buffer.read()
-def dnsfunc(name, timeout=5):
-    return records.get(name.decode()).encode()
-out = []
-count = len([1 for line in message.split(b"\r\n") if line.lower().startswith(b"dkim-signature:")])
-for i in range(count):
-    v = dkim.DKIM(message)
-    ok = v.verify(idx=i, dnsfunc=dnsfunc)
-    tags = dict(v.signature_fields)
-    out.append({"d": tags[b"d"].decode(), "s": tags[b"s"].decode(), "a": tags[b"a"].decode(),
-                "c": tags.get(b"c", b"simple/simple").decode(), "ok": bool(ok)})
-print(json.dumps(out))
-"#;
-
-fn verify(records: &Value, message: &[u8]) -> Vec<Value> {
-    let out = run_with_input(
-        Command::new(common::peers::python())
-            .arg("-c")
-            .arg(VERIFY)
-            .arg(records.to_string()),
-        message,
-    );
-    assert!(
-        out.status.success(),
-        "dkimpy: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    v.as_array().unwrap().clone()
 }
 
 fn received(sink: &common::relay::Sink, n: usize) -> Vec<Value> {
@@ -284,7 +242,7 @@ fn every_signature_combination_verifies_with_dkimpy() {
     ];
     for (rcpt, signatures) in expect {
         let message = data(by_rcpt(rcpt));
-        let results = verify(&records, &message);
+        let results = common::dkimpy_verify(&records, &message);
         assert_eq!(results.len(), signatures.len(), "{rcpt}: {results:?}");
         for (d, s, c) in signatures {
             let found = results
@@ -303,7 +261,7 @@ fn every_signature_combination_verifies_with_dkimpy() {
     // Over-signing: a Subject added in transit breaks the rs.test signature.
     let mut tampered = b"Subject: added later\r\n".to_vec();
     tampered.extend_from_slice(&data(by_rcpt("empty@x.test")));
-    assert_eq!(verify(&records, &tampered)[0]["ok"], false);
+    assert_eq!(common::dkimpy_verify(&records, &tampered)[0]["ok"], false);
     assert_eq!(daemon.metric("dkim_signatures_total"), 6);
     // l= where the key asks for it (sr.test): the relaxed body "body\r\n".
     let trailing = String::from_utf8_lossy(&data(by_rcpt("trailing@x.test"))).replace("\r\n", "");
@@ -457,15 +415,15 @@ fn keys_are_reloaded_on_sighup() {
     let messages = received(&sink, 3);
     let of = |rcpt: &str| data(messages.iter().find(|m| m["rcpt_tos"][0] == rcpt).unwrap());
     assert!(
-        verify(&records, &of("before@x.test")).is_empty(),
+        common::dkimpy_verify(&records, &of("before@x.test")).is_empty(),
         "no key for ss.test yet"
     );
-    let after = verify(&records, &of("after@x.test"));
+    let after = common::dkimpy_verify(&records, &of("after@x.test"));
     assert_eq!(
         (after.len(), &after[0]["d"], &after[0]["ok"]),
         (1, &json!("ss.test"), &json!(true))
     );
-    let kept = verify(&records, &of("kept@x.test"));
+    let kept = common::dkimpy_verify(&records, &of("kept@x.test"));
     assert_eq!(
         (kept.len(), &kept[0]["d"], &kept[0]["ok"]),
         (1, &json!("rr.test"), &json!(true))

@@ -2,7 +2,8 @@
 //! (dnsmasq; policies from Python's HTTPS server with the test CA's certificate)
 //! and `_smtp._tls` records — one asks for reports by mail, one over HTTPS. With a
 //! five-second reporting period, the reports arrive: the mailed one through
-//! gannet's own queue at aiosmtpd (read with mail-parser, gunzipped), the posted one
+//! gannet's own queue at aiosmtpd (DKIM-signed by the reporting domain, verified
+//! by dkimpy; read with mail-parser, gunzipped), the posted one
 //! at the HTTPS server; each is checked field by field against RFC 8460's schema.
 
 mod common;
@@ -26,9 +27,14 @@ fn gunzip(bytes: &[u8]) -> serde_json::Value {
     serde_json::from_str(&text).unwrap()
 }
 
-/// Every report received so far: mailed ones (from aiosmtpd's store) and posted
-/// ones (from the HTTPS server's), with their transport's metadata checked.
-fn reports(smtp_out: &Path, web: &Path) -> Vec<(String, serde_json::Value)> {
+/// Every report received so far: mailed ones (from aiosmtpd's store, their DKIM
+/// signature verified by dkimpy with `dkim_records`) and posted ones (from the HTTPS
+/// server's), with their transport's metadata checked.
+fn reports(
+    smtp_out: &Path,
+    web: &Path,
+    dkim_records: &serde_json::Value,
+) -> Vec<(String, serde_json::Value)> {
     use base64::Engine as _;
     let mut out = Vec::new();
     for n in 1.. {
@@ -40,6 +46,10 @@ fn reports(smtp_out: &Path, web: &Path) -> Vec<(String, serde_json::Value)> {
             continue;
         }
         let data = stored["data"].as_str().unwrap().as_bytes().to_vec();
+        let signatures = common::dkimpy_verify(dkim_records, &data);
+        assert_eq!(signatures.len(), 1, "{signatures:?}");
+        assert_eq!(signatures[0]["d"], "gannet.test");
+        assert_eq!(signatures[0]["ok"], true, "dkimpy: {signatures:?}");
         let message = mail_parser::MessageParser::default().parse(&data).unwrap();
         assert_eq!(
             stored["mail_from"],
@@ -163,13 +173,21 @@ fn aggregate_reports_go_by_mail_through_the_queue_and_by_https() {
     ));
     records.push("--host-record=collector.test,127.0.0.1".into());
     let (_dns_peer, dns_port) = dnsmasq(&records);
+    // Mailed reports must be DKIM-signed by the reporting domain (RFC 8460 5.3).
+    let dkim_key = common::ed25519_key(web.path());
+    let dkim_records = serde_json::json!({
+        "rpt._domainkey.gannet.test.":
+            gannet_engine::dkim::keys::load(&dkim_key).unwrap().dns_record(),
+    });
     let config = format!(
         "[delivery]\ndns_server = \"127.0.0.1:{dns_port}\"\nsmtp_port = {smtp_port}\n\
          retry_interval_secs = 60\ntls_ca_file = \"{}\"\n\
          [delivery.mta_sts]\nhttps_port = {https_port}\n\
          [delivery.tls_reporting]\nperiod_secs = 5\nsend_after_secs = 2\n\
-         [delivery.shaping]\nidle_timeout_secs = 0\n",
-        ca.ca_file().display()
+         [delivery.shaping]\nidle_timeout_secs = 0\n\
+         [dkim]\nkeys = [{{ domain = \"gannet.test\", selector = \"rpt\", key_file = \"{}\" }}]\n",
+        ca.ca_file().display(),
+        dkim_key.display()
     );
     let daemon = Daemon::start("", &config);
     for n in 0..3 {
@@ -204,7 +222,7 @@ fn aggregate_reports_go_by_mail_through_the_queue_and_by_https() {
     while Instant::now() < deadline {
         rpt = (0, 0);
         good = (0, 0);
-        for (how, report) in reports(out.path(), web.path()) {
+        for (how, report) in reports(out.path(), web.path(), &dkim_records) {
             let domain = report["policies"][0]["policy"]["policy-domain"]
                 .as_str()
                 .unwrap()

@@ -221,6 +221,7 @@ impl Dispatcher {
     ) -> Result<gannet_spool::Ticket, gannet_spool::SpoolError> {
         let shard = &self.shard;
         let id = own.id;
+        let body = self.signed(own.body, own.tenant, own.now);
         let record = MessageRecord {
             id,
             sender: own.sender,
@@ -231,7 +232,7 @@ impl Dispatcher {
             due_unix_ms: own.now,
             received_unix_ms: own.now,
             done: Vec::new(),
-            body: own.body,
+            body,
         };
         let ticket = shard.spool.append_message(&record)?;
         shard.event(&Event::Reception {
@@ -254,6 +255,27 @@ impl Dispatcher {
         });
         self.enqueue_spooled(record, own.now);
         Ok(ticket)
+    }
+
+    /// `body` with the DKIM signatures of the keys for its From domain (or tenant)
+    /// before it: TLS-RPT reports by mail must carry one (RFC 8460 5.3), and DSNs
+    /// fare better with one. Own mail is never refused for want of a key (its
+    /// message would be lost): without one, or when signing fails, it goes unsigned.
+    fn signed(&self, body: Vec<u8>, tenant: Option<&str>, now_ms: u64) -> Vec<u8> {
+        let shard = &self.shard;
+        match shard.dkim().sign(&body, tenant, now_ms / 1000) {
+            Ok(None) | Err(crate::dkim::DkimFailure::NoKey(_)) => body,
+            Ok(Some(mut signed)) => {
+                ShardMetrics::add(&shard.metrics.dkim_signatures_total, 1);
+                signed.extend_from_slice(&body);
+                signed
+            }
+            Err(err) => {
+                ShardMetrics::add(&shard.metrics.dkim_failures_total, 1);
+                tracing::warn!(shard = shard.id, "own message not signed: {err}");
+                body
+            }
+        }
     }
 }
 

@@ -269,6 +269,55 @@ pub fn run_with_input(command: &mut Command, input: &[u8]) -> std::process::Outp
     child.wait_with_output().unwrap()
 }
 
+/// dkimpy verifies every DKIM-Signature of a message: [{d, s, a, c, ok}].
+const VERIFY: &str = r#"
+import json, sys, dkim
+records = json.loads(sys.argv[1])
+message = sys.stdin.buffer.read()
+def dnsfunc(name, timeout=5):
+    return records.get(name.decode()).encode()
+out = []
+count = len([1 for line in message.split(b"\r\n") if line.lower().startswith(b"dkim-signature:")])
+for i in range(count):
+    v = dkim.DKIM(message)
+    ok = v.verify(idx=i, dnsfunc=dnsfunc)
+    tags = dict(v.signature_fields)
+    out.append({"d": tags[b"d"].decode(), "s": tags[b"s"].decode(), "a": tags[b"a"].decode(),
+                "c": tags.get(b"c", b"simple/simple").decode(), "ok": bool(ok)})
+print(json.dumps(out))
+"#;
+
+pub fn dkimpy_verify(records: &serde_json::Value, message: &[u8]) -> Vec<serde_json::Value> {
+    let out = run_with_input(
+        Command::new(peers::python())
+            .arg("-c")
+            .arg(VERIFY)
+            .arg(records.to_string()),
+        message,
+    );
+    assert!(
+        out.status.success(),
+        "dkimpy: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v.as_array().unwrap().clone()
+}
+
+/// A new Ed25519 DKIM key in `dir` (PKCS#8 PEM, as `[dkim] keys` take).
+pub fn ed25519_key(dir: &Path) -> PathBuf {
+    use base64::Engine as _;
+    let pkcs8 =
+        ring::signature::Ed25519KeyPair::generate_pkcs8(&ring::rand::SystemRandom::new()).unwrap();
+    let pem = format!(
+        "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+        base64::engine::general_purpose::STANDARD.encode(pkcs8.as_ref())
+    );
+    let path = dir.join("ed25519.pem");
+    std::fs::write(&path, pem).unwrap();
+    path
+}
+
 /// A password hash made by `gannetd --hash-password`, for `smtp.users`.
 pub fn hash_password(password: &str) -> String {
     let out = run_with_input(
