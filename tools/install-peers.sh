@@ -35,6 +35,10 @@ fi
 # The disk-full test mounts a small ext4 file system from a file (as root).
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v mount >/dev/null || need+=(mount)
+# tuning/'s systemd unit is checked by systemd-analyze (verify, security) and its user
+# file by systemd-sysusers; gannetd runs as the unit would run it under setpriv.
+command -v systemd-analyze >/dev/null || need+=(systemd)
+command -v setpriv >/dev/null || need+=(util-linux)
 python3 -c 'import venv, ensurepip' 2>/dev/null || need+=(python3-venv)
 if [ ${#need[@]} -gt 0 ]; then
   echo "installing: ${need[*]}"

@@ -36,8 +36,8 @@ cargo run --quiet -p gannet-bench --bin smtp-accept-bench -- \
   --gannetd target/debug/gannetd --dir "${TMPDIR:-/tmp}/gannet-smtp-smoke.$$" --results "" >/dev/null
 
 cargo run --quiet -p gannet-bench --bin relay-bench -- \
-  --messages 300 --sessions 8 --domains 4 --systems pipe,gannet,gannet-listing --gannet-shards 0 \
-  --queued-messages 200 --timeout-secs 120 \
-  --gannetd target/debug/gannetd --dir "${TMPDIR:-/tmp}/gannet-relay-smoke.$$" --results "" >/dev/null
+  --messages 300 --sessions 8 --domains 4 --systems pipe,gannet,gannet-listing,gannet-tls,gannet-mta-sts \
+  --gannet-shards 0 --queued-messages 200 --timeout-secs 120 \
+  --gannetd target/debug/gannetd --sink target/debug/gannet-sink --dir "${TMPDIR:-/tmp}/gannet-relay-smoke.$$" --results "" >/dev/null
 
 echo "all checks passed"

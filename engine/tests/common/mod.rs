@@ -68,11 +68,29 @@ impl Daemon {
         config: &str,
         adjust: impl FnOnce(&mut Command),
     ) -> Daemon {
+        Daemon::start_under(dir, config, &[], adjust)
+    }
+
+    /// Like [`Daemon::start_with`], gannetd run by `wrapper` (a program and its
+    /// arguments that exec the command after them, as `setpriv` does).
+    pub fn start_under(
+        dir: tempfile::TempDir,
+        config: &str,
+        wrapper: &[&str],
+        adjust: impl FnOnce(&mut Command),
+    ) -> Daemon {
         let path = dir.path().join("gannetd.toml");
         std::fs::write(&path, config).unwrap();
         // A daemon killed earlier leaves its file behind.
         let _ = std::fs::remove_file(dir.path().join("data/listeners.json"));
-        let mut command = Command::new(env!("CARGO_BIN_EXE_gannetd"));
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(env!("CARGO_BIN_EXE_gannetd"));
+                command
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_gannetd")),
+        };
         command.args(["--config", path.to_str().unwrap(), "--log", "info"]);
         adjust(&mut command);
         let mut child = command
