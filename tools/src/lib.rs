@@ -2,4 +2,6 @@
 //! so that it can be tested without spawning them.
 
 pub mod ctl;
+pub mod keys;
+pub mod plan;
 pub mod spool_inspect;

@@ -562,8 +562,9 @@ fn read(path: &std::path::Path) -> Result<String, ConfigError> {
     })
 }
 
-/// `text` (from `origin`) deserialized, or the error with its key and line.
-fn parse_located<T: serde::de::DeserializeOwned>(
+/// `text` (from `origin`) deserialized, or the error with its key and line. Also
+/// for the other TOML files gannet's tools read (the capacity planner's workloads).
+pub fn parse_located<T: serde::de::DeserializeOwned>(
     text: &str,
     origin: &str,
 ) -> Result<T, ConfigError> {
@@ -590,7 +591,7 @@ fn parse_located<T: serde::de::DeserializeOwned>(
 }
 
 /// An error at `key` of `text` (from `origin`): at `span`, or where the key is set.
-fn located(
+pub fn located(
     text: &str,
     origin: &str,
     key: String,

@@ -1,0 +1,793 @@
+//! `gannet-plan calibrate`: short, bounded measurements of this host through gannetd
+//! itself, written as a profile.
+//!
+//! Each measurement starts a fresh gannetd with one shard (its executor pinned to a
+//! core), drives it from threads of this process pinned to another core when the
+//! host has one (so that the load and the sink do not share the measured core), and
+//! reads gannetd's own CPU time from /proc before and after: what one core spends
+//! per message. Sizes are measured at two points and joined by a line:
+//! - SMTP acceptance (durable 250, delivery suspended): CPU, spool bytes, memory
+//!   per queued message;
+//! - relay (acceptance and one delivery to a sink in this process, by a static
+//!   route): CPU, spool bytes;
+//! - DKIM (acceptance with an Ed25519 or RSA-2048 key, less acceptance without);
+//! - TLS (STARTTLS with one message per connection, less plaintext; and bulk);
+//! - HTTP transmissions (generation per recipient, delivery suspended);
+//! - the disk: 4 KiB write + fdatasync latencies, and 1 MiB write + fdatasync
+//!   bandwidth, in the directory given (put it on the spool's filesystem).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+
+use super::profile::{Disk, Host, Linear, Profile, TlsCost};
+
+/// The API key the calibration's gannetd accepts transmissions with.
+const KEY: &str = "gannet-plan-calibration-key";
+/// The sizes measured (bytes).
+const SMALL: usize = 2 << 10;
+const LARGE: usize = 64 << 10;
+/// Messages per SMTP connection (acceptance, DKIM, relay).
+const PER_CONNECTION: u64 = 50;
+/// DKIM keys loaded beside the signing one, to measure a key's memory.
+const DKIM_KEYS: usize = 500;
+/// Concurrent client connections.
+const CONNECTIONS: usize = 8;
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub gannetd: PathBuf,
+    /// Scratch directory, on the filesystem the spool will use.
+    pub dir: PathBuf,
+    /// Messages per measurement.
+    pub messages: u64,
+    pub revision: String,
+}
+
+/// Measures this host; `say` is told what is being measured.
+pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
+    if o.messages < 10 {
+        bail!("--messages: at least 10 per measurement");
+    }
+    std::fs::create_dir_all(&o.dir).with_context(|| format!("creating {}", o.dir.display()))?;
+    let host = host(&o.dir);
+    let load_core = (host.cores > 1).then(|| host.cores - 1);
+    let n = o.messages;
+
+    say("disk: flush latency and bandwidth");
+    let disk = disk(&o.dir, n.clamp(50, 1000) as usize)?;
+
+    say("SMTP acceptance");
+    let mut accept = Vec::new();
+    let mut spool_accept = Vec::new();
+    let (mut queued, mut base_rss) = (0.0, 0.0);
+    for size in [SMALL, LARGE] {
+        let g = Gannetd::start(o, "accept", "")?;
+        let (rss0, anon0) = (g.status_kb("VmRSS:") * 1024, g.status_kb("RssAnon:") * 1024);
+        let cpu = g.measure(|| smtp_load(g.smtp, n, size, PER_CONNECTION, None, load_core))?;
+        if size == SMALL {
+            base_rss = rss0 as f64;
+            let anon = g.status_kb("RssAnon:") * 1024;
+            queued = anon.saturating_sub(anon0) as f64 / n as f64;
+        }
+        let data = g.stop()?;
+        accept.push((size as f64, cpu / n as f64));
+        spool_accept.push((size as f64, spool_bytes(&data)? / n as f64));
+    }
+    let smtp_accept_us = Linear::through(accept[0], accept[1]);
+
+    say("relay to a sink");
+    let mut relay = Vec::new();
+    let mut spool_relay = Vec::new();
+    for size in [SMALL, LARGE] {
+        let sink = Sink::start(load_core)?;
+        let route = format!(
+            "[delivery]\nsuspended = false\ntls = \"disabled\"\nroutes = {{ \"dest.test\" = [\"{}\"] }}\n",
+            sink.addr
+        );
+        let g = Gannetd::start(o, "relay", &route)?;
+        let cpu = g.measure(|| {
+            smtp_load(g.smtp, n, size, PER_CONNECTION, None, load_core)?;
+            sink.wait_for(n, Duration::from_secs(600))
+        })?;
+        let data = g.stop()?;
+        relay.push((size as f64, cpu / n as f64));
+        spool_relay.push((size as f64, spool_bytes(&data)? / n as f64));
+    }
+
+    let mut dkim_us = std::collections::BTreeMap::new();
+    let mut dkim_key_bytes = 0.0;
+    for (name, algorithm, bits) in [
+        ("ed25519", crate::keys::Algorithm::Ed25519, 0),
+        ("rsa2048", crate::keys::Algorithm::Rsa, 2048),
+    ] {
+        say(&format!("DKIM {name}"));
+        let (pkcs8, _, _) = crate::keys::generate(algorithm, bits).map_err(|e| anyhow!(e))?;
+        let key = o.dir.join(format!("{name}.pem"));
+        std::fs::write(&key, crate::keys::pem(&pkcs8))?;
+        let mut points = Vec::new();
+        // The RSA runs also load DKIM_KEYS more keys (for other domains), to measure
+        // a key's memory.
+        let more = if bits > 0 { DKIM_KEYS } else { 0 };
+        let entries: Vec<String> = std::iter::once("calib.test".to_string())
+            .chain((0..more).map(|i| format!("k{i}.calib.test")))
+            .map(|domain| {
+                format!(
+                    "{{ domain = \"{domain}\", selector = \"s\", key_file = \"{}\" }}",
+                    key.display()
+                )
+            })
+            .collect();
+        let config = format!("[dkim]\nkeys = [{}]\n", entries.join(", "));
+        for size in [SMALL, LARGE] {
+            let g = Gannetd::start(o, "dkim", &config)?;
+            if more > 0 && size == SMALL {
+                let rss = (g.status_kb("VmRSS:") * 1024) as f64;
+                dkim_key_bytes = ((rss - base_rss) / more as f64).max(0.0);
+            }
+            let cpu = g.measure(|| smtp_load(g.smtp, n, size, PER_CONNECTION, None, load_core))?;
+            let signed = g.metric("gannet_dkim_signatures_total")?;
+            g.stop()?;
+            if signed < n as f64 {
+                bail!("DKIM {name}: {signed} of {n} messages signed");
+            }
+            points.push((size as f64, cpu / n as f64 - smtp_accept_us.at(size as f64)));
+        }
+        dkim_us.insert(name.to_string(), Linear::through(points[0], points[1]));
+    }
+
+    say("TLS");
+    let tls_client = tls_client();
+    let handshakes = n.min(2000);
+    let per_connection_cpu = |tls: Option<Arc<rustls::ClientConfig>>| -> Result<f64> {
+        let g = Gannetd::start(o, "tls", "")?;
+        let cpu = g.measure(|| smtp_load(g.smtp, handshakes, SMALL, 1, tls, load_core))?;
+        g.stop()?;
+        Ok(cpu / handshakes as f64)
+    };
+    let handshake_us =
+        (per_connection_cpu(Some(tls_client.clone()))? - per_connection_cpu(None)?).max(0.0);
+    let g = Gannetd::start(o, "tls", "")?;
+    let bulk = g.measure(|| {
+        smtp_load(
+            g.smtp,
+            n,
+            LARGE,
+            PER_CONNECTION,
+            Some(tls_client.clone()),
+            load_core,
+        )
+    })?;
+    g.stop()?;
+    let extra =
+        bulk / n as f64 - smtp_accept_us.at(LARGE as f64) - handshake_us / PER_CONNECTION as f64;
+    let tls = TlsCost {
+        handshake_us,
+        per_kib_us: (extra / (LARGE as f64 / 1024.0)).max(0.0),
+    };
+
+    say("HTTP transmissions");
+    let mut http = Vec::new();
+    for size in [SMALL, LARGE] {
+        let g = Gannetd::start(o, "http", "")?;
+        let cpu = g.measure(|| http_load(&g, n, size, load_core))?;
+        g.stop()?;
+        http.push((size as f64, cpu / n as f64));
+    }
+
+    Ok(Profile {
+        revision: o.revision.clone(),
+        date: utc_now(),
+        host,
+        shards: 1,
+        smtp_accept_us,
+        relay_us: Linear::through(relay[0], relay[1]),
+        http_us: Linear::through(http[0], http[1]),
+        dkim_us,
+        tls,
+        disk,
+        spool_accept_bytes: Linear::through(spool_accept[0], spool_accept[1]),
+        spool_relay_bytes: Linear::through(spool_relay[0], spool_relay[1]),
+        queued_bytes_per_message: queued,
+        base_rss_bytes: base_rss,
+        dkim_key_bytes,
+    })
+}
+
+/// What the machine is.
+fn host(dir: &Path) -> Host {
+    let read = |path: &str| std::fs::read_to_string(path).unwrap_or_default();
+    let cpu = read("/proc/cpuinfo")
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("model name")
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+        })
+        .unwrap_or_default();
+    let memory_bytes = read("/proc/meminfo")
+        .lines()
+        .find_map(|l| l.strip_prefix("MemTotal:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024;
+    // The mount holding `dir`: the longest mount point that is a prefix of it.
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let disk = read("/proc/mounts")
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && dir.starts_with(f[1]))
+                .then(|| (f[1].len(), format!("{} on {} ({})", f[0], f[1], f[2])))
+        })
+        .max()
+        .map(|(_, d)| d)
+        .unwrap_or_default();
+    Host {
+        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        memory_bytes,
+        cpu,
+        kernel: read("/proc/sys/kernel/osrelease").trim().to_string(),
+        disk,
+    }
+}
+
+/// Flush latency (4 KiB + fdatasync, `n` times) and bandwidth (1 MiB + fdatasync,
+/// 64 times) in `dir`.
+fn disk(dir: &Path, n: usize) -> Result<Disk> {
+    use std::os::unix::fs::FileExt as _;
+    let path = dir.join("flush-probe");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let page = [0x5au8; 4096];
+    let mut latencies = Vec::with_capacity(n);
+    for i in 0..n {
+        let t0 = Instant::now();
+        file.write_all_at(&page, (i * 4096) as u64)?;
+        file.sync_data()?;
+        latencies.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    latencies.sort_by(f64::total_cmp);
+    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
+    let chunk = vec![0xa5u8; 1 << 20];
+    let t0 = Instant::now();
+    for i in 0..64u64 {
+        file.write_all_at(&chunk, i << 20)?;
+        file.sync_data()?;
+    }
+    let bandwidth = (64u64 << 20) as f64 / t0.elapsed().as_secs_f64();
+    drop(file);
+    let _ = std::fs::remove_file(&path);
+    Ok(Disk {
+        flush_p50_us: at(0.5),
+        flush_p99_us: at(0.99),
+        bandwidth_bytes_per_s: bandwidth,
+    })
+}
+
+/// Bytes used in every spool segment under `data` (gannetd stopped).
+fn spool_bytes(data: &Path) -> Result<f64> {
+    let mut total = 0usize;
+    for (shard, dir) in crate::spool_inspect::shard_dirs(&data.join("spool"))? {
+        let recovered = crate::spool_inspect::recover_shard(shard, &dir)?;
+        total += recovered
+            .report
+            .segments
+            .iter()
+            .map(|s| s.end)
+            .sum::<usize>();
+    }
+    Ok(total as f64)
+}
+
+/// Pins the calling thread to `core` (when given).
+fn pin(core: Option<usize>) {
+    let Some(core) = core else { return };
+    // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it, and
+    // sched_setaffinity reads it for the calling thread (0).
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// A gannetd started for one measurement, in its own data directory.
+struct Gannetd {
+    child: Child,
+    data: PathBuf,
+    smtp: SocketAddr,
+    http: SocketAddr,
+}
+
+impl Gannetd {
+    fn start(o: &Options, name: &str, extra: &str) -> Result<Gannetd> {
+        let dir = o.dir.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let data = dir.join("data");
+        let delivery = if extra.contains("[delivery]") {
+            ""
+        } else {
+            "[delivery]\nsuspended = true\n"
+        };
+        let config = format!(
+            "[server]\nhostname = \"calibrate.test\"\ndata_dir = \"{}\"\nshards = 1\npin_cores = true\n\
+             [smtp]\nlisten = [\"127.0.0.1:0\"]\n\
+             [http]\nlisten = [\"127.0.0.1:0\"]\napi_keys = [{{ name = \"calibrate\", key_sha256 = \"{}\" }}]\n\
+             {extra}\n{delivery}",
+            data.display(),
+            gannet_core::auth::KeyDigest::of(KEY)
+        );
+        let path = dir.join("gannetd.toml");
+        std::fs::write(&path, config)?;
+        let log = std::fs::File::create(dir.join("gannetd.log"))?;
+        let child = Command::new(&o.gannetd)
+            .arg("--config")
+            .arg(&path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("starting {} (give --gannetd)", o.gannetd.display()))?;
+        let mut g = Gannetd {
+            child,
+            data,
+            smtp: "127.0.0.1:0".parse()?,
+            http: "127.0.0.1:0".parse()?,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let listeners = g.data.join("listeners.json");
+        let text = loop {
+            if let Ok(text) = std::fs::read_to_string(&listeners) {
+                break text;
+            }
+            if let Some(status) = g.child.try_wait()? {
+                bail!(
+                    "gannetd exited with {status}: see {}",
+                    dir.join("gannetd.log").display()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "gannetd did not start within 30 s: see {}",
+                    dir.join("gannetd.log").display()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let v: serde_json::Value = serde_json::from_str(&text)?;
+        let first = |key: &str| -> Result<SocketAddr> {
+            v[key][0]
+                .as_str()
+                .and_then(|a| a.parse().ok())
+                .ok_or_else(|| anyhow!("listeners.json has no {key} listener"))
+        };
+        g.smtp = first("smtp")?;
+        g.http = first("http")?;
+        Ok(g)
+    }
+
+    /// gannetd's CPU seconds so far: every thread's time on a CPU from
+    /// /proc/PID/task/*/schedstat (nanoseconds; /proc/PID/stat counts in ticks of
+    /// 10 ms, too coarse for short runs).
+    fn cpu_s(&self) -> f64 {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let ns: u64 = std::fs::read_dir(&tasks)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|task| {
+                let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+                stat.split_whitespace().next()?.parse::<u64>().ok()
+            })
+            .sum();
+        ns as f64 / 1e9
+    }
+
+    fn status_kb(&self, field: &str) -> u64 {
+        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Runs `load` and returns the CPU µs gannetd spent meanwhile.
+    fn measure(&self, load: impl FnOnce() -> Result<()>) -> Result<f64> {
+        let before = self.cpu_s();
+        load()?;
+        Ok((self.cpu_s() - before) * 1e6)
+    }
+
+    /// The sum of a metric over its shards (Prometheus text from `/metrics`).
+    fn metric(&self, name: &str) -> Result<f64> {
+        let (status, body) = http_request(self.http, "GET", "/metrics", b"")?;
+        if status != 200 {
+            bail!("GET /metrics: {status}");
+        }
+        Ok(body
+            .lines()
+            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum())
+    }
+
+    /// SIGTERM and wait; the data directory (for the spool).
+    fn stop(mut self) -> Result<PathBuf> {
+        // SAFETY: signalling the child this process started.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.child.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("gannetd did not stop within 60 s");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(std::mem::take(&mut self.data))
+    }
+}
+
+impl Drop for Gannetd {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A message of `size` bytes (headers and lines of text), From calib.test.
+fn message(size: usize, n: u64) -> Vec<u8> {
+    let mut m =
+        format!("From: <c@calib.test>\r\nTo: <r{n}@dest.test>\r\nSubject: calibration {n}\r\n\r\n")
+            .into_bytes();
+    let line = b"gannet capacity calibration: the quick brown fox jumps over the lazy dog.\r\n";
+    while m.len() + line.len() <= size {
+        m.extend_from_slice(line);
+    }
+    m.resize(size.max(m.len()), b'x');
+    if !m.ends_with(b"\r\n") {
+        m.extend_from_slice(b"\r\n");
+    }
+    m
+}
+
+trait Stream: Read + Write + Send {}
+impl<T: Read + Write + Send> Stream for T {}
+
+/// A blocking SMTP client connection.
+struct Client {
+    stream: Box<dyn Stream>,
+    input: Vec<u8>,
+}
+
+impl Client {
+    fn connect(addr: SocketAddr, tls: Option<Arc<rustls::ClientConfig>>) -> Result<Client> {
+        let tcp = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+        tcp.set_read_timeout(Some(Duration::from_secs(60)))?;
+        tcp.set_nodelay(true)?;
+        let mut c = Client {
+            stream: Box::new(tcp.try_clone()?),
+            input: Vec::new(),
+        };
+        c.expect("220")?;
+        c.command("EHLO calibrate.test", "250")?;
+        if let Some(config) = tls {
+            c.command("STARTTLS", "220")?;
+            let name = rustls::pki_types::ServerName::IpAddress(addr.ip().into());
+            let conn = rustls::ClientConnection::new(config, name)?;
+            c.stream = Box::new(rustls::StreamOwned::new(conn, tcp));
+            c.input.clear();
+            c.command("EHLO calibrate.test", "250")?;
+        }
+        Ok(c)
+    }
+
+    /// Reads one reply (every line of it); fails unless it starts with `code`.
+    fn expect(&mut self, code: &str) -> Result<()> {
+        loop {
+            while let Some(lf) = self.input.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = self.input.drain(..=lf).collect();
+                let text = String::from_utf8_lossy(&line);
+                if text.len() >= 4 && text.as_bytes()[3] == b'-' {
+                    continue;
+                }
+                if text.starts_with(code) {
+                    return Ok(());
+                }
+                bail!("expected {code}, got {}", text.trim_end());
+            }
+            let mut buf = [0u8; 4096];
+            let n = self.stream.read(&mut buf)?;
+            if n == 0 {
+                bail!("the server closed the connection");
+            }
+            self.input.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    fn command(&mut self, line: &str, code: &str) -> Result<()> {
+        self.stream.write_all(line.as_bytes())?;
+        self.stream.write_all(b"\r\n")?;
+        self.stream.flush()?;
+        self.expect(code)
+    }
+
+    fn send(&mut self, body: &[u8], n: u64) -> Result<()> {
+        self.command("MAIL FROM:<c@calib.test>", "250")?;
+        self.command(&format!("RCPT TO:<r{n}@dest.test>"), "250")?;
+        self.command("DATA", "354")?;
+        self.stream.write_all(body)?;
+        self.stream.write_all(b".\r\n")?;
+        self.stream.flush()?;
+        self.expect("250")
+    }
+}
+
+/// `total` messages of `size` over `CONNECTIONS` concurrent connections carrying
+/// `per_connection` each, from threads pinned to `core`.
+fn smtp_load(
+    addr: SocketAddr,
+    total: u64,
+    size: usize,
+    per_connection: u64,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    core: Option<usize>,
+) -> Result<()> {
+    let next = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let (next, tls) = (next.clone(), tls.clone());
+            std::thread::spawn(move || -> Result<()> {
+                pin(core);
+                let body = message(size, 0);
+                loop {
+                    let mut client: Option<Client> = None;
+                    for _ in 0..per_connection {
+                        let n = next.fetch_add(1, Ordering::Relaxed);
+                        if n >= total {
+                            return Ok(());
+                        }
+                        let c = match &mut client {
+                            Some(c) => c,
+                            None => client.insert(Client::connect(addr, tls.clone())?),
+                        };
+                        c.send(&body, n)?;
+                    }
+                    if let Some(mut c) = client {
+                        let _ = c.command("QUIT", "221");
+                    }
+                }
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join()
+            .map_err(|_| anyhow!("a client thread panicked"))??;
+    }
+    Ok(())
+}
+
+/// `total` recipients in transmissions of 500, each message of about `size`;
+/// returns once gannetd has generated them all.
+fn http_load(g: &Gannetd, total: u64, size: usize, core: Option<usize>) -> Result<()> {
+    pin(core);
+    let text = String::from_utf8_lossy(&message(size, 0))
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())
+        .unwrap_or_default();
+    let before = g.metric("gannet_http_messages_generated_total")?;
+    let mut sent = 0;
+    while sent < total {
+        let batch = (total - sent).min(500);
+        let recipients: Vec<serde_json::Value> = (sent..sent + batch)
+            .map(|n| serde_json::json!({ "address": format!("r{n}@dest.test") }))
+            .collect();
+        let body = serde_json::json!({
+            "recipients": recipients,
+            "content": { "from": "c@calib.test", "subject": "calibration", "text": text },
+        });
+        let (status, reply) = http_request(
+            g.http,
+            "POST",
+            "/api/v1/transmissions",
+            body.to_string().as_bytes(),
+        )?;
+        if status != 200 {
+            bail!("POST /api/v1/transmissions: {status} {reply}");
+        }
+        sent += batch;
+    }
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while g.metric("gannet_http_messages_generated_total")? - before < total as f64 {
+        if Instant::now() > deadline {
+            bail!("gannetd did not generate {total} messages within 10 minutes");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// One HTTP/1.1 request (connection closed after it): (status, body).
+fn http_request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
+    s.set_read_timeout(Some(Duration::from_secs(120)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: gannet\r\nauthorization: {KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(body)?;
+    let mut reply = String::new();
+    s.read_to_string(&mut reply)?;
+    let status = reply
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| anyhow!("no HTTP status in {reply:?}"))?;
+    let body = reply
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_string();
+    Ok((status, body))
+}
+
+/// The calibration's SMTP sink: accepts everything and counts messages.
+struct Sink {
+    addr: SocketAddr,
+    received: Arc<AtomicU64>,
+}
+
+impl Sink {
+    fn start(core: Option<usize>) -> Result<Sink> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let received = Arc::new(AtomicU64::new(0));
+        std::thread::spawn({
+            let received = received.clone();
+            move || {
+                pin(core);
+                for stream in listener.incoming().flatten() {
+                    let received = received.clone();
+                    std::thread::spawn(move || {
+                        pin(core);
+                        let _ = sink_session(stream, &received);
+                    });
+                }
+            }
+        });
+        Ok(Sink { addr, received })
+    }
+
+    fn wait_for(&self, n: u64, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        while self.received.load(Ordering::Acquire) < n {
+            if Instant::now() > deadline {
+                bail!(
+                    "the sink got {} of {n} messages",
+                    self.received.load(Ordering::Acquire)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Ok(())
+    }
+}
+
+fn sink_session(stream: TcpStream, received: &AtomicU64) -> std::io::Result<()> {
+    let mut out = stream.try_clone()?;
+    let mut input = BufReader::with_capacity(64 << 10, stream);
+    out.write_all(b"220 sink ESMTP\r\n")?;
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if input.read_until(b'\n', &mut line)? == 0 {
+            return Ok(());
+        }
+        let verb = line
+            .get(..4)
+            .map(|v| v.to_ascii_uppercase())
+            .unwrap_or_default();
+        let reply: &[u8] = match verb.as_slice() {
+            b"EHLO" => b"250-sink\r\n250-PIPELINING\r\n250 8BITMIME\r\n",
+            b"DATA" => {
+                out.write_all(b"354 go\r\n")?;
+                loop {
+                    line.clear();
+                    if input.read_until(b'\n', &mut line)? == 0 {
+                        return Ok(());
+                    }
+                    if line == b".\r\n" {
+                        break;
+                    }
+                }
+                received.fetch_add(1, Ordering::AcqRel);
+                b"250 2.0.0 ok\r\n"
+            }
+            b"QUIT" => {
+                out.write_all(b"221 bye\r\n")?;
+                return Ok(());
+            }
+            _ => b"250 ok\r\n",
+        };
+        out.write_all(reply)?;
+    }
+}
+
+/// A TLS client that accepts gannetd's generated self-signed certificate: the
+/// calibration measures the cost of TLS, not of trust.
+fn tls_client() -> Arc<rustls::ClientConfig> {
+    #[derive(Debug)]
+    struct AnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+    impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+        fn verify_server_cert(
+            &self,
+            _: &rustls::pki_types::CertificateDer<'_>,
+            _: &[rustls::pki_types::CertificateDer<'_>],
+            _: &rustls::pki_types::ServerName<'_>,
+            _: &[u8],
+            _: rustls::pki_types::UnixTime,
+        ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        }
+        fn verify_tls12_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls12_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn verify_tls13_signature(
+            &self,
+            message: &[u8],
+            cert: &rustls::pki_types::CertificateDer<'_>,
+            dss: &rustls::DigitallySignedStruct,
+        ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+            rustls::crypto::verify_tls13_signature(
+                message,
+                cert,
+                dss,
+                &self.0.signature_verification_algorithms,
+            )
+        }
+        fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+            self.0.signature_verification_algorithms.supported_schemes()
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .expect("ring supports the default protocol versions")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate(provider)))
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
+/// "2026-12-07 09:30 UTC"
+fn utc_now() -> String {
+    Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}

@@ -1,0 +1,232 @@
+//! gannet-plan as a process: a short calibration against a real gannetd writes a
+//! profile whose figures hang together, plans for the example workloads in
+//! tuning/workloads/ come out as tables and JSON, and bad workloads, profiles and
+//! binaries are refused with the file, key and line named.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use gannet_tools::plan::profile::Profile;
+
+fn plan_cmd() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_gannet-plan"))
+}
+
+/// The gannetd binary of this build profile (built if the workspace has not yet).
+fn gannetd() -> PathBuf {
+    let bin_dir = Path::new(env!("CARGO_BIN_EXE_gannet-plan"))
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let gannetd = bin_dir.join("gannetd");
+    if !gannetd.exists() {
+        let mut build = Command::new(env!("CARGO"));
+        build.args(["build", "-p", "gannet-engine", "--bin", "gannetd"]);
+        if bin_dir.ends_with("release") {
+            build.arg("--release");
+        }
+        assert!(build.status().unwrap().success());
+    }
+    gannetd
+}
+
+fn workloads() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tuning/workloads");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn calibration_writes_a_profile_that_plans_the_example_workloads() {
+    let dir = tempfile::tempdir().unwrap();
+    let profile_path = dir.path().join("profile.json");
+    let out = plan_cmd()
+        .args(["calibrate", "--messages", "150"])
+        .arg("--gannetd")
+        .arg(gannetd())
+        .arg("--dir")
+        .arg(dir.path().join("scratch"))
+        .arg("--out")
+        .arg(&profile_path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    for what in [
+        "disk",
+        "SMTP acceptance",
+        "relay",
+        "DKIM ed25519",
+        "DKIM rsa2048",
+        "TLS",
+        "HTTP",
+    ] {
+        assert!(stderr.contains(&format!("measuring {what}")), "{stderr}");
+    }
+    assert!(
+        !dir.path().join("scratch").exists(),
+        "the scratch directory is removed"
+    );
+    let p = Profile::load(&profile_path).unwrap();
+    assert!(p.revision.starts_with("gannetd "), "{}", p.revision);
+    assert!(p.date.ends_with("UTC"));
+    assert!(p.host.cores >= 1 && p.host.memory_bytes > 0);
+    assert_eq!(p.shards, 1);
+    for (what, cost) in [
+        ("accept", p.smtp_accept_us),
+        ("relay", p.relay_us),
+        ("http", p.http_us),
+    ] {
+        assert!(cost.at(2048.0) > 1.0, "{what}: {cost:?}");
+    }
+    // RSA-2048 signs in hundreds of µs, Ed25519 in tens.
+    let rsa = p.dkim_us["rsa2048"].at(2048.0);
+    let ed = p.dkim_us["ed25519"].at(2048.0);
+    assert!(rsa > 3.0 * ed, "rsa2048 {rsa} µs, ed25519 {ed} µs");
+    assert!(p.tls.handshake_us > 0.0, "{:?}", p.tls);
+    // The spool holds each body once, plus its record.
+    let per_kib = p.spool_accept_bytes.per_kib;
+    assert!((1000.0..1100.0).contains(&per_kib), "{per_kib}");
+    assert!(p.spool_accept_bytes.base > 100.0);
+    assert!(p.spool_relay_bytes.at(2048.0) > p.spool_accept_bytes.at(2048.0));
+    assert!(p.disk.flush_p50_us > 0.0 && p.disk.flush_p99_us >= p.disk.flush_p50_us);
+    assert!(p.disk.bandwidth_bytes_per_s > 1e6);
+    assert!(p.queued_bytes_per_message > 0.0 && p.base_rss_bytes > 1e6);
+
+    for workload in workloads() {
+        let out = plan_cmd()
+            .arg("plan")
+            .arg(&workload)
+            .arg("--profile")
+            .arg(&profile_path)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(text.contains("first to saturate:"), "{text}");
+        assert!(text.contains("hosts for the peak:"), "{text}");
+        let out = plan_cmd()
+            .arg("plan")
+            .arg(&workload)
+            .arg("--profile")
+            .arg(&profile_path)
+            .arg("--json")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let names: Vec<&str> = plan["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["name"].as_str().unwrap())
+            .collect();
+        for name in [
+            "cpu",
+            "disk bandwidth",
+            "disk flush latency",
+            "memory",
+            "ephemeral ports",
+        ] {
+            assert!(names.contains(&name), "{workload:?}: {names:?}");
+        }
+        assert!(names.contains(&plan["bottleneck"].as_str().unwrap()));
+        let sustainable = plan["sustainable_per_s"].as_f64().unwrap();
+        let lowest = plan["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r["limit_per_s"].as_f64())
+            .fold(f64::INFINITY, f64::min);
+        assert_eq!(sustainable, lowest);
+        let peak = plan["peak_per_s"].as_f64().unwrap();
+        let hosts = plan["hosts"].as_u64().unwrap() as f64;
+        assert!(hosts >= 1.0 && hosts * sustainable >= peak && (hosts - 1.0) * sustainable < peak);
+    }
+}
+
+#[test]
+fn bad_inputs_are_refused_with_file_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let workload = dir.path().join("w.toml");
+    std::fs::write(
+        &workload,
+        "messages_per_day = 1000\nsizes = [[1000, 1.0]]\nhttp_share = 1.5\n",
+    )
+    .unwrap();
+    let profile = dir.path().join("p.json");
+    std::fs::write(&profile, "{\n  \"revision\": 3\n}\n").unwrap();
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = plan_cmd().args(args).output().unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&[
+        "plan".as_ref(),
+        workload.as_os_str(),
+        "--profile".as_ref(),
+        profile.as_os_str(),
+    ]);
+    assert!(
+        err.contains(&format!(
+            "{}:3:1: key `http_share`: must be between 0 and 1",
+            workload.display()
+        )),
+        "{err}"
+    );
+    std::fs::write(
+        &workload,
+        "messages_per_day = 1000\nsizes = [[1000, 1.0]]\n",
+    )
+    .unwrap();
+    let err = run(&[
+        "plan".as_ref(),
+        workload.as_os_str(),
+        "--profile".as_ref(),
+        profile.as_os_str(),
+    ]);
+    assert!(
+        err.contains(&format!("{}:2:", profile.display()))
+            && err.contains("not a gannet-plan profile"),
+        "{err}"
+    );
+    let missing = dir.path().join("none.json");
+    let err = run(&[
+        "plan".as_ref(),
+        workload.as_os_str(),
+        "--profile".as_ref(),
+        missing.as_os_str(),
+    ]);
+    assert!(
+        err.contains("cannot read") && err.contains("none.json"),
+        "{err}"
+    );
+    let err = run(&[
+        "calibrate".as_ref(),
+        "--gannetd".as_ref(),
+        dir.path().join("no-gannetd").as_os_str(),
+    ]);
+    assert!(
+        err.contains("cannot run") && err.contains("give --gannetd"),
+        "{err}"
+    );
+    let err = run(&[
+        "calibrate".as_ref(),
+        "--gannetd".as_ref(),
+        gannetd().as_os_str(),
+        "--messages".as_ref(),
+        "3".as_ref(),
+        "--dir".as_ref(),
+        dir.path().join("s").as_os_str(),
+    ]);
+    assert!(err.contains("--messages: at least 10"), "{err}");
+}
