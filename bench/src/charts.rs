@@ -152,3 +152,69 @@ where
         .map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
+
+/// A measure against offered load (messages/s), one line per series, with the
+/// planner's predicted knee drawn as a vertical line; `log` for a log-scale y.
+pub fn against_offered(
+    path: &Path,
+    title: &str,
+    y_desc: &str,
+    series: &[(&str, Vec<(f64, f64)>)],
+    knee: f64,
+    log: bool,
+) -> Result<()> {
+    let x_max = (series.iter())
+        .flat_map(|(_, s)| s.iter().map(|p| p.0))
+        .fold(knee, f64::max)
+        * 1.05;
+    let y_max = (series.iter())
+        .flat_map(|(_, s)| s.iter().map(|p| p.1))
+        .fold(1.0, f64::max);
+    let root = SVGBackend::new(path, (900, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let knee_line = |top: f64| {
+        LineSeries::new(
+            vec![(knee, 0.01), (knee, top)],
+            BLACK.mix(0.6).stroke_width(1),
+        )
+    };
+    let mut builder = ChartBuilder::on(&root);
+    builder
+        .caption(title, ("sans-serif", 20))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(70);
+    if log {
+        let mut chart = builder
+            .build_cartesian_2d(0.0..x_max, (0.01..y_max * 2.0).log_scale())
+            .map_err(|e| anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("offered messages/s")
+            .y_desc(y_desc)
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        (chart.draw_series(knee_line(y_max * 2.0)))
+            .map_err(|e| anyhow!("{e}"))?
+            .label("predicted knee")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        lines(&mut chart, series)?;
+    } else {
+        let mut chart = builder
+            .build_cartesian_2d(0.0..x_max, 0.0..y_max * 1.1)
+            .map_err(|e| anyhow!("{e}"))?;
+        chart
+            .configure_mesh()
+            .x_desc("offered messages/s")
+            .y_desc(y_desc)
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+        (chart.draw_series(knee_line(y_max * 1.1)))
+            .map_err(|e| anyhow!("{e}"))?
+            .label("predicted knee")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        lines(&mut chart, series)?;
+    }
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}

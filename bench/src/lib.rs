@@ -18,8 +18,8 @@ pub mod peers;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
-/// Flush requests completed by the block device holding `dir` (field 16 of its stat).
-pub fn device_flushes(dir: &Path) -> u64 {
+/// Field `n` (from 0) of the block device statistics of the device holding `dir`.
+fn device_stat(dir: &Path, n: usize) -> u64 {
     let Ok(meta) = std::fs::metadata(dir) else {
         return 0;
     };
@@ -29,9 +29,19 @@ pub fn device_flushes(dir: &Path) -> u64 {
         .or_else(|_| std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/../stat")))
         .unwrap_or_default();
     stat.split_whitespace()
-        .nth(15)
+        .nth(n)
         .and_then(|f| f.parse().ok())
         .unwrap_or(0)
+}
+
+/// Flush requests completed by the block device holding `dir` (field 16 of its stat).
+pub fn device_flushes(dir: &Path) -> u64 {
+    device_stat(dir, 15)
+}
+
+/// Milliseconds the block device holding `dir` has been busy (io_ticks, field 10).
+pub fn device_busy_ms(dir: &Path) -> u64 {
+    device_stat(dir, 9)
 }
 
 /// CPU seconds (user + system) this process used so far.

@@ -283,7 +283,9 @@ impl Workload {
                 "must be at least retry_interval_secs",
             );
         }
-        if w.deferral.max_age_secs.is_nan() || w.deferral.max_age_secs < w.deferral.retry_interval_secs {
+        if w.deferral.max_age_secs.is_nan()
+            || w.deferral.max_age_secs < w.deferral.retry_interval_secs
+        {
             return bad(
                 "deferral.max_age_secs",
                 "must be at least retry_interval_secs",
