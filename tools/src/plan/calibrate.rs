@@ -6,7 +6,7 @@
 //! process's threads on the other cores (so that the load and the sink do not share
 //! the measured core), and reads gannetd's own CPU time from /proc before and after:
 //! what one saturated core spends per message (each measurement the median of three
-//! rounds). Sizes are measured at two points and joined by a line:
+//! rounds), and the share of that core gannetd gets while relaying flat out. Sizes are measured at two points and joined by a line:
 //! - SMTP acceptance (durable 250, delivery suspended): CPU, spool bytes, memory
 //!   per queued message;
 //! - relay (acceptance and one delivery to a sink in this process, by a static
@@ -99,6 +99,9 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
     say("relay to a sink");
     let mut relay = Vec::new();
     let mut spool_relay = Vec::new();
+    // gannetd's share of its saturated core while relaying: the rest is the
+    // kernel's work for it (network softirqs) and the scheduler's.
+    let mut shares = Vec::new();
     for size in [SMALL, LARGE] {
         let sink = Sink::start(load_cores)?;
         let route = format!(
@@ -108,10 +111,11 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
         let g = Gannetd::start(o, "relay", &route)?;
         smtp_load(g.smtp, warm, size, PER_CONNECTION, None, load_cores)?;
         sink.wait_for(warm, Duration::from_secs(600))?;
-        let cpu = g.measure(|round| {
+        let (cpu, share) = g.measure_share(|round| {
             smtp_load(g.smtp, n, size, PER_CONNECTION, None, load_cores)?;
             sink.wait_for(warm + (round + 1) * n, Duration::from_secs(600))
         })?;
+        shares.push(share);
         let data = g.stop()?;
         relay.push((size as f64, cpu / n as f64));
         spool_relay.push((
@@ -218,6 +222,7 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
         date: utc_now(),
         host,
         shards: 1,
+        core_share: shares.iter().copied().fold(0.0, f64::max).clamp(0.5, 1.0),
         smtp_accept_us,
         relay_us: Linear::through(relay[0], relay[1]),
         http_us: Linear::through(http[0], http[1]),
@@ -470,27 +475,27 @@ impl Gannetd {
             .unwrap_or(0)
     }
 
-    /// Runs `load` ROUNDS times (told the round) and returns the median of what one
-    /// round cost gannetd's core, in µs: the wall time when gannetd kept its core
-    /// busy (confined to it and saturated, what a round took is what the core can do
-    /// — the kernel's share of the core, network interrupts and all, included), else
-    /// its CPU time (a host of one core, or a load that did not saturate it).
-    fn measure(&self, mut load: impl FnMut(u64) -> Result<()>) -> Result<f64> {
-        let mut rounds = Vec::with_capacity(ROUNDS as usize);
+    /// Runs `load` ROUNDS times (told the round); the median of gannetd's CPU µs
+    /// per round, and of its CPU's share of the wall time.
+    fn measure_share(&self, mut load: impl FnMut(u64) -> Result<()>) -> Result<(f64, f64)> {
+        let (mut cpus, mut shares) = (Vec::new(), Vec::new());
         for round in 0..ROUNDS {
             let (before, t0) = (self.cpu_s(), Instant::now());
             load(round)?;
             let cpu = (self.cpu_s() - before) * 1e6;
-            let wall = t0.elapsed().as_secs_f64() * 1e6;
-            let confined = std::thread::available_parallelism().map_or(1, |n| n.get()) > 1;
-            rounds.push(if confined && cpu >= 0.8 * wall {
-                wall
-            } else {
-                cpu
-            });
+            cpus.push(cpu);
+            shares.push(cpu / (t0.elapsed().as_secs_f64() * 1e6).max(1.0));
         }
-        rounds.sort_by(f64::total_cmp);
-        Ok(rounds[rounds.len() / 2])
+        let median = |mut v: Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        Ok((median(cpus), median(shares)))
+    }
+
+    /// [`Gannetd::measure_share`]'s CPU µs alone.
+    fn measure(&self, load: impl FnMut(u64) -> Result<()>) -> Result<f64> {
+        Ok(self.measure_share(load)?.0)
     }
 
     /// The sum of a metric over its shards (Prometheus text from `/metrics`).

@@ -137,13 +137,13 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
     }
     cpu.total = cpu.accept + cpu.tls_in + cpu.dkim + cpu.delivery + cpu.tls_out;
     let mut resources = Vec::new();
-    let cpu_limit = cores * util * 1e6 / cpu.total.max(1e-9);
+    let cpu_limit = cores * util * p.core_share * 1e6 / cpu.total.max(1e-9);
     resources.push(Resource {
         name: "cpu",
         limit_per_s: cpu_limit,
         peak_use: 0.0,
         reasoning: format!(
-            "{:.0} µs of CPU per message (acceptance {:.0}, TLS in {:.0}, DKIM {:.0}, {:.2} delivery attempts per message {:.0}, TLS out {:.0}); {cores} cores × {:.0}% / {:.0} µs = {cpu_limit:.0} msgs/s",
+            "{:.0} µs of CPU per message (acceptance {:.0}, TLS in {:.0}, DKIM {:.0}, {:.2} delivery attempts per message {:.0}, TLS out {:.0}); {cores} cores × {:.0}% × {:.0}% of a core for gannetd / {:.0} µs = {cpu_limit:.0} msgs/s",
             cpu.total,
             cpu.accept,
             cpu.tls_in,
@@ -152,6 +152,7 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
             cpu.delivery,
             cpu.tls_out,
             util * 100.0,
+            p.core_share * 100.0,
             cpu.total
         ),
     });

@@ -70,6 +70,11 @@ pub struct Profile {
     pub host: Host,
     /// Executors gannetd ran with while calibrated (the costs below are per core).
     pub shards: usize,
+    /// The share of a saturated core's time gannetd's threads get (relaying as fast
+    /// as it can, confined to the core): the rest goes to the kernel's work for its
+    /// connections and to the scheduler. A core's capacity is this share over the
+    /// CPU per message.
+    pub core_share: f64,
     /// CPU µs per message accepted over SMTP (durable 250, delivery suspended).
     pub smtp_accept_us: Linear,
     /// CPU µs per message accepted over SMTP and delivered once over SMTP.

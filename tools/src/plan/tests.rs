@@ -15,6 +15,7 @@ fn profile() -> Profile {
             disk: "test".into(),
         },
         shards: 1,
+        core_share: 1.0,
         // 100 µs + 10 µs per KiB to accept; relaying adds 50 µs + 5 per KiB.
         smtp_accept_us: Linear {
             base: 100.0,
