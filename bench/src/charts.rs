@@ -188,33 +188,47 @@ pub fn against_offered(
         let mut chart = builder
             .build_cartesian_2d(0.0..x_max, (0.01..y_max * 2.0).log_scale())
             .map_err(|e| anyhow!("{e}"))?;
-        chart
-            .configure_mesh()
-            .x_desc("offered messages/s")
-            .y_desc(y_desc)
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
-        (chart.draw_series(knee_line(y_max * 2.0)))
-            .map_err(|e| anyhow!("{e}"))?
-            .label("predicted knee")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-        lines(&mut chart, series)?;
+        mesh(
+            chart
+                .configure_mesh()
+                .x_desc("offered messages/s")
+                .y_desc(y_desc)
+                .draw(),
+        )?;
+        offered_lines(&mut chart, series, knee_line(y_max * 2.0))?;
     } else {
         let mut chart = builder
             .build_cartesian_2d(0.0..x_max, 0.0..y_max * 1.1)
             .map_err(|e| anyhow!("{e}"))?;
-        chart
-            .configure_mesh()
-            .x_desc("offered messages/s")
-            .y_desc(y_desc)
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
-        (chart.draw_series(knee_line(y_max * 1.1)))
-            .map_err(|e| anyhow!("{e}"))?
-            .label("predicted knee")
-            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
-        lines(&mut chart, series)?;
+        mesh(
+            chart
+                .configure_mesh()
+                .x_desc("offered messages/s")
+                .y_desc(y_desc)
+                .draw(),
+        )?;
+        offered_lines(&mut chart, series, knee_line(y_max * 1.1))?;
     }
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
+}
+
+fn mesh<E: std::fmt::Display>(drawn: std::result::Result<(), E>) -> Result<()> {
+    drawn.map_err(|e| anyhow!("{e}"))
+}
+
+/// The knee and the series of [`against_offered`], whatever the y scale.
+fn offered_lines<'a, Y>(
+    chart: &mut ChartContext<'a, SVGBackend<'a>, Cartesian2d<RangedCoordf64, Y>>,
+    series: &[(&str, Vec<(f64, f64)>)],
+    knee: LineSeries<SVGBackend<'a>, (f64, f64)>,
+) -> Result<()>
+where
+    Y: Ranged<ValueType = f64>,
+{
+    (chart.draw_series(knee))
+        .map_err(|e| anyhow!("{e}"))?
+        .label("predicted knee")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+    lines(chart, series)
 }

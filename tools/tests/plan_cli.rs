@@ -170,12 +170,15 @@ fn bad_inputs_are_refused_with_file_key_and_line() {
         assert!(!out.status.success());
         String::from_utf8_lossy(&out.stderr).into_owned()
     };
-    let err = run(&[
-        "plan".as_ref(),
-        workload.as_os_str(),
-        "--profile".as_ref(),
-        profile.as_os_str(),
-    ]);
+    let plan_with = |profile: &Path| {
+        run(&[
+            "plan".as_ref(),
+            workload.as_os_str(),
+            "--profile".as_ref(),
+            profile.as_os_str(),
+        ])
+    };
+    let err = plan_with(&profile);
     assert!(
         err.contains(&format!(
             "{}:3:1: key `http_share`: must be between 0 and 1",
@@ -188,24 +191,14 @@ fn bad_inputs_are_refused_with_file_key_and_line() {
         "messages_per_day = 1000\nsizes = [[1000, 1.0]]\n",
     )
     .unwrap();
-    let err = run(&[
-        "plan".as_ref(),
-        workload.as_os_str(),
-        "--profile".as_ref(),
-        profile.as_os_str(),
-    ]);
+    let err = plan_with(&profile);
     assert!(
         err.contains(&format!("{}:2:", profile.display()))
             && err.contains("not a gannet-plan profile"),
         "{err}"
     );
     let missing = dir.path().join("none.json");
-    let err = run(&[
-        "plan".as_ref(),
-        workload.as_os_str(),
-        "--profile".as_ref(),
-        missing.as_os_str(),
-    ]);
+    let err = plan_with(&missing);
     assert!(
         err.contains("cannot read") && err.contains("none.json"),
         "{err}"

@@ -23,6 +23,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gannet_bench::harness::Sink;
 use gannet_bench::{append_results, command_line, command_output, machine, servers};
+use gannet_tools::plan::calibrate::process_cpu_seconds;
 
 #[derive(Debug, Parser)]
 #[command(about = "The capacity planner's predictions against measured runs")]
@@ -342,20 +343,6 @@ fn confine(pid: u32, cpu: usize) -> Result<()> {
     Ok(())
 }
 
-/// gannetd's threads' CPU seconds (every thread, nanoseconds from schedstat).
-fn cpu_seconds(pid: u32) -> f64 {
-    let ns: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|t| {
-            let s = std::fs::read_to_string(t.path().join("schedstat")).ok()?;
-            s.split_whitespace().next()?.parse::<u64>().ok()
-        })
-        .sum();
-    ns as f64 / 1e9
-}
-
 /// One point: gannetd, the sink and the load at `offered` messages per second.
 fn run_point(args: &Args, case: &Case, offered: f64) -> Result<Point> {
     let sink = Sink::start(&args.sink, &[])?;
@@ -414,7 +401,7 @@ fn run_point(args: &Args, case: &Case, offered: f64) -> Result<Point> {
     };
     let received0 = sink.received()?;
     let (cpu0, busy0, t0) = (
-        cpu_seconds(server.pid),
+        process_cpu_seconds(server.pid),
         gannet_bench::device_busy_ms(&dir),
         Instant::now(),
     );
@@ -430,7 +417,7 @@ fn run_point(args: &Args, case: &Case, offered: f64) -> Result<Point> {
         .output()
         .context("running gannet-blast")?;
     let wall = t0.elapsed().as_secs_f64();
-    let cpu = cpu_seconds(server.pid) - cpu0;
+    let cpu = process_cpu_seconds(server.pid) - cpu0;
     let busy = gannet_bench::device_busy_ms(&dir).saturating_sub(busy0) as f64 / 1000.0;
     let delivered = sink.received()? - received0;
     if !blast.status.success() {

@@ -371,6 +371,22 @@ fn confine_to_core_0(pid: u32) {
     }
 }
 
+/// CPU seconds process `pid` used so far: every thread's time on a CPU from
+/// /proc/PID/task/*/schedstat (nanoseconds; /proc/PID/stat counts in ticks of 10 ms,
+/// too coarse for short runs).
+pub fn process_cpu_seconds(pid: u32) -> f64 {
+    let ns: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|task| {
+            let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
+            stat.split_whitespace().next()?.parse::<u64>().ok()
+        })
+        .sum();
+    ns as f64 / 1e9
+}
+
 /// A gannetd started for one measurement, in its own data directory.
 struct Gannetd {
     child: Child,
@@ -449,21 +465,8 @@ impl Gannetd {
         Ok(g)
     }
 
-    /// gannetd's CPU seconds so far: every thread's time on a CPU from
-    /// /proc/PID/task/*/schedstat (nanoseconds; /proc/PID/stat counts in ticks of
-    /// 10 ms, too coarse for short runs).
     fn cpu_s(&self) -> f64 {
-        let tasks = format!("/proc/{}/task", self.child.id());
-        let ns: u64 = std::fs::read_dir(&tasks)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|task| {
-                let stat = std::fs::read_to_string(task.path().join("schedstat")).ok()?;
-                stat.split_whitespace().next()?.parse::<u64>().ok()
-            })
-            .sum();
-        ns as f64 / 1e9
+        process_cpu_seconds(self.child.id())
     }
 
     fn status_kb(&self, field: &str) -> u64 {
