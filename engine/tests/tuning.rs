@@ -180,3 +180,38 @@ fn gannetd_runs_unprivileged_with_only_the_bind_capability() {
     daemon.stop();
     assert_eq!(common::spooled(&daemon.data_dir()).len(), 1);
 }
+
+/// Every key of the sysctl profile is one this kernel knows, with a value of the
+/// form it takes (a typo would be skipped by `sysctl --system` with only a warning).
+#[test]
+fn the_sysctl_profile_names_real_keys() {
+    let text = std::fs::read_to_string(tuning("sysctl.conf")).unwrap();
+    let mut keys = 0;
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let (key, value) = line
+            .split_once('=')
+            .unwrap_or_else(|| panic!("sysctl.conf:{}: not `key = value`", n + 1));
+        let path = Path::new("/proc/sys").join(key.trim().replace('.', "/"));
+        let current = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("sysctl.conf:{}: {}: {e}", n + 1, path.display()));
+        // The same number of fields as the kernel shows (a range takes two, tcp_rmem
+        // three), each a number.
+        let fields: Vec<&str> = value.split_whitespace().collect();
+        assert_eq!(
+            fields.len(),
+            current.split_whitespace().count(),
+            "sysctl.conf:{}: {key} takes {:?}",
+            n + 1,
+            current.trim()
+        );
+        for f in fields {
+            assert!(f.parse::<u64>().is_ok(), "sysctl.conf:{}: {f}", n + 1);
+        }
+        keys += 1;
+    }
+    assert!(keys >= 10, "{keys} keys");
+}
