@@ -359,11 +359,21 @@ fn injection_skips_suppressed_recipients_and_a_hard_bounce_suppresses() {
     client.send(b"Subject: smtp\r\n\r\nhello\r\n.\r\n");
     client.expect("550 5.7.1");
     client.send(b"QUIT\r\n");
-    let events = wait_events(&daemon, "the SMTP message's delivery", |events| {
-        events
-            .iter()
-            .any(|e| e["type"] == "delivery" && e["rcpt_to"] == "smtp-fine@x.test")
-    });
+    // The delivery, and both refusals' events (the second, of a later transaction,
+    // may reach the event log after the delivery's).
+    let events = wait_events(
+        &daemon,
+        "the SMTP message's delivery and refusals",
+        |events| {
+            let refusals = (events.iter())
+                .filter(|e| e["type"] == "policy_rejection" && e["transmission_id"].is_null())
+                .count();
+            refusals >= 2
+                && events
+                    .iter()
+                    .any(|e| e["type"] == "delivery" && e["rcpt_to"] == "smtp-fine@x.test")
+        },
+    );
     let smtp_rejections: Vec<&Value> = events
         .iter()
         .filter(|e| e["type"] == "policy_rejection" && e["transmission_id"].is_null())
