@@ -2,7 +2,7 @@
 //! `gannet-plan plan` what one core sustains and which resource saturates first,
 //! then offers gannetd that load and more, and compares.
 //!
-//! gannetd runs on one shard confined to core 0 (`taskset`, every thread); the load
+//! gannetd runs on one shard confined to core 0 (every thread's CPU affinity); the load
 //! (gannet-blast, at a fixed rate) and the sink (gannet-sink, reached by a static
 //! route) run on the other core, so that the planner's "one core" is literal. The
 //! profile is calibrated the same way (`gannet-plan calibrate`, unless `--profile`
@@ -23,7 +23,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gannet_bench::harness::Sink;
 use gannet_bench::{append_results, command_line, command_output, machine, servers};
-use gannet_tools::plan::calibrate::process_cpu_seconds;
+use gannet_tools::plan::calibrate::{confine, process_cpu_seconds};
 
 #[derive(Debug, Parser)]
 #[command(about = "The capacity planner's predictions against measured runs")]
@@ -235,7 +235,7 @@ fn main() -> Result<()> {
     writeln!(md, "- machine: {}", machine())?;
     writeln!(
         md,
-        "- revision: {rev}; gannetd on one shard confined to core 0 (taskset), gannet-blast at a fixed rate and gannet-sink on core 1; {} s per point; profile `{}` (gannet-plan calibrate, same confinement); predictions from `gannet-plan plan` with cores = 1, utilization = 1",
+        "- revision: {rev}; gannetd on one shard confined to core 0 (every thread's CPU affinity), gannet-blast at a fixed rate and gannet-sink on core 1; {} s per point; profile `{}` (gannet-plan calibrate, same confinement); predictions from `gannet-plan plan` with cores = 1, utilization = 1",
         args.seconds,
         profile.display()
     )?;
@@ -330,23 +330,10 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// Confines every thread of `pid` to `cpu`.
-fn confine(pid: u32, cpu: usize) -> Result<()> {
-    let status = Command::new("taskset")
-        .args(["-a", "-p", "-c", &cpu.to_string(), &pid.to_string()])
-        .stdout(Stdio::null())
-        .status()
-        .context("taskset (util-linux)")?;
-    if !status.success() {
-        bail!("taskset -a -p -c {cpu} {pid} failed");
-    }
-    Ok(())
-}
-
 /// One point: gannetd, the sink and the load at `offered` messages per second.
 fn run_point(args: &Args, case: &Case, offered: f64) -> Result<Point> {
     let sink = Sink::start(&args.sink, &[])?;
-    confine(sink.pid(), 1)?;
+    confine(sink.pid(), 1);
     let dir = args.dir.join(case.name);
     let dkim = if case.dkim.is_empty() {
         String::new()
@@ -393,7 +380,7 @@ fn run_point(args: &Args, case: &Case, offered: f64) -> Result<Point> {
         sink.smtp
     );
     let server = servers::gannetd(&args.gannetd, &dir, 1, "pin_cores = false", &rest)?;
-    confine(server.pid, 0)?;
+    confine(server.pid, 0);
     let target = if case.http {
         format!("127.0.0.1:{}", server.http_port)
     } else {

@@ -60,7 +60,8 @@ pub fn parse_metrics(text: &str) -> Metrics {
     out
 }
 
-fn total(m: &Metrics, name: &str) -> f64 {
+/// A metric's sum over the shards.
+pub fn total(m: &Metrics, name: &str) -> f64 {
     m.get(name).map_or(0.0, |by_shard| by_shard.values().sum())
 }
 

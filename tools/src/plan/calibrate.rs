@@ -157,7 +157,7 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
             smtp_load(g.smtp, warm, size, PER_CONNECTION, None, load_cores)?;
             let cpu =
                 g.measure(|_| smtp_load(g.smtp, n, size, PER_CONNECTION, None, load_cores))?;
-            let signed = g.metric("gannet_dkim_signatures_total")? - warm as f64;
+            let signed = g.metric("dkim_signatures_total")? - warm as f64;
             g.stop()?;
             if signed < (ROUNDS * n) as f64 {
                 bail!("DKIM {name}: {signed} of {} messages signed", ROUNDS * n);
@@ -327,30 +327,29 @@ fn spool_bytes(data: &Path) -> Result<f64> {
     Ok(total as f64)
 }
 
-/// Pins the calling thread (`tid` 0) or thread `tid` to the cores from `from` on
-/// (when given).
-fn pin_to(tid: i32, from: Option<usize>) {
-    let Some(from) = from else { return };
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+/// Sets thread `tid`'s (0: the calling thread's) cores to `cores`.
+fn set_affinity(tid: i32, cores: std::ops::Range<usize>) {
     // SAFETY: a zeroed cpu_set_t is the empty set; CPU_SET writes inside it, and
     // sched_setaffinity only reads it.
     unsafe {
         let mut set: libc::cpu_set_t = std::mem::zeroed();
-        for core in from..cores.max(from + 1) {
+        for core in cores {
             libc::CPU_SET(core, &mut set);
         }
         libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
     }
 }
 
-/// Pins the calling thread to the cores from `from` on.
+/// Pins the calling thread to the cores from `from` on (when given).
 fn pin(from: Option<usize>) {
-    pin_to(0, from);
+    let Some(from) = from else { return };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    set_affinity(0, from..cores.max(from + 1));
 }
 
-/// Confines every thread of process `pid` to core 0 (threads it starts later
-/// inherit that).
-fn confine_to_core_0(pid: u32) {
+/// Confines every thread of process `pid` to `core` (threads it starts later
+/// inherit that), as `taskset -a -p -c <core> <pid>` does.
+pub fn confine(pid: u32, core: usize) {
     for task in std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
         .flatten()
@@ -361,12 +360,7 @@ fn confine_to_core_0(pid: u32) {
             .to_str()
             .and_then(|t| t.parse::<i32>().ok())
         {
-            // SAFETY: as in pin_to: the set names core 0 alone.
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(0, &mut set);
-                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
-            }
+            set_affinity(tid, core..core + 1);
         }
     }
 }
@@ -460,7 +454,7 @@ impl Gannetd {
         g.smtp = first("smtp")?;
         g.http = first("http")?;
         if std::thread::available_parallelism().map_or(1, |n| n.get()) > 1 {
-            confine_to_core_0(g.child.id());
+            confine(g.child.id(), 0);
         }
         Ok(g)
     }
@@ -501,17 +495,15 @@ impl Gannetd {
         Ok(self.measure_share(load)?.0)
     }
 
-    /// The sum of a metric over its shards (Prometheus text from `/metrics`).
+    /// The admin client (`gannetctl`'s) on this gannetd's HTTP listener.
+    fn client(&self) -> crate::ctl::Client {
+        crate::ctl::Client::new(&format!("http://{}", self.http), Some(KEY.to_string()))
+    }
+
+    /// The sum of a metric (`gannet_` left out) over its shards.
     fn metric(&self, name: &str) -> Result<f64> {
-        let (status, body) = http_request(self.http, "GET", "/metrics", b"")?;
-        if status != 200 {
-            bail!("GET /metrics: {status}");
-        }
-        Ok(body
-            .lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        let metrics = crate::ctl::top::parse_metrics(&self.client().text("GET", "/metrics", None)?);
+        Ok(crate::ctl::top::total(&metrics, name))
     }
 
     /// SIGTERM and wait; the data directory (for the spool).
@@ -684,7 +676,8 @@ fn http_load(g: &Gannetd, total: u64, size: usize, core: Option<usize>) -> Resul
         .split_once("\r\n\r\n")
         .map(|(_, body)| body.to_string())
         .unwrap_or_default();
-    let before = g.metric("gannet_http_messages_generated_total")?;
+    let before = g.metric("http_messages_generated_total")?;
+    let client = g.client();
     let mut sent = 0;
     while sent < total {
         let batch = (total - sent).min(500);
@@ -695,49 +688,19 @@ fn http_load(g: &Gannetd, total: u64, size: usize, core: Option<usize>) -> Resul
             "recipients": recipients,
             "content": { "from": "c@calib.test", "subject": "calibration", "text": text },
         });
-        let (status, reply) = http_request(
-            g.http,
-            "POST",
-            "/api/v1/transmissions",
-            body.to_string().as_bytes(),
-        )?;
-        if status != 200 {
-            bail!("POST /api/v1/transmissions: {status} {reply}");
-        }
+        client
+            .request("POST", "/api/v1/transmissions", Some(&body))
+            .context("POST /api/v1/transmissions")?;
         sent += batch;
     }
     let deadline = Instant::now() + Duration::from_secs(600);
-    while g.metric("gannet_http_messages_generated_total")? - before < total as f64 {
+    while g.metric("http_messages_generated_total")? - before < total as f64 {
         if Instant::now() > deadline {
             bail!("gannetd did not generate {total} messages within 10 minutes");
         }
         std::thread::sleep(Duration::from_millis(2));
     }
     Ok(())
-}
-
-/// One HTTP/1.1 request (connection closed after it): (status, body).
-fn http_request(addr: SocketAddr, method: &str, path: &str, body: &[u8]) -> Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(10))?;
-    s.set_read_timeout(Some(Duration::from_secs(120)))?;
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nhost: gannet\r\nauthorization: {KEY}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
-    )?;
-    s.write_all(body)?;
-    let mut reply = String::new();
-    s.read_to_string(&mut reply)?;
-    let status = reply
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| anyhow!("no HTTP status in {reply:?}"))?;
-    let body = reply
-        .split_once("\r\n\r\n")
-        .map_or("", |(_, b)| b)
-        .to_string();
-    Ok((status, body))
 }
 
 /// The calibration's SMTP sink: accepts everything and counts messages.
