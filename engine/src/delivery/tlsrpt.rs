@@ -128,6 +128,18 @@ impl Recorder {
         recorder
     }
 
+    /// Moves on to period `next`. The ended period's counts are kept for writing
+    /// only when some of them are not on disk yet: written again unchanged, they
+    /// could bring back a period shard 0 has already reported and removed, and it
+    /// would be reported twice.
+    fn end_period(&self, next: u64) {
+        let ended = std::mem::take(&mut *self.counts.borrow_mut());
+        if self.dirty.replace(false) {
+            *self.ended.borrow_mut() = Some((self.period.get(), ended));
+        }
+        self.period.set(next);
+    }
+
     pub fn enabled(&self) -> bool {
         self.config.enabled
     }
@@ -150,9 +162,7 @@ impl Recorder {
         }
         let period = self.period_of(unix_ms() / 1000);
         if period != self.period.get() {
-            let ended = std::mem::take(&mut *self.counts.borrow_mut());
-            *self.ended.borrow_mut() = Some((self.period.get(), ended));
-            self.period.set(period);
+            self.end_period(period);
         }
         let mut counts = self.counts.borrow_mut();
         if !counts.contains_key(domain) && counts.len() >= self.config.domains_max.usize() {
@@ -311,9 +321,7 @@ pub async fn run(d: Rc<Dispatcher>) {
         // A period that ended with no session since: its counts move on too.
         let now_period = r.period_of(unix_ms() / 1000);
         if now_period != r.period.get() && r.ended.borrow().is_none() {
-            let ended = std::mem::take(&mut *r.counts.borrow_mut());
-            *r.ended.borrow_mut() = Some((r.period.get(), ended));
-            r.period.set(now_period);
+            r.end_period(now_period);
         }
         write_counts(&d).await;
         if r.shard == 0 {
