@@ -693,6 +693,34 @@ mod tests {
     }
 
     #[test]
+    fn an_ended_period_is_written_again_only_with_counts_not_yet_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = Recorder::new(&TlsReportingConfig::default(), dir.path(), 0);
+        let sts = || Policy {
+            policy_type: "sts".into(),
+            policy_string: vec!["version: STSv1".into()],
+            mx_host: vec!["*.a.test".into()],
+        };
+        let first = r.period.get();
+        r.record("a.test", sts, Outcome::Success);
+        // Written (as write_counts does), then the period ends with nothing new:
+        // nothing is queued that could bring the period back once reported.
+        assert!(r.dirty.replace(false));
+        r.end_period(first + 86_400);
+        assert!(r.ended.borrow().is_none());
+        assert!(r.counts.borrow().is_empty());
+        // A session counted since the last write (back in the running period, which
+        // `record` takes from the clock): the ended period goes out once more.
+        r.period.set(first);
+        r.record("a.test", sts, Outcome::Success);
+        r.end_period(first + 86_400);
+        let ended = r.ended.borrow();
+        let (period, counts) = ended.as_ref().unwrap();
+        assert_eq!(*period, first);
+        assert_eq!(counts["a.test"].successes, 1);
+    }
+
+    #[test]
     fn counts_are_bounded_and_merge_across_shards_into_one_report() {
         let dir = tempfile::tempdir().unwrap();
         let config = TlsReportingConfig {
