@@ -42,7 +42,7 @@ cargo run --quiet -p gannet-bench --bin relay-bench -- \
 
 # The capacity planner's validation: calibrate, plan, and one short point of load.
 cargo run --quiet -p gannet-bench --bin plan-bench -- \
-  --workloads smtp-4k --loads 1.0 --seconds 1 --calibrate-messages 100 \
+  --workloads smtp-4k,smtp-16k-slow-disk --loads 1.0 --seconds 1 --calibrate-messages 100 \
   --gannetd target/debug/gannetd --plan target/debug/gannet-plan \
   --blast target/debug/gannet-blast --sink target/debug/gannet-sink \
   --dir "${TMPDIR:-/tmp}/gannet-plan-smoke.$$" --results "" --charts "" >/dev/null

@@ -1,6 +1,7 @@
 //! Helpers shared by gannet's benchmarks: what machine this is, what the disk and the
 //! processes under test did (device flushes, CPU seconds), and the report header.
 
+pub mod blkio;
 pub mod charts;
 pub mod fuzz;
 pub mod harness;

@@ -97,6 +97,42 @@ fn calibration_writes_a_profile_that_plans_the_example_workloads() {
     assert!(p.disk.flush_p50_us > 0.0 && p.disk.flush_p99_us >= p.disk.flush_p50_us);
     assert!(p.disk.bandwidth_bytes_per_s > 1e6);
     assert!(p.queued_bytes_per_message > 0.0 && p.base_rss_bytes > 1e6);
+    // Below the knee an acknowledgement waits under a second at the 99th percentile
+    // beyond the disk's flushes (tens of ms on a loaded test machine, a few here).
+    assert!(
+        (0.0..1000.0).contains(&p.ack_p99_base_ms),
+        "{}",
+        p.ack_p99_base_ms
+    );
+
+    // Another disk measured alone: the profile comes back with its disk (and the
+    // disk's name) replaced and everything else as calibrated.
+    let other = dir.path().join("other-disk.json");
+    let out = plan_cmd()
+        .args(["calibrate", "--messages", "60", "--disk-only"])
+        .arg(&profile_path)
+        .arg("--dir")
+        .arg(dir.path().join("disk-scratch"))
+        .arg("--out")
+        .arg(&other)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("measuring disk"), "{stderr}");
+    assert!(!stderr.contains("measuring SMTP"), "{stderr}");
+    assert!(!dir.path().join("disk-scratch").exists());
+    let q = Profile::load(&other).unwrap();
+    assert!(q.disk.bandwidth_bytes_per_s > 1e6 && q.disk.flush_p50_us > 0.0);
+    assert_ne!(q.disk, p.disk, "measured again");
+    assert_eq!(
+        Profile {
+            disk: p.disk,
+            host: p.host.clone(),
+            ..q.clone()
+        },
+        p
+    );
 
     for workload in workloads() {
         let out = plan_cmd()
@@ -148,6 +184,11 @@ fn calibration_writes_a_profile_that_plans_the_example_workloads() {
             .filter_map(|r| r["limit_per_s"].as_f64())
             .fold(f64::INFINITY, f64::min);
         assert_eq!(sustainable, lowest);
+        // The predicted acknowledgement p99 is at least the disk's flushes and the
+        // measured protocol wait.
+        let ack = plan["ack_p99_ms"].as_f64().unwrap();
+        let floor = p.ack_p99_base_ms + (p.disk.flush_p50_us + p.disk.flush_p99_us) / 1000.0;
+        assert!(ack >= floor - 1e-9, "{ack} < {floor}");
         let peak = plan["peak_per_s"].as_f64().unwrap();
         let hosts = plan["hosts"].as_u64().unwrap() as f64;
         assert!(hosts >= 1.0 && hosts * sustainable >= peak && (hosts - 1.0) * sustainable < peak);
@@ -192,6 +233,18 @@ fn bad_inputs_are_refused_with_file_key_and_line() {
     )
     .unwrap();
     let err = plan_with(&profile);
+    assert!(
+        err.contains(&format!("{}:2:", profile.display()))
+            && err.contains("not a gannet-plan profile"),
+        "{err}"
+    );
+    let err = run(&[
+        "calibrate".as_ref(),
+        "--disk-only".as_ref(),
+        profile.as_os_str(),
+        "--dir".as_ref(),
+        dir.path().join("d").as_os_str(),
+    ]);
     assert!(
         err.contains(&format!("{}:2:", profile.display()))
             && err.contains("not a gannet-plan profile"),

@@ -33,6 +33,10 @@ enum Command {
         /// Where the profile goes.
         #[arg(long, default_value = "gannet-profile.json")]
         out: PathBuf,
+        /// Measure only the disk under --dir and write this profile with its disk
+        /// replaced: to plan for another spool device without measuring the rest again.
+        #[arg(long, value_name = "PROFILE")]
+        disk_only: Option<PathBuf>,
     },
     /// Plan for a workload (TOML; see tuning/workloads/) with a host profile.
     Plan {
@@ -62,7 +66,19 @@ fn run(cli: Cli) -> Result<(), String> {
             dir,
             messages,
             out,
+            disk_only,
         } => {
+            if let Some(base) = disk_only {
+                let mut profile = Profile::load(&base)?;
+                std::fs::create_dir_all(&dir)
+                    .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+                eprintln!("measuring disk: flush latency and bandwidth…");
+                profile.disk = calibrate::disk(&dir, messages.clamp(50, 1000) as usize)
+                    .map_err(|e| format!("{e:#}"))?;
+                profile.host.disk = calibrate::mount_of(&dir);
+                let _ = std::fs::remove_dir_all(&dir);
+                return write_profile(&profile, &out);
+            }
             let gannetd = gannetd.unwrap_or_else(default_gannetd);
             let revision = std::process::Command::new(&gannetd)
                 .arg("--version")
@@ -81,12 +97,7 @@ fn run(cli: Cli) -> Result<(), String> {
                 calibrate::calibrate(&options, &mut |what| eprintln!("measuring {what}…"))
                     .map_err(|e| format!("{e:#}"))?;
             let _ = std::fs::remove_dir_all(&dir);
-            let text = serde_json::to_string_pretty(&profile).map_err(|e| e.to_string())?;
-            gannet_spool::durable::write_file(&out, format!("{text}\n").as_bytes(), 0o644)
-                .map_err(|e| format!("writing {}: {e}", out.display()))?;
-            println!("{text}");
-            eprintln!("profile written to {}", out.display());
-            Ok(())
+            write_profile(&profile, &out)
         }
         Command::Plan {
             workload,
@@ -105,6 +116,16 @@ fn run(cli: Cli) -> Result<(), String> {
             Ok(())
         }
     }
+}
+
+/// Writes the profile durably (a crash leaves the old file or the new one) and prints it.
+fn write_profile(profile: &Profile, out: &std::path::Path) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(profile).map_err(|e| e.to_string())?;
+    gannet_spool::durable::write_file(out, format!("{text}\n").as_bytes(), 0o644)
+        .map_err(|e| format!("writing {}: {e}", out.display()))?;
+    println!("{text}");
+    eprintln!("profile written to {}", out.display());
+    Ok(())
 }
 
 /// gannetd beside this program (as cargo and the install steps put them), else the

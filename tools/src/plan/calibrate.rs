@@ -10,7 +10,8 @@
 //! - SMTP acceptance (durable 250, delivery suspended): CPU, spool bytes, memory
 //!   per queued message;
 //! - relay (acceptance and one delivery to a sink in this process, by a static
-//!   route): CPU, spool bytes;
+//!   route): CPU, spool bytes; and the acknowledgement's p99 at half the relay
+//!   rate (2 KiB messages at a fixed rate);
 //! - DKIM (acceptance with an Ed25519 or RSA-2048 key, less acceptance without);
 //! - TLS (STARTTLS with one message per connection, less plaintext; and bulk);
 //! - HTTP transmissions (generation per recipient, delivery suspended);
@@ -40,6 +41,8 @@ const ROUNDS: u64 = 3;
 const PER_CONNECTION: u64 = 50;
 /// DKIM keys loaded beside the signing one, to measure a key's memory.
 const DKIM_KEYS: usize = 500;
+/// Seconds of fixed-rate load for the acknowledgement latency.
+const LATENCY_SECS: f64 = 3.0;
 /// Concurrent client connections: enough that gannetd, not the client, sets the
 /// pace, so that costs are measured at saturation (where a core batches the most
 /// work per wake-up, and where capacity is decided).
@@ -102,6 +105,7 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
     // gannetd's share of its saturated core while relaying: the rest is the
     // kernel's work for it (network softirqs) and the scheduler's.
     let mut shares = Vec::new();
+    let mut ack_p99_ms = 0.0;
     for size in [SMALL, LARGE] {
         let sink = Sink::start(load_cores)?;
         let route = format!(
@@ -116,6 +120,17 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
             sink.wait_for(warm + (round + 1) * n, Duration::from_secs(600))
         })?;
         shares.push(share);
+        if size == SMALL {
+            // The acknowledgement's wait below the knee: half of what this core
+            // relays, offered at a fixed rate.
+            let rate = 0.5 * share * 1e6 * n as f64 / cpu.max(1.0);
+            let mut latencies = paced_latencies(g.smtp, rate, LATENCY_SECS, size, load_cores)?;
+            latencies.sort_by(f64::total_cmp);
+            ack_p99_ms = latencies
+                .get(((latencies.len().saturating_sub(1)) as f64 * 0.99).round() as usize)
+                .copied()
+                .unwrap_or(0.0);
+        }
         let data = g.stop()?;
         relay.push((size as f64, cpu / n as f64));
         spool_relay.push((
@@ -234,6 +249,7 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
         queued_bytes_per_message: queued,
         base_rss_bytes: base_rss,
         dkim_key_bytes,
+        ack_p99_base_ms: (ack_p99_ms - (disk.flush_p50_us + disk.flush_p99_us) / 1000.0).max(0.0),
     })
 }
 
@@ -253,18 +269,7 @@ fn host(dir: &Path) -> Host {
         .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
         .unwrap_or(0)
         * 1024;
-    // The mount holding `dir`: the longest mount point that is a prefix of it.
-    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
-    let disk = read("/proc/mounts")
-        .lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.len() >= 3 && dir.starts_with(f[1]))
-                .then(|| (f[1].len(), format!("{} on {} ({})", f[0], f[1], f[2])))
-        })
-        .max()
-        .map(|(_, d)| d)
-        .unwrap_or_default();
+    let disk = mount_of(dir);
     Host {
         cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         memory_bytes,
@@ -274,9 +279,26 @@ fn host(dir: &Path) -> Host {
     }
 }
 
+/// The filesystem holding `dir`, as "device on mount point (type)": the longest
+/// mount point that is a prefix of it.
+pub fn mount_of(dir: &Path) -> String {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && dir.starts_with(f[1]))
+                .then(|| (f[1].len(), format!("{} on {} ({})", f[0], f[1], f[2])))
+        })
+        .max()
+        .map(|(_, d)| d)
+        .unwrap_or_default()
+}
+
 /// Flush latency (4 KiB + fdatasync, `n` times) and bandwidth (1 MiB + fdatasync,
 /// 64 times) in `dir`.
-fn disk(dir: &Path, n: usize) -> Result<Disk> {
+pub fn disk(dir: &Path, n: usize) -> Result<Disk> {
     use std::os::unix::fs::FileExt as _;
     let path = dir.join("flush-probe");
     let file = std::fs::OpenOptions::new()
@@ -666,6 +688,61 @@ fn smtp_load(
             .map_err(|_| anyhow!("a client thread panicked"))??;
     }
     Ok(())
+}
+
+/// Messages of `size` offered at `rate` per second for `seconds` over `CONNECTIONS`
+/// connections (message k is due at k / rate; each connection takes every
+/// CONNECTIONS-th): every acknowledgement's latency in ms, counted from when the
+/// message was due, so that a client held up by a slow reply does not hide the wait
+/// of the messages behind it.
+fn paced_latencies(
+    addr: SocketAddr,
+    rate: f64,
+    seconds: f64,
+    size: usize,
+    core: Option<usize>,
+) -> Result<Vec<f64>> {
+    let total = (rate * seconds).max(CONNECTIONS as f64) as u64;
+    let start = Instant::now() + Duration::from_millis(100);
+    let threads: Vec<_> = (0..CONNECTIONS as u64)
+        .map(|t| {
+            std::thread::spawn(move || -> Result<Vec<f64>> {
+                pin(core);
+                let body = message(size, 0);
+                let mut latencies = Vec::new();
+                let mut client: Option<Client> = None;
+                let mut sent = 0;
+                for k in (t..total).step_by(CONNECTIONS) {
+                    let due = start + Duration::from_secs_f64(k as f64 / rate);
+                    if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                        std::thread::sleep(wait);
+                    }
+                    if sent == PER_CONNECTION {
+                        if let Some(mut c) = client.take() {
+                            let _ = c.command("QUIT", "221");
+                        }
+                        sent = 0;
+                    }
+                    let c = match &mut client {
+                        Some(c) => c,
+                        None => client.insert(Client::connect(addr, None)?),
+                    };
+                    c.send(&body, k)?;
+                    sent += 1;
+                    latencies.push(due.elapsed().as_secs_f64() * 1e3);
+                }
+                Ok(latencies)
+            })
+        })
+        .collect();
+    let mut all = Vec::new();
+    for t in threads {
+        all.extend(
+            t.join()
+                .map_err(|_| anyhow!("a client thread panicked"))??,
+        );
+    }
+    Ok(all)
 }
 
 /// `total` recipients in transmissions of 500, each message of about `size`;

@@ -94,6 +94,12 @@ pub struct Profile {
     pub base_rss_bytes: f64,
     /// Resident memory per DKIM key configured (RSA-2048, parsed at start).
     pub dkim_key_bytes: f64,
+    /// The acknowledgement's p99 (ms) relaying 2 KiB messages at half the core's
+    /// relay rate over 64 connections, less the disk's flush p50 + p99: the part of
+    /// the wait that is the protocol and the core's scheduling, not the disk.
+    /// (Absent from profiles calibrated before it was measured: 0.)
+    #[serde(default)]
+    pub ack_p99_base_ms: f64,
 }
 
 impl Profile {

@@ -66,6 +66,7 @@ fn profile() -> Profile {
         queued_bytes_per_message: 1000.0,
         base_rss_bytes: (1u64 << 30) as f64,
         dkim_key_bytes: 0.0,
+        ack_p99_base_ms: 0.0,
     }
 }
 
@@ -134,8 +135,42 @@ fn the_disk_limits_by_bandwidth_and_by_the_latency_target() {
     let p = plan(&workload("ack_p99_ms = 50\n"), &profile()).unwrap();
     let per = 11_340.0;
     assert!((limit(&p, "disk bandwidth") - 100e6 * 0.75 / per).abs() < 1e-6);
-    // The floor is 1 + 4 = 5 ms: under 50 ms while the disk is under 90% busy.
+    // The floor is 1 + 4 = 5 ms: under 50 ms while the disk is under 90% busy —
+    // beyond the 75% allowed, so the bandwidth's limit is the latency's too; at 95%
+    // allowed, the latency target binds first.
+    assert!((limit(&p, "disk flush latency") - 100e6 / per * 0.75).abs() < 1e-6);
+    assert_eq!(p.bottleneck, "disk bandwidth");
+    let p = plan(
+        &workload("ack_p99_ms = 50\n[host]\nutilization = 0.95\n"),
+        &profile(),
+    )
+    .unwrap();
     assert!((limit(&p, "disk flush latency") - 100e6 / per * 0.9).abs() < 1e-6);
+    assert_eq!(p.bottleneck, "disk flush latency");
+    // A loose target lets the disk fill past the allowed utilization: the latency
+    // limit is the bandwidth's, and the bandwidth is named first, even at 100%.
+    let mut slow = profile();
+    slow.disk.bandwidth_bytes_per_s = 1e6;
+    let p = plan(
+        &workload("ack_p99_ms = 2000\n[host]\nutilization = 1.0\n"),
+        &slow,
+    )
+    .unwrap();
+    assert!((limit(&p, "disk flush latency") - limit(&p, "disk bandwidth")).abs() < 1e-9);
+    assert_eq!(p.bottleneck, "disk bandwidth");
+    // What the protocol and scheduling add comes off the target: 5 ms of floor
+    // under 50 − 25 ms while the disk is under 80% busy.
+    let mut waits = profile();
+    waits.ack_p99_base_ms = 25.0;
+    let p = plan(&workload("ack_p99_ms = 50\n"), &waits).unwrap();
+    assert!((limit(&p, "disk flush latency") - 100e6 / per * 0.75).abs() < 1e-6);
+    // At the peak (1,000/s on one host, the disk 11.34% busy) the predicted p99 is
+    // 25 + 5 / (1 − 0.1134) ms.
+    assert_eq!(p.hosts, 1);
+    assert!((p.ack_p99_ms - (25.0 + 5.0 / (1.0 - 1000.0 * per / 100e6))).abs() < 1e-9);
+    let p = plan(&workload("ack_p99_ms = 30\n"), &waits).unwrap();
+    assert_eq!(limit(&p, "disk flush latency"), 0.0);
+    assert!(p.notes.iter().any(|n| n.contains("25.0 ms of protocol")));
     // A target under the floor: no rate meets it, and the plan says so.
     let p = plan(&workload("ack_p99_ms = 4\n"), &profile()).unwrap();
     assert_eq!(p.sustainable_per_s, 0.0);
