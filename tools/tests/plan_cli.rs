@@ -94,6 +94,10 @@ fn calibration_writes_a_profile_that_plans_the_example_workloads() {
     assert!((1000.0..1100.0).contains(&per_kib), "{per_kib}");
     assert!(p.spool_accept_bytes.base > 100.0);
     assert!(p.spool_relay_bytes.at(2048.0) > p.spool_accept_bytes.at(2048.0));
+    // What reaches the disk is at least the body, in whole pages.
+    let written = p.disk_write_accept_bytes.at(65536.0);
+    assert!(written >= 65536.0, "{written}");
+    assert!(p.disk_write_relay_bytes.at(65536.0) >= written);
     assert!(p.disk.flush_p50_us > 0.0 && p.disk.flush_p99_us >= p.disk.flush_p50_us);
     assert!(p.disk.bandwidth_bytes_per_s > 1e6);
     assert!(p.queued_bytes_per_message > 0.0 && p.base_rss_bytes > 1e6);

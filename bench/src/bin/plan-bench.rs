@@ -27,7 +27,7 @@ use clap::Parser;
 use gannet_bench::blkio::Throttle;
 use gannet_bench::harness::Sink;
 use gannet_bench::{append_results, command_line, command_output, machine, servers};
-use gannet_tools::plan::calibrate::{confine, process_cpu_seconds};
+use gannet_tools::plan::calibrate::{confine, process_cpu_seconds, process_written_bytes};
 
 #[derive(Debug, Parser)]
 #[command(about = "The capacity planner's predictions against measured runs")]
@@ -186,6 +186,8 @@ struct Point {
     /// The disk's busy share, or with a throttled disk the share of its allowed
     /// bandwidth written.
     disk_busy: f64,
+    /// Bytes gannetd wrote to the disk per message delivered.
+    disk_bytes: f64,
     failed: u64,
 }
 
@@ -295,6 +297,7 @@ fn main() -> Result<()> {
         // The workloads' own volume is light (116 msgs/s): the plan's p99 there is
         // what it predicts below the knee.
         let ack_p99 = plan["ack_p99_ms"].as_f64().unwrap_or(f64::NAN);
+        let disk_bytes = plan["disk_bytes_per_message"].as_f64().unwrap_or(f64::NAN);
         eprintln!(
             "{}: predicted {predicted:.0} msgs/s, {bottleneck} first",
             case.name
@@ -305,7 +308,7 @@ fn main() -> Result<()> {
             eprintln!("  {point:?}");
             points.push(point);
         }
-        report.push((case, predicted, bottleneck, ack_p99, points));
+        report.push((case, predicted, bottleneck, (ack_p99, disk_bytes), points));
     }
 
     use std::fmt::Write as _;
@@ -349,10 +352,10 @@ fn main() -> Result<()> {
     for (name, why) in &skipped {
         writeln!(md, "| {name} | skipped: {why} | | | | |")?;
     }
-    for (case, predicted, _, ack_p99, points) in &report {
+    for (case, predicted, _, (ack_p99, disk_bytes), points) in &report {
         writeln!(
             md,
-            "\n{} (predicted {predicted:.0} msgs/s, ack p99 {ack_p99:.1} ms below the knee):\n",
+            "\n{} (predicted {predicted:.0} msgs/s, ack p99 {ack_p99:.1} ms below the knee, {disk_bytes:.0} disk bytes per message):\n",
             case.name
         )?;
         if case.disk_write_bytes_per_s > 0 {
@@ -364,13 +367,13 @@ fn main() -> Result<()> {
         }
         writeln!(
             md,
-            "| offered msgs/s | × predicted | accepted msgs/s | delivered msgs/s | ack p50 ms | ack p99 ms | gannetd CPU (cores) | disk busy | failed |"
+            "| offered msgs/s | × predicted | accepted msgs/s | delivered msgs/s | ack p50 ms | ack p99 ms | gannetd CPU (cores) | disk busy | disk bytes/msg | failed |"
         )?;
-        writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
+        writeln!(md, "|---|---|---|---|---|---|---|---|---|---|")?;
         for p in points {
             writeln!(
                 md,
-                "| {:.0} | {:.2} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {:.0}% | {} |",
+                "| {:.0} | {:.2} | {:.0} | {:.0} | {:.1} | {:.1} | {:.2} | {:.0}% | {:.0} | {} |",
                 p.offered,
                 p.offered / predicted.max(1e-9),
                 p.accepted,
@@ -379,6 +382,7 @@ fn main() -> Result<()> {
                 p.p99_ms,
                 p.cpu_cores,
                 p.disk_busy * 100.0,
+                p.disk_bytes,
                 p.failed
             )?;
         }
@@ -488,10 +492,11 @@ fn run_point(args: &Args, case: &Case, offered: f64, throttle: Option<&Throttle>
         format!("127.0.0.1:{}", server.port)
     };
     let received0 = sink.received()?;
-    let (cpu0, busy0, written0, t0) = (
+    let (cpu0, busy0, written0, bytes0, t0) = (
         process_cpu_seconds(server.pid),
         gannet_bench::device_busy_ms(&dir),
         written(),
+        process_written_bytes(server.pid),
         Instant::now(),
     );
     let blast = Command::new("taskset")
@@ -507,6 +512,7 @@ fn run_point(args: &Args, case: &Case, offered: f64, throttle: Option<&Throttle>
         .context("running gannet-blast")?;
     let wall = t0.elapsed().as_secs_f64();
     let cpu = process_cpu_seconds(server.pid) - cpu0;
+    let bytes = process_written_bytes(server.pid).saturating_sub(bytes0);
     let busy = match throttle {
         Some(throttle) => {
             written().saturating_sub(written0) as f64 / throttle.write_bytes_per_s as f64
@@ -528,6 +534,7 @@ fn run_point(args: &Args, case: &Case, offered: f64, throttle: Option<&Throttle>
         p99_ms: result["latency_ms"]["p99"].as_f64().unwrap_or(0.0),
         cpu_cores: cpu / wall,
         disk_busy: busy / wall,
+        disk_bytes: bytes as f64 / delivered.max(1) as f64,
         failed: result["messages_failed"].as_u64().unwrap_or(0),
     })
 }

@@ -6,11 +6,11 @@
 //! process's threads on the other cores (so that the load and the sink do not share
 //! the measured core), and reads gannetd's own CPU time from /proc before and after:
 //! what one saturated core spends per message (each measurement the median of three
-//! rounds), and the share of that core gannetd gets while relaying flat out. Sizes are measured at two points and joined by a line:
-//! - SMTP acceptance (durable 250, delivery suspended): CPU, spool bytes, memory
-//!   per queued message;
+//! rounds of at least a second each), and the share of that core gannetd gets while relaying flat out. Sizes are measured at two points and joined by a line:
+//! - SMTP acceptance (durable 250, delivery suspended): CPU, spool bytes (space
+//!   held) and bytes written to the disk, memory per queued message;
 //! - relay (acceptance and one delivery to a sink in this process, by a static
-//!   route): CPU, spool bytes; and the acknowledgement's p99 at half the relay
+//!   route): CPU, spool bytes and bytes written to the disk; and the acknowledgement's p99 at half the relay
 //!   rate (2 KiB messages at a fixed rate);
 //! - DKIM (acceptance with an Ed25519 or RSA-2048 key, less acceptance without);
 //! - TLS (STARTTLS with one message per connection, less plaintext; and bulk);
@@ -41,6 +41,9 @@ const ROUNDS: u64 = 3;
 const PER_CONNECTION: u64 = 50;
 /// DKIM keys loaded beside the signing one, to measure a key's memory.
 const DKIM_KEYS: usize = 500;
+/// A measured round lasts at least this long (more messages than asked for when
+/// gannetd is fast), so that a round is not a blip of a noisy machine.
+const MIN_ROUND_SECS: f64 = 1.0;
 /// Seconds of fixed-rate load for the acknowledgement latency.
 const LATENCY_SECS: f64 = 3.0;
 /// Concurrent client connections: enough that gannetd, not the client, sets the
@@ -78,13 +81,21 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
     say("SMTP acceptance");
     let mut accept = Vec::new();
     let mut spool_accept = Vec::new();
+    let mut write_accept = Vec::new();
     let (mut queued, mut base_rss) = (0.0, 0.0);
     for size in [SMALL, LARGE] {
         let g = Gannetd::start(o, "accept", "")?;
         let rss0 = g.status_kb("VmRSS:") * 1024;
+        let t = Instant::now();
         smtp_load(g.smtp, warm, size, PER_CONNECTION, None, load_cores)?;
+        let n = enough(n, warm, t.elapsed());
         let anon0 = g.status_kb("RssAnon:") * 1024;
+        let written0 = g.written_bytes();
         let cpu = g.measure(|_| smtp_load(g.smtp, n, size, PER_CONNECTION, None, load_cores))?;
+        write_accept.push((
+            size as f64,
+            g.written_bytes().saturating_sub(written0) as f64 / (ROUNDS * n) as f64,
+        ));
         if size == SMALL {
             base_rss = rss0 as f64;
             let anon = g.status_kb("RssAnon:") * 1024;
@@ -102,6 +113,7 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
     say("relay to a sink");
     let mut relay = Vec::new();
     let mut spool_relay = Vec::new();
+    let mut write_relay = Vec::new();
     // gannetd's share of its saturated core while relaying: the rest is the
     // kernel's work for it (network softirqs) and the scheduler's.
     let mut shares = Vec::new();
@@ -113,12 +125,19 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
             sink.addr
         );
         let g = Gannetd::start(o, "relay", &route)?;
+        let t = Instant::now();
         smtp_load(g.smtp, warm, size, PER_CONNECTION, None, load_cores)?;
         sink.wait_for(warm, Duration::from_secs(600))?;
+        let n = enough(n, warm, t.elapsed());
+        let written0 = g.written_bytes();
         let (cpu, share) = g.measure_share(|round| {
             smtp_load(g.smtp, n, size, PER_CONNECTION, None, load_cores)?;
             sink.wait_for(warm + (round + 1) * n, Duration::from_secs(600))
         })?;
+        write_relay.push((
+            size as f64,
+            g.written_bytes().saturating_sub(written0) as f64 / (ROUNDS * n) as f64,
+        ));
         shares.push(share);
         if size == SMALL {
             // The acknowledgement's wait below the knee: half of what this core
@@ -169,7 +188,9 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
                 let rss = (g.status_kb("VmRSS:") * 1024) as f64;
                 dkim_key_bytes = ((rss - base_rss) / more as f64).max(0.0);
             }
+            let t = Instant::now();
             smtp_load(g.smtp, warm, size, PER_CONNECTION, None, load_cores)?;
+            let n = enough(n, warm, t.elapsed());
             let cpu =
                 g.measure(|_| smtp_load(g.smtp, n, size, PER_CONNECTION, None, load_cores))?;
             let signed = g.metric("dkim_signatures_total")? - warm as f64;
@@ -226,7 +247,9 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
     let mut http = Vec::new();
     for size in [SMALL, LARGE] {
         let g = Gannetd::start(o, "http", "")?;
+        let t = Instant::now();
         http_load(&g, warm, size, load_cores)?;
+        let n = enough(n, warm, t.elapsed());
         let cpu = g.measure(|_| http_load(&g, n, size, load_cores))?;
         g.stop()?;
         http.push((size as f64, cpu / n as f64));
@@ -246,11 +269,20 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
         disk,
         spool_accept_bytes: Linear::through(spool_accept[0], spool_accept[1]),
         spool_relay_bytes: Linear::through(spool_relay[0], spool_relay[1]),
+        disk_write_accept_bytes: Linear::through(write_accept[0], write_accept[1]),
+        disk_write_relay_bytes: Linear::through(write_relay[0], write_relay[1]),
         queued_bytes_per_message: queued,
         base_rss_bytes: base_rss,
         dkim_key_bytes,
         ack_p99_base_ms: (ack_p99_ms - (disk.flush_p50_us + disk.flush_p99_us) / 1000.0).max(0.0),
     })
+}
+
+/// Messages per round: at least `n`, and enough for [`MIN_ROUND_SECS`] at the
+/// rate the warm-up (`warm` messages in `took`) went, within 20 × `n`.
+fn enough(n: u64, warm: u64, took: Duration) -> u64 {
+    let rate = warm as f64 / took.as_secs_f64().max(1e-3);
+    ((rate * MIN_ROUND_SECS) as u64).clamp(n, n.saturating_mul(20))
 }
 
 /// What the machine is.
@@ -390,6 +422,18 @@ pub fn confine(pid: u32, core: usize) {
 /// CPU seconds process `pid` used so far: every thread's time on a CPU from
 /// /proc/PID/task/*/schedstat (nanoseconds; /proc/PID/stat counts in ticks of 10 ms,
 /// too coarse for short runs).
+/// Bytes process `pid` has sent to the disk so far: `write_bytes` of /proc/PID/io,
+/// pages dirtied for writeback (a partly filled page flushed and written to again
+/// counts again).
+pub fn process_written_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 pub fn process_cpu_seconds(pid: u32) -> f64 {
     let ns: u64 = std::fs::read_dir(format!("/proc/{pid}/task"))
         .into_iter()
@@ -483,6 +527,13 @@ impl Gannetd {
 
     fn cpu_s(&self) -> f64 {
         process_cpu_seconds(self.child.id())
+    }
+
+    /// Bytes gannetd has sent to the disk ([`process_written_bytes`] of /proc/PID/io: pages
+    /// dirtied for writeback, so a partly filled page flushed and written to again
+    /// counts again).
+    fn written_bytes(&self) -> u64 {
+        process_written_bytes(self.child.id())
     }
 
     fn status_kb(&self, field: &str) -> u64 {

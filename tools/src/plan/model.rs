@@ -8,7 +8,9 @@
 //!   (SMTP or HTTP generation), TLS on the way in, DKIM, and every delivery attempt
 //!   with its TLS, at the calibrated per-core costs for each size of the mix.
 //! - Disk: group commit makes one flush serve every acknowledgement waiting for it,
-//!   so flushes do not cap the rate; bandwidth does, and the acknowledgement latency
+//!   so flushes do not cap the rate; bandwidth does (spent on the bytes gannetd
+//!   writes per message, as calibrated: whole pages, so more than the spool
+//!   holds), and the acknowledgement latency
 //!   target caps it lower: an acknowledgement waits for the flush in progress and its
 //!   own (p50 + p99 flush at no load), and each flush carries what arrived during
 //!   the last, so at a share ρ of the disk's bandwidth the latency is that floor
@@ -64,6 +66,8 @@ pub struct Plan {
     /// The acknowledgement p99 predicted at each host's share of the peak (ms; null
     /// when no host meets the workload).
     pub ack_p99_ms: f64,
+    /// Bytes written to the disk per injected message (the bandwidth's divisor).
+    pub disk_bytes_per_message: f64,
     pub resources: Vec<Resource>,
     pub notes: Vec<String>,
 }
@@ -123,7 +127,9 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
 
     // CPU per injected message, over the size mix.
     let mut cpu = CpuParts::default();
-    let mut spool_bytes = 0.0;
+    // Spool bytes held per message (space), and bytes written to the disk per
+    // message (bandwidth).
+    let (mut spool_bytes, mut disk_bytes) = (0.0, 0.0);
     for &(bytes, share) in &w.sizes {
         let accept = p.smtp_accept_us.at(bytes);
         let delivery = (p.relay_us.at(bytes) - accept).max(0.0);
@@ -145,6 +151,19 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
         let accepted = p.spool_accept_bytes.at(bytes);
         let delivered = (p.spool_relay_bytes.at(bytes) - accepted).max(0.0);
         spool_bytes += share * (accepted + deliveries * per_delivery * delivered);
+        let (accepted, relayed) = if p.disk_write_accept_bytes.at(bytes) > 0.0 {
+            (
+                p.disk_write_accept_bytes.at(bytes),
+                p.disk_write_relay_bytes.at(bytes),
+            )
+        } else {
+            (
+                p.spool_accept_bytes.at(bytes),
+                p.spool_relay_bytes.at(bytes),
+            )
+        };
+        let delivered = (relayed - accepted).max(0.0);
+        disk_bytes += share * (accepted + deliveries * per_delivery * delivered);
     }
     cpu.total = cpu.accept + cpu.tls_in + cpu.dkim + cpu.delivery + cpu.tls_out;
     let mut resources = Vec::new();
@@ -170,13 +189,13 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
 
     // Disk: bandwidth, and the latency target.
     let bandwidth = p.disk.bandwidth_bytes_per_s;
-    let bw_limit = bandwidth * util / spool_bytes.max(1.0);
+    let bw_limit = bandwidth * util / disk_bytes.max(1.0);
     resources.push(Resource {
         name: "disk bandwidth",
         limit_per_s: bw_limit,
         peak_use: 0.0,
         reasoning: format!(
-            "{spool_bytes:.0} spool bytes per message (with delivery records); the disk writes {:.1} MB/s with a flush per MiB; × {:.0}% = {bw_limit:.0} msgs/s",
+            "{disk_bytes:.0} bytes written to the disk per message (with delivery records, as pages); the disk writes {:.1} MB/s with a flush per MiB; × {:.0}% = {bw_limit:.0} msgs/s",
             bandwidth / 1e6,
             util * 100.0
         ),
@@ -196,7 +215,7 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
         // bandwidth (equal limits: the bandwidth, listed first, is named).
         bw_limit
     } else {
-        bandwidth / spool_bytes.max(1.0) * share
+        bandwidth / disk_bytes.max(1.0) * share
     };
     resources.push(Resource {
         name: "disk flush latency",
@@ -316,7 +335,7 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
     // The acknowledgement p99 at each host's share of the peak (the model of the
     // latency limit, evaluated there).
     let disk_share = if hosts > 0 {
-        peak / hosts as f64 * spool_bytes / bandwidth.max(1.0)
+        peak / hosts as f64 * disk_bytes / bandwidth.max(1.0)
     } else {
         1.0
     };
@@ -335,6 +354,7 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
         memory_bytes: memory,
         cpu_us: cpu,
         ack_p99_ms,
+        disk_bytes_per_message: disk_bytes,
         resources,
         notes,
     })

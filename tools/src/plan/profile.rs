@@ -89,6 +89,14 @@ pub struct Profile {
     /// delivered (the delivery's records).
     pub spool_accept_bytes: Linear,
     pub spool_relay_bytes: Linear,
+    /// Bytes sent to the disk per message accepted, and accepted and delivered, at
+    /// saturation: pages written back, so a partly filled page flushed and then
+    /// appended to is written again. What the disk's bandwidth is spent on. (Absent
+    /// from older profiles: the spool bytes stand in.)
+    #[serde(default)]
+    pub disk_write_accept_bytes: Linear,
+    #[serde(default)]
+    pub disk_write_relay_bytes: Linear,
     /// Resident memory per queued message, and gannetd's resident memory idle.
     pub queued_bytes_per_message: f64,
     pub base_rss_bytes: f64,

@@ -63,6 +63,9 @@ fn profile() -> Profile {
             base: 1100.0,
             per_kib: 1024.0,
         },
+        // Not measured (an older profile): the spool bytes stand in.
+        disk_write_accept_bytes: Linear::default(),
+        disk_write_relay_bytes: Linear::default(),
         queued_bytes_per_message: 1000.0,
         base_rss_bytes: (1u64 << 30) as f64,
         dkim_key_bytes: 0.0,
@@ -147,6 +150,19 @@ fn the_disk_limits_by_bandwidth_and_by_the_latency_target() {
     .unwrap();
     assert!((limit(&p, "disk flush latency") - 100e6 / per * 0.9).abs() < 1e-6);
     assert_eq!(p.bottleneck, "disk flush latency");
+    // Bytes written to the disk, when measured, are what the bandwidth is spent
+    // on: 2,000 + 10,240 accepted, 600 more for the delivery.
+    let mut written = profile();
+    written.disk_write_accept_bytes = Linear {
+        base: 2000.0,
+        per_kib: 1024.0,
+    };
+    written.disk_write_relay_bytes = Linear {
+        base: 2600.0,
+        per_kib: 1024.0,
+    };
+    let p = plan(&workload("ack_p99_ms = 50\n"), &written).unwrap();
+    assert!((limit(&p, "disk bandwidth") - 100e6 * 0.75 / 12_840.0).abs() < 1e-6);
     // A loose target lets the disk fill past the allowed utilization: the latency
     // limit is the bandwidth's, and the bandwidth is named first, even at 100%.
     let mut slow = profile();
