@@ -64,7 +64,8 @@ fn calibration_writes_a_profile_that_plans_the_example_workloads() {
         "DKIM ed25519",
         "DKIM rsa2048",
         "TLS",
-        "HTTP",
+        "HTTP transmissions",
+        "HTTP transmissions relayed",
     ] {
         assert!(stderr.contains(&format!("measuring {what}")), "{stderr}");
     }
@@ -81,6 +82,7 @@ fn calibration_writes_a_profile_that_plans_the_example_workloads() {
         ("accept", p.smtp_accept_us),
         ("relay", p.relay_us),
         ("http", p.http_us),
+        ("http relay", p.http_relay_us),
     ] {
         assert!(cost.at(2048.0) > 1.0, "{what}: {cost:?}");
     }

@@ -19,7 +19,7 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Measure this host through gannetd (about a minute) and write its profile.
+    /// Measure this host through gannetd (about 80 s) and write its profile.
     Calibrate {
         /// The gannetd binary (default: beside gannet-plan, else on PATH).
         #[arg(long)]

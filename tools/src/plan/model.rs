@@ -134,6 +134,12 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
         let accept = p.smtp_accept_us.at(bytes);
         let delivery = (p.relay_us.at(bytes) - accept).max(0.0);
         let http = p.http_us.at(bytes);
+        // A generated message's delivery, measured as such when the profile has it.
+        let http_delivery = if p.http_relay_us.at(bytes) > 0.0 {
+            (p.http_relay_us.at(bytes) - http).max(0.0)
+        } else {
+            delivery
+        };
         cpu.accept += share * (smtp * accept + w.http_share * http);
         cpu.tls_in += share
             * smtp
@@ -141,7 +147,9 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
             * (p.tls.handshake_us / w.messages_per_inbound_connection
                 + p.tls.per_kib_us * bytes / 1024.0);
         cpu.dkim += share * w.dkim.signatures_per_message * dkim_cost(bytes)?;
-        cpu.delivery += share * deliveries * per_delivery * delivery;
+        cpu.delivery += share
+            * per_delivery
+            * (smtp * w.recipients_per_message * delivery + w.http_share * http_delivery);
         cpu.tls_out += share
             * deliveries
             * per_delivery

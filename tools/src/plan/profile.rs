@@ -81,6 +81,11 @@ pub struct Profile {
     pub relay_us: Linear,
     /// CPU µs per message generated from an HTTP transmission (per recipient).
     pub http_us: Linear,
+    /// CPU µs per message generated from an HTTP transmission and delivered once
+    /// over SMTP. (Absent from older profiles: generation plus SMTP relay's delivery
+    /// part stands in.)
+    #[serde(default)]
+    pub http_relay_us: Linear,
     /// CPU µs per DKIM signature, by algorithm (`rsa2048`, `ed25519`).
     pub dkim_us: std::collections::BTreeMap<String, Linear>,
     pub tls: TlsCost,

@@ -29,6 +29,8 @@ fn profile() -> Profile {
             base: 40.0,
             per_kib: 2.0,
         },
+        // Not measured (an older profile): generation plus SMTP's delivery part.
+        http_relay_us: Linear::default(),
         dkim_us: [
             (
                 "rsa2048".to_string(),
@@ -112,6 +114,19 @@ fn cpu_per_message_adds_up_by_hand() {
     // Two deliveries, half of them over TLS: 2 × 0.5 × 110.
     assert!((p.cpu_us.tls_out - 110.0).abs() < 1e-6);
     assert_eq!(p.bottleneck, "cpu");
+    // Over HTTP: generation 40 + 2 × 10 = 60 µs; its delivery SMTP's 100 µs, or,
+    // measured for generated messages, 90 + 3 × 10 − 60 = 60 µs.
+    let w = workload("http_share = 1.0\n");
+    let p = plan(&w, &profile()).unwrap();
+    assert!((p.cpu_us.accept - 60.0).abs() < 1e-6, "{:?}", p.cpu_us);
+    assert!((p.cpu_us.delivery - 100.0).abs() < 1e-6);
+    let mut measured = profile();
+    measured.http_relay_us = Linear {
+        base: 90.0,
+        per_kib: 3.0,
+    };
+    let p = plan(&w, &measured).unwrap();
+    assert!((p.cpu_us.delivery - 60.0).abs() < 1e-6, "{:?}", p.cpu_us);
 }
 
 #[test]
