@@ -60,6 +60,7 @@ fn calibration_writes_a_profile_that_plans_the_example_workloads() {
     for what in [
         "disk",
         "SMTP acceptance",
+        "queues per destination domain",
         "relay",
         "DKIM ed25519",
         "DKIM rsa2048",
@@ -103,6 +104,8 @@ fn calibration_writes_a_profile_that_plans_the_example_workloads() {
     assert!(p.disk.flush_p50_us > 0.0 && p.disk.flush_p99_us >= p.disk.flush_p50_us);
     assert!(p.disk.bandwidth_bytes_per_s > 1e6);
     assert!(p.queued_bytes_per_message > 0.0 && p.base_rss_bytes > 1e6);
+    // A domain's queue costs something, and less than a megabyte.
+    assert!((1.0..1e6).contains(&p.queue_bytes), "{}", p.queue_bytes);
     // Below the knee an acknowledgement waits under a second at the 99th percentile
     // beyond the disk's flushes (tens of ms on a loaded test machine, a few here).
     assert!(

@@ -94,7 +94,7 @@ struct Case {
 const CASES: &[Case] = &[
     Case {
         name: "smtp-4k",
-        toml: "messages_per_day = 10_000_000\nsizes = [[4096, 1.0]]\nmessages_per_inbound_connection = 20\nack_p99_ms = 2000\n[host]\ncores = 1\nutilization = 1.0\n",
+        toml: "messages_per_day = 10_000_000\ndestination_domains = 1\nsizes = [[4096, 1.0]]\nmessages_per_inbound_connection = 20\nack_p99_ms = 2000\n[host]\ncores = 1\nutilization = 1.0\n",
         blast: &[
             "--size",
             "4k",
@@ -112,7 +112,7 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "smtp-tls-rsa-32k",
-        toml: "messages_per_day = 10_000_000\nsizes = [[32768, 1.0]]\nmessages_per_inbound_connection = 20\nack_p99_ms = 2000\n[dkim]\nkeys = 1\nalgorithm = \"rsa2048\"\n[tls]\ninbound_share = 1.0\n[host]\ncores = 1\nutilization = 1.0\n",
+        toml: "messages_per_day = 10_000_000\ndestination_domains = 1\nsizes = [[32768, 1.0]]\nmessages_per_inbound_connection = 20\nack_p99_ms = 2000\n[dkim]\nkeys = 1\nalgorithm = \"rsa2048\"\n[tls]\ninbound_share = 1.0\n[host]\ncores = 1\nutilization = 1.0\n",
         blast: &[
             "--size",
             "32k",
@@ -131,7 +131,7 @@ const CASES: &[Case] = &[
     },
     Case {
         name: "http-ed25519-8k",
-        toml: "messages_per_day = 10_000_000\nsizes = [[8192, 1.0]]\nhttp_share = 1.0\nack_p99_ms = 2000\n[dkim]\nkeys = 1\nalgorithm = \"ed25519\"\n[host]\ncores = 1\nutilization = 1.0\n",
+        toml: "messages_per_day = 10_000_000\ndestination_domains = 1\nsizes = [[8192, 1.0]]\nhttp_share = 1.0\nack_p99_ms = 2000\n[dkim]\nkeys = 1\nalgorithm = \"ed25519\"\n[host]\ncores = 1\nutilization = 1.0\n",
         blast: &[
             "--http",
             "--recipients",
@@ -155,7 +155,7 @@ const CASES: &[Case] = &[
     // bandwidth, not the CPU, is what runs out first.
     Case {
         name: "smtp-16k-slow-disk",
-        toml: "messages_per_day = 10_000_000\nsizes = [[16384, 1.0]]\nmessages_per_inbound_connection = 20\nack_p99_ms = 2000\n[host]\ncores = 1\nutilization = 1.0\n",
+        toml: "messages_per_day = 10_000_000\ndestination_domains = 1\nsizes = [[16384, 1.0]]\nmessages_per_inbound_connection = 20\nack_p99_ms = 2000\n[host]\ncores = 1\nutilization = 1.0\n",
         blast: &[
             "--size",
             "16k",

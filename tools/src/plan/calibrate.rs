@@ -9,6 +9,8 @@
 //! rounds of at least a second each), and the share of that core gannetd gets while relaying flat out. Sizes are measured at two points and joined by a line:
 //! - SMTP acceptance (durable 250, delivery suspended): CPU, spool bytes (space
 //!   held) and bytes written to the disk, memory per queued message;
+//! - memory per destination domain's queue (the same messages to one domain and
+//!   to as many domains);
 //! - relay (acceptance and one delivery to a sink in this process, by a static
 //!   route): CPU, spool bytes and bytes written to the disk; and the acknowledgement's p99 at half the relay
 //!   rate (2 KiB messages at a fixed rate);
@@ -110,6 +112,24 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
         ));
     }
     let smtp_accept_us = Linear::through(accept[0], accept[1]);
+
+    say("queues per destination domain");
+    // The same messages to one domain and to as many domains as messages: the
+    // difference in resident memory is the domains' queues.
+    let domains = n.clamp(100, 2000);
+    let mut grown = Vec::new();
+    for spread in [1, domains] {
+        let g = Gannetd::start(o, "queues", "")?;
+        let anon0 = g.status_kb("RssAnon:") * 1024;
+        let mut client = Client::connect(g.smtp, None)?;
+        let body = message(SMALL, 0);
+        for k in 0..domains {
+            client.send_to(&body, &format!("r{k}@d{}.dest.test", k % spread))?;
+        }
+        grown.push((g.status_kb("RssAnon:") * 1024).saturating_sub(anon0) as f64);
+        g.stop()?;
+    }
+    let queue_bytes = ((grown[1] - grown[0]) / (domains - 1) as f64).max(0.0);
 
     say("relay to a sink");
     let mut relay = Vec::new();
@@ -305,6 +325,7 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
         queued_bytes_per_message: queued,
         base_rss_bytes: base_rss,
         dkim_key_bytes,
+        queue_bytes,
         ack_p99_base_ms: (ack_p99_ms - (disk.flush_p50_us + disk.flush_p99_us) / 1000.0).max(0.0),
     })
 }
@@ -715,7 +736,12 @@ impl Client {
     /// One transaction, pipelined as injectors do with PIPELINING (RFC 2920):
     /// MAIL, RCPT and DATA in one write, then their three replies.
     fn send(&mut self, body: &[u8], n: u64) -> Result<()> {
-        let commands = format!("MAIL FROM:<c@calib.test>\r\nRCPT TO:<r{n}@dest.test>\r\nDATA\r\n");
+        self.send_to(body, &format!("r{n}@dest.test"))
+    }
+
+    /// [`Client::send`] to `recipient`.
+    fn send_to(&mut self, body: &[u8], recipient: &str) -> Result<()> {
+        let commands = format!("MAIL FROM:<c@calib.test>\r\nRCPT TO:<{recipient}>\r\nDATA\r\n");
         self.stream.write_all(commands.as_bytes())?;
         self.stream.flush()?;
         self.expect("250")?;

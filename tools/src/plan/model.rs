@@ -68,6 +68,8 @@ pub struct Plan {
     pub ack_p99_ms: f64,
     /// Bytes written to the disk per injected message (the bandwidth's divisor).
     pub disk_bytes_per_message: f64,
+    /// Deliveries per outbound connection, the busiest domain and the rest together.
+    pub messages_per_outbound_connection: f64,
     pub resources: Vec<Resource>,
     pub notes: Vec<String>,
 }
@@ -100,7 +102,60 @@ fn retry_intervals(w: &Workload) -> Vec<f64> {
     out
 }
 
+/// The plan for `w` on hosts like `p`'s. Outbound connections are reused less
+/// than `messages_per_outbound_connection` for domains whose mail trickles in, and
+/// how much less depends on the rate each host runs at, which depends on the CPU
+/// the handshakes cost: planned once at full reuse, then again at the reuse each
+/// host's share of the peak gives (one pass: the second changes the rate little).
 pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
+    let first = plan_at(w, p, w.messages_per_outbound_connection)?;
+    let rate = if first.hosts > 0 {
+        first.peak_per_s / first.hosts as f64
+    } else {
+        first.sustainable_per_s
+    };
+    let (reuse, note) = outbound_reuse(w, rate, first.cores);
+    let mut plan = plan_at(w, p, reuse)?;
+    plan.messages_per_outbound_connection = reuse;
+    plan.notes.insert(0, note);
+    Ok(plan)
+}
+
+/// Deliveries per outbound connection at `rate` injected msgs/s per host on
+/// `cores`, and why. The busiest destination's connections are always busy
+/// (`messages_per_outbound_connection`); the other domains share the rest of the
+/// mail. With arrivals at r per second, a connection closes at the first gap longer
+/// than the idle timeout T: it carries e^(rT) messages on average (at most the
+/// configured number), when one of the `idle_connections_max` per core idle slots
+/// is free for its domain, else one.
+pub fn outbound_reuse(w: &Workload, rate: f64, cores: f64) -> (f64, String) {
+    let most = w.messages_per_outbound_connection;
+    let tail = w.destination_domains - 1.0;
+    let busiest = w.busiest_destination_share;
+    if tail < 1.0 || busiest >= 1.0 {
+        return (
+            most,
+            format!("one destination domain: {most} deliveries per outbound connection"),
+        );
+    }
+    let smtp = 1.0 - w.http_share;
+    let deliveries = smtp * w.recipients_per_message + w.http_share;
+    let per_domain = rate * deliveries * (1.0 - busiest) / tail;
+    let kept = (per_domain * w.idle_timeout_secs).exp().min(most);
+    let slots = (w.idle_connections_max * cores / tail).min(1.0);
+    let tail_reuse = slots * kept + (1.0 - slots);
+    let reuse = 1.0 / (busiest / most + (1.0 - busiest) / tail_reuse);
+    (
+        reuse,
+        format!(
+            "outbound connections: at {rate:.0} msgs/s per host the {tail:.0} domains besides the busiest get {per_domain:.3} deliveries/s each; a connection to one carries {kept:.1} on average ({} s idle timeout, idle slots for {:.0}% of them): {reuse:.1} deliveries per connection overall, of {most} at most",
+            w.idle_timeout_secs,
+            slots * 100.0
+        ),
+    )
+}
+
+fn plan_at(w: &Workload, p: &Profile, reuse: f64) -> Result<Plan, String> {
     let (average, peak) = w.rates();
     let cores = if w.host.cores > 0.0 {
         w.host.cores
@@ -154,8 +209,7 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
             * deliveries
             * per_delivery
             * w.tls.outbound_share
-            * (p.tls.handshake_us / w.messages_per_outbound_connection
-                + p.tls.per_kib_us * bytes / 1024.0);
+            * (p.tls.handshake_us / reuse + p.tls.per_kib_us * bytes / 1024.0);
         let accepted = p.spool_accept_bytes.at(bytes);
         let delivered = (p.spool_relay_bytes.at(bytes) - accepted).max(0.0);
         spool_bytes += share * (accepted + deliveries * per_delivery * delivered);
@@ -250,23 +304,34 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
         .sum();
     let backlog_per_rate = deliveries * deferral * wait;
     let keys = w.dkim.keys * p.dkim_key_bytes;
-    let room = memory * util - p.base_rss_bytes - keys;
-    let mem_limit = if backlog_per_rate <= 0.0 {
+    let queues = w.destination_domains * p.queue_bytes;
+    let room = memory * util - p.base_rss_bytes - keys - queues;
+    let mem_limit = if room <= 0.0 {
+        notes.push(format!(
+            "gannetd's idle footprint, its DKIM keys and the queues of {} destination domains take more than {:.0}% of {:.1} GiB",
+            w.destination_domains,
+            util * 100.0,
+            memory / (1u64 << 30) as f64
+        ));
+        0.0
+    } else if backlog_per_rate <= 0.0 {
         f64::INFINITY
     } else {
-        (room / (backlog_per_rate * p.queued_bytes_per_message.max(1.0))).max(0.0)
+        room / (backlog_per_rate * p.queued_bytes_per_message.max(1.0))
     };
     resources.push(Resource {
         name: "memory",
         limit_per_s: mem_limit,
         peak_use: 0.0,
         reasoning: format!(
-            "each msg/s keeps {backlog_per_rate:.1} deliveries waiting to be retried ({:.1}% deferred, {wait:.0} s waited on average once deferred), {:.0} bytes each, beside {:.0} MiB idle and {:.0} MiB for {} DKIM keys; {:.1} GiB × {:.0}%: {}",
+            "each msg/s keeps {backlog_per_rate:.1} deliveries waiting to be retried ({:.1}% deferred, {wait:.0} s waited on average once deferred), {:.0} bytes each, beside {:.0} MiB idle, {:.0} MiB for {} DKIM keys and {:.0} MiB for the queues of {} destination domains; {:.1} GiB × {:.0}%: {}",
             deferral * 100.0,
             p.queued_bytes_per_message,
             p.base_rss_bytes / (1u64 << 20) as f64,
             keys / (1u64 << 20) as f64,
             w.dkim.keys,
+            queues / (1u64 << 20) as f64,
+            w.destination_domains,
             memory / (1u64 << 30) as f64,
             util * 100.0,
             rate_text(mem_limit)
@@ -294,10 +359,12 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
     }
     // A local port in TIME_WAIT blocks only the same (source, destination) pair:
     // the busiest destination's addresses run out first.
-    let connections = deliveries * per_delivery / w.messages_per_outbound_connection;
+    // Its connections are always busy: they carry the most deliveries each.
+    let connections = deliveries * per_delivery / reuse;
     let ports = w.host.source_ips * w.busiest_destination_ips * w.host.ephemeral_ports * util
         / TIME_WAIT_SECS;
-    let busiest = connections * w.busiest_destination_share;
+    let busiest = deliveries * per_delivery * w.busiest_destination_share
+        / w.messages_per_outbound_connection;
     let port_limit = if busiest > 0.0 {
         ports / busiest
     } else {
@@ -308,9 +375,9 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
         limit_per_s: port_limit,
         peak_use: 0.0,
         reasoning: format!(
-            "{connections:.3} outbound connections per message ({} deliveries each), {:.0}% of them to the busiest destination's {} addresses; {} source address(es) × {} ports, each held 60 s in TIME_WAIT per destination address, × {:.0}%: {}",
-            w.messages_per_outbound_connection,
+            "{connections:.3} outbound connections per message ({reuse:.1} deliveries each); the busiest destination takes {:.0}% of the deliveries, {busiest:.3} connections per message ({} deliveries each) to its {} addresses; {} source address(es) × {} ports, each held 60 s in TIME_WAIT per destination address, × {:.0}%: {}",
             w.busiest_destination_share * 100.0,
+            w.messages_per_outbound_connection,
             w.busiest_destination_ips,
             w.host.source_ips,
             w.host.ephemeral_ports,
@@ -363,6 +430,7 @@ pub fn plan(w: &Workload, p: &Profile) -> Result<Plan, String> {
         cpu_us: cpu,
         ack_p99_ms,
         disk_bytes_per_message: disk_bytes,
+        messages_per_outbound_connection: reuse,
         resources,
         notes,
     })

@@ -107,6 +107,10 @@ pub struct Profile {
     pub base_rss_bytes: f64,
     /// Resident memory per DKIM key configured (RSA-2048, parsed at start).
     pub dkim_key_bytes: f64,
+    /// Resident memory per destination domain with mail queued (its scheduled
+    /// queue), beyond the messages'. (Absent from older profiles: 0.)
+    #[serde(default)]
+    pub queue_bytes: f64,
     /// The acknowledgement's p99 (ms) relaying 2 KiB messages at half the core's
     /// relay rate over 64 connections, less the disk's flush p50 + p99: the part of
     /// the wait that is the protocol and the core's scheduling, not the disk.

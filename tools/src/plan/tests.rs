@@ -71,6 +71,7 @@ fn profile() -> Profile {
         queued_bytes_per_message: 1000.0,
         base_rss_bytes: (1u64 << 30) as f64,
         dkim_key_bytes: 0.0,
+        queue_bytes: 0.0,
         ack_p99_base_ms: 0.0,
     }
 }
@@ -301,4 +302,59 @@ fn bad_workloads_name_the_key_and_line() {
         let err = Workload::parse(text, "w.toml").unwrap_err().to_string();
         assert!(err.contains(expected), "{text:?}: {err}");
     }
+}
+
+#[test]
+fn connections_to_a_long_tail_of_domains_are_reused_less() {
+    // 1,000 msgs/s, 30% to the busiest domain, the rest over 100,000 others: each
+    // gets 0.007/s, so a connection idle for up to 60 s carries e^0.42 = 1.52
+    // messages — and only 4 × 1,000 idle slots for 100,000 domains: 4% of them keep
+    // one. 1 / (0.3 / 10 + 0.7 / (0.04 × 1.522 + 0.96)) = 1.397 per connection.
+    let w =
+        workload("destination_domains = 100001\n[tls]\noutbound_share = 1.0\n[host]\ncores = 4\n");
+    let (reuse, note) = super::model::outbound_reuse(&w, 1000.0, 4.0);
+    let kept = 0.42f64.exp();
+    let expected = 1.0 / (0.3 / 10.0 + 0.7 / (0.04 * kept + 0.96));
+    assert!((reuse - expected).abs() < 1e-9, "{reuse} {expected}");
+    assert!(
+        note.contains("100000 domains besides the busiest"),
+        "{note}"
+    );
+    // The plan uses it: each delivery pays a handshake over `reuse` deliveries.
+    let p = plan(&w, &profile()).unwrap();
+    assert_eq!(p.hosts, 1);
+    assert!((p.messages_per_outbound_connection - expected).abs() < 1e-9);
+    assert!((p.cpu_us.tls_out - (1000.0 / expected + 10.0)).abs() < 1e-6);
+    // A few busy domains keep the configured reuse.
+    let w = workload("destination_domains = 10\n");
+    let (reuse, _) = super::model::outbound_reuse(&w, 1000.0, 4.0);
+    assert_eq!(reuse, 10.0);
+    let w = workload("destination_domains = 1\n");
+    assert_eq!(super::model::outbound_reuse(&w, 1.0, 1.0).0, 10.0);
+}
+
+#[test]
+fn every_domain_queue_takes_memory() {
+    // 100,000 domains × 10,000 bytes beside 1 GiB idle: more than 75% of 1 GiB.
+    let mut p = profile();
+    p.queue_bytes = 10_000.0;
+    let w = workload("destination_domains = 100000\n[host]\nmemory_gib = 1\n");
+    let made = plan(&w, &p).unwrap();
+    assert_eq!(limit(&made, "memory"), 0.0);
+    assert_eq!(made.hosts, 0);
+    assert!(
+        made.notes
+            .iter()
+            .any(|n| n.contains("queues of 100000 destination domains")),
+        "{:?}",
+        made.notes
+    );
+    // With room, the queues come off what the deferred backlog may use.
+    let w = workload(
+        "destination_domains = 100000\n[deferral]\nshare = 0.5\nretry_interval_secs = 300\nmax_retry_interval_secs = 300\nmax_age_secs = 900\n",
+    );
+    let made = plan(&w, &p).unwrap();
+    let expected =
+        ((16u64 << 30) as f64 * 0.75 - (1u64 << 30) as f64 - 1e9) / (0.5 * 525.0 * 1000.0);
+    assert!((limit(&made, "memory") - expected).abs() < 1e-6);
 }

@@ -39,11 +39,24 @@ pub struct Workload {
     pub busiest_destination_share: f64,
     #[serde(default = "busiest_ips")]
     pub busiest_destination_ips: f64,
-    /// SMTP messages per inbound connection, and deliveries per outbound one.
+    /// SMTP messages per inbound connection, and deliveries per outbound one (at
+    /// most: a connection to a domain whose mail trickles in is reused only while
+    /// its next message comes within the idle timeout).
     #[serde(default = "ten")]
     pub messages_per_inbound_connection: f64,
     #[serde(default = "ten")]
     pub messages_per_outbound_connection: f64,
+    /// Destination domains mailed (the busiest among them): each has a queue of its
+    /// own, and the rest share what the busiest does not take.
+    #[serde(default = "thousand")]
+    pub destination_domains: f64,
+    /// gannetd's `[delivery] idle_timeout_secs` and `idle_connections_max` (per
+    /// core): how long, and for how many domains at once, a connection waits for
+    /// its queue's next message.
+    #[serde(default = "sixty")]
+    pub idle_timeout_secs: f64,
+    #[serde(default = "thousand")]
+    pub idle_connections_max: f64,
     /// The acknowledgement latency the injectors can accept at the 99th percentile.
     #[serde(default = "fifty")]
     pub ack_p99_ms: f64,
@@ -159,6 +172,12 @@ fn ten() -> f64 {
 fn fifty() -> f64 {
     50.0
 }
+fn sixty() -> f64 {
+    60.0
+}
+fn thousand() -> f64 {
+    1000.0
+}
 fn busiest_share() -> f64 {
     0.3
 }
@@ -265,6 +284,7 @@ impl Workload {
                 w.messages_per_outbound_connection,
             ),
             ("dkim.signatures_per_message", w.dkim.signatures_per_message),
+            ("destination_domains", w.destination_domains),
             ("host.source_ips", w.host.source_ips),
             ("host.ephemeral_ports", w.host.ephemeral_ports),
             (
@@ -302,6 +322,8 @@ impl Workload {
             ("host.memory_gib", w.host.memory_gib),
             ("host.spool_gib", w.host.spool_gib),
             ("dkim.keys", w.dkim.keys),
+            ("idle_timeout_secs", w.idle_timeout_secs),
+            ("idle_connections_max", w.idle_connections_max),
         ] {
             if !(v >= 0.0 && v.is_finite()) {
                 return bad(key, "must be 0 or more");
