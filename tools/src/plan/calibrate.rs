@@ -141,11 +141,7 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
     let mut ack_p99_ms = 0.0;
     for size in [SMALL, LARGE] {
         let sink = Sink::start(load_cores)?;
-        let route = format!(
-            "[delivery]\nsuspended = false\ntls = \"disabled\"\nroutes = {{ \"dest.test\" = [\"{}\"] }}\n",
-            sink.addr
-        );
-        let g = Gannetd::start(o, "relay", &route)?;
+        let g = Gannetd::start(o, "relay", &sink.route())?;
         let t = Instant::now();
         smtp_load(g.smtp, warm, size, PER_CONNECTION, None, load_cores)?;
         sink.wait_for(warm, Duration::from_secs(600))?;
@@ -288,11 +284,7 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
     let mut http_relay = Vec::new();
     for size in [SMALL, LARGE] {
         let sink = Sink::start(load_cores)?;
-        let route = format!(
-            "[delivery]\nsuspended = false\ntls = \"disabled\"\nroutes = {{ \"dest.test\" = [\"{}\"] }}\n",
-            sink.addr
-        );
-        let g = Gannetd::start(o, "http-relay", &route)?;
+        let g = Gannetd::start(o, "http-relay", &sink.route())?;
         let t = Instant::now();
         http_load(&g, warm, size, load_cores)?;
         sink.wait_for(warm, Duration::from_secs(600))?;
@@ -900,6 +892,14 @@ struct Sink {
 }
 
 impl Sink {
+    /// gannetd's configuration delivering dest.test to this sink.
+    fn route(&self) -> String {
+        format!(
+            "[delivery]\nsuspended = false\ntls = \"disabled\"\nroutes = {{ \"dest.test\" = [\"{}\"] }}\n",
+            self.addr
+        )
+    }
+
     fn start(core: Option<usize>) -> Result<Sink> {
         let listener = TcpListener::bind("127.0.0.1:0")?;
         let addr = listener.local_addr()?;
