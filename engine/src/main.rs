@@ -104,11 +104,14 @@ fn main() -> ExitCode {
     }
     if let Some(path) = &cli.check_config {
         return match Config::load(path) {
-            // The DKIM keys are read too: a key that cannot be used is a config error.
+            // The DKIM keys and the policy script are read too: a key that cannot be used,
+            // or a script that does not load, is a config error.
             Ok(config) => match gannet_engine::dkim::Signers::load(&config.dkim)
                 .map(drop)
                 .and_then(|()| client_tls(&config).map(drop))
-            {
+                .and_then(|()| {
+                    gannet_engine::policy::script::Script::from_config(&config.policy).map(drop)
+                }) {
                 Ok(()) => {
                     println!("{}: ok", path.display());
                     ExitCode::SUCCESS

@@ -56,6 +56,9 @@ metrics! {
     smtp_starttls_injection_total: "counter",
     /// AUTH attempts that failed.
     smtp_auth_failures_total: "counter",
+    /// Policy script hook calls that failed (a run-time error or the instruction
+    /// budget exceeded): each gave the client 451 4.3.0.
+    policy_script_failures_total: "counter",
     /// HTTP requests answered, and those answered with a 4xx or 5xx status.
     http_requests_total: "counter",
     http_requests_failed_total: "counter",

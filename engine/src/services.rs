@@ -134,6 +134,7 @@ mod testing {
                 sessions_active: Cell::new(0),
                 auth_cache: Default::default(),
                 read_buffers: Default::default(),
+                script: Default::default(),
             });
             ShardServices::new(shard, ClientTls::new())
         }

@@ -7,6 +7,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::rc::Rc;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
@@ -155,12 +156,19 @@ pub struct Shard {
     /// message (the common case) this spares a 64 KiB allocation and its zeroing per
     /// message.
     pub read_buffers: RefCell<Vec<Vec<u8>>>,
+    /// This shard's VM of the policy script, if one is configured.
+    pub script: RefCell<Option<Rc<crate::policy::script::Script>>>,
 }
 
 /// Session input buffers a shard keeps for reuse at most.
 const READ_BUFFERS_KEPT: usize = 64;
 
 impl Shard {
+    /// The policy script's VM on this shard.
+    pub fn script(&self) -> Option<Rc<crate::policy::script::Script>> {
+        self.script.borrow().clone()
+    }
+
     /// Whether the process is stopping: this shard's shutdown is raised, or the stop
     /// bell rang and the shard's round has not raised it yet. Sessions look here
     /// between commands, so once any shard tells a client 421, a client of another

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::Deserialize;
 
-use super::Cidr;
+use super::{Bounded, Cidr};
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -19,6 +19,10 @@ pub struct PolicyConfig {
     pub default_pool: String,
     pub tenant_pools: BTreeMap<String, String>,
     pub rules: Vec<Rule>,
+    /// A Lua policy script (empty: none), loaded into one VM per shard.
+    pub script: String,
+    /// VM instructions one hook call may run before it is stopped (a tempfail).
+    pub script_instruction_budget: Bounded<10_000, 1_000_000_000>,
 }
 
 impl Default for PolicyConfig {
@@ -31,6 +35,8 @@ impl Default for PolicyConfig {
             default_pool: "default".into(),
             tenant_pools: BTreeMap::new(),
             rules: Vec::new(),
+            script: String::new(),
+            script_instruction_budget: Bounded(1_000_000),
         }
     }
 }

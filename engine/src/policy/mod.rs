@@ -3,12 +3,14 @@
 //! The SMTP session calls a [`Policy`] at each phase — connect, ehlo, mail_from,
 //! rcpt_to, data, set_binding, final_validation — and obeys its verdict. Today the
 //! only implementation is [`rules::RulesPolicy`], the declarative rules of the
-//! configuration; scripted hooks will be further implementations of the same trait.
+//! configuration. A Lua script ([`script::Script`], one VM per shard) is asked after
+//! it, in the same phases.
 //!
 //! Every method is called on the hot path of a session: implementations must be cheap
 //! (no I/O, no awaits) and must not panic on any input.
 
 pub mod rules;
+pub mod script;
 
 use std::net::IpAddr;
 

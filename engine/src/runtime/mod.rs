@@ -106,6 +106,9 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
             .context("opening the suppression list")?;
     let transmissions =
         crate::registry::Transmissions::open(&data_dir).context("opening the transmissions log")?;
+    // The policy script is loaded here once, to refuse a bad one before any shard
+    // starts; each shard then loads its own VM.
+    crate::policy::script::Script::from_config(&config.policy).map_err(|e| anyhow!("{e}"))?;
     let shared = Arc::new(Shared {
         hose: hose.clone(),
         suppressions,
@@ -557,6 +560,11 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         )),
         auth_cache: Default::default(),
         read_buffers: Default::default(),
+        script: std::cell::RefCell::new(
+            crate::policy::script::Script::from_config(&config.policy)
+                .map_err(|e| anyhow!("shard {id}: {e}"))?
+                .map(Rc::new),
+        ),
     });
     let services = ShardServices::new(shard.clone(), client_tls);
     // Every live message goes back to its queue with its exact retry state.

@@ -18,6 +18,7 @@ use crate::delivery::Dispatcher;
 use crate::events::Event;
 use crate::io::Conn;
 use crate::metrics::ShardMetrics;
+use crate::policy::script::Outcome;
 use crate::policy::{Client, Draft, Verdict};
 use crate::shard::Shard;
 use gannet_core::clock::unix_ms;
@@ -109,6 +110,25 @@ impl Session {
     }
 
     /// Records a policy_rejection event.
+    /// The policy script's verdict in a phase (asked after the declarative rules
+    /// let the command through): the reply to refuse with, if any. A hook that
+    /// fails gives 451 4.3.0, counted and logged with why.
+    pub fn script_refusal(
+        &self,
+        run: impl FnOnce(&crate::policy::script::Script, &Client<'_>) -> Outcome,
+    ) -> Option<Reply> {
+        let script = self.shard.script()?;
+        match run(&script, &self.client()) {
+            Outcome::Continue => None,
+            Outcome::Reject(reply) => Some(reply),
+            Outcome::Failed(why) => {
+                ShardMetrics::add(&self.shard.metrics.policy_script_failures_total, 1);
+                tracing::warn!(shard = self.shard.id, peer = %self.peer, "policy script: {why}");
+                Some(crate::policy::script::failure_reply())
+            }
+        }
+    }
+
     pub fn policy_rejection(
         &self,
         phase: &str,
@@ -261,7 +281,11 @@ pub async fn run(delivery: Rc<Dispatcher>, conn: Conn, peer: SocketAddr) {
 
 async fn serve(s: &mut Session, w: &mut Wire) -> Result<(), End> {
     let hostname = s.config().server.hostname.clone();
-    if let Verdict::Reject(reply) = s.shard.shared.policy.connect(&s.client()) {
+    let refusal = match s.shard.shared.policy.connect(&s.client()) {
+        Verdict::Reject(reply) => Some(reply),
+        _ => s.script_refusal(|script, client| script.connection_accepted(client)),
+    };
+    if let Some(reply) = refusal {
         s.policy_rejection("connect", None, None, &reply);
         ShardMetrics::add(&s.shard.metrics.smtp_sessions_refused_total, 1);
         w.queue(&reply);

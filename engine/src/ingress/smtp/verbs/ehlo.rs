@@ -20,7 +20,11 @@ pub(super) fn apply(session: &mut Session, args: &str, extended: bool) -> Next {
     session.tx = None;
     session.helo = Some(name.to_string());
     session.esmtp = extended;
-    if let Verdict::Reject(reply) = session.shard.shared.policy.ehlo(&session.client()) {
+    let refusal = match session.shard.shared.policy.ehlo(&session.client()) {
+        Verdict::Reject(reply) => Some(reply),
+        _ => session.script_refusal(|script, client| script.ehlo(client)),
+    };
+    if let Some(reply) = refusal {
         session.helo = None;
         session.policy_rejection("ehlo", None, None, &reply);
         return Next::Reply(reply);

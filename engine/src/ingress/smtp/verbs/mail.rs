@@ -88,12 +88,16 @@ pub(super) fn apply(session: &mut Session, args: &str) -> Next {
     if !sender.is_ascii() && !smtputf8 {
         return Next::Reply(reply::NEED_SMTPUTF8);
     }
-    if let Verdict::Reject(reply) = session
+    let refusal = match session
         .shard
         .shared
         .policy
         .mail_from(&session.client(), &sender.text)
     {
+        Verdict::Reject(reply) => Some(reply),
+        _ => session.script_refusal(|script, client| script.mail_from(client, &sender.text)),
+    };
+    if let Some(reply) = refusal {
         session.policy_rejection("mail_from", Some(&sender.text), None, &reply);
         return Next::Reply(reply);
     }

@@ -74,6 +74,16 @@ fn check(session: &mut Session, args: &str) -> Next {
         .shared
         .policy
         .rcpt_to(&client, &tx.sender.text, &recipient.text);
+    // The script is asked unless the rules refused; it cannot grant relaying.
+    let verdict = match verdict {
+        Verdict::Reject(reply) => Verdict::Reject(reply),
+        other => {
+            match session.script_refusal(|script, client| script.rcpt_to(client, &recipient.text)) {
+                Some(reply) => Verdict::Reject(reply),
+                None => other,
+            }
+        }
+    };
     let relay_ok = match verdict {
         Verdict::Reject(reply) => {
             let sender = tx.sender.text.clone();

@@ -1,0 +1,210 @@
+//! The Lua policy script through real clients: swaks and Python's smtplib meet
+//! gannetd running a script that refuses an EHLO name and a recipient domain, fails
+//! at run time for one sender and loops forever for another — each refusal is the
+//! script's reply, each failure a 451 4.3.0 with an event and a counter, and the
+//! shards go on accepting mail. Scripts that cannot load are refused at start and
+//! by --check-config with the file and line.
+
+mod common;
+
+use std::process::Command;
+
+use common::Daemon;
+
+const SCRIPT: &str = r#"-- a policy as a KumoMTA user writes one
+gannet.on("smtp_server_connection_accepted", function(conn)
+  if conn:get_meta("received_from") == "192.0.2.1" then kumo.reject(421, "not you") end
+end)
+gannet.on("smtp_server_ehlo", function(domain, conn)
+  if domain == "spammer.test" then gannet.reject(550, "5.7.1 not from you") end
+end)
+gannet.on("smtp_server_mail_from", function(sender, conn)
+  if sender.domain == "crash.test" then
+    local t = nil
+    return t.field
+  end
+  if sender.domain == "loop.test" then
+    while true do end
+  end
+end)
+gannet.on("smtp_server_mail_rcpt_to", function(rcpt, conn)
+  if rcpt.domain == "blocked.test" then
+    gannet.reject(550, "5.7.1 " .. rcpt.domain .. " takes no mail from " .. conn:get_meta("ehlo_domain"))
+  end
+end)
+"#;
+
+fn swaks(args: &[&str]) -> (bool, String) {
+    let out = Command::new("swaks")
+        .args(args)
+        .output()
+        .expect("swaks (tools/test.sh installs it)");
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (out.status.success(), text)
+}
+
+fn script_file(dir: &std::path::Path, source: &str) -> String {
+    let path = dir.join("policy.lua");
+    std::fs::write(&path, source).unwrap();
+    path.display().to_string()
+}
+
+#[test]
+fn the_script_refuses_and_its_failures_tempfail_through_real_clients() {
+    let scripts = tempfile::tempdir().unwrap();
+    let path = script_file(scripts.path(), SCRIPT);
+    let mut daemon = Daemon::start(
+        "",
+        &format!("[policy]\nscript = \"{path}\"\nscript_instruction_budget = 200000\n"),
+    );
+    let smtp = daemon.smtp.to_string();
+    let send = |from: &str, to: &str, ehlo: &str| {
+        swaks(&[
+            "--server",
+            &smtp,
+            "--ehlo",
+            ehlo,
+            "--from",
+            from,
+            "--to",
+            to,
+            "--header",
+            "Subject: scripted",
+        ])
+    };
+    let (ok, out) = send("a@ok.test", "x@blocked.test", "client.test");
+    assert!(
+        !ok && out.contains("550 5.7.1 blocked.test takes no mail from client.test"),
+        "{out}"
+    );
+    let (ok, out) = send("a@ok.test", "x@d.test", "spammer.test");
+    assert!(!ok && out.contains("550 5.7.1 not from you"), "{out}");
+    let (ok, out) = send("a@crash.test", "x@d.test", "client.test");
+    assert!(
+        !ok && out.contains("451 4.3.0 policy script failed; try again later"),
+        "{out}"
+    );
+    // A hook that never returns is stopped by its budget; the shard goes on.
+    let (ok, out) = send("a@loop.test", "x@d.test", "client.test");
+    assert!(
+        !ok && out.contains("451 4.3.0 policy script failed"),
+        "{out}"
+    );
+    for _ in 0..4 {
+        let (ok, out) = send("a@ok.test", "x@d.test", "client.test");
+        assert!(ok && out.contains("250 2.0.0 OK queued as"), "{out}");
+    }
+    // smtplib on one connection: the refused recipient is refused alone.
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(format!(
+            "import smtplib\n\
+             s = smtplib.SMTP('127.0.0.1', {})\n\
+             s.ehlo('py.test')\n\
+             refused = s.sendmail('p@ok.test', ['a@d.test', 'b@blocked.test'], 'Subject: py\\r\\n\\r\\nhi\\r\\n')\n\
+             print(refused)\n\
+             s.quit()\n",
+            daemon.smtp.port()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success()
+            && text.contains(
+                "'b@blocked.test': (550, b'5.7.1 blocked.test takes no mail from py.test')"
+            ),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(daemon.metric("policy_script_failures_total"), 2);
+    let log = daemon.log.lock().unwrap().join("\n");
+    assert!(
+        log.contains("smtp_server_mail_from")
+            && log.contains("instruction budget of 200000 exceeded"),
+        "{log}"
+    );
+    daemon.stop();
+    let events = daemon.events();
+    let rejections: Vec<(&str, &str)> = events
+        .iter()
+        .filter(|e| e["type"] == "policy_rejection")
+        .map(|e| {
+            (
+                e["phase"].as_str().unwrap_or(""),
+                e["reply"].as_str().unwrap_or(""),
+            )
+        })
+        .collect();
+    for (phase, reply) in [
+        (
+            "rcpt_to",
+            "550 5.7.1 blocked.test takes no mail from client.test",
+        ),
+        ("ehlo", "550 5.7.1 not from you"),
+        (
+            "mail_from",
+            "451 4.3.0 policy script failed; try again later",
+        ),
+    ] {
+        assert!(
+            rejections.contains(&(phase, reply)),
+            "{phase} {reply}: {rejections:?}"
+        );
+    }
+    // Five messages were accepted, none of them refused ones.
+    let spooled = common::spooled(&daemon.data_dir());
+    assert_eq!(spooled.len(), 5, "{}", spooled.len());
+}
+
+#[test]
+fn scripts_that_do_not_load_are_refused_with_file_and_line() {
+    let scripts = tempfile::tempdir().unwrap();
+    for (source, said) in [
+        (
+            "gannet.on('smtp_server_ehlo', function(d)\n  if d then\nend)\n",
+            "policy.lua:3:",
+        ),
+        (
+            "gannet.on('smtp_server_hello', function() end)\n",
+            "no hook named \"smtp_server_hello\"",
+        ),
+        ("while true do end\n", "instruction budget"),
+    ] {
+        let path = script_file(scripts.path(), source);
+        let err = common::config_refused(&format!("[policy]\nscript = \"{path}\"\n"));
+        assert!(
+            err.contains("policy.script: ") && err.contains(said),
+            "{source}: {err}"
+        );
+        // gannetd itself refuses to start on it, saying the same.
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("gannetd.toml");
+        std::fs::write(
+            &config,
+            common::config_text(dir.path(), "", &format!("[policy]\nscript = \"{path}\"\n")),
+        )
+        .unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_gannetd"))
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("policy.script: ") && stderr.contains(said),
+            "{stderr}"
+        );
+    }
+    let err = common::config_refused("[policy]\nscript = \"/nonexistent/policy.lua\"\n");
+    assert!(
+        err.contains("policy.script: cannot read /nonexistent/policy.lua"),
+        "{err}"
+    );
+    let err = common::config_refused("[policy]\nscript_instruction_budget = 5\n");
+    assert!(
+        err.contains("script_instruction_budget") && err.contains("between 10000 and"),
+        "{err}"
+    );
+}
