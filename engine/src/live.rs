@@ -46,6 +46,9 @@ pub struct LiveState {
     pub holds: Vec<gannet_core::adaptive::Hold>,
     /// The operator's rebinds, kept until no message they apply to can remain.
     pub rebinds: Vec<Rebind>,
+    /// The policy script's source (checked to load before it is put here); each
+    /// shard compiles its own VM from it when it changes.
+    pub script: Option<Arc<crate::policy::script::ScriptSource>>,
 }
 
 /// An operator's bounce and its tally.
@@ -124,6 +127,7 @@ impl Live {
                 bounces: Vec::new(),
                 holds: Vec::new(),
                 rebinds: Vec::new(),
+                script: None,
             })),
             file: None,
             writing: Mutex::new(()),
@@ -134,6 +138,15 @@ impl Live {
     /// it holds (expired ones left out). A file that cannot be read or parsed is an
     /// error naming it, its line and column: starting without the suspensions an
     /// operator set could send mail they held back.
+    /// The live settings with the policy script's source (before any shard reads
+    /// them).
+    pub fn with_script(self, script: Option<Arc<crate::policy::script::ScriptSource>>) -> Live {
+        let mut state = lock(&self.state);
+        Arc::make_mut(&mut state).script = script;
+        drop(state);
+        self
+    }
+
     pub fn load_admin(mut self, file: PathBuf, now_ms: u64) -> Result<Live, String> {
         let found = match std::fs::read(&file) {
             Ok(bytes) => serde_json::from_slice::<AdminFile>(&bytes).map_err(|err| {

@@ -110,7 +110,8 @@ fn main() -> ExitCode {
                 .map(drop)
                 .and_then(|()| client_tls(&config).map(drop))
                 .and_then(|()| {
-                    gannet_engine::policy::script::Script::from_config(&config.policy).map(drop)
+                    gannet_engine::policy::script::ScriptSource::from_config(&config.policy)
+                        .map(drop)
                 }) {
                 Ok(()) => {
                     println!("{}: ok", path.display());

@@ -8,6 +8,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::rc::Rc;
+
+use crate::policy::script::{Script, ScriptSource};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
@@ -156,17 +158,50 @@ pub struct Shard {
     /// message (the common case) this spares a 64 KiB allocation and its zeroing per
     /// message.
     pub read_buffers: RefCell<Vec<Vec<u8>>>,
-    /// This shard's VM of the policy script, if one is configured.
-    pub script: RefCell<Option<Rc<crate::policy::script::Script>>>,
+    /// This shard's VM of the policy script, as of a generation of the live settings.
+    pub script: RefCell<ScriptCache>,
+}
+
+/// A shard's VM of the policy script and the source it was compiled from.
+#[derive(Debug, Default)]
+pub struct ScriptCache {
+    generation: Option<u64>,
+    source: Option<Arc<ScriptSource>>,
+    vm: Option<Rc<Script>>,
 }
 
 /// Session input buffers a shard keeps for reuse at most.
 const READ_BUFFERS_KEPT: usize = 64;
 
 impl Shard {
-    /// The policy script's VM on this shard.
-    pub fn script(&self) -> Option<Rc<crate::policy::script::Script>> {
-        self.script.borrow().clone()
+    /// The policy script's VM on this shard, compiled again when the live settings
+    /// carry another source (SIGHUP). The check is one atomic load per call.
+    pub fn script(&self) -> Option<Rc<Script>> {
+        let live = &self.shared.live;
+        let generation = live.generation();
+        let mut cache = self.script.borrow_mut();
+        if cache.generation != Some(generation) {
+            cache.generation = Some(generation);
+            let source = live.snapshot().script.clone();
+            let same = match (&source, &cache.source) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                // Checked to load before it was published: failing here would be a
+                // VM out of memory; the running VM stays then.
+                match source.as_deref().map(ScriptSource::compile).transpose() {
+                    Ok(vm) => cache.vm = vm.map(Rc::new),
+                    Err(err) => tracing::error!(
+                        shard = self.id,
+                        "policy script not compiled (the running one stays): {err}"
+                    ),
+                }
+                cache.source = source;
+            }
+        }
+        cache.vm.clone()
     }
 
     /// Whether the process is stopping: this shard's shutdown is raised, or the stop

@@ -208,3 +208,83 @@ fn scripts_that_do_not_load_are_refused_with_file_and_line() {
         "{err}"
     );
 }
+
+/// RCPT TO `rcpt` on a new connection: the reply's first line.
+fn rcpt_reply(daemon: &Daemon, rcpt: &str) -> String {
+    let mut c = daemon.connect();
+    c.expect("220");
+    c.send(format!("EHLO c.test\r\nMAIL FROM:<s@b.test>\r\nRCPT TO:<{rcpt}>\r\n").as_bytes());
+    c.expect("250");
+    c.expect("250");
+    c.reply().unwrap_or_default()
+}
+
+/// Whether `rcpt` is refused (`true`) or taken on `n` connections in a row (both
+/// shards are met), within 10 s.
+fn settles(daemon: &Daemon, rcpt: &str, refused: bool) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut streak = 0;
+    while std::time::Instant::now() < deadline {
+        let reply = rcpt_reply(daemon, rcpt);
+        if reply.starts_with("550") == refused {
+            streak += 1;
+            if streak == 8 {
+                return true;
+            }
+        } else {
+            streak = 0;
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    false
+}
+
+#[test]
+fn sighup_swaps_the_script_under_load_and_a_bad_one_keeps_the_running_one() {
+    let scripts = tempfile::tempdir().unwrap();
+    let rejecting = |domain: &str| {
+        format!(
+            "gannet.on('smtp_server_mail_rcpt_to', function(rcpt)\n  if rcpt.domain == '{domain}' then gannet.reject(550, 'no mail for {domain}') end\nend)\n"
+        )
+    };
+    let path = script_file(scripts.path(), &rejecting("one.test"));
+    let daemon = Daemon::start("", &format!("[policy]\nscript = \"{path}\"\n"));
+    assert!(settles(&daemon, "a@one.test", true));
+    assert!(settles(&daemon, "a@two.test", false));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (sent, failed) =
+        std::thread::scope(|scope| {
+            let load = scope.spawn(|| {
+                let (mut sent, mut failed) = (0, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let reply = daemon.send_message("x@ok.test", "Subject: load\r\n\r\nhi\r\n");
+                    sent += 1;
+                    if !reply.starts_with("250") {
+                        failed.push(reply);
+                    }
+                }
+                (sent, failed)
+            });
+            // A new script: the other domain refused, on every shard.
+            std::fs::write(&path, rejecting("two.test")).unwrap();
+            // SAFETY: signalling the child this test started.
+            unsafe { libc::kill(daemon.child.id() as i32, libc::SIGHUP) };
+            assert!(settles(&daemon, "a@two.test", true));
+            assert!(settles(&daemon, "a@one.test", false));
+            // A script that does not load: logged, and the running one stays.
+            std::fs::write(&path, "gannet.on('smtp_server_mail_rcpt_to', function(\n").unwrap();
+            // SAFETY: as above.
+            unsafe { libc::kill(daemon.child.id() as i32, libc::SIGHUP) };
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+            while !daemon.log.lock().unwrap().iter().any(|l| {
+                l.contains("the policy script was not reloaded") && l.contains("policy.lua:")
+            }) {
+                assert!(std::time::Instant::now() < deadline, "no error logged");
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            assert!(settles(&daemon, "a@two.test", true));
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            load.join().unwrap()
+        });
+    assert!(sent > 0 && failed.is_empty(), "{sent} sent: {failed:?}");
+}

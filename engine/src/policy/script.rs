@@ -76,6 +76,43 @@ pub fn failure_reply() -> Reply {
     Reply::fixed(451, "4.3.0", "policy script failed; try again later")
 }
 
+/// A script's text as configured, checked to load: what shards compile their VMs
+/// from (a VM cannot leave its thread; the text can).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ScriptSource {
+    pub name: String,
+    pub text: String,
+    pub budget: u64,
+}
+
+impl ScriptSource {
+    /// The script `[policy] script` names, read and loaded once in a VM thrown away
+    /// (None when it names none); an error names the key, the file and the line.
+    pub fn from_config(
+        policy: &gannet_core::config::PolicyConfig,
+    ) -> Result<Option<ScriptSource>, String> {
+        if policy.script.is_empty() {
+            return Ok(None);
+        }
+        let path = std::path::Path::new(&policy.script);
+        let source = ScriptSource {
+            name: path.display().to_string(),
+            text: std::fs::read_to_string(path)
+                .map_err(|e| format!("policy.script: cannot read {}: {e}", path.display()))?,
+            budget: policy.script_instruction_budget.get(),
+        };
+        source
+            .compile()
+            .map_err(|e| format!("policy.script: {e}"))?;
+        Ok(Some(source))
+    }
+
+    /// A VM running this script.
+    pub fn compile(&self) -> Result<Script, String> {
+        Script::load(&self.name, &self.text, self.budget)
+    }
+}
+
 /// A loaded script: its VM and its hooks.
 pub struct Script {
     lua: Lua,
@@ -108,29 +145,6 @@ impl std::fmt::Display for Rejection {
 impl std::error::Error for Rejection {}
 
 impl Script {
-    /// The script `[policy] script` names (None when it names none); an error names
-    /// the key, the file and the line.
-    pub fn from_config(
-        policy: &gannet_core::config::PolicyConfig,
-    ) -> Result<Option<Script>, String> {
-        if policy.script.is_empty() {
-            return Ok(None);
-        }
-        Script::load_file(
-            std::path::Path::new(&policy.script),
-            policy.script_instruction_budget.get(),
-        )
-        .map(Some)
-        .map_err(|e| format!("policy.script: {e}"))
-    }
-
-    /// Reads and runs the script at `path` (its top level registers the hooks).
-    pub fn load_file(path: &std::path::Path, budget: u64) -> Result<Script, String> {
-        let source = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-        Script::load(&path.display().to_string(), &source, budget)
-    }
-
     /// Runs `source` (named `name` in errors, which give its line) in a new VM.
     pub fn load(name: &str, source: &str, budget: u64) -> Result<Script, String> {
         let lua = Lua::new_with(

@@ -107,8 +107,10 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     let transmissions =
         crate::registry::Transmissions::open(&data_dir).context("opening the transmissions log")?;
     // The policy script is loaded here once, to refuse a bad one before any shard
-    // starts; each shard then loads its own VM.
-    crate::policy::script::Script::from_config(&config.policy).map_err(|e| anyhow!("{e}"))?;
+    // starts; each shard then compiles its own VM from the live settings' copy.
+    let script = crate::policy::script::ScriptSource::from_config(&config.policy)
+        .map_err(|e| anyhow!("{e}"))?
+        .map(Arc::new);
     let shared = Arc::new(Shared {
         hose: hose.clone(),
         suppressions,
@@ -152,6 +154,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
             gannet_core::shaping::ShapingTable::new(&config.delivery),
             crate::dkim::Signers::load(&config.dkim).map_err(|e| anyhow!("{e}"))?,
         )
+        .with_script(script)
         .load_admin(crate::live::admin_file(&data_dir), unix_ms())
         .map_err(|e| anyhow!("{e}"))?,
         warmup: crate::warmup::Warmup::load(&config.delivery, &data_dir, unix_ms())
@@ -293,10 +296,27 @@ fn apply_reload(shared: &Shared, config: &Config) {
         }
     };
     let dkim_applied = dkim.is_some();
+    // The script is read and loaded once here; shards compile it when it changed.
+    // One that does not load keeps the running one.
+    let script = match crate::policy::script::ScriptSource::from_config(&config.policy) {
+        Ok(script) => Some(script),
+        Err(err) => {
+            tracing::error!(
+                "SIGHUP: the policy script was not reloaded (the running one stays): {err}"
+            );
+            None
+        }
+    };
+    let script_applied = script.is_some();
     shared.live.update(|state| {
         state.shaping = Arc::new(shaping);
         if let Some(dkim) = dkim {
             state.dkim = dkim;
+        }
+        if let Some(script) = script
+            && state.script.as_deref() != script.as_ref()
+        {
+            state.script = script.map(Arc::new);
         }
     });
     for shard in 0..shared.mesh.shards() {
@@ -307,6 +327,10 @@ fn apply_reload(shared: &Shared, config: &Config) {
     rest.delivery.providers = running.delivery.providers.clone();
     if dkim_applied {
         rest.dkim = running.dkim.clone();
+    }
+    if script_applied {
+        rest.policy.script = running.policy.script.clone();
+        rest.policy.script_instruction_budget = running.policy.script_instruction_budget;
     }
     let mut pending = Vec::new();
     macro_rules! compare {
@@ -319,12 +343,12 @@ fn apply_reload(shared: &Shared, config: &Config) {
     compare!(server, smtp, policy, http, spool, events, delivery, dkim);
     if pending.is_empty() {
         tracing::info!(
-            "SIGHUP: configuration reloaded (delivery shaping, providers and DKIM keys applied)"
+            "SIGHUP: configuration reloaded (delivery shaping, providers, DKIM keys and the policy script applied)"
         );
     } else {
         tracing::warn!(
             sections = pending.join(", "),
-            "SIGHUP: delivery shaping and providers (and DKIM keys, if they loaded) applied; changes to these sections need a restart"
+            "SIGHUP: delivery shaping and providers (and DKIM keys and the policy script, if they loaded) applied; changes to these sections need a restart"
         );
     }
 }
@@ -560,12 +584,10 @@ async fn shard_main(start: ShardStart) -> Result<()> {
         )),
         auth_cache: Default::default(),
         read_buffers: Default::default(),
-        script: std::cell::RefCell::new(
-            crate::policy::script::Script::from_config(&config.policy)
-                .map_err(|e| anyhow!("shard {id}: {e}"))?
-                .map(Rc::new),
-        ),
+        script: Default::default(),
     });
+    // The script's VM now, not on the first connection.
+    shard.script();
     let services = ShardServices::new(shard.clone(), client_tls);
     // Every live message goes back to its queue with its exact retry state.
     let mut requeued = 0;

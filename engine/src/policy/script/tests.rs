@@ -165,7 +165,13 @@ fn scripts_that_cannot_load_say_where() {
             "{expr} is reachable"
         );
     }
-    let err =
-        Script::load_file(std::path::Path::new("/nonexistent/policy.lua"), BUDGET).unwrap_err();
-    assert!(err.contains("cannot read /nonexistent/policy.lua"), "{err}");
+    let policy = gannet_core::config::PolicyConfig {
+        script: "/nonexistent/policy.lua".into(),
+        ..Default::default()
+    };
+    let err = super::ScriptSource::from_config(&policy).unwrap_err();
+    assert!(
+        err.starts_with("policy.script: cannot read /nonexistent/policy.lua"),
+        "{err}"
+    );
 }
