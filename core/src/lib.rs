@@ -8,6 +8,7 @@
 //! - `address`: SMTP paths (RFC 5321/6531 mailboxes) and MAIL/RCPT parameters;
 //! - `auth`: SMTP AUTH password hashes and HTTP API keys;
 //! - `handoff`: a part handed to the shard that owns its site, and the report back;
+//! - `headers`: reading, adding and removing the header fields of a checked message;
 //! - `message`: a received message's header checks, Received and Message-ID fields,
 //!   and the headers lifted into metadata;
 //! - `reply`: SMTP replies we send and responses we receive, with enhanced status
@@ -35,6 +36,7 @@ pub mod config;
 pub mod dsn;
 pub mod event_types;
 pub mod handoff;
+pub mod headers;
 pub mod id;
 pub mod message;
 pub mod queue;

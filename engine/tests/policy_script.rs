@@ -288,3 +288,91 @@ fn sighup_swaps_the_script_under_load_and_a_bad_one_keeps_the_running_one() {
         });
     assert!(sent > 0 && failed.is_empty(), "{sent} sent: {failed:?}");
 }
+
+#[test]
+fn a_script_routes_by_header_setting_tenant_campaign_pool_and_fields() {
+    let scripts = tempfile::tempdir().unwrap();
+    let path = script_file(
+        scripts.path(),
+        r#"
+gannet.on("smtp_server_message_received", function(msg)
+  local customer = msg:get_first_named_header_value("X-Customer")
+  if customer == "acme" then
+    msg:set_meta("tenant", "acme")
+    msg:set_meta("pool", "warm")
+    msg:set_meta("campaign", msg:get_first_named_header_value("X-Campaign-Name") or "none")
+  elseif customer == "blocked" then
+    gannet.reject(550, "5.7.1 customer " .. customer .. " may not send")
+  elseif customer == "bad-meta" then
+    msg:set_meta("queue", "custom")
+  end
+  msg:remove_all_named_headers("X-Customer")
+  msg:append_header("X-Routed", "by-script; rcpts=" .. #msg:recipients() .. "; from=" .. msg:sender().domain)
+end)
+"#,
+    );
+    let mut daemon = Daemon::start("", &format!("[policy]\nscript = \"{path}\"\n"));
+    let reply = daemon.send_message(
+        "a@dest.test",
+        "Subject: routed\r\nX-Customer: acme\r\nX-Campaign-Name: spring\r\n\r\nhello\r\n",
+    );
+    assert!(reply.starts_with("250 "), "{reply}");
+    let reply = daemon.send_message(
+        "a@dest.test",
+        "Subject: refused\r\nX-Customer: blocked\r\n\r\nhello\r\n",
+    );
+    assert!(
+        reply.starts_with("550 5.7.1 customer blocked may not send"),
+        "{reply}"
+    );
+    let reply = daemon.send_message(
+        "a@dest.test",
+        "Subject: bad\r\nX-Customer: bad-meta\r\n\r\nhello\r\n",
+    );
+    assert!(
+        reply.starts_with("451 4.3.0 policy script failed"),
+        "{reply}"
+    );
+    let reply = daemon.send_message("b@dest.test", "Subject: plain\r\n\r\nhello\r\n");
+    assert!(reply.starts_with("250 "), "{reply}");
+    assert!(
+        daemon
+            .log
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("no key \\\"queue\\\"") || l.contains("no key \"queue\"")),
+        "{:#?}",
+        daemon.log.lock().unwrap()
+    );
+    daemon.stop();
+    let mut spooled = common::spooled(&daemon.data_dir());
+    spooled.sort_by(|a, b| a.recipients.cmp(&b.recipients));
+    assert_eq!(spooled.len(), 2);
+    let meta = |m: &common::Spooled, key: &str| {
+        m.meta
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.clone())
+    };
+    let routed = &spooled[0];
+    assert_eq!(meta(routed, "tenant").as_deref(), Some("acme"));
+    assert_eq!(meta(routed, "campaign").as_deref(), Some("spring"));
+    assert_eq!(meta(routed, "pool").as_deref(), Some("warm"));
+    // The scheduled queue is named by campaign and tenant, as for header-set ones.
+    assert!(
+        routed.queue.contains("spring") && routed.queue.contains("acme"),
+        "{}",
+        routed.queue
+    );
+    let body = String::from_utf8_lossy(&routed.body);
+    assert!(
+        !body.contains("X-Customer")
+            && body.contains("X-Routed: by-script; rcpts=1; from=b.test\r\n\r\nhello"),
+        "{body}"
+    );
+    let plain = &spooled[1];
+    assert_eq!(meta(plain, "tenant"), None);
+    assert_eq!(meta(plain, "pool").as_deref(), Some("default"));
+    assert!(String::from_utf8_lossy(&plain.body).contains("X-Routed: by-script"));
+}

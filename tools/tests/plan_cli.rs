@@ -193,13 +193,25 @@ fn calibration_writes_a_profile_that_plans_the_example_workloads() {
             .filter_map(|r| r["limit_per_s"].as_f64())
             .fold(f64::INFINITY, f64::min);
         assert_eq!(sustainable, lowest);
-        // The predicted acknowledgement p99 is at least the disk's flushes and the
-        // measured protocol wait.
-        let ack = plan["ack_p99_ms"].as_f64().unwrap();
-        let floor = p.ack_p99_base_ms + (p.disk.flush_p50_us + p.disk.flush_p99_us) / 1000.0;
-        assert!(ack >= floor - 1e-9, "{ack} < {floor}");
         let peak = plan["peak_per_s"].as_f64().unwrap();
         let hosts = plan["hosts"].as_u64().unwrap() as f64;
+        // The predicted acknowledgement p99 is at least the disk's flushes and the
+        // measured protocol wait. A slow host (a debug build on a loaded test
+        // machine) can wait past the workload's target with no load at all: then no
+        // host meets it, and the plan says why.
+        let floor = p.ack_p99_base_ms + (p.disk.flush_p50_us + p.disk.flush_p99_us) / 1000.0;
+        let target = gannet_tools::plan::workload::Workload::load(&workload)
+            .unwrap()
+            .ack_p99_ms;
+        if floor >= target {
+            assert_eq!(hosts, 0.0);
+            assert!(plan["ack_p99_ms"].is_null());
+            let notes = plan["notes"].to_string();
+            assert!(notes.contains("no rate meets it on this host"), "{notes}");
+            continue;
+        }
+        let ack = plan["ack_p99_ms"].as_f64().unwrap();
+        assert!(ack >= floor - 1e-9, "{ack} < {floor}");
         assert!(hosts >= 1.0 && hosts * sustainable >= peak && (hosts - 1.0) * sustainable < peak);
     }
 }

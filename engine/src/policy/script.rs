@@ -58,6 +58,7 @@ pub enum Hook {
     Ehlo = 1,
     MailFrom = 2,
     RcptTo = 3,
+    MessageReceived = 5,
 }
 
 /// What a hook call came to.
@@ -223,6 +224,23 @@ impl Script {
                 Value::UserData(lua.create_userdata(Conn::of(client))?),
             ])
         })
+    }
+
+    /// `smtp_server_message_received(msg)`: the message comes back with what the
+    /// hook changed (its metadata, its header fields), whatever the outcome.
+    pub fn message_received(&self, message: Message) -> (Outcome, Message) {
+        if !self.has(Hook::MessageReceived) {
+            return (Outcome::Continue, message);
+        }
+        // Shared with the VM, so that it comes back even if the script keeps a
+        // reference to it (the reference is then to an emptied message).
+        let shared = Rc::new(RefCell::new(message));
+        let view = MessageRef(shared.clone());
+        let outcome = self.call(Hook::MessageReceived, |lua| {
+            Ok(vec![Value::UserData(lua.create_userdata(view)?)])
+        });
+        let message = std::mem::take(&mut *shared.borrow_mut());
+        (outcome, message)
     }
 
     /// Calls `hook` with the arguments `args` makes (only when it is registered:
@@ -406,6 +424,98 @@ impl UserData for Address {
 
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_meta_method(MetaMethod::ToString, |_, this, ()| Ok(this.0.clone()));
+    }
+}
+
+/// A received message as `smtp_server_message_received` sees it: the envelope, the
+/// metadata a script may set, and the message as it will be spooled.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub sender: String,
+    pub recipients: Vec<String>,
+    pub tenant: Option<String>,
+    pub campaign: Option<String>,
+    pub pool: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// The metadata keys `msg:get_meta` and `msg:set_meta` know.
+const META_KEYS: &str = "tenant, campaign, pool";
+
+impl Message {
+    fn meta(&mut self, key: &str) -> mlua::Result<&mut Option<String>> {
+        match key {
+            "tenant" => Ok(&mut self.tenant),
+            "campaign" => Ok(&mut self.campaign),
+            "pool" => Ok(&mut self.pool),
+            _ => Err(mlua::Error::runtime(format!(
+                "msg:get_meta/set_meta: no key {key:?} (keys: {META_KEYS})"
+            ))),
+        }
+    }
+}
+
+struct MessageRef(Rc<RefCell<Message>>);
+
+impl UserData for MessageRef {
+    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
+        methods.add_method("sender", |_, this, ()| {
+            Ok(Address(this.0.borrow().sender.clone()))
+        });
+        methods.add_method("recipient", |_, this, ()| {
+            Ok(Address(
+                this.0
+                    .borrow()
+                    .recipients
+                    .first()
+                    .cloned()
+                    .unwrap_or_default(),
+            ))
+        });
+        methods.add_method("recipients", |_, this, ()| {
+            let m = this.0.borrow();
+            Ok(m.recipients
+                .iter()
+                .cloned()
+                .map(Address)
+                .collect::<Vec<_>>())
+        });
+        methods.add_method("get_meta", |_, this, key: String| {
+            Ok(this.0.borrow_mut().meta(&key)?.clone())
+        });
+        methods.add_method("set_meta", |_, this, (key, value): (String, Option<String>)| {
+            if let Some(v) = &value
+                && (v.is_empty()
+                    || v.len() > 255
+                    || v.chars().any(|c| c.is_control() || c.is_whitespace()))
+            {
+                return Err(mlua::Error::runtime(format!(
+                    "msg:set_meta({key:?}): a value is 1 to 255 characters without spaces or control characters"
+                )));
+            }
+            *this.0.borrow_mut().meta(&key)? = value;
+            Ok(())
+        });
+        methods.add_method("get_first_named_header_value", |_, this, name: String| {
+            Ok(gannet_core::headers::first_value(
+                &this.0.borrow().body,
+                &name,
+            ))
+        });
+        methods.add_method(
+            "append_header",
+            |_, this, (name, value): (String, String)| {
+                gannet_core::headers::append(&mut this.0.borrow_mut().body, &name, &value)
+                    .map_err(|e| mlua::Error::runtime(format!("msg:append_header: {e}")))
+            },
+        );
+        methods.add_method("remove_all_named_headers", |_, this, name: String| {
+            Ok(gannet_core::headers::remove_all(
+                &mut this.0.borrow_mut().body,
+                &name,
+            ))
+        });
+        methods.add_method("set_force_sync", |_, _, _: mlua::MultiValue| Ok(()));
     }
 }
 

@@ -18,7 +18,7 @@ use crate::delivery::Dispatcher;
 use crate::events::Event;
 use crate::io::Conn;
 use crate::metrics::ShardMetrics;
-use crate::policy::script::Outcome;
+use crate::policy::script::{Hook, Message as ScriptMessage, Outcome};
 use crate::policy::{Client, Draft, Verdict};
 use crate::shard::Shard;
 use gannet_core::clock::unix_ms;
@@ -718,18 +718,53 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
             }
         },
     };
-    let draft = Draft {
-        sender: &tx.sender.text,
-        recipients: &tx.recipients,
-        size_bytes: prepared.len() as u64,
-        tenant: lifted.tenant.as_deref(),
-        campaign: lifted.campaign.as_deref(),
-        requested_pool: lifted.pool.as_deref(),
-    };
+    fn draft<'a>(tx: &'a Transaction, prepared: &[u8], lifted: &'a message::Lifted) -> Draft<'a> {
+        Draft {
+            sender: &tx.sender.text,
+            recipients: &tx.recipients,
+            size_bytes: prepared.len() as u64,
+            tenant: lifted.tenant.as_deref(),
+            campaign: lifted.campaign.as_deref(),
+            requested_pool: lifted.pool.as_deref(),
+        }
+    }
     let policy = &shard.shared.policy;
-    if let Verdict::Reject(reply) = policy.data(&client, &draft) {
+    if let Verdict::Reject(reply) = policy.data(&client, &draft(tx, &prepared, &lifted)) {
         return reply;
     }
+    // The script's smtp_server_message_received: it may set the tenant, campaign
+    // and pool, and edit header fields, before the binding is chosen.
+    let mut lifted = lifted;
+    if let Some(script) = shard.script()
+        && script.has(Hook::MessageReceived)
+    {
+        let (outcome, edited) = script.message_received(ScriptMessage {
+            sender: tx.sender.text.clone(),
+            recipients: tx.recipients.clone(),
+            tenant: lifted.tenant.take(),
+            campaign: lifted.campaign.take(),
+            pool: lifted.pool.take(),
+            body: std::mem::take(&mut prepared),
+        });
+        prepared = edited.body;
+        lifted.tenant = edited.tenant;
+        lifted.campaign = edited.campaign;
+        lifted.pool = edited.pool;
+        let refusal = match outcome {
+            Outcome::Continue => None,
+            Outcome::Reject(reply) => Some(reply),
+            Outcome::Failed(why) => {
+                ShardMetrics::add(&shard.metrics.policy_script_failures_total, 1);
+                tracing::warn!(shard = shard.id, peer = %s.peer, "policy script: {why}");
+                Some(crate::policy::script::failure_reply())
+            }
+        };
+        if let Some(reply) = refusal {
+            s.policy_rejection("data", Some(&tx.sender.text), None, &reply);
+            return reply;
+        }
+    }
+    let draft = draft(tx, &prepared, &lifted);
     let pool = policy.set_binding(&client, &draft);
     if let Verdict::Reject(reply) = policy.final_validation(&client, &draft, &mut prepared) {
         return reply;

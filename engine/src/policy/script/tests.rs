@@ -175,3 +175,40 @@ fn scripts_that_cannot_load_say_where() {
         "{err}"
     );
 }
+
+#[test]
+fn the_message_comes_back_even_when_the_script_keeps_it() {
+    let script = load(
+        "kept = nil\n\
+         gannet.on('smtp_server_message_received', function(msg)\n\
+           if kept ~= nil and kept:get_meta('tenant') ~= nil then error('kept a live message') end\n\
+           kept = msg\n\
+           msg:set_meta('tenant', 't1')\n\
+           msg:append_header('X-Seen', tostring(msg:recipient()))\n\
+           if msg:get_first_named_header_value('subject') == 'bad value' then msg:set_meta('pool', 'two words') end\n\
+         end)",
+    );
+    let message = super::Message {
+        sender: "s@a.test".into(),
+        recipients: vec!["r@b.test".into()],
+        body: b"Subject: hi\r\n\r\nbody\r\n".to_vec(),
+        ..Default::default()
+    };
+    let (outcome, back) = script.message_received(message.clone());
+    assert_eq!(outcome, Outcome::Continue);
+    assert_eq!(back.tenant.as_deref(), Some("t1"));
+    assert_eq!(back.body, b"Subject: hi\r\nX-Seen: r@b.test\r\n\r\nbody\r\n");
+    // The script's reference is to an emptied message now.
+    let (outcome, _) = script.message_received(message.clone());
+    assert_eq!(outcome, Outcome::Continue);
+    let mut bad = message;
+    bad.body = b"Subject: bad value\r\n\r\n".to_vec();
+    let (outcome, back) = script.message_received(bad);
+    match outcome {
+        Outcome::Failed(why) => assert!(why.contains("without spaces"), "{why}"),
+        other => panic!("{other:?}"),
+    }
+    // What the hook did before it failed comes back with the message.
+    assert_eq!(back.pool, None);
+    assert!(back.body.starts_with(b"Subject: bad value\r\nX-Seen"));
+}

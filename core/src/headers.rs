@@ -1,0 +1,154 @@
+//! Reading and editing the header section of a message gannet has already checked
+//! (`message::prepare`): CRLF lines, folded fields, a blank line before the body (or
+//! none). What policy scripts use to read, add and remove header fields.
+
+use std::ops::Range;
+
+/// One header field: its whole extent (folded lines and the final CRLF included)
+/// and its name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Field {
+    pub whole: Range<usize>,
+    pub name: Range<usize>,
+    /// After the colon, up to the final CRLF.
+    pub value: Range<usize>,
+}
+
+/// The header fields of `message`, in order, and where the header section ends
+/// (the index of the blank line, or the end of the message).
+pub fn fields(message: &[u8]) -> (Vec<Field>, usize) {
+    let mut out: Vec<Field> = Vec::new();
+    let mut pos = 0;
+    while pos < message.len() {
+        let line_end =
+            memchr::memmem::find(&message[pos..], b"\r\n").map_or(message.len(), |n| pos + n + 2);
+        let line = &message[pos..line_end];
+        let content = line.strip_suffix(b"\r\n").unwrap_or(line);
+        if content.is_empty() {
+            return (out, pos);
+        }
+        let continued = content[0] == b' ' || content[0] == b'\t';
+        match (continued, out.last_mut()) {
+            (true, Some(last)) => {
+                last.whole.end = line_end;
+                last.value.end = pos + content.len();
+            }
+            _ => {
+                let colon = memchr::memchr(b':', content).unwrap_or(content.len());
+                out.push(Field {
+                    whole: pos..line_end,
+                    name: pos..pos + colon,
+                    value: (pos + colon + 1).min(pos + content.len())..pos + content.len(),
+                });
+            }
+        }
+        pos = line_end;
+    }
+    (out, message.len())
+}
+
+fn named<'a>(message: &'a [u8], name: &'a str) -> impl Iterator<Item = Field> + 'a {
+    fields(message).0.into_iter().filter(move |f| {
+        message[f.name.clone()]
+            .trim_ascii_end()
+            .eq_ignore_ascii_case(name.as_bytes())
+    })
+}
+
+/// The first field named `name` (any case): its value unfolded and trimmed.
+pub fn first_value(message: &[u8], name: &str) -> Option<String> {
+    let field = named(message, name).next()?;
+    let raw = String::from_utf8_lossy(&message[field.value]);
+    Some(
+        raw.split("\r\n")
+            .map(|l| l.trim_matches([' ', '\t']))
+            .filter(|l| !l.is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
+    )
+}
+
+/// Removes every field named `name` (any case); how many there were.
+pub fn remove_all(message: &mut Vec<u8>, name: &str) -> usize {
+    let ranges: Vec<Range<usize>> = named(message, name).map(|f| f.whole).collect();
+    for range in ranges.iter().rev() {
+        message.drain(range.clone());
+    }
+    ranges.len()
+}
+
+/// Why `name: value` cannot be a header field, if it cannot: a name of printable
+/// characters without a colon (RFC 5322 2.2), a value without CR or LF (a script
+/// must not end the header section early or smuggle a field in).
+pub fn check(name: &str, value: &str) -> Result<(), String> {
+    if name.is_empty() || !name.bytes().all(|b| (33..=126).contains(&b) && b != b':') {
+        return Err(format!("{name:?} is not a header field name"));
+    }
+    if value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) {
+        return Err(format!("the value of {name} has a line break or NUL"));
+    }
+    Ok(())
+}
+
+/// Adds `name: value` as the last header field (checked with [`check`]).
+pub fn append(message: &mut Vec<u8>, name: &str, value: &str) -> Result<(), String> {
+    check(name, value)?;
+    let (_, end) = fields(message);
+    let mut line = Vec::with_capacity(name.len() + value.len() + 4);
+    line.extend_from_slice(name.as_bytes());
+    line.extend_from_slice(b": ");
+    line.extend_from_slice(value.as_bytes());
+    line.extend_from_slice(b"\r\n");
+    let at = if end == message.len() {
+        // No blank line: the field goes at the end, after a CRLF ending the last.
+        if !message.is_empty() && !message.ends_with(b"\r\n") {
+            message.extend_from_slice(b"\r\n");
+        }
+        message.len()
+    } else {
+        end
+    };
+    message.splice(at..at, line);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MSG: &[u8] = b"Received: from a\r\n\tby b\r\nSubject: hello\r\n  world\r\nX-Tag: one\r\nx-tag: two\r\n\r\nbody\r\nX-Tag: not a header\r\n";
+
+    #[test]
+    fn fields_fold_and_end_at_the_blank_line() {
+        let (f, end) = fields(MSG);
+        assert_eq!(f.len(), 4);
+        assert_eq!(&MSG[f[1].whole.clone()], b"Subject: hello\r\n  world\r\n");
+        assert_eq!(&MSG[end..end + 2], b"\r\n");
+        assert_eq!(first_value(MSG, "SUBJECT").as_deref(), Some("hello world"));
+        assert_eq!(first_value(MSG, "x-tag").as_deref(), Some("one"));
+        assert_eq!(first_value(MSG, "missing"), None);
+    }
+
+    #[test]
+    fn removing_and_appending_keep_the_body() {
+        let mut m = MSG.to_vec();
+        assert_eq!(remove_all(&mut m, "X-TAG"), 2);
+        append(&mut m, "X-Routed", "by script").unwrap();
+        assert_eq!(
+            m,
+            b"Received: from a\r\n\tby b\r\nSubject: hello\r\n  world\r\nX-Routed: by script\r\n\r\nbody\r\nX-Tag: not a header\r\n"
+        );
+        // A message of headers only gets its field after the last one.
+        let mut h = b"Subject: x".to_vec();
+        append(&mut h, "X-A", "1").unwrap();
+        assert_eq!(h, b"Subject: x\r\nX-A: 1\r\n");
+        for (name, value) in [
+            ("Bad Name", "v"),
+            ("", "v"),
+            ("A:B", "v"),
+            ("X", "a\r\nBcc: x"),
+        ] {
+            assert!(append(&mut h, name, value).is_err(), "{name:?} {value:?}");
+        }
+    }
+}
