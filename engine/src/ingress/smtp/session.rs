@@ -118,7 +118,13 @@ impl Session {
         run: impl FnOnce(&crate::policy::script::Script, &Client<'_>) -> Outcome,
     ) -> Option<Reply> {
         let script = self.shard.script()?;
-        match run(&script, &self.client()) {
+        self.refusal_of(run(&script, &self.client()))
+    }
+
+    /// A hook's outcome as the reply to refuse with, if any (a failure counted and
+    /// logged with why).
+    pub fn refusal_of(&self, outcome: Outcome) -> Option<Reply> {
+        match outcome {
             Outcome::Continue => None,
             Outcome::Reject(reply) => Some(reply),
             Outcome::Failed(why) => {
@@ -750,16 +756,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
         lifted.tenant = edited.tenant;
         lifted.campaign = edited.campaign;
         lifted.pool = edited.pool;
-        let refusal = match outcome {
-            Outcome::Continue => None,
-            Outcome::Reject(reply) => Some(reply),
-            Outcome::Failed(why) => {
-                ShardMetrics::add(&shard.metrics.policy_script_failures_total, 1);
-                tracing::warn!(shard = shard.id, peer = %s.peer, "policy script: {why}");
-                Some(crate::policy::script::failure_reply())
-            }
-        };
-        if let Some(reply) = refusal {
+        if let Some(reply) = s.refusal_of(outcome) {
             s.policy_rejection("data", Some(&tx.sender.text), None, &reply);
             return reply;
         }

@@ -197,7 +197,10 @@ fn the_message_comes_back_even_when_the_script_keeps_it() {
     let (outcome, back) = script.message_received(message.clone());
     assert_eq!(outcome, Outcome::Continue);
     assert_eq!(back.tenant.as_deref(), Some("t1"));
-    assert_eq!(back.body, b"Subject: hi\r\nX-Seen: r@b.test\r\n\r\nbody\r\n");
+    assert_eq!(
+        back.body,
+        b"Subject: hi\r\nX-Seen: r@b.test\r\n\r\nbody\r\n"
+    );
     // The script's reference is to an emptied message now.
     let (outcome, _) = script.message_received(message.clone());
     assert_eq!(outcome, Outcome::Continue);
