@@ -376,3 +376,44 @@ end)
     assert_eq!(meta(plain, "pool").as_deref(), Some("default"));
     assert!(String::from_utf8_lossy(&plain.body).contains("X-Routed: by-script"));
 }
+
+/// A policy written for KumoMTA in the style of its documentation's "custom
+/// metadata" answer (the tenant from a header, `kumo.on`, the string-call syntax,
+/// the handler's second argument) runs as it is: `kumo` is gannet's table.
+#[test]
+fn a_kumomta_style_tenant_policy_runs_unchanged() {
+    let scripts = tempfile::tempdir().unwrap();
+    let path = script_file(
+        scripts.path(),
+        r#"
+kumo.on('smtp_server_message_received', function(msg, conn_meta)
+  local tenant = msg:get_first_named_header_value 'X-Customer-Tenant'
+  if tenant then
+    msg:set_meta('tenant', tenant)
+    msg:remove_all_named_headers 'X-Customer-Tenant'
+  end
+  msg:set_force_sync(true)
+  if conn_meta:get_meta('received_from') ~= '127.0.0.1' then
+    kumo.reject(451, 'unexpected peer')
+  end
+end)
+"#,
+    );
+    let mut daemon = Daemon::start("", &format!("[policy]\nscript = \"{path}\"\n"));
+    let reply = daemon.send_message(
+        "a@dest.test",
+        "Subject: t\r\nX-Customer-Tenant: globex\r\n\r\nhello\r\n",
+    );
+    assert!(reply.starts_with("250 "), "{reply}");
+    daemon.stop();
+    let spooled = common::spooled(&daemon.data_dir());
+    assert_eq!(spooled.len(), 1);
+    assert!(
+        spooled[0]
+            .meta
+            .contains(&("tenant".to_string(), "globex".to_string())),
+        "{:?}",
+        spooled[0].meta
+    );
+    assert!(!String::from_utf8_lossy(&spooled[0].body).contains("X-Customer-Tenant"));
+}

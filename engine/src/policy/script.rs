@@ -15,7 +15,7 @@
 //!
 //! Hooks today: `smtp_server_connection_accepted(conn)`, `smtp_server_ehlo(domain,
 //! conn)`, `smtp_server_mail_from(sender, conn)`, `smtp_server_mail_rcpt_to(recipient,
-//! conn)`. `conn:get_meta(key)` answers `received_from` (the client's address),
+//! conn)`, `smtp_server_message_received(msg, conn)` (see [`Message`]). `conn:get_meta(key)` answers `received_from` (the client's address),
 //! `ehlo_domain`, `tls` (a boolean) and `authn_id` (the AUTH user), nil when unknown;
 //! an address has the fields `user`, `domain` and `email` (and prints as the
 //! address). The other names of [`HOOKS`] may be registered already; gannet calls
@@ -226,9 +226,9 @@ impl Script {
         })
     }
 
-    /// `smtp_server_message_received(msg)`: the message comes back with what the
+    /// `smtp_server_message_received(msg, conn)`: the message comes back with what the
     /// hook changed (its metadata, its header fields), whatever the outcome.
-    pub fn message_received(&self, message: Message) -> (Outcome, Message) {
+    pub fn message_received(&self, client: &Client<'_>, message: Message) -> (Outcome, Message) {
         if !self.has(Hook::MessageReceived) {
             return (Outcome::Continue, message);
         }
@@ -237,7 +237,10 @@ impl Script {
         let shared = Rc::new(RefCell::new(message));
         let view = MessageRef(shared.clone());
         let outcome = self.call(Hook::MessageReceived, |lua| {
-            Ok(vec![Value::UserData(lua.create_userdata(view)?)])
+            Ok(vec![
+                Value::UserData(lua.create_userdata(view)?),
+                Value::UserData(lua.create_userdata(Conn::of(client))?),
+            ])
         });
         let message = std::mem::take(&mut *shared.borrow_mut());
         (outcome, message)

@@ -744,14 +744,17 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     if let Some(script) = shard.script()
         && script.has(Hook::MessageReceived)
     {
-        let (outcome, edited) = script.message_received(ScriptMessage {
-            sender: tx.sender.text.clone(),
-            recipients: tx.recipients.clone(),
-            tenant: lifted.tenant.take(),
-            campaign: lifted.campaign.take(),
-            pool: lifted.pool.take(),
-            body: std::mem::take(&mut prepared),
-        });
+        let (outcome, edited) = script.message_received(
+            &client,
+            ScriptMessage {
+                sender: tx.sender.text.clone(),
+                recipients: tx.recipients.clone(),
+                tenant: lifted.tenant.take(),
+                campaign: lifted.campaign.take(),
+                pool: lifted.pool.take(),
+                body: std::mem::take(&mut prepared),
+            },
+        );
         prepared = edited.body;
         lifted.tenant = edited.tenant;
         lifted.campaign = edited.campaign;

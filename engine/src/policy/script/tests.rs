@@ -194,7 +194,7 @@ fn the_message_comes_back_even_when_the_script_keeps_it() {
         body: b"Subject: hi\r\n\r\nbody\r\n".to_vec(),
         ..Default::default()
     };
-    let (outcome, back) = script.message_received(message.clone());
+    let (outcome, back) = script.message_received(&client(), message.clone());
     assert_eq!(outcome, Outcome::Continue);
     assert_eq!(back.tenant.as_deref(), Some("t1"));
     assert_eq!(
@@ -202,11 +202,11 @@ fn the_message_comes_back_even_when_the_script_keeps_it() {
         b"Subject: hi\r\nX-Seen: r@b.test\r\n\r\nbody\r\n"
     );
     // The script's reference is to an emptied message now.
-    let (outcome, _) = script.message_received(message.clone());
+    let (outcome, _) = script.message_received(&client(), message.clone());
     assert_eq!(outcome, Outcome::Continue);
     let mut bad = message;
     bad.body = b"Subject: bad value\r\n\r\n".to_vec();
-    let (outcome, back) = script.message_received(bad);
+    let (outcome, back) = script.message_received(&client(), bad);
     match outcome {
         Outcome::Failed(why) => assert!(why.contains("without spaces"), "{why}"),
         other => panic!("{other:?}"),
