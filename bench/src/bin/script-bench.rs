@@ -7,10 +7,10 @@
 //! - `empty`: a script with an empty function at every phase gannet calls (connect,
 //!   EHLO, MAIL, RCPT, message received);
 //! - `lua`: a typical rule set written in Lua — a refused client network, refused
-//!   sender and recipient domains (ten each), and after DATA the tenant and pool set
-//!   from a header and the header removed;
+//!   sender and recipient domains (ten each), and after DATA the tenant set from a
+//!   header and the header removed;
 //! - `rules`: the same refusals as declarative `[policy] rules`, and the tenant from
-//!   the tenant header with `tenant_pools` (what gannet does without a script).
+//!   the tenant header (what gannet does without a script).
 //!
 //! Every system runs `--rounds` times, interleaved (none, empty, lua, rules, none, …)
 //! so that drift of the machine touches them alike; the median of its rounds is
@@ -67,7 +67,6 @@ for i = 1, 10 do refused_senders["spam" .. i .. ".test"] = true end
 local refused_recipients = {}
 for i = 1, 9 do refused_recipients["closed" .. i .. ".test"] = true end
 refused_recipients["blocked.test"] = true
-local pools = { acme = "warm", globex = "shared" }
 
 gannet.on("smtp_server_connection_accepted", function(conn)
   local peer = conn:get_meta("received_from")
@@ -82,7 +81,6 @@ end)
 gannet.on("smtp_server_message_received", function(msg, conn)
   local tenant = msg:get_first_named_header_value("X-Bench-Tenant") or "acme"
   msg:set_meta("tenant", tenant)
-  msg:set_meta("pool", pools[tenant] or "default")
   msg:remove_all_named_headers("X-Bench-Tenant")
 end)
 "#;
@@ -92,7 +90,7 @@ fn rules() -> String {
     let mut recipients: Vec<String> = (1..=9).map(|i| format!("\"closed{i}.test\"")).collect();
     recipients.push("\"blocked.test\"".into());
     format!(
-        "tenant_header = \"X-Bench-Tenant\"\ntenant_pools = {{ acme = \"warm\", globex = \"shared\" }}\nrules = [\n\
+        "tenant_header = \"X-Bench-Tenant\"\nrules = [\n\
          {{ phase = \"connect\", client_networks = [\"192.0.2.0/24\"], action = \"reject\" }},\n\
          {{ phase = \"mail_from\", sender_domains = [{}], action = \"reject\" }},\n\
          {{ phase = \"rcpt_to\", recipient_domains = [{}], action = \"reject\" }},\n]\n",
