@@ -7,7 +7,6 @@
 //! says plainly when either is missing. The group is removed when dropped (its
 //! processes must have exited by then).
 
-use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -122,10 +121,7 @@ impl Drop for Throttle {
 /// "major:minor" of the whole disk under `dir` (throttle rules name whole disks, so a
 /// partition is traded for its parent).
 fn whole_disk(dir: &Path) -> Result<String> {
-    let dev = std::fs::metadata(dir)
-        .with_context(|| format!("{}", dir.display()))?
-        .dev();
-    let id = format!("{}:{}", libc::major(dev), libc::minor(dev));
+    let id = crate::device_id(dir).with_context(|| format!("{}", dir.display()))?;
     let sys = PathBuf::from(format!("/sys/dev/block/{id}"));
     if !sys.exists() {
         bail!(

@@ -19,15 +19,19 @@ pub mod peers;
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 
+/// "major:minor" of the device holding `dir` (a partition's own, not its disk's).
+pub fn device_id(dir: &Path) -> std::io::Result<String> {
+    let dev = std::fs::metadata(dir)?.dev();
+    Ok(format!("{}:{}", libc::major(dev), libc::minor(dev)))
+}
+
 /// Field `n` (from 0) of the block device statistics of the device holding `dir`.
 fn device_stat(dir: &Path, n: usize) -> u64 {
-    let Ok(meta) = std::fs::metadata(dir) else {
+    let Ok(id) = device_id(dir) else {
         return 0;
     };
-    let dev = meta.dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    let stat = std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/stat"))
-        .or_else(|_| std::fs::read_to_string(format!("/sys/dev/block/{major}:{minor}/../stat")))
+    let stat = std::fs::read_to_string(format!("/sys/dev/block/{id}/stat"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/dev/block/{id}/../stat")))
         .unwrap_or_default();
     stat.split_whitespace()
         .nth(n)
