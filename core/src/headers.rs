@@ -58,14 +58,7 @@ fn named<'a>(message: &'a [u8], name: &'a str) -> impl Iterator<Item = Field> + 
 /// The first field named `name` (any case): its value unfolded and trimmed.
 pub fn first_value(message: &[u8], name: &str) -> Option<String> {
     let field = named(message, name).next()?;
-    let raw = String::from_utf8_lossy(&message[field.value]);
-    Some(
-        raw.split("\r\n")
-            .map(|l| l.trim_matches([' ', '\t']))
-            .filter(|l| !l.is_empty())
-            .collect::<Vec<_>>()
-            .join(" "),
-    )
+    Some(crate::message::unfold(&message[field.value]))
 }
 
 /// Removes every field named `name` (any case); how many there were.

@@ -121,7 +121,7 @@ fn trim_wsp_end(s: &[u8]) -> &[u8] {
 }
 
 /// A header value with folding removed and surrounding white space trimmed.
-fn unfold(raw: &[u8]) -> String {
+pub(crate) fn unfold(raw: &[u8]) -> String {
     let text = String::from_utf8_lossy(raw);
     text.split("\r\n")
         .map(|l| l.trim_matches([' ', '\t']))
