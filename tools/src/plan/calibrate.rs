@@ -165,16 +165,9 @@ pub fn calibrate(o: &Options, say: &mut dyn FnMut(&str)) -> Result<Profile> {
             let mut p99s = Vec::new();
             for _ in 0..ROUNDS {
                 let mut latencies = paced_latencies(g.smtp, rate, LATENCY_SECS, size, load_cores)?;
-                latencies.sort_by(f64::total_cmp);
-                p99s.push(
-                    latencies
-                        .get(((latencies.len().saturating_sub(1)) as f64 * 0.99).round() as usize)
-                        .copied()
-                        .unwrap_or(0.0),
-                );
+                p99s.push(quantile(&mut latencies, 0.99));
             }
-            p99s.sort_by(f64::total_cmp);
-            ack_p99_ms = p99s[p99s.len() / 2];
+            ack_p99_ms = median(p99s);
         }
         let data = g.stop()?;
         relay.push((size as f64, cpu / n as f64));
@@ -392,8 +385,6 @@ pub fn disk(dir: &Path, n: usize) -> Result<Disk> {
         file.sync_data()?;
         latencies.push(t0.elapsed().as_secs_f64() * 1e6);
     }
-    latencies.sort_by(f64::total_cmp);
-    let at = |q: f64| latencies[((latencies.len() - 1) as f64 * q).round() as usize];
     let chunk = vec![0xa5u8; 1 << 20];
     let t0 = Instant::now();
     for i in 0..64u64 {
@@ -404,8 +395,8 @@ pub fn disk(dir: &Path, n: usize) -> Result<Disk> {
     drop(file);
     let _ = std::fs::remove_file(&path);
     Ok(Disk {
-        flush_p50_us: at(0.5),
-        flush_p99_us: at(0.99),
+        flush_p50_us: quantile(&mut latencies, 0.5),
+        flush_p99_us: quantile(&mut latencies, 0.99),
         bandwidth_bytes_per_s: bandwidth,
     })
 }
@@ -470,12 +461,31 @@ pub fn confine(pid: u32, core: usize) {
 /// pages dirtied for writeback (a partly filled page flushed and written to again
 /// counts again).
 pub fn process_written_bytes(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/io"))
+    proc_number(pid, "io", "write_bytes:")
+}
+
+/// The number after `field` on its line of /proc/PID/`file` (0 when absent).
+fn proc_number(pid: u32, file: &str, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/{file}"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("write_bytes:"))
-        .and_then(|v| v.trim().parse().ok())
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
+}
+
+/// The middle of `v` once sorted (the upper one of an even count).
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// The value at quantile `q` of `v`, which it sorts (nearest rank; 0 for none).
+fn quantile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get((v.len().saturating_sub(1) as f64 * q).round() as usize)
+        .copied()
+        .unwrap_or(0.0)
 }
 
 pub fn process_cpu_seconds(pid: u32) -> f64 {
@@ -581,12 +591,7 @@ impl Gannetd {
     }
 
     fn status_kb(&self, field: &str) -> u64 {
-        std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix(field))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
+        proc_number(self.child.id(), "status", field)
     }
 
     /// Runs `load` ROUNDS times (told the round); the median of gannetd's CPU µs
@@ -600,10 +605,6 @@ impl Gannetd {
             cpus.push(cpu);
             shares.push(cpu / (t0.elapsed().as_secs_f64() * 1e6).max(1.0));
         }
-        let median = |mut v: Vec<f64>| {
-            v.sort_by(f64::total_cmp);
-            v[v.len() / 2]
-        };
         Ok((median(cpus), median(shares)))
     }
 
