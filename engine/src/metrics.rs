@@ -170,6 +170,9 @@ metrics! {
     events_dropped_total: "counter",
     /// Records appended to the spool (messages, retry updates, tombstones).
     spool_records_total: "counter",
+    /// Bytes of those records (framing included): the spool's write rate before
+    /// page rounding, whatever has since been reclaimed.
+    spool_appended_bytes_total: "counter",
     /// Group commits (one fdatasync of each segment they touched), and those whose
     /// batch was held to gather more records because work queued on the core.
     spool_syncs_total: "counter",

@@ -116,6 +116,12 @@ fn concurrent_appenders_share_syncs() {
         }
         let stats = spool.stats();
         assert_eq!(stats.appends, 64 * 20);
+        // Each record holds its 2000-byte body and a header of less than a KiB.
+        assert!(
+            (64 * 20 * 2000..64 * 20 * 3000).contains(&stats.appended_bytes),
+            "{} bytes appended",
+            stats.appended_bytes
+        );
         assert!(
             stats.syncs * 4 <= stats.appends,
             "{} syncs for {} appends",

@@ -96,11 +96,18 @@ fn calibration_writes_a_profile_that_plans_the_example_workloads() {
     let per_kib = p.spool_accept_bytes.per_kib;
     assert!((1000.0..1100.0).contains(&per_kib), "{per_kib}");
     assert!(p.spool_accept_bytes.base > 100.0);
+    // Delivery appends its records (counted as appended: its segments may since
+    // have been reclaimed).
     assert!(p.spool_relay_bytes.at(2048.0) > p.spool_accept_bytes.at(2048.0));
-    // What reaches the disk is at least the body, in whole pages.
-    let written = p.disk_write_accept_bytes.at(65536.0);
-    assert!(written >= 65536.0, "{written}");
-    assert!(p.disk_write_relay_bytes.at(65536.0) >= written);
+    // What reaches the disk is at least the body, in whole pages. (Not relay's above
+    // acceptance's: each ran its own gannetd, whose group commits batch differently,
+    // and a page is counted again each time a batch rewrites it.)
+    for (what, written) in [
+        ("accept", p.disk_write_accept_bytes.at(65536.0)),
+        ("relay", p.disk_write_relay_bytes.at(65536.0)),
+    ] {
+        assert!(written >= 65536.0, "{what}: {written}");
+    }
     assert!(p.disk.flush_p50_us > 0.0 && p.disk.flush_p99_us >= p.disk.flush_p50_us);
     assert!(p.disk.bandwidth_bytes_per_s > 1e6);
     assert!(p.queued_bytes_per_message > 0.0 && p.base_rss_bytes > 1e6);

@@ -739,6 +739,7 @@ async fn periodic_round(shard: &Shard) -> Round {
     let spool = shard.spool.stats();
     metrics.spool_sync.store(&spool.sync_latency);
     set(&metrics.spool_records_total, spool.appends);
+    set(&metrics.spool_appended_bytes_total, spool.appended_bytes);
     set(&metrics.spool_syncs_total, spool.syncs);
     set(&metrics.spool_gathered_syncs_total, spool.gathered_syncs);
     set(

@@ -244,6 +244,9 @@ pub fn latency_bucket(us: u64) -> usize {
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SpoolStats {
     pub appends: u64,
+    /// Bytes of the records appended (framing included): what the spool has been
+    /// given to write, whatever has since been reclaimed.
+    pub appended_bytes: u64,
     pub syncs: u64,
     /// Syncs whose batch the pace held to gather more (work queued on the core).
     pub gathered_syncs: u64,
@@ -683,6 +686,7 @@ impl<S: Storage + 'static> Spool<S> {
     fn note_append(&self, state: &mut State, loc: RecordLoc) {
         let commit = &self.inner.commit;
         state.stats.appends += 1;
+        state.stats.appended_bytes += u64::from(loc.len);
         state.epoch_records += 1;
         let now = std::time::Instant::now();
         commit
