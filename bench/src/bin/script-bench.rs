@@ -167,17 +167,14 @@ fn main() -> Result<()> {
             measured[i].push(m);
         }
     }
-    let median = |v: &mut Vec<f64>| {
-        v.sort_by(f64::total_cmp);
-        v[v.len() / 2]
-    };
+    let median = |v: Vec<f64>| gannet_bench::harness::median_range(&v).0;
     let rows: Vec<(&str, f64, f64)> = systems
         .iter()
         .zip(&measured)
         .map(|(s, m)| {
-            let mut rates: Vec<f64> = m.iter().map(|x| x.0).collect();
-            let mut cpus: Vec<f64> = m.iter().map(|x| x.1).collect();
-            (*s, median(&mut rates), median(&mut cpus))
+            let rates = m.iter().map(|x| x.0).collect();
+            let cpus = m.iter().map(|x| x.1).collect();
+            (*s, median(rates), median(cpus))
         })
         .collect();
     let base = rows.iter().find(|r| r.0 == "none").map(|r| r.2);

@@ -315,16 +315,11 @@ fn setup(lua: &Lua, registered: Rc<RefCell<Vec<Option<Function>>>>) -> mlua::Res
 /// may start with an enhanced status code of the same class (else one is chosen:
 /// 4.7.1 or 5.7.1, "delivery not authorized").
 fn reject_reply(code: i64, text: &str) -> mlua::Result<Reply> {
-    let Ok(code) = u16::try_from(code) else {
+    let Some(code) = u16::try_from(code).ok().filter(|c| (400..600).contains(c)) else {
         return Err(mlua::Error::runtime(format!(
             "gannet.reject: code {code} is not a 4xx or 5xx reply code"
         )));
     };
-    if !(400..600).contains(&code) {
-        return Err(mlua::Error::runtime(format!(
-            "gannet.reject: code {code} is not a 4xx or 5xx reply code"
-        )));
-    }
     let class = char::from(b'0' + (code / 100) as u8);
     let (enhanced, rest) = match text.split_once(' ') {
         Some((head, rest)) if is_enhanced_code(head) && head.starts_with(class) => {
