@@ -61,6 +61,18 @@ pub fn first_value(message: &[u8], name: &str) -> Option<String> {
     Some(crate::message::unfold(&message[field.value]))
 }
 
+/// Every field as (name, value unfolded and trimmed), in order.
+pub fn all(message: &[u8]) -> Vec<(String, String)> {
+    fields(message)
+        .0
+        .into_iter()
+        .map(|f| {
+            let name = String::from_utf8_lossy(message[f.name].trim_ascii_end()).into_owned();
+            (name, crate::message::unfold(&message[f.value]))
+        })
+        .collect()
+}
+
 /// Removes every field named `name` (any case); how many there were.
 pub fn remove_all(message: &mut Vec<u8>, name: &str) -> usize {
     let ranges: Vec<Range<usize>> = named(message, name).map(|f| f.whole).collect();
@@ -110,6 +122,21 @@ mod tests {
     use super::*;
 
     const MSG: &[u8] = b"Received: from a\r\n\tby b\r\nSubject: hello\r\n  world\r\nX-Tag: one\r\nx-tag: two\r\n\r\nbody\r\nX-Tag: not a header\r\n";
+
+    #[test]
+    fn every_field_comes_with_its_value_unfolded() {
+        let all = all(MSG);
+        assert_eq!(
+            all,
+            [
+                ("Received", "from a by b"),
+                ("Subject", "hello world"),
+                ("X-Tag", "one"),
+                ("x-tag", "two"),
+            ]
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+        );
+    }
 
     #[test]
     fn fields_fold_and_end_at_the_blank_line() {

@@ -27,6 +27,7 @@ use crate::merge::content::{Rcpt, Stamp};
 use crate::merge::template::Scope;
 use crate::merge::{JOB_KIND, Job, rcpt_meta, tracking};
 use crate::metrics::ShardMetrics;
+use crate::policy::script::{Message as ScriptMessage, Outcome};
 use crate::shard::Shard;
 use gannet_core::clock::unix_ms;
 
@@ -124,42 +125,12 @@ impl Jobs {
                 track,
             )
             .map_err(|e| e.0)?;
-        // DKIM, once per generated message.
-        let body = match self.shard.dkim().sign(
-            &generated.body,
-            job.stored.tenant.as_deref(),
-            now_ms / 1000,
-        ) {
-            Ok(None) => generated.body,
-            Ok(Some(mut signed)) => {
-                ShardMetrics::add(&self.shard.metrics.dkim_signatures_total, 1);
-                signed.extend_from_slice(&generated.body);
-                signed
-            }
-            Err(err) => {
-                ShardMetrics::add(&self.shard.metrics.dkim_failures_total, 1);
-                return Err(err.to_string());
-            }
-        };
-        let size_max = self.shard.config().smtp.message_bytes_max.usize();
-        if body.len() > size_max {
-            return Err(format!(
-                "the generated message has {} bytes, more than smtp.message_bytes_max ({size_max})",
-                body.len()
-            ));
-        }
         let sender = rcpt
             .return_path
             .as_deref()
             .or(spec.return_path.as_deref())
             .unwrap_or(&generated.from_email)
             .to_string();
-        let domain = crate::policy::domain_of(email);
-        let queue = gannet_core::queue::scheduled_queue(
-            job.campaign(),
-            job.stored.tenant.as_deref(),
-            domain,
-        );
         let mut meta = vec![
             ("pool".to_string(), job.stored.pool.clone()),
             ("transmission_id".to_string(), job.id.clone()),
@@ -193,11 +164,70 @@ impl Jobs {
         if let Some(template) = &job.stored.template_id {
             meta.push(("template_id".to_string(), template.clone()));
         }
+        let mut message = ScriptMessage {
+            sender,
+            recipients: vec![email.to_string()],
+            meta,
+            body: generated.body,
+        };
+        // The script's http_message_generated: it may set the tenant, campaign,
+        // pool, routing domain and keys of its own, and edit header fields, before
+        // the message is signed. A refusal or a failure is this recipient's
+        // generation failure.
+        if let Some(script) = self.shard.script() {
+            let outcome;
+            (outcome, message) = script.http_message_generated(message);
+            match outcome {
+                Outcome::Continue => {}
+                Outcome::Reject(reply) => {
+                    let mut line = Vec::new();
+                    reply.encode(&mut line);
+                    let line = String::from_utf8_lossy(&line);
+                    return Err(format!("refused by the policy script: {}", line.trim_end()));
+                }
+                Outcome::Failed(why) => {
+                    ShardMetrics::add(&self.shard.metrics.policy_script_failures_total, 1);
+                    return Err(format!("the policy script failed: {why}"));
+                }
+            }
+        }
+        let tenant = message.meta("tenant");
+        // DKIM, once per generated message.
+        let body = match self.shard.dkim().sign(&message.body, tenant, now_ms / 1000) {
+            Ok(None) => std::mem::take(&mut message.body),
+            Ok(Some(mut signed)) => {
+                ShardMetrics::add(&self.shard.metrics.dkim_signatures_total, 1);
+                signed.extend_from_slice(&message.body);
+                signed
+            }
+            Err(err) => {
+                ShardMetrics::add(&self.shard.metrics.dkim_failures_total, 1);
+                return Err(err.to_string());
+            }
+        };
+        let size_max = self.shard.config().smtp.message_bytes_max.usize();
+        if body.len() > size_max {
+            return Err(format!(
+                "the generated message has {} bytes, more than smtp.message_bytes_max ({size_max})",
+                body.len()
+            ));
+        }
+        let queue = gannet_core::queue::scheduled_queue(
+            message.meta("campaign"),
+            message.meta("tenant"),
+            crate::policy::domain_of(email),
+        );
+        let ScriptMessage {
+            sender,
+            recipients,
+            meta,
+            ..
+        } = message;
         Ok((
             MessageRecord {
                 id,
                 sender,
-                recipients: vec![email.to_string()],
+                recipients,
                 meta,
                 queue,
                 attempts: 0,
@@ -353,14 +383,15 @@ impl Jobs {
             shard: self.shard.id,
             message_id: record.id.to_string(),
             transmission_id: &job.id,
-            campaign_id: job.campaign(),
+            // The message's own: the policy script may have changed the job's.
+            campaign_id: meta_str(record, "campaign"),
             template_id: job.stored.template_id.as_deref(),
             rcpt_to: &record.recipients[0],
             msg_from: &record.sender,
             subject,
             msg_size: record.body.len(),
-            ip_pool: &job.stored.pool,
-            tenant: job.stored.tenant.as_deref(),
+            ip_pool: meta_str(record, "pool").unwrap_or(&job.stored.pool),
+            tenant: meta_str(record, "tenant"),
             queue: &record.queue,
             rcpt_meta: meta_value(record, "rcpt_meta"),
             rcpt_tags: meta_value(record, "rcpt_tags"),
@@ -428,12 +459,13 @@ impl Jobs {
 }
 
 fn meta_value<'a>(record: &'a MessageRecord, key: &str) -> Option<&'a serde_json::value::RawValue> {
-    let text = record
-        .meta
-        .iter()
+    serde_json::from_str(meta_str(record, key)?).ok()
+}
+
+fn meta_str<'a>(record: &'a MessageRecord, key: &str) -> Option<&'a str> {
+    (record.meta.iter())
         .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())?;
-    serde_json::from_str(text).ok()
+        .map(|(_, v)| v.as_str())
 }
 
 /// Where a spooled job stands: recipients `[0, prefix)` are generated, and so are the

@@ -38,6 +38,9 @@ pub const DELIVERY_META_KEYS: &[&str] = &[
     "expires",
     "tenant",
     "campaign",
+    // The domain whose route or MX the message takes instead of its recipients'
+    // (set by a policy script).
+    "routing_domain",
     "transmission_id",
     "rcpt_meta",
     "rcpt_tags",

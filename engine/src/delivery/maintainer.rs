@@ -67,17 +67,27 @@ pub async fn run(d: Rc<Dispatcher>) {
             for mut part in due {
                 if queues.admin_bounce(&part, now).is_some() {
                     admin_bounced.push(part);
-                } else if let Some(s) = queues.suspension(&part, now) {
+                    continue;
+                }
+                if let Some(s) = queues.suspension(&part, now) {
                     let why = Response::local(
                         451,
                         format!("4.4.5 queue suspended ({}): {}", s.id, s.reason),
                     );
                     delayed(&d, &part, &why, now);
                     queues.hold(part);
-                } else if let Some(site) = d.routes.site(&part.domain) {
+                    continue;
+                }
+                // The domain whose route or MX the part takes: the recipients', or
+                // the routing_domain a policy script gave the message.
+                let routing: Rc<str> = match part.message.borrow().meta("routing_domain") {
+                    Some(other) => Rc::from(other),
+                    None => part.domain.clone(),
+                };
+                if let Some(site) = d.routes.site(&routing) {
                     part.site = Some(site);
                     to_place.push(part);
-                } else if let Some(known) = sites.get(&*part.domain, now) {
+                } else if let Some(known) = sites.get(&*routing, now) {
                     match known {
                         Ok(site) => {
                             part.site = Some(site);
@@ -85,11 +95,11 @@ pub async fn run(d: Rc<Dispatcher>) {
                         }
                         Err(response) => no_site.push((part, response)),
                     }
-                } else if let Some(waiting) = resolving.get_mut(&part.domain) {
+                } else if let Some(waiting) = resolving.get_mut(&routing) {
                     waiting.push(part);
                 } else {
-                    to_resolve.push(part.domain.clone());
-                    resolving.insert(part.domain.clone(), vec![part]);
+                    to_resolve.push(routing.clone());
+                    resolving.insert(routing, vec![part]);
                 }
             }
             // Connections within each queue's shaping, for the queues that changed.

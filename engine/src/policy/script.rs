@@ -15,17 +15,27 @@
 //!
 //! Hooks today: `smtp_server_connection_accepted(conn)`, `smtp_server_ehlo(domain,
 //! conn)`, `smtp_server_mail_from(sender, conn)`, `smtp_server_mail_rcpt_to(recipient,
-//! conn)`, `smtp_server_message_received(msg, conn)` (see [`Message`]). `conn:get_meta(key)` answers `received_from` (the client's address),
-//! `ehlo_domain`, `tls` (a boolean) and `authn_id` (the AUTH user), nil when unknown;
-//! an address has the fields `user`, `domain` and `email` (and prints as the
-//! address). The other names of [`HOOKS`] may be registered already; gannet calls
+//! conn)`, `smtp_server_data(msg, conn)` and then `smtp_server_message_received(msg,
+//! conn)` (both after DATA, before the binding; gannet keeps a message whole, so the
+//! two see the same message), `http_message_generated(msg)` (each message an HTTP
+//! transmission generates, before it is signed). `conn:get_meta(key)` answers
+//! `received_from` (the client's address), `ehlo_domain`, `tls` (a boolean) and
+//! `authn_id` (the AUTH user), nil when unknown; a session keeps one connection
+//! object ([`ConnSlot`]). An address is a table with `user`, `domain` and `email`
+//! (and prints as the address). A message ([`Message`]) has metadata of any key:
+//! `tenant`, `campaign`, `pool` and `routing_domain` are acted on, gannet's own are
+//! read-only. The other names of [`HOOKS`] may be registered already; gannet calls
 //! them as their phases are wired.
+//!
+//! Cost: a call builds only what its hook takes — an address table per address, a
+//! message object per message hook; the connection object is made once per session.
+//! The VM collects generationally, so what a call leaves is collected young.
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use mlua::{
-    Function, HookTriggers, Lua, LuaOptions, MetaMethod, StdLib, UserData, UserDataFields,
+    AnyUserData, Function, HookTriggers, IntoLuaMulti, Lua, LuaOptions, StdLib, Table, UserData,
     UserDataMethods, Value, VmState,
 };
 
@@ -58,7 +68,9 @@ pub enum Hook {
     Ehlo = 1,
     MailFrom = 2,
     RcptTo = 3,
+    Data = 4,
     MessageReceived = 5,
+    HttpMessageGenerated = 6,
 }
 
 /// What a hook call came to.
@@ -116,10 +128,32 @@ impl ScriptSource {
 
 /// A loaded script: its VM and its hooks.
 pub struct Script {
+    /// Tells this VM from every other loaded in the process (a session's
+    /// [`ConnSlot`] holds an object of one VM).
+    id: u64,
     lua: Lua,
     hooks: Vec<Option<Function>>,
     /// Slices run by the current call.
     spent: Rc<Cell<u64>>,
+    /// Makes envelope addresses ([`address_maker`]).
+    address: Function,
+}
+
+/// The next [`Script::id`].
+static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A session's connection object in a script's VM, made at the session's first
+/// hook and kept current after (made afresh, it would cost every command an
+/// allocation and a finalizer for Lua's collector). A script keeping it sees the
+/// same connection later, as in KumoMTA.
+#[derive(Default)]
+pub struct ConnSlot(RefCell<Option<(u64, AnyUserData)>>);
+
+impl std::fmt::Debug for ConnSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let held = self.0.borrow().as_ref().map(|(id, _)| *id);
+        f.debug_tuple("ConnSlot").field(&held).finish()
+    }
 }
 
 impl std::fmt::Debug for Script {
@@ -153,6 +187,11 @@ impl Script {
             LuaOptions::new(),
         )
         .map_err(|e| e.to_string())?;
+        // Generational collection: what a hook call leaves (its arguments, the
+        // strings it made) dies young, and a minor collection visits only the
+        // young — the incremental collector's full cycles over the whole heap had
+        // cost a typical hook set more than its own work.
+        lua.gc_gen(0, 0);
         let registered: Rc<RefCell<Vec<Option<Function>>>> =
             Rc::new(RefCell::new(vec![None; HOOKS.len()]));
         let spent = Rc::new(Cell::new(0u64));
@@ -179,7 +218,14 @@ impl Script {
             .exec()
             .map_err(|e| first_line(&e))?;
         let hooks = registered.borrow().clone();
-        Ok(Script { lua, hooks, spent })
+        let address = address_maker(&lua).map_err(|e| e.to_string())?;
+        Ok(Script {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            lua,
+            hooks,
+            spent,
+            address,
+        })
     }
 
     /// Whether the script registered `hook`.
@@ -188,73 +234,112 @@ impl Script {
     }
 
     /// `smtp_server_connection_accepted(conn)`.
-    pub fn connection_accepted(&self, client: &Client<'_>) -> Outcome {
-        self.call(Hook::ConnectionAccepted, |lua| {
-            Ok(vec![Value::UserData(
-                lua.create_userdata(Conn::of(client))?,
-            )])
-        })
+    pub fn connection_accepted(&self, slot: &ConnSlot, client: &Client<'_>) -> Outcome {
+        self.call(Hook::ConnectionAccepted, |_| self.conn(slot, client))
     }
 
     /// `smtp_server_ehlo(domain, conn)`.
-    pub fn ehlo(&self, client: &Client<'_>) -> Outcome {
+    pub fn ehlo(&self, slot: &ConnSlot, client: &Client<'_>) -> Outcome {
         self.call(Hook::Ehlo, |lua| {
-            Ok(vec![
-                Value::String(lua.create_string(client.helo.unwrap_or(""))?),
-                Value::UserData(lua.create_userdata(Conn::of(client))?),
-            ])
+            Ok((
+                lua.create_string(client.helo.unwrap_or(""))?,
+                self.conn(slot, client)?,
+            ))
         })
     }
 
     /// `smtp_server_mail_from(sender, conn)`.
-    pub fn mail_from(&self, client: &Client<'_>, sender: &str) -> Outcome {
-        self.call(Hook::MailFrom, |lua| {
-            Ok(vec![
-                Value::UserData(lua.create_userdata(Address(sender.to_string()))?),
-                Value::UserData(lua.create_userdata(Conn::of(client))?),
-            ])
+    pub fn mail_from(&self, slot: &ConnSlot, client: &Client<'_>, sender: &str) -> Outcome {
+        self.call(Hook::MailFrom, |_| {
+            Ok((self.address(sender)?, self.conn(slot, client)?))
         })
     }
 
     /// `smtp_server_mail_rcpt_to(recipient, conn)`.
-    pub fn rcpt_to(&self, client: &Client<'_>, recipient: &str) -> Outcome {
-        self.call(Hook::RcptTo, |lua| {
-            Ok(vec![
-                Value::UserData(lua.create_userdata(Address(recipient.to_string()))?),
-                Value::UserData(lua.create_userdata(Conn::of(client))?),
-            ])
+    pub fn rcpt_to(&self, slot: &ConnSlot, client: &Client<'_>, recipient: &str) -> Outcome {
+        self.call(Hook::RcptTo, |_| {
+            Ok((self.address(recipient)?, self.conn(slot, client)?))
         })
     }
 
-    /// `smtp_server_message_received(msg, conn)`: the message comes back with what the
-    /// hook changed (its metadata, its header fields), whatever the outcome.
-    pub fn message_received(&self, client: &Client<'_>, message: Message) -> (Outcome, Message) {
-        if !self.has(Hook::MessageReceived) {
+    /// `smtp_server_data(msg, conn)` or `smtp_server_message_received(msg, conn)`
+    /// ([`Hook::Data`], [`Hook::MessageReceived`]): the message comes back with what
+    /// the hook changed (its metadata, its header fields), whatever the outcome.
+    pub fn smtp_message(
+        &self,
+        hook: Hook,
+        slot: &ConnSlot,
+        client: &Client<'_>,
+        message: Message,
+    ) -> (Outcome, Message) {
+        self.message_hook(hook, message, |lua, msg| {
+            (msg, self.conn(slot, client)?).into_lua_multi(lua)
+        })
+    }
+
+    /// `http_message_generated(msg)`: a message generated for one recipient of an
+    /// HTTP transmission, back with what the hook changed.
+    pub fn http_message_generated(&self, message: Message) -> (Outcome, Message) {
+        self.message_hook(Hook::HttpMessageGenerated, message, |lua, msg| {
+            msg.into_lua_multi(lua)
+        })
+    }
+
+    /// Calls a hook that takes a message object (made by `args` with it).
+    fn message_hook(
+        &self,
+        hook: Hook,
+        message: Message,
+        args: impl FnOnce(&Lua, AnyUserData) -> mlua::Result<mlua::MultiValue>,
+    ) -> (Outcome, Message) {
+        if !self.has(hook) {
             return (Outcome::Continue, message);
         }
         // Shared with the VM, so that it comes back even if the script keeps a
         // reference to it (the reference is then to an emptied message).
         let shared = Rc::new(RefCell::new(message));
-        let view = MessageRef(shared.clone());
-        let outcome = self.call(Hook::MessageReceived, |lua| {
-            Ok(vec![
-                Value::UserData(lua.create_userdata(view)?),
-                Value::UserData(lua.create_userdata(Conn::of(client))?),
-            ])
-        });
+        let view = MessageRef {
+            message: shared.clone(),
+            address: self.address.clone(),
+        };
+        let outcome = self.call(hook, |lua| args(lua, lua.create_userdata(view)?));
         let message = std::mem::take(&mut *shared.borrow_mut());
         (outcome, message)
     }
 
+    /// The session's connection object in this VM, brought up to date.
+    fn conn(&self, slot: &ConnSlot, client: &Client<'_>) -> mlua::Result<AnyUserData> {
+        let mut slot = slot.0.borrow_mut();
+        if let Some((id, conn)) = slot.as_ref()
+            && *id == self.id
+        {
+            conn.borrow_mut::<Conn>()?.update(client);
+            return Ok(conn.clone());
+        }
+        let conn = self.lua.create_userdata(Conn::of(client))?;
+        *slot = Some((self.id, conn.clone()));
+        Ok(conn)
+    }
+
+    /// An envelope address (`""` for the null sender) as a table: `email`, `user`,
+    /// `domain`. A table, not a userdata: one made per command is then no finalizer
+    /// for the collector to run.
+    fn address(&self, text: &str) -> mlua::Result<Table> {
+        address(&self.address, text)
+    }
+
     /// Calls `hook` with the arguments `args` makes (only when it is registered:
     /// the arguments are built, and allocated, only for a script that asked).
-    fn call(&self, hook: Hook, args: impl FnOnce(&Lua) -> mlua::Result<Vec<Value>>) -> Outcome {
+    fn call<A: IntoLuaMulti>(
+        &self,
+        hook: Hook,
+        args: impl FnOnce(&Lua) -> mlua::Result<A>,
+    ) -> Outcome {
         let Some(function) = &self.hooks[hook as usize] else {
             return Outcome::Continue;
         };
         self.spent.set(0);
-        let result =
-            args(&self.lua).and_then(|args| function.call::<()>(mlua::MultiValue::from_iter(args)));
+        let result = args(&self.lua).and_then(|args| function.call::<()>(args));
         match result {
             Ok(()) => Outcome::Continue,
             Err(e) => match rejection(&e) {
@@ -263,6 +348,27 @@ impl Script {
             },
         }
     }
+}
+
+/// The function that makes an address table from its three strings, sharing one
+/// metatable with `__tostring` (the address). Made in Lua: the table is built by
+/// the VM in one call, where building it field by field from Rust takes a call
+/// across for each.
+fn address_maker(lua: &Lua) -> mlua::Result<Function> {
+    lua.load(
+        "local meta = { __tostring = function(a) return a.email end }\n\
+         return function(email, user, domain)\n\
+           return setmetatable({ email = email, user = user, domain = domain }, meta)\n\
+         end",
+    )
+    .set_name("=address")
+    .eval()
+}
+
+/// `text` as an address table made by `maker` ([`address_maker`]).
+fn address(maker: &Function, text: &str) -> mlua::Result<Table> {
+    let user = text.rsplit_once('@').map_or(text, |(u, _)| u);
+    maker.call((text, user, super::domain_of(text)))
 }
 
 /// The `gannet` table (also `kumo`), and the base library's loaders removed.
@@ -364,7 +470,7 @@ fn first_line(e: &mlua::Error) -> String {
 
 /// The connection as a hook sees it.
 struct Conn {
-    peer: String,
+    peer: std::net::IpAddr,
     helo: Option<String>,
     tls: bool,
     auth: Option<String>,
@@ -373,144 +479,259 @@ struct Conn {
 impl Conn {
     fn of(client: &Client<'_>) -> Conn {
         Conn {
-            peer: client.ip.to_string(),
+            peer: client.ip,
             helo: client.helo.map(str::to_string),
             tls: client.tls,
             auth: client.auth_user.map(str::to_string),
         }
     }
+
+    /// Takes what changed since (EHLO, STARTTLS, AUTH): nothing is allocated when
+    /// nothing did.
+    fn update(&mut self, client: &Client<'_>) {
+        fn set(to: &mut Option<String>, from: Option<&str>) {
+            if to.as_deref() != from {
+                *to = from.map(str::to_string);
+            }
+        }
+        set(&mut self.helo, client.helo);
+        set(&mut self.auth, client.auth_user);
+        self.tls = client.tls;
+    }
 }
 
 impl UserData for Conn {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_method("get_meta", |lua, this, key: String| {
-            Ok(match key.as_str() {
-                "received_from" => Value::String(lua.create_string(&this.peer)?),
-                "ehlo_domain" => match &this.helo {
-                    Some(h) => Value::String(lua.create_string(h)?),
-                    None => Value::Nil,
-                },
-                "tls" => Value::Boolean(this.tls),
-                "authn_id" => match &this.auth {
-                    Some(a) => Value::String(lua.create_string(a)?),
-                    None => Value::Nil,
-                },
-                _ => Value::Nil,
-            })
+        methods.add_method("get_meta", |lua, this, key: mlua::String| {
+            let text = |t: Option<&str>| match t {
+                Some(t) => lua.create_string(t).map(Value::String),
+                None => Ok(Value::Nil),
+            };
+            match &*key.as_bytes() {
+                b"received_from" => text(Some(&this.peer.to_string())),
+                b"ehlo_domain" => text(this.helo.as_deref()),
+                b"tls" => Ok(Value::Boolean(this.tls)),
+                b"authn_id" => text(this.auth.as_deref()),
+                _ => Ok(Value::Nil),
+            }
         });
     }
 }
 
-/// An envelope address (`""` for the null sender).
-struct Address(String);
-
-impl UserData for Address {
-    fn add_fields<F: UserDataFields<Self>>(fields: &mut F) {
-        fields.add_field_method_get("email", |_, this| Ok(this.0.clone()));
-        fields.add_field_method_get("user", |_, this| {
-            Ok(this
-                .0
-                .rsplit_once('@')
-                .map_or(this.0.as_str(), |(u, _)| u)
-                .to_string())
-        });
-        fields.add_field_method_get(
-            "domain",
-            |_, this| Ok(super::domain_of(&this.0).to_string()),
-        );
-    }
-
-    fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
-        methods.add_meta_method(MetaMethod::ToString, |_, this, ()| Ok(this.0.clone()));
-    }
-}
-
-/// A received message as `smtp_server_message_received` sees it: the envelope, the
-/// metadata a script may set, and the message as it will be spooled.
+/// A message as the message hooks see it: the envelope, its metadata and the
+/// message as it will be spooled.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Message {
     pub sender: String,
     pub recipients: Vec<String>,
-    pub tenant: Option<String>,
-    pub campaign: Option<String>,
-    pub pool: Option<String>,
+    /// Its metadata by key: `tenant`, `campaign`, `pool` and `routing_domain`
+    /// ([`POLICY_META`], which gannet acts on), the keys gannet records
+    /// ([`READ_ONLY_META`]) and a script's own (kept in the spool record).
+    pub meta: Vec<(String, String)>,
     pub body: Vec<u8>,
 }
 
-/// The metadata keys `msg:get_meta` and `msg:set_meta` know.
-const META_KEYS: &str = "tenant, campaign, pool";
+/// The metadata keys gannet acts on, which a script may set.
+pub const POLICY_META: &[&str] = &["tenant", "campaign", "pool", "routing_domain"];
+
+/// The metadata keys gannet records itself: a script reads them and cannot set them.
+pub const READ_ONLY_META: &[&str] = &[
+    "peer",
+    "auth_user",
+    "transmission_id",
+    "template_id",
+    "rcpt_meta",
+    "rcpt_tags",
+    "kind",
+    gannet_core::queue::settle::META_EXPIRES,
+    gannet_core::dsn::META_RET,
+    gannet_core::dsn::META_ENVID,
+    gannet_core::dsn::META_RCPTS,
+    gannet_core::dsn::META_REPORT_FOR,
+];
+
+/// The longest metadata key and value a script may set (a value: a header line's
+/// length, RFC 5322 2.1.1).
+const META_KEY_MAX: usize = 64;
+const META_VALUE_MAX: usize = 998;
 
 impl Message {
-    fn meta(&mut self, key: &str) -> mlua::Result<&mut Option<String>> {
-        match key {
-            "tenant" => Ok(&mut self.tenant),
-            "campaign" => Ok(&mut self.campaign),
-            "pool" => Ok(&mut self.pool),
-            _ => Err(mlua::Error::runtime(format!(
-                "msg:get_meta/set_meta: no key {key:?} (keys: {META_KEYS})"
-            ))),
+    /// The value of `key`, if set.
+    pub fn meta(&self, key: &str) -> Option<&str> {
+        self.meta
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Removes `key` and gives its value.
+    pub fn take_meta(&mut self, key: &str) -> Option<String> {
+        let at = self.meta.iter().position(|(k, _)| k == key)?;
+        Some(self.meta.remove(at).1)
+    }
+
+    /// Sets (or with None removes) `key`, checked: gannet's own keys are read-only;
+    /// a tenant, campaign or pool is a token, a routing domain a domain name; any
+    /// other key is up to 64 characters without spaces, its value one line.
+    pub fn set_meta(&mut self, key: &str, value: Option<String>) -> Result<(), String> {
+        if READ_ONLY_META.contains(&key) {
+            return Err(format!("{key:?} is set by gannet and cannot be changed"));
         }
+        if key == "queue" {
+            // KumoMTA's whole queue name: gannet names each recipient domain's part
+            // of a message itself.
+            return Err(
+                "\"queue\" is gannet's to name (campaign:tenant@domain): set tenant, campaign or routing_domain"
+                    .into(),
+            );
+        }
+        let token = |v: &str| !v.chars().any(|c| c.is_control() || c.is_whitespace());
+        if key.is_empty() || key.len() > META_KEY_MAX || !token(key) {
+            return Err(format!(
+                "{key:?} is not a metadata key (1 to {META_KEY_MAX} characters without spaces)"
+            ));
+        }
+        let value = match value {
+            None => {
+                self.take_meta(key);
+                return Ok(());
+            }
+            Some(v) if key == "routing_domain" => {
+                let v = v.to_ascii_lowercase();
+                let domain = v.len() <= 253
+                    && v.split('.').all(|label| {
+                        !label.is_empty()
+                            && label.len() <= 63
+                            && label
+                                .bytes()
+                                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    });
+                if !domain {
+                    return Err(format!("routing_domain {v:?} is not a domain name"));
+                }
+                v
+            }
+            Some(v) if POLICY_META.contains(&key) => {
+                if v.is_empty() || v.len() > 255 || !token(&v) {
+                    return Err(format!(
+                        "{key}: a value is 1 to 255 characters without spaces or control characters"
+                    ));
+                }
+                v
+            }
+            Some(v) => {
+                if v.len() > META_VALUE_MAX || v.chars().any(char::is_control) {
+                    return Err(format!(
+                        "{key}: a value is one line of at most {META_VALUE_MAX} bytes"
+                    ));
+                }
+                v
+            }
+        };
+        match self.meta.iter_mut().find(|(k, _)| k == key) {
+            Some((_, v)) => *v = value,
+            None => self.meta.push((key.to_string(), value)),
+        }
+        Ok(())
+    }
+
+    /// KumoMTA's `import_x_headers`: every `X-` header field (or those `names`
+    /// lists, any case) into the metadata, its key the name in lower case with `-`
+    /// as `_`; a later field of a name wins. A value is unfolded, its control
+    /// characters made spaces, and cut to [`META_VALUE_MAX`] bytes.
+    pub fn import_x_headers(&mut self, names: Option<&[String]>) -> Result<(), String> {
+        for (name, value) in gannet_core::headers::all(&self.body) {
+            let wanted = match names {
+                None => name.get(..2).is_some_and(|x| x.eq_ignore_ascii_case("x-")),
+                Some(names) => names.iter().any(|n| n.eq_ignore_ascii_case(&name)),
+            };
+            if !wanted {
+                continue;
+            }
+            let key = name.to_ascii_lowercase().replace('-', "_");
+            let mut value: String = value
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect();
+            if value.len() > META_VALUE_MAX {
+                let mut cut = META_VALUE_MAX;
+                while !value.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                value.truncate(cut);
+            }
+            self.set_meta(&key, Some(value))?;
+        }
+        Ok(())
     }
 }
 
-struct MessageRef(Rc<RefCell<Message>>);
+struct MessageRef {
+    message: Rc<RefCell<Message>>,
+    /// The VM's address maker (for `msg:sender()` and the recipients).
+    address: Function,
+}
 
 impl UserData for MessageRef {
     fn add_methods<M: UserDataMethods<Self>>(methods: &mut M) {
         methods.add_method("sender", |_, this, ()| {
-            Ok(Address(this.0.borrow().sender.clone()))
+            address(&this.address, &this.message.borrow().sender)
         });
         methods.add_method("recipient", |_, this, ()| {
-            Ok(Address(
-                this.0
-                    .borrow()
-                    .recipients
-                    .first()
-                    .cloned()
-                    .unwrap_or_default(),
-            ))
+            let m = this.message.borrow();
+            address(
+                &this.address,
+                m.recipients.first().map_or("", |r| r.as_str()),
+            )
         });
-        methods.add_method("recipients", |_, this, ()| {
-            let m = this.0.borrow();
-            Ok(m.recipients
-                .iter()
-                .cloned()
-                .map(Address)
-                .collect::<Vec<_>>())
-        });
-        methods.add_method("get_meta", |_, this, key: String| {
-            Ok(this.0.borrow_mut().meta(&key)?.clone())
-        });
-        methods.add_method("set_meta", |_, this, (key, value): (String, Option<String>)| {
-            if let Some(v) = &value
-                && (v.is_empty()
-                    || v.len() > 255
-                    || v.chars().any(|c| c.is_control() || c.is_whitespace()))
-            {
-                return Err(mlua::Error::runtime(format!(
-                    "msg:set_meta({key:?}): a value is 1 to 255 characters without spaces or control characters"
-                )));
+        methods.add_method("recipients", |lua, this, ()| {
+            let m = this.message.borrow();
+            let list = lua.create_table_with_capacity(m.recipients.len(), 0)?;
+            for r in &m.recipients {
+                list.raw_push(address(&this.address, r)?)?;
             }
-            *this.0.borrow_mut().meta(&key)? = value;
-            Ok(())
+            Ok(list)
         });
-        methods.add_method("get_first_named_header_value", |_, this, name: String| {
-            Ok(gannet_core::headers::first_value(
-                &this.0.borrow().body,
-                &name,
-            ))
+        // Names are read where Lua keeps them (`mlua::String`): no copy per call.
+        methods.add_method("get_meta", |_, this, key: mlua::String| {
+            Ok(this
+                .message
+                .borrow()
+                .meta(&key.to_str()?)
+                .map(str::to_string))
         });
+        methods.add_method(
+            "set_meta",
+            |_, this, (key, value): (mlua::String, Option<String>)| {
+                let key = key.to_str()?;
+                (this.message.borrow_mut().set_meta(&key, value))
+                    .map_err(|e| mlua::Error::runtime(format!("msg:set_meta: {e}")))
+            },
+        );
+        methods.add_method("import_x_headers", |_, this, names: Option<Vec<String>>| {
+            (this.message.borrow_mut().import_x_headers(names.as_deref()))
+                .map_err(|e| mlua::Error::runtime(format!("msg:import_x_headers: {e}")))
+        });
+        methods.add_method(
+            "get_first_named_header_value",
+            |_, this, name: mlua::String| {
+                Ok(gannet_core::headers::first_value(
+                    &this.message.borrow().body,
+                    &name.to_str()?,
+                ))
+            },
+        );
         methods.add_method(
             "append_header",
             |_, this, (name, value): (String, String)| {
-                gannet_core::headers::append(&mut this.0.borrow_mut().body, &name, &value)
+                gannet_core::headers::append(&mut this.message.borrow_mut().body, &name, &value)
                     .map_err(|e| mlua::Error::runtime(format!("msg:append_header: {e}")))
             },
         );
-        methods.add_method("remove_all_named_headers", |_, this, name: String| {
+        methods.add_method("remove_all_named_headers", |_, this, name: mlua::String| {
             Ok(gannet_core::headers::remove_all(
-                &mut this.0.borrow_mut().body,
-                &name,
+                &mut this.message.borrow_mut().body,
+                &name.to_str()?,
             ))
         });
         methods.add_method("set_force_sync", |_, _, _: mlua::MultiValue| Ok(()));

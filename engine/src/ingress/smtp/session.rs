@@ -18,7 +18,7 @@ use crate::delivery::Dispatcher;
 use crate::events::Event;
 use crate::io::Conn;
 use crate::metrics::ShardMetrics;
-use crate::policy::script::{Hook, Message as ScriptMessage, Outcome};
+use crate::policy::script::{ConnSlot, Hook, Message as ScriptMessage, Outcome, Script};
 use crate::policy::{Client, Draft, Verdict};
 use crate::shard::Shard;
 use gannet_core::clock::unix_ms;
@@ -82,6 +82,8 @@ pub struct Session {
     /// The client's address is in `smtp.relay_from`.
     pub relay_from_network: bool,
     pub tx: Option<Transaction>,
+    /// The connection object the policy script's hooks get.
+    pub script_conn: ConnSlot,
 }
 
 impl Session {
@@ -109,16 +111,15 @@ impl Session {
             && (self.tls.is_some() || !self.config().smtp.auth_requires_tls)
     }
 
-    /// Records a policy_rejection event.
     /// The policy script's verdict in a phase (asked after the declarative rules
     /// let the command through): the reply to refuse with, if any. A hook that
     /// fails gives 451 4.3.0, counted and logged with why.
     pub fn script_refusal(
         &self,
-        run: impl FnOnce(&crate::policy::script::Script, &Client<'_>) -> Outcome,
+        run: impl FnOnce(&Script, &ConnSlot, &Client<'_>) -> Outcome,
     ) -> Option<Reply> {
         let script = self.shard.script()?;
-        self.refusal_of(run(&script, &self.client()))
+        self.refusal_of(run(&script, &self.script_conn, &self.client()))
     }
 
     /// A hook's outcome as the reply to refuse with, if any (a failure counted and
@@ -135,6 +136,7 @@ impl Session {
         }
     }
 
+    /// Records a policy_rejection event.
     pub fn policy_rejection(
         &self,
         phase: &str,
@@ -270,6 +272,7 @@ pub async fn run(delivery: Rc<Dispatcher>, conn: Conn, peer: SocketAddr) {
         auth_user: None,
         relay_from_network,
         tx: None,
+        script_conn: ConnSlot::default(),
     };
     let mut wire = Wire {
         conn,
@@ -289,7 +292,7 @@ async fn serve(s: &mut Session, w: &mut Wire) -> Result<(), End> {
     let hostname = s.config().server.hostname.clone();
     let refusal = match s.shard.shared.policy.connect(&s.client()) {
         Verdict::Reject(reply) => Some(reply),
-        _ => s.script_refusal(|script, client| script.connection_accepted(client)),
+        _ => s.script_refusal(|script, conn, client| script.connection_accepted(conn, client)),
     };
     if let Some(reply) = refusal {
         s.policy_rejection("connect", None, None, &reply);
@@ -738,31 +741,47 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
     if let Verdict::Reject(reply) = policy.data(&client, &draft(tx, &prepared, &lifted)) {
         return reply;
     }
-    // The script's smtp_server_message_received: it may set the tenant, campaign
-    // and pool, and edit header fields, before the binding is chosen.
+    // The script's smtp_server_data, then smtp_server_message_received: they may
+    // set the tenant, campaign, pool, routing domain and keys of their own, and
+    // edit header fields, before the binding is chosen.
     let mut lifted = lifted;
+    let mut script_meta = Vec::new();
     if let Some(script) = shard.script()
-        && script.has(Hook::MessageReceived)
+        && (script.has(Hook::Data) || script.has(Hook::MessageReceived))
     {
-        let (outcome, edited) = script.message_received(
-            &client,
-            ScriptMessage {
-                sender: tx.sender.text.clone(),
-                recipients: tx.recipients.clone(),
-                tenant: lifted.tenant.take(),
-                campaign: lifted.campaign.take(),
-                pool: lifted.pool.take(),
-                body: std::mem::take(&mut prepared),
-            },
-        );
-        prepared = edited.body;
-        lifted.tenant = edited.tenant;
-        lifted.campaign = edited.campaign;
-        lifted.pool = edited.pool;
-        if let Some(reply) = s.refusal_of(outcome) {
+        let meta = [
+            ("tenant", lifted.tenant.take()),
+            ("campaign", lifted.campaign.take()),
+            ("pool", lifted.pool.take()),
+        ];
+        // Copies of the envelope: the message object must own what it shows (the
+        // transaction stays the session's).
+        let mut message = ScriptMessage {
+            sender: tx.sender.text.clone(),
+            recipients: tx.recipients.clone(),
+            meta: (meta.into_iter())
+                .filter_map(|(k, v)| Some((k.to_string(), v?)))
+                .collect(),
+            body: std::mem::take(&mut prepared),
+        };
+        let mut refused = None;
+        for hook in [Hook::Data, Hook::MessageReceived] {
+            let outcome;
+            (outcome, message) = script.smtp_message(hook, &s.script_conn, &client, message);
+            if let Some(reply) = s.refusal_of(outcome) {
+                refused = Some(reply);
+                break;
+            }
+        }
+        prepared = std::mem::take(&mut message.body);
+        lifted.tenant = message.take_meta("tenant");
+        lifted.campaign = message.take_meta("campaign");
+        lifted.pool = message.take_meta("pool");
+        if let Some(reply) = refused {
             s.policy_rejection("data", Some(&tx.sender.text), None, &reply);
             return reply;
         }
+        script_meta = message.meta;
     }
     let draft = draft(tx, &prepared, &lifted);
     let pool = policy.set_binding(&client, &draft);
@@ -854,6 +873,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
         ));
     }
     meta.push(("peer".to_string(), s.peer.ip().to_string()));
+    meta.extend(script_meta);
     meta.extend(gannet_core::dsn::to_meta(
         tx.dsn_ret,
         tx.dsn_envid.as_deref(),

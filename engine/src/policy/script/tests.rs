@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use super::{Hook, Outcome, Script, failure_reply};
+use super::{ConnSlot, Hook, Outcome, Script, failure_reply};
 use crate::policy::Client;
 
 const BUDGET: u64 = 1_000_000;
@@ -52,16 +52,22 @@ fn hooks_see_the_connection_and_the_addresses() {
     );
     assert!(script.has(Hook::RcptTo) && !script.has(Hook::MailFrom));
     assert_eq!(
-        script.rcpt_to(&client(), "ann@ok.example"),
+        script.rcpt_to(&ConnSlot::default(), &client(), "ann@ok.example"),
         Outcome::Continue
     );
     assert_eq!(
-        reply_text(script.rcpt_to(&client(), "bob@blocked.example")),
+        reply_text(script.rcpt_to(&ConnSlot::default(), &client(), "bob@blocked.example")),
         "550 5.7.1 no mail for bob at bob@blocked.example"
     );
     // Hooks not registered cost nothing and say nothing.
-    assert_eq!(script.mail_from(&client(), "x@y"), Outcome::Continue);
-    assert_eq!(script.connection_accepted(&client()), Outcome::Continue);
+    assert_eq!(
+        script.mail_from(&ConnSlot::default(), &client(), "x@y"),
+        Outcome::Continue
+    );
+    assert_eq!(
+        script.connection_accepted(&ConnSlot::default(), &client()),
+        Outcome::Continue
+    );
 }
 
 #[test]
@@ -79,8 +85,14 @@ fn kumo_policies_keep_their_names() {
     let mut c = client();
     c.helo = Some("bad.example");
     // No enhanced code given: one of the reply's class is chosen.
-    assert_eq!(reply_text(script.ehlo(&c)), "421 4.7.1 go away");
-    assert_eq!(script.connection_accepted(&c), Outcome::Continue);
+    assert_eq!(
+        reply_text(script.ehlo(&ConnSlot::default(), &c)),
+        "421 4.7.1 go away"
+    );
+    assert_eq!(
+        script.connection_accepted(&ConnSlot::default(), &c),
+        Outcome::Continue
+    );
 }
 
 #[test]
@@ -92,20 +104,20 @@ fn a_bad_reject_and_a_runtime_error_fail_with_the_line() {
            gannet.reject(451, '5.7.1 wrong class\\r\\nhidden')\n\
          end)",
     );
-    match script.mail_from(&client(), "a@nil.example") {
+    match script.mail_from(&ConnSlot::default(), &client(), "a@nil.example") {
         Outcome::Failed(why) => assert!(
             why.starts_with("smtp_server_mail_from: policy.lua:2:") && why.contains("nil"),
             "{why}"
         ),
         other => panic!("{other:?}"),
     }
-    match script.mail_from(&client(), "a@code.example") {
+    match script.mail_from(&ConnSlot::default(), &client(), "a@code.example") {
         Outcome::Failed(why) => assert!(why.contains("250 is not a 4xx or 5xx"), "{why}"),
         other => panic!("{other:?}"),
     }
     // An enhanced code of the wrong class is text; line breaks become spaces.
     assert_eq!(
-        reply_text(script.mail_from(&client(), "a@other.example")),
+        reply_text(script.mail_from(&ConnSlot::default(), &client(), "a@other.example")),
         "451 4.7.1 5.7.1 wrong class  hidden"
     );
     let mut out = Vec::new();
@@ -124,7 +136,7 @@ fn a_loop_runs_out_of_budget_and_the_next_call_starts_afresh() {
         100_000,
     )
     .unwrap();
-    match script.rcpt_to(&client(), "a@loop.example") {
+    match script.rcpt_to(&ConnSlot::default(), &client(), "a@loop.example") {
         Outcome::Failed(why) => assert!(
             why.contains("instruction budget of 100000 exceeded"),
             "{why}"
@@ -133,7 +145,10 @@ fn a_loop_runs_out_of_budget_and_the_next_call_starts_afresh() {
     }
     // The budget is per call: a call under it runs after one that ran out.
     for _ in 0..50 {
-        assert_eq!(script.rcpt_to(&client(), "a@ok.example"), Outcome::Continue);
+        assert_eq!(
+            script.rcpt_to(&ConnSlot::default(), &client(), "a@ok.example"),
+            Outcome::Continue
+        );
     }
 }
 
@@ -160,7 +175,7 @@ fn scripts_that_cannot_load_say_where() {
             "gannet.on('smtp_server_connection_accepted', function() if {expr} ~= nil then gannet.reject(550, '{expr}') end end)"
         ));
         assert_eq!(
-            script.connection_accepted(&client()),
+            script.connection_accepted(&ConnSlot::default(), &client()),
             Outcome::Continue,
             "{expr} is reachable"
         );
@@ -194,24 +209,167 @@ fn the_message_comes_back_even_when_the_script_keeps_it() {
         body: b"Subject: hi\r\n\r\nbody\r\n".to_vec(),
         ..Default::default()
     };
-    let (outcome, back) = script.message_received(&client(), message.clone());
+    let (outcome, back) = script.smtp_message(
+        Hook::MessageReceived,
+        &ConnSlot::default(),
+        &client(),
+        message.clone(),
+    );
     assert_eq!(outcome, Outcome::Continue);
-    assert_eq!(back.tenant.as_deref(), Some("t1"));
+    assert_eq!(back.meta("tenant"), Some("t1"));
     assert_eq!(
         back.body,
         b"Subject: hi\r\nX-Seen: r@b.test\r\n\r\nbody\r\n"
     );
     // The script's reference is to an emptied message now.
-    let (outcome, _) = script.message_received(&client(), message.clone());
+    let (outcome, _) = script.smtp_message(
+        Hook::MessageReceived,
+        &ConnSlot::default(),
+        &client(),
+        message.clone(),
+    );
     assert_eq!(outcome, Outcome::Continue);
     let mut bad = message;
     bad.body = b"Subject: bad value\r\n\r\n".to_vec();
-    let (outcome, back) = script.message_received(&client(), bad);
+    let (outcome, back) =
+        script.smtp_message(Hook::MessageReceived, &ConnSlot::default(), &client(), bad);
     match outcome {
         Outcome::Failed(why) => assert!(why.contains("without spaces"), "{why}"),
         other => panic!("{other:?}"),
     }
     // What the hook did before it failed comes back with the message.
-    assert_eq!(back.pool, None);
+    assert_eq!(back.meta("pool"), None);
     assert!(back.body.starts_with(b"Subject: bad value\r\nX-Seen"));
+}
+
+#[test]
+fn a_session_keeps_one_connection_object_that_follows_it() {
+    // The script keeps the first connection object it sees; later hooks of the
+    // same session get that object, with what EHLO, STARTTLS and AUTH changed.
+    let source = r#"
+        first = nil
+        local function check(conn, helo, tls, user)
+          if first == nil then first = conn end
+          if not rawequal(first, conn) then error("another object") end
+          if conn:get_meta("ehlo_domain") ~= helo or conn:get_meta("tls") ~= tls
+             or conn:get_meta("authn_id") ~= user then
+            error("stale: " .. tostring(conn:get_meta("ehlo_domain")))
+          end
+        end
+        gannet.on("smtp_server_connection_accepted", function(conn) check(conn, nil, false, nil) end)
+        gannet.on("smtp_server_ehlo", function(domain, conn) check(conn, domain, false, nil) end)
+        gannet.on("smtp_server_mail_from", function(sender, conn)
+          check(conn, "mx.example.net", true, "ann")
+          if sender.email ~= "s@a.test" or sender.user ~= "s" or sender.domain ~= "a.test"
+             or tostring(sender) ~= "s@a.test" then error("address") end
+        end)
+        gannet.on("smtp_server_mail_rcpt_to", function(rcpt, conn)
+          if tostring(rcpt) ~= "" or rcpt.domain ~= "" then error("null address") end
+        end)
+        gannet.on("smtp_server_message_received", function(msg, conn)
+          check(conn, "mx.example.net", true, "ann")
+          local all = msg:recipients()
+          if #all ~= 2 or all[2].domain ~= "c.test" or msg:sender().user ~= "s" then error("recipients") end
+        end)
+    "#;
+    let script = load(source);
+    let slot = ConnSlot::default();
+    let mut c = Client {
+        helo: None,
+        tls: false,
+        ..client()
+    };
+    assert_eq!(script.connection_accepted(&slot, &c), Outcome::Continue);
+    c.helo = Some("mx.example.net");
+    assert_eq!(script.ehlo(&slot, &c), Outcome::Continue);
+    c.tls = true;
+    c.auth_user = Some("ann");
+    assert_eq!(script.mail_from(&slot, &c, "s@a.test"), Outcome::Continue);
+    assert_eq!(script.rcpt_to(&slot, &c, ""), Outcome::Continue);
+    let message = super::Message {
+        sender: "s@a.test".into(),
+        recipients: vec!["r@b.test".into(), "q@c.test".into()],
+        body: b"Subject: hi\r\n\r\nbody\r\n".to_vec(),
+        ..Default::default()
+    };
+    assert_eq!(
+        script
+            .smtp_message(Hook::MessageReceived, &slot, &c, message)
+            .0,
+        Outcome::Continue
+    );
+    // Another VM (a script reloaded) makes its own object for the session: the
+    // slot's object belongs to the first.
+    let reloaded = load(source);
+    match reloaded.mail_from(&slot, &c, "s@a.test") {
+        Outcome::Continue => {}
+        other => panic!("{other:?}"),
+    }
+    // ... and keeps using it after.
+    assert_eq!(reloaded.mail_from(&slot, &c, "s@a.test"), Outcome::Continue);
+}
+
+#[test]
+fn metadata_of_any_key_and_imported_x_headers() {
+    let script = load(
+        r#"
+        gannet.on("http_message_generated", function(msg)
+          msg:import_x_headers()
+          msg:import_x_headers({ "subject" })
+          if msg:get_meta("x_campaign_id") ~= "12345" or msg:get_meta("x_mailer") ~= "foo bar"
+             or msg:get_meta("subject") ~= "the subject" then error("imported") end
+          -- gannet's own keys are read, not changed
+          if msg:get_meta("transmission_id") ~= "t-1" then error("read-only key unreadable") end
+          local ok, err = pcall(function() msg:set_meta("transmission_id", "x") end)
+          if ok or not string.find(tostring(err), "cannot be changed", 1, true) then error("read-only key set") end
+          msg:set_meta("routing_domain", "Relay.Example")
+          msg:set_meta("campaign", msg:get_meta("x_campaign_id"))
+          msg:set_meta("x_mailer", nil)
+          local ok, err = pcall(function() msg:set_meta("routing_domain", "not a domain") end)
+          if ok then error("a bad routing domain was taken") end
+          local ok, err = pcall(function() msg:set_meta("note", "two\nlines") end)
+          if ok then error("a value with a line break was taken") end
+          msg:set_meta("note", "kept with the message")
+        end)
+        "#,
+    );
+    let message = super::Message {
+        sender: "s@a.test".into(),
+        recipients: vec!["r@b.test".into()],
+        meta: vec![("transmission_id".into(), "t-1".into())],
+        body: b"X-Campaign-ID: 12345\r\nX-Mailer: foo\r\n bar\r\nSubject: the subject\r\n\r\nX-Not: body\r\n"
+            .to_vec(),
+    };
+    let (outcome, back) = script.http_message_generated(message);
+    assert_eq!(outcome, Outcome::Continue);
+    assert_eq!(back.meta("routing_domain"), Some("relay.example"));
+    assert_eq!(back.meta("campaign"), Some("12345"));
+    assert_eq!(back.meta("x_mailer"), None);
+    assert_eq!(back.meta("x_not"), None, "the body's lines are not headers");
+    assert_eq!(back.meta("note"), Some("kept with the message"));
+    assert_eq!(back.meta("transmission_id"), Some("t-1"));
+}
+
+#[test]
+fn smtp_server_data_and_message_received_are_separate_hooks() {
+    let script = load(
+        r#"
+        gannet.on("smtp_server_data", function(msg, conn)
+          if conn:get_meta("tls") ~= true then error("no connection") end
+          msg:set_meta("seen_by", "data")
+        end)
+        gannet.on("smtp_server_message_received", function(msg, conn)
+          msg:set_meta("seen_by", msg:get_meta("seen_by") .. "+received")
+        end)
+        "#,
+    );
+    let slot = ConnSlot::default();
+    let mut message = super::Message::default();
+    for hook in [Hook::Data, Hook::MessageReceived] {
+        let outcome;
+        (outcome, message) = script.smtp_message(hook, &slot, &client(), message);
+        assert_eq!(outcome, Outcome::Continue);
+    }
+    assert_eq!(message.meta("seen_by"), Some("data+received"));
+    assert!(!script.has(Hook::HttpMessageGenerated));
 }

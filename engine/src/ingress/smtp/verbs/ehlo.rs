@@ -22,7 +22,7 @@ pub(super) fn apply(session: &mut Session, args: &str, extended: bool) -> Next {
     session.esmtp = extended;
     let refusal = match session.shard.shared.policy.ehlo(&session.client()) {
         Verdict::Reject(reply) => Some(reply),
-        _ => session.script_refusal(|script, client| script.ehlo(client)),
+        _ => session.script_refusal(|script, conn, client| script.ehlo(conn, client)),
     };
     if let Some(reply) = refusal {
         session.helo = None;

@@ -95,7 +95,8 @@ pub(super) fn apply(session: &mut Session, args: &str) -> Next {
         .mail_from(&session.client(), &sender.text)
     {
         Verdict::Reject(reply) => Some(reply),
-        _ => session.script_refusal(|script, client| script.mail_from(client, &sender.text)),
+        _ => session
+            .script_refusal(|script, conn, client| script.mail_from(conn, client, &sender.text)),
     };
     if let Some(reply) = refusal {
         session.policy_rejection("mail_from", Some(&sender.text), None, &reply);

@@ -78,7 +78,9 @@ fn check(session: &mut Session, args: &str) -> Next {
     let verdict = match verdict {
         Verdict::Reject(reply) => Verdict::Reject(reply),
         other => {
-            match session.script_refusal(|script, client| script.rcpt_to(client, &recipient.text)) {
+            match session.script_refusal(|script, conn, client| {
+                script.rcpt_to(conn, client, &recipient.text)
+            }) {
                 Some(reply) => Verdict::Reject(reply),
                 None => other,
             }
