@@ -58,6 +58,7 @@ gannet.on("smtp_server_connection_accepted", function(conn) end)
 gannet.on("smtp_server_ehlo", function(domain, conn) end)
 gannet.on("smtp_server_mail_from", function(sender, conn) end)
 gannet.on("smtp_server_mail_rcpt_to", function(rcpt, conn) end)
+gannet.on("smtp_server_data", function(msg, conn) end)
 gannet.on("smtp_server_message_received", function(msg, conn) end)
 "#;
 
