@@ -1,11 +1,13 @@
 //! script-bench: what the Lua policy script costs per message.
 //!
 //! The same SMTP load (gannet-blast, as fast as it goes, a new connection every
-//! `--per-connection` messages, delivery suspended so that acceptance is measured)
-//! is offered to gannetd on one shard with:
+//! `--per-connection` messages) is offered to gannetd on one shard, in two modes:
+//! `accept` (delivery suspended: acceptance alone) and `relay` (each message also
+//! delivered to postfix's smtp-sink by a static route; the round ends once all are),
+//! with:
 //! - `none`: no script;
 //! - `empty`: a script with an empty function at every phase gannet calls (connect,
-//!   EHLO, MAIL, RCPT, message received);
+//!   EHLO, MAIL, RCPT, data, message received);
 //! - `lua`: a typical rule set written in Lua — a refused client network, refused
 //!   sender and recipient domains (ten each), and after DATA the tenant set from a
 //!   header and the header removed;
@@ -14,9 +16,13 @@
 //!
 //! Every system runs `--rounds` times, interleaved (none, empty, lua, rules, none, …)
 //! so that drift of the machine touches them alike; the median of its rounds is
-//! kept: messages accepted per second and gannetd's CPU µs per message. Goals (issue
-//! 21): an empty hook set under 5% of CPU per message, the typical set under 15%.
-//! Results go to bench/RESULTS.md.
+//! kept: messages accepted per second, gannetd's CPU µs per message (all its threads'
+//! run time) and of it the user-space µs (what a script adds: it makes no system
+//! call). The whole CPU of a round moves by 5–10% between rounds of one system on
+//! this machine, mostly the kernel's network work; so besides the change in whole
+//! CPU, the table gives the change in user CPU against the whole CPU without a
+//! script. Goals (issue 21): an empty hook set under 5% of CPU per message, the
+//! typical set under 15%. Results go to bench/RESULTS.md.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -24,7 +30,7 @@ use std::process::{Command, Stdio};
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use gannet_bench::{append_results, command_line, command_output, machine, servers};
-use gannet_tools::plan::calibrate::{confine, process_cpu_seconds};
+use gannet_tools::plan::calibrate::{confine, process_cpu_seconds, process_user_cpu_seconds};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -42,6 +48,9 @@ struct Args {
     per_connection: u64,
     #[arg(long, default_value = "none,empty,lua,rules")]
     systems: String,
+    /// `accept` (delivery suspended) and/or `relay` (delivered to smtp-sink).
+    #[arg(long, default_value = "accept,relay")]
+    modes: String,
     #[arg(long, default_value = "target/release/gannetd")]
     gannetd: PathBuf,
     #[arg(long, default_value = "target/release/gannet-blast")]
@@ -100,9 +109,19 @@ fn rules() -> String {
     )
 }
 
-/// One round: (messages accepted per second, gannetd CPU µs per message accepted).
-fn round(args: &Args, system: &str) -> Result<(f64, f64)> {
-    let dir = args.dir.join(system);
+/// One round's figures.
+#[derive(Debug, Clone, Copy)]
+struct Measured {
+    /// Messages accepted per second.
+    rate: f64,
+    /// gannetd's CPU µs per message accepted: all of it, and in user space.
+    cpu_us: f64,
+    user_us: f64,
+}
+
+/// One round of `system` in `mode`.
+fn round(args: &Args, mode: &str, system: &str) -> Result<Measured> {
+    let dir = args.dir.join(format!("{mode}-{system}"));
     let policy = match system {
         "none" => String::new(),
         "empty" | "lua" => {
@@ -114,10 +133,31 @@ fn round(args: &Args, system: &str) -> Result<(f64, f64)> {
         "rules" => rules(),
         other => bail!("no system {other} (none, empty, lua, rules)"),
     };
-    let rest = format!("[policy]\n{policy}[delivery]\nsuspended = true\n");
+    let sink = match mode {
+        "accept" => None,
+        "relay" => {
+            let sink = servers::smtp_sink(&[], false)?;
+            confine(sink.pid, 1);
+            Some(sink)
+        }
+        other => bail!("no mode {other} (accept, relay)"),
+    };
+    let delivery = match &sink {
+        None => "suspended = true\n".to_string(),
+        // Both domains: without a script the refused domain's mail is accepted and
+        // delivered too.
+        Some(sink) => format!(
+            "routes = {{ \"ok.test\" = [\"127.0.0.1:{0}\"], \"blocked.test\" = [\"127.0.0.1:{0}\"] }}\n",
+            sink.port
+        ),
+    };
+    let rest = format!("[policy]\n{policy}[delivery]\n{delivery}");
     let server = servers::gannetd(&args.gannetd, &dir, 1, "pin_cores = false", &rest)?;
     confine(server.pid, 0);
-    let cpu0 = process_cpu_seconds(server.pid);
+    let (cpu0, user0) = (
+        process_cpu_seconds(server.pid),
+        process_user_cpu_seconds(server.pid),
+    );
     let out = Command::new("taskset")
         .args(["-c", "1"])
         .arg(&args.blast)
@@ -135,8 +175,6 @@ fn round(args: &Args, system: &str) -> Result<(f64, f64)> {
         .stderr(Stdio::piped())
         .output()
         .context("running gannet-blast")?;
-    let cpu = process_cpu_seconds(server.pid) - cpu0;
-    server.stop()?;
     if !out.status.success() {
         bail!("gannet-blast: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -146,7 +184,29 @@ fn round(args: &Args, system: &str) -> Result<(f64, f64)> {
     if accepted < 1.0 {
         bail!("{system}: nothing accepted: {result}");
     }
-    Ok((accepted / seconds, cpu * 1e6 / accepted))
+    if sink.is_some() {
+        // Relaying: the round ends once every accepted message is delivered.
+        let http = std::net::SocketAddr::from(([127, 0, 0, 1], server.http_port));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+        let metric = |name| gannet_bench::gannet_metric(http, name);
+        while metric("delivery_delivered_total")? < metric("smtp_recipients_accepted_total")? {
+            if std::time::Instant::now() > deadline {
+                bail!("{mode} {system}: not every message was delivered within 300 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+    let cpu = process_cpu_seconds(server.pid) - cpu0;
+    let user = process_user_cpu_seconds(server.pid) - user0;
+    server.stop()?;
+    if let Some(sink) = sink {
+        sink.stop()?;
+    }
+    Ok(Measured {
+        rate: accepted / seconds,
+        cpu_us: cpu * 1e6 / accepted,
+        user_us: user * 1e6 / accepted,
+    })
 }
 
 fn main() -> Result<()> {
@@ -160,25 +220,36 @@ fn main() -> Result<()> {
         bail!("script-bench needs two cores: gannetd on one, the load on the other");
     }
     let systems: Vec<&str> = args.systems.split(',').collect();
-    let mut measured: Vec<Vec<(f64, f64)>> = vec![Vec::new(); systems.len()];
+    let modes: Vec<&str> = args.modes.split(',').collect();
+    let runs: Vec<(&str, &str)> = modes
+        .iter()
+        .flat_map(|m| systems.iter().map(move |s| (*m, *s)))
+        .collect();
+    let mut measured: Vec<Vec<Measured>> = vec![Vec::new(); runs.len()];
     for r in 0..args.rounds {
-        for (i, system) in systems.iter().enumerate() {
-            let m = round(&args, system)?;
-            eprintln!("round {r} {system}: {:.0} msgs/s, {:.1} µs/msg", m.0, m.1);
+        for (i, (mode, system)) in runs.iter().enumerate() {
+            let m = round(&args, mode, system)?;
+            eprintln!(
+                "round {r} {mode} {system}: {:.0} msgs/s, {:.1} µs/msg, {:.1} user",
+                m.rate, m.cpu_us, m.user_us
+            );
             measured[i].push(m);
         }
     }
     let median = |v: Vec<f64>| gannet_bench::harness::median_range(&v).0;
-    let rows: Vec<(&str, f64, f64)> = systems
+    let rows: Vec<(&str, &str, Measured)> = runs
         .iter()
         .zip(&measured)
-        .map(|(s, m)| {
-            let rates = m.iter().map(|x| x.0).collect();
-            let cpus = m.iter().map(|x| x.1).collect();
-            (*s, median(rates), median(cpus))
+        .map(|((mode, system), m)| {
+            let of = |f: fn(&Measured) -> f64| median(m.iter().map(f).collect());
+            let row = Measured {
+                rate: of(|x| x.rate),
+                cpu_us: of(|x| x.cpu_us),
+                user_us: of(|x| x.user_us),
+            };
+            (*mode, *system, row)
         })
         .collect();
-    let base = rows.iter().find(|r| r.0 == "none").map(|r| r.2);
 
     use std::fmt::Write as _;
     let mut md = String::new();
@@ -189,19 +260,30 @@ fn main() -> Result<()> {
     writeln!(md, "- machine: {}", machine())?;
     writeln!(
         md,
-        "- revision: {rev}; gannetd on one shard confined to core 0, delivery suspended (acceptance), gannet-blast on core 1: {} messages of 4 KiB per round, 32 connections of {} messages, 2% to a refused domain; {} interleaved rounds per system, medians\n",
+        "- revision: {rev}; gannetd on one shard confined to core 0 (accept: delivery suspended; relay: delivered to smtp-sink on core 1 by a static route), gannet-blast on core 1: {} messages of 4 KiB per round, 32 connections of {} messages, 2% to a refused domain; {} interleaved rounds per mode and system, medians\n",
         args.messages, args.per_connection, args.rounds
     )?;
     writeln!(
         md,
-        "| system | msgs/s | gannetd CPU µs per message | CPU against no script |"
+        "| mode | system | msgs/s | gannetd CPU µs per message | of it user space | CPU against no script | user CPU added, against the whole CPU without a script |"
     )?;
-    writeln!(md, "|---|---|---|---|")?;
-    for (system, rate, cpu) in &rows {
-        let against = base.map_or(String::from("—"), |b| {
-            format!("{:+.1}%", (cpu / b - 1.0) * 100.0)
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    for (mode, system, m) in &rows {
+        let base = rows
+            .iter()
+            .find(|r| r.0 == *mode && r.1 == "none")
+            .map(|r| r.2);
+        let (against, added) = base.map_or(("—".to_string(), "—".to_string()), |b| {
+            (
+                format!("{:+.1}%", (m.cpu_us / b.cpu_us - 1.0) * 100.0),
+                format!("{:+.1}%", (m.user_us - b.user_us) / b.cpu_us * 100.0),
+            )
         });
-        writeln!(md, "| {system} | {rate:.0} | {cpu:.1} | {against} |")?;
+        writeln!(
+            md,
+            "| {mode} | {system} | {:.0} | {:.1} | {:.1} | {against} | {added} |",
+            m.rate, m.cpu_us, m.user_us
+        )?;
     }
     writeln!(
         md,

@@ -482,6 +482,21 @@ pub fn process_cpu_seconds(pid: u32) -> f64 {
     ns as f64 / 1e9
 }
 
+/// CPU seconds the process `pid` has spent in user space, all its threads
+/// (/proc/PID/stat's utime, in clock ticks: 10 ms at the usual 100 Hz).
+pub fn process_user_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The fields after the command name (which may hold spaces) in parentheses:
+    // state is the first, utime the twelfth.
+    let ticks: u64 = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(11)?.parse().ok())
+        .unwrap_or(0);
+    // SAFETY: sysconf reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}
+
 /// A gannetd started for one measurement, in its own data directory.
 struct Gannetd {
     child: Child,
