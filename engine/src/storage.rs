@@ -52,6 +52,13 @@ impl Storage for ShardStorage {
         }
     }
 
+    fn publishing(&self) -> Option<u64> {
+        match self {
+            ShardStorage::File(s) => s.publishing(),
+            ShardStorage::Sim(s) => s.publishing(),
+        }
+    }
+
     fn created_unprepared(&self) -> u64 {
         match self {
             ShardStorage::File(s) => s.created_unprepared(),

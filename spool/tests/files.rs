@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::rc::Rc;
+
 use std::path::Path;
 
 use gannet_spool::{FileStorage, MessageId, Spool, SpoolConfig, UpdateRecord};
@@ -566,6 +568,58 @@ fn a_spare_that_lost_its_number_to_a_rotation_serves_the_next_one() {
         assert_eq!(third.ino(), inode, "the kept spare became segment 3");
         let segment = storage.create(3, 7, len).unwrap();
         assert_eq!(segment.seq(), 3);
+    });
+}
+
+/// While a prepared segment is being published under its number (off the
+/// executor), the storage says so, and a rotation takes the number after it: the
+/// two never meet on one file (they did: "File exists" refused appends until the
+/// publication ended). The late one, published, is an empty segment the next
+/// creation removes.
+#[test]
+fn a_rotation_during_a_publication_takes_the_next_number() {
+    use gannet_spool::Storage;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    common::run(move || async move {
+        let storage = Rc::new(FileStorage::open_dir(&path).unwrap());
+        let len = 256 << 10;
+        let _first = storage.create(1, 7, len).unwrap();
+        // The publication (a rename and two fsyncs) is watched from this task every
+        // 50 µs; a fast disk may finish one unseen, so up to 20 are tried.
+        let mut seq = 2;
+        for _ in 0..20 {
+            let preparing = glommio::spawn_local({
+                let storage = storage.clone();
+                async move { storage.prepare_next(seq, 7, len).await }
+            });
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            while storage.publishing().is_none() && storage.prepared().is_none() {
+                glommio::timer::sleep(std::time::Duration::from_micros(50)).await;
+                assert!(std::time::Instant::now() < deadline, "no publication");
+            }
+            if storage.publishing() != Some(seq) {
+                // Published before it was seen: the rotation finds it prepared.
+                preparing.await;
+                assert_eq!(storage.create(seq, 7, len).unwrap().seq(), seq);
+                seq += 1;
+                continue;
+            }
+            // What the spool's rotation does now: the number after.
+            let next = storage.create(seq + 1, 7, len).unwrap();
+            assert_eq!(next.seq(), seq + 1);
+            preparing.await;
+            assert_eq!(storage.publishing(), None);
+            assert_eq!(storage.prepared(), Some((seq, len)));
+            // The next creation finds the prepared segment is not its own: removed.
+            let _after = storage.create(seq + 2, 7, len).unwrap();
+            assert!(!storage.segment_path(seq).exists());
+            let listed = storage.list().unwrap();
+            assert_eq!(listed.last(), Some(&(seq + 2)));
+            assert!(!listed.contains(&seq), "{listed:?}");
+            return;
+        }
+        panic!("no publication was seen in progress in 20 tries");
     });
 }
 

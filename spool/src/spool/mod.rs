@@ -780,7 +780,16 @@ impl<S: Storage + 'static> Spool<S> {
             .config
             .segment_bytes
             .max((SEGMENT_HEADER_BYTES + room).next_multiple_of(4096));
-        let seq = state.next_seq;
+        // The next number, unless its prepared segment is being published right now
+        // (renamed into place off the executor): creating it here could meet the
+        // file half made — that took appends down with "File exists" until the
+        // publication ended. The number after it is free; the prepared one, once
+        // published, is an empty segment nothing refers to, removed at the next
+        // rotation (and read as empty by a recovery before it).
+        let mut seq = state.next_seq;
+        if inner.storage.publishing() == Some(seq) {
+            seq += 1;
+        }
         let segment = inner.storage.create(seq, inner.config.shard, len)?;
         if let Some(barrier) = &inner.config.write_barrier {
             segment.set_barrier(barrier.clone());
@@ -790,7 +799,7 @@ impl<S: Storage + 'static> Spool<S> {
             // this segment (and reports a write error).
             old.segment.seal();
         }
-        state.next_seq += 1;
+        state.next_seq = seq + 1;
         state.segments.insert(
             seq,
             SegmentInfo {

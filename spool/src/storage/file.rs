@@ -77,6 +77,9 @@ pub struct FileStorage {
     next: RefCell<Next>,
     /// Segments created on the executor for want of a prepared one.
     unprepared: std::cell::Cell<u64>,
+    /// The segment whose spare is being published (renamed into place and made
+    /// durable) on the blocking thread.
+    publishing: std::cell::Cell<Option<u64>>,
 }
 
 /// What is ready of the next segment.
@@ -141,6 +144,7 @@ impl FileStorage {
             sync_files: RefCell::new(HashMap::new()),
             next: RefCell::new(Next::Nothing),
             unprepared: std::cell::Cell::new(0),
+            publishing: std::cell::Cell::new(None),
         }
     }
 
@@ -477,6 +481,10 @@ impl Storage for FileStorage {
         SYNC_SLOTS
     }
 
+    fn publishing(&self) -> Option<u64> {
+        self.publishing.get()
+    }
+
     fn created_unprepared(&self) -> u64 {
         self.unprepared.get()
     }
@@ -495,9 +503,14 @@ impl Storage for FileStorage {
             Ok(()) => {
                 let (dir, target) = (self.dir.clone(), self.segment_path(seq));
                 let spare = spare.clone();
-                glommio::executor()
+                // From here until it is done, the file may appear under `seq` at any
+                // moment: a rotation meanwhile takes the next number (`publishing`).
+                self.publishing.set(Some(seq));
+                let published = glommio::executor()
                     .spawn_blocking(move || publish_spare(&dir, &spare, &target, seq, shard, len))
-                    .await
+                    .await;
+                self.publishing.set(None);
+                published
             }
             Err(e) => Err(e),
         };

@@ -47,6 +47,11 @@ pub trait Storage {
     /// cannot forget to forward it.
     fn prepare_next(&self, seq: u64, shard: u16, len: usize) -> impl Future<Output = ()>;
 
+    /// The segment `prepare_next` is publishing under its number right now, off the
+    /// executor (None when none is): `create` of that number could meet the file
+    /// half made, so a rotation takes the number after it.
+    fn publishing(&self) -> Option<u64>;
+
     /// Segments `create` had to make itself, on the shard's executor, because none
     /// was prepared for it (0 for a storage with nothing to prepare).
     fn created_unprepared(&self) -> u64;

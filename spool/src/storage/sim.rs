@@ -253,6 +253,10 @@ impl Storage for SimStorage {
     /// The simulated disk has no extents to write ahead: nothing to prepare.
     async fn prepare_next(&self, _seq: u64, _shard: u16, _len: usize) {}
 
+    fn publishing(&self) -> Option<u64> {
+        None
+    }
+
     fn created_unprepared(&self) -> u64 {
         0
     }
