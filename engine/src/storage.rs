@@ -8,7 +8,11 @@ use std::rc::Rc;
 use gannet_spool::segment::Segment;
 use gannet_spool::{FileStorage, SimStorage, SpoolError, Storage};
 
+/// One per shard, made at start and never moved after: the file variant's size
+/// (a few hundred bytes) costs nothing, and boxing it would add a pointer hop to
+/// every segment operation.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum ShardStorage {
     File(FileStorage),
     /// Only tests build this variant.
