@@ -515,3 +515,55 @@ end)
     assert!(data("bob@elsewhere.test").contains("X-Generated-For: bob"));
     assert!(data("ann@far.test").contains("X-Order: 7"));
 }
+
+/// `get_queue_config` changes a queue's retry schedule and maximum age: mail for a
+/// domain whose server only ever closes the connection expires within seconds
+/// under the script's max_age, while another domain on the same server keeps the
+/// configuration's days (deferred, still queued).
+#[test]
+fn get_queue_config_changes_a_queues_retry_and_max_age() {
+    use common::relay::{delivery_config, of, wait_events};
+    let count = tempfile::NamedTempFile::new().unwrap();
+    let (_closing, port) = common::peers::faulty_mx("close", count.path());
+    let scripts = tempfile::tempdir().unwrap();
+    let path = script_file(
+        scripts.path(),
+        r#"
+kumo.on("get_queue_config", function(domain, tenant, campaign, routing_domain)
+  if domain == "short.test" then
+    return kumo.make_queue_config { retry_interval = 1, max_retry_interval = "1s", max_age = "3s" }
+  end
+end)
+"#,
+    );
+    let daemon = Daemon::start(
+        "",
+        &format!(
+            "[policy]\nscript = \"{path}\"\n{}",
+            delivery_config(&format!(
+                "\"short.test\" = [\"127.0.0.1:{port}\"], \"long.test\" = [\"127.0.0.1:{port}\"]"
+            ))
+        ),
+    );
+    for rcpt in ["a@short.test", "b@long.test"] {
+        let reply = daemon.send_message(rcpt, "Subject: queued\r\n\r\nhello\r\n");
+        assert!(reply.starts_with("250 "), "{reply}");
+    }
+    let events = wait_events(&daemon, "the short queue's expiration", |events| {
+        of(events, "expiration", "a@short.test").len() == 1
+            && of(events, "transient_failure", "b@long.test").len() >= 3
+    });
+    assert!(of(&events, "expiration", "b@long.test").is_empty());
+    // Expired at the script's three seconds (the configuration's max_age is days),
+    // with the last attempt's reply.
+    let expired = of(&events, "expiration", "a@short.test")[0];
+    let queued_ms = expired["queue_time"].as_u64().unwrap();
+    assert!((3000..30_000).contains(&queued_ms), "{expired}");
+    assert!(
+        expired["response"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("451 ")),
+        "{expired}"
+    );
+    assert_eq!(daemon.metric("policy_script_failures_total"), 0);
+}

@@ -39,6 +39,8 @@ use std::task::{Poll, Waker};
 use std::time::Duration;
 
 use crate::dns::cache::TtlCache;
+use crate::metrics::ShardMetrics;
+use crate::policy::script::QueueConfig;
 use crate::shard::Shard;
 use client::{ClientOptions, Response, Timeouts};
 use gannet_core::clock::unix_ms;
@@ -100,8 +102,22 @@ pub struct Dispatcher {
     sources: HashMap<String, Rc<queue::Egress>>,
     /// Egress pools by name: sources with their weights (always holding `default`).
     pools: HashMap<String, Vec<(Rc<queue::Egress>, u32)>>,
+    /// What the policy script's `get_queue_config` gave each scheduled queue (asked
+    /// once per queue and VM, not per attempt).
+    queue_configs: RefCell<ScriptQueueConfigs>,
     wake: Wake,
 }
+
+/// The policy script's queue settings by scheduled queue (and routing domain), for
+/// the VM `script` (another VM asks again).
+#[derive(Debug, Default)]
+struct ScriptQueueConfigs {
+    script: u64,
+    by_queue: HashMap<String, Option<QueueConfig>>,
+}
+
+/// Queues whose script settings are kept at most; past it they are asked again.
+const SCRIPT_QUEUE_CONFIGS_MAX: usize = 100_000;
 
 /// Wakes the maintainer (a single waiter).
 #[derive(Debug, Default)]
@@ -235,6 +251,7 @@ impl Dispatcher {
             sites: RefCell::new(TtlCache::new(d.dns_cache_entries_max.usize())),
             handed: RefCell::new(HashMap::new()),
             next_token: Cell::new(0),
+            queue_configs: RefCell::new(ScriptQueueConfigs::default()),
             wake: Wake::default(),
             shard,
         }
@@ -468,12 +485,17 @@ impl Dispatcher {
     }
 
     /// A part's retry schedule and maximum age: delivery's, with what a provider
-    /// rule of its ready queue and the rules of its scheduled queue set (no lookup
-    /// when no rule sets any).
+    /// rule of its ready queue and the rules of its scheduled queue set, and over
+    /// those what the policy script's `get_queue_config` gives the queue (no lookup
+    /// when no rule sets any and no script asks).
     fn retry_for(&self, part: &Part) -> queue::settle::RetryPolicy {
+        let script = self
+            .shard
+            .script()
+            .filter(|s| s.has(crate::policy::script::Hook::QueueConfig));
         let queues = self.queues.borrow();
         let table = queues.shaping_table();
-        if !table.providers_set_retry && table.queue_rules.is_empty() {
+        if script.is_none() && !table.providers_set_retry && table.queue_rules.is_empty() {
             return self.retry;
         }
         let m = part.message.borrow();
@@ -481,14 +503,63 @@ impl Dispatcher {
             (Some(egress), Some(site)) => Some((egress.name.as_str(), site.host_names.as_slice())),
             _ => None,
         };
-        queue::settle::retry_policy(
+        let mut policy = queue::settle::retry_policy(
             self.retry,
             table,
             ready,
             m.meta("tenant"),
             m.meta("campaign"),
             &part.domain,
-        )
+        );
+        if let Some(script) = script
+            && let Some(config) = self.script_queue_config(&script, &m, &part.domain)
+        {
+            policy.interval_s = config.retry_interval_s.unwrap_or(policy.interval_s);
+            policy.max_interval_s = config.max_retry_interval_s.unwrap_or(policy.max_interval_s);
+            policy.max_age_ms = config.max_age_s.map_or(policy.max_age_ms, |s| s * 1000);
+        }
+        policy
+    }
+
+    /// What the script's `get_queue_config` gives the scheduled queue of `message`'s
+    /// part to `domain`, asked once per queue (a failure is logged, counted and
+    /// remembered as no settings: the configuration's stand).
+    fn script_queue_config(
+        &self,
+        script: &crate::policy::script::Script,
+        message: &Message,
+        domain: &str,
+    ) -> Option<QueueConfig> {
+        let (tenant, campaign) = (message.meta("tenant"), message.meta("campaign"));
+        let routing = message.meta("routing_domain");
+        let mut key = queue::scheduled_queue(campaign, tenant, domain);
+        if let Some(routing) = routing {
+            // KumoMTA's spelling of a queue with a routing domain.
+            key.push('!');
+            key.push_str(routing);
+        }
+        let mut cache = self.queue_configs.borrow_mut();
+        if cache.script != script.id() || cache.by_queue.len() >= SCRIPT_QUEUE_CONFIGS_MAX {
+            cache.script = script.id();
+            cache.by_queue.clear();
+        }
+        if let Some(known) = cache.by_queue.get(&key) {
+            return *known;
+        }
+        let config = match script.queue_config(domain, tenant, campaign, routing) {
+            Ok(config) => config,
+            Err(why) => {
+                ShardMetrics::add(&self.shard.metrics.policy_script_failures_total, 1);
+                tracing::warn!(
+                    shard = self.shard.id,
+                    queue = %key,
+                    "policy script: {why} (the configuration's retry settings apply)"
+                );
+                None
+            }
+        };
+        cache.by_queue.insert(key, config);
+        config
     }
 }
 

@@ -18,7 +18,9 @@
 //! conn)`, `smtp_server_data(msg, conn)` and then `smtp_server_message_received(msg,
 //! conn)` (both after DATA, before the binding; gannet keeps a message whole, so the
 //! two see the same message), `http_message_generated(msg)` (each message an HTTP
-//! transmission generates, before it is signed). `conn:get_meta(key)` answers
+//! transmission generates, before it is signed), `get_queue_config(domain, tenant,
+//! campaign, routing_domain)` (a scheduled queue's retry schedule and maximum age,
+//! asked by delivery once per queue; [`QueueConfig`]). `conn:get_meta(key)` answers
 //! `received_from` (the client's address), `ehlo_domain`, `tls` (a boolean) and
 //! `authn_id` (the AUTH user), nil when unknown; a session keeps one connection
 //! object ([`ConnSlot`]). An address is a table with `user`, `domain` and `email`
@@ -71,6 +73,7 @@ pub enum Hook {
     Data = 4,
     MessageReceived = 5,
     HttpMessageGenerated = 6,
+    QueueConfig = 7,
 }
 
 /// What a hook call came to.
@@ -328,6 +331,41 @@ impl Script {
         address(&self.address, text)
     }
 
+    /// Tells this VM from any other loaded in the process.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// `get_queue_config(domain, tenant, campaign, routing_domain)`: the settings the
+    /// script gives a scheduled queue (None when it gives none, or registered no
+    /// hook); an error names the hook and why.
+    pub fn queue_config(
+        &self,
+        domain: &str,
+        tenant: Option<&str>,
+        campaign: Option<&str>,
+        routing_domain: Option<&str>,
+    ) -> Result<Option<QueueConfig>, String> {
+        let Some(function) = &self.hooks[Hook::QueueConfig as usize] else {
+            return Ok(None);
+        };
+        self.spent.set(0);
+        let fail =
+            |e: &mlua::Error| format!("{}: {}", HOOKS[Hook::QueueConfig as usize], first_line(e));
+        let value = function
+            .call::<Value>((domain, tenant, campaign, routing_domain))
+            .map_err(|e| fail(&e))?;
+        match value {
+            Value::Nil => Ok(None),
+            Value::Table(t) => queue_config(&t).map(Some).map_err(|e| fail(&e)),
+            other => Err(format!(
+                "{}: returned a {}, not a table (gannet.make_queue_config) or nil",
+                HOOKS[Hook::QueueConfig as usize],
+                other.type_name()
+            )),
+        }
+    }
+
     /// Calls `hook` with the arguments `args` makes (only when it is registered:
     /// the arguments are built, and allocated, only for a script that asked).
     fn call<A: IntoLuaMulti>(
@@ -348,6 +386,61 @@ impl Script {
             },
         }
     }
+}
+
+/// A scheduled queue's settings from `get_queue_config`: each it names replaces the
+/// configuration's (`[delivery]`, provider and `delivery.queues` rules).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueConfig {
+    pub retry_interval_s: Option<u64>,
+    pub max_retry_interval_s: Option<u64>,
+    pub max_age_s: Option<u64>,
+}
+
+/// The keys a queue config takes.
+const QUEUE_CONFIG_KEYS: &str = "retry_interval, max_retry_interval, max_age";
+
+/// The longest duration a queue setting takes (as the configuration's: a year).
+const QUEUE_SECS_MAX: u64 = 31_536_000;
+
+/// A queue config table checked: durations as seconds or text (`"90s"`, `"10m"`,
+/// `"1h30m"`, `"2 days"`), from a second to a year; no other key.
+fn queue_config(table: &Table) -> mlua::Result<QueueConfig> {
+    let mut config = QueueConfig::default();
+    for pair in table.pairs::<String, Value>() {
+        let (key, value) = pair?;
+        let slot = match key.as_str() {
+            "retry_interval" => &mut config.retry_interval_s,
+            "max_retry_interval" => &mut config.max_retry_interval_s,
+            "max_age" => &mut config.max_age_s,
+            other => {
+                return Err(mlua::Error::runtime(format!(
+                    "queue config: no setting {other:?} in gannet (settings: {QUEUE_CONFIG_KEYS})"
+                )));
+            }
+        };
+        let secs = match &value {
+            Value::Integer(n) => u64::try_from(*n).ok(),
+            Value::Number(n) if n.is_finite() && *n >= 1.0 => Some(*n as u64),
+            Value::String(text) => text.to_str().ok().and_then(|t| {
+                gannet_core::config::automation::parse_duration(&t).or_else(|| {
+                    humantime::parse_duration(t.trim())
+                        .ok()
+                        .map(|d| d.as_secs())
+                })
+            }),
+            _ => None,
+        };
+        match secs.filter(|s| (1..=QUEUE_SECS_MAX).contains(s)) {
+            Some(s) => *slot = Some(s),
+            None => {
+                return Err(mlua::Error::runtime(format!(
+                    "queue config: {key} is a duration from 1 second to a year (seconds, or text such as \"10m\" or \"2 days\"), not {value:?}"
+                )));
+            }
+        }
+    }
+    Ok(config)
 }
 
 /// The function that makes an address table from its three strings, sharing one
@@ -411,6 +504,15 @@ fn setup(lua: &Lua, registered: Rc<RefCell<Vec<Option<Function>>>>) -> mlua::Res
     gannet.set(
         "set_force_sync",
         lua.create_function(|_, _: mlua::MultiValue| Ok(()))?,
+    )?;
+    // Checks a queue's settings and gives them back (what `get_queue_config`
+    // returns), as KumoMTA's does.
+    gannet.set(
+        "make_queue_config",
+        lua.create_function(|_, table: Table| {
+            queue_config(&table)?;
+            Ok(table)
+        })?,
     )?;
     globals.set("gannet", gannet.clone())?;
     globals.set("kumo", gannet)?;

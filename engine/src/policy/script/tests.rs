@@ -373,3 +373,65 @@ fn smtp_server_data_and_message_received_are_separate_hooks() {
     assert_eq!(message.meta("seen_by"), Some("data+received"));
     assert!(!script.has(Hook::HttpMessageGenerated));
 }
+
+#[test]
+fn queue_configs_are_checked_and_given_per_queue() {
+    use super::QueueConfig;
+    let script = load(
+        r#"
+        gannet.on("get_queue_config", function(domain, tenant, campaign, routing_domain)
+          if domain == "slow.test" then
+            return kumo.make_queue_config { retry_interval = "10m", max_age = 3600 }
+          end
+          if tenant == "acme" and campaign == nil and routing_domain == "relay.test" then
+            return { max_retry_interval = "2 days" }
+          end
+          if domain == "pool.test" then return { egress_pool = "warm" } end
+          if domain == "text.test" then return "ten minutes" end
+          if domain == "zero.test" then return gannet.make_queue_config { max_age = 0 } end
+        end)
+        "#,
+    );
+    assert_eq!(
+        script.queue_config("slow.test", None, None, None),
+        Ok(Some(QueueConfig {
+            retry_interval_s: Some(600),
+            max_retry_interval_s: None,
+            max_age_s: Some(3600),
+        }))
+    );
+    assert_eq!(
+        script.queue_config("d.test", Some("acme"), None, Some("relay.test")),
+        Ok(Some(QueueConfig {
+            max_retry_interval_s: Some(172_800),
+            ..Default::default()
+        }))
+    );
+    assert_eq!(
+        script.queue_config("other.test", None, None, None),
+        Ok(None)
+    );
+    let err = script
+        .queue_config("pool.test", None, None, None)
+        .unwrap_err();
+    assert!(
+        err.starts_with("get_queue_config:") && err.contains("no setting \"egress_pool\""),
+        "{err}"
+    );
+    let err = script
+        .queue_config("text.test", None, None, None)
+        .unwrap_err();
+    assert!(err.contains("returned a string, not a table"), "{err}");
+    let err = script
+        .queue_config("zero.test", None, None, None)
+        .unwrap_err();
+    assert!(
+        err.contains("max_age is a duration from 1 second to a year"),
+        "{err}"
+    );
+    // No hook: nothing to give, nothing asked.
+    assert_eq!(
+        load("").queue_config("slow.test", None, None, None),
+        Ok(None)
+    );
+}
