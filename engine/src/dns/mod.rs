@@ -454,42 +454,45 @@ impl Resolver {
         };
         // UDP may lose the query or the answer (a busy server drops what overflows
         // its socket): the query is sent again, UDP_TRIES times within the timeout.
+        // One receive stays posted across the tries: a receive dropped at a try's
+        // end is cancelled in the kernel only later, and an answer arriving
+        // meanwhile completed the cancelled one and was lost (seen as a lookup that
+        // timed out although its resent query was answered).
         let per_try = self.timeout / UDP_TRIES;
         let mut buf = vec![0u8; UDP_BYTES_MAX];
+        let answer = async {
+            loop {
+                // recv_from, not recv: glommio's recv first asks the kernel for the
+                // peer's address (a system call per question, for nothing: the
+                // socket is connected).
+                let (n, _) =
+                    (socket.recv_from(&mut buf).await).map_err(|e| io(std::io::Error::from(e)))?;
+                match Message::from_vec(&buf[..n]) {
+                    // A stray or spoofed answer with another id is ignored.
+                    Ok(m) if m.metadata.id == id => return Ok(m),
+                    Ok(_) => continue,
+                    Err(e) => return Err(DnsError::Malformed(e.to_string())),
+                }
+            }
+        };
+        let mut answer = std::pin::pin!(answer);
         for attempt in 1..=UDP_TRIES {
+            if attempt > 1 {
+                self.resent.set(self.resent.get() + 1);
+            }
             deadline(
                 async { socket.send(query).await.map_err(std::io::Error::from) },
                 per_try,
             )
             .await
             .map_err(io)?;
-            let answer = deadline(
-                async {
-                    loop {
-                        // recv_from, not recv: glommio's recv first asks the kernel
-                        // for the peer's address (a system call per question, for
-                        // nothing: the socket is connected).
-                        let (n, _) = socket
-                            .recv_from(&mut buf)
-                            .await
-                            .map_err(std::io::Error::from)?;
-                        match Message::from_vec(&buf[..n]) {
-                            // A stray or spoofed answer with another id is ignored.
-                            Ok(m) if m.metadata.id == id => return Ok(Ok(m)),
-                            Ok(_) => continue,
-                            Err(e) => return Ok(Err(DnsError::Malformed(e.to_string()))),
-                        }
-                    }
-                },
-                per_try,
-            )
+            let waited = futures_lite::future::or(async { Some(answer.as_mut().await) }, async {
+                glommio::timer::sleep(per_try).await;
+                None
+            })
             .await;
-            match answer {
-                Ok(result) => return result,
-                Err(e) if e.kind() == std::io::ErrorKind::TimedOut && attempt < UDP_TRIES => {
-                    self.resent.set(self.resent.get() + 1);
-                }
-                Err(e) => return Err(io(e)),
+            if let Some(result) = waited {
+                return result;
             }
         }
         Err(DnsError::Timeout {
