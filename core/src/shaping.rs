@@ -355,17 +355,32 @@ impl Suspension {
     }
 }
 
-/// A scheduled queue's name in parts: `campaign:tenant@domain`, campaign and tenant
-/// optional.
+/// A scheduled queue's name in parts: `campaign:tenant@domain!routing_domain`,
+/// campaign, tenant and routing domain optional (KumoMTA's naming).
 #[derive(Debug, Clone, Copy)]
 pub struct QueueName<'a> {
     pub campaign: Option<&'a str>,
     pub tenant: Option<&'a str>,
     pub domain: &'a str,
+    /// The domain whose route or MX the queue's mail takes instead (a policy
+    /// script's `routing_domain`).
+    pub routing: Option<&'a str>,
 }
 
 impl QueueName<'_> {
     fn equals(&self, name: &str) -> bool {
+        let (name, routing) = match name.rsplit_once('!') {
+            Some((name, routing)) => (name, Some(routing)),
+            None => (name, None),
+        };
+        let same_routing = match (routing, self.routing) {
+            (Some(a), Some(b)) => a.eq_ignore_ascii_case(b),
+            (None, None) => true,
+            _ => false,
+        };
+        if !same_routing {
+            return false;
+        }
         let (campaign, rest) = match name.split_once(':') {
             Some((c, rest)) => (Some(c), rest),
             None => (None, name),
@@ -388,7 +403,11 @@ impl std::fmt::Display for QueueName<'_> {
         if let Some(t) = self.tenant {
             write!(f, "{t}@")?;
         }
-        f.write_str(self.domain)
+        f.write_str(self.domain)?;
+        if let Some(r) = self.routing {
+            write!(f, "!{r}")?;
+        }
+        Ok(())
     }
 }
 
@@ -493,6 +512,7 @@ shaping = { max_ready = 10 }
             campaign: Some("spring"),
             tenant: Some("acme"),
             domain: "a.test",
+            routing: None,
         };
         assert_eq!(q.to_string(), "spring:acme@a.test");
         assert!(s(Some("A.test"), None, &[]).holds(&q, 0));
@@ -507,8 +527,19 @@ shaping = { max_ready = 10 }
             campaign: None,
             tenant: None,
             domain: "a.test",
+            routing: None,
         };
         assert!(s(None, None, &["a.test"]).holds(&plain, 0));
         assert!(!s(None, Some("acme"), &[]).holds(&plain, 0));
+        // A routing domain is part of the name (a domain selector still holds it).
+        let routed = QueueName {
+            routing: Some("relay.test"),
+            ..plain
+        };
+        assert_eq!(routed.to_string(), "a.test!relay.test");
+        assert!(s(None, None, &["a.test!Relay.test"]).holds(&routed, 0));
+        assert!(!s(None, None, &["a.test"]).holds(&routed, 0));
+        assert!(!s(None, None, &["a.test!relay.test"]).holds(&plain, 0));
+        assert!(s(Some("a.test"), None, &[]).holds(&routed, 0));
     }
 }

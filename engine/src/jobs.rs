@@ -216,6 +216,7 @@ impl Jobs {
             message.meta("campaign"),
             message.meta("tenant"),
             crate::policy::domain_of(email),
+            message.meta("routing_domain"),
         );
         let ScriptMessage {
             sender,

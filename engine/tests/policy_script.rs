@@ -494,15 +494,15 @@ end)
     let injected = of(&events, "injection", "bob@elsewhere.test")[0];
     assert_eq!(injected["campaign_id"], "from-lua", "{injected}");
     assert_eq!(injected["tenant"], "acme", "{injected}");
-    // The recipients' own queues: the routing domain changes where, not which.
+    // A queue of its own, named as KumoMTA names it: the recipients' domain and the
+    // routing domain after `!`.
     let delivered = of(&events, "delivery", "bob@elsewhere.test")[0];
-    assert!(
-        delivered["queue"]
-            .as_str()
-            .unwrap()
-            .ends_with("@elsewhere.test"),
+    assert_eq!(
+        delivered["queue"], "from-lua:acme@elsewhere.test!relay.test",
         "{delivered}"
     );
+    let delivered = of(&events, "delivery", "ann@far.test")[0];
+    assert_eq!(delivered["queue"], "far.test!relay.test", "{delivered}");
     let messages = sink.messages();
     assert_eq!(messages.len(), 2, "{messages:#?}");
     let data = |rcpt: &str| {

@@ -458,12 +458,13 @@ fn list(listed: &mut Vec<String>, q: &mut ReadyQueue, key: impl Into<String>) {
     }
 }
 
-/// The scheduled queue a part belongs to: `campaign:tenant@domain`.
+/// The scheduled queue a part belongs to: `campaign:tenant@domain!routing_domain`.
 pub fn queue_name<'a>(message: &'a Message, domain: &'a str) -> QueueName<'a> {
     QueueName {
         campaign: message.meta("campaign"),
         tenant: message.meta("tenant"),
         domain,
+        routing: message.meta("routing_domain"),
     }
 }
 
@@ -780,19 +781,21 @@ impl Queues {
     }
 }
 
-/// `campaign:tenant@domain`, with absent parts left out (KumoMTA's queue naming).
-pub fn scheduled_queue(campaign: Option<&str>, tenant: Option<&str>, domain: &str) -> String {
-    let mut queue = String::new();
-    if let Some(campaign) = campaign {
-        queue.push_str(campaign);
-        queue.push(':');
+/// `campaign:tenant@domain!routing_domain`, with absent parts left out (KumoMTA's
+/// queue naming), the domain in lower case.
+pub fn scheduled_queue(
+    campaign: Option<&str>,
+    tenant: Option<&str>,
+    domain: &str,
+    routing: Option<&str>,
+) -> String {
+    QueueName {
+        campaign,
+        tenant,
+        domain: &domain.to_ascii_lowercase(),
+        routing,
     }
-    if let Some(tenant) = tenant {
-        queue.push_str(tenant);
-        queue.push('@');
-    }
-    queue.push_str(&domain.to_ascii_lowercase());
-    queue
+    .to_string()
 }
 
 #[cfg(test)]

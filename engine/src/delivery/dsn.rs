@@ -168,7 +168,7 @@ fn make(
     if let Some(tenant) = &tenant {
         record_meta.push(("tenant".to_string(), tenant.clone()));
     }
-    let queue = queue::scheduled_queue(None, tenant.as_deref(), &sender_domain);
+    let queue = queue::scheduled_queue(None, tenant.as_deref(), &sender_domain, None);
     let own = Own {
         id,
         sender: String::new(),

@@ -530,14 +530,8 @@ impl Dispatcher {
         message: &Message,
         domain: &str,
     ) -> Option<QueueConfig> {
-        let (tenant, campaign) = (message.meta("tenant"), message.meta("campaign"));
-        let routing = message.meta("routing_domain");
-        let mut key = queue::scheduled_queue(campaign, tenant, domain);
-        if let Some(routing) = routing {
-            // KumoMTA's spelling of a queue with a routing domain.
-            key.push('!');
-            key.push_str(routing);
-        }
+        let name = queue::queue_name(message, domain);
+        let key = name.to_string();
         let mut cache = self.queue_configs.borrow_mut();
         if cache.script != script.id() || cache.by_queue.len() >= SCRIPT_QUEUE_CONFIGS_MAX {
             cache.script = script.id();
@@ -546,7 +540,7 @@ impl Dispatcher {
         if let Some(known) = cache.by_queue.get(&key) {
             return *known;
         }
-        let config = match script.queue_config(domain, tenant, campaign, routing) {
+        let config = match script.queue_config(domain, name.tenant, name.campaign, name.routing) {
             Ok(config) => config,
             Err(why) => {
                 ShardMetrics::add(&self.shard.metrics.policy_script_failures_total, 1);

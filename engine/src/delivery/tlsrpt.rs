@@ -666,7 +666,7 @@ async fn mail(
         meta: vec![("pool".to_string(), "default".to_string())],
         tenant: None,
         pool: "default",
-        queue: gannet_core::queue::scheduled_queue(None, None, &sender_domain),
+        queue: gannet_core::queue::scheduled_queue(None, None, &sender_domain, None),
         body: body.into_bytes(),
         protocol: "TLSRPT",
         now: unix_ms(),
