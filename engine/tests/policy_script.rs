@@ -567,3 +567,118 @@ end)
     );
     assert_eq!(daemon.metric("policy_script_failures_total"), 0);
 }
+
+/// Two policies in the style of KumoMTA's documentation — smarthosting every
+/// message by its routing domain (the routing guide), and a queue config with a
+/// humane duration (`get_queue_config`'s reference) — run with one change: the
+/// egress pool KumoMTA sets in `make_queue_config` is the message's `pool` here
+/// (a queue setting naming a pool is refused with why).
+#[test]
+fn kumomta_smarthost_and_queue_config_policies_port_with_one_change() {
+    use common::relay::{delivery_config, of, sink, wait_events};
+    let scripts = tempfile::tempdir().unwrap();
+    let path = script_file(
+        scripts.path(),
+        r#"
+kumo.on('smtp_server_message_received', function(msg)
+  msg:set_meta('routing_domain', 'smarthost.test')
+  -- changed: KumoMTA names the pool in make_queue_config { egress_pool = ... }
+  msg:set_meta('pool', 'default')
+end)
+kumo.on('get_queue_config', function(domain_name, tenant, campaign, routing_domain)
+  return kumo.make_queue_config {
+    max_retry_interval = '20 minutes',
+  }
+end)
+"#,
+    );
+    let sink = sink();
+    let daemon = Daemon::start(
+        "",
+        &format!(
+            "[policy]\nscript = \"{path}\"\n{}",
+            delivery_config(&format!(
+                "\"smarthost.test\" = [\"127.0.0.1:{}\"]",
+                sink.port
+            ))
+        ),
+    );
+    let reply = daemon.send_message("zoe@anywhere.test", "Subject: smarthosted\r\n\r\nhi\r\n");
+    assert!(reply.starts_with("250 "), "{reply}");
+    let events = wait_events(&daemon, "the smarthosted delivery", |events| {
+        of(events, "delivery", "zoe@anywhere.test").len() == 1
+    });
+    let delivered = of(&events, "delivery", "zoe@anywhere.test")[0];
+    assert_eq!(
+        delivered["queue"], "anywhere.test!smarthost.test",
+        "{delivered}"
+    );
+    assert_eq!(sink.messages().len(), 1);
+    // The queue config loaded ('20 minutes' is a duration gannet reads).
+    assert_eq!(daemon.metric("policy_script_failures_total"), 0);
+}
+
+/// `get_egress_path_config` shapes a ready queue: the limits the script gives the
+/// path to one routing domain's site are the queue's configured limits in the admin
+/// API's listing, while another site keeps the configuration's.
+#[test]
+fn get_egress_path_config_shapes_a_ready_queue() {
+    use common::admin::{admin_key_config, curl as admin_curl, json};
+    use common::relay::{delivery_config, of, sink, wait_events};
+    let scripts = tempfile::tempdir().unwrap();
+    let path = script_file(
+        scripts.path(),
+        r#"
+kumo.on('get_egress_path_config', function(routing_domain, egress_source, site_name)
+  if routing_domain == 'shaped.test' then
+    return kumo.make_egress_path {
+      connection_limit = 3,
+      max_deliveries_per_connection = 7,
+    }
+  end
+end)
+"#,
+    );
+    let (shaped, plain) = (sink(), sink());
+    let daemon = Daemon::start(
+        "",
+        &format!(
+            "{}[policy]\nscript = \"{path}\"\n{}",
+            admin_key_config(),
+            delivery_config(&format!(
+                "\"shaped.test\" = [\"127.0.0.1:{}\"], \"plain.test\" = [\"127.0.0.1:{}\"]",
+                shaped.port, plain.port
+            ))
+        ),
+    );
+    for rcpt in ["a@shaped.test", "b@plain.test"] {
+        let reply = daemon.send_message(rcpt, "Subject: shaped\r\n\r\nhi\r\n");
+        assert!(reply.starts_with("250 "), "{reply}");
+    }
+    wait_events(&daemon, "both deliveries", |events| {
+        of(events, "delivery", "a@shaped.test").len() == 1
+            && of(events, "delivery", "b@plain.test").len() == 1
+    });
+    let (status, text) = admin_curl(&daemon, "GET", "/api/admin/queues/v1", None);
+    assert_eq!(status, 200, "{text}");
+    let listing = json(&text);
+    let ready = |port: u16| {
+        let name = format!("default->127.0.0.1:{port}");
+        listing["ready"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|q| q["name"] == name.as_str())
+            .cloned()
+            .unwrap_or_else(|| panic!("{name} not listed: {listing:#}"))
+    };
+    let shaped_q = ready(shaped.port);
+    assert_eq!(shaped_q["configured"]["connection_limit"], 3, "{shaped_q}");
+    assert_eq!(
+        shaped_q["configured"]["max_deliveries_per_connection"], 7,
+        "{shaped_q}"
+    );
+    let plain_q = ready(plain.port);
+    assert_eq!(plain_q["configured"]["connection_limit"], 32, "{plain_q}");
+    assert_eq!(daemon.metric("policy_script_failures_total"), 0);
+}

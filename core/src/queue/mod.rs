@@ -320,6 +320,8 @@ pub fn next_due_ms(
 /// queues (per egress source and site, parts due now) with their shaping.
 #[derive(Debug)]
 pub struct Queues {
+    /// What a policy script sets on a new ready queue's shaping.
+    path_config: PathConfig,
     scheduled: Wheel<Part>,
     /// Due parts whose site is not known yet.
     pub due: Vec<Part>,
@@ -378,6 +380,8 @@ pub struct ReadyQueue {
     /// The shaping as configured, before response rules and backoff (the admin API
     /// shows both).
     configured: Shaping,
+    /// What the policy script's `get_egress_path_config` set (over the table's).
+    scripted: Option<crate::config::shaping::Knobs>,
     /// Connections of this queue waiting for its next part (idle_timeout): woken, all
     /// of them, when a part arrives. A waker may be stale (its connection has gone
     /// on); waking it is harmless.
@@ -387,9 +391,17 @@ pub struct ReadyQueue {
 }
 
 impl ReadyQueue {
-    fn new(site: Rc<Site>, egress: Rc<Egress>, table: &ShapingTable) -> ReadyQueue {
+    fn new(
+        site: Rc<Site>,
+        egress: Rc<Egress>,
+        table: &ShapingTable,
+        scripted: Option<crate::config::shaping::Knobs>,
+    ) -> ReadyQueue {
         let hosts = site.host_names.iter().map(String::as_str);
-        let shaping = table.resolve(&egress.name, hosts.clone());
+        let mut shaping = table.resolve(&egress.name, hosts.clone());
+        if let Some(knobs) = &scripted {
+            shaping = shaping.with(knobs);
+        }
         let adaptive = crate::adaptive::Adaptive::new(table.rules.for_queue(&egress.name, hosts));
         ReadyQueue {
             site,
@@ -406,6 +418,7 @@ impl ReadyQueue {
             feedback: adapt::Feedback::default(),
             configured_limit: shaping.connection_limit,
             configured: shaping,
+            scripted,
             idle: Vec::new(),
             listed: false,
         }
@@ -424,6 +437,9 @@ impl ReadyQueue {
             &self.egress.name,
             self.site.host_names.iter().map(String::as_str),
         );
+        if let Some(knobs) = &self.scripted {
+            shaping = shaping.with(knobs);
+        }
         self.configured = shaping;
         for knobs in self.adaptive.knobs(&table.rules) {
             shaping = shaping.with(knobs);
@@ -468,9 +484,52 @@ pub fn queue_name<'a>(message: &'a Message, domain: &'a str) -> QueueName<'a> {
     }
 }
 
+/// How a [`PathConfig`] asks: (egress source, site, domain) to shaping knobs.
+type AskPath = dyn Fn(&str, &Site, &str) -> Option<crate::config::shaping::Knobs>;
+
+/// Shaping a policy script sets on a ready queue (`get_egress_path_config`), asked
+/// once when the queue is made with the egress source's name, the site and the
+/// domain of the part that made it (its routing domain when it has one); kept
+/// over the configuration's shaping when that is reloaded.
+#[derive(Default)]
+pub struct PathConfig(Option<Box<AskPath>>);
+
+impl PathConfig {
+    pub fn new(
+        ask: impl Fn(&str, &Site, &str) -> Option<crate::config::shaping::Knobs> + 'static,
+    ) -> PathConfig {
+        PathConfig(Some(Box::new(ask)))
+    }
+
+    fn ask(
+        &self,
+        egress: &str,
+        site: &Site,
+        domain: &str,
+    ) -> Option<crate::config::shaping::Knobs> {
+        self.0.as_ref().and_then(|ask| ask(egress, site, domain))
+    }
+}
+
+impl std::fmt::Debug for PathConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "PathConfig(asked)"
+        } else {
+            "PathConfig(none)"
+        })
+    }
+}
+
 impl Queues {
+    /// Lets `path_config` set the shaping of the ready queues made from now on.
+    pub fn set_path_config(&mut self, path_config: PathConfig) {
+        self.path_config = path_config;
+    }
+
     pub fn new(now_ms: u64, shaping: Arc<ShapingTable>) -> Queues {
         Queues {
+            path_config: PathConfig::default(),
             scheduled: Wheel::new(now_ms),
             due: Vec::new(),
             held: Vec::new(),
@@ -617,6 +676,7 @@ impl Queues {
         &mut self,
         site: Rc<Site>,
         egress: Rc<Egress>,
+        domain: impl FnOnce() -> String,
         add: impl FnOnce(&mut ReadyQueue),
     ) -> bool {
         // The one allocation per part on this path: the queue's name.
@@ -624,7 +684,8 @@ impl Queues {
         let q = match self.ready.get_mut(&key) {
             Some(q) => q,
             None => {
-                let q = ReadyQueue::new(site, egress, &self.shaping);
+                let scripted = self.path_config.ask(&egress.name, &site, &domain());
+                let q = ReadyQueue::new(site, egress, &self.shaping, scripted);
                 self.ready.entry(key.clone()).or_insert(q)
             }
         };
@@ -723,8 +784,15 @@ impl Queues {
             .egress
             .clone()
             .unwrap_or_else(|| Rc::new(Egress::default_source()));
+        // Only a new ready queue asks for its domain (shared handles, no copy here).
+        let (message, part_domain) = (part.message.clone(), part.domain.clone());
+        let domain = move || {
+            let m = message.borrow();
+            m.meta("routing_domain")
+                .map_or_else(|| part_domain.to_string(), str::to_string)
+        };
         let mut part = Some(part);
-        if self.add_ready(site, egress, |q| q.parts.extend(part.take())) {
+        if self.add_ready(site, egress, domain, |q| q.parts.extend(part.take())) {
             Ok(())
         } else {
             Err(part.take().expect("a refused part was not added"))
@@ -739,8 +807,13 @@ impl Queues {
         egress: Rc<Egress>,
         handoff: Box<crate::handoff::Handoff>,
     ) -> Result<(), Box<crate::handoff::Handoff>> {
+        // (A handoff carries copies of its envelope already; its domain is one more
+        // small string.)
+        let domain = (handoff.recipients.first())
+            .and_then(|r| r.rsplit_once('@'))
+            .map_or(String::new(), |(_, d)| d.to_ascii_lowercase());
         let mut handoff = Some(handoff);
-        if self.add_ready(site, egress, |q| q.remote.extend(handoff.take())) {
+        if self.add_ready(site, egress, || domain, |q| q.remote.extend(handoff.take())) {
             Ok(())
         } else {
             Err(handoff.take().expect("a refused handoff was not added"))

@@ -196,13 +196,12 @@ impl Dispatcher {
             .entry("default".into())
             .or_insert_with(|| vec![(sources["default"].clone(), 1)]);
         let rebinds = shard.shared.live.snapshot().rebinds.clone();
+        let mut queues = Queues::new(unix_ms(), Arc::new(ShapingTable::new(&config.delivery)));
+        queues.set_path_config(path_config(&shard));
         Dispatcher {
             sources,
             pools,
-            queues: RefCell::new(Queues::new(
-                unix_ms(),
-                Arc::new(ShapingTable::new(&config.delivery)),
-            )),
+            queues: RefCell::new(queues),
             routes: Routes::new(&d.routes),
             options: ClientOptions {
                 ehlo_name,
@@ -555,6 +554,28 @@ impl Dispatcher {
         cache.by_queue.insert(key, config);
         config
     }
+}
+
+/// Asks the shard's policy script (`get_egress_path_config`) for the shaping of each
+/// ready queue made (a failure is logged and counted; the configuration's stands).
+fn path_config(shard: &Rc<Shard>) -> queue::PathConfig {
+    let shard = Rc::downgrade(shard);
+    queue::PathConfig::new(move |egress, site, domain| {
+        let shard = shard.upgrade()?;
+        let script = shard.script()?;
+        match script.egress_path_config(domain, egress, &site.name) {
+            Ok(knobs) => knobs,
+            Err(why) => {
+                ShardMetrics::add(&shard.metrics.policy_script_failures_total, 1);
+                tracing::warn!(
+                    shard = shard.id,
+                    site = %site.name,
+                    "policy script: {why} (the configuration's shaping applies)"
+                );
+                None
+            }
+        }
+    })
 }
 
 /// What new live settings take out of the queues.

@@ -20,7 +20,9 @@
 //! two see the same message), `http_message_generated(msg)` (each message an HTTP
 //! transmission generates, before it is signed), `get_queue_config(domain, tenant,
 //! campaign, routing_domain)` (a scheduled queue's retry schedule and maximum age,
-//! asked by delivery once per queue; [`QueueConfig`]). `conn:get_meta(key)` answers
+//! asked by delivery once per queue; [`QueueConfig`]), `get_egress_path_config(
+//! routing_domain, egress_source, site_name)` (a ready queue's shaping, asked once
+//! when it is made). `conn:get_meta(key)` answers
 //! `received_from` (the client's address), `ehlo_domain`, `tls` (a boolean) and
 //! `authn_id` (the AUTH user), nil when unknown; a session keeps one connection
 //! object ([`ConnSlot`]). An address is a table with `user`, `domain` and `email`
@@ -74,6 +76,7 @@ pub enum Hook {
     MessageReceived = 5,
     HttpMessageGenerated = 6,
     QueueConfig = 7,
+    EgressPathConfig = 8,
 }
 
 /// What a hook call came to.
@@ -265,17 +268,18 @@ impl Script {
         })
     }
 
-    /// `smtp_server_data(msg, conn)` or `smtp_server_message_received(msg, conn)`
-    /// ([`Hook::Data`], [`Hook::MessageReceived`]): the message comes back with what
-    /// the hook changed (its metadata, its header fields), whatever the outcome.
+    /// `smtp_server_data(msg, conn)` and/or `smtp_server_message_received(msg, conn)`
+    /// ([`Hook::Data`], [`Hook::MessageReceived`]), in the order of `hooks`, with one
+    /// message object, until one refuses or fails: the message comes back with what
+    /// the hooks changed (its metadata, its header fields), whatever the outcome.
     pub fn smtp_message(
         &self,
-        hook: Hook,
+        hooks: &[Hook],
         slot: &ConnSlot,
         client: &Client<'_>,
         message: Message,
     ) -> (Outcome, Message) {
-        self.message_hook(hook, message, |lua, msg| {
+        self.message_hooks(hooks, message, |lua, msg| {
             (msg, self.conn(slot, client)?).into_lua_multi(lua)
         })
     }
@@ -283,19 +287,20 @@ impl Script {
     /// `http_message_generated(msg)`: a message generated for one recipient of an
     /// HTTP transmission, back with what the hook changed.
     pub fn http_message_generated(&self, message: Message) -> (Outcome, Message) {
-        self.message_hook(Hook::HttpMessageGenerated, message, |lua, msg| {
+        self.message_hooks(&[Hook::HttpMessageGenerated], message, |lua, msg| {
             msg.into_lua_multi(lua)
         })
     }
 
-    /// Calls a hook that takes a message object (made by `args` with it).
-    fn message_hook(
+    /// Calls the registered ones of `hooks`, which take a message object (made once,
+    /// passed by `args`), until one refuses or fails.
+    fn message_hooks(
         &self,
-        hook: Hook,
+        hooks: &[Hook],
         message: Message,
-        args: impl FnOnce(&Lua, AnyUserData) -> mlua::Result<mlua::MultiValue>,
+        args: impl Fn(&Lua, AnyUserData) -> mlua::Result<mlua::MultiValue>,
     ) -> (Outcome, Message) {
-        if !self.has(hook) {
+        if !hooks.iter().any(|h| self.has(*h)) {
             return (Outcome::Continue, message);
         }
         // Shared with the VM, so that it comes back even if the script keeps a
@@ -305,7 +310,14 @@ impl Script {
             message: shared.clone(),
             address: self.address.clone(),
         };
-        let outcome = self.call(hook, |lua| args(lua, lua.create_userdata(view)?));
+        let made = self.lua.create_userdata(view);
+        let mut outcome = Outcome::Continue;
+        for hook in hooks {
+            outcome = self.call(*hook, |lua| args(lua, made.clone()?));
+            if outcome != Outcome::Continue {
+                break;
+            }
+        }
         let message = std::mem::take(&mut *shared.borrow_mut());
         (outcome, message)
     }
@@ -361,6 +373,34 @@ impl Script {
             other => Err(format!(
                 "{}: returned a {}, not a table (gannet.make_queue_config) or nil",
                 HOOKS[Hook::QueueConfig as usize],
+                other.type_name()
+            )),
+        }
+    }
+
+    /// `get_egress_path_config(routing_domain, egress_source, site_name)`: the shaping
+    /// the script sets on a ready queue (None when none, or no hook); the keys are
+    /// `[delivery.shaping]`'s (`connection_limit`, `max_message_rate = "100/s"`, …).
+    pub fn egress_path_config(
+        &self,
+        routing_domain: &str,
+        egress_source: &str,
+        site_name: &str,
+    ) -> Result<Option<gannet_core::config::shaping::Knobs>, String> {
+        let Some(function) = &self.hooks[Hook::EgressPathConfig as usize] else {
+            return Ok(None);
+        };
+        self.spent.set(0);
+        let name = HOOKS[Hook::EgressPathConfig as usize];
+        let fail = |e: &mlua::Error| format!("{name}: {}", first_line(e));
+        let value = function
+            .call::<Value>((routing_domain, egress_source, site_name))
+            .map_err(|e| fail(&e))?;
+        match value {
+            Value::Nil => Ok(None),
+            Value::Table(t) => egress_path(&t).map(Some).map_err(|e| fail(&e)),
+            other => Err(format!(
+                "{name}: returned a {}, not a table (gannet.make_egress_path) or nil",
                 other.type_name()
             )),
         }
@@ -443,6 +483,46 @@ fn queue_config(table: &Table) -> mlua::Result<QueueConfig> {
     Ok(config)
 }
 
+/// An egress path's shaping from a table with `[delivery.shaping]`'s keys, checked
+/// as the configuration's are (an unknown key or a bad value names itself).
+fn egress_path(table: &Table) -> mlua::Result<gannet_core::config::shaping::Knobs> {
+    let json = lua_json(&Value::Table(table.clone()))?;
+    serde_json::from_value(json).map_err(|e| mlua::Error::runtime(format!("egress path: {e}")))
+}
+
+/// A Lua value as JSON: nil, booleans, numbers, strings, and tables with string
+/// keys (objects) or none but 1..n (arrays).
+fn lua_json(value: &Value) -> mlua::Result<serde_json::Value> {
+    Ok(match value {
+        Value::Nil => serde_json::Value::Null,
+        Value::Boolean(b) => serde_json::Value::Bool(*b),
+        Value::Integer(n) => serde_json::Value::from(*n),
+        Value::Number(n) => serde_json::Number::from_f64(*n)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| mlua::Error::runtime(format!("{n} is not a finite number")))?,
+        Value::String(s) => serde_json::Value::String(s.to_str()?.to_string()),
+        Value::Table(t) if t.raw_len() > 0 => serde_json::Value::Array(
+            t.sequence_values::<Value>()
+                .map(|v| lua_json(&v?))
+                .collect::<mlua::Result<_>>()?,
+        ),
+        Value::Table(t) => {
+            let mut object = serde_json::Map::new();
+            for pair in t.pairs::<String, Value>() {
+                let (key, value) = pair?;
+                object.insert(key, lua_json(&value)?);
+            }
+            serde_json::Value::Object(object)
+        }
+        other => {
+            return Err(mlua::Error::runtime(format!(
+                "a {} has no place in a configuration",
+                other.type_name()
+            )));
+        }
+    })
+}
+
 /// The function that makes an address table from its three strings, sharing one
 /// metatable with `__tostring` (the address). Made in Lua: the table is built by
 /// the VM in one call, where building it field by field from Rust takes a call
@@ -511,6 +591,15 @@ fn setup(lua: &Lua, registered: Rc<RefCell<Vec<Option<Function>>>>) -> mlua::Res
         "make_queue_config",
         lua.create_function(|_, table: Table| {
             queue_config(&table)?;
+            Ok(table)
+        })?,
+    )?;
+    // Checks an egress path's shaping and gives it back (what
+    // `get_egress_path_config` returns), as KumoMTA's does.
+    gannet.set(
+        "make_egress_path",
+        lua.create_function(|_, table: Table| {
+            egress_path(&table)?;
             Ok(table)
         })?,
     )?;

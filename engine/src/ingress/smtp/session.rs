@@ -756,7 +756,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
         ];
         // Copies of the envelope: the message object must own what it shows (the
         // transaction stays the session's).
-        let mut message = ScriptMessage {
+        let message = ScriptMessage {
             sender: tx.sender.text.clone(),
             recipients: tx.recipients.clone(),
             meta: (meta.into_iter())
@@ -764,15 +764,9 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
                 .collect(),
             body: std::mem::take(&mut prepared),
         };
-        let mut refused = None;
-        for hook in [Hook::Data, Hook::MessageReceived] {
-            let outcome;
-            (outcome, message) = script.smtp_message(hook, &s.script_conn, &client, message);
-            if let Some(reply) = s.refusal_of(outcome) {
-                refused = Some(reply);
-                break;
-            }
-        }
+        let hooks = [Hook::Data, Hook::MessageReceived];
+        let (outcome, mut message) = script.smtp_message(&hooks, &s.script_conn, &client, message);
+        let refused = s.refusal_of(outcome);
         prepared = std::mem::take(&mut message.body);
         lifted.tenant = message.take_meta("tenant");
         lifted.campaign = message.take_meta("campaign");

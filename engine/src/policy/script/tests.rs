@@ -210,7 +210,7 @@ fn the_message_comes_back_even_when_the_script_keeps_it() {
         ..Default::default()
     };
     let (outcome, back) = script.smtp_message(
-        Hook::MessageReceived,
+        &[Hook::MessageReceived],
         &ConnSlot::default(),
         &client(),
         message.clone(),
@@ -223,7 +223,7 @@ fn the_message_comes_back_even_when_the_script_keeps_it() {
     );
     // The script's reference is to an emptied message now.
     let (outcome, _) = script.smtp_message(
-        Hook::MessageReceived,
+        &[Hook::MessageReceived],
         &ConnSlot::default(),
         &client(),
         message.clone(),
@@ -231,8 +231,12 @@ fn the_message_comes_back_even_when_the_script_keeps_it() {
     assert_eq!(outcome, Outcome::Continue);
     let mut bad = message;
     bad.body = b"Subject: bad value\r\n\r\n".to_vec();
-    let (outcome, back) =
-        script.smtp_message(Hook::MessageReceived, &ConnSlot::default(), &client(), bad);
+    let (outcome, back) = script.smtp_message(
+        &[Hook::MessageReceived],
+        &ConnSlot::default(),
+        &client(),
+        bad,
+    );
     match outcome {
         Outcome::Failed(why) => assert!(why.contains("without spaces"), "{why}"),
         other => panic!("{other:?}"),
@@ -294,7 +298,7 @@ fn a_session_keeps_one_connection_object_that_follows_it() {
     };
     assert_eq!(
         script
-            .smtp_message(Hook::MessageReceived, &slot, &c, message)
+            .smtp_message(&[Hook::MessageReceived], &slot, &c, message)
             .0,
         Outcome::Continue
     );
@@ -364,13 +368,29 @@ fn smtp_server_data_and_message_received_are_separate_hooks() {
         "#,
     );
     let slot = ConnSlot::default();
-    let mut message = super::Message::default();
-    for hook in [Hook::Data, Hook::MessageReceived] {
-        let outcome;
-        (outcome, message) = script.smtp_message(hook, &slot, &client(), message);
-        assert_eq!(outcome, Outcome::Continue);
-    }
+    let (outcome, message) = script.smtp_message(
+        &[Hook::Data, Hook::MessageReceived],
+        &slot,
+        &client(),
+        super::Message::default(),
+    );
+    assert_eq!(outcome, Outcome::Continue);
     assert_eq!(message.meta("seen_by"), Some("data+received"));
+    // A refusal stops the hooks after it.
+    let refusing = load(
+        r#"
+        gannet.on("smtp_server_data", function(msg) gannet.reject(550, "no") end)
+        gannet.on("smtp_server_message_received", function(msg) msg:set_meta("reached", "yes") end)
+        "#,
+    );
+    let (outcome, message) = refusing.smtp_message(
+        &[Hook::Data, Hook::MessageReceived],
+        &slot,
+        &client(),
+        super::Message::default(),
+    );
+    assert!(matches!(outcome, Outcome::Reject(_)), "{outcome:?}");
+    assert_eq!(message.meta("reached"), None);
     assert!(!script.has(Hook::HttpMessageGenerated));
 }
 
@@ -433,5 +453,50 @@ fn queue_configs_are_checked_and_given_per_queue() {
     assert_eq!(
         load("").queue_config("slow.test", None, None, None),
         Ok(None)
+    );
+}
+
+#[test]
+fn egress_paths_take_the_configurations_shaping_keys() {
+    let script = load(
+        r#"
+        gannet.on("get_egress_path_config", function(routing_domain, egress_source, site_name)
+          if routing_domain == "shaped.test" and egress_source == "default" then
+            return kumo.make_egress_path {
+              connection_limit = 3, max_message_rate = "50/s", max_deliveries_per_connection = 7,
+            }
+          end
+          if routing_domain == "typo.test" then return { conection_limit = 3 } end
+          if routing_domain == "zero.test" then return { connection_limit = 0 } end
+        end)
+        "#,
+    );
+    let knobs = script
+        .egress_path_config("shaped.test", "default", "mx.shaped.test")
+        .unwrap()
+        .unwrap();
+    assert_eq!(knobs.connection_limit.map(|b| b.get()), Some(3));
+    assert_eq!(
+        knobs.max_deliveries_per_connection.map(|b| b.get()),
+        Some(7)
+    );
+    assert!(knobs.max_message_rate.is_some());
+    assert_eq!(
+        script.egress_path_config("other.test", "default", "mx"),
+        Ok(None)
+    );
+    let err = script
+        .egress_path_config("typo.test", "default", "mx")
+        .unwrap_err();
+    assert!(
+        err.starts_with("get_egress_path_config:") && err.contains("conection_limit"),
+        "{err}"
+    );
+    let err = script
+        .egress_path_config("zero.test", "default", "mx")
+        .unwrap_err();
+    assert!(
+        err.contains("connection_limit") || err.contains("1"),
+        "{err}"
     );
 }
