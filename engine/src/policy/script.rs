@@ -358,24 +358,12 @@ impl Script {
         campaign: Option<&str>,
         routing_domain: Option<&str>,
     ) -> Result<Option<QueueConfig>, String> {
-        let Some(function) = &self.hooks[Hook::QueueConfig as usize] else {
-            return Ok(None);
-        };
-        self.spent.set(0);
-        let fail =
-            |e: &mlua::Error| format!("{}: {}", HOOKS[Hook::QueueConfig as usize], first_line(e));
-        let value = function
-            .call::<Value>((domain, tenant, campaign, routing_domain))
-            .map_err(|e| fail(&e))?;
-        match value {
-            Value::Nil => Ok(None),
-            Value::Table(t) => queue_config(&t).map(Some).map_err(|e| fail(&e)),
-            other => Err(format!(
-                "{}: returned a {}, not a table (gannet.make_queue_config) or nil",
-                HOOKS[Hook::QueueConfig as usize],
-                other.type_name()
-            )),
-        }
+        self.config_hook(
+            Hook::QueueConfig,
+            (domain, tenant, campaign, routing_domain),
+            "gannet.make_queue_config",
+            queue_config,
+        )
     }
 
     /// `get_egress_path_config(routing_domain, egress_source, site_name)`: the shaping
@@ -387,20 +375,35 @@ impl Script {
         egress_source: &str,
         site_name: &str,
     ) -> Result<Option<gannet_core::config::shaping::Knobs>, String> {
-        let Some(function) = &self.hooks[Hook::EgressPathConfig as usize] else {
+        self.config_hook(
+            Hook::EgressPathConfig,
+            (routing_domain, egress_source, site_name),
+            "gannet.make_egress_path",
+            egress_path,
+        )
+    }
+
+    /// Calls `hook`, which returns a table of settings (made by `maker`) or nil, and
+    /// reads the table with `read` (None: nil, or no hook registered); an error names
+    /// the hook and why.
+    fn config_hook<T>(
+        &self,
+        hook: Hook,
+        args: impl IntoLuaMulti,
+        maker: &str,
+        read: fn(&Table) -> mlua::Result<T>,
+    ) -> Result<Option<T>, String> {
+        let Some(function) = &self.hooks[hook as usize] else {
             return Ok(None);
         };
         self.spent.set(0);
-        let name = HOOKS[Hook::EgressPathConfig as usize];
+        let name = HOOKS[hook as usize];
         let fail = |e: &mlua::Error| format!("{name}: {}", first_line(e));
-        let value = function
-            .call::<Value>((routing_domain, egress_source, site_name))
-            .map_err(|e| fail(&e))?;
-        match value {
+        match function.call::<Value>(args).map_err(|e| fail(&e))? {
             Value::Nil => Ok(None),
-            Value::Table(t) => egress_path(&t).map(Some).map_err(|e| fail(&e)),
+            Value::Table(t) => read(&t).map(Some).map_err(|e| fail(&e)),
             other => Err(format!(
-                "{name}: returned a {}, not a table (gannet.make_egress_path) or nil",
+                "{name}: returned a {}, not a table ({maker}) or nil",
                 other.type_name()
             )),
         }
