@@ -464,9 +464,7 @@ fn meta_value<'a>(record: &'a MessageRecord, key: &str) -> Option<&'a serde_json
 }
 
 fn meta_str<'a>(record: &'a MessageRecord, key: &str) -> Option<&'a str> {
-    (record.meta.iter())
-        .find(|(k, _)| k == key)
-        .map(|(_, v)| v.as_str())
+    gannet_core::queue::meta_value(&record.meta, key)
 }
 
 /// Where a spooled job stands: recipients `[0, prefix)` are generated, and so are the

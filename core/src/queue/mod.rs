@@ -58,6 +58,11 @@ pub fn delivery_meta(mut meta: Vec<(String, String)>) -> Vec<(String, String)> {
     meta
 }
 
+/// The value of `key` in metadata pairs (the first, if it is given twice).
+pub fn meta_value<'a>(meta: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    meta.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+}
+
 /// A message in memory.
 #[derive(Debug)]
 pub struct Message {
@@ -111,10 +116,7 @@ impl Message {
     }
 
     pub fn meta(&self, key: &str) -> Option<&str> {
-        self.meta
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        meta_value(&self.meta, key)
     }
 }
 

@@ -752,10 +752,7 @@ const META_VALUE_MAX: usize = 998;
 impl Message {
     /// The value of `key`, if set.
     pub fn meta(&self, key: &str) -> Option<&str> {
-        self.meta
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        gannet_core::queue::meta_value(&self.meta, key)
     }
 
     /// Removes `key` and gives its value.

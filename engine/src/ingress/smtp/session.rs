@@ -849,10 +849,7 @@ async fn accept_message(s: &mut Session, body: Vec<u8>, violations: Violations) 
         lifted.campaign.as_deref(),
         lifted.tenant.as_deref(),
         crate::policy::domain_of(&recipients[0]),
-        script_meta
-            .iter()
-            .find(|(k, _)| k == "routing_domain")
-            .map(|(_, v)| v.as_str()),
+        gannet_core::queue::meta_value(&script_meta, "routing_domain"),
     );
     let mut meta = vec![("pool".to_string(), pool.clone())];
     if let Some(tenant) = &lifted.tenant {
