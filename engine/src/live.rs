@@ -11,9 +11,11 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use crate::policy::script::{Script, ScriptSource};
 use gannet_core::queue::admin::{AdminBounce, ReadySuspension, Rebind};
 use gannet_core::shaping::{QueueSelector, ShapingTable, Suspension};
 
@@ -258,5 +260,45 @@ mod tests {
         assert_eq!(live.generation(), 1);
         assert!(before.suspensions.is_empty(), "old snapshots are unchanged");
         assert_eq!(live.snapshot().suspensions.len(), 1);
+    }
+}
+
+/// A VM of the policy script compiled from the live settings' source, and compiled
+/// again when they carry another (SIGHUP): each shard holds one, and each sink of
+/// the hose on its thread (a VM never leaves the thread that made it).
+#[derive(Debug, Default)]
+pub struct ScriptCache {
+    generation: Option<u64>,
+    source: Option<Arc<ScriptSource>>,
+    vm: Option<Rc<Script>>,
+}
+
+impl ScriptCache {
+    /// The VM of the current script (None: no script). The check is one atomic load
+    /// when the live settings have not changed; `whose` names the holder in a log.
+    pub fn get(&mut self, live: &Live, whose: impl FnOnce() -> String) -> Option<Rc<Script>> {
+        let generation = live.generation();
+        if self.generation != Some(generation) {
+            self.generation = Some(generation);
+            let source = live.snapshot().script.clone();
+            let same = match (&source, &self.source) {
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                // Checked to load before it was published: failing here would be a
+                // VM out of memory; the running VM stays then.
+                match source.as_deref().map(ScriptSource::compile).transpose() {
+                    Ok(vm) => self.vm = vm.map(Rc::new),
+                    Err(err) => tracing::error!(
+                        "{}: policy script not compiled (the running one stays): {err}",
+                        whose()
+                    ),
+                }
+                self.source = source;
+            }
+        }
+        self.vm.clone()
     }
 }

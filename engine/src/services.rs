@@ -80,11 +80,16 @@ mod testing {
                 )
                 .unwrap(),
             );
+            let live = Arc::new(crate::live::Live::new(
+                gannet_core::shaping::ShapingTable::new(&config.delivery),
+                crate::dkim::Signers::load(&Default::default()).unwrap(),
+            ));
             let hose = crate::hose::Hose::new(
                 events_dir,
                 vec![events.clone()],
                 1,
                 crate::hose::HoseSettings::from_config(&config.events),
+                live.clone(),
             )
             .unwrap();
             glommio::spawn_local(spool.clone().run_committer()).detach();
@@ -108,10 +113,7 @@ mod testing {
                 mesh: crate::mesh::Mesh::new(1, 16),
                 stop: Arc::new(crate::io::StopBell::new(1)),
                 sessions: Arc::new(SessionLimits::new(100, 100)),
-                live: crate::live::Live::new(
-                    gannet_core::shaping::ShapingTable::new(&config.delivery),
-                    crate::dkim::Signers::load(&Default::default()).unwrap(),
-                ),
+                live,
                 warmup: crate::warmup::Warmup::load(&config.delivery, events_dir, 0).unwrap(),
                 hose: Arc::new(hose),
                 suppressions: crate::suppression::Suppressions::open(events_dir, 1000).unwrap(),

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::rc::Rc;
 
-use crate::policy::script::{Script, ScriptSource};
+use crate::policy::script::Script;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 
@@ -47,7 +47,7 @@ pub struct Shared {
     pub metrics: Vec<Arc<ShardMetrics>>,
     pub sessions: Arc<SessionLimits>,
     /// Shaping and suspensions, changeable while running.
-    pub live: crate::live::Live,
+    pub live: Arc<crate::live::Live>,
     /// Rung by SIGTERM/SIGINT; wakes every shard's shutdown at once.
     pub stop: Arc<crate::io::StopBell>,
     /// IP warm-up budgets, shared by the shards' choices of egress source.
@@ -159,15 +159,7 @@ pub struct Shard {
     /// message.
     pub read_buffers: RefCell<Vec<Vec<u8>>>,
     /// This shard's VM of the policy script, as of a generation of the live settings.
-    pub script: RefCell<ScriptCache>,
-}
-
-/// A shard's VM of the policy script and the source it was compiled from.
-#[derive(Debug, Default)]
-pub struct ScriptCache {
-    generation: Option<u64>,
-    source: Option<Arc<ScriptSource>>,
-    vm: Option<Rc<Script>>,
+    pub script: RefCell<crate::live::ScriptCache>,
 }
 
 /// Session input buffers a shard keeps for reuse at most.
@@ -177,31 +169,9 @@ impl Shard {
     /// The policy script's VM on this shard, compiled again when the live settings
     /// carry another source (SIGHUP). The check is one atomic load per call.
     pub fn script(&self) -> Option<Rc<Script>> {
-        let live = &self.shared.live;
-        let generation = live.generation();
-        let mut cache = self.script.borrow_mut();
-        if cache.generation != Some(generation) {
-            cache.generation = Some(generation);
-            let source = live.snapshot().script.clone();
-            let same = match (&source, &cache.source) {
-                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
-                (None, None) => true,
-                _ => false,
-            };
-            if !same {
-                // Checked to load before it was published: failing here would be a
-                // VM out of memory; the running VM stays then.
-                match source.as_deref().map(ScriptSource::compile).transpose() {
-                    Ok(vm) => cache.vm = vm.map(Rc::new),
-                    Err(err) => tracing::error!(
-                        shard = self.id,
-                        "policy script not compiled (the running one stays): {err}"
-                    ),
-                }
-                cache.source = source;
-            }
-        }
-        cache.vm.clone()
+        self.script
+            .borrow_mut()
+            .get(&self.shared.live, || format!("shard {}", self.id))
     }
 
     /// Whether the process is stopping: this shard's shutdown is raised, or the stop

@@ -682,3 +682,89 @@ end)
     assert_eq!(plain_q["configured"]["connection_limit"], 32, "{plain_q}");
     assert_eq!(daemon.metric("policy_script_failures_total"), 0);
 }
+
+/// `should_enqueue_log_record`, in KumoMTA's webhook example's form (`log_record`
+/// from the message object, `set_meta('queue', …)`), decides which events a webhook
+/// (a real HTTP receiver) is sent: a tenant's are kept from it, a failing call sends
+/// its event and is counted, and the other events arrive.
+#[test]
+fn should_enqueue_log_record_keeps_events_from_a_webhook() {
+    use common::admin::curl_as;
+    use common::peers::webhook_receiver;
+    let scripts = tempfile::tempdir().unwrap();
+    let path = script_file(
+        scripts.path(),
+        r#"
+kumo.on('smtp_server_message_received', function(msg)
+  msg:set_meta('tenant', msg:get_first_named_header_value('X-Customer-Tenant'))
+end)
+kumo.on('should_enqueue_log_record', function(msg, hook_name)
+  local log_record = msg:get_meta 'log_record'
+  if log_record.tenant == 'broken' then error('cannot decide') end
+  if msg:get_meta('tenant') == 'quiet' then return false end
+  if log_record.queue ~= 'webhook' then
+    msg:set_meta('queue', 'webhook')
+    return true
+  end
+  return false
+end)
+"#,
+    );
+    const KEY: &str = "hook-key-7d0c2b9e4f1a6358";
+    let keys = format!(
+        "api_keys = [{{ name = \"app\", key_sha256 = \"{}\" }}]\n[policy]\nscript = \"{path}\"\n",
+        gannet_core::auth::KeyDigest::of(KEY)
+    );
+    let out = tempfile::tempdir().unwrap();
+    let (_receiver, port) = webhook_receiver(out.path(), 200);
+    let dir = tempfile::tempdir().unwrap();
+    let text = common::config_text(dir.path(), "", &keys)
+        + "[events]\nbatch_wait_ms = 100\nretry_interval_max_secs = 1\n";
+    let mut daemon = Daemon::start_in(dir, &text);
+    let body = serde_json::json!({
+        "name": "receptions",
+        "target": format!("http://127.0.0.1:{port}/hook"),
+        "events": ["injection"],
+    });
+    let (status, answer) = curl_as(
+        &daemon,
+        Some(KEY),
+        "POST",
+        "/api/v1/webhooks",
+        Some(("application/json", &body.to_string())),
+    );
+    assert_eq!(status, 200, "{answer}");
+    for tenant in ["acme", "quiet", "broken", "acme"] {
+        let reply = daemon.send_message(
+            &format!("{tenant}@dest.test"),
+            &format!("Subject: t\r\nX-Customer-Tenant: {tenant}\r\n\r\nhello\r\n"),
+        );
+        assert!(reply.starts_with("250 "), "{reply}");
+    }
+    // The receiver stores each POST as a JSON file: {"path", "headers", "body"}.
+    let tenants = |out: &std::path::Path| -> Vec<String> {
+        let mut seen = Vec::new();
+        for entry in std::fs::read_dir(out).unwrap().flatten() {
+            let Ok(v) = serde_json::from_slice::<serde_json::Value>(
+                &std::fs::read(entry.path()).unwrap_or_default(),
+            ) else {
+                continue;
+            };
+            for event in v["body"].as_array().into_iter().flatten() {
+                if let Some(t) = event["msys"]["message_event"]["tenant"].as_str() {
+                    seen.push(t.to_string());
+                }
+            }
+        }
+        seen.sort();
+        seen
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while tenants(out.path()).len() < 3 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(tenants(out.path()), ["acme", "acme", "broken"]);
+    assert_eq!(daemon.metric("hose_events_declined_total"), 1);
+    assert_eq!(daemon.metric("hose_script_failures_total"), 1);
+    daemon.stop();
+}

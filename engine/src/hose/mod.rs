@@ -13,7 +13,9 @@
 //! same batch id, and never skips one. A batch that fails is retried with doubling
 //! pauses (1 s up to `events.retry_interval_max_secs`) for
 //! `events.retry_max_secs` (8 hours), then given up and counted. Events of types a
-//! sink does not want, or of another tenant, move its cursor without being sent.
+//! sink does not want, or of another tenant, move its cursor without being sent, as
+//! do those the policy script's `should_enqueue_log_record` declines for a webhook
+//! or a broker (asked in a VM of the sink's own thread; a failing call sends).
 //!
 //! A sink is the part that differs: [`Sink::send`] takes the converted events of a
 //! batch. A webhook POSTs them as one JSON array; a broker publishes one message per
@@ -34,6 +36,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::events::{EventFiles, Limits};
+use crate::policy::script::{Hook, Script};
 use cursor::Cursor;
 use gannet_core::config::EventsConfig;
 use sparkpost::{Events, Filter};
@@ -128,6 +131,8 @@ pub struct Hose {
     pub tally: Option<Arc<tally::Tally>>,
     sinks: Mutex<BTreeMap<String, Running>>,
     stopping: AtomicBool,
+    /// The live settings, for the policy script's `should_enqueue_log_record`.
+    live: Arc<crate::live::Live>,
 }
 
 #[derive(Debug)]
@@ -150,6 +155,10 @@ pub struct SinkStatus {
     pub events_dropped_total: AtomicU64,
     /// Lines that were not events (damaged, or from a newer version), skipped.
     pub lines_skipped_total: AtomicU64,
+    /// Events the policy script's `should_enqueue_log_record` kept from this sink.
+    pub events_declined_total: AtomicU64,
+    /// Calls of `should_enqueue_log_record` that failed (their events were sent).
+    pub script_failures_total: AtomicU64,
     /// Bytes of events deleted (past `unshipped_bytes_max`) before this sink read them.
     pub bytes_lost_total: AtomicU64,
     /// Unix ms of the oldest event not yet shipped (0: none waiting).
@@ -180,6 +189,8 @@ impl SinkStatus {
             batch_failures_total: AtomicU64::new(0),
             events_dropped_total: AtomicU64::new(0),
             lines_skipped_total: AtomicU64::new(0),
+            events_declined_total: AtomicU64::new(0),
+            script_failures_total: AtomicU64::new(0),
             bytes_lost_total: AtomicU64::new(0),
             oldest_unshipped_ms: AtomicU64::new(0),
             last_success_ms: AtomicU64::new(0),
@@ -227,6 +238,11 @@ pub trait Sink: Send {
     fn positions(&self) -> Option<Vec<u64>> {
         None
     }
+    /// Whether the policy script's `should_enqueue_log_record` decides which events
+    /// it gets (the sinks that ship events out do; the metrics tally counts all).
+    fn asks_the_script(&self) -> bool {
+        true
+    }
 }
 
 /// Which batch a sink is given: its id (stable across resends), its log, and the
@@ -244,6 +260,7 @@ impl Hose {
         logs: Vec<Arc<EventFiles>>,
         shards: usize,
         settings: HoseSettings,
+        live: Arc<crate::live::Live>,
     ) -> anyhow::Result<Hose> {
         let tally = if settings.metrics.enabled {
             let tally =
@@ -266,6 +283,7 @@ impl Hose {
             settings,
             sinks: Mutex::new(BTreeMap::new()),
             stopping: AtomicBool::new(false),
+            live,
         })
     }
 
@@ -444,7 +462,7 @@ impl Hose {
         };
         let now = gannet_core::clock::unix_ms();
         type Pick = fn(&SinkStatus, &[Arc<EventFiles>], u64) -> u64;
-        let series: [(&str, &str, &str, Pick); 8] = [
+        let series: [(&str, &str, &str, Pick); 10] = [
             (
                 "hose_events_shipped_total",
                 "counter",
@@ -474,6 +492,18 @@ impl Hose {
                 "counter",
                 "Log lines that were not events gannet knows (damaged), skipped.",
                 |s, _, _| s.lines_skipped_total.load(Ordering::Relaxed),
+            ),
+            (
+                "hose_events_declined_total",
+                "counter",
+                "Events the policy script's should_enqueue_log_record kept from a sink.",
+                |s, _, _| s.events_declined_total.load(Ordering::Relaxed),
+            ),
+            (
+                "hose_script_failures_total",
+                "counter",
+                "Calls of should_enqueue_log_record that failed; their events were sent.",
+                |s, _, _| s.script_failures_total.load(Ordering::Relaxed),
             ),
             (
                 "hose_bytes_lost_total",
@@ -625,9 +655,20 @@ impl Driver {
     fn run(mut self) {
         tracing::info!(sink = %self.status.name, "event sink started");
         let mut next = 0;
+        // This thread's VM of the policy script (a VM never leaves its thread).
+        let mut scripts = crate::live::ScriptCache::default();
         while !self.stopped() {
             let Some(filter) = self.sink.filter() else {
                 break;
+            };
+            let script = if self.sink.asks_the_script() {
+                scripts
+                    .get(&self.hose.live, || {
+                        format!("event sink {}", self.status.name)
+                    })
+                    .filter(|s| s.has(Hook::LogRecord))
+            } else {
+                None
             };
             if !self.sink.active() {
                 self.status.oldest_unshipped_ms.store(0, Ordering::Relaxed);
@@ -639,7 +680,7 @@ impl Driver {
                 continue;
             };
             next = log + 1;
-            let batch = match self.read_batch(log, &filter) {
+            let batch = match self.read_batch(log, &filter, script.as_deref()) {
                 Ok(batch) => batch,
                 Err(err) => {
                     tracing::warn!(sink = %self.status.name, log, "reading the event log: {err}");
@@ -709,7 +750,12 @@ impl Driver {
     }
 
     /// Reads and converts the next batch of `log` from the cursor.
-    fn read_batch(&mut self, log: usize, filter: &Filter) -> std::io::Result<Batch> {
+    fn read_batch(
+        &mut self,
+        log: usize,
+        filter: &Filter,
+        script: Option<&Script>,
+    ) -> std::io::Result<Batch> {
         let files = self.hose.logs[log].clone();
         self.buf.clear();
         let mut start = self.cursor.get(log);
@@ -756,11 +802,23 @@ impl Driver {
             let lsn = start + consumed as u64;
             consumed += line.len();
             let text = line.strip_suffix(b"\n").unwrap_or(line);
+            let before = events.len();
             if let Err(err) = sparkpost::convert(text, log as u16, lsn, filter, &mut events) {
                 self.status
                     .lines_skipped_total
                     .fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(sink = %self.status.name, log, lsn, "skipping an event log line: {err}");
+            }
+            // The script is asked only about what the sink would be sent.
+            if let Some(script) = script
+                && events.len() > before
+                && !self.script_keeps(script, text)
+            {
+                let declined = events.len() - before;
+                self.status
+                    .events_declined_total
+                    .fetch_add(declined as u64, Ordering::Relaxed);
+                events.truncate(before);
             }
             if events.len() >= self.hose.settings.batch_events_max {
                 break;
@@ -782,6 +840,31 @@ impl Driver {
             end,
             events,
         })
+    }
+
+    /// `should_enqueue_log_record` on one log line: a failure sends the event (one
+    /// too many is better than one lost) and is counted, and logged at the 1st,
+    /// 10th, 100th, … failure of this sink.
+    fn script_keeps(&self, script: &Script, line: &[u8]) -> bool {
+        match script.should_enqueue_log_record(line, &self.status.name) {
+            Ok(keep) => keep,
+            Err(err) => {
+                let n = self
+                    .status
+                    .script_failures_total
+                    .fetch_add(1, Ordering::Relaxed)
+                    + 1;
+                let mut m = n;
+                while m.is_multiple_of(10) {
+                    m /= 10;
+                }
+                if m == 1 {
+                    tracing::warn!(sink = %self.status.name, failures = n,
+                        "the policy script failed on an event, which is sent: {err}");
+                }
+                true
+            }
+        }
     }
 
     /// Sends a batch until it is acknowledged (true), given up (true: the cursor

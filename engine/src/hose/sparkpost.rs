@@ -79,6 +79,13 @@ impl Events {
         self.items.is_empty()
     }
 
+    /// Keeps the first `len` events only (those after are taken back).
+    pub fn truncate(&mut self, len: usize) {
+        self.items.truncate(len);
+        self.body
+            .truncate(self.items.last().map_or(1, |last| last.end));
+    }
+
     /// The array, closed (`[` … `]`).
     pub fn array(&self) -> Vec<u8> {
         let mut array = Vec::with_capacity(self.body.len() + 1);
@@ -516,6 +523,24 @@ mod tests {
                 .bytes()
                 .all(|b| b.is_ascii_digit())
         );
+    }
+
+    #[test]
+    fn events_taken_back_leave_a_whole_array() {
+        let line = br#"{"type":"reception","timestamp_ms":1,"message_id":"01","shard":0,"sender":"s@a.test","rcpt_to":["x@b.test","y@c.test"],"msg_size":1,"peer":"127.0.0.1:5000","helo":"h","protocol":"ESMTP","ip_pool":"default","queue":"b.test"}"#;
+        let mut out = Events::new();
+        convert(line, 0, 0, &all(), &mut out).unwrap();
+        convert(line, 0, 512, &all(), &mut out).unwrap();
+        assert_eq!(out.len(), 4);
+        out.truncate(2);
+        let array: Vec<Value> = serde_json::from_slice(&out.array()).unwrap();
+        assert_eq!(array.len(), 2);
+        convert(line, 0, 1024, &all(), &mut out).unwrap();
+        let array: Vec<Value> = serde_json::from_slice(&out.array()).unwrap();
+        assert_eq!(array.len(), 4);
+        out.truncate(0);
+        assert!(out.is_empty());
+        assert_eq!(out.array(), b"[]");
     }
 
     #[test]

@@ -22,14 +22,15 @@
 //! campaign, routing_domain)` (a scheduled queue's retry schedule and maximum age,
 //! asked by delivery once per queue; [`QueueConfig`]), `get_egress_path_config(
 //! routing_domain, egress_source, site_name)` (a ready queue's shaping, asked once
-//! when it is made). `conn:get_meta(key)` answers
+//! when it is made), `should_enqueue_log_record(msg, hook_name)` (whether an event
+//! goes to a sink of the hose — a webhook, a broker — asked on that sink's thread,
+//! off the mail path). `conn:get_meta(key)` answers
 //! `received_from` (the client's address), `ehlo_domain`, `tls` (a boolean) and
 //! `authn_id` (the AUTH user), nil when unknown; a session keeps one connection
 //! object ([`ConnSlot`]). An address is a table with `user`, `domain` and `email`
 //! (and prints as the address). A message ([`Message`]) has metadata of any key:
 //! `tenant`, `campaign`, `pool` and `routing_domain` are acted on, gannet's own are
-//! read-only. The other names of [`HOOKS`] may be registered already; gannet calls
-//! them as their phases are wired.
+//! read-only.
 //!
 //! Cost: a call builds only what its hook takes — an address table per address, a
 //! message object per message hook; the connection object is made once per session.
@@ -39,8 +40,8 @@ use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 use mlua::{
-    AnyUserData, Function, HookTriggers, IntoLuaMulti, Lua, LuaOptions, StdLib, Table, UserData,
-    UserDataMethods, Value, VmState,
+    AnyUserData, Function, HookTriggers, IntoLuaMulti, Lua, LuaOptions, LuaSerdeExt, StdLib, Table,
+    UserData, UserDataMethods, Value, VmState,
 };
 
 use gannet_core::reply::{Reply, is_enhanced_code};
@@ -77,6 +78,7 @@ pub enum Hook {
     HttpMessageGenerated = 6,
     QueueConfig = 7,
     EgressPathConfig = 8,
+    LogRecord = 9,
 }
 
 /// What a hook call came to.
@@ -143,6 +145,8 @@ pub struct Script {
     spent: Rc<Cell<u64>>,
     /// Makes envelope addresses ([`address_maker`]).
     address: Function,
+    /// Makes the message object of `should_enqueue_log_record` ([`log_record_maker`]).
+    log_record: Function,
 }
 
 /// The next [`Script::id`].
@@ -225,12 +229,14 @@ impl Script {
             .map_err(|e| first_line(&e))?;
         let hooks = registered.borrow().clone();
         let address = address_maker(&lua).map_err(|e| e.to_string())?;
+        let log_record = log_record_maker(&lua).map_err(|e| e.to_string())?;
         Ok(Script {
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             lua,
             hooks,
             spent,
             address,
+            log_record,
         })
     }
 
@@ -362,7 +368,7 @@ impl Script {
             Hook::QueueConfig,
             (domain, tenant, campaign, routing_domain),
             "gannet.make_queue_config",
-            queue_config,
+            |_, table| queue_config(table),
         )
     }
 
@@ -383,6 +389,33 @@ impl Script {
         )
     }
 
+    /// `should_enqueue_log_record(msg, hook_name)`: whether the event of log line
+    /// `line` (one JSON object of the event log) goes to the hose's sink `sink`
+    /// (`webhook-<id>`, `amqp-<name>`); true when no hook is registered. `msg` is a
+    /// message object whose `get_meta('log_record')` is the event as a table, and
+    /// whose `get_meta(key)` is the event's field (`campaign` and `pool` read
+    /// `campaign_id` and `ip_pool`). The answer is the hook's return value as Lua
+    /// takes a condition (nil: no, as in KumoMTA); an error names the hook and why.
+    /// Called on the sink's thread, never on the mail path.
+    pub fn should_enqueue_log_record(&self, line: &[u8], sink: &str) -> Result<bool, String> {
+        let Some(function) = &self.hooks[Hook::LogRecord as usize] else {
+            return Ok(true);
+        };
+        self.spent.set(0);
+        let name = HOOKS[Hook::LogRecord as usize];
+        // Parsed into a tree, then made a table: one event at a time, on the sink's
+        // thread, only for a script that registered the hook.
+        let record: serde_json::Value = serde_json::from_slice(line)
+            .map_err(|e| format!("{name}: the event is not JSON ({e})"))?;
+        let options = mlua::SerializeOptions::new()
+            .serialize_none_to_null(false)
+            .serialize_unit_to_null(false);
+        let fail = |e: mlua::Error| format!("{name}: {}", first_line(&e));
+        let record = self.lua.to_value_with(&record, options).map_err(fail)?;
+        let msg: Table = self.log_record.call(record).map_err(fail)?;
+        function.call::<bool>((msg, sink)).map_err(fail)
+    }
+
     /// Calls `hook`, which returns a table of settings (made by `maker`) or nil, and
     /// reads the table with `read` (None: nil, or no hook registered); an error names
     /// the hook and why.
@@ -391,7 +424,7 @@ impl Script {
         hook: Hook,
         args: impl IntoLuaMulti,
         maker: &str,
-        read: fn(&Table) -> mlua::Result<T>,
+        read: fn(&Lua, &Table) -> mlua::Result<T>,
     ) -> Result<Option<T>, String> {
         let Some(function) = &self.hooks[hook as usize] else {
             return Ok(None);
@@ -401,7 +434,7 @@ impl Script {
         let fail = |e: &mlua::Error| format!("{name}: {}", first_line(e));
         match function.call::<Value>(args).map_err(|e| fail(&e))? {
             Value::Nil => Ok(None),
-            Value::Table(t) => read(&t).map(Some).map_err(|e| fail(&e)),
+            Value::Table(t) => read(&self.lua, &t).map(Some).map_err(|e| fail(&e)),
             other => Err(format!(
                 "{name}: returned a {}, not a table ({maker}) or nil",
                 other.type_name()
@@ -487,43 +520,11 @@ fn queue_config(table: &Table) -> mlua::Result<QueueConfig> {
 }
 
 /// An egress path's shaping from a table with `[delivery.shaping]`'s keys, checked
-/// as the configuration's are (an unknown key or a bad value names itself).
-fn egress_path(table: &Table) -> mlua::Result<gannet_core::config::shaping::Knobs> {
-    let json = lua_json(&Value::Table(table.clone()))?;
-    serde_json::from_value(json).map_err(|e| mlua::Error::runtime(format!("egress path: {e}")))
-}
-
-/// A Lua value as JSON: nil, booleans, numbers, strings, and tables with string
-/// keys (objects) or none but 1..n (arrays).
-fn lua_json(value: &Value) -> mlua::Result<serde_json::Value> {
-    Ok(match value {
-        Value::Nil => serde_json::Value::Null,
-        Value::Boolean(b) => serde_json::Value::Bool(*b),
-        Value::Integer(n) => serde_json::Value::from(*n),
-        Value::Number(n) => serde_json::Number::from_f64(*n)
-            .map(serde_json::Value::Number)
-            .ok_or_else(|| mlua::Error::runtime(format!("{n} is not a finite number")))?,
-        Value::String(s) => serde_json::Value::String(s.to_str()?.to_string()),
-        Value::Table(t) if t.raw_len() > 0 => serde_json::Value::Array(
-            t.sequence_values::<Value>()
-                .map(|v| lua_json(&v?))
-                .collect::<mlua::Result<_>>()?,
-        ),
-        Value::Table(t) => {
-            let mut object = serde_json::Map::new();
-            for pair in t.pairs::<String, Value>() {
-                let (key, value) = pair?;
-                object.insert(key, lua_json(&value)?);
-            }
-            serde_json::Value::Object(object)
-        }
-        other => {
-            return Err(mlua::Error::runtime(format!(
-                "a {} has no place in a configuration",
-                other.type_name()
-            )));
-        }
-    })
+/// as the configuration's are (an unknown key or a bad value names itself): the
+/// table is read by the configuration's own deserializer.
+fn egress_path(lua: &Lua, table: &Table) -> mlua::Result<gannet_core::config::shaping::Knobs> {
+    lua.from_value(Value::Table(table.clone()))
+        .map_err(|e| mlua::Error::runtime(format!("egress path: {}", first_line(&e))))
 }
 
 /// The function that makes an address table from its three strings, sharing one
@@ -538,6 +539,33 @@ fn address_maker(lua: &Lua) -> mlua::Result<Function> {
          end",
     )
     .set_name("=address")
+    .eval()
+}
+
+/// The function that makes `should_enqueue_log_record`'s message object from an
+/// event's table: `get_meta('log_record')` is the table, `get_meta(key)` its field
+/// (`campaign`, `pool`: `campaign_id`, `ip_pool`); `set_meta('queue', …)` is taken
+/// and changes nothing (the sink that asks is where the event goes: KumoMTA's
+/// policies name a queue there), any other key is an error.
+fn log_record_maker(lua: &Lua) -> mlua::Result<Function> {
+    lua.load(
+        "local alias = { campaign = 'campaign_id', pool = 'ip_pool' }\n\
+         local methods = {}\n\
+         function methods:get_meta(key)\n\
+           if key == 'log_record' then return self.log_record end\n\
+           return self.log_record[alias[key] or key]\n\
+         end\n\
+         function methods:set_meta(key, value)\n\
+           if key ~= 'queue' then\n\
+             error(\"set_meta: a log record's metadata is read-only (only 'queue' is taken, and the sink asking is where the event goes)\", 2)\n\
+           end\n\
+         end\n\
+         local meta = { __index = methods }\n\
+         return function(record)\n\
+           return setmetatable({ log_record = record }, meta)\n\
+         end",
+    )
+    .set_name("=log_record")
     .eval()
 }
 
@@ -601,8 +629,8 @@ fn setup(lua: &Lua, registered: Rc<RefCell<Vec<Option<Function>>>>) -> mlua::Res
     // `get_egress_path_config` returns), as KumoMTA's does.
     gannet.set(
         "make_egress_path",
-        lua.create_function(|_, table: Table| {
-            egress_path(&table)?;
+        lua.create_function(|lua, table: Table| {
+            egress_path(lua, &table)?;
             Ok(table)
         })?,
     )?;

@@ -94,13 +94,6 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     // stops them too.
     let signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).context("installing signal handlers")?;
     let signals_handle = signals.handle();
-    let logs = crate::hose::open_logs(&data_dir, shards, &config.events)?;
-    let hose = Arc::new(crate::hose::Hose::new(
-        &data_dir,
-        logs,
-        shards,
-        crate::hose::HoseSettings::from_config(&config.events),
-    )?);
     let suppressions =
         crate::suppression::Suppressions::open(&data_dir, config.suppression.entries_max.usize())
             .context("opening the suppression list")?;
@@ -111,6 +104,23 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
     let script = crate::policy::script::ScriptSource::from_config(&config.policy)
         .map_err(|e| anyhow!("{e}"))?
         .map(Arc::new);
+    let live = Arc::new(
+        crate::live::Live::new(
+            gannet_core::shaping::ShapingTable::new(&config.delivery),
+            crate::dkim::Signers::load(&config.dkim).map_err(|e| anyhow!("{e}"))?,
+        )
+        .with_script(script)
+        .load_admin(crate::live::admin_file(&data_dir), unix_ms())
+        .map_err(|e| anyhow!("{e}"))?,
+    );
+    let logs = crate::hose::open_logs(&data_dir, shards, &config.events)?;
+    let hose = Arc::new(crate::hose::Hose::new(
+        &data_dir,
+        logs,
+        shards,
+        crate::hose::HoseSettings::from_config(&config.events),
+        live.clone(),
+    )?);
     let shared = Arc::new(Shared {
         hose: hose.clone(),
         suppressions,
@@ -150,13 +160,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
             .collect(),
         mesh: crate::mesh::Mesh::new(shards, MESH_INBOX_NOTES_MAX),
         stop: stop.clone(),
-        live: crate::live::Live::new(
-            gannet_core::shaping::ShapingTable::new(&config.delivery),
-            crate::dkim::Signers::load(&config.dkim).map_err(|e| anyhow!("{e}"))?,
-        )
-        .with_script(script)
-        .load_admin(crate::live::admin_file(&data_dir), unix_ms())
-        .map_err(|e| anyhow!("{e}"))?,
+        live: live.clone(),
         warmup: crate::warmup::Warmup::load(&config.delivery, &data_dir, unix_ms())
             .map_err(|e| anyhow!("{e}"))?,
         sessions: Arc::new(SessionLimits::new(

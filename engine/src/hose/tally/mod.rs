@@ -666,6 +666,11 @@ impl Sink for TallySink {
     fn positions(&self) -> Option<Vec<u64>> {
         Some(self.tally.positions())
     }
+
+    /// The Metrics API counts every event, whatever the webhooks are sent.
+    fn asks_the_script(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]

@@ -500,3 +500,75 @@ fn egress_paths_take_the_configurations_shaping_keys() {
         "{err}"
     );
 }
+
+#[test]
+fn log_records_are_asked_about_with_kumomtas_message_object() {
+    let delivery = br#"{"type":"delivery","timestamp_ms":1,"message_id":"m1","tenant":"acme","campaign_id":"spring","ip_pool":"shared","queue":"spring:acme@example.com","rcpt_to":"ann@example.com","response":"250 ok"}"#;
+    let bounce = br#"{"type":"bounce","timestamp_ms":2,"message_id":"m2","tenant":"quiet","queue":"example.com","rcpt_to":"bob@example.com"}"#;
+    // No hook: every event goes.
+    let none = load("");
+    assert!(!none.has(Hook::LogRecord));
+    assert_eq!(
+        none.should_enqueue_log_record(b"not json", "webhook-1"),
+        Ok(true)
+    );
+
+    let script = load(
+        r#"
+        kumo.on("should_enqueue_log_record", function(msg, hook_name)
+          local record = msg:get_meta("log_record")
+          if hook_name ~= "webhook-1" then error("hook name " .. tostring(hook_name)) end
+          if msg:get_meta("tenant") == "quiet" then return false end
+          if record.type == "delivery" then
+            if msg:get_meta("campaign") ~= "spring" or msg:get_meta("pool") ~= "shared"
+               or record.message_id ~= "m1" or msg:get_meta("nothing") ~= nil then
+              error("fields wrong")
+            end
+            msg:set_meta("queue", "webhook")
+            return true
+          end
+        end)
+        "#,
+    );
+    assert!(script.has(Hook::LogRecord));
+    assert_eq!(
+        script.should_enqueue_log_record(delivery, "webhook-1"),
+        Ok(true)
+    );
+    assert_eq!(
+        script.should_enqueue_log_record(bounce, "webhook-1"),
+        Ok(false)
+    );
+    // Returning nothing is no, as in KumoMTA.
+    let other = br#"{"type":"transient_failure","tenant":"acme"}"#;
+    assert_eq!(
+        script.should_enqueue_log_record(other, "webhook-1"),
+        Ok(false)
+    );
+    let err = script
+        .should_enqueue_log_record(delivery, "amqp-x")
+        .unwrap_err();
+    assert!(
+        err.starts_with("should_enqueue_log_record:") && err.contains("hook name amqp-x"),
+        "{err}"
+    );
+    let err = script
+        .should_enqueue_log_record(b"{\"type\":", "webhook-1")
+        .unwrap_err();
+    assert!(err.contains("not JSON"), "{err}");
+
+    // Metadata other than `queue` is read-only; a loop runs out of budget.
+    let setter = load(
+        r#"gannet.on("should_enqueue_log_record", function(msg) msg:set_meta("tenant", "x") return true end)"#,
+    );
+    let err = setter
+        .should_enqueue_log_record(delivery, "webhook-1")
+        .unwrap_err();
+    assert!(err.contains("read-only"), "{err}");
+    let looping =
+        load(r#"gannet.on("should_enqueue_log_record", function() while true do end end)"#);
+    let err = looping
+        .should_enqueue_log_record(delivery, "webhook-1")
+        .unwrap_err();
+    assert!(err.contains("instruction budget"), "{err}");
+}
