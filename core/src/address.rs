@@ -135,16 +135,25 @@ fn valid_domain(domain: &str) -> bool {
         }
         return literal.parse::<std::net::Ipv4Addr>().is_ok();
     }
-    !domain.is_empty()
-        && domain.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b >= 128)
-        })
+    !domain.is_empty() && domain.split('.').all(|label| valid_label(label, true))
+}
+
+/// Whether `name` is a domain name DNS can be asked about: labels of ASCII letters,
+/// digits and hyphens ([`valid_label`]), 253 bytes at most; no address literal.
+pub fn is_dns_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 253 && name.split('.').all(|l| valid_label(l, false))
+}
+
+/// One label of a domain name: 1 to 63 letters, digits or hyphens, no hyphen at
+/// either end; with `utf8`, also bytes of non-ASCII characters (SMTPUTF8 names).
+fn valid_label(label: &str, utf8: bool) -> bool {
+    !label.is_empty()
+        && label.len() <= 63
+        && !label.starts_with('-')
+        && !label.ends_with('-')
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || (utf8 && b >= 128))
 }
 
 /// `KEY=value` parameters of MAIL and RCPT, keys upper-cased.
@@ -234,5 +243,30 @@ mod tests {
         assert!(parse_params("SIZE=").is_err());
         assert!(parse_params("=1").is_err());
         assert!(parse_params("A_B=1").is_err());
+    }
+
+    #[test]
+    fn dns_names_are_ascii_labels_without_edge_hyphens() {
+        for good in ["example.com", "a-b.example", "xn--bcher-kva.example", "x"] {
+            assert!(is_dns_name(good), "{good}");
+        }
+        let long = format!("{}.example", "a".repeat(64));
+        let too_long = vec!["a".repeat(63); 5].join(".");
+        for bad in [
+            "",
+            "a..b",
+            "example.com.",
+            "-a.example",
+            "a-.example",
+            "[10.0.0.1]",
+            "b\u{fc}cher.example",
+            "a b.example",
+            long.as_str(),
+            too_long.as_str(),
+        ] {
+            assert!(!is_dns_name(bad), "{bad}");
+        }
+        // An SMTP address's domain may be a U-label or a literal.
+        assert!(valid_domain("b\u{fc}cher.example") && valid_domain("[10.0.0.1]"));
     }
 }

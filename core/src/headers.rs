@@ -14,41 +14,87 @@ pub struct Field {
     pub value: Range<usize>,
 }
 
-/// The header fields of `message`, in order, and where the header section ends
-/// (the index of the blank line, or the end of the message).
-pub fn fields(message: &[u8]) -> (Vec<Field>, usize) {
-    let mut out: Vec<Field> = Vec::new();
-    let mut pos = 0;
-    while pos < message.len() {
-        let line_end =
-            memchr::memmem::find(&message[pos..], b"\r\n").map_or(message.len(), |n| pos + n + 2);
-        let line = &message[pos..line_end];
-        let content = line.strip_suffix(b"\r\n").unwrap_or(line);
-        if content.is_empty() {
-            return (out, pos);
-        }
-        let continued = content[0] == b' ' || content[0] == b'\t';
-        match (continued, out.last_mut()) {
-            (true, Some(last)) => {
-                last.whole.end = line_end;
-                last.value.end = pos + content.len();
-            }
-            _ => {
-                let colon = memchr::memchr(b':', content).unwrap_or(content.len());
-                out.push(Field {
-                    whole: pos..line_end,
-                    name: pos..pos + colon,
-                    value: (pos + colon + 1).min(pos + content.len())..pos + content.len(),
-                });
-            }
-        }
-        pos = line_end;
+/// The header fields of `message`, in order, read as they are asked for (no list
+/// is built); [`Fields::end`] then says where the header section ends.
+pub fn fields(message: &[u8]) -> Fields<'_> {
+    Fields {
+        message,
+        pos: 0,
+        done: false,
     }
-    (out, message.len())
+}
+
+/// The fields of a header section, one at a time ([`fields`]).
+#[derive(Debug, Clone)]
+pub struct Fields<'a> {
+    message: &'a [u8],
+    pos: usize,
+    done: bool,
+}
+
+impl Fields<'_> {
+    /// Where the header section ends — the index of the blank line, or the end of
+    /// the message — once every field has been read.
+    pub fn end(mut self) -> usize {
+        while self.next().is_some() {}
+        self.pos
+    }
+}
+
+impl Iterator for Fields<'_> {
+    type Item = Field;
+
+    fn next(&mut self) -> Option<Field> {
+        let message = self.message;
+        if self.done || self.pos >= message.len() {
+            self.done = true;
+            return None;
+        }
+        let start = self.pos;
+        let (content_end, line_end) = line(message, start);
+        if content_end == start {
+            // The blank line: the header section ends here.
+            self.done = true;
+            return None;
+        }
+        let content = &message[start..content_end];
+        let colon = memchr::memchr(b':', content).unwrap_or(content.len());
+        let mut field = Field {
+            whole: start..line_end,
+            name: start..start + colon,
+            value: (start + colon + 1).min(content_end)..content_end,
+        };
+        self.pos = line_end;
+        // Folded lines (starting with a space or a tab) belong to the field.
+        while matches!(message.get(self.pos), Some(b' ' | b'\t')) {
+            let (content_end, line_end) = line(message, self.pos);
+            field.whole.end = line_end;
+            field.value.end = content_end;
+            self.pos = line_end;
+        }
+        Some(field)
+    }
+}
+
+/// The line starting at `pos`: where its content ends (its CRLF) and where the next
+/// line starts; the end of the message for both when no CRLF follows.
+fn line(message: &[u8], pos: usize) -> (usize, usize) {
+    let mut from = pos;
+    while let Some(n) = message
+        .get(from..)
+        .and_then(|rest| memchr::memchr(b'\n', rest))
+    {
+        let at = from + n;
+        if at > pos && message[at - 1] == b'\r' {
+            return (at - 1, at + 1);
+        }
+        from = at + 1;
+    }
+    (message.len(), message.len())
 }
 
 fn named<'a>(message: &'a [u8], name: &'a str) -> impl Iterator<Item = Field> + 'a {
-    fields(message).0.into_iter().filter(move |f| {
+    fields(message).filter(move |f| {
         message[f.name.clone()]
             .trim_ascii_end()
             .eq_ignore_ascii_case(name.as_bytes())
@@ -64,8 +110,6 @@ pub fn first_value(message: &[u8], name: &str) -> Option<String> {
 /// Every field as (name, value unfolded and trimmed), in order.
 pub fn all(message: &[u8]) -> Vec<(String, String)> {
     fields(message)
-        .0
-        .into_iter()
         .map(|f| {
             let name = String::from_utf8_lossy(message[f.name].trim_ascii_end()).into_owned();
             (name, crate::message::unfold(&message[f.value]))
@@ -75,11 +119,19 @@ pub fn all(message: &[u8]) -> Vec<(String, String)> {
 
 /// Removes every field named `name` (any case); how many there were.
 pub fn remove_all(message: &mut Vec<u8>, name: &str) -> usize {
-    let ranges: Vec<Range<usize>> = named(message, name).map(|f| f.whole).collect();
-    for range in ranges.iter().rev() {
-        message.drain(range.clone());
+    // No list of the fields: each search starts where the last field removed was
+    // (usually there is none or one).
+    let mut removed = 0;
+    let mut from = 0;
+    loop {
+        let Some(field) = named(&message[from..], name).next() else {
+            return removed;
+        };
+        let whole = from + field.whole.start..from + field.whole.end;
+        from = whole.start;
+        message.drain(whole);
+        removed += 1;
     }
-    ranges.len()
 }
 
 /// Why `name: value` cannot be a header field, if it cannot: a name of printable
@@ -98,7 +150,7 @@ pub fn check(name: &str, value: &str) -> Result<(), String> {
 /// Adds `name: value` as the last header field (checked with [`check`]).
 pub fn append(message: &mut Vec<u8>, name: &str, value: &str) -> Result<(), String> {
     check(name, value)?;
-    let (_, end) = fields(message);
+    let end = fields(message).end();
     let mut line = Vec::with_capacity(name.len() + value.len() + 4);
     line.extend_from_slice(name.as_bytes());
     line.extend_from_slice(b": ");
@@ -140,7 +192,8 @@ mod tests {
 
     #[test]
     fn fields_fold_and_end_at_the_blank_line() {
-        let (f, end) = fields(MSG);
+        let f: Vec<Field> = fields(MSG).collect();
+        let end = fields(MSG).end();
         assert_eq!(f.len(), 4);
         assert_eq!(&MSG[f[1].whole.clone()], b"Subject: hello\r\n  world\r\n");
         assert_eq!(&MSG[end..end + 2], b"\r\n");

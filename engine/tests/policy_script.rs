@@ -681,6 +681,34 @@ end)
     let plain_q = ready(plain.port);
     assert_eq!(plain_q["configured"]["connection_limit"], 32, "{plain_q}");
     assert_eq!(daemon.metric("policy_script_failures_total"), 0);
+
+    // Another script (SIGHUP): the ready queues made already are asked again.
+    std::fs::write(
+        &path,
+        "kumo.on('get_egress_path_config', function(routing_domain)
+           if routing_domain == 'plain.test' then return kumo.make_egress_path { connection_limit = 5 } end
+         end)
+",
+    )
+    .unwrap();
+    // SAFETY: signalling the child this test started.
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGHUP) };
+    let limits = || {
+        let (_, text) = admin_curl(&daemon, "GET", "/api/admin/queues/v1", None);
+        let listing = json(&text);
+        let limit = |port: u16| {
+            let name = format!("default->127.0.0.1:{port}");
+            (listing["ready"].as_array().into_iter().flatten())
+                .find(|q| q["name"] == name.as_str())
+                .map(|q| q["configured"]["connection_limit"].clone())
+        };
+        (limit(shaped.port), limit(plain.port))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while limits() != (Some(32.into()), Some(5.into())) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(limits(), (Some(32.into()), Some(5.into())));
 }
 
 /// `should_enqueue_log_record`, in KumoMTA's webhook example's form (`log_record`

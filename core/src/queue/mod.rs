@@ -384,6 +384,9 @@ pub struct ReadyQueue {
     configured: Shaping,
     /// What the policy script's `get_egress_path_config` set (over the table's).
     scripted: Option<crate::config::shaping::Knobs>,
+    /// The domain the script was asked with (that of the part that made the queue),
+    /// to ask again when the script changes.
+    path_domain: String,
     /// Connections of this queue waiting for its next part (idle_timeout): woken, all
     /// of them, when a part arrives. A waker may be stale (its connection has gone
     /// on); waking it is harmless.
@@ -398,6 +401,7 @@ impl ReadyQueue {
         egress: Rc<Egress>,
         table: &ShapingTable,
         scripted: Option<crate::config::shaping::Knobs>,
+        path_domain: String,
     ) -> ReadyQueue {
         let hosts = site.host_names.iter().map(String::as_str);
         let mut shaping = table.resolve(&egress.name, hosts.clone());
@@ -421,6 +425,7 @@ impl ReadyQueue {
             configured_limit: shaping.connection_limit,
             configured: shaping,
             scripted,
+            path_domain,
             idle: Vec::new(),
             listed: false,
         }
@@ -649,13 +654,24 @@ impl Queues {
         next
     }
 
-    /// Applies new shaping to every ready queue (rates keep what was spent); each
-    /// queue with parts is looked at again under it.
     /// The shaping table in force (provider rules, scheduled queues' rules).
     pub fn shaping_table(&self) -> &Arc<ShapingTable> {
         &self.shaping
     }
 
+    /// Asks the [`PathConfig`] again for every ready queue, with the domain it was
+    /// made for (the policy script changed); [`Queues::set_shaping`] applies the
+    /// answers.
+    pub fn ask_paths_again(&mut self) {
+        for q in self.ready.values_mut() {
+            q.scripted = self
+                .path_config
+                .ask(&q.egress.name, &q.site, &q.path_domain);
+        }
+    }
+
+    /// Applies new shaping to every ready queue (rates keep what was spent); each
+    /// queue with parts is looked at again under it.
     pub fn set_shaping(&mut self, shaping: Arc<ShapingTable>) {
         for (key, q) in self.ready.iter_mut() {
             let hosts = q.site.host_names.iter().map(String::as_str);
@@ -686,8 +702,9 @@ impl Queues {
         let q = match self.ready.get_mut(&key) {
             Some(q) => q,
             None => {
-                let scripted = self.path_config.ask(&egress.name, &site, &domain());
-                let q = ReadyQueue::new(site, egress, &self.shaping, scripted);
+                let domain = domain();
+                let scripted = self.path_config.ask(&egress.name, &site, &domain);
+                let q = ReadyQueue::new(site, egress, &self.shaping, scripted, domain);
                 self.ready.entry(key.clone()).or_insert(q)
             }
         };
@@ -897,6 +914,7 @@ mod tests {
     }
 
     use super::*;
+    use std::cell::Cell;
 
     fn message(recipients: &[&str]) -> Rc<RefCell<Message>> {
         Rc::new(RefCell::new(Message {
@@ -1044,6 +1062,47 @@ mod tests {
         q.ready.get_mut(&key).unwrap().connections = 0;
         q.forget_idle(80_000);
         assert!(q.ready.contains_key(&key));
+    }
+
+    #[test]
+    fn a_changed_path_config_reshapes_the_ready_queues_it_made() {
+        let answer = Rc::new(Cell::new(3u64));
+        let asked = Rc::new(RefCell::new(Vec::new()));
+        let mut q = Queues::new(0, Arc::new(ShapingTable::new(&Default::default())));
+        q.set_path_config(PathConfig::new({
+            let (answer, asked) = (answer.clone(), asked.clone());
+            move |egress, site, domain| {
+                asked
+                    .borrow_mut()
+                    .push(format!("{egress} {} {domain}", site.name));
+                Some(crate::config::shaping::Knobs {
+                    connection_limit: Some(crate::config::Bounded(answer.get())),
+                    ..Default::default()
+                })
+            }
+        }));
+        let m = message(&["x@a.test"]);
+        let mut part = split(&m, 0).remove(0);
+        part.site = routes().site(&part.domain);
+        q.push_ready(part).unwrap();
+        let key = q.ready.keys().next().unwrap().clone();
+        let limit = |q: &Queues| q.ready[&key].shaping.connection_limit;
+        assert_eq!(limit(&q), 3);
+        // Another script: asked again with the same domain, in force after the
+        // shaping is applied; the configuration's shaping stays under it.
+        answer.set(5);
+        q.ask_paths_again();
+        q.set_shaping(Arc::new(ShapingTable::new(&Default::default())));
+        assert_eq!(limit(&q), 5);
+        assert_eq!(
+            *asked.borrow(),
+            ["default 127.0.0.1:25 a.test", "default 127.0.0.1:25 a.test"]
+        );
+        // A script without the hook: the configuration's shaping alone.
+        q.set_path_config(PathConfig::default());
+        q.ask_paths_again();
+        q.set_shaping(Arc::new(ShapingTable::new(&Default::default())));
+        assert_eq!(limit(&q), 32);
     }
 
     #[test]

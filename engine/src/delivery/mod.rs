@@ -105,6 +105,9 @@ pub struct Dispatcher {
     /// What the policy script's `get_queue_config` gave each scheduled queue (asked
     /// once per queue and VM, not per attempt).
     queue_configs: RefCell<ScriptQueueConfigs>,
+    /// The policy script whose `get_egress_path_config` shaped the ready queues (its
+    /// VM's id; None: no script has the hook).
+    path_script: Cell<Option<u64>>,
     wake: Wake,
 }
 
@@ -251,6 +254,7 @@ impl Dispatcher {
             handed: RefCell::new(HashMap::new()),
             next_token: Cell::new(0),
             queue_configs: RefCell::new(ScriptQueueConfigs::default()),
+            path_script: Cell::new(None),
             wake: Wake::default(),
             shard,
         }
@@ -344,6 +348,15 @@ impl Dispatcher {
         self.live_generation.set(generation);
         let state = live.snapshot();
         let mut queues = self.queues.borrow_mut();
+        // Another policy script (SIGHUP) may shape the ready queues otherwise: each
+        // is asked about again before the shaping is applied.
+        let paths = (self.shard.script())
+            .filter(|s| s.has(crate::policy::script::Hook::EgressPathConfig))
+            .map(|s| s.id());
+        if paths != self.path_script.get() {
+            self.path_script.set(paths);
+            queues.ask_paths_again();
+        }
         queues.set_shaping(state.shaping.clone());
         queues.set_suspensions(state.suspensions.clone(), now);
         queues.set_ready_suspensions(state.ready_suspensions.clone());

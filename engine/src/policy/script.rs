@@ -816,17 +816,12 @@ impl Message {
                 return Ok(());
             }
             Some(v) if key == "routing_domain" => {
+                // A name to look up (route, MX): no address literal, no U-label.
                 let v = v.to_ascii_lowercase();
-                let domain = v.len() <= 253
-                    && v.split('.').all(|label| {
-                        !label.is_empty()
-                            && label.len() <= 63
-                            && label
-                                .bytes()
-                                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    });
-                if !domain {
-                    return Err(format!("routing_domain {v:?} is not a domain name"));
+                if !gannet_core::address::is_dns_name(&v) {
+                    return Err(format!(
+                        "routing_domain {v:?} is not a domain name (ASCII labels; an IDN in its xn-- form)"
+                    ));
                 }
                 v
             }

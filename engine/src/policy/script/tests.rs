@@ -329,8 +329,10 @@ fn metadata_of_any_key_and_imported_x_headers() {
           msg:set_meta("routing_domain", "Relay.Example")
           msg:set_meta("campaign", msg:get_meta("x_campaign_id"))
           msg:set_meta("x_mailer", nil)
-          local ok, err = pcall(function() msg:set_meta("routing_domain", "not a domain") end)
-          if ok then error("a bad routing domain was taken") end
+          for _, bad in ipairs({ "not a domain", "-edge.example", "[10.0.0.1]", "b\195\188cher.example", "a..b" }) do
+            local ok, err = pcall(function() msg:set_meta("routing_domain", bad) end)
+            if ok then error("a bad routing domain was taken: " .. bad) end
+          end
           local ok, err = pcall(function() msg:set_meta("note", "two\nlines") end)
           if ok then error("a value with a line break was taken") end
           msg:set_meta("note", "kept with the message")
