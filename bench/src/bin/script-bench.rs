@@ -21,7 +21,10 @@
 //! call). The whole CPU of a round moves by 5–10% between rounds of one system on
 //! this machine, mostly the kernel's network work; so besides the change in whole
 //! CPU, the table gives the change in user CPU against the whole CPU without a
-//! script. Goals (issue 21): an empty hook set under 5% of CPU per message, the
+//! script. And because a hook's work is a few µs in 70 that move by 5, the hooks'
+//! own work is measured apart as well, in this process on one thread
+//! ([`hooks_alone`]: the same calls for the same message mix, no network), and set
+//! against the whole CPU per message of `none`. Goals (issue 21): an empty hook set under 5% of CPU per message, the
 //! typical set under 15%. Results go to bench/RESULTS.md.
 
 use std::path::PathBuf;
@@ -48,6 +51,9 @@ struct Args {
     per_connection: u64,
     #[arg(long, default_value = "none,empty,lua,rules")]
     systems: String,
+    /// A script of your own, measured as the system `file` (`--systems none,file`).
+    #[arg(long)]
+    script: Option<PathBuf>,
     /// `accept` (delivery suspended) and/or `relay` (delivered to smtp-sink).
     #[arg(long, default_value = "accept,relay")]
     modes: String,
@@ -119,6 +125,73 @@ struct Measured {
     user_us: f64,
 }
 
+/// The hooks' own work per message, in this process on one thread (no sockets, no
+/// spool): what the session asks of the script for each message the load sends —
+/// per connection of `per_connection` messages the connection and EHLO hooks, per
+/// message MAIL and RCPT (2% to the refused domain, whose RCPT the typical set
+/// refuses) and, when accepted, the data and received hooks on a 4 KiB message
+/// with its Received field, the envelope copied into the message object as the
+/// session copies it. The thread's CPU µs per message.
+fn hooks_alone(source: &str, messages: u64, per_connection: u64) -> Result<f64> {
+    use gannet_engine::policy::Client;
+    use gannet_engine::policy::script::{ConnSlot, Hook, Message, Outcome, Script};
+    let script = Script::load("bench.lua", source, 1_000_000).map_err(anyhow::Error::msg)?;
+    let client = Client {
+        ip: std::net::IpAddr::from([127, 0, 0, 1]),
+        helo: Some("blast.test"),
+        tls: false,
+        auth_user: None,
+    };
+    let mut body = b"Received: from blast.test ([127.0.0.1]) by gannet.bench (gannet) with ESMTP id 0123456789abcdef; Mon, 7 Dec 2026 18:00:00 +0000\r\n".to_vec();
+    body.extend_from_slice(&gannet_bench::mail::message(
+        1,
+        4096,
+        "s@bench.test",
+        "r@ok.test",
+    ));
+    let sender = "s@bench.test".to_string();
+    let (ok, refused) = ("r@ok.test".to_string(), "r@blocked.test".to_string());
+    let mut slot = ConnSlot::default();
+    let started = thread_cpu_seconds();
+    for n in 0..messages {
+        if n % per_connection == 0 {
+            slot = ConnSlot::default();
+            script.connection_accepted(&slot, &client);
+            script.ehlo(&slot, &client);
+        }
+        script.mail_from(&slot, &client, &sender);
+        let rcpt = if n % 50 == 0 { &refused } else { &ok };
+        if script.rcpt_to(&slot, &client, rcpt) != Outcome::Continue {
+            continue;
+        }
+        let message = Message {
+            sender: sender.clone(),
+            recipients: vec![rcpt.clone()],
+            meta: Vec::new(),
+            body: std::mem::take(&mut body),
+        };
+        let (_, back) = script.smtp_message(
+            &[Hook::Data, Hook::MessageReceived],
+            &slot,
+            &client,
+            message,
+        );
+        body = back.body;
+    }
+    Ok((thread_cpu_seconds() - started) * 1e6 / messages as f64)
+}
+
+/// This thread's CPU time so far.
+fn thread_cpu_seconds() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes the timespec it is given.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
 /// One round of `system` in `mode`.
 fn round(args: &Args, mode: &str, system: &str) -> Result<Measured> {
     let dir = args.dir.join(format!("{mode}-{system}"));
@@ -131,7 +204,11 @@ fn round(args: &Args, mode: &str, system: &str) -> Result<Measured> {
             format!("script = \"{}\"\n", script.display())
         }
         "rules" => rules(),
-        other => bail!("no system {other} (none, empty, lua, rules)"),
+        "file" => match &args.script {
+            Some(path) => format!("script = \"{}\"\n", std::fs::canonicalize(path)?.display()),
+            None => bail!("the system file needs --script"),
+        },
+        other => bail!("no system {other} (none, empty, lua, rules, file)"),
     };
     let sink = match mode {
         "accept" => None,
@@ -225,6 +302,17 @@ fn main() -> Result<()> {
         .iter()
         .flat_map(|m| systems.iter().map(move |s| (*m, *s)))
         .collect();
+    // The hooks' own work, in process (steady: no network, no other process).
+    let mut alone: Vec<(&str, f64)> = Vec::new();
+    for system in systems.iter().filter(|s| matches!(**s, "empty" | "lua")) {
+        let source = if *system == "empty" { EMPTY } else { TYPICAL };
+        let rounds: Vec<f64> = (0..args.rounds.max(3))
+            .map(|_| hooks_alone(source, args.messages, args.per_connection))
+            .collect::<Result<_>>()?;
+        let us = gannet_bench::harness::median_range(&rounds).0;
+        eprintln!("hooks alone {system}: {us:.2} µs/msg");
+        alone.push((system, us));
+    }
     let mut measured: Vec<Vec<Measured>> = vec![Vec::new(); runs.len()];
     for r in 0..args.rounds {
         for (i, (mode, system)) in runs.iter().enumerate() {
@@ -284,6 +372,37 @@ fn main() -> Result<()> {
             "| {mode} | {system} | {:.0} | {:.1} | {:.1} | {against} | {added} |",
             m.rate, m.cpu_us, m.user_us
         )?;
+    }
+    if !alone.is_empty() {
+        writeln!(
+            md,
+            "\nThe hooks' own work per message, measured in process on one thread (`hooks_alone`: the same hook calls for the same message mix, no network or spool; median of {} runs of {} messages), against the whole CPU per message of `none` above:\n",
+            args.rounds.max(3),
+            args.messages
+        )?;
+        writeln!(
+            md,
+            "| system | hook CPU µs per message | {} |",
+            modes
+                .iter()
+                .map(|m| format!("against {m} none"))
+                .collect::<Vec<_>>()
+                .join(" | ")
+        )?;
+        writeln!(md, "|---|---|{}", "---|".repeat(modes.len()))?;
+        for (system, us) in &alone {
+            let shares: Vec<String> = modes
+                .iter()
+                .map(|mode| {
+                    rows.iter()
+                        .find(|r| r.0 == *mode && r.1 == "none")
+                        .map_or("—".to_string(), |r| {
+                            format!("{:+.1}%", us / r.2.cpu_us * 100.0)
+                        })
+                })
+                .collect();
+            writeln!(md, "| {system} | {us:.2} | {} |", shares.join(" | "))?;
+        }
     }
     writeln!(
         md,
