@@ -519,12 +519,14 @@ pub fn has_unbound() -> bool {
 }
 
 /// Installs the peers tests and benchmarks use (`tools/install-peers.sh --bench`:
-/// Postfix, unbound, …), run from the repository root.
+/// Postfix, unbound, …): the script of the checkout this binary was built from,
+/// whatever the working directory (a test's is its package's).
 pub fn install_bench_peers() -> Result<()> {
-    let status = Command::new("tools/install-peers.sh")
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tools/install-peers.sh");
+    let status = Command::new(&script)
         .arg("--bench")
         .status()
-        .context("running tools/install-peers.sh --bench (run from the repository root)")?;
+        .with_context(|| format!("running {} --bench", script.display()))?;
     if !status.success() {
         bail!("tools/install-peers.sh --bench failed");
     }
