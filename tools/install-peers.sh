@@ -32,6 +32,13 @@ if ! [ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]; then
   need+=(rabbitmq-server)
   installing_rabbitmq=1
 fi
+# Redis, the cluster's shared store: each test starts its own server on a free
+# loopback port; the package's service is never started.
+installing_redis=0
+if ! command -v redis-server >/dev/null; then
+  need+=(redis-server)
+  installing_redis=1
+fi
 # The disk-full test mounts a small ext4 file system from a file (as root).
 command -v mkfs.ext4 >/dev/null || need+=(e2fsprogs)
 command -v mount >/dev/null || need+=(mount)
@@ -49,6 +56,10 @@ fi
 if [ "$installing_rabbitmq" = 1 ] && [ -d /run/systemd/system ]; then
   # Tests start their own nodes; the package's would hold 5672 and epmd's 4369.
   systemctl disable --now rabbitmq-server.service epmd.socket epmd.service >/dev/null 2>&1 || true
+fi
+if [ "$installing_redis" = 1 ] && [ -d /run/systemd/system ]; then
+  # Tests start their own servers; the package's would hold 6379.
+  systemctl disable --now redis-server.service >/dev/null 2>&1 || true
 fi
 if [ "$installing_unbound" = 1 ] && [ -d /run/systemd/system ]; then
   # The benchmarks start their own unbound on a loopback port of their own; the

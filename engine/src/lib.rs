@@ -4,6 +4,7 @@
 //! benchmarks link the library to measure its parts. ARCHITECTURE.md maps the code.
 
 pub mod admin;
+pub mod cluster;
 pub mod delivery;
 pub mod dkim;
 pub mod dns;

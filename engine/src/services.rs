@@ -114,6 +114,7 @@ mod testing {
                 stop: Arc::new(crate::io::StopBell::new(1)),
                 sessions: Arc::new(SessionLimits::new(100, 100)),
                 live,
+                cluster: None,
                 warmup: crate::warmup::Warmup::load(&config.delivery, events_dir, 0).unwrap(),
                 hose: Arc::new(hose),
                 suppressions: crate::suppression::Suppressions::open(events_dir, 1000).unwrap(),

@@ -48,6 +48,8 @@ pub struct Shared {
     pub sessions: Arc<SessionLimits>,
     /// Shaping and suspensions, changeable while running.
     pub live: Arc<crate::live::Live>,
+    /// The link to the shared Redis (`[cluster] redis_url`), when one is set.
+    pub cluster: Option<Arc<crate::cluster::Link>>,
     /// Rung by SIGTERM/SIGINT; wakes every shard's shutdown at once.
     pub stop: Arc<crate::io::StopBell>,
     /// IP warm-up budgets, shared by the shards' choices of egress source.

@@ -12,6 +12,7 @@
 //! types every section uses (`Bounded`, `Listen`).
 
 pub mod automation;
+pub mod cluster;
 pub mod delivery;
 pub mod dkim;
 pub mod dsn;
@@ -30,6 +31,7 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 
+pub use cluster::{ClusterConfig, Fallback, RedisUrl};
 pub use delivery::{
     DaneConfig, DeliveryConfig, EgressSource, IpLookup, MtaStsConfig, PoolMember, Route, RouteAuth,
     TlsMode, TlsReportingConfig,
@@ -62,6 +64,7 @@ pub struct Config {
     pub inbound: InboundConfig,
     pub delivery: DeliveryConfig,
     pub dkim: dkim::DkimConfig,
+    pub cluster: ClusterConfig,
 }
 
 /// A listener address (`ip:port`).

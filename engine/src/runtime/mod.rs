@@ -113,6 +113,13 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
         .load_admin(crate::live::admin_file(&data_dir), unix_ms())
         .map_err(|e| anyhow!("{e}"))?,
     );
+    let cluster = if config.cluster.redis_url.is_empty() {
+        None
+    } else {
+        Some(Arc::new(
+            crate::cluster::Link::start(&config.cluster).map_err(|e| anyhow!("{e}"))?,
+        ))
+    };
     let logs = crate::hose::open_logs(&data_dir, shards, &config.events)?;
     let hose = Arc::new(crate::hose::Hose::new(
         &data_dir,
@@ -161,6 +168,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
         mesh: crate::mesh::Mesh::new(shards, MESH_INBOX_NOTES_MAX),
         stop: stop.clone(),
         live: live.clone(),
+        cluster,
         warmup: crate::warmup::Warmup::load(&config.delivery, &data_dir, unix_ms())
             .map_err(|e| anyhow!("{e}"))?,
         sessions: Arc::new(SessionLimits::new(
@@ -344,7 +352,9 @@ fn apply_reload(shared: &Shared, config: &Config) {
             })*
         };
     }
-    compare!(server, smtp, policy, http, spool, events, delivery, dkim);
+    compare!(
+        server, smtp, policy, http, spool, events, delivery, dkim, cluster
+    );
     if pending.is_empty() {
         tracing::info!(
             "SIGHUP: configuration reloaded (delivery shaping, providers, DKIM keys and the policy script applied)"

@@ -472,3 +472,37 @@ pub fn faulty_mx(mode: &str, count_file: &Path) -> (Peer, u16) {
     });
     (Peer(child), port)
 }
+
+/// A Redis server (Debian's redis-server) on a free loopback port: no persistence,
+/// stopped by PID when dropped.
+pub fn redis_server() -> (Peer, u16) {
+    let (child, port) = spawn_listening(redis_command);
+    (Peer(child), port)
+}
+
+/// A Redis server on `port` (a restart on the port a test chose), once it listens.
+pub fn redis_server_on(port: u16) -> Peer {
+    let mut child = redis_command(port)
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting redis-server: {e}"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !listens_on(child.id(), port) {
+        assert!(
+            std::time::Instant::now() < deadline && child.try_wait().ok().flatten().is_none(),
+            "redis-server did not listen on {port}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Peer(child)
+}
+
+fn redis_command(port: u16) -> Command {
+    let mut command = Command::new("redis-server");
+    command
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .args(["--dir", &std::env::temp_dir().display().to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}

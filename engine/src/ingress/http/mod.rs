@@ -385,6 +385,9 @@ async fn route(
             body: {
                 let mut text = crate::metrics::render(&shared.metrics);
                 shared.hose.render_metrics(&mut text);
+                if let Some(cluster) = &shared.cluster {
+                    cluster.render_metrics(&mut text);
+                }
                 text.into()
             },
             location: None,

@@ -1,0 +1,422 @@
+//! The cluster link: throttles shared by the gannet nodes that send from the same IP
+//! ranges, through one Redis (`[cluster] redis_url`).
+//!
+//! A throttle's state is a GCRA theoretical arrival time kept in Redis under
+//! `gannet:throttle:<name>`, in µs of Redis's own clock (the nodes' clocks do not
+//! matter). [`LEASE_SCRIPT`] takes up to the tokens asked for that conform now and
+//! moves the time on by as many; [`GIVE_BACK_SCRIPT`] moves it back for tokens a node
+//! leased and did not use. A node asks for about its own rate over
+//! `lease_window_ms` at a time, so Redis sees a few calls a second per throttle
+//! whatever the message rate.
+//!
+//! One thread per process owns the connection, so a shard never waits on Redis: it
+//! sends a request ([`Link::lease`]) and takes the answer when it comes
+//! ([`Pending`]). While Redis cannot be reached (connecting, or a call failing or
+//! taking longer than `redis_timeout_ms`), the link is down: a lease is answered
+//! [`Answer::Down`] with the configured fallback at once, tokens given back are
+//! dropped (their time passes anyway), and the thread connects again at most once a
+//! second. Each change of state is logged and counted.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use gannet_core::config::shaping::Rate;
+use gannet_core::config::{ClusterConfig, Fallback};
+
+/// Takes up to `ARGV[3]` tokens of throttle `KEYS[1]` (emission interval `ARGV[1]`
+/// µs, tolerance `ARGV[2]` µs: a burst of the whole count, as the local throttle
+/// allows) that conform now; answers the tokens taken and the µs until the next
+/// conforms. The time is kept as an integer string (Lua 5.1 would print a double of
+/// this size with an exponent), expiring once it is in the past.
+pub const LEASE_SCRIPT: &str = r#"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local emission = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local wanted = tonumber(ARGV[3])
+local tat = tonumber(redis.call('GET', KEYS[1])) or now
+if tat < now then tat = now end
+local room = 0
+if tat - now <= tolerance then
+  room = math.floor((now + tolerance - tat) / emission) + 1
+end
+local granted = math.min(wanted, room)
+if granted > 0 then
+  tat = tat + granted * emission
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+end
+local wait = tat - tolerance - now
+if wait < 0 then wait = 0 end
+return { granted, wait }
+"#;
+
+/// Gives `ARGV[2]` unused tokens of throttle `KEYS[1]` (emission interval `ARGV[1]`
+/// µs) back: the time moves back by as many intervals, never before now.
+pub const GIVE_BACK_SCRIPT: &str = r#"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if not tat then return 0 end
+tat = tat - tonumber(ARGV[1]) * tonumber(ARGV[2])
+if tat <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+end
+return 1
+"#;
+
+/// How often a link that is down tries to connect again.
+const RECONNECT: Duration = Duration::from_secs(1);
+
+/// What a lease came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// `tokens` taken (perhaps none); the next conforms in `wait_ms`.
+    Granted { tokens: u32, wait_ms: u64 },
+    /// Redis cannot be reached: the throttle falls back as configured.
+    Down(Fallback),
+}
+
+/// A lease asked for, answered later.
+#[derive(Debug)]
+pub struct Pending(Receiver<Answer>);
+
+impl Pending {
+    /// The answer, if it has come.
+    pub fn try_take(&self) -> Option<Answer> {
+        self.0.try_recv().ok()
+    }
+
+    /// The answer, waiting up to `timeout` (for threads that may block).
+    pub fn wait(&self, timeout: Duration) -> Option<Answer> {
+        self.0.recv_timeout(timeout).ok()
+    }
+}
+
+/// A throttle's GCRA parameters in µs (as the local `Throttle`'s).
+#[derive(Debug, Clone, Copy)]
+struct Gcra {
+    emission_us: u64,
+    tolerance_us: u64,
+}
+
+impl Gcra {
+    /// None for an unlimited rate (nothing to share).
+    fn of(rate: Rate) -> Option<Gcra> {
+        match rate {
+            Rate::Unlimited => None,
+            Rate::Per { count, per_ms } => {
+                let per_us = per_ms.saturating_mul(1000);
+                let emission_us = (per_us / count.max(1)).max(1);
+                Some(Gcra {
+                    emission_us,
+                    tolerance_us: per_us.saturating_sub(emission_us),
+                })
+            }
+        }
+    }
+}
+
+enum Job {
+    Lease {
+        key: String,
+        gcra: Gcra,
+        wanted: u32,
+        reply: Sender<Answer>,
+    },
+    GiveBack {
+        key: String,
+        gcra: Gcra,
+        tokens: u32,
+    },
+}
+
+/// The link's counters, for the metrics.
+#[derive(Debug, Default)]
+pub struct LinkStats {
+    /// Whether Redis answered the last call (or the last connection attempt).
+    pub up: AtomicBool,
+    pub calls_total: AtomicU64,
+    pub failures_total: AtomicU64,
+    pub state_changes_total: AtomicU64,
+    pub tokens_leased_total: AtomicU64,
+    pub tokens_returned_total: AtomicU64,
+}
+
+/// The process's link to the shared Redis: a thread and its request channel. The
+/// thread ends when the link is dropped.
+#[derive(Debug)]
+pub struct Link {
+    jobs: Sender<Job>,
+    stats: Arc<LinkStats>,
+    fallback: Fallback,
+}
+
+impl std::fmt::Debug for Job {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Job::Lease { key, wanted, .. } => write!(f, "Lease({key}, {wanted})"),
+            Job::GiveBack { key, tokens, .. } => write!(f, "GiveBack({key}, {tokens})"),
+        }
+    }
+}
+
+impl Link {
+    /// Starts the link of `config` (its URL set; checked when the file was read).
+    pub fn start(config: &ClusterConfig) -> Result<Link, String> {
+        let client = redis::Client::open(config.redis_url.0.as_str())
+            .map_err(|e| format!("cluster.redis_url: {e}"))?;
+        let (jobs, queue) = crossbeam_channel::unbounded();
+        let stats = Arc::new(LinkStats::default());
+        let thread = Thread {
+            client,
+            timeout: Duration::from_millis(config.redis_timeout_ms.get()),
+            fallback: config.fallback,
+            stats: stats.clone(),
+            lease: redis::Script::new(LEASE_SCRIPT),
+            give_back: redis::Script::new(GIVE_BACK_SCRIPT),
+            connection: None,
+            next_attempt: Instant::now(),
+        };
+        std::thread::Builder::new()
+            .name("gannet-cluster".into())
+            .spawn(move || thread.run(queue))
+            .map_err(|e| format!("starting the cluster link's thread: {e}"))?;
+        Ok(Link {
+            jobs,
+            stats,
+            fallback: config.fallback,
+        })
+    }
+
+    /// Asks for up to `wanted` tokens of the shared throttle `key` at `rate`.
+    pub fn lease(&self, key: &str, rate: Rate, wanted: u32) -> Pending {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        let Some(gcra) = Gcra::of(rate) else {
+            let _ = reply.send(Answer::Granted {
+                tokens: wanted,
+                wait_ms: 0,
+            });
+            return Pending(answer);
+        };
+        let job = Job::Lease {
+            key: key.to_string(),
+            gcra,
+            wanted,
+            reply,
+        };
+        if let Err(failed) = self.jobs.send(job)
+            && let Job::Lease { reply, .. } = failed.0
+        {
+            let _ = reply.send(Answer::Down(self.fallback));
+        }
+        Pending(answer)
+    }
+
+    /// Gives `tokens` leased from `key` at `rate` and not used back.
+    pub fn give_back(&self, key: &str, rate: Rate, tokens: u32) {
+        if let Some(gcra) = Gcra::of(rate)
+            && tokens > 0
+        {
+            let _ = self.jobs.send(Job::GiveBack {
+                key: key.to_string(),
+                gcra,
+                tokens,
+            });
+        }
+    }
+
+    pub fn stats(&self) -> &LinkStats {
+        &self.stats
+    }
+
+    /// The link's Prometheus lines.
+    pub fn render_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let s = &self.stats;
+        let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        for (name, kind, help, value) in [
+            (
+                "cluster_redis_up",
+                "gauge",
+                "Whether the shared Redis answered the last call (1) or not (0).",
+                u64::from(s.up.load(Ordering::Relaxed)),
+            ),
+            (
+                "cluster_redis_calls_total",
+                "counter",
+                "Calls made to the shared Redis (leases and tokens given back).",
+                load(&s.calls_total),
+            ),
+            (
+                "cluster_redis_failures_total",
+                "counter",
+                "Connections and calls to the shared Redis that failed or timed out.",
+                load(&s.failures_total),
+            ),
+            (
+                "cluster_redis_state_changes_total",
+                "counter",
+                "Times the shared Redis became reachable or unreachable.",
+                load(&s.state_changes_total),
+            ),
+            (
+                "cluster_tokens_leased_total",
+                "counter",
+                "Tokens of shared throttles leased from Redis.",
+                load(&s.tokens_leased_total),
+            ),
+            (
+                "cluster_tokens_returned_total",
+                "counter",
+                "Leased tokens given back unused.",
+                load(&s.tokens_returned_total),
+            ),
+        ] {
+            let _ = writeln!(out, "# HELP gannet_{name} {help}");
+            let _ = writeln!(out, "# TYPE gannet_{name} {kind}");
+            let _ = writeln!(out, "gannet_{name} {value}");
+        }
+    }
+}
+
+/// The link's thread: the connection and the scripts.
+struct Thread {
+    client: redis::Client,
+    timeout: Duration,
+    fallback: Fallback,
+    stats: Arc<LinkStats>,
+    lease: redis::Script,
+    give_back: redis::Script,
+    connection: Option<redis::Connection>,
+    /// When a link that is down may try to connect again.
+    next_attempt: Instant,
+}
+
+impl Thread {
+    fn run(mut self, queue: Receiver<Job>) {
+        self.connect();
+        loop {
+            let job = match queue.recv_timeout(RECONNECT) {
+                Ok(job) => Some(job),
+                Err(RecvTimeoutError::Timeout) => None,
+                Err(RecvTimeoutError::Disconnected) => return,
+            };
+            if self.connection.is_none() && Instant::now() >= self.next_attempt {
+                self.connect();
+            }
+            if let Some(job) = job {
+                self.serve(job);
+            }
+        }
+    }
+
+    fn connect(&mut self) {
+        let connected = self
+            .client
+            .get_connection_with_timeout(self.timeout)
+            .and_then(|c| {
+                c.set_read_timeout(Some(self.timeout))?;
+                c.set_write_timeout(Some(self.timeout))?;
+                Ok(c)
+            });
+        match connected {
+            Ok(c) => {
+                self.connection = Some(c);
+                self.state(true, "connected");
+            }
+            Err(err) => {
+                self.stats.failures_total.fetch_add(1, Ordering::Relaxed);
+                self.next_attempt = Instant::now() + RECONNECT;
+                self.state(false, &err.to_string());
+            }
+        }
+    }
+
+    /// Notes whether Redis is reachable; a change is logged and counted.
+    fn state(&self, up: bool, why: &str) {
+        if self.stats.up.swap(up, Ordering::Relaxed) == up {
+            return;
+        }
+        self.stats
+            .state_changes_total
+            .fetch_add(1, Ordering::Relaxed);
+        if up {
+            tracing::info!("cluster: the shared Redis is reachable; throttles are shared");
+        } else {
+            tracing::warn!(fallback = ?self.fallback,
+                "cluster: the shared Redis cannot be reached ({why}); throttles fall back");
+        }
+    }
+
+    fn serve(&mut self, job: Job) {
+        let Some(connection) = self.connection.as_mut() else {
+            if let Job::Lease { reply, .. } = job {
+                let _ = reply.send(Answer::Down(self.fallback));
+            }
+            return;
+        };
+        self.stats.calls_total.fetch_add(1, Ordering::Relaxed);
+        let failed = match job {
+            Job::Lease {
+                key,
+                gcra,
+                wanted,
+                reply,
+            } => {
+                let result = self
+                    .lease
+                    .key(format!("gannet:throttle:{key}"))
+                    .arg(gcra.emission_us)
+                    .arg(gcra.tolerance_us)
+                    .arg(wanted)
+                    .invoke::<(u64, u64)>(connection);
+                match result {
+                    Ok((tokens, wait_us)) => {
+                        let tokens = u32::try_from(tokens).unwrap_or(wanted).min(wanted);
+                        self.stats
+                            .tokens_leased_total
+                            .fetch_add(u64::from(tokens), Ordering::Relaxed);
+                        let _ = reply.send(Answer::Granted {
+                            tokens,
+                            wait_ms: wait_us.div_ceil(1000),
+                        });
+                        None
+                    }
+                    Err(err) => {
+                        let _ = reply.send(Answer::Down(self.fallback));
+                        Some(err)
+                    }
+                }
+            }
+            Job::GiveBack { key, gcra, tokens } => {
+                let result = self
+                    .give_back
+                    .key(format!("gannet:throttle:{key}"))
+                    .arg(gcra.emission_us)
+                    .arg(tokens)
+                    .invoke::<u64>(connection);
+                match result {
+                    Ok(_) => {
+                        self.stats
+                            .tokens_returned_total
+                            .fetch_add(u64::from(tokens), Ordering::Relaxed);
+                        None
+                    }
+                    Err(err) => Some(err),
+                }
+            }
+        };
+        if let Some(err) = failed {
+            // A failed call leaves the connection in an unknown state: a new one is
+            // made (at once, then once a second while it fails).
+            self.stats.failures_total.fetch_add(1, Ordering::Relaxed);
+            self.connection = None;
+            self.next_attempt = Instant::now();
+            self.state(false, &err.to_string());
+        }
+    }
+}
