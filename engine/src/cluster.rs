@@ -15,7 +15,11 @@
 //! taking longer than `redis_timeout_ms`), the link is down: a lease is answered
 //! [`Answer::Down`] with the configured fallback at once, tokens given back are
 //! dropped (their time passes anyway), and the thread connects again at most once a
-//! second. Each change of state is logged and counted.
+//! second. Each change of state is logged and counted. Every second the link also
+//! notes its node in a set of live nodes (`gannet:nodes`, scored by Redis's clock)
+//! and counts them: a node not heard from for [`NODE_TTL`] is forgotten, one that
+//! stops leaves at once; the count is what a throttle falling back open shares its
+//! limit by.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -68,8 +72,30 @@ end
 return 1
 "#;
 
-/// How often a link that is down tries to connect again.
+/// Notes this node in the set of live nodes `KEYS[1]` (a sorted set scored by
+/// Redis's clock, µs) as `ARGV[1]`, forgets the nodes not heard from for `ARGV[2]`
+/// µs, and answers how many are left (this one included).
+pub const HEARTBEAT_SCRIPT: &str = r#"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+local ttl = tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], string.format('%.0f', now), ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now - ttl))
+redis.call('PEXPIRE', KEYS[1], math.ceil(ttl / 1000) * 2)
+return redis.call('ZCARD', KEYS[1])
+"#;
+
+/// The set of live nodes.
+const NODES_KEY: &str = "gannet:nodes";
+
+/// How often a link that is down tries to connect again, and how often a node
+/// tells the others it lives.
 const RECONNECT: Duration = Duration::from_secs(1);
+const HEARTBEAT: Duration = Duration::from_secs(1);
+
+/// A node not heard from for this long no longer counts (it died: a node that
+/// stops cleanly leaves the set at once).
+pub const NODE_TTL: Duration = Duration::from_secs(5);
 
 /// What a lease came to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,6 +170,9 @@ pub struct LinkStats {
     pub state_changes_total: AtomicU64,
     pub tokens_leased_total: AtomicU64,
     pub tokens_returned_total: AtomicU64,
+    /// The live nodes last counted (this one included; 1 until Redis answers):
+    /// while Redis is down, a throttle that falls back open takes this share.
+    pub nodes: AtomicU64,
 }
 
 /// The process's link to the shared Redis: a thread and its request channel. The
@@ -165,13 +194,18 @@ impl std::fmt::Debug for Job {
 }
 
 impl Link {
-    /// Starts the link of `config` (its URL set; checked when the file was read).
-    pub fn start(config: &ClusterConfig) -> Result<Link, String> {
+    /// Starts the link of `config` (its URL set; checked when the file was read) for
+    /// the node named `node` (unique among the live nodes: `host:pid`).
+    pub fn start(config: &ClusterConfig, node: &str) -> Result<Link, String> {
         let client = redis::Client::open(config.redis_url.0.as_str())
             .map_err(|e| format!("cluster.redis_url: {e}"))?;
         let (jobs, queue) = crossbeam_channel::unbounded();
         let stats = Arc::new(LinkStats::default());
+        stats.nodes.store(1, Ordering::Relaxed);
         let thread = Thread {
+            node: node.to_string(),
+            heartbeat: redis::Script::new(HEARTBEAT_SCRIPT),
+            next_heartbeat: Instant::now(),
             client,
             timeout: Duration::from_millis(config.redis_timeout_ms.get()),
             fallback: config.fallback,
@@ -233,6 +267,11 @@ impl Link {
         &self.stats
     }
 
+    /// The live nodes last counted, this one included (at least 1).
+    pub fn nodes(&self) -> u64 {
+        self.stats.nodes.load(Ordering::Relaxed).max(1)
+    }
+
     /// The link's Prometheus lines.
     pub fn render_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
@@ -264,6 +303,12 @@ impl Link {
                 load(&s.state_changes_total),
             ),
             (
+                "cluster_nodes",
+                "gauge",
+                "Live gannet nodes sharing the Redis, this one included (last counted).",
+                self.nodes(),
+            ),
+            (
                 "cluster_tokens_leased_total",
                 "counter",
                 "Tokens of shared throttles leased from Redis.",
@@ -285,6 +330,10 @@ impl Link {
 
 /// The link's thread: the connection and the scripts.
 struct Thread {
+    /// This node's name in the set of live nodes.
+    node: String,
+    heartbeat: redis::Script,
+    next_heartbeat: Instant,
     client: redis::Client,
     timeout: Duration,
     fallback: Fallback,
@@ -300,10 +349,13 @@ impl Thread {
     fn run(mut self, queue: Receiver<Job>) {
         self.connect();
         loop {
-            let job = match queue.recv_timeout(RECONNECT) {
+            let wait = self
+                .next_heartbeat
+                .saturating_duration_since(Instant::now());
+            let job = match queue.recv_timeout(wait.min(RECONNECT)) {
                 Ok(job) => Some(job),
                 Err(RecvTimeoutError::Timeout) => None,
-                Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Disconnected) => break,
             };
             if self.connection.is_none() && Instant::now() >= self.next_attempt {
                 self.connect();
@@ -311,6 +363,36 @@ impl Thread {
             if let Some(job) = job {
                 self.serve(job);
             }
+            if Instant::now() >= self.next_heartbeat {
+                self.beat();
+            }
+        }
+        // Stopping: this node leaves the set at once (best effort; a node that dies
+        // is forgotten after NODE_TTL).
+        if let Some(connection) = self.connection.as_mut() {
+            let _ = redis::cmd("ZREM")
+                .arg(NODES_KEY)
+                .arg(&self.node)
+                .query::<u64>(connection);
+        }
+    }
+
+    /// Tells the other nodes this one lives, and counts them.
+    fn beat(&mut self) {
+        self.next_heartbeat = Instant::now() + HEARTBEAT;
+        let Some(connection) = self.connection.as_mut() else {
+            return;
+        };
+        self.stats.calls_total.fetch_add(1, Ordering::Relaxed);
+        let counted = self
+            .heartbeat
+            .key(NODES_KEY)
+            .arg(&self.node)
+            .arg(NODE_TTL.as_micros() as u64)
+            .invoke::<u64>(connection);
+        match counted {
+            Ok(nodes) => self.stats.nodes.store(nodes.max(1), Ordering::Relaxed),
+            Err(err) => self.failed(&err),
         }
     }
 
@@ -411,12 +493,16 @@ impl Thread {
             }
         };
         if let Some(err) = failed {
-            // A failed call leaves the connection in an unknown state: a new one is
-            // made (at once, then once a second while it fails).
-            self.stats.failures_total.fetch_add(1, Ordering::Relaxed);
-            self.connection = None;
-            self.next_attempt = Instant::now();
-            self.state(false, &err.to_string());
+            self.failed(&err);
         }
+    }
+
+    /// A failed call leaves the connection in an unknown state: a new one is made
+    /// (at once, then once a second while it fails).
+    fn failed(&mut self, err: &redis::RedisError) {
+        self.stats.failures_total.fetch_add(1, Ordering::Relaxed);
+        self.connection = None;
+        self.next_attempt = Instant::now();
+        self.state(false, &err.to_string());
     }
 }

@@ -3,7 +3,9 @@
 //! leasing from one shared throttle get together what its limit allows (within 5%),
 //! tokens given back are leased again, a Redis that stops makes every lease fall back
 //! as configured at once, and the links recover when it returns on the same port.
-//! gannetd with `[cluster]` reports the link in its metrics.
+//! Nodes count each other (a link dropped leaves at once, a gannetd killed with -9
+//! is forgotten after the heartbeats' time to live). gannetd with `[cluster]`
+//! reports the link in its metrics.
 
 mod common;
 
@@ -39,7 +41,7 @@ fn three_nodes_together_stay_within_the_shared_limit() {
     };
     let window = Duration::from_secs(3);
     let links: Vec<Link> = (0..3)
-        .map(|_| Link::start(&config(port, Fallback::Open)).unwrap())
+        .map(|i| Link::start(&config(port, Fallback::Open), &format!("node-{i}")).unwrap())
         .collect();
     let started = Instant::now();
     let got: Vec<u64> = std::thread::scope(|s| {
@@ -95,7 +97,7 @@ fn three_nodes_together_stay_within_the_shared_limit() {
 #[test]
 fn tokens_given_back_are_leased_again() {
     let (_redis, port) = redis_server();
-    let link = Link::start(&config(port, Fallback::Open)).unwrap();
+    let link = Link::start(&config(port, Fallback::Open), "node-a").unwrap();
     let rate = Rate::Per {
         count: 60,
         per_ms: 60_000,
@@ -118,10 +120,8 @@ fn tokens_given_back_are_leased_again() {
     };
     assert!((20..=21).contains(&tokens), "{tokens}");
     // Another throttle is another key; an unlimited rate asks Redis nothing.
-    let calls = link
-        .stats()
-        .calls_total
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let leased = || (link.stats().tokens_leased_total).load(std::sync::atomic::Ordering::Relaxed);
+    let before = leased();
     assert!(matches!(
         lease(&link, "other.test", rate, 5),
         Answer::Granted { tokens: 5, .. }
@@ -133,20 +133,15 @@ fn tokens_given_back_are_leased_again() {
             wait_ms: 0
         }
     );
-    assert_eq!(
-        link.stats()
-            .calls_total
-            .load(std::sync::atomic::Ordering::Relaxed),
-        calls + 1
-    );
+    assert_eq!(leased(), before + 5);
 }
 
 #[test]
 fn a_stopped_redis_falls_back_as_configured_and_its_return_is_taken_up() {
     use std::sync::atomic::Ordering::Relaxed;
     let (redis, port) = redis_server();
-    let open = Link::start(&config(port, Fallback::Open)).unwrap();
-    let closed = Link::start(&config(port, Fallback::Closed)).unwrap();
+    let open = Link::start(&config(port, Fallback::Open), "node-open").unwrap();
+    let closed = Link::start(&config(port, Fallback::Closed), "node-closed").unwrap();
     let rate = Rate::Per {
         count: 1000,
         per_ms: 1000,
@@ -188,6 +183,61 @@ fn a_stopped_redis_falls_back_as_configured_and_its_return_is_taken_up() {
     assert!(open.stats().up.load(Relaxed));
     // Up, down, up again.
     assert_eq!(open.stats().state_changes_total.load(Relaxed), 3);
+}
+
+/// Waits up to `secs` for `f` to hold.
+fn eventually(secs: u64, f: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        if Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    true
+}
+
+#[test]
+fn nodes_count_each_other_and_one_that_stops_leaves() {
+    let (_redis, port) = redis_server();
+    let mut links: Vec<Link> = (0..3)
+        .map(|i| Link::start(&config(port, Fallback::Open), &format!("node-{i}")).unwrap())
+        .collect();
+    assert!(
+        eventually(5, || links.iter().all(|l| l.nodes() == 3)),
+        "{:?}",
+        links.iter().map(Link::nodes).collect::<Vec<_>>()
+    );
+    // A link dropped (its node stopping) leaves the set at once.
+    links.pop();
+    assert!(
+        eventually(4, || links.iter().all(|l| l.nodes() == 2)),
+        "{:?}",
+        links.iter().map(Link::nodes).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_killed_gannetd_is_forgotten_within_seconds() {
+    let (_redis, port) = redis_server();
+    let extra = format!("[cluster]\nredis_url = \"redis://127.0.0.1:{port}/\"\n");
+    let (a, mut b) = (Daemon::start("", &extra), Daemon::start("", &extra));
+    let nodes = |d: &Daemon| {
+        let (_, body) = d.http_get("/metrics");
+        (body.lines())
+            .find_map(|l| l.strip_prefix("gannet_cluster_nodes "))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    assert!(eventually(5, || nodes(&a) == Some(2) && nodes(&b) == Some(2)));
+    // kill -9: no goodbye; the other counts it out after NODE_TTL.
+    b.kill();
+    let killed = Instant::now();
+    assert!(eventually(10, || nodes(&a) == Some(1)), "{:?}", nodes(&a));
+    let took = killed.elapsed();
+    assert!(
+        took >= gannet_engine::cluster::NODE_TTL - Duration::from_secs(2),
+        "forgotten after {took:?}: not by its heartbeats' end"
+    );
 }
 
 #[test]

@@ -117,7 +117,11 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
         None
     } else {
         Some(Arc::new(
-            crate::cluster::Link::start(&config.cluster).map_err(|e| anyhow!("{e}"))?,
+            crate::cluster::Link::start(
+                &config.cluster,
+                &format!("{}:{}", config.server.hostname, std::process::id()),
+            )
+            .map_err(|e| anyhow!("{e}"))?,
         ))
     };
     let logs = crate::hose::open_logs(&data_dir, shards, &config.events)?;
