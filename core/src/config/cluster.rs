@@ -66,24 +66,8 @@ impl RedisUrl {
             ));
         };
         let authority = rest.split('/').next().unwrap_or("");
-        let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-        let (host, port) = match host_port.strip_prefix('[') {
-            Some(v6) => match v6.split_once(']') {
-                Some((host, rest)) => (host, rest.strip_prefix(':')),
-                None => ("", None),
-            },
-            None => match host_port.split_once(':') {
-                Some((host, port)) => (host, Some(port)),
-                None => (host_port, None),
-            },
-        };
-        if host.is_empty() {
-            return Err(format!("`{url}` names no host"));
-        }
-        if let Some(port) = port
-            && !matches!(port.parse::<u16>(), Ok(p) if p != 0)
-        {
-            return Err(format!("`{url}`: {port:?} is not a port"));
+        if let (_, _, Some(0)) = super::net::split_authority(url, authority)? {
+            return Err(format!("`0` in `{url}` is not a port"));
         }
         Ok(())
     }

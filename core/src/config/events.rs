@@ -134,10 +134,7 @@ impl AmqpUrl {
             Some((a, v)) => (a, Some(v)),
             None => (rest, None),
         };
-        let (userinfo, hostport) = match authority.rsplit_once('@') {
-            Some((u, h)) => (Some(u), h),
-            None => (None, authority),
-        };
+        let (userinfo, host, port) = super::net::split_authority(url, authority)?;
         let (user, password) = match userinfo {
             Some(u) => match u.split_once(':') {
                 Some((user, password)) => (decode(user)?, decode(password)?),
@@ -145,19 +142,7 @@ impl AmqpUrl {
             },
             None => ("guest".into(), "guest".into()),
         };
-        let (host, port) = match hostport.rsplit_once(':') {
-            Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => {
-                let port = p
-                    .parse::<u16>()
-                    .map_err(|_| format!("`{p}` in `{url}` is not a port"))?;
-                (h, port)
-            }
-            _ => (hostport, if tls { 5671 } else { 5672 }),
-        };
-        let host = host.trim_start_matches('[').trim_end_matches(']');
-        if host.is_empty() {
-            return Err(format!("`{url}` has no host"));
-        }
+        let port = port.unwrap_or(if tls { 5671 } else { 5672 });
         let vhost = match vhost {
             None | Some("") => "/".to_string(),
             Some(v) => decode(v)?,

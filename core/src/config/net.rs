@@ -1,8 +1,43 @@
-//! Network values of the configuration: CIDR blocks.
+//! Network values of the configuration: CIDR blocks, and the authority part of the
+//! URLs it takes (brokers, Redis).
 
 use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
+
+/// A URL's authority, `[userinfo@]host[:port]` (an IPv6 host in brackets), split:
+/// the user info as written, the host without brackets, the port if one is given.
+/// An error names the URL.
+pub fn split_authority<'a>(
+    url: &str,
+    authority: &'a str,
+) -> Result<(Option<&'a str>, &'a str, Option<u16>), String> {
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let (host, port) = match hostport.strip_prefix('[') {
+        Some(v6) => match v6.split_once(']') {
+            Some((host, "")) => (host, None),
+            Some((host, rest)) => (host, Some(rest.strip_prefix(':').unwrap_or(rest))),
+            None => ("", None),
+        },
+        None => match hostport.rsplit_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (hostport, None),
+        },
+    };
+    if host.is_empty() {
+        return Err(format!("`{url}` has no host"));
+    }
+    let port = port
+        .map(|p| {
+            p.parse::<u16>()
+                .map_err(|_| format!("`{p}` in `{url}` is not a port"))
+        })
+        .transpose()?;
+    Ok((userinfo, host, port))
+}
 
 /// An address block such as `10.0.0.0/8` or `::1/128`; a bare address is a /32 or /128.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
