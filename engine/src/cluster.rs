@@ -29,14 +29,25 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use gannet_core::config::shaping::Rate;
 use gannet_core::config::{ClusterConfig, Fallback};
 
+/// A Redis script that starts with `now`, Redis's clock in µs (the nodes' clocks
+/// never enter a throttle).
+macro_rules! redis_script {
+    ($body:literal) => {
+        concat!(
+            "local clock = redis.call('TIME')\n",
+            "local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])",
+            $body
+        )
+    };
+}
+
 /// Takes up to `ARGV[3]` tokens of throttle `KEYS[1]` (emission interval `ARGV[1]`
 /// µs, tolerance `ARGV[2]` µs: a burst of the whole count, as the local throttle
 /// allows) that conform now; answers the tokens taken and the µs until the next
 /// conforms. The time is kept as an integer string (Lua 5.1 would print a double of
 /// this size with an exponent), expiring once it is in the past.
-pub const LEASE_SCRIPT: &str = r#"
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+pub const LEASE_SCRIPT: &str = redis_script!(
+    r#"
 local emission = tonumber(ARGV[1])
 local tolerance = tonumber(ARGV[2])
 local wanted = tonumber(ARGV[3])
@@ -54,13 +65,13 @@ end
 local wait = tat - tolerance - now
 if wait < 0 then wait = 0 end
 return { granted, wait }
-"#;
+"#
+);
 
 /// Gives `ARGV[2]` unused tokens of throttle `KEYS[1]` (emission interval `ARGV[1]`
 /// µs) back: the time moves back by as many intervals, never before now.
-pub const GIVE_BACK_SCRIPT: &str = r#"
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+pub const GIVE_BACK_SCRIPT: &str = redis_script!(
+    r#"
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if not tat then return 0 end
 tat = tat - tonumber(ARGV[1]) * tonumber(ARGV[2])
@@ -70,20 +81,21 @@ else
   redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
 end
 return 1
-"#;
+"#
+);
 
 /// Notes this node in the set of live nodes `KEYS[1]` (a sorted set scored by
 /// Redis's clock, µs) as `ARGV[1]`, forgets the nodes not heard from for `ARGV[2]`
 /// µs, and answers how many are left (this one included).
-pub const HEARTBEAT_SCRIPT: &str = r#"
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000000 + tonumber(clock[2])
+pub const HEARTBEAT_SCRIPT: &str = redis_script!(
+    r#"
 local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], string.format('%.0f', now), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now - ttl))
 redis.call('PEXPIRE', KEYS[1], math.ceil(ttl / 1000) * 2)
 return redis.call('ZCARD', KEYS[1])
-"#;
+"#
+);
 
 /// The set of live nodes.
 const NODES_KEY: &str = "gannet:nodes";
@@ -182,15 +194,6 @@ pub struct Link {
     jobs: Sender<Job>,
     stats: Arc<LinkStats>,
     fallback: Fallback,
-}
-
-impl std::fmt::Debug for Job {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Job::Lease { key, wanted, .. } => write!(f, "Lease({key}, {wanted})"),
-            Job::GiveBack { key, tokens, .. } => write!(f, "GiveBack({key}, {tokens})"),
-        }
-    }
 }
 
 impl Link {
