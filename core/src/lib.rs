@@ -38,6 +38,7 @@ pub mod event_types;
 pub mod handoff;
 pub mod headers;
 pub mod id;
+pub mod lease;
 pub mod message;
 pub mod queue;
 pub mod reply;

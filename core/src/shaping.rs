@@ -2,10 +2,12 @@
 //! the GCRA throttles that enforce its rates, and the administrative suspensions of
 //! scheduled queues. Nothing here does I/O or reads the clock.
 
+use std::rc::Rc;
 use std::time::Duration;
 
 use crate::config::shaping::{Knobs, Rate};
 use crate::config::{DeliveryConfig, TlsMode};
+use crate::lease::{Gcra, Leased, TokenSource};
 
 /// Timeouts per SMTP phase.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -252,56 +254,66 @@ pub(crate) fn ends_with_ignore_case(text: &str, suffix: &str) -> bool {
         && text.as_bytes()[text.len() - suffix.len()..].eq_ignore_ascii_case(suffix.as_bytes())
 }
 
-/// A rate limit as a generic cell rate algorithm: one emission interval per event,
-/// bursts up to the rate's count. Times in microseconds.
-#[derive(Debug, Clone, Copy, Default)]
+/// A rate limit: a generic cell rate algorithm (one emission interval per event,
+/// bursts up to the rate's count), kept here, or shared by the cluster's nodes with
+/// its tokens leased ([`crate::lease`]). Times in microseconds.
+#[derive(Debug, Default)]
 pub struct Throttle {
-    /// Theoretical arrival time of the next event.
-    tat_us: u64,
-    emission_us: u64,
-    tolerance_us: u64,
-    unlimited: bool,
+    local: Gcra,
+    shared: Option<Box<Leased>>,
 }
 
 impl Throttle {
     pub fn new(rate: Rate) -> Throttle {
         let mut t = Throttle::default();
-        t.set_rate(rate);
+        t.local.set_rate(rate);
+        t
+    }
+
+    /// A throttle shared under `key` with the other nodes, its tokens leased from
+    /// `source` (an unlimited rate asks nothing).
+    pub fn shared(rate: Rate, key: String, source: Rc<dyn TokenSource>) -> Throttle {
+        let mut t = Throttle::new(rate);
+        t.shared = Some(Box::new(Leased::new(source, key, rate)));
         t
     }
 
     /// Changes the rate, keeping what has been spent.
     pub fn set_rate(&mut self, rate: Rate) {
-        match rate {
-            Rate::Unlimited => self.unlimited = true,
-            Rate::Per { count, per_ms } => {
-                let per_us = per_ms * 1000;
-                self.unlimited = false;
-                self.emission_us = (per_us / count).max(1);
-                self.tolerance_us = per_us.saturating_sub(self.emission_us);
-            }
+        self.local.set_rate(rate);
+        if let Some(shared) = self.shared.as_mut() {
+            shared.set_rate(rate);
         }
     }
 
     /// How long until an event may pass (zero: now).
     pub fn wait(&self, now_us: u64) -> Duration {
-        if self.unlimited {
-            return Duration::ZERO;
+        match &self.shared {
+            Some(shared) if !self.local.is_unlimited() => shared.wait(now_us),
+            _ => self.local.wait(now_us),
         }
-        let tat = self.tat_us.max(now_us);
-        Duration::from_micros((tat - now_us).saturating_sub(self.tolerance_us))
     }
 
     /// Counts an event at `now_us` if it may pass now.
     pub fn acquire(&mut self, now_us: u64) -> Result<(), Duration> {
-        let wait = self.wait(now_us);
-        if !wait.is_zero() {
-            return Err(wait);
+        match self.shared.as_mut() {
+            Some(shared) if !self.local.is_unlimited() => shared.acquire(now_us),
+            _ => self.local.acquire(now_us),
         }
-        if !self.unlimited {
-            self.tat_us = self.tat_us.max(now_us) + self.emission_us;
+    }
+
+    /// A shared throttle takes the answer to its lease if it has come, and gives
+    /// back tokens it has held unspent for two lease windows.
+    pub fn settle(&mut self, now_us: u64) {
+        if let Some(shared) = self.shared.as_mut() {
+            shared.settle(now_us);
         }
-        Ok(())
+    }
+
+    /// Whether the throttle is shared, and if so its fallback in force and its
+    /// leased tokens not spent (the admin API).
+    pub fn lease_state(&self) -> Option<(Option<crate::config::Fallback>, u32)> {
+        self.shared.as_ref().map(|s| (s.down(), s.tokens()))
     }
 }
 

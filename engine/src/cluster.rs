@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use gannet_core::config::shaping::Rate;
 use gannet_core::config::{ClusterConfig, Fallback};
+pub use gannet_core::lease::Answer;
+use gannet_core::lease::{Asked, TokenSource};
 
 /// A Redis script that starts with `now`, Redis's clock in µs (the nodes' clocks
 /// never enter a throttle).
@@ -84,6 +86,51 @@ return 1
 "#
 );
 
+/// Claims connections of the limit `ARGV[3]` shared under `KEYS[1]` (a hash: node →
+/// `held:wanted`) for node `ARGV[1]`, which wants `ARGV[2]` and has `ARGV[4]` open:
+/// it may have what the live nodes (`KEYS[2]`, heard from within `ARGV[5]` µs) do
+/// not hold, and while another node waits for more than it holds, no more than an
+/// even share (or what it has open). Claims of nodes no longer live are dropped.
+/// Records the node's holding (what it may have, or has open if more) and answers
+/// `{allowed, held by the others}`; a claim of none removes the node.
+pub const CLAIM_SCRIPT: &str = redis_script!(
+    r#"
+local node = ARGV[1]
+local wanted = tonumber(ARGV[2])
+local limit = tonumber(ARGV[3])
+local open = tonumber(ARGV[4])
+local ttl = tonumber(ARGV[5])
+local others, wanting, starved = 0, 1, false
+local entries = redis.call('HGETALL', KEYS[1])
+for i = 1, #entries, 2 do
+  local other = entries[i]
+  if other ~= node then
+    local seen = tonumber(redis.call('ZSCORE', KEYS[2], other))
+    if seen and seen >= now - ttl then
+      local held, wants = string.match(entries[i + 1], '(%d+):(%d+)')
+      held, wants = tonumber(held), tonumber(wants)
+      others = others + held
+      wanting = wanting + 1
+      if wants > held then starved = true end
+    else
+      redis.call('HDEL', KEYS[1], other)
+    end
+  end
+end
+local allowed = math.max(0, math.min(wanted, limit - others))
+if starved then
+  allowed = math.min(allowed, math.max(math.ceil(limit / wanting), open))
+end
+if wanted == 0 and open == 0 then
+  redis.call('HDEL', KEYS[1], node)
+else
+  redis.call('HSET', KEYS[1], node, math.max(allowed, open) .. ':' .. wanted)
+  redis.call('PEXPIRE', KEYS[1], math.ceil(ttl / 1000) * 4)
+end
+return { allowed, others }
+"#
+);
+
 /// Notes this node in the set of live nodes `KEYS[1]` (a sorted set scored by
 /// Redis's clock, µs) as `ARGV[1]`, forgets the nodes not heard from for `ARGV[2]`
 /// µs, and answers how many are left (this one included).
@@ -109,15 +156,6 @@ const HEARTBEAT: Duration = Duration::from_secs(1);
 /// stops cleanly leaves the set at once).
 pub const NODE_TTL: Duration = Duration::from_secs(5);
 
-/// What a lease came to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Answer {
-    /// `tokens` taken (perhaps none); the next conforms in `wait_ms`.
-    Granted { tokens: u32, wait_ms: u64 },
-    /// Redis cannot be reached: the throttle falls back as configured.
-    Down(Fallback),
-}
-
 /// A lease asked for, answered later.
 #[derive(Debug)]
 pub struct Pending(Receiver<Answer>);
@@ -131,6 +169,12 @@ impl Pending {
     /// The answer, waiting up to `timeout` (for threads that may block).
     pub fn wait(&self, timeout: Duration) -> Option<Answer> {
         self.0.recv_timeout(timeout).ok()
+    }
+}
+
+impl Asked for Pending {
+    fn answer(&mut self) -> Option<Answer> {
+        self.try_take()
     }
 }
 
@@ -170,6 +214,13 @@ enum Job {
         gcra: Gcra,
         tokens: u32,
     },
+    Claim {
+        key: String,
+        limit: u32,
+        wanted: u32,
+        open: u32,
+        reply: Sender<Answer>,
+    },
 }
 
 /// The link's counters, for the metrics.
@@ -194,6 +245,8 @@ pub struct Link {
     jobs: Sender<Job>,
     stats: Arc<LinkStats>,
     fallback: Fallback,
+    /// The time a lease is sized to last (`lease_window_ms`).
+    window_ms: u64,
 }
 
 impl Link {
@@ -215,6 +268,7 @@ impl Link {
             stats: stats.clone(),
             lease: redis::Script::new(LEASE_SCRIPT),
             give_back: redis::Script::new(GIVE_BACK_SCRIPT),
+            claim: redis::Script::new(CLAIM_SCRIPT),
             connection: None,
             next_attempt: Instant::now(),
         };
@@ -226,6 +280,7 @@ impl Link {
             jobs,
             stats,
             fallback: config.fallback,
+            window_ms: config.lease_window_ms.get(),
         })
     }
 
@@ -247,6 +302,25 @@ impl Link {
         };
         if let Err(failed) = self.jobs.send(job)
             && let Job::Lease { reply, .. } = failed.0
+        {
+            let _ = reply.send(Answer::Down(self.fallback));
+        }
+        Pending(answer)
+    }
+
+    /// Claims `wanted` of the `limit` connections shared under `key` for this node,
+    /// which has `open` open; answered with how many it may have open.
+    pub fn claim(&self, key: &str, limit: u32, wanted: u32, open: u32) -> Pending {
+        let (reply, answer) = crossbeam_channel::bounded(1);
+        let job = Job::Claim {
+            key: key.to_string(),
+            limit,
+            wanted,
+            open,
+            reply,
+        };
+        if let Err(failed) = self.jobs.send(job)
+            && let Job::Claim { reply, .. } = failed.0
         {
             let _ = reply.send(Answer::Down(self.fallback));
         }
@@ -331,6 +405,34 @@ impl Link {
     }
 }
 
+/// A shard's handle on the link: the shared rates of its ready queues lease
+/// through it (`Queues::set_token_source`).
+#[derive(Debug, Clone)]
+pub struct Tokens(pub Arc<Link>);
+
+impl TokenSource for Tokens {
+    fn ask(&self, key: &str, rate: Rate, wanted: u32) -> Box<dyn Asked> {
+        // One box per lease (a few a second per throttle, not per message).
+        Box::new(self.0.lease(key, rate, wanted))
+    }
+
+    fn give_back(&self, key: &str, rate: Rate, tokens: u32) {
+        self.0.give_back(key, rate, tokens);
+    }
+
+    fn claim(&self, key: &str, limit: u32, wanted: u32, open: u32) -> Box<dyn Asked> {
+        Box::new(self.0.claim(key, limit, wanted, open))
+    }
+
+    fn nodes(&self) -> u64 {
+        self.0.nodes()
+    }
+
+    fn window_ms(&self) -> u64 {
+        self.0.window_ms
+    }
+}
+
 /// The link's thread: the connection and the scripts.
 struct Thread {
     /// This node's name in the set of live nodes.
@@ -343,6 +445,7 @@ struct Thread {
     stats: Arc<LinkStats>,
     lease: redis::Script,
     give_back: redis::Script,
+    claim: redis::Script,
     connection: Option<redis::Connection>,
     /// When a link that is down may try to connect again.
     next_attempt: Instant,
@@ -439,7 +542,7 @@ impl Thread {
 
     fn serve(&mut self, job: Job) {
         let Some(connection) = self.connection.as_mut() else {
-            if let Job::Lease { reply, .. } = job {
+            if let Job::Lease { reply, .. } | Job::Claim { reply, .. } = job {
                 let _ = reply.send(Answer::Down(self.fallback));
             }
             return;
@@ -468,6 +571,38 @@ impl Thread {
                         let _ = reply.send(Answer::Granted {
                             tokens,
                             wait_ms: wait_us.div_ceil(1000),
+                        });
+                        None
+                    }
+                    Err(err) => {
+                        let _ = reply.send(Answer::Down(self.fallback));
+                        Some(err)
+                    }
+                }
+            }
+            Job::Claim {
+                key,
+                limit,
+                wanted,
+                open,
+                reply,
+            } => {
+                let result = self
+                    .claim
+                    .key(format!("gannet:connections:{key}"))
+                    .key(NODES_KEY)
+                    .arg(&self.node)
+                    .arg(wanted)
+                    .arg(limit)
+                    .arg(open)
+                    .arg(NODE_TTL.as_micros() as u64)
+                    .invoke::<(u64, u64)>(connection);
+                match result {
+                    Ok((allowed, _others)) => {
+                        let allowed = u32::try_from(allowed).unwrap_or(0);
+                        let _ = reply.send(Answer::Granted {
+                            tokens: allowed,
+                            wait_ms: 0,
                         });
                         None
                     }

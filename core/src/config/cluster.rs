@@ -34,7 +34,7 @@ impl Default for ClusterConfig {
 
 /// While Redis is down: `open` sends at this node's share of each limit (the limit
 /// divided by the nodes last seen), `closed` sends nothing a shared throttle holds.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Fallback {
     Open,

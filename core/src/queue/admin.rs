@@ -245,6 +245,22 @@ pub struct ReadyInfo {
     pub connect_failures: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connect_retry_at_ms: Option<u64>,
+    /// This node's side of the limits shared by the cluster (`[cluster]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<ClusterShare>,
+}
+
+/// A ready queue's share of the limits the cluster's nodes share.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterShare {
+    /// Connections this node has claimed of the shared connection_limit.
+    pub connections_claimed: usize,
+    /// Tokens leased and not spent yet, of the message and connection rates.
+    pub message_tokens: u32,
+    pub connection_tokens: u32,
+    /// The fallback in force while the shared Redis cannot be reached.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<crate::config::Fallback>,
 }
 
 /// One shard's queues, as the admin API lists them.
@@ -535,6 +551,18 @@ impl Queues {
             backoff_limit: q.feedback.limit,
             connect_failures: q.health.failures,
             connect_retry_at_ms: q.health.backing_off(now_ms).then_some(q.health.retry_at_ms),
+            cluster: q.connection_share().map(|(claimed, down)| {
+                let tokens =
+                    |t: &crate::shaping::Throttle| t.lease_state().map_or((None, 0), |s| s);
+                let (message_down, message_tokens) = tokens(&q.messages);
+                let (connection_down, connection_tokens) = tokens(&q.connects);
+                ClusterShare {
+                    connections_claimed: claimed,
+                    message_tokens,
+                    connection_tokens,
+                    fallback: down.or(message_down).or(connection_down),
+                }
+            }),
         }
     }
 }

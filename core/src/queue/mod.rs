@@ -324,6 +324,9 @@ pub fn next_due_ms(
 pub struct Queues {
     /// What a policy script sets on a new ready queue's shaping.
     path_config: PathConfig,
+    /// Where the ready queues' rates lease their tokens when they are shared by
+    /// the cluster's nodes (None: each node keeps its own).
+    tokens: Option<Rc<dyn crate::lease::TokenSource>>,
     scheduled: Wheel<Part>,
     /// Due parts whose site is not known yet.
     pub due: Vec<Part>,
@@ -369,6 +372,9 @@ pub struct ReadyQueue {
     pub messages: Throttle,
     /// max_connection_rate: one token per connection opened.
     pub connects: Throttle,
+    /// The share of its connection_limit this node has claimed, when the limit is
+    /// shared by the cluster's nodes.
+    slots: Option<Box<crate::lease::Slots>>,
     /// No connection is opened before this (unix ms): the message rate said to wait.
     pub throttled_until_ms: u64,
     /// Failed connections in a row and the backoff they impose.
@@ -418,6 +424,7 @@ impl ReadyQueue {
             shaping,
             messages: Throttle::new(shaping.max_message_rate),
             connects: Throttle::new(shaping.max_connection_rate),
+            slots: None,
             throttled_until_ms: 0,
             health: health::ConnectHealth::default(),
             adaptive,
@@ -429,6 +436,46 @@ impl ReadyQueue {
             idle: Vec::new(),
             listed: false,
         }
+    }
+
+    /// Makes the queue's message and connection rates shared by the cluster's
+    /// nodes: keyed by the queue's name, which every node gives the same site from
+    /// the same source.
+    fn share_rates(&mut self, key: &str, source: &Rc<dyn crate::lease::TokenSource>) {
+        let (messages, connects) = (
+            self.shaping.max_message_rate,
+            self.shaping.max_connection_rate,
+        );
+        self.messages = Throttle::shared(messages, format!("message-rate:{key}"), source.clone());
+        self.connects =
+            Throttle::shared(connects, format!("connection-rate:{key}"), source.clone());
+        self.slots = Some(Box::new(crate::lease::Slots::new(
+            source.clone(),
+            key.to_string(),
+        )));
+    }
+
+    /// The connections the queue may have open of `allowed` (its limit, or fewer
+    /// after failures): when the limit is shared, at most this node's claim.
+    fn shared_cap(&mut self, now_us: u64, allowed: usize) -> usize {
+        let Some(slots) = self.slots.as_mut() else {
+            return allowed;
+        };
+        let want = self.parts.len() + self.remote.len();
+        let want = want.min(allowed).max(self.connections);
+        (slots.allowed(
+            now_us,
+            self.shaping.connection_limit,
+            want,
+            self.connections,
+        ))
+        .min(allowed)
+    }
+
+    /// Whether the queue's connection limit is shared, and if so this node's claim
+    /// and the fallback in force (the admin API).
+    pub fn connection_share(&self) -> Option<(usize, Option<crate::config::Fallback>)> {
+        self.slots.as_ref().map(|s| s.state())
     }
 
     /// Tells the connections waiting idle that a part has arrived.
@@ -529,6 +576,12 @@ impl std::fmt::Debug for PathConfig {
 }
 
 impl Queues {
+    /// Shares the rates of the ready queues made from now on with the cluster's
+    /// other nodes, leasing their tokens from `source`.
+    pub fn set_token_source(&mut self, source: Rc<dyn crate::lease::TokenSource>) {
+        self.tokens = Some(source);
+    }
+
     /// Lets `path_config` set the shaping of the ready queues made from now on.
     pub fn set_path_config(&mut self, path_config: PathConfig) {
         self.path_config = path_config;
@@ -537,6 +590,7 @@ impl Queues {
     pub fn new(now_ms: u64, shaping: Arc<ShapingTable>) -> Queues {
         Queues {
             path_config: PathConfig::default(),
+            tokens: None,
             scheduled: Wheel::new(now_ms),
             due: Vec::new(),
             held: Vec::new(),
@@ -704,7 +758,10 @@ impl Queues {
             None => {
                 let domain = domain();
                 let scripted = self.path_config.ask(&egress.name, &site, &domain);
-                let q = ReadyQueue::new(site, egress, &self.shaping, scripted, domain);
+                let mut q = ReadyQueue::new(site, egress, &self.shaping, scripted, domain);
+                if let Some(source) = &self.tokens {
+                    q.share_rates(&key, source);
+                }
                 self.ready.entry(key.clone()).or_insert(q)
             }
         };
@@ -763,8 +820,14 @@ impl Queues {
                     }
                     backing_off
                 } else {
-                    let wanted = q.len().min(allowed);
-                    let mut waiting = false;
+                    let cap = q.shared_cap(now_us, allowed);
+                    let wanted = q.len().min(cap);
+                    // Held back by the share this node has claimed: looked at again
+                    // when a claim may change it.
+                    let mut waiting = wanted < q.len().min(allowed) && q.connections >= wanted;
+                    if waiting && let Some(slots) = &q.slots {
+                        later(now_ms + slots.wait(now_us).as_millis() as u64);
+                    }
                     while q.connections < wanted {
                         if let Err(wait) = q.connects.acquire(now_us) {
                             later(now_ms + wait.as_millis() as u64 + 1);
@@ -836,6 +899,25 @@ impl Queues {
             Ok(())
         } else {
             Err(handoff.take().expect("a refused handoff was not added"))
+        }
+    }
+
+    /// Shared rates take the answers to their leases and give back the tokens held
+    /// unspent for two lease windows (nothing when rates are not shared).
+    pub fn settle_leases(&mut self, now_ms: u64) {
+        if self.tokens.is_none() {
+            return;
+        }
+        let now_us = now_ms * 1000;
+        for q in self.ready.values_mut() {
+            q.messages.settle(now_us);
+            q.connects.settle(now_us);
+            // Claims what the queue wants now (less once connections end, none when
+            // it is idle), and renews a claim held.
+            let allowed = q
+                .health
+                .connections_allowed(now_ms, q.shaping.connection_limit);
+            q.shared_cap(now_us, allowed);
         }
     }
 

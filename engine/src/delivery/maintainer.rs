@@ -19,6 +19,9 @@ use gannet_core::queue::adapt::Bounced;
 
 /// How often idle ready queues are forgotten.
 const FORGET_IDLE_MS: u64 = 10_000;
+/// How often shared rates take their leases' answers and give back what they hold
+/// unspent (a fraction of the smallest lease window).
+const SETTLE_LEASES_MS: u64 = 50;
 /// How often the queue gauges are brought up to date, at most.
 const GAUGES_MS: u64 = 100;
 
@@ -34,6 +37,7 @@ pub async fn run(d: Rc<Dispatcher>) {
         return;
     }
     let mut last_forget = unix_ms();
+    let mut last_settle = 0;
     let mut last_gauges = 0;
     while !shard.shutdown.is_raised() {
         let now = unix_ms();
@@ -115,6 +119,10 @@ pub async fn run(d: Rc<Dispatcher>) {
                 if let Some(at) = queues.next_rule_expiry() {
                     wake_at = wake_at.min(at);
                 }
+            }
+            if now.saturating_sub(last_settle) >= SETTLE_LEASES_MS {
+                queues.settle_leases(now);
+                last_settle = now;
             }
             if now.saturating_sub(last_forget) >= FORGET_IDLE_MS {
                 queues.forget_idle(now);

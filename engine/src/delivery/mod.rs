@@ -201,6 +201,9 @@ impl Dispatcher {
         let rebinds = shard.shared.live.snapshot().rebinds.clone();
         let mut queues = Queues::new(unix_ms(), Arc::new(ShapingTable::new(&config.delivery)));
         queues.set_path_config(path_config(&shard));
+        if let Some(link) = &shard.shared.cluster {
+            queues.set_token_source(Rc::new(crate::cluster::Tokens(link.clone())));
+        }
         Dispatcher {
             sources,
             pools,

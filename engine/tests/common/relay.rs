@@ -30,7 +30,27 @@ pub fn sink_closing_idle_sessions(secs: Option<f64>) -> Sink {
     }
 }
 
+/// A sink whose every reply to an end of data comes `secs` late.
+pub fn slow_sink(secs: f64) -> Sink {
+    let out = tempfile::tempdir().unwrap();
+    let args = ["--data-latency".into(), secs.to_string().into()];
+    let (peer, port) = super::peers::aiosmtpd_args(out.path(), &args);
+    Sink {
+        _peer: peer,
+        port,
+        out,
+    }
+}
+
 impl Sink {
+    /// The sink's connection counts: `open`, `max_open` (the most at once), `total`.
+    pub fn connections(&self) -> serde_json::Value {
+        std::fs::read_to_string(self.out.path().join("connections.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_else(|| serde_json::json!({"open": 0, "max_open": 0, "total": 0}))
+    }
+
     pub fn messages(&self) -> Vec<serde_json::Value> {
         let mut out = Vec::new();
         for n in 1.. {

@@ -2,14 +2,18 @@
 
 Usage: aiosmtpd_sink.py PORT OUT_DIR [--tls CERT KEY] [--sni DIR] [--broken-tls CERT KEY]
                         [--auth USER PASSWORD] [--auth-mechs LOGIN,...] [--proxy-protocol] [--timeout SECS]
+                        [--data-latency SECS]
 Stores each message as OUT_DIR/<n>.json ({"mail_from", "rcpt_tos", "mail_options",
 "data" (latin-1), "tls", "peer" (client address), "peer_port", "helo", "auth_user",
-"proxy_src", "proxy_dst"}).
+"proxy_src", "proxy_dst", "received_at" (unix seconds, when its DATA ended)}), and
+OUT_DIR/connections.json: {"open", "max_open", "total"} (connections open now, the
+most open at once, and all made), rewritten as they open and close.
 --broken-tls offers STARTTLS whose handshake fails (TLS 1.1 at most, which a
 modern client refuses). --proxy-protocol: every connection starts with a PROXY
 header (HAProxy's, v1 or v2), whose addresses are stored. --sni: a client naming server N in its TLS handshake gets
 DIR/N.crt and DIR/N.key when they exist. --auth: AUTH is offered (over TLS) and required for mail,
-with these credentials; --auth-mechs: only these mechanisms are offered. --timeout:
+with these credentials; --auth-mechs: only these mechanisms are offered. --data-latency:
+the reply to each end of data comes SECS late (a slow server). --timeout:
 an idle session gets 421 and is closed after SECS (aiosmtpd's default: 300). Recipients whose local part is `tempfail` get 451 and
 `permfail` get 550 at RCPT; `throttled` and `blocked` get a provider's rate-limit
 (451 4.7.28) and block (554 5.7.1 [TSS04]) replies. Prints "ready" once listening; stops on SIGTERM.
@@ -20,15 +24,31 @@ import os
 import signal
 import ssl
 import sys
+import time
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult
 
 
 class Handler:
-    def __init__(self, out_dir):
+    def __init__(self, out_dir, data_latency=0.0):
         self.out_dir = out_dir
+        self.data_latency = data_latency
         self.count = 0
+        self.connections = {"open": 0, "max_open": 0, "total": 0}
+
+    def connection_changed(self, opened):
+        c = self.connections
+        if opened:
+            c["open"] += 1
+            c["total"] += 1
+            c["max_open"] = max(c["max_open"], c["open"])
+        else:
+            c["open"] -= 1
+        path = os.path.join(self.out_dir, "connections.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(c, f)
+        os.rename(path + ".tmp", path)
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         local = address.split("@")[0]
@@ -48,6 +68,8 @@ class Handler:
         return True
 
     async def handle_DATA(self, server, session, envelope):
+        if self.data_latency:
+            await asyncio.sleep(self.data_latency)
         self.count += 1
         record = {
             "mail_from": envelope.mail_from,
@@ -59,6 +81,7 @@ class Handler:
             "peer_port": session.peer[1],
             "helo": session.host_name,
             "auth_user": session.auth_data.login.decode() if session.authenticated else None,
+            "received_at": time.time(),
         }
         proxy = session.proxy_data
         if proxy is not None and proxy.src_addr is not None:
@@ -69,6 +92,23 @@ class Handler:
             json.dump(record, f)
         os.rename(path + ".tmp", path)
         return "250 2.0.0 stored"
+
+
+class CountingSMTP(SMTP):
+    """aiosmtpd's server, telling the handler when a connection opens and closes."""
+
+    def connection_made(self, transport):
+        super().connection_made(transport)
+        self.event_handler.connection_changed(True)
+
+    def connection_lost(self, exc):
+        super().connection_lost(exc)
+        self.event_handler.connection_changed(False)
+
+
+class CountingController(Controller):
+    def factory(self):
+        return CountingSMTP(self.handler, **self.SMTP_kwargs)
 
 
 def authenticator_for(user, password):
@@ -84,6 +124,7 @@ def main():
     port, out_dir = int(sys.argv[1]), sys.argv[2]
     tls_context = None
     timeout = 300
+    data_latency = 0.0
     auth = {}
     rest = sys.argv[3:]
     while rest:
@@ -123,13 +164,16 @@ def main():
             offered = set(rest[1].upper().split(","))
             auth["auth_exclude_mechanism"] = [m for m in ("PLAIN", "LOGIN") if m not in offered]
             rest = rest[2:]
+        elif rest[0] == "--data-latency":
+            data_latency = float(rest[1])
+            rest = rest[2:]
         elif rest[0] == "--timeout":
             timeout = float(rest[1])
             rest = rest[2:]
         else:
             sys.exit(f"unknown argument {rest[0]}")
-    handler = Handler(out_dir)
-    controller = Controller(
+    handler = Handler(out_dir, data_latency)
+    controller = CountingController(
         handler,
         hostname="127.0.0.1",
         port=port,
