@@ -17,6 +17,7 @@ pub const TYPES: &[(&str, &str)] = &[
     ("link_unsubscribe", "unsubscribe_event"),
     ("adaptive", "gannet_event"),
     ("admin_rebind", "gannet_event"),
+    ("cluster", "gannet_event"),
 ];
 
 /// The types a subscription without a list gets: all of SparkPost's.

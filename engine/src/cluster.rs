@@ -230,6 +230,8 @@ pub struct LinkStats {
     pub up: AtomicBool,
     pub calls_total: AtomicU64,
     pub failures_total: AtomicU64,
+    /// Changes of `up`, the first state noted included (the hose's `cluster`
+    /// events follow this count).
     pub state_changes_total: AtomicU64,
     pub tokens_leased_total: AtomicU64,
     pub tokens_returned_total: AtomicU64,
@@ -271,6 +273,7 @@ impl Link {
             claim: redis::Script::new(CLAIM_SCRIPT),
             connection: None,
             next_attempt: Instant::now(),
+            known: false,
         };
         std::thread::Builder::new()
             .name("gannet-cluster".into())
@@ -338,6 +341,11 @@ impl Link {
                 tokens,
             });
         }
+    }
+
+    /// What shared throttles do while Redis cannot be reached.
+    pub fn fallback(&self) -> Fallback {
+        self.fallback
     }
 
     pub fn stats(&self) -> &LinkStats {
@@ -449,6 +457,8 @@ struct Thread {
     connection: Option<redis::Connection>,
     /// When a link that is down may try to connect again.
     next_attempt: Instant,
+    /// Whether a state has been noted yet.
+    known: bool,
 }
 
 impl Thread {
@@ -525,10 +535,13 @@ impl Thread {
     }
 
     /// Notes whether Redis is reachable; a change is logged and counted.
-    fn state(&self, up: bool, why: &str) {
-        if self.stats.up.swap(up, Ordering::Relaxed) == up {
+    fn state(&mut self, up: bool, why: &str) {
+        // The first attempt's outcome counts as a change either way (an operator
+        // learns of a Redis down at start too).
+        if self.stats.up.swap(up, Ordering::Relaxed) == up && self.known {
             return;
         }
+        self.known = true;
         self.stats
             .state_changes_total
             .fetch_add(1, Ordering::Relaxed);

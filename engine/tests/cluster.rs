@@ -446,3 +446,100 @@ fn a_killed_nodes_connections_return_to_the_cluster() {
         "delivered after {took:?}: the dead node's connections were never held"
     );
 }
+
+/// The `cluster` events a node recorded: (change, fallback, nodes).
+fn link_events(d: &Daemon) -> Vec<(String, String, u64)> {
+    (d.events().iter())
+        .filter(|e| e["type"] == "cluster")
+        .map(|e| {
+            let s = |k: &str| e[k].as_str().unwrap_or_default().to_string();
+            (s("change"), s("fallback"), e["nodes"].as_u64().unwrap_or(0))
+        })
+        .collect()
+}
+
+/// Redis stopped under two nodes sharing 10/s that fall back open: each takes half
+/// the limit on its own, so together they keep to it; each records the change as
+/// an event, and when Redis is back on its port they share again and say so.
+#[test]
+fn gannetds_fall_back_open_to_their_share_and_recover() {
+    let (redis, port) = redis_server();
+    let shared =
+        format!("[cluster]\nredis_url = \"redis://127.0.0.1:{port}/\"\nfallback = \"open\"\n");
+    let sink = common::relay::sink();
+    let daemons = nodes(2, sink.port, "max_message_rate = \"10/s\"", &shared);
+    let up = |v: u64| {
+        daemons
+            .iter()
+            .all(|d| link_metric(d, "cluster_redis_up") == Some(v))
+    };
+    assert!(eventually(10, || up(1)
+        && daemons
+            .iter()
+            .all(|d| link_metric(d, "cluster_nodes") == Some(2))));
+    drop(redis);
+    assert!(
+        eventually(10, || up(0)),
+        "the nodes never noticed Redis stopping"
+    );
+    inject_each(&daemons, 30);
+    sink_got(&sink, 60, 60);
+    let times = received(&sink);
+    // Each node's share: 5/s, a burst of 5.
+    let rate = (60 - 10) as f64 / (times[59] - times[0]);
+    eprintln!("two nodes falling back open to 5/s each: {rate:.2}/s together");
+    assert!(
+        (9.0..=11.5).contains(&rate),
+        "{rate:.2}/s under a limit of 10/s"
+    );
+    for d in &daemons {
+        let events = link_events(d);
+        assert!(
+            events.contains(&("unreachable".into(), "open".into(), 2)),
+            "{events:?}"
+        );
+    }
+    let _redis = redis_server_on(port);
+    assert!(
+        eventually(10, || up(1)),
+        "the nodes never took Redis's return up"
+    );
+    for d in &daemons {
+        assert!(
+            eventually(5, || link_events(d)
+                .last()
+                .is_some_and(|e| e.0 == "reachable")),
+            "{:?}",
+            link_events(d)
+        );
+    }
+}
+
+/// A node that falls back closed sends nothing a shared limit holds while Redis is
+/// down, and sends it all once Redis is back.
+#[test]
+fn a_gannetd_falling_back_closed_holds_its_mail_until_redis_returns() {
+    let (redis, port) = redis_server();
+    let shared =
+        format!("[cluster]\nredis_url = \"redis://127.0.0.1:{port}/\"\nfallback = \"closed\"\n");
+    let sink = common::relay::sink();
+    let daemons = nodes(1, sink.port, "max_message_rate = \"100/s\"", &shared);
+    let up = |v: u64| link_metric(&daemons[0], "cluster_redis_up") == Some(v);
+    assert!(eventually(10, || up(1)));
+    drop(redis);
+    assert!(eventually(10, || up(0)));
+    inject_each(&daemons, 5);
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(
+        sink.messages().len(),
+        0,
+        "sent while the shared limit was unknown"
+    );
+    let _redis = redis_server_on(port);
+    sink_got(&sink, 5, 20);
+    let events = link_events(&daemons[0]);
+    assert!(
+        events.contains(&("unreachable".into(), "closed".into(), 1)),
+        "{events:?}"
+    );
+}

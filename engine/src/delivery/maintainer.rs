@@ -38,9 +38,14 @@ pub async fn run(d: Rc<Dispatcher>) {
     }
     let mut last_forget = unix_ms();
     let mut last_settle = 0;
+    // The cluster link's state changes already told (shard 0 tells them).
+    let mut link_changes = 0;
     let mut last_gauges = 0;
     while !shard.shutdown.is_raised() {
         let now = unix_ms();
+        if shard.id == 0 {
+            link_changes = link_event(&d, link_changes, now);
+        }
         let taken = d.refresh_live(&shard.shared.live, now);
         for (part, bounce) in taken.bounced {
             super::settling::admin_bounce(&d, part, &bounce);
@@ -195,4 +200,26 @@ pub async fn run(d: Rc<Dispatcher>) {
         )
         .await;
     }
+}
+
+/// Records a `cluster` event when the link to the shared Redis has changed state
+/// since `told` changes; returns the changes told now.
+fn link_event(d: &Dispatcher, told: u64, now: u64) -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    let Some(link) = &d.shard.shared.cluster else {
+        return told;
+    };
+    let stats = link.stats();
+    let changes = stats.state_changes_total.load(Relaxed);
+    if changes != told {
+        let up = stats.up.load(Relaxed);
+        d.shard.event(&crate::events::Event::Cluster {
+            timestamp_ms: now,
+            shard: d.shard.id,
+            change: if up { "reachable" } else { "unreachable" },
+            fallback: link.fallback(),
+            nodes: link.nodes(),
+        });
+    }
+    changes
 }

@@ -150,6 +150,19 @@ pub enum Event<'a> {
         #[serde(skip_serializing_if = "Vec::is_empty")]
         held: Vec<String>,
     },
+    /// The shared Redis of the cluster (`[cluster]`) became reachable (throttles are
+    /// shared) or unreachable (they fall back); the first state after start too.
+    /// Recorded by shard 0.
+    Cluster {
+        timestamp_ms: u64,
+        shard: u16,
+        /// `reachable` or `unreachable`.
+        change: &'a str,
+        /// What shared throttles do while it is unreachable.
+        fallback: gannet_core::config::Fallback,
+        /// The live nodes last counted, this one included.
+        nodes: u64,
+    },
     /// A policy phase (or a limit) refused a session, a recipient or a message; or
     /// a recipient was suppressed (phase `suppression`: its tenant's suppression
     /// list; the message, or the transmission, went on without it).

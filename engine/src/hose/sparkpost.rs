@@ -5,7 +5,7 @@
 //! A reception (an SMTP message) becomes one `injection` per recipient; transient
 //! failures and deferrals without an attempt are `delay`; bounces, expirations and an
 //! operator's bounces are `bounce` (bounce classes 24 and 25 for the last two). gannet's
-//! own events with no SparkPost counterpart (`adaptive`, `admin_rebind`) go out in a
+//! own events with no SparkPost counterpart (`adaptive`, `admin_rebind`, `cluster`) go out in a
 //! `gannet_event` object, to sinks that ask for them by name.
 
 use std::borrow::Cow;
@@ -41,6 +41,7 @@ fn sparkpost_type(gannet: &str) -> Option<&'static str> {
         "list_unsubscribe" => "list_unsubscribe",
         "adaptive" => "adaptive",
         "admin_rebind" => "admin_rebind",
+        "cluster" => "cluster",
         _ => return None,
     })
 }
