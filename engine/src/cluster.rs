@@ -147,6 +147,11 @@ return redis.call('ZCARD', KEYS[1])
 /// The set of live nodes.
 const NODES_KEY: &str = "gannet:nodes";
 
+/// The operator's verbs in force across the cluster: a hash of `kind:id` → the
+/// item's JSON (suspensions, ready-queue suspensions, bounces), kept in step by
+/// every node (`admin::cluster`).
+const ADMIN_KEY: &str = "gannet:admin";
+
 /// How often a link that is down tries to connect again, and how often a node
 /// tells the others it lives.
 const RECONNECT: Duration = Duration::from_secs(1);
@@ -221,6 +226,23 @@ enum Job {
         open: u32,
         reply: Sender<Answer>,
     },
+    /// Sets (`Some`) or removes an item of the shared admin hash.
+    Admin {
+        field: String,
+        value: Option<String>,
+    },
+}
+
+/// The shared admin hash as last read (each heartbeat), and which connection read
+/// it: a new connection (Redis restarted, perhaps empty) starts the nodes' syncing
+/// afresh.
+#[derive(Debug, Clone, Default)]
+pub struct AdminItems {
+    /// Counts the reads.
+    pub read: u64,
+    /// Counts the connections made.
+    pub connection: u64,
+    pub items: Vec<(String, String)>,
 }
 
 /// The link's counters, for the metrics.
@@ -246,6 +268,8 @@ pub struct LinkStats {
 pub struct Link {
     jobs: Sender<Job>,
     stats: Arc<LinkStats>,
+    /// The admin hash as last read; None while Redis cannot be reached.
+    admin: Arc<std::sync::Mutex<Option<AdminItems>>>,
     fallback: Fallback,
     /// The time a lease is sized to last (`lease_window_ms`).
     window_ms: u64,
@@ -260,6 +284,7 @@ impl Link {
         let (jobs, queue) = crossbeam_channel::unbounded();
         let stats = Arc::new(LinkStats::default());
         stats.nodes.store(1, Ordering::Relaxed);
+        let admin = Arc::new(std::sync::Mutex::new(None));
         let thread = Thread {
             node: node.to_string(),
             heartbeat: redis::Script::new(HEARTBEAT_SCRIPT),
@@ -274,6 +299,9 @@ impl Link {
             connection: None,
             next_attempt: Instant::now(),
             known: false,
+            admin: admin.clone(),
+            connections: 0,
+            reads: 0,
         };
         std::thread::Builder::new()
             .name("gannet-cluster".into())
@@ -282,6 +310,7 @@ impl Link {
         Ok(Link {
             jobs,
             stats,
+            admin,
             fallback: config.fallback,
             window_ms: config.lease_window_ms.get(),
         })
@@ -341,6 +370,19 @@ impl Link {
                 tokens,
             });
         }
+    }
+
+    /// The shared admin hash as last read (None while Redis cannot be reached).
+    pub fn admin_items(&self) -> Option<AdminItems> {
+        self.admin.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Sets (`Some`) or removes an item of the shared admin hash.
+    pub fn publish(&self, field: &str, value: Option<String>) {
+        let _ = self.jobs.send(Job::Admin {
+            field: field.to_string(),
+            value,
+        });
     }
 
     /// What shared throttles do while Redis cannot be reached.
@@ -459,6 +501,10 @@ struct Thread {
     next_attempt: Instant,
     /// Whether a state has been noted yet.
     known: bool,
+    /// Where the admin hash read each heartbeat goes, and the counts it carries.
+    admin: Arc<std::sync::Mutex<Option<AdminItems>>>,
+    connections: u64,
+    reads: u64,
 }
 
 impl Thread {
@@ -508,6 +554,21 @@ impl Thread {
             .invoke::<u64>(connection);
         match counted {
             Ok(nodes) => self.stats.nodes.store(nodes.max(1), Ordering::Relaxed),
+            Err(err) => return self.failed(&err),
+        }
+        self.stats.calls_total.fetch_add(1, Ordering::Relaxed);
+        let read = redis::cmd("HGETALL")
+            .arg(ADMIN_KEY)
+            .query::<Vec<(String, String)>>(connection);
+        match read {
+            Ok(items) => {
+                self.reads += 1;
+                *self.admin.lock().unwrap_or_else(|e| e.into_inner()) = Some(AdminItems {
+                    read: self.reads,
+                    connection: self.connections,
+                    items,
+                });
+            }
             Err(err) => self.failed(&err),
         }
     }
@@ -524,6 +585,7 @@ impl Thread {
         match connected {
             Ok(c) => {
                 self.connection = Some(c);
+                self.connections += 1;
                 self.state(true, "connected");
             }
             Err(err) => {
@@ -625,6 +687,21 @@ impl Thread {
                     }
                 }
             }
+            Job::Admin { field, value } => {
+                let cmd = match value {
+                    Some(value) => {
+                        let mut cmd = redis::cmd("HSET");
+                        cmd.arg(ADMIN_KEY).arg(field).arg(value);
+                        cmd
+                    }
+                    None => {
+                        let mut cmd = redis::cmd("HDEL");
+                        cmd.arg(ADMIN_KEY).arg(field);
+                        cmd
+                    }
+                };
+                cmd.query::<u64>(connection).err()
+            }
             Job::GiveBack { key, gcra, tokens } => {
                 let result = self
                     .give_back
@@ -653,6 +730,7 @@ impl Thread {
     fn failed(&mut self, err: &redis::RedisError) {
         self.stats.failures_total.fetch_add(1, Ordering::Relaxed);
         self.connection = None;
+        *self.admin.lock().unwrap_or_else(|e| e.into_inner()) = None;
         self.next_attempt = Instant::now();
         self.state(false, &err.to_string());
     }

@@ -543,3 +543,91 @@ fn a_gannetd_falling_back_closed_holds_its_mail_until_redis_returns() {
         "{events:?}"
     );
 }
+
+/// An admin API request with the admin key: (status, JSON body).
+fn admin(d: &Daemon, method: &str, path: &str, body: Option<&str>) -> (u16, serde_json::Value) {
+    let (status, text) =
+        common::admin::curl(d, method, path, body.map(|b| ("application/json", b)));
+    (status, serde_json::from_str(&text).unwrap_or_default())
+}
+
+/// The ids an admin listing (`GET path`) shows.
+fn listed(d: &Daemon, path: &str) -> Vec<String> {
+    let (_, list) = admin(d, "GET", path, None);
+    (list.as_array().into_iter().flatten())
+        .filter_map(|i| i["id"].as_str().map(str::to_string))
+        .collect()
+}
+
+/// A suspension made on one node holds mail on the other; lifted on the other, it
+/// is lifted on the first; a bounce made on one bounces on the other; and a Redis
+/// that restarts empty gets the nodes' verbs back from them rather than wiping
+/// them.
+#[test]
+fn an_operators_verbs_on_one_node_apply_on_all() {
+    const SUSPEND: &str = "/api/admin/suspend/v1";
+    const BOUNCE: &str = "/api/admin/bounce/v1";
+    let (redis, port) = redis_server();
+    let shared = format!("[cluster]\nredis_url = \"redis://127.0.0.1:{port}/\"\n");
+    let sink = common::relay::sink();
+    let daemons = nodes(2, sink.port, "", &shared);
+    let (a, b) = (&daemons[0], &daemons[1]);
+    let (status, made) = admin(
+        a,
+        "POST",
+        SUSPEND,
+        Some(r#"{"domain":"shared.test","reason":"provider asked","duration":"1h"}"#),
+    );
+    assert_eq!(status, 200, "{made}");
+    let id = made["id"].as_str().unwrap().to_string();
+    assert!(
+        eventually(10, || listed(b, SUSPEND) == [id.clone()]),
+        "{:?}",
+        listed(b, SUSPEND)
+    );
+    b.send_accepted("held@shared.test", "Subject: held\r\n\r\nx\r\n");
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        sink.messages().is_empty(),
+        "sent through a suspension made on a"
+    );
+
+    // Redis restarted empty: the nodes put their verbs back; nothing is lifted.
+    drop(redis);
+    let redis = redis_server_on(port);
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(listed(a, SUSPEND), vec![id.clone()]);
+    assert_eq!(listed(b, SUSPEND), vec![id.clone()]);
+
+    // Lifted on b: lifted on a, and b's message goes.
+    let body = format!("{{\"id\":\"{id}\"}}");
+    assert_eq!(admin(b, "DELETE", SUSPEND, Some(&body)).0, 200);
+    assert!(
+        eventually(10, || listed(a, SUSPEND).is_empty()),
+        "{:?}",
+        listed(a, SUSPEND)
+    );
+    sink_got(&sink, 1, 20);
+
+    // A bounce made on b bounces what a is given.
+    let (status, made) = admin(
+        b,
+        "POST",
+        BOUNCE,
+        Some(r#"{"domain":"shared.test","reason":"campaign withdrawn","duration":"1h"}"#),
+    );
+    assert_eq!(status, 200, "{made}");
+    let bounce = made["id"].as_str().unwrap().to_string();
+    assert!(eventually(10, || listed(a, BOUNCE) == [bounce.clone()]));
+    a.send_accepted("gone@shared.test", "Subject: gone\r\n\r\nx\r\n");
+    assert!(
+        eventually(10, || a
+            .events()
+            .iter()
+            .any(|e| e["type"] == "admin_bounce")),
+        "a never bounced"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(sink.messages().len(), 1, "the bounced message was sent");
+    drop(redis);
+}

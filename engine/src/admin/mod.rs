@@ -23,6 +23,7 @@
 //! keep, so listing often does not slow delivery.
 
 pub mod bounce;
+pub mod cluster;
 pub mod queues;
 pub mod ready;
 pub mod rebind;

@@ -38,13 +38,16 @@ pub async fn run(d: Rc<Dispatcher>) {
     }
     let mut last_forget = unix_ms();
     let mut last_settle = 0;
-    // The cluster link's state changes already told (shard 0 tells them).
+    // The cluster link's state changes already told, and the operator's verbs in
+    // step with the other nodes' (shard 0 keeps both).
     let mut link_changes = 0;
+    let mut verbs = crate::admin::cluster::Sync::default();
     let mut last_gauges = 0;
     while !shard.shutdown.is_raised() {
         let now = unix_ms();
-        if shard.id == 0 {
+        if shard.id == 0 && shard.shared.cluster.is_some() {
             link_changes = link_event(&d, link_changes, now);
+            crate::admin::cluster::sync(shard, &mut verbs).await;
         }
         let taken = d.refresh_live(&shard.shared.live, now);
         for (part, bounce) in taken.bounced {
