@@ -371,6 +371,26 @@ impl Adaptive {
         fired
     }
 
+    /// Puts `rule` in force until `until_ms` as if it had fired here (it fired on
+    /// another node of the cluster): false when it does not apply to the queue or
+    /// is in force until then already.
+    pub fn impose(&mut self, rule: u16, until_ms: u64) -> bool {
+        if !self.rules.contains(&rule) {
+            return false;
+        }
+        match self.active.iter_mut().find(|(r, _)| *r == rule) {
+            Some((_, until)) if *until >= until_ms => false,
+            Some((_, until)) => {
+                *until = until_ms;
+                true
+            }
+            None => {
+                self.active.push((rule, until_ms));
+                true
+            }
+        }
+    }
+
     /// Ends the rules whose time is up at `now_ms`; returns them.
     pub fn expire(&mut self, now_ms: u64) -> Vec<u16> {
         let mut ended = Vec::new();

@@ -46,6 +46,9 @@ pub struct LiveState {
     /// (suspend_tenant, suspend_campaign); not kept across a restart, as the rules
     /// in force are not.
     pub holds: Vec<gannet_core::adaptive::Hold>,
+    /// Response rules that fired on other nodes of the cluster (`admin::cluster`),
+    /// in force on this node's queues of the same names.
+    pub cluster_rules: Vec<gannet_core::queue::adapt::SharedRule>,
     /// The operator's rebinds, kept until no message they apply to can remain.
     pub rebinds: Vec<Rebind>,
     /// The policy script's source (checked to load before it is put here); each
@@ -128,6 +131,7 @@ impl Live {
                 ready_suspensions: Vec::new(),
                 bounces: Vec::new(),
                 holds: Vec::new(),
+                cluster_rules: Vec::new(),
                 rebinds: Vec::new(),
                 script: None,
             })),

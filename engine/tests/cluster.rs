@@ -274,9 +274,21 @@ fn received(sink: &common::relay::Sink) -> Vec<f64> {
 /// `n` gannetds relaying shared.test to the sink on `sink_port` under `shaping`
 /// (the lines of `[delivery.shaping]`), and `cluster` (empty: each on its own).
 fn nodes(n: usize, sink_port: u16, shaping: &str, cluster: &str) -> Vec<Daemon> {
+    nodes_with(n, sink_port, "", shaping, cluster)
+}
+
+/// [`nodes`] with further `[delivery]` keys.
+fn nodes_with(
+    n: usize,
+    sink_port: u16,
+    delivery: &str,
+    shaping: &str,
+    cluster: &str,
+) -> Vec<Daemon> {
     let route = format!("\"shared.test\" = [\"127.0.0.1:{sink_port}\"]");
     let config = common::admin::admin_key_config()
         + &common::relay::delivery_config(&route)
+        + delivery
         + &format!("[delivery.shaping]\n{shaping}\n{cluster}");
     (0..n).map(|_| Daemon::start("", &config)).collect()
 }
@@ -630,4 +642,42 @@ fn an_operators_verbs_on_one_node_apply_on_all() {
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(sink.messages().len(), 1, "the bounced message was sent");
     drop(redis);
+}
+
+/// A response rule that fires on one node (the site said "unusual rate": suspend it
+/// for a minute) is in force on the other node's queue of that name too: the other
+/// records it as `shared` and holds its mail for the site.
+#[test]
+fn a_response_rule_fired_on_one_node_holds_the_site_on_all() {
+    let (_redis, port) = redis_server();
+    let shared = format!("[cluster]\nredis_url = \"redis://127.0.0.1:{port}/\"\n");
+    let sink = common::relay::sink();
+    let rule = "automation = [{ regex = 'unusual rate', actions = ['suspend'], duration = 60 }]\n";
+    let daemons = nodes_with(2, sink.port, rule, "", &shared);
+    let (a, b) = (&daemons[0], &daemons[1]);
+    // b has the site's ready queue (it delivered there).
+    b.send_accepted("first@shared.test", "Subject: first\r\n\r\nx\r\n");
+    sink_got(&sink, 1, 20);
+    a.send_accepted("throttled@shared.test", "Subject: refused\r\n\r\nx\r\n");
+    let adaptive = |d: &Daemon, change: &str| {
+        (d.events().into_iter())
+            .filter(|e| e["type"] == "adaptive" && e["change"] == change)
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        eventually(10, || !adaptive(a, "fired").is_empty()),
+        "a's rule never fired"
+    );
+    assert!(
+        eventually(10, || !adaptive(b, "shared").is_empty()),
+        "b never took the rule up"
+    );
+    let fired = &adaptive(a, "fired")[0];
+    let taken = &adaptive(b, "shared")[0];
+    assert_eq!(taken["rule"], fired["rule"]);
+    assert_eq!(taken["queue"], fired["queue"]);
+    assert_eq!(taken["until_ms"], fired["until_ms"]);
+    b.send_accepted("held@shared.test", "Subject: held\r\n\r\nx\r\n");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(sink.messages().len(), 1, "b sent through a's suspension");
 }

@@ -48,6 +48,17 @@ pub(super) fn backed_off(mut shaping: Shaping, limit: Option<usize>) -> Shaping 
     shaping
 }
 
+/// A response rule that fired on a ready queue of another node of the cluster: in
+/// force on the queue of the same name here too, until the same time.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedRule {
+    /// The ready queue: `egress_source->site_name`.
+    pub queue: String,
+    /// The rule's name (`default#0`, `yahoo#1`): the nodes share a configuration.
+    pub rule: String,
+    pub until_ms: u64,
+}
+
 /// Work a bounce rule takes out of a ready queue.
 #[derive(Debug)]
 pub enum Bounced {
@@ -76,6 +87,45 @@ impl Queues {
             list(&mut self.listed, q, key);
         }
         fired
+    }
+
+    /// Puts the rules that fired on other nodes in force on this node's queues of
+    /// the same names, and keeps them for queues made while they last. Returns
+    /// those imposed now (queue, rule, until) for their events.
+    pub fn set_shared_rules(
+        &mut self,
+        rules: Vec<SharedRule>,
+        now_ms: u64,
+    ) -> Vec<(String, u16, u64)> {
+        self.shared_rules = rules;
+        self.shared_rules.retain(|r| r.until_ms > now_ms);
+        let keys: Vec<String> = self.shared_rules.iter().map(|r| r.queue.clone()).collect();
+        keys.into_iter()
+            .flat_map(|key| self.impose_shared(&key))
+            .collect()
+    }
+
+    /// Imposes the shared rules of ready queue `key` (when it exists here).
+    pub(super) fn impose_shared(&mut self, key: &str) -> Vec<(String, u16, u64)> {
+        let Some(q) = self.ready.get_mut(key) else {
+            return Vec::new();
+        };
+        let mut imposed = Vec::new();
+        for shared in self.shared_rules.iter().filter(|r| r.queue == key) {
+            if let Some(rule) = self.shaping.rules.find(&shared.rule)
+                && q.adaptive.impose(rule, shared.until_ms)
+            {
+                imposed.push((key.to_string(), rule, shared.until_ms));
+            }
+        }
+        if !imposed.is_empty() {
+            q.reshape(&self.shaping);
+            if !self.adapting.iter().any(|k| k == key) {
+                self.adapting.push(key.to_string());
+            }
+            list(&mut self.listed, q, key);
+        }
+        imposed
     }
 
     /// Ends the response rules whose time is up: each queue's shaping returns to what

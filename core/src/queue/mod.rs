@@ -327,6 +327,9 @@ pub struct Queues {
     /// Where the ready queues' rates lease their tokens when they are shared by
     /// the cluster's nodes (None: each node keeps its own).
     tokens: Option<Rc<dyn crate::lease::TokenSource>>,
+    /// Response rules that fired on other nodes (`adapt::SharedRule`), imposed on
+    /// queues made while they last.
+    shared_rules: Vec<adapt::SharedRule>,
     scheduled: Wheel<Part>,
     /// Due parts whose site is not known yet.
     pub due: Vec<Part>,
@@ -591,6 +594,7 @@ impl Queues {
         Queues {
             path_config: PathConfig::default(),
             tokens: None,
+            shared_rules: Vec::new(),
             scheduled: Wheel::new(now_ms),
             due: Vec::new(),
             held: Vec::new(),
@@ -762,7 +766,12 @@ impl Queues {
                 if let Some(source) = &self.tokens {
                     q.share_rates(&key, source);
                 }
-                self.ready.entry(key.clone()).or_insert(q)
+                self.ready.insert(key.clone(), q);
+                if self.shared_rules.iter().any(|r| r.queue == key) {
+                    // (Their events are the other node's: this node only obeys.)
+                    self.impose_shared(&key);
+                }
+                self.ready.get_mut(&key).expect("inserted above")
             }
         };
         if q.is_full() {
@@ -1144,6 +1153,49 @@ mod tests {
         q.ready.get_mut(&key).unwrap().connections = 0;
         q.forget_idle(80_000);
         assert!(q.ready.contains_key(&key));
+    }
+
+    #[test]
+    fn a_rule_fired_on_another_node_holds_the_queue_here_and_queues_made_later() {
+        let rules = "[delivery]\nautomation = [{ regex = 'TSS04', actions = ['suspend'], duration = 60 }]\n";
+        let (mut q, key) = adaptive_queues(rules);
+        let shared = |queue: &str, rule: &str, until_ms| adapt::SharedRule {
+            queue: queue.into(),
+            rule: rule.into(),
+            until_ms,
+        };
+        // Unknown rules, other queues and expired ones are nothing here.
+        let imposed = q.set_shared_rules(
+            vec![
+                shared(&key, "nonesuch#0", 61_000),
+                shared("default->other", "default#0", 61_000),
+                shared(&key, "default#0", 500),
+            ],
+            1_000,
+        );
+        assert!(imposed.is_empty());
+        assert!(!q.rules_in_force());
+        let imposed = q.set_shared_rules(vec![shared(&key, "default#0", 61_000)], 1_000);
+        assert_eq!(imposed, vec![(key.clone(), 0, 61_000)]);
+        let mut out = Vec::new();
+        assert_eq!(q.open_connections(2_000, &mut out), Some(61_000));
+        assert!(out.is_empty(), "suspended by the other node's rule");
+        // Told again: nothing new.
+        assert!(
+            q.set_shared_rules(vec![shared(&key, "default#0", 61_000)], 2_000)
+                .is_empty()
+        );
+        // A queue made while the rule lasts is held from the start.
+        let (mut later, key) = adaptive_queues(rules);
+        later.ready.clear();
+        later.set_shared_rules(vec![shared(&key, "default#0", 61_000)], 1_000);
+        let m = message(&["y@a.test"]);
+        let mut part = split(&m, 0).remove(0);
+        part.site = routes().site(&part.domain);
+        later.push_ready(part).unwrap();
+        assert_eq!(later.open_connections(2_000, &mut out), Some(61_000));
+        assert!(out.is_empty());
+        assert_eq!(later.expire_rules(61_000).len(), 1);
     }
 
     #[test]

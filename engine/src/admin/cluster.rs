@@ -15,12 +15,17 @@
 //! Expired items leave the hash. While Redis cannot be reached each node keeps what
 //! it has, and its own verbs apply to it alone until Redis returns. Rebinds and
 //! retries stay per node (they act on the messages a node holds when made).
+//!
+//! Response rules (adaptive delivery) that fire on a node go into the same hash
+//! (`rule:<queue>|<rule>`, until when) and are in force on every node's ready queue
+//! of that name until then (`LiveState::cluster_rules`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::live::{LiveBounce, LiveState};
 use crate::shard::Shard;
 use gannet_core::clock::unix_ms;
+use gannet_core::queue::adapt::SharedRule;
 
 /// What a node last saw in step: the fields both here and in the hash, those it
 /// removed from the hash and the connection it read them over.
@@ -68,11 +73,17 @@ fn items(state: &LiveState, now: u64) -> BTreeMap<String, String> {
 /// When the item of `field` expires, if its JSON is an item of its kind.
 fn expiry(field: &str, json: &str) -> Option<u64> {
     let value: serde_json::Value = serde_json::from_str(json).ok()?;
-    let known = matches!(
-        field.split_once(':')?.0,
-        "suspension" | "ready_suspension" | "bounce"
-    );
-    known.then(|| value["expires_unix_ms"].as_u64()).flatten()
+    match field.split_once(':')?.0 {
+        "suspension" | "ready_suspension" | "bounce" => value["expires_unix_ms"].as_u64(),
+        "rule" => value["until_ms"].as_u64(),
+        _ => None,
+    }
+}
+
+/// The field of a response rule that fired on ready queue `queue` here, for the
+/// other nodes.
+pub fn rule_field(queue: &str, rule: &str) -> String {
+    format!("rule:{queue}|{rule}")
 }
 
 /// Takes the item of `field` from another node; false when it is not one.
@@ -141,6 +152,18 @@ pub async fn sync(shard: &Shard, sync: &mut Sync) {
     }
     sync.lifted.retain(|f| remote.contains_key(f));
     let live = &shard.shared.live;
+    // Response rules that fired anywhere: in force here until their time is up
+    // (they are never lifted; the node where one fired publishes it again when it
+    // fires again). Not part of the comparison below.
+    let rules: Vec<SharedRule> = (remote.iter())
+        .filter(|(field, _)| field.starts_with("rule:"))
+        .filter_map(|(_, json)| serde_json::from_str(json).ok())
+        .collect();
+    remote.retain(|field, _| !field.starts_with("rule:"));
+    if rules != live.snapshot().cluster_rules {
+        live.update(|state| state.cluster_rules = rules);
+        super::wake_all(shard);
+    }
     let local = items(&live.snapshot(), now);
     let mut taken = Vec::new();
     let mut dropped = Vec::new();

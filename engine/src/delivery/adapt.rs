@@ -73,6 +73,34 @@ fn hold(d: &Dispatcher, holds: &[gannet_core::adaptive::Hold], now: u64) {
     }
 }
 
+/// The event of a rule put in force here because it fired on another node of the
+/// cluster (change `shared`).
+pub(super) fn shared_fired(
+    d: &Dispatcher,
+    queues: &gannet_core::queue::Queues,
+    key: &str,
+    rule: u16,
+    until_ms: u64,
+    now: u64,
+) {
+    let Some(rule) = queues.rules().get(rule) else {
+        return;
+    };
+    tracing::info!(shard = d.shard.id, queue = key, rule = %rule.name, until_ms, "response rule in force: it fired on another node");
+    d.shard.event(&Event::Adaptive {
+        timestamp_ms: now,
+        shard: d.shard.id,
+        queue: key,
+        rule: &rule.name,
+        change: "shared",
+        until_ms: Some(until_ms),
+        actions: rule.actions.iter().map(|a| a.name()).collect(),
+        set: &rule.set_text,
+        reply: None,
+        held: Vec::new(),
+    });
+}
+
 /// The event of a rule that fired (with the tenants or campaigns it holds).
 fn record(
     d: &Dispatcher,
@@ -105,6 +133,20 @@ fn record(
         reply: Some(reply),
         held: holds.iter().map(|h| h.who()).collect(),
     });
+    // The other nodes of the cluster impose it on their queue of this name.
+    if let Some(link) = &d.shard.shared.cluster {
+        let shared = gannet_core::queue::adapt::SharedRule {
+            queue: key.to_string(),
+            rule: rule.name.clone(),
+            until_ms: fired.until_ms,
+        };
+        if let Ok(json) = serde_json::to_string(&shared) {
+            link.publish(
+                &crate::admin::cluster::rule_field(key, &rule.name),
+                Some(json),
+            );
+        }
+    }
 }
 
 /// Counts one attempt on ready queue `key` for adaptive backoff (`failed`: no

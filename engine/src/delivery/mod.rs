@@ -364,6 +364,9 @@ impl Dispatcher {
         queues.set_suspensions(state.suspensions.clone(), now);
         queues.set_ready_suspensions(state.ready_suspensions.clone());
         queues.set_admin_bounces(state.bounces.iter().map(|b| b.bounce.clone()).collect());
+        for (key, rule, until) in queues.set_shared_rules(state.cluster_rules.clone(), now) {
+            adapt::shared_fired(self, &queues, &key, rule, until, now);
+        }
         *self.bounces.borrow_mut() = state.bounces.clone();
         // A hold new to this shard takes its tenant's (or campaign's) parts out of
         // the ready queues of the sites it holds: they wait with the rest.

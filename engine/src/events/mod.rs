@@ -132,7 +132,8 @@ pub enum Event<'a> {
         /// backoff (shaping's backoff_failure_percent).
         rule: &'a str,
         /// `fired` (it is in force from now), `extended` (it fired again while in
-        /// force) or `ended`; for backoff, `lowered` or `raised` (the connection
+        /// force), `shared` (it fired on another node of the cluster and is in
+        /// force here too) or `ended`; for backoff, `lowered` or `raised` (the connection
         /// limit, in `set`).
         change: &'a str,
         /// Until when it is in force (unix ms; not for `ended`).
