@@ -133,14 +133,16 @@ return { allowed, others }
 
 /// Notes this node in the set of live nodes `KEYS[1]` (a sorted set scored by
 /// Redis's clock, µs) as `ARGV[1]`, forgets the nodes not heard from for `ARGV[2]`
-/// µs, and answers how many are left (this one included).
+/// µs, and answers those left (this one included), in name order.
 pub const HEARTBEAT_SCRIPT: &str = redis_script!(
     r#"
 local ttl = tonumber(ARGV[2])
 redis.call('ZADD', KEYS[1], string.format('%.0f', now), ARGV[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now - ttl))
 redis.call('PEXPIRE', KEYS[1], math.ceil(ttl / 1000) * 2)
-return redis.call('ZCARD', KEYS[1])
+local nodes = redis.call('ZRANGE', KEYS[1], 0, -1)
+table.sort(nodes)
+return nodes
 "#
 );
 
@@ -270,6 +272,9 @@ pub struct Link {
     stats: Arc<LinkStats>,
     /// The admin hash as last read; None while Redis cannot be reached.
     admin: Arc<std::sync::Mutex<Option<AdminItems>>>,
+    /// The live nodes' names as last counted, and this node's.
+    members: Arc<std::sync::Mutex<Vec<String>>>,
+    node: String,
     fallback: Fallback,
     /// The time a lease is sized to last (`lease_window_ms`).
     window_ms: u64,
@@ -285,6 +290,7 @@ impl Link {
         let stats = Arc::new(LinkStats::default());
         stats.nodes.store(1, Ordering::Relaxed);
         let admin = Arc::new(std::sync::Mutex::new(None));
+        let members = Arc::new(std::sync::Mutex::new(Vec::new()));
         let thread = Thread {
             node: node.to_string(),
             heartbeat: redis::Script::new(HEARTBEAT_SCRIPT),
@@ -302,6 +308,7 @@ impl Link {
             admin: admin.clone(),
             connections: 0,
             reads: 0,
+            members: members.clone(),
         };
         std::thread::Builder::new()
             .name("gannet-cluster".into())
@@ -311,6 +318,8 @@ impl Link {
             jobs,
             stats,
             admin,
+            members,
+            node: node.to_string(),
             fallback: config.fallback,
             window_ms: config.lease_window_ms.get(),
         })
@@ -370,6 +379,19 @@ impl Link {
                 tokens,
             });
         }
+    }
+
+    /// This node's name among the live nodes (`host:pid`).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The live nodes' names as last counted (this one included), in name order.
+    pub fn members(&self) -> Vec<String> {
+        self.members
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// The shared admin hash as last read (None while Redis cannot be reached).
@@ -505,6 +527,8 @@ struct Thread {
     admin: Arc<std::sync::Mutex<Option<AdminItems>>>,
     connections: u64,
     reads: u64,
+    /// The live nodes' names, as last counted.
+    members: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Thread {
@@ -551,9 +575,13 @@ impl Thread {
             .key(NODES_KEY)
             .arg(&self.node)
             .arg(NODE_TTL.as_micros() as u64)
-            .invoke::<u64>(connection);
+            .invoke::<Vec<String>>(connection);
         match counted {
-            Ok(nodes) => self.stats.nodes.store(nodes.max(1), Ordering::Relaxed),
+            Ok(nodes) => {
+                let n = (nodes.len() as u64).max(1);
+                self.stats.nodes.store(n, Ordering::Relaxed);
+                *self.members.lock().unwrap_or_else(|e| e.into_inner()) = nodes;
+            }
             Err(err) => return self.failed(&err),
         }
         self.stats.calls_total.fetch_add(1, Ordering::Relaxed);

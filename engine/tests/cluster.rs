@@ -681,3 +681,54 @@ fn a_response_rule_fired_on_one_node_holds_the_site_on_all() {
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(sink.messages().len(), 1, "b sent through a's suspension");
 }
+
+/// `gannetctl cluster` on any node shows the shared Redis and the live nodes, this
+/// one marked; a node on its own says it is not part of a cluster.
+#[test]
+fn gannetctl_shows_the_cluster() {
+    use clap::Parser as _;
+    let ctl = |d: &Daemon, args: &[&str]| {
+        let endpoint = format!("http://{}", d.http);
+        let mut argv = vec![
+            "gannetctl",
+            "--endpoint",
+            &endpoint,
+            "--key",
+            common::admin::ADMIN_KEY,
+        ];
+        argv.extend_from_slice(args);
+        let cli = gannet_tools::ctl::Cli::try_parse_from(argv).unwrap();
+        let mut out = Vec::new();
+        gannet_tools::ctl::run(cli, &mut out).unwrap();
+        String::from_utf8(out).unwrap()
+    };
+    let (_redis, port) = redis_server();
+    let shared = format!("[cluster]\nredis_url = \"redis://127.0.0.1:{port}/\"\n");
+    let sink = common::relay::sink();
+    let daemons = nodes(2, sink.port, "", &shared);
+    assert!(eventually(10, || {
+        let v: serde_json::Value =
+            serde_json::from_str(&ctl(&daemons[0], &["--json", "cluster"])).unwrap();
+        v["nodes"].as_array().is_some_and(|n| n.len() == 2)
+    }));
+    let v: serde_json::Value =
+        serde_json::from_str(&ctl(&daemons[1], &["--json", "cluster"])).unwrap();
+    assert_eq!(v["redis_up"], true, "{v}");
+    assert_eq!(v["fallback"], "open");
+    let this = v["node"].as_str().unwrap().to_string();
+    assert!(
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == this.as_str()),
+        "{v}"
+    );
+    let table = ctl(&daemons[1], &["cluster"]);
+    assert!(table.starts_with("shared Redis: reachable"), "{table}");
+    let marked: Vec<&str> = table.lines().filter(|l| l.contains("(this one)")).collect();
+    assert_eq!(marked.len(), 1, "{table}");
+    assert!(marked[0].contains(&this), "{table}");
+    let alone = &nodes(1, sink.port, "", "")[0];
+    assert!(ctl(alone, &["cluster"]).contains("not part of a cluster"));
+}

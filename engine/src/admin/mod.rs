@@ -14,6 +14,7 @@
 //! | `/api/admin/inspect-sched-q/v1` | GET | one scheduled queue's messages |
 //! | `/api/admin/warmup/v1` | GET | IP warm-up standings of each source |
 //! | `/api/admin/rebind/v1` | POST | move queued messages to another pool ([`rebind`]) |
+//! | `/api/admin/cluster/v1` | GET | the cluster's live nodes and shared Redis ([`cluster`]) |
 //!
 //! Verbs that change something change the live settings (`crate::live`), which
 //! every shard's maintainer applies within a round (each is woken through its
@@ -63,6 +64,7 @@ pub const PATHS: &[&str] = &[
     queues::WARMUP,
     queues::INSPECT_SCHED_Q,
     rebind::PATH,
+    queues::CLUSTER,
 ];
 
 /// Answers a request to one of [`PATHS`] (authorized by the caller). `json`: the
@@ -101,6 +103,7 @@ pub async fn handle(
         (Method::GET, queues::WARMUP) => queues::warmup(shard),
         (Method::GET, queues::INSPECT_SCHED_Q) => queues::inspect_sched_q(shard, query).await,
         (Method::POST, rebind::PATH) => rebind::rebind(shard, body).await,
+        (Method::GET, queues::CLUSTER) => queues::cluster(shard),
         _ => error(
             405,
             "invalid HTTP method",

@@ -17,6 +17,7 @@ pub const QUEUES: &str = "/api/admin/queues/v1";
 pub const SUMMARY: &str = "/api/admin/queue-summary/v1";
 pub const INSPECT_MESSAGE: &str = "/api/admin/inspect-message/v1";
 pub const WARMUP: &str = "/api/admin/warmup/v1";
+pub const CLUSTER: &str = "/api/admin/cluster/v1";
 pub const INSPECT_SCHED_Q: &str = "/api/admin/inspect-sched-q/v1";
 
 fn flag(query: &str, name: &str) -> Result<bool, Reply> {
@@ -258,6 +259,24 @@ pub fn warmup(shard: &Shard) -> Reply {
         200,
         serde_json::to_string(&standings).unwrap_or_else(|_| "[]".into()),
     )
+}
+
+/// GET: the cluster this node is part of (`[cluster]`): whether the shared Redis
+/// answers, the fallback, this node's name and the live nodes'; `configured: false`
+/// for a node on its own.
+pub fn cluster(shard: &Shard) -> Reply {
+    let Some(link) = &shard.shared.cluster else {
+        return (200, serde_json::json!({ "configured": false }).to_string());
+    };
+    let stats = link.stats();
+    let body = serde_json::json!({
+        "configured": true,
+        "redis_up": stats.up.load(std::sync::atomic::Ordering::Relaxed),
+        "fallback": link.fallback(),
+        "node": link.node(),
+        "nodes": link.members(),
+    });
+    (200, body.to_string())
 }
 
 /// GET `?queue_name=<campaign:tenant@domain>[&limit=N][&want_body=true]`: one

@@ -96,6 +96,9 @@ pub enum Command {
     Summary,
     /// IP warm-up: each warming source's day, budget and use per provider today.
     Warmup,
+    /// The cluster this node is part of: the shared Redis and the live nodes
+    /// (suspensions, bounces and response rules made on any node apply on all).
+    Cluster,
     /// One message by id: envelope, metadata, headers, retry state, its parts.
     Inspect {
         id: String,
@@ -325,6 +328,10 @@ pub fn run(cli: Cli, out: &mut dyn std::io::Write) -> Result<()> {
         Command::Warmup => {
             let v = client.request("GET", "/api/admin/warmup/v1", None)?;
             print(out, &v, warmup_table)?;
+        }
+        Command::Cluster => {
+            let v = client.request("GET", "/api/admin/cluster/v1", None)?;
+            print(out, &v, cluster_table)?;
         }
         Command::Inspect { id, body } => {
             let path = format!("/api/admin/inspect-message/v1?id={id}&want_body={body}");
@@ -755,6 +762,37 @@ fn list_table(v: &Value, columns: &[Column]) -> String {
         t.row(columns.iter().map(|(_, _, cell)| cell(item)).collect());
     }
     t.render()
+}
+
+fn cluster_table(v: &Value) -> String {
+    if v["configured"] != Value::Bool(true) {
+        return "not part of a cluster ([cluster] redis_url is not set)".into();
+    }
+    let redis = if v["redis_up"] == Value::Bool(true) {
+        "reachable".to_string()
+    } else {
+        format!("unreachable (falling back {})", str_of(&v["fallback"]))
+    };
+    let this = str_of(&v["node"]);
+    let nodes = Value::Array(
+        (v["nodes"].as_array().into_iter().flatten())
+            .map(|n| serde_json::json!({ "node": n, "this": str_of(n) == this }))
+            .collect(),
+    );
+    let table = list_table(
+        &nodes,
+        &[
+            ("NODE", Align::Left, |n| str_of(&n["node"])),
+            ("", Align::Left, |n| {
+                if n["this"] == Value::Bool(true) {
+                    "(this one)".into()
+                } else {
+                    String::new()
+                }
+            }),
+        ],
+    );
+    format!("shared Redis: {redis}\n{table}")
 }
 
 fn warmup_table(v: &Value) -> String {
