@@ -261,6 +261,52 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// gannet-blast on core 1 against the SMTP port `port`: `messages` of 4 KiB over 32
+/// connections of `per_connection` each, to `domains` (`a.test:98,b.test:2`); its
+/// JSON result (at least one recipient accepted).
+pub fn blast_on_core_1(
+    blast: &Path,
+    port: u16,
+    messages: u64,
+    per_connection: u64,
+    domains: &str,
+) -> anyhow::Result<serde_json::Value> {
+    use anyhow::Context as _;
+    let out = std::process::Command::new("taskset")
+        .args(["-c", "1"])
+        .arg(blast)
+        .args(["--server", &format!("127.0.0.1:{port}"), "--json-only"])
+        .args(["--messages", &messages.to_string()])
+        .args(["--per-connection", &per_connection.to_string()])
+        .args(["--concurrency", "32", "--size", "4k"])
+        .args(["--domains", domains])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .context("running gannet-blast")?;
+    if !out.status.success() {
+        anyhow::bail!("gannet-blast: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    let result: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    if result["recipients_accepted"].as_f64().unwrap_or(0.0) < 1.0 {
+        anyhow::bail!("nothing accepted: {result}");
+    }
+    Ok(result)
+}
+
+/// Waits until gannetd (its HTTP listener `http`) has delivered `count` messages,
+/// for at most 300 s.
+pub fn wait_delivered(http: std::net::SocketAddr, count: f64) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
+    while gannet_metric(http, "delivery_delivered_total")? < count {
+        if std::time::Instant::now() > deadline {
+            anyhow::bail!("not every message was delivered within 300 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    Ok(())
+}
+
 /// What one gannet-blast run against a server measured.
 #[derive(Debug, Clone, Copy)]
 pub struct BlastRun {

@@ -335,14 +335,22 @@ impl Link {
             });
             return Pending(answer);
         };
-        let job = Job::Lease {
-            key: key.to_string(),
-            gcra,
-            wanted,
-            reply,
-        };
+        self.send_asking(
+            Job::Lease {
+                key: key.to_string(),
+                gcra,
+                wanted,
+                reply,
+            },
+            answer,
+        )
+    }
+
+    /// Sends a job that is answered; a link whose thread has gone answers it
+    /// down at once.
+    fn send_asking(&self, job: Job, answer: Receiver<Answer>) -> Pending {
         if let Err(failed) = self.jobs.send(job)
-            && let Job::Lease { reply, .. } = failed.0
+            && let Job::Lease { reply, .. } | Job::Claim { reply, .. } = failed.0
         {
             let _ = reply.send(Answer::Down(self.fallback));
         }
@@ -360,12 +368,7 @@ impl Link {
             open,
             reply,
         };
-        if let Err(failed) = self.jobs.send(job)
-            && let Job::Claim { reply, .. } = failed.0
-        {
-            let _ = reply.send(Answer::Down(self.fallback));
-        }
-        Pending(answer)
+        self.send_asking(job, answer)
     }
 
     /// Gives `tokens` leased from `key` at `rate` and not used back.

@@ -162,38 +162,16 @@ fn round(args: &Args, system: &str, redis: &Redis) -> Result<Measured> {
         redis.commands()?,
     );
     let started = Instant::now();
-    let out = Command::new("taskset")
-        .args(["-c", "1"])
-        .arg(&args.blast)
-        .args([
-            "--server",
-            &format!("127.0.0.1:{}", server.port),
-            "--json-only",
-        ])
-        .args(["--messages", &args.messages.to_string()])
-        .args(["--per-connection", &args.per_connection.to_string()])
-        .args(["--concurrency", "32", "--size", "4k"])
-        .args(["--domains", "ok.test:100"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .context("running gannet-blast")?;
-    if !out.status.success() {
-        bail!("gannet-blast: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let result = gannet_bench::blast_on_core_1(
+        &args.blast,
+        server.port,
+        args.messages,
+        args.per_connection,
+        "ok.test:100",
+    )
+    .with_context(|| system.to_string())?;
     let accepted = result["recipients_accepted"].as_f64().unwrap_or(0.0);
-    if accepted < 1.0 {
-        bail!("{system}: nothing accepted: {result}");
-    }
-    let metric = |name| gannet_bench::gannet_metric(http, name);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while metric("delivery_delivered_total")? < accepted {
-        if Instant::now() > deadline {
-            bail!("{system}: not every message was delivered within 300 s");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    gannet_bench::wait_delivered(http, accepted).with_context(|| system.to_string())?;
     let seconds = started.elapsed().as_secs_f64();
     let cpu = process_cpu_seconds(server.pid) - cpu0;
     let calls = link_metric(http, "cluster_redis_calls_total")? - calls0;

@@ -28,7 +28,6 @@
 //! typical set under 15%. Results go to bench/RESULTS.md.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
@@ -235,43 +234,21 @@ fn round(args: &Args, mode: &str, system: &str) -> Result<Measured> {
         process_cpu_seconds(server.pid),
         process_user_cpu_seconds(server.pid),
     );
-    let out = Command::new("taskset")
-        .args(["-c", "1"])
-        .arg(&args.blast)
-        .args([
-            "--server",
-            &format!("127.0.0.1:{}", server.port),
-            "--json-only",
-        ])
-        .args(["--messages", &args.messages.to_string()])
-        .args(["--per-connection", &args.per_connection.to_string()])
-        .args(["--concurrency", "32", "--size", "4k"])
-        // 2% of the mail to a refused domain: the refusal path is exercised too.
-        .args(["--domains", "ok.test:98,blocked.test:2"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .output()
-        .context("running gannet-blast")?;
-    if !out.status.success() {
-        bail!("gannet-blast: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let result: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    // 2% of the mail to a refused domain: the refusal path is exercised too.
+    let result = gannet_bench::blast_on_core_1(
+        &args.blast,
+        server.port,
+        args.messages,
+        args.per_connection,
+        "ok.test:98,blocked.test:2",
+    )
+    .with_context(|| format!("{mode} {system}"))?;
     let accepted = result["recipients_accepted"].as_f64().unwrap_or(0.0);
     let seconds = result["seconds"].as_f64().unwrap_or(f64::NAN);
-    if accepted < 1.0 {
-        bail!("{system}: nothing accepted: {result}");
-    }
     if sink.is_some() {
         // Relaying: the round ends once every accepted message is delivered.
         let http = std::net::SocketAddr::from(([127, 0, 0, 1], server.http_port));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(300);
-        let metric = |name| gannet_bench::gannet_metric(http, name);
-        while metric("delivery_delivered_total")? < metric("smtp_recipients_accepted_total")? {
-            if std::time::Instant::now() > deadline {
-                bail!("{mode} {system}: not every message was delivered within 300 s");
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        gannet_bench::wait_delivered(http, accepted).with_context(|| format!("{mode} {system}"))?;
     }
     let cpu = process_cpu_seconds(server.pid) - cpu0;
     let user = process_user_cpu_seconds(server.pid) - user0;
