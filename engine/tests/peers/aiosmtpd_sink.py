@@ -6,7 +6,7 @@ Usage: aiosmtpd_sink.py PORT OUT_DIR [--tls CERT KEY] [--sni DIR] [--broken-tls 
 Stores each message as OUT_DIR/<n>.json ({"mail_from", "rcpt_tos", "mail_options",
 "data" (latin-1), "tls", "peer" (client address), "peer_port", "helo", "auth_user",
 "proxy_src", "proxy_dst", "received_at" (unix seconds, when its DATA ended)}), and
-OUT_DIR/connections.json: {"open", "max_open", "total"} (connections open now, the
+OUT_DIR/connections.state: {"open", "max_open", "total"} (connections open now, the
 most open at once, and all made), rewritten as they open and close.
 --broken-tls offers STARTTLS whose handshake fails (TLS 1.1 at most, which a
 modern client refuses). --proxy-protocol: every connection starts with a PROXY
@@ -45,7 +45,7 @@ class Handler:
             c["max_open"] = max(c["max_open"], c["open"])
         else:
             c["open"] -= 1
-        path = os.path.join(self.out_dir, "connections.json")
+        path = os.path.join(self.out_dir, "connections.state")
         with open(path + ".tmp", "w") as f:
             json.dump(c, f)
         os.rename(path + ".tmp", path)
