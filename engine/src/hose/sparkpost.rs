@@ -606,7 +606,10 @@ mod tests {
         assert_eq!(e["actions"][0], "suspend");
         assert_eq!(e["shard"], 1);
         let line = r#"{"type":"cluster","timestamp_ms":1765000000000,"shard":0,"change":"unreachable","fallback":"open","nodes":3}"#;
-        assert!(one(line, &deliveries).is_empty(), "only to sinks that ask for it");
+        assert!(
+            one(line, &deliveries).is_empty(),
+            "only to sinks that ask for it"
+        );
         let e = &one(line, &all())[0]["msys"]["gannet_event"];
         assert_eq!(e["type"], "cluster");
         assert_eq!(e["change"], "unreachable");
