@@ -242,13 +242,13 @@ pub fn http_request(
 }
 
 /// The sum over the shards of gannetd's metric `gannet_<name>`, read from /metrics at
-/// `http`.
+/// `http` (a process-wide metric without labels is its one line).
 pub fn gannet_metric(http: std::net::SocketAddr, name: &str) -> anyhow::Result<f64> {
     let (_, body) = http_request(http, "GET", "/metrics", None, b"")?;
-    let prefix = format!("gannet_{name}{{");
+    let (labelled, bare) = (format!("gannet_{name}{{"), format!("gannet_{name} "));
     Ok(String::from_utf8_lossy(&body)
         .lines()
-        .filter(|l| l.starts_with(&prefix))
+        .filter(|l| l.starts_with(&labelled) || l.starts_with(&bare))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum())
 }

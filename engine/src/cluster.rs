@@ -439,7 +439,7 @@ impl Link {
             (
                 "cluster_redis_calls_total",
                 "counter",
-                "Calls made to the shared Redis (leases and tokens given back).",
+                "Calls made to the shared Redis (leases, tokens given back, connection claims, heartbeats, the shared admin verbs).",
                 load(&s.calls_total),
             ),
             (

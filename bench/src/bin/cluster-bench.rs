@@ -116,16 +116,6 @@ impl Drop for Redis {
     }
 }
 
-/// An unlabelled metric of gannetd's (the cluster link's).
-fn link_metric(http: SocketAddr, name: &str) -> Result<f64> {
-    let (_, body) = gannet_bench::http_request(http, "GET", "/metrics", None, b"")?;
-    let prefix = format!("gannet_{name} ");
-    Ok(String::from_utf8_lossy(&body)
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str())?.parse::<f64>().ok())
-        .unwrap_or(0.0))
-}
-
 /// One round of `system`.
 fn round(args: &Args, system: &str, redis: &Redis) -> Result<Measured> {
     let dir = args.dir.join(system);
@@ -149,7 +139,7 @@ fn round(args: &Args, system: &str, redis: &Redis) -> Result<Measured> {
     if system == "shared" {
         // The link up before the load, as a running node's is.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while link_metric(http, "cluster_redis_up")? < 1.0 {
+        while gannet_bench::gannet_metric(http, "cluster_redis_up")? < 1.0 {
             if Instant::now() > deadline {
                 bail!("gannetd's cluster link never came up");
             }
@@ -158,7 +148,7 @@ fn round(args: &Args, system: &str, redis: &Redis) -> Result<Measured> {
     }
     let (cpu0, calls0, commands0) = (
         process_cpu_seconds(server.pid),
-        link_metric(http, "cluster_redis_calls_total")?,
+        gannet_bench::gannet_metric(http, "cluster_redis_calls_total")?,
         redis.commands()?,
     );
     let started = Instant::now();
@@ -174,7 +164,7 @@ fn round(args: &Args, system: &str, redis: &Redis) -> Result<Measured> {
     gannet_bench::wait_delivered(http, accepted).with_context(|| system.to_string())?;
     let seconds = started.elapsed().as_secs_f64();
     let cpu = process_cpu_seconds(server.pid) - cpu0;
-    let calls = link_metric(http, "cluster_redis_calls_total")? - calls0;
+    let calls = gannet_bench::gannet_metric(http, "cluster_redis_calls_total")? - calls0;
     let commands = (redis.commands()? - commands0) as f64;
     server.stop()?;
     sink.stop()?;
