@@ -23,6 +23,10 @@ use crate::config::shaping::Rate;
 pub enum Answer {
     /// `tokens` taken (perhaps none); the next conforms in `wait_ms`.
     Granted { tokens: u32, wait_ms: u64 },
+    /// A claim of connections: how many this claimant may have open, and whether
+    /// another claimant waits for more than it holds (then connections with
+    /// nothing to send should close rather than wait idle).
+    Claimed { allowed: u32, others_waiting: bool },
     /// The shared store cannot be reached: the throttle falls back as configured.
     Down(Fallback),
 }
@@ -49,6 +53,41 @@ pub trait TokenSource: fmt::Debug {
     fn window_ms(&self) -> u64;
 }
 
+/// An answer known when the question is asked (a source kept in this process).
+#[derive(Debug)]
+pub struct Ready(pub Option<Answer>);
+
+impl Asked for Ready {
+    fn answer(&mut self) -> Option<Answer> {
+        self.0.take()
+    }
+}
+
+/// How many of `limit` connections shared under one key a claimant may have open,
+/// wanting `wanted` with `open` open, when `others` are the other live claimants'
+/// `(held, wanted)`: what they do not hold, and while one of them waits for more
+/// than it holds, no more than an even share (or what it has open). Answered as
+/// [`Answer::Claimed`], with whether one of them waits. (The cluster's Redis script
+/// answers the same: `CLAIM_SCRIPT`.)
+pub fn claim_share(
+    others: impl Iterator<Item = (u32, u32)>,
+    limit: u32,
+    wanted: u32,
+    open: u32,
+) -> (u32, bool) {
+    let (mut held, mut claimants, mut starved) = (0u32, 1u32, false);
+    for (h, w) in others {
+        held = held.saturating_add(h);
+        claimants += 1;
+        starved |= w > h;
+    }
+    let mut allowed = wanted.min(limit.saturating_sub(held));
+    if starved {
+        allowed = allowed.min(limit.div_ceil(claimants).max(open));
+    }
+    (allowed, starved)
+}
+
 /// How soon a throttle waiting for an answer says to look again.
 pub const POLL: Duration = Duration::from_millis(2);
 
@@ -56,9 +95,10 @@ pub const POLL: Duration = Duration::from_millis(2);
 const DOWN_RETRY_US: u64 = 1_000_000;
 
 /// A generic cell rate algorithm in µs: one emission interval per event, bursts up
-/// to the rate's count.
+/// to the rate's count. (The cluster's Redis script keeps the same state the same
+/// way: `engine/src/cluster.rs`'s `LEASE_SCRIPT`.)
 #[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct Gcra {
+pub struct Gcra {
     /// Theoretical arrival time of the next event.
     tat_us: u64,
     emission_us: u64,
@@ -67,16 +107,66 @@ pub(crate) struct Gcra {
 }
 
 impl Gcra {
-    /// Changes the rate, keeping what has been spent.
-    pub(crate) fn set_rate(&mut self, rate: Rate) {
+    /// A rate's emission interval and tolerance in µs (a burst of the whole
+    /// count); None when it is unlimited.
+    pub fn params(rate: Rate) -> Option<(u64, u64)> {
         match rate {
-            Rate::Unlimited => self.unlimited = true,
+            Rate::Unlimited => None,
             Rate::Per { count, per_ms } => {
                 let per_us = per_ms.saturating_mul(1000);
-                self.unlimited = false;
-                self.emission_us = (per_us / count.max(1)).max(1);
-                self.tolerance_us = per_us.saturating_sub(self.emission_us);
+                let emission_us = (per_us / count.max(1)).max(1);
+                Some((emission_us, per_us.saturating_sub(emission_us)))
             }
+        }
+    }
+
+    /// Changes the rate, keeping what has been spent.
+    pub fn set_rate(&mut self, rate: Rate) {
+        match Gcra::params(rate) {
+            None => self.unlimited = true,
+            Some((emission_us, tolerance_us)) => {
+                self.unlimited = false;
+                self.emission_us = emission_us;
+                self.tolerance_us = tolerance_us;
+            }
+        }
+    }
+
+    /// Takes up to `wanted` events that conform at `now_us` at once; answers how
+    /// many, and the µs until the next conforms.
+    pub fn take(&mut self, now_us: u64, wanted: u32) -> (u32, u64) {
+        if self.unlimited {
+            return (wanted, 0);
+        }
+        let tat = self.tat_us.max(now_us);
+        let room = if tat - now_us <= self.tolerance_us {
+            (now_us + self.tolerance_us - tat) / self.emission_us + 1
+        } else {
+            0
+        };
+        let granted = u32::try_from(room.min(u64::from(wanted))).unwrap_or(wanted);
+        self.tat_us = tat + u64::from(granted) * self.emission_us;
+        let wait = (self.tat_us - now_us).saturating_sub(self.tolerance_us);
+        (granted, wait)
+    }
+
+    /// Gives `events` taken and not used back (their time is freed, never before
+    /// `now_us`).
+    pub fn give_back(&mut self, now_us: u64, events: u32) {
+        let back = u64::from(events).saturating_mul(self.emission_us);
+        self.tat_us = self.tat_us.saturating_sub(back).max(now_us);
+    }
+
+    /// Whether every event taken is past (a limit left in this state is as good
+    /// as new).
+    pub fn is_idle(&self, now_us: u64) -> bool {
+        self.tat_us <= now_us
+    }
+
+    /// Undoes the last event taken (another limit refused the same event).
+    pub(crate) fn refund(&mut self) {
+        if !self.unlimited {
+            self.tat_us = self.tat_us.saturating_sub(self.emission_us);
         }
     }
 
@@ -221,6 +311,19 @@ impl Leased {
         taken.map_err(|_| self.wait(now_us).max(POLL))
     }
 
+    /// Undoes the token [`Leased::acquire`] took just now (another limit refused
+    /// the same event).
+    pub(crate) fn refund(&mut self) {
+        match self.down {
+            Some(Fallback::Open) => self.local.refund(),
+            Some(Fallback::Closed) => {}
+            None => {
+                self.tokens += 1;
+                self.spent = self.spent.saturating_sub(1);
+            }
+        }
+    }
+
     /// Takes an answer that has come, and gives back tokens held two windows
     /// unspent (the queue has gone quiet).
     pub(crate) fn settle(&mut self, now_us: u64) {
@@ -251,6 +354,8 @@ impl Leased {
                     self.next_ask_us = now_us + (wait_ms.max(1) * 1000).max(window_us);
                 }
             }
+            // (Not an answer to a lease.)
+            Answer::Claimed { .. } => {}
             Answer::Down(fallback) => {
                 if self.down != Some(fallback) && fallback == Fallback::Open {
                     self.local.set_rate(share(self.rate, self.source.nodes()));
@@ -306,6 +411,8 @@ pub(crate) struct Slots {
     /// A claim that holds connections is renewed by this time.
     renew_us: u64,
     down: Option<Fallback>,
+    /// Another claimant waits for more than it holds (as of the last answer).
+    others_waiting: bool,
 }
 
 impl fmt::Debug for Slots {
@@ -333,7 +440,14 @@ impl Slots {
             next_ask_us: 0,
             renew_us: 0,
             down: None,
+            others_waiting: false,
         }
+    }
+
+    /// Whether another claimant waited for connections at the last claim: this
+    /// node's connections with nothing to send should close, not wait idle.
+    pub(crate) fn others_waiting(&self) -> bool {
+        self.others_waiting && self.down.is_none()
     }
 
     /// The connections this node may have open now of the shared `limit`, wanting
@@ -374,17 +488,24 @@ impl Slots {
             return;
         };
         self.asked = None;
-        match answer {
-            Answer::Granted { tokens, .. } => {
-                self.down = None;
-                self.claimed = tokens as usize;
-                if self.claimed < self.asked_for {
-                    // Others hold the rest: asking again before they renew their
-                    // claims (and yield) would change nothing.
-                    self.next_ask_us = self.renew_us;
-                }
+        let (allowed, others_waiting) = match answer {
+            Answer::Claimed {
+                allowed,
+                others_waiting,
+            } => (allowed, others_waiting),
+            Answer::Granted { tokens, .. } => (tokens, false),
+            Answer::Down(fallback) => {
+                self.down = Some(fallback);
+                return;
             }
-            Answer::Down(fallback) => self.down = Some(fallback),
+        };
+        self.down = None;
+        self.claimed = allowed as usize;
+        self.others_waiting = others_waiting;
+        if self.claimed < self.asked_for {
+            // Others hold the rest: asking again before they renew their claims
+            // (and yield) would change nothing.
+            self.next_ask_us = self.renew_us;
         }
     }
 

@@ -5,7 +5,7 @@
 use std::rc::Rc;
 use std::time::Duration;
 
-use crate::config::shaping::{Knobs, Rate};
+use crate::config::shaping::{Knobs, LimitScope, Rate, SharedLimit};
 use crate::config::{DeliveryConfig, TlsMode};
 use crate::lease::{Gcra, Leased, TokenSource};
 
@@ -153,6 +153,63 @@ pub struct ShapingTable {
     pub providers_set_retry: bool,
     /// The scheduled queues' rules (`delivery.queues`).
     pub queue_rules: Vec<crate::config::delivery::QueueRule>,
+    /// Limits over several ready queues (`delivery.limits`, and the providers'
+    /// `provider_*` keys), in name order.
+    limits: Vec<LimitRule>,
+}
+
+/// One limit over several ready queues, compiled.
+#[derive(Debug, Clone)]
+struct LimitRule {
+    /// `limit:<name>` or `provider:<name>`.
+    name: String,
+    per: LimitScope,
+    /// The queue must be in one of these (the providers named; every queue when
+    /// none is named), and from one of `sources` (empty: any).
+    every_site: bool,
+    scopes: Vec<Scope>,
+    sources: Vec<String>,
+    values: LimitValues,
+}
+
+/// What a limit over several ready queues allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LimitValues {
+    /// Connections open at once (None: no limit).
+    pub connection_limit: Option<usize>,
+    pub max_message_rate: Rate,
+    pub max_connection_rate: Rate,
+}
+
+impl LimitValues {
+    fn of(limit: &SharedLimit) -> LimitValues {
+        LimitValues {
+            connection_limit: limit.connection_limit.map(|v| v.usize()),
+            max_message_rate: limit.max_message_rate.unwrap_or(Rate::Unlimited),
+            max_connection_rate: limit.max_connection_rate.unwrap_or(Rate::Unlimited),
+        }
+    }
+}
+
+/// Compiles the limits over several queues: `delivery.limits`, then each
+/// provider's `provider_*` keys.
+fn limit_rules(config: &DeliveryConfig) -> Vec<LimitRule> {
+    let scope_of =
+        |name: &String| (config.providers.get(name)).map(|p| Scope::new(&p.mx_suffix, &p.sources));
+    let rule = |name: String, limit: &SharedLimit| LimitRule {
+        name,
+        per: limit.per,
+        every_site: limit.providers.is_empty(),
+        scopes: limit.providers.iter().filter_map(scope_of).collect(),
+        sources: limit.sources.clone(),
+        values: LimitValues::of(limit),
+    };
+    let named = (config.limits.iter()).map(|(name, limit)| rule(format!("limit:{name}"), limit));
+    let providers = (config.providers.iter()).filter_map(|(name, provider)| {
+        let limit = provider.provider_limit(name)?;
+        Some(rule(format!("provider:{name}"), &limit))
+    });
+    named.chain(providers).collect()
 }
 
 impl ShapingTable {
@@ -191,7 +248,32 @@ impl ShapingTable {
             rules: crate::adaptive::Rules::new(config),
             providers_set_retry,
             queue_rules: config.queues.clone(),
+            limits: limit_rules(config),
         }
+    }
+
+    /// The limits over several queues that the queue from `source` to `site`
+    /// (served by `hosts`) is in: each one's key (the same on every node:
+    /// `limit:<name>`, then `@<source>` or `@<site>` when it is kept per source or
+    /// per site) and what it allows.
+    pub fn limits_for<'a>(
+        &self,
+        source: &str,
+        site: &str,
+        hosts: impl Iterator<Item = &'a str> + Clone,
+    ) -> Vec<(String, LimitValues)> {
+        (self.limits.iter())
+            .filter(|l| l.sources.is_empty() || l.sources.iter().any(|s| s == source))
+            .filter(|l| l.every_site || l.scopes.iter().any(|s| s.applies(source, hosts.clone())))
+            .map(|l| {
+                let key = match l.per {
+                    LimitScope::Source => format!("{}@{source}", l.name),
+                    LimitScope::Site => format!("{}@{site}", l.name),
+                    LimitScope::All => l.name.clone(),
+                };
+                (key, l.values)
+            })
+            .collect()
     }
 
     /// The shaping of the queue from `source` to the site served by `hosts`.
@@ -299,6 +381,15 @@ impl Throttle {
         match self.shared.as_mut() {
             Some(shared) if !self.local.is_unlimited() => shared.acquire(now_us),
             _ => self.local.acquire(now_us),
+        }
+    }
+
+    /// Undoes the event [`Throttle::acquire`] counted just now (another limit
+    /// refused the same event).
+    pub fn refund(&mut self) {
+        match self.shared.as_mut() {
+            Some(shared) if !self.local.is_unlimited() => shared.refund(),
+            _ => self.local.refund(),
         }
     }
 

@@ -86,13 +86,15 @@ return 1
 "#
 );
 
-/// Claims connections of the limit `ARGV[3]` shared under `KEYS[1]` (a hash: node →
-/// `held:wanted`) for node `ARGV[1]`, which wants `ARGV[2]` and has `ARGV[4]` open:
-/// it may have what the live nodes (`KEYS[2]`, heard from within `ARGV[5]` µs) do
-/// not hold, and while another node waits for more than it holds, no more than an
-/// even share (or what it has open). Claims of nodes no longer live are dropped.
-/// Records the node's holding (what it may have, or has open if more) and answers
-/// `{allowed, held by the others}`; a claim of none removes the node.
+/// Claims connections of the limit `ARGV[3]` shared under `KEYS[1]` (a hash:
+/// claimant → `held:wanted`) for claimant `ARGV[1]` (a node, or one shard of a node
+/// as `node#shard`), which wants `ARGV[2]` and has `ARGV[4]` open: it may have what
+/// the claimants of live nodes (`KEYS[2]`, heard from within `ARGV[5]` µs) do not
+/// hold, and while another waits for more than it holds, no more than an even
+/// share (or what it has open) — as `gannet_core::lease::claim_share`. Claims of
+/// nodes no longer live are dropped. Records the claimant's holding (what it may
+/// have, or has open if more) and answers `{allowed, 1 if another waits else 0}`;
+/// a claim of none removes the claimant.
 pub const CLAIM_SCRIPT: &str = redis_script!(
     r#"
 local node = ARGV[1]
@@ -105,7 +107,7 @@ local entries = redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do
   local other = entries[i]
   if other ~= node then
-    local seen = tonumber(redis.call('ZSCORE', KEYS[2], other))
+    local seen = tonumber(redis.call('ZSCORE', KEYS[2], string.match(other, '^(.*)#%d+$') or other))
     if seen and seen >= now - ttl then
       local held, wants = string.match(entries[i + 1], '(%d+):(%d+)')
       held, wants = tonumber(held), tonumber(wants)
@@ -127,7 +129,7 @@ else
   redis.call('HSET', KEYS[1], node, math.max(allowed, open) .. ':' .. wanted)
   redis.call('PEXPIRE', KEYS[1], math.ceil(ttl / 1000) * 4)
 end
-return { allowed, others }
+return { allowed, starved and 1 or 0 }
 "#
 );
 
@@ -195,17 +197,11 @@ struct Gcra {
 impl Gcra {
     /// None for an unlimited rate (nothing to share).
     fn of(rate: Rate) -> Option<Gcra> {
-        match rate {
-            Rate::Unlimited => None,
-            Rate::Per { count, per_ms } => {
-                let per_us = per_ms.saturating_mul(1000);
-                let emission_us = (per_us / count.max(1)).max(1);
-                Some(Gcra {
-                    emission_us,
-                    tolerance_us: per_us.saturating_sub(emission_us),
-                })
-            }
-        }
+        let (emission_us, tolerance_us) = gannet_core::lease::Gcra::params(rate)?;
+        Some(Gcra {
+            emission_us,
+            tolerance_us,
+        })
     }
 }
 
@@ -223,6 +219,9 @@ enum Job {
     },
     Claim {
         key: String,
+        /// The shard claiming for itself (a limit over several queues, which each
+        /// shard claims on its own), or None for the node.
+        shard: Option<usize>,
         limit: u32,
         wanted: u32,
         open: u32,
@@ -357,12 +356,21 @@ impl Link {
         Pending(answer)
     }
 
-    /// Claims `wanted` of the `limit` connections shared under `key` for this node,
-    /// which has `open` open; answered with how many it may have open.
-    pub fn claim(&self, key: &str, limit: u32, wanted: u32, open: u32) -> Pending {
+    /// Claims `wanted` of the `limit` connections shared under `key` for this node
+    /// (or for its shard `shard`), which has `open` open; answered with how many it
+    /// may have open.
+    pub fn claim(
+        &self,
+        key: &str,
+        shard: Option<usize>,
+        limit: u32,
+        wanted: u32,
+        open: u32,
+    ) -> Pending {
         let (reply, answer) = crossbeam_channel::bounded(1);
         let job = Job::Claim {
             key: key.to_string(),
+            shard,
             limit,
             wanted,
             open,
@@ -481,30 +489,60 @@ impl Link {
 }
 
 /// A shard's handle on the link: the shared rates of its ready queues lease
-/// through it (`Queues::set_token_source`).
+/// through it (`Queues::set_token_source`), and with a shard number, its side of
+/// the limits over several queues (`Queues::set_group_source`), which every shard
+/// of every node claims on its own.
 #[derive(Debug, Clone)]
-pub struct Tokens(pub Arc<Link>);
+pub struct Tokens {
+    link: Arc<Link>,
+    /// The shard claiming connections (None: the node, for its ready queues,
+    /// which live on one shard each), and how many shards the node has.
+    shard: Option<usize>,
+    shards: u64,
+}
+
+impl Tokens {
+    /// For the ready queues' own limits (each queue lives on one shard).
+    pub fn node(link: Arc<Link>) -> Tokens {
+        Tokens {
+            link,
+            shard: None,
+            shards: 1,
+        }
+    }
+
+    /// For shard `shard`'s side of the limits over several queues, of `shards`.
+    pub fn shard(link: Arc<Link>, shard: usize, shards: usize) -> Tokens {
+        Tokens {
+            link,
+            shard: Some(shard),
+            shards: shards.max(1) as u64,
+        }
+    }
+}
 
 impl TokenSource for Tokens {
     fn ask(&self, key: &str, rate: Rate, wanted: u32) -> Box<dyn Asked> {
         // One box per lease (a few a second per throttle, not per message).
-        Box::new(self.0.lease(key, rate, wanted))
+        Box::new(self.link.lease(key, rate, wanted))
     }
 
     fn give_back(&self, key: &str, rate: Rate, tokens: u32) {
-        self.0.give_back(key, rate, tokens);
+        self.link.give_back(key, rate, tokens);
     }
 
     fn claim(&self, key: &str, limit: u32, wanted: u32, open: u32) -> Box<dyn Asked> {
-        Box::new(self.0.claim(key, limit, wanted, open))
+        Box::new(self.link.claim(key, self.shard, limit, wanted, open))
     }
 
+    /// The shares a limit falls back to: the live nodes, times the shards of each
+    /// when every shard keeps its own side.
     fn nodes(&self) -> u64 {
-        self.0.nodes()
+        self.link.nodes().saturating_mul(self.shards)
     }
 
     fn window_ms(&self) -> u64 {
-        self.0.window_ms
+        self.link.window_ms
     }
 }
 
@@ -688,27 +726,32 @@ impl Thread {
             }
             Job::Claim {
                 key,
+                shard,
                 limit,
                 wanted,
                 open,
                 reply,
             } => {
+                let claimant = match shard {
+                    Some(shard) => format!("{}#{shard}", self.node),
+                    None => self.node.clone(),
+                };
                 let result = self
                     .claim
                     .key(format!("gannet:connections:{key}"))
                     .key(NODES_KEY)
-                    .arg(&self.node)
+                    .arg(claimant)
                     .arg(wanted)
                     .arg(limit)
                     .arg(open)
                     .arg(NODE_TTL.as_micros() as u64)
                     .invoke::<(u64, u64)>(connection);
                 match result {
-                    Ok((allowed, _others)) => {
+                    Ok((allowed, waiting)) => {
                         let allowed = u32::try_from(allowed).unwrap_or(0);
-                        let _ = reply.send(Answer::Granted {
-                            tokens: allowed,
-                            wait_ms: 0,
+                        let _ = reply.send(Answer::Claimed {
+                            allowed,
+                            others_waiting: waiting > 0,
                         });
                         None
                     }

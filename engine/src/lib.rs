@@ -16,6 +16,7 @@ pub mod ingress;
 pub mod io;
 pub mod jobs;
 pub mod json;
+pub mod limits;
 pub mod live;
 pub mod merge;
 pub mod mesh;

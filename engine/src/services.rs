@@ -115,6 +115,7 @@ mod testing {
                 sessions: Arc::new(SessionLimits::new(100, 100)),
                 live,
                 cluster: None,
+                limits: Default::default(),
                 warmup: crate::warmup::Warmup::load(&config.delivery, events_dir, 0).unwrap(),
                 hose: Arc::new(hose),
                 suppressions: crate::suppression::Suppressions::open(events_dir, 1000).unwrap(),

@@ -50,6 +50,9 @@ pub struct Shared {
     pub live: Arc<crate::live::Live>,
     /// The link to the shared Redis (`[cluster] redis_url`), when one is set.
     pub cluster: Option<Arc<crate::cluster::Link>>,
+    /// The limits over several queues (`delivery.limits`) every shard keeps its
+    /// side of, when no cluster shares them.
+    pub limits: Arc<crate::limits::LocalLimits>,
     /// Rung by SIGTERM/SIGINT; wakes every shard's shutdown at once.
     pub stop: Arc<crate::io::StopBell>,
     /// IP warm-up budgets, shared by the shards' choices of egress source.

@@ -63,6 +63,9 @@ pub struct DeliveryConfig {
     /// relative paths are from the configuration file's directory. A provider this
     /// file defines itself wins over a file's of the same name.
     pub provider_files: Vec<String>,
+    /// Limits over several ready queues together: per egress source, per site or
+    /// for all, over every site or a provider's (`shaping::SharedLimit`).
+    pub limits: BTreeMap<String, shaping::SharedLimit>,
     /// Response rules for every site (adaptive delivery); providers add their own.
     pub automation: Vec<super::automation::Automation>,
     /// A source named `default` (no binding, the default EHLO name) always exists.
@@ -121,6 +124,7 @@ impl Default for DeliveryConfig {
             shaping: shaping::Knobs::builtin(),
             providers: BTreeMap::new(),
             provider_files: Vec::new(),
+            limits: BTreeMap::new(),
             automation: Vec::new(),
             routes: BTreeMap::new(),
             sources: BTreeMap::new(),

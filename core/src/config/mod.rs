@@ -165,7 +165,7 @@ impl Config {
         if !config.delivery.provider_files.is_empty() {
             let origin = path.display().to_string();
             config
-                .check_warmup_providers()
+                .check_named_providers()
                 .map_err(|(key, message)| located(&text, &origin, key, None, message))?;
         }
         Ok(config)
@@ -271,8 +271,8 @@ impl Config {
         Ok(())
     }
 
-    /// The providers warm-up plans name exist.
-    fn check_warmup_providers(&self) -> Result<(), (String, String)> {
+    /// The providers warm-up plans and limits name exist.
+    fn check_named_providers(&self) -> Result<(), (String, String)> {
         for (name, plan) in &self.delivery.warmups {
             for provider in &plan.providers {
                 if !self.delivery.providers.contains_key(provider) {
@@ -281,6 +281,43 @@ impl Config {
                         format!("provider `{provider}` is not defined in delivery.providers"),
                     ));
                 }
+            }
+        }
+        for (name, limit) in &self.delivery.limits {
+            if let Some(provider) =
+                (limit.providers.iter()).find(|p| !self.delivery.providers.contains_key(*p))
+            {
+                return Err((
+                    format!("delivery.limits.{name}.providers"),
+                    format!("provider `{provider}` is not defined in delivery.providers"),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The limits over several ready queues: each limits something, from sources
+    /// that exist.
+    fn check_limits(&self) -> Result<(), (String, String)> {
+        for (name, limit) in &self.delivery.limits {
+            let key = format!("delivery.limits.{name}");
+            if name.trim().is_empty() || name.chars().any(|c| c.is_whitespace() || c == '@') {
+                return Err((
+                    key,
+                    "a limit's name must not be empty nor hold spaces or `@`".into(),
+                ));
+            }
+            if !limit.sets_any() {
+                return Err((
+                    key,
+                    "limits nothing: give connection_limit, max_message_rate or max_connection_rate".into(),
+                ));
+            }
+            if let Some(source) = unknown_source(&self.delivery.sources, &limit.sources) {
+                return Err((
+                    format!("{key}.sources"),
+                    format!("source `{source}` is not defined in delivery.sources"),
+                ));
             }
         }
         Ok(())
@@ -413,11 +450,12 @@ impl Config {
             }
         }
         self.check_warmup_plans()?;
+        self.check_limits()?;
         self.check_events()?;
         if self.delivery.provider_files.is_empty() {
-            // With provider files, the plans' providers are checked once the files
-            // are read (`Config::load`).
-            self.check_warmup_providers()?;
+            // With provider files, the providers that plans and limits name are
+            // checked once the files are read (`Config::load`).
+            self.check_named_providers()?;
         }
         for (i, rule) in self.delivery.automation.iter().enumerate() {
             if let Some(source) = unknown_source(&self.delivery.sources, &rule.sources) {
@@ -671,6 +709,23 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 /// The span of the line that sets a dotted key: its last component if a line sets it,
 /// else the nearest enclosing key that a line sets (an inline table).
 fn find_key(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    // A table of its own (`[delivery.limits.x]`): its header.
+    let mut offset = 0;
+    for line in text.split_inclusive('\n') {
+        let trimmed = line.trim_start();
+        if let Some(inner) = trimmed.strip_prefix('[') {
+            let inner = inner.trim_start_matches('[');
+            let path: String = (inner.split(']').next().unwrap_or(""))
+                .chars()
+                .filter(|c| *c != '"' && *c != '\'' && !c.is_whitespace())
+                .collect();
+            if path == key.replace(' ', "") {
+                let start = offset + (line.len() - trimmed.len());
+                return Some(start..start + line.trim_end().len() - (line.len() - trimmed.len()));
+            }
+        }
+        offset += line.len();
+    }
     key.rsplit('.').find_map(|part| {
         let name = part.split('[').next()?;
         let mut offset = 0;
@@ -713,6 +768,74 @@ mod tests {
         for needle in needles {
             assert!(err.contains(needle), "{err:?} lacks {needle:?}");
         }
+    }
+
+    #[test]
+    fn limits_over_several_queues_are_checked_and_keyed_by_their_scope() {
+        // Each error names the key and its line.
+        check_err(
+            "[delivery.limits.x]\nper = \"source\"\n",
+            &["t.toml:1:", "delivery.limits.x", "limits nothing"],
+        );
+        check_err(
+            "[delivery.limits.x]\nconnection_limit = 0\n",
+            &["t.toml:2:", "connection_limit"],
+        );
+        check_err(
+            "[delivery.limits.x]\nper = \"tenant\"\nconnection_limit = 2\n",
+            &["t.toml:2:", "per", "tenant"],
+        );
+        check_err(
+            "[delivery.limits.x]\nmax_message_rate = \"fast\"\n",
+            &["max_message_rate", "not a rate"],
+        );
+        check_err(
+            "[delivery.limits.x]\nconnection_limit = 2\nsources = [\"ip9\"]\n",
+            &["delivery.limits.x.sources", "source `ip9` is not defined"],
+        );
+        check_err(
+            "[delivery.limits.x]\nconnection_limit = 2\nproviders = [\"nope\"]\n",
+            &[
+                "delivery.limits.x.providers",
+                "provider `nope` is not defined",
+            ],
+        );
+        check_err(
+            "[delivery.limits.\"a b\"]\nconnection_limit = 2\n",
+            &["delivery.limits.a b", "must not be empty nor hold spaces"],
+        );
+        check_err(
+            "[delivery.providers.p]\nmx_suffix = [\".p.test\"]\nprovider_connection_limit = -1\n",
+            &["t.toml:3:", "provider_connection_limit"],
+        );
+        let config = Config::parse(
+            "[delivery.sources.ip1]\n[delivery.sources.ip2]\n\
+             [delivery.providers.p]\nmx_suffix = [\".p.test\"]\nprovider_connection_limit = 5\n\
+             [delivery.limits.site]\nper = \"site\"\nmax_message_rate = \"10/s\"\n\
+             [delivery.limits.all]\nper = \"all\"\nsources = [\"ip2\"]\nmax_connection_rate = \"1/s\"\n\
+             [delivery.limits.p-only]\nproviders = [\"p\"]\nconnection_limit = 9\n",
+            "t.toml",
+        )
+        .unwrap();
+        let table = crate::shaping::ShapingTable::new(&config.delivery);
+        let keys = |source: &str, host: &str| -> Vec<String> {
+            (table
+                .limits_for(source, "site1", [host].into_iter())
+                .into_iter())
+            .map(|(key, _)| key)
+            .collect()
+        };
+        assert_eq!(
+            keys("ip1", "mx.p.test"),
+            ["limit:p-only@ip1", "limit:site@site1", "provider:p@ip1"]
+        );
+        assert_eq!(
+            keys("ip2", "mx.other.test"),
+            ["limit:all", "limit:site@site1"]
+        );
+        let values = table.limits_for("ip1", "s", ["mx.p.test"].into_iter());
+        assert_eq!(values[2].1.connection_limit, Some(5));
+        assert_eq!(values[2].1.max_message_rate, shaping::Rate::Unlimited);
     }
 
     #[test]

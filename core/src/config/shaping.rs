@@ -164,6 +164,71 @@ pub struct Provider {
     pub shaping: Knobs,
     /// Response rules for the provider's sites (adaptive delivery).
     pub automation: Vec<super::automation::Automation>,
+    /// Limits over all the provider's sites together, for each egress source
+    /// (KumoMTA's `provider_connection_limit` and `provider_max_message_rate`): a
+    /// [`SharedLimit`] named `provider:<name>`, `per = "source"`.
+    pub provider_connection_limit: Option<Bounded<1, 1_000_000>>,
+    pub provider_max_message_rate: Option<Rate>,
+    pub provider_max_connection_rate: Option<Rate>,
+}
+
+impl Provider {
+    /// The limit over all the provider's sites its `provider_*` keys set, if any.
+    pub fn provider_limit(&self, name: &str) -> Option<SharedLimit> {
+        let limit = SharedLimit {
+            per: LimitScope::Source,
+            providers: vec![name.to_string()],
+            sources: Vec::new(),
+            connection_limit: self.provider_connection_limit,
+            max_message_rate: self.provider_max_message_rate,
+            max_connection_rate: self.provider_max_connection_rate,
+        };
+        limit.sets_any().then_some(limit)
+    }
+}
+
+/// A limit over several ready queues together (`delivery.limits.<name>`): the
+/// connections open at once, messages and new connections per time unit of every
+/// queue in its scope — one limit for each egress source, for each site, or one
+/// for all — on this node, or on every node of a cluster (`[cluster]`). A queue
+/// sends only what its own shaping and every limit it is in allow (KumoMTA's
+/// `additional_connection_limits` and `additional_message_rate_throttles`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SharedLimit {
+    /// `"source"`: each egress source has its own limit over the sites in scope;
+    /// `"site"`: each site has its own over the sources in scope; `"all"`: one
+    /// limit for every queue in scope.
+    pub per: LimitScope,
+    /// Only the queues to these providers' sites (`delivery.providers`, with their
+    /// sources); empty: every site.
+    pub providers: Vec<String>,
+    /// Only the queues from these egress sources; empty: every source.
+    pub sources: Vec<String>,
+    pub connection_limit: Option<Bounded<1, 1_000_000>>,
+    pub max_message_rate: Option<Rate>,
+    pub max_connection_rate: Option<Rate>,
+}
+
+impl SharedLimit {
+    /// Whether it limits anything.
+    pub fn sets_any(&self) -> bool {
+        self.connection_limit.is_some()
+            || self.max_message_rate.is_some_and(|r| r != Rate::Unlimited)
+            || self
+                .max_connection_rate
+                .is_some_and(|r| r != Rate::Unlimited)
+    }
+}
+
+/// What one [`SharedLimit`] is kept for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LimitScope {
+    #[default]
+    Source,
+    Site,
+    All,
 }
 
 /// Providers by name; every matching rule applies, in name order.

@@ -248,6 +248,10 @@ pub struct ReadyInfo {
     /// This node's side of the limits shared by the cluster (`[cluster]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster: Option<ClusterShare>,
+    /// The limits over several queues it is in (`delivery.limits`), this shard's
+    /// side of each.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<super::limits::GroupInfo>,
 }
 
 /// A ready queue's share of the limits the cluster's nodes share.
@@ -563,6 +567,7 @@ impl Queues {
                     fallback: down.or(message_down).or(connection_down),
                 }
             }),
+            limits: q.groups(),
         }
     }
 }

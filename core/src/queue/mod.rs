@@ -13,6 +13,7 @@
 pub mod adapt;
 pub mod admin;
 pub mod health;
+pub mod limits;
 pub mod settle;
 pub mod wheel;
 
@@ -327,6 +328,8 @@ pub struct Queues {
     /// Where the ready queues' rates lease their tokens when they are shared by
     /// the cluster's nodes (None: each node keeps its own).
     tokens: Option<Rc<dyn crate::lease::TokenSource>>,
+    /// The limits over several ready queues that this shard's queues are in.
+    groups: limits::Groups,
     /// Response rules that fired on other nodes (`adapt::SharedRule`), imposed on
     /// queues made while they last.
     shared_rules: Vec<adapt::SharedRule>,
@@ -378,6 +381,10 @@ pub struct ReadyQueue {
     /// The share of its connection_limit this node has claimed, when the limit is
     /// shared by the cluster's nodes.
     slots: Option<Box<crate::lease::Slots>>,
+    /// The limits over several queues this one is in (`delivery.limits`).
+    groups: Vec<limits::GroupRef>,
+    /// Whether one of them limits messages.
+    groups_rate_messages: bool,
     /// No connection is opened before this (unix ms): the message rate said to wait.
     pub throttled_until_ms: u64,
     /// Failed connections in a row and the backoff they impose.
@@ -428,6 +435,8 @@ impl ReadyQueue {
             messages: Throttle::new(shaping.max_message_rate),
             connects: Throttle::new(shaping.max_connection_rate),
             slots: None,
+            groups: Vec::new(),
+            groups_rate_messages: false,
             throttled_until_ms: 0,
             health: health::ConnectHealth::default(),
             adaptive,
@@ -466,19 +475,130 @@ impl ReadyQueue {
         };
         let want = self.parts.len() + self.remote.len();
         let want = want.min(allowed).max(self.connections);
-        (slots.allowed(
+        let cap = (slots.allowed(
             now_us,
             self.shaping.connection_limit,
             want,
             self.connections,
         ))
-        .min(allowed)
+        .min(allowed);
+        if slots.others_waiting() {
+            // Another node waits for this queue's connections: those idle here
+            // close.
+            self.wake_idle();
+        }
+        cap
     }
 
     /// Whether the queue's connection limit is shared, and if so this node's claim
     /// and the fallback in force (the admin API).
     pub fn connection_share(&self) -> Option<(usize, Option<crate::config::Fallback>)> {
         self.slots.as_ref().map(|s| s.state())
+    }
+
+    /// Joins the limits over several queues that `table` puts the queue in (and
+    /// leaves those it no longer does).
+    fn join_groups(&mut self, table: &ShapingTable, groups: &mut limits::Groups) {
+        let hosts = self.site.host_names.iter().map(String::as_str);
+        let joined: Vec<limits::GroupRef> = (table
+            .limits_for(&self.egress.name, &self.site.name, hosts)
+            .iter())
+        .map(|(key, values)| groups.join(key, *values))
+        .collect();
+        // The connections open move with the queue (a reload changed its limits).
+        let within = |g: &limits::GroupRef, list: &[limits::GroupRef]| {
+            list.iter().any(|other| Rc::ptr_eq(g, other))
+        };
+        for g in self.groups.iter().filter(|g| !within(g, &joined)) {
+            g.borrow_mut().moved(self.connections, false);
+        }
+        for g in joined.iter().filter(|g| !within(g, &self.groups)) {
+            g.borrow_mut().moved(self.connections, true);
+        }
+        self.groups = joined;
+        self.groups_rate_messages = self.groups.iter().any(|g| g.borrow().rates_messages());
+    }
+
+    /// Whether sending a message takes a token (the queue's message rate or a
+    /// group's is limited): without one, no clock is read per message.
+    pub fn rates_messages(&self) -> bool {
+        self.shaping.max_message_rate != crate::config::shaping::Rate::Unlimited
+            || self.groups_rate_messages
+    }
+
+    /// Takes a token of the queue's message rate and of every group's, or none of
+    /// them and says how long to wait.
+    pub fn acquire_message(&mut self, now_us: u64) -> Result<(), std::time::Duration> {
+        acquire_all(&mut self.messages, &self.groups, now_us, |g| {
+            &mut g.messages
+        })
+    }
+
+    /// Takes a token of the queue's connection rate and of every group's, or none.
+    fn acquire_connect(&mut self, now_us: u64) -> Result<(), std::time::Duration> {
+        acquire_all(&mut self.connects, &self.groups, now_us, |g| {
+            &mut g.connects
+        })
+    }
+
+    /// `cap` within the room the groups' connection limits leave the queue (each
+    /// group that holds it back counts what it wanted past that, and goes on
+    /// `pressing`); and how soon a group's claim may change the room, when one
+    /// holds the queue back.
+    fn group_cap(
+        &mut self,
+        now_us: u64,
+        cap: usize,
+        pressing: &mut Vec<limits::GroupRef>,
+    ) -> (usize, Option<std::time::Duration>) {
+        let want = self.len().min(cap);
+        let (mut capped, mut wait) = (cap, None);
+        for group in &self.groups {
+            let mut g = group.borrow_mut();
+            let (room, listed) = g.room(self.connections, want);
+            if listed {
+                pressing.push(group.clone());
+            }
+            let may = self.connections.saturating_add(room);
+            if may < want
+                && let Some(w) = g.claim_wait(now_us)
+            {
+                wait = Some(wait.map_or(w, |earlier: std::time::Duration| earlier.min(w)));
+            }
+            capped = capped.min(may);
+        }
+        (capped, wait)
+    }
+
+    /// Whether a connection of the queue with nothing to send should close rather
+    /// than wait idle: another queue sharing one of its connection limits (a limit
+    /// over several queues, or the cluster's share of this queue's) waits for a
+    /// connection.
+    pub fn pressed(&self) -> bool {
+        self.slots.as_ref().is_some_and(|s| s.others_waiting())
+            || self.groups.iter().any(|g| g.borrow().pressed())
+    }
+
+    /// Notes a connection of the queue waiting idle for its next part: woken when
+    /// a part arrives, or when [`ReadyQueue::pressed`] may have become true.
+    pub fn park_idle(&mut self, waker: &std::task::Waker) {
+        self.idle.push(waker.clone());
+        for g in &self.groups {
+            g.borrow_mut().park(waker);
+        }
+    }
+
+    /// Counts a connection opened, in the queue and its groups.
+    fn opened(&mut self) {
+        self.connections += 1;
+        for g in &self.groups {
+            g.borrow_mut().opened();
+        }
+    }
+
+    /// The limits over several queues this one is in (the admin API).
+    pub fn groups(&self) -> Vec<limits::GroupInfo> {
+        self.groups.iter().map(|g| g.borrow().info()).collect()
     }
 
     /// Tells the connections waiting idle that a part has arrived.
@@ -520,6 +640,27 @@ impl ReadyQueue {
     fn is_full(&self) -> bool {
         self.len() >= self.shaping.max_ready
     }
+}
+
+/// Takes a token of `own` and of each group's throttle `pick` chooses, or, when one
+/// refuses, gives back those taken and says how long to wait.
+fn acquire_all(
+    own: &mut Throttle,
+    groups: &[limits::GroupRef],
+    now_us: u64,
+    pick: impl Fn(&mut limits::Group) -> &mut Throttle,
+) -> Result<(), std::time::Duration> {
+    own.acquire(now_us)?;
+    for (i, group) in groups.iter().enumerate() {
+        if let Err(wait) = pick(&mut group.borrow_mut()).acquire(now_us) {
+            for taken in &groups[..i] {
+                pick(&mut taken.borrow_mut()).refund();
+            }
+            own.refund();
+            return Err(wait);
+        }
+    }
+    Ok(())
 }
 
 /// Lists the ready queue `q`, named `key`, to be looked at for connections (once).
@@ -585,6 +726,13 @@ impl Queues {
         self.tokens = Some(source);
     }
 
+    /// Keeps the limits over several queues (`delivery.limits`) with `source`:
+    /// every shard's groups of one key, and every node's with `[cluster]`, lease
+    /// from it alike. Without one, each shard keeps its groups alone.
+    pub fn set_group_source(&mut self, source: Rc<dyn crate::lease::TokenSource>) {
+        self.groups.set_source(source);
+    }
+
     /// Lets `path_config` set the shaping of the ready queues made from now on.
     pub fn set_path_config(&mut self, path_config: PathConfig) {
         self.path_config = path_config;
@@ -594,6 +742,7 @@ impl Queues {
         Queues {
             path_config: PathConfig::default(),
             tokens: None,
+            groups: limits::Groups::default(),
             shared_rules: Vec::new(),
             scheduled: Wheel::new(now_ms),
             due: Vec::new(),
@@ -738,6 +887,7 @@ impl Queues {
                 .adaptive
                 .rebase(&self.shaping.rules, &shaping.rules, rules);
             q.reshape(&shaping);
+            q.join_groups(&shaping, &mut self.groups);
             if !q.is_empty() {
                 list(&mut self.listed, q, key.as_str());
             }
@@ -766,6 +916,7 @@ impl Queues {
                 if let Some(source) = &self.tokens {
                     q.share_rates(&key, source);
                 }
+                q.join_groups(&self.shaping, &mut self.groups);
                 self.ready.insert(key.clone(), q);
                 if self.shared_rules.iter().any(|r| r.queue == key) {
                     // (Their events are the other node's: this node only obeys.)
@@ -794,6 +945,8 @@ impl Queues {
         let now_us = now_ms * 1000;
         let mut wake: Option<u64> = None;
         let mut later = |at: u64| wake = Some(wake.map_or(at, |w| w.min(at)));
+        // The groups that held queues back claim what the last round wanted.
+        self.groups.claim_pressing(now_us);
         for key in std::mem::take(&mut self.listed) {
             let Some(q) = self.ready.get_mut(&key) else {
                 continue;
@@ -830,20 +983,28 @@ impl Queues {
                     backing_off
                 } else {
                     let cap = q.shared_cap(now_us, allowed);
+                    let (cap, group_wait) = q.group_cap(now_us, cap, &mut self.groups.pressing);
                     let wanted = q.len().min(cap);
-                    // Held back by the share this node has claimed: looked at again
-                    // when a claim may change it.
+                    // Held back by the share this node has claimed, or by a limit
+                    // over several queues: looked at again when a claim may change
+                    // it (or a connection ends).
                     let mut waiting = wanted < q.len().min(allowed) && q.connections >= wanted;
-                    if waiting && let Some(slots) = &q.slots {
-                        later(now_ms + slots.wait(now_us).as_millis() as u64);
+                    if waiting {
+                        let claims = (q.slots.as_ref().map(|s| s.wait(now_us)))
+                            .into_iter()
+                            .chain(group_wait)
+                            .min();
+                        if let Some(wait) = claims {
+                            later(now_ms + wait.as_millis() as u64);
+                        }
                     }
                     while q.connections < wanted {
-                        if let Err(wait) = q.connects.acquire(now_us) {
+                        if let Err(wait) = q.acquire_connect(now_us) {
                             later(now_ms + wait.as_millis() as u64 + 1);
                             waiting = true;
                             break;
                         }
-                        q.connections += 1;
+                        q.opened();
                         out.push(key.clone());
                     }
                     waiting
@@ -863,6 +1024,9 @@ impl Queues {
     pub fn connection_ended(&mut self, key: &str) {
         if let Some(q) = self.ready.get_mut(key) {
             q.connections = q.connections.saturating_sub(1);
+            for g in &q.groups {
+                g.borrow_mut().ended();
+            }
             list(&mut self.listed, q, key);
         }
     }
@@ -911,13 +1075,15 @@ impl Queues {
         }
     }
 
-    /// Shared rates take the answers to their leases and give back the tokens held
-    /// unspent for two lease windows (nothing when rates are not shared).
+    /// Shared rates (the queues' with `[cluster]`, and the limits over several
+    /// queues') take the answers to their leases and give back the tokens held
+    /// unspent for two lease windows; shared connection limits claim anew.
     pub fn settle_leases(&mut self, now_ms: u64) {
+        let now_us = now_ms * 1000;
+        self.groups.settle(now_us);
         if self.tokens.is_none() {
             return;
         }
-        let now_us = now_ms * 1000;
         for q in self.ready.values_mut() {
             q.messages.settle(now_us);
             q.connects.settle(now_us);
@@ -943,6 +1109,7 @@ impl Queues {
                 || !q.messages.wait(now_us).is_zero()
                 || !q.connects.wait(now_us).is_zero()
         });
+        self.groups.forget_unused();
     }
 
     /// When the scheduled queue next has a part due (a lower bound).
@@ -1424,6 +1591,100 @@ mod tests {
         q.connection_ended(key);
         q.forget_idle(retry + 10_000);
         assert_eq!(q.ready.keys().collect::<Vec<_>>(), vec![key]);
+    }
+
+    /// Queues from `sources` to `sites` sites (mx<i>.hop.test), two parts each,
+    /// under `toml_text`.
+    fn grouped_queues(toml_text: &str, sources: &[&str], sites: usize) -> Queues {
+        let config = crate::config::Config::parse(toml_text, "t.toml").unwrap();
+        let mut q = Queues::new(0, Arc::new(ShapingTable::new(&config.delivery)));
+        let m = message(&["x@a.test", "y@a.test"]);
+        for source in sources {
+            let egress = Rc::new(Egress {
+                name: source.to_string(),
+                ..Egress::default_source()
+            });
+            for i in 0..sites {
+                let site = Rc::new(Site {
+                    name: format!("mx{i}.hop.test"),
+                    hosts: vec!["127.0.0.1:25".parse().unwrap()],
+                    host_names: vec![format!("mx{i}.hop.test")],
+                    tls: Default::default(),
+                    auth: None,
+                });
+                for _ in 0..2 {
+                    let mut p = split(&m, 0).pop().unwrap();
+                    p.site = Some(site.clone());
+                    p.egress = Some(egress.clone());
+                    q.push_ready(p).unwrap();
+                }
+            }
+        }
+        q
+    }
+
+    #[test]
+    fn a_limit_over_several_queues_caps_their_connections_together() {
+        let mut q = grouped_queues(
+            "[delivery.limits.per-ip]\nper = \"source\"\nconnection_limit = 3\n",
+            &["default"],
+            5,
+        );
+        let mut opened = Vec::new();
+        q.open_connections(0, &mut opened);
+        assert_eq!(opened.len(), 3, "{opened:?}: three for the source in all");
+        let info = q.ready[&opened[0]].groups();
+        assert_eq!(info.len(), 1);
+        assert_eq!(info[0].key, "limit:per-ip@default");
+        assert_eq!(
+            (info[0].connections_open, info[0].connections_claimed),
+            (3, Some(3))
+        );
+        // The queues held back stay listed; a connection that ends lets one open.
+        assert!(!q.listed.is_empty());
+        q.connection_ended(&opened[0]);
+        let mut more = Vec::new();
+        q.open_connections(1, &mut more);
+        assert_eq!(more.len(), 1, "{more:?}");
+        // Reloaded without the limit: the queues are free of it.
+        let config = crate::config::Config::parse("", "t.toml").unwrap();
+        q.set_shaping(Arc::new(ShapingTable::new(&config.delivery)));
+        more.clear();
+        q.open_connections(2, &mut more);
+        assert_eq!(more.len(), 10 - 3, "two a queue now: {more:?}");
+        assert!(q.ready.values().all(|r| r.groups().is_empty()));
+        q.forget_idle(3);
+        assert!(q.groups.is_empty(), "the limit is forgotten");
+    }
+
+    #[test]
+    fn a_limit_over_several_queues_shares_one_message_rate() {
+        let mut q = grouped_queues(
+            "[delivery.providers.hop]\nmx_suffix = [\".hop.test\"]\n\
+             provider_max_message_rate = \"3/s\"\n\
+             shaping = { max_message_rate = \"2/s\" }\n",
+            &["default", "other"],
+            2,
+        );
+        let key = |source: &str, i: usize| format!("{source}->mx{i}.hop.test");
+        let q0 = key("default", 0);
+        let mut take = |k: &str, now_us: u64| {
+            let r = q.ready.get_mut(k).unwrap();
+            assert!(r.rates_messages());
+            r.acquire_message(now_us).is_ok()
+        };
+        // The provider's 3/s is the default source's over both its sites…
+        assert!(take(&q0, 0) && take(&q0, 0));
+        assert!(!take(&q0, 0), "the queue's own 2/s");
+        assert!(take(&key("default", 1), 0));
+        assert!(!take(&key("default", 1), 0), "the provider's 3/s");
+        // … and the other source has its own.
+        assert!(take(&key("other", 0), 0));
+        // A refusal by the limit took nothing from the queue's own rate: its second
+        // token of the burst is still there.
+        assert!(q.ready[&key("default", 1)].messages.wait(0).is_zero());
+        let groups = q.ready[&q0].groups();
+        assert_eq!(groups[0].key, "provider:hop@default");
     }
 
     #[test]

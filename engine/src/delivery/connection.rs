@@ -53,11 +53,10 @@ fn next_work(d: &Dispatcher, key: &str, rated: bool) -> Next {
     if q.is_empty() {
         return Next::Done;
     }
-    // No clock read per message when the rate is unlimited (the common case).
-    let limited = q.shaping.max_message_rate != gannet_core::config::shaping::Rate::Unlimited;
+    // No clock read per message when no rate limits it (the common case).
     if rated
-        && limited
-        && let Err(wait) = q.messages.acquire(unix_ms() * 1000)
+        && q.rates_messages()
+        && let Err(wait) = q.acquire_message(unix_ms() * 1000)
     {
         return Next::Wait(wait);
     }
@@ -95,8 +94,10 @@ async fn wait_for_work(d: &Dispatcher, key: &str, limit: Duration) -> bool {
         match queues.ready.get_mut(key) {
             None => Poll::Ready(false),
             Some(q) if !q.is_empty() => Poll::Ready(true),
+            // Another queue sharing a connection limit waits: make room.
+            Some(q) if q.pressed() => Poll::Ready(false),
             Some(q) => {
-                q.idle.push(cx.waker().clone());
+                q.park_idle(cx.waker());
                 Poll::Pending
             }
         }

@@ -201,8 +201,20 @@ impl Dispatcher {
         let rebinds = shard.shared.live.snapshot().rebinds.clone();
         let mut queues = Queues::new(unix_ms(), Arc::new(ShapingTable::new(&config.delivery)));
         queues.set_path_config(path_config(&shard));
-        if let Some(link) = &shard.shared.cluster {
-            queues.set_token_source(Rc::new(crate::cluster::Tokens(link.clone())));
+        let shards = shard.shared.metrics.len();
+        match &shard.shared.cluster {
+            Some(link) => {
+                queues.set_token_source(Rc::new(crate::cluster::Tokens::node(link.clone())));
+                queues.set_group_source(Rc::new(crate::cluster::Tokens::shard(
+                    link.clone(),
+                    usize::from(shard.id),
+                    shards,
+                )));
+            }
+            None => queues.set_group_source(Rc::new(crate::limits::LocalTokens {
+                limits: shard.shared.limits.clone(),
+                shard: usize::from(shard.id),
+            })),
         }
         Dispatcher {
             sources,

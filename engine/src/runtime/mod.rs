@@ -173,6 +173,7 @@ pub fn run(config: Config, reload: Reload) -> Result<()> {
         stop: stop.clone(),
         live: live.clone(),
         cluster,
+        limits: Default::default(),
         warmup: crate::warmup::Warmup::load(&config.delivery, &data_dir, unix_ms())
             .map_err(|e| anyhow!("{e}"))?,
         sessions: Arc::new(SessionLimits::new(
