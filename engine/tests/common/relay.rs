@@ -43,12 +43,13 @@ pub fn slow_sink(secs: f64) -> Sink {
 }
 
 impl Sink {
-    /// The sink's connection counts: `open`, `max_open` (the most at once), `total`.
+    /// The sink's connection counts: `open`, `max_open` (the most at once), `total`,
+    /// and SMTP sessions (EHLO to QUIT): `sessions`, `max_sessions`.
     pub fn connections(&self) -> serde_json::Value {
         std::fs::read_to_string(self.out.path().join("connections.state"))
             .ok()
             .and_then(|text| serde_json::from_str(&text).ok())
-            .unwrap_or_else(|| serde_json::json!({"open": 0, "max_open": 0, "total": 0}))
+            .unwrap_or_else(|| serde_json::json!({"open": 0, "max_open": 0, "total": 0, "sessions": 0, "max_sessions": 0}))
     }
 
     pub fn messages(&self) -> Vec<serde_json::Value> {

@@ -6,8 +6,11 @@ Usage: aiosmtpd_sink.py PORT OUT_DIR [--tls CERT KEY] [--sni DIR] [--broken-tls 
 Stores each message as OUT_DIR/<n>.json ({"mail_from", "rcpt_tos", "mail_options",
 "data" (latin-1), "tls", "peer" (client address), "peer_port", "helo", "auth_user",
 "proxy_src", "proxy_dst", "received_at" (unix seconds, when its DATA ended)}), and
-OUT_DIR/connections.state: {"open", "max_open", "total"} (connections open now, the
-most open at once, and all made), rewritten as they open and close.
+OUT_DIR/connections.state: {"open", "max_open", "total", "sessions", "max_sessions"}
+(connections open now, the most open at once, all made; SMTP sessions — from the
+first EHLO or HELO to QUIT or the connection's end — now and the most at once, which
+leaves out the instant between a client's QUIT and the close of its socket, when
+its next connection may already be accepted), rewritten as they change.
 --broken-tls offers STARTTLS whose handshake fails (TLS 1.1 at most, which a
 modern client refuses). --proxy-protocol: every connection starts with a PROXY
 header (HAProxy's, v1 or v2), whose addresses are stored. --sni: a client naming server N in its TLS handshake gets
@@ -35,7 +38,7 @@ class Handler:
         self.out_dir = out_dir
         self.data_latency = data_latency
         self.count = 0
-        self.connections = {"open": 0, "max_open": 0, "total": 0}
+        self.connections = {"open": 0, "max_open": 0, "total": 0, "sessions": 0, "max_sessions": 0}
 
     def connection_changed(self, opened):
         c = self.connections
@@ -45,6 +48,19 @@ class Handler:
             c["max_open"] = max(c["max_open"], c["open"])
         else:
             c["open"] -= 1
+        self.write_counts()
+
+    def session_changed(self, opened):
+        c = self.connections
+        if opened:
+            c["sessions"] += 1
+            c["max_sessions"] = max(c["max_sessions"], c["sessions"])
+        else:
+            c["sessions"] -= 1
+        self.write_counts()
+
+    def write_counts(self):
+        c = self.connections
         path = os.path.join(self.out_dir, "connections.state")
         with open(path + ".tmp", "w") as f:
             json.dump(c, f)
@@ -95,7 +111,10 @@ class Handler:
 
 
 class CountingSMTP(SMTP):
-    """aiosmtpd's server, telling the handler when a connection opens and closes."""
+    """aiosmtpd's server, telling the handler when a connection opens and closes, and
+    when its SMTP session starts (EHLO or HELO) and ends (QUIT, or the close)."""
+
+    in_session = False
 
     def connection_made(self, transport):
         super().connection_made(transport)
@@ -103,7 +122,25 @@ class CountingSMTP(SMTP):
 
     def connection_lost(self, exc):
         super().connection_lost(exc)
+        self.mark_session(False)
         self.event_handler.connection_changed(False)
+
+    def mark_session(self, started):
+        if self.in_session != started:
+            self.in_session = started
+            self.event_handler.session_changed(started)
+
+    async def smtp_EHLO(self, arg):
+        self.mark_session(True)
+        await super().smtp_EHLO(arg)
+
+    async def smtp_HELO(self, arg):
+        self.mark_session(True)
+        await super().smtp_HELO(arg)
+
+    async def smtp_QUIT(self, arg):
+        self.mark_session(False)
+        await super().smtp_QUIT(arg)
 
 
 class CountingController(Controller):
