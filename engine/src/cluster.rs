@@ -20,6 +20,10 @@
 //! and counts them: a node not heard from for [`NODE_TTL`] is forgotten, one that
 //! stops leaves at once; the count is what a throttle falling back open shares its
 //! limit by.
+//!
+//! Every script touches one key, so the same scripts run on one Redis or on a Redis
+//! Cluster (`redis_cluster = true`: the client finds the nodes from `redis_url` and
+//! routes each call by its key; the shared limits spread over the slots).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -87,14 +91,15 @@ return 1
 );
 
 /// Claims connections of the limit `ARGV[3]` shared under `KEYS[1]` (a hash:
-/// claimant → `held:wanted`) for claimant `ARGV[1]` (a node, or one shard of a node
-/// as `node#shard`), which wants `ARGV[2]` and has `ARGV[4]` open: it may have what
-/// the claimants of live nodes (`KEYS[2]`, heard from within `ARGV[5]` µs) do not
-/// hold, and while another waits for more than it holds, no more than an even
-/// share (or what it has open) — as `gannet_core::lease::claim_share`. Claims of
-/// nodes no longer live are dropped. Records the claimant's holding (what it may
-/// have, or has open if more) and answers `{allowed, 1 if another waits else 0}`;
-/// a claim of none removes the claimant.
+/// claimant → `held:wanted:when`) for claimant `ARGV[1]` (a node, or one shard of a
+/// node as `node#shard`), which wants `ARGV[2]` and has `ARGV[4]` open: it may have
+/// what the other claimants heard from within `ARGV[5]` µs do not hold, and while
+/// another waits for more than it holds, no more than an even share (or what it
+/// has open) — as `gannet_core::lease::claim_share`. A claim not renewed within
+/// that time (its node died; claims holding or wanting connections are renewed
+/// each second) is dropped. Records the claimant's holding (what it may have, or
+/// has open if more) and answers `{allowed, 1 if another waits else 0}`; a claim
+/// of none removes the claimant. One key only, so that it runs on a Redis Cluster.
 pub const CLAIM_SCRIPT: &str = redis_script!(
     r#"
 local node = ARGV[1]
@@ -107,9 +112,8 @@ local entries = redis.call('HGETALL', KEYS[1])
 for i = 1, #entries, 2 do
   local other = entries[i]
   if other ~= node then
-    local seen = tonumber(redis.call('ZSCORE', KEYS[2], string.match(other, '^(.*)#%d+$') or other))
-    if seen and seen >= now - ttl then
-      local held, wants = string.match(entries[i + 1], '(%d+):(%d+)')
+    local held, wants, seen = string.match(entries[i + 1], '^(%d+):(%d+):(%d+)$')
+    if seen and tonumber(seen) >= now - ttl then
       held, wants = tonumber(held), tonumber(wants)
       others = others + held
       wanting = wanting + 1
@@ -126,7 +130,7 @@ end
 if wanted == 0 and open == 0 then
   redis.call('HDEL', KEYS[1], node)
 else
-  redis.call('HSET', KEYS[1], node, math.max(allowed, open) .. ':' .. wanted)
+  redis.call('HSET', KEYS[1], node, math.max(allowed, open) .. ':' .. wanted .. ':' .. string.format('%.0f', now))
   redis.call('PEXPIRE', KEYS[1], math.ceil(ttl / 1000) * 4)
 end
 return { allowed, starved and 1 or 0 }
@@ -283,8 +287,19 @@ impl Link {
     /// Starts the link of `config` (its URL set; checked when the file was read) for
     /// the node named `node` (unique among the live nodes: `host:pid`).
     pub fn start(config: &ClusterConfig, node: &str) -> Result<Link, String> {
-        let client = redis::Client::open(config.redis_url.0.as_str())
-            .map_err(|e| format!("cluster.redis_url: {e}"))?;
+        let url = config.redis_url.0.as_str();
+        let client = if config.redis_cluster {
+            let timeout = Duration::from_millis(config.redis_timeout_ms.get());
+            Client::Cluster(
+                redis::cluster::ClusterClient::builder([url])
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .build()
+                    .map_err(|e| format!("cluster.redis_url: {e}"))?,
+            )
+        } else {
+            Client::Single(redis::Client::open(url).map_err(|e| format!("cluster.redis_url: {e}"))?)
+        };
         let (jobs, queue) = crossbeam_channel::unbounded();
         let stats = Arc::new(LinkStats::default());
         stats.nodes.store(1, Ordering::Relaxed);
@@ -546,20 +561,28 @@ impl TokenSource for Tokens {
     }
 }
 
+/// How the link's thread connects: to one Redis, or to a Redis Cluster.
+enum Client {
+    Single(redis::Client),
+    Cluster(redis::cluster::ClusterClient),
+}
+
 /// The link's thread: the connection and the scripts.
 struct Thread {
     /// This node's name in the set of live nodes.
     node: String,
     heartbeat: redis::Script,
     next_heartbeat: Instant,
-    client: redis::Client,
+    client: Client,
     timeout: Duration,
     fallback: Fallback,
     stats: Arc<LinkStats>,
     lease: redis::Script,
     give_back: redis::Script,
     claim: redis::Script,
-    connection: Option<redis::Connection>,
+    /// A single Redis's connection, or a Redis Cluster's (which routes each call
+    /// by its key, and follows the slots when they move).
+    connection: Option<Box<dyn redis::ConnectionLike + Send>>,
     /// When a link that is down may try to connect again.
     next_attempt: Instant,
     /// Whether a state has been noted yet.
@@ -596,7 +619,7 @@ impl Thread {
         }
         // Stopping: this node leaves the set at once (best effort; a node that dies
         // is forgotten after NODE_TTL).
-        if let Some(connection) = self.connection.as_mut() {
+        if let Some(connection) = self.connection.as_deref_mut() {
             let _ = redis::cmd("ZREM")
                 .arg(NODES_KEY)
                 .arg(&self.node)
@@ -607,7 +630,7 @@ impl Thread {
     /// Tells the other nodes this one lives, and counts them.
     fn beat(&mut self) {
         self.next_heartbeat = Instant::now() + HEARTBEAT;
-        let Some(connection) = self.connection.as_mut() else {
+        let Some(connection) = self.connection.as_deref_mut() else {
             return;
         };
         self.stats.calls_total.fetch_add(1, Ordering::Relaxed);
@@ -643,14 +666,19 @@ impl Thread {
     }
 
     fn connect(&mut self) {
-        let connected = self
-            .client
-            .get_connection_with_timeout(self.timeout)
-            .and_then(|c| {
-                c.set_read_timeout(Some(self.timeout))?;
-                c.set_write_timeout(Some(self.timeout))?;
-                Ok(c)
-            });
+        let connected =
+            match &self.client {
+                Client::Single(client) => client
+                    .get_connection_with_timeout(self.timeout)
+                    .and_then(|c| {
+                        c.set_read_timeout(Some(self.timeout))?;
+                        c.set_write_timeout(Some(self.timeout))?;
+                        Ok(Box::new(c) as Box<dyn redis::ConnectionLike + Send>)
+                    }),
+                Client::Cluster(client) => client
+                    .get_connection()
+                    .map(|c| Box::new(c) as Box<dyn redis::ConnectionLike + Send>),
+            };
         match connected {
             Ok(c) => {
                 self.connection = Some(c);
@@ -685,7 +713,7 @@ impl Thread {
     }
 
     fn serve(&mut self, job: Job) {
-        let Some(connection) = self.connection.as_mut() else {
+        let Some(connection) = self.connection.as_deref_mut() else {
             if let Job::Lease { reply, .. } | Job::Claim { reply, .. } = job {
                 let _ = reply.send(Answer::Down(self.fallback));
             }
@@ -739,7 +767,6 @@ impl Thread {
                 let result = self
                     .claim
                     .key(format!("gannet:connections:{key}"))
-                    .key(NODES_KEY)
                     .arg(claimant)
                     .arg(wanted)
                     .arg(limit)

@@ -382,6 +382,39 @@ fn three_gannetds_share_one_message_rate() {
     );
 }
 
+/// The same through a Redis Cluster of three primaries: three gannetds share one
+/// message rate (±5%) and one connection limit, and no call fails (a client not
+/// following the cluster's slots would be told MOVED for most keys).
+#[test]
+fn three_gannetds_share_their_limits_through_a_redis_cluster() {
+    let cluster = common::peers::redis_cluster();
+    let shared = format!(
+        "[cluster]\nredis_url = \"redis://127.0.0.1:{}/\"\nredis_cluster = true\n",
+        cluster.ports[0]
+    );
+    let (rate, daemons, _) = three_nodes_sending(&shared, 20, 80);
+    eprintln!("through a Redis Cluster: {rate:.2}/s");
+    assert!(
+        (19.0..=21.0).contains(&rate),
+        "three nodes sharing 20/s through a Redis Cluster sent {rate:.2}/s"
+    );
+    for d in &daemons {
+        assert_eq!(link_metric(d, "cluster_redis_up"), Some(1));
+        assert_eq!(link_metric(d, "cluster_redis_failures_total"), Some(0));
+        assert_eq!(link_metric(d, "cluster_nodes"), Some(3));
+    }
+    drop(daemons);
+    let sink = common::relay::slow_sink(0.05);
+    let daemons = nodes(3, sink.port, "connection_limit = 3", &shared);
+    inject_each(&daemons, 40);
+    sink_got(&sink, 120, 120);
+    let most = sink.connections()["max_sessions"].as_u64().unwrap();
+    assert!(
+        most <= 3,
+        "{most} sessions at once under a limit of 3 shared through a Redis Cluster"
+    );
+}
+
 /// The cluster's connections to one site stay within the shared connection_limit
 /// (three for three nodes) where each node on its own opens its own three; a slow
 /// sink keeps them open.

@@ -12,6 +12,9 @@ pub struct ClusterConfig {
     /// The shared Redis (`redis://[user:password@]host[:port][/db]`); empty: this
     /// node shares nothing.
     pub redis_url: RedisUrl,
+    /// `redis_url` is a node of a Redis Cluster (the others are found from it):
+    /// each shared limit is one key, spread over the cluster's slots.
+    pub redis_cluster: bool,
     /// What a throttle does while Redis cannot be reached.
     pub fallback: Fallback,
     /// How long one Redis call (or connecting) may take before Redis counts as down.
@@ -25,6 +28,7 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             redis_url: RedisUrl::default(),
+            redis_cluster: false,
             fallback: Fallback::Open,
             redis_timeout_ms: Bounded(500),
             lease_window_ms: Bounded(250),
@@ -78,6 +82,35 @@ impl<'de> Deserialize<'de> for RedisUrl {
         let url = String::deserialize(d)?;
         RedisUrl::check(&url).map_err(serde::de::Error::custom)?;
         Ok(RedisUrl(url))
+    }
+}
+
+impl ClusterConfig {
+    /// Checks what spans keys: a Redis Cluster needs a node to start from, and has
+    /// only database 0. Answers the key and why.
+    pub fn check(&self) -> Result<(), (String, String)> {
+        if !self.redis_cluster {
+            return Ok(());
+        }
+        let url = &self.redis_url.0;
+        if url.is_empty() {
+            return Err((
+                "cluster.redis_cluster".into(),
+                "needs redis_url: a node of the Redis Cluster (the others are found from it)"
+                    .into(),
+            ));
+        }
+        let db = url
+            .strip_prefix("redis://")
+            .and_then(|rest| rest.split_once('/'))
+            .map_or("", |(_, db)| db);
+        if !db.is_empty() && db != "0" {
+            return Err((
+                "cluster.redis_url".into(),
+                format!("`{url}`: a Redis Cluster has only database 0"),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -135,6 +168,23 @@ mod tests {
         )
         .unwrap();
         assert_eq!(ok.cluster.fallback, Fallback::Closed);
+        let err = crate::config::Config::parse("[cluster]\nredis_cluster = true\n", "g.toml")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("g.toml:2:") && err.contains("needs redis_url"),
+            "{err}"
+        );
+        let err = crate::config::Config::parse(
+            "[cluster]\nredis_cluster = true\nredis_url = \"redis://h:7000/3\"\n",
+            "g.toml",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("g.toml:3:") && err.contains("only database 0"),
+            "{err}"
+        );
         assert_eq!(ok.cluster.lease_window_ms.get(), 250);
     }
 }

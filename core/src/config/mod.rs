@@ -451,6 +451,7 @@ impl Config {
         }
         self.check_warmup_plans()?;
         self.check_limits()?;
+        self.cluster.check()?;
         self.check_events()?;
         if self.delivery.provider_files.is_empty() {
             // With provider files, the providers that plans and limits name are

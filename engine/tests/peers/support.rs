@@ -482,7 +482,12 @@ pub fn redis_server() -> (Peer, u16) {
 
 /// A Redis server on `port` (a restart on the port a test chose), once it listens.
 pub fn redis_server_on(port: u16) -> Peer {
-    let mut child = redis_command(port)
+    redis_listening(redis_command(port), port)
+}
+
+/// Starts `command` (a redis-server on `port`) and waits until it listens.
+fn redis_listening(mut command: Command, port: u16) -> Peer {
+    let mut child = command
         .spawn()
         .unwrap_or_else(|e| panic!("starting redis-server: {e}"));
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -494,6 +499,71 @@ pub fn redis_server_on(port: u16) -> Peer {
         std::thread::sleep(Duration::from_millis(10));
     }
     Peer(child)
+}
+
+/// A Redis Cluster of three primaries on loopback, each on a free port with its
+/// cluster bus on another, its slots assigned by `redis-cli --cluster create`;
+/// ready once every node says the cluster is ok. The nodes stop when it drops.
+#[derive(Debug)]
+pub struct RedisCluster {
+    /// Declared before `_dir` so the servers stop before their directory goes.
+    _nodes: Vec<Peer>,
+    pub ports: Vec<u16>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn redis_cluster() -> RedisCluster {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    let mut ports = Vec::new();
+    for i in 0..3 {
+        let (port, bus) = (free_port(), free_port());
+        let mut command = redis_command(port);
+        command.args(["--dir", &dir.path().display().to_string()]);
+        command.args([
+            "--cluster-enabled",
+            "yes",
+            "--cluster-port",
+            &bus.to_string(),
+        ]);
+        command.args(["--cluster-config-file", &format!("nodes-{i}.conf")]);
+        nodes.push(redis_listening(command, port));
+        ports.push(port);
+    }
+    let addresses: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let created = Command::new("redis-cli")
+        .args(["--cluster", "create"])
+        .args(&addresses)
+        .args(["--cluster-replicas", "0", "--cluster-yes"])
+        .output()
+        .unwrap_or_else(|e| panic!("redis-cli --cluster create: {e}"));
+    assert!(
+        created.status.success(),
+        "redis-cli --cluster create: {}",
+        String::from_utf8_lossy(&created.stdout)
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for port in &ports {
+        loop {
+            let info = Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "cluster", "info"])
+                .output()
+                .unwrap();
+            if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the Redis Cluster on {port} is not ok"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    RedisCluster {
+        _nodes: nodes,
+        ports,
+        _dir: dir,
+    }
 }
 
 fn redis_command(port: u16) -> Command {
