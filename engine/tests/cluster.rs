@@ -604,6 +604,91 @@ fn listed(d: &Daemon, path: &str) -> Vec<String> {
         .collect()
 }
 
+/// The shared admin hash is outside input (another node's, another version's, or
+/// written by hand): items a node cannot read are left in it, logged once each,
+/// and change nothing; the node goes on syncing its own verbs and delivering.
+#[test]
+fn unreadable_items_in_the_shared_hash_are_left_alone() {
+    const SUSPEND: &str = "/api/admin/suspend/v1";
+    let (_redis, port) = redis_server();
+    let shared = format!("[cluster]\nredis_url = \"redis://127.0.0.1:{port}/\"\n");
+    let sink = common::relay::sink();
+    let daemons = nodes(1, sink.port, "", &shared);
+    let d = &daemons[0];
+    let later = gannet_core::clock::unix_ms() + 3_600_000;
+    let bad = [
+        (
+            "suspension:torn",
+            "{\"id\": \"torn\", \"expires_unix_ms\"".to_string(),
+        ),
+        (
+            "suspension:typed",
+            format!("{{\"id\": 5, \"domain\": [1], \"expires_unix_ms\": {later}}}"),
+        ),
+        (
+            "bounce:half",
+            format!("{{\"expires_unix_ms\": {later}, \"reason\": \"no id\"}}"),
+        ),
+        ("rule:default->x|y", format!("{{\"until_ms\": {later}}}")),
+        ("ready_suspension:\u{1F4A5}", "\u{1}\u{FFFD}".to_string()),
+        ("no-colon", "x".to_string()),
+        ("warp:9", "{}".to_string()),
+    ];
+    let redis = |args: &[&str]| {
+        let out = std::process::Command::new("redis-cli")
+            .args(["-p", &port.to_string()])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "redis-cli {args:?}");
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    for (field, json) in &bad {
+        redis(&["HSET", "gannet:admin", field, json]);
+    }
+    // Several reads of the hash (one a second).
+    std::thread::sleep(Duration::from_secs(4));
+    assert!(listed(d, SUSPEND).is_empty(), "nothing taken");
+    let (_, rules) = admin(d, "GET", "/api/admin/queues/v1", None);
+    assert!(
+        !rules.to_string().contains("\"y\""),
+        "no rule taken: {rules}"
+    );
+    let log = d.log.lock().unwrap().join("\n");
+    for field in [
+        "suspension:torn",
+        "suspension:typed",
+        "bounce:half",
+        "rule:default->x|y",
+    ] {
+        let warned = log
+            .lines()
+            .filter(|l| l.contains("could not be read") && l.contains(field))
+            .count();
+        assert_eq!(warned, 1, "{field} logged once:\n{log}");
+    }
+    let fields = redis(&["HKEYS", "gannet:admin"]);
+    for (field, _) in &bad {
+        assert!(fields.contains(field), "{field} left in the hash: {fields}");
+    }
+    // The node still syncs its own verbs and delivers.
+    let (status, made) = admin(
+        d,
+        "POST",
+        SUSPEND,
+        Some(r#"{"domain":"elsewhere.test","reason":"r","duration":"1h"}"#),
+    );
+    assert_eq!(status, 200, "{made}");
+    let id = made["id"].as_str().unwrap().to_string();
+    assert!(
+        eventually(10, || redis(&["HKEYS", "gannet:admin"])
+            .contains(&format!("suspension:{id}"))),
+        "the node's own suspension is published"
+    );
+    d.send_accepted("ok@shared.test", "Subject: still\r\n\r\nx\r\n");
+    sink_got(&sink, 1, 20);
+}
+
 /// A suspension made on one node holds mail on the other; lifted on the other, it
 /// is lifted on the first; a bounce made on one bounces on the other; and a Redis
 /// that restarts empty gets the nodes' verbs back from them rather than wiping

@@ -37,6 +37,10 @@ pub struct Sync {
     /// Lifted here and removed from the hash: not taken back from a read made
     /// before the removal.
     lifted: BTreeSet<String>,
+    /// Items of a known kind this node could not read (field → JSON): logged once,
+    /// not tried again until they change; left in the hash (a newer node may read
+    /// them).
+    refused: BTreeMap<String, String>,
 }
 
 /// This node's items in force: field → JSON.
@@ -80,6 +84,14 @@ fn expiry(field: &str, json: &str) -> Option<u64> {
     }
 }
 
+/// Whether `field` is of a kind this version keeps in the hash.
+fn known_kind(field: &str) -> bool {
+    matches!(
+        field.split_once(':').map(|(kind, _)| kind),
+        Some("suspension" | "ready_suspension" | "bounce" | "rule")
+    )
+}
+
 /// The field of a response rule that fired on ready queue `queue` here, for the
 /// other nodes.
 pub fn rule_field(queue: &str, rule: &str) -> String {
@@ -102,6 +114,19 @@ fn take(state: &mut LiveState, field: &str, json: &str) -> bool {
             .map(|b| state.bounces.push(LiveBounce::new(b)))
             .is_ok(),
         _ => false,
+    }
+}
+
+/// Notes an item of a known kind that could not be read, and logs it the first
+/// time (the hash is outside input: another node's, an older or newer gannet's,
+/// or written by hand).
+fn refused(sync: &mut Sync, field: &str, json: &str) {
+    if sync.refused.get(field).map(String::as_str) != Some(json) {
+        tracing::warn!(
+            field,
+            "cluster: an item in the shared hash could not be read; left alone"
+        );
+        sync.refused.insert(field.to_string(), json.to_string());
     }
 }
 
@@ -138,14 +163,19 @@ pub async fn sync(shard: &Shard, sync: &mut Sync) {
     }
     sync.read = read.read;
     let now = unix_ms();
+    let read_items: BTreeMap<String, String> = read.items.into_iter().collect();
+    sync.refused
+        .retain(|f, json| read_items.get(f) == Some(json));
     let mut remote = BTreeMap::new();
-    for (field, json) in read.items {
+    for (field, json) in read_items {
         match expiry(&field, &json) {
             Some(at) if at > now => {
                 remote.insert(field, json);
             }
             // Expired: out of the hash.
             Some(_) => link.publish(&field, None),
+            // A kind this version knows, unreadable: logged, left alone.
+            None if known_kind(&field) => refused(sync, &field, &json),
             // Not an item this version knows (a newer node's?): left alone.
             None => {}
         }
@@ -155,10 +185,13 @@ pub async fn sync(shard: &Shard, sync: &mut Sync) {
     // Response rules that fired anywhere: in force here until their time is up
     // (they are never lifted; the node where one fired publishes it again when it
     // fires again). Not part of the comparison below.
-    let rules: Vec<SharedRule> = (remote.iter())
-        .filter(|(field, _)| field.starts_with("rule:"))
-        .filter_map(|(_, json)| serde_json::from_str(json).ok())
-        .collect();
+    let mut rules: Vec<SharedRule> = Vec::new();
+    for (field, json) in remote.iter().filter(|(f, _)| f.starts_with("rule:")) {
+        match serde_json::from_str(json) {
+            Ok(rule) => rules.push(rule),
+            Err(_) => refused(sync, field, json),
+        }
+    }
     remote.retain(|field, _| !field.starts_with("rule:"));
     if rules != live.snapshot().cluster_rules {
         live.update(|state| state.cluster_rules = rules);
@@ -175,6 +208,8 @@ pub async fn sync(shard: &Shard, sync: &mut Sync) {
             // Lifted here: out of the hash too.
             link.publish(field, None);
             sync.lifted.insert(field.clone());
+        } else if sync.refused.get(field) == Some(json) {
+            // Could not be read before, and has not changed.
         } else {
             taken.push((field.clone(), json.clone()));
         }
@@ -198,7 +233,7 @@ pub async fn sync(shard: &Shard, sync: &mut Sync) {
     if taken.is_empty() && dropped.is_empty() {
         return;
     }
-    let refused: Vec<String> = live.update(|state| {
+    let refused_now: Vec<String> = live.update(|state| {
         for field in &dropped {
             drop_item(state, field);
             tracing::info!(
@@ -220,12 +255,11 @@ pub async fn sync(shard: &Shard, sync: &mut Sync) {
         refused
     });
     // An item this node cannot read is not in step (never taken for lifted here).
-    for field in refused {
-        tracing::warn!(
-            field,
-            "cluster: an operator's verb in the shared hash could not be read"
-        );
+    for field in refused_now {
         sync.synced.remove(&field);
+        if let Some(json) = remote.get(&field) {
+            refused(sync, &field, json);
+        }
     }
     // Written and applied as a verb made here is (a failed write is logged).
     let _ = super::saved_and_applied(shard).await;
