@@ -218,7 +218,7 @@ pub struct Fired {
 }
 
 /// Whose mail a hold keeps back.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Whose {
     Tenant(String),
@@ -226,7 +226,7 @@ pub enum Whose {
 }
 
 /// The sites a hold applies to: a provider's (by MX suffix), or one site.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum HoldSites {
     Suffixes(Vec<String>),
@@ -235,8 +235,9 @@ pub enum HoldSites {
 
 /// A tenant's or campaign's mail held back from a provider by a response rule
 /// (suspend_tenant, suspend_campaign) until the rule's time is up. Shared by every
-/// shard: the tenant's messages are spooled on all of them.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// shard: the tenant's messages are spooled on all of them (and, with `[cluster]`,
+/// by every node: the engine's `admin::cluster` shares it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Hold {
     pub whose: Whose,
     pub sites: HoldSites,
@@ -279,6 +280,16 @@ impl Hold {
     /// The same tenant or campaign and sites (a new firing extends it).
     pub fn same(&self, other: &Hold) -> bool {
         self.whose == other.whose && self.sites == other.sites
+    }
+
+    /// What names the hold among others (the mail and the sites, not the time):
+    /// "tenant acme|mx.site.test" or "campaign spring|.yahoodns.net,.yahoo.com".
+    pub fn key(&self) -> String {
+        let sites = match &self.sites {
+            HoldSites::Site(name) => name.clone(),
+            HoldSites::Suffixes(suffixes) => suffixes.join(","),
+        };
+        format!("{}|{sites}", self.who())
     }
 
     /// "tenant acme" or "campaign spring".

@@ -56,6 +56,42 @@ pub struct LiveState {
     pub script: Option<Arc<crate::policy::script::ScriptSource>>,
 }
 
+/// Merges `new` holds into `holds` (a hold on the same mail and sites is extended,
+/// never shortened; expired ones go); answers each of `new` as now in force.
+pub fn merge_holds(
+    holds: &mut Vec<gannet_core::adaptive::Hold>,
+    new: &[gannet_core::adaptive::Hold],
+    now: u64,
+) -> Vec<gannet_core::adaptive::Hold> {
+    holds.retain(|h| h.until_ms > now);
+    let mut merged = Vec::with_capacity(new.len());
+    for hold in new.iter().filter(|h| h.until_ms > now) {
+        let index = match holds.iter().position(|h| h.same(hold)) {
+            Some(i) => {
+                holds[i].until_ms = holds[i].until_ms.max(hold.until_ms);
+                i
+            }
+            None => {
+                holds.push(hold.clone());
+                holds.len() - 1
+            }
+        };
+        merged.push(holds[index].clone());
+    }
+    merged
+}
+
+/// Whether merging `new` into `holds` would change them (a new hold, or a later
+/// end).
+pub fn holds_extended(
+    holds: &[gannet_core::adaptive::Hold],
+    new: &[gannet_core::adaptive::Hold],
+    now: u64,
+) -> bool {
+    (new.iter().filter(|h| h.until_ms > now))
+        .any(|n| !holds.iter().any(|h| h.same(n) && h.until_ms >= n.until_ms))
+}
+
 /// An operator's bounce and its tally.
 #[derive(Debug, Clone)]
 pub struct LiveBounce {
@@ -244,6 +280,26 @@ impl Live {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holds_merge_by_their_mail_and_sites_and_only_grow() {
+        use gannet_core::adaptive::{Hold, HoldSites, Whose};
+        let hold = |who: &str, until_ms| Hold {
+            whose: Whose::Tenant(who.into()),
+            sites: HoldSites::Site("mx.site.test".into()),
+            until_ms,
+            rule: "r".into(),
+        };
+        let mut holds = vec![hold("acme", 100), hold("gone", 5)];
+        assert!(!holds_extended(&holds, &[hold("acme", 90)], 10));
+        assert!(holds_extended(&holds, &[hold("acme", 200)], 10));
+        assert!(holds_extended(&holds, &[hold("bob", 50)], 10));
+        assert!(!holds_extended(&holds, &[hold("bob", 9)], 10), "expired");
+        let merged = merge_holds(&mut holds, &[hold("acme", 90), hold("bob", 50)], 10);
+        assert_eq!(merged, [hold("acme", 100), hold("bob", 50)]);
+        assert_eq!(holds, [hold("acme", 100), hold("bob", 50)], "gone expired");
+        assert_eq!(hold("acme", 1).key(), "tenant acme|mx.site.test");
+    }
 
     #[test]
     fn updates_are_published_with_a_new_generation() {

@@ -800,6 +800,56 @@ fn a_response_rule_fired_on_one_node_holds_the_site_on_all() {
     assert_eq!(sink.messages().len(), 1, "b sent through a's suspension");
 }
 
+/// A suspend_tenant rule that fires on one node holds that tenant's mail to the
+/// site on every node, while other tenants' mail goes on.
+#[test]
+fn a_tenant_held_on_one_node_is_held_on_all() {
+    let (_redis, port) = redis_server();
+    let shared = format!("[cluster]\nredis_url = \"redis://127.0.0.1:{port}/\"\n");
+    let sink = common::relay::sink();
+    let rule =
+        "automation = [{ regex = 'unusual rate', actions = ['suspend_tenant'], duration = 60 }]\n";
+    let daemons = nodes_with(2, sink.port, rule, "", &shared);
+    let (a, b) = (&daemons[0], &daemons[1]);
+    a.send_accepted(
+        "throttled@shared.test",
+        "X-Gannet-Tenant: acme\r\nSubject: refused\r\n\r\nx\r\n",
+    );
+    assert!(
+        eventually(10, || (a.events().iter())
+            .any(|e| e["type"] == "adaptive" && e["change"] == "fired")),
+        "a's rule never fired"
+    );
+    // Taken up by b within a read of the hash or two.
+    std::thread::sleep(Duration::from_secs(3));
+    b.send_accepted(
+        "held@shared.test",
+        "X-Gannet-Tenant: acme\r\nSubject: held\r\n\r\nx\r\n",
+    );
+    b.send_accepted(
+        "other@shared.test",
+        "X-Gannet-Tenant: bob\r\nSubject: goes\r\n\r\nx\r\n",
+    );
+    sink_got(&sink, 1, 20);
+    std::thread::sleep(Duration::from_secs(2));
+    let got: Vec<String> = (sink.messages().iter())
+        .map(|m| m["rcpt_tos"][0].as_str().unwrap_or("").to_string())
+        .collect();
+    assert_eq!(
+        got,
+        ["other@shared.test"],
+        "b sent acme's mail through a's hold"
+    );
+    let events = b.events();
+    let delayed = common::relay::of(&events, "delayed", "held@shared.test");
+    assert!(!delayed.is_empty(), "b's held message has no delayed event");
+    let why = delayed[0]["response"].as_str().unwrap_or("");
+    assert!(
+        why.contains("tenant acme") && why.contains("held by response rule"),
+        "{why}"
+    );
+}
+
 /// `gannetctl cluster` on any node shows the shared Redis and the live nodes, this
 /// one marked; a node on its own says it is not part of a cluster.
 #[test]

@@ -18,7 +18,9 @@
 //!
 //! Response rules (adaptive delivery) that fire on a node go into the same hash
 //! (`rule:<queue>|<rule>`, until when) and are in force on every node's ready queue
-//! of that name until then (`LiveState::cluster_rules`).
+//! of that name until then (`LiveState::cluster_rules`); so do the holds they put
+//! on a tenant's or campaign's mail (`hold:<who>|<sites>`, merged into
+//! `LiveState::holds`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -79,16 +81,22 @@ fn expiry(field: &str, json: &str) -> Option<u64> {
     let value: serde_json::Value = serde_json::from_str(json).ok()?;
     match field.split_once(':')?.0 {
         "suspension" | "ready_suspension" | "bounce" => value["expires_unix_ms"].as_u64(),
-        "rule" => value["until_ms"].as_u64(),
+        "rule" | "hold" => value["until_ms"].as_u64(),
         _ => None,
     }
+}
+
+/// The field of a hold on a tenant's or campaign's mail (suspend_tenant,
+/// suspend_campaign) put here, for the other nodes.
+pub fn hold_field(hold: &gannet_core::adaptive::Hold) -> String {
+    format!("hold:{}", hold.key())
 }
 
 /// Whether `field` is of a kind this version keeps in the hash.
 fn known_kind(field: &str) -> bool {
     matches!(
         field.split_once(':').map(|(kind, _)| kind),
-        Some("suspension" | "ready_suspension" | "bounce" | "rule")
+        Some("suspension" | "ready_suspension" | "bounce" | "rule" | "hold")
     )
 }
 
@@ -192,9 +200,28 @@ pub async fn sync(shard: &Shard, sync: &mut Sync) {
             Err(_) => refused(sync, field, json),
         }
     }
-    remote.retain(|field, _| !field.starts_with("rule:"));
-    if rules != live.snapshot().cluster_rules {
-        live.update(|state| state.cluster_rules = rules);
+    // Holds on tenants' and campaigns' mail put anywhere: in force here too until
+    // their time is up (extended, never shortened).
+    let mut holds = Vec::new();
+    for (field, json) in remote.iter().filter(|(f, _)| f.starts_with("hold:")) {
+        match serde_json::from_str(json) {
+            Ok(hold) => holds.push(hold),
+            Err(_) => refused(sync, field, json),
+        }
+    }
+    remote.retain(|field, _| !field.starts_with("rule:") && !field.starts_with("hold:"));
+    let snapshot = live.snapshot();
+    let held = crate::live::holds_extended(&snapshot.holds, &holds, now);
+    if rules != snapshot.cluster_rules || held {
+        live.update(|state| {
+            state.cluster_rules = rules;
+            crate::live::merge_holds(&mut state.holds, &holds, now);
+        });
+        if held {
+            tracing::info!(
+                "cluster: a tenant's or campaign's mail held on another node is held here"
+            );
+        }
         super::wake_all(shard);
     }
     let local = items(&live.snapshot(), now);

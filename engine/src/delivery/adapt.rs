@@ -58,18 +58,21 @@ pub(super) fn observe(
 /// are spooled everywhere): a hold on the same mail and sites is extended.
 fn hold(d: &Dispatcher, holds: &[gannet_core::adaptive::Hold], now: u64) {
     let shared = &d.shard.shared;
-    shared.live.update(|state| {
-        state.holds.retain(|h| h.until_ms > now);
-        for hold in holds {
-            match state.holds.iter_mut().find(|h| h.same(hold)) {
-                Some(h) => h.until_ms = h.until_ms.max(hold.until_ms),
-                None => state.holds.push(hold.clone()),
-            }
-        }
-    });
+    let merged = shared
+        .live
+        .update(|state| crate::live::merge_holds(&mut state.holds, holds, now));
     for to in 0..shared.mesh.shards() {
         // A full inbox is a busy shard: it looks at the settings within a round.
         let _ = shared.mesh.send(to as u16, crate::notes::Note::Wake);
+    }
+    // The other nodes of the cluster hold the same mail (the tenant's messages are
+    // spooled on them too).
+    if let Some(link) = &shared.cluster {
+        for hold in merged {
+            if let Ok(json) = serde_json::to_string(&hold) {
+                link.publish(&crate::admin::cluster::hold_field(&hold), Some(json));
+            }
+        }
     }
 }
 
