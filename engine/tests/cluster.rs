@@ -800,6 +800,39 @@ fn a_response_rule_fired_on_one_node_holds_the_site_on_all() {
     assert_eq!(sink.messages().len(), 1, "b sent through a's suspension");
 }
 
+/// A node whose delivery is suspended (`delivery.suspended`) still keeps in step
+/// with the cluster: it records the link's state as an event and takes the verbs
+/// made on other nodes (they apply once its delivery resumes).
+#[test]
+fn a_node_with_delivery_suspended_keeps_in_step() {
+    const SUSPEND: &str = "/api/admin/suspend/v1";
+    let (_redis, port) = redis_server();
+    let shared = format!("[cluster]\nredis_url = \"redis://127.0.0.1:{port}/\"\n");
+    let sink = common::relay::sink();
+    let a = nodes(1, sink.port, "", &shared).remove(0);
+    let b = nodes_with(1, sink.port, "suspended = true\n", "", &shared).remove(0);
+    let (status, made) = admin(
+        &a,
+        "POST",
+        SUSPEND,
+        Some(r#"{"domain":"shared.test","reason":"r","duration":"1h"}"#),
+    );
+    assert_eq!(status, 200, "{made}");
+    let id = made["id"].as_str().unwrap().to_string();
+    assert!(
+        eventually(10, || listed(&b, SUSPEND) == [id.clone()]),
+        "{:?}",
+        listed(&b, SUSPEND)
+    );
+    assert!(
+        eventually(10, || link_events(&b)
+            .iter()
+            .any(|(change, _, _)| change == "reachable")),
+        "{:?}",
+        link_events(&b)
+    );
+}
+
 /// A suspend_tenant rule that fires on one node holds that tenant's mail to the
 /// site on every node, while other tenants' mail goes on.
 #[test]

@@ -28,26 +28,30 @@ const GAUGES_MS: u64 = 100;
 /// The queue maintainer: runs until shutdown.
 pub async fn run(d: Rc<Dispatcher>) {
     let shard = &d.shard;
+    // The cluster link's state changes already told, and the operator's verbs in
+    // step with the other nodes' (shard 0 keeps both).
+    let mut in_step = InStep::default();
     if d.suspended {
         tracing::info!(
             shard = shard.id,
             "delivery is suspended (delivery.suspended); messages stay queued"
         );
+        // Still in step with the cluster: the verbs apply once delivery resumes,
+        // and the link's changes are events.
+        while !shard.shutdown.is_raised() && in_step.wanted(&d) {
+            in_step.keep(&d, unix_ms()).await;
+            shard.shutdown.sleep(Duration::from_millis(250)).await;
+        }
         shard.shutdown.wait().await;
         return;
     }
     let mut last_forget = unix_ms();
     let mut last_settle = 0;
-    // The cluster link's state changes already told, and the operator's verbs in
-    // step with the other nodes' (shard 0 keeps both).
-    let mut link_changes = 0;
-    let mut verbs = crate::admin::cluster::Sync::default();
     let mut last_gauges = 0;
     while !shard.shutdown.is_raised() {
         let now = unix_ms();
-        if shard.id == 0 && shard.shared.cluster.is_some() {
-            link_changes = link_event(&d, link_changes, now);
-            crate::admin::cluster::sync(shard, &mut verbs).await;
+        if in_step.wanted(&d) {
+            in_step.keep(&d, now).await;
         }
         let taken = d.refresh_live(&shard.shared.live, now);
         for (part, bounce) in taken.bounced {
@@ -202,6 +206,25 @@ pub async fn run(d: Rc<Dispatcher>) {
             shard.shutdown.sleep(Duration::from_millis(sleep_ms)),
         )
         .await;
+    }
+}
+
+/// What shard 0 keeps in step with the cluster (`[cluster]`): the link's state
+/// changes told as events, and the operator's verbs (`admin::cluster`).
+#[derive(Default)]
+struct InStep {
+    link_changes: u64,
+    verbs: crate::admin::cluster::Sync,
+}
+
+impl InStep {
+    fn wanted(&self, d: &Dispatcher) -> bool {
+        d.shard.id == 0 && d.shard.shared.cluster.is_some()
+    }
+
+    async fn keep(&mut self, d: &Dispatcher, now: u64) {
+        self.link_changes = link_event(d, self.link_changes, now);
+        crate::admin::cluster::sync(&d.shard, &mut self.verbs).await;
     }
 }
 
