@@ -596,6 +596,14 @@ fn admin(d: &Daemon, method: &str, path: &str, body: Option<&str>) -> (u16, serd
     (status, serde_json::from_str(&text).unwrap_or_default())
 }
 
+/// Suspends `domain`'s scheduled queues on `d` for an hour; answers the id.
+fn suspend_domain(d: &Daemon, domain: &str) -> String {
+    let body = format!(r#"{{"domain":"{domain}","reason":"r","duration":"1h"}}"#);
+    let (status, made) = admin(d, "POST", "/api/admin/suspend/v1", Some(&body));
+    assert_eq!(status, 200, "{made}");
+    made["id"].as_str().unwrap().to_string()
+}
+
 /// The ids an admin listing (`GET path`) shows.
 fn listed(d: &Daemon, path: &str) -> Vec<String> {
     let (_, list) = admin(d, "GET", path, None);
@@ -672,14 +680,7 @@ fn unreadable_items_in_the_shared_hash_are_left_alone() {
         assert!(fields.contains(field), "{field} left in the hash: {fields}");
     }
     // The node still syncs its own verbs and delivers.
-    let (status, made) = admin(
-        d,
-        "POST",
-        SUSPEND,
-        Some(r#"{"domain":"elsewhere.test","reason":"r","duration":"1h"}"#),
-    );
-    assert_eq!(status, 200, "{made}");
-    let id = made["id"].as_str().unwrap().to_string();
+    let id = suspend_domain(d, "elsewhere.test");
     assert!(
         eventually(10, || redis(&["HKEYS", "gannet:admin"])
             .contains(&format!("suspension:{id}"))),
@@ -811,14 +812,7 @@ fn a_node_with_delivery_suspended_keeps_in_step() {
     let sink = common::relay::sink();
     let a = nodes(1, sink.port, "", &shared).remove(0);
     let b = nodes_with(1, sink.port, "suspended = true\n", "", &shared).remove(0);
-    let (status, made) = admin(
-        &a,
-        "POST",
-        SUSPEND,
-        Some(r#"{"domain":"shared.test","reason":"r","duration":"1h"}"#),
-    );
-    assert_eq!(status, 200, "{made}");
-    let id = made["id"].as_str().unwrap().to_string();
+    let id = suspend_domain(&a, "shared.test");
     assert!(
         eventually(10, || listed(&b, SUSPEND) == [id.clone()]),
         "{:?}",
