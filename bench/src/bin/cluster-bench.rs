@@ -7,7 +7,11 @@
 //! waiting for them):
 //! - `local`: the throttles kept by the node alone;
 //! - `shared`: the same throttles shared through a Redis (`[cluster] redis_url`,
-//!   redis-server started here): tokens leased in batches, connections claimed.
+//!   redis-server started here): tokens leased in batches, connections claimed;
+//! - `local+limits`, `shared+limits`: each with a limit over several queues besides
+//!   (`[delivery.limits]`, per source; not binding either), kept by the node's
+//!   in-process store or through Redis: every message takes a token of the queue's
+//!   rate and of the limit's, every connection claims from both.
 //!
 //! Systems run `--rounds` times, interleaved; the median is kept: messages relayed
 //! per second (from the first injected to the last delivered), gannetd's CPU µs per
@@ -39,7 +43,7 @@ struct Args {
     /// Messages per connection.
     #[arg(long, default_value_t = 20)]
     per_connection: u64,
-    #[arg(long, default_value = "local,shared")]
+    #[arg(long, default_value = "local,shared,local+limits,shared+limits")]
     systems: String,
     #[arg(long, default_value = "target/release/gannetd")]
     gannetd: PathBuf,
@@ -56,6 +60,10 @@ struct Args {
 /// of keeping them.
 const SHAPING: &str = "[delivery.shaping]\nmax_message_rate = \"1000000/s\"\n\
                        max_connection_rate = \"100000/s\"\nconnection_limit = 32\n";
+
+/// A limit over several queues, per source, that does not bind either.
+const LIMITS: &str = "[delivery.limits.per-ip]\nper = \"source\"\nconnection_limit = 1000\n\
+                      max_message_rate = \"1000000/s\"\nmax_connection_rate = \"100000/s\"\n";
 
 /// One round's figures.
 #[derive(Debug, Clone, Copy, Default)]
@@ -118,25 +126,29 @@ impl Drop for Redis {
 
 /// One round of `system`.
 fn round(args: &Args, system: &str, redis: &Redis) -> Result<Measured> {
-    let dir = args.dir.join(system);
-    let cluster = match system {
+    let dir = args.dir.join(system.replace('+', "-"));
+    let (base, limits) = match system.strip_suffix("+limits") {
+        Some(base) => (base, LIMITS),
+        None => (system, ""),
+    };
+    let cluster = match base {
         "local" => String::new(),
         "shared" => format!(
             "[cluster]\nredis_url = \"redis://127.0.0.1:{}/\"\n",
             redis.port
         ),
-        other => bail!("no system {other} (local, shared)"),
+        other => bail!("no system {other} (local, shared, local+limits, shared+limits)"),
     };
     let sink = servers::smtp_sink(&[], false)?;
     confine(sink.pid, 1);
     let rest = format!(
-        "[delivery]\nroutes = {{ \"ok.test\" = [\"127.0.0.1:{}\"] }}\n{SHAPING}{cluster}",
+        "[delivery]\nroutes = {{ \"ok.test\" = [\"127.0.0.1:{}\"] }}\n{SHAPING}{limits}{cluster}",
         sink.port
     );
     let server = servers::gannetd(&args.gannetd, &dir, 1, "pin_cores = false", &rest)?;
     confine(server.pid, 0);
     let http = SocketAddr::from(([127, 0, 0, 1], server.http_port));
-    if system == "shared" {
+    if base == "shared" {
         // The link up before the load, as a running node's is.
         let deadline = Instant::now() + Duration::from_secs(10);
         while gannet_bench::gannet_metric(http, "cluster_redis_up")? < 1.0 {
@@ -244,7 +256,10 @@ fn main() -> Result<()> {
             m.rate, m.cpu_us, m.calls, m.commands
         )?;
     }
-    writeln!(md, "\nGoal: `shared` within 10% of `local`'s throughput.")?;
+    writeln!(
+        md,
+        "\nGoal: `shared` within 10% of `local`'s throughput. `+limits`: a limit over several queues (per source) kept besides."
+    )?;
     print!("{md}");
     append_results(&args.results, &md)?;
     drop(redis);
