@@ -49,6 +49,9 @@ pub struct LiveState {
     /// Response rules that fired on other nodes of the cluster (`admin::cluster`),
     /// in force on this node's queues of the same names.
     pub cluster_rules: Vec<gannet_core::queue::adapt::SharedRule>,
+    /// Adaptive backoffs that lowered ready queues on other nodes of the cluster,
+    /// imposed on this node's queues of the same names.
+    pub cluster_backoffs: Vec<gannet_core::queue::adapt::SharedBackoff>,
     /// The operator's rebinds, kept until no message they apply to can remain.
     pub rebinds: Vec<Rebind>,
     /// The policy script's source (checked to load before it is put here); each
@@ -168,6 +171,7 @@ impl Live {
                 bounces: Vec::new(),
                 holds: Vec::new(),
                 cluster_rules: Vec::new(),
+                cluster_backoffs: Vec::new(),
                 rebinds: Vec::new(),
                 script: None,
             })),

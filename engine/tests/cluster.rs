@@ -596,6 +596,14 @@ fn admin(d: &Daemon, method: &str, path: &str, body: Option<&str>) -> (u16, serd
     (status, serde_json::from_str(&text).unwrap_or_default())
 }
 
+/// The `adaptive` events `d` recorded with `change` (of `rule`, when given).
+fn adaptive_events(d: &Daemon, change: &str, rule: Option<&str>) -> Vec<serde_json::Value> {
+    (d.events().into_iter())
+        .filter(|e| e["type"] == "adaptive" && e["change"] == change)
+        .filter(|e| rule.is_none_or(|r| e["rule"] == r))
+        .collect()
+}
+
 /// Suspends `domain`'s scheduled queues on `d` for an hour; answers the id.
 fn suspend_domain(d: &Daemon, domain: &str) -> String {
     let body = format!(r#"{{"domain":"{domain}","reason":"r","duration":"1h"}}"#);
@@ -778,11 +786,7 @@ fn a_response_rule_fired_on_one_node_holds_the_site_on_all() {
     b.send_accepted("first@shared.test", "Subject: first\r\n\r\nx\r\n");
     sink_got(&sink, 1, 20);
     a.send_accepted("throttled@shared.test", "Subject: refused\r\n\r\nx\r\n");
-    let adaptive = |d: &Daemon, change: &str| {
-        (d.events().into_iter())
-            .filter(|e| e["type"] == "adaptive" && e["change"] == change)
-            .collect::<Vec<_>>()
-    };
+    let adaptive = |d: &Daemon, change: &str| adaptive_events(d, change, None);
     assert!(
         eventually(10, || !adaptive(a, "fired").is_empty()),
         "a's rule never fired"
@@ -825,6 +829,41 @@ fn a_node_with_delivery_suspended_keeps_in_step() {
         "{:?}",
         link_events(&b)
     );
+}
+
+/// Adaptive backoff that lowers a queue's connection limit on one node lowers the
+/// queue of the same name on the others (each then raises it on its own results).
+#[test]
+fn a_backoff_on_one_node_lowers_the_queue_on_all() {
+    let (_redis, port) = redis_server();
+    let shared = format!("[cluster]\nredis_url = \"redis://127.0.0.1:{port}/\"\n");
+    let sink = common::relay::sink();
+    let shaping = "connection_limit = 8\nbackoff_failure_percent = 50\nbackoff_interval_secs = 1\n";
+    let daemons = nodes(2, sink.port, shaping, &shared);
+    let (a, b) = (&daemons[0], &daemons[1]);
+    // b has the site's ready queue (it delivered there).
+    b.send_accepted("first@shared.test", "Subject: first\r\n\r\nx\r\n");
+    sink_got(&sink, 1, 20);
+    // a's attempts fail with 451 (retried each second) until it backs off.
+    for i in 0..12 {
+        a.send_accepted(
+            "tempfail@shared.test",
+            &format!("Subject: refused {i}\r\n\r\nx\r\n"),
+        );
+    }
+    let backoff = |d: &Daemon, change: &str| adaptive_events(d, change, Some("backoff"));
+    assert!(
+        eventually(30, || !backoff(a, "lowered").is_empty()),
+        "a never backed off"
+    );
+    assert!(
+        eventually(10, || !backoff(b, "shared").is_empty()),
+        "b never took a's backoff up"
+    );
+    assert_eq!(backoff(a, "lowered")[0]["set"], "connection_limit=4");
+    assert_eq!(backoff(b, "shared")[0]["set"], "connection_limit=4");
+    let (_, listing) = admin(b, "GET", "/api/admin/queues/v1", None);
+    assert_eq!(listing["ready"][0]["backoff_limit"], 4, "{listing}");
 }
 
 /// A suspend_tenant rule that fires on one node holds that tenant's mail to the

@@ -59,6 +59,18 @@ pub struct SharedRule {
     pub until_ms: u64,
 }
 
+/// A lowering of a ready queue's connection limit by adaptive backoff on another
+/// node of the cluster: the queue of the same name here is lowered to it too (and
+/// raised again by its own results, a connection per good interval). Kept until
+/// `until_ms` for the queues made meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SharedBackoff {
+    /// The ready queue: `egress_source->site_name`.
+    pub queue: String,
+    pub limit: usize,
+    pub until_ms: u64,
+}
+
 /// Work a bounce rule takes out of a ready queue.
 #[derive(Debug)]
 pub enum Bounced {
@@ -242,6 +254,53 @@ impl Queues {
         q.reshape(&self.shaping);
         list(&mut self.listed, q, key);
         Some(LimitChange { from: current, to })
+    }
+
+    /// Takes the backoffs other nodes made (`SharedBackoff`): each one not seen
+    /// before lowers its queue here, if the queue exists and backs off at all
+    /// (`backoff_failure_percent`); queues made while one lasts are lowered when
+    /// made. Answers the changes, by queue, for events.
+    pub fn set_shared_backoffs(
+        &mut self,
+        backoffs: Vec<SharedBackoff>,
+        now_ms: u64,
+    ) -> Vec<(String, LimitChange)> {
+        let seen = std::mem::replace(&mut self.shared_backoffs, backoffs);
+        self.shared_backoffs.retain(|b| b.until_ms > now_ms);
+        let new: Vec<String> = (self.shared_backoffs.iter())
+            .filter(|b| !seen.contains(b))
+            .map(|b| b.queue.clone())
+            .collect();
+        new.into_iter()
+            .filter_map(|key| Some((key.clone(), self.impose_backoff(&key)?)))
+            .collect()
+    }
+
+    /// Lowers ready queue `key` to the lowest shared backoff of its name, when it
+    /// is above it.
+    pub(super) fn impose_backoff(&mut self, key: &str) -> Option<LimitChange> {
+        let q = self.ready.get_mut(key)?;
+        let shared = (self.shared_backoffs.iter())
+            .filter(|b| b.queue == key)
+            .map(|b| b.limit.max(1))
+            .min()?;
+        if q.shaping.backoff_failure_percent == 0 {
+            // (Its own results would never raise it again.)
+            return None;
+        }
+        let configured = q.configured_limit;
+        let current = q.feedback.limit.unwrap_or(configured).min(configured);
+        if shared >= current {
+            return None;
+        }
+        if q.feedback.limit.replace(shared).is_none() {
+            self.backed_off += 1;
+        }
+        q.reshape(&self.shaping);
+        Some(LimitChange {
+            from: current,
+            to: shared,
+        })
     }
 
     /// Ready queues with a response rule in force (a walk over those only).

@@ -333,6 +333,9 @@ pub struct Queues {
     /// Response rules that fired on other nodes (`adapt::SharedRule`), imposed on
     /// queues made while they last.
     shared_rules: Vec<adapt::SharedRule>,
+    /// Backoffs other nodes made (`adapt::SharedBackoff`), imposed on queues made
+    /// while they last.
+    shared_backoffs: Vec<adapt::SharedBackoff>,
     scheduled: Wheel<Part>,
     /// Due parts whose site is not known yet.
     pub due: Vec<Part>,
@@ -744,6 +747,7 @@ impl Queues {
             tokens: None,
             groups: limits::Groups::default(),
             shared_rules: Vec::new(),
+            shared_backoffs: Vec::new(),
             scheduled: Wheel::new(now_ms),
             due: Vec::new(),
             held: Vec::new(),
@@ -918,6 +922,9 @@ impl Queues {
                 }
                 q.join_groups(&self.shaping, &mut self.groups);
                 self.ready.insert(key.clone(), q);
+                if self.shared_backoffs.iter().any(|b| b.queue == key) {
+                    self.impose_backoff(&key);
+                }
                 if self.shared_rules.iter().any(|r| r.queue == key) {
                     // (Their events are the other node's: this node only obeys.)
                     self.impose_shared(&key);
@@ -1363,6 +1370,49 @@ mod tests {
         assert_eq!(later.open_connections(2_000, &mut out), Some(61_000));
         assert!(out.is_empty());
         assert_eq!(later.expire_rules(61_000).len(), 1);
+    }
+
+    #[test]
+    fn a_backoff_made_on_another_node_lowers_the_queue_once() {
+        let on = "[delivery.shaping]\nconnection_limit = 8\nbackoff_failure_percent = 50\n";
+        let (mut q, key) = adaptive_queues(on);
+        let backoff = |limit, until_ms| adapt::SharedBackoff {
+            queue: key.clone(),
+            limit,
+            until_ms,
+        };
+        let changes = q.set_shared_backoffs(vec![backoff(2, 60_000)], 1_000);
+        assert_eq!(changes.len(), 1);
+        assert_eq!((changes[0].1.from, changes[0].1.to), (8, 2));
+        assert_eq!(q.ready[&key].shaping.connection_limit, 2);
+        assert_eq!(q.queues_backed_off(), 1);
+        // Raised here on its own results, it is not lowered again by the same one.
+        q.ready.get_mut(&key).unwrap().feedback.limit = Some(5);
+        assert!(
+            q.set_shared_backoffs(vec![backoff(2, 60_000)], 2_000)
+                .is_empty()
+        );
+        // A lower one is taken; a higher one changes nothing.
+        assert_eq!(
+            q.set_shared_backoffs(vec![backoff(1, 61_000)], 3_000).len(),
+            1
+        );
+        assert!(
+            q.set_shared_backoffs(vec![backoff(6, 62_000)], 4_000)
+                .is_empty()
+        );
+        // A queue that does not back off is left alone.
+        let (mut off, key) = adaptive_queues("[delivery.shaping]\nconnection_limit = 8\n");
+        let changes = off.set_shared_backoffs(
+            vec![adapt::SharedBackoff {
+                queue: key.clone(),
+                limit: 2,
+                until_ms: 60_000,
+            }],
+            1_000,
+        );
+        assert!(changes.is_empty());
+        assert_eq!(off.ready[&key].shaping.connection_limit, 8);
     }
 
     #[test]

@@ -20,7 +20,8 @@
 //! (`rule:<queue>|<rule>`, until when) and are in force on every node's ready queue
 //! of that name until then (`LiveState::cluster_rules`); so do the holds they put
 //! on a tenant's or campaign's mail (`hold:<who>|<sites>`, merged into
-//! `LiveState::holds`).
+//! `LiveState::holds`), and the lowerings adaptive backoff makes to a ready queue's
+//! connection limit (`backoff:<queue>`, `LiveState::cluster_backoffs`).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -81,7 +82,7 @@ fn expiry(field: &str, json: &str) -> Option<u64> {
     let value: serde_json::Value = serde_json::from_str(json).ok()?;
     match field.split_once(':')?.0 {
         "suspension" | "ready_suspension" | "bounce" => value["expires_unix_ms"].as_u64(),
-        "rule" | "hold" => value["until_ms"].as_u64(),
+        "rule" | "hold" | "backoff" => value["until_ms"].as_u64(),
         _ => None,
     }
 }
@@ -92,11 +93,17 @@ pub fn hold_field(hold: &gannet_core::adaptive::Hold) -> String {
     format!("hold:{}", hold.key())
 }
 
+/// The field of the latest lowering of ready queue `queue`'s connection limit by
+/// adaptive backoff here, for the other nodes.
+pub fn backoff_field(queue: &str) -> String {
+    format!("backoff:{queue}")
+}
+
 /// Whether `field` is of a kind this version keeps in the hash.
 fn known_kind(field: &str) -> bool {
     matches!(
         field.split_once(':').map(|(kind, _)| kind),
-        Some("suspension" | "ready_suspension" | "bounce" | "rule" | "hold")
+        Some("suspension" | "ready_suspension" | "bounce" | "rule" | "hold" | "backoff")
     )
 }
 
@@ -123,6 +130,27 @@ fn take(state: &mut LiveState, field: &str, json: &str) -> bool {
             .is_ok(),
         _ => false,
     }
+}
+
+/// Takes the items of the kind `prefix` names out of `remote`, read (those that do
+/// not read are noted as refused).
+fn take_kind<T: serde::de::DeserializeOwned>(
+    sync: &mut Sync,
+    remote: &mut BTreeMap<String, String>,
+    prefix: &str,
+) -> Vec<T> {
+    let mut read = Vec::new();
+    remote.retain(|field, json| {
+        if !field.starts_with(prefix) {
+            return true;
+        }
+        match serde_json::from_str(json) {
+            Ok(item) => read.push(item),
+            Err(_) => refused(sync, field, json),
+        }
+        false
+    });
+    read
 }
 
 /// Notes an item of a known kind that could not be read, and logs it the first
@@ -193,28 +221,18 @@ pub async fn sync(shard: &Shard, sync: &mut Sync) {
     // Response rules that fired anywhere: in force here until their time is up
     // (they are never lifted; the node where one fired publishes it again when it
     // fires again). Not part of the comparison below.
-    let mut rules: Vec<SharedRule> = Vec::new();
-    for (field, json) in remote.iter().filter(|(f, _)| f.starts_with("rule:")) {
-        match serde_json::from_str(json) {
-            Ok(rule) => rules.push(rule),
-            Err(_) => refused(sync, field, json),
-        }
-    }
+    let rules: Vec<SharedRule> = take_kind(sync, &mut remote, "rule:");
     // Holds on tenants' and campaigns' mail put anywhere: in force here too until
     // their time is up (extended, never shortened).
-    let mut holds = Vec::new();
-    for (field, json) in remote.iter().filter(|(f, _)| f.starts_with("hold:")) {
-        match serde_json::from_str(json) {
-            Ok(hold) => holds.push(hold),
-            Err(_) => refused(sync, field, json),
-        }
-    }
-    remote.retain(|field, _| !field.starts_with("rule:") && !field.starts_with("hold:"));
+    let holds = take_kind(sync, &mut remote, "hold:");
+    // Adaptive backoffs that lowered a queue anywhere: imposed here once each.
+    let backoffs = take_kind(sync, &mut remote, "backoff:");
     let snapshot = live.snapshot();
     let held = crate::live::holds_extended(&snapshot.holds, &holds, now);
-    if rules != snapshot.cluster_rules || held {
+    if rules != snapshot.cluster_rules || held || backoffs != snapshot.cluster_backoffs {
         live.update(|state| {
             state.cluster_rules = rules;
+            state.cluster_backoffs = backoffs;
             crate::live::merge_holds(&mut state.holds, &holds, now);
         });
         if held {

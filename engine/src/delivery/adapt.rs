@@ -154,18 +154,49 @@ fn record(
 
 /// Counts one attempt on ready queue `key` for adaptive backoff (`failed`: no
 /// connection, a 421, or only 4xx replies), and records a change of its connection
-/// limit as an event (rule `backoff`).
+/// limit as an event (rule `backoff`). A lowering goes to the other nodes of the
+/// cluster, which lower their queue of this name too.
 pub(super) fn feedback(d: &Dispatcher, key: &str, failed: bool) {
     let now = unix_ms();
-    let Some(change) = d.queues.borrow_mut().feedback(key, failed, now) else {
-        return;
+    let (change, interval) = {
+        let mut queues = d.queues.borrow_mut();
+        let Some(change) = queues.feedback(key, failed, now) else {
+            return;
+        };
+        let interval = queues.ready.get(key).map(|q| q.shaping.backoff_interval);
+        (change, interval.unwrap_or_default())
     };
+    backoff_event(d, key, change, false, now);
+    if let Some(link) = &d.shard.shared.cluster
+        && change.to < change.from
+    {
+        let shared = gannet_core::queue::adapt::SharedBackoff {
+            queue: key.to_string(),
+            limit: change.to,
+            until_ms: now + interval.as_millis() as u64,
+        };
+        if let Ok(json) = serde_json::to_string(&shared) {
+            link.publish(&crate::admin::cluster::backoff_field(key), Some(json));
+        }
+    }
+}
+
+/// The event of a change of ready queue `key`'s connection limit by adaptive
+/// backoff (`shared`: a lowering made on another node, taken up here).
+pub(super) fn backoff_event(
+    d: &Dispatcher,
+    key: &str,
+    change: gannet_core::queue::adapt::LimitChange,
+    shared: bool,
+    now: u64,
+) {
     let lowered = change.to < change.from;
     tracing::info!(
         shard = d.shard.id,
         queue = key,
         from = change.from,
         to = change.to,
+        shared,
         "adaptive backoff changed the connection limit"
     );
     let set = format!("connection_limit={}", change.to);
@@ -174,7 +205,11 @@ pub(super) fn feedback(d: &Dispatcher, key: &str, failed: bool) {
         shard: d.shard.id,
         queue: key,
         rule: "backoff",
-        change: if lowered { "lowered" } else { "raised" },
+        change: match (shared, lowered) {
+            (true, _) => "shared",
+            (false, true) => "lowered",
+            (false, false) => "raised",
+        },
         until_ms: None,
         actions: Vec::new(),
         set: &set,

@@ -379,6 +379,9 @@ impl Dispatcher {
         for (key, rule, until) in queues.set_shared_rules(state.cluster_rules.clone(), now) {
             adapt::shared_fired(self, &queues, &key, rule, until, now);
         }
+        for (key, change) in queues.set_shared_backoffs(state.cluster_backoffs.clone(), now) {
+            adapt::backoff_event(self, &key, change, true, now);
+        }
         *self.bounces.borrow_mut() = state.bounces.clone();
         // A hold new to this shard takes its tenant's (or campaign's) parts out of
         // the ready queues of the sites it holds: they wait with the rest.
