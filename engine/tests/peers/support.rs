@@ -22,12 +22,23 @@ impl Drop for Peer {
     }
 }
 
+/// A loopback TCP port free now, never one this process was given before: two
+/// ports asked for in a row could otherwise come out the same (the kernel may hand
+/// a port it just freed out again), and a daemon given the same port for two
+/// listeners would serve one's clients on the other.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static GIVEN: std::sync::Mutex<std::collections::BTreeSet<u16>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    loop {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        if GIVEN.lock().unwrap_or_else(|e| e.into_inner()).insert(port) {
+            return port;
+        }
+    }
 }
 
 pub fn free_udp_port() -> u16 {
